@@ -1,0 +1,46 @@
+"""One exception tree for wsicodec.
+
+Every error the library raises on purpose derives from :class:`WsiCodecError`; the
+children also inherit the matching built-in so callers can catch either
+(``except FileNotFoundError`` works for a missing slide).  The CLI turns any
+``WsiCodecError`` into one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+
+class WsiCodecError(Exception):
+    """Base class of every error raised by wsicodec."""
+
+
+class InvalidSettingError(WsiCodecError, ValueError):
+    """A codec or CLI setting is out of range; the message names the allowed range."""
+
+
+class UnsupportedFormatError(WsiCodecError, ValueError):
+    """The input exists but is not a slide or image we can read."""
+
+
+class SlideNotFoundError(WsiCodecError, FileNotFoundError):
+    """The input path does not exist."""
+
+
+class CorruptDataError(WsiCodecError, ValueError):
+    """Stored bytes fail a check (CRC, magic, truncation, symbol checksum)."""
+
+
+class CorruptTileError(CorruptDataError):
+    """One tile's bytes are damaged; the message names level, column and row."""
+
+    def __init__(self, message: str, *, level: int | None = None, col: int | None = None,
+                 row: int | None = None) -> None:
+        super().__init__(message)
+        self.level, self.col, self.row = level, col, row
+
+
+class ModelMismatchError(WsiCodecError, ValueError):
+    """Data was made with other model weights than the ones loaded; names both ids."""
+
+
+class RegionOutOfBoundsError(WsiCodecError, IndexError):
+    """A level or tile index outside the pyramid."""
