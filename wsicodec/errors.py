@@ -44,3 +44,11 @@ class ModelMismatchError(WsiCodecError, ValueError):
 
 class RegionOutOfBoundsError(WsiCodecError, IndexError):
     """A level or tile index outside the pyramid."""
+
+
+class CodecUnavailableError(WsiCodecError, RuntimeError):
+    """A known codec cannot be used here (backend library or optional extra missing)."""
+
+
+class OutputExistsError(WsiCodecError, FileExistsError):
+    """The output path exists and overwriting was not asked for."""

@@ -1,0 +1,414 @@
+"""Tile codecs: a registry by name behind one protocol.
+
+One built codec is one setting: the quality knob and every option are fixed when the
+codec is built (``get_codec("jpeg", quality=85)``), so ``encode(tile)`` takes no
+quality argument and ``to_dict()`` records exactly what made the bytes::
+
+    get_codec(name, quality, **options) ─► TileCodec ─encode─► bytes ─decode─► tile
+          ▲                                   │
+          └────── codec_from_dict(d) ◄── to_dict() = {"name": ..., "configuration": {...}}
+
+Classical codecs come from imagecodecs (``jpeg``, ``jpegxl``, ``webp``, ``jpeg2000``,
+``avif``). The ``learned`` codec registers itself from ``wsicodec.learned``, which this
+module imports only when that codec is asked for, so using the classical codecs never
+imports torch.
+
+Quality knobs (each validated when the codec is built):
+
+========== ======================================== ======== ========================
+codec      quality means                            range    default / options
+========== ======================================== ======== ========================
+jpeg       libjpeg-turbo quality                    1-100    90; subsampling 444|420
+jpegxl     butteraugli distance (lower = better)    0.1-15   1.0; effort 1-9 (7)
+webp       lossy WebP quality                       0-100    90; method 0-6 (4)
+jpeg2000   target PSNR in dB (OpenJPEG fixed qual.) 10-80    40
+avif       AVIF quality, 4:4:4                      0-100    80; speed 0-10 (6)
+========== ======================================== ======== ========================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+
+from wsicodec.errors import (CodecUnavailableError, CorruptDataError, InvalidSettingError,
+                             UnsupportedFormatError)
+
+DEFAULT_CODEC = "jpegxl"
+"""Codec the CLI uses when ``--codec`` is not given."""
+
+
+@runtime_checkable
+class TileCodec(Protocol):
+    """Codes one RGB tile to bytes and back. One instance = one fixed setting."""
+
+    name: str
+
+    def encode(self, tile: np.ndarray) -> bytes:
+        """(h, w, 3) uint8 with h, w >= 1 -> bytes."""
+        ...
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """bytes -> (h, w, 3) uint8 of the encoded size. Raises CorruptDataError."""
+        ...
+
+    def to_dict(self) -> dict:
+        """``{"name": name, "configuration": {...}}``; ``codec_from_dict`` rebuilds it."""
+        ...
+
+
+# ---------------------------------------------------------------------------- registry
+
+@dataclass(frozen=True)
+class _Entry:
+    factory: Callable[..., TileCodec]
+    available: Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class _LazyEntry:
+    """A codec whose module registers it on import; ``requires`` are probed without importing."""
+
+    module: str
+    requires: tuple[str, ...] = ()
+
+
+_REGISTRY: dict[str, _Entry] = {}
+_LAZY: dict[str, _LazyEntry] = {
+    "learned": _LazyEntry("wsicodec.learned", requires=("torch", "compressai")),
+}
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_.-]*$")
+
+
+def register_codec(name: str, factory: Callable[..., TileCodec], *,
+                   available: Callable[[], bool] = lambda: True) -> None:
+    """Register (or replace) a codec factory under ``name``.
+
+    ``factory(quality=..., **options)`` must validate its settings and raise
+    InvalidSettingError naming the allowed range. ``available()`` says whether the
+    backend works in this installation.
+
+    Raises:
+        InvalidSettingError: ``name`` is not a lower-case identifier.
+    """
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise InvalidSettingError(f"codec name must match {_NAME_RE.pattern}, got {name!r}")
+    _REGISTRY[name] = _Entry(factory, available)
+
+
+def known_codecs() -> list[str]:
+    """Every codec name this package knows, usable here or not."""
+    return sorted(set(_REGISTRY) | set(_LAZY))
+
+
+def _lazy_installed(entry: _LazyEntry) -> bool:
+    try:
+        return all(importlib.util.find_spec(m) is not None
+                   for m in (*entry.requires, entry.module))
+    except (ImportError, ValueError):
+        return False
+
+
+def available_codecs() -> list[str]:
+    """Names of the codecs that work in this installation (sorted).
+
+    Lazy codecs not yet imported are judged by whether their module and its
+    requirements are installed, without importing them (no torch import here).
+    """
+    names = []
+    for name in known_codecs():
+        if name in _REGISTRY:
+            try:
+                ok = bool(_REGISTRY[name].available())
+            except Exception:  # a probe that crashes means "not available"
+                ok = False
+        else:
+            ok = _lazy_installed(_LAZY[name])
+        if ok:
+            names.append(name)
+    return names
+
+
+def _entry(name: str) -> _Entry:
+    if name not in _REGISTRY and name in _LAZY:
+        lazy = _LAZY[name]
+        try:
+            importlib.import_module(lazy.module)
+        except ImportError as e:
+            raise CodecUnavailableError(
+                f"codec {name!r} cannot be loaded: {e} (it needs {', '.join(lazy.requires)})"
+            ) from e
+        if name not in _REGISTRY:
+            raise CodecUnavailableError(f"codec {name!r}: {lazy.module} did not register it")
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise InvalidSettingError(
+            f"unknown codec {name!r}; known codecs: {', '.join(known_codecs())}") from None
+
+
+def get_codec(name: str, quality: float | None = None, **options: Any) -> TileCodec:
+    """Build the codec ``name`` with one fixed setting.
+
+    ``quality=None`` means the codec's default. Options are codec specific (see the
+    module docstring).
+
+    Raises:
+        InvalidSettingError: unknown name (the message lists the known ones), or a
+            setting out of range (the message names the allowed range).
+        CodecUnavailableError: the codec's backend is missing in this installation.
+    """
+    entry = _entry(name)
+    try:
+        ok = entry.available()
+    except Exception as e:  # a crashing probe is an unusable backend
+        raise CodecUnavailableError(f"codec {name!r} is not usable here: {e}") from e
+    if not ok:
+        raise CodecUnavailableError(f"codec {name!r} is not available in this installation")
+    if quality is None:
+        return entry.factory(**options)
+    return entry.factory(quality=quality, **options)
+
+
+def codec_from_dict(d: dict) -> TileCodec:
+    """Rebuild a codec from its ``to_dict()`` form.
+
+    Raises:
+        CorruptDataError: ``d`` is not ``{"name": str, "configuration": dict}``.
+        InvalidSettingError, CodecUnavailableError: as :func:`get_codec`.
+    """
+    if (not isinstance(d, dict) or not isinstance(d.get("name"), str)
+            or not isinstance(d.get("configuration", {}), dict)):
+        raise CorruptDataError(f"codec metadata must be {{'name': str, 'configuration': dict}}, "
+                               f"got {d!r}")
+    return get_codec(d["name"], **d.get("configuration", {}))
+
+
+# ----------------------------------------------------------------- validation helpers
+
+def _number(codec: str, knob: str, value: Any, lo: float, hi: float, *,
+            integer: bool) -> Any:
+    """Return ``value`` (as int when ``integer``) if it lies in [lo, hi], else raise."""
+    kind = "an integer" if integer else "a number"
+    try:
+        ok = (not isinstance(value, bool) and lo <= float(value) <= hi
+              and (not integer or float(value) == int(float(value))))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise InvalidSettingError(f"{codec}: {knob} must be {kind} in [{lo:g}, {hi:g}], "
+                                  f"got {value!r}")
+    return int(float(value)) if integer else float(value)
+
+
+def _choice(codec: str, knob: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if str(value) not in allowed:
+        raise InvalidSettingError(f"{codec}: {knob} must be one of {', '.join(allowed)}, "
+                                  f"got {value!r}")
+    return str(value)
+
+
+def _check_tile(codec: str, tile: np.ndarray) -> np.ndarray:
+    if (not isinstance(tile, np.ndarray) or tile.dtype != np.uint8 or tile.ndim != 3
+            or tile.shape[2] != 3 or tile.shape[0] < 1 or tile.shape[1] < 1):
+        raise UnsupportedFormatError(
+            f"{codec}: tile must be an (h, w, 3) uint8 array with h, w >= 1, got "
+            f"{getattr(tile, 'shape', None)} {getattr(tile, 'dtype', type(tile).__name__)}")
+    return np.ascontiguousarray(tile)
+
+
+def _check_decoded(codec: str, data: bytes, decode: Callable[[bytes], np.ndarray]
+                   ) -> np.ndarray:
+    try:
+        out = decode(data)
+    except Exception as e:  # imagecodecs raises its own per-codec error types
+        raise CorruptDataError(f"{codec}: cannot decode {len(data)} bytes: {e}") from e
+    if out.ndim != 3 or out.shape[2] != 3 or out.dtype != np.uint8:
+        raise CorruptDataError(f"{codec}: decoded {out.shape} {out.dtype}, expected (h, w, 3) "
+                               "uint8")
+    return out
+
+
+def _imagecodecs_has(attr: str) -> bool:
+    """The one place backend availability is probed."""
+    try:
+        import imagecodecs
+    except ImportError:
+        return False
+    backend = getattr(imagecodecs, attr, None)
+    return bool(getattr(backend, "available", False))
+
+
+class _ClassicalCodec:
+    """Shared plumbing of the imagecodecs codecs (frozen dataclasses below)."""
+
+    name: ClassVar[str]
+    backend: ClassVar[str]
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return _imagecodecs_has(cls.backend)
+
+    @classmethod
+    def build(cls, **settings: Any) -> "TileCodec":
+        """Factory for the registry. Raises InvalidSettingError on unknown options."""
+        fields = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        unknown = sorted(set(settings) - set(fields))
+        if unknown:
+            raise InvalidSettingError(f"{cls.name}: unknown option(s) {', '.join(unknown)}; "
+                                      f"options are {', '.join(fields)}")
+        return cls(**settings)  # type: ignore[return-value]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "configuration": dataclasses.asdict(self)}  # type: ignore
+
+
+@dataclass(frozen=True)
+class JpegCodec(_ClassicalCodec):
+    """Baseline JPEG through libjpeg-turbo; 4:4:4 unless ``subsampling="420"``."""
+
+    quality: int = 90
+    subsampling: str = "444"
+    name: ClassVar[str] = "jpeg"
+    backend: ClassVar[str] = "JPEG8"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "quality", _number("jpeg", "quality", self.quality, 1, 100,
+                                                    integer=True))
+        object.__setattr__(self, "subsampling", _choice("jpeg", "subsampling", self.subsampling,
+                                                        ("444", "420")))
+
+    def encode(self, tile: np.ndarray) -> bytes:
+        import imagecodecs
+
+        return bytes(imagecodecs.jpeg8_encode(_check_tile(self.name, tile), level=self.quality,
+                                              subsampling=self.subsampling))
+
+    def decode(self, data: bytes) -> np.ndarray:
+        import imagecodecs
+
+        return _check_decoded(self.name, data, imagecodecs.jpeg8_decode)
+
+
+@dataclass(frozen=True)
+class JpegXlCodec(_ClassicalCodec):
+    """JPEG XL (libjxl). ``quality`` is the butteraugli distance: 1.0 ~ visually lossless."""
+
+    quality: float = 1.0
+    effort: int = 7
+    name: ClassVar[str] = "jpegxl"
+    backend: ClassVar[str] = "JPEGXL"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "quality", _number("jpegxl", "quality (distance)", self.quality,
+                                                    0.1, 15, integer=False))
+        object.__setattr__(self, "effort", _number("jpegxl", "effort", self.effort, 1, 9,
+                                                   integer=True))
+
+    def encode(self, tile: np.ndarray) -> bytes:
+        import imagecodecs
+
+        return bytes(imagecodecs.jpegxl_encode(_check_tile(self.name, tile),
+                                               distance=self.quality, effort=self.effort,
+                                               numthreads=1))
+
+    def decode(self, data: bytes) -> np.ndarray:
+        import imagecodecs
+
+        return _check_decoded(self.name, data,
+                              lambda b: imagecodecs.jpegxl_decode(b, numthreads=1))
+
+
+@dataclass(frozen=True)
+class WebpCodec(_ClassicalCodec):
+    """Lossy WebP (imagecodecs' default would be lossless; we pass ``lossless=False``)."""
+
+    quality: float = 90
+    method: int = 4
+    name: ClassVar[str] = "webp"
+    backend: ClassVar[str] = "WEBP"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "quality", _number("webp", "quality", self.quality, 0, 100,
+                                                    integer=False))
+        object.__setattr__(self, "method", _number("webp", "method", self.method, 0, 6,
+                                                   integer=True))
+
+    def encode(self, tile: np.ndarray) -> bytes:
+        import imagecodecs
+
+        return bytes(imagecodecs.webp_encode(_check_tile(self.name, tile), level=self.quality,
+                                             lossless=False, method=self.method))
+
+    def decode(self, data: bytes) -> np.ndarray:
+        import imagecodecs
+
+        return _check_decoded(self.name, data, imagecodecs.webp_decode)
+
+
+@dataclass(frozen=True)
+class Jpeg2000Codec(_ClassicalCodec):
+    """JPEG 2000 codestream (OpenJPEG), irreversible wavelet, fixed-quality mode:
+    ``quality`` is the target PSNR in dB."""
+
+    quality: float = 40
+    name: ClassVar[str] = "jpeg2000"
+    backend: ClassVar[str] = "JPEG2K"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "quality", _number("jpeg2000", "quality (target PSNR dB)",
+                                                    self.quality, 10, 80, integer=False))
+
+    def encode(self, tile: np.ndarray) -> bytes:
+        import imagecodecs
+
+        return bytes(imagecodecs.jpeg2k_encode(_check_tile(self.name, tile), level=self.quality,
+                                               codecformat="j2k", reversible=False,
+                                               numthreads=1))
+
+    def decode(self, data: bytes) -> np.ndarray:
+        import imagecodecs
+
+        return _check_decoded(self.name, data, imagecodecs.jpeg2k_decode)
+
+
+@dataclass(frozen=True)
+class AvifCodec(_ClassicalCodec):
+    """AVIF (libavif/aom), 4:4:4 8-bit."""
+
+    quality: int = 80
+    speed: int = 6
+    name: ClassVar[str] = "avif"
+    backend: ClassVar[str] = "AVIF"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "quality", _number("avif", "quality", self.quality, 0, 100,
+                                                    integer=True))
+        object.__setattr__(self, "speed", _number("avif", "speed", self.speed, 0, 10,
+                                                  integer=True))
+
+    def encode(self, tile: np.ndarray) -> bytes:
+        import imagecodecs
+
+        return bytes(imagecodecs.avif_encode(_check_tile(self.name, tile), level=self.quality,
+                                             speed=self.speed, pixelformat="444",
+                                             numthreads=1))
+
+    def decode(self, data: bytes) -> np.ndarray:
+        import imagecodecs
+
+        return _check_decoded(self.name, data, lambda b: imagecodecs.avif_decode(b, numthreads=1))
+
+
+CLASSICAL_CODECS: tuple[type[_ClassicalCodec], ...] = (
+    JpegCodec, JpegXlCodec, WebpCodec, Jpeg2000Codec, AvifCodec)
+
+for _cls in CLASSICAL_CODECS:
+    register_codec(_cls.name, _cls.build, available=_cls.is_available)
+del _cls
