@@ -1,0 +1,235 @@
+"""Command line: ``wsicodec compress | decompress | info | codecs``.
+
+The only module that prints or exits. Every expected error becomes one line
+``wsicodec: error: ...`` on stderr and a non-zero exit status (1; 2 for usage errors;
+130 when interrupted), with no traceback and no partial output left behind.
+``--debug`` re-raises unexpected exceptions with their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from wsicodec.codecs import DEFAULT_CODEC
+from wsicodec.errors import WsiCodecError
+from wsicodec.tiff import DEFAULT_TIFF_COMPRESSION, DEFAULT_TIFF_QUALITY, TIFF_COMPRESSIONS
+
+PROG = "wsicodec"
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise _UsageError(f"--option expects KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true",
+                        help="show a traceback for unexpected errors")
+    parser = _Parser(prog=PROG, parents=[common],
+                     description="Compress whole-slide images into a zarr v3 container and "
+                                 "back out to a pyramidal TIFF.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("compress", parents=[common], help="slide or image -> container",
+                       description="Compress any slide OpenSlide opens (or a PNG/TIFF image) "
+                                   "into OUT (.zarr directory or single-file .zarr.zip).")
+    p.add_argument("input", help="slide or image file")
+    p.add_argument("output", help="container path: OUT.zarr or OUT.zarr.zip")
+    p.add_argument("--codec", default=DEFAULT_CODEC,
+                   help=f"tile codec (default {DEFAULT_CODEC}; see 'wsicodec codecs')")
+    p.add_argument("--quality", type=float, default=None,
+                   help="the codec's quality knob (codec default if omitted; jpegxl: "
+                        "distance, lower is better)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra codec option, e.g. effort=5 or subsampling=420 (repeatable)")
+    p.add_argument("--tile-size", type=int, default=256,
+                   help="tile edge in pixels, multiple of 16 (default 256)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="encoder threads (default: CPU count, at most 8)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    d = sub.add_parser("decompress", parents=[common], help="container -> pyramidal TIFF",
+                       description="Write a container as a tiled pyramidal BigTIFF that "
+                                   "OpenSlide (generic-tiff), QuPath and libvips read.")
+    d.add_argument("input", help="container (.zarr or .zarr.zip)")
+    d.add_argument("output", help="output .tiff")
+    d.add_argument("--tiff-compression", choices=TIFF_COMPRESSIONS,
+                   default=DEFAULT_TIFF_COMPRESSION,
+                   help=f"tile compression in the TIFF (default {DEFAULT_TIFF_COMPRESSION}; "
+                        "zlib is lossless)")
+    d.add_argument("--tiff-quality", type=int, default=DEFAULT_TIFF_QUALITY,
+                   help=f"JPEG quality 1-100 (default {DEFAULT_TIFF_QUALITY})")
+    d.add_argument("--workers", type=int, default=None, help="decoder threads")
+    d.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    i = sub.add_parser("info", parents=[common], help="describe a container")
+    i.add_argument("input", help="container (.zarr or .zarr.zip)")
+    i.add_argument("--json", action="store_true", help="print the metadata as JSON")
+
+    sub.add_parser("codecs", parents=[common], help="list the codecs usable here")
+    return parser
+
+
+def _progress_bar(total: int | None, quiet: bool, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tile", file=sys.stderr,
+                disable=quiet or not sys.stderr.isatty(), leave=False)
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from wsicodec.codecs import get_codec
+    from wsicodec.pipeline import compress, plan_tile_count
+
+    options = dict(_parse_option(o) for o in args.option)
+    codec = get_codec(args.codec, args.quality, **options)
+    show = not args.quiet and sys.stderr.isatty()
+    total = plan_tile_count(args.input, args.tile_size) if show else None
+    with _progress_bar(total, not show, "compress") as bar:
+        result = compress(args.input, args.output, codec, tile_size=args.tile_size,
+                          workers=args.workers, overwrite=args.overwrite, progress=bar.update)
+    w, h = result.dimensions
+    mp = w * h / 1e6
+    conf = ", ".join(f"{k}={v}" for k, v in codec.to_dict()["configuration"].items())
+    print(f"compressed {result.source} -> {result.output} with {codec.name} ({conf})")
+    print(f"  {w} x {h} px, {result.levels} levels, {result.tiles} tiles, "
+          f"{result.seconds:.1f} s ({mp / max(result.seconds, 1e-9):.2f} MP/s level 0)")
+    print(f"  source {_mb(result.source_bytes)}, container {_mb(result.container_bytes)} "
+          f"(tiles {_mb(result.tile_bytes)}); ratio {result.ratio_vs_source:.2f}:1 vs source "
+          f"file, {result.ratio_vs_raw:.1f}:1 vs raw RGB level 0")
+    return 0
+
+
+def _cmd_decompress(args: argparse.Namespace) -> int:
+    from wsicodec.container import open_container
+    from wsicodec.pipeline import decompress
+    from wsicodec.tiff import TiffSettings
+
+    settings = TiffSettings(args.tiff_compression, args.tiff_quality)
+    show = not args.quiet and sys.stderr.isatty()
+    total = None
+    if show:
+        with open_container(args.input) as c:
+            total = sum(c.grid(i).tile_count for i in range(c.level_count))
+    with _progress_bar(total, not show, "decompress") as bar:
+        result = decompress(args.input, args.output, settings=settings, workers=args.workers,
+                            overwrite=args.overwrite, progress=bar.update)
+    w, h = result.dimensions
+    print(f"decompressed {result.source} -> {result.output}: {w} x {h} px, {result.levels} "
+          f"levels, {_mb(result.output_bytes)} ({args.tiff_compression}), "
+          f"{result.seconds:.1f} s")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from wsicodec.container import open_container
+
+    with open_container(args.input) as c:
+        info = c.info()
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    codec = info["codec"]
+    conf = ", ".join(f"{k}={v}" for k, v in codec.get("configuration", {}).items())
+    src = info["source"]
+    print(f"{info['path']}: {info['format']} container v{info['format_version']} "
+          f"({info.get('software')})")
+    print(f"  codec: {codec.get('name')} ({conf})"
+          + (f", model sha256 {info['model_sha256']}" if info.get("model_sha256") else ""))
+    print(f"  source: {src.get('name')} ({src.get('vendor')}), "
+          f"{_mb(src['bytes']) if src.get('bytes') else '? MB'}")
+    print(f"  mpp: {info['mpp']}, objective power: {info['objective_power']}")
+    print(f"  tile size: {info['tile_size']}, associated images: "
+          f"{', '.join(info['associated_images']) or 'none'}")
+    for n, lv in enumerate(info["levels"]):
+        nbytes = info["level_bytes"][n] if n < len(info["level_bytes"]) else 0
+        print(f"  level {n}: {lv['width']} x {lv['height']} (downsample {lv['downsample']:.3f}), "
+              f"{lv['cols']} x {lv['rows']} tiles, {_mb(nbytes)}")
+    ratio = f", ratio {src['bytes'] / info['container_bytes']:.2f}:1 vs source" \
+        if src.get("bytes") else ""
+    print(f"  container: {_mb(info['container_bytes'])}{ratio}")
+    return 0
+
+
+def _cmd_codecs(args: argparse.Namespace) -> int:
+    from wsicodec.codecs import available_codecs, known_codecs
+
+    usable = set(available_codecs())
+    for name in known_codecs():
+        mark = "" if name in usable else "  (not available here)"
+        default = "  [default]" if name == DEFAULT_CODEC else ""
+        print(f"{name}{default}{mark}")
+    return 0
+
+
+_COMMANDS = {"compress": _cmd_compress, "decompress": _cmd_decompress, "info": _cmd_info,
+             "codecs": _cmd_codecs}
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and not isinstance(error, WsiCodecError) and error.strerror:
+        text = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (never raises, except with --debug)."""
+    args_list: Sequence[str] = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args_list
+    try:
+        args = build_parser().parse_args(list(args_list))
+        return _COMMANDS[args.command](args)
+    except _UsageError as e:
+        return _fail(str(e), EXIT_USAGE)
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERRUPTED)
+    except (WsiCodecError, OSError) as e:
+        if debug:
+            raise
+        return _fail(_one_line(e), EXIT_ERROR)
+    except Exception as e:
+        if type(e).__module__.startswith("openslide"):
+            if debug:
+                raise
+            return _fail(_one_line(e), EXIT_ERROR)
+        if debug:
+            raise
+        return _fail(f"unexpected {type(e).__name__}: {_one_line(e)} "
+                     "(run with --debug for a traceback)", EXIT_ERROR)
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

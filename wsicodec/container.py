@@ -1,0 +1,521 @@
+"""The wsicodec container: a zarr v3 group of per-tile bitstreams.
+
+Layout (directory store ``OUT.zarr`` or the same tree in a single zip ``OUT.zarr.zip``)::
+
+    zarr.json                  group; attrs["wsicodec"] = metadata (see ContainerMetadata)
+    levels/<i>/tiles           (rows, cols) variable-length bytes, one tile per chunk
+    levels/<i>/crc32           (rows, cols) uint32, CRC32 of each tile's bytes
+    associated/<name>          1-D uint8: a PNG (lossless) of the label / macro / thumbnail
+
+Tiles are stored padded to ``tile_size`` squares (edge replication); readers crop.
+Writing is atomic: everything goes to a hidden sibling path, the root metadata is
+written last, and the result is renamed onto ``OUT`` only when complete, so a failed
+or interrupted write leaves nothing at ``OUT`` and nothing that opens as a container.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+import warnings
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from wsicodec.codecs import TileCodec, codec_from_dict
+from wsicodec.errors import (CorruptDataError, CorruptTileError, ModelMismatchError,
+                             OutputExistsError, RegionOutOfBoundsError, SlideNotFoundError,
+                             UnsupportedFormatError, WsiCodecError)
+from wsicodec.tiling.geometry import LevelInfo, TileGrid, validate_tile_size
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "wsicodec"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+ATTRS_KEY = "wsicodec"
+_ASSOCIATED_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def is_zip_path(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` names a single-file (zip) container (suffix ``.zip``)."""
+    return str(path).lower().endswith(".zip")
+
+
+def path_size(path: str | os.PathLike[str]) -> int:
+    """Bytes of a file, or of all files under a directory."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+@dataclass(frozen=True)
+class ContainerMetadata:
+    """Everything the container records besides the tiles. Serialised into the root
+    group's attributes by :meth:`to_attrs`."""
+
+    codec: dict
+    tile_size: int
+    levels: tuple[LevelInfo, ...]
+    model_id: str | None = None
+    mpp: tuple[float, float] | None = None
+    objective_power: float | None = None
+    source_vendor: str = "unknown"
+    source_name: str | None = None
+    source_bytes: int | None = None
+    properties: dict[str, str] = field(default_factory=dict)
+    associated_images: tuple[str, ...] = ()
+    level_bytes: tuple[int, ...] = ()
+
+    def grid(self, level: int) -> TileGrid:
+        """Raises RegionOutOfBoundsError for a level outside the pyramid."""
+        if not 0 <= level < len(self.levels):
+            raise RegionOutOfBoundsError(f"level {level} outside 0..{len(self.levels) - 1}")
+        return self.levels[level].grid(self.tile_size)
+
+    def to_attrs(self) -> dict[str, Any]:
+        from wsicodec import __version__
+
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "software": f"wsicodec {__version__}",
+            "codec": self.codec,
+            "model_sha256": self.model_id,
+            "tile_size": self.tile_size,
+            "tile_padding": "edge",
+            "levels": [{"width": lv.width, "height": lv.height, "downsample": lv.downsample,
+                        "cols": lv.grid(self.tile_size).cols,
+                        "rows": lv.grid(self.tile_size).rows} for lv in self.levels],
+            "level_bytes": list(self.level_bytes),
+            "mpp": list(self.mpp) if self.mpp else None,
+            "objective_power": self.objective_power,
+            "source": {"name": self.source_name, "vendor": self.source_vendor,
+                       "bytes": self.source_bytes},
+            "properties": dict(self.properties),
+            "associated_images": list(self.associated_images),
+        }
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any], *, where: str = "container") -> "ContainerMetadata":
+        """Raises UnsupportedFormatError (not ours / unknown version) or CorruptDataError."""
+        if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
+            raise UnsupportedFormatError(f"{where}: not a wsicodec container")
+        version = attrs.get("format_version")
+        if version not in SUPPORTED_VERSIONS:
+            raise UnsupportedFormatError(
+                f"{where}: container format version {version!r} is not supported by this "
+                f"wsicodec (it reads version {', '.join(map(str, SUPPORTED_VERSIONS))}); "
+                "use the wsicodec release that wrote it")
+        try:
+            levels = tuple(LevelInfo(int(lv["width"]), int(lv["height"]),
+                                     float(lv["downsample"])) for lv in attrs["levels"])
+            mpp = attrs.get("mpp")
+            source = attrs.get("source") or {}
+            meta = cls(
+                codec=dict(attrs["codec"]),
+                tile_size=validate_tile_size(int(attrs["tile_size"])),
+                levels=levels,
+                model_id=attrs.get("model_sha256"),
+                mpp=(float(mpp[0]), float(mpp[1])) if mpp else None,
+                objective_power=attrs.get("objective_power"),
+                source_vendor=str(source.get("vendor", "unknown")),
+                source_name=source.get("name"),
+                source_bytes=source.get("bytes"),
+                properties={str(k): str(v) for k, v in (attrs.get("properties") or {}).items()},
+                associated_images=tuple(attrs.get("associated_images") or ()),
+                level_bytes=tuple(int(b) for b in attrs.get("level_bytes") or ()),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise CorruptDataError(f"{where}: damaged container metadata ({e!r})") from e
+        if not levels:
+            raise CorruptDataError(f"{where}: container metadata lists no levels")
+        return meta
+
+
+def _vlen_bytes_dtype() -> Any:
+    import zarr
+
+    return zarr.dtype.VariableLengthBytes()
+
+
+def _quiet_zarr() -> warnings.catch_warnings:
+    """zarr warns that variable-length bytes have no final v3 spec yet; we pin zarr>=3.1
+    and read what we write, so the warning is noise for our users."""
+    cw = warnings.catch_warnings()
+    cw.__enter__()
+    warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
+    return cw
+
+
+def _encode_png(rgb: np.ndarray) -> bytes:
+    import imagecodecs
+
+    return bytes(imagecodecs.png_encode(np.ascontiguousarray(rgb)))
+
+
+class ContainerWriter:
+    """Writes a container atomically. Use as a context manager and call :meth:`commit`;
+    leaving the block without committing (or with an exception) removes everything.
+
+    Tiles are written a whole tile row at a time (:meth:`write_row`), in any order.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], metadata: ContainerMetadata, *,
+                 overwrite: bool = False) -> None:
+        """Raises OutputExistsError if ``path`` exists and ``overwrite`` is false."""
+        import zarr
+        import zarr.storage
+
+        self.path = Path(path)
+        self.overwrite = overwrite
+        self._check_target()
+        self.metadata = metadata
+        self._zip = is_zip_path(self.path)
+        tag = uuid.uuid4().hex[:8]
+        self._tmp = self.path.parent / f".{self.path.name}.partial-{tag}"
+        self._tmp_dir = self._tmp.with_name(self._tmp.name + ".d") if self._zip else self._tmp
+        self._done = False
+        self._grids = [lv.grid(metadata.tile_size) for lv in metadata.levels]
+        self._crc = [np.zeros((g.rows, g.cols), np.uint32) for g in self._grids]
+        self._written = [np.zeros((g.rows, g.cols), bool) for g in self._grids]
+        self._bytes = [0] * len(self._grids)
+        self._associated: list[str] = []
+        try:
+            self._tmp_dir.parent.mkdir(parents=True, exist_ok=True)
+            self._group = zarr.open_group(zarr.storage.LocalStore(self._tmp_dir), mode="w",
+                                          zarr_format=3)
+            self._tiles = []
+            cw = _quiet_zarr()
+            try:
+                for i, g in enumerate(self._grids):
+                    self._tiles.append(self._group.create_array(
+                        f"levels/{i}/tiles", shape=(g.rows, g.cols), chunks=(1, 1),
+                        dtype=_vlen_bytes_dtype(), fill_value=b"", compressors=None))
+            finally:
+                cw.__exit__(None, None, None)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _check_target(self) -> None:
+        if self.path.exists() and not self.overwrite:
+            raise OutputExistsError(f"{self.path}: already exists (use --overwrite to replace it)")
+
+    def write_row(self, level: int, row: int, tiles: Sequence[bytes]) -> None:
+        """Store the encoded tiles of one tile row (left to right).
+
+        Raises RegionOutOfBoundsError for a bad level/row or the wrong tile count.
+        """
+        grid = self._grids[level] if 0 <= level < len(self._grids) else None
+        if grid is None or not 0 <= row < grid.rows or len(tiles) != grid.cols:
+            raise RegionOutOfBoundsError(f"row {row} of level {level} with {len(tiles)} tiles "
+                                         "does not fit the pyramid")
+        values = np.empty((1, grid.cols), dtype=object)
+        for col, data in enumerate(tiles):
+            data = bytes(data)
+            values[0, col] = data
+            self._crc[level][row, col] = zlib.crc32(data)
+            self._bytes[level] += len(data)
+        cw = _quiet_zarr()
+        try:
+            self._tiles[level][row:row + 1, :] = values
+        finally:
+            cw.__exit__(None, None, None)
+        self._written[level][row, :] = True
+
+    def write_associated(self, name: str, rgb: np.ndarray) -> None:
+        """Store an associated image losslessly (PNG). Names outside [A-Za-z0-9_.-] are
+        skipped with a log message."""
+        if not _ASSOCIATED_NAME.match(name):
+            log.warning("skipping associated image with unusable name %r", name)
+            return
+        png = np.frombuffer(_encode_png(rgb), dtype=np.uint8)
+        arr = self._group.create_array(f"associated/{name}", shape=png.shape, chunks=png.shape,
+                                       dtype="uint8", compressors=None, fill_value=0)
+        arr[:] = png
+        self._associated.append(name)
+
+    def commit(self) -> ContainerMetadata:
+        """Write CRCs and metadata, then move the container onto its path.
+
+        Returns the final metadata (with per-level byte counts).
+        Raises WsiCodecError if a tile was never written, OutputExistsError if the path
+        appeared meanwhile (without overwrite).
+        """
+        for level, mask in enumerate(self._written):
+            if not mask.all():
+                row, col = np.argwhere(~mask)[0]
+                raise WsiCodecError(f"internal error: tile level={level} col={col} row={row} "
+                                    "was never written")
+        for level, crc in enumerate(self._crc):
+            arr = self._group.create_array(f"levels/{level}/crc32", shape=crc.shape,
+                                           chunks=crc.shape, dtype="uint32", fill_value=0,
+                                           compressors=None)
+            arr[:] = crc
+        from dataclasses import replace
+
+        meta = replace(self.metadata, associated_images=tuple(self._associated),
+                       level_bytes=tuple(self._bytes))
+        self._group.attrs.update({ATTRS_KEY: meta.to_attrs()})
+        if self._zip:
+            _zip_directory(self._tmp_dir, self._tmp)
+            shutil.rmtree(self._tmp_dir, ignore_errors=True)
+        self._check_target()
+        _replace(self._tmp, self.path)
+        self._done = True
+        return meta
+
+    def abort(self) -> None:
+        """Remove every temporary file. Safe to call twice."""
+        if self._done:
+            return
+        for p in {self._tmp, self._tmp_dir}:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.exists():
+                p.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ContainerWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
+
+
+def _zip_directory(src: Path, dest: Path) -> None:
+    """Pack a directory store into a zip (stored, not deflated: tiles are compressed)."""
+    with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for f in sorted(src.rglob("*")):
+            if f.is_file():
+                zf.write(f, f.relative_to(src).as_posix())
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    """Move ``tmp`` onto ``final``; an existing ``final`` is removed only after."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(final, old)
+        os.rename(tmp, final)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+    else:
+        os.rename(tmp, final)
+
+
+class Container:
+    """A container opened for reading. Thread-safe for tile reads.
+
+    Use :func:`open_container` to get one.
+    """
+
+    def __init__(self, path: Path, group: Any, store: Any, metadata: ContainerMetadata) -> None:
+        self.path = path
+        self.metadata = metadata
+        self._group = group
+        self._store = store
+        self._codec: TileCodec | None = None
+        self._tiles: dict[int, Any] = {}
+        self._crc: dict[int, np.ndarray] = {}
+
+    # -- geometry
+    @property
+    def level_count(self) -> int:
+        return len(self.metadata.levels)
+
+    @property
+    def tile_size(self) -> int:
+        return self.metadata.tile_size
+
+    def grid(self, level: int) -> TileGrid:
+        """Raises RegionOutOfBoundsError for a bad level."""
+        return self.metadata.grid(level)
+
+    # -- codec
+    @property
+    def codec(self) -> TileCodec:
+        """The codec that wrote the tiles, built on first use (the learned codec imports
+        torch only here).
+
+        Raises InvalidSettingError / CodecUnavailableError from the registry, and
+        ModelMismatchError if the codec's ``model_id`` differs from the stored one.
+        """
+        if self._codec is None:
+            codec = codec_from_dict(self.metadata.codec)
+            stored, loaded = self.metadata.model_id, getattr(codec, "model_id", None)
+            if stored and loaded and stored != loaded:
+                raise ModelMismatchError(
+                    f"{self.path}: tiles were made with model {stored}, but the loaded "
+                    f"{codec.name} model is {loaded}")
+            self._codec = codec
+        return self._codec
+
+    # -- tiles
+    def _level_arrays(self, level: int) -> tuple[Any, np.ndarray]:
+        if level not in self._tiles:
+            self.grid(level)
+            try:
+                cw = _quiet_zarr()
+                try:
+                    tiles = self._group[f"levels/{level}/tiles"]
+                    crc = np.asarray(self._group[f"levels/{level}/crc32"][...], dtype=np.uint32)
+                finally:
+                    cw.__exit__(None, None, None)
+            except Exception as e:  # zarr/zip errors of many kinds: damaged store
+                raise CorruptDataError(f"{self.path}: level {level} arrays unreadable: {e}") from e
+            g = self.grid(level)
+            if tuple(tiles.shape) != (g.rows, g.cols) or crc.shape != (g.rows, g.cols):
+                raise CorruptDataError(f"{self.path}: level {level} arrays do not match the "
+                                       "metadata's tile grid")
+            self._tiles[level], self._crc[level] = tiles, crc
+        return self._tiles[level], self._crc[level]
+
+    def read_encoded_tile(self, level: int, col: int, row: int) -> bytes:
+        """The stored bytes of one tile, CRC-checked, not decoded.
+
+        Raises:
+            RegionOutOfBoundsError: level/col/row outside the pyramid.
+            CorruptTileError: bytes missing or failing their CRC (names level/col/row).
+        """
+        self.grid(level).check_tile(col, row)
+        tiles, crc = self._level_arrays(level)
+        where = f"level={level} col={col} row={row}"
+        try:
+            cw = _quiet_zarr()
+            try:
+                data = tiles[row:row + 1, col:col + 1][0, 0]
+            finally:
+                cw.__exit__(None, None, None)
+        except Exception as e:  # damaged chunk framing, zip member CRC, I/O
+            raise CorruptTileError(f"{self.path}: tile {where} is unreadable: {e}",
+                                   level=level, col=col, row=row) from e
+        data = bytes(data)
+        if not data or zlib.crc32(data) != int(crc[row, col]):
+            raise CorruptTileError(f"{self.path}: tile {where} is damaged (CRC32 mismatch)",
+                                   level=level, col=col, row=row)
+        return data
+
+    def read_tile(self, level: int, col: int, row: int) -> np.ndarray:
+        """Decode one tile: (tile_size, tile_size, 3) uint8, padded at the slide's edges.
+
+        Raises as :meth:`read_encoded_tile`; a tile the codec cannot decode raises
+        CorruptTileError too.
+        """
+        data = self.read_encoded_tile(level, col, row)
+        try:
+            return self.codec.decode(data)
+        except CorruptDataError as e:
+            raise CorruptTileError(f"{self.path}: tile level={level} col={col} row={row}: {e}",
+                                   level=level, col=col, row=row) from e
+
+    def iter_encoded_tiles(self, level: int) -> Iterator[tuple[int, int, bytes]]:
+        """(col, row, bytes) of every tile of a level, row-major."""
+        for col, row in self.grid(level):
+            yield col, row, self.read_encoded_tile(level, col, row)
+
+    # -- associated images
+    def associated_image_names(self) -> list[str]:
+        return list(self.metadata.associated_images)
+
+    def read_associated_image(self, name: str) -> np.ndarray:
+        """(h, w, 3) uint8. Raises KeyError for an unknown name, CorruptDataError if damaged."""
+        if name not in self.metadata.associated_images:
+            raise KeyError(name)
+        import imagecodecs
+
+        try:
+            png = bytes(np.asarray(self._group[f"associated/{name}"][...], np.uint8))
+            rgb = imagecodecs.png_decode(png)
+        except Exception as e:
+            raise CorruptDataError(f"{self.path}: associated image {name!r} damaged: {e}") from e
+        return rgb[..., :3] if rgb.ndim == 3 else np.repeat(rgb[..., None], 3, axis=2)
+
+    # -- misc
+    def nbytes(self) -> int:
+        """Size of the container on disk."""
+        return path_size(self.path)
+
+    def info(self) -> dict[str, Any]:
+        """A JSON-able summary (what ``wsicodec info --json`` prints)."""
+        attrs = self.metadata.to_attrs()
+        attrs["software"] = self._group.attrs.get(ATTRS_KEY, {}).get("software")
+        attrs["path"] = str(self.path)
+        attrs["container_bytes"] = self.nbytes()
+        return attrs
+
+    def close(self) -> None:
+        try:
+            if self._store is not None:
+                self._store.close()
+        except Exception:  # closing a read-only store cannot lose data
+            pass
+
+    def __enter__(self) -> "Container":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_container(path: str | os.PathLike[str]) -> Container:
+    """Open a container (directory or ``.zip``) for reading and check its metadata.
+
+    Raises:
+        SlideNotFoundError: no such path.
+        CorruptDataError: a truncated/damaged zip or damaged metadata.
+        UnsupportedFormatError: not a wsicodec container, or an unknown format version.
+    """
+    import zarr
+    import zarr.storage
+
+    p = Path(path)
+    if not p.exists():
+        raise SlideNotFoundError(f"{p}: no such file or directory")
+    store: Any
+    if p.is_file():
+        if not zipfile.is_zipfile(p):
+            if is_zip_path(p):
+                raise CorruptDataError(f"{p}: not a complete zip file (truncated or damaged)")
+            raise UnsupportedFormatError(f"{p}: not a wsicodec container (.zarr directory "
+                                         "or .zarr.zip file)")
+        try:
+            with zipfile.ZipFile(p) as zf:
+                names = set(zf.namelist())
+            store = zarr.storage.ZipStore(p, mode="r")
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            raise CorruptDataError(f"{p}: damaged zip file: {e}") from e
+        if "zarr.json" not in names:
+            store.close()
+            raise UnsupportedFormatError(f"{p}: zip file without zarr.json: not a wsicodec "
+                                         "container")
+    else:
+        if not (p / "zarr.json").is_file():
+            raise UnsupportedFormatError(f"{p}: directory without zarr.json: not a wsicodec "
+                                         "container")
+        store = zarr.storage.LocalStore(p, read_only=True)
+    try:
+        group = zarr.open_group(store, mode="r")
+        attrs = dict(group.attrs).get(ATTRS_KEY)
+    except (json.JSONDecodeError, UnicodeDecodeError, zipfile.BadZipFile) as e:
+        store.close()
+        raise CorruptDataError(f"{p}: damaged container metadata: {e}") from e
+    except Exception as e:  # zarr raises several types for "not a group"
+        store.close()
+        raise UnsupportedFormatError(f"{p}: not a wsicodec container ({e})") from e
+    try:
+        meta = ContainerMetadata.from_attrs(attrs, where=str(p))
+    except WsiCodecError:
+        store.close()
+        raise
+    return Container(p, group, store, meta)

@@ -1,0 +1,263 @@
+"""The two jobs end to end: slide -> container (compress), container -> TIFF (decompress).
+
+compress::
+
+    open_source ─► plan_pyramid ─► iter_strips (tile rows) ─► iter_tiles (padded)
+        ─► thread pool: codec.encode (bounded in-flight) ─► ContainerWriter.write_row
+        ─► commit (atomic rename)
+
+Library code: raises, never prints; progress is reported through a callback.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from wsicodec.codecs import TileCodec
+from wsicodec.container import (ContainerMetadata, ContainerWriter, open_container, path_size)
+from wsicodec.errors import InvalidSettingError, OutputExistsError
+from wsicodec.tiff import TiffSettings, write_pyramidal_tiff
+from wsicodec.tiling import iter_strips, iter_tiles, open_source, plan_pyramid
+from wsicodec.tiling.sources import SlideSource
+
+Progress = Callable[[int], None]
+"""Called with the number of tiles just finished."""
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _check_workers(workers: int | None) -> int:
+    if workers is None:
+        return default_workers()
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 256:
+        raise InvalidSettingError(f"workers must be an integer in [1, 256], got {workers!r}")
+    return workers
+
+
+def source_file_bytes(path: Path, vendor: str) -> int:
+    """Bytes of the source on disk. A DICOM slide is its folder's .dcm files together
+    (OpenSlide reads all of them from any one)."""
+    if vendor == "dicom":
+        return sum(f.stat().st_size for f in path.parent.glob("*.dcm") if f.is_file())
+    return path.stat().st_size
+
+
+@dataclass(frozen=True)
+class CompressResult:
+    """What a compress run produced."""
+
+    source: Path
+    output: Path
+    dimensions: tuple[int, int]
+    levels: int
+    tiles: int
+    source_bytes: int
+    container_bytes: int
+    tile_bytes: int
+    seconds: float
+
+    @property
+    def raw_bytes(self) -> int:
+        """Level 0 as raw 8-bit RGB."""
+        return self.dimensions[0] * self.dimensions[1] * 3
+
+    @property
+    def ratio_vs_source(self) -> float:
+        return self.source_bytes / max(self.container_bytes, 1)
+
+    @property
+    def ratio_vs_raw(self) -> float:
+        return self.raw_bytes / max(self.container_bytes, 1)
+
+
+class _RowCollector:
+    """Keeps encoded tile futures in submission order, writes each tile row when all its
+    tiles are done, and bounds how many tiles are in flight."""
+
+    def __init__(self, writer: ContainerWriter, limit: int, progress: Progress | None) -> None:
+        self._writer, self._limit, self._progress = writer, limit, progress
+        self._rows: deque[tuple[int, int, list[Future[bytes]], int]] = deque()
+        self._inflight = 0
+        self._collected = 0  # futures of the oldest row already waited for
+
+    def start_row(self, level: int, row: int, cols: int) -> list[Future[bytes]]:
+        futures: list[Future[bytes]] = []
+        self._rows.append((level, row, futures, cols))
+        return futures
+
+    def added(self) -> None:
+        self._inflight += 1
+        self.drain(self._limit)
+
+    def drain(self, limit: int) -> None:
+        """Wait for the oldest tiles until at most ``limit`` are in flight; write the
+        rows that are complete. Re-raises an encoder's exception."""
+        while self._rows:
+            level, row, futures, cols = self._rows[0]
+            if self._collected == cols:
+                self._writer.write_row(level, row, [f.result() for f in futures])
+                self._rows.popleft()
+                self._collected = 0
+                continue
+            if self._inflight <= limit or self._collected >= len(futures):
+                return
+            futures[self._collected].result()
+            self._collected += 1
+            self._inflight -= 1
+            if self._progress:
+                self._progress(1)
+
+
+def compress_source(source: SlideSource, output: str | os.PathLike[str], codec: TileCodec, *,
+                    tile_size: int = 256, workers: int | None = None, overwrite: bool = False,
+                    progress: Progress | None = None, source_name: str | None = None,
+                    source_bytes: int | None = None) -> ContainerMetadata:
+    """Compress an open source into a container at ``output`` (atomic).
+
+    Raises InvalidSettingError (tile size, workers), OutputExistsError, the source's read
+    errors and the codec's errors; on any error or interrupt nothing is left at ``output``.
+    """
+    n_workers = _check_workers(workers)
+    plan = plan_pyramid(source.level_dimensions, source.level_downsamples, tile_size)
+    meta = ContainerMetadata(
+        codec=codec.to_dict(), tile_size=tile_size,
+        levels=tuple(lv.info for lv in plan.levels),
+        model_id=getattr(codec, "model_id", None),
+        mpp=source.mpp, objective_power=source.objective_power,
+        source_vendor=source.vendor, source_name=source_name, source_bytes=source_bytes,
+        properties=dict(source.properties))
+    with ContainerWriter(output, meta, overwrite=overwrite) as writer:
+        for name in source.associated_image_names():
+            writer.write_associated(name, source.read_associated_image(name))
+        pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="wsicodec-encode")
+        try:
+            rows = _RowCollector(writer, limit=4 * n_workers, progress=progress)
+            for strip in iter_strips(source, plan):
+                cols = plan.levels[strip.level].grid.cols
+                futures = rows.start_row(strip.level, strip.row, cols)
+                for _col, tile in iter_tiles(strip, tile_size):
+                    futures.append(pool.submit(codec.encode, tile))
+                    rows.added()
+            rows.drain(0)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return writer.commit()
+
+
+def compress(source: str | os.PathLike[str], output: str | os.PathLike[str], codec: TileCodec, *,
+             tile_size: int = 256, workers: int | None = None, overwrite: bool = False,
+             progress: Progress | None = None) -> CompressResult:
+    """Compress a slide or image file into a container (``.zarr`` dir or ``.zarr.zip``).
+
+    Raises:
+        SlideNotFoundError, UnsupportedFormatError, CorruptDataError: the input.
+        InvalidSettingError: tile size / workers out of range.
+        OutputExistsError: ``output`` exists and ``overwrite`` is false.
+    """
+    t0 = time.perf_counter()
+    src_path = Path(source)
+    out_path = Path(output)
+    if out_path.exists() and not overwrite:
+        raise OutputExistsError(f"{out_path}: already exists (use --overwrite to replace it)")
+    with open_source(src_path) as src:
+        nbytes = source_file_bytes(src_path, src.vendor)
+        meta = compress_source(src, out_path, codec, tile_size=tile_size, workers=workers,
+                               overwrite=overwrite, progress=progress,
+                               source_name=src_path.name, source_bytes=nbytes)
+    return CompressResult(
+        source=src_path, output=out_path, dimensions=meta.levels[0].dimensions,
+        levels=len(meta.levels),
+        tiles=sum(lv.grid(meta.tile_size).tile_count for lv in meta.levels),
+        source_bytes=nbytes, container_bytes=path_size(out_path),
+        tile_bytes=sum(meta.level_bytes), seconds=time.perf_counter() - t0)
+
+
+
+
+def plan_tile_count(source: str | os.PathLike[str], tile_size: int) -> int:
+    """Total tiles compress will encode for ``source`` (opens it briefly).
+
+    Raises as :func:`wsicodec.tiling.open_source` and InvalidSettingError.
+    """
+    with open_source(source) as src:
+        return plan_pyramid(src.level_dimensions, src.level_downsamples, tile_size).tile_count
+
+
+@dataclass(frozen=True)
+class DecompressResult:
+    source: Path
+    output: Path
+    dimensions: tuple[int, int]
+    levels: int
+    output_bytes: int
+    seconds: float
+
+
+def _ordered_decode(container, level: int, workers: int,  # type: ignore[no-untyped-def]
+                    progress: Progress | None) -> Iterator[np.ndarray]:
+    """Decode a level's tiles row-major with a thread pool, at most 4*workers ahead."""
+    grid = container.grid(level)
+    keys = list(grid)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wsicodec-decode") as pool:
+        pending: deque[Future[np.ndarray]] = deque()
+        it = iter(keys)
+        try:
+            for col, row in it:
+                pending.append(pool.submit(container.read_tile, level, col, row))
+                if len(pending) >= 4 * workers:
+                    break
+            while pending:
+                tile = pending.popleft().result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append(pool.submit(container.read_tile, level, *nxt))
+                if progress:
+                    progress(1)
+                yield tile
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def decompress(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
+               settings: TiffSettings = TiffSettings(), workers: int | None = None,
+               overwrite: bool = False, progress: Progress | None = None) -> DecompressResult:
+    """Write a container out as a pyramidal TIFF (atomically: temp sibling + rename).
+
+    Raises:
+        SlideNotFoundError, UnsupportedFormatError, CorruptDataError: the container.
+        CorruptTileError: a damaged tile (nothing is left at ``output``).
+        OutputExistsError: ``output`` exists and ``overwrite`` is false.
+    """
+    t0 = time.perf_counter()
+    out_path = Path(output)
+    n_workers = _check_workers(workers)
+    if out_path.exists() and not overwrite:
+        raise OutputExistsError(f"{out_path}: already exists (use --overwrite to replace it)")
+    tmp = out_path.parent / f".{out_path.name}.partial-{uuid.uuid4().hex[:8]}"
+    with open_container(source) as c:
+        meta = c.metadata
+        c.codec  # build (and check) the codec before creating any file
+        try:
+            write_pyramidal_tiff(
+                tmp, [lv.dimensions for lv in meta.levels], meta.tile_size,
+                lambda level: _ordered_decode(c, level, n_workers, progress),
+                mpp=meta.mpp, settings=settings,
+                description=f"wsicodec pyramid from {meta.source_name or 'a container'} "
+                            f"({meta.codec.get('name')})")
+            os.replace(tmp, out_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return DecompressResult(Path(source), out_path, meta.levels[0].dimensions, len(meta.levels),
+                            out_path.stat().st_size, time.perf_counter() - t0)
