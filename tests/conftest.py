@@ -1,0 +1,47 @@
+"""Shared fixtures: the real slides in ../shared/data (skipped cleanly when absent)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+SLIDES = DATA / "slides"
+
+# name -> path of one file OpenSlide opens
+REAL_SLIDES = {
+    "svs-jpeg2000": SLIDES / "tcga-cr-7395-01a-01-ts1.svs",
+    "svs-jpeg": SLIDES / "cmu_small_region.svs",
+    "ndpi": SLIDES / "test3-DAPI-2-387.ndpi",
+    "dicom": SLIDES / "dicom-cmu1-small" / "level-0-frames-0-30.dcm",
+    "generic-tiff": SLIDES / "small_HE_levels.tiff",
+}
+BAD_DICOM = SLIDES / "bad" / "nonconforming_small_dicom.dcm"
+HE_TEST_PNG = DATA / "he" / "test" / "TCGA-2Z-A9J9-01A-01-TS1.png"
+
+
+def need(path: Path) -> Path:
+    """Skip the calling test when a shared data file is missing."""
+    if not path.exists():
+        pytest.skip(f"shared test data not found: {path} (expected ../shared/data next to the "
+                    "repository)")
+    return path
+
+
+@pytest.fixture
+def odd_image() -> np.ndarray:
+    """A 219 (wide) x 301 (high) RGB image with structure in every channel, so edge tiles
+    and 2x reductions are exercised with sizes that do not divide."""
+    rng = np.random.default_rng(1)
+    y, x = np.mgrid[0:301, 0:219]
+    img = np.stack([(x * 3 + y) % 256, (y * 2) % 256, (x ^ y) % 256], axis=-1)
+    img = img + rng.integers(0, 8, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))

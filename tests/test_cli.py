@@ -1,0 +1,229 @@
+"""The CLI end to end on the real slides, and its error contract: one line on stderr,
+non-zero exit, no traceback, no output left behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import BAD_DICOM, HE_TEST_PNG, REAL_SLIDES, need, psnr
+from wsicodec.cli import main
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("wsicodec: error: ")
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def level0(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    import openslide
+
+    with openslide.OpenSlide(str(path)) as s:
+        return np.asarray(s.read_region((0, 0), 0, size or s.dimensions).convert("RGB"))
+
+
+CASES = {  # name -> (tile size, compared size of level 0 or None for all)
+    "svs-jpeg2000": (512, (1024, 1024)),
+    "svs-jpeg": (256, None),
+    "ndpi": (512, (1024, 1024)),
+    "dicom": (256, None),
+    "generic-tiff": (64, None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_round_trip_per_format(tmp_path: Path, capsys, name: str) -> None:
+    import openslide
+
+    src = need(REAL_SLIDES[name])
+    tile, size = CASES[name]
+    box = tmp_path / "x.zarr.zip"
+    code, out, err = run(capsys, "compress", src, box, "--codec", "jpeg", "--quality", "95",
+                         "--tile-size", tile, "--workers", "2", "--quiet")
+    assert code == 0, err
+    assert "ratio" in out and "container" in out
+    code, out, _ = run(capsys, "info", box, "--json")
+    info = json.loads(out)
+    assert info["codec"]["name"] == "jpeg" and info["source"]["name"] == src.name
+    code, out, err = run(capsys, "decompress", box, tmp_path / "x.tiff", "--quiet")
+    assert code == 0, err
+    with openslide.OpenSlide(str(src)) as ref, openslide.OpenSlide(str(tmp_path / "x.tiff")) as s:
+        assert s.properties["openslide.vendor"] == "generic-tiff"
+        assert s.dimensions == ref.dimensions
+        if "openslide.mpp-x" in ref.properties:
+            assert float(s.properties["openslide.mpp-x"]) == pytest.approx(
+                float(ref.properties["openslide.mpp-x"]), rel=1e-4)
+    assert psnr(level0(tmp_path / "x.tiff", size), level0(src, size)) > 32
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.tiff", "x.zarr.zip"]
+
+
+def test_png_round_trip_directory_store(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    src = need(HE_TEST_PNG)
+    code, out, err = run(capsys, "compress", src, tmp_path / "p.zarr", "--codec", "webp",
+                         "--quality", "95", "--quiet")
+    assert code == 0, err
+    code, out, _ = run(capsys, "info", tmp_path / "p.zarr")
+    assert code == 0 and "level 0: 1000 x 1000" in out
+    code, _, err = run(capsys, "decompress", tmp_path / "p.zarr", tmp_path / "p.tiff",
+                       "--tiff-compression", "zlib")
+    assert code == 0, err
+    original = np.asarray(Image.open(src).convert("RGB"))
+    assert psnr(level0(tmp_path / "p.tiff"), original) > 35
+
+
+def test_odd_size_image_with_small_tiles(tmp_path: Path, capsys, odd_image: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(odd_image).save(tmp_path / "odd.png")
+    code, _, err = run(capsys, "compress", tmp_path / "odd.png", tmp_path / "o.zarr.zip",
+                       "--codec", "jpeg", "--quality", "100", "--tile-size", "64")
+    assert code == 0, err
+    code, _, err = run(capsys, "decompress", tmp_path / "o.zarr.zip", tmp_path / "o.tiff",
+                       "--tiff-compression", "zlib")
+    assert code == 0, err
+    got = level0(tmp_path / "o.tiff")
+    assert got.shape == (301, 219, 3) and psnr(got, odd_image) > 40
+
+
+@pytest.mark.slow
+def test_acceptance_jpegxl_default_on_tcga(tmp_path: Path, capsys) -> None:
+    """The issue's 'done when': default jpegxl, TIFF at 4443x3567 with PSNR >= 35 dB."""
+    import openslide
+
+    src = need(REAL_SLIDES["svs-jpeg2000"])
+    code, _, err = run(capsys, "compress", src, tmp_path / "x.zarr.zip", "--codec", "jpegxl")
+    assert code == 0, err
+    code, _, err = run(capsys, "decompress", tmp_path / "x.zarr.zip", tmp_path / "x.tiff")
+    assert code == 0, err
+    with openslide.OpenSlide(str(tmp_path / "x.tiff")) as s:
+        assert s.dimensions == (4443, 3567)
+    assert psnr(level0(tmp_path / "x.tiff"), level0(src)) >= 35
+
+
+# --- errors
+
+def test_broken_dicom(tmp_path: Path, capsys) -> None:
+    code, out, err = run(capsys, "compress", need(BAD_DICOM), tmp_path / "b.zarr.zip")
+    assert_one_line_error(code, err, "nonconforming_small_dicom.dcm")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_input(tmp_path: Path, capsys) -> None:
+    code, _, err = run(capsys, "compress", tmp_path / "nope.svs", tmp_path / "o.zarr")
+    assert_one_line_error(code, err, "nope.svs", "no such file")
+    code, _, err = run(capsys, "info", tmp_path / "nope.zarr")
+    assert_one_line_error(code, err, "nope.zarr")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_text_file_is_unsupported(tmp_path: Path, capsys) -> None:
+    text = tmp_path / "readme.txt"
+    text.write_text("hello\n")
+    code, _, err = run(capsys, "compress", text, tmp_path / "o.zarr.zip")
+    assert_one_line_error(code, err, "not a slide or image")
+    code, _, err = run(capsys, "decompress", text, tmp_path / "o.tiff")
+    assert_one_line_error(code, err, "not a wsicodec container")
+    assert [p.name for p in tmp_path.iterdir()] == ["readme.txt"]
+
+
+def _small_container(tmp_path: Path, capsys, odd_image: np.ndarray, name: str) -> Path:
+    from PIL import Image
+
+    Image.fromarray(odd_image).save(tmp_path / "odd.png")
+    out = tmp_path / name
+    code, _, err = run(capsys, "compress", tmp_path / "odd.png", out, "--codec", "jpeg",
+                       "--tile-size", "64")
+    assert code == 0, err
+    return out
+
+
+def test_truncated_container(tmp_path: Path, capsys, odd_image: np.ndarray) -> None:
+    box = _small_container(tmp_path, capsys, odd_image, "t.zarr.zip")
+    box.write_bytes(box.read_bytes()[:1000])
+    for cmd in (["info", box], ["decompress", box, tmp_path / "t.tiff"]):
+        code, _, err = run(capsys, *cmd)
+        assert_one_line_error(code, err, "truncated")
+    assert not (tmp_path / "t.tiff").exists()
+
+
+def test_flipped_byte_names_the_tile(tmp_path: Path, capsys, odd_image: np.ndarray) -> None:
+    box = _small_container(tmp_path, capsys, odd_image, "f.zarr")
+    victim = box / "levels" / "0" / "tiles" / "c" / "1" / "2"
+    raw = bytearray(victim.read_bytes())
+    raw[-5] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    code, _, err = run(capsys, "decompress", box, tmp_path / "f.tiff")
+    assert_one_line_error(code, err, "level=0 col=2 row=1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.zarr", "odd.png"]
+    from wsicodec.slide import open_slide
+
+    with open_slide(box) as slide:  # the other tiles still read
+        assert slide.read_region((0, 0), 0, (128, 64), as_array=True)[..., 3].all()
+
+
+def test_usage_and_setting_errors(tmp_path: Path, capsys) -> None:
+    src = need(REAL_SLIDES["generic-tiff"])
+    for argv, fragment in [
+        (["compress", src], "required"),
+        (["compress", src, tmp_path / "o.zarr", "--codec", "nope"], "known codecs"),
+        (["compress", src, tmp_path / "o.zarr", "--quality", "300"], "[0.1, 15]"),
+        (["compress", src, tmp_path / "o.zarr", "--tile-size", "100"], "multiple of 16"),
+        (["compress", src, tmp_path / "o.zarr", "--workers", "0"], "workers"),
+        (["decompress", src, tmp_path / "o.tiff", "--tiff-quality", "0"], "[1, 100]"),
+    ]:
+        code, _, err = run(capsys, *argv)
+        assert_one_line_error(code, err, fragment)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_kept(tmp_path: Path, capsys, odd_image: np.ndarray) -> None:
+    box = _small_container(tmp_path, capsys, odd_image, "e.zarr.zip")
+    before = box.read_bytes()
+    code, _, err = run(capsys, "compress", tmp_path / "odd.png", box)
+    assert_one_line_error(code, err, "already exists")
+    assert box.read_bytes() == before
+
+
+def test_interrupt_leaves_nothing(tmp_path: Path, capsys, odd_image: np.ndarray,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    from wsicodec import codecs
+
+    Image.fromarray(odd_image).save(tmp_path / "odd.png")
+    calls = {"n": 0}
+    real = codecs.JpegCodec.encode
+
+    def interrupted(self, tile):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(self, tile)
+
+    monkeypatch.setattr(codecs.JpegCodec, "encode", interrupted)
+    code, _, err = run(capsys, "compress", tmp_path / "odd.png", tmp_path / "i.zarr.zip",
+                       "--codec", "jpeg", "--tile-size", "64")
+    assert code == 130
+    assert_one_line_error(code, err, "interrupted")
+    assert [p.name for p in tmp_path.iterdir()] == ["odd.png"]
+
+
+def test_codecs_command(capsys) -> None:
+    code, out, _ = run(capsys, "codecs")
+    assert code == 0 and "jpegxl  [default]" in out

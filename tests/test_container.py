@@ -1,0 +1,191 @@
+"""Container: layout, CRC per tile, atomic writes, version checks, damaged files."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wsicodec.codecs import get_codec
+from wsicodec.container import (FORMAT_VERSION, ContainerMetadata, ContainerWriter,
+                                open_container)
+from wsicodec.errors import (CorruptDataError, CorruptTileError, ModelMismatchError,
+                             OutputExistsError, SlideNotFoundError, UnsupportedFormatError)
+from wsicodec.pipeline import compress_source
+from wsicodec.tiling import ArraySource
+
+STORES = ["c.zarr", "c.zarr.zip"]
+
+
+def make(tmp_path: Path, name: str, image: np.ndarray, **kw) -> Path:
+    out = tmp_path / name
+    src = ArraySource(image, mpp=(0.25, 0.25), properties={"x.key": "v"},
+                      associated={"label": image[:20, :30]})
+    compress_source(src, out, get_codec("jpeg", 95), tile_size=64, workers=2, **kw)
+    return out
+
+
+def tile_files(path: Path) -> list[Path]:
+    return sorted(p for p in (path / "levels" / "0" / "tiles" / "c").rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("name", STORES)
+def test_round_trip_metadata_and_tiles(tmp_path: Path, odd_image: np.ndarray, name: str) -> None:
+    out = make(tmp_path, name, odd_image)
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no temp files left
+    with open_container(out) as c:
+        meta = c.metadata
+        assert meta.codec == {"name": "jpeg", "configuration": {"quality": 95,
+                                                                 "subsampling": "444"}}
+        assert meta.tile_size == 64 and meta.mpp == (0.25, 0.25)
+        assert [lv.dimensions for lv in meta.levels][:2] == [(219, 301), (110, 151)]
+        assert meta.properties == {"x.key": "v"}
+        assert meta.associated_images == ("label",)
+        np.testing.assert_array_equal(c.read_associated_image("label"), odd_image[:20, :30])
+        tile = c.read_tile(0, 3, 4)
+        assert tile.shape == (64, 64, 3)
+        assert np.abs(tile[:45, :27].astype(int) - odd_image[256:, 192:]).mean() < 3
+        assert sum(meta.level_bytes) > 0
+        info = c.info()
+        json.dumps(info)
+        assert info["format"] == "wsicodec" and info["format_version"] == FORMAT_VERSION
+
+
+def test_flipped_byte_names_the_tile_and_others_still_read(tmp_path: Path,
+                                                          odd_image: np.ndarray) -> None:
+    out = make(tmp_path, "c.zarr", odd_image)
+    victim = out / "levels" / "0" / "tiles" / "c" / "2" / "1"  # row 2, col 1
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    victim.write_bytes(bytes(data))
+    with open_container(out) as c:
+        with pytest.raises(CorruptTileError, match="level=0 col=1 row=2") as info:
+            c.read_tile(0, 1, 2)
+        assert (info.value.level, info.value.col, info.value.row) == (0, 1, 2)
+        for col, row in c.grid(0):
+            if (col, row) != (1, 2):
+                c.read_tile(0, col, row)
+
+
+def test_missing_tile_file_is_a_corrupt_tile(tmp_path: Path, odd_image: np.ndarray) -> None:
+    out = make(tmp_path, "c.zarr", odd_image)
+    (out / "levels" / "1" / "tiles" / "c" / "0" / "0").unlink()
+    with open_container(out) as c, pytest.raises(CorruptTileError, match="level=1 col=0 row=0"):
+        c.read_encoded_tile(1, 0, 0)
+
+
+def test_flipped_byte_in_zip_member(tmp_path: Path, odd_image: np.ndarray) -> None:
+    out = make(tmp_path, "c.zarr.zip", odd_image)
+    with zipfile.ZipFile(out) as zf:
+        info = zf.getinfo("levels/0/tiles/c/0/0")
+        offset = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    raw = bytearray(out.read_bytes())
+    raw[offset + info.compress_size // 2] ^= 0x01
+    out.write_bytes(bytes(raw))
+    with open_container(out) as c:
+        with pytest.raises(CorruptTileError, match="level=0 col=0 row=0"):
+            c.read_tile(0, 0, 0)
+        c.read_tile(0, 1, 0)
+
+
+def test_truncated_zip_is_a_clear_error(tmp_path: Path, odd_image: np.ndarray) -> None:
+    out = make(tmp_path, "c.zarr.zip", odd_image)
+    out.write_bytes(out.read_bytes()[: out.stat().st_size // 2])
+    with pytest.raises(CorruptDataError, match="truncated"):
+        open_container(out)
+
+
+def test_unknown_version_is_refused(tmp_path: Path, odd_image: np.ndarray) -> None:
+    out = make(tmp_path, "c.zarr", odd_image)
+    meta_path = out / "zarr.json"
+    doc = json.loads(meta_path.read_text())
+    doc["attributes"]["wsicodec"]["format_version"] = 99
+    meta_path.write_text(json.dumps(doc))
+    with pytest.raises(UnsupportedFormatError, match="version 99 is not supported"):
+        open_container(out)
+
+
+def test_not_a_container(tmp_path: Path) -> None:
+    with pytest.raises(SlideNotFoundError):
+        open_container(tmp_path / "nothing.zarr")
+    with pytest.raises(UnsupportedFormatError):
+        open_container(tmp_path)
+    (tmp_path / "x.txt").write_text("hello")
+    with pytest.raises(UnsupportedFormatError):
+        open_container(tmp_path / "x.txt")
+
+
+@pytest.mark.parametrize("name", STORES)
+def test_failed_write_leaves_nothing(tmp_path: Path, odd_image: np.ndarray, name: str,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    codec = get_codec("jpeg")
+    calls = {"n": 0}
+
+    class Failing:
+        name = "jpeg"
+
+        def encode(self, tile: np.ndarray) -> bytes:
+            calls["n"] += 1
+            if calls["n"] == 7:
+                raise KeyboardInterrupt
+            return codec.encode(tile)
+
+        def decode(self, data: bytes) -> np.ndarray:
+            return codec.decode(data)
+
+        def to_dict(self) -> dict:
+            return codec.to_dict()
+
+    with pytest.raises(KeyboardInterrupt):
+        compress_source(ArraySource(odd_image), tmp_path / name, Failing(), tile_size=64,
+                        workers=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_overwrite(tmp_path: Path, odd_image: np.ndarray) -> None:
+    out = make(tmp_path, "c.zarr.zip", odd_image)
+    with pytest.raises(OutputExistsError):
+        make(tmp_path, "c.zarr.zip", odd_image)
+    make(tmp_path, "c.zarr.zip", odd_image[:100, :100], overwrite=True)
+    with open_container(out) as c:
+        assert c.metadata.levels[0].dimensions == (100, 100)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.zarr.zip"]
+
+
+def test_model_id_is_stored_and_checked(tmp_path: Path, odd_image: np.ndarray,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsicodec import container as container_mod
+
+    codec = get_codec("jpeg")
+    meta = ContainerMetadata(codec=codec.to_dict(), tile_size=64, model_id="a" * 64,
+                             levels=ArraySourceLevels(odd_image))
+    out = tmp_path / "m.zarr"
+    with ContainerWriter(out, meta) as w:
+        for lv, info in enumerate(meta.levels):
+            g = info.grid(64)
+            for row in range(g.rows):
+                w.write_row(lv, row, [codec.encode(np.zeros((64, 64, 3), np.uint8))] * g.cols)
+        w.commit()
+
+    class OtherModel:
+        name = "jpeg"
+        model_id = "b" * 64
+
+        def decode(self, data: bytes) -> np.ndarray:
+            return codec.decode(data)
+
+    monkeypatch.setattr(container_mod, "codec_from_dict", lambda d: OtherModel())
+    with open_container(out) as c:
+        assert c.metadata.model_id == "a" * 64
+        with pytest.raises(ModelMismatchError, match="a{64}.*b{64}"):
+            c.read_tile(0, 0, 0)
+
+
+def ArraySourceLevels(image: np.ndarray):  # noqa: N802 - tiny helper
+    from wsicodec.tiling import plan_pyramid
+
+    h, w = image.shape[:2]
+    return tuple(lv.info for lv in plan_pyramid([(w, h)], [1.0], 64).levels)
