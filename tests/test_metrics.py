@@ -87,10 +87,24 @@ def test_ms_ssim_reduced_path_matches_pytorch_msssim_at_five_scales():
     a = _rng_image(200, 170)
     b = _noisy(a, 15)
     plan = metrics.MsSsimPlan(scales=5, win_size=11, weights=metrics.MS_SSIM_WEIGHTS)
-    ours = float(metrics._ms_ssim_scales(metrics._to_tensor(a), metrics._to_tensor(b), plan))
-    ref = float(pytorch_msssim.ms_ssim(metrics._to_tensor(a), metrics._to_tensor(b), data_range=255))
+    x, y = metrics._to_tensor(a, "float64"), metrics._to_tensor(b, "float64")
+    ours = float(metrics._ms_ssim_scales(x, y, plan))
+    ref = float(pytorch_msssim.ms_ssim(x, y, data_range=255))
     assert ours == pytest.approx(ref, abs=1e-12)
-    assert metrics.ms_ssim(a, b) == pytest.approx(ref, abs=1e-12)
+    assert metrics.ms_ssim(a, b, dtype="float64") == pytest.approx(ref, abs=1e-12)
+    assert metrics.ms_ssim(a, b) == pytest.approx(ref, abs=1e-5)  # the float32 default
+
+
+@pytest.mark.parametrize("h,w", [(200, 170), (64, 64), (100, 37), (5, 8)])
+def test_ms_ssim_cached_reference_matches(h, w):
+    a = _rng_image(h, w, seed=3)
+    ref = metrics.MsSsimReference(a)
+    for sigma in (3, 30):
+        b = _noisy(a, sigma, seed=sigma)
+        assert ref.against(b) == pytest.approx(metrics.ms_ssim(a, b), abs=2e-6)
+    assert ref.against(a) == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="reference"):
+        ref.against(a[:-1])
 
 
 def test_msssim_db():
@@ -168,6 +182,13 @@ def test_lpips_identity_zero_and_batch_consistent(lpips_alex):
     single = lpips_alex(a, b)
     assert single > 0.01
     assert lpips_alex.batch([a, a], [b, a]) == pytest.approx([single, 0.0], abs=1e-5)
+    # cached reference features give what lpips.LPIPS.forward gives
+    import torch
+
+    assert lpips_alex.against(lpips_alex.reference(a), a, b) == pytest.approx(single, abs=1e-6)
+    with torch.no_grad():
+        direct = float(lpips_alex.net(lpips_alex._prep([a]), lpips_alex._prep([b])))
+    assert single == pytest.approx(direct, abs=1e-6)
 
 
 def test_lpips_weights_path_errors(tmp_path):
