@@ -216,3 +216,51 @@ def test_metrics_on_real_he_tile():
     b1, b2 = _noisy(a, 5), _noisy(a, 20)
     assert metrics.psnr(a, b1) > metrics.psnr(a, b2)
     assert metrics.ms_ssim(a, b1) > metrics.ms_ssim(a, b2)
+
+
+# ------------------------------------------------------------------------- bench/rd.py end to end
+
+def test_rd_script_sweeps_merges_and_refuses_other_images(tmp_path):
+    """rd.py on two tiny awkward-size images: JSON, table and plot written; --update merges."""
+    import json
+
+    import torch
+    from PIL import Image
+
+    from bench import rd
+
+    if "jpeg" not in __import__("wsicodec.codecs", fromlist=["available_codecs"]).available_codecs():
+        pytest.skip("JPEG backend not available")
+    images = tmp_path / "imgs"
+    images.mkdir()
+    Image.fromarray(_rng_image(100, 37)).save(images / "a.png")
+    Image.fromarray(_rng_image(64, 80, seed=2)).save(images / "b.png")
+    out = tmp_path / "out"
+    common = ["--images", str(images), "--out", str(out), "--tag", "t", "--no-visual", "--threads", "1"]
+    threads = torch.get_num_threads()
+    try:
+        assert rd.main(common + ["--codecs", "jpeg444"]) == 0
+        first = json.loads((out / "rd_t.json").read_text())
+        assert [im["ms_ssim_scales"] for im in first["images"]] == [2, 3]
+        entry = first["codecs"]["jpeg444"]
+        assert entry["status"] == "ok" and len(entry["points"]) == len(rd.SWEEPS["jpeg444"].qualities)
+        p = entry["points"][0]
+        assert {r["image"] for r in p["per_image"]} == {"a.png", "b.png"}
+        assert p["mean"]["bpp"] == pytest.approx(np.mean([r["bpp"] for r in p["per_image"]]))
+        assert first["environment"]["cpu"] and first["environment"]["packages"]["torch"]
+
+        assert rd.main(common + ["--update", "jpeg420"]) == 0
+        merged = json.loads((out / "rd_t.json").read_text())
+        assert list(merged["codecs"]) == ["jpeg420", "jpeg444"]
+        assert merged["codecs"]["jpeg444"]["points"] == entry["points"]  # untouched
+        assert "jpeg420" in merged["bd_rate"]["anchors"]["jpeg444"]
+        assert (out / "rd_t.png").stat().st_size > 0 and "JPEG 4:2:0" in (out / "rd_t.md").read_text()
+
+        (images / "c.png").write_bytes((images / "a.png").read_bytes())
+        with pytest.raises(SystemExit, match="other images"):
+            rd.main(common + ["--update", "jpeg420"])
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(SystemExit, match="unknown codec"):
+        rd.select("jpeg,bogus")
+    assert rd.select("jpeg") == ["jpeg420", "jpeg444"]
