@@ -187,3 +187,16 @@ def test_source_errors(tmp_path) -> None:
         open_source(tmp_path)
     with pytest.raises(CorruptDataError, match="OpenSlide cannot read"):
         open_source(need(BAD_DICOM))
+
+
+def test_downsample2_chunking_is_exact(odd_image: np.ndarray) -> None:
+    np.testing.assert_array_equal(downsample2(odd_image, chunk=6), downsample2(odd_image))
+
+
+def test_openslide_wide_reads_are_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsicodec.tiling.sources import OpenSlideSource
+
+    with open_source(need(REAL_SLIDES["svs-jpeg"])) as src:
+        whole = src.read_region(0, Rect(3, 5, 700, 40))
+        monkeypatch.setattr(OpenSlideSource, "READ_CHUNK", 64)
+        np.testing.assert_array_equal(src.read_region(0, Rect(3, 5, 700, 40)), whole)

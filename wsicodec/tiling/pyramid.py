@@ -6,9 +6,9 @@ is read from that level; the others are made by 2x2 area-averaging the level abo
 
 Memory stays bounded by the level *width*, never its area: the source is read one
 tile-row strip at a time (``tile_size`` rows x full width), and each generated level
-keeps at most one pending strip of the level above::
+keeps at most one pending half-height strip::
 
-    source level j ──strip──► out level k ──2 strips──► 2x2 mean ──► out level k+1 ──► ...
+    source level j ──strip──► out level k ──2x2 mean each strip, pair them──► out level k+1 ──► ...
 """
 
 from __future__ import annotations
@@ -88,15 +88,20 @@ def plan_pyramid(level_dimensions: Sequence[tuple[int, int]],
     return PyramidPlan(tile_size, tuple(levels))
 
 
-def downsample2(strip: np.ndarray) -> np.ndarray:
+def downsample2(strip: np.ndarray, *, chunk: int = 4096) -> np.ndarray:
     """2x2 area mean (rounded) of an (h, w, c) uint8 array; odd edges are replicated,
-    so the result is (ceil(h/2), ceil(w/2), c)."""
+    so the result is (ceil(h/2), ceil(w/2), c). Works in column chunks so the 16-bit
+    temporaries stay small however wide the strip is."""
     h, w = strip.shape[:2]
     if h % 2 or w % 2:
         strip = np.pad(strip, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    s = strip.astype(np.uint16)
-    total = s[0::2, 0::2] + s[1::2, 0::2] + s[0::2, 1::2] + s[1::2, 1::2]
-    return ((total + 2) >> 2).astype(np.uint8)
+    out = np.empty((strip.shape[0] // 2, strip.shape[1] // 2, strip.shape[2]), np.uint8)
+    step = max(2, chunk - chunk % 2)
+    for x in range(0, strip.shape[1], step):
+        s = strip[:, x:x + step].astype(np.uint16)
+        total = s[0::2, 0::2] + s[1::2, 0::2] + s[0::2, 1::2] + s[1::2, 1::2]
+        out[:, x // 2:(x + s.shape[1]) // 2] = (total + 2) >> 2
+    return out
 
 
 def pad_tile(tile: np.ndarray, tile_size: int) -> np.ndarray:
@@ -138,12 +143,16 @@ def iter_strips(source: SlideSource, plan: PyramidPlan) -> Iterator[Strip]:
             nxt = pos + 1
             if nxt >= len(chain):
                 return
+            # Tile rows have even height (tile_size % 16 == 0) except a level's last one,
+            # so halving each strip on its own equals halving the pair; only the halved
+            # strip is kept while waiting for its partner.
+            half = downsample2(pixels)
             if pending[nxt] is None and not last:
-                pending[nxt] = pixels
+                pending[nxt] = half
                 return
-            above = pixels if pending[nxt] is None else np.concatenate([pending[nxt], pixels])
+            below = half if pending[nxt] is None else np.concatenate([pending[nxt], half])
             pending[nxt] = None
-            yield from emit(nxt, downsample2(above), last)
+            yield from emit(nxt, below, last)
 
         first = chain[0]
         grid = first.grid

@@ -159,6 +159,9 @@ class OpenSlideSource:
     slide's background colour (white unless the slide says otherwise).
     """
 
+    READ_CHUNK = 4096
+    """Widest region asked of OpenSlide at once (wider reads are split into columns)."""
+
     def __init__(self, path: str | os.PathLike[str]) -> None:
         """Raises UnsupportedFormatError / CorruptDataError if OpenSlide refuses the file."""
         import openslide
@@ -205,13 +208,18 @@ class OpenSlideSource:
             raise RegionOutOfBoundsError(f"level {level} outside 0..{len(self.level_dimensions) - 1}")
         _check_rect(self.level_dimensions[level], level, rect)
         ds = self.level_downsamples[level]
-        location = (int(round(rect.x * ds)), int(round(rect.y * ds)))
-        try:
-            img = self._slide.read_region(location, level, (rect.width, rect.height))
-        except openslide.OpenSlideError as e:
-            raise CorruptDataError(f"{self.path}: OpenSlide failed reading level {level} "
-                                   f"at {rect.x},{rect.y}: {e}") from e
-        return rgba_to_rgb(np.asarray(img), self._background)
+        out = np.empty((rect.height, rect.width, 3), np.uint8)
+        # column chunks keep OpenSlide's RGBA buffer and our copies small for wide strips
+        for x in range(rect.x, rect.x_end, self.READ_CHUNK):
+            w = min(self.READ_CHUNK, rect.x_end - x)
+            location = (int(round(x * ds)), int(round(rect.y * ds)))
+            try:
+                img = self._slide.read_region(location, level, (w, rect.height))
+            except openslide.OpenSlideError as e:
+                raise CorruptDataError(f"{self.path}: OpenSlide failed reading level {level} "
+                                       f"at {x},{rect.y}: {e}") from e
+            out[:, x - rect.x:x - rect.x + w] = rgba_to_rgb(np.asarray(img), self._background)
+        return out
 
     def close(self) -> None:
         self._slide.close()
