@@ -1,0 +1,33 @@
+"""Freeze a training checkpoint into the shipped inference weights.
+
+    python train/export.py runs/main/last.pt [--out wsicodec/weights/wsicodec-hyperprior.pt]
+
+Finds the entropy bottleneck's quantiles by bisection, builds the integer CDF
+tables, drops optimiser state, writes atomically and prints the model id (sha256).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from wsicodec.checkpoint import DEFAULT_WEIGHTS, export  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint")
+    ap.add_argument("--out", default=str(DEFAULT_WEIGHTS))
+    ap.add_argument("--note", default="", help="free text stored in the provenance")
+    args = ap.parse_args(argv)
+    sha = export(args.checkpoint, args.out, {"note": args.note} if args.note else None)
+    size = Path(args.out).stat().st_size
+    print(f"{args.out}: {size / 1e6:.1f} MB, model id {sha}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,250 @@
+"""Train the variable-rate hyperprior on folders of H&E images.
+
+    python train/train.py --data ../shared/data/he/train ../shared/data/he/tiles \
+        --out runs/main --minutes 120 [--resume runs/main/last.pt] [--device cuda]
+
+Loss per sample, with its quality level l drawn uniformly per sample::
+
+    L = bits/pixel + λ_l · (255² · MSE + α · D_feat)
+
+D_feat is a deep-feature distance on the ImageNet VGG16 trunk (relu1_2, relu2_2,
+channel-normalised as in LPIPS), loaded offline from ``--vgg`` (default
+``../shared/weights/vgg16_features_imagenet.pth``).  α = 0 skips the trunk.
+
+Checkpoints (``last.pt`` every ``--ckpt-every`` seconds, atomically) hold the model,
+both optimisers, the step and the RNG states, so ``--resume`` continues exactly.
+A CSV log (``log.csv``) records step, wall time, loss, bpp estimate and PSNR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from wsicodec.model import ModelConfig, WsiHyperprior  # noqa: E402
+
+IMAGE_SUFFIXES = {".png", ".tif", ".tiff", ".jpg", ".jpeg"}
+
+
+def load_images(folders: list[str], min_size: int) -> list[np.ndarray]:
+    """Every RGB image of at least ``min_size`` on both sides, as uint8 (H, W, 3)."""
+    images = []
+    for folder in folders:
+        for p in sorted(Path(folder).iterdir()):
+            if p.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            a = np.asarray(Image.open(p).convert("RGB"))
+            if min(a.shape[:2]) >= min_size:
+                images.append(a)
+    if not images:
+        raise SystemExit(f"no training images of at least {min_size}px in {folders}")
+    return images
+
+
+class CropSampler:
+    """Random crops with flips and 90° rotations, weighted by image area."""
+
+    def __init__(self, images: list[np.ndarray], size: int, rng: np.random.Generator) -> None:
+        self.images, self.size, self.rng = images, size, rng
+        area = np.array([a.shape[0] * a.shape[1] for a in images], dtype=np.float64)
+        self.p = area / area.sum()
+
+    def batch(self, n: int) -> torch.Tensor:
+        out = np.empty((n, self.size, self.size, 3), np.uint8)
+        for i in range(n):
+            a = self.images[self.rng.choice(len(self.images), p=self.p)]
+            y = self.rng.integers(0, a.shape[0] - self.size + 1)
+            x = self.rng.integers(0, a.shape[1] - self.size + 1)
+            c = a[y:y + self.size, x:x + self.size]
+            if self.rng.random() < 0.5:
+                c = c[:, ::-1]
+            c = np.rot90(c, self.rng.integers(4))
+            out[i] = c
+        return torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+class FeatureDistance(nn.Module):
+    """LPIPS-style distance on VGG16 relu1_2 and relu2_2 (no learned weights)."""
+
+    def __init__(self, vgg_path: str) -> None:
+        super().__init__()
+        import torchvision
+        feats = torchvision.models.vgg16(weights=None).features
+        feats.load_state_dict(torch.load(vgg_path, weights_only=True))
+        self.slice1, self.slice2 = feats[:4].eval(), feats[4:9].eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    @staticmethod
+    def _unit(f: torch.Tensor) -> torch.Tensor:
+        return f / (f.pow(2).sum(1, keepdim=True).add(1e-10).sqrt())
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([a, b]).sub(self.mean).div(self.std)
+        f1 = self.slice1(x)
+        f2 = self.slice2(f1)
+        d = 0
+        for f in (f1, f2):
+            fa, fb = self._unit(f).chunk(2)
+            d = d + (fa - fb).pow(2).sum(1).flatten(1).mean(1)
+        return d  # per sample
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", nargs="+", default=["../shared/data/he/train", "../shared/data/he/tiles"])
+    ap.add_argument("--out", default="runs/main")
+    ap.add_argument("--resume", default=None, help="checkpoint to continue from (training or shipped)")
+    ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget")
+    ap.add_argument("--steps", type=int, default=10**9, help="stop after this many total steps")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--crop", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr-final", type=float, default=1e-4, help="lr reached at the end of the budget (cosine)")
+    ap.add_argument("--alpha", type=float, default=0.0, help="weight of the deep-feature distance")
+    ap.add_argument("--vgg", default="../shared/weights/vgg16_features_imagenet.pth")
+    ap.add_argument("--N", type=int, default=96)
+    ap.add_argument("--M", type=int, default=128)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile g_a/g_s")
+    ap.add_argument("--ckpt-every", type=float, default=300.0, help="seconds between checkpoints")
+    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    torch.set_flush_denormal(True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    state = None
+    if args.resume:
+        state = torch.load(args.resume, map_location="cpu", weights_only=False)
+        config = ModelConfig.from_dict(state["config"])
+    else:
+        config = ModelConfig(N=args.N, M=args.M)
+    model = WsiHyperprior(config).to(dev)
+    main_params = [p for n, p in model.named_parameters() if not n.endswith("quantiles")]
+    aux_params = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
+    opt = torch.optim.Adam(main_params, lr=args.lr)
+    aux_opt = torch.optim.Adam(aux_params, lr=1e-3)
+    step, wall0 = 0, 0.0
+    rng = np.random.default_rng(args.seed)
+    if state is not None:
+        model.load_state_dict(state["model"], strict=False)
+        if "optimizer" in state:
+            opt.load_state_dict(state["optimizer"])
+            aux_opt.load_state_dict(state["aux_optimizer"])
+        step, wall0 = state.get("step", 0), state.get("wall", 0.0)
+        if "numpy_rng" in state:
+            rng.bit_generator.state = state["numpy_rng"]
+        print(f"resumed from {args.resume} at step {step} ({wall0 / 60:.1f} min trained)")
+    torch.manual_seed(args.seed + step)
+
+    images = load_images(args.data, args.crop)
+    sampler = CropSampler(images, args.crop, rng)
+    feat = FeatureDistance(args.vgg).to(dev) if args.alpha > 0 else None
+    fwd = torch.compile(model) if args.compile else model
+    lambdas = torch.tensor(config.lambdas, device=dev)
+    print(f"{len(images)} images, model N={config.N} M={config.M}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, alpha={args.alpha}")
+
+    log_path = out / "log.csv"
+    new_log = not log_path.exists()
+    logf = open(log_path, "a", newline="")
+    log = csv.writer(logf)
+    if new_log:
+        log.writerow(["step", "wall_min", "loss", "bpp_est", "psnr", "feat", "lr", "aux"])
+
+    budget = args.minutes * 60
+    t_start = time.time()
+    t_ckpt = t_start
+    acc = np.zeros(5)
+    n_acc = 0
+
+    def checkpoint(path: Path) -> None:
+        save_atomic({
+            "format": "wsicodec-train", "config": config.to_dict(), "model": model.state_dict(),
+            "optimizer": opt.state_dict(), "aux_optimizer": aux_opt.state_dict(),
+            "step": step, "wall": wall0 + time.time() - t_start, "numpy_rng": rng.bit_generator.state,
+            "args": vars(args),
+        }, path)
+
+    model.train()
+    while True:
+        elapsed = time.time() - t_start
+        if elapsed >= budget or step >= args.steps:
+            break
+        frac = min(elapsed / budget, 1.0)
+        lr = args.lr_final + 0.5 * (args.lr - args.lr_final) * (1 + math.cos(math.pi * frac))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = sampler.batch(args.batch).to(dev)
+        level = torch.randint(0, config.levels, (args.batch,), device=dev)
+        out_d = fwd(x, (level + 1).float())
+        x_hat = out_d["x_hat"]
+        npix = x.shape[-1] * x.shape[-2]
+        bpp = (out_d["bits_y"] + out_d["bits_z"]) / npix
+        mse = (x_hat - x).pow(2).flatten(1).mean(1)
+        dist = 255.0 ** 2 * mse
+        fd = feat(x_hat.clamp(0, 1), x) if feat is not None else torch.zeros_like(mse)
+        loss = (bpp + lambdas[level] * (dist + args.alpha * fd)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(main_params, 1.0)
+        opt.step()
+        aux = model.aux_loss()
+        aux_opt.zero_grad(set_to_none=True)
+        aux.backward()
+        aux_opt.step()
+        step += 1
+        with torch.no_grad():
+            psnr = (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean().item()
+        acc += np.array([loss.item(), bpp.mean().item(), psnr, fd.mean().item(), aux.item()])
+        n_acc += 1
+        if step % args.log_every == 0:
+            m = acc / n_acc
+            wall = (wall0 + time.time() - t_start) / 60
+            log.writerow([step, f"{wall:.2f}", f"{m[0]:.4f}", f"{m[1]:.4f}", f"{m[2]:.3f}",
+                          f"{m[3]:.4f}", f"{lr:.2e}", f"{m[4]:.2f}"])
+            logf.flush()
+            print(f"step {step} {wall:.1f}min loss {m[0]:.4f} bpp~{m[1]:.3f} psnr {m[2]:.2f} "
+                  f"feat {m[3]:.4f} lr {lr:.1e} aux {m[4]:.1f}", flush=True)
+            acc[:] = 0
+            n_acc = 0
+        if time.time() - t_ckpt > args.ckpt_every:
+            checkpoint(out / "last.pt")
+            t_ckpt = time.time()
+    checkpoint(out / "last.pt")
+    logf.close()
+    print(f"done: {step} steps, checkpoint {out / 'last.pt'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

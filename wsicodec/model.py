@@ -1,0 +1,220 @@
+"""The learned tile codec: a variable-rate mean-scale hyperprior.
+
+Data flow (names follow Ballé et al. 2018 / Minnen et al. 2018, as in CompressAI)::
+
+    x ──g_a──► y ──×gain[q]──► y_q ──h_a──► z ──×hgain[q]──► z_q ──Q──► ẑ_q
+                                │                                      │
+                                │                           ×1/hgain[q]│
+                                │                                      ▼
+                                │                         h_s ──► (μ, σ)
+                                ▼                                      │
+                 ŷ_q = Q(y_q − μ) + μ  ◄───────────────────────────────┘
+                                │
+                         ×1/gain[q]
+                                ▼
+                         ŷ ──g_s──► x̂
+
+* ``z_q`` is coded with a factorized prior (:class:`EntropyBottleneck`),
+  ``y_q`` with a Gaussian whose mean μ and scale σ come from ``h_s(ẑ)``.
+* ``gain[q]`` / ``hgain[q]`` are per-channel gain vectors, one per quality level
+  (Cui et al. 2021, "asymmetric gained" units).  A fractional quality
+  interpolates between neighbouring levels geometrically, so one set of weights
+  covers the whole rate range.
+* No autoregressive context model: every latent of a tile is decoded in parallel.
+
+The network only computes; bitstreams are made in :mod:`wsicodec.entropy`, and
+the path ẑ → h_s → (μ, table index) used for coding is
+:meth:`WsiHyperprior.entropy_parameters`, run in float64 on the CPU so that the
+encoder and the decoder agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from compressai.entropy_models import EntropyBottleneck, GaussianConditional
+from compressai.layers import GDN
+
+#: λ per integer quality level 1..8 (loss = rate + λ·255²·MSE), CompressAI's ladder.
+DEFAULT_LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483, 0.0932, 0.1800)
+
+SCALES_MIN, SCALES_MAX, SCALES_LEVELS = 0.11, 256.0, 64
+
+
+def scale_table() -> torch.Tensor:
+    """The 64 σ values the Gaussian CDF tables are built for (log-spaced)."""
+    return torch.exp(torch.linspace(math.log(SCALES_MIN), math.log(SCALES_MAX), SCALES_LEVELS))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyperparameters that fully describe the network (stored in every checkpoint)."""
+
+    N: int = 96                       #: channels of the transforms
+    M: int = 128                      #: channels of the latent y
+    lambdas: tuple[float, ...] = field(default=DEFAULT_LAMBDAS)  #: λ per quality level
+
+    @property
+    def levels(self) -> int:
+        return len(self.lambdas)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["lambdas"] = list(self.lambdas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return cls(N=int(d["N"]), M=int(d["M"]), lambdas=tuple(float(v) for v in d["lambdas"]))
+
+
+def _conv(cin: int, cout: int, k: int = 5, s: int = 2) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, stride=s, padding=k // 2)
+
+
+def _deconv(cin: int, cout: int, k: int = 5, s: int = 2) -> nn.ConvTranspose2d:
+    return nn.ConvTranspose2d(cin, cout, k, stride=s, padding=k // 2, output_padding=s - 1)
+
+
+def ste_round(x: torch.Tensor) -> torch.Tensor:
+    """Round in the forward pass, identity gradient in the backward pass."""
+    return (torch.round(x) - x).detach() + x
+
+
+class WsiHyperprior(nn.Module):
+    """Variable-rate mean-scale hyperprior (see the module docstring for the diagram)."""
+
+    #: the input height/width must be a multiple of this (four stride-2 layers in g_a, two in h_a)
+    STRIDE = 64
+
+    def __init__(self, config: ModelConfig = ModelConfig()) -> None:
+        super().__init__()
+        N, M, L = config.N, config.M, config.levels
+        self.config = config
+        self.g_a = nn.Sequential(
+            _conv(3, N), GDN(N), _conv(N, N), GDN(N), _conv(N, N), GDN(N), _conv(N, M))
+        self.g_s = nn.Sequential(
+            _deconv(M, N), GDN(N, inverse=True), _deconv(N, N), GDN(N, inverse=True),
+            _deconv(N, N), GDN(N, inverse=True), _deconv(N, 3))
+        self.h_a = nn.Sequential(
+            _conv(M, N, 3, 1), nn.LeakyReLU(inplace=True), _conv(N, N), nn.LeakyReLU(inplace=True),
+            _conv(N, N))
+        self.h_s = nn.Sequential(
+            _deconv(N, M), nn.LeakyReLU(inplace=True), _deconv(M, M * 3 // 2),
+            nn.LeakyReLU(inplace=True), _conv(M * 3 // 2, 2 * M, 3, 1))
+        self.entropy_bottleneck = EntropyBottleneck(N)
+        self.gaussian_conditional = GaussianConditional(None)
+        # Quantisation step of level l ~ 1/sqrt(λ_l): start the gains there.
+        lam = torch.tensor(config.lambdas)
+        log_g = 0.5 * torch.log(lam / lam[L // 2])
+        self.log_gain = nn.Parameter(log_g[:, None].repeat(1, M).clone())
+        self.log_hgain = nn.Parameter((0.5 * log_g)[:, None].repeat(1, N).clone())
+
+    # ----------------------------------------------------------------- gains
+    def gains(self, quality: torch.Tensor, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample (gain, hyper gain), shapes (B, M, 1, 1) and (B, N, 1, 1).
+
+        ``quality`` holds values in [1, levels]; fractional values interpolate
+        the log-gains linearly between the two neighbouring levels.
+        """
+        q = quality.to(self.log_gain.dtype).clamp(1, self.config.levels) - 1
+        lo = q.floor().long().clamp(max=self.config.levels - 2)
+        t = (q - lo.to(q.dtype))[:, None]
+        lg = self.log_gain[lo] * (1 - t) + self.log_gain[lo + 1] * t
+        lh = self.log_hgain[lo] * (1 - t) + self.log_hgain[lo + 1] * t
+        g, h = torch.exp(lg)[:, :, None, None], torch.exp(lh)[:, :, None, None]
+        if dtype is not None:
+            g, h = g.to(dtype), h.to(dtype)
+        return g, h
+
+    # -------------------------------------------------------------- training
+    def forward(self, x: torch.Tensor, quality: torch.Tensor) -> dict:
+        """Training pass: noisy latents for the rate, rounded latents (STE) for g_s.
+
+        Returns ``x_hat`` and per-sample bits ``bits_y``, ``bits_z``.
+        """
+        gain, hgain = self.gains(quality)
+        y = self.g_a(x) * gain
+        z = self.h_a(y) * hgain
+        _, z_lik = self.entropy_bottleneck(z)
+        medians = self.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1)
+        z_hat = ste_round(z - medians) + medians
+        params = self.h_s(z_hat / hgain)
+        scales, means = params.chunk(2, 1)
+        _, y_lik = self.gaussian_conditional(y, scales, means)
+        y_hat = ste_round(y - means) + means
+        x_hat = self.g_s(y_hat / gain)
+        bits = lambda lik: -torch.log2(lik).flatten(1).sum(1)  # noqa: E731
+        return {"x_hat": x_hat, "bits_y": bits(y_lik), "bits_z": bits(z_lik)}
+
+    def aux_loss(self) -> torch.Tensor:
+        return self.entropy_bottleneck.loss()
+
+    # --------------------------------------------------------------- coding
+    def update(self) -> None:
+        """Freeze the CDF tables (quantiles found by bisection, not by the aux loss)."""
+        self.entropy_bottleneck.update(force=True, update_quantiles=True)
+        self.gaussian_conditional.update_scale_table(scale_table(), force=True)
+
+    def analysis(self, x: torch.Tensor, quality: torch.Tensor, latent_stride: int = 4
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x → (y_q, z_q): the gained latents before quantisation.
+
+        y_q is replicate-padded to a multiple of ``latent_stride`` before h_a, so
+        x only needs to be a multiple of 16; crop h_s's output back to y_q's size.
+        """
+        gain, hgain = self.gains(quality, x.dtype)
+        y = self.g_a(x) * gain
+        z = self.h_a(pad_to_stride(y, latent_stride)) * hgain
+        return y, z
+
+    @torch.no_grad()
+    def entropy_parameters(self, z_hat: torch.Tensor, quality: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ẑ_q → (μ, table index), deterministically.
+
+        Runs h_s in float64 on the CPU, one tile at a time, on a private float64
+        copy of h_s, so the result does not depend on batch size or device.
+        Returns float64 means and int32 CDF-table indexes, shapes (B, M, h, w).
+        """
+        h_s64 = self._h_s64()
+        _, hgain = self.gains(quality.cpu(), torch.float64)
+        hgain = hgain.to(torch.float64)
+        table = self.gaussian_conditional.scale_table.to(torch.float64)
+        means, indexes = [], []
+        for i in range(z_hat.shape[0]):
+            p = h_s64(z_hat[i:i + 1].cpu().to(torch.float64) / hgain[i:i + 1])
+            scales, mu = p.chunk(2, 1)
+            scales = scales.clamp_min(SCALES_MIN)
+            # index = number of table entries strictly below σ, as in CompressAI's build_indexes
+            idx = (scales[..., None] > table[:-1]).sum(-1).to(torch.int32)
+            means.append(mu)
+            indexes.append(idx)
+        return torch.cat(means), torch.cat(indexes)
+
+    def _h_s64(self) -> nn.Module:
+        cached = getattr(self, "_h_s64_cache", None)
+        if cached is None:
+            import copy
+            with torch.inference_mode(False):  # a normal module, even when first built in inference mode
+                cached = copy.deepcopy(self.h_s).to(torch.float64).eval()
+            object.__setattr__(self, "_h_s64_cache", cached)
+        return cached
+
+    def synthesis(self, y_hat: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+        """ŷ_q → x̂ (g_s may run on any device and dtype: it changes pixels, not symbols)."""
+        gain, _ = self.gains(quality.to(y_hat.device), y_hat.dtype)
+        return self.g_s(y_hat / gain)
+
+
+def pad_to_stride(x: torch.Tensor, stride: int = WsiHyperprior.STRIDE) -> torch.Tensor:
+    """Replicate-pad (B, C, H, W) on the bottom/right up to a multiple of ``stride``."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % stride, (-w) % stride
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+    return x
