@@ -7,6 +7,8 @@ no OpenSlide and no torch)::
     wsicodec.compress(src, out, codec)   # slide/image -> zarr v3 container
     wsicodec.decompress(src, out_tiff)   # container -> pyramidal TIFF
     wsicodec.get_codec(name, quality)    # tile codec registry
+    wsicodec.encode(image, quality)      # (H, W, 3) uint8 -> bytes, learned codec
+    wsicodec.decode(data)                # bytes -> (H, W, 3) uint8
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ _EXPORTS = {
     "register_codec": "wsicodec.codecs",
     "available_codecs": "wsicodec.codecs",
     "open_container": "wsicodec.container",
+    "encode": "wsicodec.image",
+    "decode": "wsicodec.image",
 }
 
 __all__ = ["__version__", *_EXPORTS]
