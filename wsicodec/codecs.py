@@ -40,7 +40,7 @@ import numpy as np
 from wsicodec.errors import (CodecUnavailableError, CorruptDataError, InvalidSettingError,
                              UnsupportedFormatError)
 
-DEFAULT_CODEC = "jpegxl"
+DEFAULT_CODEC = "learned"
 """Codec the CLI uses when ``--codec`` is not given."""
 
 

@@ -6,6 +6,12 @@ compress::
         ─► thread pool: codec.encode (bounded in-flight) ─► ContainerWriter.write_row
         ─► commit (atomic rename)
 
+A codec with a context ``margin`` and ``encode_batch(regions, boxes)`` (the learned
+codec) gets each tile together with ``margin`` pixels of its neighbours, taken from
+the strips above and below (:func:`iter_context_tiles`), so its tile borders sit
+inside the coded area and stitched tiles show no seams; its tiles of one row are
+coded in batches.
+
 Library code: raises, never prints; progress is reported through a callback.
 """
 
@@ -27,7 +33,11 @@ from wsicodec.container import (ContainerMetadata, ContainerWriter, open_contain
 from wsicodec.errors import InvalidSettingError, OutputExistsError
 from wsicodec.tiff import TiffSettings, write_pyramidal_tiff
 from wsicodec.tiling import iter_strips, iter_tiles, open_source, plan_pyramid
+from wsicodec.tiling.pyramid import PyramidPlan, Strip
 from wsicodec.tiling.sources import SlideSource
+
+#: tiles per network pass for codecs that batch (the learned codec)
+BATCH_SIZE = 8
 
 Progress = Callable[[int], None]
 """Called with the number of tiles just finished."""
@@ -119,6 +129,85 @@ class _RowCollector:
                 self._progress(1)
 
 
+@dataclass(frozen=True)
+class ContextTile:
+    """A padded tile with up to ``margin`` pixels of its neighbours around it."""
+
+    col: int
+    region: np.ndarray                   #: (h, w, 3) uint8
+    box: tuple[int, int, int, int]       #: (top, left, height, width) of the tile in region
+
+
+def iter_context_strips(strips: Iterator[Strip], plan: PyramidPlan, margin: int
+                        ) -> Iterator[tuple[Strip, np.ndarray, int]]:
+    """(strip, strip grown by ``margin`` rows of the strips above and below, rows added on top).
+
+    Holds one strip per level until the next one of that level arrives; the
+    strip's own rows are edge-padded to the tile size first.
+    """
+    t = plan.tile_size
+    held: dict[int, tuple[Strip, np.ndarray]] = {}   # level -> (strip, rows of the strip above)
+    empty = np.zeros((0, 0, 3), np.uint8)
+    for s in strips:
+        last_row = plan.levels[s.level].grid.rows - 1
+        if s.level in held:
+            h, above = held.pop(s.level)
+            below = s.pixels[:margin]
+            yield h, _stack(above, _pad_rows(h.pixels, t), below), len(above)
+            above = h.pixels[-margin:]
+        else:
+            above = empty
+        if s.row == last_row:
+            yield s, _stack(above, _pad_rows(s.pixels, t), empty), len(above)
+        else:
+            held[s.level] = (s, above)
+
+
+def _pad_rows(p: np.ndarray, t: int) -> np.ndarray:
+    return p if p.shape[0] >= t else np.pad(p, ((0, t - p.shape[0]), (0, 0), (0, 0)), mode="edge")
+
+
+def _stack(above: np.ndarray, mid: np.ndarray, below: np.ndarray) -> np.ndarray:
+    parts = [a for a in (above, mid, below) if a.size]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def iter_context_tiles(ext: np.ndarray, top: int, tile_size: int, margin: int
+                       ) -> Iterator[ContextTile]:
+    """Cut a context-grown strip (see :func:`iter_context_strips`) into tiles with margins.
+
+    Columns are edge-padded to whole tiles first, like :func:`iter_tiles`.
+    """
+    t = tile_size
+    w = ext.shape[1]
+    cols = -(-w // t)
+    if cols * t != w:
+        ext = np.pad(ext, ((0, 0), (0, cols * t - w), (0, 0)), mode="edge")
+    for col in range(cols):
+        x0 = col * t
+        xa, xb = max(0, x0 - margin), min(cols * t, x0 + t + margin)
+        yield ContextTile(col, np.ascontiguousarray(ext[:, xa:xb]), (top, x0 - xa, t, t))
+
+
+def _encode_context_row(codec: TileCodec, tiles: list[ContextTile], batch: int) -> list[bytes]:
+    out: list[bytes] = []
+    for i in range(0, len(tiles), batch):
+        chunk = tiles[i:i + batch]
+        out += codec.encode_batch([c.region for c in chunk], [c.box for c in chunk])  # type: ignore[attr-defined]
+    return out
+
+
+def _done_future(f: Future, futures: list[Future[bytes]]) -> None:
+    try:
+        results = f.result()
+    except BaseException as exc:  # noqa: BLE001 - handed on to whoever waits
+        for g in futures:
+            g.set_exception(exc)
+        return
+    for g, r in zip(futures, results):
+        g.set_result(r)
+
+
 def compress_source(source: SlideSource, output: str | os.PathLike[str], codec: TileCodec, *,
                     tile_size: int = 256, workers: int | None = None, overwrite: bool = False,
                     progress: Progress | None = None, source_name: str | None = None,
@@ -140,15 +229,30 @@ def compress_source(source: SlideSource, output: str | os.PathLike[str], codec: 
     with ContainerWriter(output, meta, overwrite=overwrite) as writer:
         for name in source.associated_image_names():
             writer.write_associated(name, source.read_associated_image(name))
+        margin = int(getattr(codec, "margin", 0))
+        batched = margin > 0 and hasattr(codec, "encode_batch")
+        if batched:
+            n_workers = 1  # the network parallelises inside; one batch at a time
         pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="wsicodec-encode")
         try:
-            rows = _RowCollector(writer, limit=4 * n_workers, progress=progress)
-            for strip in iter_strips(source, plan):
-                cols = plan.levels[strip.level].grid.cols
-                futures = rows.start_row(strip.level, strip.row, cols)
-                for _col, tile in iter_tiles(strip, tile_size):
-                    futures.append(pool.submit(codec.encode, tile))
-                    rows.added()
+            rows = _RowCollector(writer, limit=4 * n_workers if not batched else 64, progress=progress)
+            if batched:
+                for strip, ext, top in iter_context_strips(iter_strips(source, plan), plan, margin):
+                    cols = plan.levels[strip.level].grid.cols
+                    futures = rows.start_row(strip.level, strip.row, cols)
+                    tiles = list(iter_context_tiles(ext, top, tile_size, margin))
+                    futures.extend(Future() for _ in tiles)
+                    job = pool.submit(_encode_context_row, codec, tiles, BATCH_SIZE)
+                    job.add_done_callback(lambda f, fs=list(futures): _done_future(f, fs))
+                    for _ in tiles:
+                        rows.added()
+            else:
+                for strip in iter_strips(source, plan):
+                    cols = plan.levels[strip.level].grid.cols
+                    futures = rows.start_row(strip.level, strip.row, cols)
+                    for _col, tile in iter_tiles(strip, tile_size):
+                        futures.append(pool.submit(codec.encode, tile))
+                        rows.added()
             rows.drain(0)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
