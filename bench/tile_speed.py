@@ -1,0 +1,108 @@
+"""Learned-codec speed on 256² tiles: encode and decode MP/s, eager and torch.compile.
+
+    python bench/tile_speed.py [--threads 2] [--batch 8] [--repeats 3]
+                               [--out bench/results/tile_speed.json]
+
+Tiles are cut from ``../shared/data/he/test`` (tissue, so every tile takes the
+network path) and coded with the default 8 px context margin, as in a container.
+Reported: whole-codec encode/decode MP/s (entropy coding included) and, separately,
+g_a and g_s alone, eager and compiled (``torch.compile``; compile time excluded,
+reported apart).  MP counts the 256² tiles, not the margins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from wsicodec.image import context_region  # noqa: E402
+from wsicodec.learned import LearnedCodec  # noqa: E402
+
+
+def _tiles(folder: Path, n: int, margin: int):
+    regions, boxes = [], []
+    for p in sorted(folder.glob("*.png")):
+        img = np.asarray(Image.open(p).convert("RGB"))
+        for y in range(256, img.shape[0] - 256, 256):
+            for x in range(256, img.shape[1] - 256, 256):
+                r, b = context_region(img, slice(y, y + 256), slice(x, x + 256), margin)
+                regions.append(r)
+                boxes.append(b)
+                if len(regions) == n:
+                    return regions, boxes
+    return regions, boxes
+
+
+def _best(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", default=str(ROOT.parent / "shared" / "data" / "he" / "test"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quality", type=float, default=4.0)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "tile_speed.json"))
+    args = ap.parse_args(argv)
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(args.threads)
+    codec = LearnedCodec(args.quality)
+    regions, boxes = _tiles(Path(args.images), args.batch, codec.margin)
+    mp = len(regions) * 256 * 256 / 1e6
+    codec.encode_batch(regions, boxes)  # warm-up
+    streams = codec.encode_batch(regions, boxes)
+    codec.decode_batch(streams)
+    res = {"tiles": len(regions), "tile": 256, "margin": codec.margin, "quality": args.quality,
+           "threads": args.threads, "cpu": platform.processor() or platform.machine(),
+           "torch": torch.__version__, "model_sha256": codec.model_id,
+           "bytes_per_tile": float(np.mean([len(s) for s in streams]))}
+    res["encode_mp_s"] = mp / _best(lambda: codec.encode_batch(regions, boxes), args.repeats)
+    res["decode_mp_s"] = mp / _best(lambda: codec.decode_batch(streams), args.repeats)
+
+    m = codec.loaded.model
+    x = torch.from_numpy(np.stack(regions)).permute(0, 3, 1, 2).float().div(255)
+    x = torch.nn.functional.pad(x, (0, (-x.shape[-1]) % 16, 0, (-x.shape[-2]) % 16), mode="replicate")
+    with torch.inference_mode():
+        y = m.g_a(x)
+        for label, g_a, g_s in (("eager", m.g_a, m.g_s),):
+            res[f"g_a_{label}_mp_s"] = mp / _best(lambda: g_a(x), args.repeats)
+            res[f"g_s_{label}_mp_s"] = mp / _best(lambda: g_s(y), args.repeats)
+    try:
+        t0 = time.perf_counter()
+        g_a_c, g_s_c = torch.compile(m.g_a), torch.compile(m.g_s)
+        with torch.inference_mode():
+            g_a_c(x)
+            g_s_c(y)
+            res["compile_seconds"] = time.perf_counter() - t0
+            res["g_a_compiled_mp_s"] = mp / _best(lambda: g_a_c(x), args.repeats)
+            res["g_s_compiled_mp_s"] = mp / _best(lambda: g_s_c(y), args.repeats)
+    except Exception as exc:  # report, don't hide: compile depends on a C++ toolchain
+        res["compile_error"] = f"{exc.__class__.__name__}: {exc}"[:300]
+    for k, v in res.items():
+        print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
