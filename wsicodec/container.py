@@ -419,6 +419,24 @@ class Container:
             raise CorruptTileError(f"{self.path}: tile level={level} col={col} row={row}: {e}",
                                    level=level, col=col, row=row) from e
 
+    def read_tiles(self, level: int, keys: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """Decode tiles (col, row) of one level, in order, as :meth:`read_tile` does.
+
+        A codec with ``decode_batch`` (the learned codec) decodes them in one batch
+        (one g_s pass); others tile by tile. Raises as :meth:`read_tile`.
+        """
+        decode_batch = getattr(self.codec, "decode_batch", None)
+        if decode_batch is None or len(keys) < 2:
+            return [self.read_tile(level, col, row) for col, row in keys]
+        datas = [self.read_encoded_tile(level, col, row) for col, row in keys]
+        names = [f"tile level={level} col={col} row={row}" for col, row in keys]
+        try:
+            return decode_batch(datas, names)
+        except CorruptDataError as e:
+            # the codec's message names the tile; find which one for the structured fields
+            bad = next(((c, r) for (c, r), n in zip(keys, names) if n in str(e)), (None, None))
+            raise CorruptTileError(f"{self.path}: {e}", level=level, col=bad[0], row=bad[1]) from e
+
     def iter_encoded_tiles(self, level: int) -> Iterator[tuple[int, int, bytes]]:
         """(col, row, bytes) of every tile of a level, row-major."""
         for col, row in self.grid(level):

@@ -310,8 +310,18 @@ class DecompressResult:
 
 def _ordered_decode(container, level: int, workers: int,  # type: ignore[no-untyped-def]
                     progress: Progress | None) -> Iterator[np.ndarray]:
-    """Decode a level's tiles row-major with a thread pool, at most 4*workers ahead."""
+    """Decode a level's tiles row-major with a thread pool, at most 4*workers ahead.
+
+    A codec that decodes in batches (the learned codec) gets one tile row per batch.
+    """
     grid = container.grid(level)
+    if hasattr(container.codec, "decode_batch"):
+        for row in range(grid.rows):
+            for tile in container.read_tiles(level, [(col, row) for col in range(grid.cols)]):
+                if progress:
+                    progress(1)
+                yield tile
+        return
     keys = list(grid)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wsicodec-decode") as pool:
         pending: deque[Future[np.ndarray]] = deque()

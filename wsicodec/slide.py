@@ -134,7 +134,7 @@ class WsiSlide:
 
         The swap point for a batched/cached decoder. Raises CorruptTileError.
         """
-        return [self._c.read_tile(level, col, row) for col, row in tiles]
+        return self._c.read_tiles(level, tiles)
 
     def read_encoded_tile(self, level: int, col: int, row: int) -> bytes:
         """The stored (codec) bytes of one tile, CRC-checked, not decoded."""
