@@ -1,0 +1,45 @@
+"""The training script runs, checkpoints, resumes and exports (a few tiny steps)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "train"))
+VGG = REPO.parent / "shared" / "weights" / "vgg16_features_imagenet.pth"
+TRAIN = REPO.parent / "shared" / "data" / "he" / "train"
+
+
+@pytest.mark.skipif(not (VGG.is_file() and TRAIN.is_dir()), reason="shared weights/data not found")
+def test_train_resume_export_and_code(tmp_path):
+    import train as train_script
+
+    from wsicodec.checkpoint import export, load_model
+    from wsicodec.learned import LearnedCodec
+
+    from PIL import Image
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in sorted(TRAIN.glob("*.png"))[:2]:
+        Image.open(p).crop((0, 0, 200, 150)).save(data / p.name)
+    out = tmp_path / "run"
+    common = ["--data", str(data), "--out", str(out), "--N", "16", "--M", "24", "--batch", "2",
+              "--crop", "64", "--alpha", "0.1", "--vgg", str(VGG), "--log-every", "1"]
+    assert train_script.main([*common, "--steps", "2"]) == 0
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert state["step"] == 2 and state["config"]["N"] == 16
+    assert train_script.main([*common, "--steps", "3", "--resume", str(out / "last.pt")]) == 0
+    assert torch.load(out / "last.pt", weights_only=False)["step"] == 3
+    log = (out / "log.csv").read_text().splitlines()
+    assert log[0].startswith("step,") and len(log) == 4     # header + 3 steps
+    sha = export(out / "last.pt", tmp_path / "m.pt")
+    loaded = load_model(tmp_path / "m.pt")
+    assert loaded.model_id == sha and loaded.provenance["train_step"] == 3
+    codec = LearnedCodec(3, model=str(tmp_path / "m.pt"))
+    tile = np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    assert codec.decode(codec.encode(tile)).shape == tile.shape
