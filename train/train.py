@@ -82,8 +82,8 @@ class FeatureDistance(nn.Module):
 
     def __init__(self, vgg_path: str) -> None:
         super().__init__()
-        import torchvision
-        feats = torchvision.models.vgg16(weights=None).features
+        from torchvision.models.vgg import cfgs, make_layers
+        feats = make_layers(cfgs["D"])  # vgg16().features, without building the classifier
         feats.load_state_dict(torch.load(vgg_path, weights_only=True))
         self.slice1, self.slice2 = feats[:4].eval(), feats[4:9].eval()
         for p in self.parameters():
