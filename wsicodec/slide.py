@@ -5,11 +5,15 @@
 the slide), plus tiffslide's ``as_array=True`` and a ``read_encoded_tile`` for tile
 servers that pass bytes through.
 
-Every tile decode goes through :meth:`WsiSlide._decode_tiles`, the one method a
-batched decoder with a cache will replace::
+Every tile decode goes through :meth:`WsiSlide._decode_tiles`, which hands the tiles
+a region needs to a :class:`wsicodec.batch.BatchDecoder` (one batch, LRU cache, g_s on
+the GPU when there is one)::
 
     read_region ─► tiles overlapping the region ─► _decode_tiles(level, [(col,row)]) ─►
-        stitch_region (crop padding, place, alpha) ─► PIL RGBA / ndarray
+        BatchDecoder.decode (cache, batch) ─► stitch_region (crop padding, place, alpha)
+        ─► PIL RGBA / ndarray
+
+A slide is thread-safe: a tile server may call ``read_region`` from many threads.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from wsicodec.batch import BatchDecoder, DecoderSettings
 from wsicodec.container import Container, open_container
 from wsicodec.errors import InvalidSettingError, RegionOutOfBoundsError
 from wsicodec.tiling.geometry import Rect
@@ -48,10 +53,17 @@ class _AssociatedImages(Mapping[str, Any]):
 
 
 class WsiSlide:
-    """A wsicodec container read like an ``openslide.OpenSlide``."""
+    """A wsicodec container read like an ``openslide.OpenSlide``.
 
-    def __init__(self, container: Container) -> None:
+    Args:
+        container: an open container (the slide closes it).
+        settings: decoder settings (cache size, threads, device); defaults of
+            :class:`wsicodec.batch.DecoderSettings`.
+    """
+
+    def __init__(self, container: Container, settings: DecoderSettings | None = None) -> None:
         self._c = container
+        self._decoder = BatchDecoder(container, settings)
         meta = container.metadata
         self.dimensions: tuple[int, int] = meta.levels[0].dimensions
         self.level_count: int = len(meta.levels)
@@ -64,6 +76,29 @@ class WsiSlide:
     @property
     def container(self) -> Container:
         return self._c
+
+    @property
+    def decoder(self) -> BatchDecoder:
+        """The batched, cached tile decoder behind :meth:`read_region`."""
+        return self._decoder
+
+    @property
+    def color_profile(self) -> None:
+        """No embedded ICC profile (OpenSlide's attribute; tiles are stored as sRGB)."""
+        return None
+
+    @classmethod
+    def detect_format(cls, filename: str | os.PathLike[str]) -> str | None:
+        """``"wsicodec"`` if ``filename`` opens as a container, else None (never raises)."""
+        try:
+            with open_container(filename):
+                return VENDOR
+        except Exception:  # noqa: BLE001 - "not ours" whatever the reason
+            return None
+
+    def set_cache(self, cache: Any) -> None:
+        """Accepted for OpenSlide compatibility and ignored: the decoded-tile cache is
+        sized by ``open_slide(..., cache_bytes=...)``."""
 
     def _build_properties(self) -> dict[str, str]:
         meta = self._c.metadata
@@ -132,12 +167,15 @@ class WsiSlide:
     def _decode_tiles(self, level: int, tiles: Sequence[tuple[int, int]]) -> list[np.ndarray]:
         """Decode tiles (col, row) of ``level``, in order; each (T, T, 3) uint8, padded.
 
-        The swap point for a batched/cached decoder. Raises CorruptTileError.
+        One batch through the cached :class:`BatchDecoder`. Raises CorruptTileError.
         """
-        return self._c.read_tiles(level, tiles)
+        return self._decoder.decode(level, tiles)
 
     def read_encoded_tile(self, level: int, col: int, row: int) -> bytes:
-        """The stored (codec) bytes of one tile, CRC-checked, not decoded."""
+        """The stored (codec) bytes of one tile, CRC-checked, not decoded.
+
+        Raises RegionOutOfBoundsError (outside the pyramid) and CorruptTileError.
+        """
         return self._c.read_encoded_tile(level, col, row)
 
     def get_thumbnail(self, size: tuple[int, int]) -> Any:
@@ -154,6 +192,8 @@ class WsiSlide:
         return thumb
 
     def close(self) -> None:
+        """Stop the decoder threads and close the container. Safe to call twice."""
+        self._decoder.close()
         self._c.close()
 
     def __enter__(self) -> "WsiSlide":
@@ -166,9 +206,21 @@ class WsiSlide:
         return f"WsiSlide({str(self._c.path)!r})"
 
 
-def open_slide(path: str | os.PathLike[str]) -> WsiSlide:
+def open_slide(path: str | os.PathLike[str], *, cache_bytes: int | None = None,
+               workers: int | None = None, device: str = "auto") -> WsiSlide:
     """Open a wsicodec container (``.zarr`` directory or ``.zarr.zip``) as a slide.
 
-    Raises as :func:`wsicodec.container.open_container`.
+    Args:
+        cache_bytes: decoded-tile cache bound (default 256 MiB; 0: no cache).
+        workers: decoder threads (default: CPU count, at most 8).
+        device: where the learned codec's g_s runs: "auto" (CUDA when present), "cpu",
+            "cuda".
+
+    Raises as :func:`wsicodec.container.open_container`; InvalidSettingError for bad
+    settings.
     """
-    return WsiSlide(open_container(path))
+    defaults = DecoderSettings()
+    settings = DecoderSettings(
+        cache_bytes=defaults.cache_bytes if cache_bytes is None else cache_bytes,
+        workers=workers, device=device)
+    return WsiSlide(open_container(path), settings)

@@ -1,0 +1,174 @@
+"""The batched, cached tile decoder (wsicodec.batch) behind WsiSlide."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from wsicodec.batch import BatchDecoder, DecoderSettings, TileCache
+from wsicodec.codecs import get_codec
+from wsicodec.container import open_container
+from wsicodec.errors import CorruptTileError, InvalidSettingError, RegionOutOfBoundsError
+from wsicodec.pipeline import compress_source
+from wsicodec.slide import open_slide
+from wsicodec.tiling import ArraySource
+
+
+def _image(h: int, w: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([(x * 3 + y) % 256, 120 + (y % 64), (x ^ y) % 256], axis=-1)
+    return np.clip(img + rng.integers(0, 6, img.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def jpeg_container(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("batch") / "odd.zarr.zip"
+    compress_source(ArraySource(_image(301, 219, 2)), out, get_codec("jpeg", 90), tile_size=64,
+                    workers=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def learned_container(tmp_path_factory: pytest.TempPathFactory):
+    """A small learned container: 150x100 image in 64-px tiles, one glass tile."""
+    img = _image(150, 100, 3)
+    img[:64, 64:] = 238  # a uniform tile: decoded without the network
+    out = tmp_path_factory.mktemp("batch") / "learned.zarr.zip"
+    compress_source(ArraySource(img), out, get_codec("learned", 4), tile_size=64, workers=1)
+    return out
+
+
+def test_cache_is_lru_bounded_in_bytes() -> None:
+    tile = np.zeros((10, 10, 3), np.uint8)  # 300 bytes
+    cache = TileCache(max_bytes=700)
+    cache.put("a", tile.copy())
+    cache.put("b", tile.copy())
+    assert cache.get("a") is not None  # a is now the most recent
+    cache.put("c", tile.copy())        # evicts b
+    assert cache.get("b") is None and cache.get("a") is not None and cache.get("c") is not None
+    st = cache.stats()
+    assert st.entries == 2 and st.nbytes == 600 and st.hits == 3 and st.misses == 1
+    with pytest.raises(ValueError):
+        cache.get("a")[0, 0, 0] = 1  # cached tiles are read-only
+    cache.put("big", np.zeros((20, 20, 3), np.uint8))  # larger than the cache: not kept
+    assert cache.get("big") is None and len(cache) == 2
+    assert len(TileCache(0).__dict__) and TileCache(0).get("x") is None
+
+
+def test_settings_are_validated() -> None:
+    for bad in ({"cache_bytes": -1}, {"workers": 0}, {"max_batch": 0}, {"device": "tpu"}):
+        with pytest.raises(InvalidSettingError):
+            DecoderSettings(**bad)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_classical_batch_equals_single_tile_decode(jpeg_container, workers: int) -> None:
+    with open_container(jpeg_container) as c:
+        dec = BatchDecoder(c, DecoderSettings(workers=workers))
+        keys = [(col, row) for col, row in c.grid(0)]
+        tiles = dec.decode(0, keys + keys[:2])  # duplicates are fine
+        for (col, row), t in zip(keys, tiles):
+            np.testing.assert_array_equal(t, c.read_tile(0, col, row))
+        assert dec.stats().entries == len(keys)
+        again = dec.decode(0, keys[:3])
+        assert all(a is b for a, b in zip(again, tiles[:3]))  # served from the cache
+        with pytest.raises(RegionOutOfBoundsError):
+            dec.decode(0, [(99, 0)])
+        dec.close()
+
+
+def test_learned_batch_equals_codec_decode(learned_container) -> None:
+    with open_container(learned_container) as c:
+        dec = BatchDecoder(c, DecoderSettings(workers=2, device="auto", max_batch=2))
+        assert dec.device in ("cpu", "cuda:0")
+        keys = [(col, row) for col, row in c.grid(0)]
+        tiles = dec.decode(0, keys)
+        for (col, row), t in zip(keys, tiles):
+            ref = c.read_tile(0, col, row)
+            assert t.shape == ref.shape == (64, 64, 3)
+            # g_s batched (max_batch 2) vs alone: pixels may differ by float rounding only
+            assert np.abs(t.astype(int) - ref.astype(int)).max() <= 1
+        assert (tiles[1] == 238).all()  # the glass tile
+        dec.close()
+
+
+def test_region_reads_only_the_tiles_it_needs(jpeg_container) -> None:
+    with open_slide(jpeg_container) as slide:
+        slide.read_region((70, 70), 0, (50, 50))  # inside tile (1, 1)
+        assert slide.decoder.stats().entries == 1
+        slide.read_region((60, 60), 0, (10, 10))  # tiles (0,0) (1,0) (0,1) (1,1)
+        st = slide.decoder.stats()
+        assert st.entries == 4 and st.hits == 1
+
+
+def test_concurrent_reads_agree(jpeg_container) -> None:
+    with open_slide(jpeg_container, cache_bytes=64 * 64 * 3 * 4, workers=2) as slide:
+        ref = np.asarray(slide.read_region((0, 0), 0, slide.dimensions))
+        rng = np.random.default_rng(0)
+        boxes = [(int(rng.integers(0, 200)), int(rng.integers(0, 280)), int(rng.integers(1, 90)),
+                  int(rng.integers(1, 90))) for _ in range(60)]
+
+        def read(box):
+            x, y, w, h = box
+            return box, slide.read_region((x, y), 0, (w, h), as_array=True)
+
+        with ThreadPoolExecutor(8) as pool:
+            for (x, y, w, h), arr in pool.map(read, boxes):
+                part = ref[y:y + h, x:x + w]
+                np.testing.assert_array_equal(arr[:part.shape[0], :part.shape[1]], part)
+
+
+def _damage(path, tmp_path, member_hint="levels/0/tiles/c/1/1"):
+    """Copy a zip container, flipping bytes inside one tile's chunk (its CRC fails)."""
+    import zipfile
+
+    out = tmp_path / "damaged.zarr.zip"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        names = src.namelist()
+        assert member_hint in names, names[:20]
+        for name in names:
+            data = src.read(name)
+            if name == member_hint:
+                data = data[:-8] + bytes(b ^ 0x5A for b in data[-8:])
+            dst.writestr(name, data)
+    return out
+
+
+def test_corrupt_tile_fails_alone(jpeg_container, tmp_path) -> None:
+    bad = _damage(jpeg_container, tmp_path)
+    with open_slide(bad) as slide:
+        with pytest.raises(CorruptTileError) as info:
+            slide.read_region((0, 0), 0, (200, 200))
+        assert (info.value.level, info.value.col, info.value.row) == (0, 1, 1)
+        assert "level=0 col=1 row=1" in str(info.value)
+        # the other tiles of that batch were decoded and cached; they still read
+        assert slide.decoder.stats().entries == 15  # 4x4 tiles, one bad
+        slide.read_region((0, 0), 0, (64, 64))
+        with pytest.raises(CorruptTileError):
+            slide.read_region((64, 64), 0, (1, 1))
+
+
+def test_waiters_share_one_decode(jpeg_container) -> None:
+    with open_container(jpeg_container) as c:
+        calls = []
+        real = c.read_encoded_tile
+        gate = threading.Event()
+
+        def slow(level, col, row):
+            calls.append((level, col, row))
+            gate.wait(2)
+            return real(level, col, row)
+
+        c.read_encoded_tile = slow  # type: ignore[method-assign]
+        dec = BatchDecoder(c, DecoderSettings(workers=1))
+        with ThreadPoolExecutor(4) as pool:
+            futs = [pool.submit(dec.decode, 0, [(0, 0)]) for _ in range(4)]
+            gate.set()
+            results = [f.result()[0] for f in futs]
+        assert calls == [(0, 0, 0)]
+        assert all(r is results[0] for r in results)
+        dec.close()
