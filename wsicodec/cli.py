@@ -1,4 +1,4 @@
-"""Command line: ``wsicodec compress | decompress | info | codecs``.
+"""Command line: ``wsicodec compress | decompress | info | codecs | serve``.
 
 The only module that prints or exits. Every expected error becomes one line
 ``wsicodec: error: ...`` on stderr and a non-zero exit status (1; 2 for usage errors;
@@ -92,6 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the metadata as JSON")
 
     sub.add_parser("codecs", parents=[common], help="list the codecs usable here")
+
+    s = sub.add_parser("serve", parents=[common], help="DeepZoom tile server and viewer",
+                       description="Serve containers as DeepZoom tiles over HTTP, with an "
+                                   "OpenSeadragon viewer page at /. Ctrl-C stops it.")
+    s.add_argument("slides", nargs="+", metavar="SLIDE", help="containers (.zarr or .zarr.zip)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free)")
+    s.add_argument("--jpeg-quality", type=int, default=90,
+                   help="quality of .jpeg DeepZoom tiles, 1-100 (default 90)")
+    s.add_argument("--cache-mb", type=int, default=256,
+                   help="decoded-tile cache per slide in MiB (default 256)")
+    s.add_argument("--workers", type=int, default=None, help="decoder threads per slide")
+    s.add_argument("--device", default="auto",
+                   help="where the learned decoder's g_s runs: auto (CUDA when present), "
+                        "cpu, cuda (default auto)")
     return parser
 
 
@@ -187,8 +202,35 @@ def _cmd_codecs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from wsicodec.batch import DecoderSettings
+    from wsicodec.server import ServerSettings, make_server
+
+    if args.cache_mb < 0:
+        raise _UsageError(f"--cache-mb must be >= 0, got {args.cache_mb}")
+    settings = ServerSettings(
+        jpeg_quality=args.jpeg_quality,
+        decoder=DecoderSettings(cache_bytes=args.cache_mb * 1024 * 1024,
+                                workers=args.workers, device=args.device))
+    server = make_server(args.slides, args.host, args.port, settings)
+    try:
+        print(f"serving {len(server.slides.slides)} slide(s) at {server.url} "
+              f"(Ctrl-C to stop)", flush=True)
+        for name in server.slides.slides:
+            print(f"  {server.url}slides/{name}.dzi", flush=True)
+        if not server.viewer_available:
+            print("  note: OpenSeadragon not installed, the viewer page will say so "
+                  "(npm ci --prefix wsicodec/static)", file=sys.stderr, flush=True)
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+    return 0
+
+
 _COMMANDS = {"compress": _cmd_compress, "decompress": _cmd_decompress, "info": _cmd_info,
-             "codecs": _cmd_codecs}
+             "codecs": _cmd_codecs, "serve": _cmd_serve}
 
 
 def _one_line(error: BaseException) -> str:

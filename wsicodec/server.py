@@ -1,0 +1,380 @@
+"""DeepZoom tile server over HTTP, with an OpenSeadragon viewer page.
+
+Standard library only (``http.server.ThreadingHTTPServer``): one thread per
+connection, all sharing one :class:`wsicodec.slide.WsiSlide` per slide (thread-safe,
+with its batched decoder and LRU tile cache) wrapped in OpenSlide's own
+``openslide.deepzoom.DeepZoomGenerator``::
+
+    GET /                                     viewer page (wsicodec/static/index.html)
+    GET /static/<file>                        the page's script and style
+    GET /openseadragon/<file>                 OpenSeadragon's build (npm package, local)
+    GET /health                               {"status": "ok", "slides": n, "viewer": bool}
+    GET /slides                               [{name, dzi, width, height, levels, mpp, ...}]
+    GET /slides/<name>.dzi                    DeepZoom descriptor (XML)
+    GET /slides/<name>/properties             the slide's properties (JSON)
+    GET /slides/<name>_files/<z>/<col>_<row>.jpeg|.png
+                                              one DeepZoom tile
+
+Status codes: 400 for a malformed request (bad numbers, unknown tile format), 404 for
+anything that does not exist (unknown slide, level or tile outside the pyramid), 500
+only for a tile whose stored bytes are damaged (the message names it; other tiles
+still serve) or an unexpected failure.  Error bodies are JSON ``{"error": ...}``.
+
+Library code: builds and runs the server, raises; the CLI (``wsicodec serve``) prints.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import mimetypes
+import re
+import threading
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+from urllib.parse import unquote, urlsplit
+
+from wsicodec.batch import DecoderSettings
+from wsicodec.errors import (CorruptDataError, InvalidSettingError, RegionOutOfBoundsError,
+                             WsiCodecError)
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+#: where ``npm ci --prefix wsicodec/static`` puts OpenSeadragon's browser build
+OPENSEADRAGON_DIR = STATIC_DIR / "node_modules" / "openseadragon" / "build" / "openseadragon"
+TILE_FORMATS = {"jpeg": "image/jpeg", "png": "image/png"}
+
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+_TILE_RE = re.compile(rf"^/slides/(?P<name>{_NAME})_files/(?P<level>[^/]+)/"
+                      rf"(?P<col>[^/_]+)_(?P<row>[^/.]+)\.(?P<fmt>[A-Za-z0-9]+)$")
+_DZI_RE = re.compile(rf"^/slides/(?P<name>{_NAME})\.dzi$")
+_PROPS_RE = re.compile(rf"^/slides/(?P<name>{_NAME})/properties$")
+_INT_RE = re.compile(r"^[0-9]{1,9}$")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How tiles are served.
+
+    Attributes:
+        jpeg_quality: quality of ``.jpeg`` DeepZoom tiles, 1-100.
+        overlap: DeepZoom tile overlap in pixels (0 keeps DeepZoom tiles aligned with
+            the container's tiles, so one DeepZoom tile decodes one stored tile).
+        decoder: cache size, threads and device of each slide's decoder.
+        openseadragon_dir: OpenSeadragon's ``build/openseadragon`` folder.
+    """
+
+    jpeg_quality: int = 90
+    overlap: int = 0
+    decoder: DecoderSettings = DecoderSettings()
+    openseadragon_dir: Path = OPENSEADRAGON_DIR
+
+    def __post_init__(self) -> None:
+        if isinstance(self.jpeg_quality, bool) or not isinstance(self.jpeg_quality, int) \
+                or not 1 <= self.jpeg_quality <= 100:
+            raise InvalidSettingError(f"jpeg quality must be an integer in 1..100, got "
+                                      f"{self.jpeg_quality!r}")
+        if isinstance(self.overlap, bool) or not isinstance(self.overlap, int) \
+                or not 0 <= self.overlap <= 64:
+            raise InvalidSettingError(f"overlap must be an integer in 0..64, got "
+                                      f"{self.overlap!r}")
+
+
+class _HttpError(Exception):
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def slide_name(path: Path) -> str:
+    """The URL name of a container: its file name without ``.zarr.zip`` / ``.zarr``,
+    characters other than letters, digits, ``.``, ``_`` and ``-`` replaced by ``-``."""
+    name = path.name
+    for suffix in (".zarr.zip", ".zarr", ".zip"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", name).lstrip("._-")
+    return name or "slide"
+
+
+class ServedSlide:
+    """One open slide and its DeepZoom generator."""
+
+    def __init__(self, name: str, path: Path, settings: ServerSettings) -> None:
+        from openslide.deepzoom import DeepZoomGenerator
+
+        from wsicodec.slide import WsiSlide
+        from wsicodec.container import open_container
+
+        self.name, self.path = name, path
+        self.slide = WsiSlide(open_container(path), settings.decoder)
+        tile = self.slide.container.tile_size
+        self.deepzoom = DeepZoomGenerator(self.slide, tile_size=tile - 2 * settings.overlap,
+                                          overlap=settings.overlap, limit_bounds=False)
+
+    def summary(self) -> dict[str, Any]:
+        w, h = self.slide.dimensions
+        props = self.slide.properties
+        mpp = props.get("openslide.mpp-x")
+        return {"name": self.name, "dzi": f"/slides/{self.name}.dzi",
+                "properties": f"/slides/{self.name}/properties", "width": w, "height": h,
+                "levels": self.slide.level_count,
+                "mpp": float(mpp) if mpp else None,
+                "codec": props.get("wsicodec.codec")}
+
+    def preload(self) -> None:
+        """Load the codec (torch and the model for the learned codec) now, not on the
+        first tile request. Raises what building the codec raises."""
+        _ = self.slide.decoder.device
+
+    def close(self) -> None:
+        self.slide.close()
+
+
+class SlideSet:
+    """The slides a server serves, by URL name. Closes them all on :meth:`close`.
+
+    Raises (from the constructor) as :func:`wsicodec.slide.open_slide`, and
+    InvalidSettingError for an empty list.
+    """
+
+    def __init__(self, paths: Iterable[str | Path], settings: ServerSettings) -> None:
+        self.settings = settings
+        self.slides: dict[str, ServedSlide] = {}
+        try:
+            for p in paths:
+                path = Path(p)
+                base = name = slide_name(path)
+                n = 2
+                while name in self.slides:
+                    name, n = f"{base}-{n}", n + 1
+                self.slides[name] = ServedSlide(name, path, settings)
+        except BaseException:
+            self.close()
+            raise
+        if not self.slides:
+            raise InvalidSettingError("no slides to serve")
+
+    def get(self, name: str) -> ServedSlide:
+        try:
+            return self.slides[name]
+        except KeyError:
+            raise _HttpError(HTTPStatus.NOT_FOUND, f"no slide named {name!r}") from None
+
+    def close(self) -> None:
+        for s in self.slides.values():
+            s.close()
+
+
+def render_tile(served: ServedSlide, level: int, col: int, row: int, fmt: str,
+                jpeg_quality: int) -> bytes:
+    """One DeepZoom tile, encoded.
+
+    Raises:
+        RegionOutOfBoundsError: level or address outside the DeepZoom pyramid.
+        CorruptTileError: a stored tile under it is damaged.
+    """
+    dz = served.deepzoom
+    if not 0 <= level < dz.level_count:
+        raise RegionOutOfBoundsError(f"DeepZoom level {level} outside 0..{dz.level_count - 1}")
+    cols, rows = dz.level_tiles[level]
+    if not (0 <= col < cols and 0 <= row < rows):
+        raise RegionOutOfBoundsError(f"tile ({col}, {row}) outside the {cols}x{rows} tiles "
+                                     f"of DeepZoom level {level}")
+    image = dz.get_tile(level, (col, row))
+    buf = io.BytesIO()
+    if fmt == "jpeg":
+        image.save(buf, "JPEG", quality=jpeg_quality)
+    else:
+        image.save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
+class TileRequestHandler(BaseHTTPRequestHandler):
+    """Routes GET/HEAD requests (see the module docstring)."""
+
+    server: "TileServer"
+    protocol_version = "HTTP/1.1"
+    server_version = "wsicodec"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
+        log.debug("%s - %s", self.address_string(), format % args)
+
+    def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
+        self._handle(head=True)
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._handle(head=False)
+
+    def _handle(self, head: bool) -> None:
+        try:
+            status, ctype, body, cache = self._route(unquote(urlsplit(self.path).path))
+        except _HttpError as e:
+            status, ctype, cache = e.status, "application/json", False
+            body = json.dumps({"error": str(e)}).encode()
+        except RegionOutOfBoundsError as e:
+            status, ctype, cache = HTTPStatus.NOT_FOUND, "application/json", False
+            body = json.dumps({"error": str(e)}).encode()
+        except CorruptDataError as e:
+            status, ctype, cache = HTTPStatus.INTERNAL_SERVER_ERROR, "application/json", False
+            body = json.dumps({"error": str(e)}).encode()
+            log.warning("%s: %s", self.path, e)
+        except Exception as e:  # noqa: BLE001 - one failed request must not stop the server
+            status, ctype, cache = HTTPStatus.INTERNAL_SERVER_ERROR, "application/json", False
+            body = json.dumps({"error": f"internal error: {type(e).__name__}: {e}"}).encode()
+            log.exception("%s failed", self.path)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "public, max-age=3600" if cache else "no-store")
+            self.end_headers()
+            if not head:
+                self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # the client went away
+            self.close_connection = True
+
+    # -- routes: each returns (status, content type, body, cacheable)
+    def _route(self, path: str) -> tuple[HTTPStatus, str, bytes, bool]:
+        srv = self.server
+        if path in ("/", "/index.html"):
+            return self._file(STATIC_DIR, "index.html")
+        if path.startswith("/static/"):
+            return self._file(STATIC_DIR, path[len("/static/"):], top_level_only=True)
+        if path.startswith("/openseadragon/"):
+            return self._file(srv.settings.openseadragon_dir, path[len("/openseadragon/"):])
+        if path == "/health":
+            return self._json({"status": "ok", "slides": len(srv.slides.slides),
+                               "viewer": srv.viewer_available})
+        if path in ("/slides", "/slides/"):
+            return self._json([s.summary() for s in srv.slides.slides.values()])
+        m = _TILE_RE.match(path)
+        if m:
+            served = srv.slides.get(m["name"])
+            fmt = m["fmt"].lower()
+            fmt = "jpeg" if fmt == "jpg" else fmt
+            if fmt not in TILE_FORMATS:
+                raise _HttpError(HTTPStatus.BAD_REQUEST,
+                                 f"unknown tile format {m['fmt']!r} (jpeg or png)")
+            level, col, row = (_parse_int(m[k], k) for k in ("level", "col", "row"))
+            body = render_tile(served, level, col, row, fmt, srv.settings.jpeg_quality)
+            return HTTPStatus.OK, TILE_FORMATS[fmt], body, True
+        m = _DZI_RE.match(path)
+        if m:
+            dzi = srv.slides.get(m["name"]).deepzoom.get_dzi("jpeg")
+            return HTTPStatus.OK, "application/xml", dzi.encode(), False
+        m = _PROPS_RE.match(path)
+        if m:
+            return self._json(dict(srv.slides.get(m["name"]).slide.properties))
+        if path.startswith("/slides/"):
+            if "_files/" in path:
+                raise _HttpError(HTTPStatus.BAD_REQUEST, "malformed tile path (expected "
+                                 "/slides/NAME_files/LEVEL/COL_ROW.jpeg)")
+            raise _HttpError(HTTPStatus.NOT_FOUND, f"not found: {path}")
+        raise _HttpError(HTTPStatus.NOT_FOUND, f"not found: {path}")
+
+    @staticmethod
+    def _json(obj: Any) -> tuple[HTTPStatus, str, bytes, bool]:
+        return HTTPStatus.OK, "application/json", json.dumps(obj).encode(), False
+
+    @staticmethod
+    def _file(root: Path, rel: str, top_level_only: bool = False
+              ) -> tuple[HTTPStatus, str, bytes, bool]:
+        parts = [p for p in rel.split("/") if p]
+        if not parts or any(p in (".", "..") or p.startswith(".") for p in parts) \
+                or (top_level_only and len(parts) != 1):
+            raise _HttpError(HTTPStatus.NOT_FOUND, f"not found: {rel}")
+        target = root.joinpath(*parts)
+        try:
+            resolved = target.resolve(strict=True)
+            if root.resolve() not in resolved.parents or not resolved.is_file():
+                raise FileNotFoundError(rel)
+            body = resolved.read_bytes()
+        except OSError:
+            raise _HttpError(HTTPStatus.NOT_FOUND, f"not found: {rel}") from None
+        ctype = mimetypes.guess_type(resolved.name)[0] or "application/octet-stream"
+        if ctype.startswith("text/") or ctype.endswith("javascript"):
+            ctype += "; charset=utf-8"
+        return HTTPStatus.OK, ctype, body, False
+
+
+def _parse_int(text: str, what: str) -> int:
+    if not _INT_RE.match(text):
+        raise _HttpError(HTTPStatus.BAD_REQUEST, f"{what} must be a non-negative integer, "
+                                                 f"got {text!r}")
+    return int(text)
+
+
+class TileServer(ThreadingHTTPServer):
+    """A threading HTTP server over a :class:`SlideSet`; :meth:`server_close` closes the
+    slides too."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], slides: SlideSet,
+                 settings: ServerSettings) -> None:
+        self.slides = slides
+        self.settings = settings
+        super().__init__(address, TileRequestHandler)
+
+    @property
+    def viewer_available(self) -> bool:
+        return (self.settings.openseadragon_dir / "openseadragon.min.js").is_file()
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        host = f"[{host}]" if ":" in str(host) else host
+        return f"http://{host}:{port}/"
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.slides.close()
+
+
+def make_server(paths: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000,
+                settings: ServerSettings | None = None, preload: bool = True) -> TileServer:
+    """Open the slides and bind the server (port 0: any free port; see ``.url``).
+    Call ``serve_forever()`` to serve and ``server_close()`` to release everything.
+
+    With ``preload`` each slide's codec is loaded before binding (the first tile
+    request does not pay for importing torch and loading the model).
+
+    Raises:
+        SlideNotFoundError, UnsupportedFormatError, CorruptDataError: a slide does
+            not open (nothing stays open).
+        ModelMismatchError, CodecUnavailableError: a slide's codec cannot be built.
+        InvalidSettingError: no slides, or bad settings.
+        OSError: the address cannot be bound (in use, not permitted).
+    """
+    settings = settings or ServerSettings()
+    if not 0 <= int(port) <= 65535:
+        raise InvalidSettingError(f"port must be in 0..65535, got {port}")
+    slides = SlideSet(paths, settings)
+    try:
+        if preload:
+            for s in slides.slides.values():
+                s.preload()
+        return TileServer((host, int(port)), slides, settings)
+    except BaseException:
+        slides.close()
+        raise
+
+
+def serve_in_thread(server: TileServer) -> threading.Thread:
+    """Run ``server.serve_forever`` in a daemon thread (tests, benchmarks)."""
+    t = threading.Thread(target=server.serve_forever, name="wsicodec-serve", daemon=True)
+    t.start()
+    return t
+
+
+__all__ = ["ServerSettings", "SlideSet", "TileServer", "make_server", "render_tile",
+           "serve_in_thread", "slide_name", "WsiCodecError"]

@@ -1,0 +1,68 @@
+// wsicodec viewer: lists /slides and shows one with OpenSeadragon (served from
+// /openseadragon/, installed from the npm registry by `npm ci --prefix wsicodec/static`).
+// ?slide=NAME picks the slide to open.
+(function () {
+  "use strict";
+  var message = document.getElementById("message");
+  var select = document.getElementById("slides");
+  var info = document.getElementById("info");
+  var viewer = null;
+
+  function fail(text) {
+    message.textContent = text;
+    message.hidden = false;
+    document.title = "wsicodec viewer: error";
+  }
+
+  if (typeof OpenSeadragon === "undefined") {
+    fail("OpenSeadragon is not installed: run `npm ci --prefix wsicodec/static` " +
+         "(the server serves it from /openseadragon/).");
+    return;
+  }
+
+  function open(slide) {
+    info.textContent = slide.width + " x " + slide.height + " px, " + slide.levels +
+      " levels" + (slide.mpp ? ", " + slide.mpp.toFixed(3) + " µm/px" : "") +
+      (slide.codec ? ", codec " + slide.codec : "");
+    if (viewer === null) {
+      viewer = OpenSeadragon({
+        id: "viewer",
+        prefixUrl: "/openseadragon/images/",
+        tileSources: slide.dzi,
+        showNavigator: true,
+        animationTime: 0.5,
+        blendTime: 0,
+        maxZoomPixelRatio: 2,
+        timeout: 60000
+      });
+      viewer.addHandler("open-failed", function (e) { fail("cannot open " + slide.dzi + ": " + e.message); });
+      viewer.world.addHandler("add-item", function () { document.title = "wsicodec viewer: " + slide.name; });
+    } else {
+      viewer.open(slide.dzi);
+    }
+    var url = new URL(window.location.href);
+    url.searchParams.set("slide", slide.name);
+    window.history.replaceState(null, "", url.toString());
+  }
+
+  fetch("/slides").then(function (r) {
+    if (!r.ok) { throw new Error("HTTP " + r.status); }
+    return r.json();
+  }).then(function (slides) {
+    if (!slides.length) { fail("no slides"); return; }
+    var wanted = new URLSearchParams(window.location.search).get("slide");
+    var current = slides[0];
+    slides.forEach(function (s) {
+      var opt = document.createElement("option");
+      opt.value = s.name;
+      opt.textContent = s.name;
+      select.appendChild(opt);
+      if (s.name === wanted) { current = s; }
+    });
+    select.value = current.name;
+    select.addEventListener("change", function () {
+      slides.forEach(function (s) { if (s.name === select.value) { open(s); } });
+    });
+    open(current);
+  }).catch(function (e) { fail("cannot list slides: " + e.message); });
+})();
