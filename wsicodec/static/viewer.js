@@ -33,7 +33,8 @@
         animationTime: 0.5,
         blendTime: 0,
         maxZoomPixelRatio: 2,
-        timeout: 60000
+        timeout: 60000,
+        drawer: "canvas"   // 2D canvas: works without a GPU (headless, remote desktops)
       });
       viewer.addHandler("open-failed", function (e) { fail("cannot open " + slide.dzi + ": " + e.message); });
       viewer.world.addHandler("add-item", function () { document.title = "wsicodec viewer: " + slide.name; });
