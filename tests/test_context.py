@@ -104,3 +104,23 @@ def test_learned_container_batch_reads_match_single_tiles_and_name_bad_tiles(tmp
         with pytest.raises(CorruptTileError, match="level=0 col=2 row=1"):
             c.read_tiles(0, keys)
         c.read_tiles(0, [k for k in keys if k != (2, 1)])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--quality", "9"], "quality must be in 1..8"),
+    (["--quality", "4"], "not a readable model checkpoint"),   # with WSICODEC_MODEL pointing at junk
+])
+def test_cli_learned_errors_are_one_line(tmp_path, args, message):
+    import os
+
+    src = need(REAL_SLIDES["generic-tiff"])
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a model")
+    env = dict(os.environ, WSICODEC_MODEL=str(junk)) if "4" in args else None
+    out = tmp_path / "o.zarr"
+    r = subprocess.run([sys.executable, "-m", "wsicodec", "compress", str(src), str(out), *args],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wsicodec: error:") and message in lines[0], r.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == [junk]

@@ -31,13 +31,18 @@ encoder and the decoder agree bit for bit.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from compressai.entropy_models import EntropyBottleneck, GaussianConditional
-from compressai.layers import GDN
+
+with warnings.catch_warnings():
+    # compressai 1.2.8 calls torch.jit.script at import, which torch >= 2.10 deprecates
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+    from compressai.entropy_models import EntropyBottleneck, GaussianConditional
+    from compressai.layers import GDN
 
 #: λ per integer quality level 1..8 (loss = rate + λ·255²·MSE), CompressAI's ladder.
 DEFAULT_LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483, 0.0932, 0.1800)
