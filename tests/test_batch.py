@@ -172,3 +172,22 @@ def test_waiters_share_one_decode(jpeg_container) -> None:
         assert calls == [(0, 0, 0)]
         assert all(r is results[0] for r in results)
         dec.close()
+
+
+def test_concurrent_callers_share_g_s_passes(learned_container) -> None:
+    """Many threads decoding at once: one g_s pass at a time, latents of waiting
+    callers batched together, results equal to decoding alone."""
+    with open_container(learned_container) as c:
+        keys = [(col, row) for col, row in c.grid(0) if (col, row) != (1, 0)]  # network tiles
+        ref = {k: c.read_tile(0, *k) for k in keys}
+        dec = BatchDecoder(c, DecoderSettings(cache_bytes=0, workers=2, max_batch=3))
+        dec.decode(0, keys[:1])
+        synthesis = dec._get_backend().synthesis
+        before = synthesis.passes
+        with ThreadPoolExecutor(len(keys)) as pool:
+            got = list(pool.map(lambda k: dec.decode(0, [k])[0], keys))
+        for k, t in zip(keys, got):
+            assert np.abs(t.astype(int) - ref[k].astype(int)).max() <= 1
+        assert synthesis.passes - before <= len(keys)
+        assert not synthesis._queue and not synthesis._busy
+        dec.close()

@@ -11,7 +11,8 @@
       ├─ learned codec: parse_header ─► uniform tiles: decoded directly (no network)
       │                 network tiles ─► entropy decode + h_s (float64, CPU, per tile,
       │                 deterministic: LearnedCodec's own path, untouched) on a thread pool
-      │                 ─► ŷ grouped by shape, ≤ max_batch per pass ─► g_s on the device
+      │                 ─► one g_s queue per decoder: ŷ of all waiting callers grouped
+      │                 by shape, ≤ max_batch per pass, one pass at a time, on the device
       │                 (CUDA when present with device="auto", else CPU)
       └─ other codecs: codec.decode on the thread pool
       ▼
@@ -52,13 +53,16 @@ class DecoderSettings:
             ``None``: the CPU count, at most 8.
         device: where g_s runs: ``"auto"`` (CUDA when present, else CPU), ``"cpu"``,
             ``"cuda"`` or ``"cuda:N"``.  The entropy parameters always run on the CPU.
-        max_batch: most tiles per g_s pass (bounds device memory).
+        max_batch: most tiles per g_s pass (bounds memory); ``None``: 16 on a GPU, 4 on
+            the CPU (where larger batches stop paying).  Only one g_s pass runs at a
+            time per decoder, so many concurrent callers cannot multiply its memory;
+            tiles of callers that arrive meanwhile join the next pass.
     """
 
     cache_bytes: int = DEFAULT_CACHE_BYTES
     workers: int | None = None
     device: str = "auto"
-    max_batch: int = 16
+    max_batch: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.cache_bytes, bool) or not isinstance(self.cache_bytes, int) \
@@ -69,8 +73,8 @@ class DecoderSettings:
                 self.workers, int) or not 1 <= self.workers <= 256):
             raise InvalidSettingError(f"workers must be an integer in [1, 256], got "
                                       f"{self.workers!r}")
-        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) \
-                or not 1 <= self.max_batch <= 1024:
+        if self.max_batch is not None and (isinstance(self.max_batch, bool) or not isinstance(
+                self.max_batch, int) or not 1 <= self.max_batch <= 1024):
             raise InvalidSettingError(f"max_batch must be an integer in [1, 1024], got "
                                       f"{self.max_batch!r}")
         if not isinstance(self.device, str) or not (
@@ -149,37 +153,104 @@ class TileCache:
             return len(self._items)
 
 
+class _Synthesis:
+    """g_s passes, one at a time, over the ŷ of every caller waiting (leader/follower).
+
+    A caller queues its latents and tries to lead: the leader runs passes of up to
+    ``max_batch`` equal-shape latents from the queue until its own are done; callers
+    that find a leader wait, retrying to lead now and then, so none is stranded.
+    """
+
+    def __init__(self, model: Any, device: Any, max_batch: int) -> None:
+        self.model, self.device, self.max_batch = model, device, max_batch
+        self._lock = threading.Lock()
+        self._queue: list[tuple[Any, float, Future]] = []
+        self._busy = False
+        self.passes = 0
+
+    def run(self, items: Sequence[tuple[Any, float]]) -> list[Any]:
+        """ŷ (1, M, h, w) float32 and quality per tile → x̂ (H, W, 3) uint8 (uncropped),
+        or the exception of its pass."""
+        futures = [Future() for _ in items]
+        with self._lock:
+            self._queue.extend((y, q, f) for (y, q), f in zip(items, futures))
+        pending = set(futures)
+        while pending:
+            self._lead(pending)
+            from concurrent.futures import wait
+
+            pending = wait(pending, timeout=0.005).not_done
+        return [_outcome(f) for f in futures]
+
+    def _lead(self, mine: set) -> None:
+        with self._lock:
+            if self._busy:
+                return
+            self._busy = True
+        try:
+            while True:
+                with self._lock:
+                    if not self._queue or all(f.done() for f in mine):
+                        return
+                    shape = tuple(self._queue[0][0].shape)
+                    batch = [it for it in self._queue if tuple(it[0].shape) == shape]
+                    batch = batch[:self.max_batch]
+                    taken = {id(it[2]) for it in batch}
+                    self._queue = [it for it in self._queue if id(it[2]) not in taken]
+                self._pass(batch)
+        finally:
+            with self._lock:
+                self._busy = False
+
+    def _pass(self, batch: list[tuple[Any, float, Future]]) -> None:
+        import torch
+
+        try:
+            with torch.inference_mode():
+                y_hat = torch.cat([it[0] for it in batch]).to(self.device)
+                q = torch.tensor([it[1] for it in batch], device=self.device)
+                x_hat = self.model.synthesis(y_hat, q).clamp_(0, 1).mul_(255).round_()
+                x_hat = x_hat.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            self.passes += 1
+        except Exception as e:  # noqa: BLE001 - every tile of the pass fails with it
+            for it in batch:
+                it[2].set_exception(e)
+            return
+        for k, it in enumerate(batch):
+            it[2].set_result(x_hat[k])
+
+
 class _LearnedBatch:
     """The learned codec's decode split in its two halves: per-tile entropy decoding
-    (LearnedCodec's deterministic CPU path, on the thread pool) and one g_s pass per
-    group of equal-shape latents on the device.
+    (LearnedCodec's deterministic CPU path, on the thread pool) and batched g_s passes
+    on the device (:class:`_Synthesis`).
 
     Uses ``LearnedCodec._entropy_decode`` (the entropy half of ``decode_batch``); a
     public name for it in wsicodec.learned would make this adapter cleaner.
     """
 
-    def __init__(self, codec: Any, device: str, max_batch: int) -> None:
+    def __init__(self, codec: Any, device: str, max_batch: int | None) -> None:
         import torch
 
         from wsicodec.learned import _resolve_device
 
         self.codec = codec
-        self.max_batch = max_batch
         self.device = _resolve_device(device)
         model = codec.loaded.model
         if self.device.type == "cpu":
-            self.synthesis_model = model
+            synthesis_model = model
         else:  # a private copy for g_s, so the CPU float64 h_s path is never moved
             import copy
 
             with torch.inference_mode(False):
-                self.synthesis_model = copy.deepcopy(model).to(self.device).eval()
+                synthesis_model = copy.deepcopy(model).to(self.device).eval()
+        if max_batch is None:
+            max_batch = 4 if self.device.type == "cpu" else 16
+        self.synthesis = _Synthesis(synthesis_model, self.device, max_batch)
         model._h_s64()  # build the float64 h_s copy once, before threads race for it
 
     def decode(self, datas: Sequence[bytes], names: Sequence[str],
                pool: ThreadPoolExecutor | None) -> list[Any]:
-        import torch
-
         from wsicodec.learned import KIND_UNIFORM, parse_header
 
         out: list[Any] = [None] * len(datas)
@@ -195,29 +266,20 @@ class _LearnedBatch:
                 out[i] = e
         run: Callable[[tuple[int, Any]], Any] = \
             lambda job: self.codec._entropy_decode(datas[job[0]], job[1], names[job[0]])
-        if pool is not None and len(jobs) > 1:
-            futures = [pool.submit(run, job) for job in jobs]
-            results = [_outcome(f) for f in futures]
+        if pool is not None:  # the pool also bounds how many run at once
+            results = [_outcome(f) for f in [pool.submit(run, job) for job in jobs]]
         else:
             results = [_call(run, job) for job in jobs]
-        groups: dict[tuple[int, ...], list[tuple[int, Any, Any]]] = {}
+        ready = []
         for (i, hd), y_hat in zip(jobs, results):
             if isinstance(y_hat, BaseException):
                 out[i] = y_hat
             else:
-                groups.setdefault(tuple(y_hat.shape[-2:]), []).append((i, hd, y_hat))
-        m = self.synthesis_model
-        with torch.inference_mode():
-            for items in groups.values():
-                for s in range(0, len(items), self.max_batch):
-                    part = items[s:s + self.max_batch]
-                    y_hat = torch.cat([it[2] for it in part]).to(self.device)
-                    q = torch.tensor([it[1].quality for it in part], device=self.device)
-                    x_hat = m.synthesis(y_hat, q).clamp_(0, 1).mul_(255).round_()
-                    x_hat = x_hat.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-                    for k, (i, hd, _) in enumerate(part):
-                        out[i] = np.ascontiguousarray(
-                            x_hat[k, hd.top:hd.top + hd.height, hd.left:hd.left + hd.width])
+                ready.append((i, hd, y_hat))
+        images = self.synthesis.run([(y, hd.quality) for _, hd, y in ready])
+        for (i, hd, _), x_hat in zip(ready, images):
+            out[i] = x_hat if isinstance(x_hat, BaseException) else np.ascontiguousarray(
+                x_hat[hd.top:hd.top + hd.height, hd.left:hd.left + hd.width])
         return out
 
 
