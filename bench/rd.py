@@ -151,10 +151,10 @@ def sha256_file(path: Path) -> str:
 
 
 def _find_sha256(obj: Any) -> str | None:
-    """The first value under a key mentioning sha256 in a codec's to_dict() (the model id)."""
+    """The model id in a codec's to_dict(): a value under a key mentioning sha256 or ``model_id``."""
     if isinstance(obj, dict):
         for k, v in obj.items():
-            if "sha256" in str(k).lower() and isinstance(v, str):
+            if ("sha256" in str(k).lower() or str(k) == "model_id") and isinstance(v, str):
                 return v
         for v in obj.values():
             found = _find_sha256(v)
@@ -333,6 +333,9 @@ def summarise(s: SeriesRun, n_images: int, env: dict) -> dict:
     sha = _find_sha256(s.config[0])
     if sha:
         entry["model_sha256"] = sha
+    if s.sweep.codec == "learned":  # the packaged weight files, hashed here independently of the codec
+        entry["weight_files"] = {p.name: sha256_file(p)
+                                 for p in sorted((REPO / "wsicodec" / "weights").glob("*.pt"))}
     return entry
 
 
@@ -535,8 +538,8 @@ def write_markdown(result: dict, path: Path, png: str) -> None:
         f"{len(result['images'])} images, each coded whole by every codec; bpp from the actual bytes; "
         "PSNR over RGB, MS-SSIM (5 scales, mean over R,G,B), LPIPS-alex v0.1 (ImageNet trunk from "
         "`../shared/weights`); mean over images at each setting. \"Original\" means the decoded pixels of "
-        "files that the scanner had already lossy-coded once (JPEG or JPEG 2000), which favours a codec "
-        "of the same family (JPEG 2000 in particular, see the per-image spread below).",
+        "files that the scanner had already lossy-coded once (JPEG or JPEG 2000), which favours re-coding "
+        "with the same family; see bench/README.md for what that means for the JPEG 2000 row on `he/test`.",
         "",
         f"Regenerate: `{result['command']}` (from the repository root). Plot: `{png}`. "
         f"Every number per image: `{path.with_suffix('.json').name}`.",
@@ -642,6 +645,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="AlexNet trunk for LPIPS: file or directory (default $WSICODEC_WEIGHTS, then "
                         "../shared/weights)")
     p.add_argument("--no-visual", action="store_true", help="skip visual.png")
+    p.add_argument("--report-only", action="store_true",
+                   help="no coding: rebuild the table and plot from the existing rd_<tag>.json")
     p.add_argument("--visual-bpp", type=float, default=0.5, help="target bpp of the visual crops")
     return p.parse_args(argv)
 
@@ -666,6 +671,17 @@ def main(argv: list[str] | None = None) -> int:
         files = files[:args.max_images]
     if not files:
         raise SystemExit(f"rd.py: no images in {images_dir}")
+
+    if args.report_only:
+        if not json_path.is_file():
+            raise SystemExit(f"rd.py: --report-only needs an existing {json_path}")
+        result = json.loads(json_path.read_text())
+        result["bd_rate"] = bd_rates(result)
+        png = out_dir / f"rd_{tag}.png"
+        plot_rd(result, png)
+        write_markdown(result, out_dir / f"rd_{tag}.md", png.name)
+        log(f"rebuilt {png} and {out_dir / f'rd_{tag}.md'} from {json_path}")
+        return 0
 
     previous = None
     if args.update:
