@@ -330,7 +330,6 @@ class BatchDecoder:
         self._inflight: dict[TileKey, Future] = {}
         self._backend: _LearnedBatch | _PlainBatch | None = None
         self._pool: ThreadPoolExecutor | None = None
-        self._closed = False
 
     # -- setup
     def _get_backend(self) -> _LearnedBatch | _PlainBatch:
