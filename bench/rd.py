@@ -558,7 +558,9 @@ def write_markdown(result: dict, path: Path, png: str) -> None:
     if bd:
         lines += ["## BD-rate (negative = fewer bits for the same quality)", "",
                   "Bjøntegaard delta rate, pchip fit of log-rate over the shared quality range of the "
-                  "mean curves. Per-image: median [min, max] over images of the per-image BD-rate.", ""]
+                  "mean curves. Per-image: median [min, max] over images of the per-image BD-rate. "
+                  "\"–\": the two curves share no quality range, so no BD-rate exists (compare the "
+                  "points below).", ""]
         header = "| codec |"
         sep = "| --- |"
         for anchor in bd:
