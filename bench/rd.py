@@ -239,12 +239,34 @@ class SeriesRun:
     per_point: list[list[dict]] = field(default_factory=list)  # [quality][image]
 
 
+class TiledLearned:
+    """The learned codec as the product uses it: ``wsicodec.encode``/``decode``, i.e.
+    independent 256² tiles, each coded with its 8 px context margin, plus the stream's
+    tile table — every byte counted."""
+
+    def __init__(self, codec) -> None:  # noqa: ANN001 - a LearnedCodec
+        self.codec = codec
+
+    def encode(self, image: np.ndarray) -> bytes:
+        from wsicodec.image import encode
+        return encode(image, quality=self.codec.quality, model=self.codec._model_arg)
+
+    def decode(self, data: bytes) -> np.ndarray:
+        from wsicodec.image import decode
+        return decode(data, model=self.codec._model_arg)
+
+    def to_dict(self) -> dict:
+        return self.codec.to_dict()
+
+
 def build_series(sweep: Sweep, threads: int) -> SeriesRun:
     """Build one codec per quality; raises with the reason when the codec is unavailable."""
     from wsicodec.codecs import get_codec
 
     codecs = [get_codec(sweep.codec, quality=q, **sweep.options) for q in sweep.qualities]
     config = [c.to_dict() for c in codecs]
+    if sweep.codec == "learned":
+        codecs = [TiledLearned(c) for c in codecs]
     if sweep.codec == "learned":
         used = threads  # the learned codec runs its network on torch's intra-op threads
     else:
