@@ -2,6 +2,7 @@
 
     python bench/serve.py CONTAINER [--tiles 40] [--warm 400] [--batch-sizes 1,2,4,8,16]
                           [--clients 32] [--requests 5000] [--device auto]
+                          [--torch-threads N]
                           [--skip latency,throughput,load] [--update]
                           [--out bench/results/serve.json]
 
@@ -219,12 +220,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_load(path: Path, clients: int, requests: int, device: str) -> dict[str, Any]:
+def bench_load(path: Path, clients: int, requests: int, device: str,
+               threads: int | None = None) -> dict[str, Any]:
     import psutil
 
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "wsicodec", "serve", str(path), "--port",
-                             str(port), "--device", device], stdout=subprocess.PIPE,
+                             str(port), "--device", device]
+                            + (["--threads", str(threads)] if threads else []), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
     line = proc.stdout.readline()
     if "serving" not in line:
@@ -340,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--requests", type=int, default=5000)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="torch intra-op threads (here and in the served process)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: latency,"
                                                 "throughput,load")
     ap.add_argument("--update", action="store_true",
@@ -347,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.json")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     result: dict[str, Any] = {}
     if args.update and args.out.is_file():
         result = json.loads(args.out.read_text())
@@ -363,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result["batch_throughput"], indent=1), flush=True)
     if "load" not in skip:
         result["load_test"] = bench_load(args.container, args.clients, args.requests,
-                                         args.device)
+                                         args.device, args.torch_threads)
         print(json.dumps(result["load_test"], indent=1), flush=True)
     result["environment"]["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -220,6 +220,7 @@ def test_cli_serve(real_jpeg, tmp_path) -> None:
     (["serve", "SELF", "--jpeg-quality", "0"], "jpeg quality"),
     (["serve", "SELF", "--device", "tpu"], "device"),
     (["serve", "SELF", "--port", "70000"], "port"),
+    (["serve", "SELF", "--threads", "0"], "--threads"),
 ])
 def test_cli_serve_errors(real_jpeg, capsys, args, message) -> None:
     from wsicodec.cli import main

@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache-mb", type=int, default=256,
                    help="decoded-tile cache per slide in MiB (default 256)")
     s.add_argument("--workers", type=int, default=None, help="decoder threads per slide")
+    s.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads for decoding (default: torch's, the core "
+                        "count); fewer than the free cores avoids contention")
     s.add_argument("--device", default="auto",
                    help="where the learned decoder's g_s runs: auto (CUDA when present), "
                         "cpu, cuda (default auto)")
@@ -208,6 +211,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if args.cache_mb < 0:
         raise _UsageError(f"--cache-mb must be >= 0, got {args.cache_mb}")
+    if args.threads is not None:
+        if not 1 <= args.threads <= 256:
+            raise _UsageError(f"--threads must be in 1..256, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     settings = ServerSettings(
         jpeg_quality=args.jpeg_quality,
         decoder=DecoderSettings(cache_bytes=args.cache_mb * 1024 * 1024,
