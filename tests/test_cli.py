@@ -182,7 +182,8 @@ def test_usage_and_setting_errors(tmp_path: Path, capsys) -> None:
     for argv, fragment in [
         (["compress", src], "required"),
         (["compress", src, tmp_path / "o.zarr", "--codec", "nope"], "known codecs"),
-        (["compress", src, tmp_path / "o.zarr", "--quality", "300"], "[0.1, 15]"),
+        (["compress", src, tmp_path / "o.zarr", "--codec", "jpegxl", "--quality", "300"], "[0.1, 15]"),
+        (["compress", src, tmp_path / "o.zarr", "--quality", "300"], "1..8"),   # learned, the default
         (["compress", src, tmp_path / "o.zarr", "--tile-size", "100"], "multiple of 16"),
         (["compress", src, tmp_path / "o.zarr", "--workers", "0"], "workers"),
         (["decompress", src, tmp_path / "o.tiff", "--tiff-quality", "0"], "[1, 100]"),
@@ -226,4 +227,4 @@ def test_interrupt_leaves_nothing(tmp_path: Path, capsys, odd_image: np.ndarray,
 
 def test_codecs_command(capsys) -> None:
     code, out, _ = run(capsys, "codecs")
-    assert code == 0 and "jpegxl  [default]" in out
+    assert code == 0 and "learned  [default]" in out and "jpegxl" in out

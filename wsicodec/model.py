@@ -196,7 +196,7 @@ class WsiHyperprior(nn.Module):
             scales, mu = p.chunk(2, 1)
             scales = scales.clamp_min(SCALES_MIN)
             # index = number of table entries strictly below σ, as in CompressAI's build_indexes
-            idx = (scales[..., None] > table[:-1]).sum(-1).to(torch.int32)
+            idx = torch.searchsorted(table[:-1], scales.contiguous(), side="left").to(torch.int32)
             means.append(mu)
             indexes.append(idx)
         return torch.cat(means), torch.cat(indexes)
