@@ -225,17 +225,17 @@ class _LearnedBatch:
     (LearnedCodec's deterministic CPU path, on the thread pool) and batched g_s passes
     on the device (:class:`_Synthesis`).
 
-    Uses ``LearnedCodec._entropy_decode`` (the entropy half of ``decode_batch``); a
+    Uses ``LearnedCodec.entropy_decode`` (the entropy half of ``decode_batch``); a
     public name for it in wsicodec.learned would make this adapter cleaner.
     """
 
     def __init__(self, codec: Any, device: str, max_batch: int | None) -> None:
         import torch
 
-        from wsicodec.learned import _resolve_device
+        from wsicodec.learned import resolve_device
 
         self.codec = codec
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         model = codec.loaded.model
         if self.device.type == "cpu":
             synthesis_model = model
@@ -247,7 +247,7 @@ class _LearnedBatch:
         if max_batch is None:
             max_batch = 4 if self.device.type == "cpu" else 16
         self.synthesis = _Synthesis(synthesis_model, self.device, max_batch)
-        model._h_s64()  # build the float64 h_s copy once, before threads race for it
+        model.prepare_entropy_parameters()  # build the float64 h_s copy once, up front
 
     def decode(self, datas: Sequence[bytes], names: Sequence[str],
                pool: ThreadPoolExecutor | None) -> list[Any]:
@@ -265,7 +265,7 @@ class _LearnedBatch:
             except Exception as e:  # noqa: BLE001 - kept per tile, raised by the caller
                 out[i] = e
         run: Callable[[tuple[int, Any]], Any] = \
-            lambda job: self.codec._entropy_decode(datas[job[0]], job[1], names[job[0]])
+            lambda job: self.codec.entropy_decode(datas[job[0]], job[1], names[job[0]])
         if pool is not None:  # the pool also bounds how many run at once
             results = [_outcome(f) for f in [pool.submit(run, job) for job in jobs]]
         else:
@@ -340,7 +340,7 @@ class BatchDecoder:
                     n = self.settings.worker_count
                     self._pool = ThreadPoolExecutor(n, thread_name_prefix="wsicodec-decode") \
                         if n > 1 else None
-                    if hasattr(codec, "_entropy_decode") and hasattr(codec, "loaded"):
+                    if hasattr(codec, "entropy_decode") and hasattr(codec, "loaded"):
                         self._backend = _LearnedBatch(codec, self.settings.device,
                                                       self.settings.max_batch)
                     else:

@@ -198,7 +198,7 @@ class LearnedCodec:
         self.model_id = self.loaded.model_id
         if model_id is not None:
             self.loaded.check_id(str(model_id), "this container")
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self._tables = _tables_for(self.loaded)
 
     # ----------------------------------------------------------- protocol
@@ -293,7 +293,7 @@ class LearnedCodec:
                 except CorruptDataError as exc:
                     raise CorruptDataError(f"{names[i]}: {exc}") from None
                 continue
-            y_hat = self._entropy_decode(data, hd, names[i])
+            y_hat = self.entropy_decode(data, hd, names[i])
             pending.setdefault(tuple(y_hat.shape[-2:]), []).append((i, hd, y_hat))
         m = self.loaded.model
         with torch.inference_mode():
@@ -307,8 +307,18 @@ class LearnedCodec:
                         x_hat[k, hd.top:hd.top + hd.height, hd.left:hd.left + hd.width])
         return out  # type: ignore[return-value]
 
-    def _entropy_decode(self, data: bytes, hd: TileHeader, name: str):
-        """Bytes → ŷ_q (1, M, h, w) float32, symbols checked against the stored CRC."""
+    def entropy_decode(self, data: bytes, hd: TileHeader, name: str):
+        """The CPU half of decoding a network-coded tile: bytes → ŷ_q (1, M, h, w) float32.
+
+        ``hd`` is :func:`parse_header` of ``data``.  Decodes ẑ, computes (μ, table
+        index) deterministically, decodes ŷ and checks the symbols against the stored
+        CRC.  Thread-safe.  Feed the result to ``loaded.model.synthesis`` on any device
+        and crop ``[hd.top:hd.top+hd.height, hd.left:hd.left+hd.width]``.
+
+        Raises:
+            CorruptDataError: symbol checksum mismatch (names the tile).
+            ModelMismatchError: the tile was made with other weights.
+        """
         import torch
         m = self.loaded.model
         tb_z, tb_y = self._tables
@@ -333,7 +343,8 @@ class LearnedCodec:
 
 
 # ------------------------------------------------------------------ helpers
-def _resolve_device(device: str):
+def resolve_device(device: str):
+    """Map "cpu", "cuda[:N]" or "auto" to a torch.device. Raises InvalidSettingError."""
     import torch
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

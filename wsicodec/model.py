@@ -31,6 +31,7 @@ encoder and the decoder agree bit for bit.
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from dataclasses import asdict, dataclass, field
 
@@ -48,6 +49,7 @@ with warnings.catch_warnings():
 DEFAULT_LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483, 0.0932, 0.1800)
 
 SCALES_MIN, SCALES_MAX, SCALES_LEVELS = 0.11, 256.0, 64
+_H_S64_LOCK = threading.Lock()
 
 
 def scale_table() -> torch.Tensor:
@@ -201,13 +203,18 @@ class WsiHyperprior(nn.Module):
             indexes.append(idx)
         return torch.cat(means), torch.cat(indexes)
 
+    def prepare_entropy_parameters(self) -> None:
+        """Build the float64 copy of h_s now (it is built on first use otherwise)."""
+        self._h_s64()
+
     def _h_s64(self) -> nn.Module:
-        cached = getattr(self, "_h_s64_cache", None)
-        if cached is None:
-            import copy
-            with torch.inference_mode(False):  # a normal module, even when first built in inference mode
-                cached = copy.deepcopy(self.h_s).to(torch.float64).eval()
-            object.__setattr__(self, "_h_s64_cache", cached)
+        with _H_S64_LOCK:  # threads of a batch decoder may ask at once
+            cached = getattr(self, "_h_s64_cache", None)
+            if cached is None:
+                import copy
+                with torch.inference_mode(False):  # a normal module, even when first built in inference mode
+                    cached = copy.deepcopy(self.h_s).to(torch.float64).eval()
+                object.__setattr__(self, "_h_s64_cache", cached)
         return cached
 
     def synthesis(self, y_hat: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
