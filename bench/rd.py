@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -44,6 +43,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: import wsicodec 
     sys.path.insert(0, str(REPO))
 
 from bench import metrics  # noqa: E402
+from wsicodec.checkpoint import sha256_file  # noqa: E402  (plain file hash; imports no torch)
 
 SCHEMA = "wsicodec-rd/1"
 DEFAULT_IMAGES = "../shared/data/he/test"
@@ -140,14 +140,6 @@ def load_image(path: Path) -> np.ndarray:
 
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _find_sha256(obj: Any) -> str | None:
