@@ -228,3 +228,15 @@ def test_interrupt_leaves_nothing(tmp_path: Path, capsys, odd_image: np.ndarray,
 def test_codecs_command(capsys) -> None:
     code, out, _ = run(capsys, "codecs")
     assert code == 0 and "learned  [default]" in out and "jpegxl" in out
+
+
+def test_reader_leaving_early_is_a_quiet_exit(capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`wsicodec info x | head -1`: no error line, the status a shell gives for SIGPIPE."""
+    from wsicodec import cli
+
+    def closed_pipe(args):  # noqa: ANN001, ANN202 - stands in for a command
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setitem(cli._COMMANDS, "codecs", closed_pipe)
+    assert cli.main(["codecs"]) == cli.EXIT_BROKEN_PIPE == 141
+    assert capsys.readouterr().err == ""
