@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 import wsicodec
+from conftest import DATA, psnr as _psnr
 from wsicodec.checkpoint import DEFAULT_WEIGHTS, load_model
 from wsicodec.errors import CorruptDataError, CorruptTileError, InvalidSettingError, ModelMismatchError
 from wsicodec.learned import LearnedCodec, is_uniform, parse_header
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TILES = DATA / "he" / "tiles"
 TEST = DATA / "he" / "test"
 
@@ -23,11 +23,6 @@ pytestmark = pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="shipped w
 
 def _png(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 @pytest.fixture(scope="module")
