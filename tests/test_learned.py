@@ -92,6 +92,20 @@ def test_decoding_is_identical_across_threads_and_batch_sizes(tissue):
             assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
+def test_fast_synthesis_matches_g_s():
+    """The inference copy of g_s (channels-last, frozen GDN) computes the same maps."""
+    model = load_model().model
+    y = torch.randn(2, model.config.M, 5, 7, generator=torch.Generator().manual_seed(0)) * 3
+    q = torch.tensor([1.0, 6.5])
+    with torch.no_grad():
+        fast = model.synthesis(y, q)
+        ref = model.g_s(y / model.gains(q)[0])
+    assert fast.shape == ref.shape == (2, 3, 80, 112) and fast.is_contiguous()
+    assert torch.allclose(fast, ref, atol=1e-4)
+    with torch.enable_grad():       # training keeps the autograd-friendly g_s
+        assert model.synthesis(y, q).requires_grad
+
+
 def test_entropy_parameter_mismatch_is_a_clear_error(tissue, tmp_path):
     codec = LearnedCodec(5)
     data = codec.encode(np.ascontiguousarray(tissue[:256, :256]))

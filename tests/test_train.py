@@ -43,3 +43,21 @@ def test_train_resume_export_and_code(tmp_path):
     codec = LearnedCodec(3, model=str(tmp_path / "m.pt"))
     tile = np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8)
     assert codec.decode(codec.encode(tile)).shape == tile.shape
+
+
+def test_remap_gains_interpolates_and_extends_the_ladder():
+    import train as train_script
+
+    old = (0.001, 0.004, 0.016)
+    log_gain = torch.tensor([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]])
+    sd = {"log_gain": log_gain, "log_hgain": log_gain.clone(), "other": torch.ones(1)}
+    same = train_script.remap_gains(sd, old, old)
+    assert torch.allclose(same["log_gain"], log_gain) and same["other"] is sd["other"]
+    new = train_script.remap_gains(sd, old, (0.00025, 0.002, 0.032))
+    # 0.002 is halfway (in log λ) between 0.001 and 0.004
+    assert torch.allclose(new["log_gain"][1], torch.tensor([1.0, 2.0]))
+    # beyond the ends: ½·Δlog λ for the latent gain, ¼ for the hyper gain
+    step = np.log(4.0)
+    assert torch.allclose(new["log_gain"][0], log_gain[0] - 0.5 * step)
+    assert torch.allclose(new["log_gain"][2], log_gain[2] + 0.5 * np.log(2.0))
+    assert torch.allclose(new["log_hgain"][0], log_gain[0] - 0.25 * step)

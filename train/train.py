@@ -106,6 +106,33 @@ class FeatureDistance(nn.Module):
         return d  # per sample
 
 
+def remap_gains(sd: dict, old: tuple[float, ...], new: tuple[float, ...]) -> dict:
+    """Carry learned per-level gains over to a new λ ladder.
+
+    Each new λ is placed on the old ladder in log-λ; its log-gains are the linear
+    interpolation of the two neighbouring old levels.  Outside the old range the end
+    level is extended with the high-rate slope a quantiser step ~ 1/√λ implies
+    (log-gain + ½·Δlog λ; the hyper gain moves half as much, as at initialisation).
+    """
+    sd = dict(sd)
+    lo_old = torch.log(torch.tensor(old, dtype=torch.float64))
+    for key, slope in (("log_gain", 0.5), ("log_hgain", 0.25)):
+        g = sd[key].double()
+        rows = []
+        for lam in new:
+            ll = math.log(lam)
+            if ll <= lo_old[0]:
+                rows.append(g[0] + slope * (ll - lo_old[0]))
+            elif ll >= lo_old[-1]:
+                rows.append(g[-1] + slope * (ll - lo_old[-1]))
+            else:
+                i = int(torch.searchsorted(lo_old, torch.tensor(ll, dtype=torch.float64))) - 1
+                t = (ll - lo_old[i]) / (lo_old[i + 1] - lo_old[i])
+                rows.append(g[i] * (1 - t) + g[i + 1] * t)
+        sd[key] = torch.stack(rows).to(sd[key].dtype)
+    return sd
+
+
 def save_atomic(obj: dict, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -133,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ckpt-every", type=float, default=300.0, help="seconds between checkpoints")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lambdas", type=float, nargs="+", default=None,
+                    help="a new λ ladder (one per quality level); on --resume the learned gains "
+                         "are carried over by interpolating them at the new λ values")
     args = ap.parse_args(argv)
 
     torch.set_flush_denormal(True)
@@ -146,8 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:
         state = torch.load(args.resume, map_location="cpu", weights_only=False)
         config = ModelConfig.from_dict(state["config"])
+        if args.lambdas:
+            old = config
+            config = ModelConfig(N=old.N, M=old.M, lambdas=tuple(args.lambdas))
+            state["model"] = remap_gains(state["model"], old.lambdas, config.lambdas)
+            print(f"λ ladder {list(old.lambdas)} -> {list(config.lambdas)}: gains interpolated")
     else:
-        config = ModelConfig(N=args.N, M=args.M)
+        config = ModelConfig(N=args.N, M=args.M, **({"lambdas": tuple(args.lambdas)} if args.lambdas else {}))
     model = WsiHyperprior(config).to(dev)
     main_params = [p for n, p in model.named_parameters() if not n.endswith("quantiles")]
     aux_params = [p for n, p in model.named_parameters() if n.endswith("quantiles")]

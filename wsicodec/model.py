@@ -45,8 +45,10 @@ with warnings.catch_warnings():
     from compressai.entropy_models import EntropyBottleneck, GaussianConditional
     from compressai.layers import GDN
 
-#: λ per integer quality level 1..8 (loss = rate + λ·255²·MSE), CompressAI's ladder.
-DEFAULT_LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483, 0.0932, 0.1800)
+#: λ per integer quality level 1..8 (loss = rate + λ·255²·MSE): geometric from 0.0005 to
+#: 0.09, reaching lower rates than CompressAI's ladder (0.0018 … 0.18), whose top levels
+#: spent bits on H&E for little PSNR.
+DEFAULT_LAMBDAS = (0.0005, 0.00105, 0.0022, 0.0046, 0.0097, 0.0204, 0.0429, 0.09)
 
 SCALES_MIN, SCALES_MAX, SCALES_LEVELS = 0.11, 256.0, 64
 _H_S64_LOCK = threading.Lock()
@@ -218,9 +220,24 @@ class WsiHyperprior(nn.Module):
         return cached
 
     def synthesis(self, y_hat: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
-        """ŷ_q → x̂ (g_s may run on any device and dtype: it changes pixels, not symbols)."""
+        """ŷ_q → x̂ (g_s may run on any device and dtype: it changes pixels, not symbols).
+
+        Outside training (no autograd) this runs :class:`FastSynthesis`, the same maps
+        in channels-last with the GDN weights reparametrised once (~1.5× faster on CPU).
+        """
         gain, _ = self.gains(quality.to(y_hat.device), y_hat.dtype)
-        return self.g_s(y_hat / gain)
+        y = y_hat / gain
+        if self.training or torch.is_grad_enabled():
+            return self.g_s(y)
+        return self._fast_g_s(y.device, y.dtype)(y)
+
+    def _fast_g_s(self, device: torch.device, dtype: torch.dtype) -> "FastSynthesis":
+        with _H_S64_LOCK:
+            caches = self.__dict__.setdefault("_fast_g_s_cache", {})
+            key = (str(device), dtype)
+            if key not in caches:
+                caches[key] = FastSynthesis(self.g_s).to(device=device, dtype=dtype)
+            return caches[key]
 
 
 def pad_to_stride(x: torch.Tensor, stride: int = WsiHyperprior.STRIDE) -> torch.Tensor:
@@ -230,3 +247,46 @@ def pad_to_stride(x: torch.Tensor, stride: int = WsiHyperprior.STRIDE) -> torch.
     if ph or pw:
         x = F.pad(x, (0, pw, 0, ph), mode="replicate")
     return x
+
+
+class FastSynthesis(nn.Module):
+    """An inference copy of g_s: identical maps, arranged for speed.
+
+    Tensors stay channels-last (oneDNN's fast layout for the transposed convolutions),
+    and each inverse GDN, ``x·sqrt(β + γ·x²)``, uses γ and β reparametrised once at
+    construction instead of on every call.  Built from a trained g_s; not trainable.
+    """
+
+    def __init__(self, g_s: nn.Sequential) -> None:
+        super().__init__()
+        layers = []
+        for layer in g_s:
+            if isinstance(layer, GDN):
+                layers.append(_FrozenGDN(layer))
+            else:
+                import copy
+                layers.append(copy.deepcopy(layer))
+        self.layers = nn.Sequential(*layers).to(memory_format=torch.channels_last)
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        x = self.layers(y.contiguous(memory_format=torch.channels_last))
+        return x.contiguous()
+
+
+class _FrozenGDN(nn.Module):
+    def __init__(self, gdn: GDN) -> None:
+        super().__init__()
+        with torch.no_grad():
+            beta = gdn.beta_reparam(gdn.beta).detach().clone()
+            c = beta.numel()
+            gamma = gdn.gamma_reparam(gdn.gamma).detach().reshape(c, c, 1, 1).clone()
+        self.inverse = gdn.inverse
+        self.register_buffer("beta", beta)
+        self.register_buffer("gamma", gamma)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = F.conv2d(x * x, self.gamma, self.beta)
+        norm = norm.sqrt_() if self.inverse else norm.rsqrt_()
+        return norm.mul_(x)
