@@ -92,8 +92,8 @@ def test_decoding_is_identical_across_threads_and_batch_sizes(tissue):
             assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
-def test_fast_synthesis_matches_g_s():
-    """The inference copy of g_s (channels-last, frozen GDN) computes the same maps."""
+def test_fast_transforms_match_g_a_and_g_s():
+    """The inference copies of g_a and g_s (channels-last, frozen GDN) compute the same maps."""
     model = load_model().model
     y = torch.randn(2, model.config.M, 5, 7, generator=torch.Generator().manual_seed(0)) * 3
     q = torch.tensor([1.0, 6.5])
@@ -104,6 +104,13 @@ def test_fast_synthesis_matches_g_s():
     assert torch.allclose(fast, ref, atol=1e-4)
     with torch.enable_grad():       # training keeps the autograd-friendly g_s
         assert model.synthesis(y, q).requires_grad
+    x = torch.rand(2, 3, 64, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y_fast, z_fast = model.analysis(x, q)
+        gain, hgain = model.gains(q)
+        y_ref = model.g_a(x) * gain
+    assert torch.allclose(y_fast, y_ref, atol=1e-4)
+    assert z_fast.shape == (2, model.config.N, 1, 2)
 
 
 def test_entropy_parameter_mismatch_is_a_clear_error(tissue, tmp_path):

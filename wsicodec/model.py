@@ -177,7 +177,8 @@ class WsiHyperprior(nn.Module):
         x only needs to be a multiple of 16; crop h_s's output back to y_q's size.
         """
         gain, hgain = self.gains(quality, x.dtype)
-        y = self.g_a(x) * gain
+        g_a = self.g_a if self.training or torch.is_grad_enabled() else self._fast("g_a", x.device, x.dtype)
+        y = g_a(x) * gain
         z = self.h_a(pad_to_stride(y, latent_stride)) * hgain
         return y, z
 
@@ -222,21 +223,22 @@ class WsiHyperprior(nn.Module):
     def synthesis(self, y_hat: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
         """ŷ_q → x̂ (g_s may run on any device and dtype: it changes pixels, not symbols).
 
-        Outside training (no autograd) this runs :class:`FastSynthesis`, the same maps
+        Outside training (no autograd) this runs :class:`FastTransform`, the same maps
         in channels-last with the GDN weights reparametrised once (~1.5× faster on CPU).
         """
         gain, _ = self.gains(quality.to(y_hat.device), y_hat.dtype)
         y = y_hat / gain
         if self.training or torch.is_grad_enabled():
             return self.g_s(y)
-        return self._fast_g_s(y.device, y.dtype)(y)
+        return self._fast("g_s", y.device, y.dtype)(y)
 
-    def _fast_g_s(self, device: torch.device, dtype: torch.dtype) -> "FastSynthesis":
+    def _fast(self, name: str, device: torch.device, dtype: torch.dtype) -> "FastTransform":
+        """The inference copy of g_a or g_s for this device and dtype (built once)."""
         with _H_S64_LOCK:
-            caches = self.__dict__.setdefault("_fast_g_s_cache", {})
-            key = (str(device), dtype)
+            caches = self.__dict__.setdefault("_fast_cache", {})
+            key = (name, str(device), dtype)
             if key not in caches:
-                caches[key] = FastSynthesis(self.g_s).to(device=device, dtype=dtype)
+                caches[key] = FastTransform(getattr(self, name)).to(device=device, dtype=dtype)
             return caches[key]
 
 
@@ -249,18 +251,18 @@ def pad_to_stride(x: torch.Tensor, stride: int = WsiHyperprior.STRIDE) -> torch.
     return x
 
 
-class FastSynthesis(nn.Module):
-    """An inference copy of g_s: identical maps, arranged for speed.
+class FastTransform(nn.Module):
+    """An inference copy of g_a or g_s: identical maps, arranged for speed.
 
-    Tensors stay channels-last (oneDNN's fast layout for the transposed convolutions),
-    and each inverse GDN, ``x·sqrt(β + γ·x²)``, uses γ and β reparametrised once at
-    construction instead of on every call.  Built from a trained g_s; not trainable.
+    Tensors stay channels-last (oneDNN's fast layout, for the transposed convolutions
+    above all), and each GDN, ``x·(β + γ·x²)^(∓½)``, uses γ and β reparametrised once
+    at construction instead of on every call.  Built from trained weights; frozen.
     """
 
-    def __init__(self, g_s: nn.Sequential) -> None:
+    def __init__(self, transform: nn.Sequential) -> None:
         super().__init__()
         layers = []
-        for layer in g_s:
+        for layer in transform:
             if isinstance(layer, GDN):
                 layers.append(_FrozenGDN(layer))
             else:
