@@ -124,3 +124,34 @@ def test_cli_learned_errors_are_one_line(tmp_path, args, message):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("wsicodec: error:") and message in lines[0], r.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == [junk]
+
+
+def test_cli_decodes_a_container_made_with_earlier_weights_found_by_id(tmp_path):
+    """Upgrading the shipped weights never strands a container: the error says where to
+    put the old file, and with it in $WSICODEC_MODEL_DIR decompression works."""
+    import os
+
+    import torch
+
+    from wsicodec.checkpoint import DEFAULT_WEIGHTS
+
+    src = need(REAL_SLIDES["generic-tiff"])
+    folder = tmp_path / "models"
+    folder.mkdir()
+    earlier = folder / "earlier.pt"
+    state = torch.load(DEFAULT_WEIGHTS, map_location="cpu", weights_only=False)
+    state["provenance"] = {"note": "stands in for an earlier release"}
+    torch.save(state, earlier)
+    out, tiff = tmp_path / "o.zarr.zip", tmp_path / "o.tiff"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("WSICODEC_MODEL")}
+    run = lambda *a, **env: subprocess.run([sys.executable, "-m", "wsicodec", *a, "--quiet"],  # noqa: E731
+                                           capture_output=True, text=True, env={**base, **env})
+    r = run("compress", str(src), str(out), "--quality", "2", WSICODEC_MODEL=str(earlier))
+    assert r.returncode == 0, r.stderr
+    r = run("decompress", str(out), str(tiff))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "WSICODEC_MODEL_DIR" in lines[0], r.stderr
+    assert not tiff.exists()
+    r = run("decompress", str(out), str(tiff), WSICODEC_MODEL_DIR=str(folder))
+    assert r.returncode == 0, r.stderr
+    assert tiff.stat().st_size > 0

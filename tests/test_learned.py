@@ -158,6 +158,33 @@ def test_other_weights_are_refused_naming_both_ids(tissue, tmp_path):
         wsicodec.decode(data)
     assert theirs[:16] in str(exc.value) and ours[:16] in str(exc.value)
     assert wsicodec.decode(data, model=str(other)).shape == (64, 64, 3)
+    assert "WSICODEC_MODEL_DIR" in str(exc.value)
+
+
+def test_weights_are_found_by_id(tissue, tmp_path, monkeypatch):
+    """Data made with earlier weights decodes once their file is in $WSICODEC_MODEL_DIR."""
+    from wsicodec.checkpoint import find_weights, load_model_for, shipped_history
+    folder = tmp_path / "models"
+    folder.mkdir()
+    other = folder / "earlier.pt"
+    state = torch.load(DEFAULT_WEIGHTS, map_location="cpu", weights_only=False)
+    state["provenance"] = {"note": "an earlier release"}
+    torch.save(state, other)
+    theirs = load_model(other).model_id
+    tile = np.ascontiguousarray(tissue[:80, :96])
+    data = wsicodec.encode(tile, model=str(other))
+    monkeypatch.delenv("WSICODEC_MODEL_DIR", raising=False)
+    assert find_weights(theirs) is None
+    with pytest.raises(ModelMismatchError):
+        wsicodec.decode(data)
+    monkeypatch.setenv("WSICODEC_MODEL_DIR", str(folder))
+    assert find_weights(theirs[:16]) == other.resolve()
+    assert load_model_for(theirs).model_id == theirs
+    assert np.array_equal(wsicodec.decode(data), wsicodec.decode(data, model=str(other)))
+    # a container records the encoder's path; on another machine it is looked up by id
+    assert load_model_for(theirs, str(tmp_path / "gone" / "earlier.pt")).model_id == theirs
+    # every shipped model id is on record, the current one included
+    assert load_model().model_id in [m["model_id"] for m in shipped_history()]
 
 
 def test_settings_are_validated():

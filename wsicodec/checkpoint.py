@@ -9,12 +9,18 @@ with the CDF tables already frozen (``model.update()`` ran before saving).  The
 model id is the sha256 of the file's bytes; it is written into every container
 and every image stream, and data made with other weights is refused.
 
-Shipped weights live in ``wsicodec/weights/`` and load offline.
+Shipped weights live in ``wsicodec/weights/`` and load offline.  Data made with
+earlier weights is decoded with them when they can be found by id (see
+:func:`find_weights`): the shipped file, ``$WSICODEC_MODEL``, or any ``*.pt`` in the
+folders named by ``$WSICODEC_MODEL_DIR``.  ``weights/history.json`` lists every
+model id that was ever shipped and where its file lives in the git history, so a
+refusal can say how to get it back.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 from dataclasses import dataclass
@@ -28,6 +34,9 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "wsicodec-hyperprior.pt"
 #: environment variable that points at another weights file
 WEIGHTS_ENV = "WSICODEC_MODEL"
+#: environment variable: folders (``os.pathsep``-separated) searched by model id
+WEIGHTS_DIRS_ENV = "WSICODEC_MODEL_DIR"
+HISTORY = WEIGHTS_DIR / "history.json"
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,7 +56,7 @@ class LoadedModel:
         if not self.model_id.startswith(other_id.lower()):
             raise ModelMismatchError(
                 f"{what} was made with model {other_id[:16]}..., but the loaded model is "
-                f"{self.model_id[:16]}... ({self.path.name}); open it with the same weights")
+                f"{self.model_id[:16]}... ({self.path.name}); {_where_to_find(other_id)}")
 
 
 def sha256_file(path: Path) -> str:
@@ -56,6 +65,93 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+_sha_cache: dict[tuple[str, int, int], str] = {}
+
+
+def _cached_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _sha_cache:
+        _sha_cache[key] = sha256_file(path)
+    return _sha_cache[key]
+
+
+def weights_search_path() -> list[Path]:
+    """Candidate weights files, in the order :func:`find_weights` tries them."""
+    files = [default_weights_path(), DEFAULT_WEIGHTS, *sorted(WEIGHTS_DIR.glob("*.pt"))]
+    for folder in filter(None, os.environ.get(WEIGHTS_DIRS_ENV, "").split(os.pathsep)):
+        files.extend(sorted(Path(folder).expanduser().glob("*.pt")))
+    seen, out = set(), []
+    for f in files:
+        r = f.resolve()
+        if r not in seen and r.is_file():
+            seen.add(r)
+            out.append(r)
+    return out
+
+
+def find_weights(model_id: str) -> Path | None:
+    """The weights file whose sha256 starts with ``model_id`` (hex), or None.
+
+    Looks at ``$WSICODEC_MODEL``, the shipped weights, and every ``*.pt`` in the
+    folders of ``$WSICODEC_MODEL_DIR`` (hashes are cached by size and mtime).
+    """
+    model_id = model_id.lower()
+    for f in weights_search_path():
+        try:
+            if _cached_sha256(f).startswith(model_id):
+                return f
+        except OSError:
+            continue
+    return None
+
+
+def shipped_history() -> list[dict]:
+    """Every model id shipped so far (``weights/history.json``), newest last."""
+    try:
+        return list(json.loads(HISTORY.read_text())["models"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def _where_to_find(model_id: str) -> str:
+    for entry in shipped_history():
+        if str(entry.get("model_id", "")).startswith(model_id.lower()):
+            return (f"those weights shipped with wsicodec {entry.get('shipped', '')} (git {entry.get('git_commit', '?')}:"
+                    f"{entry.get('path', 'wsicodec/weights/wsicodec-hyperprior.pt')}); put that file in a folder "
+                    f"named by ${WEIGHTS_DIRS_ENV} (or pass it as the model)")
+    return f"put the weights it was made with in a folder named by ${WEIGHTS_DIRS_ENV} (or pass them as the model)"
+
+
+def load_model_for(model_id: str | None, path: str | os.PathLike | None = None) -> "LoadedModel":
+    """The weights to decode data made with ``model_id``.
+
+    With an explicit ``path`` those weights must match (a ``path`` that does not
+    exist here, as recorded in a container made elsewhere, falls back to the lookup).  Otherwise the default
+    weights if they match, else the file :func:`find_weights` finds; none found
+    raises :class:`ModelMismatchError` saying where the weights can be had.
+    """
+    if path is not None and model_id is not None and not Path(path).expanduser().is_file():
+        found = find_weights(str(model_id))   # a path recorded on another machine
+        if found is not None:
+            return load_model(found)
+    if path is not None or model_id is None:
+        loaded = load_model(path)
+        if model_id is not None:
+            loaded.check_id(str(model_id), "this data")
+        return loaded
+    default = load_model(None) if default_weights_path().is_file() else None
+    if default is not None and default.model_id.startswith(str(model_id).lower()):
+        return default
+    found = find_weights(str(model_id))
+    if found is not None:
+        return load_model(found)
+    if default is None:
+        raise InvalidSettingError(f"model weights not found: {default_weights_path()}")
+    default.check_id(str(model_id), "this data")   # raises, naming both ids and where to look
+    return default
 
 
 def default_weights_path() -> Path:
@@ -142,5 +238,5 @@ def export(train_checkpoint: str | os.PathLike, out: str | os.PathLike, provenan
     return sha256_file(out)
 
 
-__all__ = ["LoadedModel", "load_model", "export", "sha256_file", "default_weights_path",
-           "ModelMismatchError"]
+__all__ = ["LoadedModel", "load_model", "load_model_for", "find_weights", "shipped_history", "export",
+           "sha256_file", "default_weights_path", "ModelMismatchError"]

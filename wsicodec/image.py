@@ -22,7 +22,7 @@ import zlib
 
 import numpy as np
 
-from .errors import CorruptDataError, CorruptTileError, InvalidSettingError, ModelMismatchError
+from .errors import CorruptDataError, CorruptTileError, InvalidSettingError
 
 MAGIC = b"WSIM"
 VERSION = 1
@@ -102,10 +102,7 @@ def decode(data: bytes, *, model: str | None = None, batch: int = 16) -> np.ndar
     cells = list(_grid(h, w, tile))
     if n != len(cells) or h == 0 or w == 0:
         raise CorruptDataError("image stream header is inconsistent (tile count)")
-    codec = LearnedCodec(4.0, model=model)
-    if codec.model_id != model_id.hex():
-        raise ModelMismatchError(f"image was coded with model {model_id.hex()[:16]}..., but the loaded "
-                                 f"model is {codec.model_id[:16]}...; decode it with the same weights")
+    codec = LearnedCodec(4.0, model=model, model_id=model_id.hex())
     pos = _HEAD.size + n * _ENTRY.size
     if len(data) < pos:
         raise CorruptDataError("image stream truncated (tile table)")

@@ -173,8 +173,10 @@ class LearnedCodec:
         margin: pixels of context that callers who can (the container writer,
             :func:`wsicodec.encode`) code around each tile, 0..64.
         model_id: the sha256 the data to decode was made with (from a container's
-            configuration); refused with :class:`ModelMismatchError` naming both ids
-            when the loaded weights differ.
+            configuration).  Without ``model``, the weights with that id are looked
+            up (shipped, ``$WSICODEC_MODEL``, ``$WSICODEC_MODEL_DIR``); with it, they
+            must match.  Otherwise :class:`ModelMismatchError` names both ids and
+            says where the weights can be had.
 
     Raises:
         InvalidSettingError: quality outside 1..8, missing or unreadable weights.
@@ -191,13 +193,11 @@ class LearnedCodec:
         lo, hi = QUALITY_RANGE
         if not (lo <= q <= hi) or q != q:
             raise InvalidSettingError(f"learned codec quality must be in {lo:g}..{hi:g} (fractions allowed), got {quality}")
-        from .checkpoint import load_model
+        from .checkpoint import load_model_for
         self.quality = q
         self._model_arg = model
-        self.loaded = load_model(model)
+        self.loaded = load_model_for(model_id, model)
         self.model_id = self.loaded.model_id
-        if model_id is not None:
-            self.loaded.check_id(str(model_id), "this container")
         self.device = resolve_device(device)
         self._tables = _tables_for(self.loaded)
 
