@@ -43,6 +43,13 @@ def test_train_resume_export_and_code(tmp_path):
     codec = LearnedCodec(3, model=str(tmp_path / "m.pt"))
     tile = np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8)
     assert codec.decode(codec.encode(tile)).shape == tile.shape
+    # training resumes from shipped weights too (the GPU session starts from them)
+    out2 = tmp_path / "run2"
+    args2 = [a if a != str(out) else str(out2) for a in common]
+    assert train_script.main([*args2, "--steps", "4", "--resume", str(tmp_path / "m.pt"),
+                              "--lambdas", "0.001", "0.004", "0.016", "0.03", "0.05", "0.07", "0.09", "0.1"]) == 0
+    state2 = torch.load(out2 / "last.pt", weights_only=False)
+    assert state2["step"] == 4 and state2["config"]["lambdas"][0] == 0.001
 
 
 def test_remap_gains_interpolates_and_extends_the_ladder():

@@ -106,6 +106,21 @@ class FeatureDistance(nn.Module):
         return d  # per sample
 
 
+_FROZEN_TABLES = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
+
+
+def from_shipped(state: dict) -> dict:
+    """A training state from shipped (inference) weights: network only, frozen tables dropped.
+
+    Optimiser state starts afresh; the step count and wall time carry on from the
+    provenance so logs continue where the shipped weights stopped.
+    """
+    prov = state.get("provenance", {}) or {}
+    model = {k: v for k, v in state["state_dict"].items() if not k.endswith(_FROZEN_TABLES)}
+    return {"config": state["config"], "model": model, "step": int(prov.get("train_step") or 0),
+            "wall": float(prov.get("train_wall_s") or 0.0)}
+
+
 def remap_gains(sd: dict, old: tuple[float, ...], new: tuple[float, ...]) -> dict:
     """Carry learned per-level gains over to a new λ ladder.
 
@@ -175,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     state = None
     if args.resume:
         state = torch.load(args.resume, map_location="cpu", weights_only=False)
+        if "model" not in state and "state_dict" in state:   # shipped weights: start from them
+            state = from_shipped(state)
         config = ModelConfig.from_dict(state["config"])
         if args.lambdas:
             old = config

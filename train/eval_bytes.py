@@ -1,0 +1,105 @@
+"""Quick check of a weights file on held-out images, from the real bytes.
+
+    python train/eval_bytes.py WEIGHTS.pt [--images ../shared/data/he/test]
+                               [--qualities 1 2 4 6 8] [--max-images 14] [--device cpu]
+                               [--json OUT.json]
+
+Codes every image with ``wsicodec.encode`` (256² tiles with their context margin and
+the stream's tile table: every byte the product writes), decodes it, and prints bpp
+and PSNR per quality, then the BD-rate (PSNR) against the JPEG-XL and JPEG 4:4:4
+curves committed in ``bench/results/rd_he_test.json`` (same images).  Use it to
+decide whether new weights are worth shipping; ``bench/rd.py --update learned`` is
+the full measurement (MS-SSIM, LPIPS, speed) once they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import metrics  # noqa: E402  (bench/metrics.py: PSNR and BD-rate)
+
+RD_JSON = ROOT / "bench" / "results" / "rd_he_test.json"
+
+
+def anchor_curves(path: Path, images: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(bpp, PSNR) mean curves of the committed anchors, over the images evaluated here."""
+    if not path.is_file():
+        return {}
+    result = json.loads(path.read_text())
+    out = {}
+    for key in ("jpegxl", "jpeg444"):
+        entry = result.get("codecs", {}).get(key)
+        if not entry:
+            continue
+        bpp, ps = [], []
+        for p in entry.get("points", []):
+            rows = [r for r in p.get("per_image", []) if r.get("image") in images and "error" not in r]
+            if len(rows) == len(images):
+                bpp.append(np.mean([r["bpp"] for r in rows]))
+                ps.append(np.mean([r["psnr"] for r in rows]))
+        if bpp:
+            out[key] = (np.array(bpp), np.array(ps))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("weights")
+    ap.add_argument("--images", default=str(ROOT.parent / "shared" / "data" / "he" / "test"))
+    ap.add_argument("--qualities", type=float, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8])
+    ap.add_argument("--max-images", type=int, default=14)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", default=None, help="also write the numbers here")
+    args = ap.parse_args(argv)
+
+    import torch
+    torch.set_flush_denormal(True)
+    from wsicodec.checkpoint import load_model
+    from wsicodec.image import decode, encode
+
+    files = sorted(Path(args.images).glob("*.png"))[: args.max_images]
+    if not files:
+        print(f"no .png images in {args.images}", file=sys.stderr)
+        return 1
+    images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    names = [f.name for f in files]
+    loaded = load_model(args.weights)
+    print(f"model {loaded.model_id[:16]}... step {loaded.provenance.get('train_step')}, "
+          f"{len(files)} images from {args.images}")
+    rows = []
+    t0 = time.time()
+    for q in args.qualities:
+        bpp, ps = [], []
+        for img in images:
+            data = encode(img, quality=q, model=args.weights)
+            rec = decode(data, model=args.weights)
+            bpp.append(8 * len(data) / (img.shape[0] * img.shape[1]))
+            ps.append(metrics.psnr(img, rec))
+        rows.append({"quality": q, "bpp": float(np.mean(bpp)), "psnr": float(np.mean(ps))})
+        print(f"  q{q:g}: {rows[-1]['bpp']:.3f} bpp  {rows[-1]['psnr']:.2f} dB  ({time.time() - t0:.0f} s)",
+              flush=True)
+    rate = np.array([r["bpp"] for r in rows])
+    quality = np.array([r["psnr"] for r in rows])
+    bd = {}
+    for key, (ra, qa) in anchor_curves(RD_JSON, names).items():
+        bd[key] = metrics.bd_rate(ra, qa, rate, quality)
+        print(f"  BD-rate (PSNR) vs {key}: {bd[key]:+.1f} %")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model_id": loaded.model_id, "images": names,
+                                               "points": rows, "bd_rate_psnr": bd}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
