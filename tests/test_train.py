@@ -68,3 +68,19 @@ def test_remap_gains_interpolates_and_extends_the_ladder():
     assert torch.allclose(new["log_gain"][0], log_gain[0] - 0.5 * step)
     assert torch.allclose(new["log_gain"][2], log_gain[2] + 0.5 * np.log(2.0))
     assert torch.allclose(new["log_hgain"][0], log_gain[0] - 0.25 * step)
+
+
+@pytest.mark.skipif(not VGG.is_file(), reason="shared VGG16 weights not found")
+def test_feature_distance_from_the_trimmed_trunk_matches_the_full_one(tmp_path):
+    """pack_device.sh carries only the layers up to relu2_2; the distance is the same."""
+    import train as train_script
+
+    full = torch.load(VGG, weights_only=True)
+    trimmed = tmp_path / "vgg_relu2_2.pth"
+    torch.save({k: v for k, v in full.items() if int(k.split(".")[0]) < 9}, trimmed)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(2, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g)
+    d_full = train_script.FeatureDistance(str(VGG))(a, b)
+    d_trim = train_script.FeatureDistance(str(trimmed))(a, b)
+    assert d_full.shape == (2,) and torch.equal(d_full, d_trim) and (d_full > 0).all()
+    assert train_script.FeatureDistance(str(trimmed))(a, a).abs().max() < 1e-6

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from wsicodec.model import ModelConfig, WsiHyperprior  # noqa: E402
 
-IMAGE_SUFFIXES = {".png", ".tif", ".tiff", ".jpg", ".jpeg"}
+IMAGE_SUFFIXES = {".png", ".tif", ".tiff", ".jpg", ".jpeg", ".webp"}
 
 
 def load_images(folders: list[str], min_size: int) -> list[np.ndarray]:
@@ -83,8 +83,9 @@ class FeatureDistance(nn.Module):
     def __init__(self, vgg_path: str) -> None:
         super().__init__()
         from torchvision.models.vgg import cfgs, make_layers
-        feats = make_layers(cfgs["D"])  # vgg16().features, without building the classifier
-        feats.load_state_dict(torch.load(vgg_path, weights_only=True))
+        feats = make_layers(cfgs["D"])[:9]  # vgg16().features up to relu2_2
+        state = torch.load(vgg_path, weights_only=True)   # the whole trunk, or just these layers
+        feats.load_state_dict({k: v for k, v in state.items() if int(k.split(".")[0]) < 9})
         self.slice1, self.slice2 = feats[:4].eval(), feats[4:9].eval()
         for p in self.parameters():
             p.requires_grad_(False)

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The first use of a lent GPU: continue training the shipped weights, export them.
+#
+#   here, once:      bash train/pack_device.sh
+#   device tool:     command "bash train/gpu_session.sh 9", carry [".devdata", ".whl"], timeout_s 600
+#   back here:       cp /work/.device/.../wsicodec-hyperprior.pt /tmp/new.pt
+#                    .venv/bin/python train/eval_bytes.py /tmp/new.pt    # ship it if BD-rate improved
+#
+# Writes to $OUT: wsicodec-hyperprior.pt (exported, ~15 MB), log.csv, session.log.  The
+# training state with optimiser (~43 MB) is over the tool's 16 MiB a file, so the next
+# session resumes from the exported weights (train.py accepts them; Adam restarts).
+# ALPHA (default 50) weights the VGG feature loss; RESUME picks other starting weights.
+set -uo pipefail
+MIN=${1:-9}
+OUT=${OUT:-/tmp/wsicodec-gpu}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/session.log") 2>&1
+export PYTHONUNBUFFERED=1
+if [ -z "${SKIP_WHEELS:-}" ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
+"$PY" train/train.py --data .devdata/he_train --out "$OUT/run" --resume "${RESUME:-wsicodec/weights/wsicodec-hyperprior.pt}" \
+    --device "${DEVICE:-cuda}" --minutes "$MIN" --batch "${BATCH:-16}" --crop "${CROP:-256}" \
+    --lr "${LR:-3e-4}" --lr-final "${LR_FINAL:-3e-5}" --alpha "${ALPHA:-50}" \
+    --vgg .devdata/vgg16_relu2_2.pth --ckpt-every 60 --log-every 100 || echo "training stopped with an error; exporting the last checkpoint"
+"$PY" train/export.py "$OUT/run/last.pt" --out "$OUT/wsicodec-hyperprior.pt" --note "GPU session, ${MIN} min"
+cp "$OUT/run/log.csv" "$OUT/log.csv"
+rm -rf "$OUT/run"
+ls -la "$OUT"
