@@ -84,3 +84,32 @@ def test_feature_distance_from_the_trimmed_trunk_matches_the_full_one(tmp_path):
     d_trim = train_script.FeatureDistance(str(trimmed))(a, b)
     assert d_full.shape == (2,) and torch.equal(d_full, d_trim) and (d_full > 0).all()
     assert train_script.FeatureDistance(str(trimmed))(a, a).abs().max() < 1e-6
+
+
+@pytest.mark.skipif(not TRAIN.is_dir(), reason="shared data not found")
+def test_sigterm_writes_the_checkpoint_and_exits_cleanly(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from PIL import Image
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.open(sorted(TRAIN.glob("*.png"))[0]).crop((0, 0, 160, 160)).save(data / "a.png")
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(REPO / "train" / "train.py"), "--data", str(data),
+                             "--out", str(out), "--N", "8", "--M", "8", "--batch", "1", "--crop", "64",
+                             "--minutes", "30", "--log-every", "1", "--ckpt-every", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "log.csv").is_file() or len((out / "log.csv").read_text().splitlines()) < 3:
+            assert time.time() < deadline and proc.poll() is None, proc.stdout.read()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        text, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, text
+    assert "stopped by signal" in text
+    assert torch.load(out / "last.pt", weights_only=False)["step"] >= 2

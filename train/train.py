@@ -22,6 +22,7 @@ import argparse
 import csv
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -248,10 +249,14 @@ def main(argv: list[str] | None = None) -> int:
             "args": vars(args),
         }, path)
 
+    stop = []   # SIGINT / SIGTERM: finish the step, write the checkpoint, exit
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.append(signum))
+
     model.train()
     while True:
         elapsed = time.time() - t_start
-        if elapsed >= budget or step >= args.steps:
+        if elapsed >= budget or step >= args.steps or stop:
             break
         frac = min(elapsed / budget, 1.0)
         lr = args.lr_final + 0.5 * (args.lr - args.lr_final) * (1 + math.cos(math.pi * frac))
@@ -295,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             t_ckpt = time.time()
     checkpoint(out / "last.pt")
     logf.close()
-    print(f"done: {step} steps, checkpoint {out / 'last.pt'}")
+    print(f"{'stopped by signal' if stop else 'done'}: {step} steps, checkpoint {out / 'last.pt'}")
     return 0
 
 
