@@ -45,3 +45,15 @@ def odd_image() -> np.ndarray:
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+def other_weights(path: Path, note: str) -> Path:
+    """A copy of the shipped weights with other provenance: same network, another model id."""
+    import torch
+
+    from wsicodec.checkpoint import DEFAULT_WEIGHTS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = torch.load(DEFAULT_WEIGHTS, map_location="cpu", weights_only=False)
+    state["provenance"] = {"note": note}
+    torch.save(state, path)
+    return path

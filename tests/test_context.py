@@ -131,17 +131,11 @@ def test_cli_decodes_a_container_made_with_earlier_weights_found_by_id(tmp_path)
     put the old file, and with it in $WSICODEC_MODEL_DIR decompression works."""
     import os
 
-    import torch
-
-    from wsicodec.checkpoint import DEFAULT_WEIGHTS
+    from conftest import other_weights
 
     src = need(REAL_SLIDES["generic-tiff"])
     folder = tmp_path / "models"
-    folder.mkdir()
-    earlier = folder / "earlier.pt"
-    state = torch.load(DEFAULT_WEIGHTS, map_location="cpu", weights_only=False)
-    state["provenance"] = {"note": "stands in for an earlier release"}
-    torch.save(state, earlier)
+    earlier = other_weights(folder / "earlier.pt", "stands in for an earlier release")
     out, tiff = tmp_path / "o.zarr.zip", tmp_path / "o.tiff"
     base = {k: v for k, v in os.environ.items() if not k.startswith("WSICODEC_MODEL")}
     run = lambda *a, **env: subprocess.run([sys.executable, "-m", "wsicodec", *a, "--quiet"],  # noqa: E731

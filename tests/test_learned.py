@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import wsicodec
-from conftest import DATA, psnr as _psnr
+from conftest import DATA, other_weights, psnr as _psnr
 from wsicodec.checkpoint import DEFAULT_WEIGHTS, load_model
 from wsicodec.errors import CorruptDataError, CorruptTileError, InvalidSettingError, ModelMismatchError
 from wsicodec.learned import LearnedCodec, is_uniform, parse_header
@@ -148,10 +148,7 @@ def test_truncated_and_foreign_streams(tissue):
 
 
 def test_other_weights_are_refused_naming_both_ids(tissue, tmp_path):
-    other = tmp_path / "other.pt"
-    state = torch.load(DEFAULT_WEIGHTS, map_location="cpu", weights_only=False)
-    state["provenance"] = {"note": "same network, different file"}
-    torch.save(state, other)
+    other = other_weights(tmp_path / "other.pt", "same network, different file")
     data = wsicodec.encode(np.ascontiguousarray(tissue[:64, :64]), model=str(other))
     ours, theirs = load_model().model_id, load_model(other).model_id
     with pytest.raises(ModelMismatchError) as exc:
@@ -165,11 +162,7 @@ def test_weights_are_found_by_id(tissue, tmp_path, monkeypatch):
     """Data made with earlier weights decodes once their file is in $WSICODEC_MODEL_DIR."""
     from wsicodec.checkpoint import find_weights, load_model_for, shipped_history
     folder = tmp_path / "models"
-    folder.mkdir()
-    other = folder / "earlier.pt"
-    state = torch.load(DEFAULT_WEIGHTS, map_location="cpu", weights_only=False)
-    state["provenance"] = {"note": "an earlier release"}
-    torch.save(state, other)
+    other = other_weights(folder / "earlier.pt", "an earlier release")
     theirs = load_model(other).model_id
     tile = np.ascontiguousarray(tissue[:80, :96])
     data = wsicodec.encode(tile, model=str(other))
