@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Rerun every learned-codec benchmark after the shipped weights change (idle machine: ~25 min).
+# The classical codecs' results stay; each script writes its JSON (and PNG) under bench/results/.
+#
+#   bash bench/rerun_learned.sh            # all
+#   SKIP="serve slides" bash bench/rerun_learned.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+SKIP=${SKIP:-}
+step() { case " $SKIP " in *" $1 "*) echo "== skip $1";; *) echo "== $1 ($(date +%T))"; shift; "$@";; esac; }
+step rd       "$PY" bench/rd.py --update learned
+step seams    "$PY" bench/seams.py --max-images 3 --qualities 1 4 8
+step speed    "$PY" bench/tile_speed.py
+step slides   "$PY" bench/slides.py --codecs learned --out bench/results/slides_learned.json
+container=${TMPDIR:-/tmp}/wsicodec-serve-bench.zarr.zip
+step serve    bash -c "'$PY' -m wsicodec compress ../shared/data/slides/cmu_small_region.svs '$container' --overwrite --quiet \
+                       && '$PY' bench/serve.py '$container' --torch-threads 1 --out bench/results/serve.json \
+                       && '$PY' bench/serve.py '$container' --out bench/results/serve_threads2.json"
+echo "== done ($(date +%T))"
