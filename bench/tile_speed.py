@@ -6,8 +6,9 @@
 Tiles are cut from ``../shared/data/he/test`` (tissue, so every tile takes the
 network path) and coded with the default 8 px context margin, as in a container.
 Reported: whole-codec encode/decode MP/s (entropy coding included) and, separately,
-g_a and g_s alone, eager and compiled (``torch.compile``; compile time excluded,
-reported apart).  MP counts the 256² tiles, not the margins.
+g_a and g_s alone: eager (the training modules), fast (the channels-last copies with
+frozen GDN weights that the codec runs, ``WsiHyperprior._fast``) and compiled
+(``torch.compile`` of the eager modules; compile time excluded, reported apart).  MP counts the 256² tiles, not the margins.
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.nn.functional.pad(x, (0, (-x.shape[-1]) % 16, 0, (-x.shape[-2]) % 16), mode="replicate")
     with torch.inference_mode():
         y = m.g_a(x)
-        for label, g_a, g_s in (("eager", m.g_a, m.g_s),):
+        # eager: the training modules; fast: the channels-last frozen-GDN copies the codec runs
+        for label, g_a, g_s in (("eager", m.g_a, m.g_s),
+                                ("fast", m._fast("g_a", x.device, x.dtype), m._fast("g_s", y.device, y.dtype))):
             res[f"g_a_{label}_mp_s"] = mp / _best(lambda: g_a(x), args.repeats)
             res[f"g_s_{label}_mp_s"] = mp / _best(lambda: g_s(y), args.repeats)
     try:
