@@ -248,6 +248,7 @@ class _LearnedBatch:
             max_batch = 4 if self.device.type == "cpu" else 16
         self.synthesis = _Synthesis(synthesis_model, self.device, max_batch)
         model.prepare_entropy_parameters()  # build the float64 h_s copy once, up front
+        synthesis_model.prepare_synthesis(self.device)  # and the fast g_s: no first-tile surcharge
 
     def decode(self, datas: Sequence[bytes], names: Sequence[str],
                pool: ThreadPoolExecutor | None) -> list[Any]:

@@ -210,6 +210,10 @@ class WsiHyperprior(nn.Module):
         """Build the float64 copy of h_s now (it is built on first use otherwise)."""
         self._h_s64()
 
+    def prepare_synthesis(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        """Build the fast g_s copy for ``device`` now (it is built on first use otherwise)."""
+        self._fast("g_s", torch.device(device), dtype)
+
     def _h_s64(self) -> nn.Module:
         with _H_S64_LOCK:  # threads of a batch decoder may ask at once
             cached = getattr(self, "_h_s64_cache", None)
@@ -234,6 +238,9 @@ class WsiHyperprior(nn.Module):
 
     def _fast(self, name: str, device: torch.device, dtype: torch.dtype) -> "FastTransform":
         """The inference copy of g_a or g_s for this device and dtype (built once)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:   # "cuda" and "cuda:0" are one copy
+            device = torch.device("cuda", torch.cuda.current_device())
         with _H_S64_LOCK:
             caches = self.__dict__.setdefault("_fast_cache", {})
             key = (name, str(device), dtype)
