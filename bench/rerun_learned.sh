@@ -12,6 +12,7 @@ step() { case " $SKIP " in *" $1 "*) echo "== skip $1";; *) echo "== $1 ($(date 
 step rd       "$PY" bench/rd.py --update learned
 step seams    "$PY" bench/seams.py --max-images 3 --qualities 1 4 8
 step speed    "$PY" bench/tile_speed.py
+step context  "$PY" bench/context_cost.py
 step slides   "$PY" bench/slides.py --codecs learned --out bench/results/slides_learned.json
 container=${TMPDIR:-/tmp}/wsicodec-serve-bench.zarr.zip
 step serve    bash -c "'$PY' -m wsicodec compress ../shared/data/slides/cmu_small_region.svs '$container' --overwrite --quiet \
