@@ -71,15 +71,14 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(container: Any, device: str) -> dict[str, Any]:
+def environment(container: Any, device: str, note: str = "") -> dict[str, Any]:
     env: dict[str, Any] = {
         "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
         "loadavg_1m": round(os.getloadavg()[0], 2), "python": platform.python_version(),
         "platform": platform.platform(), "device": device,
         "codec": container.metadata.codec, "model_sha256": container.metadata.model_id,
         "tile_size": container.tile_size,
-        "note": "2-core machine with a model training in the background on one core; "
-                "benchmark run with nice -n 15",
+        "note": note,
     }
     try:
         import torch
@@ -350,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--update", action="store_true",
                     help="merge into an existing --out (parts not run are kept)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.json")
+    ap.add_argument("--note", default="", help="what else ran on the machine, recorded with the results")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     if args.torch_threads:
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads(args.out.read_text())
     with open_container(args.container) as c:
         result.update({"container": str(args.container),
-                       "environment": environment(c, args.device)})
+                       "environment": environment(c, args.device, args.note)})
     if "latency" not in skip:
         result["latency_256"] = bench_latency(args.container, args.tiles, args.warm, args.device)
         print(json.dumps(result["latency_256"], indent=1), flush=True)
