@@ -101,7 +101,8 @@ def test_fast_transforms_match_g_a_and_g_s():
         fast = model.synthesis(y, q)
         ref = model.g_s(y / model.gains(q)[0])
     assert fast.shape == ref.shape == (2, 3, 80, 112) and fast.is_contiguous()
-    assert torch.allclose(fast, ref, atol=1e-4)
+    # same maps, other summation order: float32 rounding apart, relative to the output's scale
+    assert (fast - ref).abs().max() <= 1e-5 * ref.abs().max()
     with torch.enable_grad():       # training keeps the autograd-friendly g_s
         assert model.synthesis(y, q).requires_grad
     x = torch.rand(2, 3, 64, 128, generator=torch.Generator().manual_seed(1))
@@ -109,7 +110,7 @@ def test_fast_transforms_match_g_a_and_g_s():
         y_fast, z_fast = model.analysis(x, q)
         gain, hgain = model.gains(q)
         y_ref = model.g_a(x) * gain
-    assert torch.allclose(y_fast, y_ref, atol=1e-4)
+    assert (y_fast - y_ref).abs().max() <= 1e-5 * y_ref.abs().max()
     assert z_fast.shape == (2, model.config.N, 1, 2)
 
 
