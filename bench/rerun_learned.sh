@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rerun every learned-codec benchmark after the shipped weights change (idle machine: ~25 min).
+# Rerun every learned-codec benchmark after the shipped weights change (idle 2-core machine: 12 minutes on 2026-11-27).
 # The classical codecs' results stay; each script writes its JSON (and PNG) under bench/results/.
 #
 #   bash bench/rerun_learned.sh            # all
