@@ -36,6 +36,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from wsicodec.checkpoint import FROZEN_TABLES  # noqa: E402
 from wsicodec.model import ModelConfig, WsiHyperprior  # noqa: E402
 
 IMAGE_SUFFIXES = {".png", ".tif", ".tiff", ".jpg", ".jpeg", ".webp"}
@@ -108,9 +109,6 @@ class FeatureDistance(nn.Module):
         return d  # per sample
 
 
-_FROZEN_TABLES = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
-
-
 def from_shipped(state: dict) -> dict:
     """A training state from shipped (inference) weights: network only, frozen tables dropped.
 
@@ -118,7 +116,7 @@ def from_shipped(state: dict) -> dict:
     provenance so logs continue where the shipped weights stopped.
     """
     prov = state.get("provenance", {}) or {}
-    model = {k: v for k, v in state["state_dict"].items() if not k.endswith(_FROZEN_TABLES)}
+    model = {k: v for k, v in state["state_dict"].items() if not k.endswith(FROZEN_TABLES)}
     return {"config": state["config"], "model": model, "step": int(prov.get("train_step") or 0),
             "wall": float(prov.get("train_wall_s") or 0.0)}
 

@@ -37,6 +37,8 @@ WEIGHTS_ENV = "WSICODEC_MODEL"
 #: environment variable: folders (``os.pathsep``-separated) searched by model id
 WEIGHTS_DIRS_ENV = "WSICODEC_MODEL_DIR"
 HISTORY = WEIGHTS_DIR / "history.json"
+#: buffers that ``update()`` sizes when it freezes the CDF tables (per entropy model)
+FROZEN_TABLES = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,30 +130,22 @@ def _where_to_find(model_id: str) -> str:
 def load_model_for(model_id: str | None, path: str | os.PathLike | None = None) -> "LoadedModel":
     """The weights to decode data made with ``model_id``.
 
-    With an explicit ``path`` those weights must match (a ``path`` that does not
-    exist here, as recorded in a container made elsewhere, falls back to the lookup).  Otherwise the default
-    weights if they match, else the file :func:`find_weights` finds; none found
-    raises :class:`ModelMismatchError` saying where the weights can be had.
+    An existing ``path`` must hold those weights.  Otherwise (no ``path``, or one
+    recorded on another machine that does not exist here) they are looked up by id
+    (:func:`find_weights`: the default weights first); none found raises
+    :class:`ModelMismatchError` naming both ids and where the weights can be had, or
+    :class:`InvalidSettingError` when no weights file exists at all.
     """
-    if path is not None and model_id is not None and not Path(path).expanduser().is_file():
-        found = find_weights(str(model_id))   # a path recorded on another machine
+    if model_id is None:
+        return load_model(path)
+    model_id = str(model_id).lower()
+    if path is None or not Path(path).expanduser().is_file():
+        found = find_weights(model_id)
         if found is not None:
             return load_model(found)
-    if path is not None or model_id is None:
-        loaded = load_model(path)
-        if model_id is not None:
-            loaded.check_id(str(model_id), "this data")
-        return loaded
-    default = load_model(None) if default_weights_path().is_file() else None
-    if default is not None and default.model_id.startswith(str(model_id).lower()):
-        return default
-    found = find_weights(str(model_id))
-    if found is not None:
-        return load_model(found)
-    if default is None:
-        raise InvalidSettingError(f"model weights not found: {default_weights_path()}")
-    default.check_id(str(model_id), "this data")   # raises, naming both ids and where to look
-    return default
+    loaded = load_model(path)            # raises when the file is missing
+    loaded.check_id(model_id, "this data")
+    return loaded
 
 
 def default_weights_path() -> Path:
@@ -190,7 +184,7 @@ def load_model(path: str | os.PathLike | None = None) -> LoadedModel:
         model = WsiHyperprior(ModelConfig.from_dict(state["config"]))
         _load_coding_state(model, state["state_dict"])
         model.eval()
-        loaded = LoadedModel(model, sha256_file(p), p, dict(state.get("provenance", {})))
+        loaded = LoadedModel(model, _cached_sha256(p), p, dict(state.get("provenance", {})))
         _cache[p] = loaded
         return loaded
 
@@ -199,12 +193,11 @@ def _load_coding_state(model, state_dict: dict) -> None:
     """load_state_dict, resizing the CDF buffers that ``update()`` allocates lazily."""
     for name in ("entropy_bottleneck", "gaussian_conditional"):
         module = getattr(model, name)
-        for buf in ("_quantized_cdf", "_offset", "_cdf_length", "scale_table"):
+        for buf in FROZEN_TABLES:
             key = f"{name}.{buf}"
             if key in state_dict:
                 setattr(module, buf, state_dict[key].clone())
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in missing if not k.endswith("_h_s64_cache")]
     if missing or unexpected:
         raise WsiCodecError(f"checkpoint does not match the network: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if model.gaussian_conditional._quantized_cdf.numel() == 0:

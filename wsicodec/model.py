@@ -30,6 +30,7 @@ encoder and the decoder agree bit for bit.
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import warnings
@@ -52,7 +53,7 @@ with warnings.catch_warnings():
 DEFAULT_LAMBDAS = (0.0009, 0.0018, 0.0035, 0.0067, 0.013, 0.025, 0.0483, 0.0932)
 
 SCALES_MIN, SCALES_MAX, SCALES_LEVELS = 0.11, 256.0, 64
-_H_S64_LOCK = threading.Lock()
+_CACHE_LOCK = threading.Lock()
 
 
 def scale_table() -> torch.Tensor:
@@ -178,8 +179,7 @@ class WsiHyperprior(nn.Module):
         x only needs to be a multiple of 16; crop h_s's output back to y_q's size.
         """
         gain, hgain = self.gains(quality, x.dtype)
-        g_a = self.g_a if self.training or torch.is_grad_enabled() else self._fast("g_a", x.device, x.dtype)
-        y = g_a(x) * gain
+        y = self._transform("g_a", x)(x) * gain
         z = self.h_a(pad_to_stride(y, latent_stride)) * hgain
         return y, z
 
@@ -215,39 +215,46 @@ class WsiHyperprior(nn.Module):
         """Build the fast g_s copy for ``device`` now (it is built on first use otherwise)."""
         self._fast("g_s", torch.device(device), dtype)
 
+    def _derived(self, key, build):
+        """A module derived from the weights (float64 h_s, fast g_a/g_s), built once per key.
+
+        Built outside inference mode, so it is a normal module whatever mode asked first;
+        the threads of a batch decoder may ask at once.
+        """
+        with _CACHE_LOCK:
+            cache = self.__dict__.setdefault("_derived_cache", {})
+            if key not in cache:
+                with torch.inference_mode(False):
+                    cache[key] = build()
+            return cache[key]
+
     def _h_s64(self) -> nn.Module:
-        with _H_S64_LOCK:  # threads of a batch decoder may ask at once
-            cached = getattr(self, "_h_s64_cache", None)
-            if cached is None:
-                import copy
-                with torch.inference_mode(False):  # a normal module, even when first built in inference mode
-                    cached = copy.deepcopy(self.h_s).to(torch.float64).eval()
-                object.__setattr__(self, "_h_s64_cache", cached)
-        return cached
+        return self._derived("h_s64", lambda: copy.deepcopy(self.h_s).to(torch.float64).eval())
 
     def synthesis(self, y_hat: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
         """ŷ_q → x̂ (g_s may run on any device and dtype: it changes pixels, not symbols).
 
         Outside training (no autograd) this runs :class:`FastTransform`, the same maps
-        in channels-last with the GDN weights reparametrised once (~1.5× faster on CPU).
+        in channels-last with the GDN weights reparametrised once (1.1× at two threads,
+        ~1.5× at one on the development CPU: bench/results/tile_speed.json, README).
         """
         gain, _ = self.gains(quality.to(y_hat.device), y_hat.dtype)
         y = y_hat / gain
+        return self._transform("g_s", y)(y)
+
+    def _transform(self, name: str, x: torch.Tensor) -> nn.Module:
+        """g_a or g_s itself when training or under autograd, else its fast copy."""
         if self.training or torch.is_grad_enabled():
-            return self.g_s(y)
-        return self._fast("g_s", y.device, y.dtype)(y)
+            return getattr(self, name)
+        return self._fast(name, x.device, x.dtype)
 
     def _fast(self, name: str, device: torch.device, dtype: torch.dtype) -> "FastTransform":
         """The inference copy of g_a or g_s for this device and dtype (built once)."""
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:   # "cuda" and "cuda:0" are one copy
             device = torch.device("cuda", torch.cuda.current_device())
-        with _H_S64_LOCK:
-            caches = self.__dict__.setdefault("_fast_cache", {})
-            key = (name, str(device), dtype)
-            if key not in caches:
-                caches[key] = FastTransform(getattr(self, name)).to(device=device, dtype=dtype)
-            return caches[key]
+        return self._derived((name, str(device), dtype),
+                             lambda: FastTransform(getattr(self, name)).to(device=device, dtype=dtype))
 
 
 def pad_to_stride(x: torch.Tensor, stride: int = WsiHyperprior.STRIDE) -> torch.Tensor:
@@ -274,7 +281,6 @@ class FastTransform(nn.Module):
             if isinstance(layer, GDN):
                 layers.append(_FrozenGDN(layer))
             else:
-                import copy
                 layers.append(copy.deepcopy(layer))
         self.layers = nn.Sequential(*layers).to(memory_format=torch.channels_last)
         self.requires_grad_(False)
