@@ -227,3 +227,22 @@ def test_background_rule_is_conservative():
     assert (out[100, 100] == (40, 20, 90)).all()
     assert np.abs(out.astype(int) - blank).max() <= 10
     assert _psnr(blank, codec.decode(data)) > 40
+
+
+def test_quality_scale_spans_the_whole_ladder_whatever_its_length():
+    """Quality 1..8 maps onto the λ knots evenly; with 8 knots it is the knot index itself,
+    so containers written by 8-level weights decode with exactly the gains they were coded with."""
+    from wsicodec.model import ModelConfig, WsiHyperprior
+
+    eight = WsiHyperprior(ModelConfig(N=8, M=12, lambdas=(1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2, 0.128)))
+    q = torch.tensor([1.0, 2.0, 3.5, 8.0])
+    assert torch.equal(eight.position(q), q - 1)
+    g, _ = eight.gains(torch.tensor([3.0]))
+    assert torch.equal(g[0, :, 0, 0], torch.exp(eight.log_gain[2]))
+    ten = WsiHyperprior(ModelConfig(N=8, M=12, lambdas=tuple(1e-3 * 2 ** i for i in range(10))))
+    pos = ten.position(torch.tensor([0.0, 1.0, 4.5, 8.0, 9.0]))      # clamped to 1..8
+    assert torch.allclose(pos, torch.tensor([0.0, 0.0, 4.5, 9.0, 9.0]))
+    lam = ten.lambda_at(torch.tensor([1.0, 8.0, 1 + 7 / 9]))         # ends and the 2nd knot
+    assert torch.allclose(lam, torch.tensor([1e-3, 0.512, 2e-3]), rtol=1e-5)
+    mid = ten.lambda_at(torch.tensor([1 + 3.5 * 7 / 9]))            # halfway between knots 4 and 5
+    assert torch.allclose(mid, torch.tensor([1e-3 * 2 ** 3.5]), rtol=1e-5)

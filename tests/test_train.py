@@ -50,6 +50,13 @@ def test_train_resume_export_and_code(tmp_path):
                               "--lambdas", "0.001", "0.004", "0.016", "0.03", "0.05", "0.07", "0.09", "0.1"]) == 0
     state2 = torch.load(out2 / "last.pt", weights_only=False)
     assert state2["step"] == 4 and state2["config"]["lambdas"][0] == 0.001
+    # a training checkpoint onto a ladder of another length: the gains' Adam moments follow
+    assert train_script.main([*args2, "--steps", "5", "--resume", str(out2 / "last.pt"),
+                              "--lambdas", "0.0005", "0.001", "0.004", "0.1"]) == 0
+    state3 = torch.load(out2 / "last.pt", weights_only=False)
+    assert state3["step"] == 5 and state3["model"]["log_gain"].shape == (4, 24)
+    moments = [st["exp_avg_sq"].shape for st in state3["optimizer"]["state"].values()]
+    assert (4, 24) in moments and (8, 24) not in moments
 
 
 def test_remap_gains_interpolates_and_extends_the_ladder():
@@ -68,6 +75,24 @@ def test_remap_gains_interpolates_and_extends_the_ladder():
     assert torch.allclose(new["log_gain"][0], log_gain[0] - 0.5 * step)
     assert torch.allclose(new["log_gain"][2], log_gain[2] + 0.5 * np.log(2.0))
     assert torch.allclose(new["log_hgain"][0], log_gain[0] - 0.25 * step)
+
+
+def test_remap_adam_rows_takes_the_nearest_knot():
+    import train as train_script
+
+    from wsicodec.model import ModelConfig, WsiHyperprior
+
+    old = (0.001, 0.004, 0.016)
+    cfg = ModelConfig(N=8, M=12, lambdas=old)
+    names = [n for n, _ in WsiHyperprior(cfg).named_parameters() if not n.endswith("quantiles")]
+    i = names.index("log_gain")
+    rows = torch.arange(3.0)[:, None].repeat(1, 12)
+    state = {"config": cfg.to_dict(), "optimizer": {"state": {
+        i: {"step": torch.tensor(7.0), "exp_avg": rows.clone(), "exp_avg_sq": rows + 1}}}}
+    train_script.remap_adam_rows(state, old, (0.0002, 0.001, 0.005, 0.016))
+    st = state["optimizer"]["state"][i]
+    assert st["exp_avg"][:, 0].tolist() == [0.0, 0.0, 1.0, 2.0]
+    assert st["exp_avg_sq"][:, 0].tolist() == [1.0, 1.0, 2.0, 3.0]
 
 
 @pytest.mark.skipif(not VGG.is_file(), reason="shared VGG16 weights not found")

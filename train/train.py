@@ -3,9 +3,11 @@
     python train/train.py --data ../shared/data/he/train ../shared/data/he/tiles \
         --out runs/main --minutes 120 [--resume runs/main/last.pt] [--device cuda]
 
-Loss per sample, with its quality level l drawn uniformly per sample::
+Loss per sample, with its quality q drawn uniformly from [1, 8] per sample::
 
-    L = bits/pixel + λ_l · (255² · MSE + α · D_feat)
+    L = bits/pixel + λ(q) · (255² · MSE + α · D_feat)
+
+λ(q) interpolates the ladder's knots geometrically, as the gains do.
 
 D_feat is a deep-feature distance on the ImageNet VGG16 trunk (relu1_2, relu2_2,
 channel-normalised as in LPIPS), loaded offline from ``--vgg`` (default
@@ -37,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from wsicodec.checkpoint import FROZEN_TABLES  # noqa: E402
-from wsicodec.model import ModelConfig, WsiHyperprior  # noqa: E402
+from wsicodec.model import QUALITY_MAX, ModelConfig, WsiHyperprior  # noqa: E402
 
 IMAGE_SUFFIXES = {".png", ".tif", ".tiff", ".jpg", ".jpeg", ".webp"}
 
@@ -148,6 +150,24 @@ def remap_gains(sd: dict, old: tuple[float, ...], new: tuple[float, ...]) -> dic
     return sd
 
 
+def remap_adam_rows(state: dict, old: tuple[float, ...], new: tuple[float, ...]) -> None:
+    """Give the gains' Adam moments the new ladder's shape (the rest of the state is kept).
+
+    A new knot takes the moments of the nearest old knot in log-λ: the same step size
+    the neighbouring gains were taking, rather than a fresh second moment of zero (whose
+    first updates would be huge).
+    """
+    names = [n for n, _ in WsiHyperprior(ModelConfig.from_dict(state["config"])).named_parameters()
+             if not n.endswith("quantiles")]
+    lo_old = np.log(np.asarray(old))
+    nearest = torch.tensor([int(np.abs(lo_old - math.log(lam)).argmin()) for lam in new])
+    for key in ("log_gain", "log_hgain"):
+        st = state["optimizer"]["state"].get(names.index(key))
+        if st:
+            for m in ("exp_avg", "exp_avg_sq"):
+                st[m] = st[m][nearest].clone()
+
+
 def save_atomic(obj: dict, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -197,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             old = config
             config = ModelConfig(N=old.N, M=old.M, lambdas=tuple(args.lambdas))
             state["model"] = remap_gains(state["model"], old.lambdas, config.lambdas)
+            if "optimizer" in state and len(old.lambdas) != len(config.lambdas):
+                remap_adam_rows(state, old.lambdas, config.lambdas)
             print(f"λ ladder {list(old.lambdas)} -> {list(config.lambdas)}: gains interpolated")
     else:
         config = ModelConfig(N=args.N, M=args.M, **({"lambdas": tuple(args.lambdas)} if args.lambdas else {}))
@@ -222,7 +244,6 @@ def main(argv: list[str] | None = None) -> int:
     sampler = CropSampler(images, args.crop, rng)
     feat = FeatureDistance(args.vgg).to(dev) if args.alpha > 0 else None
     fwd = torch.compile(model) if args.compile else model
-    lambdas = torch.tensor(config.lambdas, device=dev)
     print(f"{len(images)} images, model N={config.N} M={config.M}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, alpha={args.alpha}")
 
@@ -261,15 +282,15 @@ def main(argv: list[str] | None = None) -> int:
         for g in opt.param_groups:
             g["lr"] = lr
         x = sampler.batch(args.batch).to(dev)
-        level = torch.randint(0, config.levels, (args.batch,), device=dev)
-        out_d = fwd(x, (level + 1).float())
+        quality = 1 + (QUALITY_MAX - 1) * torch.rand(args.batch, device=dev)   # continuous 1..8
+        out_d = fwd(x, quality)
         x_hat = out_d["x_hat"]
         npix = x.shape[-1] * x.shape[-2]
         bpp = (out_d["bits_y"] + out_d["bits_z"]) / npix
         mse = (x_hat - x).pow(2).flatten(1).mean(1)
         dist = 255.0 ** 2 * mse
         fd = feat(x_hat.clamp(0, 1), x) if feat is not None else torch.zeros_like(mse)
-        loss = (bpp + lambdas[level] * (dist + args.alpha * fd)).mean()
+        loss = (bpp + model.lambda_at(quality) * (dist + args.alpha * fd)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(main_params, 1.0)

@@ -16,10 +16,11 @@ Data flow (names follow Ballé et al. 2018 / Minnen et al. 2018, as in CompressA
 
 * ``z_q`` is coded with a factorized prior (:class:`EntropyBottleneck`),
   ``y_q`` with a Gaussian whose mean μ and scale σ come from ``h_s(ẑ)``.
-* ``gain[q]`` / ``hgain[q]`` are per-channel gain vectors, one per quality level
-  (Cui et al. 2021, "asymmetric gained" units).  A fractional quality
-  interpolates between neighbouring levels geometrically, so one set of weights
-  covers the whole rate range.
+* ``gain[q]`` / ``hgain[q]`` are per-channel gain vectors, one per knot of the λ
+  ladder (Cui et al. 2021, "asymmetric gained" units).  The knots are spread evenly
+  over the quality scale 1..8 and any quality between them interpolates the
+  log-gains (training draws the quality continuously), so one set of weights covers
+  the whole rate range.
 * No autoregressive context model: every latent of a tile is decoded in parallel.
 
 The network only computes; bitstreams are made in :mod:`wsicodec.entropy`, and
@@ -46,11 +47,16 @@ with warnings.catch_warnings():
     from compressai.entropy_models import EntropyBottleneck, GaussianConditional
     from compressai.layers import GDN
 
-#: λ per integer quality level 1..8 (loss = rate + λ·255²·MSE): CompressAI's ladder moved
-#: down one level (0.0009 added, 0.18 dropped): its top level spent bits on H&E for little
-#: PSNR, and the bottom did not reach low enough rates.  (A steeper move, 0.0005 … 0.09,
+#: The λ ladder (loss = rate + λ·255²·MSE): knots spread evenly over the public quality
+#: scale 1..8 (quality 1 = the first λ, 8 = the last; fractional qualities interpolate
+#: the log-gains, and training samples the quality continuously).  CompressAI's ladder
+#: moved down one level (its top spent bits on H&E for little PSNR), then extended by two
+#: knots below so quality 1 reaches ~0.15 bpp.  (A steeper 8-level ladder, 0.0005 … 0.09,
 #: cost the shared transforms 1.5-2.7 dB at equal rate: train/README.md.)
-DEFAULT_LAMBDAS = (0.0009, 0.0018, 0.0035, 0.0067, 0.013, 0.025, 0.0483, 0.0932)
+DEFAULT_LAMBDAS = (0.00025, 0.00047, 0.0009, 0.0018, 0.0035, 0.0067, 0.013, 0.025, 0.0483, 0.0932)
+
+#: the public quality scale is 1..QUALITY_MAX whatever the number of λ knots
+QUALITY_MAX = 8
 
 SCALES_MIN, SCALES_MAX, SCALES_LEVELS = 0.11, 256.0, 64
 _CACHE_LOCK = threading.Lock()
@@ -126,15 +132,30 @@ class WsiHyperprior(nn.Module):
         self.log_hgain = nn.Parameter((0.5 * log_g)[:, None].repeat(1, N).clone())
 
     # ----------------------------------------------------------------- gains
+    def position(self, quality: torch.Tensor) -> torch.Tensor:
+        """Where a quality (1..8) sits on the λ ladder: 0 .. levels-1, fractional between knots."""
+        q = quality.to(self.log_gain.dtype).clamp(1, QUALITY_MAX) - 1
+        return q * ((self.config.levels - 1) / (QUALITY_MAX - 1))
+
+    def lambda_at(self, quality: torch.Tensor) -> torch.Tensor:
+        """λ of each quality: the ladder interpolated geometrically (what training weights MSE by)."""
+        lo, t = self._knots(quality)
+        log_lam = torch.log(torch.tensor(self.config.lambdas, dtype=t.dtype, device=t.device))
+        return torch.exp(log_lam[lo] * (1 - t) + log_lam[lo + 1] * t)
+
+    def _knots(self, quality: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.position(quality)
+        lo = p.floor().long().clamp(max=self.config.levels - 2)
+        return lo, p - lo.to(p.dtype)
+
     def gains(self, quality: torch.Tensor, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample (gain, hyper gain), shapes (B, M, 1, 1) and (B, N, 1, 1).
 
-        ``quality`` holds values in [1, levels]; fractional values interpolate
-        the log-gains linearly between the two neighbouring levels.
+        ``quality`` holds values in [1, 8]; the log-gains are interpolated linearly
+        between the two λ knots either side of :meth:`position`.
         """
-        q = quality.to(self.log_gain.dtype).clamp(1, self.config.levels) - 1
-        lo = q.floor().long().clamp(max=self.config.levels - 2)
-        t = (q - lo.to(q.dtype))[:, None]
+        lo, t = self._knots(quality)
+        t = t[:, None]
         lg = self.log_gain[lo] * (1 - t) + self.log_gain[lo + 1] * t
         lh = self.log_hgain[lo] * (1 - t) + self.log_hgain[lo + 1] * t
         g, h = torch.exp(lg)[:, :, None, None], torch.exp(lh)[:, :, None, None]
