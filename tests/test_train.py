@@ -33,7 +33,7 @@ def test_train_resume_export_and_code(tmp_path):
     assert train_script.main([*common, "--steps", "2"]) == 0
     state = torch.load(out / "last.pt", weights_only=False)
     assert state["step"] == 2 and state["config"]["N"] == 16
-    assert train_script.main([*common, "--steps", "3", "--resume", str(out / "last.pt")]) == 0
+    assert train_script.main([*common, "--steps", "3", "--resume", str(out / "last.pt"), "--feat-crop", "32"]) == 0
     assert torch.load(out / "last.pt", weights_only=False)["step"] == 3
     log = (out / "log.csv").read_text().splitlines()
     assert log[0].startswith("step,") and len(log) == 4     # header + 3 steps
@@ -109,6 +109,10 @@ def test_feature_distance_from_the_trimmed_trunk_matches_the_full_one(tmp_path):
     d_trim = train_script.FeatureDistance(str(trimmed))(a, b)
     assert d_full.shape == (2,) and torch.equal(d_full, d_trim) and (d_full > 0).all()
     assert train_script.FeatureDistance(str(trimmed))(a, a).abs().max() < 1e-6
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    train_script.FeatureDistance(str(trimmed))(a, b).sum().backward()
+    assert a.grad.abs().sum() > 0 and b.grad is None     # the reference is never differentiated
 
 
 @pytest.mark.skipif(not TRAIN.is_dir(), reason="shared data not found")
