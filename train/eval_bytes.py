@@ -2,14 +2,15 @@
 
     python train/eval_bytes.py WEIGHTS.pt [--images ../shared/data/he/test]
                                [--qualities 1 2 4 6 8] [--max-images 14] [--device cpu]
-                               [--json OUT.json]
+                               [--json OUT.json] [--lpips]
 
 Codes every image with ``wsicodec.encode`` (256² tiles with their context margin and
 the stream's tile table: every byte the product writes), decodes it, and prints bpp
 and PSNR per quality, then the BD-rate (PSNR) against the JPEG-XL and JPEG 4:4:4
 curves committed in ``bench/results/rd_he_test.json`` (same images).  Use it to
 decide whether new weights are worth shipping; ``bench/rd.py --update learned`` is
-the full measurement (MS-SSIM, LPIPS, speed) once they are.
+the full measurement (MS-SSIM, LPIPS, speed) once they are.  ``--lpips`` adds LPIPS-alex
+and a BD-rate on it (quality = −10·log10 LPIPS), for weights trained with the feature loss.
 """
 
 from __future__ import annotations
@@ -32,8 +33,14 @@ import metrics  # noqa: E402  (bench/metrics.py: PSNR and BD-rate)
 RD_JSON = ROOT / "bench" / "results" / "rd_he_test.json"
 
 
-def anchor_curves(path: Path, images: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """(bpp, PSNR) mean curves of the committed anchors, over the images evaluated here."""
+def lpips_db(value):
+    """LPIPS as an increasing quality for BD-rate: −10·log10(LPIPS)."""
+    return -10 * np.log10(np.maximum(value, 1e-6))
+
+
+def anchor_curves(path: Path, images: list[str], key_metric: str = "psnr"
+                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(bpp, metric) mean curves of the committed anchors, over the images evaluated here."""
     if not path.is_file():
         return {}
     result = json.loads(path.read_text())
@@ -47,7 +54,7 @@ def anchor_curves(path: Path, images: list[str]) -> dict[str, tuple[np.ndarray, 
             rows = [r for r in p.get("per_image", []) if r.get("image") in images and "error" not in r]
             if len(rows) == len(images):
                 bpp.append(np.mean([r["bpp"] for r in rows]))
-                ps.append(np.mean([r["psnr"] for r in rows]))
+                ps.append(np.mean([r[key_metric] for r in rows]))
         if bpp:
             out[key] = (np.array(bpp), np.array(ps))
     return out
@@ -61,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-images", type=int, default=14)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None, help="also write the numbers here")
+    ap.add_argument("--lpips", action="store_true", help="also LPIPS-alex, and its BD-rate")
     args = ap.parse_args(argv)
 
     import torch
@@ -74,30 +82,41 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
     names = [f.name for f in files]
+    lp = metrics.load_lpips() if args.lpips else None
     loaded = load_model(args.weights)
     print(f"model {loaded.model_id[:16]}... step {loaded.provenance.get('train_step')}, "
           f"{len(files)} images from {args.images}")
     rows = []
     t0 = time.time()
     for q in args.qualities:
-        bpp, ps = [], []
+        bpp, ps, lps = [], [], []
         for img in images:
             data = encode(img, quality=q, model=args.weights)
             rec = decode(data, model=args.weights)
             bpp.append(8 * len(data) / (img.shape[0] * img.shape[1]))
             ps.append(metrics.psnr(img, rec))
+            if lp is not None:
+                lps.append(lp(img, rec))
         rows.append({"quality": q, "bpp": float(np.mean(bpp)), "psnr": float(np.mean(ps))})
-        print(f"  q{q:g}: {rows[-1]['bpp']:.3f} bpp  {rows[-1]['psnr']:.2f} dB  ({time.time() - t0:.0f} s)",
-              flush=True)
+        if lp is not None:
+            rows[-1]["lpips"] = float(np.mean(lps))
+        print(f"  q{q:g}: {rows[-1]['bpp']:.3f} bpp  {rows[-1]['psnr']:.2f} dB"
+              + (f"  LPIPS {rows[-1]['lpips']:.4f}" if lp is not None else "")
+              + f"  ({time.time() - t0:.0f} s)", flush=True)
     rate = np.array([r["bpp"] for r in rows])
     quality = np.array([r["psnr"] for r in rows])
     bd = {}
     for key, (ra, qa) in anchor_curves(RD_JSON, names).items():
         bd[key] = metrics.bd_rate(ra, qa, rate, quality)
         print(f"  BD-rate (PSNR) vs {key}: {bd[key]:+.1f} %")
+    if lp is not None:
+        ours = lpips_db(np.array([r["lpips"] for r in rows]))
+        for key, (ra, la) in anchor_curves(RD_JSON, names, "lpips").items():
+            bd[f"{key}_lpips"] = metrics.bd_rate(ra, lpips_db(la), rate, ours)
+            print(f"  BD-rate (LPIPS) vs {key}: {bd[key + '_lpips']:+.1f} %")
     if args.json:
         Path(args.json).write_text(json.dumps({"model_id": loaded.model_id, "images": names,
-                                               "points": rows, "bd_rate_psnr": bd}, indent=1))
+                                               "points": rows, "bd_rate": bd}, indent=1))
     return 0
 
 
