@@ -3,7 +3,8 @@
     python train/train.py --data ../shared/data/he/train ../shared/data/he/tiles \
         --out runs/main --minutes 120 [--resume runs/main/last.pt] [--device cuda]
 
-Loss per sample, with its quality q drawn uniformly from [1, 8] per sample::
+Loss per sample, its quality q drawn per sample (an integer 1..8, or with probability
+``--continuous`` anywhere in [1, 8])::
 
     L = bits/pixel + λ(q) · (255² · MSE + α · D_feat)
 
@@ -186,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lr-final", type=float, default=1e-4, help="lr reached at the end of the budget (cosine)")
     ap.add_argument("--alpha", type=float, default=0.0, help="weight of the deep-feature distance")
+    ap.add_argument("--continuous", type=float, default=0.25,
+                    help="share of samples whose quality is drawn anywhere in 1..8 rather than from "
+                         "the integers (uniform draws train the scale's two ends half as often)")
     ap.add_argument("--feat-crop", type=int, default=0,
                     help="measure the feature distance on a random square of this size inside each "
                          "crop (0: the whole crop); 64 in 128² crops cuts the VGG cost by four")
@@ -285,7 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         for g in opt.param_groups:
             g["lr"] = lr
         x = sampler.batch(args.batch).to(dev)
-        quality = 1 + (QUALITY_MAX - 1) * torch.rand(args.batch, device=dev)   # continuous 1..8
+        # integer qualities (where the product is used and measured), a share drawn anywhere in 1..8
+        quality = torch.randint(1, QUALITY_MAX + 1, (args.batch,), device=dev).float()
+        anywhere = torch.rand(args.batch, device=dev) < args.continuous
+        quality = torch.where(anywhere, 1 + (QUALITY_MAX - 1) * torch.rand(args.batch, device=dev), quality)
         out_d = fwd(x, quality)
         x_hat = out_d["x_hat"]
         npix = x.shape[-1] * x.shape[-2]
