@@ -50,6 +50,17 @@ def test_1000x1000_round_trip_and_rate_ordering(tissue):
     assert _psnr(tissue, out) > _psnr(tissue, wsicodec.decode(small))
 
 
+def test_every_quality_step_costs_more_bytes_and_gives_more_psnr(tissue):
+    """Quality 1 is the smallest setting: weights whose lowest knot coded bigger than quality 2
+    (as one α > 0 continuation did) must not ship."""
+    crop = np.ascontiguousarray(tissue[:512, :512])
+    streams = [wsicodec.encode(crop, quality=q) for q in range(1, 9)]
+    sizes = [len(s) for s in streams]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 8, sizes
+    psnrs = [_psnr(crop, wsicodec.decode(s)) for s in streams]
+    assert psnrs == sorted(psnrs), psnrs
+
+
 def test_fractional_quality_between_neighbours(tissue):
     crop = np.ascontiguousarray(tissue[:256, :256])
     sizes = [len(LearnedCodec(q).encode(crop)) for q in (3.0, 3.5, 4.0)]
