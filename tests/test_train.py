@@ -87,10 +87,9 @@ def test_remap_adam_rows_takes_the_nearest_knot():
     names = [n for n, _ in WsiHyperprior(cfg).named_parameters() if not n.endswith("quantiles")]
     i = names.index("log_gain")
     rows = torch.arange(3.0)[:, None].repeat(1, 12)
-    state = {"config": cfg.to_dict(), "optimizer": {"state": {
-        i: {"step": torch.tensor(7.0), "exp_avg": rows.clone(), "exp_avg_sq": rows + 1}}}}
-    train_script.remap_adam_rows(state, old, (0.0002, 0.001, 0.005, 0.016))
-    st = state["optimizer"]["state"][i]
+    opt_state = {"state": {i: {"step": torch.tensor(7.0), "exp_avg": rows.clone(), "exp_avg_sq": rows + 1}}}
+    train_script.remap_adam_rows(opt_state, names, old, (0.0002, 0.001, 0.005, 0.016))
+    st = opt_state["state"][i]
     assert st["exp_avg"][:, 0].tolist() == [0.0, 0.0, 1.0, 2.0]
     assert st["exp_avg_sq"][:, 0].tolist() == [1.0, 1.0, 2.0, 3.0]
 

@@ -151,19 +151,18 @@ def remap_gains(sd: dict, old: tuple[float, ...], new: tuple[float, ...]) -> dic
     return sd
 
 
-def remap_adam_rows(state: dict, old: tuple[float, ...], new: tuple[float, ...]) -> None:
+def remap_adam_rows(opt_state: dict, names: list[str], old: tuple[float, ...],
+                    new: tuple[float, ...]) -> None:
     """Give the gains' Adam moments the new ladder's shape (the rest of the state is kept).
 
-    A new knot takes the moments of the nearest old knot in log-λ: the same step size
-    the neighbouring gains were taking, rather than a fresh second moment of zero (whose
-    first updates would be huge).
+    ``names`` are the optimiser's parameters in order.  A new knot takes the moments of
+    the nearest old knot in log-λ: the same step size the neighbouring gains were taking,
+    rather than a fresh second moment of zero (whose first updates would be huge).
     """
-    names = [n for n, _ in WsiHyperprior(ModelConfig.from_dict(state["config"])).named_parameters()
-             if not n.endswith("quantiles")]
     lo_old = np.log(np.asarray(old))
     nearest = torch.tensor([int(np.abs(lo_old - math.log(lam)).argmin()) for lam in new])
     for key in ("log_gain", "log_hgain"):
-        st = state["optimizer"]["state"].get(names.index(key))
+        st = opt_state["state"].get(names.index(key))
         if st:
             for m in ("exp_avg", "exp_avg_sq"):
                 st[m] = st[m][nearest].clone()
@@ -214,23 +213,22 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    state = None
+    state, old_lambdas = None, None
     if args.resume:
         state = torch.load(args.resume, map_location="cpu", weights_only=False)
         if "model" not in state and "state_dict" in state:   # shipped weights: start from them
             state = from_shipped(state)
         config = ModelConfig.from_dict(state["config"])
         if args.lambdas:
-            old = config
-            config = ModelConfig(N=old.N, M=old.M, lambdas=tuple(args.lambdas))
-            state["model"] = remap_gains(state["model"], old.lambdas, config.lambdas)
-            if "optimizer" in state and len(old.lambdas) != len(config.lambdas):
-                remap_adam_rows(state, old.lambdas, config.lambdas)
-            print(f"λ ladder {list(old.lambdas)} -> {list(config.lambdas)}: gains interpolated")
+            old_lambdas = config.lambdas
+            config = ModelConfig(N=config.N, M=config.M, lambdas=tuple(args.lambdas))
+            state["model"] = remap_gains(state["model"], old_lambdas, config.lambdas)
+            print(f"λ ladder {list(old_lambdas)} -> {list(config.lambdas)}: gains interpolated")
     else:
         config = ModelConfig(N=args.N, M=args.M, **({"lambdas": tuple(args.lambdas)} if args.lambdas else {}))
     model = WsiHyperprior(config).to(dev)
-    main_params = [p for n, p in model.named_parameters() if not n.endswith("quantiles")]
+    main_names = [n for n, _ in model.named_parameters() if not n.endswith("quantiles")]
+    main_params = [model.get_parameter(n) for n in main_names]
     aux_params = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
     opt = torch.optim.Adam(main_params, lr=args.lr)
     aux_opt = torch.optim.Adam(aux_params, lr=1e-3)
@@ -239,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     if state is not None:
         model.load_state_dict(state["model"], strict=False)
         if "optimizer" in state:
+            if old_lambdas is not None and len(old_lambdas) != config.levels:
+                remap_adam_rows(state["optimizer"], main_names, old_lambdas, config.lambdas)
             opt.load_state_dict(state["optimizer"])
             aux_opt.load_state_dict(state["aux_optimizer"])
         step, wall0 = state.get("step", 0), state.get("wall", 0.0)

@@ -19,8 +19,8 @@ Data flow (names follow Ballé et al. 2018 / Minnen et al. 2018, as in CompressA
 * ``gain[q]`` / ``hgain[q]`` are per-channel gain vectors, one per knot of the λ
   ladder (Cui et al. 2021, "asymmetric gained" units).  The knots are spread evenly
   over the quality scale 1..8 and any quality between them interpolates the
-  log-gains (training draws the quality continuously), so one set of weights covers
-  the whole rate range.
+  log-gains (training draws integer qualities and a share anywhere in between), so
+  one set of weights covers the whole rate range.
 * No autoregressive context model: every latent of a tile is decoded in parallel.
 
 The network only computes; bitstreams are made in :mod:`wsicodec.entropy`, and
