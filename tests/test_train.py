@@ -141,3 +141,22 @@ def test_sigterm_writes_the_checkpoint_and_exits_cleanly(tmp_path):
     assert proc.returncode == 0, text
     assert "stopped by signal" in text
     assert torch.load(out / "last.pt", weights_only=False)["step"] >= 2
+
+
+@pytest.mark.parametrize("bad", [["--crop", "80"], ["--crop", "32"], ["--crop", "64", "--feat-crop", "96"]])
+def test_crop_sizes_the_network_cannot_take_are_refused_before_loading(tmp_path, bad, capsys):
+    import train as train_script
+    with pytest.raises(SystemExit) as exc:
+        train_script.main(["--data", str(tmp_path), "--out", str(tmp_path / "run"), *bad])
+    assert exc.value.code == 2 and "crop" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_bytes_names_quality_steps_that_are_not_bigger_and_better():
+    from eval_bytes import non_monotonic_steps
+    rows = [{"quality": 2, "per_image_bpp": [0.30, 0.28], "per_image_psnr": [26.0, 26.5]},
+            {"quality": 1, "per_image_bpp": [0.29, 0.30], "per_image_psnr": [24.0, 24.2]},
+            {"quality": 3, "per_image_bpp": [0.45, 0.40], "per_image_psnr": [28.0, 26.5]}]
+    assert non_monotonic_steps(rows) == ["q1 -> q2: 1 of 2 images not bigger, 0 not better",
+                                         "q2 -> q3: 0 of 2 images not bigger, 1 not better"]
+    assert non_monotonic_steps(rows[1:2]) == []

@@ -38,6 +38,24 @@ def lpips_db(value):
     return -10 * np.log10(np.maximum(value, 1e-6))
 
 
+def non_monotonic_steps(rows: list[dict]) -> list[str]:
+    """Steps between consecutive qualities that fail to cost more bytes *and* give more PSNR.
+
+    ``rows`` carry ``per_image_bpp`` / ``per_image_psnr``; one text per failing step,
+    e.g. "q1 -> q2: 11 of 14 images not bigger, 0 not better".
+    """
+    out = []
+    rows = sorted(rows, key=lambda r: r["quality"])
+    for a, b in zip(rows, rows[1:]):
+        n = len(a["per_image_bpp"])
+        bigger = sum(y <= x for x, y in zip(a["per_image_bpp"], b["per_image_bpp"]))
+        better = sum(y <= x for x, y in zip(a["per_image_psnr"], b["per_image_psnr"]))
+        if bigger or better:
+            out.append(f"q{a['quality']:g} -> q{b['quality']:g}: {bigger} of {n} images not bigger, "
+                       f"{better} not better")
+    return out
+
+
 def anchor_curves(path: Path, images: list[str], key_metric: str = "psnr"
                   ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(bpp, metric) mean curves of the committed anchors, over the images evaluated here."""
@@ -97,12 +115,18 @@ def main(argv: list[str] | None = None) -> int:
             ps.append(metrics.psnr(img, rec))
             if lp is not None:
                 lps.append(lp(img, rec))
-        rows.append({"quality": q, "bpp": float(np.mean(bpp)), "psnr": float(np.mean(ps))})
+        rows.append({"quality": q, "bpp": float(np.mean(bpp)), "psnr": float(np.mean(ps)),
+                     "per_image_bpp": bpp, "per_image_psnr": ps})
         if lp is not None:
             rows[-1]["lpips"] = float(np.mean(lps))
         print(f"  q{q:g}: {rows[-1]['bpp']:.3f} bpp  {rows[-1]['psnr']:.2f} dB"
               + (f"  LPIPS {rows[-1]['lpips']:.4f}" if lp is not None else "")
               + f"  ({time.time() - t0:.0f} s)", flush=True)
+    broken = non_monotonic_steps(rows)
+    for text in broken:
+        print(f"  NOT SHIPPABLE: {text}")
+    if len(rows) > 1 and not broken:
+        print("  every quality step costs more bytes and gives more PSNR on every image")
     rate = np.array([r["bpp"] for r in rows])
     quality = np.array([r["psnr"] for r in rows])
     bd = {}
@@ -116,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  BD-rate (LPIPS) vs {key}: {bd[key + '_lpips']:+.1f} %")
     if args.json:
         Path(args.json).write_text(json.dumps({"model_id": loaded.model_id, "images": names,
-                                               "points": rows, "bd_rate": bd}, indent=1))
+                                               "points": rows, "bd_rate": bd,
+                                               "non_monotonic": broken}, indent=1))
     return 0
 
 

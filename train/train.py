@@ -181,8 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", default=None, help="checkpoint to continue from (training or shipped)")
     ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget")
     ap.add_argument("--steps", type=int, default=10**9, help="stop after this many total steps")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--crop", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--crop", type=int, default=256,
+                    help="crop side, a multiple of 64; train at the size the codec codes (256² tiles "
+                         "plus margin): on 128² crops the hyperprior is all border, and the weights "
+                         "code large images at low quality into more bits than they were trained to")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lr-final", type=float, default=1e-4, help="lr reached at the end of the budget (cosine)")
     ap.add_argument("--alpha", type=float, default=0.0, help="weight of the deep-feature distance")
@@ -205,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="a new λ ladder (one per quality level); on --resume the learned gains "
                          "are carried over by interpolating them at the new λ values")
     args = ap.parse_args(argv)
+    if args.crop < 64 or args.crop % WsiHyperprior.STRIDE:
+        ap.error(f"--crop must be a positive multiple of {WsiHyperprior.STRIDE}, got {args.crop}")
+    if args.feat_crop > args.crop:
+        ap.error(f"--feat-crop {args.feat_crop} is larger than --crop {args.crop}")
 
     torch.set_flush_denormal(True)
     if args.threads:
