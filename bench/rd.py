@@ -559,7 +559,7 @@ def write_markdown(result: dict, path: Path, png: str) -> None:
         f"Every number per image: `{path.with_suffix('.json').name}`.",
         "",
         f"Machine: {env['cpu']}, {env['cpus_usable']} usable cores, load {_f(env['loadavg_1min_at_start'], '.1f')} "
-        f"at start (another job was training), torch {env['packages'].get('torch')}, imagecodecs "
+        f"(1-minute average) at start, torch {env['packages'].get('torch')}, imagecodecs "
         f"{env['packages'].get('imagecodecs')}; date {env['date']}. Throughput is single-image wall time "
         "(best of up to 3 runs for fast codecs) with the thread count listed.",
         "",

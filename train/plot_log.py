@@ -44,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         for at, text in marks:
             ax.axvline(at, color="C3", lw=1, ls="--")
             if text and key == "psnr":
-                ax.annotate(text, (at, 0.02), xycoords=("data", "axes fraction"), fontsize=8,
-                            color="C3", xytext=(3, 0), textcoords="offset points")
+                # rotated along the line so neighbouring marks do not overprint each other
+                ax.annotate(text, (at, 0.03), xycoords=("data", "axes fraction"), fontsize=8,
+                            color="C3", xytext=(-3, 0), textcoords="offset points",
+                            rotation=90, ha="right", va="bottom")
         ax.set_xlabel("step")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
