@@ -11,7 +11,8 @@ reference pixels) and returns plain floats:
   from the ``lpips`` wheel, the AlexNet trunk from a local file (``../shared/weights`` or
   ``$WSICODEC_WEIGHTS`` or torchvision's cache). Nothing is ever downloaded.
 - :func:`bd_rate` — Bjøntegaard delta rate between two rate-distortion curves (pchip or cubic fit of
-  log-rate against quality), and :func:`msssim_db` to express MS-SSIM in dB for it.
+  log-rate against quality), and :func:`msssim_db` / :func:`lpips_db` to express MS-SSIM and LPIPS
+  in dB for it.
 
 The benchmark script ``bench/rd.py`` is the main user; ``tests/test_metrics.py`` pins the numbers.
 """
@@ -229,6 +230,12 @@ def msssim_db(value: float | np.ndarray) -> float | np.ndarray:
     """MS-SSIM expressed in dB, ``-10 log10(1 - ms_ssim)``, the scale BD-rates on MS-SSIM use."""
     v = np.asarray(value, dtype=np.float64)
     out = -10.0 * np.log10(np.maximum(1.0 - v, 1e-12))
+    return float(out) if out.ndim == 0 else out
+
+
+def lpips_db(value: float | np.ndarray) -> float | np.ndarray:
+    """LPIPS as an increasing quality in dB, ``-10 log10(LPIPS)``, the scale BD-rates on LPIPS use."""
+    out = -10.0 * np.log10(np.maximum(np.asarray(value, dtype=np.float64), 1e-6))
     return float(out) if out.ndim == 0 else out
 
 

@@ -356,7 +356,10 @@ def summarise(s: SeriesRun, n_images: int, env: dict) -> dict:
 # ------------------------------------------------------------------------------------------ BD-rate
 
 def _curve(entry: dict, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(bpp, quality) of the mean points; ``lpips_db`` is derived from the stored LPIPS."""
     pts = [p["mean"] for p in entry.get("points", []) if p.get("mean")]
+    if key == "lpips_db":
+        return np.array([p["bpp"] for p in pts]), metrics.lpips_db(np.array([p["lpips"] for p in pts]))
     return np.array([p["bpp"] for p in pts]), np.array([p[key] for p in pts])
 
 
@@ -383,9 +386,9 @@ def bd_rates(result: dict) -> dict:
             if key == anchor:
                 continue
             row: dict[str, Any] = {}
-            for metric, qkey in (("psnr", "psnr"), ("ms_ssim_db", "ms_ssim_db")):
-                ra, qa = _curve(codecs[anchor], qkey)
-                rt, qt = _curve(entry, qkey)
+            for metric in ("psnr", "ms_ssim_db", "lpips_db"):
+                ra, qa = _curve(codecs[anchor], metric)
+                rt, qt = _curve(entry, metric)
                 row[metric] = metrics.bd_rate(ra, qa, rt, qt)
                 if len(qa) and len(qt):
                     row[f"{metric}_overlap"] = metrics.bd_overlap(qa, qt)
@@ -572,14 +575,15 @@ def write_markdown(result: dict, path: Path, png: str) -> None:
     if bd:
         lines += ["## BD-rate (negative = fewer bits for the same quality)", "",
                   "Bjøntegaard delta rate, pchip fit of log-rate over the shared quality range of the "
-                  "mean curves. Per-image: median [min, max] over images of the per-image BD-rate. "
+                  "mean curves; LPIPS as -10 log10(LPIPS). Per-image: median [min, max] over images "
+                  "of the per-image BD-rate (PSNR). "
                   "\"–\": the two curves share no quality range, so no BD-rate exists (compare the "
                   "points below).", ""]
         header = "| codec |"
         sep = "| --- |"
         for anchor in bd:
-            header += f" vs {anchor}: PSNR | vs {anchor}: MS-SSIM dB |"
-            sep += " ---: | ---: |"
+            header += f" vs {anchor}: PSNR | vs {anchor}: MS-SSIM dB | vs {anchor}: LPIPS |"
+            sep += " ---: | ---: | ---: |"
         header += " vs jpegxl PSNR, per image |" if "jpegxl" in bd else ""
         sep += " --- |" if "jpegxl" in bd else ""
         lines += [header, sep]
@@ -589,9 +593,9 @@ def write_markdown(result: dict, path: Path, png: str) -> None:
             for anchor, rows in bd.items():
                 r = rows.get(key)
                 if r is None:
-                    row += " (anchor) | (anchor) |"
+                    row += " (anchor) | (anchor) | (anchor) |"
                 else:
-                    row += f" {_f(r.get('psnr'), '+.1f')} % | {_f(r.get('ms_ssim_db'), '+.1f')} % |"
+                    row += "".join(f" {_f(r.get(m), '+.1f')} % |" for m in ("psnr", "ms_ssim_db", "lpips_db"))
             if "jpegxl" in bd:
                 r = bd["jpegxl"].get(key)
                 row += (" (anchor) |" if r is None else
@@ -662,7 +666,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "../shared/weights)")
     p.add_argument("--no-visual", action="store_true", help="skip visual.png")
     p.add_argument("--report-only", action="store_true",
-                   help="no coding: rebuild the table and plot from the existing rd_<tag>.json")
+                   help="no coding: recompute the BD-rates in the existing rd_<tag>.json, rebuild the table and plot")
     p.add_argument("--visual-bpp", type=float, default=0.5, help="target bpp of the visual crops")
     return p.parse_args(argv)
 
@@ -692,11 +696,12 @@ def main(argv: list[str] | None = None) -> int:
         if not json_path.is_file():
             raise SystemExit(f"rd.py: --report-only needs an existing {json_path}")
         result = json.loads(json_path.read_text())
-        result["bd_rate"] = bd_rates(result)
+        result["bd_rate"] = bd_rates(result)      # derived: kept in step with the report
+        json_path.write_text(json.dumps(_clean(result), indent=1) + "\n")
         png = out_dir / f"rd_{tag}.png"
         plot_rd(result, png)
         write_markdown(result, out_dir / f"rd_{tag}.md", png.name)
-        log(f"rebuilt {png} and {out_dir / f'rd_{tag}.md'} from {json_path}")
+        log(f"rebuilt the BD-rates in {json_path}, {png} and {out_dir / f'rd_{tag}.md'} from it")
         return 0
 
     previous = None

@@ -113,6 +113,11 @@ def test_msssim_db():
     np.testing.assert_allclose(metrics.msssim_db(np.array([0.9, 0.999])), [10.0, 30.0])
 
 
+def test_lpips_db_rises_as_lpips_falls():
+    assert metrics.lpips_db(0.1) == pytest.approx(10.0)
+    np.testing.assert_allclose(metrics.lpips_db(np.array([0.01, 0.0])), [20.0, 60.0])
+
+
 # ---------------------------------------------------------------------------------------- BD-rate
 
 @pytest.mark.parametrize("method", ["pchip", "cubic"])

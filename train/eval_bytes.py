@@ -33,11 +33,6 @@ import metrics  # noqa: E402  (bench/metrics.py: PSNR and BD-rate)
 RD_JSON = ROOT / "bench" / "results" / "rd_he_test.json"
 
 
-def lpips_db(value):
-    """LPIPS as an increasing quality for BD-rate: −10·log10(LPIPS)."""
-    return -10 * np.log10(np.maximum(value, 1e-6))
-
-
 def non_monotonic_steps(rows: list[dict]) -> list[str]:
     """Steps between consecutive qualities that fail to cost more bytes *and* give more PSNR.
 
@@ -134,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         bd[key] = metrics.bd_rate(ra, qa, rate, quality)
         print(f"  BD-rate (PSNR) vs {key}: {bd[key]:+.1f} %")
     if lp is not None:
-        ours = lpips_db(np.array([r["lpips"] for r in rows]))
+        ours = metrics.lpips_db(np.array([r["lpips"] for r in rows]))
         for key, (ra, la) in anchor_curves(RD_JSON, names, "lpips").items():
-            bd[f"{key}_lpips"] = metrics.bd_rate(ra, lpips_db(la), rate, ours)
+            bd[f"{key}_lpips"] = metrics.bd_rate(ra, metrics.lpips_db(la), rate, ours)
             print(f"  BD-rate (LPIPS) vs {key}: {bd[key + '_lpips']:+.1f} %")
     if args.json:
         Path(args.json).write_text(json.dumps({"model_id": loaded.model_id, "images": names,

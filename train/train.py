@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="a new λ ladder (one per quality level); on --resume the learned gains "
                          "are carried over by interpolating them at the new λ values")
     args = ap.parse_args(argv)
-    if args.crop < 64 or args.crop % WsiHyperprior.STRIDE:
+    if args.crop < WsiHyperprior.STRIDE or args.crop % WsiHyperprior.STRIDE:
         ap.error(f"--crop must be a positive multiple of {WsiHyperprior.STRIDE}, got {args.crop}")
     if args.feat_crop > args.crop:
         ap.error(f"--feat-crop {args.feat_crop} is larger than --crop {args.crop}")
