@@ -65,6 +65,8 @@ class Sweep:
     knob: str = "quality"
     #: the knob's full range in the registry (the visual comparison searches all of it)
     knob_range: tuple[float, float] = (0, 100)
+    #: part of a run that names no codecs (and of a codec name such as ``learned``)
+    default: bool = True
 
 
 SWEEPS: dict[str, Sweep] = {s.key: s for s in (
@@ -79,6 +81,9 @@ SWEEPS: dict[str, Sweep] = {s.key: s for s in (
           knob="target PSNR dB", knob_range=(10, 80)),
     Sweep("avif", "avif", "AVIF 4:4:4 (libavif/aom, speed 6)", (15, 30, 45, 58, 70, 80, 90)),
     Sweep("learned", "learned", "wsicodec learned", (1, 2, 3, 4, 5, 6, 7, 8), knob_range=(1, 8)),
+    # the encoder's latent search (LearnedCodec(refine=...)): ~100x the encode time, so only on request
+    Sweep("learned_refine", "learned", "wsicodec learned, refine 40", (1, 3, 5, 8), {"refine": 40},
+          knob_range=(1, 8), default=False),
 )}
 
 #: which panels the visual comparison shows, in order (after the original)
@@ -86,7 +91,7 @@ VISUAL_SERIES = ("jpeg420", "jpegxl", "webp", "learned")
 PLOT_STYLE = {
     "jpeg420": ("tab:orange", "v"), "jpeg444": ("tab:red", "^"), "jpegxl": ("tab:blue", "s"),
     "webp": ("tab:green", "D"), "jpeg2000": ("tab:purple", "P"), "avif": ("tab:brown", "X"),
-    "learned": ("black", "o"),
+    "learned": ("black", "o"), "learned_refine": ("tab:gray", "*"),
 }
 
 
@@ -241,7 +246,8 @@ class TiledLearned:
 
     def encode(self, image: np.ndarray) -> bytes:
         from wsicodec.image import encode
-        return encode(image, quality=self.codec.quality, model=self.codec._model_arg)
+        return encode(image, quality=self.codec.quality, model=self.codec._model_arg,
+                      refine=self.codec.refine)
 
     def decode(self, data: bytes) -> np.ndarray:
         from wsicodec.image import decode
@@ -276,12 +282,22 @@ def code_one(codec, image: np.ndarray) -> tuple[bytes, np.ndarray, float, float]
     return data, decoded, enc_s, dec_s
 
 
-def run_sweeps(series: list[SeriesRun], files: list[Path], lp: metrics.Lpips) -> list[dict]:
+def center_crop(img: np.ndarray, size: int | None) -> np.ndarray:
+    """The central ``size``² of ``img`` (all of a side shorter than that); None: the whole image."""
+    if not size:
+        return img
+    h, w = img.shape[:2]
+    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    return np.ascontiguousarray(img[top:top + size, left:left + size])
+
+
+def run_sweeps(series: list[SeriesRun], files: list[Path], lp: metrics.Lpips,
+               crop: int | None = None) -> list[dict]:
     """Code every image with every (series, quality); fill ``per_point``; return image records."""
     images = []
     t_start = time.perf_counter()
     for i, path in enumerate(files):
-        img = load_image(path)
+        img = center_crop(load_image(path), crop)
         h, w = img.shape[:2]
         plan = metrics.ms_ssim_plan(h, w)
         if not plan.standard:
@@ -378,7 +394,9 @@ def bd_rates(result: dict) -> dict:
     out: dict[str, Any] = {"method": "pchip in log-rate (scipy PchipInterpolator), mean curves",
                            "anchors": {}}
     names = [im["name"] for im in result["images"]]
-    for anchor in ANCHORS:
+    # what the encoder's search adds is read against the same codec without it
+    anchors = ANCHORS + (("learned",) if "learned_refine" in codecs else ())
+    for anchor in anchors:
         if anchor not in codecs:
             continue
         rows = {}
@@ -552,7 +570,9 @@ def write_markdown(result: dict, path: Path, png: str) -> None:
     lines = [
         f"# Rate-distortion: {result['images_dir']}",
         "",
-        f"{len(result['images'])} images, each coded whole by every codec; bpp from the actual bytes; "
+        f"{len(result['images'])} images, each coded "
+        + (f"as its central {result['crop']}² crop" if result.get("crop") else "whole")
+        + " by every codec; bpp from the actual bytes; "
         "PSNR over RGB, MS-SSIM (5 scales, mean over R,G,B), LPIPS-alex v0.1 (ImageNet trunk from "
         "`../shared/weights`); mean over images at each setting. \"Original\" means the decoded pixels of "
         "files that the scanner had already lossy-coded once (JPEG or JPEG 2000), which favours re-coding "
@@ -634,10 +654,10 @@ def write_markdown(result: dict, path: Path, png: str) -> None:
 def select(spec: str | None) -> list[str]:
     """Series keys from a comma list of series keys or codec names (``jpeg`` means both JPEGs)."""
     if not spec:
-        return list(SWEEPS)
+        return [k for k, s in SWEEPS.items() if s.default]
     keys = []
     for token in (t.strip() for t in spec.split(",") if t.strip()):
-        matched = [k for k, s in SWEEPS.items() if token in (k, s.codec)]
+        matched = [token] if token in SWEEPS else [k for k, s in SWEEPS.items() if s.codec == token and s.default]
         if not matched:
             raise SystemExit(f"rd.py: unknown codec {token!r}; choose from {', '.join(SWEEPS)} "
                              f"(or a codec name: {', '.join(sorted({s.codec for s in SWEEPS.values()}))})")
@@ -655,10 +675,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="results name rd_<tag>.* (default from the folder, e.g. he_test)")
     sel = p.add_mutually_exclusive_group()
     sel.add_argument("--codecs", default=None,
-                     help=f"comma list of series to run (default all: {','.join(SWEEPS)})")
+                     help="comma list of series to run (default all but learned_refine: "
+                          f"{','.join(select(None))})")
     sel.add_argument("--update", default=None, metavar="CODECS",
                      help="re-run only these series and merge them into the existing rd_<tag>.json")
     p.add_argument("--max-images", type=int, default=None, help="only the first N images (quick look)")
+    p.add_argument("--crop", type=int, default=None, metavar="PX",
+                   help="code the central PX² of each image instead of all of it (slow series)")
     p.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1),
                    help="torch intra-op threads for metrics and the learned codec (default min(4, cores))")
     p.add_argument("--weights", default=None,
@@ -711,6 +734,9 @@ def main(argv: list[str] | None = None) -> int:
         previous = json.loads(json_path.read_text())
         if [im["name"] for im in previous["images"]] != [p.name for p in files]:
             raise SystemExit(f"rd.py: {json_path} was made on other images; rerun without --update")
+        if previous.get("crop") != args.crop:
+            raise SystemExit(f"rd.py: {json_path} was made with --crop {previous.get('crop')}; "
+                             "rerun without --update or with that crop")
     keys = select(args.update or args.codecs)
 
     env = environment(args.threads)
@@ -729,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
             skipped[key] = {"status": "skipped", "codec": SWEEPS[key].codec, "label": SWEEPS[key].label,
                             "reason": reason}
     t0 = time.perf_counter()
-    images = run_sweeps(series, files, lp) if series else [
+    images = run_sweeps(series, files, lp, args.crop) if series else [
         {"name": p.name} for p in files]
     minutes = (time.perf_counter() - t0) / 60
     env["loadavg_1min_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -752,6 +778,7 @@ def main(argv: list[str] | None = None) -> int:
             "schema": SCHEMA,
             "command": ".venv/bin/python " + command,
             "images_dir": args.images,
+            "crop": args.crop,
             "images_note": "decoded pixels of source files that were lossy-coded once by the scanner "
                            "(JPEG / JPEG 2000); see ../shared/data/README.md",
             "images": images,

@@ -50,7 +50,8 @@ def context_region(a: np.ndarray, ys: slice, xs: slice, margin: int
 
 
 def encode(image: np.ndarray, quality: float = 4.0, *, tile_size: int = DEFAULT_TILE,
-           model: str | None = None, batch: int = 16, margin: int | None = None) -> bytes:
+           model: str | None = None, batch: int = 16, margin: int | None = None,
+           refine: int = 0) -> bytes:
     """Code an (H, W, 3) uint8 array of any size with the learned codec.
 
     Each tile is coded with ``margin`` pixels of its neighbours around it
@@ -67,8 +68,8 @@ def encode(image: np.ndarray, quality: float = 4.0, *, tile_size: int = DEFAULT_
         raise InvalidSettingError(f"image must be at least 1x1, got {a.shape[:2]}")
     if not 16 <= tile_size <= 4096:
         raise InvalidSettingError(f"tile_size must be in 16..4096, got {tile_size}")
-    codec = LearnedCodec(quality, model=model) if margin is None else \
-        LearnedCodec(quality, model=model, margin=margin)
+    codec = LearnedCodec(quality, model=model, refine=refine) if margin is None else \
+        LearnedCodec(quality, model=model, margin=margin, refine=refine)
     h, w = a.shape[:2]
     cells = list(_grid(h, w, tile_size))
     streams: list[bytes] = []

@@ -52,6 +52,8 @@ PIXEL_STRIDE = 16
 #: y side must be a multiple of this for h_a (two stride-2 layers)
 LATENT_STRIDE = 4
 QUALITY_RANGE = (1.0, 8.0)
+#: most encoder refinement steps a codec accepts (each costs about three g_s passes)
+MAX_REFINE = 1000
 #: pixels of neighbouring context coded around each tile (see "Seams" above)
 DEFAULT_MARGIN = 8
 
@@ -185,8 +187,12 @@ class LearnedCodec:
     name = "learned"
 
     def __init__(self, quality: float | None = None, model: str | None = None,
-                 device: str = "cpu", margin: int = DEFAULT_MARGIN, model_id: str | None = None) -> None:
+                 device: str = "cpu", margin: int = DEFAULT_MARGIN, model_id: str | None = None,
+                 refine: int = 0) -> None:
         q = 4.0 if quality is None else float(quality)
+        if not (isinstance(refine, int) and not isinstance(refine, bool) and 0 <= refine <= MAX_REFINE):
+            raise InvalidSettingError(f"learned codec refine must be an integer in 0..{MAX_REFINE}, got {refine!r}")
+        self.refine = refine
         if not (isinstance(margin, int) and 0 <= margin <= 64):
             raise InvalidSettingError(f"learned codec margin must be an integer in 0..64, got {margin!r}")
         self.margin = margin
@@ -248,6 +254,12 @@ class LearnedCodec:
                 x = pad_to_stride(x.float().div_(255.0), PIXEL_STRIDE).to(self.device)
                 q = torch.full((len(idx),), self.quality)
                 y, z = m.analysis(x, q.to(self.device), latent_stride=LATENT_STRIDE)
+                if self.refine:
+                    shown = torch.zeros(len(idx), 1, *x.shape[-2:], device=self.device)
+                    for k, i in enumerate(idx):
+                        top, left, h, w = boxes[i]
+                        shown[k, :, top:top + h, left:left + w] = 1
+                    y, z, _ = m.refine_latents(x, q.to(self.device), y, z, shown, self.refine)
                 y, z = y.cpu(), z.cpu()
                 medians = m.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1)
                 z_sym = torch.round(z - medians).to(torch.int32)
