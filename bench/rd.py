@@ -459,7 +459,8 @@ def plot_rd(result: dict, path: Path) -> None:
     axes[2].set_yscale("log")
     axes[0].legend(fontsize=8, loc="lower right")
     n = len(result["images"])
-    fig.suptitle(f"Rate-distortion on {result['images_dir']} ({n} images, mean over images)\n"
+    crop = f", central {result['crop']}² of each" if result.get("crop") else ""
+    fig.suptitle(f"Rate-distortion on {result['images_dir']} ({n} images{crop}, mean over images)\n"
                  f"classical codecs code each image whole; the learned codec codes 256² tiles with context, as in a container", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

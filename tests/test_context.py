@@ -3,6 +3,7 @@ and the learned codec runs through the CLI on a real slide."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -106,8 +107,35 @@ def test_learned_container_batch_reads_match_single_tiles_and_name_bad_tiles(tmp
         c.read_tiles(0, [k for k in keys if k != (2, 1)])
 
 
+@pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="shipped weights missing")
+def test_cli_refine_option_reaches_the_codec_and_the_container(tmp_path):
+    from PIL import Image
+
+    from conftest import HE_TEST_PNG
+
+    img = np.asarray(Image.open(need(HE_TEST_PNG)).convert("RGB"))[:200, :300]
+    Image.fromarray(img).save(tmp_path / "he.png")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "wsicodec", *a], capture_output=True, text=True)  # noqa: E731
+    sizes = {}
+    for refine in (0, 3):
+        out = tmp_path / f"r{refine}.zarr.zip"
+        r = run("compress", str(tmp_path / "he.png"), str(out), "--quality", "3", "--tile-size", "128",
+                "--option", f"refine={refine}", "--quiet")
+        assert r.returncode == 0, r.stderr
+        info = json.loads(run("info", str(out), "--json").stdout)
+        assert info["codec"]["configuration"].get("refine", 0) == refine
+        r = run("decompress", str(out), str(tmp_path / f"r{refine}.tiff"), "--tiff-compression", "zlib", "--quiet")
+        assert r.returncode == 0, r.stderr
+        with openslide.OpenSlide(str(tmp_path / f"r{refine}.tiff")) as s:
+            got = np.asarray(s.read_region((0, 0), 0, (300, 200)).convert("RGB"))
+        assert psnr(img, got) > 24
+        sizes[refine] = out.stat().st_size
+    assert sizes[3] != sizes[0]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--quality", "9"], "quality must be in 1..8"),
+    (["--option", "refine=-1"], "refine must be an integer in 0..1000"),
     (["--quality", "4"], "not a readable model checkpoint"),   # with WSICODEC_MODEL pointing at junk
 ])
 def test_cli_learned_errors_are_one_line(tmp_path, args, message):

@@ -202,6 +202,53 @@ def test_settings_are_validated():
         wsicodec.encode(np.zeros((10, 10), np.uint8))
 
 
+def test_refine_is_validated():
+    for bad in (-1, 1001, 2.5, True, "40"):
+        with pytest.raises(InvalidSettingError, match="refine"):
+            LearnedCodec(4, refine=bad)
+
+
+def _coded_cost(tile: np.ndarray, data: bytes, quality: float) -> float:
+    """bits/pixel + λ(q)·255²·MSE of a stream, from its real bytes and decoded pixels."""
+    lam = float(load_model(DEFAULT_WEIGHTS).model.lambda_at(torch.tensor([quality]))[0])
+    out = LearnedCodec(quality).decode(data).astype(np.float64)
+    mse = float(np.mean((out - tile.astype(np.float64)) ** 2))
+    return 8 * len(data) / (tile.shape[0] * tile.shape[1]) + lam * mse
+
+
+@pytest.mark.parametrize("quality", [2, 7])
+def test_refine_codes_a_real_tile_cheaper_and_decodes_with_any_decoder(tissue, quality):
+    tile = np.ascontiguousarray(tissue[256:512, 256:512])
+    plain = LearnedCodec(quality).encode(tile)
+    refined = LearnedCodec(quality, refine=12).encode(tile)
+    assert refined != plain
+    assert LearnedCodec(quality, refine=12).encode(tile) == refined   # the search is seeded
+    out = LearnedCodec(quality).decode(refined)                       # a decoder without refine
+    assert out.shape == tile.shape and out.dtype == np.uint8
+    # measured on the real bytes and pixels, not on the search's own estimate
+    assert _coded_cost(tile, refined, quality) < 0.99 * _coded_cost(tile, plain, quality)
+
+
+def test_refine_keeps_the_best_latents_and_only_counts_shown_pixels(tissue):
+    m = load_model(DEFAULT_WEIGHTS).model
+    x = torch.from_numpy(np.ascontiguousarray(tissue[:128, :128])).permute(2, 0, 1)[None].float() / 255
+    q = torch.tensor([4.0])
+    with torch.inference_mode():
+        y, z = m.analysis(x, q)
+    shown = torch.zeros(1, 1, 128, 128)
+    shown[..., 8:120, 8:120] = 1
+    y2, z2, info = m.refine_latents(x, q, y, z, shown, steps=6)
+    hist = info["history"][0]
+    assert hist.shape == (7,) and float(info["loss0"][0]) == float(hist[0])
+    assert float(info["loss"][0]) == float(hist.min()) < float(hist[0])
+    assert y2.shape == y.shape and z2.shape == z.shape and not torch.equal(y2, y)
+    # pixels outside `shown` do not count: a garbage margin costs nothing
+    x_bad = x.clone()
+    x_bad[..., :8, :] = 1 - x_bad[..., :8, :]
+    _, _, info_bad = m.refine_latents(x_bad, q, y, z, shown, steps=0)
+    assert torch.allclose(info_bad["loss0"], info["loss0"])
+
+
 def _tissue_pixels(t: np.ndarray) -> int:
     """Independent tissue detector (histolab-like): stained or dark pixels."""
     f = t.astype(np.float32)

@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the codec's quality knob (codec default if omitted; jpegxl: "
                         "distance, lower is better)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra codec option, e.g. effort=5 or subsampling=420 (repeatable)")
+                   help="extra codec option, e.g. effort=5 or subsampling=420, or for learned "
+                        "refine=40 (encoder latent search: fewer bits, much slower encode) "
+                        "(repeatable)")
     p.add_argument("--tile-size", type=int, default=256,
                    help="tile edge in pixels, multiple of 16 (default 256)")
     p.add_argument("--workers", type=int, default=None,
