@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Rerun every learned-codec benchmark after the shipped weights change (idle 2-core machine: 12 minutes on 2026-11-27).
+# Rerun every learned-codec benchmark after the shipped weights change (idle 2-core machine: 12 minutes on
+# 2026-11-27 before the refine step, which adds ~10; SKIP=refine leaves it out).
 # The classical codecs' results stay; each script writes its JSON (and PNG) under bench/results/.
 #
 #   bash bench/rerun_learned.sh            # all
@@ -10,6 +11,8 @@ PY=${PYTHON:-.venv/bin/python}
 SKIP=${SKIP:-}
 step() { case " $SKIP " in *" $1 "*) echo "== skip $1";; *) echo "== $1 ($(date +%T))"; shift; "$@";; esac; }
 step rd       "$PY" bench/rd.py --update learned
+step refine   "$PY" bench/rd.py --codecs learned,learned_refine,jpegxl --max-images 3 --crop 512 \
+                  --tag refine_he_test --no-visual
 step seams    "$PY" bench/seams.py --max-images 3 --qualities 1 4 8
 step speed    "$PY" bench/tile_speed.py
 step context  "$PY" bench/context_cost.py

@@ -261,6 +261,8 @@ def test_rd_script_sweeps_merges_and_refuses_other_images(tmp_path):
         assert "jpeg420" in merged["bd_rate"]["anchors"]["jpeg444"]
         assert (out / "rd_t.png").stat().st_size > 0 and "JPEG 4:2:0" in (out / "rd_t.md").read_text()
 
+        with pytest.raises(SystemExit, match="--crop None"):
+            rd.main(common + ["--update", "jpeg420", "--crop", "32"])
         (images / "c.png").write_bytes((images / "a.png").read_bytes())
         with pytest.raises(SystemExit, match="other images"):
             rd.main(common + ["--update", "jpeg420"])
@@ -269,3 +271,34 @@ def test_rd_script_sweeps_merges_and_refuses_other_images(tmp_path):
     with pytest.raises(SystemExit, match="unknown codec"):
         rd.select("jpeg,bogus")
     assert rd.select("jpeg") == ["jpeg420", "jpeg444"]
+    # the 130x-slower encoder search runs only when named
+    assert "learned_refine" not in rd.select(None) and "learned" in rd.select(None)
+    assert rd.select("learned") == ["learned"]
+    assert rd.select("learned_refine,learned") == ["learned_refine", "learned"]
+
+
+def test_rd_crop_codes_the_central_square(tmp_path):
+    import json
+
+    import torch
+    from PIL import Image
+
+    from bench import rd
+
+    img = _rng_image(90, 70)
+    crop = rd.center_crop(img, 40)
+    assert crop.shape == (40, 40, 3) and np.array_equal(crop, img[25:65, 15:55])
+    assert np.array_equal(rd.center_crop(img, 200), img)   # a side shorter than the crop: all of it
+    assert rd.center_crop(img, None) is img
+    images = tmp_path / "imgs"
+    images.mkdir()
+    Image.fromarray(img).save(images / "a.png")
+    threads = torch.get_num_threads()
+    try:
+        assert rd.main(["--images", str(images), "--out", str(tmp_path), "--tag", "c", "--no-visual",
+                        "--threads", "1", "--codecs", "jpeg444", "--crop", "48"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    r = json.loads((tmp_path / "rd_c.json").read_text())
+    assert r["crop"] == 48 and (r["images"][0]["width"], r["images"][0]["height"]) == (48, 48)
+    assert "central 48² crop" in (tmp_path / "rd_c.md").read_text()
