@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rerun every learned-codec benchmark after the shipped weights change (idle 2-core machine: 12 minutes on
-# 2026-11-27 before the refine step, which adds ~10; SKIP=refine leaves it out).
+# 2026-11-27 before the refine step, which adds 7; SKIP=refine leaves it out).
 # The classical codecs' results stay; each script writes its JSON (and PNG) under bench/results/.
 #
 #   bash bench/rerun_learned.sh            # all

@@ -177,8 +177,8 @@ class LearnedCodec:
         refine: steps of the encoder's latent search
             (:meth:`~wsicodec.model.WsiHyperprior.refine_latents`), 0 (off) .. 1000.
             Each step costs about four g_s passes over the tile; 40 steps take
-            7.5 % fewer bits at equal PSNR on H&E, 4.8 % more at equal LPIPS, for
-            ~130x the encode time (bench/results/rd_refine_he_test.md).  Streams
+            7.0 % fewer bits at equal PSNR on H&E, 7.0 % more at equal LPIPS, for
+            ~100x the encode time (bench/results/rd_refine_he_test.md).  Streams
             decode with any setting.
         model_id: the sha256 the data to decode was made with (from a container's
             configuration).  Without ``model``, the weights with that id are looked
