@@ -70,8 +70,8 @@ def encode(image: np.ndarray, quality: float = 4.0, *, tile_size: int = DEFAULT_
         raise InvalidSettingError(f"image must be at least 1x1, got {a.shape[:2]}")
     if not 16 <= tile_size <= 4096:
         raise InvalidSettingError(f"tile_size must be in 16..4096, got {tile_size}")
-    codec = LearnedCodec(quality, model=model, refine=refine) if margin is None else \
-        LearnedCodec(quality, model=model, margin=margin, refine=refine)
+    codec = LearnedCodec(quality, model=model, refine=refine,
+                         **({} if margin is None else {"margin": margin}))
     h, w = a.shape[:2]
     cells = list(_grid(h, w, tile_size))
     streams: list[bytes] = []

@@ -52,7 +52,7 @@ PIXEL_STRIDE = 16
 #: y side must be a multiple of this for h_a (two stride-2 layers)
 LATENT_STRIDE = 4
 QUALITY_RANGE = (1.0, 8.0)
-#: most encoder refinement steps a codec accepts (each costs about three g_s passes)
+#: most encoder refinement steps a codec accepts (each costs about four g_s passes)
 MAX_REFINE = 1000
 #: pixels of neighbouring context coded around each tile (see "Seams" above)
 DEFAULT_MARGIN = 8

@@ -243,9 +243,8 @@ class WsiHyperprior(nn.Module):
                 zt = z_hat.transpose(0, 1)
                 z_lik, _, _ = eb._likelihood(zt.reshape(zt.shape[0], 1, -1))
                 z_lik = eb.likelihood_lower_bound(z_lik).reshape(zt.shape).transpose(0, 1)
-                scales, means = self.h_s(z_hat / hgain).chunk(2, 1)
-                scales = scales[..., :yv.shape[-2], :yv.shape[-1]]
-                means = means[..., :yv.shape[-2], :yv.shape[-1]]
+                params = self.h_s(z_hat / hgain)[..., :yv.shape[-2], :yv.shape[-1]]   # y was padded for h_a
+                scales, means = params.chunk(2, 1)
                 if tau > 0:   # two-way Gumbel softmax = sigmoid(logit difference + logistic noise)
                     v = yv - means
                     lo = torch.floor(v).detach()
