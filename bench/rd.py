@@ -67,6 +67,8 @@ class Sweep:
     knob_range: tuple[float, float] = (0, 100)
     #: part of a run that names no codecs (and of a codec name such as ``learned``)
     default: bool = True
+    #: a series this one is also read against (BD-rates with it as anchor, when both were run)
+    against: str | None = None
 
 
 SWEEPS: dict[str, Sweep] = {s.key: s for s in (
@@ -83,7 +85,7 @@ SWEEPS: dict[str, Sweep] = {s.key: s for s in (
     Sweep("learned", "learned", "wsicodec learned", (1, 2, 3, 4, 5, 6, 7, 8), knob_range=(1, 8)),
     # the encoder's latent search (LearnedCodec(refine=...)): ~100x the encode time, so only on request
     Sweep("learned_refine", "learned", "wsicodec learned, refine 40", (1, 3, 5, 8), {"refine": 40},
-          knob_range=(1, 8), default=False),
+          knob_range=(1, 8), default=False, against="learned"),
 )}
 
 #: which panels the visual comparison shows, in order (after the original)
@@ -394,8 +396,8 @@ def bd_rates(result: dict) -> dict:
     out: dict[str, Any] = {"method": "pchip in log-rate (scipy PchipInterpolator), mean curves",
                            "anchors": {}}
     names = [im["name"] for im in result["images"]]
-    # what the encoder's search adds is read against the same codec without it
-    anchors = ANCHORS + (("learned",) if "learned_refine" in codecs else ())
+    extra = (SWEEPS[k].against for k in codecs if k in SWEEPS)
+    anchors = ANCHORS + tuple(dict.fromkeys(a for a in extra if a in codecs and a not in ANCHORS))
     for anchor in anchors:
         if anchor not in codecs:
             continue
