@@ -50,11 +50,12 @@ with warnings.catch_warnings():
 #: The λ ladder (loss = rate + λ·255²·MSE): knots spread evenly over the public quality
 #: scale 1..8 (quality 1 = the first λ, 8 = the last; fractional qualities interpolate
 #: the log-gains).  CompressAI's ladder moved down one level (its top spent bits on H&E for
-#: little PSNR), then extended by two knots below so quality 1 reaches ~0.13 bpp.  (The
+#: little PSNR), then extended by two knots below so quality 1 reaches ~0.13 bpp and one
+#: above (0.13) so quality 8 reaches ~1.5 bpp (the shipped weights' ladder).  (The
 #: lowest knot coded bigger than the next while training used 128² crops; on 256² crops
 #: it does not: train/README.md.  A steeper 8-level ladder, 0.0005 … 0.09, cost the shared
 #: transforms 1.5-2.7 dB at equal rate.)
-DEFAULT_LAMBDAS = (0.00025, 0.00047, 0.0009, 0.0018, 0.0035, 0.0067, 0.013, 0.025, 0.0483, 0.0932)
+DEFAULT_LAMBDAS = (0.00025, 0.00047, 0.0009, 0.0018, 0.0035, 0.0067, 0.013, 0.025, 0.0483, 0.0932, 0.13)
 
 #: the public quality scale is 1..QUALITY_MAX whatever the number of λ knots
 QUALITY_MAX = 8
