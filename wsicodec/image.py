@@ -62,7 +62,7 @@ def encode(image: np.ndarray, quality: float = 4.0, *, tile_size: int = DEFAULT_
     Raises:
         InvalidSettingError: wrong array shape/dtype, quality or tile size out of range.
     """
-    from .learned import LearnedCodec
+    from .learned import DEFAULT_MARGIN, LearnedCodec
     a = np.asarray(image)
     if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
         raise InvalidSettingError(f"image must be (H, W, 3) uint8, got {a.shape} {a.dtype}")
@@ -71,7 +71,7 @@ def encode(image: np.ndarray, quality: float = 4.0, *, tile_size: int = DEFAULT_
     if not 16 <= tile_size <= 4096:
         raise InvalidSettingError(f"tile_size must be in 16..4096, got {tile_size}")
     codec = LearnedCodec(quality, model=model, refine=refine,
-                         **({} if margin is None else {"margin": margin}))
+                         margin=DEFAULT_MARGIN if margin is None else margin)
     h, w = a.shape[:2]
     cells = list(_grid(h, w, tile_size))
     streams: list[bytes] = []
