@@ -142,6 +142,32 @@ def test_text_file_is_unsupported(tmp_path: Path, capsys) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["readme.txt"]
 
 
+def test_truncated_slide_is_one_line(tmp_path: Path, capsys) -> None:
+    import warnings
+
+    cut = tmp_path / "cut.svs"   # the first 100 kB of a real SVS: Pillow warns about its EXIF
+    cut.write_bytes(need(REAL_SLIDES["svs-jpeg"]).read_bytes()[:100_000])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, _, err = run(capsys, "compress", cut, tmp_path / "o.zarr.zip", "--codec", "jpeg")
+    assert_one_line_error(code, err, "cut.svs")
+    assert [str(w.message) for w in caught] == []   # nothing else reaches stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["cut.svs"]
+
+
+def test_missing_output_folder_is_not_created(tmp_path: Path, capsys,
+                                              odd_image: np.ndarray) -> None:
+    box = _small_container(tmp_path, capsys, odd_image, "m.zarr.zip")
+    png, typo = tmp_path / "odd.png", tmp_path / "typo"
+    for argv in (["compress", png, typo / "m.zarr.zip", "--codec", "jpeg"],
+                 ["compress", png, typo / "m.zarr", "--codec", "jpeg"],
+                 ["compress", png, png / "m.zarr", "--codec", "jpeg"],   # "folder" is a file
+                 ["decompress", box, typo / "m.tiff"]):
+        code, _, err = run(capsys, *argv)
+        assert_one_line_error(code, err, str(argv[2].parent))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.zarr.zip", "odd.png"]
+
+
 def _small_container(tmp_path: Path, capsys, odd_image: np.ndarray, name: str) -> Path:
     from PIL import Image
 

@@ -32,8 +32,8 @@ import numpy as np
 
 from wsicodec.codecs import TileCodec, codec_from_dict
 from wsicodec.errors import (CorruptDataError, CorruptTileError, ModelMismatchError,
-                             OutputExistsError, RegionOutOfBoundsError, SlideNotFoundError,
-                             UnsupportedFormatError, WsiCodecError)
+                             OutputExistsError, OutputPathError, RegionOutOfBoundsError,
+                             SlideNotFoundError, UnsupportedFormatError, WsiCodecError)
 from wsicodec.tiling.geometry import LevelInfo, TileGrid, validate_tile_size
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,21 @@ _ASSOCIATED_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 def is_zip_path(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` names a single-file (zip) container (suffix ``.zip``)."""
     return str(path).lower().endswith(".zip")
+
+
+def check_output_path(path: str | os.PathLike[str], overwrite: bool) -> None:
+    """Refuse an output that exists (unless ``overwrite``) or whose folder does not.
+
+    Outputs are written as a hidden temporary sibling and renamed into place, so the
+    folder must exist; a mistyped folder is reported, never created.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path}: already exists (use --overwrite to replace it)")
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        what = "is not a folder" if parent.exists() else "does not exist"
+        raise OutputPathError(f"{path}: cannot write there: {parent} {what}")
 
 
 def path_size(path: str | os.PathLike[str]) -> int:
@@ -191,7 +206,6 @@ class ContainerWriter:
         self._bytes = [0] * len(self._grids)
         self._associated: list[str] = []
         try:
-            self._tmp_dir.parent.mkdir(parents=True, exist_ok=True)
             self._group = zarr.open_group(zarr.storage.LocalStore(self._tmp_dir), mode="w",
                                           zarr_format=3)
             self._tiles = []
@@ -208,8 +222,7 @@ class ContainerWriter:
             raise
 
     def _check_target(self) -> None:
-        if self.path.exists() and not self.overwrite:
-            raise OutputExistsError(f"{self.path}: already exists (use --overwrite to replace it)")
+        check_output_path(self.path, self.overwrite)
 
     def write_row(self, level: int, row: int, tiles: Sequence[bytes]) -> None:
         """Store the encoded tiles of one tile row (left to right).

@@ -52,3 +52,7 @@ class CodecUnavailableError(WsiCodecError, RuntimeError):
 
 class OutputExistsError(WsiCodecError, FileExistsError):
     """The output path exists and overwriting was not asked for."""
+
+
+class OutputPathError(WsiCodecError, FileNotFoundError):
+    """The output cannot go where asked: its folder is missing (never created for you)."""

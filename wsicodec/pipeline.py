@@ -29,8 +29,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from wsicodec.codecs import TileCodec
-from wsicodec.container import (ContainerMetadata, ContainerWriter, open_container, path_size)
-from wsicodec.errors import InvalidSettingError, OutputExistsError
+from wsicodec.container import (ContainerMetadata, ContainerWriter, check_output_path,
+                                open_container, path_size)
+from wsicodec.errors import InvalidSettingError
 from wsicodec.tiff import TiffSettings, write_pyramidal_tiff
 from wsicodec.tiling import iter_strips, iter_tiles, open_source, plan_pyramid
 from wsicodec.tiling.pyramid import PyramidPlan, Strip
@@ -268,12 +269,12 @@ def compress(source: str | os.PathLike[str], output: str | os.PathLike[str], cod
         SlideNotFoundError, UnsupportedFormatError, CorruptDataError: the input.
         InvalidSettingError: tile size / workers out of range.
         OutputExistsError: ``output`` exists and ``overwrite`` is false.
+        OutputPathError: the folder ``output`` would go in does not exist.
     """
     t0 = time.perf_counter()
     src_path = Path(source)
     out_path = Path(output)
-    if out_path.exists() and not overwrite:
-        raise OutputExistsError(f"{out_path}: already exists (use --overwrite to replace it)")
+    check_output_path(out_path, overwrite)
     with open_source(src_path) as src:
         nbytes = source_file_bytes(src_path, src.vendor)
         meta = compress_source(src, out_path, codec, tile_size=tile_size, workers=workers,
@@ -353,12 +354,12 @@ def decompress(source: str | os.PathLike[str], output: str | os.PathLike[str], *
         SlideNotFoundError, UnsupportedFormatError, CorruptDataError: the container.
         CorruptTileError: a damaged tile (nothing is left at ``output``).
         OutputExistsError: ``output`` exists and ``overwrite`` is false.
+        OutputPathError: the folder ``output`` would go in does not exist.
     """
     t0 = time.perf_counter()
     out_path = Path(output)
     n_workers = _check_workers(workers)
-    if out_path.exists() and not overwrite:
-        raise OutputExistsError(f"{out_path}: already exists (use --overwrite to replace it)")
+    check_output_path(out_path, overwrite)
     tmp = out_path.parent / f".{out_path.name}.partial-{uuid.uuid4().hex[:8]}"
     with open_container(source) as c:
         meta = c.metadata

@@ -309,15 +309,23 @@ def _open_with_pillow(path: Path) -> ArraySource:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode not in ("RGB", "RGBA", "L", "LA"):
-                im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
-            array = np.asarray(im)
-            fmt = im.format or "image"
+        with warnings.catch_warnings():
+            # Pillow warns about damaged EXIF and the like on stderr; the error below,
+            # or the pixels, are the answer the user gets
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                im.load()
+                if im.mode not in ("RGB", "RGBA", "L", "LA"):
+                    im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
+                array = np.asarray(im)
+                fmt = im.format or "image"
     except UnidentifiedImageError as e:
         raise UnsupportedFormatError(
             f"{path}: not a slide or image that OpenSlide, tifffile or Pillow can read") from e
+    except Image.DecompressionBombError as e:
+        raise UnsupportedFormatError(
+            f"{path}: too large to read whole (Pillow's limit is {2 * Image.MAX_IMAGE_PIXELS:,} "
+            "pixels); write it as a tiled TIFF, which is read tile by tile") from e
     except (OSError, ValueError, SyntaxError) as e:
         raise CorruptDataError(f"{path}: cannot decode image: {e}") from e
     return ArraySource(array, vendor=fmt.lower())
