@@ -193,7 +193,7 @@ def test_weights_are_found_by_id(tissue, tmp_path, monkeypatch):
 
 
 def test_settings_are_validated():
-    for q in (0, 8.5, float("nan")):
+    for q in (0, 8.5, float("nan"), True, "four", [4]):
         with pytest.raises(InvalidSettingError, match="1..8"):
             LearnedCodec(q)
     with pytest.raises(InvalidSettingError, match="not found"):

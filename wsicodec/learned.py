@@ -32,6 +32,7 @@ garbage.  g_s may run batched on any device.
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from typing import Sequence
@@ -196,7 +197,10 @@ class LearnedCodec:
     def __init__(self, quality: float | None = None, model: str | None = None,
                  device: str = "cpu", margin: int = DEFAULT_MARGIN, model_id: str | None = None,
                  refine: int = 0) -> None:
-        q = 4.0 if quality is None else float(quality)
+        try:   # a bool is not a quality; neither is anything float() refuses
+            q = 4.0 if quality is None else math.nan if isinstance(quality, bool) else float(quality)
+        except (TypeError, ValueError):
+            q = math.nan
         if not (isinstance(refine, int) and not isinstance(refine, bool) and 0 <= refine <= MAX_REFINE):
             raise InvalidSettingError(f"learned codec refine must be an integer in 0..{MAX_REFINE}, got {refine!r}")
         self.refine = refine
@@ -205,7 +209,7 @@ class LearnedCodec:
         self.margin = margin
         lo, hi = QUALITY_RANGE
         if not (lo <= q <= hi) or q != q:
-            raise InvalidSettingError(f"learned codec quality must be in {lo:g}..{hi:g} (fractions allowed), got {quality}")
+            raise InvalidSettingError(f"learned codec quality must be in {lo:g}..{hi:g} (fractions allowed), got {quality!r}")
         from .checkpoint import load_model_for
         self.quality = q
         self._model_arg = model
