@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from conftest import REAL_SLIDES, need
 from wsicodec.codecs import get_codec
-from wsicodec.errors import RegionOutOfBoundsError
+from wsicodec.errors import ClosedError, InvalidSettingError, RegionOutOfBoundsError
 from wsicodec.pipeline import compress, compress_source, decompress
 from wsicodec.slide import open_slide
 from wsicodec.tiff import TiffSettings
@@ -72,6 +72,31 @@ def test_bad_level(odd_slide) -> None:
     slide, _ = odd_slide
     with pytest.raises(RegionOutOfBoundsError):
         slide.read_region((0, 0), 9, (1, 1))
+
+
+def test_bad_thumbnail_size(odd_slide) -> None:
+    slide, _ = odd_slide
+    for size in ((0, 0), (50, 0), (-1, 50)):
+        with pytest.raises(InvalidSettingError, match="thumbnail size"):
+            slide.get_thumbnail(size)
+
+
+def test_reading_a_closed_slide_raises(tmp_path: Path) -> None:
+    image = np.random.default_rng(2).integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    out = tmp_path / "c.zarr"
+    compress_source(ArraySource(image, associated={"label": image[:9, :9]}), out,
+                    get_codec("jpeg", 90), tile_size=64, workers=1)
+    slide = open_slide(out)
+    slide.read_region((0, 0), 0, (10, 10))   # decoded and cached
+    slide.close()
+    slide.close()   # twice is fine
+    for read in (lambda: slide.read_region((0, 0), 0, (10, 10)),   # cached before close
+                 lambda: slide.read_region((64, 0), 0, (10, 10)),
+                 lambda: slide.read_encoded_tile(0, 1, 0),
+                 lambda: slide.associated_images["label"],
+                 lambda: slide.get_thumbnail((20, 20))):
+        with pytest.raises(ClosedError, match="c.zarr: read after close"):
+            read()
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -31,7 +31,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from wsicodec.codecs import TileCodec, codec_from_dict
-from wsicodec.errors import (CorruptDataError, CorruptTileError, ModelMismatchError,
+from wsicodec.errors import (ClosedError, CorruptDataError, CorruptTileError, ModelMismatchError,
                              OutputExistsError, OutputPathError, RegionOutOfBoundsError,
                              SlideNotFoundError, UnsupportedFormatError, WsiCodecError)
 from wsicodec.tiling.geometry import LevelInfo, TileGrid, validate_tile_size
@@ -341,6 +341,11 @@ class Container:
         self._codec: TileCodec | None = None
         self._tiles: dict[int, Any] = {}
         self._crc: dict[int, np.ndarray] = {}
+        self.closed = False
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ClosedError(f"{self.path}: read after close()")
 
     # -- geometry
     @property
@@ -376,6 +381,7 @@ class Container:
 
     # -- tiles
     def _level_arrays(self, level: int) -> tuple[Any, np.ndarray]:
+        self._check_open()
         if level not in self._tiles:
             self.grid(level)
             try:
@@ -401,6 +407,7 @@ class Container:
             RegionOutOfBoundsError: level/col/row outside the pyramid.
             CorruptTileError: bytes missing or failing their CRC (names level/col/row).
         """
+        self._check_open()
         self.grid(level).check_tile(col, row)
         tiles, crc = self._level_arrays(level)
         where = f"level={level} col={col} row={row}"
@@ -461,6 +468,7 @@ class Container:
 
     def read_associated_image(self, name: str) -> np.ndarray:
         """(h, w, 3) uint8. Raises KeyError for an unknown name, CorruptDataError if damaged."""
+        self._check_open()
         if name not in self.metadata.associated_images:
             raise KeyError(name)
         import imagecodecs
@@ -486,6 +494,8 @@ class Container:
         return attrs
 
     def close(self) -> None:
+        """Close the store; later reads raise ClosedError. Safe to call twice."""
+        self.closed = True
         try:
             if self._store is not None:
                 self._store.close()

@@ -42,6 +42,10 @@ class ModelMismatchError(WsiCodecError, ValueError):
     """Data was made with other model weights than the ones loaded; names both ids."""
 
 
+class ClosedError(WsiCodecError, ValueError):
+    """The slide or container was closed before this call (as a closed file is)."""
+
+
 class RegionOutOfBoundsError(WsiCodecError, IndexError):
     """A level or tile index outside the pyramid."""
 

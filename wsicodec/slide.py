@@ -146,7 +146,9 @@ class WsiSlide:
             RegionOutOfBoundsError: ``level`` outside the pyramid.
             InvalidSettingError: negative size.
             CorruptTileError: a tile inside the region is damaged.
+            ClosedError: the slide was closed.
         """
+        self._c._check_open()
         if not 0 <= level < self.level_count:
             raise RegionOutOfBoundsError(f"level {level} outside 0..{self.level_count - 1}")
         w, h = (int(v) for v in size)
@@ -182,6 +184,8 @@ class WsiSlide:
         """A PIL RGB image fitting in ``size``, composited on the background (white)."""
         from PIL import Image
 
+        if len(size) != 2 or min(size) < 1:
+            raise InvalidSettingError(f"thumbnail size must be two positive ints, got {size}")
         downsample = max(d / s for d, s in zip(self.dimensions, size))
         level = self.get_best_level_for_downsample(downsample)
         tile = self.read_region((0, 0), level, self.level_dimensions[level])
@@ -192,7 +196,8 @@ class WsiSlide:
         return thumb
 
     def close(self) -> None:
-        """Stop the decoder threads and close the container. Safe to call twice."""
+        """Stop the decoder threads and close the container; later reads raise
+        ClosedError. Safe to call twice."""
         self._decoder.close()
         self._c.close()
 
