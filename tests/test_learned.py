@@ -304,3 +304,27 @@ def test_quality_scale_spans_the_whole_ladder_whatever_its_length():
     assert torch.allclose(lam, torch.tensor([1e-3, 0.512, 2e-3]), rtol=1e-5)
     mid = ten.lambda_at(torch.tensor([1 + 3.5 * 7 / 9]))            # halfway between knots 4 and 5
     assert torch.allclose(mid, torch.tensor([1e-3 * 2 ** 3.5]), rtol=1e-5)
+
+
+def test_compressai_is_loaded_without_its_eager_imports() -> None:
+    """The learned codec needs compressai's entropy models, GDN and rANS only; its package
+    __init__ would also import torch_geometric (half the load time).  compressai itself
+    stays whole for code in the same process that uses the rest of it."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, numpy as np, wsicodec
+img = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+assert wsicodec.decode(wsicodec.encode(img, quality=3)).shape == img.shape
+heavy = sorted(m for m in sys.modules if m.startswith(("torch_geometric", "compressai.datasets", "compressai.zoo")))
+assert not heavy, heavy
+import compressai
+from compressai import datasets
+from compressai.zoo import bmshj2018_factorized
+assert compressai.get_entropy_coder() == "ans" and "ans" in compressai.available_entropy_coders()
+assert compressai.models.__name__ == "compressai.models" and compressai.__version__.startswith("1.2")
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -44,6 +44,8 @@ import torch.nn.functional as F
 with warnings.catch_warnings():
     # compressai 1.2.8 calls torch.jit.script at import, which torch >= 2.10 deprecates
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+    from ._compressai import load as _load_compressai
+    _load_compressai()   # without its package __init__'s eager imports (torch_geometric, ...)
     from compressai.entropy_models import EntropyBottleneck, GaussianConditional
     from compressai.layers import GDN
 

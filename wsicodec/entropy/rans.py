@@ -19,6 +19,9 @@ PRECISION = 16
 
 
 def _coder():
+    from .._compressai import load
+
+    load()
     from compressai import ans  # the C++ extension; imported on first use only
     return ans
 

@@ -1,0 +1,55 @@
+"""Import compressai without the eager imports of its package ``__init__``.
+
+wsicodec uses three parts of compressai: its entropy models, its GDN layer and its
+rANS coder.  compressai 1.2.8's ``__init__`` imports every subpackage up front
+(datasets, zoo, point-cloud transforms), and through them torch_geometric and
+torch._dynamo: about half of what loading the learned codec costs a fresh process
+(8 of 16 s measured on a busy 2-core machine), paid by every ``wsicodec compress`` /
+``decompress`` / ``serve`` and every first ``wsicodec.decode``.
+
+:func:`load` runs that ``__init__`` without its one ``from compressai import (...)``
+statement and makes those subpackages lazy (PEP 562 module ``__getattr__``), so
+``import compressai; compressai.zoo`` and ``from compressai import datasets`` still work
+in the same process, each importing its subpackage on first use.  If compressai was
+already imported, or its ``__init__`` is not the shape expected, the normal import runs.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import sys
+import types
+
+
+def load() -> types.ModuleType:
+    """The ``compressai`` package module, imported lazily where possible."""
+    if "compressai" in sys.modules:
+        return sys.modules["compressai"]
+    spec = importlib.util.find_spec("compressai")
+    if spec is None or spec.origin is None or not spec.origin.endswith("__init__.py"):
+        return importlib.import_module("compressai")   # raises the usual ImportError
+    with open(spec.origin, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), spec.origin)
+    eager = [n for n in tree.body if isinstance(n, ast.ImportFrom)
+             and n.module == "compressai" and n.level == 0]
+    if len(eager) != 1 or any(a.asname for a in eager[0].names):
+        return importlib.import_module("compressai")
+    lazy = frozenset(a.name for a in eager[0].names)
+    tree.body.remove(eager[0])
+    module = importlib.util.module_from_spec(spec)
+
+    def __getattr__(name: str):   # noqa: N807 - the PEP 562 hook
+        if name in lazy:
+            return importlib.import_module(f"compressai.{name}")
+        raise AttributeError(f"module 'compressai' has no attribute {name!r}")
+
+    module.__getattr__ = __getattr__  # type: ignore[attr-defined]
+    sys.modules["compressai"] = module
+    try:
+        exec(compile(tree, spec.origin, "exec"), module.__dict__)  # noqa: S102 - compressai's own code
+    except BaseException:
+        del sys.modules["compressai"]
+        raise
+    return module
