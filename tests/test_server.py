@@ -229,3 +229,18 @@ def test_cli_serve_errors(real_jpeg, capsys, args, message) -> None:
     assert main(args) != 0
     err = capsys.readouterr().err.strip()
     assert err.startswith("wsicodec: error:") and message in err and "\n" not in err
+
+
+def test_cli_serve_port_in_use_names_the_address(real_jpeg, capsys) -> None:
+    import socket
+
+    from wsicodec.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(real_jpeg[0]), "--port", str(port)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("wsicodec: error:") and "\n" not in err, err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "in use" in err, err

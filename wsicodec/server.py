@@ -364,7 +364,10 @@ def make_server(paths: Sequence[str | Path], host: str = "127.0.0.1", port: int 
         if preload:
             for s in slides.slides.values():
                 s.preload()
-        return TileServer((host, int(port)), slides, settings)
+        try:
+            return TileServer((host, int(port)), slides, settings)
+        except OSError as e:   # name the address: "Address already in use" alone says too little
+            raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror or e}") from e
     except BaseException:
         slides.close()
         raise
