@@ -56,6 +56,10 @@ def test_round_trip_per_format(tmp_path: Path, capsys, name: str) -> None:
                          "--tile-size", tile, "--workers", "2", "--quiet")
     assert code == 0, err
     assert "ratio" in out and "container" in out
+    code, out, _ = run(capsys, "info", box)
+    with openslide.OpenSlide(str(src)) as ref:
+        mpp_line = out.splitlines()[3]
+        assert (" um/px" in mpp_line) == ("openslide.mpp-x" in ref.properties), out
     code, out, _ = run(capsys, "info", box, "--json")
     info = json.loads(out)
     assert info["codec"]["name"] == "jpeg" and info["source"]["name"] == src.name
@@ -80,6 +84,7 @@ def test_png_round_trip_directory_store(tmp_path: Path, capsys) -> None:
     assert code == 0, err
     code, out, _ = run(capsys, "info", tmp_path / "p.zarr")
     assert code == 0 and "level 0: 1000 x 1000" in out
+    assert "mpp: not recorded, objective power: not recorded" in out and "None" not in out
     code, _, err = run(capsys, "decompress", tmp_path / "p.zarr", tmp_path / "p.tiff",
                        "--tiff-compression", "zlib")
     assert code == 0, err

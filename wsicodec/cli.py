@@ -177,7 +177,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2, sort_keys=True))
         return 0
     codec = info["codec"]
-    conf = ", ".join(f"{k}={v}" for k, v in codec.get("configuration", {}).items())
+    conf = ", ".join(f"{k}={v}" for k, v in codec.get("configuration", {}).items()
+                     if k != "model_id")   # the model's sha256 follows on the same line
     src = info["source"]
     print(f"{info['path']}: {info['format']} container v{info['format_version']} "
           f"({info.get('software')})")
@@ -185,7 +186,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
           + (f", model sha256 {info['model_sha256']}" if info.get("model_sha256") else ""))
     print(f"  source: {src.get('name')} ({src.get('vendor')}), "
           f"{_mb(src['bytes']) if src.get('bytes') else '? MB'}")
-    print(f"  mpp: {info['mpp']}, objective power: {info['objective_power']}")
+    mpp, power = info.get("mpp"), info.get("objective_power")
+    print(f"  mpp: {f'{mpp[0]:g} x {mpp[1]:g} um/px' if mpp else 'not recorded'}, objective power: "
+          f"{f'{power:g}x' if power else 'not recorded'}")
     print(f"  tile size: {info['tile_size']}, associated images: "
           f"{', '.join(info['associated_images']) or 'none'}")
     for n, lv in enumerate(info["levels"]):
