@@ -3,9 +3,9 @@
 wsicodec uses three parts of compressai: its entropy models, its GDN layer and its
 rANS coder.  compressai 1.2.8's ``__init__`` imports every subpackage up front
 (datasets, zoo, point-cloud transforms), and through them torch_geometric and
-torch._dynamo: about half of what loading the learned codec costs a fresh process
-(8 of 16 s measured on a busy 2-core machine), paid by every ``wsicodec compress`` /
-``decompress`` / ``serve`` and every first ``wsicodec.decode``.
+torch._dynamo: half of what loading the learned codec costs a fresh process (10.9 s
+without this, 5.5 s with it, on the idle 2-core development machine), paid by every
+``wsicodec compress`` / ``decompress`` / ``serve`` and every first ``wsicodec.decode``.
 
 :func:`load` runs that ``__init__`` without its one ``from compressai import (...)``
 statement and makes those subpackages lazy (PEP 562 module ``__getattr__``), so

@@ -178,7 +178,7 @@ class LearnedCodec:
         refine: steps of the encoder's latent search
             (:meth:`~wsicodec.model.WsiHyperprior.refine_latents`), 0 (off) .. 1000.
             Each step costs about four g_s passes over the tile; 40 steps take
-            7.1 % fewer bits at equal PSNR on H&E, 7.0 % more at equal LPIPS, for
+            7.2 % fewer bits at equal PSNR on H&E, 6.9 % more at equal LPIPS, for
             ~100x the encode time (bench/results/rd_refine_he_test.md).  Streams
             decode with any setting.
         model_id: the sha256 the data to decode was made with (from a container's
