@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
@@ -192,19 +193,26 @@ def codec_from_dict(d: dict) -> TileCodec:
 
 # ----------------------------------------------------------------- validation helpers
 
+def as_number(value: Any) -> float:
+    """``float(value)``, or NaN (which fails every range check) for a bool or anything
+    ``float()`` refuses: a setting is a number, not a flag, a list or a word."""
+    if isinstance(value, bool):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def _number(codec: str, knob: str, value: Any, lo: float, hi: float, *,
             integer: bool) -> Any:
     """Return ``value`` (as int when ``integer``) if it lies in [lo, hi], else raise."""
     kind = "an integer" if integer else "a number"
-    try:
-        ok = (not isinstance(value, bool) and lo <= float(value) <= hi
-              and (not integer or float(value) == int(float(value))))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
+    v = as_number(value)
+    if not (lo <= v <= hi and (not integer or v == int(v))):
         raise InvalidSettingError(f"{codec}: {knob} must be {kind} in [{lo:g}, {hi:g}], "
                                   f"got {value!r}")
-    return int(float(value)) if integer else float(value)
+    return int(v) if integer else v
 
 
 def _choice(codec: str, knob: str, value: Any, allowed: tuple[str, ...]) -> str:

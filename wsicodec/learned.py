@@ -32,13 +32,13 @@ garbage.  g_s may run batched on any device.
 
 from __future__ import annotations
 
-import math
 import struct
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
+from .codecs import as_number
 from .entropy import CdfTables, decode_symbols, encode_symbols, symbol_checksum
 from .errors import CorruptDataError, InvalidSettingError, ModelMismatchError
 from .model import pad_to_stride
@@ -197,10 +197,7 @@ class LearnedCodec:
     def __init__(self, quality: float | None = None, model: str | None = None,
                  device: str = "cpu", margin: int = DEFAULT_MARGIN, model_id: str | None = None,
                  refine: int = 0) -> None:
-        try:   # a bool is not a quality; neither is anything float() refuses
-            q = 4.0 if quality is None else math.nan if isinstance(quality, bool) else float(quality)
-        except (TypeError, ValueError):
-            q = math.nan
+        q = 4.0 if quality is None else as_number(quality)
         if not (isinstance(refine, int) and not isinstance(refine, bool) and 0 <= refine <= MAX_REFINE):
             raise InvalidSettingError(f"learned codec refine must be an integer in 0..{MAX_REFINE}, got {refine!r}")
         self.refine = refine
