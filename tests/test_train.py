@@ -143,6 +143,71 @@ def test_sigterm_writes_the_checkpoint_and_exits_cleanly(tmp_path):
     assert torch.load(out / "last.pt", weights_only=False)["step"] >= 2
 
 
+def test_added_encoder_blocks_start_as_the_identity():
+    """``--enc-blocks``: a trained g_a given residual blocks computes what it did."""
+    import train as train_script
+
+    from wsicodec.model import FastTransform, ModelConfig, WsiHyperprior
+
+    cfg = ModelConfig(N=8, M=12, lambdas=(1e-3, 4e-3))
+    old = WsiHyperprior(cfg)
+    with torch.no_grad():
+        for p in old.g_a.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    sd = train_script.add_encoder_blocks(old.state_dict(), 0, 2)
+    assert "g_a.6.weight" not in sd and "g_a.8.weight" in sd
+    new = WsiHyperprior(ModelConfig.from_dict({**cfg.to_dict(), "enc_blocks": 2}))
+    missing, unexpected = new.load_state_dict(sd, strict=False)
+    assert not unexpected and sorted({k.rsplit(".", 2)[0] for k in missing}) == ["g_a.6", "g_a.7"]
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(new.g_a(x), old.g_a(x))
+        for p in new.g_a[6].parameters():      # once trained the blocks count, in the fast copy too
+            p.add_(0.1 * torch.randn_like(p))
+        moved, fast = new.g_a(x), FastTransform(new.g_a)(x)
+    assert (moved - old.g_a(x)).abs().max() > 1e-3
+    assert (fast - moved).abs().max() <= 1e-5 * moved.abs().max()
+    with pytest.raises(SystemExit, match="already has 2"):
+        train_script.add_encoder_blocks(sd, 2, 1)
+    # weights written before the field existed have no blocks
+    assert ModelConfig.from_dict({"N": 8, "M": 12, "lambdas": [1e-3, 4e-3]}).enc_blocks == 0
+
+
+@pytest.mark.skipif(not TRAIN.is_dir(), reason="shared data not found")
+def test_freeze_decoder_trains_the_encoder_and_keeps_every_decoder_tensor(tmp_path):
+    """``--freeze-decoder``: the exported weights decode the old ones' bitstreams bit for bit."""
+    import train as train_script
+
+    from PIL import Image
+
+    from wsicodec.checkpoint import export
+    from wsicodec.learned import LearnedCodec
+    from wsicodec.model import WsiHyperprior
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.open(sorted(TRAIN.glob("*.png"))[0]).crop((0, 0, 160, 160)).save(data / "a.png")
+    common = ["--data", str(data), "--batch", "2", "--crop", "64", "--log-every", "1"]
+    assert train_script.main([*common, "--out", str(tmp_path / "a"), "--N", "8", "--M", "12", "--steps", "2",
+                              "--lambdas", "0.001", "0.004", "0.016"]) == 0
+    sha_old = export(tmp_path / "a" / "last.pt", tmp_path / "old.pt")
+    assert train_script.main([*common, "--out", str(tmp_path / "b"), "--resume", str(tmp_path / "old.pt"),
+                              "--steps", "5", "--lr", "1e-2", "--enc-blocks", "1", "--freeze-decoder"]) == 0
+    state = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    assert state["config"]["enc_blocks"] == 1 and state["step"] == 5
+    assert all(n.startswith(("g_a.", "h_a.")) for n in state["trainable"])
+    sha_new = export(tmp_path / "b" / "last.pt", tmp_path / "new.pt")
+    old_sd = torch.load(tmp_path / "old.pt", weights_only=False)["state_dict"]
+    new_sd = torch.load(tmp_path / "new.pt", weights_only=False)["state_dict"]
+    decoder = [k for k in old_sd if k.startswith(WsiHyperprior.DECODER_PARTS)]
+    assert decoder and all(torch.equal(old_sd[k], new_sd[k]) for k in decoder)      # tables included
+    assert not torch.equal(old_sd["h_a.0.weight"], new_sd["h_a.0.weight"])         # the encoder moved
+    assert sha_new != sha_old
+    tile = np.asarray(Image.open(data / "a.png").convert("RGB"))[:128, :128].copy()
+    codec = LearnedCodec(4, model=str(tmp_path / "new.pt"))     # g_a with its block, fast copy included
+    assert codec.decode(codec.encode(tile)).shape == tile.shape
+
+
 @pytest.mark.parametrize("bad", [["--crop", "80"], ["--crop", "32"], ["--crop", "64", "--feat-crop", "96"]])
 def test_crop_sizes_the_network_cannot_take_are_refused_before_loading(tmp_path, bad, capsys):
     import train as train_script

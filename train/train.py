@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import math
 import os
 import signal
@@ -168,6 +169,21 @@ def remap_adam_rows(opt_state: dict, names: list[str], old: tuple[float, ...],
                 st[m] = st[m][nearest].clone()
 
 
+def add_encoder_blocks(sd: dict, old: int, new: int) -> dict:
+    """Rename g_a's last layer for ``new`` residual blocks before it instead of ``old``.
+
+    g_a is (conv, GDN) × 3, the blocks, the last conv: the blocks already trained keep
+    their place, the added ones are missing from the result (the model's own
+    initialisation, the identity, stands for them).
+    """
+    if new < old:
+        raise SystemExit(f"--enc-blocks {new}: the checkpoint already has {old} encoder blocks")
+    sd = dict(sd)
+    for leaf in ("weight", "bias"):
+        sd[f"g_a.{6 + new}.{leaf}"] = sd.pop(f"g_a.{6 + old}.{leaf}")
+    return sd
+
+
 def save_atomic(obj: dict, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -204,6 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ckpt-every", type=float, default=300.0, help="seconds between checkpoints")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--enc-blocks", type=int, default=None,
+                    help="residual blocks in g_a before its last layer; on --resume, blocks added "
+                         "to a trained g_a start as the identity")
+    ap.add_argument("--freeze-decoder", action="store_true",
+                    help="train g_a and h_a only: everything the decoder uses (g_s, h_s, the entropy "
+                         "models, the gains) stays bit for bit, so the new weights decode as the "
+                         "old ones did")
     ap.add_argument("--lambdas", type=float, nargs="+", default=None,
                     help="a new λ ladder (one per quality level); on --resume the learned gains "
                          "are carried over by interpolating them at the new λ values")
@@ -228,13 +251,23 @@ def main(argv: list[str] | None = None) -> int:
         config = ModelConfig.from_dict(state["config"])
         if args.lambdas:
             old_lambdas = config.lambdas
-            config = ModelConfig(N=config.N, M=config.M, lambdas=tuple(args.lambdas))
+            config = dataclasses.replace(config, lambdas=tuple(args.lambdas))
             state["model"] = remap_gains(state["model"], old_lambdas, config.lambdas)
             print(f"λ ladder {list(old_lambdas)} -> {list(config.lambdas)}: gains interpolated")
+        if args.enc_blocks is not None and args.enc_blocks != config.enc_blocks:
+            state["model"] = add_encoder_blocks(state["model"], config.enc_blocks, args.enc_blocks)
+            print(f"g_a: {config.enc_blocks} -> {args.enc_blocks} residual blocks (new ones start as the identity)")
+            config = dataclasses.replace(config, enc_blocks=args.enc_blocks)
     else:
-        config = ModelConfig(N=args.N, M=args.M, **({"lambdas": tuple(args.lambdas)} if args.lambdas else {}))
+        config = ModelConfig(N=args.N, M=args.M, enc_blocks=args.enc_blocks or 0,
+                             **({"lambdas": tuple(args.lambdas)} if args.lambdas else {}))
     model = WsiHyperprior(config).to(dev)
-    main_names = [n for n, _ in model.named_parameters() if not n.endswith("quantiles")]
+    all_names = [n for n, _ in model.named_parameters() if not n.endswith("quantiles")]
+    main_names = all_names
+    if args.freeze_decoder:
+        main_names = [n for n in all_names if n.startswith(("g_a.", "h_a."))]
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in main_names)
     main_params = [model.get_parameter(n) for n in main_names]
     aux_params = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
     opt = torch.optim.Adam(main_params, lr=args.lr)
@@ -243,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     if state is not None:
         model.load_state_dict(state["model"], strict=False)
-        if "optimizer" in state:
+        if "optimizer" in state and state.get("trainable", all_names) != main_names:
+            print("optimiser state starts afresh: the trainable parameters changed")
+        elif "optimizer" in state:
             if old_lambdas is not None and len(old_lambdas) != config.levels:
                 remap_adam_rows(state["optimizer"], main_names, old_lambdas, config.lambdas)
             opt.load_state_dict(state["optimizer"])
@@ -279,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             "format": "wsicodec-train", "config": config.to_dict(), "model": model.state_dict(),
             "optimizer": opt.state_dict(), "aux_optimizer": aux_opt.state_dict(),
             "step": step, "wall": wall0 + time.time() - t_start, "numpy_rng": rng.bit_generator.state,
-            "args": vars(args),
+            "args": vars(args), "trainable": main_names,
         }, path)
 
     stop = []   # SIGINT / SIGTERM: finish the step, write the checkpoint, exit
@@ -320,10 +355,14 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(main_params, 1.0)
         opt.step()
-        aux = model.aux_loss()
-        aux_opt.zero_grad(set_to_none=True)
-        aux.backward()
-        aux_opt.step()
+        if args.freeze_decoder:     # the quantiles are the decoder's too
+            with torch.no_grad():
+                aux = model.aux_loss()
+        else:
+            aux = model.aux_loss()
+            aux_opt.zero_grad(set_to_none=True)
+            aux.backward()
+            aux_opt.step()
         step += 1
         with torch.no_grad():
             psnr = (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean().item()

@@ -80,6 +80,9 @@ class ModelConfig:
     N: int = 96                       #: channels of the transforms
     M: int = 128                      #: channels of the latent y
     lambdas: tuple[float, ...] = field(default=DEFAULT_LAMBDAS)  #: λ per quality level
+    #: residual blocks in g_a before its last layer (encoder only: the decoder is the same
+    #: network whatever this is; ``train.py --enc-blocks K --freeze-decoder`` adds them)
+    enc_blocks: int = 0
 
     @property
     def levels(self) -> int:
@@ -92,7 +95,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        return cls(N=int(d["N"]), M=int(d["M"]), lambdas=tuple(float(v) for v in d["lambdas"]))
+        return cls(N=int(d["N"]), M=int(d["M"]), lambdas=tuple(float(v) for v in d["lambdas"]),
+                   enc_blocks=int(d.get("enc_blocks", 0)))   # weights made before it have none
 
 
 def _conv(cin: int, cout: int, k: int = 5, s: int = 2) -> nn.Conv2d:
@@ -101,6 +105,24 @@ def _conv(cin: int, cout: int, k: int = 5, s: int = 2) -> nn.Conv2d:
 
 def _deconv(cin: int, cout: int, k: int = 5, s: int = 2) -> nn.ConvTranspose2d:
     return nn.ConvTranspose2d(cin, cout, k, stride=s, padding=k // 2, output_padding=s - 1)
+
+
+class ResidualBlock(nn.Module):
+    """x + conv3×3(LeakyReLU(conv3×3(x))), the second conv zero-initialised.
+
+    A new block is the identity, so it can be added to a trained g_a without
+    changing what the encoder computes until training moves it.
+    """
+
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.leaky_relu(self.conv1(x), 0.01))
 
 
 def ste_round(x: torch.Tensor) -> torch.Tensor:
@@ -113,13 +135,17 @@ class WsiHyperprior(nn.Module):
 
     #: the input height/width must be a multiple of this (four stride-2 layers in g_a, two in h_a)
     STRIDE = 64
+    #: what the decoder uses: a network that differs from another only outside these
+    #: (g_a, h_a: the encoder) decodes the other's bitstreams identically
+    DECODER_PARTS = ("g_s.", "h_s.", "entropy_bottleneck.", "gaussian_conditional.", "log_gain", "log_hgain")
 
     def __init__(self, config: ModelConfig = ModelConfig()) -> None:
         super().__init__()
         N, M, L = config.N, config.M, config.levels
         self.config = config
         self.g_a = nn.Sequential(
-            _conv(3, N), GDN(N), _conv(N, N), GDN(N), _conv(N, N), GDN(N), _conv(N, M))
+            _conv(3, N), GDN(N), _conv(N, N), GDN(N), _conv(N, N), GDN(N),
+            *(ResidualBlock(N) for _ in range(config.enc_blocks)), _conv(N, M))
         self.g_s = nn.Sequential(
             _deconv(M, N), GDN(N, inverse=True), _deconv(N, N), GDN(N, inverse=True),
             _deconv(N, N), GDN(N, inverse=True), _deconv(N, 3))
