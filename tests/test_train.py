@@ -208,6 +208,57 @@ def test_freeze_decoder_trains_the_encoder_and_keeps_every_decoder_tensor(tmp_pa
     assert codec.decode(codec.encode(tile)).shape == tile.shape
 
 
+@pytest.mark.skipif(not TRAIN.is_dir(), reason="shared data not found")
+def test_weights_with_the_same_decoder_open_the_data_of_the_weights_before(tmp_path, monkeypatch):
+    """Exported with ``decoder_of``, retrained-encoder weights decode the old ones' streams and
+    containers exactly (and the old weights still refuse the new data)."""
+    import train as train_script
+
+    from PIL import Image
+
+    import wsicodec
+    from wsicodec.checkpoint import export, load_model, load_model_for
+    from wsicodec.errors import ModelMismatchError, WsiCodecError
+    from wsicodec.learned import LearnedCodec
+    from wsicodec.pipeline import compress
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.open(sorted(TRAIN.glob("*.png"))[0]).crop((0, 0, 160, 160)).save(data / "a.png")
+    common = ["--data", str(data), "--batch", "2", "--crop", "64", "--log-every", "1"]
+    assert train_script.main([*common, "--out", str(tmp_path / "a"), "--N", "8", "--M", "12", "--steps", "2",
+                              "--lambdas", "0.001", "0.004", "0.016"]) == 0
+    old = tmp_path / "old.pt"
+    old_id = export(tmp_path / "a" / "last.pt", old)
+    assert train_script.main([*common, "--out", str(tmp_path / "b"), "--resume", str(old),
+                              "--steps", "4", "--lr", "1e-2", "--freeze-decoder"]) == 0
+    new = tmp_path / "new.pt"
+    export(tmp_path / "b" / "last.pt", new, decoder_of=old)
+    assert load_model(new).provenance["decodes_for"] == [old_id]
+    # and from its own joint-training sibling, whose decoder moved, nothing is written
+    assert train_script.main([*common, "--out", str(tmp_path / "c"), "--resume", str(old), "--steps", "3",
+                              "--lr", "1e-2"]) == 0
+    with pytest.raises(WsiCodecError, match="not the decoder of old.pt: .* differs"):
+        export(tmp_path / "c" / "last.pt", tmp_path / "sib.pt", decoder_of=old)
+    assert not (tmp_path / "sib.pt").exists()
+
+    tile = np.asarray(Image.open(data / "a.png").convert("RGB"))[:150, :140].copy()
+    stream = wsicodec.encode(tile, model=str(old))
+    assert np.array_equal(wsicodec.decode(stream, model=str(new)), wsicodec.decode(stream, model=str(old)))
+    with pytest.raises(ModelMismatchError):                  # one way only: old weights, new data
+        wsicodec.decode(wsicodec.encode(tile, model=str(new)), model=str(old))
+    # a container made with the old weights, opened where only the new ones are (the default)
+    box = compress(data / "a.png", tmp_path / "old.zarr.zip", LearnedCodec(4, model=str(old)))
+    assert box.tiles > 0
+    want = wsicodec.open_slide(tmp_path / "old.zarr.zip").read_region((0, 0), 0, (160, 160))
+    old.rename(tmp_path / "elsewhere.pt")
+    monkeypatch.setenv("WSICODEC_MODEL", str(new))
+    monkeypatch.delenv("WSICODEC_MODEL_DIR", raising=False)
+    assert load_model_for(old_id).model_id != old_id
+    with wsicodec.open_slide(tmp_path / "old.zarr.zip") as slide:
+        assert np.array_equal(np.asarray(slide.read_region((0, 0), 0, (160, 160))), np.asarray(want))
+
+
 @pytest.mark.parametrize("bad", [["--crop", "80"], ["--crop", "32"], ["--crop", "64", "--feat-crop", "96"]])
 def test_crop_sizes_the_network_cannot_take_are_refused_before_loading(tmp_path, bad, capsys):
     import train as train_script

@@ -1,6 +1,7 @@
 """Freeze a training checkpoint into the shipped inference weights.
 
     python train/export.py runs/main/last.pt [--out wsicodec/weights/wsicodec-hyperprior.pt]
+                           [--decoder-of OLD_WEIGHTS.pt]
 
 Finds the entropy bottleneck's quantiles by bisection, builds the integer CDF
 tables, drops optimiser state, writes atomically and prints the model id (sha256).
@@ -15,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wsicodec.checkpoint import DEFAULT_WEIGHTS, export  # noqa: E402
+from wsicodec.errors import WsiCodecError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,8 +24,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("checkpoint")
     ap.add_argument("--out", default=str(DEFAULT_WEIGHTS))
     ap.add_argument("--note", default="", help="free text stored in the provenance")
+    ap.add_argument("--decoder-of", default=None, metavar="WEIGHTS",
+                    help="shipped weights whose decoder the checkpoint kept (train.py --freeze-decoder): "
+                         "checked tensor for tensor, then data made with them opens with the new weights")
     args = ap.parse_args(argv)
-    sha = export(args.checkpoint, args.out, {"note": args.note} if args.note else None)
+    try:
+        sha = export(args.checkpoint, args.out, {"note": args.note} if args.note else None,
+                     decoder_of=args.decoder_of)
+    except WsiCodecError as exc:
+        raise SystemExit(f"export: error: {exc}") from None
     size = Path(args.out).stat().st_size
     print(f"{args.out}: {size / 1e6:.1f} MB, model id {sha}")
     return 0

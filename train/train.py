@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--freeze-decoder", action="store_true",
                     help="train g_a and h_a only: everything the decoder uses (g_s, h_s, the entropy "
                          "models, the gains) stays bit for bit, so the new weights decode as the "
-                         "old ones did")
+                         "old ones did; the rate is then taken on the rounded latents (the bits "
+                         "the coder spends), not on noisy ones")
     ap.add_argument("--lambdas", type=float, nargs="+", default=None,
                     help="a new λ ladder (one per quality level); on --resume the learned gains "
                          "are carried over by interpolating them at the new λ values")
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         quality = torch.randint(1, QUALITY_MAX + 1, (args.batch,), device=dev).float()
         anywhere = torch.rand(args.batch, device=dev) < args.continuous
         quality = torch.where(anywhere, 1 + (QUALITY_MAX - 1) * torch.rand(args.batch, device=dev), quality)
-        out_d = fwd(x, quality)
+        out_d = fwd(x, quality, hard=args.freeze_decoder)
         x_hat = out_d["x_hat"]
         npix = x.shape[-1] * x.shape[-2]
         bpp = (out_d["bits_y"] + out_d["bits_z"]) / npix

@@ -50,12 +50,27 @@ class LoadedModel:
     path: Path
     provenance: dict
 
-    def check_id(self, other_id: str, what: str = "data") -> None:
-        """Raise :class:`ModelMismatchError` unless ``other_id`` names these weights.
+    def decodes(self, other_id: str) -> bool:
+        """Whether data made with ``other_id`` decodes with these weights exactly.
 
-        ``other_id`` may be a prefix of the sha256 (tile headers keep 8 bytes).
+        True for these weights' own id, and for the ids in ``provenance["decodes_for"]``:
+        weights whose decoder (g_s, h_s, entropy models, gains) this file holds bit
+        for bit, checked when it was exported (an encoder retrained with
+        ``train.py --freeze-decoder``).  ``other_id`` may be a prefix of the sha256
+        (tile headers keep 8 bytes).
         """
-        if not self.model_id.startswith(other_id.lower()):
+        other = str(other_id).lower()
+        if not other:
+            return False
+        return any(i.startswith(other) for i in (self.model_id, *self.decodes_for))
+
+    @property
+    def decodes_for(self) -> tuple[str, ...]:
+        return tuple(str(i).lower() for i in self.provenance.get("decodes_for", ()) or ())
+
+    def check_id(self, other_id: str, what: str = "data") -> None:
+        """Raise :class:`ModelMismatchError` unless data made with ``other_id`` decodes here."""
+        if not self.decodes(other_id):
             raise ModelMismatchError(
                 f"{what} was made with model {other_id[:16]}..., but the loaded model is "
                 f"{self.model_id[:16]}... ({self.path.name}); {_where_to_find(other_id)}")
@@ -130,11 +145,12 @@ def _where_to_find(model_id: str) -> str:
 def load_model_for(model_id: str | None, path: str | os.PathLike | None = None) -> "LoadedModel":
     """The weights to decode data made with ``model_id``.
 
-    An existing ``path`` must hold those weights.  Otherwise (no ``path``, or one
-    recorded on another machine that does not exist here) they are looked up by id
-    (:func:`find_weights`: the default weights first); none found raises
-    :class:`ModelMismatchError` naming both ids and where the weights can be had, or
-    :class:`InvalidSettingError` when no weights file exists at all.
+    An existing ``path`` must hold those weights (or their decoder: see
+    :meth:`LoadedModel.decodes`).  Otherwise (no ``path``, or one recorded on another
+    machine that does not exist here) they are looked up by id (:func:`find_weights`:
+    the default weights first), and failing that the default weights are taken if they
+    hold that decoder; else :class:`ModelMismatchError` names both ids and where the
+    weights can be had, or :class:`InvalidSettingError` when no weights file exists at all.
     """
     if model_id is None:
         return load_model(path)
@@ -143,7 +159,8 @@ def load_model_for(model_id: str | None, path: str | os.PathLike | None = None) 
         found = find_weights(model_id)
         if found is not None:
             return load_model(found)
-    loaded = load_model(path)            # raises when the file is missing
+        path = None
+    loaded = load_model(path)            # raises when no weights file exists
     loaded.check_id(model_id, "this data")
     return loaded
 
@@ -204,11 +221,16 @@ def _load_coding_state(model, state_dict: dict) -> None:
         raise WsiCodecError("checkpoint has no frozen CDF tables; export it with train/export.py")
 
 
-def export(train_checkpoint: str | os.PathLike, out: str | os.PathLike, provenance: dict | None = None) -> str:
+def export(train_checkpoint: str | os.PathLike, out: str | os.PathLike, provenance: dict | None = None,
+           decoder_of: str | os.PathLike | None = None) -> str:
     """Turn a training checkpoint into an inference checkpoint; return its sha256.
 
     Freezes the CDF tables (quantiles by bisection), drops optimiser state and
-    writes atomically.
+    writes atomically.  ``decoder_of``: shipped weights whose decoder this one must
+    be, tensor for tensor (the network's size and λ ladder too); their id, and the
+    ids they decode in turn, go into ``provenance["decodes_for"]``, so data made
+    with them opens with the new weights.  A decoder that differs is an error and
+    nothing is written.
     """
     import torch
 
@@ -222,6 +244,10 @@ def export(train_checkpoint: str | os.PathLike, out: str | os.PathLike, provenan
     prov = {"train_step": state.get("step"), "train_wall_s": state.get("wall"),
             "train_args": state.get("args")}
     prov.update(provenance or {})
+    if decoder_of is not None:
+        parent = load_model(decoder_of)
+        _check_same_decoder(parent.model, model, parent.path.name)
+        prov["decodes_for"] = [parent.model_id, *parent.decodes_for]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -229,6 +255,18 @@ def export(train_checkpoint: str | os.PathLike, out: str | os.PathLike, provenan
                 "state_dict": model.state_dict(), "provenance": prov}, tmp)
     os.replace(tmp, out)
     return sha256_file(out)
+
+
+def _check_same_decoder(parent, child, parent_name: str) -> None:
+    """Raise :class:`WsiCodecError` unless ``child`` decodes exactly as ``parent``."""
+    import torch
+    pc, cc = parent.config, child.config
+    if (pc.N, pc.M, tuple(pc.lambdas)) != (cc.N, cc.M, tuple(cc.lambdas)):
+        raise WsiCodecError(f"not the decoder of {parent_name}: network size or λ ladder differs")
+    ps, cs = parent.state_dict(), child.state_dict()
+    for key in (k for k in ps if k.startswith(parent.DECODER_PARTS)):
+        if key not in cs or ps[key].shape != cs[key].shape or not torch.equal(ps[key], cs[key]):
+            raise WsiCodecError(f"not the decoder of {parent_name}: {key} differs")
 
 
 __all__ = ["LoadedModel", "load_model", "load_model_for", "find_weights", "shipped_history", "export",

@@ -367,12 +367,14 @@ class Container:
         torch only here).
 
         Raises InvalidSettingError / CodecUnavailableError from the registry, and
-        ModelMismatchError if the codec's ``model_id`` differs from the stored one.
+        ModelMismatchError if the codec's model cannot decode what the stored
+        ``model_id`` made (another id, and not one whose decoder it holds).
         """
         if self._codec is None:
             codec = codec_from_dict(self.metadata.codec)
             stored, loaded = self.metadata.model_id, getattr(codec, "model_id", None)
-            if stored and loaded and stored != loaded:
+            decodes = getattr(getattr(codec, "loaded", None), "decodes", None)
+            if stored and loaded and stored != loaded and not (decodes and decodes(stored)):
                 raise ModelMismatchError(
                     f"{self.path}: tiles were made with model {stored}, but the loaded "
                     f"{codec.name} model is {loaded}")

@@ -344,7 +344,7 @@ class LearnedCodec:
         import torch
         m = self.loaded.model
         tb_z, tb_y = self._tables
-        if not self.model_id.startswith(hd.model_prefix.hex()):
+        if not self.loaded.decodes(hd.model_prefix.hex()):
             raise ModelMismatchError(
                 f"{name} was coded with model {hd.model_prefix.hex()}..., but the loaded model is "
                 f"{self.model_id[:16]}...; open it with the same weights")

@@ -125,6 +125,11 @@ class ResidualBlock(nn.Module):
         return x + self.conv2(F.leaky_relu(self.conv1(x), 0.01))
 
 
+def _bits(likelihoods: torch.Tensor) -> torch.Tensor:
+    """Per-sample bits of a (B, ...) tensor of likelihoods."""
+    return -torch.log2(likelihoods).flatten(1).sum(1)
+
+
 def ste_round(x: torch.Tensor) -> torch.Tensor:
     """Round in the forward pass, identity gradient in the backward pass."""
     return (torch.round(x) - x).detach() + x
@@ -196,24 +201,41 @@ class WsiHyperprior(nn.Module):
         return g, h
 
     # -------------------------------------------------------------- training
-    def forward(self, x: torch.Tensor, quality: torch.Tensor) -> dict:
+    def forward(self, x: torch.Tensor, quality: torch.Tensor, hard: bool = False) -> dict:
         """Training pass: noisy latents for the rate, rounded latents (STE) for g_s.
 
-        Returns ``x_hat`` and per-sample bits ``bits_y``, ``bits_z``.
+        ``hard``: the rate too is taken on the rounded latents (straight-through), i.e.
+        the bits the coder will spend.  That is the right objective once the entropy
+        models are frozen and only the encoder learns ("soft then hard", Guo et al.
+        2021): the encoder then learns to place y for the real quantiser instead of
+        for uniform noise.  Returns ``x_hat`` and per-sample bits ``bits_y``, ``bits_z``.
         """
         gain, hgain = self.gains(quality)
         y = self.g_a(x) * gain
         z = self.h_a(y) * hgain
-        _, z_lik = self.entropy_bottleneck(z)
         medians = self.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1)
         z_hat = ste_round(z - medians) + medians
+        z_lik = self._z_likelihood(z_hat) if hard else self.entropy_bottleneck(z)[1]
         params = self.h_s(z_hat / hgain)
         scales, means = params.chunk(2, 1)
-        _, y_lik = self.gaussian_conditional(y, scales, means)
         y_hat = ste_round(y - means) + means
+        if hard:
+            y_lik = self._y_likelihood(y_hat, scales, means)
+        else:
+            _, y_lik = self.gaussian_conditional(y, scales, means)
         x_hat = self.g_s(y_hat / gain)
-        bits = lambda lik: -torch.log2(lik).flatten(1).sum(1)  # noqa: E731
-        return {"x_hat": x_hat, "bits_y": bits(y_lik), "bits_z": bits(z_lik)}
+        return {"x_hat": x_hat, "bits_y": _bits(y_lik), "bits_z": _bits(z_lik)}
+
+    def _z_likelihood(self, z_hat: torch.Tensor) -> torch.Tensor:
+        """The factorized prior's likelihood of integer-offset ẑ, as coded (no noise)."""
+        eb = self.entropy_bottleneck
+        zt = z_hat.transpose(0, 1)
+        z_lik, _, _ = eb._likelihood(zt.reshape(zt.shape[0], 1, -1))
+        return eb.likelihood_lower_bound(z_lik).reshape(zt.shape).transpose(0, 1)
+
+    def _y_likelihood(self, y_hat: torch.Tensor, scales: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+        gc = self.gaussian_conditional
+        return gc.likelihood_lower_bound(gc._likelihood(y_hat, scales, means))
 
     def aux_loss(self) -> torch.Tensor:
         return self.entropy_bottleneck.loss()
@@ -261,17 +283,14 @@ class WsiHyperprior(nn.Module):
             gain, hgain = (g.detach() for g in self.gains(quality, x.dtype))
             lam = self.lambda_at(quality).to(x.dtype).detach()
             pixels = shown.flatten(1).sum(1).clamp_min(1)
-            eb, gc = self.entropy_bottleneck, self.gaussian_conditional
-            medians = eb._get_medians().detach().reshape(1, -1, 1, 1)
+            medians = self.entropy_bottleneck._get_medians().detach().reshape(1, -1, 1, 1)
             yv = y.detach().clone().requires_grad_(True)
             zv = z.detach().clone().requires_grad_(True)
             opt = torch.optim.Adam([yv, zv], lr=lr)
 
             def cost(tau: float) -> torch.Tensor:
                 z_hat = ste_round(zv - medians) + medians
-                zt = z_hat.transpose(0, 1)
-                z_lik, _, _ = eb._likelihood(zt.reshape(zt.shape[0], 1, -1))
-                z_lik = eb.likelihood_lower_bound(z_lik).reshape(zt.shape).transpose(0, 1)
+                z_lik = self._z_likelihood(z_hat)
                 params = self.h_s(z_hat / hgain)[..., :yv.shape[-2], :yv.shape[-1]]   # y was padded for h_a
                 scales, means = params.chunk(2, 1)
                 if tau > 0:   # two-way Gumbel softmax = sigmoid(logit difference + logistic noise)
@@ -283,8 +302,7 @@ class WsiHyperprior(nn.Module):
                     y_hat = lo + up + means
                 else:
                     y_hat = ste_round(yv - means) + means
-                y_lik = gc.likelihood_lower_bound(gc._likelihood(y_hat, scales, means))
-                bits = -(torch.log2(y_lik).flatten(1).sum(1) + torch.log2(z_lik).flatten(1).sum(1))
+                bits = _bits(self._y_likelihood(y_hat, scales, means)) + _bits(z_lik)
                 x_hat = self.g_s(y_hat / gain).clamp(0, 1)
                 sse = ((x_hat - x) ** 2 * shown).flatten(1).sum(1)
                 return bits / pixels + lam * 255.0 ** 2 * sse / (3 * pixels)
