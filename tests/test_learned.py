@@ -328,3 +328,17 @@ print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_hard_rate_is_the_coders_rate(tissue):
+    """``forward(hard=True)`` prices the rounded symbols: the bytes the coder writes
+    (tile headers and rANS flush apart); the noisy training estimate is not that."""
+    model = load_model().model
+    crop = np.ascontiguousarray(tissue[:512, :512])
+    x = torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 255
+    for q in (2.0, 8.0):
+        with torch.no_grad():
+            out = model(x, torch.tensor([q]), hard=True)
+        est = (out["bits_y"] + out["bits_z"]).item()
+        real = 8 * len(LearnedCodec(q, margin=0).encode(crop))
+        assert 0.97 * real < est < real, (q, est, real)

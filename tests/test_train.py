@@ -192,7 +192,7 @@ def test_freeze_decoder_trains_the_encoder_and_keeps_every_decoder_tensor(tmp_pa
                               "--lambdas", "0.001", "0.004", "0.016"]) == 0
     sha_old = export(tmp_path / "a" / "last.pt", tmp_path / "old.pt")
     assert train_script.main([*common, "--out", str(tmp_path / "b"), "--resume", str(tmp_path / "old.pt"),
-                              "--steps", "5", "--lr", "1e-2", "--enc-blocks", "1", "--freeze-decoder"]) == 0
+                              "--steps", "5", "--lr", "1e-2", "--enc-blocks", "1", "--freeze-decoder", "--hard-rate"]) == 0
     state = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
     assert state["config"]["enc_blocks"] == 1 and state["step"] == 5
     assert all(n.startswith(("g_a.", "h_a.")) for n in state["trainable"])

@@ -226,8 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--freeze-decoder", action="store_true",
                     help="train g_a and h_a only: everything the decoder uses (g_s, h_s, the entropy "
                          "models, the gains) stays bit for bit, so the new weights decode as the "
-                         "old ones did; the rate is then taken on the rounded latents (the bits "
-                         "the coder spends), not on noisy ones")
+                         "old ones did (export with --decoder-of)")
+    ap.add_argument("--hard-rate", action="store_true",
+                    help="take the rate on the rounded latents (straight-through): the coder's real "
+                         "bits, but a gradient blind to bin edges; with --freeze-decoder it made the "
+                         "encoder spend more bits for less (train/README.md, run 14)")
     ap.add_argument("--lambdas", type=float, nargs="+", default=None,
                     help="a new λ ladder (one per quality level); on --resume the learned gains "
                          "are carried over by interpolating them at the new λ values")
@@ -336,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         quality = torch.randint(1, QUALITY_MAX + 1, (args.batch,), device=dev).float()
         anywhere = torch.rand(args.batch, device=dev) < args.continuous
         quality = torch.where(anywhere, 1 + (QUALITY_MAX - 1) * torch.rand(args.batch, device=dev), quality)
-        out_d = fwd(x, quality, hard=args.freeze_decoder)
+        out_d = fwd(x, quality, hard=args.hard_rate)
         x_hat = out_d["x_hat"]
         npix = x.shape[-1] * x.shape[-2]
         bpp = (out_d["bits_y"] + out_d["bits_z"]) / npix
