@@ -173,6 +173,24 @@ def test_added_encoder_blocks_start_as_the_identity():
     assert ModelConfig.from_dict({"N": 8, "M": 12, "lambdas": [1e-3, 4e-3]}).enc_blocks == 0
 
 
+def _tiny_weights(tmp_path: Path) -> tuple[Path, list[str], Path, str]:
+    """A tiny network trained 2 steps on one crop, exported: (data, args, weights, id)."""
+    import train as train_script
+
+    from PIL import Image
+
+    from wsicodec.checkpoint import export
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.open(sorted(TRAIN.glob("*.png"))[0]).crop((0, 0, 160, 160)).save(data / "a.png")
+    common = ["--data", str(data), "--batch", "2", "--crop", "64", "--log-every", "1"]
+    assert train_script.main([*common, "--out", str(tmp_path / "a"), "--N", "8", "--M", "12", "--steps", "2",
+                              "--lambdas", "0.001", "0.004", "0.016"]) == 0
+    old = tmp_path / "old.pt"
+    return data, common, old, export(tmp_path / "a" / "last.pt", old)
+
+
 @pytest.mark.skipif(not TRAIN.is_dir(), reason="shared data not found")
 def test_freeze_decoder_trains_the_encoder_and_keeps_every_decoder_tensor(tmp_path):
     """``--freeze-decoder``: the exported weights decode the old ones' bitstreams bit for bit."""
@@ -184,13 +202,7 @@ def test_freeze_decoder_trains_the_encoder_and_keeps_every_decoder_tensor(tmp_pa
     from wsicodec.learned import LearnedCodec
     from wsicodec.model import WsiHyperprior
 
-    data = tmp_path / "data"
-    data.mkdir()
-    Image.open(sorted(TRAIN.glob("*.png"))[0]).crop((0, 0, 160, 160)).save(data / "a.png")
-    common = ["--data", str(data), "--batch", "2", "--crop", "64", "--log-every", "1"]
-    assert train_script.main([*common, "--out", str(tmp_path / "a"), "--N", "8", "--M", "12", "--steps", "2",
-                              "--lambdas", "0.001", "0.004", "0.016"]) == 0
-    sha_old = export(tmp_path / "a" / "last.pt", tmp_path / "old.pt")
+    data, common, _, sha_old = _tiny_weights(tmp_path)
     assert train_script.main([*common, "--out", str(tmp_path / "b"), "--resume", str(tmp_path / "old.pt"),
                               "--steps", "5", "--lr", "1e-2", "--enc-blocks", "1", "--freeze-decoder", "--hard-rate"]) == 0
     state = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
@@ -222,14 +234,7 @@ def test_weights_with_the_same_decoder_open_the_data_of_the_weights_before(tmp_p
     from wsicodec.learned import LearnedCodec
     from wsicodec.pipeline import compress
 
-    data = tmp_path / "data"
-    data.mkdir()
-    Image.open(sorted(TRAIN.glob("*.png"))[0]).crop((0, 0, 160, 160)).save(data / "a.png")
-    common = ["--data", str(data), "--batch", "2", "--crop", "64", "--log-every", "1"]
-    assert train_script.main([*common, "--out", str(tmp_path / "a"), "--N", "8", "--M", "12", "--steps", "2",
-                              "--lambdas", "0.001", "0.004", "0.016"]) == 0
-    old = tmp_path / "old.pt"
-    old_id = export(tmp_path / "a" / "last.pt", old)
+    data, common, old, old_id = _tiny_weights(tmp_path)
     assert train_script.main([*common, "--out", str(tmp_path / "b"), "--resume", str(old),
                               "--steps", "4", "--lr", "1e-2", "--freeze-decoder"]) == 0
     new = tmp_path / "new.pt"
