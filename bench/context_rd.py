@@ -154,8 +154,8 @@ def train(model, head: CheckerboardHead, lat: list[torch.Tensor], minutes: float
             res = (torch.round(yq - means)) * mask       # decoded anchors, centred
         s2, m2 = head(res, scales, means)
         noisy = yq + torch.empty_like(yq).uniform_(-0.5, 0.5)
-        lik0 = gc.likelihood_lower_bound(gc._likelihood(noisy, scales, means))
-        lik1 = gc.likelihood_lower_bound(gc._likelihood(noisy, s2, m2))
+        lik0 = model._y_likelihood(noisy, scales, means)
+        lik1 = model._y_likelihood(noisy, s2, m2)
         non = 1 - mask
         bits0 = -(torch.log2(lik0) * non).sum() / batch
         bits1 = -(torch.log2(lik1) * non).sum() / batch

@@ -171,15 +171,16 @@ def remap_adam_rows(opt_state: dict, names: list[str], old: tuple[float, ...],
 def add_encoder_blocks(sd: dict, old: int, new: int) -> dict:
     """Rename g_a's last layer for ``new`` residual blocks before it instead of ``old``.
 
-    g_a is (conv, GDN) × 3, the blocks, the last conv: the blocks already trained keep
-    their place, the added ones are missing from the result (the model's own
-    initialisation, the identity, stands for them).
+    g_a's last layer is its highest index; the blocks already trained keep their place,
+    the added ones are missing from the result (the model's own initialisation, the
+    identity, stands for them).
     """
     if new < old:
         raise SystemExit(f"--enc-blocks {new}: the checkpoint already has {old} encoder blocks")
     sd = dict(sd)
+    last = max(int(k.split(".")[1]) for k in sd if k.startswith("g_a."))
     for leaf in ("weight", "bias"):
-        sd[f"g_a.{6 + new}.{leaf}"] = sd.pop(f"g_a.{6 + old}.{leaf}")
+        sd[f"g_a.{last - old + new}.{leaf}"] = sd.pop(f"g_a.{last}.{leaf}")
     return sd
 
 
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     all_names = [n for n, _ in model.named_parameters() if not n.endswith("quantiles")]
     main_names = all_names
     if args.freeze_decoder:
-        main_names = [n for n in all_names if n.startswith(("g_a.", "h_a."))]
+        main_names = [n for n in all_names if not n.startswith(WsiHyperprior.DECODER_PARTS)]
         for n, p in model.named_parameters():
             p.requires_grad_(n in main_names)
     main_params = [model.get_parameter(n) for n in main_names]
