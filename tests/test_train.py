@@ -143,8 +143,8 @@ def test_sigterm_writes_the_checkpoint_and_exits_cleanly(tmp_path):
     assert torch.load(out / "last.pt", weights_only=False)["step"] >= 2
 
 
-def test_added_encoder_blocks_start_as_the_identity():
-    """``--enc-blocks``: a trained g_a given residual blocks computes what it did."""
+def test_added_residual_blocks_start_as_the_identity():
+    """``--enc-blocks`` / ``--dec-blocks``: a trained g_a and g_s given blocks compute what they did."""
     import train as train_script
 
     from wsicodec.model import FastTransform, ModelConfig, WsiHyperprior
@@ -152,25 +152,34 @@ def test_added_encoder_blocks_start_as_the_identity():
     cfg = ModelConfig(N=8, M=12, lambdas=(1e-3, 4e-3))
     old = WsiHyperprior(cfg)
     with torch.no_grad():
-        for p in old.g_a.parameters():
+        for p in [*old.g_a.parameters(), *old.g_s.parameters()]:
             p.add_(0.01 * torch.randn_like(p))
-    sd = train_script.add_encoder_blocks(old.state_dict(), 0, 2)
+    grown = ModelConfig.from_dict({**cfg.to_dict(), "enc_blocks": 2, "dec_blocks": 1})
+    sd = train_script.add_blocks(old.state_dict(), cfg, grown)
     assert "g_a.6.weight" not in sd and "g_a.8.weight" in sd
-    new = WsiHyperprior(ModelConfig.from_dict({**cfg.to_dict(), "enc_blocks": 2}))
+    assert torch.equal(sd["g_s.3.weight"], old.state_dict()["g_s.2.weight"])    # g_s's layers after the block move
+    assert torch.equal(sd["g_s.0.weight"], old.state_dict()["g_s.0.weight"])    # those before stay
+    new = WsiHyperprior(grown)
     missing, unexpected = new.load_state_dict(sd, strict=False)
-    assert not unexpected and sorted({k.rsplit(".", 2)[0] for k in missing}) == ["g_a.6", "g_a.7"]
+    assert not unexpected and sorted({k.rsplit(".", 2)[0] for k in missing}) == ["g_a.6", "g_a.7", "g_s.2"]
+    assert sorted({n.rsplit(".", 2)[0] for n in train_script.block_params(
+        [n for n, _ in new.named_parameters()])}) == ["g_a.6", "g_a.7", "g_s.2"]
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    y = torch.rand(2, 12, 4, 4, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(new.g_a(x), old.g_a(x))
-        for p in new.g_a[6].parameters():      # once trained the blocks count, in the fast copy too
-            p.add_(0.1 * torch.randn_like(p))
-        moved, fast = new.g_a(x), FastTransform(new.g_a)(x)
-    assert (moved - old.g_a(x)).abs().max() > 1e-3
-    assert (fast - moved).abs().max() <= 1e-5 * moved.abs().max()
+        assert torch.equal(new.g_s(y), old.g_s(y))
+        for p in [*new.g_a[6].parameters(), *new.g_s[2].parameters()]:   # once trained the blocks count,
+            p.add_(0.1 * torch.randn_like(p))                               # in the fast copies too
+        for part, inp in (("g_a", x), ("g_s", y)):
+            moved, fast = getattr(new, part)(inp), FastTransform(getattr(new, part))(inp)
+            assert (moved - getattr(old, part)(inp)).abs().max() > 1e-3
+            assert (fast - moved).abs().max() <= 1e-5 * moved.abs().max()
     with pytest.raises(SystemExit, match="already has 2"):
-        train_script.add_encoder_blocks(sd, 2, 1)
-    # weights written before the field existed have no blocks
-    assert ModelConfig.from_dict({"N": 8, "M": 12, "lambdas": [1e-3, 4e-3]}).enc_blocks == 0
+        train_script.add_blocks(sd, grown, ModelConfig.from_dict({**grown.to_dict(), "enc_blocks": 1}))
+    # weights written before the fields existed have no blocks
+    old_cfg = ModelConfig.from_dict({"N": 8, "M": 12, "lambdas": [1e-3, 4e-3]})
+    assert old_cfg.enc_blocks == 0 and old_cfg.dec_blocks == 0
 
 
 def _tiny_weights(tmp_path: Path) -> tuple[Path, list[str], Path, str]:
@@ -218,6 +227,41 @@ def test_freeze_decoder_trains_the_encoder_and_keeps_every_decoder_tensor(tmp_pa
     tile = np.asarray(Image.open(data / "a.png").convert("RGB"))[:128, :128].copy()
     codec = LearnedCodec(4, model=str(tmp_path / "new.pt"))     # g_a with its block, fast copy included
     assert codec.decode(codec.encode(tile)).shape == tile.shape
+
+
+@pytest.mark.skipif(not TRAIN.is_dir(), reason="shared data not found")
+def test_decoder_blocks_train_faster_resume_and_code(tmp_path):
+    """``--dec-blocks 1 --block-lr-mult``: the block trains at its own rate, a resume keeps the two
+    optimiser groups, and the exported weights code a tile; the decoder differs, so export refuses
+    to call them the old weights' decoder."""
+    import train as train_script
+
+    from PIL import Image
+
+    from wsicodec.checkpoint import export
+    from wsicodec.errors import WsiCodecError
+    from wsicodec.learned import LearnedCodec
+
+    data, common, old, _ = _tiny_weights(tmp_path)
+    grow = [*common, "--out", str(tmp_path / "b"), "--lr", "1e-3", "--lr-final", "1e-3", "--dec-blocks", "1",
+            "--block-lr-mult", "10"]
+    assert train_script.main([*grow, "--resume", str(old), "--steps", "4"]) == 0
+    state = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    assert state["config"]["dec_blocks"] == 1 and state["step"] == 4
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == pytest.approx([1e-3, 1e-2])
+    assert state["model"]["g_s.2.conv2.weight"].abs().max() > 0          # the block moved off the identity
+    assert train_script.main([*grow, "--resume", str(tmp_path / "b" / "last.pt"), "--steps", "6"]) == 0
+    state = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    assert state["step"] == 6 and len(state["optimizer"]["state"]) == len(state["trainable"])
+    with pytest.raises(WsiCodecError, match="decoder"):
+        export(tmp_path / "b" / "last.pt", tmp_path / "x.pt", decoder_of=old)
+    assert not (tmp_path / "x.pt").exists()
+    export(tmp_path / "b" / "last.pt", tmp_path / "new.pt")
+    tile = np.asarray(Image.open(data / "a.png").convert("RGB"))[:128, :128].copy()
+    codec = LearnedCodec(4, model=str(tmp_path / "new.pt"))
+    assert codec.decode(codec.encode(tile)).shape == tile.shape
+    with pytest.raises(SystemExit):
+        train_script.main([*grow, "--resume", str(old), "--freeze-decoder", "--steps", "1"])
 
 
 @pytest.mark.skipif(not TRAIN.is_dir(), reason="shared data not found")

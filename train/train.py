@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from wsicodec.checkpoint import FROZEN_TABLES  # noqa: E402
-from wsicodec.model import QUALITY_MAX, ModelConfig, WsiHyperprior  # noqa: E402
+from wsicodec.model import QUALITY_MAX, ModelConfig, ResidualBlock, WsiHyperprior  # noqa: E402
 
 IMAGE_SUFFIXES = {".png", ".tif", ".tiff", ".jpg", ".jpeg", ".webp"}
 
@@ -168,20 +168,33 @@ def remap_adam_rows(opt_state: dict, names: list[str], old: tuple[float, ...],
                 st[m] = st[m][nearest].clone()
 
 
-def add_encoder_blocks(sd: dict, old: int, new: int) -> dict:
-    """Rename g_a's last layer for ``new`` residual blocks before it instead of ``old``.
+def add_blocks(sd: dict, old: ModelConfig, new: ModelConfig) -> dict:
+    """Rename g_a's and g_s's layers for the residual blocks of ``new`` instead of ``old``.
 
-    g_a's last layer is its highest index; the blocks already trained keep their place,
-    the added ones are missing from the result (the model's own initialisation, the
-    identity, stands for them).
+    Layer positions come from building both networks, so nothing assumes where the
+    blocks sit.  Blocks already trained keep their place; the added ones are missing
+    from the result (the model's own initialisation, the identity, stands for them).
     """
-    if new < old:
-        raise SystemExit(f"--enc-blocks {new}: the checkpoint already has {old} encoder blocks")
-    sd = dict(sd)
-    last = max(int(k.split(".")[1]) for k in sd if k.startswith("g_a."))
-    for leaf in ("weight", "bias"):
-        sd[f"g_a.{last - old + new}.{leaf}"] = sd.pop(f"g_a.{last}.{leaf}")
-    return sd
+    for what, a, b in (("--enc-blocks", old.enc_blocks, new.enc_blocks),
+                       ("--dec-blocks", old.dec_blocks, new.dec_blocks)):
+        if b < a:
+            raise SystemExit(f"{what} {b}: the checkpoint already has {a} such blocks")
+    m_old, m_new = WsiHyperprior(old), WsiHyperprior(new)
+    rename = {}
+    for part in ("g_a", "g_s"):
+        layers = [[i for i, layer in enumerate(getattr(m, part)) if not isinstance(layer, ResidualBlock)]
+                  for m in (m_old, m_new)]
+        rename.update({f"{part}.{i}.": f"{part}.{j}." for i, j in zip(*layers)})
+    out = {}
+    for k, v in sd.items():
+        head = ".".join(k.split(".")[:2]) + "."
+        out[rename[head] + k[len(head):] if head in rename else k] = v
+    return out
+
+
+def block_params(names: list[str]) -> list[str]:
+    """The parameters of g_a's and g_s's residual blocks (``--block-lr-mult``)."""
+    return [n for n in names if n.startswith(("g_a.", "g_s.")) and n.split(".")[2] in ("conv1", "conv2")]
 
 
 def save_atomic(obj: dict, path: Path) -> None:
@@ -223,6 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--enc-blocks", type=int, default=None,
                     help="residual blocks in g_a before its last layer; on --resume, blocks added "
                          "to a trained g_a start as the identity")
+    ap.add_argument("--dec-blocks", type=int, default=None,
+                    help="residual blocks in g_s after its first layer (part of the decoder: train "
+                         "jointly); on --resume, blocks added to a trained g_s start as the identity")
+    ap.add_argument("--block-lr-mult", type=float, default=1.0,
+                    help="learning rate of the residual blocks' parameters relative to --lr (new "
+                         "blocks start far from where they are going, the rest of a resumed network "
+                         "close to it)")
     ap.add_argument("--freeze-decoder", action="store_true",
                     help="train g_a and h_a only: everything the decoder uses (g_s, h_s, the entropy "
                          "models, the gains) stays bit for bit, so the new weights decode as the "
@@ -237,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.crop < WsiHyperprior.STRIDE or args.crop % WsiHyperprior.STRIDE:
         ap.error(f"--crop must be a positive multiple of {WsiHyperprior.STRIDE}, got {args.crop}")
+    if args.dec_blocks and args.freeze_decoder:
+        ap.error("--dec-blocks adds to the decoder, which --freeze-decoder keeps as it is")
     if args.feat_crop > args.crop:
         ap.error(f"--feat-crop {args.feat_crop} is larger than --crop {args.crop}")
 
@@ -258,12 +280,17 @@ def main(argv: list[str] | None = None) -> int:
             config = dataclasses.replace(config, lambdas=tuple(args.lambdas))
             state["model"] = remap_gains(state["model"], old_lambdas, config.lambdas)
             print(f"λ ladder {list(old_lambdas)} -> {list(config.lambdas)}: gains interpolated")
-        if args.enc_blocks is not None and args.enc_blocks != config.enc_blocks:
-            state["model"] = add_encoder_blocks(state["model"], config.enc_blocks, args.enc_blocks)
-            print(f"g_a: {config.enc_blocks} -> {args.enc_blocks} residual blocks (new ones start as the identity)")
-            config = dataclasses.replace(config, enc_blocks=args.enc_blocks)
+        grown = dataclasses.replace(
+            config, enc_blocks=config.enc_blocks if args.enc_blocks is None else args.enc_blocks,
+            dec_blocks=config.dec_blocks if args.dec_blocks is None else args.dec_blocks)
+        if grown != config:
+            state["model"] = add_blocks(state["model"], config, grown)
+            print(f"residual blocks g_a {config.enc_blocks} -> {grown.enc_blocks}, g_s {config.dec_blocks} "
+                  f"-> {grown.dec_blocks} (new ones start as the identity)")
+            config = grown
     else:
         config = ModelConfig(N=args.N, M=args.M, enc_blocks=args.enc_blocks or 0,
+                             dec_blocks=args.dec_blocks or 0,
                              **({"lambdas": tuple(args.lambdas)} if args.lambdas else {}))
     model = WsiHyperprior(config).to(dev)
     all_names = [n for n, _ in model.named_parameters() if not n.endswith("quantiles")]
@@ -274,13 +301,17 @@ def main(argv: list[str] | None = None) -> int:
             p.requires_grad_(n in main_names)
     main_params = [model.get_parameter(n) for n in main_names]
     aux_params = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
-    opt = torch.optim.Adam(main_params, lr=args.lr)
+    # one group, or two when there are residual blocks: the blocks' learning rate is scaled
+    blocks = set(block_params(main_names))
+    groups = [[n for n in main_names if n not in blocks], [n for n in main_names if n in blocks]]
+    opt = torch.optim.Adam([{"params": [model.get_parameter(n) for n in g]} for g in groups if g], lr=args.lr)
     aux_opt = torch.optim.Adam(aux_params, lr=1e-3)
     step, wall0 = 0, 0.0
     rng = np.random.default_rng(args.seed)
     if state is not None:
         model.load_state_dict(state["model"], strict=False)
-        if "optimizer" in state and state.get("trainable", all_names) != main_names:
+        if "optimizer" in state and (state.get("trainable", all_names) != main_names
+                                     or len(state["optimizer"]["param_groups"]) != len(opt.param_groups)):
             print("optimiser state starts afresh: the trainable parameters changed")
         elif "optimizer" in state:
             if old_lambdas is not None and len(old_lambdas) != config.levels:
@@ -332,8 +363,8 @@ def main(argv: list[str] | None = None) -> int:
             break
         frac = min(elapsed / budget, 1.0)
         lr = args.lr_final + 0.5 * (args.lr - args.lr_final) * (1 + math.cos(math.pi * frac))
-        for g in opt.param_groups:
-            g["lr"] = lr
+        for g, mult in zip(opt.param_groups, (1.0, args.block_lr_mult)):
+            g["lr"] = lr * mult
         x = sampler.batch(args.batch).to(dev)
         # integer qualities (where the product is used and measured), a share drawn anywhere in 1..8
         quality = torch.randint(1, QUALITY_MAX + 1, (args.batch,), device=dev).float()

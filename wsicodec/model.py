@@ -83,6 +83,10 @@ class ModelConfig:
     #: residual blocks in g_a before its last layer (encoder only: the decoder is the same
     #: network whatever this is; ``train.py --enc-blocks K --freeze-decoder`` adds them)
     enc_blocks: int = 0
+    #: residual blocks in g_s after its first layer (at 1/8 resolution, where one costs
+    #: ~3 % of g_s's multiply-adds); part of the decoder: weights that differ here decode
+    #: differently (``train.py --dec-blocks K`` adds them, trained jointly)
+    dec_blocks: int = 0
 
     @property
     def levels(self) -> int:
@@ -96,7 +100,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         return cls(N=int(d["N"]), M=int(d["M"]), lambdas=tuple(float(v) for v in d["lambdas"]),
-                   enc_blocks=int(d.get("enc_blocks", 0)))   # weights made before it have none
+                   enc_blocks=int(d.get("enc_blocks", 0)),    # weights made before them have none
+                   dec_blocks=int(d.get("dec_blocks", 0)))
 
 
 def _conv(cin: int, cout: int, k: int = 5, s: int = 2) -> nn.Conv2d:
@@ -110,8 +115,8 @@ def _deconv(cin: int, cout: int, k: int = 5, s: int = 2) -> nn.ConvTranspose2d:
 class ResidualBlock(nn.Module):
     """x + conv3×3(LeakyReLU(conv3×3(x))), the second conv zero-initialised.
 
-    A new block is the identity, so it can be added to a trained g_a without
-    changing what the encoder computes until training moves it.
+    A new block is the identity, so it can be added to a trained g_a or g_s without
+    changing what the network computes until training moves it.
     """
 
     def __init__(self, ch: int) -> None:
@@ -152,7 +157,8 @@ class WsiHyperprior(nn.Module):
             _conv(3, N), GDN(N), _conv(N, N), GDN(N), _conv(N, N), GDN(N),
             *(ResidualBlock(N) for _ in range(config.enc_blocks)), _conv(N, M))
         self.g_s = nn.Sequential(
-            _deconv(M, N), GDN(N, inverse=True), _deconv(N, N), GDN(N, inverse=True),
+            _deconv(M, N), GDN(N, inverse=True), *(ResidualBlock(N) for _ in range(config.dec_blocks)),
+            _deconv(N, N), GDN(N, inverse=True),
             _deconv(N, N), GDN(N, inverse=True), _deconv(N, 3))
         self.h_a = nn.Sequential(
             _conv(M, N, 3, 1), nn.LeakyReLU(inplace=True), _conv(N, N), nn.LeakyReLU(inplace=True),
