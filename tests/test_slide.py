@@ -74,6 +74,14 @@ def test_bad_level(odd_slide) -> None:
         slide.read_region((0, 0), 9, (1, 1))
 
 
+def test_a_region_too_big_for_memory_is_a_clear_error(odd_slide) -> None:
+    slide, _ = odd_slide
+    with pytest.raises(InvalidSettingError, match=r"1000000 x 1000000 px region .* does not fit in memory"):
+        slide.read_region((0, 0), 0, (10**6, 10**6))      # 4 TB of RGBA, mostly outside the slide
+    with pytest.raises(InvalidSettingError, match="non-negative"):
+        slide.read_region((0, 0), 0, (-1, 5))
+
+
 def test_bad_thumbnail_size(odd_slide) -> None:
     slide, _ = odd_slide
     for size in ((0, 0), (50, 0), (-1, 50)):

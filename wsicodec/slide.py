@@ -144,7 +144,7 @@ class WsiSlide:
 
         Raises:
             RegionOutOfBoundsError: ``level`` outside the pyramid.
-            InvalidSettingError: negative size.
+            InvalidSettingError: negative size, or a region too big for memory.
             CorruptTileError: a tile inside the region is damaged.
             ClosedError: the slide was closed.
         """
@@ -157,14 +157,19 @@ class WsiSlide:
         ds = self.level_downsamples[level]
         rect = Rect(int(math.floor(location[0] / ds)), int(math.floor(location[1] / ds)), w, h)
         grid = self._c.grid(level)
-        keys = list(grid.tiles_overlapping(rect))
-        tiles = dict(zip(keys, self._decode_tiles(level, keys))) if keys else {}
-        out = stitch_region(grid, rect, tiles, channels=4)
-        if as_array:
-            return out
-        from PIL import Image
+        try:
+            keys = list(grid.tiles_overlapping(rect))
+            tiles = dict(zip(keys, self._decode_tiles(level, keys))) if keys else {}
+            out = stitch_region(grid, rect, tiles, channels=4)
+            if as_array:
+                return out
+            from PIL import Image
 
-        return Image.fromarray(out, "RGBA")
+            return Image.fromarray(out, "RGBA")
+        except MemoryError:
+            raise InvalidSettingError(
+                f"a {w} x {h} px region of level {level} ({w * h * 4 / 2**30:.1f} GiB as RGBA) does "
+                "not fit in memory: read it in pieces, or from a coarser level") from None
 
     def _decode_tiles(self, level: int, tiles: Sequence[tuple[int, int]]) -> list[np.ndarray]:
         """Decode tiles (col, row) of ``level``, in order; each (T, T, 3) uint8, padded.
