@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="encoder threads (default: CPU count, at most 8)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary: only errors (stderr) and the exit status")
 
     d = sub.add_parser("decompress", parents=[common], help="container -> pyramidal TIFF",
                        description="Write a container as a tiled pyramidal BigTIFF that "
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"JPEG quality 1-100 (default {DEFAULT_TIFF_QUALITY})")
     d.add_argument("--workers", type=int, default=None, help="decoder threads")
     d.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.add_argument("--quiet", action="store_true", help="no progress bar and no summary: only errors (stderr) and the exit status")
 
     i = sub.add_parser("info", parents=[common], help="describe a container")
     i.add_argument("input", help="container (.zarr or .zarr.zip)")
@@ -135,6 +135,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     with _progress_bar(total, not show, "compress") as bar:
         result = compress(args.input, args.output, codec, tile_size=args.tile_size,
                           workers=args.workers, overwrite=args.overwrite, progress=bar.update)
+    if args.quiet:
+        return 0
     w, h = result.dimensions
     mp = w * h / 1e6
     conf = ", ".join(f"{k}={v}" for k, v in codec.to_dict()["configuration"].items())
@@ -161,6 +163,8 @@ def _cmd_decompress(args: argparse.Namespace) -> int:
     with _progress_bar(total, not show, "decompress") as bar:
         result = decompress(args.input, args.output, settings=settings, workers=args.workers,
                             overwrite=args.overwrite, progress=bar.update)
+    if args.quiet:
+        return 0
     w, h = result.dimensions
     print(f"decompressed {result.source} -> {result.output}: {w} x {h} px, {result.levels} "
           f"levels, {_mb(result.output_bytes)} ({args.tiff_compression}), "
