@@ -315,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             print("optimiser state starts afresh: the trainable parameters changed")
         elif "optimizer" in state:
             if old_lambdas is not None and len(old_lambdas) != config.levels:
-                remap_adam_rows(state["optimizer"], main_names, old_lambdas, config.lambdas)
+                # the optimiser numbers its parameters group by group
+                remap_adam_rows(state["optimizer"], [n for g in groups for n in g], old_lambdas, config.lambdas)
             opt.load_state_dict(state["optimizer"])
             aux_opt.load_state_dict(state["aux_optimizer"])
         step, wall0 = state.get("step", 0), state.get("wall", 0.0)
