@@ -156,20 +156,21 @@ class WsiSlide:
             raise InvalidSettingError(f"region size must be non-negative, got {size}")
         ds = self.level_downsamples[level]
         rect = Rect(int(math.floor(location[0] / ds)), int(math.floor(location[1] / ds)), w, h)
-        grid = self._c.grid(level)
-        try:
-            keys = list(grid.tiles_overlapping(rect))
-            tiles = dict(zip(keys, self._decode_tiles(level, keys))) if keys else {}
-            out = stitch_region(grid, rect, tiles, channels=4)
-            if as_array:
-                return out
-            from PIL import Image
-
-            return Image.fromarray(out, "RGBA")
+        try:        # before any tile is decoded
+            out = np.zeros((h, w, 4), np.uint8)
         except MemoryError:
             raise InvalidSettingError(
                 f"a {w} x {h} px region of level {level} ({w * h * 4 / 2**30:.1f} GiB as RGBA) does "
                 "not fit in memory: read it in pieces, or from a coarser level") from None
+        grid = self._c.grid(level)
+        keys = list(grid.tiles_overlapping(rect))
+        tiles = dict(zip(keys, self._decode_tiles(level, keys))) if keys else {}
+        stitch_region(grid, rect, tiles, channels=4, out=out)
+        if as_array:
+            return out
+        from PIL import Image
+
+        return Image.fromarray(out, "RGBA")
 
     def _decode_tiles(self, level: int, tiles: Sequence[tuple[int, int]]) -> list[np.ndarray]:
         """Decode tiles (col, row) of ``level``, in order; each (T, T, 3) uint8, padded.
