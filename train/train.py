@@ -179,11 +179,10 @@ def add_blocks(sd: dict, old: ModelConfig, new: ModelConfig) -> dict:
                        ("--dec-blocks", old.dec_blocks, new.dec_blocks)):
         if b < a:
             raise SystemExit(f"{what} {b}: the checkpoint already has {a} such blocks")
-    m_old, m_new = WsiHyperprior(old), WsiHyperprior(new)
     rename = {}
     for part in ("g_a", "g_s"):
-        layers = [[i for i, layer in enumerate(getattr(m, part)) if not isinstance(layer, ResidualBlock)]
-                  for m in (m_old, m_new)]
+        layers = [[i for i, layer in enumerate(getattr(WsiHyperprior(c), part))
+                   if not isinstance(layer, ResidualBlock)] for c in (old, new)]
         rename.update({f"{part}.{i}.": f"{part}.{j}." for i, j in zip(*layers)})
     out = {}
     for k, v in sd.items():
@@ -192,9 +191,10 @@ def add_blocks(sd: dict, old: ModelConfig, new: ModelConfig) -> dict:
     return out
 
 
-def block_params(names: list[str]) -> list[str]:
-    """The parameters of g_a's and g_s's residual blocks (``--block-lr-mult``)."""
-    return [n for n in names if n.startswith(("g_a.", "g_s.")) and n.split(".")[2] in ("conv1", "conv2")]
+def block_params(model: WsiHyperprior) -> set[str]:
+    """The names of the parameters of g_a's and g_s's residual blocks (``--block-lr-mult``)."""
+    return {f"{part}.{i}.{n}" for part in ("g_a", "g_s") for i, layer in enumerate(getattr(model, part))
+            if isinstance(layer, ResidualBlock) for n, _ in layer.named_parameters()}
 
 
 def save_atomic(obj: dict, path: Path) -> None:
@@ -302,9 +302,14 @@ def main(argv: list[str] | None = None) -> int:
     main_params = [model.get_parameter(n) for n in main_names]
     aux_params = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
     # one group, or two when there are residual blocks: the blocks' learning rate is scaled
-    blocks = set(block_params(main_names))
-    groups = [[n for n in main_names if n not in blocks], [n for n in main_names if n in blocks]]
-    opt = torch.optim.Adam([{"params": [model.get_parameter(n) for n in g]} for g in groups if g], lr=args.lr)
+    blocks = block_params(model)
+    groups, lr_mults = [], []
+    for names, mult in (([n for n in main_names if n not in blocks], 1.0),
+                        ([n for n in main_names if n in blocks], args.block_lr_mult)):
+        if names:
+            groups.append(names)
+            lr_mults.append(mult)
+    opt = torch.optim.Adam([{"params": [model.get_parameter(n) for n in g]} for g in groups], lr=args.lr)
     aux_opt = torch.optim.Adam(aux_params, lr=1e-3)
     step, wall0 = 0, 0.0
     rng = np.random.default_rng(args.seed)
@@ -364,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             break
         frac = min(elapsed / budget, 1.0)
         lr = args.lr_final + 0.5 * (args.lr - args.lr_final) * (1 + math.cos(math.pi * frac))
-        for g, mult in zip(opt.param_groups, (1.0, args.block_lr_mult)):
+        for g, mult in zip(opt.param_groups, lr_mults):
             g["lr"] = lr * mult
         x = sampler.batch(args.batch).to(dev)
         # integer qualities (where the product is used and measured), a share drawn anywhere in 1..8

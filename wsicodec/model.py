@@ -83,9 +83,9 @@ class ModelConfig:
     #: residual blocks in g_a before its last layer (encoder only: the decoder is the same
     #: network whatever this is; ``train.py --enc-blocks K --freeze-decoder`` adds them)
     enc_blocks: int = 0
-    #: residual blocks in g_s after its first layer (at 1/8 resolution, where one adds
-    #: 11 % to g_s's 24 k multiply-adds per pixel); part of the decoder: weights that differ here decode
-    #: differently (``train.py --dec-blocks K`` adds them, trained jointly)
+    #: residual blocks in g_s after its first layer (at 1/8 resolution, where one adds 11 %
+    #: to g_s's 24 k multiply-adds per pixel); part of the decoder: weights that differ
+    #: here decode differently (``train.py --dec-blocks K`` adds them, trained jointly)
     dec_blocks: int = 0
 
     @property
