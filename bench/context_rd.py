@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-TILE, MARGIN, HEADER_BYTES = 256, 8, 36
+TILE, MARGIN = 256, 8
 CROP = 17                # latent side of a 272² region
 QUALITIES = (1, 2, 3, 4, 5, 6, 7, 8)
 
@@ -183,61 +183,34 @@ def code_image(model, head: CheckerboardHead, tables, img: np.ndarray, quality: 
     the shipped path, and anchors as shipped with the non-anchors from the context head,
     each group its own rANS stream.
     """
-    from wsicodec.entropy import encode_symbols
-    from wsicodec.image import _grid, context_region
-    from wsicodec.learned import (LATENT_STRIDE, PIXEL_STRIDE, _channel_index, _crop_latent,
-                                  _decode_uniform, _encode_uniform, parse_header, uniform_fit)
-    from wsicodec.model import pad_to_stride
+    from tilecode import Glass, core_sse, stream_bytes, tiles
 
-    tb_z, tb_y = tables
+    _, tb_y = tables
     table = model.gaussian_conditional.scale_table.to(torch.float64)
     acc = {"hyperprior": [0, 0.0], "checkerboard": [0, 0.0]}
-    h, w = img.shape[:2]
-    for _, _, ys, xs in _grid(h, w, TILE):
-        region, (top, left, th, tw) = context_region(img, ys, xs, MARGIN)
-        core = region[top:top + th, left:left + tw]
-        fit = uniform_fit(core)
-        if fit is not None:   # glass: the same few bytes and pixels either way
-            data = _encode_uniform(core, *fit)
-            d = _decode_uniform(data, parse_header(data)).astype(np.float64) - core
+    for t in tiles(model, tables, img, quality, TILE, MARGIN):
+        if isinstance(t, Glass):   # glass: the same few bytes and pixels either way
             for v in acc.values():
-                v[0] += len(data)
-                v[1] += float((d ** 2).sum())
+                v[0] += t.nbytes
+                v[1] += t.sse
             continue
-        x = torch.from_numpy(region).permute(2, 0, 1)[None].float().div(255)
-        x = pad_to_stride(x, PIXEL_STRIDE)
-        q = torch.tensor([float(quality)])
-        y, z = model.analysis(x, q, latent_stride=LATENT_STRIDE)
-        med = model.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1)
-        z_sym = torch.round(z - med).to(torch.int32)
-        z_hat = z_sym.double() + med.double()
-        mu, index = model.entropy_parameters(z_hat, q)
-        mu, index = _crop_latent(mu, y), _crop_latent(index, y)
-        y64 = y.double()
-        y_sym = torch.round(y64 - mu)
-        base = HEADER_BYTES + len(encode_symbols(z_sym[0].numpy(), _channel_index(z_sym.shape[1:]), tb_z))
+        mu, index = t.mu, t.index
+        y_sym = torch.round(t.y - mu)
         # the shipped path
-        n_h = base + len(encode_symbols(y_sym[0].to(torch.int32).numpy(), index[0].numpy(), tb_y))
+        n_h = t.side_bytes + stream_bytes(y_sym[0], index[0], tb_y)
         # checkerboard: the head sees the σ the table index stands for, as a decoder would
         sig = table[index.long()]
-        a = anchor_mask(*y.shape[-2:], torch.float64).bool()
+        a = anchor_mask(*y_sym.shape[-2:], torch.float64).bool()
         s2, m2 = head(y_sym * a, sig, mu)
         idx2 = torch.searchsorted(table[:-1], s2.clamp_min(0.11).contiguous(), side="left").to(torch.int32)
-        y_sym2 = torch.round(y64 - m2)
+        y_sym2 = torch.round(t.y - m2)
         anchors = a.expand_as(y_sym)[0]
-        n_c = base + len(encode_symbols(y_sym[0][anchors].to(torch.int32).numpy(),
-                                        index[0][anchors].numpy(), tb_y))
-        n_c += 4 + len(encode_symbols(y_sym2[0][~anchors].to(torch.int32).numpy(),
-                                      idx2[0][~anchors].numpy(), tb_y))   # + its length field
-        gain, _ = model.gains(q)
+        n_c = t.side_bytes + stream_bytes(y_sym[0][anchors], index[0][anchors], tb_y)
+        n_c += 4 + stream_bytes(y_sym2[0][~anchors], idx2[0][~anchors], tb_y)   # + its length field
         for name, nbytes, y_hat in (("hyperprior", n_h, y_sym + mu),
                                     ("checkerboard", n_c, torch.where(a, y_sym + mu, y_sym2 + m2))):
-            yh = y_hat.float() / gain
-            x_hat = model._transform("g_s", yh)(yh).clamp(0, 1)
-            x_hat = (x_hat[0].permute(1, 2, 0).numpy() * 255).round()
-            d = x_hat[top:top + th, left:left + tw] - core.astype(np.float64)
             acc[name][0] += nbytes
-            acc[name][1] += float((d ** 2).sum())
+            acc[name][1] += core_sse(model, t, y_hat)
     return {k: (v[0], v[1]) for k, v in acc.items()}
 
 

@@ -36,11 +36,9 @@ torch.set_flush_denormal(True)
 from PIL import Image
 
 import metrics
+import tilecode
 from wsicodec.checkpoint import load_model
-from wsicodec.entropy import encode_symbols
-from wsicodec.image import _grid, context_region
-from wsicodec.learned import (LATENT_STRIDE, PIXEL_STRIDE, _channel_index, _crop_latent, _tables_for)
-from wsicodec.model import pad_to_stride
+from wsicodec.learned import _tables_for
 
 loaded = load_model()
 m = loaded.model.eval()
@@ -81,40 +79,28 @@ def bits_of(s, mu_sigma_idx):
 
 @torch.inference_mode()
 def code(img, q, E=None, scale=1.0):
-    qs = torch.tensor([float(q)])
-    gain, _ = m.gains(qs)
-    lam = float(m.lambda_at(qs))
+    """(bpp, PSNR) of ``img`` coded as the codec does, y rounded plainly or as ``scale`` says."""
+    lam = float(m.lambda_at(torch.tensor([float(q)])))
     k = lam / 3 * scale   # per tile J = bits + λ·SSE/3 on 0..255 pixels (training: bpp + λ·255²·MSE)
     total, sse = 0, 0.0
-    h, w = img.shape[:2]
-    for _, _, ys, xs in _grid(h, w, 256):
-        region, (top, left, th, tw) = context_region(img, ys, xs, 8)
-        core = region[top:top + th, left:left + tw]
-        x = pad_to_stride(torch.from_numpy(region.copy()).permute(2, 0, 1)[None].float() / 255, PIXEL_STRIDE)
-        y, z = m.analysis(x, qs, latent_stride=LATENT_STRIDE)
-        med = m.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1)
-        z_sym = torch.round(z - med).to(torch.int32)
-        mu, index = m.entropy_parameters(z_sym.double() + med.double(), qs)
-        mu, index = _crop_latent(mu, y), _crop_latent(index, y)
-        v = y.double() - mu
+    for t in tilecode.tiles(m, (tb_z, tb_y), img, q):
+        if isinstance(t, tilecode.Glass):
+            total, sse = total + t.nbytes, sse + t.sse
+            continue
+        v = t.y - t.mu
         s = torch.round(v)
         if E is not None and scale < 0:   # dead zone: round toward μ unless |v| is -scale past .5
             dz = -scale
             s = torch.sign(v) * torch.floor(v.abs() + 0.5 - dz)
         elif E is not None:
             lo, hi = torch.floor(v), torch.floor(v) + 1
-            w_c = (k * E / gain[0, :, 0, 0].double() ** 2).reshape(1, -1, 1, 1)
-            j_lo = bits_of(lo, index) + w_c * (lo - v) ** 2
-            j_hi = bits_of(hi, index) + w_c * (hi - v) ** 2
+            w_c = (k * E / t.gain[0, :, 0, 0].double() ** 2).reshape(1, -1, 1, 1)
+            j_lo = bits_of(lo, t.index) + w_c * (lo - v) ** 2
+            j_hi = bits_of(hi, t.index) + w_c * (hi - v) ** 2
             s = torch.where(j_lo <= j_hi, lo, hi)
-        nbytes = 36 + len(encode_symbols(z_sym[0].numpy(), _channel_index(z_sym.shape[1:]), tb_z))
-        nbytes += len(encode_symbols(s[0].to(torch.int32).numpy(), index[0].numpy(), tb_y))
-        yh = ((s + mu).float()) / gain
-        xh = (m._transform("g_s", yh)(yh).clamp(0, 1)[0].permute(1, 2, 0).numpy() * 255).round()
-        d = xh[top:top + th, left:left + tw] - core.astype(np.float64)
-        sse += float((d ** 2).sum())
-        total += nbytes
-    px = h * w
+        total += t.side_bytes + tilecode.stream_bytes(s[0], t.index[0], tb_y)
+        sse += tilecode.core_sse(m, t, s + t.mu)
+    px = img.shape[0] * img.shape[1]
     return 8 * total / px, 10 * math.log10(255 ** 2 / (sse / (px * 3)))
 
 

@@ -342,3 +342,33 @@ def test_hard_rate_is_the_coders_rate(tissue):
         est = (out["bits_y"] + out["bits_z"]).item()
         real = 8 * len(LearnedCodec(q, margin=0).encode(crop))
         assert 0.97 * real < est < real, (q, est, real)
+
+
+def test_bench_tile_path_prices_and_scores_tiles_as_the_codec_codes_them(tissue):
+    """bench/tilecode.py (the experiments' copy of the encoder path up to y's symbols):
+    with plain rounding, its bytes per tile are the codec's stream lengths and its SSE the
+    decoded tile's, glass tiles included."""
+    import sys
+    from wsicodec.image import _grid, context_region
+    from wsicodec.learned import DEFAULT_MARGIN, _tables_for
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import tilecode
+
+    img = np.full((512, 300, 3), 228, np.uint8)        # glass below, tissue above
+    img[:256] = tissue[:256, :300]
+    codec = LearnedCodec(quality=3.5)
+    m = codec.loaded.model
+    tables = _tables_for(codec.loaded)
+    got = list(tilecode.tiles(m, tables, img, 3.5))
+    assert sum(isinstance(t, tilecode.Glass) for t in got) == 2 and len(got) == 4
+    for t, (_, _, ys, xs) in zip(got, _grid(*img.shape[:2], 256)):
+        region, box = context_region(img, ys, xs, DEFAULT_MARGIN)
+        data = codec.encode_batch([region], [box])[0]
+        core = region[box[0]:box[0] + box[2], box[1]:box[1] + box[3]].astype(np.float64)
+        sse = float(((codec.decode(data) - core) ** 2).sum())
+        if isinstance(t, tilecode.Glass):
+            assert (t.nbytes, t.sse) == (len(data), sse)
+        else:
+            y_sym = torch.round(t.y - t.mu)
+            assert t.side_bytes + tilecode.stream_bytes(y_sym[0], t.index[0], tables[1]) == len(data)
+            assert tilecode.core_sse(m, t, y_sym + t.mu) == pytest.approx(sse, rel=1e-9)

@@ -48,6 +48,8 @@ VERSION = 1
 KIND_NETWORK, KIND_UNIFORM = 0, 1
 _HEAD = struct.Struct("<4sBBHH")          # magic, version, kind, h, w
 _NET = struct.Struct("<f8sIIBBHH")       # quality, model id, symbol crc, len(z), top, left, coded h, w
+#: bytes of a network-coded tile before its z and y streams
+NETWORK_HEADER_BYTES = _HEAD.size + _NET.size
 #: image side must be a multiple of this for g_a (four stride-2 layers)
 PIXEL_STRIDE = 16
 #: y side must be a multiple of this for h_a (two stride-2 layers)
@@ -270,12 +272,8 @@ class LearnedCodec:
                         top, left, h, w = boxes[i]
                         shown[k, :, top:top + h, left:left + w] = 1
                     y, z, _ = m.refine_latents(x, q.to(self.device), y, z, shown, self.refine)
-                y, z = y.cpu(), z.cpu()
-                medians = m.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1)
-                z_sym = torch.round(z - medians).to(torch.int32)
-                z_hat = z_sym.double() + medians.double()
-                mu, index = m.entropy_parameters(z_hat, q)
-                mu, index = _crop_latent(mu, y), _crop_latent(index, y)
+                y = y.cpu()
+                z_sym, mu, index = hyper_symbols(m, z.cpu(), q, y.shape[-2:])
                 y_sym = torch.round(y.double() - mu).to(torch.int32)
                 z_idx = _channel_index(z_sym.shape[1:])
                 for k, i in enumerate(idx):
@@ -405,8 +403,20 @@ def _ceil(n: int, k: int) -> int:
     return -(-n // k) * k
 
 
-def _crop_latent(t, like):
-    return t[..., :like.shape[-2], :like.shape[-1]]
+def hyper_symbols(model, z, quality, y_size: tuple[int, int]):
+    """The encoder's side information, as every decoder will see it.
+
+    ``z`` (B, N, h, w) from :meth:`~wsicodec.model.WsiHyperprior.analysis` (on the CPU)
+    → its symbols, then (μ, CDF-table index) for y computed from ẑ exactly as
+    :meth:`LearnedCodec.entropy_decode` does, cropped to y's ``y_size``.  Returns
+    ``(z_sym int32, μ float64, index int32)``.  The y symbols are ``round(y − μ)``, or
+    any integers an encoder prefers: the decoder adds μ back.
+    """
+    import torch
+    medians = model.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1)
+    z_sym = torch.round(z - medians).to(torch.int32)
+    mu, index = model.entropy_parameters(z_sym.double() + medians.double(), quality)
+    return z_sym, mu[..., :y_size[0], :y_size[1]], index[..., :y_size[0], :y_size[1]]
 
 
 def _channel_index(shape) -> np.ndarray:

@@ -1,0 +1,86 @@
+"""The learned codec's per-tile encoder path, opened up for experiments on what it codes.
+
+``bench/context_rd.py`` (another entropy model for y) and ``bench/rounding_probe.py``
+(other integers for y) both need what :meth:`wsicodec.learned.LearnedCodec.encode_batch`
+computes before it writes y: the tile grid with its context margin, the glass rule, g_a,
+the z stream and the float64 (μ, table index).  :func:`tiles` yields exactly that, tile
+by tile; :func:`stream_bytes` and :func:`core_sse` price and score whatever y symbols an
+experiment chooses, the way the codec would code and decode them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from wsicodec.entropy import encode_symbols
+from wsicodec.image import _grid, context_region
+from wsicodec.learned import (DEFAULT_MARGIN, LATENT_STRIDE, NETWORK_HEADER_BYTES, PIXEL_STRIDE,
+                              _channel_index, _decode_uniform, _encode_uniform, hyper_symbols,
+                              parse_header, uniform_fit)
+from wsicodec.model import pad_to_stride
+
+TILE = 256
+
+
+@dataclass
+class Glass:
+    """A tile the background rule codes as its colour: its bytes and SSE, final."""
+    nbytes: int
+    sse: float
+
+
+@dataclass
+class NetworkTile:
+    """A tile for the network: everything up to the choice of y symbols."""
+    core: np.ndarray          #: the tile's own pixels (h, w, 3) uint8
+    box: tuple[int, int, int, int]   #: (top, left, h, w) of the core in the coded region
+    quality: torch.Tensor     #: (1,)
+    gain: torch.Tensor        #: (1, M, 1, 1) float32: the quality's gain on y
+    y: torch.Tensor           #: gained latents (1, M, h, w) float64
+    mu: torch.Tensor          #: (1, M, h, w) float64, as the decoder computes it
+    index: torch.Tensor       #: (1, M, h, w) int32 CDF-table index, as the decoder computes it
+    side_bytes: int           #: tile header + z stream
+
+
+@torch.inference_mode()
+def tiles(model, tables, img: np.ndarray, quality: float, tile: int = TILE,
+          margin: int = DEFAULT_MARGIN) -> Iterator[Glass | NetworkTile]:
+    """The tiles of ``img`` as the codec codes them (``tables`` from ``learned._tables_for``)."""
+    tb_z, _ = tables
+    q = torch.tensor([float(quality)])
+    gain, _ = model.gains(q)
+    h, w = img.shape[:2]
+    for _, _, ys, xs in _grid(h, w, tile):
+        region, box = context_region(img, ys, xs, margin)
+        top, left, th, tw = box
+        core = region[top:top + th, left:left + tw]
+        fit = uniform_fit(core)
+        if fit is not None:
+            data = _encode_uniform(core, *fit)
+            d = _decode_uniform(data, parse_header(data)).astype(np.float64) - core
+            yield Glass(len(data), float((d ** 2).sum()))
+            continue
+        x = torch.from_numpy(np.ascontiguousarray(region)).permute(2, 0, 1)[None].float().div(255)
+        x = pad_to_stride(x, PIXEL_STRIDE)
+        y, z = model.analysis(x, q, latent_stride=LATENT_STRIDE)
+        z_sym, mu, index = hyper_symbols(model, z, q, y.shape[-2:])
+        side = NETWORK_HEADER_BYTES + len(encode_symbols(z_sym[0].numpy(), _channel_index(z_sym.shape[1:]), tb_z))
+        yield NetworkTile(core, box, q, gain, y.double(), mu, index, side)
+
+
+def stream_bytes(symbols: torch.Tensor, index: torch.Tensor, table) -> int:
+    """Bytes of one rANS stream of integer ``symbols`` under CDF-table ``index`` (same shapes)."""
+    return len(encode_symbols(symbols.to(torch.int32).numpy(), index.numpy(), table))
+
+
+@torch.inference_mode()
+def core_sse(model, t: NetworkTile, y_hat: torch.Tensor) -> float:
+    """SSE (0..255 levels) of the tile's own pixels decoded from gained ``y_hat`` (1, M, h, w)."""
+    x_hat = model.synthesis(y_hat.float(), t.quality).clamp(0, 1)
+    x_hat = (x_hat[0].permute(1, 2, 0).numpy() * 255).round()
+    top, left, th, tw = t.box
+    return float(((x_hat[top:top + th, left:left + tw] - t.core.astype(np.float64)) ** 2).sum())
