@@ -7,7 +7,8 @@
 Codes every image with ``wsicodec.encode`` (256² tiles with their context margin and
 the stream's tile table: every byte the product writes), decodes it, and prints bpp
 and PSNR per quality, then the BD-rate (PSNR) against the JPEG-XL and JPEG 4:4:4
-curves committed in ``bench/results/rd_he_test.json`` (same images).  Use it to
+curves committed in ``bench/results/rd_he_test.json`` (same images), and against the learned
+codec's committed curve there (the weights shipped now, as last benchmarked).  Use it to
 decide whether new weights are worth shipping; ``bench/rd.py --update learned`` is
 the full measurement (MS-SSIM, LPIPS, speed) once they are.  ``--lpips`` adds LPIPS-alex
 and a BD-rate on it (quality = −10·log10 LPIPS), for weights trained with the feature loss.
@@ -53,12 +54,16 @@ def non_monotonic_steps(rows: list[dict]) -> list[str]:
 
 def anchor_curves(path: Path, images: list[str], key_metric: str = "psnr"
                   ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """(bpp, metric) mean curves of the committed anchors, over the images evaluated here."""
+    """(bpp, metric) mean curves of the committed anchors, over the images evaluated here.
+
+    ``learned`` is the learned codec as last benchmarked (``bench/rd.py --update learned``,
+    normally the shipped weights): new weights are worth shipping when they beat it.
+    """
     if not path.is_file():
         return {}
     result = json.loads(path.read_text())
     out = {}
-    for key in ("jpegxl", "jpeg444"):
+    for key in ("jpegxl", "jpeg444", "learned"):
         entry = result.get("codecs", {}).get(key)
         if not entry:
             continue
@@ -125,14 +130,16 @@ def main(argv: list[str] | None = None) -> int:
     rate = np.array([r["bpp"] for r in rows])
     quality = np.array([r["psnr"] for r in rows])
     bd = {}
+    benchmarked = json.loads(RD_JSON.read_text()).get("codecs", {}).get("learned", {}) if RD_JSON.is_file() else {}
+    label = {"learned": f"learned as benchmarked ({str(benchmarked.get('model_sha256'))[:8]}...)"}
     for key, (ra, qa) in anchor_curves(RD_JSON, names).items():
         bd[key] = metrics.bd_rate(ra, qa, rate, quality)
-        print(f"  BD-rate (PSNR) vs {key}: {bd[key]:+.1f} %")
+        print(f"  BD-rate (PSNR) vs {label.get(key, key)}: {bd[key]:+.2f} %")
     if lp is not None:
         ours = metrics.lpips_db(np.array([r["lpips"] for r in rows]))
         for key, (ra, la) in anchor_curves(RD_JSON, names, "lpips").items():
             bd[f"{key}_lpips"] = metrics.bd_rate(ra, metrics.lpips_db(la), rate, ours)
-            print(f"  BD-rate (LPIPS) vs {key}: {bd[key + '_lpips']:+.1f} %")
+            print(f"  BD-rate (LPIPS) vs {label.get(key, key)}: {bd[key + '_lpips']:+.2f} %")
     if args.json:
         Path(args.json).write_text(json.dumps({"model_id": loaded.model_id, "images": names,
                                                "points": rows, "bd_rate": bd,
