@@ -372,3 +372,22 @@ def test_bench_tile_path_prices_and_scores_tiles_as_the_codec_codes_them(tissue)
             y_sym = torch.round(t.y - t.mu)
             assert t.side_bytes + tilecode.stream_bytes(y_sym[0], t.index[0], tables[1]) == len(data)
             assert tilecode.core_sse(m, t, y_sym + t.mu) == pytest.approx(sse, rel=1e-9)
+
+
+@pytest.mark.parametrize("cin,cout,shape", [(96, 3, (9, 13)), (5, 7, (1, 1)), (4, 16, (6, 3))])
+def test_subpixel_form_is_the_transposed_convolution(cin, cout, shape):
+    """FastTransform's rewrite of a 5x5 stride-2 transposed convolution (3x3 conv + pixel
+    shuffle) computes the same map, borders included, whatever the sizes."""
+    from wsicodec.model import _SubPixelDeconv, _deconv
+    g = torch.Generator().manual_seed(cin * cout)
+    deconv = _deconv(cin, cout)
+    with torch.no_grad():
+        for p in deconv.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+        x = torch.randn(2, cin, *shape, generator=g)
+        ref = deconv(x)
+        out = _SubPixelDeconv(deconv)(x)
+    assert out.shape == ref.shape == (2, cout, 2 * shape[0], 2 * shape[1])
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    with pytest.raises(ValueError):
+        _SubPixelDeconv(torch.nn.ConvTranspose2d(3, 3, 3, stride=2, padding=1, output_padding=1))
