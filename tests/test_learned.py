@@ -125,23 +125,99 @@ def test_fast_transforms_match_g_a_and_g_s():
     assert z_fast.shape == (2, model.config.N, 1, 2)
 
 
-def test_entropy_parameter_mismatch_is_a_clear_error(tissue, tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_entropy_parameter_mismatch_is_a_clear_error(tissue, monkeypatch, version):
+    """A decoder whose entropy parameters differ from the encoder's (here: h_s's weights
+    1 % off, in the path of the tile's format) fails the symbol CRC, naming the tile."""
+    import wsicodec.learned as learned
     codec = LearnedCodec(5)
-    data = codec.encode(np.ascontiguousarray(tissue[:256, :256]))
+    with monkeypatch.context() as mp:
+        mp.setattr(learned, "VERSION", version)
+        data = codec.encode(np.ascontiguousarray(tissue[:256, :256]))
+    assert parse_header(data).version == version
     model = codec.loaded.model
-    h_s64 = model._h_s64()
-    saved = [p.detach().clone() for p in h_s64.parameters()]
+    if version == 1:
+        weights = [p for p in model._h_s64().parameters()]
+    else:
+        weights = [layer[1] for layer in model._h_s_exact().layers]
+    saved = [w.detach().clone() for w in weights]
     try:
         with torch.no_grad():
-            for p in h_s64.parameters():
-                p.mul_(1.01)
-        with pytest.raises(CorruptDataError, match="checksum"):
+            for w in weights:
+                w.copy_(torch.round(w * 1.01) if version == 2 else w * 1.01)
+        with pytest.raises(CorruptDataError, match=r"level 0 tile \(3, 4\): decoded symbols fail their checksum"):
             codec.decode_batch([data], names=["level 0 tile (3, 4)"])
     finally:
         with torch.no_grad():
-            for p, s in zip(h_s64.parameters(), saved):
-                p.copy_(s)
+            for w, s in zip(weights, saved):
+                w.copy_(s)
     codec.decode(data)  # restored
+
+
+def test_format_1_tiles_still_decode(tissue, monkeypatch):
+    """Tiles written before the exact entropy parameters (format 1: h_s in float64) decode
+    through that path; an unknown format is a clear error."""
+    import wsicodec.learned as learned
+    tile = np.ascontiguousarray(tissue[100:356, 200:456])
+    codec = LearnedCodec(4)
+    with monkeypatch.context() as mp:
+        mp.setattr(learned, "VERSION", 1)
+        old = codec.encode(tile)
+    new = codec.encode(tile)
+    assert (parse_header(old).version, parse_header(new).version) == (1, 2)
+    assert abs(len(old) - len(new)) <= 0.01 * len(new)       # the same code, other last bits
+    a, b = codec.decode(old), codec.decode(new)
+    assert _psnr(tile, a) > 28 and abs(_psnr(tile, a) - _psnr(tile, b)) < 0.05
+    future = bytearray(new)
+    future[4] = 3
+    with pytest.raises(CorruptDataError, match="format version 3 is not supported .*reads 1, 2"):
+        codec.decode(bytes(future))
+
+
+def test_exact_entropy_parameters_do_not_depend_on_summation_order(tissue):
+    """Format 2's h_s sums integers below 2**53 in float64, so any order gives the same
+    bits: here each layer's sum is split over its input channels in three parts, added
+    last part first, and must match to the last bit (and stay near the float h_s)."""
+    import torch.nn.functional as F
+    from wsicodec.model import EXACT_ACT_BITS, EXACT_FRAC
+    model = load_model().model
+    h = model._h_s_exact()
+    g = torch.Generator().manual_seed(3)
+    med = model.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1).double()
+    z_hat = torch.round(torch.randn(1, model.config.N, 6, 5, generator=g, dtype=torch.float64) * 4) + med
+    with torch.no_grad():
+        for quality in (1.0, 3.7, 8.0):
+            ref = h(z_hat, quality)
+            lim = float(2 ** EXACT_ACT_BITS - 1)
+            a = torch.round(z_hat / h.hgain(quality) * 2.0 ** EXACT_FRAC).clamp(-lim, lim)
+            for k, (deconv, wq, bq, stride, pad, opad, scale, slope) in enumerate(h.layers):
+                cin = a.shape[1]
+                parts = [slice(0, cin // 3), slice(cin // 3, 2 * cin // 3), slice(2 * cin // 3, cin)]
+                acc = bq.reshape(1, -1, 1, 1)
+                for sl in reversed(parts):
+                    if deconv:
+                        acc = F.conv_transpose2d(a[:, sl], wq[sl], None, stride, pad, opad) + acc
+                    else:
+                        acc = F.conv2d(a[:, sl], wq[:, sl], None, stride, pad) + acc
+                assert torch.equal(acc, torch.round(acc)) and acc.abs().max() < 2.0 ** 53
+                if k == len(h.layers) - 1:
+                    out = acc / (scale * 2.0 ** EXACT_FRAC)
+                    break
+                a = torch.round(acc / scale)
+                if slope is not None:
+                    a = torch.where(a < 0, torch.round(a * slope), a)
+                a = a.clamp(-lim, lim)
+            assert torch.equal(out, ref)
+            _, hgain = model.gains(torch.tensor([quality]), torch.float64)
+            flt = model._h_s64()(z_hat / hgain.double())
+            assert (ref - flt).abs().max() < 1e-2 and (ref - flt).abs().mean() < 1e-4
+
+
+def test_exact_exp_is_exp():
+    import math
+    from wsicodec.model import exact_exp
+    for v in np.linspace(-40.0, 40.0, 4001).tolist() + [0.0, -1e-300, 1e-12, 700.0, -700.0]:
+        assert exact_exp(v) == pytest.approx(math.exp(v), rel=4e-16, abs=0)
 
 
 def test_flipped_byte_is_detected(tissue):
@@ -157,6 +233,15 @@ def test_truncated_and_foreign_streams(tissue):
         wsicodec.decode(data[:-5])
     with pytest.raises(CorruptDataError):
         wsicodec.decode(b"\x89PNG not ours")
+
+
+@pytest.mark.parametrize("quality", [float("nan"), 0.5, 9.0, float("inf")])
+def test_a_tile_header_with_an_impossible_quality_is_corrupt(tissue, quality):
+    import struct
+    data = bytearray(LearnedCodec(3).encode(np.ascontiguousarray(tissue[:64, :64])))
+    data[10:14] = struct.pack("<f", quality)
+    with pytest.raises(CorruptDataError, match="quality"):
+        LearnedCodec(3).decode_batch([bytes(data)], names=["tile (0, 0)"])
 
 
 def test_other_weights_are_refused_naming_both_ids(tissue, tmp_path):

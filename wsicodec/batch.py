@@ -9,7 +9,7 @@
     container.read_encoded_tile (CRC-checked bytes)
       │
       ├─ learned codec: parse_header ─► uniform tiles: decoded directly (no network)
-      │                 network tiles ─► entropy decode + h_s (float64, CPU, per tile,
+      │                 network tiles ─► entropy decode + h_s (exact, CPU, per tile,
       │                 deterministic: LearnedCodec's own path, untouched) on a thread pool
       │                 ─► one g_s queue per decoder: ŷ of all waiting callers grouped
       │                 by shape, ≤ max_batch per pass, one pass at a time, on the device
@@ -239,7 +239,7 @@ class _LearnedBatch:
         model = codec.loaded.model
         if self.device.type == "cpu":
             synthesis_model = model
-        else:  # a private copy for g_s, so the CPU float64 h_s path is never moved
+        else:  # a private copy for g_s, so the CPU h_s paths are never moved
             import copy
 
             with torch.inference_mode(False):
@@ -247,7 +247,7 @@ class _LearnedBatch:
         if max_batch is None:
             max_batch = 4 if self.device.type == "cpu" else 16
         self.synthesis = _Synthesis(synthesis_model, self.device, max_batch)
-        model.prepare_entropy_parameters()  # build the float64 h_s copy once, up front
+        model.prepare_entropy_parameters()  # build the exact (and float64) h_s once, up front
         synthesis_model.prepare_synthesis(self.device)  # and the fast g_s: no first-tile surcharge
 
     def decode(self, datas: Sequence[bytes], names: Sequence[str],

@@ -4,7 +4,7 @@ Tile bitstream (little-endian)::
 
     offset size  field
     0      4     magic b"WSLT"
-    4      1     format version (1)
+    4      1     format version: 2, or 1 (still read: entropy parameters in float64, below)
     5      1     kind: 0 = network-coded, 1 = uniform background
     6      2     height
     8      2     width
@@ -25,9 +25,13 @@ crops the tile back out, so tile borders sit inside the coded region, away from
 the edges where a convolutional decoder is weakest.
 
 Decoding recomputes μ and the CDF-table indexes from ẑ with
-:meth:`WsiHyperprior.entropy_parameters` (float64, CPU, one tile at a time) and
-checks the symbol CRC, so a mismatch is an error naming the tile, never silent
-garbage.  g_s may run batched on any device.
+:meth:`WsiHyperprior.entropy_parameters` and checks the symbol CRC, so a mismatch is
+an error naming the tile, never silent garbage.  Format 2 computes them in integer
+arithmetic (:class:`~wsicodec.model.ExactHyperSynthesis`): the same bits on any CPU,
+BLAS or thread count, so a tile written on one machine decodes on every other.
+Format 1 (written until 2026-11-28) computed them with h_s in float64, one tile at a
+time, deterministic on one machine; it is still read that way.  g_s may run batched
+on any device.
 """
 
 from __future__ import annotations
@@ -44,7 +48,9 @@ from .errors import CorruptDataError, InvalidSettingError, ModelMismatchError
 from .model import pad_to_stride
 
 MAGIC = b"WSLT"
-VERSION = 1
+VERSION = 2
+#: tile formats this release reads; 1 differs only in how the entropy parameters are computed
+READ_VERSIONS = (1, 2)
 KIND_NETWORK, KIND_UNIFORM = 0, 1
 _HEAD = struct.Struct("<4sBBHH")          # magic, version, kind, h, w
 _NET = struct.Struct("<f8sIIBBHH")       # quality, model id, symbol crc, len(z), top, left, coded h, w
@@ -136,6 +142,7 @@ class TileHeader:
     coded_height: int = 0
     coded_width: int = 0
     payload: int = 0                     #: offset of the payload
+    version: int = VERSION               #: tile format (1: float64 entropy parameters)
 
 
 def parse_header(data: bytes) -> TileHeader:
@@ -145,14 +152,15 @@ def parse_header(data: bytes) -> TileHeader:
     magic, ver, kind, h, w = _HEAD.unpack_from(data)
     if magic != MAGIC:
         raise CorruptDataError("not a learned tile (bad magic)")
-    if ver != VERSION:
-        raise CorruptDataError(f"learned tile format version {ver} is not supported (expected {VERSION})")
+    if ver not in READ_VERSIONS:
+        raise CorruptDataError(f"learned tile format version {ver} is not supported (this wsicodec "
+                               f"reads {', '.join(map(str, READ_VERSIONS))}; a newer release may read it)")
     if h == 0 or w == 0:
         raise CorruptDataError("learned tile with zero size")
     if kind == KIND_UNIFORM:
         if len(data) < _HEAD.size + 5:
             raise CorruptDataError("uniform tile has the wrong length")
-        return TileHeader(kind, h, w, payload=_HEAD.size)
+        return TileHeader(kind, h, w, payload=_HEAD.size, version=ver)
     if kind != KIND_NETWORK:
         raise CorruptDataError(f"unknown tile kind {kind}")
     if len(data) < _HEAD.size + _NET.size:
@@ -163,7 +171,9 @@ def parse_header(data: bytes) -> TileHeader:
         raise CorruptDataError("learned tile truncated (z stream)")
     if top + h > ch or left + w > cw:
         raise CorruptDataError("learned tile header is inconsistent (tile outside its coded region)")
-    return TileHeader(kind, h, w, float(q), prefix, crc, zlen, top, left, ch, cw, start)
+    if not QUALITY_RANGE[0] <= q <= QUALITY_RANGE[1]:      # NaN fails too
+        raise CorruptDataError(f"learned tile header is inconsistent (quality {q!r})")
+    return TileHeader(kind, h, w, float(q), prefix, crc, zlen, top, left, ch, cw, start, ver)
 
 
 class LearnedCodec:
@@ -273,7 +283,7 @@ class LearnedCodec:
                         shown[k, :, top:top + h, left:left + w] = 1
                     y, z, _ = m.refine_latents(x, q.to(self.device), y, z, shown, self.refine)
                 y = y.cpu()
-                z_sym, mu, index = hyper_symbols(m, z.cpu(), q, y.shape[-2:])
+                z_sym, mu, index = hyper_symbols(m, z.cpu(), q, y.shape[-2:], exact=VERSION >= 2)
                 y_sym = torch.round(y.double() - mu).to(torch.int32)
                 z_idx = _channel_index(z_sym.shape[1:])
                 for k, i in enumerate(idx):
@@ -352,7 +362,7 @@ class LearnedCodec:
         zs = decode_symbols(data[hd.payload:hd.payload + hd.z_len], _channel_index(zshape), tb_z)
         medians = m.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1).double()
         z_hat = torch.from_numpy(zs)[None].double() + medians
-        mu, index = m.entropy_parameters(z_hat, torch.tensor([hd.quality]))
+        mu, index = m.entropy_parameters(z_hat, torch.tensor([hd.quality]), exact=hd.version >= 2)
         mu, index = mu[..., :yh, :yw], index[..., :yh, :yw]
         ys = decode_symbols(data[hd.payload + hd.z_len:], index[0].numpy(), tb_y)
         if symbol_checksum(zs, ys) != hd.crc:
@@ -403,19 +413,20 @@ def _ceil(n: int, k: int) -> int:
     return -(-n // k) * k
 
 
-def hyper_symbols(model, z, quality, y_size: tuple[int, int]):
+def hyper_symbols(model, z, quality, y_size: tuple[int, int], exact: bool = True):
     """The encoder's side information, as every decoder will see it.
 
     ``z`` (B, N, h, w) from :meth:`~wsicodec.model.WsiHyperprior.analysis` (on the CPU)
     → its symbols, then (μ, CDF-table index) for y computed from ẑ exactly as
-    :meth:`LearnedCodec.entropy_decode` does, cropped to y's ``y_size``.  Returns
+    :meth:`LearnedCodec.entropy_decode` does for a tile of the current format (``exact``;
+    False: as format 1 did), cropped to y's ``y_size``.  Returns
     ``(z_sym int32, μ float64, index int32)``.  The y symbols are ``round(y − μ)``, or
     any integers an encoder prefers: the decoder adds μ back.
     """
     import torch
     medians = model.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1)
     z_sym = torch.round(z - medians).to(torch.int32)
-    mu, index = model.entropy_parameters(z_sym.double() + medians.double(), quality)
+    mu, index = model.entropy_parameters(z_sym.double() + medians.double(), quality, exact=exact)
     return z_sym, mu[..., :y_size[0], :y_size[1]], index[..., :y_size[0], :y_size[1]]
 
 

@@ -25,8 +25,9 @@ Data flow (names follow Ballé et al. 2018 / Minnen et al. 2018, as in CompressA
 
 The network only computes; bitstreams are made in :mod:`wsicodec.entropy`, and
 the path ẑ → h_s → (μ, table index) used for coding is
-:meth:`WsiHyperprior.entropy_parameters`, run in float64 on the CPU so that the
-encoder and the decoder agree bit for bit.
+:meth:`WsiHyperprior.entropy_parameters`, run in integer arithmetic
+(:class:`ExactHyperSynthesis`) so that the encoder and every decoder, on any machine,
+agree bit for bit.
 """
 
 from __future__ import annotations
@@ -334,21 +335,27 @@ class WsiHyperprior(nn.Module):
         return best_y, best_z, {"loss0": history[0], "loss": best, "history": torch.stack(history, 1)}
 
     @torch.no_grad()
-    def entropy_parameters(self, z_hat: torch.Tensor, quality: torch.Tensor
+    def entropy_parameters(self, z_hat: torch.Tensor, quality: torch.Tensor, exact: bool = True
                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """ẑ_q → (μ, table index), deterministically.
 
-        Runs h_s in float64 on the CPU, one tile at a time, on a private float64
-        copy of h_s, so the result does not depend on batch size or device.
-        Returns float64 means and int32 CDF-table indexes, shapes (B, M, h, w).
+        ``exact`` (tile format 2): h_s in integer arithmetic (:class:`ExactHyperSynthesis`),
+        the same bits on any machine.  Otherwise (format 1, still read): h_s in float64 on
+        the CPU, one tile at a time, on a private float64 copy, which does not depend on
+        batch size, thread count or device, but may on the BLAS or CPU family in its last
+        bits.  Returns float64 means and int32 CDF-table indexes, shapes (B, M, h, w).
         """
-        h_s64 = self._h_s64()
-        _, hgain = self.gains(quality.cpu(), torch.float64)
-        hgain = hgain.to(torch.float64)
         table = self.gaussian_conditional.scale_table.to(torch.float64)
+        if exact:
+            h_s, q = self._h_s_exact(), quality.cpu().to(torch.float32).tolist()
+        else:
+            h_s64 = self._h_s64()
+            _, hgain = self.gains(quality.cpu(), torch.float64)
+            hgain = hgain.to(torch.float64)
         means, indexes = [], []
         for i in range(z_hat.shape[0]):
-            p = h_s64(z_hat[i:i + 1].cpu().to(torch.float64) / hgain[i:i + 1])
+            zi = z_hat[i:i + 1].cpu().to(torch.float64)
+            p = h_s(zi, q[i]) if exact else h_s64(zi / hgain[i:i + 1])
             scales, mu = p.chunk(2, 1)
             scales = scales.clamp_min(SCALES_MIN)
             # index = number of table entries strictly below σ, as in CompressAI's build_indexes
@@ -358,7 +365,8 @@ class WsiHyperprior(nn.Module):
         return torch.cat(means), torch.cat(indexes)
 
     def prepare_entropy_parameters(self) -> None:
-        """Build the float64 copy of h_s now (it is built on first use otherwise)."""
+        """Build the exact and float64 copies of h_s now (they are built on first use otherwise)."""
+        self._h_s_exact()
         self._h_s64()
 
     def prepare_synthesis(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
@@ -380,6 +388,9 @@ class WsiHyperprior(nn.Module):
 
     def _h_s64(self) -> nn.Module:
         return self._derived("h_s64", lambda: copy.deepcopy(self.h_s).to(torch.float64).eval())
+
+    def _h_s_exact(self) -> "ExactHyperSynthesis":
+        return self._derived("h_s_exact", lambda: ExactHyperSynthesis(self.h_s, self.log_hgain, self.config.levels))
 
     def synthesis(self, y_hat: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
         """ŷ_q → x̂ (g_s may run on any device and dtype: it changes pixels, not symbols).
@@ -441,6 +452,119 @@ class FastTransform(nn.Module):
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         x = self.layers(y.contiguous(memory_format=torch.channels_last))
         return x.contiguous()
+
+
+#: Fixed point of :class:`ExactHyperSynthesis`: activations are integers |a| < 2**EXACT_ACT_BITS
+#: standing for a / 2**EXACT_FRAC (±256 in steps of 2**-16; h_s's largest activation on
+#: he/test and he/tiles, all qualities, is under 50).
+EXACT_FRAC, EXACT_ACT_BITS = 16, 24
+_LN2_HI, _LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-10   # Cody & Waite
+
+
+def exact_exp(v: float) -> float:
+    """exp(v) from IEEE-754 basic operations alone (+ − × ÷ and scaling by 2**n).
+
+    libm's exp may differ in its last bit between platforms; these operations are
+    correctly rounded everywhere, so this gives the same bits on every machine.
+    Within a few ulp of exp for |v| < 700: range reduction v = n·ln 2 + r, |r| ≤ ln 2 / 2,
+    then Taylor to degree 13 (remainder < 1e-17 relative).
+    """
+    n = round(v / (_LN2_HI + _LN2_LO))
+    r = (v - n * _LN2_HI) - n * _LN2_LO
+    p = 1.0
+    for k in range(13, 0, -1):
+        p = 1.0 + r * p / k
+    return math.ldexp(p, n)
+
+
+class ExactHyperSynthesis:
+    """h_s in integer arithmetic, so (μ, σ) and the table index are the same bits everywhere.
+
+    The float64 h_s of tile format 1 is deterministic on one machine, but a convolution's
+    sum may be taken in another order by another BLAS or CPU family, and a last-bit
+    difference in σ that crosses a table boundary makes the tile undecodable (its CRC
+    catches it).  Here every value that reaches a convolution is an integer and every
+    product and partial sum stays below 2**53 (checked when the weights are converted),
+    so float64 holds them exactly and the order of summation cannot matter; the rest is
+    floor/round, division by powers of two and correctly rounded elementwise operations.
+
+    * input: ``round(ẑ / hgain · 2**20)``, clamped, with hgain from the gains' log-linear
+      interpolation evaluated by :func:`exact_exp` (quality taken as its float32, as stored);
+    * each layer: integer weights ``round(W · 2**s_c)`` and bias ``round(b · 2**(s_c + 20))``,
+      with s_c per output channel the largest that keeps the channel's worst-case sum
+      (Σ|w| · the largest activation + |b|) under 2**53; the result divided by ``2**s_c``
+      and rounded, LeakyReLU as ``round(0.01 · a)`` below zero, clamped to |a| < 2**28;
+    * output: the last layer's integers divided by ``2**(s_c + 20)`` (exact), σ then μ.
+
+    Against the float h_s it differs by ~1e-5 (fixed-point rounding: the weights keep
+    ~2**-19 of their largest value, the activations 2**-20), far inside what moves a
+    rate: σ's table steps are 9 % apart.
+    """
+
+    def __init__(self, h_s: nn.Sequential, log_hgain: torch.Tensor, levels: int) -> None:
+        self.log_hgain = log_hgain.detach().cpu().to(torch.float32).tolist()
+        self.levels = levels
+        self.layers = []        # [transposed?, weight, bias, stride, padding, output padding, 2**s_c, slope]
+        lim = 2 ** EXACT_ACT_BITS - 1
+        for layer in h_s:
+            if isinstance(layer, nn.LeakyReLU):
+                self.layers[-1][-1] = float(layer.negative_slope)
+                continue
+            if not isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)) or layer.groups != 1:
+                raise ValueError(f"no exact form for {layer}")
+            deconv = isinstance(layer, nn.ConvTranspose2d)
+            w = layer.weight.detach().cpu().to(torch.float64)
+            w = w.transpose(0, 1) if deconv else w                 # (out, in, k, k)
+            b = layer.bias.detach().cpu().to(torch.float64)
+            wq, bq, scale = torch.empty_like(w), torch.empty_like(b), torch.empty_like(b)
+            for c in range(w.shape[0]):
+                total = float(w[c].abs().sum()) + abs(float(b[c])) * 2.0 ** EXACT_FRAC / lim + 1e-300
+                e = min(53 - EXACT_ACT_BITS - math.frexp(total)[1], 60)
+                while True:   # the largest power of two whose worst case, in integers, fits
+                    wq[c] = torch.round(w[c] * 2.0 ** e)
+                    bq[c] = round(float(b[c]) * 2.0 ** (e + EXACT_FRAC))
+                    if int(wq[c].abs().sum()) * lim + abs(int(bq[c])) < 2 ** 53:
+                        break
+                    e -= 1
+                scale[c] = 2.0 ** e
+            self.layers.append([deconv, wq.transpose(0, 1).contiguous() if deconv else wq, bq,
+                                layer.stride, layer.padding, getattr(layer, "output_padding", (0, 0)),
+                                scale.reshape(1, -1, 1, 1), None])
+        self._hgain: dict[float, torch.Tensor] = {}
+
+    def hgain(self, quality: float) -> torch.Tensor:
+        """(1, N, 1, 1) float64 hyper gains of a quality, from basic operations only."""
+        g = self._hgain.get(quality)          # decoder threads share this cache
+        if g is None:
+            q = min(max(quality, 1.0), float(QUALITY_MAX)) - 1.0
+            p = q * (self.levels - 1) / (QUALITY_MAX - 1)
+            lo = min(int(math.floor(p)), self.levels - 2)
+            t = p - lo
+            lg = [a * (1.0 - t) + b * t for a, b in zip(self.log_hgain[lo], self.log_hgain[lo + 1])]
+            with torch.inference_mode(False):     # a normal tensor, whatever mode asked first
+                g = torch.tensor([exact_exp(v) for v in lg], dtype=torch.float64).reshape(1, -1, 1, 1)
+            if len(self._hgain) > 256:
+                self._hgain = {}
+            self._hgain[quality] = g
+        return g
+
+    @torch.no_grad()
+    def __call__(self, z_hat: torch.Tensor, quality: float) -> torch.Tensor:
+        """ẑ (1, N, h, w) float64 of one tile → h_s's output (σ then μ) float64, exact."""
+        lim = float(2 ** EXACT_ACT_BITS - 1)
+        a = torch.round(z_hat.to(torch.float64) / self.hgain(float(quality)) * 2.0 ** EXACT_FRAC).clamp_(-lim, lim)
+        for k, (deconv, wq, bq, stride, pad, opad, scale, slope) in enumerate(self.layers):
+            if deconv:
+                acc = F.conv_transpose2d(a, wq, bq, stride, pad, opad)
+            else:
+                acc = F.conv2d(a, wq, bq, stride, pad)
+            if k == len(self.layers) - 1:
+                return acc / (scale * 2.0 ** EXACT_FRAC)
+            a = torch.round(acc / scale)
+            if slope is not None:
+                a = torch.where(a < 0, torch.round(a * slope), a)
+            a.clamp_(-lim, lim)
+        raise AssertionError("unreachable: h_s has layers")
 
 
 #: FastTransform computes a transposed convolution with fewer output channels than this as
