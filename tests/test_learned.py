@@ -476,3 +476,51 @@ def test_subpixel_form_is_the_transposed_convolution(cin, cout, shape):
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
     with pytest.raises(ValueError):
         _SubPixelDeconv(torch.nn.ConvTranspose2d(3, 3, 3, stride=2, padding=1, output_padding=1))
+
+
+def _np_exact_h_s(h, z_hat: np.ndarray, quality: float) -> np.ndarray:
+    """ExactHyperSynthesis written again in numpy: convolutions as window tensordots,
+    which numpy sends to its own BLAS (OpenBLAS), not torch's."""
+    from numpy.lib.stride_tricks import sliding_window_view
+    from wsicodec.model import EXACT_ACT_BITS, EXACT_FRAC
+
+    def correlate(x, w, pad_lo, pad_hi):          # x (Cin, H, W), w (Cout, Cin, k, k)
+        xp = np.pad(x, ((0, 0), (pad_lo, pad_hi), (pad_lo, pad_hi)))
+        win = sliding_window_view(xp, w.shape[-2:], axis=(1, 2))
+        return np.tensordot(w, win, axes=([1, 2, 3], [0, 3, 4]))
+
+    lim = float(2 ** EXACT_ACT_BITS - 1)
+    a = np.clip(np.round(z_hat / h.hgain(quality).numpy()[0] * 2.0 ** EXACT_FRAC), -lim, lim)
+    for k, (deconv, wq, bq, stride, pad, opad, scale, slope) in enumerate(h.layers):
+        wq, bq, scale = wq.numpy(), bq.numpy()[:, None, None], scale.numpy()[0]
+        if deconv:     # stride-2 transposed convolution = zeros between pixels, flipped kernel
+            kk = wq.shape[-1]
+            up = np.zeros((a.shape[0], 2 * a.shape[1] - 1, 2 * a.shape[2] - 1))
+            up[:, ::2, ::2] = a
+            acc = correlate(up, wq.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1], kk - 1 - pad[0],
+                            kk - 1 - pad[0] + opad[0]) + bq
+        else:
+            acc = correlate(a, wq, pad[0], pad[0]) + bq
+        if k == len(h.layers) - 1:
+            return acc / (scale * 2.0 ** EXACT_FRAC)
+        a = np.round(acc / scale)
+        if slope is not None:
+            a = np.where(a < 0, np.round(a * slope), a)
+        a = np.clip(a, -lim, lim)
+
+
+def test_exact_entropy_parameters_are_the_same_bits_from_another_blas(tissue):
+    """The tile format 2 promise, checked against a second implementation: numpy with
+    OpenBLAS gives the very bits torch (MKL) gives, on ẑ of a real tile at 3 qualities."""
+    model = load_model().model
+    h = model._h_s_exact()
+    x = torch.from_numpy(np.ascontiguousarray(tissue[:272, :272])).permute(2, 0, 1)[None].float() / 255
+    med = model.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1)
+    for quality in (1.0, 4.5, 8.0):
+        with torch.no_grad():
+            _, z = model.analysis(x, torch.tensor([quality]))
+            z_hat = (torch.round(z - med) + med).double()
+            ref = h(z_hat, quality)
+        other = _np_exact_h_s(h, z_hat[0].numpy(), quality)
+        assert other.shape == tuple(ref.shape[1:])
+        assert np.array_equal(other, ref[0].numpy())
