@@ -6,10 +6,11 @@ A parallel context model (checkerboard, He et al. 2021; ELIC's channel groups bu
 it) splits the latent into anchors and non-anchors: the anchors are coded with the
 hyperprior alone, the non-anchors with a 5×5 context over the decoded anchors, and an
 entropy-parameter network merges context and hyperprior.  In wsicodec everything that
-decides symbols runs in float64 on the CPU, per tile (that is how encoder and decoder
-agree across machines), so those layers would run there too.  This measures their
-cost for one 256² tile with its 8 px margin (latent 17×17, M = 128), beside the float64
-h_s the hyperprior already pays, with random weights (the cost does not depend on
+decides symbols runs in float64 on the CPU, per tile (since tile format 2 on exact
+integers, ``ExactHyperSynthesis``: that is how encoder and decoder agree across
+machines), so those layers would run there too.  This measures their cost for one 256²
+tile with its 8 px margin (latent 17×17, M = 128), beside the float64 h_s the
+hyperprior already pays (the exact form costs the same float64 convolutions), with random weights (the cost does not depend on
 them) and with the 1×1 layers as plain matrix products (the cheapest float64 form).
 It answers the decode-cost half of "does a context model pay for itself"; the
 rate-distortion half needs a trained context model.
