@@ -486,19 +486,22 @@ class ExactHyperSynthesis:
     catches it).  Here every value that reaches a convolution is an integer and every
     product and partial sum stays below 2**53 (checked when the weights are converted),
     so float64 holds them exactly and the order of summation cannot matter; the rest is
-    floor/round, division by powers of two and correctly rounded elementwise operations.
+    rounding, division by powers of two and correctly rounded elementwise operations.
 
-    * input: ``round(ẑ / hgain · 2**20)``, clamped, with hgain from the gains' log-linear
-      interpolation evaluated by :func:`exact_exp` (quality taken as its float32, as stored);
-    * each layer: integer weights ``round(W · 2**s_c)`` and bias ``round(b · 2**(s_c + 20))``,
-      with s_c per output channel the largest that keeps the channel's worst-case sum
-      (Σ|w| · the largest activation + |b|) under 2**53; the result divided by ``2**s_c``
-      and rounded, LeakyReLU as ``round(0.01 · a)`` below zero, clamped to |a| < 2**28;
-    * output: the last layer's integers divided by ``2**(s_c + 20)`` (exact), σ then μ.
+    * input: ``round(ẑ / hgain · 2**EXACT_FRAC)``, clamped to |a| < 2**EXACT_ACT_BITS, with
+      hgain from the gains' log-linear interpolation evaluated by :func:`exact_exp`
+      (quality taken as its float32, as stored in the tile);
+    * each layer: integer weights ``round(W · 2**s_c)`` and bias ``round(b · 2**(s_c +
+      EXACT_FRAC))``, with s_c per output channel the largest that keeps the channel's
+      worst case (Σ|w| times the largest activation, plus |b|) under 2**53 (19 … 25 for the
+      shipped h_s); the result divided by ``2**s_c`` and rounded, LeakyReLU as
+      ``round(slope · a)`` below zero, clamped;
+    * output: the last layer's integers divided by ``2**(s_c + EXACT_FRAC)`` (exact), σ then μ.
 
-    Against the float h_s it differs by ~1e-5 (fixed-point rounding: the weights keep
-    ~2**-19 of their largest value, the activations 2**-20), far inside what moves a
-    rate: σ's table steps are 9 % apart.
+    Against the float h_s it differs by fixed-point rounding only: on a 512² he/test crop
+    at five qualities, 99.993 % of the table indexes are the same and μ moves by at most
+    6e-4 (on values up to ~60); coded on all 14 he/test images, qualities 1-8, the rate
+    and PSNR curves agree to a BD-rate of 0.00 % (``train/eval_bytes.py``).
     """
 
     def __init__(self, h_s: nn.Sequential, log_hgain: torch.Tensor, levels: int) -> None:
@@ -515,7 +518,8 @@ class ExactHyperSynthesis:
             deconv = isinstance(layer, nn.ConvTranspose2d)
             w = layer.weight.detach().cpu().to(torch.float64)
             w = w.transpose(0, 1) if deconv else w                 # (out, in, k, k)
-            b = layer.bias.detach().cpu().to(torch.float64)
+            b = (layer.bias.detach().cpu().to(torch.float64) if layer.bias is not None
+                 else torch.zeros(w.shape[0], dtype=torch.float64))
             wq, bq, scale = torch.empty_like(w), torch.empty_like(b), torch.empty_like(b)
             for c in range(w.shape[0]):
                 total = float(w[c].abs().sum()) + abs(float(b[c])) * 2.0 ** EXACT_FRAC / lim + 1e-300
