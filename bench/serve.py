@@ -145,7 +145,7 @@ def _profile_learned(c: Any, keys: list[tuple[int, int]], device: str) -> dict[s
 
     from wsicodec.entropy import decode_symbols
     from wsicodec.learned import (LATENT_STRIDE, PIXEL_STRIDE, _ceil, _channel_index,
-                                  parse_header)
+                                  exact_entropy, parse_header)
 
     codec = c.codec
     m = codec.loaded.model
@@ -164,7 +164,7 @@ def _profile_learned(c: Any, keys: list[tuple[int, int]], device: str) -> dict[s
         t1 = time.perf_counter()
         medians = m.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1).double()
         z_hat = torch.from_numpy(zs)[None].double() + medians
-        mu, index = m.entropy_parameters(z_hat, torch.tensor([hd.quality]), exact=hd.version >= 2)
+        mu, index = m.entropy_parameters(z_hat, torch.tensor([hd.quality]), exact=exact_entropy(hd.version))
         mu, index = mu[..., :yh, :yw], index[..., :yh, :yw]
         t2 = time.perf_counter()
         ys = decode_symbols(data[hd.payload + hd.z_len:], index[0].numpy(), tb_y)

@@ -283,7 +283,7 @@ class LearnedCodec:
                         shown[k, :, top:top + h, left:left + w] = 1
                     y, z, _ = m.refine_latents(x, q.to(self.device), y, z, shown, self.refine)
                 y = y.cpu()
-                z_sym, mu, index = hyper_symbols(m, z.cpu(), q, y.shape[-2:], exact=VERSION >= 2)
+                z_sym, mu, index = hyper_symbols(m, z.cpu(), q, y.shape[-2:], exact=exact_entropy(VERSION))
                 y_sym = torch.round(y.double() - mu).to(torch.int32)
                 z_idx = _channel_index(z_sym.shape[1:])
                 for k, i in enumerate(idx):
@@ -362,7 +362,7 @@ class LearnedCodec:
         zs = decode_symbols(data[hd.payload:hd.payload + hd.z_len], _channel_index(zshape), tb_z)
         medians = m.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1).double()
         z_hat = torch.from_numpy(zs)[None].double() + medians
-        mu, index = m.entropy_parameters(z_hat, torch.tensor([hd.quality]), exact=hd.version >= 2)
+        mu, index = m.entropy_parameters(z_hat, torch.tensor([hd.quality]), exact=exact_entropy(hd.version))
         mu, index = mu[..., :yh, :yw], index[..., :yh, :yw]
         ys = decode_symbols(data[hd.payload + hd.z_len:], index[0].numpy(), tb_y)
         if symbol_checksum(zs, ys) != hd.crc:
@@ -411,6 +411,12 @@ def _check_tile(t: np.ndarray) -> np.ndarray:
 
 def _ceil(n: int, k: int) -> int:
     return -(-n // k) * k
+
+
+def exact_entropy(version: int) -> bool:
+    """Whether tiles of this format compute their entropy parameters in exact integer
+    arithmetic (format 2 on) rather than with the float64 h_s (format 1)."""
+    return version >= 2
 
 
 def hyper_symbols(model, z, quality, y_size: tuple[int, int], exact: bool = True):
