@@ -84,6 +84,8 @@ def run_one(slide: Path, codec: str, workers: int, tile_size: int, out_dir: Path
         "codec_config": info["codec"]["configuration"],
         "container_bytes": info["container_bytes"],
         "tile_bytes": sum(info["level_bytes"]),
+        "associated_bytes": {n: int(b) for n, b in (info.get("associated_bytes") or {}).items()},
+        "associated_formats": info.get("associated_formats") or {},
         "source_bytes": src_bytes,
         "ratio_vs_source": round(src_bytes / info["container_bytes"], 4),
         "ratio_vs_raw_level0": round(w * h * 3 / info["container_bytes"], 3),
@@ -119,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(row), flush=True)
     doc = {"environment": environment(), "workers": args.workers, "tile_size": args.tile_size,
            "note": "ratios vs source files that were already lossy (scanner JPEG/JPEG 2000); "
-                   "container bytes include lossless PNG associated images",
+                   "container bytes include the associated images as compress stores them by "
+                   "default (--associated auto: label PNG, thumbnail/macro JPEG-XL distance 0.5)",
            "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")

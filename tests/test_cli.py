@@ -11,6 +11,8 @@ import pytest
 
 from conftest import BAD_DICOM, HE_TEST_PNG, REAL_SLIDES, need, psnr
 from wsicodec.cli import main
+from wsicodec.container import open_container
+from wsicodec.tiling import open_source
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -56,6 +58,14 @@ def test_round_trip_per_format(tmp_path: Path, capsys, name: str) -> None:
                          "--tile-size", tile, "--workers", "2", "--quiet")
     assert code == 0, err
     assert out == ""                                    # --quiet: no summary either
+    with open_source(src) as ref, open_container(box) as c:   # the label exact, overviews JPEG-XL
+        assert c.associated_image_names() == ref.associated_image_names()
+        for assoc in ref.associated_image_names():
+            want, got = ref.read_associated_image(assoc), c.read_associated_image(assoc)
+            if assoc == "label":
+                np.testing.assert_array_equal(got, want)
+            else:
+                assert psnr(got, want) > 34, assoc
     code, out, _ = run(capsys, "info", box)
     with openslide.OpenSlide(str(src)) as ref:
         mpp_line = out.splitlines()[3]
@@ -106,6 +116,27 @@ def test_odd_size_image_with_small_tiles(tmp_path: Path, capsys, odd_image: np.n
     assert code == 0, err
     got = level0(tmp_path / "o.tiff")
     assert got.shape == (301, 219, 3) and psnr(got, odd_image) > 40
+
+
+def test_associated_images_option(tmp_path: Path, capsys) -> None:
+    src = need(REAL_SLIDES["svs-jpeg"])   # label, macro and thumbnail
+    sizes = {}
+    for policy in ("auto", "lossless", "none"):
+        box = tmp_path / f"{policy}.zarr.zip"
+        code, out, err = run(capsys, "compress", src, box, "--codec", "jpeg", "--associated",
+                             policy, "--tile-size", "512")
+        assert code == 0, err
+        assert "associated images " in out
+        code, out, _ = run(capsys, "info", box)
+        line = next(x for x in out.splitlines() if "associated images:" in x)
+        sizes[policy] = box.stat().st_size
+        if policy == "none":
+            assert line.endswith("associated images: none")
+        else:
+            fmt = "JPEG-XL" if policy == "auto" else "PNG"
+            assert "label (PNG, " in line and f"macro ({fmt}, " in line and f"thumbnail ({fmt}, " in line
+    # the overviews are ~0.93 MB of PNG and ~0.21 MB of JPEG-XL on this slide
+    assert sizes["lossless"] - sizes["auto"] > 0.6e6 and sizes["auto"] - sizes["none"] > 0.3e6
 
 
 @pytest.mark.slow

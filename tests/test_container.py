@@ -189,3 +189,89 @@ def ArraySourceLevels(image: np.ndarray):  # noqa: N802 - tiny helper
 
     h, w = image.shape[:2]
     return tuple(lv.info for lv in plan_pyramid([(w, h)], [1.0], 64).levels)
+
+
+# --- associated images: the label exact, the overviews JPEG-XL, or as asked
+
+def he_crop() -> np.ndarray:
+    from PIL import Image
+
+    from conftest import HE_TEST_PNG, need
+
+    return np.asarray(Image.open(need(HE_TEST_PNG)).convert("RGB"))[:300, :400]
+
+
+@pytest.mark.parametrize("policy", ["auto", "lossless", "none"])
+def test_associated_policies(tmp_path: Path, odd_image: np.ndarray, policy: str) -> None:
+    from conftest import psnr
+
+    tissue = he_crop()
+    src = ArraySource(odd_image, associated={"label": odd_image[:40, :50], "thumbnail": tissue,
+                                             "macro": tissue[::2, ::2]})
+    out = tmp_path / "c.zarr.zip"
+    compress_source(src, out, get_codec("jpeg", 90), tile_size=64, associated=policy)
+    with open_container(out) as c:
+        meta = c.metadata
+        if policy == "none":
+            assert meta.associated_images == () and c.info()["associated_bytes"] == {}
+            return
+        assert meta.associated_images == ("label", "thumbnail", "macro")
+        want = {"label": "png", "thumbnail": "jxl" if policy == "auto" else "png",
+                "macro": "jxl" if policy == "auto" else "png"}
+        assert meta.associated_formats == want
+        np.testing.assert_array_equal(c.read_associated_image("label"), odd_image[:40, :50])
+        thumb = c.read_associated_image("thumbnail")
+        assert thumb.shape == tissue.shape and thumb.dtype == np.uint8
+        if policy == "lossless":
+            np.testing.assert_array_equal(thumb, tissue)
+        else:   # distance 0.5: far above what an overview needs, far below PNG's bytes
+            assert 36 < psnr(thumb, tissue) < 60
+        stored = {n: c._group[f"associated/{n}"].shape[0] for n in meta.associated_images}
+        assert meta.associated_bytes == stored
+    if policy == "auto":
+        png = tmp_path / "p.zarr"
+        compress_source(src, png, get_codec("jpeg", 90), tile_size=64, associated="lossless")
+        with open_container(png) as c:
+            assert c.metadata.associated_bytes["thumbnail"] > 3 * stored["thumbnail"]
+
+
+def test_unknown_associated_policy_fails_before_any_work(tmp_path: Path,
+                                                         odd_image: np.ndarray) -> None:
+    from wsicodec.errors import InvalidSettingError
+
+    with pytest.raises(InvalidSettingError, match="'lossy' is not one of auto, lossless, none"):
+        compress_source(ArraySource(odd_image), tmp_path / "c.zarr", get_codec("jpeg"),
+                        associated="lossy")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_version_1_container_reads_png_associated(tmp_path: Path, odd_image: np.ndarray) -> None:
+    """A container written before JPEG-XL associated images (format 1: no
+    associated_formats, PNG bytes) still opens and reads."""
+    out = make(tmp_path, "c.zarr", odd_image, associated="lossless")
+    meta_path = out / "zarr.json"
+    doc = json.loads(meta_path.read_text())
+    attrs = doc["attributes"]["wsicodec"]
+    attrs["format_version"] = 1
+    del attrs["associated_formats"], attrs["associated_bytes"]
+    meta_path.write_text(json.dumps(doc))
+    with open_container(out) as c:
+        assert c.metadata.associated_formats == {} and c.info()["format_version"] == 1
+        np.testing.assert_array_equal(c.read_associated_image("label"), odd_image[:20, :30])
+
+
+def test_associated_image_in_unknown_format_or_damaged(tmp_path: Path,
+                                                       odd_image: np.ndarray) -> None:
+    out = make(tmp_path, "c.zarr", odd_image)
+    meta_path = out / "zarr.json"
+    doc = json.loads(meta_path.read_text())
+    doc["attributes"]["wsicodec"]["associated_formats"]["label"] = "avif"
+    meta_path.write_text(json.dumps(doc))
+    with open_container(out) as c, pytest.raises(UnsupportedFormatError, match="'avif'"):
+        c.read_associated_image("label")
+    doc["attributes"]["wsicodec"]["associated_formats"]["label"] = "jxl"   # PNG bytes, said JPEG-XL
+    meta_path.write_text(json.dumps(doc))
+    with open_container(out) as c:
+        with pytest.raises(CorruptDataError, match="associated image 'label' damaged"):
+            c.read_associated_image("label")
+        c.read_tile(0, 0, 0)   # the tiles do not care

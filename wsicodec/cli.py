@@ -15,6 +15,7 @@ import sys
 from typing import Any, Sequence
 
 from wsicodec.codecs import DEFAULT_CODEC
+from wsicodec.container import ASSOCIATED_POLICIES
 from wsicodec.errors import WsiCodecError
 from wsicodec.tiff import DEFAULT_TIFF_COMPRESSION, DEFAULT_TIFF_QUALITY, TIFF_COMPRESSIONS
 
@@ -30,6 +31,9 @@ class _UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
+_ASSOCIATED_LABELS = {"png": "PNG", "jxl": "JPEG-XL"}
 
 
 def _mb(n: int) -> str:
@@ -73,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tile edge in pixels, multiple of 16 (default 256)")
     p.add_argument("--workers", type=int, default=None,
                    help="encoder threads (default: CPU count, at most 8)")
+    p.add_argument("--associated", choices=ASSOCIATED_POLICIES, default="auto",
+                   help="label / macro / thumbnail: auto (default) keeps the label lossless and "
+                        "codes the overviews as JPEG-XL (distance 0.5), lossless keeps all as "
+                        "PNG, none leaves them out (e.g. a label with the patient's name)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary: only errors (stderr) and the exit status")
 
@@ -134,7 +142,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     total = plan_tile_count(args.input, args.tile_size) if show else None
     with _progress_bar(total, not show, "compress") as bar:
         result = compress(args.input, args.output, codec, tile_size=args.tile_size,
-                          workers=args.workers, overwrite=args.overwrite, progress=bar.update)
+                          workers=args.workers, overwrite=args.overwrite, progress=bar.update,
+                          associated=args.associated)
     if args.quiet:
         return 0
     w, h = result.dimensions
@@ -144,7 +153,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     print(f"  {w} x {h} px, {result.levels} levels, {result.tiles} tiles, "
           f"{result.seconds:.1f} s ({mp / max(result.seconds, 1e-9):.2f} MP/s level 0)")
     print(f"  source {_mb(result.source_bytes)}, container {_mb(result.container_bytes)} "
-          f"(tiles {_mb(result.tile_bytes)}); ratio {result.ratio_vs_source:.2f}:1 vs source "
+          f"(tiles {_mb(result.tile_bytes)}, associated images {_mb(result.associated_bytes)}); ratio {result.ratio_vs_source:.2f}:1 vs source "
           f"file, {result.ratio_vs_raw:.1f}:1 vs raw RGB level 0")
     return 0
 
@@ -193,8 +202,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     mpp, power = info.get("mpp"), info.get("objective_power")
     print(f"  mpp: {f'{mpp[0]:g} x {mpp[1]:g} um/px' if mpp else 'not recorded'}, objective power: "
           f"{f'{power:g}x' if power else 'not recorded'}")
-    print(f"  tile size: {info['tile_size']}, associated images: "
-          f"{', '.join(info['associated_images']) or 'none'}")
+    formats = info.get("associated_formats") or {}
+    sizes = info.get("associated_bytes") or {}
+    assoc = [f"{n} ({_ASSOCIATED_LABELS.get(formats.get(n, 'png'), formats.get(n))}"
+             + (f", {_mb(sizes[n])})" if n in sizes else ")") for n in info["associated_images"]]
+    print(f"  tile size: {info['tile_size']}, associated images: {', '.join(assoc) or 'none'}")
     for n, lv in enumerate(info["levels"]):
         nbytes = info["level_bytes"][n] if n < len(info["level_bytes"]) else 0
         print(f"  level {n}: {lv['width']} x {lv['height']} (downsample {lv['downsample']:.3f}), "

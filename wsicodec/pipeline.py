@@ -29,8 +29,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from wsicodec.codecs import TileCodec
-from wsicodec.container import (ContainerMetadata, ContainerWriter, check_output_path,
-                                open_container, path_size)
+from wsicodec.container import (ContainerMetadata, ContainerWriter, associated_format,
+                                check_output_path, open_container, path_size)
 from wsicodec.errors import InvalidSettingError
 from wsicodec.tiff import TiffSettings, write_pyramidal_tiff
 from wsicodec.tiling import iter_strips, iter_tiles, open_source, plan_pyramid
@@ -76,6 +76,7 @@ class CompressResult:
     source_bytes: int
     container_bytes: int
     tile_bytes: int
+    associated_bytes: int
     seconds: float
 
     @property
@@ -212,13 +213,19 @@ def _done_future(f: Future, futures: list[Future[bytes]]) -> None:
 def compress_source(source: SlideSource, output: str | os.PathLike[str], codec: TileCodec, *,
                     tile_size: int = 256, workers: int | None = None, overwrite: bool = False,
                     progress: Progress | None = None, source_name: str | None = None,
-                    source_bytes: int | None = None) -> ContainerMetadata:
+                    source_bytes: int | None = None, associated: str = "auto") -> ContainerMetadata:
     """Compress an open source into a container at ``output`` (atomic).
 
-    Raises InvalidSettingError (tile size, workers), OutputExistsError, the source's read
-    errors and the codec's errors; on any error or interrupt nothing is left at ``output``.
+    ``associated``: how the label / macro / thumbnail are kept, one of
+    :data:`wsicodec.container.ASSOCIATED_POLICIES` ("auto": label lossless, the rest
+    JPEG-XL; "lossless"; "none": left out).
+
+    Raises InvalidSettingError (tile size, workers, associated), OutputExistsError, the
+    source's read errors and the codec's errors; on any error or interrupt nothing is left
+    at ``output``.
     """
     n_workers = _check_workers(workers)
+    associated_format("label", associated)   # an unknown policy fails before any work
     plan = plan_pyramid(source.level_dimensions, source.level_downsamples, tile_size)
     meta = ContainerMetadata(
         codec=codec.to_dict(), tile_size=tile_size,
@@ -229,7 +236,9 @@ def compress_source(source: SlideSource, output: str | os.PathLike[str], codec: 
         properties=dict(source.properties))
     with ContainerWriter(output, meta, overwrite=overwrite) as writer:
         for name in source.associated_image_names():
-            writer.write_associated(name, source.read_associated_image(name))
+            fmt = associated_format(name, associated)
+            if fmt is not None:
+                writer.write_associated(name, source.read_associated_image(name), fmt)
         margin = int(getattr(codec, "margin", 0))
         batched = margin > 0 and hasattr(codec, "encode_batch")
         if batched:
@@ -262,12 +271,14 @@ def compress_source(source: SlideSource, output: str | os.PathLike[str], codec: 
 
 def compress(source: str | os.PathLike[str], output: str | os.PathLike[str], codec: TileCodec, *,
              tile_size: int = 256, workers: int | None = None, overwrite: bool = False,
-             progress: Progress | None = None) -> CompressResult:
+             progress: Progress | None = None, associated: str = "auto") -> CompressResult:
     """Compress a slide or image file into a container (``.zarr`` dir or ``.zarr.zip``).
+
+    ``associated``: how associated images are kept (see :func:`compress_source`).
 
     Raises:
         SlideNotFoundError, UnsupportedFormatError, CorruptDataError: the input.
-        InvalidSettingError: tile size / workers out of range.
+        InvalidSettingError: tile size / workers out of range, unknown ``associated``.
         OutputExistsError: ``output`` exists and ``overwrite`` is false.
         OutputPathError: the folder ``output`` would go in does not exist.
     """
@@ -279,15 +290,15 @@ def compress(source: str | os.PathLike[str], output: str | os.PathLike[str], cod
         nbytes = source_file_bytes(src_path, src.vendor)
         meta = compress_source(src, out_path, codec, tile_size=tile_size, workers=workers,
                                overwrite=overwrite, progress=progress,
-                               source_name=src_path.name, source_bytes=nbytes)
+                               source_name=src_path.name, source_bytes=nbytes,
+                               associated=associated)
     return CompressResult(
         source=src_path, output=out_path, dimensions=meta.levels[0].dimensions,
         levels=len(meta.levels),
         tiles=sum(lv.grid(meta.tile_size).tile_count for lv in meta.levels),
         source_bytes=nbytes, container_bytes=path_size(out_path),
-        tile_bytes=sum(meta.level_bytes), seconds=time.perf_counter() - t0)
-
-
+        tile_bytes=sum(meta.level_bytes), associated_bytes=sum(meta.associated_bytes.values()),
+        seconds=time.perf_counter() - t0)
 
 
 def plan_tile_count(source: str | os.PathLike[str], tile_size: int) -> int:
