@@ -140,44 +140,32 @@ def bench_latency(path: Path, n_cold: int, n_warm: int, device: str) -> dict[str
 
 
 def _profile_learned(c: Any, keys: list[tuple[int, int]], device: str) -> dict[str, Any]:
-    """Re-run the codec's decode steps one tile at a time and time each."""
+    """Decode tiles one at a time through the codec's own steps (``entropy_decode``
+    reports its parts) and the model's synthesis, and time each."""
     import torch
 
-    from wsicodec.entropy import decode_symbols
-    from wsicodec.learned import (LATENT_STRIDE, PIXEL_STRIDE, _ceil, _channel_index,
-                                  exact_entropy, parse_header)
+    from wsicodec.learned import parse_header
 
     codec = c.codec
     m = codec.loaded.model
-    tb_z, tb_y = codec._tables
     parts: dict[str, list[float]] = {"rans_z_and_y": [], "h_s_and_index": [],
                                      "g_s": [], "total": []}
     g_model = m if device == "cpu" else None
     for col, row in keys:
         data = c.read_encoded_tile(0, col, row)
         hd = parse_header(data)
+        steps: dict[str, float] = {}
         t0 = time.perf_counter()
-        yh = _ceil(hd.coded_height, PIXEL_STRIDE) // 16
-        yw = _ceil(hd.coded_width, PIXEL_STRIDE) // 16
-        zshape = (m.config.N, _ceil(yh, LATENT_STRIDE) // 4, _ceil(yw, LATENT_STRIDE) // 4)
-        zs = decode_symbols(data[hd.payload:hd.payload + hd.z_len], _channel_index(zshape), tb_z)
+        y_hat = codec.entropy_decode(data, hd, f"tile level=0 col={col} row={row}", timings=steps)
         t1 = time.perf_counter()
-        medians = m.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1).double()
-        z_hat = torch.from_numpy(zs)[None].double() + medians
-        mu, index = m.entropy_parameters(z_hat, torch.tensor([hd.quality]), exact=exact_entropy(hd.version))
-        mu, index = mu[..., :yh, :yw], index[..., :yh, :yw]
-        t2 = time.perf_counter()
-        ys = decode_symbols(data[hd.payload + hd.z_len:], index[0].numpy(), tb_y)
-        t3 = time.perf_counter()
-        y_hat = (torch.from_numpy(ys)[None].double() + mu).float()
         if g_model is not None:
             with torch.inference_mode():
                 m.synthesis(y_hat, torch.tensor([hd.quality]))
-        t4 = time.perf_counter()
-        parts["rans_z_and_y"].append((t1 - t0) + (t3 - t2))
-        parts["h_s_and_index"].append(t2 - t1)
-        parts["g_s"].append(t4 - t3)
-        parts["total"].append(t4 - t0)
+        t2 = time.perf_counter()
+        parts["rans_z_and_y"].append(steps["rans_z"] + steps["rans_y"])
+        parts["h_s_and_index"].append(steps["entropy_parameters"])
+        parts["g_s"].append(t2 - t1)
+        parts["total"].append(t2 - t0)
     out: dict[str, Any] = {k: _summary_ms(v) for k, v in parts.items()}
     out["latent_shape"] = list(y_hat.shape)
     if g_model is None:

@@ -37,6 +37,7 @@ on any device.
 from __future__ import annotations
 
 import struct
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -337,13 +338,16 @@ class LearnedCodec:
                         x_hat[k, hd.top:hd.top + hd.height, hd.left:hd.left + hd.width])
         return out  # type: ignore[return-value]
 
-    def entropy_decode(self, data: bytes, hd: TileHeader, name: str):
+    def entropy_decode(self, data: bytes, hd: TileHeader, name: str,
+                       timings: dict[str, float] | None = None):
         """The CPU half of decoding a network-coded tile: bytes → ŷ_q (1, M, h, w) float32.
 
         ``hd`` is :func:`parse_header` of ``data``.  Decodes ẑ, computes (μ, table
         index) deterministically, decodes ŷ and checks the symbols against the stored
         CRC.  Thread-safe.  Feed the result to ``loaded.model.synthesis`` on any device
         and crop ``[hd.top:hd.top+hd.height, hd.left:hd.left+hd.width]``.
+        ``timings``, if given, receives the seconds of each step ("rans_z",
+        "entropy_parameters", "rans_y"): what ``bench/serve.py`` reports.
 
         Raises:
             CorruptDataError: symbol checksum mismatch (names the tile).
@@ -359,12 +363,18 @@ class LearnedCodec:
         yh = _ceil(hd.coded_height, PIXEL_STRIDE) // 16
         yw = _ceil(hd.coded_width, PIXEL_STRIDE) // 16
         zshape = (m.config.N, _ceil(yh, LATENT_STRIDE) // 4, _ceil(yw, LATENT_STRIDE) // 4)
+        t0 = time.perf_counter()
         zs = decode_symbols(data[hd.payload:hd.payload + hd.z_len], _channel_index(zshape), tb_z)
+        t1 = time.perf_counter()
         medians = m.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1).double()
         z_hat = torch.from_numpy(zs)[None].double() + medians
         mu, index = m.entropy_parameters(z_hat, torch.tensor([hd.quality]), exact=exact_entropy(hd.version))
         mu, index = mu[..., :yh, :yw], index[..., :yh, :yw]
+        t2 = time.perf_counter()
         ys = decode_symbols(data[hd.payload + hd.z_len:], index[0].numpy(), tb_y)
+        if timings is not None:
+            timings.update(rans_z=t1 - t0, entropy_parameters=t2 - t1,
+                           rans_y=time.perf_counter() - t2)
         if symbol_checksum(zs, ys) != hd.crc:
             raise CorruptDataError(
                 f"{name}: decoded symbols fail their checksum (damaged stream, or entropy "
