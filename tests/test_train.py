@@ -181,6 +181,44 @@ def test_added_residual_blocks_start_as_the_identity():
     assert old_cfg.enc_blocks == 0 and old_cfg.dec_blocks == 0
 
 
+def test_bf16_body_runs_the_inner_layers_in_bfloat16_and_keeps_the_rest():
+    """``--bf16-body``: g_a's/g_s's inner layers in bfloat16, their ends, the parameters and
+    the checkpoint's names float32; the network computes nearly what it did."""
+    import train as train_script
+
+    from wsicodec.model import ModelConfig, WsiHyperprior
+
+    cfg = ModelConfig(N=16, M=24, lambdas=(1e-3, 4e-3), enc_blocks=1, dec_blocks=1)
+    torch.manual_seed(0)
+    ref, mixed = WsiHyperprior(cfg), WsiHyperprior(cfg)
+    mixed.load_state_dict(ref.state_dict())
+    for part in (mixed.g_a, mixed.g_s):
+        train_script.bf16_body(part, torch.device("cpu"))
+    assert list(mixed.state_dict()) == list(ref.state_dict())
+    assert all(p.dtype == torch.float32 for p in mixed.parameters())
+    dtypes = {}   # every convolution's output: (part, layer index, module name) -> dtype
+    for name in ("g_a", "g_s"):
+        for i, layer in enumerate(getattr(mixed, name)):
+            for sub, mod in layer.named_modules():
+                if isinstance(mod, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                    mod.register_forward_hook(
+                        lambda m, inp, out, key=(name, i, sub): dtypes.__setitem__(key, out.dtype))
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    q = torch.tensor([1.0, 2.0])
+    out_ref, out_mix = ref(x, q), mixed(x, q)
+    for name in ("g_a", "g_s"):
+        last = len(getattr(mixed, name)) - 1
+        ends = {d for (part, i, _), d in dtypes.items() if part == name and i in (0, last)}
+        body = {d for (part, i, _), d in dtypes.items() if part == name and 0 < i < last}
+        assert ends == {torch.float32} and body == {torch.bfloat16}, (name, dtypes)
+    assert out_mix["x_hat"].dtype == torch.float32
+    err = (out_mix["x_hat"] - out_ref["x_hat"]).abs().max() / out_ref["x_hat"].abs().max()
+    assert 0 < err < 0.05
+    out_mix["x_hat"].float().pow(2).mean().add(out_mix["bits_y"].sum() * 1e-4).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32
+               for n, p in mixed.named_parameters() if n.startswith(("g_a.", "g_s.")))
+
+
 def _tiny_weights(tmp_path: Path) -> tuple[Path, list[str], Path, str]:
     """A tiny network trained 2 steps on one crop, exported: (data, args, weights, id)."""
     import train as train_script

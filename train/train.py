@@ -45,6 +45,26 @@ from wsicodec.model import QUALITY_MAX, ModelConfig, ResidualBlock, WsiHyperprio
 IMAGE_SUFFIXES = {".png", ".tif", ".tiff", ".jpg", ".jpeg", ".webp"}
 
 
+def bf16_body(seq: nn.Sequential, device: torch.device) -> None:
+    """Make ``seq`` run its layers after the first two (a convolution and its GDN) and
+    before the last one under bfloat16 autocast, on this instance only: the parameters,
+    their names and the checkpoint stay float32.  The ends stay float32 on purpose:
+    g_a's last layer makes the latents that are rounded (bfloat16 steps are 0.25 at 32),
+    g_s's first layer reads them, and its last one makes the pixels the losses compare.
+    """
+    layers = list(seq)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        for layer in layers[:2]:
+            x = layer(x)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            for layer in layers[2:-1]:
+                x = layer(x)
+        return layers[-1](x.float())
+
+    seq.forward = forward  # type: ignore[method-assign]
+
+
 def load_images(folders: list[str], min_size: int) -> list[np.ndarray]:
     """Every RGB image of at least ``min_size`` on both sides, as uint8 (H, W, 3)."""
     images = []
@@ -230,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--compile", action="store_true", help="torch.compile g_a/g_s")
+    ap.add_argument("--bf16-body", action="store_true",
+                    help="run g_a's and g_s's inner layers under bfloat16 autocast (their first and "
+                         "last layers, the hyper networks, entropy models and losses stay float32): "
+                         "~1.5x faster steps on a CPU with AVX512-BF16, same latents' precision")
     ap.add_argument("--ckpt-every", type=float, default=300.0, help="seconds between checkpoints")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
@@ -333,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     images = load_images(args.data, args.crop)
     sampler = CropSampler(images, args.crop, rng)
     feat = FeatureDistance(args.vgg).to(dev) if args.alpha > 0 else None
+    if args.bf16_body:
+        bf16_body(model.g_a, dev)
+        bf16_body(model.g_s, dev)
     fwd = torch.compile(model) if args.compile else model
     print(f"{len(images)} images, model N={config.N} M={config.M}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, alpha={args.alpha}")
