@@ -153,6 +153,53 @@ def test_endpoints(server) -> None:
     assert status == 200 and b"openseadragon.min.js" in body
 
 
+def test_associated_images_over_http(server, real_jpeg) -> None:
+    from conftest import psnr
+    from wsicodec.container import open_container
+
+    slides = {s["name"]: s for s in json.loads(_get(server.url + "slides")[2])}
+    assert slides["tiny"]["associated_images"] == {}
+    urls = slides["cmu"]["associated_images"]
+    assert urls == {"label": "/slides/cmu/associated/label.png",          # stored losslessly
+                    "macro": "/slides/cmu/associated/macro.jpeg",
+                    "thumbnail": "/slides/cmu/associated/thumbnail.jpeg"}
+    with open_container(real_jpeg[0]) as c:
+        for name, path in urls.items():
+            status, ctype, body = _get(server.url + path.lstrip("/"))
+            assert status == 200 and ctype == "image/" + path.rsplit(".", 1)[1], (name, body[:200])
+            got = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))
+            want = c.read_associated_image(name)
+            if ctype == "image/png":
+                np.testing.assert_array_equal(got, want)
+            else:
+                assert psnr(got, want) > 30
+    assert _get(server.url + "slides/cmu/associated/macro.png")[1] == "image/png"
+    for path, code in (("slides/cmu/associated/nope.jpeg", 404),
+                       ("slides/tiny/associated/label.png", 404),
+                       ("slides/nope/associated/label.png", 404),
+                       ("slides/cmu/associated/label.gif", 400)):
+        status, ctype, body = _get(server.url + path)
+        assert status == code and "error" in json.loads(body), (path, status, body)
+
+
+def test_damaged_associated_image_is_a_500_alone(tmp_path) -> None:
+    src = ArraySource(np.full((64, 64, 3), 200, np.uint8),
+                      associated={"label": np.zeros((8, 8, 3), np.uint8)})
+    out = tmp_path / "d.zarr"
+    compress_source(src, out, get_codec("jpeg", 90), tile_size=64)
+    victim = next((out / "associated" / "label").rglob("c/*"))
+    victim.write_bytes(victim.read_bytes()[:20])
+    srv = make_server([out], port=0, settings=ServerSettings())
+    serve_in_thread(srv)
+    try:
+        status, _, body = _get(srv.url + "slides/d/associated/label.png")
+        assert status == 500 and b"associated image 'label' damaged" in body
+        assert _get(srv.url + "slides/d_files/6/0_0.jpeg")[0] == 200
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 @pytest.mark.parametrize("path,code", [
     ("slides/cmu_files/99/0_0.jpeg", 404), ("slides/cmu_files/12/99_0.jpeg", 404),
     ("slides/cmu_files/12/0_99.jpeg", 404), ("slides/nope_files/0/0_0.jpeg", 404),

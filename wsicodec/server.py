@@ -14,6 +14,8 @@ with its batched decoder and LRU tile cache) wrapped in OpenSlide's own
     GET /slides/<name>/properties             the slide's properties (JSON)
     GET /slides/<name>_files/<z>/<col>_<row>.jpeg|.png
                                               one DeepZoom tile
+    GET /slides/<name>/associated/<image>.jpeg|.png
+                                              an associated image (label, macro, thumbnail)
 
 Status codes: 400 for a malformed request (bad numbers, unknown tile format), 404 for
 anything that does not exist (unknown slide, level or tile outside the pyramid), 500
@@ -54,6 +56,7 @@ _TILE_RE = re.compile(rf"^/slides/(?P<name>{_NAME})_files/(?P<level>[^/]+)/"
                       rf"(?P<col>[^/_]+)_(?P<row>[^/.]+)\.(?P<fmt>[A-Za-z0-9]+)$")
 _DZI_RE = re.compile(rf"^/slides/(?P<name>{_NAME})\.dzi$")
 _PROPS_RE = re.compile(rf"^/slides/(?P<name>{_NAME})/properties$")
+_ASSOCIATED_RE = re.compile(rf"^/slides/(?P<name>{_NAME})/associated/(?P<image>[^/]+)\.(?P<fmt>[A-Za-z0-9]+)$")
 _INT_RE = re.compile(r"^[0-9]{1,9}$")
 
 
@@ -117,6 +120,39 @@ class ServedSlide:
         tile = self.slide.container.tile_size
         self.deepzoom = DeepZoomGenerator(self.slide, tile_size=tile - 2 * settings.overlap,
                                           overlap=settings.overlap, limit_bounds=False)
+        self._associated: dict[tuple[str, str], bytes] = {}   # (image, format) -> encoded
+        self._associated_lock = threading.Lock()
+
+    def associated_urls(self) -> dict[str, str]:
+        """name -> URL of each associated image: PNG where the container holds it
+        losslessly (the label), JPEG otherwise."""
+        meta = self.slide.container.metadata
+        return {n: f"/slides/{self.name}/associated/{n}."
+                   + ("png" if meta.associated_formats.get(n, "png") == "png" else "jpeg")
+                for n in meta.associated_images}
+
+    def associated_image(self, image: str, fmt: str, jpeg_quality: int) -> bytes:
+        """An associated image encoded as ``fmt`` ("jpeg" or "png"), kept once made.
+
+        Raises KeyError for a name the slide does not have, CorruptDataError if its
+        stored bytes are damaged.
+        """
+        key = (image, fmt)
+        with self._associated_lock:
+            body = self._associated.get(key)
+        if body is None:
+            from PIL import Image
+
+            rgb = self.slide.container.read_associated_image(image)
+            buf = io.BytesIO()
+            if fmt == "jpeg":
+                Image.fromarray(rgb).save(buf, "JPEG", quality=jpeg_quality)
+            else:
+                Image.fromarray(rgb).save(buf, "PNG", compress_level=1)
+            body = buf.getvalue()
+            with self._associated_lock:
+                self._associated[key] = body
+        return body
 
     def summary(self) -> dict[str, Any]:
         w, h = self.slide.dimensions
@@ -126,7 +162,8 @@ class ServedSlide:
                 "properties": f"/slides/{self.name}/properties", "width": w, "height": h,
                 "levels": self.slide.level_count,
                 "mpp": float(mpp) if mpp else None,
-                "codec": props.get("wsicodec.codec")}
+                "codec": props.get("wsicodec.codec"),
+                "associated_images": self.associated_urls()}
 
     def preload(self) -> None:
         """Load the codec (torch and the model for the learned codec) now, not on the
@@ -273,6 +310,19 @@ class TileRequestHandler(BaseHTTPRequestHandler):
         m = _PROPS_RE.match(path)
         if m:
             return self._json(dict(srv.slides.get(m["name"]).slide.properties))
+        m = _ASSOCIATED_RE.match(path)
+        if m:
+            served = srv.slides.get(m["name"])
+            fmt = m["fmt"].lower()
+            fmt = "jpeg" if fmt == "jpg" else fmt
+            if fmt not in TILE_FORMATS:
+                raise _HttpError(HTTPStatus.BAD_REQUEST,
+                                 f"unknown image format {m['fmt']!r} (jpeg or png)")
+            if m["image"] not in served.slide.container.metadata.associated_images:
+                raise _HttpError(HTTPStatus.NOT_FOUND, f"slide {served.name!r} has no associated "
+                                 f"image {m['image']!r}")
+            body = served.associated_image(m["image"], fmt, srv.settings.jpeg_quality)
+            return HTTPStatus.OK, TILE_FORMATS[fmt], body, True
         if path.startswith("/slides/"):
             if "_files/" in path:
                 raise _HttpError(HTTPStatus.BAD_REQUEST, "malformed tile path (expected "
