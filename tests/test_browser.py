@@ -50,19 +50,26 @@ def test_viewer_shows_tissue(tmp_path: Path) -> None:
     server = make_server([container], port=0)
     serve_in_thread(server)
     shot = tmp_path / "viewer.png"
-    try:
+
+    def run(*what: str) -> subprocess.CompletedProcess:
         with tempfile.TemporaryDirectory() as profile:
             cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                    "--no-first-run", "--disable-background-networking",
                    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                   f"--user-data-dir={profile}", f"--screenshot={shot}",
+                   f"--user-data-dir={profile}", *what,
                    "--window-size=800,600", "--hide-scrollbars",
                    "--virtual-time-budget=15000", server.url + "?slide=cmu"]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=120,
                                   env={**os.environ, "HOME": profile})
+
+    try:
+        proc = run(f"--screenshot={shot}")
+        dom = run("--dump-dom").stdout
     finally:
         server.shutdown()
         server.server_close()
+    for name, ext in (("label", "png"), ("macro", "jpeg"), ("thumbnail", "jpeg")):   # header links
+        assert f'href="/slides/cmu/associated/{name}.{ext}"' in dom, dom[-3000:]
     assert shot.is_file(), f"no screenshot; chromium said: {proc.stderr[-2000:]}"
     rgb = np.asarray(Image.open(shot).convert("RGB"))
     assert rgb.shape[:2] == (600, 800)

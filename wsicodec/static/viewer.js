@@ -6,6 +6,7 @@
   var message = document.getElementById("message");
   var select = document.getElementById("slides");
   var info = document.getElementById("info");
+  var associated = document.getElementById("associated");
   var viewer = null;
 
   function fail(text) {
@@ -24,6 +25,15 @@
     info.textContent = slide.width + " x " + slide.height + " px, " + slide.levels +
       " levels" + (slide.mpp ? ", " + slide.mpp.toFixed(3) + " µm/px" : "") +
       (slide.codec ? ", codec " + slide.codec : "");
+    associated.textContent = "";   // label, macro, thumbnail: each opens in a new tab
+    Object.keys(slide.associated_images || {}).forEach(function (name) {
+      var a = document.createElement("a");
+      a.href = slide.associated_images[name];
+      a.textContent = name;
+      a.target = "_blank";
+      a.rel = "noopener";
+      associated.appendChild(a);
+    });
     if (viewer === null) {
       viewer = OpenSeadragon({
         id: "viewer",
