@@ -144,12 +144,7 @@ class ServedSlide:
             from PIL import Image
 
             rgb = self.slide.container.read_associated_image(image)
-            buf = io.BytesIO()
-            if fmt == "jpeg":
-                Image.fromarray(rgb).save(buf, "JPEG", quality=jpeg_quality)
-            else:
-                Image.fromarray(rgb).save(buf, "PNG", compress_level=1)
-            body = buf.getvalue()
+            body = encode_image(Image.fromarray(rgb), fmt, jpeg_quality)
             with self._associated_lock:
                 self._associated[key] = body
         return body
@@ -224,7 +219,11 @@ def render_tile(served: ServedSlide, level: int, col: int, row: int, fmt: str,
     if not (0 <= col < cols and 0 <= row < rows):
         raise RegionOutOfBoundsError(f"tile ({col}, {row}) outside the {cols}x{rows} tiles "
                                      f"of DeepZoom level {level}")
-    image = dz.get_tile(level, (col, row))
+    return encode_image(dz.get_tile(level, (col, row)), fmt, jpeg_quality)
+
+
+def encode_image(image: Any, fmt: str, jpeg_quality: int) -> bytes:
+    """A PIL image as JPEG (``jpeg_quality``) or PNG (fast deflate) bytes."""
     buf = io.BytesIO()
     if fmt == "jpeg":
         image.save(buf, "JPEG", quality=jpeg_quality)
@@ -295,11 +294,7 @@ class TileRequestHandler(BaseHTTPRequestHandler):
         m = _TILE_RE.match(path)
         if m:
             served = srv.slides.get(m["name"])
-            fmt = m["fmt"].lower()
-            fmt = "jpeg" if fmt == "jpg" else fmt
-            if fmt not in TILE_FORMATS:
-                raise _HttpError(HTTPStatus.BAD_REQUEST,
-                                 f"unknown tile format {m['fmt']!r} (jpeg or png)")
+            fmt = _image_format(m["fmt"], "tile")
             level, col, row = (_parse_int(m[k], k) for k in ("level", "col", "row"))
             body = render_tile(served, level, col, row, fmt, srv.settings.jpeg_quality)
             return HTTPStatus.OK, TILE_FORMATS[fmt], body, True
@@ -313,11 +308,7 @@ class TileRequestHandler(BaseHTTPRequestHandler):
         m = _ASSOCIATED_RE.match(path)
         if m:
             served = srv.slides.get(m["name"])
-            fmt = m["fmt"].lower()
-            fmt = "jpeg" if fmt == "jpg" else fmt
-            if fmt not in TILE_FORMATS:
-                raise _HttpError(HTTPStatus.BAD_REQUEST,
-                                 f"unknown image format {m['fmt']!r} (jpeg or png)")
+            fmt = _image_format(m["fmt"], "image")
             if m["image"] not in served.slide.container.metadata.associated_images:
                 raise _HttpError(HTTPStatus.NOT_FOUND, f"slide {served.name!r} has no associated "
                                  f"image {m['image']!r}")
@@ -353,6 +344,15 @@ class TileRequestHandler(BaseHTTPRequestHandler):
         if ctype.startswith("text/") or ctype.endswith("javascript"):
             ctype += "; charset=utf-8"
         return HTTPStatus.OK, ctype, body, False
+
+
+def _image_format(ext: str, what: str) -> str:
+    """A URL's extension as a key of TILE_FORMATS ("jpg" is "jpeg"); 400 for others."""
+    fmt = ext.lower()
+    fmt = "jpeg" if fmt == "jpg" else fmt
+    if fmt not in TILE_FORMATS:
+        raise _HttpError(HTTPStatus.BAD_REQUEST, f"unknown {what} format {ext!r} (jpeg or png)")
+    return fmt
 
 
 def _parse_int(text: str, what: str) -> int:
