@@ -103,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("input", help="container (.zarr or .zarr.zip)")
     i.add_argument("--json", action="store_true", help="print the metadata as JSON")
 
+    v = sub.add_parser("verify", parents=[common], help="check a container for damage",
+                       description="Check every tile's CRC32 and every associated image of a "
+                                   "container (with --decode, decode every tile too). Lists "
+                                   "what is damaged; exit status 1 if anything is.")
+    v.add_argument("input", help="container (.zarr or .zarr.zip)")
+    v.add_argument("--decode", action="store_true",
+                   help="decode every tile as well (slower; the learned codec also checks "
+                        "each tile's symbol checksum)")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    v.add_argument("--quiet", action="store_true", help="no progress bar and no report: only the exit status (and errors)")
+
     sub.add_parser("codecs", parents=[common], help="list the codecs usable here")
 
     s = sub.add_parser("serve", parents=[common], help="DeepZoom tile server and viewer",
@@ -153,8 +164,9 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     print(f"  {w} x {h} px, {result.levels} levels, {result.tiles} tiles, "
           f"{result.seconds:.1f} s ({mp / max(result.seconds, 1e-9):.2f} MP/s level 0)")
     print(f"  source {_mb(result.source_bytes)}, container {_mb(result.container_bytes)} "
-          f"(tiles {_mb(result.tile_bytes)}, associated images {_mb(result.associated_bytes)}); ratio {result.ratio_vs_source:.2f}:1 vs source "
-          f"file, {result.ratio_vs_raw:.1f}:1 vs raw RGB level 0")
+          f"(tiles {_mb(result.tile_bytes)}, associated images {_mb(result.associated_bytes)}); "
+          f"ratio {result.ratio_vs_source:.2f}:1 vs source file, {result.ratio_vs_raw:.1f}:1 vs "
+          "raw RGB level 0")
     return 0
 
 
@@ -217,6 +229,36 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from wsicodec.container import open_container
+    from wsicodec.pipeline import verify
+
+    show = not args.quiet and not args.json and sys.stderr.isatty()
+    total = None
+    if show:
+        with open_container(args.input) as c:
+            total = sum(c.grid(i).tile_count for i in range(c.level_count))
+    with _progress_bar(total, not show, "verify") as bar:
+        result = verify(args.input, decode=args.decode, progress=bar.update)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    elif not args.quiet:
+        for *_, message in result.damaged_tiles + result.damaged_associated:
+            print(message)   # each names the tile (level, col, row) or the image
+        what = "decoded" if result.decoded else "CRC-checked"
+        damage = _damage(result) if not result.ok else "all intact"
+        print(f"{result.path}: {result.tiles} tiles {what}, {result.associated} associated images "
+              f"decoded: {damage} ({result.seconds:.1f} s)")
+    if result.ok:
+        return 0
+    raise WsiCodecError(f"{args.input}: {_damage(result)}" + ("" if args.quiet else " (listed above)"))
+
+
+def _damage(result: Any) -> str:
+    return (f"{len(result.damaged_tiles)} of {result.tiles} tiles and "
+            f"{len(result.damaged_associated)} of {result.associated} associated images damaged")
+
+
 def _cmd_codecs(args: argparse.Namespace) -> int:
     from wsicodec.codecs import available_codecs, known_codecs
 
@@ -262,7 +304,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"compress": _cmd_compress, "decompress": _cmd_decompress, "info": _cmd_info,
-             "codecs": _cmd_codecs, "serve": _cmd_serve}
+             "verify": _cmd_verify, "codecs": _cmd_codecs, "serve": _cmd_serve}
 
 
 def _one_line(error: BaseException) -> str:

@@ -24,14 +24,15 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from wsicodec.codecs import TileCodec
 from wsicodec.container import (ContainerMetadata, ContainerWriter, associated_format,
                                 check_output_path, open_container, path_size)
-from wsicodec.errors import InvalidSettingError
+from wsicodec.errors import (CorruptDataError, CorruptTileError, InvalidSettingError,
+                             UnsupportedFormatError)
 from wsicodec.tiff import TiffSettings, write_pyramidal_tiff
 from wsicodec.tiling import iter_strips, iter_tiles, open_source, plan_pyramid
 from wsicodec.tiling.pyramid import PyramidPlan, Strip
@@ -318,6 +319,78 @@ class DecompressResult:
     levels: int
     output_bytes: int
     seconds: float
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """What :func:`verify` found: every damaged tile and associated image, by name."""
+
+    path: Path
+    tiles: int
+    associated: int
+    decoded: bool
+    damaged_tiles: tuple[tuple[int, int, int, str], ...]   # (level, col, row, message)
+    damaged_associated: tuple[tuple[str, str], ...]         # (name, message)
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged_tiles and not self.damaged_associated
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "ok": self.ok, "tiles": self.tiles,
+                "associated_images": self.associated, "decoded": self.decoded,
+                "damaged_tiles": [{"level": lv, "col": c, "row": r, "error": m}
+                                  for lv, c, r, m in self.damaged_tiles],
+                "damaged_associated_images": [{"name": n, "error": m}
+                                              for n, m in self.damaged_associated],
+                "seconds": round(self.seconds, 3)}
+
+
+def verify(path: str | os.PathLike[str], *, decode: bool = False,
+           progress: Progress | None = None) -> VerifyResult:
+    """Check every tile of a container against its CRC32 (``decode``: decode it too,
+    which for the learned codec also checks the decoded symbols' checksum), and decode
+    every associated image. Damage is reported in the result, never raised.
+
+    Raises as :func:`wsicodec.container.open_container` (not a container, unsupported
+    version, damaged metadata), ModelMismatchError (``decode``, other weights) and
+    WsiCodecError (``decode``, the codec cannot be built here).
+    """
+    t0 = time.perf_counter()
+    bad_tiles: list[tuple[int, int, int, str]] = []
+    bad_assoc: list[tuple[str, str]] = []
+    tiles = 0
+    with open_container(path) as c:
+        for level in range(c.level_count):
+            grid = c.grid(level)
+            for row in range(grid.rows):
+                keys = [(col, row) for col in range(grid.cols)]
+                if decode:
+                    try:
+                        c.read_tiles(level, keys)
+                        keys = []
+                    except CorruptTileError:
+                        pass   # which tiles: one by one below
+                for col, _ in keys:
+                    try:
+                        if decode:
+                            c.read_tile(level, col, row)
+                        else:
+                            c.read_encoded_tile(level, col, row)
+                    except CorruptTileError as e:
+                        bad_tiles.append((level, col, row, str(e)))
+                tiles += grid.cols
+                if progress:
+                    progress(grid.cols)
+        for name in c.associated_image_names():
+            try:
+                c.read_associated_image(name)
+            except (CorruptDataError, UnsupportedFormatError) as e:
+                bad_assoc.append((name, str(e)))
+        n_assoc = len(c.associated_image_names())
+    return VerifyResult(Path(path), tiles, n_assoc, decode, tuple(bad_tiles), tuple(bad_assoc),
+                        time.perf_counter() - t0)
 
 
 def _ordered_decode(container, level: int, workers: int,  # type: ignore[no-untyped-def]
