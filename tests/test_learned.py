@@ -213,6 +213,27 @@ def test_exact_entropy_parameters_do_not_depend_on_summation_order(tissue):
             assert (ref - flt).abs().max() < 1e-2 and (ref - flt).abs().mean() < 1e-4
 
 
+def test_exact_h_s_computes_only_the_part_asked_for_with_the_same_bits():
+    """The last layer computes just y's size (17² of 20² for a real tile): the values are
+    those of the full output there, to the last bit, at every size and position."""
+    model = load_model().model
+    h = model._h_s_exact()
+    g = torch.Generator().manual_seed(5)
+    med = model.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1).double()
+    z_hat = torch.round(torch.randn(1, model.config.N, 6, 5, generator=g, dtype=torch.float64) * 4) + med
+    full = h(z_hat, 4.0)
+    assert full.shape[-2:] == (24, 20)
+    for size in ((21, 17), (24, 20), (1, 1), (23, 20), (24, 3), (30, 30)):
+        part = h(z_hat, 4.0, size)
+        want = full[..., :size[0], :size[1]]
+        assert part.shape == want.shape and torch.equal(part, want), size
+    mu, index = model.entropy_parameters(z_hat, torch.tensor([4.0]), size=(21, 17))
+    mu_full, index_full = model.entropy_parameters(z_hat, torch.tensor([4.0]))
+    assert torch.equal(mu, mu_full[..., :21, :17]) and torch.equal(index, index_full[..., :21, :17])
+    mu1, _ = model.entropy_parameters(z_hat, torch.tensor([4.0]), exact=False, size=(21, 17))
+    assert mu1.shape == mu.shape                       # format 1 (float64 h_s) is cropped too
+
+
 def test_exact_exp_is_exp():
     import math
     from wsicodec.model import exact_exp

@@ -368,8 +368,8 @@ class LearnedCodec:
         t1 = time.perf_counter()
         medians = m.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1).double()
         z_hat = torch.from_numpy(zs)[None].double() + medians
-        mu, index = m.entropy_parameters(z_hat, torch.tensor([hd.quality]), exact=exact_entropy(hd.version))
-        mu, index = mu[..., :yh, :yw], index[..., :yh, :yw]
+        mu, index = m.entropy_parameters(z_hat, torch.tensor([hd.quality]),
+                                         exact=exact_entropy(hd.version), size=(yh, yw))
         t2 = time.perf_counter()
         ys = decode_symbols(data[hd.payload + hd.z_len:], index[0].numpy(), tb_y)
         if timings is not None:
@@ -442,8 +442,9 @@ def hyper_symbols(model, z, quality, y_size: tuple[int, int], exact: bool = True
     import torch
     medians = model.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1)
     z_sym = torch.round(z - medians).to(torch.int32)
-    mu, index = model.entropy_parameters(z_sym.double() + medians.double(), quality, exact=exact)
-    return z_sym, mu[..., :y_size[0], :y_size[1]], index[..., :y_size[0], :y_size[1]]
+    mu, index = model.entropy_parameters(z_sym.double() + medians.double(), quality, exact=exact,
+                                         size=(int(y_size[0]), int(y_size[1])))
+    return z_sym, mu, index
 
 
 def _channel_index(shape) -> np.ndarray:

@@ -335,9 +335,10 @@ class WsiHyperprior(nn.Module):
         return best_y, best_z, {"loss0": history[0], "loss": best, "history": torch.stack(history, 1)}
 
     @torch.no_grad()
-    def entropy_parameters(self, z_hat: torch.Tensor, quality: torch.Tensor, exact: bool = True
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        """ẑ_q → (μ, table index), deterministically.
+    def entropy_parameters(self, z_hat: torch.Tensor, quality: torch.Tensor, exact: bool = True,
+                           size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """ẑ_q → (μ, table index), deterministically; ``size`` (h, w): y's size, the
+        top-left part of h_s's output that is returned (and, exact, computed).
 
         ``exact`` (tile format 2): h_s in integer arithmetic (:class:`ExactHyperSynthesis`),
         the same bits on any machine.  Otherwise (format 1, still read): h_s in float64 on
@@ -355,7 +356,9 @@ class WsiHyperprior(nn.Module):
         means, indexes = [], []
         for i in range(z_hat.shape[0]):
             zi = z_hat[i:i + 1].cpu().to(torch.float64)
-            p = h_s(zi, q[i]) if exact else h_s64(zi / hgain[i:i + 1])
+            p = h_s(zi, q[i], size) if exact else h_s64(zi / hgain[i:i + 1])
+            if size is not None:
+                p = p[..., :size[0], :size[1]]
             scales, mu = p.chunk(2, 1)
             scales = scales.clamp_min(SCALES_MIN)
             # index = number of table entries strictly below σ, as in CompressAI's build_indexes
@@ -553,16 +556,32 @@ class ExactHyperSynthesis:
         return g
 
     @torch.no_grad()
-    def __call__(self, z_hat: torch.Tensor, quality: float) -> torch.Tensor:
-        """ẑ (1, N, h, w) float64 of one tile → h_s's output (σ then μ) float64, exact."""
+    def __call__(self, z_hat: torch.Tensor, quality: float,
+                 size: tuple[int, int] | None = None) -> torch.Tensor:
+        """ẑ (1, N, h, w) float64 of one tile → h_s's output (σ then μ) float64, exact.
+
+        ``size`` (h, w): only that top-left part of the output is wanted (y's size, 17² of
+        the 20² h_s makes for a 272² tile); a stride-1 last layer then computes just it,
+        with the very values the full output has there (exact arithmetic), ~30 % less work
+        in that layer.
+        """
         lim = float(2 ** EXACT_ACT_BITS - 1)
         a = torch.round(z_hat.to(torch.float64) / self.hgain(float(quality)) * 2.0 ** EXACT_FRAC).clamp_(-lim, lim)
+        last = len(self.layers) - 1
         for k, (deconv, wq, bq, stride, pad, opad, scale, slope) in enumerate(self.layers):
             if deconv:
                 acc = F.conv_transpose2d(a, wq, bq, stride, pad, opad)
+            elif k == last and size is not None and stride in (1, (1, 1)):
+                ph, pw = pad if isinstance(pad, tuple) else (pad, pad)
+                # a "same" stride-1 conv: output row i reads input rows i-ph .. i+ph
+                h = min(size[0], a.shape[-2]) + ph
+                w = min(size[1], a.shape[-1]) + pw
+                part = a[..., :h, :w]
+                part = F.pad(part, (pw, w - part.shape[-1], ph, h - part.shape[-2]))
+                acc = F.conv2d(part, wq, bq, 1, 0)
             else:
                 acc = F.conv2d(a, wq, bq, stride, pad)
-            if k == len(self.layers) - 1:
+            if k == last:
                 return acc / (scale * 2.0 ** EXACT_FRAC)
             a = torch.round(acc / scale)
             if slope is not None:
