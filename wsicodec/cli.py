@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode every tile as well (slower; the learned codec also checks "
                         "each tile's symbol checksum)")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
-    v.add_argument("--quiet", action="store_true", help="no progress bar and no report: only the exit status (and errors)")
+    v.add_argument("--quiet", action="store_true",
+                   help="no progress bar and no report: only the exit status (and errors)")
 
     sub.add_parser("codecs", parents=[common], help="list the codecs usable here")
 
@@ -246,17 +247,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         for *_, message in result.damaged_tiles + result.damaged_associated:
             print(message)   # each names the tile (level, col, row) or the image
         what = "decoded" if result.decoded else "CRC-checked"
-        damage = _damage(result) if not result.ok else "all intact"
         print(f"{result.path}: {result.tiles} tiles {what}, {result.associated} associated images "
-              f"decoded: {damage} ({result.seconds:.1f} s)")
+              f"decoded: {result.damage if not result.ok else 'all intact'} "
+              f"({result.seconds:.1f} s)")
     if result.ok:
         return 0
-    raise WsiCodecError(f"{args.input}: {_damage(result)}" + ("" if args.quiet else " (listed above)"))
-
-
-def _damage(result: Any) -> str:
-    return (f"{len(result.damaged_tiles)} of {result.tiles} tiles and "
-            f"{len(result.damaged_associated)} of {result.associated} associated images damaged")
+    raise WsiCodecError(f"{args.input}: {result.damage}" + ("" if args.quiet else " (listed above)"))
 
 
 def _cmd_codecs(args: argparse.Namespace) -> int:

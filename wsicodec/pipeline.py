@@ -337,6 +337,12 @@ class VerifyResult:
     def ok(self) -> bool:
         return not self.damaged_tiles and not self.damaged_associated
 
+    @property
+    def damage(self) -> str:
+        """"2 of 29 tiles and 1 of 1 associated images damaged"."""
+        return (f"{len(self.damaged_tiles)} of {self.tiles} tiles and "
+                f"{len(self.damaged_associated)} of {self.associated} associated images damaged")
+
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "ok": self.ok, "tiles": self.tiles,
                 "associated_images": self.associated, "decoded": self.decoded,

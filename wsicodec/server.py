@@ -56,7 +56,8 @@ _TILE_RE = re.compile(rf"^/slides/(?P<name>{_NAME})_files/(?P<level>[^/]+)/"
                       rf"(?P<col>[^/_]+)_(?P<row>[^/.]+)\.(?P<fmt>[A-Za-z0-9]+)$")
 _DZI_RE = re.compile(rf"^/slides/(?P<name>{_NAME})\.dzi$")
 _PROPS_RE = re.compile(rf"^/slides/(?P<name>{_NAME})/properties$")
-_ASSOCIATED_RE = re.compile(rf"^/slides/(?P<name>{_NAME})/associated/(?P<image>[^/]+)\.(?P<fmt>[A-Za-z0-9]+)$")
+_ASSOCIATED_RE = re.compile(rf"^/slides/(?P<name>{_NAME})/associated/(?P<image>[^/]+)"
+                            rf"\.(?P<fmt>[A-Za-z0-9]+)$")
 _INT_RE = re.compile(r"^[0-9]{1,9}$")
 
 
