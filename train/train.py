@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bf16-body", action="store_true",
                     help="run g_a's and g_s's inner layers under bfloat16 autocast (their first and "
                          "last layers, the hyper networks, entropy models and losses stay float32): "
-                         "~1.5x faster steps on a CPU with AVX512-BF16, same latents' precision")
+                         "~1.5x faster steps on a CPU with AVX512-BF16; the latents stay float32")
     ap.add_argument("--ckpt-every", type=float, default=300.0, help="seconds between checkpoints")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
