@@ -10,8 +10,9 @@ decides symbols runs in float64 on the CPU, per tile (since tile format 2 on exa
 integers, ``ExactHyperSynthesis``: that is how encoder and decoder agree across
 machines), so those layers would run there too.  This measures their cost for one 256²
 tile with its 8 px margin (latent 17×17, M = 128), beside the float64 h_s the
-hyperprior already pays (the exact form costs the same float64 convolutions), with random weights (the cost does not depend on
-them) and with the 1×1 layers as plain matrix products (the cheapest float64 form).
+hyperprior already pays (the exact form costs the same float64 convolutions), with
+random weights (the cost does not depend on them) and with the 1×1 layers as plain
+matrix products (the cheapest float64 form).
 It answers the decode-cost half of "does a context model pay for itself"; the
 rate-distortion half needs a trained context model.
 """

@@ -232,6 +232,13 @@ def test_exact_h_s_computes_only_the_part_asked_for_with_the_same_bits():
     assert torch.equal(mu, mu_full[..., :21, :17]) and torch.equal(index, index_full[..., :21, :17])
     mu1, _ = model.entropy_parameters(z_hat, torch.tensor([4.0]), exact=False, size=(21, 17))
     assert mu1.shape == mu.shape                       # format 1 (float64 h_s) is cropped too
+    # a last layer that is not a centred stride-1 conv is computed whole, never cut wrongly
+    from wsicodec.model import ExactHyperSynthesis
+    odd = torch.nn.Sequential(torch.nn.ConvTranspose2d(4, 6, 5, 2, 2, 1), torch.nn.LeakyReLU(),
+                              torch.nn.Conv2d(6, 4, 3, 1, 0))
+    hx = ExactHyperSynthesis(odd, torch.zeros(2, 4), 2)
+    zx = torch.round(torch.randn(1, 4, 5, 5, generator=g, dtype=torch.float64) * 4)
+    assert torch.equal(hx(zx, 1.0, (3, 3)), hx(zx, 1.0))
 
 
 def test_exact_exp_is_exp():

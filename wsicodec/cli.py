@@ -172,16 +172,12 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
 
 def _cmd_decompress(args: argparse.Namespace) -> int:
-    from wsicodec.container import open_container
-    from wsicodec.pipeline import decompress
+    from wsicodec.pipeline import container_tile_count, decompress
     from wsicodec.tiff import TiffSettings
 
     settings = TiffSettings(args.tiff_compression, args.tiff_quality)
     show = not args.quiet and sys.stderr.isatty()
-    total = None
-    if show:
-        with open_container(args.input) as c:
-            total = sum(c.grid(i).tile_count for i in range(c.level_count))
+    total = container_tile_count(args.input) if show else None
     with _progress_bar(total, not show, "decompress") as bar:
         result = decompress(args.input, args.output, settings=settings, workers=args.workers,
                             overwrite=args.overwrite, progress=bar.update)
@@ -231,14 +227,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from wsicodec.container import open_container
-    from wsicodec.pipeline import verify
+    from wsicodec.pipeline import container_tile_count, verify
 
     show = not args.quiet and not args.json and sys.stderr.isatty()
-    total = None
-    if show:
-        with open_container(args.input) as c:
-            total = sum(c.grid(i).tile_count for i in range(c.level_count))
+    total = container_tile_count(args.input) if show else None
     with _progress_bar(total, not show, "verify") as bar:
         result = verify(args.input, decode=args.decode, progress=bar.update)
     if args.json:

@@ -571,7 +571,7 @@ class ExactHyperSynthesis:
         for k, (deconv, wq, bq, stride, pad, opad, scale, slope) in enumerate(self.layers):
             if deconv:
                 acc = F.conv_transpose2d(a, wq, bq, stride, pad, opad)
-            elif k == last and size is not None and stride in (1, (1, 1)):
+            elif k == last and size is not None and _same_stride1(wq, stride, pad):
                 ph, pw = pad if isinstance(pad, tuple) else (pad, pad)
                 # a "same" stride-1 conv: output row i reads input rows i-ph .. i+ph
                 h = min(size[0], a.shape[-2]) + ph
@@ -588,6 +588,15 @@ class ExactHyperSynthesis:
                 a = torch.where(a < 0, torch.round(a * slope), a)
             a.clamp_(-lim, lim)
         raise AssertionError("unreachable: h_s has layers")
+
+
+def _same_stride1(weight: torch.Tensor, stride, pad) -> bool:
+    """Whether a convolution with this (out, in, kh, kw) weight, stride and padding keeps
+    the input's size with output (i, j) centred on input (i, j): the case in which
+    :class:`ExactHyperSynthesis` may compute a top-left part of the output alone."""
+    kh, kw = weight.shape[-2:]
+    ph, pw = pad if isinstance(pad, tuple) else (pad, pad)
+    return stride in (1, (1, 1)) and kh % 2 == 1 and kw % 2 == 1 and (ph, pw) == (kh // 2, kw // 2)
 
 
 #: FastTransform computes a transposed convolution with fewer output channels than this as

@@ -311,6 +311,13 @@ def plan_tile_count(source: str | os.PathLike[str], tile_size: int) -> int:
         return plan_pyramid(src.level_dimensions, src.level_downsamples, tile_size).tile_count
 
 
+def container_tile_count(path: str | os.PathLike[str]) -> int:
+    """Total tiles of a container, all levels (opens it briefly): what decompress and
+    verify go through. Raises as :func:`wsicodec.container.open_container`."""
+    with open_container(path) as c:
+        return sum(c.grid(level).tile_count for level in range(c.level_count))
+
+
 @dataclass(frozen=True)
 class DecompressResult:
     source: Path
