@@ -3,10 +3,10 @@
 #
 #   here, once:      bash train/pack_device.sh
 #   device tool:     command "bash train/gpu_session.sh 9", carry [".devdata", ".whl"], timeout_s 600
-#   back here:       cp /work/.device/.../wsicodec-hyperprior.pt /tmp/new.pt
+#   back here:       cat /work/.device/.../wsicodec-hyperprior.pt.part-* > /tmp/new.pt   # sha256sum -c
 #                    .venv/bin/python train/eval_bytes.py /tmp/new.pt    # ship it if BD-rate improved
 #
-# Writes to $OUT: wsicodec-hyperprior.pt (exported, ~15 MB), log.csv, session.log.  The
+# Writes to $OUT: wsicodec-hyperprior.pt in 15 MB parts (exported, ~17.7 MB) with its .sha256, log.csv, session.log.  The
 # training state with optimiser (~43 MB) is over the tool's 16 MiB a file, so the next
 # session resumes from the exported weights (train.py accepts them; Adam restarts).
 # ALPHA (default 50) weights the VGG feature loss; RESUME picks other starting weights.
@@ -24,9 +24,13 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
 "$PY" train/train.py --data .devdata/he_train --out "$OUT/run" --resume "${RESUME:-wsicodec/weights/wsicodec-hyperprior.pt}" \
     --device "${DEVICE:-cuda}" --minutes "$MIN" --batch "${BATCH:-16}" --crop "${CROP:-256}" \
-    --lr "${LR:-3e-4}" --lr-final "${LR_FINAL:-3e-5}" --alpha "${ALPHA:-50}" \
+    --lr "${LR:-1e-4}" --lr-final "${LR_FINAL:-1e-5}" --alpha "${ALPHA:-50}" \
     --vgg .devdata/vgg16_relu2_2.pth --ckpt-every 60 --log-every 100 || echo "training stopped with an error; exporting the last checkpoint"
 "$PY" train/export.py "$OUT/run/last.pt" --out "$OUT/wsicodec-hyperprior.pt" --note "GPU session, ${MIN} min"
 cp "$OUT/run/log.csv" "$OUT/log.csv"
 rm -rf "$OUT/run"
+# the tool returns files of at most 16 MiB: the weights (~17.7 MB with residual blocks) come in parts;
+# here: cat wsicodec-hyperprior.pt.part-* > new.pt and check it against the .sha256
+sha256sum "$OUT/wsicodec-hyperprior.pt" | tee "$OUT/wsicodec-hyperprior.pt.sha256"
+split -b 15000000 "$OUT/wsicodec-hyperprior.pt" "$OUT/wsicodec-hyperprior.pt.part-" && rm "$OUT/wsicodec-hyperprior.pt"
 ls -la "$OUT"
