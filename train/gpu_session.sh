@@ -2,9 +2,9 @@
 # The first use of a lent GPU: continue training the shipped weights, export them.
 #
 #   here, once:      bash train/pack_device.sh
-#   device tool:     command "bash train/gpu_session.sh 9", carry [".devdata", ".whl"], timeout_s 600
+#   device tool:     command "bash train/gpu_session.sh 8.6", carry [".devdata", ".whl"], timeout_s 600
 #   back here:       cat /work/.device/.../wsicodec-hyperprior.pt.part-* > /tmp/new.pt   # sha256sum -c
-#                    .venv/bin/python train/eval_bytes.py /tmp/new.pt    # ship it if BD-rate improved
+#                    .venv/bin/python train/eval_bytes.py /tmp/new.pt --qualities 1 2 3 4 5 6 7 8 --lpips   # ship if better
 #
 # Writes to $OUT: wsicodec-hyperprior.pt in 15 MB parts (exported, ~17.7 MB) with its .sha256, log.csv, session.log.  The
 # training state with optimiser (~43 MB) is over the tool's 16 MiB a file, so the next
