@@ -103,6 +103,21 @@ def test_decoding_is_identical_across_threads_and_batch_sizes(tissue):
             assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA GPU here (bench/gpu_decode.py measured the last one lent)")
+def test_tiles_cross_between_cpu_and_gpu(tissue):
+    tiles = [np.ascontiguousarray(tissue[y:y + 256, x:x + 256]) for y in (0, 256) for x in (0, 256)]
+    cpu, gpu = LearnedCodec(4, device="cpu"), LearnedCodec(4, device="cuda")
+    streams = cpu.encode_batch(tiles)
+    # the symbols are checksummed; only g_s's float arithmetic differs between devices
+    for a, b in zip(cpu.decode_batch(streams), gpu.decode_batch(streams)):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+    for tile, out in zip(tiles, cpu.decode_batch(gpu.encode_batch(tiles))):
+        assert _psnr(out, tile) > 25
+    # the entropy parameters stay on the CPU model, whatever device g_a/g_s ran on
+    assert {p.device.type for p in cpu.loaded.model.parameters()} == {"cpu"}
+
+
 def test_fast_transforms_match_g_a_and_g_s():
     """The inference copies of g_a and g_s (channels-last, frozen GDN) compute the same maps."""
     model = load_model().model

@@ -226,6 +226,7 @@ class LearnedCodec:
         self.loaded = load_model_for(model_id, model)
         self.model_id = self.loaded.model_id
         self.device = resolve_device(device)
+        self._net = None   # the model's copy on a non-CPU device (g_a, h_a, g_s)
         self._tables = _tables_for(self.loaded)
 
     # ----------------------------------------------------------- protocol
@@ -236,6 +237,20 @@ class LearnedCodec:
         if self._model_arg is not None:
             cfg["model"] = str(self._model_arg)
         return {"name": self.name, "configuration": cfg}
+
+    def _device_model(self):
+        """The network for g_a, h_a and g_s on :attr:`device`: the loaded model on the CPU,
+        a private copy on a GPU, so that the entropy parameters (ẑ → μ, table index) keep
+        running on the CPU model and the symbols never depend on the device."""
+        if self.device.type == "cpu":
+            return self.loaded.model
+        if self._net is None:
+            import copy
+
+            import torch
+            with torch.inference_mode(False):
+                self._net = copy.deepcopy(self.loaded.model).to(self.device).eval()
+        return self._net
 
     def encode(self, tile: np.ndarray) -> bytes:
         return self.encode_batch([tile])[0]
@@ -269,20 +284,20 @@ class LearnedCodec:
                 out[i] = _encode_uniform(core, *fit)
             else:
                 groups.setdefault(r.shape[:2], []).append(i)
-        m = self.loaded.model
+        m, net = self.loaded.model, self._device_model()
         tb_z, tb_y = self._tables
         with torch.inference_mode():
             for (rh, rw), idx in groups.items():
                 x = torch.from_numpy(np.stack([regions[i] for i in idx])).permute(0, 3, 1, 2)
                 x = pad_to_stride(x.float().div_(255.0), PIXEL_STRIDE).to(self.device)
                 q = torch.full((len(idx),), self.quality)
-                y, z = m.analysis(x, q.to(self.device), latent_stride=LATENT_STRIDE)
+                y, z = net.analysis(x, q.to(self.device), latent_stride=LATENT_STRIDE)
                 if self.refine:
                     shown = torch.zeros(len(idx), 1, *x.shape[-2:], device=self.device)
                     for k, i in enumerate(idx):
                         top, left, h, w = boxes[i]
                         shown[k, :, top:top + h, left:left + w] = 1
-                    y, z, _ = m.refine_latents(x, q.to(self.device), y, z, shown, self.refine)
+                    y, z, _ = net.refine_latents(x, q.to(self.device), y, z, shown, self.refine)
                 y = y.cpu()
                 z_sym, mu, index = hyper_symbols(m, z.cpu(), q, y.shape[-2:], exact=exact_entropy(VERSION))
                 y_sym = torch.round(y.double() - mu).to(torch.int32)
@@ -326,7 +341,7 @@ class LearnedCodec:
                 continue
             y_hat = self.entropy_decode(data, hd, names[i])
             pending.setdefault(tuple(y_hat.shape[-2:]), []).append((i, hd, y_hat))
-        m = self.loaded.model
+        m = self._device_model()
         with torch.inference_mode():
             for items in pending.values():
                 y_hat = torch.cat([it[2] for it in items]).to(self.device)
