@@ -2,16 +2,17 @@
 # The first use of a lent GPU: continue training the shipped weights, export them.
 #
 #   here, once:      bash train/pack_device.sh
-#   device tool:     command "bash train/gpu_session.sh 8.6", carry [".devdata", ".whl"], timeout_s 600
+#   device tool:     command "bash train/gpu_session.sh 8", carry [".devdata", ".whl"], timeout_s 600
 #   back here:       cat /work/.device/.../wsicodec-hyperprior.pt.part-* > /tmp/new.pt   # sha256sum -c
 #                    .venv/bin/python train/eval_bytes.py /tmp/new.pt --qualities 1 2 3 4 5 6 7 8 --lpips   # ship if better
 #
-# Writes to $OUT: wsicodec-hyperprior.pt in 15 MB parts (exported, ~17.7 MB) with its .sha256, log.csv, session.log.  The
+# Writes to $OUT: wsicodec-hyperprior.pt in 15 MB parts (exported, ~17.7 MB) with its .sha256, log.csv,
+# session.log and gpu_decode.json.  The
 # training state with optimiser (~43 MB) is over the tool's 16 MiB a file, so the next
 # session resumes from the exported weights (train.py accepts them; Adam restarts).
 # ALPHA (default 50) weights the VGG feature loss; RESUME picks other starting weights.
 set -uo pipefail
-MIN=${1:-9}
+MIN=${1:-8}
 OUT=${OUT:-/tmp/wsicodec-gpu}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
@@ -33,4 +34,10 @@ rm -rf "$OUT/run"
 # here: cat wsicodec-hyperprior.pt.part-* > new.pt and check it against the .sha256
 sha256sum "$OUT/wsicodec-hyperprior.pt" | tee "$OUT/wsicodec-hyperprior.pt.sha256"
 split -b 15000000 "$OUT/wsicodec-hyperprior.pt" "$OUT/wsicodec-hyperprior.pt.part-" && rm "$OUT/wsicodec-hyperprior.pt"
+# then the decode check of bench/README.md (~30 s; the shipped weights, on training images: the
+# carry has no room for he/test as well): CPU-made tiles decoded on the GPU, GPU MP/s
+if [ -z "${SKIP_DECODE_CHECK:-}" ]; then
+    "$PY" bench/gpu_decode.py --images .devdata/he_train --tiles "${DECODE_TILES:-64}" --device "${DEVICE:-cuda}" \
+        --out "$OUT/gpu_decode.json" 2>&1 | grep -v -i warn || echo "the decode check failed"
+fi
 ls -la "$OUT"
