@@ -34,6 +34,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.metrics import psnr as _psnr  # noqa: E402
+from bench.tile_speed import _best  # noqa: E402
 from wsicodec.batch import _LearnedBatch  # noqa: E402
 from wsicodec.image import context_region  # noqa: E402
 from wsicodec.learned import LearnedCodec  # noqa: E402
@@ -59,23 +61,9 @@ def _tiles(folder: Path, n: int):
     return tiles, regions, boxes
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
-
-
 def _finite(v: float) -> float | None:
     """JSON has no infinity: identical images (PSNR ∞) are written as null."""
     return round(v, 2) if np.isfinite(v) else None
-
-
-def _best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main(argv: list[str] | None = None) -> int:
