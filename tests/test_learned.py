@@ -118,6 +118,16 @@ def test_tiles_cross_between_cpu_and_gpu(tissue):
     assert {p.device.type for p in cpu.loaded.model.parameters()} == {"cpu"}
 
 
+def test_the_network_on_another_device_is_one_shared_copy():
+    loaded = load_model()
+    assert loaded.on(torch.device("cpu")) is loaded.model
+    # "meta" stands in for a GPU here: same code path, no memory, no arithmetic
+    other = loaded.on(torch.device("meta"))
+    assert other is not loaded.model and loaded.on("meta") is other
+    assert {p.device.type for p in other.parameters()} == {"meta"}
+    assert {p.device.type for p in loaded.model.parameters()} == {"cpu"}
+
+
 def test_fast_transforms_match_g_a_and_g_s():
     """The inference copies of g_a and g_s (channels-last, frozen GDN) compute the same maps."""
     model = load_model().model

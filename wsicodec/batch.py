@@ -230,20 +230,12 @@ class _LearnedBatch:
     """
 
     def __init__(self, codec: Any, device: str, max_batch: int | None) -> None:
-        import torch
-
         from wsicodec.learned import resolve_device
 
         self.codec = codec
         self.device = resolve_device(device)
         model = codec.loaded.model
-        if self.device.type == "cpu":
-            synthesis_model = model
-        else:  # a private copy for g_s, so the CPU h_s paths are never moved
-            import copy
-
-            with torch.inference_mode(False):
-                synthesis_model = copy.deepcopy(model).to(self.device).eval()
+        synthesis_model = codec.loaded.on(self.device)  # a copy on a GPU: the CPU h_s paths stay
         if max_batch is None:
             max_batch = 4 if self.device.type == "cpu" else 16
         self.synthesis = _Synthesis(synthesis_model, self.device, max_batch)

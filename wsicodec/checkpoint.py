@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InvalidSettingError, ModelMismatchError, WsiCodecError
@@ -41,6 +41,9 @@ HISTORY = WEIGHTS_DIR / "history.json"
 FROZEN_TABLES = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
 
 
+_copies_lock = threading.Lock()
+
+
 @dataclass(frozen=True, eq=False)
 class LoadedModel:
     """A network ready to code, with its id and the entropy tables as integers."""
@@ -49,6 +52,29 @@ class LoadedModel:
     model_id: str            #: sha256 hex of the checkpoint file
     path: Path
     provenance: dict
+    #: copies of :attr:`model` on other devices, made by :meth:`on`
+    _copies: dict = field(default_factory=dict, repr=False)
+
+    def on(self, device) -> "object":
+        """The network on ``device`` (a ``torch.device``): :attr:`model` itself on the CPU,
+        elsewhere one copy per device, made on first use and shared by every codec and
+        decoder of these weights.  Only g_a, h_a and g_s run on it: the entropy parameters
+        (ẑ → μ, table index) always use :attr:`model` on the CPU, so the symbols never
+        depend on the device."""
+        import torch
+
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self.model
+        if device.type == "cuda" and device.index is None:   # "cuda" and "cuda:0" are one copy
+            device = torch.device("cuda", torch.cuda.current_device())
+        with _copies_lock:
+            if str(device) not in self._copies:
+                import copy
+
+                with torch.inference_mode(False):
+                    self._copies[str(device)] = copy.deepcopy(self.model).to(device).eval()
+            return self._copies[str(device)]
 
     def decodes(self, other_id: str) -> bool:
         """Whether data made with ``other_id`` decodes with these weights exactly.

@@ -226,7 +226,6 @@ class LearnedCodec:
         self.loaded = load_model_for(model_id, model)
         self.model_id = self.loaded.model_id
         self.device = resolve_device(device)
-        self._net = None   # the model's copy on a non-CPU device (g_a, h_a, g_s)
         self._tables = _tables_for(self.loaded)
 
     # ----------------------------------------------------------- protocol
@@ -237,20 +236,6 @@ class LearnedCodec:
         if self._model_arg is not None:
             cfg["model"] = str(self._model_arg)
         return {"name": self.name, "configuration": cfg}
-
-    def _device_model(self):
-        """The network for g_a, h_a and g_s on :attr:`device`: the loaded model on the CPU,
-        a private copy on a GPU, so that the entropy parameters (ẑ → μ, table index) keep
-        running on the CPU model and the symbols never depend on the device."""
-        if self.device.type == "cpu":
-            return self.loaded.model
-        if self._net is None:
-            import copy
-
-            import torch
-            with torch.inference_mode(False):
-                self._net = copy.deepcopy(self.loaded.model).to(self.device).eval()
-        return self._net
 
     def encode(self, tile: np.ndarray) -> bytes:
         return self.encode_batch([tile])[0]
@@ -284,7 +269,7 @@ class LearnedCodec:
                 out[i] = _encode_uniform(core, *fit)
             else:
                 groups.setdefault(r.shape[:2], []).append(i)
-        m, net = self.loaded.model, self._device_model()
+        m, net = self.loaded.model, self.loaded.on(self.device)   # entropy parameters on m
         tb_z, tb_y = self._tables
         with torch.inference_mode():
             for (rh, rw), idx in groups.items():
@@ -341,7 +326,7 @@ class LearnedCodec:
                 continue
             y_hat = self.entropy_decode(data, hd, names[i])
             pending.setdefault(tuple(y_hat.shape[-2:]), []).append((i, hd, y_hat))
-        m = self._device_model()
+        m = self.loaded.on(self.device)
         with torch.inference_mode():
             for items in pending.values():
                 y_hat = torch.cat([it[2] for it in items]).to(self.device)
