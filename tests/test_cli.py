@@ -265,28 +265,97 @@ def test_existing_output_is_kept(tmp_path: Path, capsys, odd_image: np.ndarray) 
     assert box.read_bytes() == before
 
 
-def test_interrupt_leaves_nothing(tmp_path: Path, capsys, odd_image: np.ndarray,
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from PIL import Image
-
+def _jpeg_encode_counting(monkeypatch: pytest.MonkeyPatch, stop_at: int | None) -> dict:
     from wsicodec import codecs
 
-    Image.fromarray(odd_image).save(tmp_path / "odd.png")
     calls = {"n": 0}
     real = codecs.JpegCodec.encode
 
-    def interrupted(self, tile):  # type: ignore[no-untyped-def]
+    def counted(self, tile):  # type: ignore[no-untyped-def]
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == stop_at:
             raise KeyboardInterrupt
         return real(self, tile)
 
-    monkeypatch.setattr(codecs.JpegCodec, "encode", interrupted)
+    monkeypatch.setattr(codecs.JpegCodec, "encode", counted)
+    return calls
+
+
+def test_interrupt_before_a_row_is_done_leaves_nothing(tmp_path: Path, capsys,
+                                                       odd_image: np.ndarray,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    Image.fromarray(odd_image).save(tmp_path / "odd.png")
+    _jpeg_encode_counting(monkeypatch, stop_at=2)
     code, _, err = run(capsys, "compress", tmp_path / "odd.png", tmp_path / "i.zarr.zip",
-                       "--codec", "jpeg", "--tile-size", "64")
+                       "--codec", "jpeg", "--tile-size", "64", "--workers", "1")
     assert code == 130
     assert_one_line_error(code, err, "interrupted")
     assert [p.name for p in tmp_path.iterdir()] == ["odd.png"]
+
+
+def test_interrupted_compress_resumes(tmp_path: Path, capsys, odd_image: np.ndarray,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C keeps the finished rows (hidden, beside the output) and says so in one line;
+    the same command with --resume codes only the rest; the result is the container an
+    uninterrupted run makes."""
+    from PIL import Image
+
+    Image.fromarray(odd_image).save(tmp_path / "odd.png")
+    out = tmp_path / "i.zarr.zip"
+    argv = ["compress", tmp_path / "odd.png", out, "--codec", "jpeg", "--tile-size", "64",
+            "--workers", "1"]
+    _jpeg_encode_counting(monkeypatch, stop_at=11)
+    code, _, err = run(capsys, *argv)
+    assert code == 130
+    assert_one_line_error(code, err, "interrupted: 10 of 29 tiles kept in ", ".i.zarr.zip.partial-",
+                          "--resume")
+    assert not out.exists()
+    calls = _jpeg_encode_counting(monkeypatch, stop_at=None)
+    code, stdout, err = run(capsys, *argv, "--resume")
+    assert code == 0, err
+    assert calls["n"] == 29 - 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["i.zarr.zip", "odd.png"]
+    code, _, err = run(capsys, "verify", out, "--decode", "--quiet")
+    assert code == 0, err
+    ref = tmp_path / "ref.zarr.zip"
+    assert run(capsys, *argv[:2], ref, *argv[3:])[0] == 0
+    with open_container(out) as a, open_container(ref) as b:
+        for level in range(a.level_count):
+            assert list(a.iter_encoded_tiles(level)) == list(b.iter_encoded_tiles(level))
+
+
+def test_sigterm_stops_compress_like_ctrl_c(tmp_path: Path, odd_image: np.ndarray) -> None:
+    """`kill` (or a batch scheduler's time limit) mid-compress: exit 130, one line, the
+    finished rows kept for --resume, nothing at the output path."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from PIL import Image
+
+    Image.fromarray(odd_image).save(tmp_path / "odd.png")
+    out = tmp_path / "t.zarr"
+    slow = ("import sys, time; from wsicodec import cli, codecs; real = codecs.JpegCodec.encode; "
+            "codecs.JpegCodec.encode = lambda self, t: (time.sleep(0.2), real(self, t))[1]; "
+            "sys.exit(cli.main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", slow, "compress", str(tmp_path / "odd.png"),
+                             str(out), "--codec", "jpeg", "--tile-size", "64", "--workers", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        journals = list(tmp_path.glob(".t.zarr.partial-*/wsicodec-journal.jsonl"))
+        if journals and len(journals[0].read_text().splitlines()) >= 2:   # a row is done
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert_one_line_error(proc.returncode, err, "interrupted: ", "tiles kept in ", "--resume")
+    assert not out.exists()
+    assert len(list(tmp_path.glob(".t.zarr.partial-*"))) == 1
 
 
 def test_codecs_command(capsys) -> None:

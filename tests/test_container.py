@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from wsicodec.codecs import get_codec
-from wsicodec.container import (FORMAT_VERSION, ContainerMetadata, ContainerWriter,
+from wsicodec.container import (FORMAT_VERSION, JOURNAL, ContainerMetadata, ContainerWriter,
                                 open_container)
-from wsicodec.errors import (CorruptDataError, CorruptTileError, ModelMismatchError,
+from wsicodec.errors import (CompressInterrupted, CorruptDataError, CorruptTileError, ModelMismatchError,
                              OutputExistsError, SlideNotFoundError, UnsupportedFormatError)
 from wsicodec.pipeline import compress_source
 from wsicodec.tiling import ArraySource
@@ -70,6 +70,25 @@ def test_flipped_byte_names_the_tile_and_others_still_read(tmp_path: Path,
                 c.read_tile(0, col, row)
 
 
+@pytest.mark.parametrize("damage", [b"\xff\xff\xff\x7f", b"", b"\x01\x00\x00\x00\xff\xff"])
+def test_damaged_chunk_framing_is_a_quick_corrupt_tile(tmp_path: Path, odd_image: np.ndarray,
+                                                       damage: bytes) -> None:
+    """A tile chunk whose framing is damaged (a huge item count, emptied, a wrong length)
+    fails at once: zarr's own vlen decoding took ~30 s and gigabytes for the first."""
+    import time
+
+    out = make(tmp_path, "c.zarr", odd_image)
+    victim = out / "levels" / "0" / "tiles" / "c" / "2" / "1"
+    victim.write_bytes(damage + victim.read_bytes()[len(damage):] if damage[:1] == b"\xff"
+                       else damage)
+    with open_container(out) as c:
+        t0 = time.perf_counter()
+        with pytest.raises(CorruptTileError, match="level=0 col=1 row=2"):
+            c.read_tile(0, 1, 2)
+        assert time.perf_counter() - t0 < 10.0       # a hang, not a speed target
+        c.read_tile(0, 2, 2)
+
+
 def test_missing_tile_file_is_a_corrupt_tile(tmp_path: Path, odd_image: np.ndarray) -> None:
     out = make(tmp_path, "c.zarr", odd_image)
     (out / "levels" / "1" / "tiles" / "c" / "0" / "0").unlink()
@@ -118,31 +137,136 @@ def test_not_a_container(tmp_path: Path) -> None:
         open_container(tmp_path / "x.txt")
 
 
+class Flaky:
+    """The JPEG codec, counting its calls and raising ``error`` on call ``at``."""
+
+    name = "jpeg"
+
+    def __init__(self, quality: int = 95, at: int | None = None,
+                 error: type[BaseException] = KeyboardInterrupt) -> None:
+        self.codec, self.at, self.error, self.calls = get_codec("jpeg", quality), at, error, 0
+
+    def encode(self, tile: np.ndarray) -> bytes:
+        self.calls += 1
+        if self.calls == self.at:
+            raise self.error("stop")
+        return self.codec.encode(tile)
+
+    def decode(self, data: bytes) -> np.ndarray:
+        return self.codec.decode(data)
+
+    def to_dict(self) -> dict:
+        return self.codec.to_dict()
+
+
+def source(image: np.ndarray) -> ArraySource:
+    return ArraySource(image, mpp=(0.25, 0.25), properties={"x.key": "v"},
+                       associated={"label": image[:20, :30]})
+
+
+def tiles_of(path: Path) -> list[bytes]:
+    with open_container(path) as c:
+        return [b for lv in range(c.level_count) for _, _, b in c.iter_encoded_tiles(lv)]
+
+
 @pytest.mark.parametrize("name", STORES)
+@pytest.mark.parametrize("at,error", [(7, RuntimeError), (1, KeyboardInterrupt)])
 def test_failed_write_leaves_nothing(tmp_path: Path, odd_image: np.ndarray, name: str,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    codec = get_codec("jpeg")
-    calls = {"n": 0}
-
-    class Failing:
-        name = "jpeg"
-
-        def encode(self, tile: np.ndarray) -> bytes:
-            calls["n"] += 1
-            if calls["n"] == 7:
-                raise KeyboardInterrupt
-            return codec.encode(tile)
-
-        def decode(self, data: bytes) -> np.ndarray:
-            return codec.decode(data)
-
-        def to_dict(self) -> dict:
-            return codec.to_dict()
-
-    with pytest.raises(KeyboardInterrupt):
-        compress_source(ArraySource(odd_image), tmp_path / name, Failing(), tile_size=64,
-                        workers=2)
+                                     at: int, error: type[BaseException]) -> None:
+    """A codec error removes everything; so does an interrupt before any row is done."""
+    with pytest.raises(error):
+        compress_source(source(odd_image), tmp_path / name, Flaky(at=at, error=error),
+                        tile_size=64, workers=2)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", STORES)
+def test_interrupted_write_resumes_where_it_stopped(tmp_path: Path, odd_image: np.ndarray,
+                                                    name: str) -> None:
+    (tmp_path / "ref").mkdir()
+    ref = make(tmp_path / "ref", name, odd_image)
+    out = tmp_path / "run" / name
+    out.parent.mkdir()
+    with pytest.raises(CompressInterrupted) as info:
+        compress_source(source(odd_image), out, Flaky(at=11), tile_size=64, workers=1)
+    stop = info.value
+    total = sum(1 for _ in tiles_of(ref))
+    # tiles 1-10: level 0's rows 0 and 1 (4 tiles each) and level 1's row 0 (2), all finished
+    assert stop.total == total and stop.done == 10
+    assert not out.exists()
+    [partial] = list(out.parent.iterdir())
+    assert partial == Path(stop.partial) and partial.name.startswith(f".{name}.partial-")
+    assert "--resume" not in str(stop) and str(partial) in str(stop)
+
+    codec, seen = Flaky(), []
+    meta = compress_source(source(odd_image), out, codec, tile_size=64, workers=1,
+                           resume=True, progress=seen.append)
+    assert codec.calls == total - 10                         # the kept rows were not coded again
+    assert seen[0] == 10 and sum(seen) == total
+    assert [p.name for p in out.parent.iterdir()] == [name]  # the partial became the output
+    assert tiles_of(out) == tiles_of(ref)
+    with open_container(out) as c:
+        assert c.metadata.level_bytes == meta.level_bytes
+        assert c.metadata.associated_images == ("label",)
+        np.testing.assert_array_equal(c.read_associated_image("label"), odd_image[:20, :30])
+    names = ([n for n in zipfile.ZipFile(out).namelist()] if name.endswith(".zip")
+             else [str(p.relative_to(out)) for p in out.rglob("*")])
+    assert not any(JOURNAL in n for n in names)
+
+
+def test_resume_checks_the_kept_rows(tmp_path: Path, odd_image: np.ndarray) -> None:
+    """A kept tile that no longer matches its journalled CRC is coded again (its row);
+    a torn last journal line is ignored."""
+    ref = make(tmp_path, "ref.zarr", odd_image)
+    out = tmp_path / "c.zarr"
+    with pytest.raises(CompressInterrupted) as info:
+        compress_source(source(odd_image), out, Flaky(at=11), tile_size=64, workers=1)
+    partial = Path(info.value.partial)
+    (partial / "levels" / "0" / "tiles" / "c" / "1" / "2").write_bytes(b"garbage")
+    with open(partial / JOURNAL, "a") as f:
+        f.write('{"level": 0, "row": 2, "cr')
+    codec = Flaky()
+    compress_source(source(odd_image), out, codec, tile_size=64, workers=1, resume=True)
+    assert info.value.done == 10
+    assert codec.calls == len(tiles_of(ref)) - 10 + 4        # level 0's row 1 coded again
+    assert tiles_of(out) == tiles_of(ref)
+
+
+def test_resume_needs_the_same_settings(tmp_path: Path, odd_image: np.ndarray) -> None:
+    out = tmp_path / "c.zarr.zip"
+    with pytest.raises(CompressInterrupted) as info:
+        compress_source(source(odd_image), out, Flaky(at=11), tile_size=64, workers=1)
+    other = Flaky(quality=80)
+    compress_source(source(odd_image), out, other, tile_size=64, workers=1, resume=True)
+    assert other.calls == sum(1 for _ in tiles_of(out))      # nothing taken over
+    assert Path(info.value.partial).is_dir()                 # the other settings' rows stay
+    with pytest.raises(CompressInterrupted):                  # another source: same story
+        compress_source(source(odd_image), tmp_path / "d.zarr", Flaky(at=11), tile_size=64,
+                        workers=1, resume_key={"mtime_ns": 1})
+    again = Flaky()
+    compress_source(source(odd_image), tmp_path / "d.zarr", again, tile_size=64, workers=1,
+                    resume=True, resume_key={"mtime_ns": 2})
+    assert again.calls == sum(1 for _ in tiles_of(tmp_path / "d.zarr"))
+
+
+def test_a_live_write_is_never_taken_over(tmp_path: Path, odd_image: np.ndarray) -> None:
+    out = tmp_path / "c.zarr"
+    meta = ContainerMetadata(codec=get_codec("jpeg").to_dict(), tile_size=64,
+                             levels=_levels(odd_image))
+    with ContainerWriter(out, meta) as first:
+        first.write_row(0, 0, [b"x"] * 4)
+        with ContainerWriter(out, meta, resume=True) as second:
+            assert second.resumed_tiles == 0 and second.done_rows() == set()
+            assert len(list(tmp_path.iterdir())) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def _levels(image: np.ndarray) -> tuple:
+    from wsicodec.tiling import plan_pyramid
+
+    src = ArraySource(image)
+    return tuple(lv.info for lv in plan_pyramid(src.level_dimensions, src.level_downsamples,
+                                                64).levels)
 
 
 def test_existing_output_needs_overwrite(tmp_path: Path, odd_image: np.ndarray) -> None:

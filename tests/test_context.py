@@ -107,6 +107,43 @@ def test_learned_container_batch_reads_match_single_tiles_and_name_bad_tiles(tmp
         c.read_tiles(0, [k for k in keys if k != (2, 1)])
 
 
+def test_an_interrupted_learned_compress_resumes_with_the_same_tiles(tmp_path, monkeypatch):
+    """The batched context path skips the rows it took over, still feeding their pixels to
+    the next rows as context: the resumed container's tiles are the uninterrupted one's."""
+    from PIL import Image
+
+    from conftest import HE_TEST_PNG
+    from wsicodec.codecs import get_codec
+    from wsicodec.container import open_container
+    from wsicodec.errors import CompressInterrupted
+    from wsicodec.learned import LearnedCodec
+    from wsicodec.pipeline import compress_source
+
+    img = np.asarray(Image.open(need(HE_TEST_PNG)).convert("RGB"))[:250, :200]
+    ref = tmp_path / "ref.zarr"
+    compress_source(ArraySource(img), ref, get_codec("learned", 3), tile_size=64)
+    calls = {"n": 0, "stop": 3}
+    real = LearnedCodec.encode_batch
+
+    def counted(self, regions, boxes):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == calls["stop"]:
+            raise KeyboardInterrupt
+        return real(self, regions, boxes)
+
+    monkeypatch.setattr(LearnedCodec, "encode_batch", counted)
+    out = tmp_path / "l.zarr.zip"
+    with pytest.raises(CompressInterrupted) as info:
+        compress_source(ArraySource(img), out, get_codec("learned", 3), tile_size=64)
+    assert 0 < info.value.done < info.value.total
+    calls.update(n=0, stop=None)
+    compress_source(ArraySource(img), out, get_codec("learned", 3), tile_size=64, resume=True)
+    with open_container(out) as a, open_container(ref) as b:
+        assert calls["n"] == sum(b.grid(lv).rows for lv in range(b.level_count)) - 2
+        for level in range(a.level_count):
+            assert list(a.iter_encoded_tiles(level)) == list(b.iter_encoded_tiles(level))
+
+
 @pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="shipped weights missing")
 def test_cli_refine_option_reaches_the_codec_and_the_container(tmp_path):
     from PIL import Image

@@ -2,7 +2,9 @@
 
 The only module that prints or exits. Every expected error becomes one line
 ``wsicodec: error: ...`` on stderr and a non-zero exit status (1; 2 for usage errors;
-130 when interrupted), with no traceback and no partial output left behind.
+130 when interrupted: Ctrl-C or SIGTERM), with no traceback and no partial output at
+the output path (an interrupted ``compress`` keeps its finished tile rows in a hidden
+sibling for ``--resume`` and says where).
 ``--debug`` re-raises unexpected exceptions with their traceback.
 """
 
@@ -11,12 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from typing import Any, Sequence
 
 from wsicodec.codecs import DEFAULT_CODEC
 from wsicodec.container import ASSOCIATED_POLICIES
-from wsicodec.errors import WsiCodecError
+from wsicodec.errors import CompressInterrupted, WsiCodecError
 from wsicodec.tiff import DEFAULT_TIFF_COMPRESSION, DEFAULT_TIFF_QUALITY, TIFF_COMPRESSIONS
 
 PROG = "wsicodec"
@@ -82,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "codes the overviews as JPEG-XL (distance 0.5), lossless keeps all as "
                         "PNG, none leaves them out (e.g. a label with the patient's name)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted compress of the same slide to the same OUT "
+                        "with the same settings (an interrupt keeps the finished tile rows in "
+                        "a hidden .OUT.partial-* beside OUT); starts afresh if there is none")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary: only errors (stderr) and the exit status")
 
     d = sub.add_parser("decompress", parents=[common], help="container -> pyramidal TIFF",
@@ -155,7 +163,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     with _progress_bar(total, not show, "compress") as bar:
         result = compress(args.input, args.output, codec, tile_size=args.tile_size,
                           workers=args.workers, overwrite=args.overwrite, progress=bar.update,
-                          associated=args.associated)
+                          associated=args.associated, resume=args.resume)
     if args.quiet:
         return 0
     w, h = result.dimensions
@@ -308,15 +316,40 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _sigterm_interrupts() -> Any:
+    """Make SIGTERM (``kill``, a batch scheduler's time limit) stop like Ctrl-C: cleanup
+    runs, an interrupted compress keeps its finished rows. Main thread only; returns the
+    handler it replaced (None where it did nothing)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (never raises, except with --debug)."""
     args_list: Sequence[str] = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args_list
+    previous = _sigterm_interrupts()
+    try:
+        return _main(args_list, debug)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args_list: Sequence[str], debug: bool) -> int:
     try:
         args = build_parser().parse_args(list(args_list))
         return _COMMANDS[args.command](args)
     except _UsageError as e:
         return _fail(str(e), EXIT_USAGE)
+    except CompressInterrupted as e:
+        return _fail(f"interrupted: {e.done} of {e.total} tiles kept in {e.partial}; the same "
+                     "command with --resume continues from there (or delete it)", EXIT_INTERRUPTED)
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED)
     except BrokenPipeError:

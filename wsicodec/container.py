@@ -12,15 +12,26 @@ Tiles are stored padded to ``tile_size`` squares (edge replication); readers cro
 Writing is atomic: everything goes to a hidden sibling path, the root metadata is
 written last, and the result is renamed onto ``OUT`` only when complete, so a failed
 or interrupted write leaves nothing at ``OUT`` and nothing that opens as a container.
+
+Resuming: the hidden sibling (``.OUT.partial-XXXXXXXX``, ``….d`` for a zip) keeps a
+journal (:data:`JOURNAL`) of the tile rows it holds: the settings on its first line,
+then one line per finished row with its tiles' CRC32s. An interrupted write
+(KeyboardInterrupt: Ctrl-C, or SIGTERM through the CLI) that finished a row keeps the
+sibling; a writer made with ``resume=True`` for the same output and identical settings
+takes it over, checks each journalled row against its CRCs and keeps the rows that
+pass. A writer holds an exclusive lock on its journal, so a live write is never taken
+over. Any other failure removes the sibling.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+import struct
 import uuid
 import warnings
 import zipfile
@@ -44,6 +55,8 @@ FORMAT_NAME = "wsicodec"
 FORMAT_VERSION = 2   # 2: associated images may be JPEG-XL ("associated_formats"); 1: PNG only
 SUPPORTED_VERSIONS = (1, 2)
 ATTRS_KEY = "wsicodec"
+#: the resume journal inside a container being written (never in a finished container)
+JOURNAL = "wsicodec-journal.jsonl"
 _ASSOCIATED_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 #: What ``compress --associated`` may ask for:
@@ -202,6 +215,29 @@ def _vlen_bytes_dtype() -> Any:
     return zarr.dtype.VariableLengthBytes()
 
 
+def _read_tile_chunk(array: Any, row: int, col: int) -> bytes:
+    """The bytes of tile (row, col) of a one-tile-per-chunk vlen-bytes array; b"" if its
+    chunk is missing. The chunk's framing (item count 1, then the length of the
+    one item) is checked here instead of by zarr's vlen-bytes codec: numcodecs trusts the
+    item count in a chunk's first four bytes, so a chunk with damaged framing made one
+    tile read allocate an object array of up to 4 G items (~30 s and gigabytes) before
+    failing. Raises CorruptDataError for bad framing; store errors pass through."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    key = f"{array.path}/{array.metadata.encode_chunk_key((row, col))}"
+    buf = sync(array.store_path.store.get(key, prototype=default_buffer_prototype()))
+    if buf is None:
+        return b""
+    raw = buf.to_bytes()
+    if len(raw) < 8:
+        raise CorruptDataError(f"chunk {key} is truncated ({len(raw)} bytes)")
+    count, length = struct.unpack_from("<II", raw)
+    if count != 1 or length != len(raw) - 8:
+        raise CorruptDataError(f"chunk {key} has damaged framing")
+    return raw[8:]
+
+
 def _quiet_zarr() -> warnings.catch_warnings:
     """zarr warns that variable-length bytes have no final v3 spec yet; we pin zarr>=3.1
     and read what we write, so the warning is noise for our users."""
@@ -233,8 +269,14 @@ class ContainerWriter:
     """
 
     def __init__(self, path: str | os.PathLike[str], metadata: ContainerMetadata, *,
-                 overwrite: bool = False) -> None:
-        """Raises OutputExistsError if ``path`` exists and ``overwrite`` is false."""
+                 overwrite: bool = False, resume: bool = False,
+                 resume_key: dict[str, Any] | None = None) -> None:
+        """Raises OutputExistsError if ``path`` exists and ``overwrite`` is false.
+
+        ``resume``: continue the partial write an interrupted writer left for ``path``
+        with identical ``metadata`` and ``resume_key`` (e.g. the source file's size and
+        mtime), if there is one; :meth:`done_rows` then lists the rows it already holds.
+        """
         import zarr
         import zarr.storage
 
@@ -243,9 +285,6 @@ class ContainerWriter:
         self._check_target()
         self.metadata = metadata
         self._zip = is_zip_path(self.path)
-        tag = uuid.uuid4().hex[:8]
-        self._tmp = self.path.parent / f".{self.path.name}.partial-{tag}"
-        self._tmp_dir = self._tmp.with_name(self._tmp.name + ".d") if self._zip else self._tmp
         self._done = False
         self._grids = [lv.grid(metadata.tile_size) for lv in metadata.levels]
         self._crc = [np.zeros((g.rows, g.cols), np.uint32) for g in self._grids]
@@ -254,21 +293,101 @@ class ContainerWriter:
         self._associated: list[str] = []
         self._associated_formats: dict[str, str] = {}
         self._associated_bytes: dict[str, int] = {}
+        self._key = json.loads(json.dumps({"wsicodec_journal": 1, "metadata": metadata.to_attrs(),
+                                           "source": resume_key or {}}, sort_keys=True))
+        self._journal: Any = None
+        #: where the partial write was kept after an interrupt (None: removed or committed)
+        self.kept: Path | None = None
+        #: tiles taken over from an interrupted write (``resume=True``)
+        self.resumed_tiles = 0
         try:
-            self._group = zarr.open_group(zarr.storage.LocalStore(self._tmp_dir), mode="w",
-                                          zarr_format=3)
-            self._tiles = []
-            cw = _quiet_zarr()
-            try:
-                for i, g in enumerate(self._grids):
-                    self._tiles.append(self._group.create_array(
-                        f"levels/{i}/tiles", shape=(g.rows, g.cols), chunks=(1, 1),
-                        dtype=_vlen_bytes_dtype(), fill_value=b"", compressors=None))
-            finally:
-                cw.__exit__(None, None, None)
+            found = self._take_over() if resume else None
+            if found is None:
+                tag = uuid.uuid4().hex[:8]
+                self._tmp = self.path.parent / f".{self.path.name}.partial-{tag}"
+                self._tmp_dir = self._tmp.with_name(self._tmp.name + ".d") if self._zip else self._tmp
+                self._group = zarr.open_group(zarr.storage.LocalStore(self._tmp_dir), mode="w",
+                                              zarr_format=3)
+                self._tiles = []
+                cw = _quiet_zarr()
+                try:
+                    for i, g in enumerate(self._grids):
+                        self._tiles.append(self._group.create_array(
+                            f"levels/{i}/tiles", shape=(g.rows, g.cols), chunks=(1, 1),
+                            dtype=_vlen_bytes_dtype(), fill_value=b"", compressors=None))
+                finally:
+                    cw.__exit__(None, None, None)
+                self._journal = _locked_journal(self._tmp_dir / JOURNAL)
+                if self._journal is None:   # cannot happen for a fresh random name
+                    raise WsiCodecError(f"{self._tmp_dir}: journal is locked by another writer")
+                self._journal_line(self._key)
         except BaseException:
             self.abort()
             raise
+
+    def _take_over(self) -> Path | None:
+        """Adopt the newest unlocked partial write of this output with the same settings;
+        load and check its journalled rows. Returns its directory, or None."""
+        import zarr
+        import zarr.storage
+
+        candidates = sorted((p for p in self.path.parent.glob(f".{self.path.name}.partial-*")
+                             if p.is_dir() and p.name.endswith(".d") == self._zip
+                             and (p / JOURNAL).is_file()),
+                            key=lambda p: (p / JOURNAL).stat().st_mtime, reverse=True)
+        for d in candidates:
+            journal = _locked_journal(d / JOURNAL)
+            if journal is None:        # a live writer holds it
+                continue
+            try:
+                lines = (d / JOURNAL).read_text(encoding="utf-8").splitlines()
+                if not lines or json.loads(lines[0]) != self._key:
+                    journal.close()
+                    continue
+                group = zarr.open_group(zarr.storage.LocalStore(d), mode="r+", zarr_format=3)
+                tiles = [group[f"levels/{i}/tiles"] for i in range(len(self._grids))]
+            except (OSError, ValueError, KeyError):
+                journal.close()
+                continue
+            self._journal, self._group, self._tiles = journal, group, tiles
+            self._tmp_dir = d
+            self._tmp = d.with_name(d.name[:-2]) if self._zip else d
+            for line in lines[1:]:
+                self._check_journalled_row(line)
+            self.resumed_tiles = int(sum(w.sum() for w in self._written))
+            return d
+        return None
+
+    def _check_journalled_row(self, line: str) -> None:
+        """Keep a journalled row if its stored tiles match the CRC32s journalled for them."""
+        try:
+            entry = json.loads(line)
+            level, row, crcs = int(entry["level"]), int(entry["row"]), list(entry["crc"])
+            grid = self._grids[level]
+            if not 0 <= row < grid.rows or len(crcs) != grid.cols:
+                return
+            stored = [_read_tile_chunk(self._tiles[level], row, c) for c in range(grid.cols)]
+        except (ValueError, KeyError, TypeError, IndexError, OSError):
+            return      # a torn last line, or a damaged row: encode it again
+        if [zlib.crc32(b) for b in stored] != crcs:
+            return
+        self._crc[level][row, :] = crcs
+        self._bytes[level] += sum(len(b) for b in stored)
+        self._written[level][row, :] = True
+
+    def _journal_line(self, obj: dict[str, Any]) -> None:
+        self._journal.write(json.dumps(obj, sort_keys=True) + "\n")
+        self._journal.flush()
+
+    def done_rows(self) -> set[tuple[int, int]]:
+        """(level, row) of every tile row already stored (taken over by ``resume``)."""
+        return {(level, int(r)) for level, w in enumerate(self._written)
+                for r in np.flatnonzero(w.all(axis=1))}
+
+    @property
+    def written_tiles(self) -> int:
+        """Tiles stored so far (taken over or written)."""
+        return int(sum(w.sum() for w in self._written))
 
     def _check_target(self) -> None:
         check_output_path(self.path, self.overwrite)
@@ -294,6 +413,8 @@ class ContainerWriter:
         finally:
             cw.__exit__(None, None, None)
         self._written[level][row, :] = True
+        self._journal_line({"level": level, "row": row,
+                            "crc": [int(c) for c in self._crc[level][row]]})
 
     def write_associated(self, name: str, rgb: np.ndarray, fmt: str = "png") -> None:
         """Store an associated image as PNG (lossless) or JPEG-XL (``fmt`` "jxl", distance
@@ -308,7 +429,7 @@ class ContainerWriter:
         data = _encode_png(rgb) if fmt == "png" else _encode_jxl(rgb)
         arr = self._group.create_array(f"associated/{name}", shape=(len(data),),
                                        chunks=(len(data),), dtype="uint8", compressors=None,
-                                       fill_value=0)
+                                       fill_value=0, overwrite=True)   # again when resuming
         arr[:] = np.frombuffer(data, dtype=np.uint8)
         self._associated.append(name)
         self._associated_formats[name] = fmt
@@ -326,10 +447,12 @@ class ContainerWriter:
                 row, col = np.argwhere(~mask)[0]
                 raise WsiCodecError(f"internal error: tile level={level} col={col} row={row} "
                                     "was never written")
+        self._close_journal()
+        (self._tmp_dir / JOURNAL).unlink(missing_ok=True)
         for level, crc in enumerate(self._crc):
             arr = self._group.create_array(f"levels/{level}/crc32", shape=crc.shape,
                                            chunks=crc.shape, dtype="uint32", fill_value=0,
-                                           compressors=None)
+                                           compressors=None, overwrite=True)
             arr[:] = crc
         from dataclasses import replace
 
@@ -346,9 +469,16 @@ class ContainerWriter:
         self._done = True
         return meta
 
+    def _close_journal(self) -> None:
+        if self._journal is not None:
+            with contextlib.suppress(OSError):
+                self._journal.close()     # releases the lock
+            self._journal = None
+
     def abort(self) -> None:
         """Remove every temporary file. Safe to call twice."""
-        if self._done:
+        self._close_journal()
+        if self._done or self.kept is not None or not hasattr(self, "_tmp"):
             return
         for p in {self._tmp, self._tmp_dir}:
             if p.is_dir():
@@ -356,11 +486,44 @@ class ContainerWriter:
             elif p.exists():
                 p.unlink(missing_ok=True)
 
+    def keep(self) -> Path | None:
+        """Leave the partial write for a later ``resume=True`` writer (if it holds a tile
+        row; otherwise remove it). Returns where it is kept, or None."""
+        if self._done:
+            return None
+        self._close_journal()
+        if self.written_tiles and (self._tmp_dir / JOURNAL).is_file():   # not mid-commit
+            if self._zip:
+                self._tmp.unlink(missing_ok=True)    # a half-packed zip, if any
+            self.kept = self._tmp_dir
+        else:
+            self.abort()
+        return self.kept
+
     def __enter__(self) -> "ContainerWriter":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.abort()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self.keep()
+        else:
+            self.abort()
+
+
+def _locked_journal(path: Path) -> Any:
+    """Open ``path`` for appending under an exclusive lock; None if another writer holds
+    it. Without ``fcntl`` (Windows) there is no lock."""
+    f = open(path, "a", encoding="utf-8")
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return f
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return None
+    return f
 
 
 def _zip_directory(src: Path, dest: Path) -> None:
@@ -472,15 +635,10 @@ class Container:
         tiles, crc = self._level_arrays(level)
         where = f"level={level} col={col} row={row}"
         try:
-            cw = _quiet_zarr()
-            try:
-                data = tiles[row:row + 1, col:col + 1][0, 0]
-            finally:
-                cw.__exit__(None, None, None)
+            data = _read_tile_chunk(tiles, row, col)
         except Exception as e:  # damaged chunk framing, zip member CRC, I/O
             raise CorruptTileError(f"{self.path}: tile {where} is unreadable: {e}",
                                    level=level, col=col, row=row) from e
-        data = bytes(data)
         if not data or zlib.crc32(data) != int(crc[row, col]):
             raise CorruptTileError(f"{self.path}: tile {where} is damaged (CRC32 mismatch)",
                                    level=level, col=col, row=row)

@@ -60,3 +60,15 @@ class OutputExistsError(WsiCodecError, FileExistsError):
 
 class OutputPathError(WsiCodecError, FileNotFoundError):
     """The output cannot go where asked: its folder is missing (never created for you)."""
+
+
+class CompressInterrupted(KeyboardInterrupt):
+    """A compress was interrupted (Ctrl-C, SIGTERM) after finishing some tile rows; they
+    were kept at ``partial`` (hidden, next to the output) for a later ``resume=True``.
+
+    A KeyboardInterrupt, not a WsiCodecError: code that stops on Ctrl-C still stops.
+    """
+
+    def __init__(self, partial: object, done: int, total: int) -> None:
+        super().__init__(f"{done} of {total} tiles kept in {partial}")
+        self.partial, self.done, self.total = partial, done, total

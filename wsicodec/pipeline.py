@@ -31,8 +31,8 @@ import numpy as np
 from wsicodec.codecs import TileCodec
 from wsicodec.container import (ContainerMetadata, ContainerWriter, associated_format,
                                 check_output_path, open_container, path_size)
-from wsicodec.errors import (CorruptDataError, CorruptTileError, InvalidSettingError,
-                             UnsupportedFormatError)
+from wsicodec.errors import (CompressInterrupted, CorruptDataError, CorruptTileError,
+                             InvalidSettingError, UnsupportedFormatError)
 from wsicodec.tiff import TiffSettings, write_pyramidal_tiff
 from wsicodec.tiling import iter_strips, iter_tiles, open_source, plan_pyramid
 from wsicodec.tiling.pyramid import PyramidPlan, Strip
@@ -214,16 +214,27 @@ def _done_future(f: Future, futures: list[Future[bytes]]) -> None:
 def compress_source(source: SlideSource, output: str | os.PathLike[str], codec: TileCodec, *,
                     tile_size: int = 256, workers: int | None = None, overwrite: bool = False,
                     progress: Progress | None = None, source_name: str | None = None,
-                    source_bytes: int | None = None, associated: str = "auto") -> ContainerMetadata:
+                    source_bytes: int | None = None, associated: str = "auto",
+                    resume: bool = False, resume_key: dict[str, Any] | None = None
+                    ) -> ContainerMetadata:
     """Compress an open source into a container at ``output`` (atomic).
 
     ``associated``: how the label / macro / thumbnail are kept, one of
     :data:`wsicodec.container.ASSOCIATED_POLICIES` ("auto": label lossless, the rest
     JPEG-XL; "lossless"; "none": left out).
 
+    ``resume``: continue what an interrupted compress of the same source to the same
+    output with the same settings (codec, quality, tile size, ...; and ``resume_key``,
+    which :func:`compress` fills with the source file's size and mtime) left behind:
+    its finished tile rows are checked against their CRCs and not encoded again. With
+    nothing to continue, it starts from the beginning. ``progress`` gets the taken-over
+    tiles first, in one call.
+
     Raises InvalidSettingError (tile size, workers, associated), OutputExistsError, the
-    source's read errors and the codec's errors; on any error or interrupt nothing is left
-    at ``output``.
+    source's read errors and the codec's errors; on any error nothing is left at
+    ``output`` or beside it. An interrupt (KeyboardInterrupt) after at least one tile
+    row was finished raises :class:`CompressInterrupted`: nothing at ``output``, the
+    finished rows kept in a hidden sibling for ``resume``.
     """
     n_workers = _check_workers(workers)
     associated_format("label", associated)   # an unknown policy fails before any work
@@ -235,53 +246,82 @@ def compress_source(source: SlideSource, output: str | os.PathLike[str], codec: 
         mpp=source.mpp, objective_power=source.objective_power,
         source_vendor=source.vendor, source_name=source_name, source_bytes=source_bytes,
         properties=dict(source.properties))
-    with ContainerWriter(output, meta, overwrite=overwrite) as writer:
-        for name in source.associated_image_names():
-            fmt = associated_format(name, associated)
-            if fmt is not None:
-                writer.write_associated(name, source.read_associated_image(name), fmt)
-        margin = int(getattr(codec, "margin", 0))
-        batched = margin > 0 and hasattr(codec, "encode_batch")
+    writer = ContainerWriter(output, meta, overwrite=overwrite, resume=resume,
+                             resume_key=resume_key)
+    total = plan.tile_count
+    try:
+        with writer:
+            _write_all(writer, source, plan, codec, associated, n_workers, progress)
+            return writer.commit()
+    except KeyboardInterrupt as e:
+        if writer.kept is not None:
+            raise CompressInterrupted(writer.kept, writer.written_tiles, total) from e
+        raise
+
+
+def _write_all(writer: ContainerWriter, source: SlideSource, plan: PyramidPlan,
+               codec: TileCodec, associated: str, n_workers: int,
+               progress: Progress | None) -> None:
+    """Encode every tile row ``writer`` does not hold yet, and the associated images."""
+    tile_size = plan.tile_size
+    done = writer.done_rows()
+    if done and progress:
+        progress(writer.written_tiles)
+    for name in source.associated_image_names():
+        fmt = associated_format(name, associated)
+        if fmt is not None:
+            writer.write_associated(name, source.read_associated_image(name), fmt)
+    margin = int(getattr(codec, "margin", 0))
+    batched = margin > 0 and hasattr(codec, "encode_batch")
+    if batched:
+        n_workers = 1  # the network parallelises inside; one batch at a time
+    pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="wsicodec-encode")
+    try:
+        rows = _RowCollector(writer, limit=4 * n_workers if not batched else 64, progress=progress)
         if batched:
-            n_workers = 1  # the network parallelises inside; one batch at a time
-        pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="wsicodec-encode")
-        try:
-            rows = _RowCollector(writer, limit=4 * n_workers if not batched else 64, progress=progress)
-            if batched:
-                for strip, ext, top in iter_context_strips(iter_strips(source, plan), plan, margin):
-                    cols = plan.levels[strip.level].grid.cols
-                    futures = rows.start_row(strip.level, strip.row, cols)
-                    tiles = list(iter_context_tiles(ext, top, tile_size, margin))
-                    futures.extend(Future() for _ in tiles)
-                    job = pool.submit(_encode_context_row, codec, tiles, BATCH_SIZE)
-                    job.add_done_callback(lambda f, fs=list(futures): _done_future(f, fs))
-                    for _ in tiles:
-                        rows.added()
-            else:
-                for strip in iter_strips(source, plan):
-                    cols = plan.levels[strip.level].grid.cols
-                    futures = rows.start_row(strip.level, strip.row, cols)
-                    for _col, tile in iter_tiles(strip, tile_size):
-                        futures.append(pool.submit(codec.encode, tile))
-                        rows.added()
-            rows.drain(0)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-        return writer.commit()
+            # rows already held are still read: their pixels are the next rows' context
+            for strip, ext, top in iter_context_strips(iter_strips(source, plan), plan, margin):
+                if (strip.level, strip.row) in done:
+                    continue
+                cols = plan.levels[strip.level].grid.cols
+                futures = rows.start_row(strip.level, strip.row, cols)
+                tiles = list(iter_context_tiles(ext, top, tile_size, margin))
+                futures.extend(Future() for _ in tiles)
+                job = pool.submit(_encode_context_row, codec, tiles, BATCH_SIZE)
+                job.add_done_callback(lambda f, fs=list(futures): _done_future(f, fs))
+                for _ in tiles:
+                    rows.added()
+        else:
+            for strip in iter_strips(source, plan):
+                if (strip.level, strip.row) in done:
+                    continue
+                cols = plan.levels[strip.level].grid.cols
+                futures = rows.start_row(strip.level, strip.row, cols)
+                for _col, tile in iter_tiles(strip, tile_size):
+                    futures.append(pool.submit(codec.encode, tile))
+                    rows.added()
+        rows.drain(0)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def compress(source: str | os.PathLike[str], output: str | os.PathLike[str], codec: TileCodec, *,
              tile_size: int = 256, workers: int | None = None, overwrite: bool = False,
-             progress: Progress | None = None, associated: str = "auto") -> CompressResult:
+             progress: Progress | None = None, associated: str = "auto",
+             resume: bool = False) -> CompressResult:
     """Compress a slide or image file into a container (``.zarr`` dir or ``.zarr.zip``).
 
     ``associated``: how associated images are kept (see :func:`compress_source`).
+    ``resume``: continue an interrupted compress of this source to this output with the
+    same settings, if one left its finished rows (the source file must be unchanged:
+    same size and modification time); otherwise start from the beginning.
 
     Raises:
         SlideNotFoundError, UnsupportedFormatError, CorruptDataError: the input.
         InvalidSettingError: tile size / workers out of range, unknown ``associated``.
         OutputExistsError: ``output`` exists and ``overwrite`` is false.
         OutputPathError: the folder ``output`` would go in does not exist.
+        CompressInterrupted: interrupted after finishing tile rows, which were kept.
     """
     t0 = time.perf_counter()
     src_path = Path(source)
@@ -289,10 +329,12 @@ def compress(source: str | os.PathLike[str], output: str | os.PathLike[str], cod
     check_output_path(out_path, overwrite)
     with open_source(src_path) as src:
         nbytes = source_file_bytes(src_path, src.vendor)
+        key = {"path": str(src_path.resolve()), "bytes": nbytes,
+               "mtime_ns": src_path.stat().st_mtime_ns}
         meta = compress_source(src, out_path, codec, tile_size=tile_size, workers=workers,
                                overwrite=overwrite, progress=progress,
                                source_name=src_path.name, source_bytes=nbytes,
-                               associated=associated)
+                               associated=associated, resume=resume, resume_key=key)
     return CompressResult(
         source=src_path, output=out_path, dimensions=meta.levels[0].dimensions,
         levels=len(meta.levels),
@@ -452,6 +494,7 @@ def decompress(source: str | os.PathLike[str], output: str | os.PathLike[str], *
         CorruptTileError: a damaged tile (nothing is left at ``output``).
         OutputExistsError: ``output`` exists and ``overwrite`` is false.
         OutputPathError: the folder ``output`` would go in does not exist.
+        CompressInterrupted: interrupted after finishing tile rows, which were kept.
     """
     t0 = time.perf_counter()
     out_path = Path(output)
