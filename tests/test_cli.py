@@ -326,10 +326,9 @@ def test_interrupted_compress_resumes(tmp_path: Path, capsys, odd_image: np.ndar
             assert list(a.iter_encoded_tiles(level)) == list(b.iter_encoded_tiles(level))
 
 
-def test_sigterm_stops_compress_like_ctrl_c(tmp_path: Path, odd_image: np.ndarray) -> None:
-    """`kill` (or a batch scheduler's time limit) mid-compress: exit 130, one line, the
-    finished rows kept for --resume, nothing at the output path."""
-    import signal
+def _slow_compress_until_a_row_is_done(tmp_path: Path, odd_image: np.ndarray, out: Path):
+    """Start `wsicodec compress` (JPEG slowed to 0.2 s a tile) in a subprocess; return it
+    once its journal shows a finished row."""
     import subprocess
     import sys
     import time
@@ -337,7 +336,6 @@ def test_sigterm_stops_compress_like_ctrl_c(tmp_path: Path, odd_image: np.ndarra
     from PIL import Image
 
     Image.fromarray(odd_image).save(tmp_path / "odd.png")
-    out = tmp_path / "t.zarr"
     slow = ("import sys, time; from wsicodec import cli, codecs; real = codecs.JpegCodec.encode; "
             "codecs.JpegCodec.encode = lambda self, t: (time.sleep(0.2), real(self, t))[1]; "
             "sys.exit(cli.main(sys.argv[1:]))")
@@ -346,16 +344,41 @@ def test_sigterm_stops_compress_like_ctrl_c(tmp_path: Path, odd_image: np.ndarra
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        journals = list(tmp_path.glob(".t.zarr.partial-*/wsicodec-journal.jsonl"))
+        journals = list(tmp_path.glob(f".{out.name}.partial-*/wsicodec-journal.jsonl"))
         if journals and len(journals[0].read_text().splitlines()) >= 2:   # a row is done
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    assert proc.poll() is None, "compress ended before it could be stopped"
+    return proc
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_killed_compress_resumes(tmp_path: Path, capsys, odd_image: np.ndarray, how: str,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kill` (or a batch scheduler's time limit) mid-compress stops it like Ctrl-C: exit
+    130, one line, the finished rows kept; after `kill -9` the partial is there too. Either
+    way `--resume` finishes a container that verifies, and nothing else is left."""
+    import signal
+
+    out = tmp_path / "t.zarr"
+    proc = _slow_compress_until_a_row_is_done(tmp_path, odd_image, out)
+    proc.send_signal(getattr(signal, how))
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert_one_line_error(proc.returncode, err, "interrupted: ", "tiles kept in ", "--resume")
+    if how == "SIGTERM":
+        assert proc.returncode == 130, err
+        assert_one_line_error(proc.returncode, err, "interrupted: ", "tiles kept in ",
+                              "--resume")
+    else:
+        assert proc.returncode == -signal.SIGKILL
     assert not out.exists()
     assert len(list(tmp_path.glob(".t.zarr.partial-*"))) == 1
+    calls = _jpeg_encode_counting(monkeypatch, stop_at=None)
+    code, _, err = run(capsys, "compress", tmp_path / "odd.png", out, "--codec", "jpeg",
+                       "--tile-size", "64", "--resume", "--quiet")
+    assert code == 0, err
+    assert 0 < calls["n"] <= 29 - 4                 # at least a row was taken over
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.png", "t.zarr"]
+    assert run(capsys, "verify", out, "--decode", "--quiet")[0] == 0
 
 
 def test_codecs_command(capsys) -> None:
