@@ -170,8 +170,16 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     mp = w * h / 1e6
     conf = ", ".join(f"{k}={v}" for k, v in codec.to_dict()["configuration"].items())
     print(f"compressed {result.source} -> {result.output} with {codec.name} ({conf})")
+    if result.resumed_tiles:
+        print(f"  resumed: {result.resumed_tiles} of {result.tiles} tiles taken over from the "
+              "interrupted run, the rest coded now")
+    elif args.resume:
+        print("  --resume: no interrupted run of this slide to this output with these "
+              "settings was found; coded from the beginning")
+    speed = ("" if result.resumed_tiles else
+             f" ({mp / max(result.seconds, 1e-9):.2f} MP/s level 0)")   # a resumed run's is not
     print(f"  {w} x {h} px, {result.levels} levels, {result.tiles} tiles, "
-          f"{result.seconds:.1f} s ({mp / max(result.seconds, 1e-9):.2f} MP/s level 0)")
+          f"{result.seconds:.1f} s{speed}")
     print(f"  source {_mb(result.source_bytes)}, container {_mb(result.container_bytes)} "
           f"(tiles {_mb(result.tile_bytes)}, associated images {_mb(result.associated_bytes)}); "
           f"ratio {result.ratio_vs_source:.2f}:1 vs source file, {result.ratio_vs_raw:.1f}:1 vs "

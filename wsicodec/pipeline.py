@@ -79,6 +79,8 @@ class CompressResult:
     tile_bytes: int
     associated_bytes: int
     seconds: float
+    #: tiles taken over from an interrupted run (``resume``), not encoded again
+    resumed_tiles: int = 0
 
     @property
     def raw_bytes(self) -> int:
@@ -236,6 +238,18 @@ def compress_source(source: SlideSource, output: str | os.PathLike[str], codec: 
     row was finished raises :class:`CompressInterrupted`: nothing at ``output``, the
     finished rows kept in a hidden sibling for ``resume``.
     """
+    return _compress_source(source, output, codec, tile_size=tile_size, workers=workers,
+                            overwrite=overwrite, progress=progress, source_name=source_name,
+                            source_bytes=source_bytes, associated=associated, resume=resume,
+                            resume_key=resume_key)[0]
+
+
+def _compress_source(source: SlideSource, output: str | os.PathLike[str], codec: TileCodec, *,
+                     tile_size: int, workers: int | None, overwrite: bool,
+                     progress: Progress | None, source_name: str | None,
+                     source_bytes: int | None, associated: str, resume: bool,
+                     resume_key: dict[str, Any] | None) -> tuple[ContainerMetadata, int]:
+    """:func:`compress_source`, also returning how many tiles were taken over."""
     n_workers = _check_workers(workers)
     associated_format("label", associated)   # an unknown policy fails before any work
     plan = plan_pyramid(source.level_dimensions, source.level_downsamples, tile_size)
@@ -252,7 +266,7 @@ def compress_source(source: SlideSource, output: str | os.PathLike[str], codec: 
     try:
         with writer:
             _write_all(writer, source, plan, codec, associated, n_workers, progress)
-            return writer.commit()
+            return writer.commit(), writer.resumed_tiles
     except KeyboardInterrupt as e:
         if writer.kept is not None:
             raise CompressInterrupted(writer.kept, writer.written_tiles, total) from e
@@ -331,17 +345,17 @@ def compress(source: str | os.PathLike[str], output: str | os.PathLike[str], cod
         nbytes = source_file_bytes(src_path, src.vendor)
         key = {"path": str(src_path.resolve()), "bytes": nbytes,
                "mtime_ns": src_path.stat().st_mtime_ns}
-        meta = compress_source(src, out_path, codec, tile_size=tile_size, workers=workers,
-                               overwrite=overwrite, progress=progress,
-                               source_name=src_path.name, source_bytes=nbytes,
-                               associated=associated, resume=resume, resume_key=key)
+        meta, resumed = _compress_source(
+            src, out_path, codec, tile_size=tile_size, workers=workers, overwrite=overwrite,
+            progress=progress, source_name=src_path.name, source_bytes=nbytes,
+            associated=associated, resume=resume, resume_key=key)
     return CompressResult(
         source=src_path, output=out_path, dimensions=meta.levels[0].dimensions,
         levels=len(meta.levels),
         tiles=sum(lv.grid(meta.tile_size).tile_count for lv in meta.levels),
         source_bytes=nbytes, container_bytes=path_size(out_path),
         tile_bytes=sum(meta.level_bytes), associated_bytes=sum(meta.associated_bytes.values()),
-        seconds=time.perf_counter() - t0)
+        seconds=time.perf_counter() - t0, resumed_tiles=resumed)
 
 
 def plan_tile_count(source: str | os.PathLike[str], tile_size: int) -> int:
