@@ -509,7 +509,8 @@ def test_bench_tile_path_prices_and_scores_tiles_as_the_codec_codes_them(tissue)
         else:
             y_sym = torch.round(t.y - t.mu)
             assert t.side_bytes + tilecode.stream_bytes(y_sym[0], t.index[0], tables[1]) == len(data)
-            assert tilecode.core_sse(m, t, y_sym + t.mu) == pytest.approx(sse, rel=1e-9)
+            y_hat = m.reconstruct(y_sym, t.mu, t.index, 3.5)    # as the decoder does
+            assert tilecode.core_sse(m, t, y_hat) == pytest.approx(sse, rel=1e-9)
 
 
 @pytest.mark.parametrize("cin,cout,shape", [(96, 3, (9, 13)), (5, 7, (1, 1)), (4, 16, (6, 3))])
@@ -577,3 +578,37 @@ def test_exact_entropy_parameters_are_the_same_bits_from_another_blas(tissue):
         other = _np_exact_h_s(h, z_hat[0].numpy(), quality)
         assert other.shape == tuple(ref.shape[1:])
         assert np.array_equal(other, ref[0].numpy())
+
+
+def test_bin_centroid_offset_is_the_gaussian_bin_mean():
+    from wsicodec.model import bin_centroid_offset
+
+    s = torch.tensor([0.0, 1.0, -1.0, 2.0, -3.0, 1.0, 4.0], dtype=torch.float64)
+    sigma = torch.tensor([0.3, 0.3, 0.3, 1.0, 2.5, 100.0, 0.5], dtype=torch.float64)
+    got = bin_centroid_offset(s, sigma)
+    for si, sg, g in zip(s.tolist(), sigma.tolist(), got.tolist()):
+        v = torch.linspace(si - 0.5, si + 0.5, 400001, dtype=torch.float64)
+        w = torch.exp(-0.5 * (v / sg) ** 2)
+        assert g == pytest.approx(float(torch.trapezoid(v * w, v) / torch.trapezoid(w, v)) - si, abs=1e-7)
+    assert got[0] == 0 and got[1] == -got[2] and got[1] < -0.3 and abs(got[5]) < 1e-4
+    assert bin_centroid_offset(torch.tensor([9.0], dtype=torch.float64),     # beyond float64's
+                               torch.tensor([0.11], dtype=torch.float64)).item() == 0   # tail
+
+
+def test_reconstruction_moves_pixels_never_symbols(tissue, monkeypatch):
+    """κ > 0 (ModelConfig.reconstruction) decodes the same stream (symbol checksum holds)
+    to other pixels, closer to the source at a low quality; κ interpolates over 1..8."""
+    from dataclasses import replace
+
+    codec = LearnedCodec(quality=2)
+    m = codec.loaded.model
+    tile = tissue[:256, :256]
+    data = codec.encode(tile)
+    plain = codec.decode(data)
+    monkeypatch.setattr(m, "config", replace(m.config, reconstruction=(0.6, 0.5, 0.5, 0.5, 0.4, 0.2, 0.0, 0.0)))
+    assert m.reconstruction_kappa(1) == 0.6 and m.reconstruction_kappa(8) == 0.0
+    assert m.reconstruction_kappa(5.5) == pytest.approx(0.3) and m.reconstruction_kappa(0.5) == 0.6
+    moved = codec.decode(data)
+    assert (moved != plain).any()
+    assert _psnr(moved, tile) > _psnr(plain, tile)
+    assert codec.encode(tile) == data                       # the encoder does not use it

@@ -1,7 +1,7 @@
 """Freeze a training checkpoint into the shipped inference weights.
 
     python train/export.py runs/main/last.pt [--out wsicodec/weights/wsicodec-hyperprior.pt]
-                           [--decoder-of OLD_WEIGHTS.pt]
+                           [--decoder-of OLD_WEIGHTS.pt] [--reconstruction K1 ... K8]
 
 Finds the entropy bottleneck's quantiles by bisection, builds the integer CDF
 tables, drops optimiser state, writes atomically and prints the model id (sha256).
@@ -27,10 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decoder-of", default=None, metavar="WEIGHTS",
                     help="shipped weights whose decoder the checkpoint kept (train.py --freeze-decoder): "
                          "checked tensor for tensor, then data made with them opens with the new weights")
+    ap.add_argument("--reconstruction", type=float, nargs="+", default=None, metavar="K",
+                    help="the decoder's κ at qualities spread evenly over 1..8, as "
+                         "train/tune_reconstruction.py prints them (default: none, bin centres)")
     args = ap.parse_args(argv)
     try:
         sha = export(args.checkpoint, args.out, {"note": args.note} if args.note else None,
-                     decoder_of=args.decoder_of)
+                     decoder_of=args.decoder_of, reconstruction=args.reconstruction)
     except WsiCodecError as exc:
         raise SystemExit(f"export: error: {exc}") from None
     size = Path(args.out).stat().st_size

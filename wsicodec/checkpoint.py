@@ -25,6 +25,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from .errors import InvalidSettingError, ModelMismatchError, WsiCodecError
 
@@ -248,11 +249,14 @@ def _load_coding_state(model, state_dict: dict) -> None:
 
 
 def export(train_checkpoint: str | os.PathLike, out: str | os.PathLike, provenance: dict | None = None,
-           decoder_of: str | os.PathLike | None = None) -> str:
+           decoder_of: str | os.PathLike | None = None,
+           reconstruction: "Sequence[float] | None" = None) -> str:
     """Turn a training checkpoint into an inference checkpoint; return its sha256.
 
     Freezes the CDF tables (quantiles by bisection), drops optimiser state and
-    writes atomically.  ``decoder_of``: shipped weights whose decoder this one must
+    writes atomically.  ``reconstruction``: the decoder's κ per quality
+    (:attr:`~wsicodec.model.ModelConfig.reconstruction`, from
+    ``train/tune_reconstruction.py``), stored in the config.  ``decoder_of``: shipped weights whose decoder this one must
     be, tensor for tensor (the network's size and λ ladder too); their id, and the
     ids they decode in turn, go into ``provenance["decodes_for"]``, so data made
     with them opens with the new weights.  A decoder that differs is an error and
@@ -262,7 +266,15 @@ def export(train_checkpoint: str | os.PathLike, out: str | os.PathLike, provenan
 
     from .model import ModelConfig, WsiHyperprior
     state = torch.load(train_checkpoint, map_location="cpu", weights_only=False)
-    model = WsiHyperprior(ModelConfig.from_dict(state["config"]))
+    config = ModelConfig.from_dict(state["config"])
+    if reconstruction is not None:
+        kappas = tuple(float(k) for k in reconstruction)
+        if not all(0.0 <= k <= 1.0 for k in kappas):
+            raise InvalidSettingError(f"reconstruction κ values must lie in [0, 1], got {kappas}")
+        from dataclasses import replace
+
+        config = replace(config, reconstruction=kappas)
+    model = WsiHyperprior(config)
     model.load_state_dict(state["model"], strict=False)
     model.eval()
     with torch.no_grad():

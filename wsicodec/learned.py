@@ -379,7 +379,7 @@ class LearnedCodec:
             raise CorruptDataError(
                 f"{name}: decoded symbols fail their checksum (damaged stream, or entropy "
                 f"parameters computed differently than at encode time)")
-        return (torch.from_numpy(ys)[None].double() + mu).float()
+        return m.reconstruct(torch.from_numpy(ys)[None], mu, index, hd.quality).float()
 
 
 # ------------------------------------------------------------------ helpers

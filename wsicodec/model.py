@@ -22,6 +22,10 @@ Data flow (names follow Ballé et al. 2018 / Minnen et al. 2018, as in CompressA
   log-gains (training draws integer qualities and a share anywhere in between), so
   one set of weights covers the whole rate range.
 * No autoregressive context model: every latent of a tile is decoded in parallel.
+* The decoder's ŷ_q is μ + s (s the decoded symbol) moved κ(q) of the way toward the mean
+  of s's quantisation bin under the coded Gaussian (:meth:`WsiHyperprior.reconstruct`;
+  κ per quality fitted on training images and stored in the weights' config): pixels
+  only, the symbols and the stream are the same whatever κ is.
 
 The network only computes; bitstreams are made in :mod:`wsicodec.entropy`, and
 the path ẑ → h_s → (μ, table index) used for coding is
@@ -88,6 +92,13 @@ class ModelConfig:
     #: to g_s's 24 k multiply-adds per pixel); part of the decoder: weights that differ
     #: here decode differently (``train.py --dec-blocks K`` adds them, trained jointly)
     dec_blocks: int = 0
+    #: decoder reconstruction of y: κ at qualities spread evenly over 1..8 (linear between),
+    #: how far each decoded latent moves from its bin centre μ + s toward the centroid of
+    #: the bin under the Gaussian it was coded with (:meth:`WsiHyperprior.reconstruct`).
+    #: Empty (every export before it): bin centres, κ = 0.  Pixels only, never symbols:
+    #: streams decode to the same symbols whatever it is.  Fitted on training images by
+    #: ``train/tune_reconstruction.py``, stored by ``train/export.py --reconstruction``.
+    reconstruction: tuple[float, ...] = ()
 
     @property
     def levels(self) -> int:
@@ -96,13 +107,15 @@ class ModelConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["lambdas"] = list(self.lambdas)
+        d["reconstruction"] = list(self.reconstruction)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         return cls(N=int(d["N"]), M=int(d["M"]), lambdas=tuple(float(v) for v in d["lambdas"]),
                    enc_blocks=int(d.get("enc_blocks", 0)),    # weights made before them have none
-                   dec_blocks=int(d.get("dec_blocks", 0)))
+                   dec_blocks=int(d.get("dec_blocks", 0)),
+                   reconstruction=tuple(float(v) for v in d.get("reconstruction", ())))
 
 
 def _conv(cin: int, cout: int, k: int = 5, s: int = 2) -> nn.Conv2d:
@@ -174,6 +187,34 @@ class WsiHyperprior(nn.Module):
         log_g = 0.5 * torch.log(lam / lam[L // 2])
         self.log_gain = nn.Parameter(log_g[:, None].repeat(1, M).clone())
         self.log_hgain = nn.Parameter((0.5 * log_g)[:, None].repeat(1, N).clone())
+
+    # -------------------------------------------------------- reconstruction
+    def reconstruction_kappa(self, quality: float) -> float:
+        """κ of :attr:`ModelConfig.reconstruction` at ``quality`` (0 when it is empty)."""
+        k = self.config.reconstruction
+        if not k:
+            return 0.0
+        if len(k) == 1:
+            return float(k[0])
+        pos = (min(max(float(quality), 1.0), QUALITY_MAX) - 1) * (len(k) - 1) / (QUALITY_MAX - 1)
+        lo = min(int(pos), len(k) - 2)
+        t = pos - lo
+        return float(k[lo] * (1 - t) + k[lo + 1] * t)
+
+    def reconstruct(self, symbols: torch.Tensor, mu: torch.Tensor, index: torch.Tensor,
+                    quality: float, kappa: float | None = None) -> torch.Tensor:
+        """Gained ŷ (float64) from decoded y symbols ``s`` = round(y − μ): μ + s, moved κ of
+        the way toward the centroid of s's bin [s − ½, s + ½] under the zero-mean
+        Gaussian of σ = the scale of the CDF table at ``index`` (the one s was coded
+        with). The bins of nonzero s lean toward μ, so their mean sits inside them, not at
+        their centre (``kappa``: override :meth:`reconstruction_kappa`, for tuning)."""
+        s = symbols.to(torch.float64)
+        y = s + mu.to(torch.float64)
+        k = self.reconstruction_kappa(quality) if kappa is None else float(kappa)
+        if k == 0.0:
+            return y
+        sigma = self.gaussian_conditional.scale_table.to(torch.float64)[index.long()]
+        return y + k * bin_centroid_offset(s, sigma)
 
     # ----------------------------------------------------------------- gains
     def position(self, quality: torch.Tensor) -> torch.Tensor:
@@ -419,6 +460,21 @@ class WsiHyperprior(nn.Module):
             device = torch.device("cuda", torch.cuda.current_device())
         return self._derived((name, str(device), dtype),
                              lambda: FastTransform(getattr(self, name)).to(device=device, dtype=dtype))
+
+
+def bin_centroid_offset(s: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """E[v | round(v) = s] − s for v ~ N(0, σ²), float64: 0 for s = 0, toward 0 otherwise
+    (at most ½ in size). Computed on |s| with complementary error functions, so the upper
+    tail keeps its precision; where even those underflow (|s|/σ ≳ 37) it is 0."""
+    a = (s.abs() - 0.5) / sigma
+    b = (s.abs() + 0.5) / sigma
+    r2 = math.sqrt(2.0)
+    mass = 0.5 * (torch.special.erfc(a / r2) - torch.special.erfc(b / r2))
+    dens = (torch.exp(-0.5 * a * a) - torch.exp(-0.5 * b * b)) / math.sqrt(2 * math.pi)
+    ok = (mass > 1e-300) & (s != 0)
+    off = torch.where(ok, sigma * dens / torch.where(ok, mass, torch.ones_like(mass)) - s.abs(),
+                      torch.zeros_like(s))
+    return off * torch.sign(s)
 
 
 def pad_to_stride(x: torch.Tensor, stride: int = WsiHyperprior.STRIDE) -> torch.Tensor:

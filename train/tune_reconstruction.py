@@ -1,0 +1,110 @@
+"""Fit the decoder's reconstruction κ (``ModelConfig.reconstruction``) on training images.
+
+    python train/tune_reconstruction.py WEIGHTS.pt [--images ../shared/data/he/train]
+                                       [--count 4] [--crop 512] [--json OUT.json]
+
+The decoder turns each y symbol s into μ + s + κ·(centroid − s): κ of the way from its
+bin's centre to the bin's mean under the Gaussian it was coded with
+(:meth:`wsicodec.model.WsiHyperprior.reconstruct`).  The stream does not change, so
+neither do the bytes: κ only moves PSNR.  For each integer quality 1..8 this codes the
+central ``--crop``² of ``--count`` images the way the codec does (256² tiles with their
+context margin, glass tiles as the codec codes them) and decodes the symbols with every κ
+of a grid; it prints PSNR per (quality, κ), the best κ per quality, and the argument
+for ``train/export.py --reconstruction``.  Fit it on training images (``he/train``,
+the default), never on ``he/test``, which the benchmarks score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import tilecode  # noqa: E402  (bench/tilecode.py: the codec's encoder path up to y's symbols)
+from wsicodec.checkpoint import load_model  # noqa: E402
+from wsicodec.learned import _tables_for  # noqa: E402
+
+KAPPAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+def center_crop(img: np.ndarray, size: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    return img[top:top + size, left:left + size]
+
+
+@torch.inference_mode()
+def sse_per_kappa(model, tables, img: np.ndarray, quality: int, kappas) -> dict[float, float]:
+    """Pixel SSE of ``img`` coded at ``quality`` and decoded with each κ."""
+    sse = dict.fromkeys(kappas, 0.0)
+    for t in tilecode.tiles(model, tables, img, quality):
+        if isinstance(t, tilecode.Glass):
+            for k in sse:
+                sse[k] += t.sse
+            continue
+        s = torch.round(t.y - t.mu)
+        for k in kappas:
+            sse[k] += tilecode.core_sse(model, t, model.reconstruct(s, t.mu, t.index, quality, kappa=k))
+    return sse
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("weights")
+    ap.add_argument("--images", default=str(ROOT.parent / "shared" / "data" / "he" / "train"))
+    ap.add_argument("--count", type=int, default=4, help="images (the first, sorted by name)")
+    ap.add_argument("--crop", type=int, default=512, help="central square coded per image")
+    ap.add_argument("--kappas", type=float, nargs="+", default=list(KAPPAS))
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--json", default=None, help="write every number here")
+    args = ap.parse_args(argv)
+    torch.set_flush_denormal(True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if "he/test" in Path(args.images).as_posix():
+        print("note: fitting on he/test, the benchmark's images; fit on training images instead",
+              file=sys.stderr)
+    loaded = load_model(args.weights)
+    model, tables = loaded.model.eval(), _tables_for(loaded)
+    files = sorted(p for p in Path(args.images).iterdir()
+                   if p.suffix.lower() in (".png", ".tif", ".tiff", ".jpg", ".webp"))[:args.count]
+    imgs = [center_crop(np.asarray(Image.open(p).convert("RGB")), args.crop) for p in files]
+    px = sum(i.shape[0] * i.shape[1] for i in imgs)
+    kappas = sorted(set(args.kappas) | {0.0})
+    t0 = time.perf_counter()
+    rows = []
+    for q in range(1, 9):
+        total = dict.fromkeys(kappas, 0.0)
+        for img in imgs:
+            for k, v in sse_per_kappa(model, tables, img, q, kappas).items():
+                total[k] += v
+        psnr = {k: 10 * math.log10(255 ** 2 * px * 3 / max(v, 1e-9)) for k, v in total.items()}
+        best = max(psnr, key=psnr.get)
+        rows.append({"quality": q, "psnr": {f"{k:g}": round(v, 4) for k, v in psnr.items()},
+                     "best_kappa": best, "gain_db": round(psnr[best] - psnr[0.0], 4)})
+        print(f"q{q}: " + "  ".join(f"κ{k:g} {v:.3f}" for k, v in psnr.items())
+              + f"  -> κ {best:g} (+{psnr[best] - psnr[0.0]:.3f} dB)  [{time.perf_counter() - t0:.0f} s]",
+              flush=True)
+    arg = " ".join(f"{r['best_kappa']:g}" for r in rows)
+    print(f"train/export.py ... --reconstruction {arg}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "weights": loaded.model_id, "images": [p.name for p in files], "crop": args.crop,
+            "kappas": kappas, "rows": rows, "reconstruction": [r["best_kappa"] for r in rows],
+            "seconds": round(time.perf_counter() - t0, 1)}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
