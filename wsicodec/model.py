@@ -213,8 +213,21 @@ class WsiHyperprior(nn.Module):
         k = self.reconstruction_kappa(quality) if kappa is None else float(kappa)
         if k == 0.0:
             return y
-        sigma = self.gaussian_conditional.scale_table.to(torch.float64)[index.long()]
-        return y + k * bin_centroid_offset(s, sigma)
+        table = self._derived("centroid_table", self._centroid_table)
+        mag = s.abs().long()
+        near = mag < table.shape[1]
+        off = table[index.long(), mag.clamp(max=table.shape[1] - 1)] * torch.sign(s)
+        if not bool(near.all()):      # rare large symbols: the formula itself
+            sigma = self.gaussian_conditional.scale_table.to(torch.float64)[index.long()]
+            off = torch.where(near, off, bin_centroid_offset(s, sigma))
+        return y + k * off
+
+    def _centroid_table(self, largest: int = 32) -> torch.Tensor:
+        """:func:`bin_centroid_offset` for every CDF table's σ and s = 0..largest − 1,
+        (tables, largest) float64: a decoded tile needs two lookups, not error functions."""
+        sigma = self.gaussian_conditional.scale_table.to(torch.float64)[:, None]
+        s = torch.arange(largest, dtype=torch.float64)[None, :].expand(sigma.shape[0], -1)
+        return bin_centroid_offset(s, sigma.expand_as(s)).contiguous()
 
     # ----------------------------------------------------------------- gains
     def position(self, quality: torch.Tensor) -> torch.Tensor:
@@ -465,16 +478,22 @@ class WsiHyperprior(nn.Module):
 def bin_centroid_offset(s: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """E[v | round(v) = s] − s for v ~ N(0, σ²), float64: 0 for s = 0, toward 0 otherwise
     (at most ½ in size). Computed on |s| with complementary error functions, so the upper
-    tail keeps its precision; where even those underflow (|s|/σ ≳ 37) it is 0."""
-    a = (s.abs() - 0.5) / sigma
-    b = (s.abs() + 0.5) / sigma
+    tail keeps its precision; where even those underflow (|s|/σ ≳ 37) it is 0. Only the
+    nonzero symbols are computed (most of them are 0)."""
+    out = torch.zeros_like(s, dtype=torch.float64)
+    nz = s != 0
+    if not bool(nz.any()):
+        return out
+    mag, sig = s[nz].abs().to(torch.float64), sigma[nz].to(torch.float64)
+    a, b = (mag - 0.5) / sig, (mag + 0.5) / sig
     r2 = math.sqrt(2.0)
     mass = 0.5 * (torch.special.erfc(a / r2) - torch.special.erfc(b / r2))
     dens = (torch.exp(-0.5 * a * a) - torch.exp(-0.5 * b * b)) / math.sqrt(2 * math.pi)
-    ok = (mass > 1e-300) & (s != 0)
-    off = torch.where(ok, sigma * dens / torch.where(ok, mass, torch.ones_like(mass)) - s.abs(),
-                      torch.zeros_like(s))
-    return off * torch.sign(s)
+    ok = mass > 1e-300
+    off = torch.where(ok, sig * dens / torch.where(ok, mass, torch.ones_like(mass)) - mag,
+                      torch.zeros_like(mag))
+    out[nz] = off * torch.sign(s[nz]).to(torch.float64)
+    return out
 
 
 def pad_to_stride(x: torch.Tensor, stride: int = WsiHyperprior.STRIDE) -> torch.Tensor:
