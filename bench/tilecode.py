@@ -28,9 +28,10 @@ TILE = 256
 
 @dataclass
 class Glass:
-    """A tile the background rule codes as its colour: its bytes and SSE, final."""
+    """A tile the background rule codes as its colour: its bytes, SSE and pixels, final."""
     nbytes: int
     sse: float
+    pixels: np.ndarray        #: the decoded tile (h, w, 3) uint8
 
 
 @dataclass
@@ -61,8 +62,9 @@ def tiles(model, tables, img: np.ndarray, quality: float, tile: int = TILE,
         fit = uniform_fit(core)
         if fit is not None:
             data = _encode_uniform(core, *fit)
-            d = _decode_uniform(data, parse_header(data)).astype(np.float64) - core
-            yield Glass(len(data), float((d ** 2).sum()))
+            pixels = _decode_uniform(data, parse_header(data))
+            d = pixels.astype(np.float64) - core
+            yield Glass(len(data), float((d ** 2).sum()), pixels)
             continue
         x = torch.from_numpy(np.ascontiguousarray(region)).permute(2, 0, 1)[None].float().div(255)
         x = pad_to_stride(x, PIXEL_STRIDE)
@@ -78,9 +80,14 @@ def stream_bytes(symbols: torch.Tensor, index: torch.Tensor, table) -> int:
 
 
 @torch.inference_mode()
-def core_sse(model, t: NetworkTile, y_hat: torch.Tensor) -> float:
-    """SSE (0..255 levels) of the tile's own pixels decoded from gained ``y_hat`` (1, M, h, w)."""
+def core_pixels(model, t: NetworkTile, y_hat: torch.Tensor) -> np.ndarray:
+    """The tile's own pixels (h, w, 3) as float64 0..255 levels, decoded from gained ``y_hat``."""
     x_hat = model.synthesis(y_hat.float(), t.quality).clamp(0, 1)
     x_hat = (x_hat[0].permute(1, 2, 0).numpy() * 255).round()
     top, left, th, tw = t.box
-    return float(((x_hat[top:top + th, left:left + tw] - t.core.astype(np.float64)) ** 2).sum())
+    return x_hat[top:top + th, left:left + tw].astype(np.float64)
+
+
+def core_sse(model, t: NetworkTile, y_hat: torch.Tensor) -> float:
+    """SSE (0..255 levels) of the tile's own pixels decoded from gained ``y_hat`` (1, M, h, w)."""
+    return float(((core_pixels(model, t, y_hat) - t.core.astype(np.float64)) ** 2).sum())

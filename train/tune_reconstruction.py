@@ -6,11 +6,13 @@
 The decoder turns each y symbol s into μ + s + κ·(centroid − s): κ of the way from its
 bin's centre to the bin's mean under the Gaussian it was coded with
 (:meth:`wsicodec.model.WsiHyperprior.reconstruct`).  The stream does not change, so
-neither do the bytes: κ only moves PSNR.  For each integer quality 1..8 this codes the
-central ``--crop``² of ``--count`` images the way the codec does (256² tiles with their
-context margin, glass tiles as the codec codes them) and decodes the symbols with every κ
-of a grid; it prints PSNR per (quality, κ), the best κ per quality, and the argument
-for ``train/export.py --reconstruction``.  Fit it on training images (``he/train``,
+neither do the bytes: κ only moves the pixels.  For each integer quality 1..8 this codes
+the central ``--crop``² of ``--count`` images the way the codec does (256² tiles with
+their context margin, glass tiles as the codec codes them) and decodes the symbols with
+every κ of a grid; it prints PSNR and LPIPS per (quality, κ), the κ per quality that
+gives the most PSNR without making LPIPS worse by more than ``--lpips-slack`` (relative;
+the bin means are smoother than the bin centres, and the network's features notice), and
+the argument for ``train/export.py --reconstruction``.  Fit it on training images (``he/train``,
 the default), never on ``he/test``, which the benchmarks score.
 """
 
@@ -31,8 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import metrics  # noqa: E402  (bench/metrics.py: LPIPS from the local trunk)
 import tilecode  # noqa: E402  (bench/tilecode.py: the codec's encoder path up to y's symbols)
 from wsicodec.checkpoint import load_model  # noqa: E402
+from wsicodec.image import _grid  # noqa: E402
 from wsicodec.learned import _tables_for  # noqa: E402
 
 KAPPAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -45,18 +49,20 @@ def center_crop(img: np.ndarray, size: int) -> np.ndarray:
 
 
 @torch.inference_mode()
-def sse_per_kappa(model, tables, img: np.ndarray, quality: int, kappas) -> dict[float, float]:
-    """Pixel SSE of ``img`` coded at ``quality`` and decoded with each κ."""
-    sse = dict.fromkeys(kappas, 0.0)
-    for t in tilecode.tiles(model, tables, img, quality):
+def decode_per_kappa(model, tables, img: np.ndarray, quality: int, kappas) -> dict[float, np.ndarray]:
+    """``img`` coded at ``quality`` as the codec codes it, decoded with each κ (float64 0..255)."""
+    out = {k: np.zeros(img.shape, np.float64) for k in kappas}
+    tiles = tilecode.tiles(model, tables, img, quality)
+    for t, (_, _, ys, xs) in zip(tiles, _grid(*img.shape[:2], tilecode.TILE)):
         if isinstance(t, tilecode.Glass):
-            for k in sse:
-                sse[k] += t.sse
+            for k in kappas:
+                out[k][ys, xs] = t.pixels
             continue
         s = torch.round(t.y - t.mu)
         for k in kappas:
-            sse[k] += tilecode.core_sse(model, t, model.reconstruct(s, t.mu, t.index, quality, kappa=k))
-    return sse
+            out[k][ys, xs] = tilecode.core_pixels(
+                model, t, model.reconstruct(s, t.mu, t.index, quality, kappa=k))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=4, help="images (the first, sorted by name)")
     ap.add_argument("--crop", type=int, default=512, help="central square coded per image")
     ap.add_argument("--kappas", type=float, nargs="+", default=list(KAPPAS))
+    ap.add_argument("--lpips-slack", type=float, default=0.0,
+                    help="relative LPIPS loss allowed for PSNR (default 0: LPIPS must not get worse)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--json", default=None, help="write every number here")
     args = ap.parse_args(argv)
@@ -82,26 +90,34 @@ def main(argv: list[str] | None = None) -> int:
     imgs = [center_crop(np.asarray(Image.open(p).convert("RGB")), args.crop) for p in files]
     px = sum(i.shape[0] * i.shape[1] for i in imgs)
     kappas = sorted(set(args.kappas) | {0.0})
+    lp = metrics.load_lpips()
     t0 = time.perf_counter()
     rows = []
     for q in range(1, 9):
-        total = dict.fromkeys(kappas, 0.0)
+        sse = dict.fromkeys(kappas, 0.0)
+        lpips = dict.fromkeys(kappas, 0.0)
         for img in imgs:
-            for k, v in sse_per_kappa(model, tables, img, q, kappas).items():
-                total[k] += v
-        psnr = {k: 10 * math.log10(255 ** 2 * px * 3 / max(v, 1e-9)) for k, v in total.items()}
-        best = max(psnr, key=psnr.get)
+            ref = lp.reference(img)
+            for k, dec in decode_per_kappa(model, tables, img, q, kappas).items():
+                sse[k] += float(((dec - img) ** 2).sum())
+                lpips[k] += lp.against(ref, img, dec.astype(np.uint8)) / len(imgs)
+        psnr = {k: 10 * math.log10(255 ** 2 * px * 3 / max(v, 1e-9)) for k, v in sse.items()}
+        allowed = [k for k in kappas if lpips[k] <= lpips[0.0] * (1 + args.lpips_slack)]
+        best = max(allowed, key=psnr.get)
         rows.append({"quality": q, "psnr": {f"{k:g}": round(v, 4) for k, v in psnr.items()},
-                     "best_kappa": best, "gain_db": round(psnr[best] - psnr[0.0], 4)})
-        print(f"q{q}: " + "  ".join(f"κ{k:g} {v:.3f}" for k, v in psnr.items())
-              + f"  -> κ {best:g} (+{psnr[best] - psnr[0.0]:.3f} dB)  [{time.perf_counter() - t0:.0f} s]",
+                     "lpips": {f"{k:g}": round(v, 5) for k, v in lpips.items()},
+                     "best_kappa": best, "psnr_gain_db": round(psnr[best] - psnr[0.0], 4),
+                     "lpips_change": round(lpips[best] / lpips[0.0] - 1, 5)})
+        print(f"q{q}: " + "  ".join(f"κ{k:g} {psnr[k]:.3f} dB {lpips[k]:.4f}" for k in kappas)
+              + f"  -> κ {best:g} ({psnr[best] - psnr[0.0]:+.3f} dB, LPIPS "
+              f"{100 * (lpips[best] / lpips[0.0] - 1):+.2f} %)  [{time.perf_counter() - t0:.0f} s]",
               flush=True)
     arg = " ".join(f"{r['best_kappa']:g}" for r in rows)
     print(f"train/export.py ... --reconstruction {arg}")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "weights": loaded.model_id, "images": [p.name for p in files], "crop": args.crop,
-            "kappas": kappas, "rows": rows, "reconstruction": [r["best_kappa"] for r in rows],
+            "kappas": kappas, "lpips_slack": args.lpips_slack, "rows": rows, "reconstruction": [r["best_kappa"] for r in rows],
             "seconds": round(time.perf_counter() - t0, 1)}, indent=2) + "\n")
     return 0
 
