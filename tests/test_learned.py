@@ -354,8 +354,15 @@ def _coded_cost(tile: np.ndarray, data: bytes, quality: float) -> float:
     return 8 * len(data) / (tile.shape[0] * tile.shape[1]) + lam * mse
 
 
-@pytest.mark.parametrize("quality", [2, 7])
-def test_refine_codes_a_real_tile_cheaper_and_decodes_with_any_decoder(tissue, quality):
+@pytest.mark.parametrize("quality,kappa", [(2, None), (7, None), (3, 0.5)])
+def test_refine_codes_a_real_tile_cheaper_and_decodes_with_any_decoder(tissue, quality, kappa,
+                                                                      monkeypatch):
+    """Also with the decoder's reconstruction κ (the search scores the pixels it shows)."""
+    if kappa is not None:
+        from dataclasses import replace
+
+        m = load_model(DEFAULT_WEIGHTS).model
+        monkeypatch.setattr(m, "config", replace(m.config, reconstruction=(kappa,)))
     tile = np.ascontiguousarray(tissue[256:512, 256:512])
     plain = LearnedCodec(quality).encode(tile)
     refined = LearnedCodec(quality, refine=12).encode(tile)

@@ -333,8 +333,9 @@ class WsiHyperprior(nn.Module):
         neural image compression"): each y − μ is a soft draw between its floor and
         ceiling whose temperature falls from 0.5 towards 0 over the last three
         quarters of the steps.  After every step the *hard* cost (the symbols it
-        would code, straight rounding, z's rate from the factorized prior) is taken,
-        and the best (y, z) met per sample is returned, so the result never costs
+        would code, straight rounding, z's rate from the factorized prior, the pixels
+        decoded as the decoder reconstructs ŷ) is taken, and the best (y, z) met per
+        sample is returned, so the result never costs
         more than g_a's by that measure.  The decoder is unchanged and cannot tell.
 
         Returns (y, z, info) with per-sample tensors ``info["loss0"]`` (g_a's hard
@@ -349,6 +350,8 @@ class WsiHyperprior(nn.Module):
             medians = self.entropy_bottleneck._get_medians().detach().reshape(1, -1, 1, 1)
             yv = y.detach().clone().requires_grad_(True)
             zv = z.detach().clone().requires_grad_(True)
+            qs = [float(v) for v in quality.reshape(-1)]
+            kappa = any(self.reconstruction_kappa(v) for v in qs)   # the decoder moves ŷ
             opt = torch.optim.Adam([yv, zv], lr=lr)
 
             def cost(tau: float) -> torch.Tensor:
@@ -366,6 +369,12 @@ class WsiHyperprior(nn.Module):
                 else:
                     y_hat = ste_round(yv - means) + means
                 bits = _bits(self._y_likelihood(y_hat, scales, means)) + _bits(z_lik)
+                if tau == 0 and kappa:   # the hard cost: the pixels the decoder will show
+                    table = self.gaussian_conditional.scale_table.to(scales.dtype)
+                    idx = torch.searchsorted(table[:-1], scales.contiguous(), side="left")
+                    s = torch.round(yv - means)
+                    y_hat = torch.cat([self.reconstruct(s[i:i + 1], means[i:i + 1], idx[i:i + 1], v)
+                                       for i, v in enumerate(qs)]).to(yv.dtype)
                 x_hat = self.g_s(y_hat / gain).clamp(0, 1)
                 sse = ((x_hat - x) ** 2 * shown).flatten(1).sum(1)
                 return bits / pixels + lam * 255.0 ** 2 * sse / (3 * pixels)
