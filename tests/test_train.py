@@ -362,3 +362,37 @@ def test_eval_bytes_names_quality_steps_that_are_not_bigger_and_better():
     assert non_monotonic_steps(rows) == ["q1 -> q2: 1 of 2 images not bigger, 0 not better",
                                          "q2 -> q3: 0 of 2 images not bigger, 1 not better"]
     assert non_monotonic_steps(rows[1:2]) == []
+
+
+@pytest.mark.skipif(not TRAIN.is_dir(), reason="shared data not found")
+def test_tune_reconstruction_scores_what_the_codec_decodes_and_export_stores_it(tmp_path):
+    """tune_reconstruction's κ = 0 column is the codec's own decode (same PSNR); the κ it
+    picks goes into the weights through export --reconstruction, and the decoder uses it."""
+    import json
+
+    import tune_reconstruction
+
+    from PIL import Image
+
+    import wsicodec
+    from wsicodec.checkpoint import export, load_model
+    from wsicodec.errors import InvalidSettingError
+
+    data, _, old, _ = _tiny_weights(tmp_path)
+    report = tmp_path / "tune.json"
+    assert tune_reconstruction.main([str(old), "--images", str(data), "--count", "1", "--crop", "128",
+                                     "--kappas", "0", "0.5", "--json", str(report)]) == 0
+    tuned = json.loads(report.read_text())
+    assert [r["quality"] for r in tuned["rows"]] == list(range(1, 9))
+    assert all(k in (0.0, 0.5) for k in tuned["reconstruction"])
+    img = np.asarray(Image.open(data / "a.png").convert("RGB"))[16:144, 16:144]
+    dec = wsicodec.decode(wsicodec.encode(img, quality=4, model=str(old)), model=str(old))
+    mse = float(np.mean((dec.astype(np.float64) - img) ** 2))
+    assert tuned["rows"][3]["psnr"]["0"] == pytest.approx(10 * np.log10(255 ** 2 / mse), abs=1e-3)
+
+    new = tmp_path / "k.pt"
+    export(tmp_path / "a" / "last.pt", new, reconstruction=[0.5, 0.0])
+    m = load_model(new).model
+    assert m.config.reconstruction == (0.5, 0.0) and m.reconstruction_kappa(1) == 0.5
+    with pytest.raises(InvalidSettingError, match="reconstruction"):
+        export(tmp_path / "a" / "last.pt", tmp_path / "bad.pt", reconstruction=[1.5])
