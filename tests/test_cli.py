@@ -354,6 +354,37 @@ def _slow_compress_until_a_row_is_done(tmp_path: Path, odd_image: np.ndarray, ou
     return proc
 
 
+def test_a_full_disk_is_one_line_that_says_how_to_resume(tmp_path: Path, capsys,
+                                                         odd_image: np.ndarray,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from PIL import Image
+
+    from wsicodec import codecs
+
+    Image.fromarray(odd_image).save(tmp_path / "odd.png")
+    calls = {"n": 0}
+    real = codecs.JpegCodec.encode
+
+    def full(self, tile):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 11:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, tile)
+
+    monkeypatch.setattr(codecs.JpegCodec, "encode", full)
+    argv = ["compress", tmp_path / "odd.png", tmp_path / "f.zarr.zip", "--codec", "jpeg",
+            "--tile-size", "64", "--workers", "1"]
+    code, _, err = run(capsys, *argv)
+    assert code == 1
+    assert_one_line_error(code, err, "No space left on device; 10 of 29 tiles kept in ",
+                          "run the same command with --resume")
+    monkeypatch.undo()
+    code, out, err = run(capsys, *argv, "--resume")
+    assert code == 0 and "resumed: 10 of 29 tiles" in out, err
+
+
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 def test_killed_compress_resumes(tmp_path: Path, capsys, odd_image: np.ndarray, how: str,
                                  monkeypatch: pytest.MonkeyPatch) -> None:

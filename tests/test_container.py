@@ -12,8 +12,9 @@ import pytest
 from wsicodec.codecs import get_codec
 from wsicodec.container import (FORMAT_VERSION, JOURNAL, ContainerMetadata, ContainerWriter,
                                 open_container)
-from wsicodec.errors import (CompressInterrupted, CorruptDataError, CorruptTileError, ModelMismatchError,
-                             OutputExistsError, SlideNotFoundError, UnsupportedFormatError)
+from wsicodec.errors import (CompressInterrupted, CorruptDataError, CorruptTileError,
+                             ModelMismatchError, OutputExistsError, PartialKeptError,
+                             SlideNotFoundError, UnsupportedFormatError)
 from wsicodec.pipeline import compress_source
 from wsicodec.tiling import ArraySource
 
@@ -212,6 +213,52 @@ def test_interrupted_write_resumes_where_it_stopped(tmp_path: Path, odd_image: n
     names = ([n for n in zipfile.ZipFile(out).namelist()] if name.endswith(".zip")
              else [str(p.relative_to(out)) for p in out.rglob("*")])
     assert not any(JOURNAL in n for n in names)
+
+
+def test_a_full_disk_keeps_the_finished_rows_for_resume(tmp_path: Path,
+                                                     odd_image: np.ndarray) -> None:
+    """An OSError mid-write (ENOSPC) is worth another try: the rows stay, the error (still
+    an OSError) says how many and where; a codec bug (RuntimeError) removes everything."""
+    import errno
+
+    out = tmp_path / "c.zarr.zip"
+    full = OSError(errno.ENOSPC, "No space left on device")
+
+    class DiskFull(Flaky):
+        def encode(self, tile: np.ndarray) -> bytes:
+            if self.calls == 10:
+                self.calls += 1
+                raise full
+            return super().encode(tile)
+
+    with pytest.raises(PartialKeptError) as info:
+        compress_source(source(odd_image), out, DiskFull(), tile_size=64, workers=1)
+    err = info.value
+    assert isinstance(err, OSError) and err.__cause__ is full
+    assert str(err).startswith("No space left on device; 10 of 29 tiles kept in ")
+    assert Path(err.partial).is_dir() and not out.exists()
+    codec = Flaky()
+    compress_source(source(odd_image), out, codec, tile_size=64, workers=1, resume=True)
+    assert codec.calls == 19 and [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_ctrl_c_while_resume_checks_the_rows_keeps_them(tmp_path: Path, odd_image: np.ndarray,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "c.zarr"
+    with pytest.raises(CompressInterrupted) as info:
+        compress_source(source(odd_image), out, Flaky(at=11), tile_size=64, workers=1)
+
+    def interrupted(self, line):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ContainerWriter, "_check_journalled_row", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        compress_source(source(odd_image), out, Flaky(), tile_size=64, workers=1, resume=True)
+    assert [p.name for p in tmp_path.iterdir()] == [Path(info.value.partial).name]
+    monkeypatch.undo()
+    codec = Flaky()
+    compress_source(source(odd_image), out, codec, tile_size=64, workers=1, resume=True)
+    assert codec.calls == 19
 
 
 def test_resume_checks_the_kept_rows(tmp_path: Path, odd_image: np.ndarray) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from wsicodec.codecs import DEFAULT_CODEC
 from wsicodec.container import ASSOCIATED_POLICIES
-from wsicodec.errors import CompressInterrupted, WsiCodecError
+from wsicodec.errors import CompressInterrupted, PartialKeptError, WsiCodecError
 from wsicodec.tiff import DEFAULT_TIFF_COMPRESSION, DEFAULT_TIFF_QUALITY, TIFF_COMPRESSIONS
 
 PROG = "wsicodec"
@@ -360,6 +360,11 @@ def _main(args_list: Sequence[str], debug: bool) -> int:
                      "command with --resume continues from there (or delete it)", EXIT_INTERRUPTED)
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED)
+    except PartialKeptError as e:
+        if debug:
+            raise
+        return _fail(f"{_one_line(e)}; fix that and run the same command with --resume to "
+                     "continue (or delete it)", EXIT_ERROR)
     except BrokenPipeError:
         # the reader of our output went away (`wsicodec info x | head`): stop quietly,
         # as Unix tools do, and keep Python from complaining when it flushes stdout

@@ -16,11 +16,11 @@ or interrupted write leaves nothing at ``OUT`` and nothing that opens as a conta
 Resuming: the hidden sibling (``.OUT.partial-XXXXXXXX``, ``….d`` for a zip) keeps a
 journal (:data:`JOURNAL`) of the tile rows it holds: the settings on its first line,
 then one line per finished row with its tiles' CRC32s. An interrupted write
-(KeyboardInterrupt: Ctrl-C, or SIGTERM through the CLI) that finished a row keeps the
-sibling; a writer made with ``resume=True`` for the same output and identical settings
-takes it over, checks each journalled row against its CRCs and keeps the rows that
-pass. A writer holds an exclusive lock on its journal, so a live write is never taken
-over. Any other failure removes the sibling.
+(KeyboardInterrupt: Ctrl-C, or SIGTERM through the CLI) or an OSError (a full disk, an
+I/O error) after it finished a row keeps the sibling; a writer made with ``resume=True``
+for the same output and identical settings takes it over, checks each journalled row
+against its CRCs and keeps the rows that pass. A writer holds an exclusive lock on its
+journal, so a live write is never taken over. Any other failure removes the sibling.
 """
 
 from __future__ import annotations
@@ -296,6 +296,7 @@ class ContainerWriter:
         self._key = json.loads(json.dumps({"wsicodec_journal": 1, "metadata": metadata.to_attrs(),
                                            "source": resume_key or {}}, sort_keys=True))
         self._journal: Any = None
+        self._adopted = False   # continuing an earlier writer's partial write
         #: where the partial write was kept after an interrupt (None: removed or committed)
         self.kept: Path | None = None
         #: tiles taken over from an interrupted write (``resume=True``)
@@ -321,8 +322,11 @@ class ContainerWriter:
                 if self._journal is None:   # cannot happen for a fresh random name
                     raise WsiCodecError(f"{self._tmp_dir}: journal is locked by another writer")
                 self._journal_line(self._key)
-        except BaseException:
-            self.abort()
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):
+                self.keep()      # an adopted partial stays as it was
+            else:
+                self.abort()
             raise
 
     def _take_over(self) -> Path | None:
@@ -352,6 +356,7 @@ class ContainerWriter:
             self._journal, self._group, self._tiles = journal, group, tiles
             self._tmp_dir = d
             self._tmp = d.with_name(d.name[:-2]) if self._zip else d
+            self._adopted = True
             for line in lines[1:]:
                 self._check_journalled_row(line)
             self.resumed_tiles = int(sum(w.sum() for w in self._written))
@@ -488,11 +493,13 @@ class ContainerWriter:
 
     def keep(self) -> Path | None:
         """Leave the partial write for a later ``resume=True`` writer (if it holds a tile
-        row; otherwise remove it). Returns where it is kept, or None."""
-        if self._done:
+        row, or was itself taken over; otherwise remove it). Returns where it is kept,
+        or None."""
+        if self._done or not hasattr(self, "_tmp"):
             return None
         self._close_journal()
-        if self.written_tiles and (self._tmp_dir / JOURNAL).is_file():   # not mid-commit
+        if ((self.written_tiles or self._adopted)
+                and (self._tmp_dir / JOURNAL).is_file()):   # not mid-commit
             if self._zip:
                 self._tmp.unlink(missing_ok=True)    # a half-packed zip, if any
             self.kept = self._tmp_dir
@@ -504,7 +511,9 @@ class ContainerWriter:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+        """An interrupt or an OSError (a full disk, an I/O error: worth another try) keeps
+        the finished rows (:meth:`keep`); any other error removes everything."""
+        if exc_type is not None and issubclass(exc_type, (KeyboardInterrupt, OSError)):
             self.keep()
         else:
             self.abort()

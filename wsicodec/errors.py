@@ -72,3 +72,16 @@ class CompressInterrupted(KeyboardInterrupt):
     def __init__(self, partial: object, done: int, total: int) -> None:
         super().__init__(f"{done} of {total} tiles kept in {partial}")
         self.partial, self.done, self.total = partial, done, total
+
+
+class PartialKeptError(WsiCodecError, OSError):
+    """A compress failed with an OSError (a full disk, an I/O error) after finishing some
+    tile rows; they were kept at ``partial`` for a later ``resume=True``. The original
+    error is ``__cause__``; the message names it, the tiles kept and where."""
+
+    def __init__(self, message: str, partial: object, done: int, total: int) -> None:
+        super().__init__(message)
+        self.partial, self.done, self.total = partial, done, total
+
+    def __str__(self) -> str:
+        return str(self.args[0])

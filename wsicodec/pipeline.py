@@ -32,7 +32,7 @@ from wsicodec.codecs import TileCodec
 from wsicodec.container import (ContainerMetadata, ContainerWriter, associated_format,
                                 check_output_path, open_container, path_size)
 from wsicodec.errors import (CompressInterrupted, CorruptDataError, CorruptTileError,
-                             InvalidSettingError, UnsupportedFormatError)
+                             InvalidSettingError, PartialKeptError, UnsupportedFormatError)
 from wsicodec.tiff import TiffSettings, write_pyramidal_tiff
 from wsicodec.tiling import iter_strips, iter_tiles, open_source, plan_pyramid
 from wsicodec.tiling.pyramid import PyramidPlan, Strip
@@ -234,9 +234,10 @@ def compress_source(source: SlideSource, output: str | os.PathLike[str], codec: 
 
     Raises InvalidSettingError (tile size, workers, associated), OutputExistsError, the
     source's read errors and the codec's errors; on any error nothing is left at
-    ``output`` or beside it. An interrupt (KeyboardInterrupt) after at least one tile
-    row was finished raises :class:`CompressInterrupted`: nothing at ``output``, the
-    finished rows kept in a hidden sibling for ``resume``.
+    ``output``. An interrupt (KeyboardInterrupt) after at least one tile row was finished
+    raises :class:`CompressInterrupted`, an OSError (a full disk, an I/O error)
+    :class:`PartialKeptError` (an OSError too): the finished rows are kept in a hidden
+    sibling for ``resume``. Any other error removes that too.
     """
     return _compress_source(source, output, codec, tile_size=tile_size, workers=workers,
                             overwrite=overwrite, progress=progress, source_name=source_name,
@@ -270,6 +271,14 @@ def _compress_source(source: SlideSource, output: str | os.PathLike[str], codec:
     except KeyboardInterrupt as e:
         if writer.kept is not None:
             raise CompressInterrupted(writer.kept, writer.written_tiles, total) from e
+        raise
+    except OSError as e:
+        if writer.kept is not None:
+            cause = (f"{e.filename}: {e.strerror}" if e.filename and e.strerror
+                     else e.strerror or str(e) or type(e).__name__)
+            raise PartialKeptError(f"{cause}; {writer.written_tiles} of {total} tiles kept in "
+                                   f"{writer.kept}", writer.kept, writer.written_tiles,
+                                   total) from e
         raise
 
 
