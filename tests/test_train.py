@@ -396,3 +396,14 @@ def test_tune_reconstruction_scores_what_the_codec_decodes_and_export_stores_it(
     assert m.config.reconstruction == (0.5, 0.0) and m.reconstruction_kappa(1) == 0.5
     with pytest.raises(InvalidSettingError, match="reconstruction"):
         export(tmp_path / "a" / "last.pt", tmp_path / "bad.pt", reconstruction=[1.5])
+
+    # exported weights (a GPU session's) get κ too: same tensors, and they open the data of
+    # the file they came from (same symbols)
+    again = tmp_path / "k2.pt"
+    sha = export(old, again, reconstruction=[0.3])
+    loaded, parent = load_model(again), load_model(old)
+    assert loaded.model.config.reconstruction == (0.3,) and loaded.decodes(parent.model_id)
+    for name, t in parent.model.state_dict().items():
+        assert torch.equal(t, loaded.model.state_dict()[name]), name
+    data = wsicodec.encode(img, quality=2, model=str(old))
+    assert wsicodec.decode(data, model=str(again)).shape == img.shape and sha == loaded.model_id

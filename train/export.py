@@ -5,6 +5,8 @@
 
 Finds the entropy bottleneck's quantiles by bisection, builds the integer CDF
 tables, drops optimiser state, writes atomically and prints the model id (sha256).
+Given exported weights instead (a GPU session's), it keeps their tensors and tables and
+only sets ``--reconstruction``; the result opens their data (same symbols).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from wsicodec.errors import WsiCodecError  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint")
+    ap.add_argument("checkpoint", help="a training checkpoint (runs/.../last.pt) or exported weights")
     ap.add_argument("--out", default=str(DEFAULT_WEIGHTS))
     ap.add_argument("--note", default="", help="free text stored in the provenance")
     ap.add_argument("--decoder-of", default=None, metavar="WEIGHTS",

@@ -256,11 +256,16 @@ def export(train_checkpoint: str | os.PathLike, out: str | os.PathLike, provenan
     Freezes the CDF tables (quantiles by bisection), drops optimiser state and
     writes atomically.  ``reconstruction``: the decoder's κ per quality
     (:attr:`~wsicodec.model.ModelConfig.reconstruction`, from
-    ``train/tune_reconstruction.py``), stored in the config.  ``decoder_of``: shipped weights whose decoder this one must
-    be, tensor for tensor (the network's size and λ ladder too); their id, and the
-    ids they decode in turn, go into ``provenance["decodes_for"]``, so data made
-    with them opens with the new weights.  A decoder that differs is an error and
-    nothing is written.
+    ``train/tune_reconstruction.py``), stored in the config.  ``decoder_of``: shipped
+    weights whose decoder this one must be, tensor for tensor (the network's size and
+    λ ladder too); their id, and the ids they decode in turn, go into
+    ``provenance["decodes_for"]``, so data made with them opens with the new weights.
+    A decoder that differs is an error and nothing is written.
+
+    ``train_checkpoint`` may also be an inference checkpoint (exported weights, e.g.
+    from a GPU session, where the training state stays behind): its tensors and CDF
+    tables are kept as they are, only ``reconstruction`` (and ``provenance``) change,
+    and the file's own id joins ``decodes_for``: its data decodes to the same symbols.
     """
     import torch
 
@@ -274,23 +279,31 @@ def export(train_checkpoint: str | os.PathLike, out: str | os.PathLike, provenan
         from dataclasses import replace
 
         config = replace(config, reconstruction=kappas)
-    model = WsiHyperprior(config)
-    model.load_state_dict(state["model"], strict=False)
-    model.eval()
-    with torch.no_grad():
-        model.update()
-    prov = {"train_step": state.get("step"), "train_wall_s": state.get("wall"),
-            "train_args": state.get("args")}
-    prov.update(provenance or {})
-    if decoder_of is not None:
-        parent = load_model(decoder_of)
-        _check_same_decoder(parent.model, model, parent.path.name)
-        prov["decodes_for"] = [parent.model_id, *parent.decodes_for]
+    if state.get("format") == FORMAT:      # exported weights: re-export as they are
+        source = load_model(train_checkpoint)
+        prov = dict(state.get("provenance") or {})
+        prov.update(provenance or {})
+        prov["decodes_for"] = list(dict.fromkeys([source.model_id, *source.decodes_for]))
+        state_dict = state["state_dict"]
+    else:
+        model = WsiHyperprior(config)
+        model.load_state_dict(state["model"], strict=False)
+        model.eval()
+        with torch.no_grad():
+            model.update()
+        prov = {"train_step": state.get("step"), "train_wall_s": state.get("wall"),
+                "train_args": state.get("args")}
+        prov.update(provenance or {})
+        if decoder_of is not None:
+            parent = load_model(decoder_of)
+            _check_same_decoder(parent.model, model, parent.path.name)
+            prov["decodes_for"] = [parent.model_id, *parent.decodes_for]
+        state_dict = model.state_dict()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    torch.save({"format": FORMAT, "version": VERSION, "config": model.config.to_dict(),
-                "state_dict": model.state_dict(), "provenance": prov}, tmp)
+    torch.save({"format": FORMAT, "version": VERSION, "config": config.to_dict(),
+                "state_dict": state_dict, "provenance": prov}, tmp)
     os.replace(tmp, out)
     return sha256_file(out)
 
