@@ -83,7 +83,8 @@ class LoadedModel:
         True for these weights' own id, and for the ids in ``provenance["decodes_for"]``:
         weights whose decoder (g_s, h_s, entropy models, gains) this file holds bit
         for bit, checked when it was exported (an encoder retrained with
-        ``train.py --freeze-decoder``).  ``other_id`` may be a prefix of the sha256
+        ``train.py --freeze-decoder``, or the same weights given a reconstruction κ:
+        the same symbols, the pixels as this file's κ places them).  ``other_id`` may be a prefix of the sha256
         (tile headers keep 8 bytes).
         """
         other = str(other_id).lower()
