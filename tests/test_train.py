@@ -407,3 +407,5 @@ def test_tune_reconstruction_scores_what_the_codec_decodes_and_export_stores_it(
         assert torch.equal(t, loaded.model.state_dict()[name]), name
     data = wsicodec.encode(img, quality=2, model=str(old))
     assert wsicodec.decode(data, model=str(again)).shape == img.shape and sha == loaded.model_id
+    with pytest.raises(InvalidSettingError, match="decoder_of"):
+        export(old, tmp_path / "bad2.pt", decoder_of=old)

@@ -281,10 +281,13 @@ def export(train_checkpoint: str | os.PathLike, out: str | os.PathLike, provenan
 
         config = replace(config, reconstruction=kappas)
     if state.get("format") == FORMAT:      # exported weights: re-export as they are
-        source = load_model(train_checkpoint)
+        if decoder_of is not None:
+            raise InvalidSettingError("decoder_of is for training checkpoints: exported weights "
+                                      "keep their own decoder and list their own id")
         prov = dict(state.get("provenance") or {})
         prov.update(provenance or {})
-        prov["decodes_for"] = list(dict.fromkeys([source.model_id, *source.decodes_for]))
+        prov["decodes_for"] = list(dict.fromkeys(
+            [sha256_file(Path(train_checkpoint)), *(str(i).lower() for i in prov.get("decodes_for") or ())]))
         state_dict = state["state_dict"]
     else:
         model = WsiHyperprior(config)

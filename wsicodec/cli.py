@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from wsicodec.codecs import DEFAULT_CODEC
 from wsicodec.container import ASSOCIATED_POLICIES
-from wsicodec.errors import CompressInterrupted, PartialKeptError, WsiCodecError
+from wsicodec.errors import CompressInterrupted, PartialKeptError, WsiCodecError, error_text
 from wsicodec.tiff import DEFAULT_TIFF_COMPRESSION, DEFAULT_TIFF_QUALITY, TIFF_COMPRESSIONS
 
 PROG = "wsicodec"
@@ -312,11 +312,7 @@ _COMMANDS = {"compress": _cmd_compress, "decompress": _cmd_decompress, "info": _
 
 
 def _one_line(error: BaseException) -> str:
-    if isinstance(error, OSError) and not isinstance(error, WsiCodecError) and error.strerror:
-        text = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
-    else:
-        text = str(error) or type(error).__name__
-    return " ".join(text.split())
+    return " ".join(error_text(error).split())
 
 
 def _fail(message: str, code: int) -> int:
@@ -356,8 +352,8 @@ def _main(args_list: Sequence[str], debug: bool) -> int:
     except _UsageError as e:
         return _fail(str(e), EXIT_USAGE)
     except CompressInterrupted as e:
-        return _fail(f"interrupted: {e.done} of {e.total} tiles kept in {e.partial}; the same "
-                     "command with --resume continues from there (or delete it)", EXIT_INTERRUPTED)
+        return _fail(f"interrupted: {e}; the same command with --resume continues from there "
+                     "(or delete it)", EXIT_INTERRUPTED)
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED)
     except PartialKeptError as e:

@@ -359,7 +359,7 @@ class ContainerWriter:
             self._adopted = True
             for line in lines[1:]:
                 self._check_journalled_row(line)
-            self.resumed_tiles = int(sum(w.sum() for w in self._written))
+            self.resumed_tiles = self.written_tiles
             return d
         return None
 
@@ -498,10 +498,8 @@ class ContainerWriter:
         if self._done or not hasattr(self, "_tmp"):
             return None
         self._close_journal()
-        if ((self.written_tiles or self._adopted)
-                and (self._tmp_dir / JOURNAL).is_file()):   # not mid-commit
-            if self._zip:
-                self._tmp.unlink(missing_ok=True)    # a half-packed zip, if any
+        # no journal: commit had begun (it removes the journal before it packs a zip)
+        if (self.written_tiles or self._adopted) and (self._tmp_dir / JOURNAL).is_file():
             self.kept = self._tmp_dir
         else:
             self.abort()

@@ -74,14 +74,19 @@ class CompressInterrupted(KeyboardInterrupt):
         self.partial, self.done, self.total = partial, done, total
 
 
+def error_text(error: BaseException) -> str:
+    """What went wrong, in words: ``file: strerror`` for a plain OSError (its ``str`` would
+    start with ``[Errno 28]``), else ``str(error)`` or the type's name."""
+    if isinstance(error, OSError) and not isinstance(error, WsiCodecError) and error.strerror:
+        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    return str(error) or type(error).__name__
+
+
 class PartialKeptError(WsiCodecError, OSError):
     """A compress failed with an OSError (a full disk, an I/O error) after finishing some
     tile rows; they were kept at ``partial`` for a later ``resume=True``. The original
     error is ``__cause__``; the message names it, the tiles kept and where."""
 
-    def __init__(self, message: str, partial: object, done: int, total: int) -> None:
-        super().__init__(message)
+    def __init__(self, cause: OSError, partial: object, done: int, total: int) -> None:
+        super().__init__(f"{error_text(cause)}; {done} of {total} tiles kept in {partial}")
         self.partial, self.done, self.total = partial, done, total
-
-    def __str__(self) -> str:
-        return str(self.args[0])

@@ -351,7 +351,7 @@ class WsiHyperprior(nn.Module):
             yv = y.detach().clone().requires_grad_(True)
             zv = z.detach().clone().requires_grad_(True)
             qs = [float(v) for v in quality.reshape(-1)]
-            kappa = any(self.reconstruction_kappa(v) for v in qs)   # the decoder moves ŷ
+            moved = any(self.reconstruction_kappa(v) for v in qs)   # the decoder moves ŷ
             opt = torch.optim.Adam([yv, zv], lr=lr)
 
             def cost(tau: float) -> torch.Tensor:
@@ -369,9 +369,8 @@ class WsiHyperprior(nn.Module):
                 else:
                     y_hat = ste_round(yv - means) + means
                 bits = _bits(self._y_likelihood(y_hat, scales, means)) + _bits(z_lik)
-                if tau == 0 and kappa:   # the hard cost: the pixels the decoder will show
-                    table = self.gaussian_conditional.scale_table.to(scales.dtype)
-                    idx = torch.searchsorted(table[:-1], scales.contiguous(), side="left")
+                if tau == 0 and moved:   # the hard cost: the pixels the decoder will show
+                    idx = self.table_index(scales)
                     s = torch.round(yv - means)
                     y_hat = torch.cat([self.reconstruct(s[i:i + 1], means[i:i + 1], idx[i:i + 1], v)
                                        for i, v in enumerate(qs)]).to(yv.dtype)
@@ -409,7 +408,6 @@ class WsiHyperprior(nn.Module):
         batch size, thread count or device, but may on the BLAS or CPU family in its last
         bits.  Returns float64 means and int32 CDF-table indexes, shapes (B, M, h, w).
         """
-        table = self.gaussian_conditional.scale_table.to(torch.float64)
         if exact:
             h_s, q = self._h_s_exact(), quality.cpu().to(torch.float32).tolist()
         else:
@@ -423,12 +421,15 @@ class WsiHyperprior(nn.Module):
             if size is not None:
                 p = p[..., :size[0], :size[1]]
             scales, mu = p.chunk(2, 1)
-            scales = scales.clamp_min(SCALES_MIN)
-            # index = number of table entries strictly below σ, as in CompressAI's build_indexes
-            idx = torch.searchsorted(table[:-1], scales.contiguous(), side="left").to(torch.int32)
             means.append(mu)
-            indexes.append(idx)
+            indexes.append(self.table_index(scales.clamp_min(SCALES_MIN)))
         return torch.cat(means), torch.cat(indexes)
+
+    def table_index(self, scales: torch.Tensor) -> torch.Tensor:
+        """The CDF table each σ is coded with: the number of table entries strictly below
+        it, as in CompressAI's ``build_indexes`` (int32, the shape of ``scales``)."""
+        table = self.gaussian_conditional.scale_table.to(scales.dtype)
+        return torch.searchsorted(table[:-1], scales.contiguous(), side="left").to(torch.int32)
 
     def prepare_entropy_parameters(self) -> None:
         """Build the exact and float64 copies of h_s now (they are built on first use otherwise)."""

@@ -274,11 +274,7 @@ def _compress_source(source: SlideSource, output: str | os.PathLike[str], codec:
         raise
     except OSError as e:
         if writer.kept is not None:
-            cause = (f"{e.filename}: {e.strerror}" if e.filename and e.strerror
-                     else e.strerror or str(e) or type(e).__name__)
-            raise PartialKeptError(f"{cause}; {writer.written_tiles} of {total} tiles kept in "
-                                   f"{writer.kept}", writer.kept, writer.written_tiles,
-                                   total) from e
+            raise PartialKeptError(e, writer.kept, writer.written_tiles, total) from e
         raise
 
 
