@@ -2,10 +2,13 @@
 
 ``bench/context_rd.py`` (another entropy model for y) and ``bench/rounding_probe.py``
 (other integers for y) both need what :meth:`wsicodec.learned.LearnedCodec.encode_batch`
-computes before it writes y: the tile grid with its context margin, the glass rule, g_a,
-the z stream and the float64 (μ, table index).  :func:`tiles` yields exactly that, tile
-by tile; :func:`stream_bytes` and :func:`core_sse` price and score whatever y symbols an
-experiment chooses, the way the codec would code and decode them.
+computes before it writes y: the tile grid with its context margin, the glass rule, g_a
+over the context region cropped to the tile's latents, the z stream and the float64
+(μ, table index).  :func:`tiles` yields exactly that, tile by tile; :func:`stream_bytes`
+prices whatever y symbols an experiment chooses as the codec would code them, and
+:func:`core_sse` scores them as :meth:`~wsicodec.learned.LearnedCodec.decode_batch`
+decodes a tile alone, without its neighbours' latents (weaker toward the tile's edges
+than the stitched decoder, the same for every choice of symbols compared).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ class Glass:
 class NetworkTile:
     """A tile for the network: everything up to the choice of y symbols."""
     core: np.ndarray          #: the tile's own pixels (h, w, 3) uint8
-    box: tuple[int, int, int, int]   #: (top, left, h, w) of the core in the coded region
+    box: tuple[int, int, int, int]   #: (top, left, h, w) of the core in the decoded pixels
     quality: torch.Tensor     #: (1,)
     gain: torch.Tensor        #: (1, M, 1, 1) float32: the quality's gain on y
     y: torch.Tensor           #: gained latents (1, M, h, w) float64
@@ -66,12 +69,15 @@ def tiles(model, tables, img: np.ndarray, quality: float, tile: int = TILE,
             d = pixels.astype(np.float64) - core
             yield Glass(len(data), float((d ** 2).sum()), pixels)
             continue
-        x = torch.from_numpy(np.ascontiguousarray(region)).permute(2, 0, 1)[None].float().div(255)
+        dy, dx = top % PIXEL_STRIDE, left % PIXEL_STRIDE       # as encode_batch: onto y's grid
+        x = torch.from_numpy(np.ascontiguousarray(region[dy:, dx:])).permute(2, 0, 1)[None].float().div(255)
         x = pad_to_stride(x, PIXEL_STRIDE)
-        y, z = model.analysis(x, q, latent_stride=LATENT_STRIDE)
+        ty, tx = (top - dy) // PIXEL_STRIDE, (left - dx) // PIXEL_STRIDE
+        y = model.analysis_y(x, q)[..., ty:ty + -(-th // PIXEL_STRIDE), tx:tx + -(-tw // PIXEL_STRIDE)]
+        z = model.hyper_analysis(y, q, LATENT_STRIDE)
         z_sym, mu, index = hyper_symbols(model, z, q, y.shape[-2:])
         side = NETWORK_HEADER_BYTES + len(encode_symbols(z_sym[0].numpy(), _channel_index(z_sym.shape[1:]), tb_z))
-        yield NetworkTile(core, box, q, gain, y.double(), mu, index, side)
+        yield NetworkTile(core, (0, 0, th, tw), q, gain, y.double(), mu, index, side)
 
 
 def stream_bytes(symbols: torch.Tensor, index: torch.Tensor, table) -> int:

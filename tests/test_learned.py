@@ -189,14 +189,82 @@ def test_format_1_tiles_still_decode(tissue, monkeypatch):
         mp.setattr(learned, "VERSION", 1)
         old = codec.encode(tile)
     new = codec.encode(tile)
-    assert (parse_header(old).version, parse_header(new).version) == (1, 2)
+    assert (parse_header(old).version, parse_header(new).version) == (1, 3)
     assert abs(len(old) - len(new)) <= 0.01 * len(new)       # the same code, other last bits
     a, b = codec.decode(old), codec.decode(new)
     assert _psnr(tile, a) > 28 and abs(_psnr(tile, a) - _psnr(tile, b)) < 0.05
     future = bytearray(new)
-    future[4] = 3
-    with pytest.raises(CorruptDataError, match="format version 3 is not supported .*reads 1, 2"):
+    future[4] = 4
+    with pytest.raises(CorruptDataError, match="format version 4 is not supported .*reads 1, 2, 3"):
         codec.decode(bytes(future))
+
+
+FIXTURES = Path(__file__).resolve().parent / "data"
+
+
+def test_format_2_streams_decode_as_the_release_that_wrote_them():
+    """tests/data/format2_q4.wsim: a 300² he/test crop coded by the release before stitched
+    tiles (format 2: each tile coded with an 8 px margin), with the pixels that release
+    decoded it to.  This release reads it the old way (no stitching) to the same pixels."""
+    data = (FIXTURES / "format2_q4.wsim").read_bytes()
+    want = _png(FIXTURES / "format2_q4_decoded.png")
+    from wsicodec.image import read_stream
+    hd = parse_header(read_stream(data).tiles[0])
+    assert hd.version == 2 and (hd.top, hd.left, hd.coded_height) == (0, 0, 264)   # tile + 8 px below
+    got = wsicodec.decode(data)
+    assert got.shape == want.shape == (300, 300, 3)
+    # g_s float sums may move a pixel by one level on another CPU
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
+def test_stitched_tiles_have_no_seams_and_decode_alone(tissue):
+    """Format 3: each tile's stream holds only its own latents and decodes alone (the same
+    symbols: checksummed), but the image decoder joins neighbours' latents before g_s, so
+    the pixels within 4 px of the internal tile borders are as good as the interior, which
+    decoding tiles alone is not (nor, by ~0.6 dB, their pixels further in)."""
+    img = np.ascontiguousarray(tissue[:768, :768])
+    data = wsicodec.encode(img, quality=4, tile_size=256)
+    stitched = wsicodec.decode(data)
+    from wsicodec.image import read_stream
+    streams = read_stream(data).tiles
+    assert {parse_header(s).version for s in streams} == {3}
+    assert all((parse_header(s).coded_height, parse_header(s).top) == (256, 0) for s in streams)
+    alone = np.zeros_like(img)
+    for k, t in enumerate(LearnedCodec(4).decode_batch(streams)):
+        r, c = divmod(k, 3)
+        alone[r * 256:(r + 1) * 256, c * 256:(c + 1) * 256] = t
+    border = np.zeros(img.shape[:2], bool)
+    for b in (256, 512):
+        border[b - 4:b + 4, :] = border[:, b - 4:b + 4] = True
+
+    def gap(out: np.ndarray) -> float:      # dB: interior PSNR minus border PSNR
+        return _psnr(img[~border], out[~border]) - _psnr(img[border], out[border])
+
+    assert gap(stitched) < 0.3, gap(stitched)
+    assert gap(alone) > 0.6, gap(alone)
+    assert _psnr(img, stitched) > _psnr(img, alone) + 0.3     # tiles alone are weaker well inside too
+
+
+def test_stitching_next_to_glass_and_a_damaged_neighbour(tissue):
+    """A tissue tile beside a glass tile (no latents: g_a's latent of the glass colour takes
+    their place) keeps its border as well as the same image coded as one tile; a damaged neighbour costs a tile only that side's
+    stitching, never an error, while the damaged tile itself is named."""
+    from wsicodec.image import read_stream
+    img = np.ascontiguousarray(tissue[:256, :512])
+    img[:, 256:] = (236, 231, 240)                          # right tile: glass
+    data = wsicodec.encode(img, quality=4)
+    out = wsicodec.decode(data)
+    assert (out[:, 256:] == (236, 231, 240)).all()
+    edge = np.s_[:, 248:256]                    # a hard tissue/glass edge: costly anyway
+    whole = wsicodec.decode(wsicodec.encode(img, quality=4, tile_size=512))   # one tile, no seam
+    assert _psnr(img[edge], out[edge]) > _psnr(img[edge], whole[edge]) - 0.5
+    codec = LearnedCodec(4)
+    streams = dict(zip([(0, 0), (1, 0)], read_stream(data).tiles))
+    damaged = dict(streams)
+    damaged[(1, 0)] = streams[(1, 0)][:5] + b"\xff" + streams[(1, 0)][6:]
+    res = codec.decode_tiles([(0, 0), (1, 0)], lambda c, r: damaged[(c, r)], (2, 1))
+    assert isinstance(res[1], CorruptDataError) and "col=1 row=0" in str(res[1])
+    assert isinstance(res[0], np.ndarray) and _psnr(img[:, :256], res[0]) > 28
 
 
 def test_exact_entropy_parameters_do_not_depend_on_summation_order(tissue):

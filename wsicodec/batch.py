@@ -8,12 +8,14 @@
       ▼  misses
     container.read_encoded_tile (CRC-checked bytes)
       │
-      ├─ learned codec: parse_header ─► uniform tiles: decoded directly (no network)
-      │                 network tiles ─► entropy decode + h_s (exact, CPU, per tile,
-      │                 deterministic: LearnedCodec's own path, untouched) on a thread pool
-      │                 ─► one g_s queue per decoder: ŷ of all waiting callers grouped
-      │                 by shape, ≤ max_batch per pass, one pass at a time, on the device
-      │                 (CUDA when present with device="auto", else CPU)
+      ├─ learned codec (LearnedCodec.decode_tiles): uniform tiles decoded directly;
+      │                 network tiles and their 8 neighbours ─► latents from the latent
+      │                 cache, or entropy decode + h_s (exact, CPU, per tile, deterministic:
+      │                 LearnedCodec's own path) on a thread pool ─► each tile's latents
+      │                 joined with its neighbours' (stitching) ─► one g_s queue per
+      │                 decoder: windows of all waiting callers grouped by shape,
+      │                 ≤ max_batch per pass, one pass at a time, on the device (CUDA
+      │                 when present with device="auto", else CPU)
       └─ other codecs: codec.decode on the thread pool
       ▼
     TileCache.put ─► tiles (read-only arrays), in the order asked
@@ -41,6 +43,8 @@ TileKey = tuple[int, int, int]
 
 #: default cache size: 256 MiB holds ~1,300 decoded 256² RGB tiles
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
+#: default latent cache of the learned codec: 64 MiB holds ~500 tiles' 256² latents
+DEFAULT_LATENT_CACHE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -57,18 +61,22 @@ class DecoderSettings:
             the CPU (where larger batches stop paying).  Only one g_s pass runs at a
             time per decoder, so many concurrent callers cannot multiply its memory;
             tiles of callers that arrive meanwhile join the next pass.
+        latent_cache_bytes: upper bound of the learned codec's cache of entropy-decoded
+            latents (0 disables it).  A tile is decoded with its neighbours' latents; the
+            cache lets each be entropy-decoded once while a viewer moves over a region.
     """
 
     cache_bytes: int = DEFAULT_CACHE_BYTES
     workers: int | None = None
     device: str = "auto"
     max_batch: int | None = None
+    latent_cache_bytes: int = DEFAULT_LATENT_CACHE_BYTES
 
     def __post_init__(self) -> None:
-        if isinstance(self.cache_bytes, bool) or not isinstance(self.cache_bytes, int) \
-                or self.cache_bytes < 0:
-            raise InvalidSettingError(f"cache_bytes must be an integer >= 0, got "
-                                      f"{self.cache_bytes!r}")
+        for name in ("cache_bytes", "latent_cache_bytes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise InvalidSettingError(f"{name} must be an integer >= 0, got {v!r}")
         if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(
                 self.workers, int) or not 1 <= self.workers <= 256):
             raise InvalidSettingError(f"workers must be an integer in [1, 256], got "
@@ -164,16 +172,16 @@ class _Synthesis:
     def __init__(self, model: Any, device: Any, max_batch: int) -> None:
         self.model, self.device, self.max_batch = model, device, max_batch
         self._lock = threading.Lock()
-        self._queue: list[tuple[Any, float, Future]] = []
+        self._queue: list[tuple[Any, Future]] = []
         self._busy = False
         self.passes = 0
 
-    def run(self, items: Sequence[tuple[Any, float]]) -> list[Any]:
-        """ŷ (1, M, h, w) float32 and quality per tile → x̂ (H, W, 3) uint8 (uncropped),
-        or the exception of its pass."""
-        futures = [Future() for _ in items]
+    def run(self, windows: Sequence[Any]) -> list[Any]:
+        """Ungained latent windows (1, M, h, w) float32 → x̂ (16h, 16w, 3) uint8
+        (uncropped), or the exception of its pass."""
+        futures = [Future() for _ in windows]
         with self._lock:
-            self._queue.extend((y, q, f) for (y, q), f in zip(items, futures))
+            self._queue.extend((y, f) for y, f in zip(windows, futures))
         pending = set(futures)
         while pending:
             self._lead(pending)
@@ -195,42 +203,40 @@ class _Synthesis:
                     shape = tuple(self._queue[0][0].shape)
                     batch = [it for it in self._queue if tuple(it[0].shape) == shape]
                     batch = batch[:self.max_batch]
-                    taken = {id(it[2]) for it in batch}
-                    self._queue = [it for it in self._queue if id(it[2]) not in taken]
+                    taken = {id(it[1]) for it in batch}
+                    self._queue = [it for it in self._queue if id(it[1]) not in taken]
                 self._pass(batch)
         finally:
             with self._lock:
                 self._busy = False
 
-    def _pass(self, batch: list[tuple[Any, float, Future]]) -> None:
+    def _pass(self, batch: list[tuple[Any, Future]]) -> None:
         import torch
 
         try:
             with torch.inference_mode():
-                y_hat = torch.cat([it[0] for it in batch]).to(self.device)
-                q = torch.tensor([it[1] for it in batch], device=self.device)
-                x_hat = self.model.synthesis(y_hat, q).clamp_(0, 1).mul_(255).round_()
+                y = torch.cat([it[0] for it in batch]).to(self.device)
+                x_hat = self.model.synthesize(y).clamp_(0, 1).mul_(255).round_()
                 x_hat = x_hat.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             self.passes += 1
         except Exception as e:  # noqa: BLE001 - every tile of the pass fails with it
             for it in batch:
-                it[2].set_exception(e)
+                it[1].set_exception(e)
             return
         for k, it in enumerate(batch):
-            it[2].set_result(x_hat[k])
+            it[1].set_result(x_hat[k])
 
 
 class _LearnedBatch:
-    """The learned codec's decode split in its two halves: per-tile entropy decoding
-    (LearnedCodec's deterministic CPU path, on the thread pool) and batched g_s passes
-    on the device (:class:`_Synthesis`).
-
-    Uses ``LearnedCodec.entropy_decode`` (the entropy half of ``decode_batch``); a
-    public name for it in wsicodec.learned would make this adapter cleaner.
+    """The learned codec's decode split in its halves: per-tile entropy decoding
+    (LearnedCodec's deterministic CPU path, on the thread pool, its results kept in a
+    latent cache for the neighbours decoded later) and batched g_s passes over the
+    stitched windows on the device (:class:`_Synthesis`), both driven by
+    ``LearnedCodec.decode_tiles``.
     """
 
-    def __init__(self, codec: Any, device: str, max_batch: int | None) -> None:
-        from wsicodec.learned import resolve_device
+    def __init__(self, codec: Any, device: str, max_batch: int | None, latent_bytes: int) -> None:
+        from wsicodec.learned import LatentCache, resolve_device
 
         self.codec = codec
         self.device = resolve_device(device)
@@ -239,41 +245,24 @@ class _LearnedBatch:
         if max_batch is None:
             max_batch = 4 if self.device.type == "cpu" else 16
         self.synthesis = _Synthesis(synthesis_model, self.device, max_batch)
+        self.latents = LatentCache(latent_bytes)
         model.prepare_entropy_parameters()  # build the exact (and float64) h_s once, up front
         synthesis_model.prepare_synthesis(self.device)  # and the fast g_s: no first-tile surcharge
 
-    def decode(self, datas: Sequence[bytes], names: Sequence[str],
+    def decode(self, container: Any, level: int, keys: Sequence[tuple[int, int]],
                pool: ThreadPoolExecutor | None) -> list[Any]:
-        from wsicodec.learned import KIND_UNIFORM, parse_header
+        """Tiles (col, row) of ``level``: each an array or the exception it raised."""
+        grid = container.grid(level)
 
-        out: list[Any] = [None] * len(datas)
-        jobs: list[tuple[int, Any]] = []
-        for i, data in enumerate(datas):
-            try:
-                hd = parse_header(data)
-                if hd.kind == KIND_UNIFORM:
-                    out[i] = self.codec.decode_batch([data], [names[i]])[0]
-                else:
-                    jobs.append((i, hd))
-            except Exception as e:  # noqa: BLE001 - kept per tile, raised by the caller
-                out[i] = e
-        run: Callable[[tuple[int, Any]], Any] = \
-            lambda job: self.codec.entropy_decode(datas[job[0]], job[1], names[job[0]])
-        if pool is not None:  # the pool also bounds how many run at once
-            results = [_outcome(f) for f in [pool.submit(run, job) for job in jobs]]
-        else:
-            results = [_call(run, job) for job in jobs]
-        ready = []
-        for (i, hd), y_hat in zip(jobs, results):
-            if isinstance(y_hat, BaseException):
-                out[i] = y_hat
-            else:
-                ready.append((i, hd, y_hat))
-        images = self.synthesis.run([(y, hd.quality) for _, hd, y in ready])
-        for (i, hd, _), x_hat in zip(ready, images):
-            out[i] = x_hat if isinstance(x_hat, BaseException) else np.ascontiguousarray(
-                x_hat[hd.top:hd.top + hd.height, hd.left:hd.left + hd.width])
-        return out
+        def run(fn: Callable[[Any], Any], items: list) -> list:
+            if pool is None or len(items) < 2:   # the pool also bounds how many run at once
+                return [fn(it) for it in items]
+            return [_outcome(f) for f in [pool.submit(fn, it) for it in items]]
+
+        return self.codec.decode_tiles(
+            list(keys), lambda c, r: container.read_encoded_tile(level, c, r),
+            (grid.cols, grid.rows), lambda c, r: f"tile level={level} col={c} row={r}",
+            cache=self.latents, cache_tag=level, run=run, synthesize=self.synthesis.run)
 
 
 class _PlainBatch:
@@ -333,9 +322,10 @@ class BatchDecoder:
                     n = self.settings.worker_count
                     self._pool = ThreadPoolExecutor(n, thread_name_prefix="wsicodec-decode") \
                         if n > 1 else None
-                    if hasattr(codec, "entropy_decode") and hasattr(codec, "loaded"):
+                    if hasattr(codec, "decode_tiles") and hasattr(codec, "loaded"):
                         self._backend = _LearnedBatch(codec, self.settings.device,
-                                                      self.settings.max_batch)
+                                                      self.settings.max_batch,
+                                                      self.settings.latent_cache_bytes)
                     else:
                         self._backend = _PlainBatch(codec)
         return self._backend
@@ -391,17 +381,12 @@ class BatchDecoder:
         keys = list(mine)
         try:
             backend = self._get_backend()
-            datas: list[Any] = []
-            for level, col, row in keys:
-                datas.append(_call(lambda k: self.container.read_encoded_tile(*k),
-                                   (level, col, row)))
-            ok = [i for i, d in enumerate(datas) if not isinstance(d, BaseException)]
-            names = [f"tile level={keys[i][0]} col={keys[i][1]} row={keys[i][2]}" for i in ok]
-            results: list[Any] = list(datas)
-            if ok:
-                decoded = backend.decode([datas[i] for i in ok], names, self._pool)
-                for i, r in zip(ok, decoded):
-                    results[i] = r
+            if isinstance(backend, _LearnedBatch):
+                level = keys[0][0]
+                results = backend.decode(self.container, level, [(c, r) for _, c, r in keys],
+                                         self._pool)
+            else:
+                results = self._decode_plain(backend, keys)
         except BaseException as e:  # codec unavailable, interrupted: every tile fails
             results = [e] * len(keys)
         for key, result in zip(keys, results):
@@ -415,6 +400,18 @@ class BatchDecoder:
                 mine[key].set_exception(_as_tile_error(result, key, self.container.path))
             else:
                 mine[key].set_result(result)
+
+    def _decode_plain(self, backend: "_PlainBatch", keys: list[TileKey]) -> list[Any]:
+        """Any other codec: bytes read here, decoded on the pool; errors kept per tile."""
+        datas: list[Any] = [_call(lambda k: self.container.read_encoded_tile(*k), key)
+                            for key in keys]
+        ok = [i for i, d in enumerate(datas) if not isinstance(d, BaseException)]
+        results: list[Any] = list(datas)
+        if ok:
+            decoded = backend.decode([datas[i] for i in ok], [], self._pool)
+            for i, r in zip(ok, decoded):
+                results[i] = r
+        return results
 
     def stats(self) -> CacheStats:
         return self.cache.stats()

@@ -569,6 +569,7 @@ class Container:
         self._codec: TileCodec | None = None
         self._tiles: dict[int, Any] = {}
         self._crc: dict[int, np.ndarray] = {}
+        self._latents: Any = None     # the learned codec's LatentCache, made on first use
         self.closed = False
 
     def _check_open(self) -> None:
@@ -657,6 +658,8 @@ class Container:
         Raises as :meth:`read_encoded_tile`; a tile the codec cannot decode raises
         CorruptTileError too.
         """
+        if hasattr(self.codec, "decode_tiles"):
+            return self.read_tiles(level, [(col, row)])[0]
         data = self.read_encoded_tile(level, col, row)
         try:
             return self.codec.decode(data)
@@ -667,20 +670,31 @@ class Container:
     def read_tiles(self, level: int, keys: Sequence[tuple[int, int]]) -> list[np.ndarray]:
         """Decode tiles (col, row) of one level, in order, as :meth:`read_tile` does.
 
-        A codec with ``decode_batch`` (the learned codec) decodes them in one batch
-        (one g_s pass); others tile by tile. Raises as :meth:`read_tile`.
+        The learned codec decodes them in one batch, each with its neighbours' latents
+        (read from the container as needed, kept in a small cache so a row-by-row
+        reader decodes each tile once); others tile by tile.  A damaged neighbour only
+        costs a tile its stitching on that side.  Raises as :meth:`read_tile`.
         """
-        decode_batch = getattr(self.codec, "decode_batch", None)
-        if decode_batch is None or len(keys) < 2:
+        decode_tiles = getattr(self.codec, "decode_tiles", None)
+        if decode_tiles is None:
             return [self.read_tile(level, col, row) for col, row in keys]
-        datas = [self.read_encoded_tile(level, col, row) for col, row in keys]
-        names = [f"tile level={level} col={col} row={row}" for col, row in keys]
-        try:
-            return decode_batch(datas, names)
-        except CorruptDataError as e:
-            # the codec's message names the tile; find which one for the structured fields
-            bad = next(((c, r) for (c, r), n in zip(keys, names) if n in str(e)), (None, None))
-            raise CorruptTileError(f"{self.path}: {e}", level=level, col=bad[0], row=bad[1]) from e
+        g = self.grid(level)
+        for col, row in keys:
+            g.check_tile(col, row)
+        if self._latents is None:       # room for three rows of the widest level
+            widest = max(self.grid(lv).cols for lv in range(self.level_count))
+            self._latents = self.codec.latent_cache(self.metadata.tile_size, 3 * widest + 8)
+        out = decode_tiles(list(keys), lambda c, r: self.read_encoded_tile(level, c, r),
+                           (g.cols, g.rows), lambda c, r: f"tile level={level} col={c} row={r}",
+                           cache=self._latents, cache_tag=level)
+        for (col, row), t in zip(keys, out):
+            if isinstance(t, CorruptTileError):
+                raise t
+            if isinstance(t, CorruptDataError):
+                raise CorruptTileError(f"{self.path}: {t}", level=level, col=col, row=row) from t
+            if isinstance(t, BaseException):
+                raise t
+        return out
 
     def iter_encoded_tiles(self, level: int) -> Iterator[tuple[int, int, bytes]]:
         """(col, row, bytes) of every tile of a level, row-major."""

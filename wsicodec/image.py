@@ -1,7 +1,8 @@
 """Whole-image API: ``encode(image) -> bytes`` and ``decode(bytes) -> image``.
 
 The image is cut into independent tiles coded exactly as in a container (see
-:mod:`wsicodec.learned`).  Stream layout (little-endian)::
+:mod:`wsicodec.learned`), and decoded as a container's are: each tile's latents joined
+with its neighbours' before g_s, so the stitched image shows no tile grid.  Stream layout (little-endian)::
 
     magic b"WSIM" | version u8 | reserved u8 | height u32 | width u32 | tile u16
     | model sha256 (32 bytes) | tile count u32
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -54,8 +56,10 @@ def encode(image: np.ndarray, quality: float = 4.0, *, tile_size: int = DEFAULT_
            refine: int = 0) -> bytes:
     """Code an (H, W, 3) uint8 array of any size with the learned codec.
 
-    Each tile is coded with ``margin`` pixels of its neighbours around it
-    (default: the codec's) so that stitched tiles show no seams.  ``refine``
+    g_a sees each tile with ``margin`` pixels of its neighbours around it (default:
+    the codec's, 16) and the stream holds the tile's latents only; :func:`decode`
+    joins neighbouring tiles' latents, so stitched tiles show no seams.  ``tile_size``
+    is a multiple of 16 in 16..4096 (y's grid).  ``refine``
     steps of the encoder's latent search (0: off) take fewer bits for the same
     PSNR at a much higher encode cost (:class:`~wsicodec.learned.LearnedCodec`).
 
@@ -68,8 +72,9 @@ def encode(image: np.ndarray, quality: float = 4.0, *, tile_size: int = DEFAULT_
         raise InvalidSettingError(f"image must be (H, W, 3) uint8, got {a.shape} {a.dtype}")
     if a.shape[0] < 1 or a.shape[1] < 1:
         raise InvalidSettingError(f"image must be at least 1x1, got {a.shape[:2]}")
-    if not 16 <= tile_size <= 4096:
-        raise InvalidSettingError(f"tile_size must be in 16..4096, got {tile_size}")
+    if isinstance(tile_size, bool) or not isinstance(tile_size, int) or not 16 <= tile_size <= 4096 \
+            or tile_size % 16:
+        raise InvalidSettingError(f"tile_size must be a multiple of 16 in 16..4096, got {tile_size!r}")
     codec = LearnedCodec(quality, model=model, refine=refine,
                          margin=DEFAULT_MARGIN if margin is None else margin)
     h, w = a.shape[:2]
@@ -87,30 +92,36 @@ def encode(image: np.ndarray, quality: float = 4.0, *, tile_size: int = DEFAULT_
     return head + table + b"".join(streams)
 
 
-def decode(data: bytes, *, model: str | None = None, batch: int = 16) -> np.ndarray:
-    """Inverse of :func:`encode`.
+@dataclass(frozen=True)
+class ImageStream:
+    """An image stream's header and its tile bitstreams (row-major), CRC-checked."""
+    height: int
+    width: int
+    tile: int
+    model_id: str
+    tiles: list[bytes]
+
+
+def read_stream(data: bytes) -> ImageStream:
+    """Split an image stream from :func:`encode` into its tiles.
 
     Raises:
         CorruptDataError: not a wsicodec image stream, or truncated.
-        CorruptTileError: a tile fails its CRC or symbol checksum (names row and column).
-        ModelMismatchError: the stream was made with other weights (names both ids).
+        CorruptTileError: a tile fails its CRC (names row and column).
     """
-    from .learned import LearnedCodec
     data = bytes(data)
     if len(data) < _HEAD.size or data[:4] != MAGIC:
         raise CorruptDataError("not a wsicodec image stream (bad magic or too short)")
     _, ver, _, h, w, tile, model_id, n = _HEAD.unpack_from(data)
     if ver != VERSION:
         raise CorruptDataError(f"image stream version {ver} is not supported (expected {VERSION})")
-    cells = list(_grid(h, w, tile))
-    if n != len(cells) or h == 0 or w == 0:
+    if h == 0 or w == 0 or tile == 0 or n != len(list(_grid(h, w, tile))):
         raise CorruptDataError("image stream header is inconsistent (tile count)")
-    codec = LearnedCodec(4.0, model=model, model_id=model_id.hex())
     pos = _HEAD.size + n * _ENTRY.size
     if len(data) < pos:
         raise CorruptDataError("image stream truncated (tile table)")
-    streams, names = [], []
-    for k, (r, c, _, _) in enumerate(cells):
+    streams: list[bytes] = []
+    for k, (r, c, _, _) in enumerate(_grid(h, w, tile)):
         length, crc = _ENTRY.unpack_from(data, _HEAD.size + k * _ENTRY.size)
         s = data[pos:pos + length]
         if len(s) != length:
@@ -118,14 +129,44 @@ def decode(data: bytes, *, model: str | None = None, batch: int = 16) -> np.ndar
         if zlib.crc32(s) != crc:
             raise CorruptTileError(f"tile (row {r}, col {c}) is corrupt (CRC mismatch)", row=r, col=c)
         streams.append(s)
-        names.append(f"tile (row {r}, col {c})")
         pos += length
     if pos != len(data):
         raise CorruptDataError(f"image stream has {len(data) - pos} trailing bytes")
+    return ImageStream(h, w, tile, model_id.hex(), streams)
+
+
+def decode(data: bytes, *, model: str | None = None, batch: int = 16) -> np.ndarray:
+    """Inverse of :func:`encode`: the tiles decoded with their neighbours' latents.
+
+    Raises:
+        CorruptDataError: not a wsicodec image stream, or truncated.
+        CorruptTileError: a tile fails its CRC or symbol checksum (names row and column).
+        ModelMismatchError: the stream was made with other weights (names both ids).
+    """
+    from .learned import LearnedCodec
+    st = read_stream(data)
+    h, w, tile, streams = st.height, st.width, st.tile, st.tiles
+    codec = LearnedCodec(4.0, model=model, model_id=st.model_id)
+    cells = list(_grid(h, w, tile))
+    n = len(cells)
+    from .learned import PIXEL_STRIDE
+    rows, cols = -(-h // tile), -(-w // tile)
+    cache = codec.latent_cache(tile, 4 * cols + batch + 4)   # rows around a batch: each tile decoded once
     out = np.empty((h, w, 3), np.uint8)
     for i in range(0, n, batch):
-        tiles = codec.decode_batch(streams[i:i + batch], names[i:i + batch])
-        for (_, _, ys, xs), t in zip(cells[i:i + batch], tiles):
+        part = cells[i:i + batch]
+        if tile % PIXEL_STRIDE:                  # not on y's grid: no stitching possible
+            tiles = codec.decode_batch(streams[i:i + batch],
+                                       [f"tile (row {r}, col {c})" for r, c, _, _ in part])
+        else:
+            tiles = codec.decode_tiles([(c, r) for r, c, _, _ in part],
+                                       lambda c, r: streams[r * cols + c], (cols, rows),
+                                       lambda c, r: f"tile (row {r}, col {c})", cache=cache)
+        for (r, c, ys, xs), t in zip(part, tiles):
+            if isinstance(t, CorruptDataError) and not isinstance(t, CorruptTileError):
+                raise CorruptTileError(str(t), row=r, col=c) from t
+            if isinstance(t, BaseException):
+                raise t
             if t.shape[:2] != (ys.stop - ys.start, xs.stop - xs.start):
                 raise CorruptDataError("a tile decoded to the wrong size")
             out[ys, xs] = t

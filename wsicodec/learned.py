@@ -4,7 +4,7 @@ Tile bitstream (little-endian)::
 
     offset size  field
     0      4     magic b"WSLT"
-    4      1     format version: 2, or 1 (still read: entropy parameters in float64, below)
+    4      1     format version: 3; 2 and 1 are still read (see "Seams" and below)
     5      1     kind: 0 = network-coded, 1 = uniform background
     6      2     height
     8      2     width
@@ -15,14 +15,25 @@ Tile bitstream (little-endian)::
     14     8     first 8 bytes of the model's sha256
     22     4     CRC-32 of the decoded symbols (ẑ then ŷ, int32)
     26     4     length of the z stream
-    30     1+1   top, left: where the tile sits inside the coded region
-    32     2+2   height, width of the coded region (tile plus its context margin)
+    30     1+1   top, left: where the tile sits inside the coded region (format 3: 0, 0)
+    32     2+2   height, width of the coded region (format 3: the tile's, rounded up to 16;
+                 format 2: the tile plus the context margin it was coded with)
     36     ...   z stream (factorized prior), then y stream (Gaussian, μ/σ from h_s(ẑ))
 
-Seams: a tile may be coded together with a margin of its neighbours' pixels
-(:attr:`LearnedCodec.margin`, see :meth:`LearnedCodec.encode_batch`); the decoder
-crops the tile back out, so tile borders sit inside the coded region, away from
-the edges where a convolutional decoder is weakest.
+Seams (format 3, "stitched" tiles): a tile codes exactly its own latents, y of the
+tile's 16-pixel cells, but the encoder computes them with g_a over the tile plus
+:attr:`LearnedCodec.margin` pixels of its neighbours (16 by default), so they are the
+latents a whole-image g_a would give there.  The decoder entropy-decodes each tile
+alone (random access: bytes, symbols and checksum of one tile need no other tile),
+then runs g_s over the tile's latents joined with :data:`STITCH_RING` latent rows and
+columns of its eight neighbours (:func:`stitch_window`, :func:`decode_tiles`), so the
+pixels at a tile's border come out as from a decode of the whole plane: no grid, and
+no pixels coded twice.  A glass neighbour (kind 1) has no latents; its place is taken
+by g_a's latent of its colour (:meth:`LearnedCodec.uniform_latent`).  A format-3 tile
+decoded without neighbours (:meth:`LearnedCodec.decode_batch`) has the right symbols
+but weaker pixels toward its edges (~0.6 dB over a 256² tile at quality 4).  Format 2 (written until 2026-11-28) coded
+each tile with an 8-pixel margin of its neighbours' pixels and cropped it back out:
+about 10 % more bytes for the same pixels (bench/README.md, "Stitched tiles").
 
 Decoding recomputes μ and the CDF-table indexes from ẑ with
 :meth:`WsiHyperprior.entropy_parameters` and checks the symbol CRC, so a mismatch is
@@ -37,9 +48,11 @@ on any device.
 from __future__ import annotations
 
 import struct
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -49,9 +62,12 @@ from .errors import CorruptDataError, InvalidSettingError, ModelMismatchError
 from .model import pad_to_stride
 
 MAGIC = b"WSLT"
-VERSION = 2
-#: tile formats this release reads; 1 differs only in how the entropy parameters are computed
-READ_VERSIONS = (1, 2)
+VERSION = 3
+#: tile formats this release reads: 3 stitched; 2 margin-coded; 1 as 2 with the entropy
+#: parameters in float64
+READ_VERSIONS = (1, 2, 3)
+#: first format whose network tiles are decoded with their neighbours' latents
+STITCH_VERSION = 3
 KIND_NETWORK, KIND_UNIFORM = 0, 1
 _HEAD = struct.Struct("<4sBBHH")          # magic, version, kind, h, w
 _NET = struct.Struct("<f8sIIBBHH")       # quality, model id, symbol crc, len(z), top, left, coded h, w
@@ -64,8 +80,12 @@ LATENT_STRIDE = 4
 QUALITY_RANGE = (1.0, 8.0)
 #: most encoder refinement steps a codec accepts (each costs about four g_s passes)
 MAX_REFINE = 1000
-#: pixels of neighbouring context coded around each tile (see "Seams" above)
-DEFAULT_MARGIN = 8
+#: pixels of neighbouring context g_a sees around each tile (see "Seams" above); a
+#: multiple of 16 keeps the tile on y's grid, and 16 gives the same bytes and PSNR as 32
+#: on he/test (bench/README.md, "Stitched tiles")
+DEFAULT_MARGIN = 16
+#: latent rows/columns of each neighbour joined to a stitched tile before g_s (16 px each)
+STITCH_RING = 2
 
 #: Background rule: a tile is coded as its mean colour when every pixel but at most
 #: UNIFORM_MAX_OUTLIERS stays within ±UNIFORM_MAX_DEV of that mean in every channel
@@ -172,6 +192,8 @@ def parse_header(data: bytes) -> TileHeader:
         raise CorruptDataError("learned tile truncated (z stream)")
     if top + h > ch or left + w > cw:
         raise CorruptDataError("learned tile header is inconsistent (tile outside its coded region)")
+    if ver >= STITCH_VERSION and (top or left or ch != _ceil(h, PIXEL_STRIDE) or cw != _ceil(w, PIXEL_STRIDE)):
+        raise CorruptDataError("learned tile header is inconsistent (stitched tile with a margin)")
     if not QUALITY_RANGE[0] <= q <= QUALITY_RANGE[1]:      # NaN fails too
         raise CorruptDataError(f"learned tile header is inconsistent (quality {q!r})")
     return TileHeader(kind, h, w, float(q), prefix, crc, zlen, top, left, ch, cw, start, ver)
@@ -251,7 +273,9 @@ class LearnedCodec:
         Without ``boxes`` each array is a tile.  With ``boxes``, array ``i`` is a
         *region* (the tile plus up to :attr:`margin` pixels of its neighbours on
         each side) and ``boxes[i] = (top, left, height, width)`` says where the
-        tile sits in it; the stream decodes to the tile alone.
+        tile sits in it: g_a sees the region, the stream holds the tile's latents
+        only (see "Seams" in the module docstring).  A box off y's 16-pixel grid
+        loses the context rows/columns before it that break the grid.
         """
         import torch
         out: list[bytes | None] = [None] * len(tiles)
@@ -259,6 +283,7 @@ class LearnedCodec:
         regions = [_check_tile(t) for t in tiles]
         if boxes is None:
             boxes = [(0, 0, r.shape[0], r.shape[1]) for r in regions]
+        boxes = list(boxes)
         for i, (r, (top, left, h, w)) in enumerate(zip(regions, boxes)):
             if not (0 <= top <= 255 and 0 <= left <= 255 and h >= 1 and w >= 1
                     and top + h <= r.shape[0] and left + w <= r.shape[1]):
@@ -267,76 +292,250 @@ class LearnedCodec:
             fit = uniform_fit(core)
             if fit is not None:
                 out[i] = _encode_uniform(core, *fit)
-            else:
-                groups.setdefault(r.shape[:2], []).append(i)
+                continue
+            dy, dx = top % PIXEL_STRIDE, left % PIXEL_STRIDE     # onto y's grid
+            if dy or dx:
+                regions[i], boxes[i] = r[dy:, dx:], (top - dy, left - dx, h, w)
+            groups.setdefault(regions[i].shape[:2], []).append(i)
         m, net = self.loaded.model, self.loaded.on(self.device)   # entropy parameters on m
         tb_z, tb_y = self._tables
+        q1 = torch.tensor([self.quality])
         with torch.inference_mode():
-            for (rh, rw), idx in groups.items():
+            for idx in groups.values():
                 x = torch.from_numpy(np.stack([regions[i] for i in idx])).permute(0, 3, 1, 2)
                 x = pad_to_stride(x.float().div_(255.0), PIXEL_STRIDE).to(self.device)
-                q = torch.full((len(idx),), self.quality)
-                y, z = net.analysis(x, q.to(self.device), latent_stride=LATENT_STRIDE)
-                if self.refine:
-                    shown = torch.zeros(len(idx), 1, *x.shape[-2:], device=self.device)
-                    for k, i in enumerate(idx):
-                        top, left, h, w = boxes[i]
-                        shown[k, :, top:top + h, left:left + w] = 1
-                    y, z, _ = net.refine_latents(x, q.to(self.device), y, z, shown, self.refine)
-                y = y.cpu()
-                z_sym, mu, index = hyper_symbols(m, z.cpu(), q, y.shape[-2:], exact=exact_entropy(VERSION))
-                y_sym = torch.round(y.double() - mu).to(torch.int32)
-                z_idx = _channel_index(z_sym.shape[1:])
+                y_all = net.analysis_y(x, torch.full((len(idx),), self.quality, device=self.device))
                 for k, i in enumerate(idx):
                     top, left, h, w = boxes[i]
-                    zs, ys, yi = z_sym[k].numpy(), y_sym[k].numpy(), index[k].numpy()
-                    zb = encode_symbols(zs, z_idx, tb_z)
-                    yb = encode_symbols(ys, yi, tb_y)
+                    ty, tx = top // PIXEL_STRIDE, left // PIXEL_STRIDE
+                    lh, lw = -(-h // PIXEL_STRIDE), -(-w // PIXEL_STRIDE)
+                    y = y_all[k:k + 1, :, ty:ty + lh, tx:tx + lw]
+                    z = net.hyper_analysis(y, q1.to(self.device), LATENT_STRIDE)
+                    if self.refine:
+                        xk = x[k:k + 1, :, top:top + lh * PIXEL_STRIDE, left:left + lw * PIXEL_STRIDE]
+                        shown = torch.zeros(1, 1, *xk.shape[-2:], device=self.device)
+                        shown[..., :h, :w] = 1
+                        y, z, _ = net.refine_latents(xk, q1.to(self.device), y, z, shown, self.refine)
+                    y = y.cpu()
+                    z_sym, mu, index = hyper_symbols(m, z.cpu(), q1, y.shape[-2:], exact=exact_entropy(VERSION))
+                    zs = z_sym[0].numpy()
+                    ys = torch.round(y.double() - mu).to(torch.int32)[0].numpy()
+                    zb = encode_symbols(zs, _channel_index(zs.shape), tb_z)
+                    yb = encode_symbols(ys, index[0].numpy(), tb_y)
                     head = _HEAD.pack(MAGIC, VERSION, KIND_NETWORK, h, w) + _NET.pack(
                         self.quality, bytes.fromhex(self.model_id[:16]), symbol_checksum(zs, ys), len(zb),
-                        top, left, rh, rw)
+                        0, 0, lh * PIXEL_STRIDE, lw * PIXEL_STRIDE)
                     out[i] = head + zb + yb
         return out  # type: ignore[return-value]
 
     def decode_batch(self, datas: Sequence[bytes], names: Sequence[str] | None = None) -> list[np.ndarray]:
-        """Decode tiles; ``names`` (e.g. "level 0 tile (3, 4)") go into error messages.
+        """Decode tiles, each on its own; ``names`` (e.g. "level 0 tile (3, 4)") go into
+        error messages.
 
-        Entropy decoding and the entropy parameters run per tile on the CPU;
-        g_s runs once per group of equal-size regions on :attr:`device`.
+        A stitched (format 3) tile decoded this way lacks its neighbours' latents: its
+        symbols are checked as always, its pixels toward the edges are weaker than
+        :meth:`decode_tiles` gives them.  Entropy decoding and the entropy parameters run
+        per tile on the CPU; g_s once per group of equal-size latents on :attr:`device`.
 
         Raises:
             CorruptDataError: a damaged stream or a symbol-checksum mismatch (names the tile).
             ModelMismatchError: a tile made with other weights.
         """
-        import torch
         names = names or [f"tile {i}" for i in range(len(datas))]
         out: list[np.ndarray | None] = [None] * len(datas)
-        pending: dict[tuple[int, int], list[tuple[int, TileHeader, torch.Tensor]]] = {}
+        jobs = []
         for i, data in enumerate(datas):
             data = bytes(data)
-            try:
-                hd = parse_header(data)
-            except CorruptDataError as exc:
-                raise CorruptDataError(f"{names[i]}: {exc}") from None
+            hd = _parse_named(data, names[i])
             if hd.kind == KIND_UNIFORM:
-                try:
-                    out[i] = _decode_uniform(data, hd)
-                except CorruptDataError as exc:
-                    raise CorruptDataError(f"{names[i]}: {exc}") from None
+                out[i] = _decode_uniform_named(data, hd, names[i])
                 continue
-            y_hat = self.entropy_decode(data, hd, names[i])
-            pending.setdefault(tuple(y_hat.shape[-2:]), []).append((i, hd, y_hat))
+            y = self.ungain(self.entropy_decode(data, hd, names[i]), hd.quality)
+            jobs.append((i, y, hd.top, hd.left, hd.height, hd.width))
+        for (i, _, top, left, h, w), x in zip(jobs, self.synthesize_windows([j[1] for j in jobs])):
+            out[i] = np.ascontiguousarray(x[top:top + h, left:left + w])
+        return out  # type: ignore[return-value]
+
+    def decode_tiles(self, keys: Sequence[tuple[int, int]], fetch: Callable[[int, int], bytes],
+                     grid: tuple[int, int], names: Callable[[int, int], str] | None = None, *,
+                     cache: "LatentCache | None" = None, cache_tag: Hashable = None,
+                     run: Callable[[Callable[[Any], Any], list], list] | None = None,
+                     synthesize: Callable[[list], list] | None = None) -> list[Any]:
+        """Tiles ``keys`` = [(col, row), ...] of a grid of ``grid`` = (cols, rows) tiles,
+        each stitched tile decoded with its neighbours' latents ("Seams" above).
+
+        ``fetch(col, row)`` gives any tile's bytes (raising for an unreadable one);
+        ``names(col, row)`` the tile's name in messages.  ``cache`` keeps decoded latents
+        between calls (keyed ``(cache_tag, col, row)``), so each tile of a region or a
+        slide is entropy-decoded once; ``run(fn, items)`` maps ``fn`` over the entropy
+        work (a thread pool's map: every item's result or exception, in order);
+        ``synthesize(windows)``: ungained latent windows → uint8 (H, W, 3) pixels or an
+        exception each (default :meth:`synthesize_windows` on :attr:`device`).
+
+        Returns one entry per key: the (h, w, 3) uint8 tile, or the exception that tile
+        raised (damaged bytes, checksum, other weights).  A damaged *neighbour* does not
+        fail a tile: its side is decoded without that neighbour's latents.
+        """
+        import torch
+        names = names or (lambda c, r: f"tile col={c} row={r}")
+        cols, rows = grid
+        out: list[Any] = [None] * len(keys)
+        got: dict[tuple[int, int], tuple[bytes, TileHeader]] = {}
+
+        def load(key: tuple[int, int]) -> tuple[bytes, TileHeader]:
+            if key not in got:
+                data = bytes(fetch(*key))
+                got[key] = (data, _parse_named(data, names(*key)))
+            return got[key]
+
+        stitched, alone = [], []
+        for n, key in enumerate(keys):
+            try:
+                data, hd = load(key)
+                if hd.kind == KIND_UNIFORM:
+                    out[n] = _decode_uniform_named(data, hd, names(*key))
+                elif hd.version >= STITCH_VERSION:
+                    stitched.append(n)
+                else:
+                    alone.append(n)
+            except Exception as e:  # noqa: BLE001 - kept per tile
+                out[n] = e
+        need: dict[tuple[int, int], None] = {}
+        for n in stitched:
+            col, row = keys[n]
+            for dr in (-1, 0, 1):
+                for dc in (-1, 0, 1):
+                    if 0 <= col + dc < cols and 0 <= row + dr < rows:
+                        need[(col + dc, row + dr)] = None
+        lat: dict[tuple[int, int], Any] = {}
+        todo = []
+        for key in need:
+            t = cache.get((cache_tag, *key)) if cache is not None else None
+            if t is None:
+                todo.append(key)
+            else:
+                lat[key] = t
+        for key in todo:          # bytes first, in this thread (stores need not be thread-safe)
+            try:
+                load(key)
+            except Exception as e:  # noqa: BLE001
+                lat[key] = e
+
+        def entropy(job: tuple[str, Any]) -> Any:
+            kind, key = job
+            try:
+                data, hd = got[key]
+                if kind == "alone":
+                    return self.ungain(self.entropy_decode(data, hd, names(*key)), hd.quality)
+                return self.tile_latents(data, hd, names(*key))
+            except Exception as e:  # noqa: BLE001 - kept per tile
+                return e
+
+        jobs = [("latent", k) for k in todo if k not in lat] + [("alone", keys[n]) for n in alone]
+        results = run(entropy, jobs) if run is not None else [entropy(j) for j in jobs]
+        own = {}
+        for (kind, key), r in zip(jobs, results):
+            if kind == "alone":
+                own[key] = r
+                continue
+            lat[key] = r
+            if cache is not None and isinstance(r, torch.Tensor):
+                cache.put((cache_tag, *key), r)
+        windows, where = [], []
+        for n in stitched:
+            col, row = keys[n]
+            centre = lat.get((col, row))
+            if not isinstance(centre, torch.Tensor):
+                out[n] = centre if isinstance(centre, BaseException) else CorruptDataError(
+                    f"{names(col, row)}: no latents")
+                continue
+            around = {}
+            for dr in (-1, 0, 1):
+                for dc in (-1, 0, 1):
+                    v = lat.get((col + dc, row + dr))
+                    around[(dr, dc)] = v if isinstance(v, torch.Tensor) else None
+            win, top, left = stitch_window(centre, around, STITCH_RING)
+            hd = got[(col, row)][1]
+            windows.append(win)
+            where.append((n, top, left, hd.height, hd.width))
+        for n in alone:
+            r = own.get(keys[n])
+            if isinstance(r, BaseException):
+                out[n] = r
+                continue
+            hd = got[keys[n]][1]
+            windows.append(r)
+            where.append((n, hd.top, hd.left, hd.height, hd.width))
+        if windows:
+            try:
+                pixels = (synthesize or self.synthesize_windows)(windows)
+            except Exception as e:  # noqa: BLE001 - every tile of the pass fails with it
+                pixels = [e] * len(windows)
+            for (n, top, left, h, w), x in zip(where, pixels):
+                out[n] = x if isinstance(x, BaseException) else np.ascontiguousarray(
+                    x[top:top + h, left:left + w])
+        return out
+
+    def latent_cache(self, tile_size: int, tiles: int, most: int = 256 * 1024 * 1024) -> "LatentCache":
+        """A :class:`LatentCache` with room for ``tiles`` tiles of ``tile_size`` (at most
+        ``most`` bytes, at least 16 MiB)."""
+        per = 4 * self.loaded.model.config.M * (-(-tile_size // PIXEL_STRIDE)) ** 2
+        return LatentCache(min(most, max(16 * 1024 * 1024, tiles * per)))
+
+    def synthesize_windows(self, windows: Sequence[Any], max_batch: int = 16) -> list[np.ndarray]:
+        """Ungained latents (1, M, h, w) → uint8 (16h, 16w, 3) pixels, uncropped; g_s runs
+        on :attr:`device`, once per group of up to ``max_batch`` equal shapes."""
+        import torch
+        out: list[Any] = [None] * len(windows)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, w in enumerate(windows):
+            groups.setdefault(tuple(w.shape), []).append(i)
         m = self.loaded.on(self.device)
         with torch.inference_mode():
-            for items in pending.values():
-                y_hat = torch.cat([it[2] for it in items]).to(self.device)
-                q = torch.tensor([it[1].quality for it in items], device=self.device)
-                x_hat = m.synthesis(y_hat, q).clamp_(0, 1).mul_(255).round_().to(torch.uint8)
-                x_hat = x_hat.permute(0, 2, 3, 1).cpu().numpy()
-                for k, (i, hd, _) in enumerate(items):
-                    out[i] = np.ascontiguousarray(
-                        x_hat[k, hd.top:hd.top + hd.height, hd.left:hd.left + hd.width])
-        return out  # type: ignore[return-value]
+            for idx in groups.values():
+                for k in range(0, len(idx), max_batch):
+                    part = idx[k:k + max_batch]
+                    y = torch.cat([windows[i] for i in part]).to(self.device)
+                    x = m.synthesize(y).clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+                    x = x.permute(0, 2, 3, 1).cpu().numpy()
+                    for j, i in enumerate(part):
+                        out[i] = x[j]
+        return out
+
+    def ungain(self, y_hat, quality: float):
+        """Gained ŷ_q (from :meth:`entropy_decode`) → ŷ_q / gain[q], float32: the scale
+        tiles of any quality share (:meth:`~wsicodec.model.WsiHyperprior.synthesize`)."""
+        import torch
+        gain, _ = self.loaded.model.gains(torch.tensor([float(quality)]), torch.float32)
+        return (y_hat.float() / gain).contiguous()
+
+    def tile_latents(self, data: bytes, hd: TileHeader, name: str):
+        """What a tile gives its neighbours' stitching: its ungained ŷ (1, M, h/16, w/16)
+        float32 (format 3), g_a's latent of its colour for a glass tile, or None (a
+        format-1/2 tile, coded with its own margin).  Raises as :meth:`entropy_decode`."""
+        if hd.kind == KIND_UNIFORM:
+            lh, lw = -(-hd.height // PIXEL_STRIDE), -(-hd.width // PIXEL_STRIDE)
+            return self.uniform_latent(bytes(data[hd.payload:hd.payload + 3])).expand(1, -1, lh, lw)
+        if hd.version < STITCH_VERSION:
+            return None
+        return self.ungain(self.entropy_decode(data, hd, name), hd.quality)
+
+    def uniform_latent(self, rgb: bytes):
+        """g_a's (ungained) latent inside a large patch of one colour, (1, M, 1, 1) float32:
+        what a glass tile, which stores only its colour, contributes to a neighbour's
+        stitching.  Computed once per colour (on the CPU; ~10 ms)."""
+        import torch
+        cache = self.loaded.__dict__.setdefault("_uniform_latents", {})
+        key = bytes(rgb)
+        if key not in cache:
+            m = self.loaded.model
+            x = torch.tensor(list(key), dtype=torch.float32).div_(255).reshape(1, 3, 1, 1)
+            with torch.inference_mode():
+                y = m.transform(x.expand(1, 3, 128, 128).contiguous())      # (1, M, 8, 8)
+            if len(cache) > 4096:
+                cache.clear()
+            cache[key] = y[..., 3:5, 3:5].mean((-2, -1), keepdim=True).clone()
+        return cache[key]
 
     def entropy_decode(self, data: bytes, hd: TileHeader, name: str,
                        timings: dict[str, float] | None = None):
@@ -410,6 +609,104 @@ def _tables_for(loaded) -> tuple[CdfTables, CdfTables]:
     return cached
 
 
+def stitch_window(centre, around: dict, ring: int = STITCH_RING):
+    """A stitched tile's g_s input: its latents ``centre`` (1, M, h, w) with up to ``ring``
+    rows/columns of each neighbour in ``around`` ((dr, dc) → (1, M, h', w') or None,
+    dr, dc in −1..1) joined on.  A missing side (the plane's edge, a damaged or
+    format-2 neighbour) is left off; a missing corner next to present sides is zeros,
+    as g_s's own padding.  Returns (window, top, left): where the tile's pixels start.
+    """
+    import torch
+    _, c, h, w = centre.shape
+
+    def side(d: tuple[int, int], axis: int, size: int) -> int:
+        t = around.get(d)
+        if t is None or t.shape[1] != c or t.shape[-1 - axis] != size:
+            return 0
+        return min(ring, t.shape[-2 + axis])
+
+    rt, rb = side((-1, 0), 0, w), side((1, 0), 0, w)
+    cl, cr = side((0, -1), 1, h), side((0, 1), 1, h)
+    if not (rt or rb or cl or cr):
+        return centre, 0, 0
+    win = torch.zeros(1, c, rt + h + rb, cl + w + cr, dtype=centre.dtype)
+    win[..., rt:rt + h, cl:cl + w] = centre
+    if rt:
+        win[..., :rt, cl:cl + w] = around[(-1, 0)][..., -rt:, :]
+    if rb:
+        win[..., rt + h:, cl:cl + w] = around[(1, 0)][..., :rb, :]
+    if cl:
+        win[..., rt:rt + h, :cl] = around[(0, -1)][..., :, -cl:]
+    if cr:
+        win[..., rt:rt + h, cl + w:] = around[(0, 1)][..., :, :cr]
+    for dr, dc in ((-1, -1), (-1, 1), (1, -1), (1, 1)):
+        nr, nc = (rt if dr < 0 else rb), (cl if dc < 0 else cr)
+        t = around.get((dr, dc))
+        if not (nr and nc) or t is None or t.shape[1] != c or t.shape[-2] < nr or t.shape[-1] < nc:
+            continue
+        ys = slice(0, nr) if dr < 0 else slice(rt + h, rt + h + nr)
+        xs = slice(0, nc) if dc < 0 else slice(cl + w, cl + w + nc)
+        win[..., ys, xs] = t[..., (slice(-nr, None) if dr < 0 else slice(0, nr)),
+                             (slice(-nc, None) if dc < 0 else slice(0, nc))]
+    return win, rt * PIXEL_STRIDE, cl * PIXEL_STRIDE
+
+
+class LatentCache:
+    """A thread-safe LRU of decoded tile latents (torch tensors), bounded in bytes:
+    what lets :meth:`LearnedCodec.decode_tiles` entropy-decode each tile once when
+    its neighbours are decoded later."""
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self.max_bytes = max(0, int(max_bytes))
+        self._items: "OrderedDict[Hashable, Any]" = OrderedDict()
+        self._nbytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable):
+        with self._lock:
+            t = self._items.get(key)
+            if t is not None:
+                self._items.move_to_end(key)
+            return t
+
+    def put(self, key: Hashable, t) -> None:
+        n = t.element_size() * t.nelement()
+        if n > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._nbytes -= old.element_size() * old.nelement()
+            self._items[key] = t
+            self._nbytes += n
+            while self._nbytes > self.max_bytes:
+                _, ev = self._items.popitem(last=False)
+                self._nbytes -= ev.element_size() * ev.nelement()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._nbytes = 0
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+
+def _parse_named(data: bytes, name: str) -> TileHeader:
+    try:
+        return parse_header(data)
+    except CorruptDataError as exc:
+        raise CorruptDataError(f"{name}: {exc}") from None
+
+
+def _decode_uniform_named(data: bytes, hd: TileHeader, name: str) -> np.ndarray:
+    try:
+        return _decode_uniform(data, hd)
+    except CorruptDataError as exc:
+        raise CorruptDataError(f"{name}: {exc}") from None
+
+
 def _check_tile(t: np.ndarray) -> np.ndarray:
     t = np.asarray(t)
     if t.ndim != 3 or t.shape[2] != 3 or t.dtype != np.uint8:
@@ -458,7 +755,7 @@ def register() -> None:
     register_codec("learned", LearnedCodec)
 
 
-__all__ = ["LearnedCodec", "is_uniform", "parse_header", "ModelMismatchError"]
+__all__ = ["LearnedCodec", "LatentCache", "is_uniform", "parse_header", "stitch_window", "ModelMismatchError"]
 
 
 register()

@@ -316,10 +316,23 @@ class WsiHyperprior(nn.Module):
         y_q is replicate-padded to a multiple of ``latent_stride`` before h_a, so
         x only needs to be a multiple of 16; crop h_s's output back to y_q's size.
         """
-        gain, hgain = self.gains(quality, x.dtype)
-        y = self._transform("g_a", x)(x) * gain
-        z = self.h_a(pad_to_stride(y, latent_stride)) * hgain
-        return y, z
+        y = self.analysis_y(x, quality)
+        return y, self.hyper_analysis(y, quality, latent_stride)
+
+    def analysis_y(self, x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+        """x → y_q, the gained latent (x a multiple of 16 on each side)."""
+        gain, _ = self.gains(quality, x.dtype)
+        return self.transform(x) * gain
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        """g_a(x): the ungained latent, the scale :meth:`synthesize` takes."""
+        return self._transform("g_a", x)(x)
+
+    def hyper_analysis(self, y: torch.Tensor, quality: torch.Tensor, latent_stride: int = 4
+                       ) -> torch.Tensor:
+        """y_q → z_q, y_q replicate-padded to a multiple of ``latent_stride`` first."""
+        _, hgain = self.gains(quality, y.dtype)
+        return self.h_a(pad_to_stride(y, latent_stride)) * hgain
 
     def refine_latents(self, x: torch.Tensor, quality: torch.Tensor, y: torch.Tensor, z: torch.Tensor,
                        shown: torch.Tensor, steps: int, lr: float = REFINE_LR
@@ -467,7 +480,14 @@ class WsiHyperprior(nn.Module):
         ~1.5× at one on the development CPU: bench/results/tile_speed.json, README).
         """
         gain, _ = self.gains(quality.to(y_hat.device), y_hat.dtype)
-        y = y_hat / gain
+        return self.synthesize(y_hat / gain)
+
+    def synthesize(self, y: torch.Tensor) -> torch.Tensor:
+        """Ungained ŷ (ŷ_q / gain[q], the scale g_a's output has) → x̂.
+
+        Latents of tiles coded at different qualities share this scale, so a decoder
+        can join them into one plane before g_s (stitched tiles, :mod:`wsicodec.learned`).
+        """
         return self._transform("g_s", y)(y)
 
     def _transform(self, name: str, x: torch.Tensor) -> nn.Module:
