@@ -11,9 +11,13 @@ learned codec is the interesting case).  Measured, on the device ``--device`` pi
 (CUDA when present with ``auto``, else the CPU):
 
 - **latency**: ``read_region`` of one aligned 256² level-0 tile with tissue (network
-  coded), cold (cache off: bytes → entropy decode → h_s → g_s → RGBA) and warm (the
-  decoded tile in the LRU cache), p50/p99; cold is split into rANS decoding, the
-  h_s (exact, + CDF-table index), and g_s by re-running the codec's steps.
+  coded), p50/p99: ``cold`` (both caches off: the tile's and its 8 neighbours' bytes →
+  entropy decode → h_s, then g_s over the stitched latents → RGBA: a tile nobody near
+  it was asked for), ``cold_neighbours_cached`` (pixel cache off, latent cache on, tiles
+  asked in row order: what a viewer panning over a region pays per new tile) and warm
+  (the decoded tile in the LRU cache); cold is split into rANS decoding and h_s (exact,
+  + CDF-table index) per tile, and g_s over one stitched window, by re-running the
+  codec's steps.
 - **throughput**: ``BatchDecoder.decode`` of B distinct network tiles in one call
   (cache off), MP/s of 256² tile pixels, against B.
 - **load test**: ``wsicodec serve`` in a subprocess on loopback, ``--clients`` threads
@@ -113,13 +117,22 @@ def bench_latency(path: Path, n_cold: int, n_warm: int, device: str) -> dict[str
     c = open_container(path)
     keys = network_tiles(c)[:n_cold]
     t = c.tile_size
-    cold_slide = WsiSlide(c, DecoderSettings(cache_bytes=0, device=device))
+    cold_slide = WsiSlide(c, DecoderSettings(cache_bytes=0, latent_cache_bytes=0, device=device))
     cold_slide.read_region((keys[0][0] * t, keys[0][1] * t), 0, (t, t))  # load the model
     cold = []
     for col, row in keys:
         t0 = time.perf_counter()
         cold_slide.read_region((col * t, row * t), 0, (t, t))
         cold.append(time.perf_counter() - t0)
+    pan_slide = WsiSlide(open_container(path), DecoderSettings(cache_bytes=0, device=device))
+    pan_slide.read_region((keys[0][0] * t, keys[0][1] * t), 0, (t, t))   # load the model
+    pan_slide.decoder.close()
+    pan = []
+    for col, row in sorted(keys, key=lambda k: (k[1], k[0])):
+        t0 = time.perf_counter()
+        pan_slide.read_region((col * t, row * t), 0, (t, t))
+        pan.append(time.perf_counter() - t0)
+    pan_slide.close()
     warm_slide = WsiSlide(open_container(path), DecoderSettings(device=device))
     for col, row in keys:
         warm_slide.read_region((col * t, row * t), 0, (t, t))
@@ -130,7 +143,8 @@ def bench_latency(path: Path, n_cold: int, n_warm: int, device: str) -> dict[str
         t0 = time.perf_counter()
         warm_slide.read_region((col * t, row * t), 0, (t, t))
         warm.append(time.perf_counter() - t0)
-    out = {"tiles": len(keys), "cold": _summary_ms(cold), "warm": _summary_ms(warm),
+    out = {"tiles": len(keys), "cold": _summary_ms(cold),
+           "cold_neighbours_cached": _summary_ms(pan), "warm": _summary_ms(warm),
            "device": cold_slide.decoder.device}
     if c.metadata.codec.get("name") == "learned":
         out["cold_breakdown"] = _profile_learned(c, keys, cold_slide.decoder.device)
@@ -141,33 +155,42 @@ def bench_latency(path: Path, n_cold: int, n_warm: int, device: str) -> dict[str
 
 def _profile_learned(c: Any, keys: list[tuple[int, int]], device: str) -> dict[str, Any]:
     """Decode tiles one at a time through the codec's own steps (``entropy_decode``
-    reports its parts) and the model's synthesis, and time each."""
+    reports its parts; a cold stitched tile runs it for itself and each neighbour) and
+    g_s over the stitched window, and time each."""
     import torch
 
-    from wsicodec.learned import parse_header
+    from wsicodec.learned import parse_header, stitch_window
 
     codec = c.codec
     m = codec.loaded.model
-    parts: dict[str, list[float]] = {"rans_z_and_y": [], "h_s_and_index": [],
-                                     "g_s": [], "total": []}
+    parts: dict[str, list[float]] = {"rans_z_and_y_per_tile": [], "h_s_and_index_per_tile": [],
+                                     "g_s_stitched": []}
     g_model = m if device == "cpu" else None
+    grid = c.grid(0)
+    window = None
     for col, row in keys:
-        data = c.read_encoded_tile(0, col, row)
-        hd = parse_header(data)
-        steps: dict[str, float] = {}
-        t0 = time.perf_counter()
-        y_hat = codec.entropy_decode(data, hd, f"tile level=0 col={col} row={row}", timings=steps)
-        t1 = time.perf_counter()
+        around = {}
+        for dr in (-1, 0, 1):
+            for dc in (-1, 0, 1):
+                cc, rr = col + dc, row + dr
+                if not (0 <= cc < grid.cols and 0 <= rr < grid.rows):
+                    continue
+                data = c.read_encoded_tile(0, cc, rr)
+                hd = parse_header(data)
+                steps: dict[str, float] = {}
+                if hd.kind == 0:
+                    codec.entropy_decode(data, hd, f"tile level=0 col={cc} row={rr}", timings=steps)
+                    parts["rans_z_and_y_per_tile"].append(steps["rans_z"] + steps["rans_y"])
+                    parts["h_s_and_index_per_tile"].append(steps["entropy_parameters"])
+                around[(dr, dc)] = codec.tile_latents(data, hd, "tile")
+        window, _, _ = stitch_window(around.pop((0, 0)), around)
         if g_model is not None:
+            t1 = time.perf_counter()
             with torch.inference_mode():
-                m.synthesis(y_hat, torch.tensor([hd.quality]))
-        t2 = time.perf_counter()
-        parts["rans_z_and_y"].append(steps["rans_z"] + steps["rans_y"])
-        parts["h_s_and_index"].append(steps["entropy_parameters"])
-        parts["g_s"].append(t2 - t1)
-        parts["total"].append(t2 - t0)
-    out: dict[str, Any] = {k: _summary_ms(v) for k, v in parts.items()}
-    out["latent_shape"] = list(y_hat.shape)
+                m.synthesize(window)
+            parts["g_s_stitched"].append(time.perf_counter() - t1)
+    out: dict[str, Any] = {k: _summary_ms(v) for k, v in parts.items() if v}
+    out["window_shape"] = list(window.shape) if window is not None else None
     if g_model is None:
         out["note"] = "g_s timed on the CPU only; on CUDA see latency/throughput"
     return out

@@ -221,7 +221,7 @@ def test_stitched_tiles_have_no_seams_and_decode_alone(tissue):
     """Format 3: each tile's stream holds only its own latents and decodes alone (the same
     symbols: checksummed), but the image decoder joins neighbours' latents before g_s, so
     the pixels within 4 px of the internal tile borders are as good as the interior, which
-    decoding tiles alone is not (nor, by ~0.6 dB, their pixels further in)."""
+    decoding tiles alone is not (their border latents describe pixels on both sides)."""
     img = np.ascontiguousarray(tissue[:768, :768])
     data = wsicodec.encode(img, quality=4, tile_size=256)
     stitched = wsicodec.decode(data)
@@ -241,7 +241,7 @@ def test_stitched_tiles_have_no_seams_and_decode_alone(tissue):
         return _psnr(img[~border], out[~border]) - _psnr(img[border], out[border])
 
     assert gap(stitched) < 0.3, gap(stitched)
-    assert gap(alone) > 0.6, gap(alone)
+    assert gap(alone) > 3, gap(alone)
     assert _psnr(img, stitched) > _psnr(img, alone) + 0.3     # tiles alone are weaker well inside too
 
 
