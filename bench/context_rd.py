@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-TILE, MARGIN = 256, 8
+TILE = 256
 CROP = 17                # latent side of a 272² region
 QUALITIES = (1, 2, 3, 4, 5, 6, 7, 8)
 
@@ -183,16 +183,16 @@ def code_image(model, head: CheckerboardHead, tables, img: np.ndarray, quality: 
     the shipped path, and anchors as shipped with the non-anchors from the context head,
     each group its own rANS stream.
     """
-    from tilecode import Glass, core_sse, stream_bytes, tiles
+    from tilecode import Glass, image_sse, stream_bytes, tiles
 
     _, tb_y = tables
     table = model.gaussian_conditional.scale_table.to(torch.float64)
-    acc = {"hyperprior": [0, 0.0], "checkerboard": [0, 0.0]}
-    for t in tiles(model, tables, img, quality, TILE, MARGIN):
+    acc = {"hyperprior": [0, []], "checkerboard": [0, []]}
+    for t in tiles(model, tables, img, quality, TILE):   # the codec's own context margin
         if isinstance(t, Glass):   # glass: the same few bytes and pixels either way
             for v in acc.values():
                 v[0] += t.nbytes
-                v[1] += t.sse
+                v[1].append((t, None))
             continue
         mu, index = t.mu, t.index
         y_sym = torch.round(t.y - mu)
@@ -210,8 +210,8 @@ def code_image(model, head: CheckerboardHead, tables, img: np.ndarray, quality: 
         for name, nbytes, y_hat in (("hyperprior", n_h, y_sym + mu),
                                     ("checkerboard", n_c, torch.where(a, y_sym + mu, y_sym2 + m2))):
             acc[name][0] += nbytes
-            acc[name][1] += core_sse(model, t, y_hat)
-    return {k: (v[0], v[1]) for k, v in acc.items()}
+            acc[name][1].append((t, y_hat))
+    return {k: (v[0], image_sse(model, img, v[1])) for k, v in acc.items()}
 
 
 def evaluate(model, head, tables, files: list[Path]) -> dict:

@@ -82,10 +82,11 @@ def code(img, q, E=None, scale=1.0):
     """(bpp, PSNR) of ``img`` coded as the codec does, y rounded plainly or as ``scale`` says."""
     lam = float(m.lambda_at(torch.tensor([float(q)])))
     k = lam / 3 * scale   # per tile J = bits + λ·SSE/3 on 0..255 pixels (training: bpp + λ·255²·MSE)
-    total, sse = 0, 0.0
+    total, parts = 0, []
     for t in tilecode.tiles(m, (tb_z, tb_y), img, q):
         if isinstance(t, tilecode.Glass):
-            total, sse = total + t.nbytes, sse + t.sse
+            total += t.nbytes
+            parts.append((t, None))
             continue
         v = t.y - t.mu
         s = torch.round(v)
@@ -99,7 +100,8 @@ def code(img, q, E=None, scale=1.0):
             j_hi = bits_of(hi, t.index) + w_c * (hi - v) ** 2
             s = torch.where(j_lo <= j_hi, lo, hi)
         total += t.side_bytes + tilecode.stream_bytes(s[0], t.index[0], tb_y)
-        sse += tilecode.core_sse(m, t, s + t.mu)
+        parts.append((t, s + t.mu))
+    sse = tilecode.image_sse(m, img, parts)
     px = img.shape[0] * img.shape[1]
     return 8 * total / px, 10 * math.log10(255 ** 2 / (sse / (px * 3)))
 

@@ -6,9 +6,9 @@ computes before it writes y: the tile grid with its context margin, the glass ru
 over the context region cropped to the tile's latents, the z stream and the float64
 (μ, table index).  :func:`tiles` yields exactly that, tile by tile; :func:`stream_bytes`
 prices whatever y symbols an experiment chooses as the codec would code them, and
-:func:`core_sse` scores them as :meth:`~wsicodec.learned.LearnedCodec.decode_batch`
-decodes a tile alone, without its neighbours' latents (weaker toward the tile's edges
-than the stitched decoder, the same for every choice of symbols compared).
+:func:`image_pixels` / :func:`image_sse` score the whole image as the readers decode it:
+every tile's ŷ (and every glass tile's colour latent) in one latent plane, g_s once over
+it (the readers' 2-latent stitching ring gives the same pixels to ~1e-4 dB).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from wsicodec.entropy import encode_symbols
 from wsicodec.image import _grid, context_region
 from wsicodec.learned import (DEFAULT_MARGIN, LATENT_STRIDE, NETWORK_HEADER_BYTES, PIXEL_STRIDE,
                               _channel_index, _decode_uniform, _encode_uniform, hyper_symbols,
-                              parse_header, uniform_fit)
+                              parse_header, uniform_fit, uniform_latent)
 from wsicodec.model import pad_to_stride
 
 TILE = 256
@@ -35,6 +35,9 @@ class Glass:
     nbytes: int
     sse: float
     pixels: np.ndarray        #: the decoded tile (h, w, 3) uint8
+    rgb: bytes                #: its colour, what it gives its neighbours' stitching
+    rows: slice               #: where it sits in the image
+    cols: slice
 
 
 @dataclass
@@ -48,6 +51,8 @@ class NetworkTile:
     mu: torch.Tensor          #: (1, M, h, w) float64, as the decoder computes it
     index: torch.Tensor       #: (1, M, h, w) int32 CDF-table index, as the decoder computes it
     side_bytes: int           #: tile header + z stream
+    rows: slice               #: where it sits in the image
+    cols: slice
 
 
 @torch.inference_mode()
@@ -67,7 +72,7 @@ def tiles(model, tables, img: np.ndarray, quality: float, tile: int = TILE,
             data = _encode_uniform(core, *fit)
             pixels = _decode_uniform(data, parse_header(data))
             d = pixels.astype(np.float64) - core
-            yield Glass(len(data), float((d ** 2).sum()), pixels)
+            yield Glass(len(data), float((d ** 2).sum()), pixels, fit[0].tobytes(), ys, xs)
             continue
         dy, dx = top % PIXEL_STRIDE, left % PIXEL_STRIDE       # as encode_batch: onto y's grid
         x = torch.from_numpy(np.ascontiguousarray(region[dy:, dx:])).permute(2, 0, 1)[None].float().div(255)
@@ -77,7 +82,7 @@ def tiles(model, tables, img: np.ndarray, quality: float, tile: int = TILE,
         z = model.hyper_analysis(y, q, LATENT_STRIDE)
         z_sym, mu, index = hyper_symbols(model, z, q, y.shape[-2:])
         side = NETWORK_HEADER_BYTES + len(encode_symbols(z_sym[0].numpy(), _channel_index(z_sym.shape[1:]), tb_z))
-        yield NetworkTile(core, (0, 0, th, tw), q, gain, y.double(), mu, index, side)
+        yield NetworkTile(core, (0, 0, th, tw), q, gain, y.double(), mu, index, side, ys, xs)
 
 
 def stream_bytes(symbols: torch.Tensor, index: torch.Tensor, table) -> int:
@@ -86,14 +91,30 @@ def stream_bytes(symbols: torch.Tensor, index: torch.Tensor, table) -> int:
 
 
 @torch.inference_mode()
-def core_pixels(model, t: NetworkTile, y_hat: torch.Tensor) -> np.ndarray:
-    """The tile's own pixels (h, w, 3) as float64 0..255 levels, decoded from gained ``y_hat``."""
-    x_hat = model.synthesis(y_hat.float(), t.quality).clamp(0, 1)
-    x_hat = (x_hat[0].permute(1, 2, 0).numpy() * 255).round()
-    top, left, th, tw = t.box
-    return x_hat[top:top + th, left:left + tw].astype(np.float64)
+def image_pixels(model, shape: tuple[int, ...], parts: list) -> np.ndarray:
+    """The image (h, w, 3) as float64 0..255 levels, decoded as the readers decode it.
+
+    ``parts``: every tile of :func:`tiles`, each network tile paired with the gained ŷ
+    (1, M, h, w) an experiment chose for it: ``[(tile, y_hat), (glass, None), ...]``.
+    """
+    h, w = shape[:2]
+    plane = torch.zeros(1, model.config.M, -(-h // PIXEL_STRIDE), -(-w // PIXEL_STRIDE))
+    for t, y_hat in parts:
+        r0, c0 = t.rows.start // PIXEL_STRIDE, t.cols.start // PIXEL_STRIDE
+        lh = -(-(t.rows.stop - t.rows.start) // PIXEL_STRIDE)
+        lw = -(-(t.cols.stop - t.cols.start) // PIXEL_STRIDE)
+        if isinstance(t, Glass):
+            plane[..., r0:r0 + lh, c0:c0 + lw] = uniform_latent(model, t.rgb)
+        else:
+            plane[..., r0:r0 + lh, c0:c0 + lw] = y_hat.float() / t.gain
+    x_hat = model.synthesize(plane).clamp(0, 1)
+    out = (x_hat[0].permute(1, 2, 0).numpy()[:h, :w] * 255).round().astype(np.float64)
+    for t, _ in parts:
+        if isinstance(t, Glass):
+            out[t.rows, t.cols] = t.pixels
+    return out
 
 
-def core_sse(model, t: NetworkTile, y_hat: torch.Tensor) -> float:
-    """SSE (0..255 levels) of the tile's own pixels decoded from gained ``y_hat`` (1, M, h, w)."""
-    return float(((core_pixels(model, t, y_hat) - t.core.astype(np.float64)) ** 2).sum())
+def image_sse(model, img: np.ndarray, parts: list) -> float:
+    """SSE (0..255 levels) of :func:`image_pixels` against ``img``."""
+    return float(((image_pixels(model, img.shape, parts) - img.astype(np.float64)) ** 2).sum())

@@ -559,11 +559,11 @@ def test_hard_rate_is_the_coders_rate(tissue):
 
 def test_bench_tile_path_prices_and_scores_tiles_as_the_codec_codes_them(tissue):
     """bench/tilecode.py (the experiments' copy of the encoder path up to y's symbols):
-    with plain rounding, its bytes per tile are the codec's stream lengths and its SSE the
-    decoded tile's, glass tiles included."""
+    with plain rounding, its bytes per tile are the codec's stream lengths, and its whole-
+    plane decode the pixels wsicodec.decode stitches, glass tiles included."""
     import sys
-    from wsicodec.image import _grid, context_region
-    from wsicodec.learned import DEFAULT_MARGIN, _tables_for
+    from wsicodec.image import read_stream
+    from wsicodec.learned import _tables_for
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import tilecode
 
@@ -574,18 +574,20 @@ def test_bench_tile_path_prices_and_scores_tiles_as_the_codec_codes_them(tissue)
     tables = _tables_for(codec.loaded)
     got = list(tilecode.tiles(m, tables, img, 3.5))
     assert sum(isinstance(t, tilecode.Glass) for t in got) == 2 and len(got) == 4
-    for t, (_, _, ys, xs) in zip(got, _grid(*img.shape[:2], 256)):
-        region, box = context_region(img, ys, xs, DEFAULT_MARGIN)
-        data = codec.encode_batch([region], [box])[0]
-        core = region[box[0]:box[0] + box[2], box[1]:box[1] + box[3]].astype(np.float64)
-        sse = float(((codec.decode(data) - core) ** 2).sum())
+    data = wsicodec.encode(img, quality=3.5)
+    parts = []
+    for t, stream in zip(got, read_stream(data).tiles):
         if isinstance(t, tilecode.Glass):
-            assert (t.nbytes, t.sse) == (len(data), sse)
+            assert t.nbytes == len(stream)
+            parts.append((t, None))
         else:
             y_sym = torch.round(t.y - t.mu)
-            assert t.side_bytes + tilecode.stream_bytes(y_sym[0], t.index[0], tables[1]) == len(data)
-            y_hat = m.reconstruct(y_sym, t.mu, t.index, 3.5)    # as the decoder does
-            assert tilecode.core_sse(m, t, y_hat) == pytest.approx(sse, rel=1e-9)
+            assert t.side_bytes + tilecode.stream_bytes(y_sym[0], t.index[0], tables[1]) == len(stream)
+            parts.append((t, m.reconstruct(y_sym, t.mu, t.index, 3.5)))    # as the decoder does
+    mine = tilecode.image_pixels(m, img.shape, parts)
+    theirs = wsicodec.decode(data).astype(np.float64)
+    assert np.abs(mine - theirs).max() <= 2            # a whole-plane g_s vs the 2-latent ring
+    assert tilecode.image_sse(m, img, parts) == pytest.approx(float(((theirs - img) ** 2).sum()), rel=2e-3)
 
 
 @pytest.mark.parametrize("cin,cout,shape", [(96, 3, (9, 13)), (5, 7, (1, 1)), (4, 16, (6, 3))])

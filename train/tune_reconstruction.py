@@ -36,7 +36,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 import metrics  # noqa: E402  (bench/metrics.py: LPIPS from the local trunk)
 import tilecode  # noqa: E402  (bench/tilecode.py: the codec's encoder path up to y's symbols)
 from wsicodec.checkpoint import load_model  # noqa: E402
-from wsicodec.image import _grid  # noqa: E402
 from wsicodec.learned import _tables_for  # noqa: E402
 
 KAPPAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -51,17 +50,13 @@ def center_crop(img: np.ndarray, size: int) -> np.ndarray:
 @torch.inference_mode()
 def decode_per_kappa(model, tables, img: np.ndarray, quality: int, kappas) -> dict[float, np.ndarray]:
     """``img`` coded at ``quality`` as the codec codes it, decoded with each κ (float64 0..255)."""
-    out = {k: np.zeros(img.shape, np.float64) for k in kappas}
-    tiles = tilecode.tiles(model, tables, img, quality)
-    for t, (_, _, ys, xs) in zip(tiles, _grid(*img.shape[:2], tilecode.TILE)):
-        if isinstance(t, tilecode.Glass):
-            for k in kappas:
-                out[k][ys, xs] = t.pixels
-            continue
-        s = torch.round(t.y - t.mu)
-        for k in kappas:
-            out[k][ys, xs] = tilecode.core_pixels(
-                model, t, model.reconstruct(s, t.mu, t.index, quality, kappa=k))
+    tiles = list(tilecode.tiles(model, tables, img, quality))
+    out = {}
+    for k in kappas:
+        parts = [(t, None) if isinstance(t, tilecode.Glass) else
+                 (t, model.reconstruct(torch.round(t.y - t.mu), t.mu, t.index, quality, kappa=k))
+                 for t in tiles]
+        out[k] = tilecode.image_pixels(model, img.shape, parts)
     return out
 
 

@@ -526,21 +526,8 @@ class LearnedCodec:
         return self.ungain(self.entropy_decode(data, hd, name), hd.quality)
 
     def uniform_latent(self, rgb: bytes):
-        """g_a's (ungained) latent inside a large patch of one colour, (1, M, 1, 1) float32:
-        what a glass tile, which stores only its colour, contributes to a neighbour's
-        stitching.  Computed once per colour (on the CPU; ~10 ms)."""
-        import torch
-        cache = self.loaded.__dict__.setdefault("_uniform_latents", {})
-        key = bytes(rgb)
-        if key not in cache:
-            m = self.loaded.model
-            x = torch.tensor(list(key), dtype=torch.float32).div_(255).reshape(1, 3, 1, 1)
-            with torch.inference_mode():
-                y = m.transform(x.expand(1, 3, 128, 128).contiguous())      # (1, M, 8, 8)
-            if len(cache) > 4096:
-                cache.clear()
-            cache[key] = y[..., 3:5, 3:5].mean((-2, -1), keepdim=True).clone()
-        return cache[key]
+        """:func:`uniform_latent` of the loaded model."""
+        return uniform_latent(self.loaded.model, rgb)
 
     def entropy_decode(self, data: bytes, hd: TileHeader, name: str,
                        timings: dict[str, float] | None = None):
@@ -612,6 +599,23 @@ def _tables_for(loaded) -> tuple[CdfTables, CdfTables]:
         cached = (tables(m.entropy_bottleneck), tables(m.gaussian_conditional))
         object.__setattr__(loaded, "_tables", cached)
     return cached
+
+
+def uniform_latent(model, rgb: bytes):
+    """g_a's (ungained) latent inside a large patch of one colour, (1, M, 1, 1) float32:
+    what a glass tile, which stores only its colour, contributes to a neighbour's
+    stitching.  Computed once per colour and model (on the CPU; ~10 ms)."""
+    import torch
+    cache = model.__dict__.setdefault("_uniform_latents", {})
+    key = bytes(rgb)
+    if key not in cache:
+        x = torch.tensor(list(key), dtype=torch.float32).div_(255).reshape(1, 3, 1, 1)
+        with torch.inference_mode():
+            y = model.transform(x.expand(1, 3, 128, 128).contiguous())      # (1, M, 8, 8)
+        if len(cache) > 4096:
+            cache.clear()
+        cache[key] = y[..., 3:5, 3:5].mean((-2, -1), keepdim=True).clone()
+    return cache[key]
 
 
 def stitch_window(centre, around: dict, ring: int = STITCH_RING):
