@@ -315,11 +315,16 @@ class LearnedCodec:
                     lh, lw = -(-h // PIXEL_STRIDE), -(-w // PIXEL_STRIDE)
                     y = y_all[k:k + 1, :, ty:ty + lh, tx:tx + lw]
                     z = net.hyper_analysis(y, q1.to(self.device), LATENT_STRIDE)
-                    if self.refine:
-                        xk = x[k:k + 1, :, top:top + lh * PIXEL_STRIDE, left:left + lw * PIXEL_STRIDE]
+                    if self.refine:     # g_s sees the neighbours' latents too: g_a's stand in
+                        a0, b0 = max(ty - STITCH_RING, 0), max(tx - STITCH_RING, 0)
+                        a1 = min(ty + lh + STITCH_RING, y_all.shape[-2])
+                        b1 = min(tx + lw + STITCH_RING, y_all.shape[-1])
+                        P = PIXEL_STRIDE
+                        xk = x[k:k + 1, :, a0 * P:a1 * P, b0 * P:b1 * P]
                         shown = torch.zeros(1, 1, *xk.shape[-2:], device=self.device)
-                        shown[..., :h, :w] = 1
-                        y, z, _ = net.refine_latents(xk, q1.to(self.device), y, z, shown, self.refine)
+                        shown[..., (ty - a0) * P:(ty - a0) * P + h, (tx - b0) * P:(tx - b0) * P + w] = 1
+                        y, z, _ = net.refine_latents(xk, q1.to(self.device), y, z, shown, self.refine,
+                                                     window=(y_all[k:k + 1, :, a0:a1, b0:b1], ty - a0, tx - b0))
                     y = y.cpu()
                     z_sym, mu, index = hyper_symbols(m, z.cpu(), q1, y.shape[-2:], exact=exact_entropy(VERSION))
                     zs = z_sym[0].numpy()

@@ -335,7 +335,8 @@ class WsiHyperprior(nn.Module):
         return self.h_a(pad_to_stride(y, latent_stride)) * hgain
 
     def refine_latents(self, x: torch.Tensor, quality: torch.Tensor, y: torch.Tensor, z: torch.Tensor,
-                       shown: torch.Tensor, steps: int, lr: float = REFINE_LR
+                       shown: torch.Tensor, steps: int, lr: float = REFINE_LR,
+                       window: tuple[torch.Tensor, int, int] | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Encoder-side search for better latents: g_a's answer is only a first guess.
 
@@ -350,6 +351,10 @@ class WsiHyperprior(nn.Module):
         decoded as the decoder reconstructs ŷ) is taken, and the best (y, z) met per
         sample is returned, so the result never costs
         more than g_a's by that measure.  The decoder is unchanged and cannot tell.
+
+        ``window`` = (gained latents (B, M, H', W'), top, left): for a stitched tile, the
+        latents g_s will see around it (its neighbours', held fixed), with y at
+        ``[top:top + h, left:left + w]``; ``x`` and ``shown`` are then the window's pixels.
 
         Returns (y, z, info) with per-sample tensors ``info["loss0"]`` (g_a's hard
         cost), ``info["loss"]`` (the best) and ``info["history"]`` (B, steps + 1).
@@ -387,6 +392,11 @@ class WsiHyperprior(nn.Module):
                     s = torch.round(yv - means)
                     y_hat = torch.cat([self.reconstruct(s[i:i + 1], means[i:i + 1], idx[i:i + 1], v)
                                        for i, v in enumerate(qs)]).to(yv.dtype)
+                if window is not None:
+                    around, top, left = window
+                    win = around.detach().to(y_hat.dtype).clone()
+                    win[..., top:top + y_hat.shape[-2], left:left + y_hat.shape[-1]] = y_hat
+                    y_hat = win
                 x_hat = self.g_s(y_hat / gain).clamp(0, 1)
                 sse = ((x_hat - x) ** 2 * shown).flatten(1).sum(1)
                 return bits / pixels + lam * 255.0 ** 2 * sse / (3 * pixels)
