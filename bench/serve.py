@@ -201,7 +201,8 @@ def bench_throughput(path: Path, sizes: list[int], repeats: int, device: str
     c = open_container(path)
     keys = network_tiles(c)
     t = c.tile_size
-    dec = BatchDecoder(c, DecoderSettings(cache_bytes=0, device=device, max_batch=max(sizes)))
+    dec = BatchDecoder(c, DecoderSettings(cache_bytes=0, latent_cache_bytes=0, device=device,
+                                          max_batch=max(sizes)))
     dec.decode(0, keys[:1])
     rows = []
     for b in sizes:
