@@ -114,6 +114,12 @@ def test_tiles_cross_between_cpu_and_gpu(tissue):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
     for tile, out in zip(tiles, cpu.decode_batch(gpu.encode_batch(tiles))):
         assert _psnr(out, tile) > 25
+    # stitched: a 2 x 2 grid decoded with its neighbours' latents on either device
+    grid = {(c, r): s for (c, r), s in zip([(0, 0), (1, 0), (0, 1), (1, 1)], streams)}
+    a = cpu.decode_tiles(list(grid), lambda c, r: grid[(c, r)], (2, 2))
+    b = gpu.decode_tiles(list(grid), lambda c, r: grid[(c, r)], (2, 2))
+    for x, y in zip(a, b):
+        assert np.abs(x.astype(int) - y.astype(int)).max() <= 2
     # the entropy parameters stay on the CPU model, whatever device g_a/g_s ran on
     assert {p.device.type for p in cpu.loaded.model.parameters()} == {"cpu"}
 
