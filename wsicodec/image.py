@@ -2,7 +2,9 @@
 
 The image is cut into independent tiles coded exactly as in a container (see
 :mod:`wsicodec.learned`), and decoded as a container's are: each tile's latents joined
-with its neighbours' before g_s, so the stitched image shows no tile grid.  Stream layout (little-endian)::
+with its neighbours' before g_s, so the stitched image shows no tile grid.
+
+Stream layout (little-endian)::
 
     magic b"WSIM" | version u8 | reserved u8 | height u32 | width u32 | tile u16
     | model sha256 (32 bytes) | tile count u32
@@ -143,13 +145,12 @@ def decode(data: bytes, *, model: str | None = None, batch: int = 16) -> np.ndar
         CorruptTileError: a tile fails its CRC or symbol checksum (names row and column).
         ModelMismatchError: the stream was made with other weights (names both ids).
     """
-    from .learned import LearnedCodec
+    from .learned import PIXEL_STRIDE, LearnedCodec
     st = read_stream(data)
     h, w, tile, streams = st.height, st.width, st.tile, st.tiles
     codec = LearnedCodec(4.0, model=model, model_id=st.model_id)
     cells = list(_grid(h, w, tile))
     n = len(cells)
-    from .learned import PIXEL_STRIDE
     rows, cols = -(-h // tile), -(-w // tile)
     cache = codec.latent_cache(tile, 4 * cols + batch + 4)   # rows around a batch: each tile decoded once
     out = np.empty((h, w, 3), np.uint8)

@@ -34,9 +34,9 @@ decoded without its neighbours (:meth:`LearnedCodec.decode_batch`) has the right
 symbols, but its border latents describe pixels g_s then cannot see on both sides: at
 quality 4 on he/test, 20.3 dB within 4 px of its edges against 32.3 stitched (29.5 dB
 over the image against 32.3).  That path is for checking streams; every reader
-(container, slide, server, :func:`wsicodec.decode`) stitches.  Format 2 (written until 2026-11-28) coded
-each tile with an 8-pixel margin of its neighbours' pixels and cropped it back out:
-about 10 % more bytes for the same pixels (bench/README.md, "Stitched tiles").
+(container, slide, server, :func:`wsicodec.decode`) stitches.  Format 2 (written until
+2026-11-28) coded each tile with an 8-pixel margin of its neighbours' pixels and cropped
+it back out: about 10 % more bytes for the same pixels (bench/README.md, "Stitched tiles").
 
 Decoding recomputes μ and the CDF-table indexes from ẑ with
 :meth:`WsiHyperprior.entropy_parameters` and checks the symbol CRC, so a mismatch is
@@ -344,8 +344,9 @@ class LearnedCodec:
         A stitched (format 3) tile decoded this way lacks its neighbours' latents: its
         symbols are checked as always, but its pixels near the edges are far worse than
         :meth:`decode_tiles` gives them (~20 against ~32 dB within 4 px, "Seams" above):
-        use this to check streams, and :meth:`decode_tiles` (or a container) for pixels.  Entropy decoding and the entropy parameters run
-        per tile on the CPU; g_s once per group of equal-size latents on :attr:`device`.
+        use this to check streams, and :meth:`decode_tiles` (or a container) for pixels.
+        Entropy decoding and the entropy parameters run per tile on the CPU; g_s once per
+        group of equal-size latents on :attr:`device`.
 
         Raises:
             CorruptDataError: a damaged stream or a symbol-checksum mismatch (names the tile).
