@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Sequence
@@ -37,6 +36,7 @@ from typing import Any, Callable, Hashable, Sequence
 import numpy as np
 
 from wsicodec.errors import CorruptDataError, CorruptTileError, InvalidSettingError
+from wsicodec.lru import ByteLRU
 
 TileKey = tuple[int, int, int]
 """(level, col, row)."""
@@ -106,7 +106,7 @@ class CacheStats:
     max_bytes: int
 
 
-class TileCache:
+class TileCache(ByteLRU):
     """A thread-safe LRU of decoded tiles, bounded by the bytes of the arrays it holds.
 
     Stored arrays are made read-only, so a caller cannot change a cached tile.
@@ -116,49 +116,19 @@ class TileCache:
     def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         if max_bytes < 0:
             raise InvalidSettingError(f"cache size must be >= 0 bytes, got {max_bytes}")
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[Hashable, np.ndarray] = OrderedDict()
-        self._nbytes = 0
-        self._hits = self._misses = 0
-        self._lock = threading.Lock()
+        super().__init__(max_bytes)
 
-    def get(self, key: Hashable) -> np.ndarray | None:
-        with self._lock:
-            tile = self._items.get(key)
-            if tile is None:
-                self._misses += 1
-                return None
-            self._items.move_to_end(key)
-            self._hits += 1
-            return tile
+    def size_of(self, item: np.ndarray) -> int:
+        return item.nbytes
 
     def put(self, key: Hashable, tile: np.ndarray) -> None:
         tile.setflags(write=False)
-        if tile.nbytes > self.max_bytes:
-            return
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._nbytes -= old.nbytes
-            self._items[key] = tile
-            self._nbytes += tile.nbytes
-            while self._nbytes > self.max_bytes:
-                _, evicted = self._items.popitem(last=False)
-                self._nbytes -= evicted.nbytes
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self._nbytes = 0
+        super().put(key, tile)
 
     def stats(self) -> CacheStats:
         with self._lock:
             return CacheStats(self._hits, self._misses, len(self._items), self._nbytes,
                               self.max_bytes)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)
 
 
 class _Synthesis:

@@ -51,9 +51,7 @@ on any device.
 from __future__ import annotations
 
 import struct
-import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Sequence
 
@@ -62,6 +60,7 @@ import numpy as np
 from .codecs import as_number
 from .entropy import CdfTables, decode_symbols, encode_symbols, symbol_checksum
 from .errors import CorruptDataError, InvalidSettingError, ModelMismatchError
+from .lru import ByteLRU
 from .model import pad_to_stride
 
 MAGIC = b"WSLT"
@@ -666,46 +665,16 @@ def stitch_window(centre, around: dict, ring: int = STITCH_RING):
     return win, rt * PIXEL_STRIDE, cl * PIXEL_STRIDE
 
 
-class LatentCache:
+class LatentCache(ByteLRU):
     """A thread-safe LRU of decoded tile latents (torch tensors), bounded in bytes:
     what lets :meth:`LearnedCodec.decode_tiles` entropy-decode each tile once when
     its neighbours are decoded later."""
 
     def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
-        self.max_bytes = max(0, int(max_bytes))
-        self._items: "OrderedDict[Hashable, Any]" = OrderedDict()
-        self._nbytes = 0
-        self._lock = threading.Lock()
+        super().__init__(max(0, int(max_bytes)))
 
-    def get(self, key: Hashable):
-        with self._lock:
-            t = self._items.get(key)
-            if t is not None:
-                self._items.move_to_end(key)
-            return t
-
-    def put(self, key: Hashable, t) -> None:
-        n = t.element_size() * t.nelement()
-        if n > self.max_bytes:
-            return
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._nbytes -= old.element_size() * old.nelement()
-            self._items[key] = t
-            self._nbytes += n
-            while self._nbytes > self.max_bytes:
-                _, ev = self._items.popitem(last=False)
-                self._nbytes -= ev.element_size() * ev.nelement()
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self._nbytes = 0
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)
+    def size_of(self, item: Any) -> int:
+        return item.element_size() * item.nelement()
 
 
 def _parse_named(data: bytes, name: str) -> TileHeader:
