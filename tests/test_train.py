@@ -394,8 +394,9 @@ def test_tune_reconstruction_scores_what_the_codec_decodes_and_export_stores_it(
     export(tmp_path / "a" / "last.pt", new, reconstruction=[0.5, 0.0])
     m = load_model(new).model
     assert m.config.reconstruction == (0.5, 0.0) and m.reconstruction_kappa(1) == 0.5
-    with pytest.raises(InvalidSettingError, match="reconstruction"):
-        export(tmp_path / "a" / "last.pt", tmp_path / "bad.pt", reconstruction=[1.5])
+    for bad in ([1.5], [0.2, -4.5]):
+        with pytest.raises(InvalidSettingError, match="reconstruction"):
+            export(tmp_path / "a" / "last.pt", tmp_path / "bad.pt", reconstruction=bad)
 
     # exported weights (a GPU session's) get κ too: same tensors, and they open the data of
     # the file they came from (same symbols)

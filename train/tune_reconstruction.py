@@ -1,7 +1,8 @@
 """Fit the decoder's reconstruction κ (``ModelConfig.reconstruction``) on training images.
 
     python train/tune_reconstruction.py WEIGHTS.pt [--images ../shared/data/he/train]
-                                       [--count 4] [--crop 512] [--json OUT.json]
+                                       [--count 4] [--crop 512] [--qualities 1 .. 8]
+                                       [--kappas ...] [--json OUT.json]
 
 The decoder turns each y symbol s into μ + s + κ·(centroid − s): κ of the way from its
 bin's centre to the bin's mean under the Gaussian it was coded with
@@ -9,10 +10,14 @@ bin's centre to the bin's mean under the Gaussian it was coded with
 neither do the bytes: κ only moves the pixels.  For each integer quality 1..8 this codes
 the central ``--crop``² of ``--count`` images the way the codec does (256² tiles with
 their context margin, glass tiles as the codec codes them) and decodes the symbols with
-every κ of a grid; it prints PSNR and LPIPS per (quality, κ), the κ per quality that
-gives the most PSNR without making LPIPS worse by more than ``--lpips-slack`` (relative;
-the bin means are smoother than the bin centres, and the network's features notice), and
-the argument for ``train/export.py --reconstruction``.  Fit it on training images (``he/train``,
+every κ of a grid (negative κ moves latents away from μ, past their bin's centre); it
+prints PSNR and LPIPS per (quality, κ), the κ per quality that improves PSNR and LPIPS
+the most together (the sum of both gains in dB, LPIPS as −10·log10 LPIPS, the scale its
+BD-rate uses) among those that make neither worse than κ = 0 (``--psnr-slack`` dB and
+``--lpips-slack`` relative allow some), and the argument for
+``train/export.py --reconstruction``.  Low qualities want κ > 0 (the bin means, smoother:
+PSNR up), the top ones κ < 0 (g_s wants its high-rate latents larger than their bin
+centres: LPIPS down by a fifth at quality 8, PSNR up too).  Fit it on training images (``he/train``,
 the default), never on ``he/test``, which the benchmarks score.
 """
 
@@ -38,7 +43,7 @@ import tilecode  # noqa: E402  (bench/tilecode.py: the codec's encoder path up t
 from wsicodec.checkpoint import load_model  # noqa: E402
 from wsicodec.learned import _tables_for  # noqa: E402
 
-KAPPAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+KAPPAS = (-2.0, -1.6, -1.2, -0.8, -0.4, -0.2, 0.0, 0.2, 0.3, 0.4, 0.5, 0.6)
 
 
 def center_crop(img: np.ndarray, size: int) -> np.ndarray:
@@ -68,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--crop", type=int, default=512, help="central square coded per image")
     ap.add_argument("--kappas", type=float, nargs="+", default=list(KAPPAS))
     ap.add_argument("--lpips-slack", type=float, default=0.0,
-                    help="relative LPIPS loss allowed for PSNR (default 0: LPIPS must not get worse)")
+                    help="relative LPIPS loss allowed (default 0: LPIPS must not get worse)")
+    ap.add_argument("--psnr-slack", type=float, default=0.0,
+                    help="PSNR loss in dB allowed (default 0: PSNR must not get worse)")
+    ap.add_argument("--qualities", type=int, nargs="+", default=list(range(1, 9)),
+                    help="integer qualities to fit (the export needs all eight)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--json", default=None, help="write every number here")
     args = ap.parse_args(argv)
@@ -88,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     lp = metrics.load_lpips()
     t0 = time.perf_counter()
     rows = []
-    for q in range(1, 9):
+    for q in args.qualities:
         sse = dict.fromkeys(kappas, 0.0)
         lpips = dict.fromkeys(kappas, 0.0)
         for img in imgs:
@@ -97,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
                 sse[k] += float(((dec - img) ** 2).sum())
                 lpips[k] += lp.against(ref, img, dec.astype(np.uint8)) / len(imgs)
         psnr = {k: 10 * math.log10(255 ** 2 * px * 3 / max(v, 1e-9)) for k, v in sse.items()}
-        allowed = [k for k in kappas if lpips[k] <= lpips[0.0] * (1 + args.lpips_slack)]
-        best = max(allowed, key=psnr.get)
+        allowed = [k for k in kappas if lpips[k] <= lpips[0.0] * (1 + args.lpips_slack)
+                   and psnr[k] >= psnr[0.0] - args.psnr_slack]
+        best = max(allowed, key=lambda k: psnr[k] - psnr[0.0] + 10 * math.log10(lpips[0.0] / lpips[k]))
         rows.append({"quality": q, "psnr": {f"{k:g}": round(v, 4) for k, v in psnr.items()},
                      "lpips": {f"{k:g}": round(v, 5) for k, v in lpips.items()},
                      "best_kappa": best, "psnr_gain_db": round(psnr[best] - psnr[0.0], 4),
@@ -112,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({
             "weights": loaded.model_id, "images": [p.name for p in files], "crop": args.crop,
-            "kappas": kappas, "lpips_slack": args.lpips_slack, "rows": rows, "reconstruction": [r["best_kappa"] for r in rows],
+            "kappas": kappas, "lpips_slack": args.lpips_slack, "psnr_slack": args.psnr_slack,
+            "rows": rows, "reconstruction": [r["best_kappa"] for r in rows],
             "seconds": round(time.perf_counter() - t0, 1)}, indent=2) + "\n")
     return 0
 

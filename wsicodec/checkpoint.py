@@ -275,8 +275,8 @@ def export(train_checkpoint: str | os.PathLike, out: str | os.PathLike, provenan
     config = ModelConfig.from_dict(state["config"])
     if reconstruction is not None:
         kappas = tuple(float(k) for k in reconstruction)
-        if not all(0.0 <= k <= 1.0 for k in kappas):
-            raise InvalidSettingError(f"reconstruction κ values must lie in [0, 1], got {kappas}")
+        if not all(-4.0 <= k <= 1.0 for k in kappas):     # 1: the bin mean; < 0: past the centre
+            raise InvalidSettingError(f"reconstruction κ values must lie in [-4, 1], got {kappas}")
         from dataclasses import replace
 
         config = replace(config, reconstruction=kappas)

@@ -24,8 +24,9 @@ Data flow (names follow Ballé et al. 2018 / Minnen et al. 2018, as in CompressA
 * No autoregressive context model: every latent of a tile is decoded in parallel.
 * The decoder's ŷ_q is μ + s (s the decoded symbol) moved κ(q) of the way toward the mean
   of s's quantisation bin under the coded Gaussian (:meth:`WsiHyperprior.reconstruct`;
-  κ per quality fitted on training images and stored in the weights' config): pixels
-  only, the symbols and the stream are the same whatever κ is.
+  κ per quality fitted on training images and stored in the weights' config; κ < 0, away
+  from it, at the top qualities): pixels only, the symbols and the stream are the same
+  whatever κ is.
 
 The network only computes; bitstreams are made in :mod:`wsicodec.entropy`, and
 the path ẑ → h_s → (μ, table index) used for coding is
@@ -94,7 +95,8 @@ class ModelConfig:
     dec_blocks: int = 0
     #: decoder reconstruction of y: κ at qualities spread evenly over 1..8 (linear between),
     #: how far each decoded latent moves from its bin centre μ + s toward the centroid of
-    #: the bin under the Gaussian it was coded with (:meth:`WsiHyperprior.reconstruct`).
+    #: the bin under the Gaussian it was coded with (:meth:`WsiHyperprior.reconstruct`);
+    #: negative: away from it, which the top qualities want.
     #: Empty (every export before it): bin centres, κ = 0.  Pixels only, never symbols:
     #: streams decode to the same symbols whatever it is.  Fitted on training images by
     #: ``train/tune_reconstruction.py``, stored by ``train/export.py --reconstruction``.
