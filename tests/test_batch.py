@@ -242,3 +242,40 @@ def test_reader_stitches_tiles_the_same_in_any_order(tmp_path) -> None:
     border[:, 252:260] = border[:, 508:516] = True
     gap = psnr(img[~border], region[~border]) - psnr(img[border], region[border])
     assert gap < 0.3, gap
+
+
+def test_concurrent_requests_entropy_decode_each_tile_once(tmp_path) -> None:
+    """A viewer asks for neighbouring tiles in separate, concurrent requests: each needs
+    its neighbours' latents, and a tile one request is decoding is waited for by the
+    others (LatentCache.begin/settle), so every stream is entropy-decoded once."""
+    from conftest import HE_TEST_PNG, need
+    from PIL import Image
+
+    img = np.asarray(Image.open(need(HE_TEST_PNG)).convert("RGB"))[:512, :768].copy()
+    out = tmp_path / "he.zarr.zip"
+    compress_source(ArraySource(img), out, get_codec("learned", 4), tile_size=256, workers=1)
+    with open_slide(out, workers=2, cache_bytes=0) as s:
+        codec = s._c.codec
+        calls: list[tuple[int, int]] = []
+        lock = threading.Lock()
+        original = codec.entropy_decode
+
+        def counting(data, hd, name, timings=None):  # noqa: ANN001
+            with lock:
+                calls.append(name)
+            return original(data, hd, name, timings)
+
+        codec.entropy_decode = counting
+        keys = [(c, r) for r in range(2) for c in range(3)]
+        barrier = threading.Barrier(len(keys))
+
+        def ask(key):  # noqa: ANN001
+            barrier.wait()
+            return s._decode_tiles(0, [key])[0]
+
+        with ThreadPoolExecutor(len(keys)) as pool:
+            tiles = list(pool.map(ask, keys))
+    assert len(calls) == len(set(calls)) == len(keys), sorted(calls)
+    with open_container(out) as c:
+        for t, ref in zip(tiles, c.read_tiles(0, keys)):
+            assert np.abs(t.astype(int) - ref.astype(int)).max() <= 1

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import struct
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Sequence
 
@@ -418,39 +419,24 @@ class LearnedCodec:
                     if 0 <= col + dc < cols and 0 <= row + dr < rows:
                         need[(col + dc, row + dr)] = None
         lat: dict[tuple[int, int], Any] = {}
-        todo = []
-        for key in need:
-            t = cache.get((cache_tag, *key)) if cache is not None else None
+        todo, waits = [], {}
+        for key in need:          # cached, being decoded by another caller, or ours to decode
+            t = cache.begin((cache_tag, *key)) if cache is not None else None
             if t is None:
                 todo.append(key)
+            elif isinstance(t, Future):
+                waits[key] = t
             else:
                 lat[key] = t
-        for key in todo:          # bytes first, in this thread (stores need not be thread-safe)
-            try:
-                load(key)
-            except Exception as e:  # noqa: BLE001
-                lat[key] = e
-
-        def entropy(job: tuple[str, Any]) -> Any:
-            kind, key = job
-            try:
-                data, hd = got[key]
-                if kind == "alone":
-                    return self.ungain(self.entropy_decode(data, hd, names(*key)), hd.quality)
-                return self.tile_latents(data, hd, names(*key))
-            except Exception as e:  # noqa: BLE001 - kept per tile
-                return e
-
-        jobs = [("latent", k) for k in todo if k not in lat] + [("alone", keys[n]) for n in alone]
-        results = run(entropy, jobs) if run is not None else [entropy(j) for j in jobs]
-        own = {}
-        for (kind, key), r in zip(jobs, results):
-            if kind == "alone":
-                own[key] = r
-                continue
-            lat[key] = r
-            if cache is not None and isinstance(r, torch.Tensor):
-                cache.put((cache_tag, *key), r)
+        try:
+            own = self._decode_latents(todo, lat, got, load, names, [keys[n] for n in alone], run)
+        finally:                  # whatever happened, callers waiting on our keys get an answer
+            if cache is not None:
+                for key in todo:
+                    cache.settle((cache_tag, *key),
+                                 lat.get(key, CorruptDataError(f"{names(*key)}: not decoded")))
+        for key, fut in waits.items():
+            lat[key] = fut.result()
         windows, where = [], []
         for n in stitched:
             col, row = keys[n]
@@ -485,6 +471,37 @@ class LearnedCodec:
                 out[n] = x if isinstance(x, BaseException) else np.ascontiguousarray(
                     x[top:top + h, left:left + w])
         return out
+
+    def _decode_latents(self, todo: list, lat: dict, got: dict, load: Callable, names: Callable,
+                        alone: list, run: Callable | None) -> dict:
+        """:meth:`decode_tiles`' entropy work: the latents of the tiles ``todo`` into
+        ``lat`` (a tensor, None or the exception, per key; the caller settles them into
+        its cache); returns the own latents of the format-1/2 tiles ``alone``, by key."""
+        for key in todo:          # bytes first, in this thread (stores need not be thread-safe)
+            try:
+                load(key)
+            except Exception as e:  # noqa: BLE001
+                lat[key] = e
+
+        def entropy(job: tuple[str, Any]) -> Any:
+            kind, key = job
+            try:
+                data, hd = got[key]
+                if kind == "alone":
+                    return self.ungain(self.entropy_decode(data, hd, names(*key)), hd.quality)
+                return self.tile_latents(data, hd, names(*key))
+            except Exception as e:  # noqa: BLE001 - kept per tile
+                return e
+
+        jobs = [("latent", k) for k in todo if k not in lat] + [("alone", k) for k in alone]
+        results = run(entropy, jobs) if run is not None else [entropy(j) for j in jobs]
+        own = {}
+        for (kind, key), r in zip(jobs, results):
+            if kind == "alone":
+                own[key] = r
+            else:
+                lat[key] = r
+        return own
 
     def latent_cache(self, tile_size: int, tiles: int, most: int = 256 * 1024 * 1024) -> "LatentCache":
         """A :class:`LatentCache` with room for ``tiles`` tiles of ``tile_size`` (at most
@@ -668,13 +685,44 @@ def stitch_window(centre, around: dict, ring: int = STITCH_RING):
 class LatentCache(ByteLRU):
     """A thread-safe LRU of decoded tile latents (torch tensors), bounded in bytes:
     what lets :meth:`LearnedCodec.decode_tiles` entropy-decode each tile once when
-    its neighbours are decoded later."""
+    its neighbours are decoded later, and, shared by concurrent callers (a tile
+    server's requests for neighbouring tiles), once while they run: a tile one caller
+    is decoding is waited for by the others (:meth:`begin`, :meth:`settle`)."""
 
     def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
         super().__init__(max(0, int(max_bytes)))
+        self._inflight: dict[Hashable, Future] = {}
 
     def size_of(self, item: Any) -> int:
         return item.element_size() * item.nelement()
+
+    def begin(self, key: Hashable) -> Any:
+        """The cached latents; or a Future another caller will :meth:`settle` (its
+        result: the latents, None or the exception); or None: the caller decodes the
+        tile and must :meth:`settle` it, success or not."""
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                self._items.move_to_end(key)
+                self._hits += 1
+                return item
+            self._misses += 1
+            fut = self._inflight.get(key)
+            if fut is not None:
+                return fut
+            self._inflight[key] = Future()
+            return None
+
+    def settle(self, key: Hashable, result: Any) -> None:
+        """The outcome of a tile :meth:`begin` gave the caller: cached if latents, and
+        handed to every caller waiting for it."""
+        import torch
+        if isinstance(result, torch.Tensor):
+            self.put(key, result)
+        with self._lock:
+            fut = self._inflight.pop(key, None)
+        if fut is not None:
+            fut.set_result(result)
 
 
 def _parse_named(data: bytes, name: str) -> TileHeader:
