@@ -197,11 +197,12 @@ def test_format_2_container_reads_tile_by_tile_as_before():
     """tests/data/format2_q4.zarr.zip was written by the release before stitched tiles
     (each tile coded with an 8 px margin, decoded on its own).  The reader, the container
     and the codec's own one-tile decode give the same pixels for it."""
-    from pathlib import Path
+    from conftest import FIXTURES, format2_fixtures
 
     from wsicodec.learned import parse_header
 
-    path = Path(__file__).resolve().parent / "data" / "format2_q4.zarr.zip"
+    format2_fixtures()
+    path = FIXTURES / "format2_q4.zarr.zip"
     with open_container(path) as c:
         g = c.grid(0)
         keys = list(g)

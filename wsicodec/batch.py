@@ -241,8 +241,7 @@ class _PlainBatch:
     def __init__(self, codec: Any) -> None:
         self.codec = codec
 
-    def decode(self, datas: Sequence[bytes], names: Sequence[str],
-               pool: ThreadPoolExecutor | None) -> list[Any]:
+    def decode(self, datas: Sequence[bytes], pool: ThreadPoolExecutor | None) -> list[Any]:
         if pool is not None and len(datas) > 1:
             return [_outcome(f) for f in [pool.submit(self.codec.decode, d) for d in datas]]
         return [_call(self.codec.decode, d) for d in datas]
@@ -378,7 +377,7 @@ class BatchDecoder:
         ok = [i for i, d in enumerate(datas) if not isinstance(d, BaseException)]
         results: list[Any] = list(datas)
         if ok:
-            decoded = backend.decode([datas[i] for i in ok], [], self._pool)
+            decoded = backend.decode([datas[i] for i in ok], self._pool)
             for i, r in zip(ok, decoded):
                 results[i] = r
         return results

@@ -29,7 +29,7 @@ then runs g_s over the tile's latents joined with :data:`STITCH_RING` latent row
 columns of its eight neighbours (:func:`stitch_window`, :func:`decode_tiles`), so the
 pixels at a tile's border come out as from a decode of the whole plane: no grid, and
 no pixels coded twice.  A glass neighbour (kind 1) has no latents; its place is taken
-by g_a's latent of its colour (:meth:`LearnedCodec.uniform_latent`).  A format-3 tile
+by g_a's latent of its colour (:func:`uniform_latent`).  A format-3 tile
 decoded without its neighbours (:meth:`LearnedCodec.decode_batch`) has the right
 symbols, but its border latents describe pixels g_s then cannot see on both sides: at
 quality 4 on he/test, 20.3 dB within 4 px of its edges against 32.3 stitched (29.5 dB
@@ -542,14 +542,11 @@ class LearnedCodec:
         format-1/2 tile, coded with its own margin).  Raises as :meth:`entropy_decode`."""
         if hd.kind == KIND_UNIFORM:
             lh, lw = -(-hd.height // PIXEL_STRIDE), -(-hd.width // PIXEL_STRIDE)
-            return self.uniform_latent(bytes(data[hd.payload:hd.payload + 3])).expand(1, -1, lh, lw)
+            rgb = bytes(data[hd.payload:hd.payload + 3])
+            return uniform_latent(self.loaded.model, rgb).expand(1, -1, lh, lw)
         if hd.version < STITCH_VERSION:
             return None
         return self.ungain(self.entropy_decode(data, hd, name), hd.quality)
-
-    def uniform_latent(self, rgb: bytes):
-        """:func:`uniform_latent` of the loaded model."""
-        return uniform_latent(self.loaded.model, rgb)
 
     def entropy_decode(self, data: bytes, hd: TileHeader, name: str,
                        timings: dict[str, float] | None = None):
@@ -689,7 +686,7 @@ class LatentCache(ByteLRU):
     server's requests for neighbouring tiles), once while they run: a tile one caller
     is decoding is waited for by the others (:meth:`begin`, :meth:`settle`)."""
 
-    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, max_bytes: int) -> None:
         super().__init__(max(0, int(max_bytes)))
         self._inflight: dict[Hashable, Future] = {}
 
@@ -701,12 +698,9 @@ class LatentCache(ByteLRU):
         result: the latents, None or the exception); or None: the caller decodes the
         tile and must :meth:`settle` it, success or not."""
         with self._lock:
-            item = self._items.get(key)
+            item = self._lookup(key)
             if item is not None:
-                self._items.move_to_end(key)
-                self._hits += 1
                 return item
-            self._misses += 1
             fut = self._inflight.get(key)
             if fut is not None:
                 return fut

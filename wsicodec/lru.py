@@ -28,13 +28,17 @@ class ByteLRU:
 
     def get(self, key: Hashable) -> Any:
         with self._lock:
-            item = self._items.get(key)
-            if item is None:
-                self._misses += 1
-                return None
-            self._items.move_to_end(key)
-            self._hits += 1
-            return item
+            return self._lookup(key)
+
+    def _lookup(self, key: Hashable) -> Any:
+        """:meth:`get` for a caller that holds the lock."""
+        item = self._items.get(key)
+        if item is None:
+            self._misses += 1
+            return None
+        self._items.move_to_end(key)
+        self._hits += 1
+        return item
 
     def put(self, key: Hashable, item: Any) -> None:
         n = self.size_of(item)
