@@ -242,6 +242,46 @@ def test_a_full_disk_keeps_the_finished_rows_for_resume(tmp_path: Path,
     assert codec.calls == 19 and [p.name for p in tmp_path.iterdir()] == [out.name]
 
 
+@pytest.mark.parametrize("error", ["disk full", "ctrl-c"])
+def test_a_failure_while_the_zip_is_packed_keeps_every_row(tmp_path: Path, odd_image: np.ndarray,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            error: str) -> None:
+    """Packing ``OUT.zarr.zip`` needs the container's size again in free space: a full disk
+    (or Ctrl-C) then keeps the finished directory store for --resume, which only packs it
+    again, and leaves no torn zip anywhere."""
+    import errno
+
+    import wsicodec.container as container
+
+    (tmp_path / "ref").mkdir()
+    ref = make(tmp_path / "ref", "c.zarr.zip", odd_image)
+    out = tmp_path / "run" / "c.zarr.zip"
+    out.parent.mkdir()
+    pack = container._zip_directory
+
+    def torn(src: Path, dest: Path, skip: str = "") -> None:
+        dest.write_bytes(b"PK\x03\x04 half a zip")
+        if error == "ctrl-c":
+            raise KeyboardInterrupt
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(container, "_zip_directory", torn)
+    expected = CompressInterrupted if error == "ctrl-c" else PartialKeptError
+    with pytest.raises(expected) as info:
+        compress_source(source(odd_image), out, Flaky(), tile_size=64, workers=1)
+    total = len(tiles_of(ref))
+    assert info.value.done == total and not out.exists()
+    [partial] = list(out.parent.iterdir())             # the directory store, no torn zip
+    assert partial == Path(info.value.partial) and partial.is_dir() and (partial / JOURNAL).is_file()
+
+    monkeypatch.setattr(container, "_zip_directory", pack)
+    codec = Flaky()
+    compress_source(source(odd_image), out, codec, tile_size=64, workers=1, resume=True)
+    assert codec.calls == 0 and [p.name for p in out.parent.iterdir()] == [out.name]
+    assert tiles_of(out) == tiles_of(ref)
+    assert not any(JOURNAL in n for n in zipfile.ZipFile(out).namelist())
+
+
 def test_ctrl_c_while_resume_checks_the_rows_keeps_them(tmp_path: Path, odd_image: np.ndarray,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "c.zarr"

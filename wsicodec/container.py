@@ -452,8 +452,9 @@ class ContainerWriter:
                 row, col = np.argwhere(~mask)[0]
                 raise WsiCodecError(f"internal error: tile level={level} col={col} row={row} "
                                     "was never written")
-        self._close_journal()
-        (self._tmp_dir / JOURNAL).unlink(missing_ok=True)
+        # The journal stays until the container is complete: a full disk or Ctrl-C while a
+        # zip is packed (it needs the container's size again in free space) keeps every row
+        # for --resume, as it does while tiles are coded.  It never goes into the output.
         for level, crc in enumerate(self._crc):
             arr = self._group.create_array(f"levels/{level}/crc32", shape=crc.shape,
                                            chunks=crc.shape, dtype="uint32", fill_value=0,
@@ -467,11 +468,21 @@ class ContainerWriter:
                        level_bytes=tuple(self._bytes))
         self._group.attrs.update({ATTRS_KEY: meta.to_attrs()})
         if self._zip:
-            _zip_directory(self._tmp_dir, self._tmp)
-            shutil.rmtree(self._tmp_dir, ignore_errors=True)
+            try:
+                _zip_directory(self._tmp_dir, self._tmp, skip=JOURNAL)
+            except BaseException:
+                self._tmp.unlink(missing_ok=True)    # a torn zip is never left behind
+                raise
         self._check_target()
-        _replace(self._tmp, self.path)
-        self._done = True
+        self._close_journal()
+        if self._zip:
+            _replace(self._tmp, self.path)
+            self._done = True
+            shutil.rmtree(self._tmp_dir, ignore_errors=True)
+        else:
+            (self._tmp_dir / JOURNAL).unlink(missing_ok=True)
+            _replace(self._tmp, self.path)
+            self._done = True
         return meta
 
     def _close_journal(self) -> None:
@@ -498,7 +509,7 @@ class ContainerWriter:
         if self._done or not hasattr(self, "_tmp"):
             return None
         self._close_journal()
-        # no journal: commit had begun (it removes the journal before it packs a zip)
+        # no journal: commit was moving the container onto its path
         if (self.written_tiles or self._adopted) and (self._tmp_dir / JOURNAL).is_file():
             self.kept = self._tmp_dir
         else:
@@ -533,12 +544,14 @@ def _locked_journal(path: Path) -> Any:
     return f
 
 
-def _zip_directory(src: Path, dest: Path) -> None:
-    """Pack a directory store into a zip (stored, not deflated: tiles are compressed)."""
+def _zip_directory(src: Path, dest: Path, skip: str = "") -> None:
+    """Pack a directory store into a zip (stored, not deflated: tiles are compressed),
+    leaving out the top-level file ``skip``."""
     with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for f in sorted(src.rglob("*")):
-            if f.is_file():
-                zf.write(f, f.relative_to(src).as_posix())
+            name = f.relative_to(src).as_posix()
+            if f.is_file() and name != skip:
+                zf.write(f, name)
 
 
 def _replace(tmp: Path, final: Path) -> None:
