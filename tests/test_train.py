@@ -410,3 +410,50 @@ def test_tune_reconstruction_scores_what_the_codec_decodes_and_export_stores_it(
     assert wsicodec.decode(data, model=str(again)).shape == img.shape and sha == loaded.model_id
     with pytest.raises(InvalidSettingError, match="decoder_of"):
         export(old, tmp_path / "bad2.pt", decoder_of=old)
+
+
+@pytest.mark.skipif(not TRAIN.is_dir(), reason="shared data not found")
+def test_finetune_synthesis_moves_only_g_s_and_its_export_opens_the_parent_data(tmp_path):
+    """train/finetune_synthesis.py trains g_s alone on the planes the codec writes, resumes,
+    and ``export --synthesis`` puts that g_s into the parent's weights: every other tensor
+    stays, the parent's streams decode (same symbols) to the new g_s's pixels, and a
+    checkpoint of other weights or a training checkpoint is refused."""
+    import finetune_synthesis
+
+    from PIL import Image
+
+    import wsicodec
+    from wsicodec.checkpoint import export, load_model
+    from wsicodec.errors import InvalidSettingError
+
+    data, _, old, old_id = _tiny_weights(tmp_path)
+    for name, src in (("b.png", 1), ("c.png", 2)):        # a.png (160²) is below a 320² window
+        Image.open(sorted(TRAIN.glob("*.png"))[src]).crop((0, 0, 330, 340)).save(data / name)
+    out = tmp_path / "gs"
+    common = [str(old), "--out", str(out), "--data", str(data), "--holdout", "1", "--batch", "2",
+              "--feat-crop", "32", "--vgg", str(VGG), "--lr", "1e-3", "--lr-final", "1e-3"]
+    assert finetune_synthesis.main([*common, "--steps", "2"]) == 0
+    st = torch.load(out / "last.pt", weights_only=False)
+    assert st["step"] == 2 and st["parent_id"] == old_id and (out / "planes.pt").exists()
+    assert finetune_synthesis.main([*common, "--steps", "3", "--resume"]) == 0
+    st = torch.load(out / "last.pt", weights_only=False)
+    assert st["step"] == 3
+    log = (out / "log.csv").read_text().splitlines()
+    assert log[0].startswith("step,") and len(log) == 3          # header + the end row of each run
+
+    new = tmp_path / "gs.pt"
+    export(old, new, synthesis=out / "last.pt")
+    parent, tuned = load_model(old), load_model(new)
+    assert tuned.decodes(old_id) and tuned.provenance["synthesis"]["step"] == 3
+    moved = [k for k, t in parent.model.state_dict().items() if not torch.equal(t, tuned.model.state_dict()[k])]
+    assert moved and all(k.startswith("g_s.") for k in moved)
+    img = np.asarray(Image.open(data / "a.png").convert("RGB"))[:150, :140].copy()
+    stream = wsicodec.encode(img, quality=4, model=str(old))
+    a, b = wsicodec.decode(stream, model=str(old)), wsicodec.decode(stream, model=str(new))
+    assert a.shape == b.shape == img.shape and not np.array_equal(a, b)
+
+    with pytest.raises(InvalidSettingError, match="not of these weights"):
+        export(new, tmp_path / "bad.pt", synthesis=out / "last.pt")
+    with pytest.raises(InvalidSettingError, match="exported weights"):
+        export(tmp_path / "a" / "last.pt", tmp_path / "bad.pt", synthesis=out / "last.pt")
+    assert not (tmp_path / "bad.pt").exists()

@@ -2,11 +2,13 @@
 
     python train/export.py runs/main/last.pt [--out wsicodec/weights/wsicodec-hyperprior.pt]
                            [--decoder-of OLD_WEIGHTS.pt] [--reconstruction K1 ... K8]
+    python train/export.py SHIPPED.pt --synthesis runs/gs/last.pt [--reconstruction ...]
 
 Finds the entropy bottleneck's quantiles by bisection, builds the integer CDF
 tables, drops optimiser state, writes atomically and prints the model id (sha256).
 Given exported weights instead (a GPU session's), it keeps their tensors and tables and
-only sets ``--reconstruction``; the result opens their data (same symbols).
+only sets ``--reconstruction`` (and, with ``--synthesis``, takes the g_s that
+``train/finetune_synthesis.py`` tuned for them); the result opens their data (same symbols).
 """
 
 from __future__ import annotations
@@ -32,10 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reconstruction", type=float, nargs="+", default=None, metavar="K",
                     help="the decoder's κ at qualities spread evenly over 1..8, as "
                          "train/tune_reconstruction.py prints them (default: none, bin centres)")
+    ap.add_argument("--synthesis", default=None, metavar="CHECKPOINT",
+                    help="with exported weights: the g_s train/finetune_synthesis.py tuned for them")
     args = ap.parse_args(argv)
     try:
         sha = export(args.checkpoint, args.out, {"note": args.note} if args.note else None,
-                     decoder_of=args.decoder_of, reconstruction=args.reconstruction)
+                     decoder_of=args.decoder_of, reconstruction=args.reconstruction,
+                     synthesis=args.synthesis)
     except WsiCodecError as exc:
         raise SystemExit(f"export: error: {exc}") from None
     size = Path(args.out).stat().st_size

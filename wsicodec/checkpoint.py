@@ -83,8 +83,9 @@ class LoadedModel:
         True for these weights' own id, and for the ids in ``provenance["decodes_for"]``:
         weights whose decoder (g_s, h_s, entropy models, gains) this file holds bit
         for bit, checked when it was exported (an encoder retrained with
-        ``train.py --freeze-decoder``, or the same weights given a reconstruction κ:
-        the same symbols, the pixels as this file's κ places them).  ``other_id`` may be a prefix of the sha256
+        ``train.py --freeze-decoder``, or the same weights given a reconstruction κ or
+        a retuned g_s (``export --synthesis``): the same symbols, the pixels as this
+        file's κ and g_s make them).  ``other_id`` may be a prefix of the sha256
         (tile headers keep 8 bytes).
         """
         other = str(other_id).lower()
@@ -251,7 +252,8 @@ def _load_coding_state(model, state_dict: dict) -> None:
 
 def export(train_checkpoint: str | os.PathLike, out: str | os.PathLike, provenance: dict | None = None,
            decoder_of: str | os.PathLike | None = None,
-           reconstruction: "Sequence[float] | None" = None) -> str:
+           reconstruction: "Sequence[float] | None" = None,
+           synthesis: str | os.PathLike | None = None) -> str:
     """Turn a training checkpoint into an inference checkpoint; return its sha256.
 
     Freezes the CDF tables (quantiles by bisection), drops optimiser state and
@@ -267,6 +269,9 @@ def export(train_checkpoint: str | os.PathLike, out: str | os.PathLike, provenan
     from a GPU session, where the training state stays behind): its tensors and CDF
     tables are kept as they are, only ``reconstruction`` (and ``provenance``) change,
     and the file's own id joins ``decodes_for``: its data decodes to the same symbols.
+    ``synthesis`` (only with such exported weights): a ``train/finetune_synthesis.py``
+    checkpoint of those weights; its g_s replaces theirs, every other tensor stays, so their
+    data still opens (same symbols, the pixels the new g_s makes of them).
     """
     import torch
 
@@ -286,10 +291,16 @@ def export(train_checkpoint: str | os.PathLike, out: str | os.PathLike, provenan
                                       "keep their own decoder and list their own id")
         prov = dict(state.get("provenance") or {})
         prov.update(provenance or {})
+        parent_id = sha256_file(Path(train_checkpoint))
         prov["decodes_for"] = list(dict.fromkeys(
-            [sha256_file(Path(train_checkpoint)), *(str(i).lower() for i in prov.get("decodes_for") or ())]))
+            [parent_id, *(str(i).lower() for i in prov.get("decodes_for") or ())]))
         state_dict = state["state_dict"]
+        if synthesis is not None:
+            state_dict, prov["synthesis"] = _with_synthesis(state_dict, synthesis, parent_id)
     else:
+        if synthesis is not None:
+            raise InvalidSettingError("synthesis is for exported weights: a training checkpoint "
+                                      "holds its own g_s")
         model = WsiHyperprior(config)
         model.load_state_dict(state["model"], strict=False)
         model.eval()
@@ -310,6 +321,25 @@ def export(train_checkpoint: str | os.PathLike, out: str | os.PathLike, provenan
                 "state_dict": state_dict, "provenance": prov}, tmp)
     os.replace(tmp, out)
     return sha256_file(out)
+
+
+def _with_synthesis(state_dict: dict, path: str | os.PathLike, parent_id: str) -> tuple[dict, dict]:
+    """``state_dict`` with g_s from a ``finetune_synthesis.py`` checkpoint of these weights."""
+    import torch
+    tuned = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(tuned, dict) or "g_s" not in tuned or "parent_id" not in tuned:
+        raise InvalidSettingError(f"{path}: not a train/finetune_synthesis.py checkpoint")
+    if tuned["parent_id"] != parent_id:
+        raise InvalidSettingError(f"{path} tunes the g_s of {tuned['parent_id'][:12]}…, "
+                                  f"not of these weights ({parent_id[:12]}…)")
+    old = {k[len("g_s."):]: v for k, v in state_dict.items() if k.startswith("g_s.")}
+    new = tuned["g_s"]
+    if set(old) != set(new) or any(old[k].shape != new[k].shape for k in old):
+        raise InvalidSettingError(f"{path}: its g_s does not have these weights' layers")
+    out = dict(state_dict)
+    out.update({f"g_s.{k}": v.detach().to(old[k].dtype).clone() for k, v in new.items()})
+    return out, {"step": tuned.get("step"), "wall_s": round(float(tuned.get("wall", 0)), 1),
+                 "args": tuned.get("args")}
 
 
 def _check_same_decoder(parent, child, parent_name: str) -> None:
