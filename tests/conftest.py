@@ -48,15 +48,30 @@ FIXTURES = REPO / "tests" / "data"
 def format2_fixtures() -> dict:
     """tests/data/format2_q4.json: which weights (and κ) the format-2 fixtures beside it were
     written with.  Skips the calling test when the shipped weights no longer hold that
-    decoder (a retrained network: its data then opens only with the old file, by design)."""
+    decoder (a retrained network: its data then opens only with the old file, by design).
+    ``same_g_s``: whether the shipped g_s is the one that decoded them (``export
+    --synthesis`` keeps the symbols but not the pixels)."""
     import json
 
     from wsicodec.checkpoint import load_model
     made = json.loads((FIXTURES / "format2_q4.json").read_text())
-    if not load_model().decodes(made["model_id"]):
+    shipped = load_model()
+    if not shipped.decodes(made["model_id"]):
         pytest.skip(f"the shipped weights no longer hold the decoder the format-2 fixtures were made "
                     f"with ({made['model_id'][:8]}); remake them as tests/data/format2_q4.json says")
-    return made
+    return {**made, "same_g_s": g_s_digest(shipped.model) == made["g_s_sha256"]}
+
+
+def g_s_digest(model) -> str:
+    """sha256 over g_s's tensors (names and float32 bytes, in name order)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    state = model.g_s.state_dict()
+    for k in sorted(state):
+        h.update(f"g_s.{k}".encode())
+        h.update(state[k].detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
