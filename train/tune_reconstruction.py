@@ -43,7 +43,7 @@ import tilecode  # noqa: E402  (bench/tilecode.py: the codec's encoder path up t
 from wsicodec.checkpoint import load_model  # noqa: E402
 from wsicodec.learned import _tables_for  # noqa: E402
 
-KAPPAS = (-2.0, -1.6, -1.2, -0.8, -0.4, -0.2, 0.0, 0.2, 0.3, 0.4, 0.5, 0.6)
+KAPPAS = (-3.0, -2.5, -2.0, -1.6, -1.2, -0.8, -0.4, -0.2, 0.0, 0.2, 0.3, 0.4, 0.5, 0.6)
 
 
 def center_crop(img: np.ndarray, size: int) -> np.ndarray:
