@@ -91,12 +91,9 @@ def stream_bytes(symbols: torch.Tensor, index: torch.Tensor, table) -> int:
 
 
 @torch.inference_mode()
-def image_pixels(model, shape: tuple[int, ...], parts: list) -> np.ndarray:
-    """The image (h, w, 3) as float64 0..255 levels, decoded as the readers decode it.
-
-    ``parts``: every tile of :func:`tiles`, each network tile paired with the gained ŷ
-    (1, M, h, w) an experiment chose for it: ``[(tile, y_hat), (glass, None), ...]``.
-    """
+def latent_plane(model, shape: tuple[int, ...], parts: list) -> torch.Tensor:
+    """The ungained latent plane (1, M, ⌈h/16⌉, ⌈w/16⌉) the readers hand g_s: each network
+    tile's ŷ / gain, each glass tile's colour latent (``parts`` as :func:`image_pixels`)."""
     h, w = shape[:2]
     plane = torch.zeros(1, model.config.M, -(-h // PIXEL_STRIDE), -(-w // PIXEL_STRIDE))
     for t, y_hat in parts:
@@ -107,7 +104,18 @@ def image_pixels(model, shape: tuple[int, ...], parts: list) -> np.ndarray:
             plane[..., r0:r0 + lh, c0:c0 + lw] = uniform_latent(model, t.rgb)
         else:
             plane[..., r0:r0 + lh, c0:c0 + lw] = y_hat.float() / t.gain
-    x_hat = model.synthesize(plane).clamp(0, 1)
+    return plane
+
+
+@torch.inference_mode()
+def image_pixels(model, shape: tuple[int, ...], parts: list) -> np.ndarray:
+    """The image (h, w, 3) as float64 0..255 levels, decoded as the readers decode it.
+
+    ``parts``: every tile of :func:`tiles`, each network tile paired with the gained ŷ
+    (1, M, h, w) an experiment chose for it: ``[(tile, y_hat), (glass, None), ...]``.
+    """
+    h, w = shape[:2]
+    x_hat = model.synthesize(latent_plane(model, shape, parts)).clamp(0, 1)
     out = (x_hat[0].permute(1, 2, 0).numpy()[:h, :w] * 255).round().astype(np.float64)
     for t, _ in parts:
         if isinstance(t, Glass):

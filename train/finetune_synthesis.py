@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT / "train"))
 import tilecode  # noqa: E402  (bench/tilecode.py: the codec's own encoder path)
 from train import FeatureDistance, load_images, save_atomic  # noqa: E402
 from wsicodec.checkpoint import load_model, sha256_file  # noqa: E402
-from wsicodec.learned import PIXEL_STRIDE, STITCH_RING, _tables_for, uniform_latent  # noqa: E402
+from wsicodec.learned import PIXEL_STRIDE, STITCH_RING, _tables_for  # noqa: E402
 
 TILE = 256
 LAT = TILE // PIXEL_STRIDE          # 16 latents a side per tile
@@ -78,15 +78,7 @@ def coded_plane(model, tables, img: np.ndarray, quality: int) -> tuple[torch.Ten
             mask[t.rows, t.cols] = False
         else:
             parts.append((t, model.reconstruct(torch.round(t.y - t.mu), t.mu, t.index, quality)))
-    h, w = img.shape[:2]
-    plane = torch.zeros(model.config.M, -(-h // PIXEL_STRIDE), -(-w // PIXEL_STRIDE))
-    for t, y_hat in parts:
-        r0, c0 = t.rows.start // PIXEL_STRIDE, t.cols.start // PIXEL_STRIDE
-        lh = -(-(t.rows.stop - t.rows.start) // PIXEL_STRIDE)
-        lw = -(-(t.cols.stop - t.cols.start) // PIXEL_STRIDE)
-        plane[:, r0:r0 + lh, c0:c0 + lw] = (uniform_latent(model, t.rgb)[0] if y_hat is None
-                                            else (y_hat.float() / t.gain)[0])
-    return plane.half(), mask
+    return tilecode.latent_plane(model, img.shape, parts)[0].half(), mask
 
 
 def build_planes(model, tables, images: list[np.ndarray], path: Path, source: str) -> dict:
