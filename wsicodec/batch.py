@@ -35,7 +35,7 @@ from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 
-from wsicodec.errors import CorruptDataError, CorruptTileError, InvalidSettingError
+from wsicodec.errors import InvalidSettingError, as_tile_error
 from wsicodec.lru import ByteLRU
 
 TileKey = tuple[int, int, int]
@@ -366,7 +366,7 @@ class BatchDecoder:
                 self._inflight.pop(key, None)
         for key, result in zip(keys, results):
             if isinstance(result, BaseException):
-                mine[key].set_exception(_as_tile_error(result, key, self.container.path))
+                mine[key].set_exception(as_tile_error(result, *key, self.container.path))
             else:
                 mine[key].set_result(result)
 
@@ -393,16 +393,4 @@ class BatchDecoder:
                 self._pool = None
             self._backend = None
         self.cache.clear()
-
-
-def _as_tile_error(error: BaseException, key: TileKey, path: Any) -> BaseException:
-    if isinstance(error, CorruptDataError) and not isinstance(error, CorruptTileError):
-        level, col, row = key
-        text = str(error)
-        where = f"tile level={level} col={col} row={row}"
-        msg = f"{path}: {text}" if where in text else f"{path}: {where}: {text}"
-        err = CorruptTileError(msg, level=level, col=col, row=row)
-        err.__cause__ = error
-        return err
-    return error
 

@@ -46,7 +46,7 @@ from wsicodec.codecs import TileCodec, codec_from_dict
 from wsicodec.errors import (ClosedError, CorruptDataError, CorruptTileError, InvalidSettingError,
                              ModelMismatchError, OutputExistsError, OutputPathError,
                              RegionOutOfBoundsError, SlideNotFoundError, UnsupportedFormatError,
-                             WsiCodecError)
+                             WsiCodecError, as_tile_error)
 from wsicodec.tiling.geometry import LevelInfo, TileGrid, validate_tile_size
 
 log = logging.getLogger(__name__)
@@ -701,12 +701,8 @@ class Container:
                            (g.cols, g.rows), lambda c, r: f"tile level={level} col={c} row={r}",
                            cache=self._latents, cache_tag=level)
         for (col, row), t in zip(keys, out):
-            if isinstance(t, CorruptTileError):
-                raise t
-            if isinstance(t, CorruptDataError):
-                raise CorruptTileError(f"{self.path}: {t}", level=level, col=col, row=row) from t
             if isinstance(t, BaseException):
-                raise t
+                raise as_tile_error(t, level, col, row, self.path)
         return out
 
     def iter_encoded_tiles(self, level: int) -> Iterator[tuple[int, int, bytes]]:

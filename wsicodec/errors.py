@@ -38,6 +38,21 @@ class CorruptTileError(CorruptDataError):
         self.level, self.col, self.row = level, col, row
 
 
+def as_tile_error(error: BaseException, level: int, col: int, row: int, path: object) -> BaseException:
+    """``error`` as a container reader raises it for tile (level, col, row) of ``path``: a
+    :class:`CorruptDataError` becomes a :class:`CorruptTileError` naming the file and the
+    tile (once, if the message already names it), caused by ``error``; anything else,
+    a CorruptTileError included, is returned as it is."""
+    if not isinstance(error, CorruptDataError) or isinstance(error, CorruptTileError):
+        return error
+    text = str(error)
+    where = f"tile level={level} col={col} row={row}"
+    err = CorruptTileError(f"{path}: {text}" if where in text else f"{path}: {where}: {text}",
+                           level=level, col=col, row=row)
+    err.__cause__ = error
+    return err
+
+
 class ModelMismatchError(WsiCodecError, ValueError):
     """Data was made with other model weights than the ones loaded; names both ids."""
 
