@@ -345,12 +345,37 @@ def test_weights_with_the_same_decoder_open_the_data_of_the_weights_before(tmp_p
         assert np.array_equal(np.asarray(slide.read_region((0, 0), 0, (160, 160))), np.asarray(want))
 
 
-@pytest.mark.parametrize("bad", [["--crop", "80"], ["--crop", "32"], ["--crop", "64", "--feat-crop", "96"]])
+@pytest.mark.skipif(not (VGG.is_file() and TRAIN.is_dir()), reason="shared weights/data not found")
+def test_accum_sums_micro_batches_into_one_optimiser_step(tmp_path, monkeypatch):
+    import train as train_script
+
+    from PIL import Image
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in sorted(TRAIN.glob("*.png"))[:2]:
+        Image.open(p).crop((0, 0, 200, 150)).save(data / p.name)
+    drawn, steps = [], []
+    batch = train_script.CropSampler.batch
+    monkeypatch.setattr(train_script.CropSampler, "batch", lambda self, n: drawn.append(n) or batch(self, n))
+    adam_step = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: steps.append(1) or adam_step(self, *a, **k))
+    out = tmp_path / "run"
+    assert train_script.main(["--data", str(data), "--out", str(out), "--N", "16", "--M", "24",
+                              "--batch", "2", "--accum", "3", "--crop", "64", "--steps", "2",
+                              "--log-every", "1"]) == 0
+    assert drawn == [2] * 6             # 3 micro-batches of 2 crops per step
+    assert len(steps) == 2 * 2          # per step: the main optimiser and the quantiles'
+    assert torch.load(out / "last.pt", weights_only=False)["step"] == 2
+    assert len((out / "log.csv").read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize("bad", [["--crop", "80"], ["--crop", "32"], ["--crop", "64", "--feat-crop", "96"],
+                                 ["--accum", "0"]])
 def test_crop_sizes_the_network_cannot_take_are_refused_before_loading(tmp_path, bad, capsys):
     import train as train_script
     with pytest.raises(SystemExit) as exc:
         train_script.main(["--data", str(tmp_path), "--out", str(tmp_path / "run"), *bad])
-    assert exc.value.code == 2 and "crop" in capsys.readouterr().err
+    assert exc.value.code == 2 and ("crop" in (err := capsys.readouterr().err) or "accum" in err)
     assert not (tmp_path / "run").exists()
 
 

@@ -231,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget")
     ap.add_argument("--steps", type=int, default=10**9, help="stop after this many total steps")
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--accum", type=int, default=1,
+                    help="micro-batches of --batch crops per optimiser step (gradients summed): a "
+                         "GPU-sized batch on a CPU; the batch-4 CPU runs stopped paying (runs 20-21) "
+                         "where the GPU's batch 16 still moved the model")
     ap.add_argument("--crop", type=int, default=256,
                     help="crop side, a multiple of 64; train at the size the codec codes (256² tiles "
                          "plus margin): on 128² crops the hyperprior is all border, and the weights "
@@ -283,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--crop must be a positive multiple of {WsiHyperprior.STRIDE}, got {args.crop}")
     if args.dec_blocks and args.freeze_decoder:
         ap.error("--dec-blocks adds to the decoder, which --freeze-decoder keeps as it is")
+    if args.accum < 1:
+        ap.error(f"--accum must be at least 1, got {args.accum}")
     if args.feat_crop > args.crop:
         ap.error(f"--feat-crop {args.feat_crop} is larger than --crop {args.crop}")
 
@@ -389,20 +395,13 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.append(signum))
 
-    model.train()
-    while True:
-        elapsed = time.time() - t_start
-        if elapsed >= budget or step >= args.steps or stop:
-            break
-        frac = min(elapsed / budget, 1.0)
-        lr = args.lr_final + 0.5 * (args.lr - args.lr_final) * (1 + math.cos(math.pi * frac))
-        for g, mult in zip(opt.param_groups, lr_mults):
-            g["lr"] = lr * mult
-        x = sampler.batch(args.batch).to(dev)
+    def train_loss(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The loss of one micro-batch, and its per-crop rate, MSE and feature distance."""
         # integer qualities (where the product is used and measured), a share drawn anywhere in 1..8
-        quality = torch.randint(1, QUALITY_MAX + 1, (args.batch,), device=dev).float()
-        anywhere = torch.rand(args.batch, device=dev) < args.continuous
-        quality = torch.where(anywhere, 1 + (QUALITY_MAX - 1) * torch.rand(args.batch, device=dev), quality)
+        n = x.shape[0]
+        quality = torch.randint(1, QUALITY_MAX + 1, (n,), device=dev).float()
+        anywhere = torch.rand(n, device=dev) < args.continuous
+        quality = torch.where(anywhere, 1 + (QUALITY_MAX - 1) * torch.rand(n, device=dev), quality)
         out_d = fwd(x, quality, hard=args.hard_rate)
         x_hat = out_d["x_hat"]
         npix = x.shape[-1] * x.shape[-2]
@@ -419,8 +418,25 @@ def main(argv: list[str] | None = None) -> int:
         else:
             fd = torch.zeros_like(mse)
         loss = (bpp + model.lambda_at(quality) * (dist + args.alpha * fd)).mean()
+        return loss, bpp, mse, fd
+
+    model.train()
+    while True:
+        elapsed = time.time() - t_start
+        if elapsed >= budget or step >= args.steps or stop:
+            break
+        frac = min(elapsed / budget, 1.0)
+        lr = args.lr_final + 0.5 * (args.lr - args.lr_final) * (1 + math.cos(math.pi * frac))
+        for g, mult in zip(opt.param_groups, lr_mults):
+            g["lr"] = lr * mult
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        micro = np.zeros(4)
+        for _ in range(args.accum):
+            loss, bpp, mse, fd = train_loss(sampler.batch(args.batch).to(dev))
+            (loss / args.accum).backward()
+            with torch.no_grad():
+                psnr = (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean().item()
+            micro += [loss.item(), bpp.mean().item(), psnr, fd.mean().item()]
         torch.nn.utils.clip_grad_norm_(main_params, 1.0)
         opt.step()
         if args.freeze_decoder:     # the quantiles are the decoder's too
@@ -432,9 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             aux.backward()
             aux_opt.step()
         step += 1
-        with torch.no_grad():
-            psnr = (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean().item()
-        acc += np.array([loss.item(), bpp.mean().item(), psnr, fd.mean().item(), aux.item()])
+        acc += np.append(micro / args.accum, aux.item())
         n_acc += 1
         if step % args.log_every == 0:
             m = acc / n_acc
