@@ -282,6 +282,61 @@ def test_a_failure_while_the_zip_is_packed_keeps_every_row(tmp_path: Path, odd_i
     assert not any(JOURNAL in n for n in zipfile.ZipFile(out).namelist())
 
 
+@pytest.mark.parametrize("name", STORES)
+def test_what_a_writer_killed_after_the_move_left_is_swept_by_the_next(
+        tmp_path: Path, odd_image: np.ndarray, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Killed once the output is in place but before the clean-up (the zip's directory
+    store, the old output an overwrite set aside), the hidden leftovers hold the
+    container's size again: the next writer of that output removes them, and keeps a
+    partial write that can still be resumed."""
+    import subprocess
+    import sys
+    import textwrap
+
+    make(tmp_path, name, odd_image)
+    out = tmp_path / name
+    np.save(tmp_path / "image.npy", odd_image)
+    # a second process overwrites the output and is killed (os._exit: no clean-up runs)
+    # right after both renames of the move
+    script = textwrap.dedent(f"""
+        import os, sys
+        import numpy as np
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import wsicodec.container as container
+        from test_container import make
+
+        def moved_then_killed(tmp, final):
+            os.rename(final, final.with_name(f".{{final.name}}.old-0123abcd"))
+            os.rename(tmp, final)
+            os._exit(9)
+
+        container._replace = moved_then_killed
+        make(__import__("pathlib").Path({str(tmp_path)!r}), {name!r},
+             np.load({str(tmp_path / "image.npy")!r}), overwrite=True)
+    """)
+    assert subprocess.run([sys.executable, "-c", script]).returncode == 9
+    (tmp_path / "image.npy").unlink()
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name != name)
+    if name.endswith(".zip"):
+        assert left[0] == f".{name}.old-0123abcd" and left[1].endswith(".d") and len(left) == 2
+        assert (tmp_path / left[1] / JOURNAL).is_file()
+    else:
+        assert left == [f".{name}.old-0123abcd"]
+    tiles = tiles_of(out)                                    # the new output is whole
+    # an interrupted write of the same output stays for --resume
+    with pytest.raises(CompressInterrupted) as info:
+        compress_source(source(odd_image), tmp_path / name, Flaky(at=11), tile_size=64,
+                        workers=1, overwrite=True)
+    kept = Path(info.value.partial)
+    assert kept.is_dir() and (kept / JOURNAL).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, kept.name])
+    assert tiles_of(out) == tiles
+    codec = Flaky()
+    compress_source(source(odd_image), out, codec, tile_size=64, workers=1, overwrite=True, resume=True)
+    assert codec.calls == len(tiles) - 10
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
 def test_ctrl_c_while_resume_checks_the_rows_keeps_them(tmp_path: Path, odd_image: np.ndarray,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "c.zarr"

@@ -21,6 +21,9 @@ I/O error) after it finished a row keeps the sibling; a writer made with ``resum
 for the same output and identical settings takes it over, checks each journalled row
 against its CRCs and keeps the rows that pass. A writer holds an exclusive lock on its
 journal, so a live write is never taken over. Any other failure removes the sibling.
+A writer killed after its output was moved into place, before it removed what it had
+set aside (the zip's directory store, an overwritten output), leaves those behind; the
+next writer of that output removes them.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ SUPPORTED_VERSIONS = (1, 2)
 ATTRS_KEY = "wsicodec"
 #: the resume journal inside a container being written (never in a finished container)
 JOURNAL = "wsicodec-journal.jsonl"
+#: the journal's last line once its rows were packed into the zip that became the output
+PACKED = "packed_into"
 _ASSOCIATED_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 #: What ``compress --associated`` may ask for:
@@ -282,6 +287,7 @@ class ContainerWriter:
 
         self.path = Path(path)
         self.overwrite = overwrite
+        _sweep_leftovers(self.path)
         self._check_target()
         self.metadata = metadata
         self._zip = is_zip_path(self.path)
@@ -473,6 +479,9 @@ class ContainerWriter:
             except BaseException:
                 self._tmp.unlink(missing_ok=True)    # a torn zip is never left behind
                 raise
+            # if the process dies once the zip is on OUT, before the directory is removed,
+            # the next writer of OUT knows the directory for what it is (_sweep_leftovers)
+            self._journal_line({PACKED: self._tmp.name})
         self._check_target()
         self._close_journal()
         if self._zip:
@@ -526,6 +535,37 @@ class ContainerWriter:
             self.keep()
         else:
             self.abort()
+
+
+def _sweep_leftovers(path: Path) -> None:
+    """Remove what a writer of ``path`` killed at the very end left beside it: the
+    directory of a zip it had packed and moved onto ``path`` (its journal's last line says
+    :data:`PACKED`; the zip is gone from beside it), and the old output an overwrite had
+    set aside (only once ``path`` exists again: until then it is the only copy)."""
+    parent, name = path.parent, path.name
+    with contextlib.suppress(OSError):
+        for d in parent.glob(f".{name}.partial-*.d"):
+            zip_sibling = d.with_name(d.name[:-2])
+            if not d.is_dir() or zip_sibling.exists() or not (d / JOURNAL).is_file():
+                continue
+            journal = _locked_journal(d / JOURNAL)
+            if journal is None:             # a live writer
+                continue
+            try:
+                lines = (d / JOURNAL).read_text(encoding="utf-8").splitlines()
+                packed = bool(lines) and PACKED in json.loads(lines[-1])
+            except (OSError, ValueError, TypeError):
+                packed = False
+            finally:
+                journal.close()
+            if packed:
+                shutil.rmtree(d, ignore_errors=True)
+        if path.exists():
+            for old in parent.glob(f".{name}.old-*"):
+                if old.is_dir() and not old.is_symlink():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    old.unlink(missing_ok=True)
 
 
 def _locked_journal(path: Path) -> Any:
