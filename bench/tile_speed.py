@@ -9,11 +9,12 @@ neighbours (288²), the tile's 16×16 latents coded.  Reported: whole-codec enco
 and decode MP/s of tiles decoded on their own (``decode_batch``), entropy coding
 included; ``decode_stitched_mp_s``: ``wsicodec.decode`` of a whole he/test image, every
 tile decoded once and g_s run over its latents joined with 2 latent rows/columns of
-each neighbour (20×20, what readers do); and, separately, g_a (288² regions) and g_s
-(20×20 stitched windows) alone: eager (the training modules), fast (the channels-last
-copies with frozen GDN weights that the codec runs, ``WsiHyperprior._fast``) and
-compiled (``torch.compile`` of the eager modules; compile time excluded, reported
-apart).  MP counts the 256² tiles, not the context.
+each neighbour (20×20, what readers do), and ``decode_stitched_bf16_mp_s`` the same with
+``precision="bfloat16"``; and, separately, g_a (288² regions) and g_s (20×20 stitched
+windows) alone: eager (the training modules), fast (the channels-last copies with frozen
+GDN weights that the codec runs, ``WsiHyperprior._fast``; ``g_s_fast_bf16``: with its
+inner layers in bfloat16) and compiled (``torch.compile`` of the eager modules; compile
+time excluded, reported apart).  MP counts the 256² tiles, not the context.
 """
 
 from __future__ import annotations
@@ -88,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     wsicodec.decode(data)
     res["decode_stitched_mp_s"] = img.shape[0] * img.shape[1] / 1e6 / _best(
         lambda: wsicodec.decode(data), args.repeats)
+    wsicodec.decode(data, precision="bfloat16")
+    res["decode_stitched_bf16_mp_s"] = img.shape[0] * img.shape[1] / 1e6 / _best(
+        lambda: wsicodec.decode(data, precision="bfloat16"), args.repeats)
+    res["cpu_bf16_native"] = bool(torch.backends.mkldnn.is_available()
+                                  and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
     m = codec.loaded.model
     x = torch.from_numpy(np.stack(regions)).permute(0, 3, 1, 2).float().div(255)
@@ -99,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                                 ("fast", m._fast("g_a", x.device, x.dtype), m._fast("g_s", y.device, y.dtype))):
             res[f"g_a_{label}_mp_s"] = mp / _best(lambda: g_a(x), args.repeats)
             res[f"g_s_{label}_mp_s"] = mp / _best(lambda: g_s(y), args.repeats)
+        g_s16 = m._fast("g_s", y.device, y.dtype, bf16_body=True)   # precision="bfloat16"
+        g_s16(y)
+        res["g_s_fast_bf16_mp_s"] = mp / _best(lambda: g_s16(y), args.repeats)
     try:
         t0 = time.perf_counter()
         g_a_c, g_s_c = torch.compile(m.g_a), torch.compile(m.g_s)

@@ -280,3 +280,55 @@ def test_concurrent_requests_entropy_decode_each_tile_once(tmp_path) -> None:
     with open_container(out) as c:
         for t, ref in zip(tiles, c.read_tiles(0, keys)):
             assert np.abs(t.astype(int) - ref.astype(int)).max() <= 1
+
+
+def test_bfloat16_precision_runs_g_s_body_in_bfloat16_and_decodes_the_same_stream(
+        learned_container, tmp_path) -> None:
+    """``precision="bfloat16"``: g_s's inner layers in bfloat16 (its first and last in
+    float32), the same symbols (checks pass), pixels close to the float32 reference but
+    not equal; on every read path (slide reader, decompress, the image API)."""
+    import tifffile
+    import torch
+
+    import wsicodec
+    from wsicodec.pipeline import decompress
+
+    for bad in ("float16", "bf16", None):
+        with pytest.raises(InvalidSettingError):
+            DecoderSettings(precision=bad)
+        with pytest.raises(InvalidSettingError):
+            decompress(learned_container, tmp_path / "x.tiff", precision=bad)
+        with pytest.raises(InvalidSettingError):
+            get_codec("learned", 4, precision=bad)
+    assert list(tmp_path.iterdir()) == []
+
+    with open_container(learned_container) as c:
+        model = c.codec.loaded.model
+    body = model._fast("g_s", torch.device("cpu"), torch.float32, bf16_body=True)
+    seen: dict[int, torch.dtype] = {}
+    hooks = [layer.register_forward_hook(lambda mod, inp, out, k=k: seen.setdefault(k, out.dtype) and None)
+             for k, layer in enumerate(body.layers)]
+    try:
+        with open_slide(learned_container, device="cpu") as s32, \
+                open_slide(learned_container, device="cpu", precision="bfloat16") as s16:
+            a = np.asarray(s32.read_region((0, 0), 0, (100, 150)))
+            b = np.asarray(s16.read_region((0, 0), 0, (100, 150)))
+    finally:
+        for h in hooks:
+            h.remove()
+    last = len(body.layers) - 1
+    assert seen[0] == seen[last] == torch.float32
+    assert {seen[k] for k in range(1, last)} == {torch.bfloat16}
+    diff = np.abs(a.astype(int) - b.astype(int))[..., :3]
+    assert 0 < diff.mean() < 1.0 and diff.max() <= 16
+    assert (b[:64, 64:, :3] == 238).all()          # the glass tile takes no network pass
+
+    decompress(learned_container, tmp_path / "f32.tiff")
+    decompress(learned_container, tmp_path / "bf16.tiff", precision="bfloat16")
+    t32, t16 = (tifffile.imread(tmp_path / n, key=0) for n in ("f32.tiff", "bf16.tiff"))
+    assert not np.array_equal(t32, t16) and np.abs(t32.astype(int) - t16.astype(int)).mean() < 1.0
+
+    img = _image(150, 100, 3)
+    data = wsicodec.encode(img, 4, tile_size=64)
+    d32, d16 = wsicodec.decode(data), wsicodec.decode(data, precision="bfloat16")
+    assert not np.array_equal(d32, d16) and np.abs(d32.astype(int) - d16.astype(int)).mean() < 1.0

@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None, help="also write the numbers here")
     ap.add_argument("--lpips", action="store_true", help="also LPIPS-alex, and its BD-rate")
+    ap.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
+                    help="how the decoder runs g_s (the same bytes; bfloat16: what it costs)")
     args = ap.parse_args(argv)
 
     import torch
@@ -103,14 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     lp = metrics.load_lpips() if args.lpips else None
     loaded = load_model(args.weights)
     print(f"model {loaded.model_id[:16]}... step {loaded.provenance.get('train_step')}, "
-          f"{len(files)} images from {args.images}")
+          f"{len(files)} images from {args.images}, g_s in {args.precision}")
     rows = []
     t0 = time.time()
     for q in args.qualities:
         bpp, ps, lps = [], [], []
         for img in images:
             data = encode(img, quality=q, model=args.weights)
-            rec = decode(data, model=args.weights)
+            rec = decode(data, model=args.weights, precision=args.precision)
             bpp.append(8 * len(data) / (img.shape[0] * img.shape[1]))
             ps.append(metrics.psnr(img, rec))
             if lp is not None:
@@ -141,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             bd[f"{key}_lpips"] = metrics.bd_rate(ra, metrics.lpips_db(la), rate, ours)
             print(f"  BD-rate (LPIPS) vs {label.get(key, key)}: {bd[key + '_lpips']:+.2f} %")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model_id": loaded.model_id, "images": names,
+        Path(args.json).write_text(json.dumps({"model_id": loaded.model_id, "precision": args.precision,
+                                               "images": names,
                                                "points": rows, "bd_rate": bd,
                                                "non_monotonic": broken}, indent=1))
     return 0

@@ -35,6 +35,7 @@ from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 
+from wsicodec.codecs import check_precision
 from wsicodec.errors import InvalidSettingError, as_tile_error
 from wsicodec.lru import ByteLRU
 
@@ -64,6 +65,9 @@ class DecoderSettings:
         latent_cache_bytes: upper bound of the learned codec's cache of entropy-decoded
             latents (0 disables it).  A tile is decoded with its neighbours' latents; the
             cache lets each be entropy-decoded once while a viewer moves over a region.
+        precision: how g_s runs: ``"float32"`` (the reference) or ``"bfloat16"`` (its
+            inner layers in bfloat16: faster where the device has bfloat16 arithmetic,
+            pixels slightly different; the symbols and their checks are the same).
     """
 
     cache_bytes: int = DEFAULT_CACHE_BYTES
@@ -71,8 +75,10 @@ class DecoderSettings:
     device: str = "auto"
     max_batch: int | None = None
     latent_cache_bytes: int = DEFAULT_LATENT_CACHE_BYTES
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         for name in ("cache_bytes", "latent_cache_bytes"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -139,8 +145,8 @@ class _Synthesis:
     that find a leader wait, retrying to lead now and then, so none is stranded.
     """
 
-    def __init__(self, model: Any, device: Any, max_batch: int) -> None:
-        self.model, self.device, self.max_batch = model, device, max_batch
+    def __init__(self, model: Any, device: Any, max_batch: int, precision: str = "float32") -> None:
+        self.model, self.device, self.max_batch, self.precision = model, device, max_batch, precision
         self._lock = threading.Lock()
         self._queue: list[tuple[Any, Future]] = []
         self._busy = False
@@ -186,7 +192,7 @@ class _Synthesis:
         try:
             with torch.inference_mode():
                 y = torch.cat([it[0] for it in batch]).to(self.device)
-                x_hat = self.model.synthesize(y).clamp_(0, 1).mul_(255).round_()
+                x_hat = self.model.synthesize(y, self.precision).clamp_(0, 1).mul_(255).round_()
                 x_hat = x_hat.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             self.passes += 1
         except Exception as e:  # noqa: BLE001 - every tile of the pass fails with it
@@ -205,7 +211,8 @@ class _LearnedBatch:
     ``LearnedCodec.decode_tiles``.
     """
 
-    def __init__(self, codec: Any, device: str, max_batch: int | None, latent_bytes: int) -> None:
+    def __init__(self, codec: Any, device: str, max_batch: int | None, latent_bytes: int,
+                 precision: str = "float32") -> None:
         from wsicodec.learned import LatentCache, resolve_device
 
         self.codec = codec
@@ -214,10 +221,10 @@ class _LearnedBatch:
         synthesis_model = codec.loaded.on(self.device)  # a copy on a GPU: the CPU h_s paths stay
         if max_batch is None:
             max_batch = 4 if self.device.type == "cpu" else 16
-        self.synthesis = _Synthesis(synthesis_model, self.device, max_batch)
+        self.synthesis = _Synthesis(synthesis_model, self.device, max_batch, precision)
         self.latents = LatentCache(latent_bytes)
         model.prepare_entropy_parameters()  # build the exact (and float64) h_s once, up front
-        synthesis_model.prepare_synthesis(self.device)  # and the fast g_s: no first-tile surcharge
+        synthesis_model.prepare_synthesis(self.device, precision=precision)  # and the fast g_s: no first-tile surcharge
 
     def decode(self, container: Any, level: int, keys: Sequence[tuple[int, int]],
                pool: ThreadPoolExecutor | None) -> list[Any]:
@@ -294,7 +301,8 @@ class BatchDecoder:
                     if hasattr(codec, "decode_tiles") and hasattr(codec, "loaded"):
                         self._backend = _LearnedBatch(codec, self.settings.device,
                                                       self.settings.max_batch,
-                                                      self.settings.latent_cache_bytes)
+                                                      self.settings.latent_cache_bytes,
+                                                      self.settings.precision)
                     else:
                         self._backend = _PlainBatch(codec)
         return self._backend

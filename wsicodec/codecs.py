@@ -193,6 +193,21 @@ def codec_from_dict(d: dict) -> TileCodec:
 
 # ----------------------------------------------------------------- validation helpers
 
+#: How the learned codec's decoder may run g_s: "float32", the reference; "bfloat16", its
+#: inner layers under bfloat16 autocast: faster where the hardware has bfloat16 arithmetic
+#: (a CPU with AVX512-BF16 or AMX, a recent GPU), slower where it must be emulated.  The
+#: stream, the symbols and their checks do not change, only the pixels, slightly
+#: (``bench/results/precision.json``).  A reader's choice, never stored in a container.
+PRECISIONS = ("float32", "bfloat16")
+
+
+def check_precision(precision: Any) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`, else InvalidSettingError."""
+    if precision not in PRECISIONS:
+        raise InvalidSettingError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
 def as_number(value: Any) -> float:
     """``float(value)``, or NaN (which fails every range check) for a bool or anything
     ``float()`` refuses: a setting is a number, not a flag, a list or a word."""

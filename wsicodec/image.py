@@ -137,8 +137,10 @@ def read_stream(data: bytes) -> ImageStream:
     return ImageStream(h, w, tile, model_id.hex(), streams)
 
 
-def decode(data: bytes, *, model: str | None = None, batch: int = 16) -> np.ndarray:
-    """Inverse of :func:`encode`: the tiles decoded with their neighbours' latents.
+def decode(data: bytes, *, model: str | None = None, batch: int = 16,
+           precision: str = "float32") -> np.ndarray:
+    """Inverse of :func:`encode`: the tiles decoded with their neighbours' latents;
+    ``precision``: how g_s runs (:data:`wsicodec.codecs.PRECISIONS`).
 
     Raises:
         CorruptDataError: not a wsicodec image stream, or truncated.
@@ -148,7 +150,7 @@ def decode(data: bytes, *, model: str | None = None, batch: int = 16) -> np.ndar
     from .learned import PIXEL_STRIDE, LearnedCodec
     st = read_stream(data)
     h, w, tile, streams = st.height, st.width, st.tile, st.tiles
-    codec = LearnedCodec(4.0, model=model, model_id=st.model_id)
+    codec = LearnedCodec(4.0, model=model, model_id=st.model_id, precision=precision)
     cells = list(_grid(h, w, tile))
     n = len(cells)
     rows, cols = -(-h // tile), -(-w // tile)

@@ -58,7 +58,7 @@ from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 
-from .codecs import as_number
+from .codecs import as_number, check_precision
 from .entropy import CdfTables, decode_symbols, encode_symbols, symbol_checksum
 from .errors import CorruptDataError, InvalidSettingError, ModelMismatchError
 from .lru import ByteLRU
@@ -213,6 +213,9 @@ class LearnedCodec:
             The entropy parameters are always computed on the CPU in float64.
         margin: pixels of context that callers who can (the container writer,
             :func:`wsicodec.encode`) code around each tile, 0..64.
+        precision: how this codec's decoder runs g_s: "float32" (the reference) or
+            "bfloat16" (faster on hardware with bfloat16 arithmetic, pixels slightly
+            different; :data:`~wsicodec.codecs.PRECISIONS`).  Not stored: a reader's choice.
         refine: steps of the encoder's latent search
             (:meth:`~wsicodec.model.WsiHyperprior.refine_latents`), 0 (off) .. 1000.
             Each step costs about four g_s passes over the tile; 40 steps take
@@ -226,16 +229,17 @@ class LearnedCodec:
             says where the weights can be had.
 
     Raises:
-        InvalidSettingError: quality outside 1..8, refine outside 0..1000, missing or
-            unreadable weights.
+        InvalidSettingError: quality outside 1..8, refine outside 0..1000, an unknown
+            precision, missing or unreadable weights.
     """
 
     name = "learned"
 
     def __init__(self, quality: float | None = None, model: str | None = None,
                  device: str = "cpu", margin: int = DEFAULT_MARGIN, model_id: str | None = None,
-                 refine: int = 0) -> None:
+                 refine: int = 0, precision: str = "float32") -> None:
         q = 4.0 if quality is None else as_number(quality)
+        self.precision = check_precision(precision)
         if not (isinstance(refine, int) and not isinstance(refine, bool) and 0 <= refine <= MAX_REFINE):
             raise InvalidSettingError(f"learned codec refine must be an integer in 0..{MAX_REFINE}, got {refine!r}")
         self.refine = refine
@@ -523,7 +527,7 @@ class LearnedCodec:
                 for k in range(0, len(idx), max_batch):
                     part = idx[k:k + max_batch]
                     y = torch.cat([windows[i] for i in part]).to(self.device)
-                    x = m.synthesize(y).clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+                    x = m.synthesize(y, self.precision).clamp_(0, 1).mul_(255).round_().to(torch.uint8)
                     x = x.permute(0, 2, 3, 1).cpu().numpy()
                     for j, i in enumerate(part):
                         out[i] = x[j]

@@ -461,9 +461,10 @@ class WsiHyperprior(nn.Module):
         self._h_s_exact()
         self._h_s64()
 
-    def prepare_synthesis(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    def prepare_synthesis(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                          precision: str = "float32") -> None:
         """Build the fast g_s copy for ``device`` now (it is built on first use otherwise)."""
-        self._fast("g_s", torch.device(device), dtype)
+        self._fast("g_s", torch.device(device), dtype, bf16_body=precision == "bfloat16")
 
     def _derived(self, key, build):
         """A module derived from the weights (float64 h_s, fast g_a/g_s), built once per key.
@@ -494,12 +495,18 @@ class WsiHyperprior(nn.Module):
         gain, _ = self.gains(quality.to(y_hat.device), y_hat.dtype)
         return self.synthesize(y_hat / gain)
 
-    def synthesize(self, y: torch.Tensor) -> torch.Tensor:
+    def synthesize(self, y: torch.Tensor, precision: str = "float32") -> torch.Tensor:
         """Ungained ŷ (ŷ_q / gain[q], the scale g_a's output has) → x̂.
 
         Latents of tiles coded at different qualities share this scale, so a decoder
         can join them into one plane before g_s (stitched tiles, :mod:`wsicodec.learned`).
+        ``precision`` "bfloat16" runs g_s's inner layers in bfloat16 at inference (its
+        first and last layers, and the output, stay float32; :data:`wsicodec.codecs.PRECISIONS`).
         """
+        if precision not in ("float32", "bfloat16"):
+            raise ValueError(f"precision must be float32 or bfloat16, got {precision!r}")
+        if precision == "bfloat16" and not (self.training or torch.is_grad_enabled()):
+            return self._fast("g_s", y.device, y.dtype, bf16_body=True)(y)
         return self._transform("g_s", y)(y)
 
     def _transform(self, name: str, x: torch.Tensor) -> nn.Module:
@@ -508,13 +515,14 @@ class WsiHyperprior(nn.Module):
             return getattr(self, name)
         return self._fast(name, x.device, x.dtype)
 
-    def _fast(self, name: str, device: torch.device, dtype: torch.dtype) -> "FastTransform":
+    def _fast(self, name: str, device: torch.device, dtype: torch.dtype,
+              bf16_body: bool = False) -> "FastTransform":
         """The inference copy of g_a or g_s for this device and dtype (built once)."""
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:   # "cuda" and "cuda:0" are one copy
             device = torch.device("cuda", torch.cuda.current_device())
-        return self._derived((name, str(device), dtype),
-                             lambda: FastTransform(getattr(self, name)).to(device=device, dtype=dtype))
+        return self._derived((name, str(device), dtype, bf16_body),
+                             lambda: FastTransform(getattr(self, name), bf16_body).to(device=device, dtype=dtype))
 
 
 def bin_centroid_offset(s: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -553,10 +561,15 @@ class FastTransform(nn.Module):
     Tensors stay channels-last (oneDNN's fast layout, for the transposed convolutions
     above all), and each GDN, ``x·(β + γ·x²)^(∓½)``, uses γ and β reparametrised once
     at construction instead of on every call.  Built from trained weights; frozen.
+
+    ``bf16_body``: the layers between the first and the last run under bfloat16 autocast
+    (the weights stay float32; the first and last layers and the output are float32), as
+    ``train.py --bf16-body`` trains them: not the same map, a close one.
     """
 
-    def __init__(self, transform: nn.Sequential) -> None:
+    def __init__(self, transform: nn.Sequential, bf16_body: bool = False) -> None:
         super().__init__()
+        self.bf16_body = bf16_body
         layers = []
         for layer in transform:
             if isinstance(layer, GDN):
@@ -570,8 +583,14 @@ class FastTransform(nn.Module):
         self.eval()
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        x = self.layers(y.contiguous(memory_format=torch.channels_last))
-        return x.contiguous()
+        y = y.contiguous(memory_format=torch.channels_last)
+        if not self.bf16_body:
+            return self.layers(y).contiguous()
+        x = self.layers[0](y)
+        with torch.autocast(y.device.type, dtype=torch.bfloat16):
+            for layer in self.layers[1:-1]:
+                x = layer(x)
+        return self.layers[-1](x.to(y.dtype)).contiguous()
 
 
 #: Fixed point of :class:`ExactHyperSynthesis`: activations are integers |a| < 2**EXACT_ACT_BITS

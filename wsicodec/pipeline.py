@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from wsicodec.codecs import TileCodec
+from wsicodec.codecs import TileCodec, check_precision
 from wsicodec.container import (ContainerMetadata, ContainerWriter, associated_format,
                                 check_output_path, open_container, path_size)
 from wsicodec.errors import (CompressInterrupted, CorruptDataError, CorruptTileError,
@@ -505,8 +505,11 @@ def _ordered_decode(container, level: int, workers: int,  # type: ignore[no-unty
 
 def decompress(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
                settings: TiffSettings = TiffSettings(), workers: int | None = None,
-               overwrite: bool = False, progress: Progress | None = None) -> DecompressResult:
+               overwrite: bool = False, progress: Progress | None = None,
+               precision: str = "float32") -> DecompressResult:
     """Write a container out as a pyramidal TIFF (atomically: temp sibling + rename).
+
+    ``precision``: how the learned codec runs g_s (:data:`wsicodec.codecs.PRECISIONS`).
 
     Raises:
         SlideNotFoundError, UnsupportedFormatError, CorruptDataError: the container.
@@ -518,11 +521,14 @@ def decompress(source: str | os.PathLike[str], output: str | os.PathLike[str], *
     t0 = time.perf_counter()
     out_path = Path(output)
     n_workers = _check_workers(workers)
+    check_precision(precision)
     check_output_path(out_path, overwrite)
     tmp = out_path.parent / f".{out_path.name}.partial-{uuid.uuid4().hex[:8]}"
     with open_container(source) as c:
         meta = c.metadata
-        c.codec  # build (and check) the codec before creating any file
+        codec = c.codec  # build (and check) the codec before creating any file
+        if hasattr(codec, "precision"):
+            codec.precision = precision
         try:
             write_pyramidal_tiff(
                 tmp, [lv.dimensions for lv in meta.levels], meta.tile_size,

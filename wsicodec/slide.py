@@ -218,7 +218,8 @@ class WsiSlide:
 
 
 def open_slide(path: str | os.PathLike[str], *, cache_bytes: int | None = None,
-               workers: int | None = None, device: str = "auto") -> WsiSlide:
+               workers: int | None = None, device: str = "auto",
+               precision: str = "float32") -> WsiSlide:
     """Open a wsicodec container (``.zarr`` directory or ``.zarr.zip``) as a slide.
 
     Args:
@@ -226,6 +227,8 @@ def open_slide(path: str | os.PathLike[str], *, cache_bytes: int | None = None,
         workers: decoder threads (default: CPU count, at most 8).
         device: where the learned codec's g_s runs: "auto" (CUDA when present), "cpu",
             "cuda".
+        precision: how it runs: "float32" (the reference) or "bfloat16" (faster on
+            hardware with bfloat16 arithmetic, pixels slightly different).
 
     Raises as :func:`wsicodec.container.open_container`; InvalidSettingError for bad
     settings.
@@ -233,5 +236,5 @@ def open_slide(path: str | os.PathLike[str], *, cache_bytes: int | None = None,
     defaults = DecoderSettings()
     settings = DecoderSettings(
         cache_bytes=defaults.cache_bytes if cache_bytes is None else cache_bytes,
-        workers=workers, device=device)
+        workers=workers, device=device, precision=precision)
     return WsiSlide(open_container(path), settings)
