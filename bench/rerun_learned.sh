@@ -20,5 +20,7 @@ step slides   "$PY" bench/slides.py --codecs learned --out bench/results/slides_
 container=${TMPDIR:-/tmp}/wsicodec-serve-bench.zarr.zip
 step serve    bash -c "'$PY' -m wsicodec compress ../shared/data/slides/cmu_small_region.svs '$container' --overwrite --quiet \
                        && '$PY' bench/serve.py '$container' --torch-threads 1 --out bench/results/serve.json --note \"${NOTE:-}\" \
-                       && '$PY' bench/serve.py '$container' --out bench/results/serve_threads2.json --note \"${NOTE:-}\""
+                       && '$PY' bench/serve.py '$container' --out bench/results/serve_threads2.json --note \"${NOTE:-}\" \
+                       && '$PY' bench/serve.py '$container' --precision bfloat16 --skip load \
+                              --out bench/results/serve_threads2_bf16.json --note \"${NOTE:-}\""
 echo "== done ($(date +%T))"

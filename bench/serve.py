@@ -2,6 +2,7 @@
 
     python bench/serve.py CONTAINER [--tiles 40] [--warm 400] [--batch-sizes 1,2,4,8,16]
                           [--clients 32] [--requests 5000] [--device auto]
+                          [--precision float32|bfloat16]
                           [--torch-threads N]
                           [--skip latency,throughput,load] [--update]
                           [--out bench/results/serve.json]
@@ -113,18 +114,21 @@ def network_tiles(container: Any, level: int = 0) -> list[tuple[int, int]]:
     return keys
 
 
-def bench_latency(path: Path, n_cold: int, n_warm: int, device: str) -> dict[str, Any]:
+def bench_latency(path: Path, n_cold: int, n_warm: int, device: str,
+                  precision: str = "float32") -> dict[str, Any]:
     c = open_container(path)
     keys = network_tiles(c)[:n_cold]
     t = c.tile_size
-    cold_slide = WsiSlide(c, DecoderSettings(cache_bytes=0, latent_cache_bytes=0, device=device))
+    cold_slide = WsiSlide(c, DecoderSettings(cache_bytes=0, latent_cache_bytes=0, device=device,
+                                                 precision=precision))
     cold_slide.read_region((keys[0][0] * t, keys[0][1] * t), 0, (t, t))  # load the model
     cold = []
     for col, row in keys:
         t0 = time.perf_counter()
         cold_slide.read_region((col * t, row * t), 0, (t, t))
         cold.append(time.perf_counter() - t0)
-    pan_slide = WsiSlide(open_container(path), DecoderSettings(cache_bytes=0, device=device))
+    pan_slide = WsiSlide(open_container(path), DecoderSettings(cache_bytes=0, device=device,
+                                                                    precision=precision))
     pan_slide.read_region((keys[0][0] * t, keys[0][1] * t), 0, (t, t))   # load the model
     pan_slide.decoder.close()
     pan = []
@@ -133,7 +137,7 @@ def bench_latency(path: Path, n_cold: int, n_warm: int, device: str) -> dict[str
         pan_slide.read_region((col * t, row * t), 0, (t, t))
         pan.append(time.perf_counter() - t0)
     pan_slide.close()
-    warm_slide = WsiSlide(open_container(path), DecoderSettings(device=device))
+    warm_slide = WsiSlide(open_container(path), DecoderSettings(device=device, precision=precision))
     for col, row in keys:
         warm_slide.read_region((col * t, row * t), 0, (t, t))
     warm = []
@@ -147,13 +151,14 @@ def bench_latency(path: Path, n_cold: int, n_warm: int, device: str) -> dict[str
            "cold_neighbours_cached": _summary_ms(pan), "warm": _summary_ms(warm),
            "device": cold_slide.decoder.device}
     if c.metadata.codec.get("name") == "learned":
-        out["cold_breakdown"] = _profile_learned(c, keys, cold_slide.decoder.device)
+        out["cold_breakdown"] = _profile_learned(c, keys, cold_slide.decoder.device, precision)
     cold_slide.close()
     warm_slide.close()
     return out
 
 
-def _profile_learned(c: Any, keys: list[tuple[int, int]], device: str) -> dict[str, Any]:
+def _profile_learned(c: Any, keys: list[tuple[int, int]], device: str,
+                     precision: str = "float32") -> dict[str, Any]:
     """Decode tiles one at a time through the codec's own steps (``entropy_decode``
     reports its parts; a cold stitched tile runs it for itself and each neighbour) and
     g_s over the stitched window, and time each."""
@@ -187,7 +192,7 @@ def _profile_learned(c: Any, keys: list[tuple[int, int]], device: str) -> dict[s
         if g_model is not None:
             t1 = time.perf_counter()
             with torch.inference_mode():
-                m.synthesize(window)
+                m.synthesize(window, precision)
             parts["g_s_stitched"].append(time.perf_counter() - t1)
     out: dict[str, Any] = {k: _summary_ms(v) for k, v in parts.items() if v}
     out["window_shape"] = list(window.shape) if window is not None else None
@@ -196,12 +201,13 @@ def _profile_learned(c: Any, keys: list[tuple[int, int]], device: str) -> dict[s
     return out
 
 
-def bench_throughput(path: Path, sizes: list[int], repeats: int, device: str
-                     ) -> list[dict[str, Any]]:
+def bench_throughput(path: Path, sizes: list[int], repeats: int, device: str,
+                     precision: str = "float32") -> list[dict[str, Any]]:
     c = open_container(path)
     keys = network_tiles(c)
     t = c.tile_size
     dec = BatchDecoder(c, DecoderSettings(cache_bytes=0, latent_cache_bytes=0, device=device,
+                                          precision=precision,
                                           max_batch=max(sizes)))
     dec.decode(0, keys[:1])
     rows = []
@@ -232,12 +238,12 @@ def _free_port() -> int:
 
 
 def bench_load(path: Path, clients: int, requests: int, device: str,
-               threads: int | None = None) -> dict[str, Any]:
+               threads: int | None = None, precision: str = "float32") -> dict[str, Any]:
     import psutil
 
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "wsicodec", "serve", str(path), "--port",
-                             str(port), "--device", device]
+                             str(port), "--device", device, "--precision", precision]
                             + (["--threads", str(threads)] if threads else []), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
     line = proc.stdout.readline()
@@ -354,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--requests", type=int, default=5000)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
+                    help="how g_s runs (DecoderSettings.precision)")
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="torch intra-op threads (here and in the served process)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: latency,"
@@ -374,17 +382,19 @@ def main(argv: list[str] | None = None) -> int:
     with open_container(args.container) as c:
         result.update({"container": str(args.container),
                        "environment": environment(c, args.device, args.note)})
+        result["environment"]["precision"] = args.precision
     if "latency" not in skip:
-        result["latency_256"] = bench_latency(args.container, args.tiles, args.warm, args.device)
+        result["latency_256"] = bench_latency(args.container, args.tiles, args.warm, args.device,
+                                              args.precision)
         print(json.dumps(result["latency_256"], indent=1), flush=True)
     if "throughput" not in skip:
         sizes = [int(s) for s in args.batch_sizes.split(",")]
         result["batch_throughput"] = bench_throughput(args.container, sizes, args.repeats,
-                                                      args.device)
+                                                      args.device, args.precision)
         print(json.dumps(result["batch_throughput"], indent=1), flush=True)
     if "load" not in skip:
         result["load_test"] = bench_load(args.container, args.clients, args.requests,
-                                         args.device, args.torch_threads)
+                                         args.device, args.torch_threads, args.precision)
         print(json.dumps(result["load_test"], indent=1), flush=True)
     result["environment"]["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
     args.out.parent.mkdir(parents=True, exist_ok=True)
