@@ -10,9 +10,9 @@ and decode MP/s of tiles decoded on their own (``decode_batch``), entropy coding
 included; ``decode_stitched_mp_s``: ``wsicodec.decode`` of a whole he/test image, every
 tile decoded once and g_s run over its latents joined with 2 latent rows/columns of
 each neighbour (20×20, what readers do), and ``decode_stitched_bf16_mp_s`` the same with
-``precision="bfloat16"``; and, separately, g_a (288² regions) and g_s (20×20 stitched
+``precision="bfloat16"`` (``encode_bf16_mp_s``: encoding with it); and, separately, g_a (288² regions) and g_s (20×20 stitched
 windows) alone: eager (the training modules), fast (the channels-last copies with frozen
-GDN weights that the codec runs, ``WsiHyperprior._fast``; ``g_s_fast_bf16``: with its
+GDN weights that the codec runs, ``WsiHyperprior._fast``; ``*_fast_bf16``: with their
 inner layers in bfloat16) and compiled (``torch.compile`` of the eager modules; compile
 time excluded, reported apart).  MP counts the 256² tiles, not the context.
 """
@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
            "torch": torch.__version__, "model_sha256": codec.model_id,
            "bytes_per_tile": float(np.mean([len(s) for s in streams]))}
     res["encode_mp_s"] = mp / _best(lambda: codec.encode_batch(regions, boxes), args.repeats)
+    codec16 = LearnedCodec(args.quality, precision="bfloat16")
+    codec16.encode_batch(regions, boxes)
+    res["encode_bf16_mp_s"] = mp / _best(lambda: codec16.encode_batch(regions, boxes), args.repeats)
     res["decode_mp_s"] = mp / _best(lambda: codec.decode_batch(streams), args.repeats)
     img = np.asarray(Image.open(sorted(Path(args.images).glob("*.png"))[0]).convert("RGB"))
     data = wsicodec.encode(img, quality=args.quality)
@@ -105,8 +108,11 @@ def main(argv: list[str] | None = None) -> int:
                                 ("fast", m._fast("g_a", x.device, x.dtype), m._fast("g_s", y.device, y.dtype))):
             res[f"g_a_{label}_mp_s"] = mp / _best(lambda: g_a(x), args.repeats)
             res[f"g_s_{label}_mp_s"] = mp / _best(lambda: g_s(y), args.repeats)
-        g_s16 = m._fast("g_s", y.device, y.dtype, bf16_body=True)   # precision="bfloat16"
+        g_a16 = m._fast("g_a", x.device, x.dtype, bf16_body=True)   # precision="bfloat16"
+        g_s16 = m._fast("g_s", y.device, y.dtype, bf16_body=True)
+        g_a16(x)
         g_s16(y)
+        res["g_a_fast_bf16_mp_s"] = mp / _best(lambda: g_a16(x), args.repeats)
         res["g_s_fast_bf16_mp_s"] = mp / _best(lambda: g_s16(y), args.repeats)
     try:
         t0 = time.perf_counter()

@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write the numbers here")
     ap.add_argument("--lpips", action="store_true", help="also LPIPS-alex, and its BD-rate")
     ap.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
-                    help="how the decoder runs g_s (the same bytes; bfloat16: what it costs)")
+                    help="how the codec runs g_a and g_s (LearnedCodec's precision; bfloat16: "
+                         "what it costs)")
     args = ap.parse_args(argv)
 
     import torch
@@ -105,13 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     lp = metrics.load_lpips() if args.lpips else None
     loaded = load_model(args.weights)
     print(f"model {loaded.model_id[:16]}... step {loaded.provenance.get('train_step')}, "
-          f"{len(files)} images from {args.images}, g_s in {args.precision}")
+          f"{len(files)} images from {args.images}, g_a and g_s in {args.precision}")
     rows = []
     t0 = time.time()
     for q in args.qualities:
         bpp, ps, lps = [], [], []
         for img in images:
-            data = encode(img, quality=q, model=args.weights)
+            data = encode(img, quality=q, model=args.weights, precision=args.precision)
             rec = decode(data, model=args.weights, precision=args.precision)
             bpp.append(8 * len(data) / (img.shape[0] * img.shape[1]))
             ps.append(metrics.psnr(img, rec))

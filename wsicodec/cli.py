@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "distance, lower is better)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra codec option, e.g. effort=5 or subsampling=420, or for learned "
-                        "refine=40 (encoder latent search: fewer bits, much slower encode) "
-                        "(repeatable)")
+                        "refine=40 (encoder latent search: fewer bits, much slower encode) or "
+                        "precision=bfloat16 (g_a's inner layers in bfloat16: faster on a CPU "
+                        "with AVX512-BF16/AMX, the same rate-distortion) (repeatable)")
     p.add_argument("--tile-size", type=int, default=256,
                    help="tile edge in pixels, multiple of 16 (default 256)")
     p.add_argument("--workers", type=int, default=None,

@@ -213,9 +213,11 @@ class LearnedCodec:
             The entropy parameters are always computed on the CPU in float64.
         margin: pixels of context that callers who can (the container writer,
             :func:`wsicodec.encode`) code around each tile, 0..64.
-        precision: how this codec's decoder runs g_s: "float32" (the reference) or
-            "bfloat16" (faster on hardware with bfloat16 arithmetic, pixels slightly
-            different; :data:`~wsicodec.codecs.PRECISIONS`).  Not stored: a reader's choice.
+        precision: how this codec runs g_a (encoding) and g_s (decoding): "float32"
+            (the reference) or "bfloat16" (their inner layers; faster on hardware with
+            bfloat16 arithmetic; latents and pixels slightly different, rate-distortion
+            the same to 0.1 %: :data:`~wsicodec.codecs.PRECISIONS`).  Not stored in the
+            container: a decoder's precision is its reader's choice.
         refine: steps of the encoder's latent search
             (:meth:`~wsicodec.model.WsiHyperprior.refine_latents`), 0 (off) .. 1000.
             Each step costs about four g_s passes over the tile; 40 steps take
@@ -312,7 +314,8 @@ class LearnedCodec:
             for idx in groups.values():
                 x = torch.from_numpy(np.stack([regions[i] for i in idx])).permute(0, 3, 1, 2)
                 x = pad_to_stride(x.float().div_(255.0), PIXEL_STRIDE).to(self.device)
-                y_all = net.analysis_y(x, torch.full((len(idx),), self.quality, device=self.device))
+                y_all = net.analysis_y(x, torch.full((len(idx),), self.quality, device=self.device),
+                                       self.precision)
                 for k, i in enumerate(idx):
                     top, left, h, w = boxes[i]
                     ty, tx = top // PIXEL_STRIDE, left // PIXEL_STRIDE

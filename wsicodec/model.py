@@ -321,14 +321,15 @@ class WsiHyperprior(nn.Module):
         y = self.analysis_y(x, quality)
         return y, self.hyper_analysis(y, quality, latent_stride)
 
-    def analysis_y(self, x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+    def analysis_y(self, x: torch.Tensor, quality: torch.Tensor, precision: str = "float32") -> torch.Tensor:
         """x → y_q, the gained latent (x a multiple of 16 on each side)."""
         gain, _ = self.gains(quality, x.dtype)
-        return self.transform(x) * gain
+        return self.transform(x, precision) * gain
 
-    def transform(self, x: torch.Tensor) -> torch.Tensor:
-        """g_a(x): the ungained latent, the scale :meth:`synthesize` takes."""
-        return self._transform("g_a", x)(x)
+    def transform(self, x: torch.Tensor, precision: str = "float32") -> torch.Tensor:
+        """g_a(x): the ungained latent, the scale :meth:`synthesize` takes (``precision``
+        as :meth:`synthesize`'s)."""
+        return self._transform("g_a", x, precision)(x)
 
     def hyper_analysis(self, y: torch.Tensor, quality: torch.Tensor, latent_stride: int = 4
                        ) -> torch.Tensor:
@@ -501,19 +502,19 @@ class WsiHyperprior(nn.Module):
         Latents of tiles coded at different qualities share this scale, so a decoder
         can join them into one plane before g_s (stitched tiles, :mod:`wsicodec.learned`).
         ``precision`` "bfloat16" runs g_s's inner layers in bfloat16 at inference (its
-        first and last layers, and the output, stay float32; :data:`wsicodec.codecs.PRECISIONS`).
+        first convolution and GDN, its last layer and the output stay float32;
+        :data:`wsicodec.codecs.PRECISIONS`).
         """
+        return self._transform("g_s", y, precision)(y)
+
+    def _transform(self, name: str, x: torch.Tensor, precision: str = "float32") -> nn.Module:
+        """g_a or g_s itself when training or under autograd, else its fast copy (with
+        its inner layers in bfloat16 for ``precision`` "bfloat16")."""
         if precision not in ("float32", "bfloat16"):
             raise ValueError(f"precision must be float32 or bfloat16, got {precision!r}")
-        if precision == "bfloat16" and not (self.training or torch.is_grad_enabled()):
-            return self._fast("g_s", y.device, y.dtype, bf16_body=True)(y)
-        return self._transform("g_s", y)(y)
-
-    def _transform(self, name: str, x: torch.Tensor) -> nn.Module:
-        """g_a or g_s itself when training or under autograd, else its fast copy."""
         if self.training or torch.is_grad_enabled():
             return getattr(self, name)
-        return self._fast(name, x.device, x.dtype)
+        return self._fast(name, x.device, x.dtype, bf16_body=precision == "bfloat16")
 
     def _fast(self, name: str, device: torch.device, dtype: torch.dtype,
               bf16_body: bool = False) -> "FastTransform":
@@ -562,9 +563,9 @@ class FastTransform(nn.Module):
     above all), and each GDN, ``x·(β + γ·x²)^(∓½)``, uses γ and β reparametrised once
     at construction instead of on every call.  Built from trained weights; frozen.
 
-    ``bf16_body``: the layers between the first and the last run under bfloat16 autocast
-    (the weights stay float32; the first and last layers and the output are float32), as
-    ``train.py --bf16-body`` trains them: not the same map, a close one.
+    ``bf16_body``: the layers after the first two (a convolution and its GDN) and before
+    the last run under bfloat16 autocast (the weights, the ends and the output stay
+    float32), as ``train.py --bf16-body`` trains them: not the same map, a close one.
     """
 
     def __init__(self, transform: nn.Sequential, bf16_body: bool = False) -> None:
@@ -586,9 +587,9 @@ class FastTransform(nn.Module):
         y = y.contiguous(memory_format=torch.channels_last)
         if not self.bf16_body:
             return self.layers(y).contiguous()
-        x = self.layers[0](y)
+        x = self.layers[1](self.layers[0](y))
         with torch.autocast(y.device.type, dtype=torch.bfloat16):
-            for layer in self.layers[1:-1]:
+            for layer in self.layers[2:-1]:
                 x = layer(x)
         return self.layers[-1](x.to(y.dtype)).contiguous()
 
