@@ -14,7 +14,9 @@ from the CPU ones (the symbols must be identical — the per-tile symbol checksu
 otherwise — and only g_s's float arithmetic may differ), the PSNR of each against the
 source, tiles encoded on DEVICE (their size against the CPU's, and that the CPU decodes
 them), stitched decode MP/s (each tile's stream decoded once, as ``decompress`` does),
-and encode MP/s and tile-by-tile decode MP/s (``decode_batch``) by batch size.
+and encode MP/s and tile-by-tile decode MP/s (``decode_batch``) by batch size; and, under
+"bfloat16", the stitched and batched decode with ``precision="bfloat16"`` (MP/s, PSNR, and
+how far from the float32 pixels).
 
 Made to run in one short call of the lent GPU: it needs torch, compressai, numpy and
 Pillow, not zarr or imagecodecs.
@@ -148,6 +150,18 @@ def main(argv: list[str] | None = None) -> int:
                 backend.decode(im, 0, im.keys, pool)
         served_s = _best(serve_all, args.repeats)
 
+    # precision="bfloat16": g_s's inner layers in bfloat16, the codec's path and the batched one
+    dev16 = LearnedCodec(quality=args.quality, device=args.device, precision="bfloat16")
+    dec_dev16 = [x for im in ims for x in _stitched(dev16, im)]
+    stitched16_s = _best(lambda: [_stitched(dev16, im) for im in ims], args.repeats)
+    backend16 = _LearnedBatch(dev16, args.device, None, 256 * 1024 * 1024, "bfloat16")
+    with ThreadPoolExecutor(args.workers) as pool:
+        def serve_all16() -> None:
+            backend16.latents.clear()
+            for im in ims:
+                backend16.decode(im, 0, im.keys, pool)
+        served16_s = _best(serve_all16, args.repeats)
+
     ims_dev = [_Image(img, dev.encode_batch(regions, boxes)) for img, (regions, boxes) in zip(images, cut)]
     dec_cross = [x for im in ims_dev for x in _stitched(cpu, im)]     # made on DEVICE, decoded on the CPU
 
@@ -191,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
             "psnr_decoded_on_cpu_db": round(float(np.mean([_psnr(a, s) for a, s in zip(dec_cross, tiles)])), 3),
         },
         "stitched_decode_mp_s": round(mp / stitched_s, 2),
+        "bfloat16": {
+            "stitched_decode_mp_s": round(mp / stitched16_s, 2),
+            "batched_path_mp_s": round(mp / served16_s, 2),
+            "psnr_db": round(float(np.mean([_psnr(a, s) for a, s in zip(dec_dev16, tiles)])), 3),
+            "psnr_vs_float32_db": _finite(min(_psnr(a, b) for a, b in zip(dec_dev16, dec_dev))),
+        },
         "speed": speed,
         "cpu_stitched_decode_mp_s": round(mp / cpu_dec_s, 2),
         "cpu_encode_mp_s": round(mp / enc_cpu_s, 2),
