@@ -193,7 +193,7 @@ def test_bf16_body_runs_the_inner_layers_in_bfloat16_and_keeps_the_rest():
     ref, mixed = WsiHyperprior(cfg), WsiHyperprior(cfg)
     mixed.load_state_dict(ref.state_dict())
     for part in (mixed.g_a, mixed.g_s):
-        train_script.bf16_body(part, torch.device("cpu"))
+        train_script.bf16_body(part)
     assert list(mixed.state_dict()) == list(ref.state_dict())
     assert all(p.dtype == torch.float32 for p in mixed.parameters())
     dtypes = {}   # every convolution's output: (part, layer index, module name) -> dtype

@@ -40,29 +40,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from wsicodec.checkpoint import FROZEN_TABLES  # noqa: E402
-from wsicodec.model import QUALITY_MAX, ModelConfig, ResidualBlock, WsiHyperprior  # noqa: E402
+from wsicodec.model import (QUALITY_MAX, ModelConfig, ResidualBlock, WsiHyperprior,  # noqa: E402
+                            bf16_body_forward)
 
 IMAGE_SUFFIXES = {".png", ".tif", ".tiff", ".jpg", ".jpeg", ".webp"}
 
 
-def bf16_body(seq: nn.Sequential, device: torch.device) -> None:
-    """Make ``seq`` run its layers after the first two (a convolution and its GDN) and
-    before the last one under bfloat16 autocast, on this instance only: the parameters,
-    their names and the checkpoint stay float32.  The ends stay float32 on purpose:
-    g_a's last layer makes the latents that are rounded (bfloat16 steps are 0.25 at 32),
-    g_s's first layer reads them, and its last one makes the pixels the losses compare.
-    """
+def bf16_body(seq: nn.Sequential) -> None:
+    """Make ``seq`` run as :func:`wsicodec.model.bf16_body_forward` does (its inner layers
+    under bfloat16 autocast, its ends float32), on this instance only: the parameters,
+    their names and the checkpoint stay float32; the codec's ``precision="bfloat16"``
+    runs the same split."""
     layers = list(seq)
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        for layer in layers[:2]:
-            x = layer(x)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            for layer in layers[2:-1]:
-                x = layer(x)
-        return layers[-1](x.float())
-
-    seq.forward = forward  # type: ignore[method-assign]
+    seq.forward = lambda x: bf16_body_forward(layers, x)  # type: ignore[method-assign]
 
 
 def load_images(folders: list[str], min_size: int) -> list[np.ndarray]:
@@ -364,8 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     sampler = CropSampler(images, args.crop, rng)
     feat = FeatureDistance(args.vgg).to(dev) if args.alpha > 0 else None
     if args.bf16_body:
-        bf16_body(model.g_a, dev)
-        bf16_body(model.g_s, dev)
+        bf16_body(model.g_a)
+        bf16_body(model.g_s)
     fwd = torch.compile(model) if args.compile else model
     print(f"{len(images)} images, model N={config.N} M={config.M}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, alpha={args.alpha}")

@@ -42,6 +42,7 @@ import math
 import threading
 import warnings
 from dataclasses import asdict, dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -585,13 +586,23 @@ class FastTransform(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         y = y.contiguous(memory_format=torch.channels_last)
-        if not self.bf16_body:
-            return self.layers(y).contiguous()
-        x = self.layers[1](self.layers[0](y))
-        with torch.autocast(y.device.type, dtype=torch.bfloat16):
-            for layer in self.layers[2:-1]:
-                x = layer(x)
-        return self.layers[-1](x.to(y.dtype)).contiguous()
+        x = bf16_body_forward(self.layers, y) if self.bf16_body else self.layers(y)
+        return x.contiguous()
+
+
+def bf16_body_forward(layers: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """Run g_a's or g_s's ``layers`` with those after the first two (a convolution and its
+    GDN) and before the last under bfloat16 autocast: the split ``train.py --bf16-body``
+    trains with and :class:`FastTransform` (``precision="bfloat16"``) infers with.  The
+    ends stay in ``x``'s dtype on purpose: g_a's last layer makes the latents that are
+    rounded (bfloat16 steps are 0.25 at 32), g_s's first reads them, and its last makes
+    the pixels."""
+    dtype = x.dtype
+    x = layers[1](layers[0](x))
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        for layer in layers[2:-1]:
+            x = layer(x)
+    return layers[-1](x.to(dtype))
 
 
 #: Fixed point of :class:`ExactHyperSynthesis`: activations are integers |a| < 2**EXACT_ACT_BITS
