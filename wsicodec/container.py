@@ -484,14 +484,12 @@ class ContainerWriter:
             self._journal_line({PACKED: self._tmp.name})
         self._check_target()
         self._close_journal()
-        if self._zip:
-            _replace(self._tmp, self.path)
-            self._done = True
-            shutil.rmtree(self._tmp_dir, ignore_errors=True)
-        else:
+        if not self._zip:       # the directory itself becomes the output
             (self._tmp_dir / JOURNAL).unlink(missing_ok=True)
-            _replace(self._tmp, self.path)
-            self._done = True
+        _replace(self._tmp, self.path)
+        self._done = True
+        if self._zip:
+            shutil.rmtree(self._tmp_dir, ignore_errors=True)
         return meta
 
     def _close_journal(self) -> None:
@@ -506,10 +504,7 @@ class ContainerWriter:
         if self._done or self.kept is not None or not hasattr(self, "_tmp"):
             return
         for p in {self._tmp, self._tmp_dir}:
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            elif p.exists():
-                p.unlink(missing_ok=True)
+            _remove(p)
 
     def keep(self) -> Path | None:
         """Leave the partial write for a later ``resume=True`` writer (if it holds a tile
@@ -562,10 +557,15 @@ def _sweep_leftovers(path: Path) -> None:
                 shutil.rmtree(d, ignore_errors=True)
         if path.exists():
             for old in parent.glob(f".{name}.old-*"):
-                if old.is_dir() and not old.is_symlink():
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    old.unlink(missing_ok=True)
+                _remove(old)
+
+
+def _remove(p: Path) -> None:
+    """Remove a file, a link (not what it points to) or a directory tree, if it is there."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
 
 
 def _locked_journal(path: Path) -> Any:
@@ -600,10 +600,7 @@ def _replace(tmp: Path, final: Path) -> None:
         old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
         os.rename(final, old)
         os.rename(tmp, final)
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+        _remove(old)
     else:
         os.rename(tmp, final)
 
