@@ -104,6 +104,16 @@ def _stitched(codec: LearnedCodec, im: _Image) -> list[np.ndarray]:
     return out
 
 
+def _served_seconds(backend: _LearnedBatch, ims: list[_Image], pool: ThreadPoolExecutor,
+                    repeats: int) -> float:
+    """Best time of the batched path over every tile, each tile's stream decoded once per pass."""
+    def serve_all() -> None:
+        backend.latents.clear()
+        for im in ims:
+            backend.decode(im, 0, im.keys, pool)
+    return _best(serve_all, repeats)
+
+
 def _finite(v: float) -> float | None:
     """JSON has no infinity: identical images (PSNR ∞) are written as null."""
     return round(v, 2) if np.isfinite(v) else None
@@ -143,12 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"batched path failed: {bad[0]}")
         served_diff = max(int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
                           for a, b in zip(served, dec_dev))
-
-        def serve_all() -> None:
-            backend.latents.clear()          # every tile's stream decoded once per pass
-            for im in ims:
-                backend.decode(im, 0, im.keys, pool)
-        served_s = _best(serve_all, args.repeats)
+        served_s = _served_seconds(backend, ims, pool, args.repeats)
 
     # precision="bfloat16": g_s's inner layers in bfloat16, the codec's path and the batched one
     dev16 = LearnedCodec(quality=args.quality, device=args.device, precision="bfloat16")
@@ -156,11 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     stitched16_s = _best(lambda: [_stitched(dev16, im) for im in ims], args.repeats)
     backend16 = _LearnedBatch(dev16, args.device, None, 256 * 1024 * 1024, "bfloat16")
     with ThreadPoolExecutor(args.workers) as pool:
-        def serve_all16() -> None:
-            backend16.latents.clear()
-            for im in ims:
-                backend16.decode(im, 0, im.keys, pool)
-        served16_s = _best(serve_all16, args.repeats)
+        served16_s = _served_seconds(backend16, ims, pool, args.repeats)
 
     ims_dev = [_Image(img, dev.encode_batch(regions, boxes)) for img, (regions, boxes) in zip(images, cut)]
     dec_cross = [x for im in ims_dev for x in _stitched(cpu, im)]     # made on DEVICE, decoded on the CPU
