@@ -607,6 +607,41 @@ def test_bench_tile_path_prices_and_scores_tiles_as_the_codec_codes_them(tissue)
     assert tilecode.image_sse(m, img, parts) == pytest.approx(float(((theirs - img) ** 2).sum()), rel=2e-3)
 
 
+def test_rate_budget_splits_every_byte_and_prices_symbols_as_the_gaussian_does(tissue):
+    """bench/rate_budget.py: the parts of a stream add up to its length, with one header per
+    network tile and glass tiles whole; its ideal code length is −log2 of the discretised
+    Gaussian's mass (checked against the normal CDF directly) and the coded y streams sit
+    just above the ideal length under the table's σ."""
+    import math
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import rate_budget
+    from wsicodec.learned import NETWORK_HEADER_BYTES, _tables_for
+
+    img = np.full((512, 300, 3), 228, np.uint8)        # two glass tiles, two with tissue
+    img[:256] = tissue[:256, :300]
+    data = wsicodec.encode(img, quality=3)
+    split = rate_budget.split_stream(data)
+    assert (split["network_tiles"], split["glass_tiles"]) == (2, 2)
+    assert split["stream"] == 52 + 8 * 4 and split["header"] == 2 * NETWORK_HEADER_BYTES
+    assert sum(split[k] for k in ("stream", "header", "z", "y", "glass")) == len(data)
+    assert 0 < split["glass"] < 2 * 40 and split["y"] > 10 * split["z"] > 0
+
+    upper = lambda v: 0.5 * math.erfc(v / math.sqrt(2))      # noqa: E731  P(X > v), X ~ N(0, 1)
+    s = torch.tensor([0.0, 2.0, -3.0, 40.0])
+    sig = torch.tensor([1.0, 0.7, 2.5, 3.0])
+    want = sum(-math.log2(upper((abs(a) - 0.5) / b) - upper((abs(a) + 0.5) / b)) if a else
+               -math.log2(1 - 2 * upper(0.5 / b)) for a, b in zip(s.tolist(), sig.tolist()))
+    assert math.isfinite(want) and want > 100                # 40 at σ 3 lies 13σ out: ~1e-39
+    assert rate_budget.ideal_bits(s, sig) == pytest.approx(want, rel=1e-9)
+
+    codec = LearnedCodec(quality=3)
+    priced = rate_budget.model_prices(codec.loaded.model, _tables_for(codec.loaded), img, 3)
+    assert priced["y"] == split["y"]
+    assert 1.0 < 8 * priced["y"] / priced["ideal_table_bits"] < 1.05
+    assert 0.99 < priced["ideal_table_bits"] / priced["ideal_exact_bits"] < 1.02
+
+
 @pytest.mark.parametrize("cin,cout,shape", [(96, 3, (9, 13)), (5, 7, (1, 1)), (4, 16, (6, 3))])
 def test_subpixel_form_is_the_transposed_convolution(cin, cout, shape):
     """FastTransform's rewrite of a 5x5 stride-2 transposed convolution (3x3 conv + pixel
