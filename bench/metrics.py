@@ -53,6 +53,17 @@ def _check_pair(reference: np.ndarray, decoded: np.ndarray) -> None:
         raise ValueError(f"expected uint8 arrays, got {reference.dtype} and {decoded.dtype}")
 
 
+# -------------------------------------------------------------------------------------------- crops
+
+def center_crop(img: np.ndarray, size: int | None) -> np.ndarray:
+    """The central ``size``² of ``img`` (all of a side shorter than that); None: the whole image."""
+    if not size:
+        return img
+    h, w = img.shape[:2]
+    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    return np.ascontiguousarray(img[top:top + size, left:left + size])
+
+
 # --------------------------------------------------------------------------------------------- PSNR
 
 def psnr(reference: np.ndarray, decoded: np.ndarray) -> float:

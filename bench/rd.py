@@ -43,6 +43,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: import wsicodec 
     sys.path.insert(0, str(REPO))
 
 from bench import metrics  # noqa: E402
+from bench.metrics import center_crop  # noqa: E402
 from wsicodec.checkpoint import sha256_file  # noqa: E402  (plain file hash; imports no torch)
 
 SCHEMA = "wsicodec-rd/1"
@@ -282,15 +283,6 @@ def code_one(codec, image: np.ndarray) -> tuple[bytes, np.ndarray, float, float]
     if decoded.shape != image.shape or decoded.dtype != np.uint8:
         raise RuntimeError(f"decoded {decoded.shape} {decoded.dtype}, expected {image.shape} uint8")
     return data, decoded, enc_s, dec_s
-
-
-def center_crop(img: np.ndarray, size: int | None) -> np.ndarray:
-    """The central ``size``² of ``img`` (all of a side shorter than that); None: the whole image."""
-    if not size:
-        return img
-    h, w = img.shape[:2]
-    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
-    return np.ascontiguousarray(img[top:top + size, left:left + size])
 
 
 def run_sweeps(series: list[SeriesRun], files: list[Path], lp: metrics.Lpips,

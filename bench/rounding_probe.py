@@ -76,13 +76,6 @@ def channel_energy(imgs, q, delta=0.3, reps=2):
     return E / (len(imgs) * reps)
 
 
-def metrics_crop(img, size):
-    """The central ``size``² of ``img`` (all of it when smaller)."""
-    h, w = img.shape[:2]
-    t, l = max((h - size) // 2, 0), max((w - size) // 2, 0)
-    return np.ascontiguousarray(img[t:t + size, l:l + size])
-
-
 def bits_of(s, mu_sigma_idx):
     """-log2 P(s) under the discretised Gaussian with the table sigma (float64)."""
     sig = table[mu_sigma_idx.long()]
@@ -130,7 +123,7 @@ if __name__ == "__main__":
     folder = Path(os.environ.get("ROUNDING_IMAGES", ROOT.parent / "shared/data/he/test"))
     first = int(os.environ.get("ROUNDING_FIRST", 0))
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 3
-    test = [metrics_crop(np.asarray(Image.open(p).convert("RGB")), 512)
+    test = [metrics.center_crop(np.asarray(Image.open(p).convert("RGB")), 512)
             for p in sorted(folder.glob("*.png"))[first:first + count]]
     scales = [float(a) for a in sys.argv[2:]] or [1.0]
     t = time.time()

@@ -46,12 +46,6 @@ from wsicodec.learned import _tables_for  # noqa: E402
 KAPPAS = (-3.0, -2.5, -2.0, -1.6, -1.2, -0.8, -0.4, -0.2, 0.0, 0.2, 0.3, 0.4, 0.5, 0.6)
 
 
-def center_crop(img: np.ndarray, size: int) -> np.ndarray:
-    h, w = img.shape[:2]
-    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
-    return img[top:top + size, left:left + size]
-
-
 @torch.inference_mode()
 def decode_per_kappa(model, tables, img: np.ndarray, quality: int, kappas) -> dict[float, np.ndarray]:
     """``img`` coded at ``quality`` as the codec codes it, decoded with each κ (float64 0..255)."""
@@ -91,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tables = loaded.model.eval(), _tables_for(loaded)
     files = sorted(p for p in Path(args.images).iterdir()
                    if p.suffix.lower() in (".png", ".tif", ".tiff", ".jpg", ".webp"))[:args.count]
-    imgs = [center_crop(np.asarray(Image.open(p).convert("RGB")), args.crop) for p in files]
+    imgs = [metrics.center_crop(np.asarray(Image.open(p).convert("RGB")), args.crop) for p in files]
     px = sum(i.shape[0] * i.shape[1] for i in imgs)
     kappas = sorted(set(args.kappas) | {0.0})
     lp = metrics.load_lpips()
