@@ -52,7 +52,7 @@ def test_to_dict_round_trips(name: str) -> None:
 
 
 @pytest.mark.parametrize("name, bad", [("jpeg", 0), ("jpeg", 101), ("jpeg", 50.5),
-                                       ("jpegxl", 0.0), ("jpegxl", 16), ("webp", -1),
+                                       ("jpegxl", 0.0), ("jpegxl", 26), ("webp", -1),
                                        ("jpeg2000", 5), ("avif", 101)])
 def test_quality_out_of_range_names_the_range(name: str, bad: float) -> None:
     with pytest.raises(InvalidSettingError, match=r"\[.*, .*\]"):

@@ -19,7 +19,7 @@ Quality knobs (each validated when the codec is built):
 codec      quality means                            range    default / options
 ========== ======================================== ======== ========================
 jpeg       libjpeg-turbo quality                    1-100    90; subsampling 444|420
-jpegxl     butteraugli distance (lower = better)    0.1-15   1.0; effort 1-9 (7)
+jpegxl     butteraugli distance (lower = better)    0.1-25   1.0; effort 1-9 (7)
 webp       lossy WebP quality                       0-100    90; method 0-6 (4)
 jpeg2000   target PSNR in dB (OpenJPEG fixed qual.) 10-80    40
 avif       AVIF quality, 4:4:4                      0-100    80; speed 0-10 (6)
@@ -331,7 +331,7 @@ class JpegXlCodec(_ClassicalCodec):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "quality", _number("jpegxl", "quality (distance)", self.quality,
-                                                    0.1, 15, integer=False))
+                                                    0.1, 25, integer=False))    # libjxl's own limits
         object.__setattr__(self, "effort", _number("jpegxl", "effort", self.effort, 1, 9,
                                                    integer=True))
 
