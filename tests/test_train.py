@@ -181,6 +181,58 @@ def test_added_residual_blocks_start_as_the_identity():
     assert old_cfg.enc_blocks == 0 and old_cfg.dec_blocks == 0
 
 
+def test_added_latent_channels_leave_the_old_ones_computing_what_they_did():
+    """``--grow-M``: pixels, old channels' symbols, μ, σ and z are those of the narrower network,
+    the new channels carry g_a's output from the start and nothing reads them yet; and it trains."""
+    import dataclasses
+
+    import train as train_script
+
+    from wsicodec.model import ModelConfig, WsiHyperprior
+
+    cfg = ModelConfig(N=8, M=12, lambdas=(1e-3, 4e-3, 1.6e-2), enc_blocks=1, dec_blocks=1)
+    old = WsiHyperprior(cfg)
+    with torch.no_grad():
+        for p in old.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    wide = dataclasses.replace(cfg, M=20)
+    sd = train_script.add_latent_channels(old.state_dict(), cfg, wide)
+    new = WsiHyperprior(wide)
+    missing, unexpected = new.load_state_dict(sd, strict=False)
+    assert not missing and not unexpected
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    q = torch.tensor([1.5, 3.0])
+    old.eval()
+    new.eval()
+    with torch.no_grad():
+        ya, yb = old.analysis_y(x, q), new.analysis_y(x, q)
+        assert torch.equal(yb[:, :12], ya) and yb[:, 12:].abs().amax() > 0    # new channels carry something
+        za, zb = old.hyper_analysis(ya, q), new.hyper_analysis(yb, q)
+        assert torch.allclose(za, zb, atol=1e-6)                                # h_a ignores them
+        sa, ma = old.h_s(za / old.gains(q)[1]).chunk(2, 1)
+        sb, mb = new.h_s(zb / new.gains(q)[1]).chunk(2, 1)
+        assert torch.allclose(sb[:, :12], sa, atol=1e-6) and torch.allclose(mb[:, :12], ma, atol=1e-6)
+        assert torch.equal(mb[:, 12:], torch.zeros_like(mb[:, 12:]))           # μ = 0, σ one bias
+        assert torch.allclose(sb[:, 12:], torch.full_like(sb[:, 12:], train_script.NEW_SIGMA))
+        silent = torch.cat([ya, torch.zeros_like(yb[:, 12:])], 1)
+        assert torch.allclose(new.g_s(silent), old.g_s(ya), atol=1e-6)         # old rows as they were,
+        rows = new.g_s[0].weight.abs().mean((1, 2, 3))                           # the new ones small
+        assert rows[12:].mean().item() == pytest.approx(train_script.NEW_ROWS_SCALE * rows[:12].mean().item(), rel=1e-4)
+    with pytest.raises(SystemExit, match="already has M = 20"):
+        train_script.add_latent_channels(sd, wide, cfg)
+    with pytest.raises(SystemExit, match="changes M only"):
+        train_script.add_latent_channels(old.state_dict(), cfg, dataclasses.replace(wide, N=16))
+    # one training step moves the new filters and the rows that read them (small, not zero)
+    new.train()
+    g_a_last = lambda m: m.g_a[len(m.g_a) - 1]    # noqa: E731
+    with torch.no_grad():     # this tiny random g_a's new latents all round to 0: give them size
+        g_a_last(new).weight[12:] *= 1e3
+    out = new(x, q)
+    loss = (out["bits_y"] + out["bits_z"]).mean() / 1e4 + (out["x_hat"] - x).pow(2).mean()
+    loss.backward()
+    assert g_a_last(new).weight.grad[12:].abs().amax() > 0 and new.g_s[0].weight.grad[12:].abs().amax() > 0
+
+
 def test_bf16_body_runs_the_inner_layers_in_bfloat16_and_keeps_the_rest():
     """``--bf16-body``: g_a's/g_s's inner layers in bfloat16, their ends, the parameters and
     the checkpoint's names float32; the network computes nearly what it did."""

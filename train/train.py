@@ -201,6 +201,84 @@ def add_blocks(sd: dict, old: ModelConfig, new: ModelConfig) -> dict:
     return out
 
 
+#: add_latent_channels: the new channels' g_s rows start at this fraction of the old rows' size
+NEW_ROWS_SCALE = 0.1
+#: add_latent_channels: the new channels' σ (gained units): the old channels' σ biases sit
+#: below the Gaussian's lower bound (0.11), where an Adam step of 1e-4 would take ~10⁴ steps
+#: to reach the spread of a new channel at the top qualities, its rate crushing it meanwhile
+NEW_SIGMA = 0.3
+
+
+def add_latent_channels(sd: dict, old: ModelConfig, new: ModelConfig, seed: int = 0) -> dict:
+    """Widen a trained network's latent y from ``old.M`` to ``new.M`` channels.
+
+    Every tensor that touches M grows; what the old network computed stays exactly what
+    the grown one computes at the old channels: a new unit gets random incoming weights
+    (the layer's own initialisation, so it carries something from the start) and zero
+    outgoing weights (so nothing downstream sees it until training moves them):
+
+    * g_a's last conv: new output filters, random; g_s's first deconv: small random rows for
+      them (:data:`NEW_ROWS_SCALE` of the old rows' size: the pixels move by a hair);
+    * h_a's first conv: zero weights on the new channels (z is unchanged);
+    * h_s's hidden widths (M, 3M/2) grow the same way, random in, zero out; its last conv
+      gives the new channels' σ from a bias (:data:`NEW_SIGMA`) and μ = 0;
+    * the new channels' per-level log-gains start at the old channels' mean per level.
+
+    The shipped network's top quality is capped by its transforms (unquantised latents
+    reconstruct at ~38 dB on he/test crops, quality 8 codes at 37.4): new channels are
+    room above that cap which training can fill without losing what it has.
+    """
+    if new.M < old.M:
+        raise SystemExit(f"--grow-M {new.M}: the checkpoint already has M = {old.M}")
+    if dataclasses.replace(new, M=old.M) != old:
+        raise SystemExit("--grow-M changes M only")
+    with torch.random.fork_rng():     # the grown network's own initialisation, reproducibly
+        torch.manual_seed(seed)
+        init = WsiHyperprior(new).state_dict()
+    M, M2 = old.M, new.M
+    h1, h2 = old.M * 3 // 2, new.M * 3 // 2
+    out = dict(sd)
+    ga_last = f"g_a.{len(WsiHyperprior(old).g_a) - 1}."
+
+    def grow(key: str, old_slices: tuple, zero_new: bool = False) -> None:
+        t = torch.zeros_like(init[key]) if zero_new else init[key].clone()
+        t[old_slices] = sd[key]
+        out[key] = t
+
+    # g_a last conv (out M): weight (M, N, k, k), bias (M)
+    grow(ga_last + "weight", (slice(0, M),))
+    grow(ga_last + "bias", (slice(0, M),))
+    # g_s first deconv (in M): weight (M, N, k, k): new input rows small, not zero: rounding
+    # makes most new symbols 0 at first, and with zero rows neither g_s's rows nor g_a's new
+    # filters would see a distortion gradient (the straight-through path runs through them)
+    w = init["g_s.0.weight"].clone()
+    w[M:] *= NEW_ROWS_SCALE * sd["g_s.0.weight"].abs().mean() / w[M:].abs().mean()
+    w[:M] = sd["g_s.0.weight"]
+    out["g_s.0.weight"] = w
+    # h_a first conv (in M): weight (N, M, 3, 3): new input columns zero
+    grow("h_a.0.weight", (slice(None), slice(0, M)), zero_new=True)
+    # h_s.0 deconv N -> M (weight (N, M, k, k)): new hidden units random in
+    grow("h_s.0.weight", (slice(None), slice(0, M)))
+    grow("h_s.0.bias", (slice(0, M),))
+    # h_s.2 deconv M -> 3M/2 (weight (M, 3M/2, k, k)): zero from new inputs, random into new outputs
+    w = init["h_s.2.weight"].clone()
+    w[M:M2] = 0
+    w[:M, :h1] = sd["h_s.2.weight"]
+    out["h_s.2.weight"] = w
+    grow("h_s.2.bias", (slice(0, h1),))
+    # h_s.4 conv 3M/2 -> 2M (σ rows first, μ rows after): nothing from the new hidden units;
+    # the new channels' σ and μ are biases alone until training moves them
+    w = torch.zeros_like(init["h_s.4.weight"])
+    b = torch.zeros_like(init["h_s.4.bias"])
+    w[:M, :h1], w[M2:M2 + M, :h1] = sd["h_s.4.weight"][:M], sd["h_s.4.weight"][M:]
+    b[:M], b[M2:M2 + M] = sd["h_s.4.bias"][:M], sd["h_s.4.bias"][M:]
+    b[M:M2] = NEW_SIGMA
+    out["h_s.4.weight"], out["h_s.4.bias"] = w, b
+    g = sd["log_gain"]
+    out["log_gain"] = torch.cat([g, g.mean(1, keepdim=True).repeat(1, M2 - M)], 1)
+    return out
+
+
 def block_params(model: WsiHyperprior) -> set[str]:
     """The names of the parameters of g_a's and g_s's residual blocks (``--block-lr-mult``)."""
     return {f"{part}.{i}.{n}" for part in ("g_a", "g_s") for i, layer in enumerate(getattr(model, part))
@@ -269,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="take the rate on the rounded latents (straight-through): the coder's real "
                          "bits, but a gradient blind to bin edges; with --freeze-decoder it made the "
                          "encoder spend more bits for less (train/README.md, run 14)")
+    ap.add_argument("--grow-M", type=int, default=None, metavar="M",
+                    help="on --resume, widen the latent y to M channels: the old channels compute "
+                         "what they did, the new ones start unused (train.add_latent_channels)")
     ap.add_argument("--lambdas", type=float, nargs="+", default=None,
                     help="a new λ ladder (one per quality level); on --resume the learned gains "
                          "are carried over by interpolating them at the new λ values")
@@ -300,6 +381,12 @@ def main(argv: list[str] | None = None) -> int:
             config = dataclasses.replace(config, lambdas=tuple(args.lambdas))
             state["model"] = remap_gains(state["model"], old_lambdas, config.lambdas)
             print(f"λ ladder {list(old_lambdas)} -> {list(config.lambdas)}: gains interpolated")
+        if args.grow_M is not None and args.grow_M != config.M:
+            wide = dataclasses.replace(config, M=args.grow_M)
+            state["model"] = add_latent_channels(state["model"], config, wide, args.seed)
+            state.pop("optimizer", None)     # the shapes changed: Adam starts afresh
+            print(f"latent channels M {config.M} -> {wide.M} (the new ones start unused)")
+            config = wide
         grown = dataclasses.replace(
             config, enc_blocks=config.enc_blocks if args.enc_blocks is None else args.enc_blocks,
             dec_blocks=config.dec_blocks if args.dec_blocks is None else args.dec_blocks)
