@@ -217,7 +217,8 @@ def test_added_latent_channels_leave_the_old_ones_computing_what_they_did():
         silent = torch.cat([ya, torch.zeros_like(yb[:, 12:])], 1)
         assert torch.allclose(new.g_s(silent), old.g_s(ya), atol=1e-6)         # old rows as they were,
         rows = new.g_s[0].weight.abs().mean((1, 2, 3))                           # the new ones small
-        assert rows[12:].mean().item() == pytest.approx(train_script.NEW_ROWS_SCALE * rows[:12].mean().item(), rel=1e-4)
+        scale = train_script.NEW_ROWS_SCALE
+        assert rows[12:].mean().item() == pytest.approx(scale * rows[:12].mean().item(), rel=1e-4)
     with pytest.raises(SystemExit, match="already has M = 20"):
         train_script.add_latent_channels(sd, wide, cfg)
     with pytest.raises(SystemExit, match="changes M only"):
@@ -316,6 +317,86 @@ def test_freeze_decoder_trains_the_encoder_and_keeps_every_decoder_tensor(tmp_pa
     tile = np.asarray(Image.open(data / "a.png").convert("RGB"))[:128, :128].copy()
     codec = LearnedCodec(4, model=str(tmp_path / "new.pt"))     # g_a with its block, fast copy included
     assert codec.decode(codec.encode(tile)).shape == tile.shape
+
+
+@pytest.mark.skipif(not TRAIN.is_dir(), reason="shared data not found")
+def test_only_new_channels_moves_them_and_keeps_the_old_channels_path(tmp_path):
+    """``--grow-M 20 --only-new-channels 12``: the new channels' filters, rows, σ/μ and gains
+    move; every entry the first 12 channels' symbols, z and pixels depend on stays bit for bit."""
+    import train as train_script
+
+    from wsicodec.model import ModelConfig, WsiHyperprior
+
+    data, common, old, _ = _tiny_weights(tmp_path)
+    assert train_script.main([*common, "--out", str(tmp_path / "w"), "--resume", str(old), "--grow-M", "20",
+                              "--only-new-channels", "12", "--steps", "4", "--lr", "1e-2"]) == 0
+    grown = torch.load(tmp_path / "w" / "last.pt", weights_only=False)
+    assert grown["config"]["M"] == 20
+    first = torch.load(old, weights_only=False)
+    start = train_script.add_latent_channels(train_script.from_shipped(first)["model"],
+                                             ModelConfig.from_dict(first["config"]),
+                                             ModelConfig.from_dict(grown["config"]))
+    masks = train_script.new_channel_masks(WsiHyperprior(ModelConfig.from_dict(grown["config"])), 12)
+    sd = grown["model"]
+    for k, v in start.items():
+        m = masks.get(k)
+        if m is None:
+            assert torch.equal(sd[k], v), k
+        else:
+            assert torch.equal(sd[k][m == 0], v[m == 0]), k
+    moved = [k for k, m in masks.items() if not torch.equal(sd[k][m == 1], start[k][m == 1])]
+    assert {"g_a.6.weight", "g_s.0.weight", "h_s.4.bias", "log_gain"} <= set(moved)
+    with pytest.raises(SystemExit, match="M = 20"):
+        train_script.new_channel_masks(WsiHyperprior(ModelConfig.from_dict(grown["config"])), 20)
+
+
+@pytest.mark.skipif(not (VGG.is_file() and TRAIN.is_dir()), reason="shared weights/data not found")
+def test_probe_checkpoint_compares_a_wider_network_with_its_base(tmp_path, capsys):
+    """train/probe_checkpoint.py: per quality both networks' rate, PSNR and objective, and for a
+    grown one whether its new channels carry bits; the same network probed against itself ties."""
+    import probe_checkpoint
+    import train as train_script
+
+    data, common, old, _ = _tiny_weights(tmp_path)
+    assert train_script.main([*common, "--out", str(tmp_path / "w"), "--resume", str(old), "--grow-M", "20",
+                              "--steps", "3"]) == 0
+    assert probe_checkpoint.main([str(tmp_path / "w" / "last.pt"), "--base", str(old), "--images", str(data),
+                                  "--count", "1", "--crop", "128", "--vgg", str(VGG)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(ln.startswith("q") and "new channels:" in ln for ln in lines) == 8
+    assert lines[-1].startswith("g_s rows reading the new channels")
+    assert probe_checkpoint.main([str(old), "--base", str(old), "--images", str(data), "--count", "1",
+                                  "--crop", "128", "--vgg", str(VGG)]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("q")]
+    for ln in rows:
+        base, probed = ln.split(" | ")[:2]
+        assert base.split("base ")[1] == probed.split("probed ")[1]
+
+
+@pytest.mark.skipif(not TRAIN.is_dir(), reason="shared data not found")
+def test_free_rate_spares_the_new_channels_and_logs_the_full_rate(tmp_path, capsys):
+    """``--free-rate K FREE RAMP``: while channels K.. ride free their filters see no rate gradient,
+    the log still shows every bit; bad settings are refused before any work."""
+    import csv
+
+    import train as train_script
+
+    data, common, old, _ = _tiny_weights(tmp_path)
+    args = [*common, "--resume", str(old), "--grow-M", "20", "--steps", "4", "--lr", "1e-2"]
+    assert train_script.main([*args, "--out", str(tmp_path / "f"), "--free-rate", "12", "60", "60"]) == 0
+    for d in ("p", "q"):
+        assert train_script.main([*args, "--out", str(tmp_path / d)]) == 0
+    logged = [float(r["bpp_est"]) for r in csv.DictReader(open(tmp_path / "f" / "log.csv"))]
+    assert logged and all(b > 0 for b in logged)
+    free, paid, again = (torch.load(tmp_path / d / "last.pt", weights_only=False)["model"]["g_a.6.weight"][12:]
+                         for d in "fpq")
+    # the same crops and noise: beyond the float noise between two identical runs, the rate differs
+    assert (free - paid).abs().amax() > 10 * (paid - again).abs().amax()
+    with pytest.raises(SystemExit):
+        train_script.main([*args, "--out", str(tmp_path / "x"), "--free-rate", "12", "30", "10"])
+    assert "FREE_MIN <= RAMP_MIN" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="M = 20"):
+        train_script.main([*args, "--out", str(tmp_path / "y"), "--free-rate", "20", "0", "1"])
 
 
 @pytest.mark.skipif(not TRAIN.is_dir(), reason="shared data not found")

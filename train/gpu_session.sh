@@ -10,7 +10,8 @@
 # session.log and gpu_decode.json.  The
 # training state with optimiser (~43 MB) is over the tool's 16 MiB a file, so the next
 # session resumes from the exported weights (train.py accepts them; Adam restarts).
-# ALPHA (default 50) weights the VGG feature loss; RESUME picks other starting weights.
+# ALPHA (default 50) weights the VGG feature loss; RESUME picks other starting weights; TRAIN_ARGS
+# go to train.py as they are (e.g. TRAIN_ARGS="--grow-M 192": wider latents, train/README.md).
 set -uo pipefail
 MIN=${1:-8}
 OUT=${OUT:-/tmp/wsicodec-gpu}
@@ -26,7 +27,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 "$PY" train/train.py --data .devdata/he_train --out "$OUT/run" --resume "${RESUME:-wsicodec/weights/wsicodec-hyperprior.pt}" \
     --device "${DEVICE:-cuda}" --minutes "$MIN" --batch "${BATCH:-16}" --crop "${CROP:-256}" \
     --lr "${LR:-1e-4}" --lr-final "${LR_FINAL:-1e-5}" --alpha "${ALPHA:-50}" \
-    --vgg .devdata/vgg16_relu2_2.pth --ckpt-every 60 --log-every 100 || echo "training stopped with an error; exporting the last checkpoint"
+    --vgg .devdata/vgg16_relu2_2.pth --ckpt-every 60 --log-every 100 ${TRAIN_ARGS:-} || echo "training stopped with an error; exporting the last checkpoint"
 "$PY" train/export.py "$OUT/run/last.pt" --out "$OUT/wsicodec-hyperprior.pt" --note "GPU session, ${MIN} min"
 cp "$OUT/run/log.csv" "$OUT/log.csv"
 rm -rf "$OUT/run"

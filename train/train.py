@@ -279,6 +279,44 @@ def add_latent_channels(sd: dict, old: ModelConfig, new: ModelConfig, seed: int 
     return out
 
 
+def new_channel_masks(model: WsiHyperprior, kept: int) -> dict[str, torch.Tensor]:
+    """What ``--only-new-channels K`` trains: every entry that computes or reads latent
+    channels K.. and changes nothing the first K channels' symbols, μ, σ or z depend on.
+
+    Name -> mask (1 where trainable) of g_a's last conv (the new filters), g_s's first
+    deconv (the rows that read the new channels), h_s's hidden units past the first
+    network's widths and its σ/μ outputs for the new channels, and the new channels'
+    log-gains.  The rest (the old channels' whole path, h_a, the z prior, the hyper gains)
+    is frozen; so are the zero weights that keep the new hidden units out of the old σ/μ.
+    """
+    M = model.config.M
+    if not 0 < kept < M:
+        raise SystemExit(f"--only-new-channels {kept}: the network has M = {M} latent channels")
+    h1 = kept * 3 // 2
+    last = len(model.g_a) - 1
+    masks = {}
+
+    def mask(name: str, *index) -> None:
+        m = torch.zeros_like(model.get_parameter(name))
+        m[index] = 1
+        masks[name] = m
+
+    mask(f"g_a.{last}.weight", slice(kept, None))
+    mask(f"g_a.{last}.bias", slice(kept, None))
+    mask("g_s.0.weight", slice(kept, None))
+    mask("h_s.0.weight", slice(None), slice(kept, None))
+    mask("h_s.0.bias", slice(kept, None))
+    mask("h_s.2.weight", slice(None), slice(h1, None))
+    mask("h_s.2.bias", slice(h1, None))
+    for name in ("h_s.4.weight", "h_s.4.bias"):
+        m = torch.zeros_like(model.get_parameter(name))
+        m[kept:M] = 1            # σ of the new channels
+        m[M + kept:] = 1         # μ of the new channels
+        masks[name] = m
+    mask("log_gain", slice(None), slice(kept, None))
+    return masks
+
+
 def block_params(model: WsiHyperprior) -> set[str]:
     """The names of the parameters of g_a's and g_s's residual blocks (``--block-lr-mult``)."""
     return {f"{part}.{i}.{n}" for part in ("g_a", "g_s") for i, layer in enumerate(getattr(model, part))
@@ -350,6 +388,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grow-M", type=int, default=None, metavar="M",
                     help="on --resume, widen the latent y to M channels: the old channels compute "
                          "what they did, the new ones start unused (train.add_latent_channels)")
+    ap.add_argument("--only-new-channels", type=int, default=None, metavar="K",
+                    help="train only what computes or reads latent channels K.. (after --grow-M "
+                         "from K): the first K channels' symbols, z and pixels stay as they are "
+                         "(train.new_channel_masks); the z prior's quantiles are not trained")
+    ap.add_argument("--free-rate", type=float, nargs=3, default=None, metavar=("K", "FREE_MIN", "RAMP_MIN"),
+                    help="latent channels K.. pay no rate for the first FREE_MIN minutes of this run, "
+                         "then a share rising linearly to all of it at RAMP_MIN: new channels "
+                         "(--grow-M) learn to carry something before the rate can switch them off "
+                         "(the logged bpp is the full rate)")
     ap.add_argument("--lambdas", type=float, nargs="+", default=None,
                     help="a new λ ladder (one per quality level); on --resume the learned gains "
                          "are carried over by interpolating them at the new λ values")
@@ -360,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--dec-blocks adds to the decoder, which --freeze-decoder keeps as it is")
     if args.accum < 1:
         ap.error(f"--accum must be at least 1, got {args.accum}")
+    if args.free_rate is not None and not 0 <= args.free_rate[1] <= args.free_rate[2]:
+        ap.error(f"--free-rate: need 0 <= FREE_MIN <= RAMP_MIN, got {args.free_rate[1]:g} "
+                 f"and {args.free_rate[2]:g}")
     if args.feat_crop > args.crop:
         ap.error(f"--feat-crop {args.feat_crop} is larger than --crop {args.crop}")
 
@@ -399,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         config = ModelConfig(N=args.N, M=args.M, enc_blocks=args.enc_blocks or 0,
                              dec_blocks=args.dec_blocks or 0,
                              **({"lambdas": tuple(args.lambdas)} if args.lambdas else {}))
+    if args.free_rate is not None and not 0 < args.free_rate[0] < config.M:
+        raise SystemExit(f"--free-rate {args.free_rate[0]:g}: the network has M = {config.M} latent channels")
     model = WsiHyperprior(config).to(dev)
     all_names = [n for n, _ in model.named_parameters() if not n.endswith("quantiles")]
     main_names = all_names
@@ -406,6 +458,13 @@ def main(argv: list[str] | None = None) -> int:
         main_names = [n for n in all_names if not n.startswith(WsiHyperprior.DECODER_PARTS)]
         for n, p in model.named_parameters():
             p.requires_grad_(n in main_names)
+    if args.only_new_channels is not None:
+        masks = new_channel_masks(model, args.only_new_channels)
+        main_names = [n for n in all_names if n in masks]
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in masks)
+            if n in masks:       # Adam moves nothing whose gradient is always 0
+                p.register_hook(lambda g, m=masks[n].to(dev): g * m)
     main_params = [model.get_parameter(n) for n in main_names]
     aux_params = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
     # one group, or two when there are residual blocks: the blocks' learning rate is scaled
@@ -483,6 +542,12 @@ def main(argv: list[str] | None = None) -> int:
         x_hat = out_d["x_hat"]
         npix = x.shape[-1] * x.shape[-2]
         bpp = (out_d["bits_y"] + out_d["bits_z"]) / npix
+        paid = bpp
+        if args.free_rate is not None:
+            k, free, ramp = int(args.free_rate[0]), args.free_rate[1] * 60, args.free_rate[2] * 60
+            share = min(max((time.time() - t_start - free) / max(ramp - free, 1e-9), 0.0), 1.0)
+            new_bits = -torch.log2(out_d["y_likelihoods"][:, k:]).flatten(1).sum(1)
+            paid = bpp - (1 - share) * new_bits / npix
         mse = (x_hat - x).pow(2).flatten(1).mean(1)
         dist = 255.0 ** 2 * mse
         if feat is not None:
@@ -494,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
             fd = feat(fa, fb)
         else:
             fd = torch.zeros_like(mse)
-        loss = (bpp + model.lambda_at(quality) * (dist + args.alpha * fd)).mean()
+        loss = (paid + model.lambda_at(quality) * (dist + args.alpha * fd)).mean()
         return loss, bpp, mse, fd
 
     model.train()
@@ -516,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
             micro += [loss.item(), bpp.mean().item(), psnr, fd.mean().item()]
         torch.nn.utils.clip_grad_norm_(main_params, 1.0)
         opt.step()
-        if args.freeze_decoder:     # the quantiles are the decoder's too
+        if args.freeze_decoder or args.only_new_channels is not None:   # the quantiles are the decoder's too
             with torch.no_grad():
                 aux = model.aux_loss()
         else:

@@ -273,8 +273,9 @@ class WsiHyperprior(nn.Module):
         is up to 1.6× too high at low quality.  Its gradient is taken at the rounded
         point, though, blind to a latent crossing a bin edge: an encoder trained on it
         against a frozen decoder ("soft then hard", Guo et al. 2021) spent more bits for
-        less (train/README.md, run 14).  Returns ``x_hat`` and per-sample bits
-        ``bits_y``, ``bits_z``.
+        less (train/README.md, run 14).  Returns ``x_hat``, per-sample bits
+        ``bits_y``, ``bits_z``, and y's per-element likelihoods (``y_likelihoods``: what a
+        per-channel rate weight needs).
         """
         gain, hgain = self.gains(quality)
         y = self.g_a(x) * gain
@@ -290,7 +291,7 @@ class WsiHyperprior(nn.Module):
         else:
             _, y_lik = self.gaussian_conditional(y, scales, means)
         x_hat = self.g_s(y_hat / gain)
-        return {"x_hat": x_hat, "bits_y": _bits(y_lik), "bits_z": _bits(z_lik)}
+        return {"x_hat": x_hat, "bits_y": _bits(y_lik), "bits_z": _bits(z_lik), "y_likelihoods": y_lik}
 
     def _z_likelihood(self, z_hat: torch.Tensor) -> torch.Tensor:
         """The factorized prior's likelihood of integer-offset ẑ, as coded (no noise)."""
