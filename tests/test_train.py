@@ -512,6 +512,33 @@ def test_crop_sizes_the_network_cannot_take_are_refused_before_loading(tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.skipif(not (REPO.parent / "shared" / "data" / "he" / "test").is_dir(), reason="shared data not found")
+def test_eval_bytes_measures_ms_ssim_and_its_bd_rate_as_rd_does(tmp_path):
+    """``--ms-ssim``: the shipped weights on one he/test image at qualities 2 and 4 give the MS-SSIM
+    bench/rd.py committed for them (the same bytes), and BD-rates against the committed curves."""
+    import json
+
+    import eval_bytes
+
+    from wsicodec.checkpoint import DEFAULT_WEIGHTS, load_model
+
+    rd = json.loads(eval_bytes.RD_JSON.read_text())
+    if rd["codecs"]["learned"].get("model_sha256") != load_model(DEFAULT_WEIGHTS).model_id:
+        pytest.skip("the committed learned curve is of other weights")
+    out = tmp_path / "eval.json"
+    assert eval_bytes.main([str(DEFAULT_WEIGHTS), "--max-images", "1", "--qualities", "2", "4",
+                            "--ms-ssim", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    committed = {p["quality"]: p["per_image"][0] for p in rd["codecs"]["learned"]["points"]}
+    for row in result["points"]:
+        ref = committed[row["quality"]]
+        assert row["bpp"] == pytest.approx(ref["bpp"], abs=1e-9)
+        assert row["ms_ssim"] == pytest.approx(ref["ms_ssim"], abs=1e-4)
+    assert {"jpegxl_ms_ssim", "jpeg444_ms_ssim", "learned_ms_ssim"} <= set(result["bd_rate"])
+    assert abs(result["bd_rate"]["learned_ms_ssim"]) < 2    # itself as benchmarked, fitted on 2 of its 8 points
+    assert result["bd_rate"]["jpegxl_ms_ssim"] < 0                # ahead of JPEG-XL on this image
+
+
 def test_eval_bytes_names_quality_steps_that_are_not_bigger_and_better():
     from eval_bytes import non_monotonic_steps
     rows = [{"quality": 2, "per_image_bpp": [0.30, 0.28], "per_image_psnr": [26.0, 26.5]},

@@ -2,7 +2,7 @@
 
     python train/eval_bytes.py WEIGHTS.pt [--images ../shared/data/he/test]
                                [--qualities 1 2 4 6 8] [--max-images 14] [--device cpu]
-                               [--json OUT.json] [--lpips]
+                               [--json OUT.json] [--lpips] [--ms-ssim]
 
 Codes every image with ``wsicodec.encode`` (256² tiles with their context margin and
 the stream's tile table: every byte the product writes), decodes it, and prints bpp
@@ -11,7 +11,8 @@ curves committed in ``bench/results/rd_he_test.json`` (same images), and against
 codec's committed curve there (the weights shipped now, as last benchmarked).  Use it to
 decide whether new weights are worth shipping; ``bench/rd.py --update learned`` is
 the full measurement (MS-SSIM, LPIPS, speed) once they are.  ``--lpips`` adds LPIPS-alex
-and a BD-rate on it (quality = −10·log10 LPIPS), for weights trained with the feature loss.
+and a BD-rate on it (quality = −10·log10 LPIPS), for weights trained with the feature loss;
+``--ms-ssim`` adds MS-SSIM and its BD-rate (in dB, −10·log10(1 − MS-SSIM), as ``bench/rd.py``).
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None, help="also write the numbers here")
     ap.add_argument("--lpips", action="store_true", help="also LPIPS-alex, and its BD-rate")
+    ap.add_argument("--ms-ssim", action="store_true", help="also MS-SSIM, and its BD-rate (in dB)")
     ap.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
                     help="how the codec runs g_a and g_s (LearnedCodec's precision; bfloat16: "
                          "what it costs)")
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     t0 = time.time()
     for q in args.qualities:
-        bpp, ps, lps = [], [], []
+        bpp, ps, lps, mss = [], [], [], []
         for img in images:
             data = encode(img, quality=q, model=args.weights, precision=args.precision)
             rec = decode(data, model=args.weights, precision=args.precision)
@@ -118,11 +120,16 @@ def main(argv: list[str] | None = None) -> int:
             ps.append(metrics.psnr(img, rec))
             if lp is not None:
                 lps.append(lp(img, rec))
+            if args.ms_ssim:
+                mss.append(metrics.ms_ssim(img, rec))
         rows.append({"quality": q, "bpp": float(np.mean(bpp)), "psnr": float(np.mean(ps)),
                      "per_image_bpp": bpp, "per_image_psnr": ps})
         if lp is not None:
             rows[-1]["lpips"] = float(np.mean(lps))
+        if args.ms_ssim:
+            rows[-1]["ms_ssim"] = float(np.mean(mss))
         print(f"  q{q:g}: {rows[-1]['bpp']:.3f} bpp  {rows[-1]['psnr']:.2f} dB"
+              + (f"  MS-SSIM {rows[-1]['ms_ssim']:.4f}" if args.ms_ssim else "")
               + (f"  LPIPS {rows[-1]['lpips']:.4f}" if lp is not None else "")
               + f"  ({time.time() - t0:.0f} s)", flush=True)
     broken = non_monotonic_steps(rows)
@@ -138,11 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     for key, (ra, qa) in anchor_curves(RD_JSON, names).items():
         bd[key] = metrics.bd_rate(ra, qa, rate, quality)
         print(f"  BD-rate (PSNR) vs {label.get(key, key)}: {bd[key]:+.2f} %")
-    if lp is not None:
-        ours = metrics.lpips_db(np.array([r["lpips"] for r in rows]))
-        for key, (ra, la) in anchor_curves(RD_JSON, names, "lpips").items():
-            bd[f"{key}_lpips"] = metrics.bd_rate(ra, metrics.lpips_db(la), rate, ours)
-            print(f"  BD-rate (LPIPS) vs {label.get(key, key)}: {bd[key + '_lpips']:+.2f} %")
+    for metric, name, to_db in (("ms_ssim", "MS-SSIM dB", metrics.msssim_db),
+                                ("lpips", "LPIPS", metrics.lpips_db)):
+        if metric not in rows[0]:
+            continue
+        ours = to_db(np.array([r[metric] for r in rows]))
+        for key, (ra, va) in anchor_curves(RD_JSON, names, metric).items():
+            bd[f"{key}_{metric}"] = metrics.bd_rate(ra, to_db(va), rate, ours)
+            print(f"  BD-rate ({name}) vs {label.get(key, key)}: {bd[f'{key}_{metric}']:+.2f} %")
     if args.json:
         Path(args.json).write_text(json.dumps({"model_id": loaded.model_id, "precision": args.precision,
                                                "images": names,
