@@ -212,10 +212,10 @@ NEW_SIGMA = 0.3
 def add_latent_channels(sd: dict, old: ModelConfig, new: ModelConfig, seed: int = 0) -> dict:
     """Widen a trained network's latent y from ``old.M`` to ``new.M`` channels.
 
-    Every tensor that touches M grows; what the old network computed stays exactly what
-    the grown one computes at the old channels: a new unit gets random incoming weights
-    (the layer's own initialisation, so it carries something from the start) and zero
-    outgoing weights (so nothing downstream sees it until training moves them):
+    Every tensor that touches M grows; the old channels' symbols, σ, μ and z stay exactly
+    what they were: a new unit gets random incoming weights (the layer's own
+    initialisation, so it carries something from the start) and zero outgoing weights
+    into anything the old channels' coding depends on:
 
     * g_a's last conv: new output filters, random; g_s's first deconv: small random rows for
       them (:data:`NEW_ROWS_SCALE` of the old rows' size: the pixels move by a hair);
@@ -224,9 +224,10 @@ def add_latent_channels(sd: dict, old: ModelConfig, new: ModelConfig, seed: int 
       gives the new channels' σ from a bias (:data:`NEW_SIGMA`) and μ = 0;
     * the new channels' per-level log-gains start at the old channels' mean per level.
 
-    The shipped network's top quality is capped by its transforms (unquantised latents
-    reconstruct at ~38 dB on he/test crops, quality 8 codes at 37.4): new channels are
-    room above that cap which training can fill without losing what it has.
+    The shipped network's top quality is capped by its transforms (he/test crops come back
+    at 38.0 dB from unquantised latents, at 37.4 from latents rounded at quality 8's gains):
+    new channels are room above that cap, if training can fill it (train/README.md, run 25:
+    on the CPU it could not).
     """
     if new.M < old.M:
         raise SystemExit(f"--grow-M {new.M}: the checkpoint already has M = {old.M}")
