@@ -364,7 +364,7 @@ def test_probe_checkpoint_compares_a_wider_network_with_its_base(tmp_path, capsy
                                   "--count", "1", "--crop", "128", "--vgg", str(VGG)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert sum(ln.startswith("q") and "new channels:" in ln for ln in lines) == 8
-    assert lines[-1].startswith("g_s rows reading the new channels")
+    assert lines[-2].startswith("unquantised") and lines[-1].startswith("g_s rows reading the new channels")
     assert probe_checkpoint.main([str(old), "--base", str(old), "--images", str(data), "--count", "1",
                                   "--crop", "128", "--vgg", str(VGG)]) == 0
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("q")]

@@ -6,7 +6,8 @@
 For each integer quality: the rate (hard, straight-through: the bits the coder would
 spend, within ~1 %), PSNR, the VGG feature distance and the training objective
 ``bpp + λ(q)·(255²·MSE + 50·D_feat)`` of both networks on the central 256² of the first
-``--count`` training images (``--crop``), the same noise for both.  For a network wider than the base
+``--count`` training images (``--crop``), the same noise for both; then the PSNR of g_s(g_a(x))
+with no quantisation at all, the ceiling the transforms put on every quality.  For a network wider than the base
 (``train.py --grow-M``) it adds the share of y's bits and of nonzero symbols in the
 channels past the base's M, and the size of g_s's rows that read them against the old
 rows': whether the new channels carry anything, and whether anything reads them.
@@ -111,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
                 line += (f" | new channels: {100 * (bits[:, M0:].sum() / bits.sum()).item():.1f} % of y's bits, "
                          f"{100 * nonzero:.1f} % nonzero")
             print(line, flush=True)
+        ceiling = []
+        for net in (base, model):
+            mse = (net.g_s(net.g_a(x)).clamp(0, 1) - x).pow(2).flatten(1).mean(1)
+            ceiling.append((10 * torch.log10(1 / mse)).mean().item())
+        print(f"unquantised, g_s(g_a(x)): base {ceiling[0]:.2f} dB | probed {ceiling[1]:.2f} dB")
         if model.config.M > M0:
             w = model.g_s[0].weight.abs().mean((1, 2, 3))
             print(f"g_s rows reading the new channels / the old ones (mean |w|): "
