@@ -61,10 +61,15 @@ def crops(folder: Path, count: int, size: int) -> torch.Tensor:
     return torch.stack(out)
 
 
+def crop_mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-crop MSE of the clamped reconstruction (PSNR is the mean of ``10·log10(1/mse)``)."""
+    return (x_hat.clamp(0, 1) - x).pow(2).flatten(1).mean(1)
+
+
 def scores(model: WsiHyperprior, x: torch.Tensor, q: torch.Tensor, feat, alpha: float) -> dict:
     torch.manual_seed(0)
     o = model(x, q, hard=True)
-    mse = (o["x_hat"].clamp(0, 1) - x).pow(2).flatten(1).mean(1)
+    mse = crop_mse(o["x_hat"], x)
     fd = feat(o["x_hat"].clamp(0, 1), x)
     bpp = (o["bits_y"] + o["bits_z"]) / (x.shape[-1] * x.shape[-2])
     objective = bpp + model.lambda_at(q) * (255.0 ** 2 * mse + alpha * fd)
@@ -112,10 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                 line += (f" | new channels: {100 * (bits[:, M0:].sum() / bits.sum()).item():.1f} % of y's bits, "
                          f"{100 * nonzero:.1f} % nonzero")
             print(line, flush=True)
-        ceiling = []
-        for net in (base, model):
-            mse = (net.g_s(net.g_a(x)).clamp(0, 1) - x).pow(2).flatten(1).mean(1)
-            ceiling.append((10 * torch.log10(1 / mse)).mean().item())
+        ceiling = [(10 * torch.log10(1 / crop_mse(net.g_s(net.g_a(x)), x))).mean().item()
+                   for net in (base, model)]
         print(f"unquantised, g_s(g_a(x)): base {ceiling[0]:.2f} dB | probed {ceiling[1]:.2f} dB")
         if model.config.M > M0:
             w = model.g_s[0].weight.abs().mean((1, 2, 3))
