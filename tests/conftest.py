@@ -89,3 +89,35 @@ def other_weights(path: Path, note: str) -> Path:
     state["provenance"] = {"note": note}
     torch.save(state, path)
     return path
+
+
+def forge_digests(container_dir: Path) -> None:
+    """Recompute every digest of a format-3 *directory* container after a test changed
+    its tiles or metadata, as someone would who edits a container on purpose: what a
+    reader can still find then is only what decoding finds (checksums, geometry)."""
+    import json
+    import zlib
+
+    import zarr
+
+    from wsicodec.integrity import blob_digest, level_digest, metadata_digest, tile_digest
+    doc_path = container_dir / "zarr.json"
+    doc = json.loads(doc_path.read_text())
+    attrs = doc["attributes"]["wsicodec"]
+    cid = attrs["container_id"]
+    g = zarr.open_group(str(container_dir), mode="r+")
+    for level, entry in enumerate(attrs["levels"]):
+        tiles = g[f"levels/{level}/tiles"][...]
+        digest = np.zeros(tiles.shape + (16,), np.uint8)
+        crc = np.zeros(tiles.shape, np.uint32)
+        for (row, col), data in np.ndenumerate(tiles):
+            digest[row, col] = np.frombuffer(tile_digest(cid, level, col, row, bytes(data)), np.uint8)
+            crc[row, col] = zlib.crc32(bytes(data))
+        g[f"levels/{level}/digest"][...] = digest
+        g[f"levels/{level}/crc32"][...] = crc
+        entry["tiles_digest"] = level_digest(cid, level, digest)
+    attrs["associated_digests"] = {
+        name: blob_digest(cid, name, bytes(np.asarray(g[f"associated/{name}"][...], np.uint8)))
+        for name in attrs["associated_images"]}
+    attrs["metadata_digest"] = metadata_digest(attrs)
+    doc_path.write_text(json.dumps(doc))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import BAD_DICOM, HE_TEST_PNG, REAL_SLIDES, need, psnr
+from conftest import BAD_DICOM, HE_TEST_PNG, REAL_SLIDES, forge_digests, need, psnr
 from wsicodec.cli import main
 from wsicodec.container import open_container
 from wsicodec.tiling import open_source
@@ -444,7 +444,7 @@ def test_verify_reports_every_damaged_tile_and_image(tmp_path: Path, capsys,
                     get_codec("jpeg", 90), tile_size=64)
     code, out, err = run(capsys, "verify", box)
     assert code == 0 and err == ""
-    assert "29 tiles CRC-checked, 1 associated images decoded: all intact" in out, out
+    assert "29 tiles checked (CRC32, digest), 1 associated images decoded: all intact" in out, out
     for col, row in ((2, 1), (0, 4)):
         victim = box / "levels" / "0" / "tiles" / "c" / str(row) / str(col)
         raw = bytearray(victim.read_bytes())
@@ -490,7 +490,10 @@ def test_verify_decode_finds_what_the_crc_cannot(tmp_path: Path, capsys) -> None
     sums = crc[...]
     sums[1, 2] = zlib.crc32(bytes(data))
     crc[...] = sums
-    code, out, _ = run(capsys, "verify", box)
+    code, out, _ = run(capsys, "verify", box)        # the tile's digest no longer matches
+    assert code == 1 and "level=0 col=2 row=1" in out and "digest mismatch" in out
+    forge_digests(box)                                # digests recomputed on purpose:
+    code, out, _ = run(capsys, "verify", box)         # only decoding finds it now
     assert code == 0 and "all intact" in out
     code, out, err = run(capsys, "verify", box, "--decode")
     assert_one_line_error(code, err, "1 of 9 tiles and 0 of 0 associated images damaged")

@@ -16,6 +16,7 @@ from wsicodec.errors import (CompressInterrupted, CorruptDataError, CorruptTileE
                              ModelMismatchError, OutputExistsError, PartialKeptError,
                              SlideNotFoundError, UnsupportedFormatError)
 from wsicodec.pipeline import compress_source
+from conftest import forge_digests
 from wsicodec.tiling import ArraySource
 
 STORES = ["c.zarr", "c.zarr.zip"]
@@ -533,10 +534,15 @@ def test_associated_image_in_unknown_format_or_damaged(tmp_path: Path,
     doc = json.loads(meta_path.read_text())
     doc["attributes"]["wsicodec"]["associated_formats"]["label"] = "avif"
     meta_path.write_text(json.dumps(doc))
+    with pytest.raises(CorruptDataError, match="metadata_digest does not match"):
+        open_container(out)        # an edit of the metadata is found at once ...
+    forge_digests(out)             # ... and one made with the digests recomputed, on use
     with open_container(out) as c, pytest.raises(UnsupportedFormatError, match="'avif'"):
         c.read_associated_image("label")
+    doc = json.loads(meta_path.read_text())
     doc["attributes"]["wsicodec"]["associated_formats"]["label"] = "jxl"   # PNG bytes, said JPEG-XL
     meta_path.write_text(json.dumps(doc))
+    forge_digests(out)
     with open_container(out) as c:
         with pytest.raises(CorruptDataError, match="associated image 'label' damaged"):
             c.read_associated_image("label")

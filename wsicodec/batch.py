@@ -37,6 +37,7 @@ import numpy as np
 
 from wsicodec.codecs import check_precision
 from wsicodec.errors import InvalidSettingError, as_tile_error
+from wsicodec.tiling.geometry import check_decoded_tile, tile_shape
 from wsicodec.lru import ByteLRU
 
 TileKey = tuple[int, int, int]
@@ -239,7 +240,8 @@ class _LearnedBatch:
         return self.codec.decode_tiles(
             list(keys), lambda c, r: container.read_encoded_tile(level, c, r),
             (grid.cols, grid.rows), lambda c, r: f"tile level={level} col={c} row={r}",
-            cache=self.latents, cache_tag=level, run=run, synthesize=self.synthesis.run)
+            cache=self.latents, cache_tag=level, run=run, synthesize=self.synthesis.run,
+            shape=tile_shape(container.tile_size))
 
 
 class _PlainBatch:
@@ -248,10 +250,17 @@ class _PlainBatch:
     def __init__(self, codec: Any) -> None:
         self.codec = codec
 
-    def decode(self, datas: Sequence[bytes], pool: ThreadPoolExecutor | None) -> list[Any]:
+    def decode(self, datas: Sequence[bytes], pool: ThreadPoolExecutor | None,
+               tile_size: int) -> list[Any]:
+        """Each tile decoded into a (tile_size, tile_size, 3) array (another size fails)."""
+        shape = tile_shape(tile_size)
+
+        def one(data: bytes) -> np.ndarray:
+            return self.codec.decode(data, shape=shape)
+
         if pool is not None and len(datas) > 1:
-            return [_outcome(f) for f in [pool.submit(self.codec.decode, d) for d in datas]]
-        return [_call(self.codec.decode, d) for d in datas]
+            return [_outcome(f) for f in [pool.submit(one, d) for d in datas]]
+        return [_call(one, d) for d in datas]
 
 
 def _call(fn: Callable[[Any], Any], arg: Any) -> Any:
@@ -366,6 +375,10 @@ class BatchDecoder:
                 results = self._decode_plain(backend, keys)
         except BaseException as e:  # codec unavailable, interrupted: every tile fails
             results = [e] * len(keys)
+        tile_size = self.container.tile_size
+        for i, result in enumerate(results):    # nothing of another shape is ever served
+            if not isinstance(result, BaseException):
+                results[i] = _call(lambda t: check_decoded_tile(t, tile_size), result)
         for key, result in zip(keys, results):
             if isinstance(result, np.ndarray):
                 self.cache.put(key, result)
@@ -385,7 +398,7 @@ class BatchDecoder:
         ok = [i for i, d in enumerate(datas) if not isinstance(d, BaseException)]
         results: list[Any] = list(datas)
         if ok:
-            decoded = backend.decode([datas[i] for i in ok], self._pool)
+            decoded = backend.decode([datas[i] for i in ok], self._pool, self.container.tile_size)
             for i, r in zip(ok, decoded):
                 results[i] = r
         return results

@@ -246,6 +246,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     ratio = f", ratio {src['bytes'] / info['container_bytes']:.2f}:1 vs source" \
         if src.get("bytes") else ""
     print(f"  container: {_mb(info['container_bytes'])}{ratio}")
+    print("  integrity: " + ("tiles, associated images and metadata carry digests"
+                             if not info.get("missing_guarantees") else
+                             "CRC32 per tile only (written before format 3: no digests)"))
     return 0
 
 
@@ -261,10 +264,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     elif not args.quiet:
         for *_, message in result.damaged_tiles + result.damaged_associated:
             print(message)   # each names the tile (level, col, row) or the image
-        what = "decoded" if result.decoded else "CRC-checked"
+        what = "decoded" if result.decoded else (
+            "checked (CRC32, digest)" if not result.missing_guarantees else "CRC-checked")
         print(f"{result.path}: {result.tiles} tiles {what}, {result.associated} associated images "
               f"decoded: {result.damage if not result.ok else 'all intact'} "
               f"({result.seconds:.1f} s)")
+        for gap in result.missing_guarantees:
+            print(f"  note: a format-{result.format_version} container cannot prove this: {gap}")
     if result.ok:
         return 0
     raise WsiCodecError(f"{args.input}: {result.damage}" + ("" if args.quiet else " (listed above)"))

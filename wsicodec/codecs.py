@@ -55,8 +55,10 @@ class TileCodec(Protocol):
         """(h, w, 3) uint8 with h, w >= 1 -> bytes."""
         ...
 
-    def decode(self, data: bytes) -> np.ndarray:
-        """bytes -> (h, w, 3) uint8 of the encoded size. Raises CorruptDataError."""
+    def decode(self, data: bytes, shape: tuple[int, int, int] | None = None) -> np.ndarray:
+        """bytes -> (h, w, 3) uint8 of the encoded size.  ``shape``: the size the caller
+        expects (a container's tile), checked against the stream's header before any
+        pixel is allocated.  Raises CorruptDataError (a damaged stream, another size)."""
         ...
 
     def to_dict(self) -> dict:
@@ -247,10 +249,13 @@ def _check_tile(codec: str, tile: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(tile)
 
 
-def _check_decoded(codec: str, data: bytes, decode: Callable[[bytes], np.ndarray]
-                   ) -> np.ndarray:
+def _check_decoded(codec: str, data: bytes, decode: Callable[..., np.ndarray],
+                   shape: tuple[int, int, int] | None = None) -> np.ndarray:
+    """``decode(data, out=...)`` with every error a CorruptDataError.  With ``shape``,
+    the pixels go into an array of that shape allocated here, and a stream whose header
+    declares another size is refused before anything of its size is allocated."""
     try:
-        out = decode(data)
+        out = decode(data, out=None if shape is None else np.empty(shape, np.uint8))
     except Exception as e:  # imagecodecs raises its own per-codec error types
         raise CorruptDataError(f"{codec}: cannot decode {len(data)} bytes: {e}") from e
     if out.ndim != 3 or out.shape[2] != 3 or out.dtype != np.uint8:
@@ -314,10 +319,10 @@ class JpegCodec(_ClassicalCodec):
         return bytes(imagecodecs.jpeg8_encode(_check_tile(self.name, tile), level=self.quality,
                                               subsampling=self.subsampling))
 
-    def decode(self, data: bytes) -> np.ndarray:
+    def decode(self, data: bytes, shape: tuple[int, int, int] | None = None) -> np.ndarray:
         import imagecodecs
 
-        return _check_decoded(self.name, data, imagecodecs.jpeg8_decode)
+        return _check_decoded(self.name, data, imagecodecs.jpeg8_decode, shape)
 
 
 @dataclass(frozen=True)
@@ -342,11 +347,12 @@ class JpegXlCodec(_ClassicalCodec):
                                                distance=self.quality, effort=self.effort,
                                                numthreads=1))
 
-    def decode(self, data: bytes) -> np.ndarray:
+    def decode(self, data: bytes, shape: tuple[int, int, int] | None = None) -> np.ndarray:
         import imagecodecs
 
         return _check_decoded(self.name, data,
-                              lambda b: imagecodecs.jpegxl_decode(b, numthreads=1))
+                              lambda b, out: imagecodecs.jpegxl_decode(b, numthreads=1, out=out),
+                              shape)
 
 
 @dataclass(frozen=True)
@@ -370,10 +376,10 @@ class WebpCodec(_ClassicalCodec):
         return bytes(imagecodecs.webp_encode(_check_tile(self.name, tile), level=self.quality,
                                              lossless=False, method=self.method))
 
-    def decode(self, data: bytes) -> np.ndarray:
+    def decode(self, data: bytes, shape: tuple[int, int, int] | None = None) -> np.ndarray:
         import imagecodecs
 
-        return _check_decoded(self.name, data, imagecodecs.webp_decode)
+        return _check_decoded(self.name, data, imagecodecs.webp_decode, shape)
 
 
 @dataclass(frozen=True)
@@ -396,10 +402,10 @@ class Jpeg2000Codec(_ClassicalCodec):
                                                codecformat="j2k", reversible=False,
                                                numthreads=1))
 
-    def decode(self, data: bytes) -> np.ndarray:
+    def decode(self, data: bytes, shape: tuple[int, int, int] | None = None) -> np.ndarray:
         import imagecodecs
 
-        return _check_decoded(self.name, data, imagecodecs.jpeg2k_decode)
+        return _check_decoded(self.name, data, imagecodecs.jpeg2k_decode, shape)
 
 
 @dataclass(frozen=True)
@@ -424,10 +430,12 @@ class AvifCodec(_ClassicalCodec):
                                              speed=self.speed, pixelformat="444",
                                              numthreads=1))
 
-    def decode(self, data: bytes) -> np.ndarray:
+    def decode(self, data: bytes, shape: tuple[int, int, int] | None = None) -> np.ndarray:
         import imagecodecs
 
-        return _check_decoded(self.name, data, lambda b: imagecodecs.avif_decode(b, numthreads=1))
+        return _check_decoded(self.name, data,
+                              lambda b, out: imagecodecs.avif_decode(b, numthreads=1, out=out),
+                              shape)
 
 
 CLASSICAL_CODECS: tuple[type[_ClassicalCodec], ...] = (

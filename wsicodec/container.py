@@ -34,12 +34,12 @@ import logging
 import os
 import re
 import shutil
+import stat
 import struct
 import uuid
 import warnings
 import zipfile
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -50,19 +50,20 @@ from wsicodec.errors import (ClosedError, CorruptDataError, CorruptTileError, In
                              ModelMismatchError, OutputExistsError, OutputPathError,
                              RegionOutOfBoundsError, SlideNotFoundError, UnsupportedFormatError,
                              WsiCodecError, as_tile_error)
-from wsicodec.tiling.geometry import LevelInfo, TileGrid, validate_tile_size
+from wsicodec.integrity import (DIGEST_BYTES, blob_digest, level_digest, new_container_id,
+                                tile_digest)
+from wsicodec.metadata import (ASSOCIATED_NAME, ATTRS_KEY, FORMAT_NAME, FORMAT_VERSION,
+                               MAX_ASSOCIATED_BYTES, MAX_JSON_BYTES, SUPPORTED_VERSIONS,
+                               ContainerMetadata, check_image_header, max_tile_bytes,
+                               missing_guarantees)
+from wsicodec.tiling.geometry import TileGrid, check_decoded_tile, tile_shape
 
 log = logging.getLogger(__name__)
 
-FORMAT_NAME = "wsicodec"
-FORMAT_VERSION = 2   # 2: associated images may be JPEG-XL ("associated_formats"); 1: PNG only
-SUPPORTED_VERSIONS = (1, 2)
-ATTRS_KEY = "wsicodec"
 #: the resume journal inside a container being written (never in a finished container)
 JOURNAL = "wsicodec-journal.jsonl"
 #: the journal's last line once its rows were packed into the zip that became the output
 PACKED = "packed_into"
-_ASSOCIATED_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 #: What ``compress --associated`` may ask for:
 #: ``auto``: the label lossless (PNG: barcodes and handwriting are read by machines and
@@ -121,106 +122,14 @@ def path_size(path: str | os.PathLike[str]) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
-@dataclass(frozen=True)
-class ContainerMetadata:
-    """Everything the container records besides the tiles. Serialised into the root
-    group's attributes by :meth:`to_attrs`."""
-
-    codec: dict
-    tile_size: int
-    levels: tuple[LevelInfo, ...]
-    model_id: str | None = None
-    mpp: tuple[float, float] | None = None
-    objective_power: float | None = None
-    source_vendor: str = "unknown"
-    source_name: str | None = None
-    source_bytes: int | None = None
-    properties: dict[str, str] = field(default_factory=dict)
-    associated_images: tuple[str, ...] = ()
-    associated_formats: dict[str, str] = field(default_factory=dict)   # name -> "png" / "jxl"
-    associated_bytes: dict[str, int] = field(default_factory=dict)
-    level_bytes: tuple[int, ...] = ()
-
-    def grid(self, level: int) -> TileGrid:
-        """Raises RegionOutOfBoundsError for a level outside the pyramid."""
-        if not 0 <= level < len(self.levels):
-            raise RegionOutOfBoundsError(f"level {level} outside 0..{len(self.levels) - 1}")
-        return self.levels[level].grid(self.tile_size)
-
-    def to_attrs(self) -> dict[str, Any]:
-        from wsicodec import __version__
-
-        return {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "software": f"wsicodec {__version__}",
-            "codec": self.codec,
-            "model_sha256": self.model_id,
-            "tile_size": self.tile_size,
-            "tile_padding": "edge",
-            "levels": [{"width": lv.width, "height": lv.height, "downsample": lv.downsample,
-                        "cols": lv.grid(self.tile_size).cols,
-                        "rows": lv.grid(self.tile_size).rows} for lv in self.levels],
-            "level_bytes": list(self.level_bytes),
-            "mpp": list(self.mpp) if self.mpp else None,
-            "objective_power": self.objective_power,
-            "source": {"name": self.source_name, "vendor": self.source_vendor,
-                       "bytes": self.source_bytes},
-            "properties": dict(self.properties),
-            "associated_images": list(self.associated_images),
-            "associated_formats": {n: self.associated_formats.get(n, "png")
-                                   for n in self.associated_images},
-            "associated_bytes": dict(self.associated_bytes),
-        }
-
-    @classmethod
-    def from_attrs(cls, attrs: dict[str, Any], *, where: str = "container") -> "ContainerMetadata":
-        """Raises UnsupportedFormatError (not ours / unknown version) or CorruptDataError."""
-        if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
-            raise UnsupportedFormatError(f"{where}: not a wsicodec container")
-        version = attrs.get("format_version")
-        if version not in SUPPORTED_VERSIONS:
-            raise UnsupportedFormatError(
-                f"{where}: container format version {version!r} is not supported by this "
-                f"wsicodec (it reads version {', '.join(map(str, SUPPORTED_VERSIONS))}); "
-                "use the wsicodec release that wrote it")
-        try:
-            levels = tuple(LevelInfo(int(lv["width"]), int(lv["height"]),
-                                     float(lv["downsample"])) for lv in attrs["levels"])
-            mpp = attrs.get("mpp")
-            source = attrs.get("source") or {}
-            meta = cls(
-                codec=dict(attrs["codec"]),
-                tile_size=validate_tile_size(int(attrs["tile_size"])),
-                levels=levels,
-                model_id=attrs.get("model_sha256"),
-                mpp=(float(mpp[0]), float(mpp[1])) if mpp else None,
-                objective_power=attrs.get("objective_power"),
-                source_vendor=str(source.get("vendor", "unknown")),
-                source_name=source.get("name"),
-                source_bytes=source.get("bytes"),
-                properties={str(k): str(v) for k, v in (attrs.get("properties") or {}).items()},
-                associated_images=tuple(attrs.get("associated_images") or ()),
-                associated_formats={str(k): str(v)
-                                    for k, v in (attrs.get("associated_formats") or {}).items()},
-                associated_bytes={str(k): int(v)
-                                  for k, v in (attrs.get("associated_bytes") or {}).items()},
-                level_bytes=tuple(int(b) for b in attrs.get("level_bytes") or ()),
-            )
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise CorruptDataError(f"{where}: damaged container metadata ({e!r})") from e
-        if not levels:
-            raise CorruptDataError(f"{where}: container metadata lists no levels")
-        return meta
-
-
 def _vlen_bytes_dtype() -> Any:
     import zarr
 
     return zarr.dtype.VariableLengthBytes()
 
 
-def _read_tile_chunk(array: Any, row: int, col: int) -> bytes:
+def _read_tile_chunk(array: Any, row: int, col: int, guard: "_StoreGuard | None" = None,
+                     max_bytes: int = 0) -> bytes:
     """The bytes of tile (row, col) of a one-tile-per-chunk vlen-bytes array; b"" if its
     chunk is missing. The chunk's framing (item count 1, then the length of the
     one item) is checked here instead of by zarr's vlen-bytes codec: numcodecs trusts the
@@ -231,6 +140,8 @@ def _read_tile_chunk(array: Any, row: int, col: int) -> bytes:
     from zarr.core.sync import sync
 
     key = f"{array.path}/{array.metadata.encode_chunk_key((row, col))}"
+    if guard is not None and not guard.check(key, max_bytes + 8):
+        return b""
     buf = sync(array.store_path.store.get(key, prototype=default_buffer_prototype()))
     if buf is None:
         return b""
@@ -285,21 +196,29 @@ class ContainerWriter:
         import zarr
         import zarr.storage
 
+        from dataclasses import replace
+
         self.path = Path(path)
         self.overwrite = overwrite
         _sweep_leftovers(self.path)
         self._check_target()
-        self.metadata = metadata
+        # a fresh id for every container written (a resumed one too: its digests are
+        # computed again from the stored bytes), left out of the settings resume compares
+        self.metadata = replace(metadata, container_id=new_container_id(), level_digests=(),
+                                associated_digests={})
         self._zip = is_zip_path(self.path)
         self._done = False
         self._grids = [lv.grid(metadata.tile_size) for lv in metadata.levels]
         self._crc = [np.zeros((g.rows, g.cols), np.uint32) for g in self._grids]
+        self._digest = [np.zeros((g.rows, g.cols, DIGEST_BYTES), np.uint8) for g in self._grids]
         self._written = [np.zeros((g.rows, g.cols), bool) for g in self._grids]
         self._bytes = [0] * len(self._grids)
         self._associated: list[str] = []
         self._associated_formats: dict[str, str] = {}
         self._associated_bytes: dict[str, int] = {}
-        self._key = json.loads(json.dumps({"wsicodec_journal": 1, "metadata": metadata.to_attrs(),
+        self._associated_digests: dict[str, str] = {}
+        settings = replace(metadata, container_id=None, level_digests=(), associated_digests={})
+        self._key = json.loads(json.dumps({"wsicodec_journal": 1, "metadata": settings.to_attrs(),
                                            "source": resume_key or {}}, sort_keys=True))
         self._journal: Any = None
         self._adopted = False   # continuing an earlier writer's partial write
@@ -383,8 +302,14 @@ class ContainerWriter:
         if [zlib.crc32(b) for b in stored] != crcs:
             return
         self._crc[level][row, :] = crcs
+        for col, data in enumerate(stored):
+            self._digest[level][row, col] = np.frombuffer(self._tile_digest(level, col, row, data),
+                                                          np.uint8)
         self._bytes[level] += sum(len(b) for b in stored)
         self._written[level][row, :] = True
+
+    def _tile_digest(self, level: int, col: int, row: int, data: bytes) -> bytes:
+        return tile_digest(self.metadata.container_id, level, col, row, data)  # type: ignore[arg-type]
 
     def _journal_line(self, obj: dict[str, Any]) -> None:
         self._journal.write(json.dumps(obj, sort_keys=True) + "\n")
@@ -417,6 +342,8 @@ class ContainerWriter:
             data = bytes(data)
             values[0, col] = data
             self._crc[level][row, col] = zlib.crc32(data)
+            self._digest[level][row, col] = np.frombuffer(self._tile_digest(level, col, row, data),
+                                                          np.uint8)
             self._bytes[level] += len(data)
         cw = _quiet_zarr()
         try:
@@ -434,7 +361,7 @@ class ContainerWriter:
         if fmt not in ASSOCIATED_FORMATS:
             raise InvalidSettingError(f"associated image format {fmt!r} is not one of "
                                       f"{', '.join(ASSOCIATED_FORMATS)}")
-        if not _ASSOCIATED_NAME.match(name):
+        if not ASSOCIATED_NAME.match(name):
             log.warning("skipping associated image with unusable name %r", name)
             return
         data = _encode_png(rgb) if fmt == "png" else _encode_jxl(rgb)
@@ -445,6 +372,7 @@ class ContainerWriter:
         self._associated.append(name)
         self._associated_formats[name] = fmt
         self._associated_bytes[name] = len(data)
+        self._associated_digests[name] = blob_digest(self.metadata.container_id, name, data)  # type: ignore[arg-type]
 
     def commit(self) -> ContainerMetadata:
         """Write CRCs and metadata, then move the container onto its path.
@@ -461,17 +389,24 @@ class ContainerWriter:
         # The journal stays until the container is complete: a full disk or Ctrl-C while a
         # zip is packed (it needs the container's size again in free space) keeps every row
         # for --resume, as it does while tiles are coded.  It never goes into the output.
-        for level, crc in enumerate(self._crc):
+        level_digests = []
+        for level, (crc, digest) in enumerate(zip(self._crc, self._digest)):
             arr = self._group.create_array(f"levels/{level}/crc32", shape=crc.shape,
                                            chunks=crc.shape, dtype="uint32", fill_value=0,
                                            compressors=None, overwrite=True)
             arr[:] = crc
+            arr = self._group.create_array(f"levels/{level}/digest", shape=digest.shape,
+                                           chunks=digest.shape, dtype="uint8", fill_value=0,
+                                           compressors=None, overwrite=True)
+            arr[:] = digest
+            level_digests.append(level_digest(self.metadata.container_id, level, digest))  # type: ignore[arg-type]
         from dataclasses import replace
 
         meta = replace(self.metadata, associated_images=tuple(self._associated),
                        associated_formats=dict(self._associated_formats),
                        associated_bytes=dict(self._associated_bytes),
-                       level_bytes=tuple(self._bytes))
+                       associated_digests=dict(self._associated_digests),
+                       level_bytes=tuple(self._bytes), level_digests=tuple(level_digests))
         self._group.attrs.update({ATTRS_KEY: meta.to_attrs()})
         if self._zip:
             try:
@@ -605,20 +540,64 @@ def _replace(tmp: Path, final: Path) -> None:
         os.rename(tmp, final)
 
 
+class _StoreGuard:
+    """What a reader checks of a store's files before zarr reads one: that it is a
+    regular file (a named pipe or device would hang or never end; a link could point
+    anywhere) and that its size is within the bound given, from the zip's central
+    directory or the file system, before a byte of it is read or inflated."""
+
+    #: the most a zip member may inflate relative to its stored size (tiles and images
+    #: are stored uncompressed; zarr.json compresses ~10x)
+    MAX_RATIO = 100
+
+    def __init__(self, path: Path, infos: "dict[str, zipfile.ZipInfo] | None") -> None:
+        self.path, self.infos = path, infos
+
+    def check(self, key: str, max_bytes: int) -> bool:
+        """True when ``key`` is present and fit to read; False when it is missing.
+
+        Raises CorruptDataError for a non-regular file or one over ``max_bytes``."""
+        if self.infos is not None:
+            info = self.infos.get(key)
+            if info is None:
+                return False
+            size = info.file_size
+            if info.compress_type != zipfile.ZIP_STORED and size > self.MAX_RATIO * max(info.compress_size, 1):
+                raise CorruptDataError(f"{self.path}: zip member {key} would inflate "
+                                       f"{size // max(info.compress_size, 1)}x: refused")
+        else:
+            try:
+                st = os.lstat(self.path / key)
+            except FileNotFoundError:
+                return False
+            except OSError as e:
+                raise CorruptDataError(f"{self.path}: {key} is unreadable: {e}") from e
+            if not stat.S_ISREG(st.st_mode):
+                raise CorruptDataError(f"{self.path}: {key} is not a regular file: refused")
+            size = st.st_size
+        if size > max_bytes:
+            raise CorruptDataError(f"{self.path}: {key} holds {size} bytes, more than the "
+                                   f"{max_bytes} it may: refused")
+        return True
+
+
 class Container:
     """A container opened for reading. Thread-safe for tile reads.
 
     Use :func:`open_container` to get one.
     """
 
-    def __init__(self, path: Path, group: Any, store: Any, metadata: ContainerMetadata) -> None:
+    def __init__(self, path: Path, group: Any, store: Any, metadata: ContainerMetadata,
+                 guard: _StoreGuard | None = None) -> None:
         self.path = path
         self.metadata = metadata
         self._group = group
         self._store = store
+        self._guard = guard or _StoreGuard(path, None)
         self._codec: TileCodec | None = None
         self._tiles: dict[int, Any] = {}
         self._crc: dict[int, np.ndarray] = {}
+        self._digest: dict[int, np.ndarray] = {}
         self._latents: Any = None     # the learned codec's LatentCache, made on first use
         self.closed = False
 
@@ -664,41 +643,74 @@ class Container:
     def _level_arrays(self, level: int) -> tuple[Any, np.ndarray]:
         self._check_open()
         if level not in self._tiles:
-            self.grid(level)
+            g = self.grid(level)
+            digest = None
             try:
+                for key, cap in self._level_files(level, g):
+                    if not self._guard.check(key, cap):
+                        raise CorruptDataError(f"{key} is missing")
                 cw = _quiet_zarr()
                 try:
                     tiles = self._group[f"levels/{level}/tiles"]
                     crc = np.asarray(self._group[f"levels/{level}/crc32"][...], dtype=np.uint32)
+                    if self.metadata.has_digests:
+                        digest = np.asarray(self._group[f"levels/{level}/digest"][...], np.uint8)
                 finally:
                     cw.__exit__(None, None, None)
             except Exception as e:  # zarr/zip errors of many kinds: damaged store
                 raise CorruptDataError(f"{self.path}: level {level} arrays unreadable: {e}") from e
-            g = self.grid(level)
-            if tuple(tiles.shape) != (g.rows, g.cols) or crc.shape != (g.rows, g.cols):
+            if tuple(tiles.shape) != (g.rows, g.cols) or crc.shape != (g.rows, g.cols) or (
+                    digest is not None and digest.shape != (g.rows, g.cols, DIGEST_BYTES)):
                 raise CorruptDataError(f"{self.path}: level {level} arrays do not match the "
                                        "metadata's tile grid")
+            if digest is not None:
+                if level_digest(self.metadata.container_id, level, digest) != \
+                        self.metadata.level_digests[level]:  # type: ignore[arg-type]
+                    raise CorruptDataError(f"{self.path}: level {level}'s tile digests do not "
+                                           "match the metadata (damaged or replaced)")
+                self._digest[level] = digest
             self._tiles[level], self._crc[level] = tiles, crc
         return self._tiles[level], self._crc[level]
 
+    def _level_files(self, level: int, g: TileGrid) -> list[tuple[str, int]]:
+        """The files zarr reads whole to open a level's arrays, each with its size bound."""
+        n = g.rows * g.cols
+        files = [(f"levels/{level}/tiles/zarr.json", 1 << 16),
+                 (f"levels/{level}/crc32/zarr.json", 1 << 16),
+                 (f"levels/{level}/crc32/c/0/0", 4 * n)]
+        if self.metadata.has_digests:
+            files += [(f"levels/{level}/digest/zarr.json", 1 << 16),
+                      (f"levels/{level}/digest/c/0/0/0", DIGEST_BYTES * n)]
+        return files
+
     def read_encoded_tile(self, level: int, col: int, row: int) -> bytes:
-        """The stored bytes of one tile, CRC-checked, not decoded.
+        """The stored bytes of one tile, checked, not decoded: against its CRC32 and, in
+        a format-3 container, against its digest, which binds it to this container and to
+        (level, col, row).
 
         Raises:
             RegionOutOfBoundsError: level/col/row outside the pyramid.
-            CorruptTileError: bytes missing or failing their CRC (names level/col/row).
+            CorruptTileError: bytes missing, oversized, or failing their CRC or digest
+                (names level/col/row).
         """
         self._check_open()
         self.grid(level).check_tile(col, row)
         tiles, crc = self._level_arrays(level)
         where = f"level={level} col={col} row={row}"
         try:
-            data = _read_tile_chunk(tiles, row, col)
-        except Exception as e:  # damaged chunk framing, zip member CRC, I/O
+            data = _read_tile_chunk(tiles, row, col, self._guard,
+                                    max_tile_bytes(self.metadata.tile_size))
+        except Exception as e:  # damaged chunk framing, zip member CRC, I/O, oversized
             raise CorruptTileError(f"{self.path}: tile {where} is unreadable: {e}",
                                    level=level, col=col, row=row) from e
         if not data or zlib.crc32(data) != int(crc[row, col]):
             raise CorruptTileError(f"{self.path}: tile {where} is damaged (CRC32 mismatch)",
+                                   level=level, col=col, row=row)
+        digest = self._digest.get(level)
+        if digest is not None and tile_digest(self.metadata.container_id, level, col, row,  # type: ignore[arg-type]
+                                              data) != digest[row, col].tobytes():
+            raise CorruptTileError(f"{self.path}: tile {where} is not the tile written there "
+                                   "(digest mismatch: moved, replaced or damaged)",
                                    level=level, col=col, row=row)
         return data
 
@@ -712,7 +724,8 @@ class Container:
             return self.read_tiles(level, [(col, row)])[0]
         data = self.read_encoded_tile(level, col, row)
         try:
-            return self.codec.decode(data)
+            return check_decoded_tile(self.codec.decode(data, shape=tile_shape(self.tile_size)),
+                                      self.tile_size)
         except CorruptDataError as e:
             raise CorruptTileError(f"{self.path}: tile level={level} col={col} row={row}: {e}",
                                    level=level, col=col, row=row) from e
@@ -736,10 +749,14 @@ class Container:
             self._latents = self.codec.latent_cache(self.metadata.tile_size, 3 * widest + 8)
         out = decode_tiles(list(keys), lambda c, r: self.read_encoded_tile(level, c, r),
                            (g.cols, g.rows), lambda c, r: f"tile level={level} col={c} row={r}",
-                           cache=self._latents, cache_tag=level)
-        for (col, row), t in zip(keys, out):
-            if isinstance(t, BaseException):
-                raise as_tile_error(t, level, col, row, self.path)
+                           cache=self._latents, cache_tag=level, shape=tile_shape(self.tile_size))
+        for i, ((col, row), t) in enumerate(zip(keys, out)):
+            try:
+                if isinstance(t, BaseException):
+                    raise t
+                out[i] = check_decoded_tile(t, self.metadata.tile_size)
+            except BaseException as e:
+                raise as_tile_error(e, level, col, row, self.path)
         return out
 
     def iter_encoded_tiles(self, level: int) -> Iterator[tuple[int, int, bytes]]:
@@ -764,7 +781,16 @@ class Container:
             raise UnsupportedFormatError(f"{self.path}: associated image {name!r} is stored as "
                                          f"{fmt!r}, which this wsicodec cannot decode")
         try:
+            for key, cap in ((f"associated/{name}/zarr.json", 1 << 16),
+                             (f"associated/{name}/c/0", MAX_ASSOCIATED_BYTES)):
+                if not self._guard.check(key, cap):
+                    raise CorruptDataError(f"{key} is missing")
             data = bytes(np.asarray(self._group[f"associated/{name}"][...], np.uint8))
+            digest = self.metadata.associated_digests.get(name)
+            if self.metadata.has_digests and blob_digest(self.metadata.container_id, name,  # type: ignore[arg-type]
+                                                         data) != digest:
+                raise CorruptDataError("digest mismatch")
+            check_image_header(data, fmt)
             rgb = imagecodecs.png_decode(data) if fmt == "png" else imagecodecs.jpegxl_decode(data)
         except Exception as e:
             raise CorruptDataError(f"{self.path}: associated image {name!r} damaged: {e}") from e
@@ -785,6 +811,7 @@ class Container:
         stored = self._group.attrs.get(ATTRS_KEY, {})
         attrs["software"] = stored.get("software")
         attrs["format_version"] = stored.get("format_version")   # the file's, not this wsicodec's
+        attrs["missing_guarantees"] = missing_guarantees(self.metadata.format_version)
         attrs["path"] = str(self.path)
         attrs["container_bytes"] = self.nbytes()
         return attrs
@@ -806,11 +833,18 @@ class Container:
 
 
 def open_container(path: str | os.PathLike[str]) -> Container:
-    """Open a container (directory or ``.zip``) for reading and check its metadata.
+    """Open a container (directory or ``.zip``) for reading and validate its metadata
+    (:meth:`ContainerMetadata.from_attrs`: the whole schema, its bounds, and in format 3
+    its digest) before anything is sized from it.
+
+    Only regular files are read, each within a size bound checked before it is read;
+    a zip must name each member once (a second ``zarr.json`` appended to a zip is
+    refused, not shadowed) and no member may inflate past its bound.
 
     Raises:
         SlideNotFoundError: no such path.
-        CorruptDataError: a truncated/damaged zip or damaged metadata.
+        CorruptDataError: a truncated/damaged zip, oversized or irregular files, damaged
+            or inconsistent metadata.
         UnsupportedFormatError: not a wsicodec container, or an unknown format version.
     """
     import zarr
@@ -820,6 +854,7 @@ def open_container(path: str | os.PathLike[str]) -> Container:
     if not p.exists():
         raise SlideNotFoundError(f"{p}: no such file or directory")
     store: Any
+    infos: dict[str, zipfile.ZipInfo] | None = None
     if p.is_file():
         if not zipfile.is_zipfile(p):
             if is_zip_path(p):
@@ -828,23 +863,35 @@ def open_container(path: str | os.PathLike[str]) -> Container:
                                          "or .zarr.zip file)")
         try:
             with zipfile.ZipFile(p) as zf:
-                names = set(zf.namelist())
-            store = zarr.storage.ZipStore(p, mode="r")
-        except (zipfile.BadZipFile, OSError, ValueError) as e:
+                members = zf.infolist()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
             raise CorruptDataError(f"{p}: damaged zip file: {e}") from e
-        if "zarr.json" not in names:
-            store.close()
+        infos = {}
+        for info in members:
+            if info.filename in infos:
+                raise CorruptDataError(f"{p}: the zip holds {info.filename} more than once "
+                                       "(appended to after it was written): refused")
+            infos[info.filename] = info
+        if "zarr.json" not in infos:
             raise UnsupportedFormatError(f"{p}: zip file without zarr.json: not a wsicodec "
                                          "container")
-    else:
-        if not (p / "zarr.json").is_file():
+    elif p.is_dir():
+        if not (p / "zarr.json").exists():
             raise UnsupportedFormatError(f"{p}: directory without zarr.json: not a wsicodec "
                                          "container")
-        store = zarr.storage.LocalStore(p, read_only=True)
+    else:
+        raise UnsupportedFormatError(f"{p}: not a regular file or directory: refused")
+    guard = _StoreGuard(p, infos)
+    guard.check("zarr.json", MAX_JSON_BYTES)
+    try:
+        store = (zarr.storage.ZipStore(p, mode="r") if infos is not None
+                 else zarr.storage.LocalStore(p, read_only=True))
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CorruptDataError(f"{p}: damaged zip file: {e}") from e
     try:
         group = zarr.open_group(store, mode="r")
         attrs = dict(group.attrs).get(ATTRS_KEY)
-    except (json.JSONDecodeError, UnicodeDecodeError, zipfile.BadZipFile) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, zipfile.BadZipFile, RecursionError) as e:
         store.close()
         raise CorruptDataError(f"{p}: damaged container metadata: {e}") from e
     except Exception as e:  # zarr raises several types for "not a group"
@@ -855,4 +902,4 @@ def open_container(path: str | os.PathLike[str]) -> Container:
     except WsiCodecError:
         store.close()
         raise
-    return Container(p, group, store, meta)
+    return Container(p, group, store, meta, guard)

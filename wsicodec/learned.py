@@ -271,9 +271,11 @@ class LearnedCodec:
     def encode(self, tile: np.ndarray) -> bytes:
         return self.encode_batch([tile])[0]
 
-    def decode(self, data: bytes) -> np.ndarray:
-        """One tile on its own (see :meth:`decode_batch`: weak borders for a stitched tile)."""
-        return self.decode_batch([data])[0]
+    def decode(self, data: bytes, shape: tuple[int, int, int] | None = None) -> np.ndarray:
+        """One tile on its own (see :meth:`decode_batch`: weak borders for a stitched tile).
+        ``shape``: the (h, w, 3) the caller expects, checked against the tile's header
+        before anything is decoded (CorruptDataError otherwise)."""
+        return self.decode_batch([data], shape=shape)[0]
 
     # -------------------------------------------------------------- batch
     def encode_batch(self, tiles: Sequence[np.ndarray],
@@ -344,7 +346,8 @@ class LearnedCodec:
                     out[i] = head + zb + yb
         return out  # type: ignore[return-value]
 
-    def decode_batch(self, datas: Sequence[bytes], names: Sequence[str] | None = None) -> list[np.ndarray]:
+    def decode_batch(self, datas: Sequence[bytes], names: Sequence[str] | None = None,
+                     shape: tuple[int, int, int] | None = None) -> list[np.ndarray]:
         """Decode tiles, each on its own; ``names`` (e.g. "level 0 tile (3, 4)") go into
         error messages.
 
@@ -364,7 +367,7 @@ class LearnedCodec:
         jobs = []
         for i, data in enumerate(datas):
             data = bytes(data)
-            hd = _parse_named(data, names[i])
+            hd = _parse_named(data, names[i], shape)
             if hd.kind == KIND_UNIFORM:
                 out[i] = _decode_uniform_named(data, hd, names[i])
                 continue
@@ -378,7 +381,8 @@ class LearnedCodec:
                      grid: tuple[int, int], names: Callable[[int, int], str] | None = None, *,
                      cache: "LatentCache | None" = None, cache_tag: Hashable = None,
                      run: Callable[[Callable[[Any], Any], list], list] | None = None,
-                     synthesize: Callable[[list], list] | None = None) -> list[Any]:
+                     synthesize: Callable[[list], list] | None = None,
+                     shape: tuple[int, int, int] | None = None) -> list[Any]:
         """Tiles ``keys`` = [(col, row), ...] of a grid of ``grid`` = (cols, rows) tiles,
         each stitched tile decoded with its neighbours' latents ("Seams" above).
 
@@ -389,6 +393,8 @@ class LearnedCodec:
         work (a thread pool's map: every item's result or exception, in order);
         ``synthesize(windows)``: ungained latent windows → uint8 (H, W, 3) pixels or an
         exception each (default :meth:`synthesize_windows` on :attr:`device`).
+        ``shape``: the (h, w, 3) every tile of the grid has (a container's tile size);
+        a tile whose header says otherwise fails before anything is decoded.
 
         Returns one entry per key: the (h, w, 3) uint8 tile, or the exception that tile
         raised (damaged bytes, checksum, other weights).  A damaged *neighbour* does not
@@ -403,7 +409,7 @@ class LearnedCodec:
         def load(key: tuple[int, int]) -> tuple[bytes, TileHeader]:
             if key not in got:
                 data = bytes(fetch(*key))
-                got[key] = (data, _parse_named(data, names(*key)))
+                got[key] = (data, _parse_named(data, names(*key), shape))
             return got[key]
 
         stitched, alone = [], []
@@ -726,11 +732,15 @@ class LatentCache(ByteLRU):
             fut.set_result(result)
 
 
-def _parse_named(data: bytes, name: str) -> TileHeader:
+def _parse_named(data: bytes, name: str, shape: tuple[int, int, int] | None = None) -> TileHeader:
     try:
-        return parse_header(data)
+        hd = parse_header(data)
     except CorruptDataError as exc:
         raise CorruptDataError(f"{name}: {exc}") from None
+    if shape is not None and (hd.height, hd.width) != tuple(shape[:2]):
+        raise CorruptDataError(f"{name}: the tile's header says {hd.height}x{hd.width} pixels, "
+                               f"its place holds {shape[0]}x{shape[1]}")
+    return hd
 
 
 def _decode_uniform_named(data: bytes, hd: TileHeader, name: str) -> np.ndarray:

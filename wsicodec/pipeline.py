@@ -33,6 +33,7 @@ from wsicodec.container import (ContainerMetadata, ContainerWriter, associated_f
                                 check_output_path, open_container, path_size)
 from wsicodec.errors import (CompressInterrupted, CorruptDataError, CorruptTileError,
                              InvalidSettingError, PartialKeptError, UnsupportedFormatError)
+from wsicodec.metadata import missing_guarantees
 from wsicodec.tiff import TiffSettings, write_pyramidal_tiff
 from wsicodec.tiling import iter_strips, iter_tiles, open_source, plan_pyramid
 from wsicodec.tiling.pyramid import PyramidPlan, Strip
@@ -400,6 +401,10 @@ class VerifyResult:
     damaged_tiles: tuple[tuple[int, int, int, str], ...]   # (level, col, row, message)
     damaged_associated: tuple[tuple[str, str], ...]         # (name, message)
     seconds: float
+    #: the container's format version, and what that version cannot prove
+    #: (:func:`wsicodec.metadata.missing_guarantees`; empty for format 3)
+    format_version: int = 3
+    missing_guarantees: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -418,14 +423,19 @@ class VerifyResult:
                                   for lv, c, r, m in self.damaged_tiles],
                 "damaged_associated_images": [{"name": n, "error": m}
                                               for n, m in self.damaged_associated],
+                "format_version": self.format_version,
+                "missing_guarantees": list(self.missing_guarantees),
                 "seconds": round(self.seconds, 3)}
 
 
 def verify(path: str | os.PathLike[str], *, decode: bool = False,
            progress: Progress | None = None) -> VerifyResult:
-    """Check every tile of a container against its CRC32 (``decode``: decode it too,
-    which for the learned codec also checks the decoded symbols' checksum), and decode
-    every associated image. Damage is reported in the result, never raised.
+    """Check every tile of a container against its CRC32 and, in format 3, its digest
+    (which binds it to its level, column, row and container: a tile moved or spliced in
+    fails); ``decode``: decode it too, checking its geometry and, for the learned codec,
+    its symbols' checksum.  Decode every associated image (checking its digest).  The
+    metadata (and, in format 3, its digest) is checked when the container opens.
+    Damage is reported in the result, never raised.
 
     Raises as :func:`wsicodec.container.open_container` (not a container, unsupported
     version, damaged metadata), ModelMismatchError (``decode``, other weights) and
@@ -463,8 +473,9 @@ def verify(path: str | os.PathLike[str], *, decode: bool = False,
             except (CorruptDataError, UnsupportedFormatError) as e:
                 bad_assoc.append((name, str(e)))
         n_assoc = len(c.associated_image_names())
+        version = c.metadata.format_version
     return VerifyResult(Path(path), tiles, n_assoc, decode, tuple(bad_tiles), tuple(bad_assoc),
-                        time.perf_counter() - t0)
+                        time.perf_counter() - t0, version, tuple(missing_guarantees(version)))
 
 
 def _ordered_decode(container, level: int, workers: int,  # type: ignore[no-untyped-def]

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-from wsicodec.errors import InvalidSettingError, RegionOutOfBoundsError
+import numpy as np
+
+from wsicodec.errors import CorruptDataError, InvalidSettingError, RegionOutOfBoundsError
 
 MIN_TILE_SIZE = 16
 MAX_TILE_SIZE = 8192
@@ -30,6 +32,23 @@ def validate_tile_size(tile_size: int) -> int:
             f"tile size must be a multiple of 16 in [{MIN_TILE_SIZE}, {MAX_TILE_SIZE}], "
             f"got {tile_size!r}")
     return tile_size
+
+
+def tile_shape(tile_size: int) -> tuple[int, int, int]:
+    """The shape every stored tile decodes to: (tile_size, tile_size, 3) (edge tiles are
+    stored padded)."""
+    return (tile_size, tile_size, 3)
+
+
+def check_decoded_tile(tile: object, tile_size: int) -> np.ndarray:
+    """``tile`` if it is a (tile_size, tile_size, 3) uint8 array, else CorruptDataError:
+    a decoded tile of another geometry is damage, never pixels to show."""
+    if (not isinstance(tile, np.ndarray) or tile.dtype != np.uint8
+            or tile.shape != tile_shape(tile_size)):
+        raise CorruptDataError(
+            f"decoded to {getattr(tile, 'shape', None)} {getattr(tile, 'dtype', type(tile).__name__)}, "
+            f"but its place holds a {tile_size}x{tile_size} RGB uint8 tile")
+    return tile
 
 
 @dataclass(frozen=True)
