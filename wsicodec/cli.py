@@ -82,13 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "precision=bfloat16 (g_a's inner layers in bfloat16: faster on a CPU "
                         "with AVX512-BF16/AMX, the same rate-distortion) (repeatable)")
     p.add_argument("--tile-size", type=int, default=256,
-                   help="tile edge in pixels, multiple of 16 (default 256)")
+                   help="tile edge in pixels, a multiple of 16 in 16..4096 (default 256); a "
+                        "slide smaller than that gets tiles just large enough for it")
     p.add_argument("--workers", type=int, default=None,
                    help="encoder threads (default: CPU count, at most 8)")
     p.add_argument("--associated", choices=ASSOCIATED_POLICIES, default="auto",
                    help="label / macro / thumbnail: auto (default) keeps the label lossless and "
                         "codes the overviews as JPEG-XL (distance 0.5), lossless keeps all as "
-                        "PNG, none leaves them out (e.g. a label with the patient's name)")
+                        "PNG, none leaves them out (e.g. a label with the patient's name: "
+                        "only the images; the slide's properties, dates, file name and "
+                        "user included, stay: see --deidentify)")
+    p.add_argument("--deidentify", action="store_true",
+                   help="a copy to share: leave out the label, the macro (every associated "
+                        "image but the thumbnail), the source file name and the properties "
+                        "that carry people, dates, file names and identifiers; new DICOM "
+                        "UIDs (docs/deidentify.md). 'wsicodec info' lists what was left out")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted compress of the same slide to the same OUT "
@@ -110,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=None, help="decoder threads")
     d.add_argument("--precision", choices=PRECISIONS, default="float32", help=PRECISION_HELP)
     d.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    d.add_argument("--deidentify", action="store_true",
+                   help="leave the source file name out of the TIFF's ImageDescription (the "
+                        "TIFF never holds the slide's properties or associated images)")
     d.add_argument("--quiet", action="store_true", help="no progress bar and no summary: only errors (stderr) and the exit status")
 
     i = sub.add_parser("info", parents=[common], help="describe a container")
@@ -160,8 +171,11 @@ def _progress_bar(total: int | None, quiet: bool, desc: str) -> Any:
 
 def _cmd_compress(args: argparse.Namespace) -> int:
     from wsicodec.codecs import get_codec
-    from wsicodec.pipeline import compress, plan_tile_count
+    from wsicodec.paths import check_output_against_inputs, slide_inputs
+    from wsicodec.pipeline import check_tile_size, compress, plan_tile_count
 
+    check_output_against_inputs(args.output, slide_inputs(args.input))   # before anything
+    check_tile_size(args.tile_size)
     options = dict(_parse_option(o) for o in args.option)
     codec = get_codec(args.codec, args.quality, **options)
     show = not args.quiet and sys.stderr.isatty()
@@ -169,7 +183,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     with _progress_bar(total, not show, "compress") as bar:
         result = compress(args.input, args.output, codec, tile_size=args.tile_size,
                           workers=args.workers, overwrite=args.overwrite, progress=bar.update,
-                          associated=args.associated, resume=args.resume)
+                          associated=args.associated, resume=args.resume,
+                          deidentify=args.deidentify)
     if args.quiet:
         return 0
     w, h = result.dimensions
@@ -186,6 +201,11 @@ def _cmd_compress(args: argparse.Namespace) -> int:
              f" ({mp / max(result.seconds, 1e-9):.2f} MP/s level 0)")   # a resumed run's is not
     print(f"  {w} x {h} px, {result.levels} levels, {result.tiles} tiles, "
           f"{result.seconds:.1f} s{speed}")
+    if result.tile_size and result.tile_size != args.tile_size:
+        print(f"  tile size {result.tile_size}: --tile-size {args.tile_size} is more than "
+              f"this {w} x {h} px slide needs")
+    if result.deidentified:
+        print(f"  {_deidentified_line(result.deidentified)}")
     print(f"  source {_mb(result.source_bytes)}, container {_mb(result.container_bytes)} "
           f"(tiles {_mb(result.tile_bytes)}, associated images {_mb(result.associated_bytes)}); "
           f"ratio {result.ratio_vs_source:.2f}:1 vs source file, {result.ratio_vs_raw:.1f}:1 vs "
@@ -194,16 +214,18 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
 
 def _cmd_decompress(args: argparse.Namespace) -> int:
+    from wsicodec.paths import check_output_against_inputs
     from wsicodec.pipeline import container_tile_count, decompress
     from wsicodec.tiff import TiffSettings
 
+    check_output_against_inputs(args.output, [args.input])   # before anything
     settings = TiffSettings(args.tiff_compression, args.tiff_quality)
     show = not args.quiet and sys.stderr.isatty()
     total = container_tile_count(args.input) if show else None
     with _progress_bar(total, not show, "decompress") as bar:
         result = decompress(args.input, args.output, settings=settings, workers=args.workers,
                             overwrite=args.overwrite, progress=bar.update,
-                            precision=args.precision)
+                            precision=args.precision, deidentify=args.deidentify)
     if args.quiet:
         return 0
     w, h = result.dimensions
@@ -229,7 +251,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
           f"({info.get('software')})")
     print(f"  codec: {codec.get('name')} ({conf})"
           + (f", model sha256 {info['model_sha256']}" if info.get("model_sha256") else ""))
-    print(f"  source: {src.get('name')} ({src.get('vendor')}), "
+    name = src.get("name") or ("name left out" if info.get("deidentified") else "name not recorded")
+    print(f"  source: {name} ({src.get('vendor')}), "
           f"{_mb(src['bytes']) if src.get('bytes') else '? MB'}")
     mpp, power = info.get("mpp"), info.get("objective_power")
     print(f"  mpp: {f'{mpp[0]:g} x {mpp[1]:g} um/px' if mpp else 'not recorded'}, objective power: "
@@ -249,7 +272,35 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print("  integrity: " + ("tiles, associated images and metadata carry digests"
                              if not info.get("missing_guarantees") else
                              "CRC32 per tile only (written before format 3: no digests)"))
+    if info.get("deidentified"):
+        print(f"  {_deidentified_line(info['deidentified'])}")
     return 0
+
+
+def _printable(name: object) -> str:
+    """A name from a slide as one printable line: control characters escaped (an NDPI
+    property name holds carriage returns)."""
+    text = str(name)
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def _deidentified_line(record: dict[str, Any]) -> str:
+    """"de-identified: removed 9 properties (aperio.Date, ...), the label, macro images
+    and the source file name; 2 DICOM UIDs replaced" from a container's record."""
+    props = [_printable(n) for n in record.get("removed_properties") or []]
+    images = [_printable(n) for n in record.get("removed_associated_images") or []]
+    uids = list(record.get("replaced_uids") or [])
+    parts = [f"{len(props)} propert{'y' if len(props) == 1 else 'ies'}"
+             + (f" ({', '.join(props)})" if props else "")]
+    if images:
+        parts.append(f"the {', '.join(images)} image{'s' if len(images) > 1 else ''}")
+    if record.get("removed_source_name"):
+        parts.append("the source file name")
+    text = "de-identified: removed " + (", ".join(parts[:-1]) + " and " + parts[-1]
+                                        if len(parts) > 1 else parts[0])
+    if uids:
+        text += f"; {len(uids)} DICOM UID{'s' if len(uids) > 1 else ''} replaced by new ones"
+    return text
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:

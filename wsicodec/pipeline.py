@@ -24,7 +24,9 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
+
+import dataclasses
 
 import numpy as np
 
@@ -32,8 +34,10 @@ from wsicodec.codecs import TileCodec, check_precision
 from wsicodec.container import (ContainerMetadata, ContainerWriter, associated_format,
                                 check_output_path, open_container, path_size)
 from wsicodec.errors import (CompressInterrupted, CorruptDataError, CorruptTileError,
-                             InvalidSettingError, PartialKeptError, UnsupportedFormatError)
+                             InvalidSettingError, PartialKeptError, UnsupportedFormatError,
+                             WsiCodecError)
 from wsicodec.metadata import missing_guarantees
+from wsicodec.paths import check_output_against_inputs, slide_inputs
 from wsicodec.tiff import TiffSettings, write_pyramidal_tiff
 from wsicodec.tiling import iter_strips, iter_tiles, open_source, plan_pyramid
 from wsicodec.tiling.pyramid import PyramidPlan, Strip
@@ -44,6 +48,31 @@ BATCH_SIZE = 8
 
 Progress = Callable[[int], None]
 """Called with the number of tiles just finished."""
+
+
+#: the tile sizes compress accepts: multiples of 16 in [MIN_TILE_SIZE, MAX_TILE_SIZE]
+#: (a 4096 px tile is 48 MiB of RGB, and codecs need several times that to code it)
+MIN_TILE_SIZE, MAX_TILE_SIZE = 16, 4096
+
+
+def check_tile_size(tile_size: int) -> int:
+    """``tile_size`` if compress accepts it (a multiple of 16 in [16, 4096]).
+
+    Raises InvalidSettingError, before anything is opened or allocated."""
+    if (isinstance(tile_size, bool) or not isinstance(tile_size, int)
+            or not MIN_TILE_SIZE <= tile_size <= MAX_TILE_SIZE or tile_size % 16):
+        raise InvalidSettingError(f"tile size must be a multiple of 16 in [{MIN_TILE_SIZE}, "
+                                  f"{MAX_TILE_SIZE}], got {tile_size!r}")
+    return tile_size
+
+
+def fitted_tile_size(tile_size: int, level_dimensions: Sequence[tuple[int, int]]) -> int:
+    """The tile size compress uses for a slide: ``tile_size``, but never more than the
+    slide's largest level needs (its longer side rounded up to 16): a 512 x 512 image with
+    tile size 8192 is one 512 px tile, not one 8192 px tile of padding."""
+    w, h = level_dimensions[0]
+    needed = max(MIN_TILE_SIZE, -(-max(int(w), int(h)) // 16) * 16)
+    return min(tile_size, needed)
 
 
 def default_workers() -> int:
@@ -82,6 +111,10 @@ class CompressResult:
     seconds: float
     #: tiles taken over from an interrupted run (``resume``), not encoded again
     resumed_tiles: int = 0
+    #: the tile size used (less than asked when the slide is smaller: fitted_tile_size)
+    tile_size: int = 0
+    #: what ``deidentify`` left out (names only; see wsicodec.deidentify), or None
+    deidentified: dict | None = None
 
     @property
     def raw_bytes(self) -> int:
@@ -218,9 +251,17 @@ def compress_source(source: SlideSource, output: str | os.PathLike[str], codec: 
                     tile_size: int = 256, workers: int | None = None, overwrite: bool = False,
                     progress: Progress | None = None, source_name: str | None = None,
                     source_bytes: int | None = None, associated: str = "auto",
-                    resume: bool = False, resume_key: dict[str, Any] | None = None
-                    ) -> ContainerMetadata:
+                    resume: bool = False, resume_key: dict[str, Any] | None = None,
+                    deidentify: bool = False) -> ContainerMetadata:
     """Compress an open source into a container at ``output`` (atomic).
+
+    ``tile_size``: a multiple of 16 in [16, 4096]; a slide smaller than that gets tiles
+    as large as its largest level needs (:func:`fitted_tile_size`).
+
+    ``deidentify``: leave out the associated images but the thumbnail, the source's name
+    and the properties that carry people, dates, file names and identifiers, and replace
+    DICOM instance UIDs by new ones (:mod:`wsicodec.deidentify`); the container records
+    what was left out (names only) in its metadata's ``deidentified``.
 
     ``associated``: how the label / macro / thumbnail are kept, one of
     :data:`wsicodec.container.ASSOCIATED_POLICIES` ("auto": label lossless, the rest
@@ -233,41 +274,59 @@ def compress_source(source: SlideSource, output: str | os.PathLike[str], codec: 
     nothing to continue, it starts from the beginning. ``progress`` gets the taken-over
     tiles first, in one call.
 
-    Raises InvalidSettingError (tile size, workers, associated), OutputExistsError, the
-    source's read errors and the codec's errors; on any error nothing is left at
+    Raises OutputPathError (``output`` would replace or go inside the source, see
+    :func:`wsicodec.paths.check_output_against_inputs`; only for a source with a
+    ``path``), InvalidSettingError (tile size, workers, associated), OutputExistsError,
+    the source's read errors and the codec's errors; on any error nothing is left at
     ``output``. An interrupt (KeyboardInterrupt) after at least one tile row was finished
     raises :class:`CompressInterrupted`, an OSError (a full disk, an I/O error)
     :class:`PartialKeptError` (an OSError too): the finished rows are kept in a hidden
     sibling for ``resume``. Any other error removes that too.
     """
+    src_path = getattr(source, "path", None)
+    if src_path is not None:
+        check_output_against_inputs(output, slide_inputs(src_path))
     return _compress_source(source, output, codec, tile_size=tile_size, workers=workers,
                             overwrite=overwrite, progress=progress, source_name=source_name,
                             source_bytes=source_bytes, associated=associated, resume=resume,
-                            resume_key=resume_key)[0]
+                            resume_key=resume_key, deidentify=deidentify)[0]
 
 
 def _compress_source(source: SlideSource, output: str | os.PathLike[str], codec: TileCodec, *,
                      tile_size: int, workers: int | None, overwrite: bool,
                      progress: Progress | None, source_name: str | None,
                      source_bytes: int | None, associated: str, resume: bool,
-                     resume_key: dict[str, Any] | None) -> tuple[ContainerMetadata, int]:
+                     resume_key: dict[str, Any] | None, deidentify: bool = False
+                     ) -> tuple[ContainerMetadata, int]:
     """:func:`compress_source`, also returning how many tiles were taken over."""
+    check_tile_size(tile_size)
     n_workers = _check_workers(workers)
     associated_format("label", associated)   # an unknown policy fails before any work
+    tile_size = fitted_tile_size(tile_size, source.level_dimensions)
     plan = plan_pyramid(source.level_dimensions, source.level_downsamples, tile_size)
+    properties = dict(source.properties)
+    dropped: tuple[str, ...] = ()
+    extra: dict[str, Any] = {}
+    if deidentify:
+        from wsicodec.deidentify import deidentify as _deidentify
+
+        d = _deidentify(properties, source.vendor, source.associated_image_names())
+        properties, dropped, source_name = d.properties, d.removed_associated_images, None
+        extra = _deidentified_field(d.record())
     meta = ContainerMetadata(
         codec=codec.to_dict(), tile_size=tile_size,
         levels=tuple(lv.info for lv in plan.levels),
         model_id=getattr(codec, "model_id", None),
         mpp=source.mpp, objective_power=source.objective_power,
         source_vendor=source.vendor, source_name=source_name, source_bytes=source_bytes,
-        properties=dict(source.properties))
+        properties=properties, **extra)
     writer = ContainerWriter(output, meta, overwrite=overwrite, resume=resume,
                              resume_key=resume_key)
     total = plan.tile_count
     try:
         with writer:
-            _write_all(writer, source, plan, codec, associated, n_workers, progress)
+            _write_all(writer, source, plan, codec, associated, n_workers, progress,
+                       drop_associated=dropped)
             return writer.commit(), writer.resumed_tiles
     except KeyboardInterrupt as e:
         if writer.kept is not None:
@@ -279,15 +338,27 @@ def _compress_source(source: SlideSource, output: str | os.PathLike[str], codec:
         raise
 
 
+def _deidentified_field(record: dict[str, Any]) -> dict[str, Any]:
+    """``{"deidentified": record}`` for ContainerMetadata: the optional field that carries
+    what ``deidentify`` left out (serialised as the attrs key "deidentified")."""
+    if "deidentified" not in {f.name for f in dataclasses.fields(ContainerMetadata)}:
+        raise WsiCodecError("this wsicodec's container cannot record de-identification "
+                            "(ContainerMetadata has no 'deidentified' field)")
+    return {"deidentified": record}
+
+
 def _write_all(writer: ContainerWriter, source: SlideSource, plan: PyramidPlan,
                codec: TileCodec, associated: str, n_workers: int,
-               progress: Progress | None) -> None:
-    """Encode every tile row ``writer`` does not hold yet, and the associated images."""
+               progress: Progress | None, drop_associated: Sequence[str] = ()) -> None:
+    """Encode every tile row ``writer`` does not hold yet, and the associated images
+    (but those in ``drop_associated``)."""
     tile_size = plan.tile_size
     done = writer.done_rows()
     if done and progress:
         progress(writer.written_tiles)
     for name in source.associated_image_names():
+        if name in drop_associated:
+            continue
         fmt = associated_format(name, associated)
         if fmt is not None:
             writer.write_associated(name, source.read_associated_image(name), fmt)
@@ -328,24 +399,31 @@ def _write_all(writer: ContainerWriter, source: SlideSource, plan: PyramidPlan,
 def compress(source: str | os.PathLike[str], output: str | os.PathLike[str], codec: TileCodec, *,
              tile_size: int = 256, workers: int | None = None, overwrite: bool = False,
              progress: Progress | None = None, associated: str = "auto",
-             resume: bool = False) -> CompressResult:
+             resume: bool = False, deidentify: bool = False) -> CompressResult:
     """Compress a slide or image file into a container (``.zarr`` dir or ``.zarr.zip``).
 
     ``associated``: how associated images are kept (see :func:`compress_source`).
+    ``tile_size``: a multiple of 16 in [16, 4096], fitted to a smaller slide
+    (:func:`fitted_tile_size`; the result says what was used).
+    ``deidentify``: a de-identified copy (see :func:`compress_source`).
     ``resume``: continue an interrupted compress of this source to this output with the
     same settings, if one left its finished rows (the source file must be unchanged:
     same size and modification time); otherwise start from the beginning.
 
     Raises:
+        OutputPathError: ``output`` is the slide, lies in its folder (a DICOM slide) or
+            holds it (:func:`wsicodec.paths.check_output_against_inputs`; whatever
+            ``overwrite``), or the folder ``output`` would go in does not exist.
         SlideNotFoundError, UnsupportedFormatError, CorruptDataError: the input.
         InvalidSettingError: tile size / workers out of range, unknown ``associated``.
         OutputExistsError: ``output`` exists and ``overwrite`` is false.
-        OutputPathError: the folder ``output`` would go in does not exist.
         CompressInterrupted: interrupted after finishing tile rows, which were kept.
     """
     t0 = time.perf_counter()
     src_path = Path(source)
     out_path = Path(output)
+    check_output_against_inputs(out_path, slide_inputs(src_path))
+    check_tile_size(tile_size)
     check_output_path(out_path, overwrite)
     with open_source(src_path) as src:
         nbytes = source_file_bytes(src_path, src.vendor)
@@ -354,22 +432,25 @@ def compress(source: str | os.PathLike[str], output: str | os.PathLike[str], cod
         meta, resumed = _compress_source(
             src, out_path, codec, tile_size=tile_size, workers=workers, overwrite=overwrite,
             progress=progress, source_name=src_path.name, source_bytes=nbytes,
-            associated=associated, resume=resume, resume_key=key)
+            associated=associated, resume=resume, resume_key=key, deidentify=deidentify)
     return CompressResult(
         source=src_path, output=out_path, dimensions=meta.levels[0].dimensions,
         levels=len(meta.levels),
         tiles=sum(lv.grid(meta.tile_size).tile_count for lv in meta.levels),
         source_bytes=nbytes, container_bytes=path_size(out_path),
         tile_bytes=sum(meta.level_bytes), associated_bytes=sum(meta.associated_bytes.values()),
-        seconds=time.perf_counter() - t0, resumed_tiles=resumed)
+        seconds=time.perf_counter() - t0, resumed_tiles=resumed, tile_size=meta.tile_size,
+        deidentified=getattr(meta, "deidentified", None))
 
 
 def plan_tile_count(source: str | os.PathLike[str], tile_size: int) -> int:
     """Total tiles compress will encode for ``source`` (opens it briefly).
 
-    Raises as :func:`wsicodec.tiling.open_source` and InvalidSettingError.
+    Raises InvalidSettingError (tile size) and as :func:`wsicodec.tiling.open_source`.
     """
+    check_tile_size(tile_size)
     with open_source(source) as src:
+        tile_size = fitted_tile_size(tile_size, src.level_dimensions)
         return plan_pyramid(src.level_dimensions, src.level_downsamples, tile_size).tile_count
 
 
@@ -514,23 +595,32 @@ def _ordered_decode(container, level: int, workers: int,  # type: ignore[no-unty
                 f.cancel()
 
 
+def _tiff_description(meta: ContainerMetadata, deidentify: bool) -> str:
+    name = None if deidentify else meta.source_name
+    return f"wsicodec pyramid from {name or 'a container'} ({meta.codec.get('name')})"
+
+
 def decompress(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
                settings: TiffSettings = TiffSettings(), workers: int | None = None,
                overwrite: bool = False, progress: Progress | None = None,
-               precision: str = "float32") -> DecompressResult:
+               precision: str = "float32", deidentify: bool = False) -> DecompressResult:
     """Write a container out as a pyramidal TIFF (atomically: temp sibling + rename).
 
     ``precision``: how the learned codec runs g_s (:data:`wsicodec.codecs.PRECISIONS`).
+    The TIFF never holds the slide's properties or associated images; its
+    ImageDescription names the source file, unless ``deidentify`` (or the container was
+    made with ``deidentify``, so has no source name).
 
     Raises:
+        OutputPathError: ``output`` is the container or lies inside it (a ``.zarr``
+            directory), whatever ``overwrite``; or its folder does not exist.
         SlideNotFoundError, UnsupportedFormatError, CorruptDataError: the container.
         CorruptTileError: a damaged tile (nothing is left at ``output``).
         OutputExistsError: ``output`` exists and ``overwrite`` is false.
-        OutputPathError: the folder ``output`` would go in does not exist.
-        CompressInterrupted: interrupted after finishing tile rows, which were kept.
     """
     t0 = time.perf_counter()
     out_path = Path(output)
+    check_output_against_inputs(out_path, [source])
     n_workers = _check_workers(workers)
     check_precision(precision)
     check_output_path(out_path, overwrite)
@@ -545,8 +635,7 @@ def decompress(source: str | os.PathLike[str], output: str | os.PathLike[str], *
                 tmp, [lv.dimensions for lv in meta.levels], meta.tile_size,
                 lambda level: _ordered_decode(c, level, n_workers, progress),
                 mpp=meta.mpp, settings=settings,
-                description=f"wsicodec pyramid from {meta.source_name or 'a container'} "
-                            f"({meta.codec.get('name')})")
+                description=_tiff_description(meta, deidentify))
             os.replace(tmp, out_path)
         finally:
             tmp.unlink(missing_ok=True)
