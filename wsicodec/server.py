@@ -1,8 +1,9 @@
 """DeepZoom tile server over HTTP, with an OpenSeadragon viewer page.
 
-Standard library only (``http.server.ThreadingHTTPServer``): one thread per
-connection, all sharing one :class:`wsicodec.slide.WsiSlide` per slide (thread-safe,
-with its batched decoder and LRU tile cache) wrapped in OpenSlide's own
+Standard library only (``http.server``): a bounded pool of worker threads, one
+connection each (at most ``ServerSettings.max_connections`` served at once), all
+sharing one :class:`wsicodec.slide.WsiSlide` per slide (thread-safe, with its batched
+decoder and LRU tile cache) wrapped in OpenSlide's own
 ``openslide.deepzoom.DeepZoomGenerator``::
 
     GET /                                     viewer page (wsicodec/static/index.html)
@@ -20,22 +21,39 @@ with its batched decoder and LRU tile cache) wrapped in OpenSlide's own
 Status codes: 400 for a malformed request (bad numbers, unknown tile format), 404 for
 anything that does not exist (unknown slide, level or tile outside the pyramid), 500
 only for a tile whose stored bytes are damaged (the message names it; other tiles
-still serve) or an unexpected failure.  Error bodies are JSON ``{"error": ...}``.
+still serve) or an unexpected failure, 503 (with ``Retry-After``) when the server is
+full.  Error bodies are JSON ``{"error": ...}``.
+
+Under abuse (see docs/server-security.md): each request head must arrive within
+``timeout`` seconds of the server starting to wait for it, however slowly its bytes
+trickle (slowloris), and an idle keep-alive connection is closed after ``timeout``
+seconds.  At most ``max_connections`` connections are served at once (one worker
+thread each; threads never exceed that); up to as many again wait in a queue, in
+arrival order, and while any wait, a connection idle for a second gives way (is
+closed) and responses carry ``Connection: close``; beyond that a connection gets an
+immediate ``503 Service Unavailable`` with ``Retry-After: 1``.  The server has no
+authentication: bind it to loopback (the default) or put it behind a proxy that has.
 
 Library code: builds and runs the server, raises; the CLI (``wsicodec serve``) prints.
 """
 
 from __future__ import annotations
 
+import collections
 import io
+import ipaddress
 import json
 import logging
 import mimetypes
+import queue
 import re
+import socket
+import sys
 import threading
+import time
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 from urllib.parse import unquote, urlsplit
@@ -60,6 +78,16 @@ _ASSOCIATED_RE = re.compile(rf"^/slides/(?P<name>{_NAME})/associated/(?P<image>[
                             rf"\.(?P<fmt>[A-Za-z0-9]+)$")
 _INT_RE = re.compile(r"^[0-9]{1,9}$")
 
+#: while connections wait for a worker, one idle this long (no byte of its next
+#: request yet) is closed so that they get its worker
+IDLE_GRACE_S = 1.0
+_IDLE_POLL_S = 0.2
+#: a refused connection is kept open this long after its 503 (reading what the client
+#: sends), so that closing it does not reset the connection before the 503 is read
+_REFUSED_LINGER_S = 1.0
+_MAX_LINGERING = 256
+_RETRY_AFTER_S = 1
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -71,12 +99,20 @@ class ServerSettings:
             the container's tiles, so one DeepZoom tile decodes one stored tile).
         decoder: cache size, threads and device of each slide's decoder.
         openseadragon_dir: OpenSeadragon's ``build/openseadragon`` folder.
+        timeout: seconds a connection may take to send a request's line and headers,
+            counted from when the server starts waiting for it (so also how long an
+            idle keep-alive connection stays open), and the limit on sending one
+            response; 0 < timeout <= 3600.
+        max_connections: connections served at once, one worker thread each; as many
+            again wait in a queue, further ones are answered 503; 1..4096.
     """
 
     jpeg_quality: int = 90
     overlap: int = 0
     decoder: DecoderSettings = DecoderSettings()
     openseadragon_dir: Path = OPENSEADRAGON_DIR
+    timeout: float = 30.0
+    max_connections: int = 64
 
     def __post_init__(self) -> None:
         if isinstance(self.jpeg_quality, bool) or not isinstance(self.jpeg_quality, int) \
@@ -87,6 +123,14 @@ class ServerSettings:
                 or not 0 <= self.overlap <= 64:
             raise InvalidSettingError(f"overlap must be an integer in 0..64, got "
                                       f"{self.overlap!r}")
+        if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) \
+                or not 0 < self.timeout <= 3600:
+            raise InvalidSettingError(f"timeout must be a number of seconds in (0, 3600], "
+                                      f"got {self.timeout!r}")
+        if isinstance(self.max_connections, bool) or not isinstance(self.max_connections, int) \
+                or not 1 <= self.max_connections <= 4096:
+            raise InvalidSettingError(f"max connections must be an integer in 1..4096, got "
+                                      f"{self.max_connections!r}")
 
 
 class _HttpError(Exception):
@@ -232,14 +276,102 @@ def encode_image(image: Any, fmt: str, jpeg_quality: int) -> bytes:
         image.save(buf, "PNG", compress_level=1)
     return buf.getvalue()
 
+class _RequestReader(io.RawIOBase):
+    """The read side of one connection, with a deadline on each request head.
+
+    :meth:`begin` starts a request: from then reads fail with TimeoutError once the
+    server's ``timeout`` has passed, however slowly bytes trickle in (a socket timeout
+    alone restarts with every byte).  Until the request's first byte arrives (an idle
+    keep-alive connection, or a new one that has sent nothing) a read ends quietly
+    (EOF: the handler closes the connection) at the deadline, when the server is
+    closing, or when connections wait for a worker and this one has been idle for
+    IDLE_GRACE_S.  Each read leaves the socket's timeout at ``timeout`` for the
+    writes that follow.
+    """
+
+    def __init__(self, sock: socket.socket, server: "TileServer") -> None:
+        super().__init__()
+        self._sock, self._server = sock, server
+        self._timeout = server.settings.timeout
+        self._deadline = time.monotonic() + self._timeout
+        self._idle_since: float | None = time.monotonic()
+
+    def readable(self) -> bool:
+        return True
+
+    def begin(self) -> None:
+        now = time.monotonic()
+        self._deadline, self._idle_since = now + self._timeout, now
+
+    def readinto(self, buf: Any) -> int:
+        try:
+            while True:
+                now = time.monotonic()
+                left = self._deadline - now
+                idle = self._idle_since is not None
+                if idle:
+                    if left <= 0 or self._server.closing or (
+                            now - self._idle_since >= IDLE_GRACE_S and self._server.waiting()):
+                        return 0
+                    self._sock.settimeout(min(left, _IDLE_POLL_S))
+                else:
+                    if left <= 0:
+                        raise TimeoutError(f"request head not received within "
+                                           f"{self._timeout:g} s")
+                    self._sock.settimeout(left)
+                try:
+                    n = self._sock.recv_into(buf)
+                except TimeoutError:
+                    if idle:
+                        continue
+                    raise TimeoutError(f"request head not received within "
+                                       f"{self._timeout:g} s") from None
+                self._idle_since = None
+                return n
+        finally:
+            self._sock.settimeout(self._timeout)
+
+
+class _SocketWriter(io.BufferedIOBase):
+    """Unbuffered writes, each sent whole (``socket.sendall``, bounded by the socket's
+    timeout in total)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self._sock = sock
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self._sock.sendall(b)
+        with memoryview(b) as view:
+            return view.nbytes
+
+
+def _error_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
+
 
 class TileRequestHandler(BaseHTTPRequestHandler):
     """Routes GET/HEAD requests (see the module docstring)."""
 
     server: "TileServer"
     protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # headers and body go out at once (no 40 ms delayed-ACK stall)
     server_version = "wsicodec"
+
+    def setup(self) -> None:
+        self.connection = sock = self.request
+        sock.settimeout(self.server.settings.timeout)
+        # headers and body go out at once (no 40 ms delayed-ACK stall)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        self._reader = _RequestReader(sock, self.server)
+        self.rfile = io.BufferedReader(self._reader)
+        self.wfile = _SocketWriter(sock)
+
+    def handle_one_request(self) -> None:
+        self._reader.begin()
+        super().handle_one_request()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
         log.debug("%s - %s", self.address_string(), format % args)
@@ -255,23 +387,25 @@ class TileRequestHandler(BaseHTTPRequestHandler):
             status, ctype, body, cache = self._route(unquote(urlsplit(self.path).path))
         except _HttpError as e:
             status, ctype, cache = e.status, "application/json", False
-            body = json.dumps({"error": str(e)}).encode()
+            body = _error_body(str(e))
         except RegionOutOfBoundsError as e:
             status, ctype, cache = HTTPStatus.NOT_FOUND, "application/json", False
-            body = json.dumps({"error": str(e)}).encode()
+            body = _error_body(str(e))
         except CorruptDataError as e:
             status, ctype, cache = HTTPStatus.INTERNAL_SERVER_ERROR, "application/json", False
-            body = json.dumps({"error": str(e)}).encode()
+            body = _error_body(str(e))
             log.warning("%s: %s", self.path, e)
         except Exception as e:  # noqa: BLE001 - one failed request must not stop the server
             status, ctype, cache = HTTPStatus.INTERNAL_SERVER_ERROR, "application/json", False
-            body = json.dumps({"error": f"internal error: {type(e).__name__}: {e}"}).encode()
+            body = _error_body(f"internal error: {type(e).__name__}: {e}")
             log.exception("%s failed", self.path)
         try:
             self.send_response(status)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "public, max-age=3600" if cache else "no-store")
+            if self.server.waiting():   # free this worker for a waiting connection
+                self.send_header("Connection", "close")
             self.end_headers()
             if not head:
                 self.wfile.write(body)
@@ -363,11 +497,10 @@ def _parse_int(text: str, what: str) -> int:
     return int(text)
 
 
-class TileServer(ThreadingHTTPServer):
-    """A threading HTTP server over a :class:`SlideSet`; :meth:`server_close` closes the
-    slides too."""
+class TileServer(HTTPServer):
+    """An HTTP server over a :class:`SlideSet` with a bounded pool of worker threads
+    (see the module docstring); :meth:`server_close` closes the slides too."""
 
-    daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
 
@@ -375,6 +508,14 @@ class TileServer(ThreadingHTTPServer):
                  settings: ServerSettings) -> None:
         self.slides = slides
         self.settings = settings
+        self.closing = False
+        self._pool_lock = threading.Lock()
+        self._queue: queue.SimpleQueue[tuple[socket.socket, Any] | None] = queue.SimpleQueue()
+        self._queued = 0    # items in _queue
+        self._idle = 0      # workers free (started or back from a connection)
+        self._workers: list[threading.Thread] = []
+        self._lingering: collections.deque[tuple[float, socket.socket]] = collections.deque()
+        self.refused = 0    # connections answered 503
         super().__init__(address, TileRequestHandler)
 
     @property
@@ -387,9 +528,134 @@ class TileServer(ThreadingHTTPServer):
         host = f"[{host}]" if ":" in str(host) else host
         return f"http://{host}:{port}/"
 
+    @property
+    def loopback_only(self) -> bool:
+        """Whether the bound address is a loopback one (only this machine reaches it)."""
+        return is_loopback(str(self.server_address[0]))
+
+    # -- the worker pool
+    def waiting(self) -> int:
+        """Connections accepted and waiting for a worker."""
+        with self._pool_lock:
+            return max(0, self._queued - self._idle)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Hand the connection to a free worker, start one (up to max_connections), queue
+        it (up to max_connections waiting) or refuse it with a 503."""
+        n = self.settings.max_connections
+        with self._pool_lock:
+            if self.closing or (self._idle <= self._queued and len(self._workers) >= n
+                                and self._queued - self._idle >= n):
+                refuse = True
+            else:
+                refuse = False
+                if self._idle <= self._queued and len(self._workers) < n:
+                    t = threading.Thread(target=self._work, daemon=True,
+                                         name=f"wsicodec-worker-{len(self._workers)}")
+                    self._workers.append(t)
+                    self._idle += 1
+                    t.start()
+                self._queue.put((request, client_address))
+                self._queued += 1
+        if refuse:
+            self._refuse(request)
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            with self._pool_lock:
+                self._queued -= 1
+                self._idle -= 1
+            if item is None:
+                return
+            request, client_address = item
+            try:
+                self.finish_request(request, client_address)
+            except Exception:  # noqa: BLE001 - as socketserver: log, close, serve the next
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+                with self._pool_lock:
+                    self._idle += 1
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection's failure: the client's doing (reset, timed out) is logged at
+        debug level, anything else with its traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            log.debug("connection from %s: %r", client_address, error)
+        else:
+            log.exception("connection from %s failed", client_address)
+
+    def _refuse(self, request: socket.socket) -> None:
+        self.refused += 1
+        n = self.settings.max_connections
+        body = _error_body(f"server busy: {n} connections are being served and {n} wait; "
+                           f"retry in {_RETRY_AFTER_S} s")
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nServer: {TileRequestHandler.server_version}"
+                f"\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                f"Retry-After: {_RETRY_AFTER_S}\r\nCache-Control: no-store\r\n"
+                f"Connection: close\r\n\r\n").encode()
+        try:   # never blocks the accepting thread: the answer fits the socket's buffer
+            request.setblocking(False)
+            _drain(request)
+            request.send(head + body)
+            request.shutdown(socket.SHUT_WR)
+        except OSError:
+            request.close()
+            return
+        self._lingering.append((time.monotonic() + _REFUSED_LINGER_S, request))
+        while len(self._lingering) > _MAX_LINGERING:
+            self._lingering.popleft()[1].close()
+
+    def service_actions(self) -> None:
+        """(serve_forever's thread, after each accept and twice a second) close the
+        refused connections whose client has closed or whose time is up."""
+        now, keep = time.monotonic(), collections.deque()
+        while self._lingering:
+            until, sock = self._lingering.popleft()
+            if now >= until or _drain(sock):
+                sock.close()
+            else:
+                keep.append((until, sock))
+        self._lingering = keep
+
     def server_close(self) -> None:
+        """Stop listening, close the refused connections, end idle connections and the
+        workers (waiting up to a second for those busy), then close the slides."""
+        self.closing = True
         super().server_close()
+        while self._lingering:
+            self._lingering.popleft()[1].close()
+        with self._pool_lock:
+            for _ in self._workers:
+                self._queue.put(None)
+                self._queued += 1
+        until = time.monotonic() + 1.0
+        for t in self._workers:
+            t.join(max(0.0, until - time.monotonic()))
         self.slides.close()
+
+
+def _drain(sock: socket.socket) -> bool:
+    """Read what a non-blocking socket has (up to 1 MiB); True when it is closed."""
+    try:
+        for _ in range(16):
+            if not sock.recv(65536):
+                return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return False
+
+
+def is_loopback(host: str) -> bool:
+    """Whether an address (``server_address[0]``, or ``localhost``) is a loopback one."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
 
 
 def make_server(paths: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000,
@@ -431,5 +697,5 @@ def serve_in_thread(server: TileServer) -> threading.Thread:
     return t
 
 
-__all__ = ["ServerSettings", "SlideSet", "TileServer", "make_server", "render_tile",
-           "serve_in_thread", "slide_name", "WsiCodecError"]
+__all__ = ["ServerSettings", "SlideSet", "TileServer", "is_loopback", "make_server",
+           "render_tile", "serve_in_thread", "slide_name", "WsiCodecError"]
