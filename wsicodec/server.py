@@ -21,8 +21,9 @@ decoder and LRU tile cache) wrapped in OpenSlide's own
 Status codes: 400 for a malformed request (bad numbers, unknown tile format), 404 for
 anything that does not exist (unknown slide, level or tile outside the pyramid), 500
 only for a tile whose stored bytes are damaged (the message names it; other tiles
-still serve) or an unexpected failure, 503 (with ``Retry-After``) when the server is
-full.  Error bodies are JSON ``{"error": ...}``.
+still serve) or an unexpected failure, 405 for methods other than GET and HEAD (501 for
+unknown ones), 431 for a header line over 64 KiB or more than 100 headers, 503 (with
+``Retry-After``) when the server is full.  Error bodies are JSON ``{"error": ...}``.
 
 Under abuse (see docs/server-security.md): each request head must arrive within
 ``timeout`` seconds of the server starting to wait for it, however slowly its bytes
@@ -375,6 +376,51 @@ class TileRequestHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
         log.debug("%s - %s", self.address_string(), format % args)
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":   # "GET /path": would be answered bare
+            self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 requests are not served "
+                                                    "(no HTTP version in the request line)")
+            return False
+        return True
+
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        """http.server's errors (400 for a malformed request line, 414, 431 for a header
+        line over 64 KiB or over 100 headers, 501 for an unknown method) as JSON like ours,
+        with a status line and headers even when the request line was not understood."""
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"
+        self._send_error(HTTPStatus(code), message or HTTPStatus(code).phrase)
+
+    def _send_error(self, status: HTTPStatus, message: str,
+                    headers: Sequence[tuple[str, str]] = ()) -> None:
+        self.log_error("code %d, message %s", status, message)
+        body = _error_body(message)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        for k, v in headers:
+            self.send_header(k, v)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _method_not_allowed(self) -> None:
+        # read a small body so that closing does not reset the connection under the answer
+        length = self.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) <= 65536:
+            self.rfile.read(int(length))
+        self._send_error(HTTPStatus.METHOD_NOT_ALLOWED,
+                         f"method {self.command} not allowed (GET or HEAD)",
+                         [("Allow", "GET, HEAD")])
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = \
+        _method_not_allowed  # noqa: N815 - http.server's naming
 
     def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
         self._handle(head=True)
