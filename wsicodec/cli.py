@@ -159,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the learned decoder's g_s runs: auto (CUDA when present), "
                         "cpu, cuda (default auto)")
     s.add_argument("--precision", choices=PRECISIONS, default="float32", help=PRECISION_HELP)
+    s.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a connection that takes longer to send a request's line and headers, "
+                        "or stays idle between requests that long, is closed (default 30)")
+    s.add_argument("--max-connections", type=int, default=64, metavar="N",
+                   help="connections served at once, one thread each; N more wait, further "
+                        "ones get 503 with Retry-After (default 64)")
     return parser
 
 
@@ -354,9 +360,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         jpeg_quality=args.jpeg_quality,
         decoder=DecoderSettings(cache_bytes=args.cache_mb * 1024 * 1024,
                                 workers=args.workers, device=args.device,
-                                precision=args.precision))
+                                precision=args.precision),
+        timeout=args.timeout, max_connections=args.max_connections)
     server = make_server(args.slides, args.host, args.port, settings)
     try:
+        if not server.loopback_only:
+            print(f"{PROG}: warning: listening on {server.server_address[0]}, not a loopback "
+                  "address, and the server has no authentication: anyone who reaches this "
+                  "port reads every slide, its label and its properties (put it behind an "
+                  "authenticating proxy, see docs/server-security.md)", file=sys.stderr,
+                  flush=True)
         print(f"serving {len(server.slides.slides)} slide(s) at {server.url} "
               f"(Ctrl-C to stop)", flush=True)
         for name in server.slides.slides:
