@@ -382,7 +382,7 @@ def test_resume_needs_the_same_settings(tmp_path: Path, odd_image: np.ndarray) -
     other = Flaky(quality=80)
     compress_source(source(odd_image), out, other, tile_size=64, workers=1, resume=True)
     assert other.calls == sum(1 for _ in tiles_of(out))      # nothing taken over
-    assert Path(info.value.partial).is_dir()                 # the other settings' rows stay
+    assert not Path(info.value.partial).exists()             # and, OUT complete, swept
     with pytest.raises(CompressInterrupted):                  # another source: same story
         compress_source(source(odd_image), tmp_path / "d.zarr", Flaky(at=11), tile_size=64,
                         workers=1, resume_key={"mtime_ns": 1})
@@ -390,6 +390,26 @@ def test_resume_needs_the_same_settings(tmp_path: Path, odd_image: np.ndarray) -
     compress_source(source(odd_image), tmp_path / "d.zarr", again, tile_size=64, workers=1,
                     resume=True, resume_key={"mtime_ns": 2})
     assert again.calls == sum(1 for _ in tiles_of(tmp_path / "d.zarr"))
+
+
+@pytest.mark.parametrize("name", STORES)
+def test_a_partial_left_by_kill_9_is_swept_once_out_is_written(tmp_path: Path,
+                                                                odd_image: np.ndarray,
+                                                                name: str) -> None:
+    """A run killed outright (no chance to clean up) leaves its partial; the next run to the
+    same OUT without --resume starts afresh and, once OUT is complete, removes it, leaving
+    only a partial a live writer still holds."""
+    out = tmp_path / name
+    meta = ContainerMetadata(codec=get_codec("jpeg").to_dict(), tile_size=64,
+                             levels=_levels(odd_image))
+    killed = ContainerWriter(out, meta)
+    killed.write_row(0, 0, [b"x"] * 4)
+    killed._close_journal()              # what kill -9 leaves: files, no lock, no cleanup
+    live = ContainerWriter(out, meta)    # another writer still at work on OUT
+    compress_source(source(odd_image), out, get_codec("jpeg"), tile_size=64, workers=1)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([name, live._tmp_dir.name]), left
+    live.abort()
 
 
 def test_a_live_write_is_never_taken_over(tmp_path: Path, odd_image: np.ndarray) -> None:

@@ -425,6 +425,7 @@ class ContainerWriter:
         self._done = True
         if self._zip:
             shutil.rmtree(self._tmp_dir, ignore_errors=True)
+        _sweep_stale_partials(self.path)
         return meta
 
     def _close_journal(self) -> None:
@@ -493,6 +494,26 @@ def _sweep_leftovers(path: Path) -> None:
         if path.exists():
             for old in parent.glob(f".{name}.old-*"):
                 _remove(old)
+
+
+def _sweep_stale_partials(path: Path) -> None:
+    """Once ``path`` is complete, remove the partial writes of it that no writer holds
+    (left by a run killed with ``kill -9`` or a crash and never resumed): the output they
+    were for now exists, so they are only hidden copies of its size.  A partial that a
+    live writer holds (its journal locked) stays."""
+    parent, name = path.parent, path.name
+    with contextlib.suppress(OSError):
+        for d in parent.glob(f".{name}.partial-*"):
+            if not d.is_dir() or not (d / JOURNAL).is_file():
+                continue
+            journal = _locked_journal(d / JOURNAL)
+            if journal is None:             # a live writer
+                continue
+            journal.close()
+            log.info("removing %s, an unfinished earlier write of %s", d, path)
+            if d.name.endswith(".d"):
+                _remove(d.with_name(d.name[:-2]))   # a zip torn while it was packed
+            _remove(d)
 
 
 def _remove(p: Path) -> None:
