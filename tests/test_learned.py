@@ -741,3 +741,17 @@ def test_reconstruction_moves_pixels_never_symbols(tissue, monkeypatch):
     assert (moved != plain).any()
     assert _psnr(moved, tile) > _psnr(plain, tile)
     assert codec.encode(tile) == data                       # the encoder does not use it
+
+
+def test_an_image_stream_header_claiming_gigapixels_is_refused_at_once() -> None:
+    """A few bytes whose header declares a 2**32-pixel-wide image: refused from the header,
+    before the tile grid is enumerated or the output allocated."""
+    import time
+
+    from wsicodec.image import _HEAD, MAGIC, VERSION, decode
+    for h, w, tile in ((2**32 - 1, 2**32 - 1, 16), (1000, 1000, 1), (100_000, 100_000, 4096)):
+        head = _HEAD.pack(MAGIC, VERSION, 0, h, w, tile, bytes(32), 1)
+        t0 = time.perf_counter()
+        with pytest.raises(CorruptDataError, match="out of bounds"):
+            decode(head + bytes(8))
+        assert time.perf_counter() - t0 < 1.0

@@ -35,6 +35,10 @@ _ENTRY = struct.Struct("<II")
 DEFAULT_TILE = 256
 
 
+#: pixels of one image stream (its decode allocates them at once: 3 bytes each)
+MAX_IMAGE_PIXELS = 1 << 28
+
+
 def _grid(height: int, width: int, tile: int):
     for r in range(-(-height // tile)):
         for c in range(-(-width // tile)):
@@ -75,8 +79,10 @@ def encode(image: np.ndarray, quality: float = 4.0, *, tile_size: int = DEFAULT_
     a = np.asarray(image)
     if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
         raise InvalidSettingError(f"image must be (H, W, 3) uint8, got {a.shape} {a.dtype}")
-    if a.shape[0] < 1 or a.shape[1] < 1:
-        raise InvalidSettingError(f"image must be at least 1x1, got {a.shape[:2]}")
+    if a.shape[0] < 1 or a.shape[1] < 1 or a.shape[0] * a.shape[1] > MAX_IMAGE_PIXELS:
+        raise InvalidSettingError(f"image must be 1 to {MAX_IMAGE_PIXELS} pixels, got "
+                                  f"{a.shape[1]}x{a.shape[0]} (code larger images as a slide: "
+                                  "wsicodec compress)")
     if isinstance(tile_size, bool) or not isinstance(tile_size, int) or not 16 <= tile_size <= 4096 \
             or tile_size % 16:
         raise InvalidSettingError(f"tile_size must be a multiple of 16 in 16..4096, got {tile_size!r}")
@@ -120,7 +126,10 @@ def read_stream(data: bytes) -> ImageStream:
     _, ver, _, h, w, tile, model_id, n = _HEAD.unpack_from(data)
     if ver != VERSION:
         raise CorruptDataError(f"image stream version {ver} is not supported (expected {VERSION})")
-    if h == 0 or w == 0 or tile == 0 or n != len(list(_grid(h, w, tile))):
+    if not (16 <= tile <= 4096 and tile % 16 == 0) or not 1 <= h * w <= MAX_IMAGE_PIXELS:
+        raise CorruptDataError(f"image stream header is out of bounds ({w}x{h} pixels in "
+                               f"{tile}-px tiles; at most {MAX_IMAGE_PIXELS} pixels)")
+    if n != -(-h // tile) * -(-w // tile):
         raise CorruptDataError("image stream header is inconsistent (tile count)")
     pos = _HEAD.size + n * _ENTRY.size
     if len(data) < pos:
