@@ -409,8 +409,10 @@ def test_weights_are_found_by_id(tissue, tmp_path, monkeypatch):
     assert find_weights(theirs[:16]) == other.resolve()
     assert load_model_for(theirs).model_id == theirs
     assert np.array_equal(wsicodec.decode(data), wsicodec.decode(data, model=str(other)))
-    # a container records the encoder's path; on another machine it is looked up by id
-    assert load_model_for(theirs, str(tmp_path / "gone" / "earlier.pt")).model_id == theirs
+    # a path is the caller's own choice: one that does not exist is an error, never a
+    # reason to look elsewhere (containers no longer record one: codec_from_dict drops it)
+    with pytest.raises(InvalidSettingError, match="not found"):
+        load_model_for(theirs, str(tmp_path / "gone" / "earlier.pt"))
     # every shipped model id is on record, the current one included
     assert load_model().model_id in [m["model_id"] for m in shipped_history()]
 

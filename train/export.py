@@ -9,6 +9,10 @@ tables, drops optimiser state, writes atomically and prints the model id (sha256
 Given exported weights instead (a GPU session's), it keeps their tensors and tables and
 only sets ``--reconstruction`` (and, with ``--synthesis``, takes the g_s that
 ``train/finetune_synthesis.py`` tuned for them); the result opens their data (same symbols).
+
+Inputs are read with ``torch.load(weights_only=True)``; the output holds tensors and plain
+JSON-able data only (the provenance, training arguments included, is converted), and is
+checked to load that way before it replaces ``--out`` (docs/security.md).
 """
 
 from __future__ import annotations

@@ -1,31 +1,42 @@
 """Save and load inference checkpoints of :class:`~wsicodec.model.WsiHyperprior`.
 
-An inference checkpoint is a ``torch.save`` dict::
+An inference checkpoint is a ``torch.save`` dict of plain data and tensors only::
 
     {"format": "wsicodec-model", "version": 1,
-     "config": ModelConfig.to_dict(), "state_dict": ..., "provenance": {...}}
+     "config": ModelConfig.to_dict(), "state_dict": {name: tensor},
+     "provenance": {JSON-able data}}
 
 with the CDF tables already frozen (``model.update()`` ran before saving).  The
 model id is the sha256 of the file's bytes; it is written into every container
 and every image stream, and data made with other weights is refused.
 
-Shipped weights live in ``wsicodec/weights/`` and load offline.  Data made with
-earlier weights is decoded with them when they can be found by id (see
-:func:`find_weights`): the shipped file, ``$WSICODEC_MODEL``, or any ``*.pt`` in the
-folders named by ``$WSICODEC_MODEL_DIR``.  ``weights/history.json`` lists every
-model id that was ever shipped and where its file lives in the git history, so a
-refusal can say how to get it back.
+Trust: weights are code-free data.  :func:`load_model` reads them with
+``torch.load(..., weights_only=True)`` (no arbitrary unpickling: a file holding any
+other object is refused) and checks the header's types before it builds the network;
+:func:`export` writes only such data and checks that its output loads that way.
+
+Where weights come from: a path a caller gives (the Python API, ``get_codec(...,
+model=...)``: the caller's own file), or, for data to decode, the *model id* it
+records, looked up among trusted places only (:func:`find_weights`): the shipped
+file and folder, ``$WSICODEC_MODEL``, and any ``*.pt`` in the folders named by
+``$WSICODEC_MODEL_DIR``.  A path read from a container or a stream is never opened
+(:func:`wsicodec.codecs.codec_from_dict` drops it).  ``weights/history.json`` lists
+every model id that was ever shipped and where its file lives in the git history, so
+a refusal can say how to get it back.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import math
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from .errors import InvalidSettingError, ModelMismatchError, WsiCodecError
 
@@ -40,6 +51,10 @@ WEIGHTS_DIRS_ENV = "WSICODEC_MODEL_DIR"
 HISTORY = WEIGHTS_DIR / "history.json"
 #: buffers that ``update()`` sizes when it freezes the CDF tables (per entropy model)
 FROZEN_TABLES = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
+#: the keys of a checkpoint's ``config`` (``ModelConfig.to_dict()``); N, M, lambdas required
+CONFIG_KEYS = ("N", "M", "lambdas", "enc_blocks", "dec_blocks", "reconstruction")
+#: a model id: the sha256 in hex, or a prefix of it (tile headers keep 16 hex digits)
+MODEL_ID_RE = re.compile(r"^[0-9a-f]{16,64}$")
 
 
 _copies_lock = threading.Lock()
@@ -141,10 +156,14 @@ def weights_search_path() -> list[Path]:
 def find_weights(model_id: str) -> Path | None:
     """The weights file whose sha256 starts with ``model_id`` (hex), or None.
 
-    Looks at ``$WSICODEC_MODEL``, the shipped weights, and every ``*.pt`` in the
-    folders of ``$WSICODEC_MODEL_DIR`` (hashes are cached by size and mtime).
+    Looks in the trusted places only: ``$WSICODEC_MODEL``, the shipped weights folder,
+    and every ``*.pt`` in the folders of ``$WSICODEC_MODEL_DIR`` (hashes are cached by
+    size and mtime).  Never a path that came with the data.  An id that is not 16..64
+    hex digits finds nothing.
     """
-    model_id = model_id.lower()
+    model_id = model_id.lower() if isinstance(model_id, str) else ""
+    if not MODEL_ID_RE.match(model_id):
+        return None
     for f in weights_search_path():
         try:
             if _cached_sha256(f).startswith(model_id):
@@ -167,31 +186,42 @@ def _where_to_find(model_id: str) -> str:
         if str(entry.get("model_id", "")).startswith(model_id.lower()):
             return (f"those weights shipped with wsicodec {entry.get('shipped', '')} (git {entry.get('git_commit', '?')}:"
                     f"{entry.get('path', 'wsicodec/weights/wsicodec-hyperprior.pt')}); put that file in a folder "
-                    f"named by ${WEIGHTS_DIRS_ENV} (or pass it as the model)")
-    return f"put the weights it was made with in a folder named by ${WEIGHTS_DIRS_ENV} (or pass them as the model)"
+                    f"named by ${WEIGHTS_DIRS_ENV} (or point ${WEIGHTS_ENV} at it)")
+    return (f"put the weights it was made with in a folder named by ${WEIGHTS_DIRS_ENV} "
+            f"(or point ${WEIGHTS_ENV} at them)")
 
 
 def load_model_for(model_id: str | None, path: str | os.PathLike | None = None) -> "LoadedModel":
     """The weights to decode data made with ``model_id``.
 
-    An existing ``path`` must hold those weights (or their decoder: see
-    :meth:`LoadedModel.decodes`).  Otherwise (no ``path``, or one recorded on another
-    machine that does not exist here) they are looked up by id (:func:`find_weights`:
-    the default weights first), and failing that the default weights are taken if they
-    hold that decoder; else :class:`ModelMismatchError` names both ids and where the
-    weights can be had, or :class:`InvalidSettingError` when no weights file exists at all.
+    ``path``: a weights file the *caller* chose (never one read from the data): it must
+    exist and hold those weights (or their decoder: see :meth:`LoadedModel.decodes`).
+    Without it the weights are looked up by id among the trusted places
+    (:func:`find_weights`), and failing that the default weights are taken if they hold
+    that decoder; else :class:`ModelMismatchError` names both ids and where to put the
+    weights, or :class:`InvalidSettingError` when no weights file exists at all.
     """
     if model_id is None:
         return load_model(path)
-    model_id = str(model_id).lower()
-    if path is None or not Path(path).expanduser().is_file():
+    model_id = check_model_id(model_id)
+    if path is None:
         found = find_weights(model_id)
         if found is not None:
-            return load_model(found)
-        path = None
+            loaded = load_model(found)
+            if loaded.decodes(model_id):     # the file may have changed since it was hashed
+                return loaded
     loaded = load_model(path)            # raises when no weights file exists
     loaded.check_id(model_id, "this data")
     return loaded
+
+
+def check_model_id(model_id: Any) -> str:
+    """``model_id`` in lower case if it is a sha256 in hex (or a prefix of at least 16
+    digits), else :class:`InvalidSettingError`."""
+    mid = model_id.lower() if isinstance(model_id, str) else None
+    if mid is None or not MODEL_ID_RE.match(mid):
+        raise InvalidSettingError(f"a model id is a sha256 in hex (16 to 64 digits), got {model_id!r:.80}")
+    return mid
 
 
 def default_weights_path() -> Path:
@@ -206,11 +236,17 @@ _lock = threading.Lock()
 def load_model(path: str | os.PathLike | None = None) -> LoadedModel:
     """Load (once per path, then cached) an inference checkpoint on the CPU.
 
+    ``path`` (default: :func:`default_weights_path`) is a file the caller trusts to be
+    *weights*; it is still read as data only: ``torch.load(weights_only=True)``, so a
+    file that holds any other object (a pickled function, a class) is refused, never
+    run.  The header's types are checked before the network is built, and the model id
+    is the sha256 of the very bytes that were loaded.
+
     Raises:
-        InvalidSettingError: the file is missing or is not a wsicodec model.
+        InvalidSettingError: the file is missing or is not a wsicodec model (names why).
     """
     p = Path(path) if path is not None else default_weights_path()
-    p = p.resolve()
+    p = p.expanduser().resolve()
     with _lock:
         if p in _cache:
             return _cache[p]
@@ -220,19 +256,127 @@ def load_model(path: str | os.PathLike | None = None) -> LoadedModel:
 
         from .model import ModelConfig, WsiHyperprior
         try:
-            state = torch.load(p, map_location="cpu", weights_only=False)
-        except Exception as exc:  # torch raises many kinds on a bad file
-            raise InvalidSettingError(f"{p} is not a readable model checkpoint ({exc.__class__.__name__})") from None
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise InvalidSettingError(f"{p} is not a wsicodec model (format {state.get('format') if isinstance(state, dict) else type(state).__name__!r})")
-        if state.get("version") != VERSION:
-            raise InvalidSettingError(f"{p}: model format version {state.get('version')} is not supported (expected {VERSION})")
-        model = WsiHyperprior(ModelConfig.from_dict(state["config"]))
-        _load_coding_state(model, state["state_dict"])
+            data = p.read_bytes()
+        except OSError as exc:
+            raise InvalidSettingError(f"model weights unreadable: {p} ({exc.strerror or exc})") from None
+        state = _load_plain(io.BytesIO(data), p)
+        config = check_header(state, p)
+        try:
+            model = WsiHyperprior(ModelConfig.from_dict(config))
+            _load_coding_state(model, state["state_dict"])
+        except (RuntimeError, ValueError, TypeError, KeyError) as exc:   # tensors of other shapes
+            raise InvalidSettingError(f"{p}: its tensors do not fit the network its config describes "
+                                      f"({' '.join(str(exc).split())[:200]})") from None
         model.eval()
-        loaded = LoadedModel(model, _cached_sha256(p), p, dict(state.get("provenance", {})))
+        loaded = LoadedModel(model, hashlib.sha256(data).hexdigest(), p, dict(state.get("provenance") or {}))
         _cache[p] = loaded
         return loaded
+
+
+def _load_plain(source: Any, name: object) -> Any:
+    """``torch.load(source, weights_only=True)`` on the CPU: tensors and plain data only.
+
+    Raises InvalidSettingError (one line) for a file that holds other objects or is not
+    a torch file at all."""
+    import pickle
+
+    import torch
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise InvalidSettingError(f"{name} holds objects other than tensors and plain data: refused "
+                                  "(weights are loaded with torch.load(weights_only=True))") from None
+    except Exception as exc:  # torch raises many kinds on a bad file
+        raise InvalidSettingError(f"{name} is not a readable model checkpoint ({exc.__class__.__name__})") from None
+
+
+def check_header(state: Any, name: object = "checkpoint") -> dict:
+    """Check the types of an inference checkpoint loaded with weights_only; return its config.
+
+    format and version, ``config`` (a dict of exactly :data:`CONFIG_KEYS`' types, sizes
+    in sane ranges), ``state_dict`` (str -> tensor), ``provenance`` (a dict, if any;
+    its ``decodes_for`` a list of model ids).
+
+    Raises:
+        InvalidSettingError: one line naming the file and what is wrong.
+    """
+    import torch
+
+    def bad(what: str) -> InvalidSettingError:
+        return InvalidSettingError(f"{name} is not a wsicodec model: {what}")
+
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        got = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise InvalidSettingError(f"{name} is not a wsicodec model (format {got!r:.60})")
+    if state.get("version") != VERSION:
+        raise InvalidSettingError(f"{name}: model format version {state.get('version')!r:.20} is not "
+                                  f"supported (expected {VERSION})")
+    config = state.get("config")
+    if not isinstance(config, dict):
+        raise bad(f"config must be a dict, got {type(config).__name__}")
+    unknown = sorted(str(k) for k in config if k not in CONFIG_KEYS)
+    if unknown:
+        raise bad(f"config has keys this release does not know ({', '.join(unknown)[:100]}): "
+                  "made by a newer wsicodec?")
+
+    def integer(key: str, lo: int, hi: int, default: int | None = None) -> None:
+        v = config.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise bad(f"config {key} must be an integer in {lo}..{hi}, got {v!r:.40}")
+
+    def numbers(key: str, lo: int, hi: int, positive: bool) -> None:
+        v = config.get(key, [])
+        if (not isinstance(v, (list, tuple)) or not lo <= len(v) <= hi
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                           and (x > 0 or not positive) for x in v)):
+            raise bad(f"config {key} must be a list of {lo}..{hi} finite{' positive' if positive else ''} "
+                      f"numbers, got {v!r:.60}")
+
+    integer("N", 1, 4096)
+    integer("M", 1, 4096)
+    integer("enc_blocks", 0, 64, 0)
+    integer("dec_blocks", 0, 64, 0)
+    numbers("lambdas", 1, 256, positive=True)
+    numbers("reconstruction", 0, 256, positive=False)
+    sd = state.get("state_dict")
+    if not isinstance(sd, dict) or not sd:
+        raise bad(f"state_dict must be a non-empty dict of tensors, got {type(sd).__name__}")
+    for k, v in sd.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise bad(f"state_dict must map names to tensors, got {type(k).__name__} -> {type(v).__name__}")
+    prov = state.get("provenance")
+    if prov is not None:
+        if not isinstance(prov, dict):
+            raise bad(f"provenance must be a dict, got {type(prov).__name__}")
+        dec = prov.get("decodes_for")
+        if dec is not None and not (isinstance(dec, (list, tuple)) and all(
+                isinstance(i, str) and MODEL_ID_RE.match(i.lower()) for i in dec)):
+            raise bad("provenance decodes_for must be a list of model ids (sha256 hex)")
+    return config
+
+
+def plain(value: Any) -> Any:
+    """``value`` as JSON-able plain data (dict with str keys, list, str, int, float,
+    bool, None): what a checkpoint's provenance may hold, so that it loads with
+    weights_only.  An ``argparse.Namespace`` becomes its dict, a path or anything else
+    its ``str``, a tuple or set a list, a numpy or torch scalar its number."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((plain(v) for v in value), key=repr)
+    if hasattr(value, "__dict__") and type(value).__name__ == "Namespace":
+        return plain(vars(value))
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "ndim", None) == 0:      # numpy / torch scalars
+        try:
+            return plain(item())
+        except (TypeError, ValueError):
+            pass
+    return str(value)
 
 
 def _load_coding_state(model, state_dict: dict) -> None:
@@ -245,9 +389,9 @@ def _load_coding_state(model, state_dict: dict) -> None:
                 setattr(module, buf, state_dict[key].clone())
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
-        raise WsiCodecError(f"checkpoint does not match the network: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise InvalidSettingError(f"checkpoint does not match the network: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if model.gaussian_conditional._quantized_cdf.numel() == 0:
-        raise WsiCodecError("checkpoint has no frozen CDF tables; export it with train/export.py")
+        raise InvalidSettingError("checkpoint has no frozen CDF tables; export it with train/export.py")
 
 
 def export(train_checkpoint: str | os.PathLike, out: str | os.PathLike, provenance: dict | None = None,
@@ -257,7 +401,10 @@ def export(train_checkpoint: str | os.PathLike, out: str | os.PathLike, provenan
     """Turn a training checkpoint into an inference checkpoint; return its sha256.
 
     Freezes the CDF tables (quantiles by bisection), drops optimiser state and
-    writes atomically.  ``reconstruction``: the decoder's κ per quality
+    writes atomically.  Every input is read with ``weights_only=True``; the output holds
+    tensors and plain data only (the provenance, ``train_args`` included, is made
+    JSON-able by :func:`plain`) and is checked to load with ``weights_only=True`` and to
+    pass :func:`check_header` before it replaces ``out``.  ``reconstruction``: the decoder's κ per quality
     (:attr:`~wsicodec.model.ModelConfig.reconstruction`, from
     ``train/tune_reconstruction.py``), stored in the config.  ``decoder_of``: shipped
     weights whose decoder this one must be, tensor for tensor (the network's size and
@@ -276,7 +423,15 @@ def export(train_checkpoint: str | os.PathLike, out: str | os.PathLike, provenan
     import torch
 
     from .model import ModelConfig, WsiHyperprior
-    state = torch.load(train_checkpoint, map_location="cpu", weights_only=False)
+    try:
+        raw = Path(train_checkpoint).read_bytes()
+    except OSError as exc:
+        raise InvalidSettingError(f"cannot read {train_checkpoint}: {exc.strerror or exc}") from None
+    state = _load_plain(io.BytesIO(raw), train_checkpoint)
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise InvalidSettingError(f"{train_checkpoint} is neither a training checkpoint nor exported weights")
+    if state.get("format") == FORMAT:
+        check_header(state, train_checkpoint)
     config = ModelConfig.from_dict(state["config"])
     if reconstruction is not None:
         kappas = tuple(float(k) for k in reconstruction)
@@ -291,7 +446,7 @@ def export(train_checkpoint: str | os.PathLike, out: str | os.PathLike, provenan
                                       "keep their own decoder and list their own id")
         prov = dict(state.get("provenance") or {})
         prov.update(provenance or {})
-        parent_id = sha256_file(Path(train_checkpoint))
+        parent_id = hashlib.sha256(raw).hexdigest()
         prov["decodes_for"] = list(dict.fromkeys(
             [parent_id, *(str(i).lower() for i in prov.get("decodes_for") or ())]))
         state_dict = state["state_dict"]
@@ -317,16 +472,19 @@ def export(train_checkpoint: str | os.PathLike, out: str | os.PathLike, provenan
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    torch.save({"format": FORMAT, "version": VERSION, "config": config.to_dict(),
-                "state_dict": state_dict, "provenance": prov}, tmp)
-    os.replace(tmp, out)
+    try:
+        torch.save({"format": FORMAT, "version": VERSION, "config": plain(config.to_dict()),
+                    "state_dict": state_dict, "provenance": plain(prov)}, tmp)
+        check_header(_load_plain(str(tmp), out), out)    # what every reader will do with it
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return sha256_file(out)
 
 
 def _with_synthesis(state_dict: dict, path: str | os.PathLike, parent_id: str) -> tuple[dict, dict]:
     """``state_dict`` with g_s from a ``finetune_synthesis.py`` checkpoint of these weights."""
-    import torch
-    tuned = torch.load(path, map_location="cpu", weights_only=False)
+    tuned = _load_plain(str(path), path)
     if not isinstance(tuned, dict) or "g_s" not in tuned or "parent_id" not in tuned:
         raise InvalidSettingError(f"{path}: not a train/finetune_synthesis.py checkpoint")
     if tuned["parent_id"] != parent_id:
@@ -355,4 +513,5 @@ def _check_same_decoder(parent, child, parent_name: str) -> None:
 
 
 __all__ = ["LoadedModel", "load_model", "load_model_for", "find_weights", "shipped_history", "export",
-           "sha256_file", "default_weights_path", "ModelMismatchError"]
+           "sha256_file", "default_weights_path", "check_header", "check_model_id", "plain",
+           "weights_search_path", "ModelMismatchError"]
