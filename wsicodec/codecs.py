@@ -8,6 +8,19 @@ quality argument and ``to_dict()`` records exactly what made the bytes::
           ▲                                   │
           └────── codec_from_dict(d) ◄── to_dict() = {"name": ..., "configuration": {...}}
 
+Two doors, two levels of trust.  :func:`get_codec` is for the caller's own settings
+(the CLI's ``--quality``/``--option``, the Python API): every option of the codec,
+including the *local* ones that name resources of this machine (the learned codec's
+``model`` weights file, its ``device``, its ``precision``).  :func:`codec_from_dict` is
+for *stored, untrusted* metadata (a container's ``codec``): it ignores the local
+options (a container never picks a file to open, nor a device), so a stored ``model``
+path is never opened: the learned codec then finds its weights by the stored
+``model_id`` among trusted places (:func:`wsicodec.checkpoint.find_weights`).  Both
+check option names in one place: an option the codec does not have is an
+:class:`InvalidSettingError` naming the ones it has, and a malformed value is one too,
+raised before any expensive work (the learned codec checks every setting before it
+loads its weights).
+
 Classical codecs come from imagecodecs (``jpeg``, ``jpegxl``, ``webp``, ``jpeg2000``,
 ``avif``). The ``learned`` codec registers itself from ``wsicodec.learned``, which this
 module imports only when that codec is asked for, so using the classical codecs never
@@ -39,7 +52,7 @@ from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 import numpy as np
 
 from wsicodec.errors import (CodecUnavailableError, CorruptDataError, InvalidSettingError,
-                             UnsupportedFormatError)
+                             UnsupportedFormatError, WsiCodecError)
 
 DEFAULT_CODEC = "learned"
 """Codec the CLI uses when ``--codec`` is not given."""
@@ -72,6 +85,10 @@ class TileCodec(Protocol):
 class _Entry:
     factory: Callable[..., TileCodec]
     available: Callable[[], bool]
+    #: every option ``factory`` takes (``quality`` included); None: not checked here
+    options: tuple[str, ...] | None = None
+    #: options that are the reader's or writer's own (a file, a device), never stored
+    local: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -90,19 +107,50 @@ _NAME_RE = re.compile(r"^[a-z][a-z0-9_.-]*$")
 
 
 def register_codec(name: str, factory: Callable[..., TileCodec], *,
-                   available: Callable[[], bool] = lambda: True) -> None:
+                   available: Callable[[], bool] = lambda: True,
+                   options: tuple[str, ...] | None = None, local: tuple[str, ...] = ()) -> None:
     """Register (or replace) a codec factory under ``name``.
 
     ``factory(quality=..., **options)`` must validate its settings and raise
     InvalidSettingError naming the allowed range. ``available()`` says whether the
-    backend works in this installation.
+    backend works in this installation.  ``options``: the names ``factory`` accepts
+    (``quality`` included); by default its signature's named parameters, unless it
+    takes ``**kwargs`` (then the factory checks names itself).  ``local``: options that
+    belong to the machine that runs the codec (a weights file, a device, a precision),
+    which :func:`codec_from_dict` never takes from stored metadata.
 
     Raises:
         InvalidSettingError: ``name`` is not a lower-case identifier.
     """
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise InvalidSettingError(f"codec name must match {_NAME_RE.pattern}, got {name!r}")
-    _REGISTRY[name] = _Entry(factory, available)
+    if options is None:
+        options = _signature_options(factory)
+    _REGISTRY[name] = _Entry(factory, available, None if options is None else tuple(options),
+                             tuple(local))
+
+
+def _signature_options(factory: Callable[..., Any]) -> tuple[str, ...] | None:
+    """The keyword names ``factory`` accepts, or None if it takes ``**kwargs`` or its
+    signature cannot be read."""
+    import inspect
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return tuple(p.name for p in params
+                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self")
+
+
+def codec_options(name: str) -> tuple[str, ...] | None:
+    """The option names codec ``name`` accepts (``quality`` included), or None when its
+    factory checks them itself.  Loads a lazy codec's module (the learned codec: torch).
+
+    Raises as :func:`get_codec` for an unknown or unloadable codec.
+    """
+    return _entry(name).options
 
 
 def known_codecs() -> list[str]:
@@ -156,31 +204,72 @@ def _entry(name: str) -> _Entry:
             f"unknown codec {name!r}; known codecs: {', '.join(known_codecs())}") from None
 
 
-def get_codec(name: str, quality: float | None = None, **options: Any) -> TileCodec:
-    """Build the codec ``name`` with one fixed setting.
+def get_codec(name: str, quality: float | None = None, /, **options: Any) -> TileCodec:
+    """Build the codec ``name`` with one fixed setting, from the caller's own settings.
 
     ``quality=None`` means the codec's default. Options are codec specific (see the
-    module docstring).
+    module docstring), local ones included: e.g. the learned codec's ``model``, a
+    weights file the caller trusts.  Option names are checked here, before the codec
+    is built; the codec checks the values, before any expensive work.  Settings read
+    from a container go through :func:`codec_from_dict` instead.
+
+    ``quality`` may come as a keyword (``get_codec("jpeg", quality=85)``) or among the
+    options (``--option quality=85``), once.
 
     Raises:
-        InvalidSettingError: unknown name (the message lists the known ones), or a
-            setting out of range (the message names the allowed range).
+        InvalidSettingError: unknown name (the message lists the known ones), an option
+            the codec does not have (the message lists the ones it has), ``quality``
+            given twice, or a setting out of range or of the wrong kind (the message
+            names the allowed range).
         CodecUnavailableError: the codec's backend is missing in this installation.
     """
+    if "quality" in options:
+        if quality is not None:
+            raise InvalidSettingError(f"{name}: quality given twice ({quality!r:.20} and "
+                                      f"{options['quality']!r:.20})")
+        quality = options.pop("quality")
+    return _build(name, quality, options, local=True)
+
+
+def _build(name: Any, quality: Any, options: dict[str, Any], *, local: bool) -> TileCodec:
+    if not isinstance(name, str):
+        raise InvalidSettingError(f"a codec name is a string, got {name!r:.60}")
     entry = _entry(name)
+    if entry.options is not None:
+        allowed = [o for o in entry.options if local or o not in entry.local]
+        unknown = sorted(str(k) for k in options if k not in allowed)
+        if unknown:
+            where = "" if local else " in stored codec settings"
+            raise InvalidSettingError(f"{name}: unknown option(s) {', '.join(unknown)}{where}; "
+                                      f"options are {', '.join(allowed)}")
     try:
         ok = entry.available()
     except Exception as e:  # a crashing probe is an unusable backend
         raise CodecUnavailableError(f"codec {name!r} is not usable here: {e}") from e
     if not ok:
         raise CodecUnavailableError(f"codec {name!r} is not available in this installation")
-    if quality is None:
-        return entry.factory(**options)
-    return entry.factory(quality=quality, **options)
+    try:
+        if quality is None:
+            return entry.factory(**options)
+        return entry.factory(quality=quality, **options)
+    except WsiCodecError:
+        raise
+    except (TypeError, ValueError, OverflowError) as e:   # a factory that did not check a value
+        settings = ", ".join(f"{k}={v!r:.40}" for k, v in
+                             (({"quality": quality} if quality is not None else {}) | options).items())
+        raise InvalidSettingError(f"{name}: invalid settings ({settings}): "
+                                  f"{' '.join(str(e).split())[:200]}") from None
 
 
 def codec_from_dict(d: dict) -> TileCodec:
-    """Rebuild a codec from its ``to_dict()`` form.
+    """Rebuild a codec from its ``to_dict()`` form as *stored* metadata: untrusted.
+
+    The codec's local options (:func:`register_codec`; the learned codec's ``model``,
+    ``device`` and ``precision``) are ignored: stored data never names a file to open
+    or a device to use.  Older containers recorded the encoder's ``model`` path; it is
+    dropped, and the learned codec finds its weights by the stored ``model_id`` among
+    trusted places only (:func:`wsicodec.checkpoint.find_weights`).  Any other option
+    the codec does not have (e.g. ``effort`` under ``learned``) is refused.
 
     Raises:
         CorruptDataError: ``d`` is not ``{"name": str, "configuration": dict}``.
@@ -189,8 +278,14 @@ def codec_from_dict(d: dict) -> TileCodec:
     if (not isinstance(d, dict) or not isinstance(d.get("name"), str)
             or not isinstance(d.get("configuration", {}), dict)):
         raise CorruptDataError(f"codec metadata must be {{'name': str, 'configuration': dict}}, "
-                               f"got {d!r}")
-    return get_codec(d["name"], **d.get("configuration", {}))
+                               f"got {d!r:.200}")
+    name, config = d["name"], dict(d.get("configuration") or {})
+    if not all(isinstance(k, str) for k in config):
+        raise CorruptDataError(f"codec configuration keys must be strings, got {sorted(map(repr, config))}")
+    local = _entry(name).local
+    stored = {k: v for k, v in config.items() if k not in local}
+    quality = stored.pop("quality", None)
+    return _build(name, quality, stored, local=False)
 
 
 # ----------------------------------------------------------------- validation helpers
@@ -442,5 +537,6 @@ CLASSICAL_CODECS: tuple[type[_ClassicalCodec], ...] = (
     JpegCodec, JpegXlCodec, WebpCodec, Jpeg2000Codec, AvifCodec)
 
 for _cls in CLASSICAL_CODECS:
-    register_codec(_cls.name, _cls.build, available=_cls.is_available)
+    register_codec(_cls.name, _cls.build, available=_cls.is_available,
+                   options=tuple(f.name for f in dataclasses.fields(_cls)))
 del _cls

@@ -70,6 +70,8 @@ def encode(image: np.ndarray, quality: float = 4.0, *, tile_size: int = DEFAULT_
     PSNR at a much higher encode cost (:class:`~wsicodec.learned.LearnedCodec`);
     ``precision`` "bfloat16" runs g_a's inner layers in bfloat16 (faster where the
     hardware has it; the same rate-distortion to ~0.1 %, any reader decodes it).
+    ``model``: a weights file the caller chose (default: the shipped weights); the
+    stream records its sha256, never its path.
 
     Raises:
         InvalidSettingError: wrong array shape/dtype, quality or tile size out of range,
@@ -154,10 +156,17 @@ def decode(data: bytes, *, model: str | None = None, batch: int = 16,
     """Inverse of :func:`encode`: the tiles decoded with their neighbours' latents;
     ``precision``: how g_s runs (:data:`wsicodec.codecs.PRECISIONS`).
 
+    ``model``: a weights file the caller chose; without it the weights are found by the
+    model id the stream records, among trusted places only (the shipped weights,
+    ``$WSICODEC_MODEL``, ``$WSICODEC_MODEL_DIR``: :func:`wsicodec.checkpoint.find_weights`).
+    A stream names no file, and weights load as data only (``weights_only``).
+
     Raises:
         CorruptDataError: not a wsicodec image stream, or truncated.
         CorruptTileError: a tile fails its CRC or symbol checksum (names row and column).
-        ModelMismatchError: the stream was made with other weights (names both ids).
+        ModelMismatchError: the stream was made with other weights (names both ids and
+            where to put the right ones).
+        InvalidSettingError: the weights found for its id are not plain weights data.
     """
     from .learned import PIXEL_STRIDE, LearnedCodec
     st = read_stream(data)

@@ -50,6 +50,7 @@ on any device.
 
 from __future__ import annotations
 
+import os
 import struct
 import time
 from concurrent.futures import Future
@@ -87,6 +88,9 @@ MAX_REFINE = 1000
 #: multiple of 16 keeps the tile on y's grid, and 16 gives the same bytes and PSNR as 32
 #: on he/test (bench/README.md, "Stitched tiles")
 DEFAULT_MARGIN = 16
+#: options of this machine, not of the data: :func:`~wsicodec.codecs.codec_from_dict`
+#: never takes them from a container (a stored ``model`` path is ignored)
+LOCAL_OPTIONS = ("model", "device", "precision")
 #: latent rows/columns of each neighbour joined to a stitched tile before g_s (16 px each)
 STITCH_RING = 2
 
@@ -207,32 +211,39 @@ class LearnedCodec:
 
     Args:
         quality: 1 (smallest) … 8 (best); fractional values interpolate.
-        model: path of an inference checkpoint; default: the shipped weights
-            (or ``$WSICODEC_MODEL``).
+        model: path of an inference checkpoint the *caller* chose (the Python API,
+            ``get_codec("learned", model=...)``); default: the shipped weights (or
+            ``$WSICODEC_MODEL``).  A local option: never stored in a container, and
+            never taken from one (:func:`~wsicodec.codecs.codec_from_dict` drops it).
+            Loaded as data only (``weights_only``: :func:`~wsicodec.checkpoint.load_model`).
         device: where g_a / g_s run ("cpu", "cuda", or "auto": CUDA when present).
-            The entropy parameters are always computed on the CPU in float64.
+            The entropy parameters are always computed on the CPU in float64.  Local.
         margin: pixels of context that callers who can (the container writer,
             :func:`wsicodec.encode`) code around each tile, 0..64.
         precision: how this codec runs g_a (encoding) and g_s (decoding): "float32"
             (the reference) or "bfloat16" (their inner layers; faster on hardware with
             bfloat16 arithmetic; latents and pixels slightly different, rate-distortion
-            the same to 0.1 %: :data:`~wsicodec.codecs.PRECISIONS`).  Not stored in the
-            container: a decoder's precision is its reader's choice.
+            the same to 0.1 %: :data:`~wsicodec.codecs.PRECISIONS`).  Local: not stored
+            in the container: a decoder's precision is its reader's choice.
         refine: steps of the encoder's latent search
             (:meth:`~wsicodec.model.WsiHyperprior.refine_latents`), 0 (off) .. 1000.
             Each step costs about four g_s passes over the tile; 40 steps take
             7.2 % fewer bits at equal PSNR on H&E, 6.9 % more at equal LPIPS, for
             ~100x the encode time (bench/results/rd_refine_he_test.md).  Streams
             decode with any setting.
-        model_id: the sha256 the data to decode was made with (from a container's
+        model_id: the sha256 (hex) the data to decode was made with (from a container's
             configuration).  Without ``model``, the weights with that id are looked
-            up (shipped, ``$WSICODEC_MODEL``, ``$WSICODEC_MODEL_DIR``); with it, they
-            must match.  Otherwise :class:`ModelMismatchError` names both ids and
-            says where the weights can be had.
+            up among trusted places only (shipped, ``$WSICODEC_MODEL``,
+            ``$WSICODEC_MODEL_DIR``); with it, they must match.  Otherwise
+            :class:`ModelMismatchError` names both ids and says where to put the weights.
+
+    Every setting is checked before the weights are loaded (seconds), so a bad one
+    fails at once.
 
     Raises:
-        InvalidSettingError: quality outside 1..8, refine outside 0..1000, an unknown
-            precision, missing or unreadable weights.
+        InvalidSettingError: quality outside 1..8, refine outside 0..1000, margin outside
+            0..64, an unknown precision or device, a model id that is not hex, missing
+            or unreadable weights.
     """
 
     name = "learned"
@@ -245,18 +256,24 @@ class LearnedCodec:
         if not (isinstance(refine, int) and not isinstance(refine, bool) and 0 <= refine <= MAX_REFINE):
             raise InvalidSettingError(f"learned codec refine must be an integer in 0..{MAX_REFINE}, got {refine!r}")
         self.refine = refine
-        if not (isinstance(margin, int) and 0 <= margin <= 64):
+        if not (isinstance(margin, int) and not isinstance(margin, bool) and 0 <= margin <= 64):
             raise InvalidSettingError(f"learned codec margin must be an integer in 0..64, got {margin!r}")
         self.margin = margin
         lo, hi = QUALITY_RANGE
         if not (lo <= q <= hi) or q != q:
             raise InvalidSettingError(f"learned codec quality must be in {lo:g}..{hi:g} (fractions allowed), got {quality!r}")
-        from .checkpoint import load_model_for
+        if model is not None and not isinstance(model, (str, os.PathLike)):
+            raise InvalidSettingError(f"learned codec model must be a weights file path, got {model!r:.60}")
+        if not isinstance(device, str):
+            raise InvalidSettingError(f"learned codec device must be cpu, cuda[:N] or auto, got {device!r:.40}")
+        from .checkpoint import check_model_id, load_model_for
+        if model_id is not None:
+            model_id = check_model_id(model_id)
+        self.device = resolve_device(device)
         self.quality = q
         self._model_arg = model
-        self.loaded = load_model_for(model_id, model)
+        self.loaded = load_model_for(model_id, model)          # the slow part: last
         self.model_id = self.loaded.model_id
-        self.device = resolve_device(device)
         self._tables = _tables_for(self.loaded)
 
     # ----------------------------------------------------------- protocol
@@ -264,8 +281,8 @@ class LearnedCodec:
         cfg = {"quality": self.quality, "model_id": self.model_id, "margin": self.margin}
         if self.refine:
             cfg["refine"] = self.refine   # how the container was made; decoding ignores it
-        if self._model_arg is not None:
-            cfg["model"] = str(self._model_arg)
+        # never the model's path: the id finds the weights (and a path would tell where
+        # the encoder kept its files); nor device or precision: those are the reader's
         return {"name": self.name, "configuration": cfg}
 
     def encode(self, tile: np.ndarray) -> bytes:
@@ -795,7 +812,7 @@ def _channel_index(shape) -> np.ndarray:
 def register() -> None:
     """Add ``learned`` to the codec registry (called lazily by wsicodec.codecs)."""
     from .codecs import register_codec
-    register_codec("learned", LearnedCodec)
+    register_codec("learned", LearnedCodec, local=LOCAL_OPTIONS)
 
 
 __all__ = ["LearnedCodec", "LatentCache", "is_uniform", "parse_header", "stitch_window", "ModelMismatchError"]
