@@ -283,7 +283,9 @@ def _load_plain(source: Any, name: object) -> Any:
     import torch
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):      # torch's words for a refused class or function
+            raise InvalidSettingError(f"{name} is not a readable model checkpoint (UnpicklingError)") from None
         raise InvalidSettingError(f"{name} holds objects other than tensors and plain data: refused "
                                   "(weights are loaded with torch.load(weights_only=True))") from None
     except Exception as exc:  # torch raises many kinds on a bad file
