@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, forge_digests
 from wsicodec.cli import main
 from wsicodec.errors import InvalidSettingError, ModelMismatchError, WsiCodecError
 
@@ -101,13 +101,16 @@ def _attrs_file(box: Path) -> Path:
 
 
 def crafted(made: dict, dest: Path, edit) -> Path:
-    """A copy of the container whose stored metadata ``edit(meta)`` changed."""
+    """A copy of the container whose stored metadata ``edit(meta)`` changed, its digests
+    recomputed (as a crafted file would have them: the metadata digest alone would refuse
+    it before the codec is built, which is not what these tests are about)."""
     out = dest / "crafted.zarr"
     shutil.copytree(made["box"], out)
     f = _attrs_file(out)
     doc = json.loads(f.read_text())
     edit(doc["attributes"]["wsicodec"])
     f.write_text(json.dumps(doc))
+    forge_digests(out)
     return out
 
 

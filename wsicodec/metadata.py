@@ -302,11 +302,13 @@ def _parse(attrs: dict, version: int) -> ContainerMetadata:
     if not re.fullmatch(r"[a-z0-9_-]+", name or ""):
         raise _Bad(f"codec name {_short(name)} is not a codec name")
     config = _dict(codec, "configuration")
-    if len(config) > 64 or not all(isinstance(k, str) and len(k) <= 64 for k in config) or not all(
-            v is None or type(v) in (str, int, float, bool) for v in config.values()):
-        raise _Bad("codec configuration must map up to 64 option names to plain values")
-    if any(isinstance(v, str) and len(v) > 4096 for v in config.values()):
-        raise _Bad("codec configuration holds an over-long value")
+    if len(config) > 64 or not all(isinstance(k, str) and len(k) <= 64 for k in config):
+        raise _Bad("codec configuration must map up to 64 option names to values")
+    for k, v in config.items():
+        if not (v is None or type(v) in (str, int, float, bool)) or (
+                isinstance(v, str) and len(v) > 4096):
+            raise _Bad(f"codec option {k!r} must be a plain value (a string, a number, true, "
+                       f"false or null), got {_short(v)}")
     model_id = attrs.get("model_sha256")
     if model_id is not None:
         _hex(model_id, 64, "model_sha256")
