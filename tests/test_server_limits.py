@@ -115,7 +115,7 @@ def test_idle_connections_are_closed_after_the_timeout(container) -> None:
         with _connect(srv) as fresh:                    # connects, sends nothing
             dt_fresh = _wait_closed(fresh, 5)
         with _connect(srv) as kept:                     # keep-alive, idle after one request
-            kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            kept.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
             kept.settimeout(5)
             assert kept.recv(65536).startswith(b"HTTP/1.1 200")
             dt_kept = _wait_closed(kept, 5)
@@ -128,7 +128,7 @@ def test_a_slowly_sent_request_is_closed_at_its_deadline(container) -> None:
     # slowloris: a header line every 0.2 s would keep a plain socket timeout from firing
     with running(container, timeout=1.0) as srv, _connect(srv) as s:
         t0 = time.monotonic()
-        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")
         closed = None
         for i in range(25):                              # 5 s at most
             ready, _, _ = select.select([s], [], [], 0.2)
@@ -219,22 +219,22 @@ def test_a_response_closes_keepalive_while_others_wait(container) -> None:
     with running(container, timeout=5.0, max_connections=1) as srv, \
             _connect(srv) as first, _connect(srv) as second:
         time.sleep(0.2)                                  # second waits in the queue
-        first.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        first.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
         first.settimeout(5)
         status, headers, _ = _parse(first.recv(65536))
         assert status == 200 and headers["Connection"] == "close"
-        second.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        second.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
         second.settimeout(5)
         status, headers, _ = _parse(second.recv(65536))
         assert status == 200 and "Connection" not in headers
 
 
 @pytest.mark.parametrize("request_bytes,code", [
-    (b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello", 405),
-    (b"DELETE /slides/small.dzi HTTP/1.1\r\nHost: x\r\n\r\n", 405),
-    (b"PUT /x HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405),
-    (b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n", 405),
-    (b"BREW /pot HTTP/1.1\r\nHost: x\r\n\r\n", 501),
+    (b"POST /health HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\nhello", 405),
+    (b"DELETE /slides/small.dzi HTTP/1.1\r\nHost: localhost\r\n\r\n", 405),
+    (b"PUT /x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n", 405),
+    (b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\n\r\n", 405),
+    (b"BREW /pot HTTP/1.1\r\nHost: localhost\r\n\r\n", 501),
     (b"GARBAGE\r\n\r\n", 400),
     (b"GET /health\r\n\r\n", 400),                      # HTTP/0.9: no status line
     (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400),   # TLS on plain HTTP
@@ -255,7 +255,7 @@ def test_other_requests_answer_json_errors(shared, request_bytes, code) -> None:
 
 
 def test_head_answers_without_a_body(shared) -> None:
-    response = _raw(shared, b"HEAD /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    response = _raw(shared, b"HEAD /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
     status, headers, body = _parse(response)
     assert status == 200 and int(headers["Content-Length"]) > 0 and body == b""
 
@@ -354,3 +354,125 @@ def test_cli_serve_limit_errors(container, capsys, args, message) -> None:
     assert main(["serve", str(container)] + args) != 0
     err = capsys.readouterr().err.strip()
     assert err.startswith("wsicodec: error:") and message in err and "\n" not in err, err
+
+
+def _with_host(srv, host: str | None, path: str = "/slides", extra: bytes = b"",
+               method: bytes = b"GET", body: bytes = b"") -> tuple[int, dict, bytes]:
+    """A request with this Host header (PORT: the server's port; None: no Host) and
+    ``extra`` header lines."""
+    head = method + b" " + path.encode() + b" HTTP/1.1\r\nConnection: close\r\n"
+    if host is not None:
+        head += b"Host: " + host.replace("PORT", str(srv.server_address[1])).encode() + b"\r\n"
+    return _parse(_raw(srv, head + extra + b"\r\n" + body))
+
+
+@pytest.mark.parametrize("host,code", [
+    ("localhost", 200), ("localhost:PORT", 200), ("LocalHost:PORT", 200),
+    ("127.0.0.1", 200), ("127.0.0.1:PORT", 200), ("127.8.9.10:80", 200),
+    ("[::1]", 200), ("[::1]:PORT", 200),
+    ("evil.example", 421), ("evil.example:PORT", 421), ("localhost.evil.example", 421),
+    ("127.0.0.1.evil.example:PORT", 421), ("evil.example@127.0.0.1", 421),
+    ("127.1:PORT", 421), ("2130706433", 421), ("[::2]:PORT", 421), ("[::1", 421),
+    ("::1", 421), ("localhost:PORT:PORT", 421), ("localhost:x", 421), ("", 421),
+    ("192.168.1.20:PORT", 421), (None, 421)])
+def test_loopback_server_answers_loopback_host_names_only(shared, host, code) -> None:
+    # DNS rebinding: a page on evil.example re-pointed at 127.0.0.1 sends Host: evil.example
+    status, headers, body = _with_host(shared, host)
+    assert status == code, (host, body)
+    if code == 421:
+        assert headers["Content-Type"] == "application/json"
+        assert headers["Connection"] == "close"
+        assert "DNS rebinding" in json.loads(body)["error"] and b"small" not in body
+    else:
+        assert json.loads(body)[0]["name"] == "small"
+
+
+@pytest.mark.parametrize("path", ["/", "/health", "/slides", "/slides/small.dzi",
+                                  "/slides/small/properties", "/slides/small_files/9/0_0.jpeg",
+                                  "/slides/small/associated/label.png", "/static/viewer.js",
+                                  "/nothing"])
+def test_every_path_is_refused_for_another_host(shared, path) -> None:
+    status, _, body = _with_host(shared, "evil.example:PORT", path)
+    assert status == 421 and json.loads(body)["error"], (path, body)
+    assert _with_host(shared, "127.0.0.1:PORT", path)[0] in (200, 404), path
+
+
+def test_host_refusal_comes_first_and_is_complete(shared) -> None:
+    port = shared.server_address[1]
+    # several Host headers, a POST with a body, HEAD, an absolute-form request target
+    assert _with_host(shared, "localhost", extra=b"Host: evil.example\r\n")[0] == 421
+    status, headers, body = _with_host(shared, "evil.example", "/health", method=b"POST",
+                                       extra=b"Content-Length: 5\r\n", body=b"hello")
+    assert status == 421
+    status, headers, body = _with_host(shared, "evil.example", "/slides", method=b"HEAD")
+    assert status == 421 and body == b"" and int(headers["Content-Length"]) > 0
+    assert _with_host(shared, "localhost", f"http://evil.example:{port}/slides")[0] == 421
+    assert _with_host(shared, "localhost", f"http://localhost:{port}/slides")[0] == 200
+    assert _get(shared.url + "health")[0] == 200
+
+
+def test_allow_host_is_served(container) -> None:
+    with running(container, timeout=2.0,
+                 allow_hosts=("evil.example", "Slides.Example.org:8443")) as srv:
+        assert srv.settings.allow_hosts == ("evil.example", "slides.example.org:8443")
+        for host, code in (("evil.example", 200), ("EVIL.example:PORT", 200),
+                           ("slides.example.org:8443", 200), ("slides.example.org", 421),
+                           ("slides.example.org:PORT", 421), ("other.example", 421),
+                           ("localhost:PORT", 200), ("127.0.0.1:PORT", 200)):
+            assert _with_host(srv, host)[0] == code, host
+
+
+def test_the_viewer_page_and_its_requests_are_same_origin(shared) -> None:
+    # what tests/test_browser.py's page fetches, from the origin http://127.0.0.1:PORT
+    for path in ("", "static/viewer.js", "static/viewer.css", "slides", "slides/small.dzi",
+                 "slides/small_files/9/0_0.jpeg"):
+        assert _get(shared.url + path)[0] == 200, path
+    origin = shared.url.rstrip("/")
+    status, _, _ = _with_host(shared, "127.0.0.1:PORT", "/slides",
+                              extra=f"Origin: {origin}\r\nReferer: {shared.url}\r\n".encode())
+    assert status == 200
+
+
+@pytest.mark.parametrize("bound,allow,host,answered", [
+    ("0.0.0.0", (), "evil.example", True), ("0.0.0.0", (), None, True),
+    ("192.168.1.20", (), "anything:1", True),
+    ("0.0.0.0", ("slides.example.org",), "slides.example.org", True),
+    ("0.0.0.0", ("slides.example.org",), "SLIDES.example.org:8000", True),
+    ("0.0.0.0", ("slides.example.org",), "evil.example", False),
+    ("0.0.0.0", ("slides.example.org",), None, False),
+    ("0.0.0.0", ("slides.example.org",), "localhost:8000", True),
+    ("127.0.0.1", (), "evil.example", False), ("127.0.0.1", (), "localhost", True)])
+def test_host_rule_by_bound_address(container, bound, allow, host, answered) -> None:
+    from wsicodec.server import TileServer
+
+    fake = _FakeServer(bound, ServerSettings(allow_hosts=allow))
+    assert TileServer.host_allowed(fake, host) is answered
+
+
+@pytest.mark.parametrize("allow", [("",), ("a b",), ("http://x",), ("x/y",), ("x:",),
+                                   ("x:port",), ("[::1",), ("[zz]",), (3,), "x", None])
+def test_allow_hosts_are_checked(allow) -> None:
+    with pytest.raises(InvalidSettingError):
+        ServerSettings(allow_hosts=allow)
+
+
+def test_cli_serve_allow_host(container, monkeypatch, capsys) -> None:
+    import wsicodec.server
+    from wsicodec.cli import main
+
+    made = {}
+
+    def fake_make_server(paths, host, port, settings):
+        made["settings"] = settings
+        return _FakeServer("127.0.0.1", settings)
+
+    monkeypatch.setattr(wsicodec.server, "make_server", fake_make_server)
+    assert main(["serve", str(container)]) == 0
+    assert made["settings"].allow_hosts == ()
+    assert main(["serve", str(container), "--allow-host", "a.example", "--allow-host",
+                 "b.example:8443"]) == 0
+    assert made["settings"].allow_hosts == ("a.example", "b.example:8443")
+    capsys.readouterr()
+    assert main(["serve", str(container), "--allow-host", "a b"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("wsicodec: error:") and "allowed host" in err and "\n" not in err

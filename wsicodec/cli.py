@@ -165,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-connections", type=int, default=64, metavar="N",
                    help="connections served at once, one thread each; N more wait, further "
                         "ones get 503 with Retry-After (default 64)")
+    s.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests addressed (Host header) to NAME, e.g. the name "
+                        "a proxy forwards; repeatable. Bound to loopback, only loopback names "
+                        "(localhost, 127.0.0.1, [::1]) are answered otherwise (DNS rebinding); "
+                        "bound elsewhere, any name is answered unless some are given")
     return parser
 
 
@@ -361,7 +366,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         decoder=DecoderSettings(cache_bytes=args.cache_mb * 1024 * 1024,
                                 workers=args.workers, device=args.device,
                                 precision=args.precision),
-        timeout=args.timeout, max_connections=args.max_connections)
+        timeout=args.timeout, max_connections=args.max_connections,
+        allow_hosts=tuple(args.allow_host))
     server = make_server(args.slides, args.host, args.port, settings)
     try:
         if not server.loopback_only:

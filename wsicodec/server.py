@@ -22,8 +22,17 @@ Status codes: 400 for a malformed request (bad numbers, unknown tile format), 40
 anything that does not exist (unknown slide, level or tile outside the pyramid), 500
 only for a tile whose stored bytes are damaged (the message names it; other tiles
 still serve) or an unexpected failure, 405 for methods other than GET and HEAD (501 for
-unknown ones), 431 for a header line over 64 KiB or more than 100 headers, 503 (with
-``Retry-After``) when the server is full.  Error bodies are JSON ``{"error": ...}``.
+unknown ones), 431 for a header line over 64 KiB or more than 100 headers, 421 for a
+``Host`` the server does not answer to (below), 503 (with ``Retry-After``) when the
+server is full.  Error bodies are JSON ``{"error": ...}``.
+
+DNS rebinding: a web page whose host name the attacker re-points at 127.0.0.1 is the
+same origin as that name to the browser, so it could read this server's slides and
+labels.  Such requests carry the attacker's name in ``Host``: a server bound to a
+loopback address answers only requests whose ``Host`` is a loopback name
+(``localhost``, ``127.x.x.x``, ``[::1]``, any port) or one of
+``ServerSettings.allow_hosts``; bound to another address it answers those when
+``allow_hosts`` lists any, and any ``Host`` otherwise.
 
 Under abuse (see docs/server-security.md): each request head must arrive within
 ``timeout`` seconds of the server starting to wait for it, however slowly its bytes
@@ -78,6 +87,9 @@ _PROPS_RE = re.compile(rf"^/slides/(?P<name>{_NAME})/properties$")
 _ASSOCIATED_RE = re.compile(rf"^/slides/(?P<name>{_NAME})/associated/(?P<image>[^/]+)"
                             rf"\.(?P<fmt>[A-Za-z0-9]+)$")
 _INT_RE = re.compile(r"^[0-9]{1,9}$")
+_HOST_NAME_RE = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?$")
+_PORT_RE = re.compile(r"^[0-9]{1,5}$")
+_ABSOLUTE_FORM_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 #: while connections wait for a worker, one idle this long (no byte of its next
 #: request yet) is closed so that they get its worker
@@ -106,6 +118,9 @@ class ServerSettings:
             response; 0 < timeout <= 3600.
         max_connections: connections served at once, one worker thread each; as many
             again wait in a queue, further ones are answered 503; 1..4096.
+        allow_hosts: ``Host`` names (``slides.example.org``; with ``:PORT``, only that
+            port) answered besides the loopback names; on a server not bound to
+            loopback, an empty tuple answers any ``Host`` (see the module docstring).
     """
 
     jpeg_quality: int = 90
@@ -114,6 +129,7 @@ class ServerSettings:
     openseadragon_dir: Path = OPENSEADRAGON_DIR
     timeout: float = 30.0
     max_connections: int = 64
+    allow_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.jpeg_quality, bool) or not isinstance(self.jpeg_quality, int) \
@@ -132,6 +148,17 @@ class ServerSettings:
                 or not 1 <= self.max_connections <= 4096:
             raise InvalidSettingError(f"max connections must be an integer in 1..4096, got "
                                       f"{self.max_connections!r}")
+        if isinstance(self.allow_hosts, str) or not isinstance(self.allow_hosts, (tuple, list)):
+            raise InvalidSettingError(f"allowed hosts must be a sequence of host names, got "
+                                      f"{self.allow_hosts!r}")
+        hosts = []
+        for value in self.allow_hosts:
+            parts = _split_host(value) if isinstance(value, str) else None
+            if parts is None:
+                raise InvalidSettingError(f"allowed host must be a host name or address, "
+                                          f"with :PORT or not, got {value!r}")
+            hosts.append(parts[0] if parts[1] is None else f"{parts[0]}:{parts[1]}")
+        object.__setattr__(self, "allow_hosts", tuple(hosts))   # normalised, hashable
 
 
 class _HttpError(Exception):
@@ -384,7 +411,31 @@ class TileRequestHandler(BaseHTTPRequestHandler):
             self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 requests are not served "
                                                     "(no HTTP version in the request line)")
             return False
-        return True
+        hosts = self.headers.get_all("Host") or []
+        host = hosts[0] if len(hosts) == 1 else None
+        target = (urlsplit(self.path).netloc if _ABSOLUTE_FORM_RE.match(self.path)
+                  else None)                    # "GET http://NAME/path": NAME counts too
+        if not self.server.host_allowed(host):
+            shown = (f"Host {host[:100]!r}" if host is not None
+                     else "a request with several Host headers" if hosts
+                     else "a request without a Host header")
+        elif target is not None and not self.server.host_allowed(target):
+            shown = f"a request for {target[:100]!r}"
+        else:
+            return True
+        self._discard_small_body()
+        self._send_error(HTTPStatus.MISDIRECTED_REQUEST,
+                         f"{shown} is not answered here (DNS rebinding protection): this "
+                         f"server answers a loopback name (localhost, 127.0.0.1, [::1]) or "
+                         f"a name given with wsicodec serve --allow-host NAME")
+        return False
+
+    def _discard_small_body(self) -> None:
+        """Read a small request body, so that closing the connection after the answer
+        does not reset it under the answer."""
+        length = self.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) <= 65536:
+            self.rfile.read(int(length))
 
     def send_error(self, code: int, message: str | None = None,
                    explain: str | None = None) -> None:
@@ -411,10 +462,7 @@ class TileRequestHandler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _method_not_allowed(self) -> None:
-        # read a small body so that closing does not reset the connection under the answer
-        length = self.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) <= 65536:
-            self.rfile.read(int(length))
+        self._discard_small_body()
         self._send_error(HTTPStatus.METHOD_NOT_ALLOWED,
                          f"method {self.command} not allowed (GET or HEAD)",
                          [("Allow", "GET, HEAD")])
@@ -579,6 +627,21 @@ class TileServer(HTTPServer):
         """Whether the bound address is a loopback one (only this machine reaches it)."""
         return is_loopback(str(self.server_address[0]))
 
+    def host_allowed(self, host: str | None) -> bool:
+        """Whether a request with this ``Host`` (None: none, or several) is answered:
+        bound to loopback, a loopback name or one of ``settings.allow_hosts``; bound
+        elsewhere, those when ``allow_hosts`` lists any, else any (DNS rebinding, see
+        the module docstring)."""
+        allowed = self.settings.allow_hosts
+        if not allowed and not self.loopback_only:
+            return True
+        parts = _split_host(host) if host is not None else None
+        if parts is None:
+            return False
+        name, port = parts
+        return (_is_loopback_name(name) or name in allowed
+                or (port is not None and f"{name}:{port}" in allowed))
+
     # -- the worker pool
     def waiting(self) -> int:
         """Connections accepted and waiting for a worker."""
@@ -694,6 +757,41 @@ def _drain(sock: socket.socket) -> bool:
     except OSError:
         return True
     return False
+
+
+def _split_host(value: str) -> tuple[str, str | None] | None:
+    """A ``Host`` header or an allowed host, ``NAME[:PORT]`` (an IPv6 address in
+    brackets), as (NAME lower-cased, PORT or None); None when it is not one."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            return None
+        name, rest = value[:end + 1], value[end + 1:]
+        try:
+            ipaddress.IPv6Address(name[1:-1])
+        except ValueError:
+            return None
+    else:
+        name, sep, port = value.partition(":")
+        rest = sep + port
+        if len(name) > 253 or not _HOST_NAME_RE.match(name):
+            return None
+    if not rest:
+        return name, None
+    if rest[0] != ":" or not _PORT_RE.match(rest[1:]):
+        return None
+    return name, rest[1:]
+
+
+def _is_loopback_name(name: str) -> bool:
+    """``localhost``, a loopback IPv4 address or a bracketed loopback IPv6 address."""
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name[1:-1] if name.startswith("[") else name).is_loopback
+    except ValueError:
+        return False
 
 
 def is_loopback(host: str) -> bool:
