@@ -291,3 +291,92 @@ def test_cli_serve_port_in_use_names_the_address(real_jpeg, capsys) -> None:
     err = capsys.readouterr().err.strip()
     assert err.startswith("wsicodec: error:") and "\n" not in err, err
     assert f"cannot listen on 127.0.0.1:{port}" in err and "in use" in err, err
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory: pytest.TempPathFactory):
+    """The CMU SVS region (label, macro, thumbnail; aperio.Filename "CMU-1") as a
+    JPEG-XL container."""
+    out = tmp_path_factory.mktemp("deid") / "cmu-label.zarr.zip"
+    compress(need(REAL_SLIDES["svs-jpeg"]), out, get_codec("jpegxl", 1.0), workers=2)
+    return out
+
+
+@pytest.mark.parametrize("deidentify", [False, True])
+def test_serve_deidentify(labelled, deidentify) -> None:
+    from wsicodec.deidentify import deidentify_properties
+
+    srv = make_server([labelled], port=0, settings=ServerSettings(deidentify=deidentify))
+    serve_in_thread(srv)
+    try:
+        base = srv.url + "slides/cmu-label"
+        status, _, listing = _get(srv.url + "slides")
+        assert status == 200
+        [summary] = json.loads(listing)
+        status, _, body = _get(base + "/properties")
+        assert status == 200
+        props = json.loads(body)
+        images = {n: _get(f"{base}/associated/{n}.{ext}")
+                  for n, ext in (("label", "png"), ("macro", "jpeg"), ("thumbnail", "jpeg"))}
+        assert images["thumbnail"][0] == 200
+        assert _get(base + ".dzi")[0] == 200 and _get(base + "_files/12/0_0.jpeg")[0] == 200
+        reader = srv.slides.slides["cmu-label"].slide     # what DeepZoom wraps
+        if not deidentify:
+            assert set(summary["associated_images"]) == {"label", "macro", "thumbnail"}
+            assert images["label"][:2] == (200, "image/png") and images["macro"][0] == 200
+            assert props["aperio.Filename"] == "CMU-1" and "aperio.Date" in props
+            assert "openslide.comment" in props
+            return
+        assert summary["associated_images"] == {
+            "thumbnail": "/slides/cmu-label/associated/thumbnail.jpeg"}
+        for name in ("label", "macro"):
+            status, ctype, body = images[name]
+            assert status == 404 and ctype == "application/json", (name, status)
+            assert "error" in json.loads(body)
+            assert _get(f"{base}/associated/{name}.jpeg")[0] == 404
+        with open_slide(labelled) as plain:
+            original = dict(plain.properties)
+        kept, removed = deidentify_properties(original, "aperio")
+        assert props == kept and dict(reader.properties) == kept
+        for name in ("aperio.Filename", "aperio.Date", "aperio.Time", "aperio.User",
+                     "aperio.ScanScope ID", "aperio.ImageID", "openslide.comment",
+                     "tiff.ImageDescription"):
+            assert name in original and name in removed and name not in props, name
+        assert b"CMU-1" not in listing and b"CMU-1" not in body
+        assert props["openslide.mpp-x"] and summary["mpp"] == pytest.approx(0.499)
+        assert list(reader.associated_images) == ["thumbnail"]
+        with pytest.raises(KeyError):
+            reader.associated_images["label"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_serve_deidentify_replaces_dicom_uids_once(tmp_path) -> None:
+    study, series = "1.2.826.0.1.3680043.8.498.11", "1.2.826.0.1.3680043.8.498.12"
+    sop_class = "1.2.840.10008.5.1.4.1.1.77.1.6"
+    props = {"dicom.StudyInstanceUID": study, "dicom.SeriesInstanceUID": series,
+             "dicom.ReferencedSeriesSequence[0].SeriesInstanceUID": series,
+             "dicom.SOPClassUID": sop_class, "dicom.PatientName": "Doe^Jane",
+             "dicom.Manufacturer": "Scanner Co"}
+    out = tmp_path / "dcm.zarr"
+    compress_source(ArraySource(np.full((64, 64, 3), 200, np.uint8), vendor="dicom",
+                                properties=props, associated={"label": np.zeros((8, 8, 3),
+                                                                                  np.uint8)}),
+                    out, get_codec("jpegxl", 1.0), tile_size=64)
+    srv = make_server([out], port=0, settings=ServerSettings(deidentify=True))
+    serve_in_thread(srv)
+    try:
+        first = json.loads(_get(srv.url + "slides/dcm/properties")[2])
+        again = json.loads(_get(srv.url + "slides/dcm/properties")[2])
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert first == again                          # the same for the server's lifetime
+    assert "dicom.PatientName" not in first and first["dicom.Manufacturer"] == "Scanner Co"
+    assert first["dicom.SOPClassUID"] == sop_class
+    new_study, new_series = first["dicom.StudyInstanceUID"], first["dicom.SeriesInstanceUID"]
+    assert new_study.startswith("2.25.") and new_series.startswith("2.25.")
+    assert len({new_study, new_series, study, series}) == 4
+    assert first["dicom.ReferencedSeriesSequence[0].SeriesInstanceUID"] == new_series
+    assert study not in json.dumps(first) and series not in json.dumps(first)

@@ -456,7 +456,7 @@ def test_allow_hosts_are_checked(allow) -> None:
         ServerSettings(allow_hosts=allow)
 
 
-def test_cli_serve_allow_host(container, monkeypatch, capsys) -> None:
+def test_cli_serve_allow_host_and_deidentify(container, monkeypatch, capsys) -> None:
     import wsicodec.server
     from wsicodec.cli import main
 
@@ -468,11 +468,12 @@ def test_cli_serve_allow_host(container, monkeypatch, capsys) -> None:
 
     monkeypatch.setattr(wsicodec.server, "make_server", fake_make_server)
     assert main(["serve", str(container)]) == 0
-    assert made["settings"].allow_hosts == ()
+    assert made["settings"].allow_hosts == () and made["settings"].deidentify is False
     assert main(["serve", str(container), "--allow-host", "a.example", "--allow-host",
-                 "b.example:8443"]) == 0
+                 "b.example:8443", "--deidentify"]) == 0
     assert made["settings"].allow_hosts == ("a.example", "b.example:8443")
-    capsys.readouterr()
+    assert made["settings"].deidentify is True
+    assert "de-identified" in capsys.readouterr().out
     assert main(["serve", str(container), "--allow-host", "a b"]) != 0
     err = capsys.readouterr().err.strip()
     assert err.startswith("wsicodec: error:") and "allowed host" in err and "\n" not in err

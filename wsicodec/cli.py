@@ -170,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "a proxy forwards; repeatable. Bound to loopback, only loopback names "
                         "(localhost, 127.0.0.1, [::1]) are answered otherwise (DNS rebinding); "
                         "bound elsewhere, any name is answered unless some are given")
+    s.add_argument("--deidentify", action="store_true",
+                   help="serve each slide as 'compress --deidentify' would keep it: no label "
+                        "or macro, no identifying properties (dates, names, file names, "
+                        "serial numbers...), new DICOM UIDs (docs/deidentify.md)")
     return parser
 
 
@@ -367,7 +371,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                                 workers=args.workers, device=args.device,
                                 precision=args.precision),
         timeout=args.timeout, max_connections=args.max_connections,
-        allow_hosts=tuple(args.allow_host))
+        allow_hosts=tuple(args.allow_host), deidentify=args.deidentify)
     server = make_server(args.slides, args.host, args.port, settings)
     try:
         if not server.loopback_only:
@@ -376,7 +380,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                   "port reads every slide, its label and its properties (put it behind an "
                   "authenticating proxy, see docs/server-security.md)", file=sys.stderr,
                   flush=True)
-        print(f"serving {len(server.slides.slides)} slide(s) at {server.url} "
+        print(f"serving {len(server.slides.slides)} slide(s)"
+              f"{', de-identified,' if settings.deidentify else ''} at {server.url} "
               f"(Ctrl-C to stop)", flush=True)
         for name in server.slides.slides:
             print(f"  {server.url}slides/{name}.dzi", flush=True)

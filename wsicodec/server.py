@@ -34,6 +34,12 @@ loopback address answers only requests whose ``Host`` is a loopback name
 ``ServerSettings.allow_hosts``; bound to another address it answers those when
 ``allow_hosts`` lists any, and any ``Host`` otherwise.
 
+With ``ServerSettings.deidentify`` each slide is served as ``compress --deidentify``
+would have written it (:mod:`wsicodec.deidentify`): the associated images it drops
+(label, macro) are neither listed nor served, the properties it removes are not
+served, and DICOM instance UIDs are replaced by new ones (the same for the server's
+lifetime).  The tissue tiles are served as they are.
+
 Under abuse (see docs/server-security.md): each request head must arrive within
 ``timeout`` seconds of the server starting to wait for it, however slowly its bytes
 trickle (slowloris), and an idle keep-alive connection is closed after ``timeout``
@@ -65,7 +71,8 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from types import MappingProxyType
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import unquote, urlsplit
 
 from wsicodec.batch import DecoderSettings
@@ -121,6 +128,8 @@ class ServerSettings:
         allow_hosts: ``Host`` names (``slides.example.org``; with ``:PORT``, only that
             port) answered besides the loopback names; on a server not bound to
             loopback, an empty tuple answers any ``Host`` (see the module docstring).
+        deidentify: serve each slide's properties and associated images by the rules
+            of ``compress --deidentify`` (:mod:`wsicodec.deidentify`).
     """
 
     jpeg_quality: int = 90
@@ -130,6 +139,7 @@ class ServerSettings:
     timeout: float = 30.0
     max_connections: int = 64
     allow_hosts: tuple[str, ...] = ()
+    deidentify: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.jpeg_quality, bool) or not isinstance(self.jpeg_quality, int) \
@@ -159,6 +169,9 @@ class ServerSettings:
                                           f"with :PORT or not, got {value!r}")
             hosts.append(parts[0] if parts[1] is None else f"{parts[0]}:{parts[1]}")
         object.__setattr__(self, "allow_hosts", tuple(hosts))   # normalised, hashable
+        if not isinstance(self.deidentify, bool):
+            raise InvalidSettingError(f"deidentify must be True or False, got "
+                                      f"{self.deidentify!r}")
 
 
 class _HttpError(Exception):
@@ -179,8 +192,32 @@ def slide_name(path: Path) -> str:
     return name or "slide"
 
 
+class _Only(Mapping[str, Any]):
+    """A mapping seen through a list of the keys it may show (lazy values stay lazy)."""
+
+    def __init__(self, mapping: Mapping[str, Any], keys: Iterable[str]) -> None:
+        self._mapping, self._keys = mapping, tuple(keys)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._mapping[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 class ServedSlide:
-    """One open slide and its DeepZoom generator."""
+    """One open slide and its DeepZoom generator.
+
+    ``properties`` and ``associated_names`` are what the server shows of the slide:
+    with ``settings.deidentify``, what a de-identified copy would keep (the reader that
+    DeepZoom wraps then reports only those too), computed once, so that a replaced
+    DICOM UID stays the same for the server's lifetime.
+    """
 
     def __init__(self, name: str, path: Path, settings: ServerSettings) -> None:
         from openslide.deepzoom import DeepZoomGenerator
@@ -190,9 +227,26 @@ class ServedSlide:
 
         self.name, self.path = name, path
         self.slide = WsiSlide(open_container(path), settings.decoder)
-        tile = self.slide.container.tile_size
-        self.deepzoom = DeepZoomGenerator(self.slide, tile_size=tile - 2 * settings.overlap,
-                                          overlap=settings.overlap, limit_bounds=False)
+        try:
+            meta = self.slide.container.metadata
+            names = tuple(meta.associated_images)
+            properties = dict(self.slide.properties)
+            if settings.deidentify:
+                from wsicodec.deidentify import deidentify_properties, dropped_associated_images
+
+                dropped = set(dropped_associated_images(names))
+                names = tuple(n for n in names if n not in dropped)
+                properties = deidentify_properties(properties, meta.source_vendor)[0]
+                self.slide.properties = MappingProxyType(properties)
+                self.slide.associated_images = _Only(self.slide.associated_images, names)
+            self.properties: Mapping[str, str] = MappingProxyType(properties)
+            self.associated_names: tuple[str, ...] = names
+            tile = self.slide.container.tile_size
+            self.deepzoom = DeepZoomGenerator(self.slide, tile_size=tile - 2 * settings.overlap,
+                                              overlap=settings.overlap, limit_bounds=False)
+        except BaseException:
+            self.slide.close()
+            raise
         self._associated: dict[tuple[str, str], bytes] = {}   # (image, format) -> encoded
         self._associated_lock = threading.Lock()
 
@@ -202,14 +256,16 @@ class ServedSlide:
         meta = self.slide.container.metadata
         return {n: f"/slides/{self.name}/associated/{n}."
                    + ("png" if meta.associated_formats.get(n, "png") == "png" else "jpeg")
-                for n in meta.associated_images}
+                for n in self.associated_names}
 
     def associated_image(self, image: str, fmt: str, jpeg_quality: int) -> bytes:
         """An associated image encoded as ``fmt`` ("jpeg" or "png"), kept once made.
 
-        Raises KeyError for a name the slide does not have, CorruptDataError if its
-        stored bytes are damaged.
+        Raises KeyError for a name the slide does not have or does not show
+        (``associated_names``), CorruptDataError if its stored bytes are damaged.
         """
+        if image not in self.associated_names:
+            raise KeyError(image)
         key = (image, fmt)
         with self._associated_lock:
             body = self._associated.get(key)
@@ -224,7 +280,7 @@ class ServedSlide:
 
     def summary(self) -> dict[str, Any]:
         w, h = self.slide.dimensions
-        props = self.slide.properties
+        props = self.properties
         mpp = props.get("openslide.mpp-x")
         return {"name": self.name, "dzi": f"/slides/{self.name}.dzi",
                 "properties": f"/slides/{self.name}/properties", "width": w, "height": h,
@@ -533,12 +589,12 @@ class TileRequestHandler(BaseHTTPRequestHandler):
             return HTTPStatus.OK, "application/xml", dzi.encode(), False
         m = _PROPS_RE.match(path)
         if m:
-            return self._json(dict(srv.slides.get(m["name"]).slide.properties))
+            return self._json(dict(srv.slides.get(m["name"]).properties))
         m = _ASSOCIATED_RE.match(path)
         if m:
             served = srv.slides.get(m["name"])
             fmt = _image_format(m["fmt"], "image")
-            if m["image"] not in served.slide.container.metadata.associated_images:
+            if m["image"] not in served.associated_names:
                 raise _HttpError(HTTPStatus.NOT_FOUND, f"slide {served.name!r} has no associated "
                                  f"image {m['image']!r}")
             body = served.associated_image(m["image"], fmt, srv.settings.jpeg_quality)
