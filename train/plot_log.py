@@ -1,6 +1,6 @@
 """Plot a training log (log.csv from train.py): loss, estimated bpp and PSNR against steps.
 
-    python train/plot_log.py runs/main/log.csv --out train/loss_curve.png [--mark 7216:"new λ ladder"]
+    python train/plot_log.py runs/main/log.csv --out train/logs/loss_curve.png [--mark 7216:"new λ ladder"]
 
 A resumed run repeats the steps after its last checkpoint: the last row of each step is
 kept.  Thin lines are the logged means (every ``--log-every`` steps), thick lines a
@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("log")
-    ap.add_argument("--out", default="train/loss_curve.png")
+    ap.add_argument("--out", default="train/logs/loss_curve.png")
     ap.add_argument("--smooth", type=int, default=9, help="rows in the rolling mean")
     ap.add_argument("--mark", action="append", default=[], metavar="STEP:LABEL",
                     help="a vertical line at STEP (e.g. where the λ ladder changed)")
