@@ -302,3 +302,20 @@ def test_rd_crop_codes_the_central_square(tmp_path):
     r = json.loads((tmp_path / "rd_c.json").read_text())
     assert r["crop"] == 48 and (r["images"][0]["width"], r["images"][0]["height"]) == (48, 48)
     assert "central 48² crop" in (tmp_path / "rd_c.md").read_text()
+
+
+def test_grid_steps_sees_a_grid_on_flat_glass_and_nothing_else() -> None:
+    """bench/grid_steps.py: flat bright tiles whose colours differ by 3 levels from tile to
+    tile show as border steps of ~3 against ~0 inside; the same noisy glass everywhere
+    shows the same step across borders as inside."""
+    from bench.grid_steps import grid_steps
+
+    rng = np.random.default_rng(0)
+    tiles = 220 + 3 * rng.integers(0, 3, (4, 5))
+    rgb = np.repeat(np.repeat(tiles, 64, 0), 64, 1)[..., None].repeat(3, 2).astype(np.uint8)
+    r = grid_steps(rgb, 64)
+    assert r["border_step"] > 1.0 and r["inside_step"] < 0.01 and r["border_n"] > 0
+    glass = (225 + rng.normal(0, 1, (256, 320)))[..., None].repeat(3, 2).round().astype(np.uint8)
+    r = grid_steps(glass, 64)
+    assert abs(r["ratio"] - 1.0) < 0.1
+    assert grid_steps(np.zeros((64, 64, 3), np.uint8), 16)["ratio"] is None   # no glass at all
