@@ -43,6 +43,9 @@ from wsicodec.checkpoint import FROZEN_TABLES  # noqa: E402
 from wsicodec.model import (QUALITY_MAX, ModelConfig, ResidualBlock, WsiHyperprior,  # noqa: E402
                             bf16_body_forward)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import augment  # noqa: E402
+
 IMAGE_SUFFIXES = {".png", ".tif", ".tiff", ".jpg", ".jpeg", ".webp"}
 
 
@@ -56,7 +59,11 @@ def bf16_body(seq: nn.Sequential) -> None:
 
 
 def load_images(folders: list[str], min_size: int) -> list[np.ndarray]:
-    """Every RGB image of at least ``min_size`` on both sides, as uint8 (H, W, 3)."""
+    """Every RGB image of at least ``min_size`` on both sides, as uint8 (H, W, 3).
+
+    Evaluation data (he/test, slides/) is refused before anything is opened
+    (:func:`augment.check_training_folders`)."""
+    augment.check_training_folders(folders)
     images = []
     for folder in folders:
         for p in sorted(Path(folder).iterdir()):
@@ -398,6 +405,12 @@ def main(argv: list[str] | None = None) -> int:
                          "then a share rising linearly to all of it at RAMP_MIN: new channels "
                          "(--grow-M) learn to carry something before the rate can switch them off "
                          "(the logged bpp is the full rate)")
+    ap.add_argument("--augment", default=None, metavar="SPEC",
+                    help="route crops through train/augment.py: scales 1x/2x/4x (exact area averages), "
+                         "HED stain jitter, JPEG 4:2:0 / JPEG 2000 re-coding, flips and rotations; the "
+                         "loss's reference is the augmented crop itself. SPEC: 'on' for the defaults, or "
+                         "key=value,... (augment.parse_spec), e.g. 'scale=1:.5/2:.3/4:.2,jpeg=.3,j2k=.1'. "
+                         "Default off: the plain CropSampler")
     ap.add_argument("--lambdas", type=float, nargs="+", default=None,
                     help="a new λ ladder (one per quality level); on --resume the learned gains "
                          "are carried over by interpolating them at the new λ values")
@@ -413,6 +426,11 @@ def main(argv: list[str] | None = None) -> int:
                  f"and {args.free_rate[2]:g}")
     if args.feat_crop > args.crop:
         ap.error(f"--feat-crop {args.feat_crop} is larger than --crop {args.crop}")
+    augment.check_training_folders(args.data)     # before anything is loaded
+    try:
+        aug_spec = augment.parse_spec(args.augment) if args.augment is not None else None
+    except ValueError as e:
+        ap.error(str(e))
 
     torch.set_flush_denormal(True)
     if args.threads:
@@ -498,7 +516,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed + step)
 
     images = load_images(args.data, args.crop)
-    sampler = CropSampler(images, args.crop, rng)
+    if aug_spec is not None:
+        sampler = augment.AugmentedSampler(images, args.crop, rng, aug_spec)
+        print(sampler.describe())
+    else:
+        sampler = CropSampler(images, args.crop, rng)
     feat = FeatureDistance(args.vgg).to(dev) if args.alpha > 0 else None
     if args.bf16_body:
         bf16_body(model.g_a)
