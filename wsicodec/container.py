@@ -561,6 +561,38 @@ def _replace(tmp: Path, final: Path) -> None:
         os.rename(tmp, final)
 
 
+class _GridMismatch(Exception):
+    """A level's tile array does not have the metadata's grid (reported as such)."""
+
+
+def _plain_array(group: Any, key: str, shape: tuple[int, ...], dtype: Any) -> Any:
+    """``group[key]`` if its own zarr.json declares what the writer made: ``shape`` in a
+    single chunk, of ``dtype``, with no codec but "bytes" (no compressor); else
+    CorruptDataError.  Checked before zarr reads a byte of the array: zarr allocates the
+    shape a zarr.json declares and runs the codecs it names, so an edited one (outside
+    the metadata digest) could ask for exabytes, or inflate a small chunk without bound,
+    or have numcodecs trust a count read from the data, before any size check."""
+    arr = group[key]
+    try:
+        ok = (tuple(arr.shape) == shape and tuple(arr.chunks) == shape
+              and arr.dtype == np.dtype(dtype)
+              and [type(c).__name__ for c in arr.metadata.codecs] == ["BytesCodec"])
+    except Exception:  # noqa: BLE001 - an irregular chunk grid, an odd data type
+        ok = False
+    if not ok:
+        raise CorruptDataError(f"{key}/zarr.json declares {_describe_array(arr)}, not the "
+                               f"{'x'.join(map(str, shape))} {np.dtype(dtype)} array in one "
+                               "uncompressed chunk that the metadata calls for")
+    return arr
+
+
+def _describe_array(arr: Any) -> str:
+    try:
+        return f"shape {tuple(arr.shape)} in chunks of {tuple(arr.chunks)}, {arr.dtype}"
+    except Exception:  # noqa: BLE001
+        return "an array of another layout"
+
+
 class _StoreGuard:
     """What a reader checks of a store's files before zarr reads one: that it is a
     regular file (a named pipe or device would hang or never end; a link could point
@@ -673,14 +705,22 @@ class Container:
                 cw = _quiet_zarr()
                 try:
                     tiles = self._group[f"levels/{level}/tiles"]
-                    crc = np.asarray(self._group[f"levels/{level}/crc32"][...], dtype=np.uint32)
+                    if tuple(tiles.shape) != (g.rows, g.cols):
+                        raise _GridMismatch()
+                    crc = np.asarray(_plain_array(self._group, f"levels/{level}/crc32",
+                                                  (g.rows, g.cols), np.uint32)[...], np.uint32)
                     if self.metadata.has_digests:
-                        digest = np.asarray(self._group[f"levels/{level}/digest"][...], np.uint8)
+                        digest = np.asarray(_plain_array(
+                            self._group, f"levels/{level}/digest", (g.rows, g.cols, DIGEST_BYTES),
+                            np.uint8)[...], np.uint8)
                 finally:
                     cw.__exit__(None, None, None)
+            except _GridMismatch:
+                raise CorruptDataError(f"{self.path}: level {level} arrays do not match the "
+                                       "metadata's tile grid") from None
             except Exception as e:  # zarr/zip errors of many kinds: damaged store
                 raise CorruptDataError(f"{self.path}: level {level} arrays unreadable: {e}") from e
-            if tuple(tiles.shape) != (g.rows, g.cols) or crc.shape != (g.rows, g.cols) or (
+            if crc.shape != (g.rows, g.cols) or (
                     digest is not None and digest.shape != (g.rows, g.cols, DIGEST_BYTES)):
                 raise CorruptDataError(f"{self.path}: level {level} arrays do not match the "
                                        "metadata's tile grid")
@@ -770,7 +810,8 @@ class Container:
             self._latents = self.codec.latent_cache(self.metadata.tile_size, 3 * widest + 8)
         out = decode_tiles(list(keys), lambda c, r: self.read_encoded_tile(level, c, r),
                            (g.cols, g.rows), lambda c, r: f"tile level={level} col={c} row={r}",
-                           cache=self._latents, cache_tag=level, shape=tile_shape(self.tile_size))
+                           cache=self._latents, cache_tag=level, shape=tile_shape(self.tile_size),
+                           as_written=self.metadata.has_digests)
         for i, ((col, row), t) in enumerate(zip(keys, out)):
             try:
                 if isinstance(t, BaseException):
@@ -806,7 +847,13 @@ class Container:
                              (f"associated/{name}/c/0", MAX_ASSOCIATED_BYTES)):
                 if not self._guard.check(key, cap):
                     raise CorruptDataError(f"{key} is missing")
-            data = bytes(np.asarray(self._group[f"associated/{name}"][...], np.uint8))
+            size = self.metadata.associated_bytes.get(name)
+            arr = self._group[f"associated/{name}"]
+            if size is None and len(arr.shape) == 1 and arr.shape[0] <= MAX_ASSOCIATED_BYTES:
+                size = arr.shape[0]      # a container that did not record its size
+            data = bytes(np.asarray(_plain_array(self._group, f"associated/{name}",
+                                                 (size if size is not None else -1,),
+                                                 np.uint8)[...], np.uint8))
             digest = self.metadata.associated_digests.get(name)
             if self.metadata.has_digests and blob_digest(self.metadata.container_id, name,  # type: ignore[arg-type]
                                                          data) != digest:
