@@ -241,7 +241,7 @@ class _LearnedBatch:
             list(keys), lambda c, r: container.read_encoded_tile(level, c, r),
             (grid.cols, grid.rows), lambda c, r: f"tile level={level} col={c} row={r}",
             cache=self.latents, cache_tag=level, run=run, synthesize=self.synthesis.run,
-            shape=tile_shape(container.tile_size))
+            shape=tile_shape(container.tile_size), as_written=container.metadata.has_digests)
 
 
 class _PlainBatch:

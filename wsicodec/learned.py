@@ -399,7 +399,8 @@ class LearnedCodec:
                      cache: "LatentCache | None" = None, cache_tag: Hashable = None,
                      run: Callable[[Callable[[Any], Any], list], list] | None = None,
                      synthesize: Callable[[list], list] | None = None,
-                     shape: tuple[int, int, int] | None = None) -> list[Any]:
+                     shape: tuple[int, int, int] | None = None,
+                     as_written: bool = False) -> list[Any]:
         """Tiles ``keys`` = [(col, row), ...] of a grid of ``grid`` = (cols, rows) tiles,
         each stitched tile decoded with its neighbours' latents ("Seams" above).
 
@@ -412,6 +413,8 @@ class LearnedCodec:
         exception each (default :meth:`synthesize_windows` on :attr:`device`).
         ``shape``: the (h, w, 3) every tile of the grid has (a container's tile size);
         a tile whose header says otherwise fails before anything is decoded.
+        ``as_written``: the tiles are a format-3 container's and this codec was built from
+        its configuration, so every tile is as ``compress`` wrote it (:meth:`check_as_written`).
 
         Returns one entry per key: the (h, w, 3) uint8 tile, or the exception that tile
         raised (damaged bytes, checksum, other weights).  A damaged *neighbour* does not
@@ -426,7 +429,10 @@ class LearnedCodec:
         def load(key: tuple[int, int]) -> tuple[bytes, TileHeader]:
             if key not in got:
                 data = bytes(fetch(*key))
-                got[key] = (data, _parse_named(data, names(*key), shape))
+                hd = _parse_named(data, names(*key), shape)
+                if as_written:
+                    self.check_as_written(hd, names(*key))
+                got[key] = (data, hd)
             return got[key]
 
         stitched, alone = [], []
@@ -501,6 +507,22 @@ class LearnedCodec:
                 out[n] = x if isinstance(x, BaseException) else np.ascontiguousarray(
                     x[top:top + h, left:left + w])
         return out
+
+    def check_as_written(self, hd: TileHeader, name: str) -> None:
+        """Refuse a tile header that ``compress`` with this codec cannot have written: a
+        tile format before :data:`STITCH_VERSION` (a format-3 container is younger than
+        stitched tiles), or a network tile of another quality than this codec's, to the
+        bit (every tile of a container is coded at its configured quality).  Neither the
+        format byte nor the quality is under the symbol checksum, and both still decode:
+        a format-2 label makes a stitched tile decode alone (other pixels at its borders),
+        and a quality a few float32 ulps off decodes the same symbols with another gain
+        (pixels off by one).  Raises CorruptDataError."""
+        if hd.version < STITCH_VERSION:
+            raise CorruptDataError(f"{name}: tile format {hd.version} in a container whose tiles "
+                                   f"are all format {STITCH_VERSION} or later (header edited)")
+        if hd.kind == KIND_NETWORK and struct.pack("<f", hd.quality) != struct.pack("<f", self.quality):
+            raise CorruptDataError(f"{name}: coded at quality {hd.quality!r}, but the container's "
+                                   f"tiles are all quality {self.quality!r} (header edited)")
 
     def _decode_latents(self, todo: list, lat: dict, got: dict, load: Callable, names: Callable,
                         alone: list, run: Callable | None) -> dict:
