@@ -1,0 +1,170 @@
+"""Seeded fuzzing of the container readers (issue #26): a few hundred mutations of a small
+jpegxl and a small learned container, each read with verify(decode=True), open_slide's
+read_region of every level and every associated image, and decompress.
+
+The harness is bench/fuzzlib.py (bench/fuzz.py runs it longer and writes
+bench/results/fuzz.json); its docstring says what is mutated and what counts as a
+failure: a traceback outside the WsiCodecError tree, a hang, a crash, a case that grows
+the peak RSS by more than 1 GB, pixels that differ from the unmutated container's
+without an error, or an error message of more than one line.
+
+Excluded by design (fuzzlib.UNDETECTABLE_KINDS): with every digest forged, a tile
+replaced by a *valid* stream of the right size (another container's tile, a fresh
+JPEG-XL tile, a glass tile of another colour: glass tiles carry no checksum) or
+metadata edited into other valid metadata reads as other pixels; only a signature over
+the metadata digest could tell.  Those cases may still not raise a traceback, hang or
+blow up memory, and forged metadata may change a level's size but not a pixel the
+original and the edited level share.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # bench/ is a folder of scripts, not an installed package
+    sys.path.insert(0, str(REPO))
+
+from bench import fuzzlib  # noqa: E402
+
+CASES = 300
+SEED = 26
+LEARNED_SHARE = 0.3
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return fuzzlib.make_bases(tmp_path_factory.mktemp("fuzz-bases"))
+
+
+@pytest.fixture(scope="module")
+def records(bases: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    cases = fuzzlib.cases(CASES, SEED, LEARNED_SHARE)
+    return fuzzlib.run_cases(cases, bases, tmp_path_factory.mktemp("fuzz-run"))
+
+
+def _show(failures: list[dict]) -> str:
+    return "\n\n".join(f"{r['codec']} {r['kind']} seed={r['seed']}: {r.get('mutation')}\n"
+                       f"  -> {r['outcome']}: {str(r.get('detail'))[-1500:]}" for r in failures)
+
+
+def test_fuzz_no_traceback_hang_memory_or_silent_pixels(records: list[dict]) -> None:
+    summary = fuzzlib.summarize(records)
+    assert summary["cases"] == CASES
+    assert summary["failure_count"] == 0, (
+        f"{summary['failure_count']} failing cases (replay one with python bench/fuzz.py "
+        f"--replay '{{\"codec\": ..., \"kind\": ..., \"seed\": ...}}'):\n"
+        + _show(summary["failures"]))
+    assert summary["max_peak_rss_growth_mb"] < fuzzlib.MEMORY_CAP_BYTES / 2 ** 20
+
+
+def test_fuzz_covers_every_kind_on_both_codecs(records: list[dict]) -> None:
+    seen = {(r["codec"], r["kind"]) for r in records}
+    for kind, (codecs, _) in fuzzlib.KINDS.items():
+        for codec in codecs:
+            assert (codec, kind) in seen, f"{codec} {kind} never drawn"
+    outcomes = {r["outcome"] for r in records}
+    assert "error" in outcomes and "no_effect" in outcomes   # the harness tells them apart
+    # the excluded class is there (forged valid tiles read as other pixels), and only
+    # for the kinds named as such
+    undetectable = {r["kind"] for r in records if r["outcome"] == "undetectable"}
+    assert undetectable and undetectable <= set(fuzzlib.UNDETECTABLE_KINDS)
+
+
+def test_fuzz_cases_are_reproducible() -> None:
+    assert fuzzlib.cases(50, 3) == fuzzlib.cases(50, 3)
+    assert fuzzlib.cases(50, 3) != fuzzlib.cases(50, 4)
+
+
+# -- the bugs the fuzzing found, each as a fixed case ---------------------------------
+def _copy(bases: dict[str, Path], codec: str, tmp_path: Path) -> Path:
+    work = tmp_path / "c.zarr"
+    shutil.copytree(bases[codec], work)
+    return work
+
+
+def _damage(path: Path) -> list[str]:
+    from wsicodec.pipeline import verify
+
+    r = verify(path, decode=True)
+    return [m for *_, m in r.damaged_tiles] + [m for _, m in r.damaged_associated]
+
+
+@pytest.mark.parametrize("array, shape", [("levels/0/digest", [1 << 20] * 3),
+                                          ("levels/1/crc32", [1 << 40] * 2),
+                                          ("associated/thumbnail", [1 << 31])])
+def test_array_zarr_json_cannot_size_an_allocation(bases, tmp_path: Path, array: str,
+                                                   shape: list) -> None:
+    """An array's own zarr.json (outside the metadata digest) declaring a huge shape is
+    refused before zarr allocates it (it allocated 2 GiB for the thumbnail; 1 EiB asked)."""
+    import json
+    import resource
+
+    from wsicodec.errors import CorruptDataError
+
+    work = _copy(bases, "jpegxl", tmp_path)
+    p = work / array / "zarr.json"
+    doc = json.loads(p.read_text())
+    doc["shape"] = shape
+    doc["chunk_grid"]["configuration"]["chunk_shape"] = shape
+    p.write_text(json.dumps(doc))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if array.startswith("associated"):
+        damage = _damage(work)
+    else:
+        with pytest.raises(CorruptDataError) as e:
+            _damage(work)
+        damage = [str(e.value)]
+    assert len(damage) == 1 and "zarr.json declares shape" in damage[0], damage
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000   # KiB
+
+
+@pytest.mark.parametrize("field, value", [("version", 2), ("version", 1),
+                                          ("quality", 16), ("quality", -1)])
+def test_learned_header_edit_with_forged_digests_is_caught(bases, tmp_path: Path,
+                                                           field: str, value: int) -> None:
+    """Header fields outside the symbol checksum that still decode (format byte 3 -> 2/1:
+    decoded without stitching; quality a few float32 ulps off: same symbols, other gain)
+    gave other pixels without an error; in a format-3 container they are now refused."""
+    import wsicodec
+    from wsicodec.errors import CorruptTileError
+
+    work = _copy(bases, "learned", tmp_path)
+    level, col, row = (0, 1, 1)                  # a network tile with neighbours all round
+    p = fuzzlib._tile_path(work, level, col, row)
+    data = bytearray(fuzzlib._read_tile(p))
+    assert data[5] == 0
+    if field == "version":
+        data[4] = value
+    else:
+        struct.pack_into("<I", data, 10, struct.unpack_from("<I", data, 10)[0] + value)
+    fuzzlib._write_tile(p, bytes(data))
+    fuzzlib.forge(work)
+    damage = _damage(work)
+    assert len(damage) == 1 and "header edited" in damage[0] and "col=1 row=1" in damage[0]
+    with wsicodec.open_slide(work) as s, pytest.raises(CorruptTileError, match="header edited"):
+        s.read_region((0, 0), 0, s.level_dimensions[0])
+
+
+def test_glass_tile_colour_is_the_undetectable_class(bases, tmp_path: Path) -> None:
+    """A glass tile's colour, digests forged: a valid tile of other pixels (no checksum
+    covers it), the class excluded by design; it reads as exactly that."""
+    import wsicodec
+
+    work = _copy(bases, "learned", tmp_path)
+    p = fuzzlib._tile_path(work, 0, 2, 0)        # base_image's glass tile
+    data = bytearray(fuzzlib._read_tile(p))
+    assert data[5] == 1 and tuple(data[10:13]) == (240, 238, 245)
+    data[10] = 176
+    fuzzlib._write_tile(p, bytes(data))
+    fuzzlib.forge(work)
+    assert _damage(work) == []
+    with wsicodec.open_slide(work) as s:
+        a = s.read_region((128, 0), 0, (64, 64), as_array=True)
+    assert np.all(a[..., 0] == 176) and np.all(a[..., 1] == 238)
