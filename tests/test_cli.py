@@ -464,6 +464,13 @@ def test_verify_reports_every_damaged_tile_and_image(tmp_path: Path, capsys,
     assert [a["name"] for a in report["damaged_associated_images"]] == ["label"]
     code, out, err = run(capsys, "verify", box, "--quiet")
     assert code == 1 and out == "" and len(err.splitlines()) == 1
+    digest = box / "levels" / "1" / "digest" / "c" / "0" / "0" / "0"    # a level's digests
+    digest.write_bytes(digest.read_bytes()[:-1] + b"\x00")
+    code, out, err = run(capsys, "verify", box, "--json")               # reported, not raised
+    report = json.loads(out)
+    assert code == 1 and [lv["level"] for lv in report["damaged_levels"]] == [1]
+    assert report["damaged_levels"][0]["tiles"] == 6 and report["tiles"] == 29
+    assert [(t["level"], t["col"], t["row"]) for t in report["damaged_tiles"]] == [(0, 2, 1), (0, 0, 4)]
     code, _, err = run(capsys, "verify", tmp_path / "missing.zarr")
     assert_one_line_error(code, err, "missing.zarr")
 

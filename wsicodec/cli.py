@@ -328,7 +328,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     elif not args.quiet:
-        for *_, message in result.damaged_tiles + result.damaged_associated:
+        for *_, message in result.damaged_levels + result.damaged_tiles + result.damaged_associated:
             print(message)   # each names the tile (level, col, row) or the image
         what = "decoded" if result.decoded else (
             "checked (CRC32, digest)" if not result.missing_guarantees else "CRC-checked")

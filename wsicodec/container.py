@@ -733,6 +733,12 @@ class Container:
             self._tiles[level], self._crc[level] = tiles, crc
         return self._tiles[level], self._crc[level]
 
+    def check_level(self, level: int) -> None:
+        """Read and check a level's CRC and digest arrays (what every tile read of the
+        level needs).  Raises CorruptDataError when they are damaged or do not match the
+        metadata, RegionOutOfBoundsError for a bad level."""
+        self._level_arrays(level)
+
     def _level_files(self, level: int, g: TileGrid) -> list[tuple[str, int]]:
         """The files zarr reads whole to open a level's arrays, each with its size bound."""
         n = g.rows * g.cols

@@ -486,15 +486,19 @@ class VerifyResult:
     #: (:func:`wsicodec.metadata.missing_guarantees`; empty for format 3)
     format_version: int = 3
     missing_guarantees: tuple[str, ...] = ()
+    #: (level, message) of each level whose CRC or digest array is damaged: none of its
+    #: tiles can be checked (they count as damaged)
+    damaged_levels: tuple[tuple[int, int, str], ...] = ()   # (level, tiles, message)
 
     @property
     def ok(self) -> bool:
-        return not self.damaged_tiles and not self.damaged_associated
+        return not self.damaged_tiles and not self.damaged_associated and not self.damaged_levels
 
     @property
     def damage(self) -> str:
         """"2 of 29 tiles and 1 of 1 associated images damaged"."""
-        return (f"{len(self.damaged_tiles)} of {self.tiles} tiles and "
+        tiles = len(self.damaged_tiles) + sum(n for _, n, _ in self.damaged_levels)
+        return (f"{tiles} of {self.tiles} tiles and "
                 f"{len(self.damaged_associated)} of {self.associated} associated images damaged")
 
     def to_dict(self) -> dict[str, Any]:
@@ -504,6 +508,8 @@ class VerifyResult:
                                   for lv, c, r, m in self.damaged_tiles],
                 "damaged_associated_images": [{"name": n, "error": m}
                                               for n, m in self.damaged_associated],
+                "damaged_levels": [{"level": lv, "tiles": n, "error": m}
+                                   for lv, n, m in self.damaged_levels],
                 "format_version": self.format_version,
                 "missing_guarantees": list(self.missing_guarantees),
                 "seconds": round(self.seconds, 3)}
@@ -525,10 +531,19 @@ def verify(path: str | os.PathLike[str], *, decode: bool = False,
     t0 = time.perf_counter()
     bad_tiles: list[tuple[int, int, int, str]] = []
     bad_assoc: list[tuple[str, str]] = []
+    bad_levels: list[tuple[int, int, str]] = []
     tiles = 0
     with open_container(path) as c:
         for level in range(c.level_count):
             grid = c.grid(level)
+            try:
+                c.check_level(level)
+            except CorruptDataError as e:     # its CRC / digest arrays: no tile checkable
+                bad_levels.append((level, grid.tile_count, str(e)))
+                tiles += grid.tile_count
+                if progress:
+                    progress(grid.tile_count)
+                continue
             for row in range(grid.rows):
                 keys = [(col, row) for col in range(grid.cols)]
                 if decode:
@@ -556,7 +571,8 @@ def verify(path: str | os.PathLike[str], *, decode: bool = False,
         n_assoc = len(c.associated_image_names())
         version = c.metadata.format_version
     return VerifyResult(Path(path), tiles, n_assoc, decode, tuple(bad_tiles), tuple(bad_assoc),
-                        time.perf_counter() - t0, version, tuple(missing_guarantees(version)))
+                        time.perf_counter() - t0, version, tuple(missing_guarantees(version)),
+                        tuple(bad_levels))
 
 
 def _ordered_decode(container, level: int, workers: int,  # type: ignore[no-untyped-def]
