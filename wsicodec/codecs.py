@@ -177,9 +177,10 @@ class TileCodec(abc.ABC):
         return None
 
     def decodes(self, model_id: str) -> bool:
-        """Whether data made with the model ``model_id`` decodes with this codec (a codec
-        without a model decodes its own data whatever is recorded)."""
-        return True
+        """Whether data made with the model ``model_id`` decodes with this codec: a codec
+        without a model (:attr:`model_id` None) decodes whatever is recorded; one with a
+        model, the data of that model."""
+        return self.model_id is None or model_id == self.model_id
 
     def warm_up(self) -> None:
         """Do now the one-off setup decoding needs, not on the first tile (a server's
