@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -31,7 +30,6 @@ import torch
 import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def _p50_ms(fn, repeats: int = 15) -> float:
@@ -58,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model().model
     M, h, w = model.config.M, 17, 17
     g = torch.Generator().manual_seed(0)
-    h_s64 = model._h_s64()
+    h_s64 = model.h_s_float64()
     z = torch.randn(1, model.config.N, 5, 5, generator=g, dtype=torch.float64).round()
     ctx = nn.Conv2d(M, 2 * M, 5, padding=2).double()
     widths = (4 * M, 640, 512, 2 * M)            # ELIC/He et al. entropy-parameter 1×1 stack

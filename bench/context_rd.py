@@ -106,7 +106,7 @@ def _images(folders: list[Path], min_side: int) -> list[np.ndarray]:
 @torch.inference_mode()
 def latents_of(model, images: list[np.ndarray]) -> list[torch.Tensor]:
     """g_a (no gain) of every image, whole: (M, h/16, w/16) float32 each."""
-    from wsicodec.model import pad_to_stride
+    from wsicodec.learned.network import pad_to_stride
 
     out = []
     for a in images:
@@ -118,7 +118,7 @@ def latents_of(model, images: list[np.ndarray]) -> list[torch.Tensor]:
 
 def hyper(model, y: torch.Tensor, q: torch.Tensor):
     """Gained y (B, M, h, w) -> (z symbols, ẑ, σ, μ) exactly as the training pass does (float32)."""
-    from wsicodec.model import pad_to_stride
+    from wsicodec.learned.network import pad_to_stride
 
     gain, hgain = model.gains(q)
     yq = y * gain
@@ -132,7 +132,7 @@ def hyper(model, y: torch.Tensor, q: torch.Tensor):
 
 def train(model, head: CheckerboardHead, lat: list[torch.Tensor], minutes: float, batch: int,
           lr: float, seed: int = 0) -> list[dict]:
-    from wsicodec.model import QUALITY_MAX
+    from wsicodec.learned.ladder import QUALITY_MAX
 
     gc = model.gaussian_conditional
     table = gc.scale_table.float()
@@ -154,8 +154,8 @@ def train(model, head: CheckerboardHead, lat: list[torch.Tensor], minutes: float
             res = (torch.round(yq - means)) * mask       # decoded anchors, centred
         s2, m2 = head(res, scales, means)
         noisy = yq + torch.empty_like(yq).uniform_(-0.5, 0.5)
-        lik0 = model._y_likelihood(noisy, scales, means)
-        lik1 = model._y_likelihood(noisy, s2, m2)
+        lik0 = model.y_likelihood(noisy, scales, means)
+        lik1 = model.y_likelihood(noisy, s2, m2)
         non = 1 - mask
         bits0 = -(torch.log2(lik0) * non).sum() / batch
         bits1 = -(torch.log2(lik1) * non).sum() / batch
@@ -296,7 +296,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
     from wsicodec.checkpoint import load_model
-    from wsicodec.learned import _tables_for
 
     loaded = load_model()
     model = loaded.model.eval()
@@ -315,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     head.eval()
     files = sorted(p for p in Path(args.test).iterdir() if p.suffix.lower() == ".png")[:args.max_images]
     t2 = time.time()
-    rows = evaluate(model, head.double(), _tables_for(loaded), files)
+    rows = evaluate(model, head.double(), loaded.model.coding_tables(), files)
     summary = summarise(rows, files)
     result = {
         "what": "checkerboard context head trained on the frozen shipped network; he/test coded "

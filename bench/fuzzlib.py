@@ -735,7 +735,8 @@ def read_everything(path: Path, tmp: Path) -> dict[str, Any]:
         r = verify(path, decode=True)
         if r.ok:
             return {"ok": True}
-        return {"damage": [m for *_, m in r.damaged_tiles] + [m for _, m in r.damaged_associated]}
+        return {"damage": [m for *_, m in r.damaged_levels] + [m for *_, m in r.damaged_tiles]
+                + [m for _, m in r.damaged_associated]}
 
     op("verify", do_verify)
 

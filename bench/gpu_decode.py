@@ -8,13 +8,14 @@ into tiles as a container's (g_a over each tile and its 16 px of context, the ti
 latents coded: stitched tiles, tile format 3).  They are encoded on the CPU (what
 ``wsicodec compress`` writes on a machine without a GPU) and decoded, each tile with its
 neighbours' latents, three ways: ``LearnedCodec(device="cpu").decode_tiles``, the same on
-DEVICE, and the tile server's batched path (``wsicodec.batch._LearnedBatch``: a thread
+DEVICE, and the tile server's batched path (a codec built as ``wsicodec.batch.BatchDecoder``
+builds it, ``max_batch`` by device, its ``decode_tiles`` with a latent cache and a thread
 pool for the entropy decoding, g_s on DEVICE).  Reported: how far the DEVICE pixels are
 from the CPU ones (the symbols must be identical — the per-tile symbol checksum raises
 otherwise — and only g_s's float arithmetic may differ), the PSNR of each against the
 source, tiles encoded on DEVICE (their size against the CPU's, and that the CPU decodes
 them), stitched decode MP/s (each tile's stream decoded once, as ``decompress`` does),
-and encode MP/s and tile-by-tile decode MP/s (``decode_batch``) by batch size; and, under
+and encode MP/s and tile-by-tile decode MP/s (``decode_alone``) by batch size; and, under
 "bfloat16", the stitched and batched decode with ``precision="bfloat16"`` (MP/s, PSNR, and
 how far from the float32 pixels).
 
@@ -41,7 +42,6 @@ sys.path.insert(0, str(ROOT))
 
 from bench.metrics import psnr as _psnr  # noqa: E402
 from bench.tile_speed import _best  # noqa: E402
-from wsicodec.batch import _LearnedBatch  # noqa: E402
 from wsicodec.image import context_region  # noqa: E402
 from wsicodec.learned import DEFAULT_MARGIN, LearnedCodec  # noqa: E402
 from wsicodec.tiling import TileGrid  # noqa: E402
@@ -97,20 +97,36 @@ def _cut(img: np.ndarray) -> tuple[list[np.ndarray], list[tuple[int, int, int, i
 
 def _stitched(codec: LearnedCodec, im: _Image) -> list[np.ndarray]:
     out = codec.decode_tiles(im.keys, lambda c, r: im.read_encoded_tile(0, c, r), (im.cols, im.rows),
-                             cache=codec.latent_cache(TILE, len(im.keys)))
+                             cache=codec.new_cache(TILE, len(im.keys)))
     bad = [t for t in out if isinstance(t, BaseException)]
     if bad:
         raise SystemExit(f"stitched decode failed: {bad[0]}")
     return out
 
 
-def _served_seconds(backend: _LearnedBatch, ims: list[_Image], pool: ThreadPoolExecutor,
+class _Served:
+    """The tile server's path: a codec as :class:`wsicodec.batch.BatchDecoder` builds it
+    (``max_batch`` by device), its latent cache, its work on a thread pool."""
+
+    def __init__(self, quality: float, device: str, precision: str = "float32") -> None:
+        self.codec = LearnedCodec(quality=quality, device=device, precision=precision, max_batch=None)
+        self.cache = self.codec.new_cache(TILE, 0, max_bytes=256 * 1024 * 1024)
+        self.codec.warm_up()
+
+    def decode(self, im: "_Image", pool: ThreadPoolExecutor) -> list:
+        def run(fn, items: list) -> list:  # noqa: ANN001
+            return [f.exception() or f.result() for f in [pool.submit(fn, it) for it in items]]
+        return self.codec.decode_tiles(im.keys, lambda c, r: im.read_encoded_tile(0, c, r),
+                                       (im.cols, im.rows), cache=self.cache, run=run)
+
+
+def _served_seconds(backend: _Served, ims: list[_Image], pool: ThreadPoolExecutor,
                     repeats: int) -> float:
     """Best time of the batched path over every tile, each tile's stream decoded once per pass."""
     def serve_all() -> None:
-        backend.latents.clear()
+        backend.cache.clear()
         for im in ims:
-            backend.decode(im, 0, im.keys, pool)
+            backend.decode(im, pool)
     return _best(serve_all, repeats)
 
 
@@ -137,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     images = _images(Path(args.images), args.tiles)
     cut = [_cut(img) for img in images]
     t = time.perf_counter()
-    ims = [_Image(img, cpu.encode_batch(regions, boxes)) for img, (regions, boxes) in zip(images, cut)]
+    ims = [_Image(img, cpu.encode_tiles(regions, boxes)) for img, (regions, boxes) in zip(images, cut)]
     enc_cpu_s = time.perf_counter() - t
     n = sum(len(im.keys) for im in ims)
     tiles = [im.tile(c, r) for im in ims for c, r in im.keys]
@@ -145,9 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     dec_dev = [x for im in ims for x in _stitched(dev, im)]
     diff = np.stack([np.abs(a.astype(np.int16) - b.astype(np.int16)) for a, b in zip(dec_cpu, dec_dev)])
 
-    backend = _LearnedBatch(dev, args.device, None, 256 * 1024 * 1024)
+    backend = _Served(args.quality, args.device)
     with ThreadPoolExecutor(args.workers) as pool:
-        served = [x for im in ims for x in backend.decode(im, 0, im.keys, pool)]
+        served = [x for im in ims for x in backend.decode(im, pool)]
         bad = [r for r in served if isinstance(r, Exception)]
         if bad:
             raise SystemExit(f"batched path failed: {bad[0]}")
@@ -159,11 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     dev16 = LearnedCodec(quality=args.quality, device=args.device, precision="bfloat16")
     dec_dev16 = [x for im in ims for x in _stitched(dev16, im)]
     stitched16_s = _best(lambda: [_stitched(dev16, im) for im in ims], args.repeats)
-    backend16 = _LearnedBatch(dev16, args.device, None, 256 * 1024 * 1024, "bfloat16")
+    backend16 = _Served(args.quality, args.device, "bfloat16")
     with ThreadPoolExecutor(args.workers) as pool:
         served16_s = _served_seconds(backend16, ims, pool, args.repeats)
 
-    ims_dev = [_Image(img, dev.encode_batch(regions, boxes)) for img, (regions, boxes) in zip(images, cut)]
+    ims_dev = [_Image(img, dev.encode_tiles(regions, boxes)) for img, (regions, boxes) in zip(images, cut)]
     dec_cross = [x for im in ims_dev for x in _stitched(cpu, im)]     # made on DEVICE, decoded on the CPU
 
     mp = n * TILE * TILE / 1e6
@@ -176,9 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     for b in (int(s) for s in args.batch_sizes.split(",")):
         b = min(b, n)
         chunks = [slice(i, i + b) for i in range(0, n, b)]
-        dev.decode_batch(data[:b], names[:b])                 # warm this shape
-        dec_s = _best(lambda: [dev.decode_batch(data[c], names[c]) for c in chunks], args.repeats)
-        enc_s = _best(lambda: [dev.encode_batch(regions[c], boxes[c]) for c in chunks], args.repeats)
+        dev.decode_alone(data[:b], names[:b])                 # warm this shape
+        dec_s = _best(lambda: [dev.decode_alone(data[c], names[c]) for c in chunks], args.repeats)
+        enc_s = _best(lambda: [dev.encode_tiles(regions[c], boxes[c]) for c in chunks], args.repeats)
         speed.append({"batch": b, "decode_alone_mp_s": round(mp / dec_s, 2), "encode_mp_s": round(mp / enc_s, 2)})
         print(f"batch {b:3d}: decode (tiles alone) {mp / dec_s:6.2f} MP/s  encode {mp / enc_s:6.2f} MP/s ({args.device})")
     cpu_dec_s = _best(lambda: [_stitched(cpu, im) for im in ims], 1)

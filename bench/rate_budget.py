@@ -42,8 +42,8 @@ import tilecode  # noqa: E402
 import wsicodec  # noqa: E402
 from wsicodec.checkpoint import load_model  # noqa: E402
 from wsicodec.image import read_stream  # noqa: E402
-from wsicodec.learned import KIND_UNIFORM, NETWORK_HEADER_BYTES, _tables_for, parse_header  # noqa: E402
-from wsicodec.model import SCALES_MIN  # noqa: E402
+from wsicodec.learned import KIND_UNIFORM, NETWORK_HEADER_BYTES, parse_header  # noqa: E402
+from wsicodec.learned.network import SCALES_MIN  # noqa: E402
 
 
 def ideal_bits(symbols: torch.Tensor, sigma: torch.Tensor) -> float:
@@ -78,7 +78,7 @@ def split_stream(data: bytes) -> dict[str, int]:
 @torch.inference_mode()
 def model_prices(model, tables, img: np.ndarray, quality: float) -> dict[str, float]:
     """y stream bytes (as coded) and ideal y bits with the table's and h_s's own σ."""
-    h_s64 = model._h_s64()
+    h_s64 = model.h_s_float64()
     q = torch.tensor([float(quality)])
     _, hgain = model.gains(q, torch.float64)
     medians = model.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1).double()
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
         return 2
     images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
     loaded = load_model()
-    model, tables = loaded.model.eval(), _tables_for(loaded)
+    model, tables = loaded.model.eval(), loaded.model.coding_tables()
     t0 = time.time()
     rows = []
     for q in args.qualities:

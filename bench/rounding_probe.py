@@ -46,11 +46,10 @@ from PIL import Image
 import metrics
 import tilecode
 from wsicodec.checkpoint import load_model
-from wsicodec.learned import _tables_for
 
 loaded = load_model()
 m = loaded.model.eval()
-tb_z, tb_y = _tables_for(loaded)
+tb_z, tb_y = loaded.model.coding_tables()
 table = m.gaussian_conditional.scale_table.to(torch.float64)
 
 

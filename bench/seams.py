@@ -6,7 +6,7 @@
 Each image goes through ``wsicodec.encode`` with 256² tiles, then is decoded two ways:
 ``stitched`` (``wsicodec.decode``: each tile's latents joined with its neighbours'
 before g_s, what every reader does) and ``alone`` (each tile's stream decoded on its
-own, :meth:`LearnedCodec.decode_batch`: what stitching is for).  "Border" pixels are
+own, :meth:`LearnedCodec.decode_alone`: what stitching is for).  "Border" pixels are
 those within 4 px of an internal tile boundary (either side), "interior" the rest; the
 gap is interior PSNR − border PSNR (MSE pooled over all images).  The target is a gap
 under 0.5 dB.  ``--margins``: pixels of the neighbours g_a sees around each tile (16,
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -27,12 +26,11 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import wsicodec  # noqa: E402
-from wsicodec.checkpoint import load_model  # noqa: E402
-from wsicodec.image import _grid, read_stream  # noqa: E402
-from wsicodec.learned import LearnedCodec  # noqa: E402
+import wsicodec
+from wsicodec.checkpoint import load_model
+from wsicodec.image import read_stream, tile_cells
+from wsicodec.learned import LearnedCodec
 
 TILE, BAND = 256, 4
 
@@ -75,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                 data = wsicodec.encode(img, quality=q, margin=margin)
                 nbytes += len(data)
                 alone = np.empty_like(img)
-                for (_, _, ys, xs), t in zip(_grid(*img.shape[:2], TILE),
-                                             codec.decode_batch(read_stream(data).tiles)):
+                for (_, _, ys, xs), t in zip(tile_cells(*img.shape[:2], TILE),
+                                             codec.decode_alone(read_stream(data).tiles)):
                     alone[ys, xs] = t
                 m = border_mask(*img.shape[:2])
                 for how, out in (("stitched", wsicodec.decode(data)), ("alone", alone)):
@@ -99,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['gap_db']:.2f} dB", flush=True)
     result = {
         "what": f"PSNR within {BAND} px of internal {TILE}px tile borders vs interior, wsicodec.encode, "
-                "decoded stitched (wsicodec.decode) and tile by tile (decode_batch)",
+                "decoded stitched (wsicodec.decode) and tile by tile (decode_alone)",
         "images": [p.name for p in paths], "model_sha256": load_model().model_id,
         "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
         "rows": rows,

@@ -6,13 +6,13 @@
 Tiles are cut from ``../shared/data/he/test`` (tissue, so every tile takes the
 network path) and coded as in a container: g_a over the tile and 16 px of its
 neighbours (288²), the tile's 16×16 latents coded.  Reported: whole-codec encode MP/s
-and decode MP/s of tiles decoded on their own (``decode_batch``), entropy coding
+and decode MP/s of tiles decoded on their own (``decode_alone``), entropy coding
 included; ``decode_stitched_mp_s``: ``wsicodec.decode`` of a whole he/test image, every
 tile decoded once and g_s run over its latents joined with 2 latent rows/columns of
 each neighbour (20×20, what readers do), and ``decode_stitched_bf16_mp_s`` the same with
 ``precision="bfloat16"`` (``encode_bf16_mp_s``: encoding with it); and, separately, g_a (288² regions) and g_s (20×20 stitched
 windows) alone: eager (the training modules), fast (the channels-last copies with frozen
-GDN weights that the codec runs, ``WsiHyperprior._fast``; ``*_fast_bf16``: with their
+GDN weights that the codec runs, ``WsiHyperprior.fast_transform``; ``*_fast_bf16``: with their
 inner layers in bfloat16) and compiled (``torch.compile`` of the eager modules; compile
 time excluded, reported apart).  MP counts the 256² tiles, not the context.
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -31,11 +30,10 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import wsicodec  # noqa: E402
-from wsicodec.image import context_region  # noqa: E402
-from wsicodec.learned import LearnedCodec  # noqa: E402
+import wsicodec
+from wsicodec.image import context_region
+from wsicodec.learned import LearnedCodec
 
 
 def _tiles(folder: Path, n: int, margin: int):
@@ -73,20 +71,20 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads)
     codec = LearnedCodec(args.quality)
-    regions, boxes = _tiles(Path(args.images), args.batch, codec.margin)
+    regions, boxes = _tiles(Path(args.images), args.batch, codec.context)
     mp = len(regions) * 256 * 256 / 1e6
-    codec.encode_batch(regions, boxes)  # warm-up
-    streams = codec.encode_batch(regions, boxes)
-    codec.decode_batch(streams)
-    res = {"tiles": len(regions), "tile": 256, "margin": codec.margin, "quality": args.quality,
+    codec.encode_tiles(regions, boxes)  # warm-up
+    streams = codec.encode_tiles(regions, boxes)
+    codec.decode_alone(streams)
+    res = {"tiles": len(regions), "tile": 256, "margin": codec.context, "quality": args.quality,
            "threads": args.threads, "cpu": platform.processor() or platform.machine(),
            "torch": torch.__version__, "model_sha256": codec.model_id,
            "bytes_per_tile": float(np.mean([len(s) for s in streams]))}
-    res["encode_mp_s"] = mp / _best(lambda: codec.encode_batch(regions, boxes), args.repeats)
+    res["encode_mp_s"] = mp / _best(lambda: codec.encode_tiles(regions, boxes), args.repeats)
     codec16 = LearnedCodec(args.quality, precision="bfloat16")
-    codec16.encode_batch(regions, boxes)
-    res["encode_bf16_mp_s"] = mp / _best(lambda: codec16.encode_batch(regions, boxes), args.repeats)
-    res["decode_mp_s"] = mp / _best(lambda: codec.decode_batch(streams), args.repeats)
+    codec16.encode_tiles(regions, boxes)
+    res["encode_bf16_mp_s"] = mp / _best(lambda: codec16.encode_tiles(regions, boxes), args.repeats)
+    res["decode_mp_s"] = mp / _best(lambda: codec.decode_alone(streams), args.repeats)
     img = np.asarray(Image.open(sorted(Path(args.images).glob("*.png"))[0]).convert("RGB"))
     data = wsicodec.encode(img, quality=args.quality)
     wsicodec.decode(data)
@@ -105,11 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         y = torch.nn.functional.pad(m.g_a(x)[..., 1:-1, 1:-1], (2, 2, 2, 2), mode="replicate")  # 20×20
         # eager: the training modules; fast: the channels-last frozen-GDN copies the codec runs
         for label, g_a, g_s in (("eager", m.g_a, m.g_s),
-                                ("fast", m._fast("g_a", x.device, x.dtype), m._fast("g_s", y.device, y.dtype))):
+                                ("fast", m.fast_transform("g_a", x.device, x.dtype), m.fast_transform("g_s", y.device, y.dtype))):
             res[f"g_a_{label}_mp_s"] = mp / _best(lambda: g_a(x), args.repeats)
             res[f"g_s_{label}_mp_s"] = mp / _best(lambda: g_s(y), args.repeats)
-        g_a16 = m._fast("g_a", x.device, x.dtype, bf16_body=True)   # precision="bfloat16"
-        g_s16 = m._fast("g_s", y.device, y.dtype, bf16_body=True)
+        g_a16 = m.fast_transform("g_a", x.device, x.dtype, bf16_body=True)   # precision="bfloat16"
+        g_s16 = m.fast_transform("g_s", y.device, y.dtype, bf16_body=True)
         g_a16(x)
         g_s16(y)
         res["g_a_fast_bf16_mp_s"] = mp / _best(lambda: g_a16(x), args.repeats)

@@ -1,7 +1,7 @@
 """The learned codec's per-tile encoder path, opened up for experiments on what it codes.
 
 ``bench/context_rd.py`` (another entropy model for y) and ``bench/rounding_probe.py``
-(other integers for y) both need what :meth:`wsicodec.learned.LearnedCodec.encode_batch`
+(other integers for y) both need what :meth:`wsicodec.learned.LearnedCodec.encode_tiles`
 computes before it writes y: the tile grid with its context margin, the glass rule, g_a
 over the context region cropped to the tile's latents, the z stream and the float64
 (μ, table index).  :func:`tiles` yields exactly that, tile by tile; :func:`stream_bytes`
@@ -20,11 +20,12 @@ import numpy as np
 import torch
 
 from wsicodec.entropy import encode_symbols
-from wsicodec.image import _grid, context_region
-from wsicodec.learned import (DEFAULT_MARGIN, LATENT_STRIDE, NETWORK_HEADER_BYTES, PIXEL_STRIDE,
-                              _channel_index, _decode_uniform, _encode_uniform, hyper_symbols,
-                              parse_header, uniform_fit, uniform_latent)
-from wsicodec.model import pad_to_stride
+from wsicodec.image import context_region, tile_cells
+from wsicodec.learned import (DEFAULT_MARGIN, NETWORK_HEADER_BYTES, PIXEL_STRIDE, hyper_symbols,
+                              pad_to_stride, parse_header, uniform_fit, uniform_latent)
+from wsicodec.learned.decoder import channel_index
+from wsicodec.learned.glass import decode_uniform, encode_uniform
+from wsicodec.learned.tileformat import LATENT_STRIDE, VERSION
 
 TILE = 256
 
@@ -58,30 +59,30 @@ class NetworkTile:
 @torch.inference_mode()
 def tiles(model, tables, img: np.ndarray, quality: float, tile: int = TILE,
           margin: int = DEFAULT_MARGIN) -> Iterator[Glass | NetworkTile]:
-    """The tiles of ``img`` as the codec codes them (``tables`` from ``learned._tables_for``)."""
+    """The tiles of ``img`` as the codec codes them (``tables``: ``model.coding_tables()``)."""
     tb_z, _ = tables
     q = torch.tensor([float(quality)])
     gain, _ = model.gains(q)
     h, w = img.shape[:2]
-    for _, _, ys, xs in _grid(h, w, tile):
+    for _, _, ys, xs in tile_cells(h, w, tile):
         region, box = context_region(img, ys, xs, margin)
         top, left, th, tw = box
         core = region[top:top + th, left:left + tw]
         fit = uniform_fit(core)
         if fit is not None:
-            data = _encode_uniform(core, *fit)
-            pixels = _decode_uniform(data, parse_header(data))
+            data = encode_uniform(core, *fit, VERSION)
+            pixels = decode_uniform(data, parse_header(data))
             d = pixels.astype(np.float64) - core
             yield Glass(len(data), float((d ** 2).sum()), pixels, fit[0].tobytes(), ys, xs)
             continue
-        dy, dx = top % PIXEL_STRIDE, left % PIXEL_STRIDE       # as encode_batch: onto y's grid
+        dy, dx = top % PIXEL_STRIDE, left % PIXEL_STRIDE       # as the encoder: onto y's grid
         x = torch.from_numpy(np.ascontiguousarray(region[dy:, dx:])).permute(2, 0, 1)[None].float().div(255)
         x = pad_to_stride(x, PIXEL_STRIDE)
         ty, tx = (top - dy) // PIXEL_STRIDE, (left - dx) // PIXEL_STRIDE
         y = model.analysis_y(x, q)[..., ty:ty + -(-th // PIXEL_STRIDE), tx:tx + -(-tw // PIXEL_STRIDE)]
         z = model.hyper_analysis(y, q, LATENT_STRIDE)
         z_sym, mu, index = hyper_symbols(model, z, q, y.shape[-2:])
-        side = NETWORK_HEADER_BYTES + len(encode_symbols(z_sym[0].numpy(), _channel_index(z_sym.shape[1:]), tb_z))
+        side = NETWORK_HEADER_BYTES + len(encode_symbols(z_sym[0].numpy(), channel_index(z_sym.shape[1:]), tb_z))
         yield NetworkTile(core, (0, 0, th, tw), q, gain, y.double(), mu, index, side, ys, xs)
 
 

@@ -182,7 +182,7 @@ def test_concurrent_callers_share_g_s_passes(learned_container) -> None:
         ref = {k: c.read_tile(0, *k) for k in keys}
         dec = BatchDecoder(c, DecoderSettings(cache_bytes=0, workers=2, max_batch=3))
         dec.decode(0, keys[:1])
-        synthesis = dec._get_backend().synthesis
+        synthesis = dec.codec.decoder.synthesis
         before = synthesis.passes
         with ThreadPoolExecutor(len(keys)) as pool:
             got = list(pool.map(lambda k: dec.decode(0, [k])[0], keys))
@@ -208,7 +208,7 @@ def test_format_2_container_reads_tile_by_tile_as_before():
         keys = list(g)
         datas = [c.read_encoded_tile(0, col, row) for col, row in keys]
         assert {parse_header(d).version for d in datas} == {2}
-        alone = c.codec.decode_batch(datas)
+        alone = c.codec.decode_alone(datas)
         rows = c.read_tiles(0, keys)
     with open_slide(path, workers=2) as s:
         served = s._decode_tiles(0, keys)
@@ -245,7 +245,7 @@ def test_reader_stitches_tiles_the_same_in_any_order(tmp_path) -> None:
     assert gap < 0.3, gap
 
 
-def test_concurrent_requests_entropy_decode_each_tile_once(tmp_path) -> None:
+def test_concurrent_requests_entropy_decode_each_tile_once(tmp_path, monkeypatch) -> None:
     """A viewer asks for neighbouring tiles in separate, concurrent requests: each needs
     its neighbours' latents, and a tile one request is decoding is waited for by the
     others (LatentCache.begin/settle), so every stream is entropy-decoded once."""
@@ -255,18 +255,19 @@ def test_concurrent_requests_entropy_decode_each_tile_once(tmp_path) -> None:
     img = np.asarray(Image.open(need(HE_TEST_PNG)).convert("RGB"))[:512, :768].copy()
     out = tmp_path / "he.zarr.zip"
     compress_source(ArraySource(img), out, get_codec("learned", 4), tile_size=256, workers=1)
+    from wsicodec.learned.decoder import TileDecoder
+
     with open_slide(out, workers=2, cache_bytes=0) as s:
-        codec = s._c.codec
         calls: list[tuple[int, int]] = []
         lock = threading.Lock()
-        original = codec.entropy_decode
+        original = TileDecoder.entropy_decode
 
-        def counting(data, hd, name, timings=None):  # noqa: ANN001
+        def counting(self, data, hd, name):  # noqa: ANN001
             with lock:
                 calls.append(name)
-            return original(data, hd, name, timings)
+            return original(self, data, hd, name)
 
-        codec.entropy_decode = counting
+        monkeypatch.setattr(TileDecoder, "entropy_decode", counting)
         keys = [(c, r) for r in range(2) for c in range(3)]
         barrier = threading.Barrier(len(keys))
 
@@ -304,7 +305,7 @@ def test_bfloat16_precision_runs_g_s_body_in_bfloat16_and_decodes_the_same_strea
 
     with open_container(learned_container) as c:
         model = c.codec.loaded.model
-    body = model._fast("g_s", torch.device("cpu"), torch.float32, bf16_body=True)
+    body = model.fast_transform("g_s", torch.device("cpu"), torch.float32, bf16_body=True)
     convs = (torch.nn.Conv2d, torch.nn.ConvTranspose2d)
     seen: dict[str, set] = {"ends": set(), "inner": set()}
     hooks = []
@@ -349,7 +350,7 @@ def test_bfloat16_encoding_keeps_rate_and_quality_and_any_reader_decodes_it() ->
 
     img = _image(160, 200, 5)
     codec = LearnedCodec(4, precision="bfloat16")
-    body = codec.loaded.model._fast("g_a", torch.device("cpu"), torch.float32, bf16_body=True)
+    body = codec.loaded.model.fast_transform("g_a", torch.device("cpu"), torch.float32, bf16_body=True)
     conv = next(m for m in body.layers[2].modules() if isinstance(m, torch.nn.Conv2d))
     seen: list = []
     hook = conv.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))

@@ -107,7 +107,7 @@ def test_bad_tiles_and_bytes_raise_library_errors() -> None:
 
 
 def test_register_custom_codec_and_unavailable(tile: np.ndarray) -> None:
-    class Raw:
+    class Raw(codecs.TileCodec):
         name = "raw-test"
 
         def __init__(self, quality: float | None = None) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsicodec.codecs import get_codec
+from wsicodec.codecs import TileCodec, get_codec
 from wsicodec.container import (FORMAT_VERSION, JOURNAL, ContainerMetadata, ContainerWriter,
                                 open_container)
 from wsicodec.errors import (CompressInterrupted, CorruptDataError, CorruptTileError,
@@ -139,7 +139,7 @@ def test_not_a_container(tmp_path: Path) -> None:
         open_container(tmp_path / "x.txt")
 
 
-class Flaky:
+class Flaky(TileCodec):
     """The JPEG codec, counting its calls and raising ``error`` on call ``at``."""
 
     name = "jpeg"
@@ -154,7 +154,7 @@ class Flaky:
             raise self.error("stop")
         return self.codec.encode(tile)
 
-    def decode(self, data: bytes) -> np.ndarray:
+    def decode(self, data: bytes, shape=None) -> np.ndarray:  # noqa: ANN001
         return self.codec.decode(data)
 
     def to_dict(self) -> dict:
@@ -457,14 +457,20 @@ def test_model_id_is_stored_and_checked(tmp_path: Path, odd_image: np.ndarray,
                 w.write_row(lv, row, [codec.encode(np.zeros((64, 64, 3), np.uint8))] * g.cols)
         w.commit()
 
-    class OtherModel:
+    class OtherModel(TileCodec):
         name = "jpeg"
         model_id = "b" * 64
 
-        def decode(self, data: bytes) -> np.ndarray:
+        def encode(self, tile: np.ndarray) -> bytes:
+            return codec.encode(tile)
+
+        def decode(self, data: bytes, shape=None) -> np.ndarray:  # noqa: ANN001
             return codec.decode(data)
 
-    monkeypatch.setattr(container_mod, "codec_from_dict", lambda d: OtherModel())
+        def to_dict(self) -> dict:
+            return codec.to_dict()
+
+    monkeypatch.setattr(container_mod, "codec_from_dict", lambda d, **local: OtherModel())
     with open_container(out) as c:
         assert c.metadata.model_id == "a" * 64
         with pytest.raises(ModelMismatchError, match="a{64}.*b{64}"):

@@ -123,7 +123,7 @@ def test_an_interrupted_learned_compress_resumes_with_the_same_tiles(tmp_path, m
     ref = tmp_path / "ref.zarr"
     compress_source(ArraySource(img), ref, get_codec("learned", 3), tile_size=64)
     calls = {"n": 0, "stop": 3}
-    real = LearnedCodec.encode_batch
+    real = LearnedCodec.encode_tiles
 
     def counted(self, regions, boxes):  # type: ignore[no-untyped-def]
         calls["n"] += 1
@@ -131,7 +131,7 @@ def test_an_interrupted_learned_compress_resumes_with_the_same_tiles(tmp_path, m
             raise KeyboardInterrupt
         return real(self, regions, boxes)
 
-    monkeypatch.setattr(LearnedCodec, "encode_batch", counted)
+    monkeypatch.setattr(LearnedCodec, "encode_tiles", counted)
     out = tmp_path / "l.zarr.zip"
     with pytest.raises(CompressInterrupted) as info:
         compress_source(ArraySource(img), out, get_codec("learned", 3), tile_size=64)

@@ -86,14 +86,14 @@ def test_decoding_is_identical_across_threads_and_batch_sizes(tissue):
     tiles = [np.ascontiguousarray(tissue[y:y + 256, x:x + 256]) for y in (0, 256, 512, 744)
              for x in (0, 256, 512, 744)]
     codec = LearnedCodec(5)
-    streams = codec.encode_batch(tiles)
+    streams = codec.encode_tiles(tiles)
     threads = torch.get_num_threads()
     try:
         results = []
         for n_threads in (1, 2):
             torch.set_num_threads(n_threads)
             # decode_batch raises if any tile's symbols differ from the encoder's
-            results.append(codec.decode_batch(streams))                    # batch of 16
+            results.append(codec.decode_alone(streams))                    # batch of 16
             results.append([codec.decode(s) for s in streams])             # batch of 1
     finally:
         torch.set_num_threads(threads)
@@ -108,11 +108,11 @@ def test_decoding_is_identical_across_threads_and_batch_sizes(tissue):
 def test_tiles_cross_between_cpu_and_gpu(tissue):
     tiles = [np.ascontiguousarray(tissue[y:y + 256, x:x + 256]) for y in (0, 256) for x in (0, 256)]
     cpu, gpu = LearnedCodec(4, device="cpu"), LearnedCodec(4, device="cuda")
-    streams = cpu.encode_batch(tiles)
+    streams = cpu.encode_tiles(tiles)
     # the symbols are checksummed; only g_s's float arithmetic differs between devices
-    for a, b in zip(cpu.decode_batch(streams), gpu.decode_batch(streams)):
+    for a, b in zip(cpu.decode_alone(streams), gpu.decode_alone(streams)):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
-    for tile, out in zip(tiles, cpu.decode_batch(gpu.encode_batch(tiles))):
+    for tile, out in zip(tiles, cpu.decode_alone(gpu.encode_tiles(tiles))):
         assert _psnr(out, tile) > 25
     # stitched: a 2 x 2 grid decoded with its neighbours' latents on either device
     grid = {(c, r): s for (c, r), s in zip([(0, 0), (1, 0), (0, 1), (1, 1)], streams)}
@@ -160,7 +160,7 @@ def test_fast_transforms_match_g_a_and_g_s():
 def test_entropy_parameter_mismatch_is_a_clear_error(tissue, monkeypatch, version):
     """A decoder whose entropy parameters differ from the encoder's (here: h_s's weights
     1 % off, in the path of the tile's format) fails the symbol CRC, naming the tile."""
-    import wsicodec.learned as learned
+    import wsicodec.learned.tileformat as learned
     codec = LearnedCodec(5)
     with monkeypatch.context() as mp:
         mp.setattr(learned, "VERSION", version)
@@ -168,16 +168,16 @@ def test_entropy_parameter_mismatch_is_a_clear_error(tissue, monkeypatch, versio
     assert parse_header(data).version == version
     model = codec.loaded.model
     if version == 1:
-        weights = [p for p in model._h_s64().parameters()]
+        weights = [p for p in model.h_s_float64().parameters()]
     else:
-        weights = [layer[1] for layer in model._h_s_exact().layers]
+        weights = [layer[1] for layer in model.h_s_exact().layers]
     saved = [w.detach().clone() for w in weights]
     try:
         with torch.no_grad():
             for w in weights:
                 w.copy_(torch.round(w * 1.01) if version == 2 else w * 1.01)
         with pytest.raises(CorruptDataError, match=r"level 0 tile \(3, 4\): decoded symbols fail their checksum"):
-            codec.decode_batch([data], names=["level 0 tile (3, 4)"])
+            codec.decode_alone([data], names=["level 0 tile (3, 4)"])
     finally:
         with torch.no_grad():
             for w, s in zip(weights, saved):
@@ -188,7 +188,7 @@ def test_entropy_parameter_mismatch_is_a_clear_error(tissue, monkeypatch, versio
 def test_format_1_tiles_still_decode(tissue, monkeypatch):
     """Tiles written before the exact entropy parameters (format 1: h_s in float64) decode
     through that path; an unknown format is a clear error."""
-    import wsicodec.learned as learned
+    import wsicodec.learned.tileformat as learned
     tile = np.ascontiguousarray(tissue[100:356, 200:456])
     codec = LearnedCodec(4)
     with monkeypatch.context() as mp:
@@ -247,7 +247,7 @@ def test_stitched_tiles_have_no_seams_and_decode_alone(tissue):
     assert {parse_header(s).version for s in streams} == {3}
     assert all((parse_header(s).coded_height, parse_header(s).top) == (256, 0) for s in streams)
     alone = np.zeros_like(img)
-    for k, t in enumerate(LearnedCodec(4).decode_batch(streams)):
+    for k, t in enumerate(LearnedCodec(4).decode_alone(streams)):
         r, c = divmod(k, 3)
         alone[r * 256:(r + 1) * 256, c * 256:(c + 1) * 256] = t
     border = np.zeros(img.shape[:2], bool)
@@ -289,9 +289,9 @@ def test_exact_entropy_parameters_do_not_depend_on_summation_order(tissue):
     bits: here each layer's sum is split over its input channels in three parts, added
     last part first, and must match to the last bit (and stay near the float h_s)."""
     import torch.nn.functional as F
-    from wsicodec.model import EXACT_ACT_BITS, EXACT_FRAC
+    from wsicodec.learned.exact import EXACT_ACT_BITS, EXACT_FRAC
     model = load_model().model
-    h = model._h_s_exact()
+    h = model.h_s_exact()
     g = torch.Generator().manual_seed(3)
     med = model.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1).double()
     z_hat = torch.round(torch.randn(1, model.config.N, 6, 5, generator=g, dtype=torch.float64) * 4) + med
@@ -319,7 +319,7 @@ def test_exact_entropy_parameters_do_not_depend_on_summation_order(tissue):
                 a = a.clamp(-lim, lim)
             assert torch.equal(out, ref)
             _, hgain = model.gains(torch.tensor([quality]), torch.float64)
-            flt = model._h_s64()(z_hat / hgain.double())
+            flt = model.h_s_float64()(z_hat / hgain.double())
             assert (ref - flt).abs().max() < 1e-2 and (ref - flt).abs().mean() < 1e-4
 
 
@@ -327,7 +327,7 @@ def test_exact_h_s_computes_only_the_part_asked_for_with_the_same_bits():
     """The last layer computes just y's size (17² of 20² for a real tile): the values are
     those of the full output there, to the last bit, at every size and position."""
     model = load_model().model
-    h = model._h_s_exact()
+    h = model.h_s_exact()
     g = torch.Generator().manual_seed(5)
     med = model.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1).double()
     z_hat = torch.round(torch.randn(1, model.config.N, 6, 5, generator=g, dtype=torch.float64) * 4) + med
@@ -343,7 +343,7 @@ def test_exact_h_s_computes_only_the_part_asked_for_with_the_same_bits():
     mu1, _ = model.entropy_parameters(z_hat, torch.tensor([4.0]), exact=False, size=(21, 17))
     assert mu1.shape == mu.shape                       # format 1 (float64 h_s) is cropped too
     # a last layer that is not a centred stride-1 conv is computed whole, never cut wrongly
-    from wsicodec.model import ExactHyperSynthesis
+    from wsicodec.learned.exact import ExactHyperSynthesis
     odd = torch.nn.Sequential(torch.nn.ConvTranspose2d(4, 6, 5, 2, 2, 1), torch.nn.LeakyReLU(),
                               torch.nn.Conv2d(6, 4, 3, 1, 0))
     hx = ExactHyperSynthesis(odd, torch.zeros(2, 4), 2)
@@ -353,7 +353,7 @@ def test_exact_h_s_computes_only_the_part_asked_for_with_the_same_bits():
 
 def test_exact_exp_is_exp():
     import math
-    from wsicodec.model import exact_exp
+    from wsicodec.learned.exact import exact_exp
     for v in np.linspace(-40.0, 40.0, 4001).tolist() + [0.0, -1e-300, 1e-12, 700.0, -700.0]:
         assert exact_exp(v) == pytest.approx(math.exp(v), rel=4e-16, abs=0)
 
@@ -379,7 +379,7 @@ def test_a_tile_header_with_an_impossible_quality_is_corrupt(tissue, quality):
     data = bytearray(LearnedCodec(3).encode(np.ascontiguousarray(tissue[:64, :64])))
     data[10:14] = struct.pack("<f", quality)
     with pytest.raises(CorruptDataError, match="quality"):
-        LearnedCodec(3).decode_batch([bytes(data)], names=["tile (0, 0)"])
+        LearnedCodec(3).decode_alone([bytes(data)], names=["tile (0, 0)"])
 
 
 def test_other_weights_are_refused_naming_both_ids(tissue, tmp_path):
@@ -462,6 +462,7 @@ def test_refine_codes_a_real_tile_cheaper_and_decodes_with_any_decoder(tissue, q
 
 
 def test_refine_keeps_the_best_latents_and_only_counts_shown_pixels(tissue):
+    from wsicodec.learned.refine import refine_latents
     m = load_model(DEFAULT_WEIGHTS).model
     x = torch.from_numpy(np.ascontiguousarray(tissue[:128, :128])).permute(2, 0, 1)[None].float() / 255
     q = torch.tensor([4.0])
@@ -469,7 +470,7 @@ def test_refine_keeps_the_best_latents_and_only_counts_shown_pixels(tissue):
         y, z = m.analysis(x, q)
     shown = torch.zeros(1, 1, 128, 128)
     shown[..., 8:120, 8:120] = 1
-    y2, z2, info = m.refine_latents(x, q, y, z, shown, steps=6)
+    y2, z2, info = refine_latents(m, x, q, y, z, shown, steps=6)
     hist = info["history"][0]
     assert hist.shape == (7,) and float(info["loss0"][0]) == float(hist[0])
     assert float(info["loss"][0]) == float(hist.min()) < float(hist[0])
@@ -477,7 +478,7 @@ def test_refine_keeps_the_best_latents_and_only_counts_shown_pixels(tissue):
     # pixels outside `shown` do not count: a garbage margin costs nothing
     x_bad = x.clone()
     x_bad[..., :8, :] = 1 - x_bad[..., :8, :]
-    _, _, info_bad = m.refine_latents(x_bad, q, y, z, shown, steps=0)
+    _, _, info_bad = refine_latents(m, x_bad, q, y, z, shown, steps=0)
     assert torch.allclose(info_bad["loss0"], info["loss0"])
 
 
@@ -522,7 +523,7 @@ def test_background_rule_is_conservative():
 def test_quality_scale_spans_the_whole_ladder_whatever_its_length():
     """Quality 1..8 maps onto the λ knots evenly; with 8 knots it is the knot index itself,
     so containers written by 8-level weights decode with exactly the gains they were coded with."""
-    from wsicodec.model import ModelConfig, WsiHyperprior
+    from wsicodec.learned.network import ModelConfig, WsiHyperprior
 
     eight = WsiHyperprior(ModelConfig(N=8, M=12, lambdas=(1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2, 0.128)))
     q = torch.tensor([1.0, 2.0, 3.5, 8.0])
@@ -582,7 +583,6 @@ def test_bench_tile_path_prices_and_scores_tiles_as_the_codec_codes_them(tissue)
     plane decode the pixels wsicodec.decode stitches, glass tiles included."""
     import sys
     from wsicodec.image import read_stream
-    from wsicodec.learned import _tables_for
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import tilecode
 
@@ -590,7 +590,7 @@ def test_bench_tile_path_prices_and_scores_tiles_as_the_codec_codes_them(tissue)
     img[:256] = tissue[:256, :300]
     codec = LearnedCodec(quality=3.5)
     m = codec.loaded.model
-    tables = _tables_for(codec.loaded)
+    tables = codec.loaded.model.coding_tables()
     got = list(tilecode.tiles(m, tables, img, 3.5))
     assert sum(isinstance(t, tilecode.Glass) for t in got) == 2 and len(got) == 4
     data = wsicodec.encode(img, quality=3.5)
@@ -618,7 +618,7 @@ def test_rate_budget_splits_every_byte_and_prices_symbols_as_the_gaussian_does(t
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import rate_budget
-    from wsicodec.learned import NETWORK_HEADER_BYTES, _tables_for
+    from wsicodec.learned import NETWORK_HEADER_BYTES
 
     img = np.full((512, 300, 3), 228, np.uint8)        # two glass tiles, two with tissue
     img[:256] = tissue[:256, :300]
@@ -638,7 +638,7 @@ def test_rate_budget_splits_every_byte_and_prices_symbols_as_the_gaussian_does(t
     assert rate_budget.ideal_bits(s, sig) == pytest.approx(want, rel=1e-9)
 
     codec = LearnedCodec(quality=3)
-    priced = rate_budget.model_prices(codec.loaded.model, _tables_for(codec.loaded), img, 3)
+    priced = rate_budget.model_prices(codec.loaded.model, codec.loaded.model.coding_tables(), img, 3)
     assert priced["y"] == split["y"]
     assert 1.0 < 8 * priced["y"] / priced["ideal_table_bits"] < 1.05
     assert 0.99 < priced["ideal_table_bits"] / priced["ideal_exact_bits"] < 1.02
@@ -648,7 +648,8 @@ def test_rate_budget_splits_every_byte_and_prices_symbols_as_the_gaussian_does(t
 def test_subpixel_form_is_the_transposed_convolution(cin, cout, shape):
     """FastTransform's rewrite of a 5x5 stride-2 transposed convolution (3x3 conv + pixel
     shuffle) computes the same map, borders included, whatever the sizes."""
-    from wsicodec.model import _SubPixelDeconv, _deconv
+    from wsicodec.learned.fast import SubPixelDeconv
+    from wsicodec.learned.network import _deconv
     g = torch.Generator().manual_seed(cin * cout)
     deconv = _deconv(cin, cout)
     with torch.no_grad():
@@ -656,18 +657,18 @@ def test_subpixel_form_is_the_transposed_convolution(cin, cout, shape):
             p.copy_(torch.randn(p.shape, generator=g))
         x = torch.randn(2, cin, *shape, generator=g)
         ref = deconv(x)
-        out = _SubPixelDeconv(deconv)(x)
+        out = SubPixelDeconv(deconv)(x)
     assert out.shape == ref.shape == (2, cout, 2 * shape[0], 2 * shape[1])
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
     with pytest.raises(ValueError):
-        _SubPixelDeconv(torch.nn.ConvTranspose2d(3, 3, 3, stride=2, padding=1, output_padding=1))
+        SubPixelDeconv(torch.nn.ConvTranspose2d(3, 3, 3, stride=2, padding=1, output_padding=1))
 
 
 def _np_exact_h_s(h, z_hat: np.ndarray, quality: float) -> np.ndarray:
     """ExactHyperSynthesis written again in numpy: convolutions as window tensordots,
     which numpy sends to its own BLAS (OpenBLAS), not torch's."""
     from numpy.lib.stride_tricks import sliding_window_view
-    from wsicodec.model import EXACT_ACT_BITS, EXACT_FRAC
+    from wsicodec.learned.exact import EXACT_ACT_BITS, EXACT_FRAC
 
     def correlate(x, w, pad_lo, pad_hi):          # x (Cin, H, W), w (Cout, Cin, k, k)
         xp = np.pad(x, ((0, 0), (pad_lo, pad_hi), (pad_lo, pad_hi)))
@@ -698,7 +699,7 @@ def test_exact_entropy_parameters_are_the_same_bits_from_another_blas(tissue):
     """The tile format 2 promise, checked against a second implementation: numpy with
     OpenBLAS gives the very bits torch (MKL) gives, on ẑ of a real tile at 3 qualities."""
     model = load_model().model
-    h = model._h_s_exact()
+    h = model.h_s_exact()
     x = torch.from_numpy(np.ascontiguousarray(tissue[:272, :272])).permute(2, 0, 1)[None].float() / 255
     med = model.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1)
     for quality in (1.0, 4.5, 8.0):
@@ -712,7 +713,7 @@ def test_exact_entropy_parameters_are_the_same_bits_from_another_blas(tissue):
 
 
 def test_bin_centroid_offset_is_the_gaussian_bin_mean():
-    from wsicodec.model import bin_centroid_offset
+    from wsicodec.learned.network import bin_centroid_offset
 
     s = torch.tensor([0.0, 1.0, -1.0, 2.0, -3.0, 1.0, 4.0], dtype=torch.float64)
     sigma = torch.tensor([0.3, 0.3, 0.3, 1.0, 2.5, 100.0, 0.5], dtype=torch.float64)

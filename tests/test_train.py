@@ -80,7 +80,7 @@ def test_remap_gains_interpolates_and_extends_the_ladder():
 def test_remap_adam_rows_takes_the_nearest_knot():
     import train as train_script
 
-    from wsicodec.model import ModelConfig, WsiHyperprior
+    from wsicodec.learned.network import ModelConfig, WsiHyperprior
 
     old = (0.001, 0.004, 0.016)
     cfg = ModelConfig(N=8, M=12, lambdas=old)
@@ -147,7 +147,8 @@ def test_added_residual_blocks_start_as_the_identity():
     """``--enc-blocks`` / ``--dec-blocks``: a trained g_a and g_s given blocks compute what they did."""
     import train as train_script
 
-    from wsicodec.model import FastTransform, ModelConfig, WsiHyperprior
+    from wsicodec.learned.fast import FastTransform
+    from wsicodec.learned.network import ModelConfig, WsiHyperprior
 
     cfg = ModelConfig(N=8, M=12, lambdas=(1e-3, 4e-3))
     old = WsiHyperprior(cfg)
@@ -188,7 +189,7 @@ def test_added_latent_channels_leave_the_old_ones_computing_what_they_did():
 
     import train as train_script
 
-    from wsicodec.model import ModelConfig, WsiHyperprior
+    from wsicodec.learned.network import ModelConfig, WsiHyperprior
 
     cfg = ModelConfig(N=8, M=12, lambdas=(1e-3, 4e-3, 1.6e-2), enc_blocks=1, dec_blocks=1)
     old = WsiHyperprior(cfg)
@@ -239,7 +240,7 @@ def test_bf16_body_runs_the_inner_layers_in_bfloat16_and_keeps_the_rest():
     the checkpoint's names float32; the network computes nearly what it did."""
     import train as train_script
 
-    from wsicodec.model import ModelConfig, WsiHyperprior
+    from wsicodec.learned.network import ModelConfig, WsiHyperprior
 
     cfg = ModelConfig(N=16, M=24, lambdas=(1e-3, 4e-3), enc_blocks=1, dec_blocks=1)
     torch.manual_seed(0)
@@ -299,7 +300,7 @@ def test_freeze_decoder_trains_the_encoder_and_keeps_every_decoder_tensor(tmp_pa
 
     from wsicodec.checkpoint import export
     from wsicodec.learned import LearnedCodec
-    from wsicodec.model import WsiHyperprior
+    from wsicodec.learned.network import WsiHyperprior
 
     data, common, _, sha_old = _tiny_weights(tmp_path)
     assert train_script.main([*common, "--out", str(tmp_path / "b"), "--resume", str(tmp_path / "old.pt"),
@@ -325,7 +326,7 @@ def test_only_new_channels_moves_them_and_keeps_the_old_channels_path(tmp_path):
     move; every entry the first 12 channels' symbols, z and pixels depend on stays bit for bit."""
     import train as train_script
 
-    from wsicodec.model import ModelConfig, WsiHyperprior
+    from wsicodec.learned.network import ModelConfig, WsiHyperprior
 
     data, common, old, _ = _tiny_weights(tmp_path)
     assert train_script.main([*common, "--out", str(tmp_path / "w"), "--resume", str(old), "--grow-M", "20",

@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT / "train"))
 import tilecode  # noqa: E402  (bench/tilecode.py: the codec's own encoder path)
 from train import FeatureDistance, load_images, save_atomic  # noqa: E402
 from wsicodec.checkpoint import load_model, sha256_file  # noqa: E402
-from wsicodec.learned import PIXEL_STRIDE, STITCH_RING, _tables_for  # noqa: E402
+from wsicodec.learned import PIXEL_STRIDE, STITCH_RING  # noqa: E402
 
 TILE = 256
 LAT = TILE // PIXEL_STRIDE          # 16 latents a side per tile
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
     loaded = load_model(args.weights)
     # a private copy: load_model shares one instance per file within a process
-    model, tables = copy.deepcopy(loaded.model).eval(), _tables_for(loaded)
+    model, tables = copy.deepcopy(loaded.model).eval(), loaded.model.coding_tables()
     for p in model.parameters():
         p.requires_grad_(False)
     folders = [load_images([d], TILE + 2 * STITCH_RING * PIXEL_STRIDE) for d in args.data]

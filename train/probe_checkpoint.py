@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT / "train"))
 import train as train_script  # noqa: E402
 
 from wsicodec.checkpoint import DEFAULT_WEIGHTS  # noqa: E402
-from wsicodec.model import QUALITY_MAX, ModelConfig, WsiHyperprior  # noqa: E402
+from wsicodec.learned.ladder import QUALITY_MAX  # noqa: E402
+from wsicodec.learned.network import ModelConfig, WsiHyperprior  # noqa: E402
 
 def load(path: str | Path) -> tuple[WsiHyperprior, int | None]:
     """A training checkpoint or exported weights, as a network in eval mode, and its step."""

@@ -40,8 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from wsicodec.checkpoint import FROZEN_TABLES  # noqa: E402
-from wsicodec.model import (QUALITY_MAX, ModelConfig, ResidualBlock, WsiHyperprior,  # noqa: E402
-                            bf16_body_forward)
+from wsicodec.learned.fast import bf16_body_forward  # noqa: E402
+from wsicodec.learned.ladder import QUALITY_MAX  # noqa: E402
+from wsicodec.learned.network import ModelConfig, ResidualBlock, WsiHyperprior  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import augment  # noqa: E402
@@ -50,7 +51,7 @@ IMAGE_SUFFIXES = {".png", ".tif", ".tiff", ".jpg", ".jpeg", ".webp"}
 
 
 def bf16_body(seq: nn.Sequential) -> None:
-    """Make ``seq`` run as :func:`wsicodec.model.bf16_body_forward` does (its inner layers
+    """Make ``seq`` run as :func:`wsicodec.learned.fast.bf16_body_forward` does (its inner layers
     under bfloat16 autocast, its ends float32), on this instance only: the parameters,
     their names and the checkpoint stay float32; the codec's ``precision="bfloat16"``
     runs the same split."""

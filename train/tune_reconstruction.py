@@ -6,7 +6,7 @@
 
 The decoder turns each y symbol s into μ + s + κ·(centroid − s): κ of the way from its
 bin's centre to the bin's mean under the Gaussian it was coded with
-(:meth:`wsicodec.model.WsiHyperprior.reconstruct`).  The stream does not change, so
+(:meth:`wsicodec.learned.network.WsiHyperprior.reconstruct`).  The stream does not change, so
 neither do the bytes: κ only moves the pixels.  For each integer quality 1..8 this codes
 the central ``--crop``² of ``--count`` images the way the codec does (256² tiles with
 their context margin, glass tiles as the codec codes them) and decodes the symbols with
@@ -41,7 +41,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 import metrics  # noqa: E402  (bench/metrics.py: LPIPS from the local trunk)
 import tilecode  # noqa: E402  (bench/tilecode.py: the codec's encoder path up to y's symbols)
 from wsicodec.checkpoint import load_model  # noqa: E402
-from wsicodec.learned import _tables_for  # noqa: E402
 
 KAPPAS = (-3.0, -2.5, -2.0, -1.6, -1.2, -0.8, -0.4, -0.2, 0.0, 0.2, 0.3, 0.4, 0.5, 0.6)
 
@@ -82,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         print("note: fitting on he/test, the benchmark's images; fit on training images instead",
               file=sys.stderr)
     loaded = load_model(args.weights)
-    model, tables = loaded.model.eval(), _tables_for(loaded)
+    model, tables = loaded.model.eval(), loaded.model.coding_tables()
     files = sorted(p for p in Path(args.images).iterdir()
                    if p.suffix.lower() in (".png", ".tif", ".tiff", ".jpg", ".webp"))[:args.count]
     imgs = [metrics.center_crop(np.asarray(Image.open(p).convert("RGB")), args.crop) for p in files]

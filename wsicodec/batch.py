@@ -6,17 +6,17 @@
       │  TileCache (LRU, bounded in bytes) ──hit──────────────────────────────► tile
       │  in-flight table: a tile another thread is decoding is waited for, not redone
       ▼  misses
-    container.read_encoded_tile (CRC-checked bytes)
+    codec.decode_tiles(keys, fetch=container.read_encoded_tile (CRC-checked bytes),
+      │                run=the decoder's thread pool, cache=the codec's decode cache)
       │
-      ├─ learned codec (LearnedCodec.decode_tiles): uniform tiles decoded directly;
-      │                 network tiles and their 8 neighbours ─► latents from the latent
-      │                 cache, or entropy decode + h_s (exact, CPU, per tile, deterministic:
-      │                 LearnedCodec's own path) on a thread pool ─► each tile's latents
-      │                 joined with its neighbours' (stitching) ─► one g_s queue per
-      │                 decoder: windows of all waiting callers grouped by shape,
+      ├─ learned codec: glass tiles decoded directly; network tiles and their 8
+      │                 neighbours ─► latents from the latent cache, or entropy decode +
+      │                 exact h_s (CPU, per tile) on the thread pool ─► each tile's
+      │                 latents joined with its neighbours' (stitching) ─► the codec's
+      │                 g_s queue: windows of all waiting callers grouped by shape,
       │                 ≤ max_batch per pass, one pass at a time, on the device (CUDA
       │                 when present with device="auto", else CPU)
-      └─ other codecs: codec.decode on the thread pool
+      └─ other codecs: codec.decode of each tile on the thread pool
       ▼
     TileCache.put ─► tiles (read-only arrays), in the order asked
 
@@ -35,7 +35,7 @@ from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 
-from wsicodec.codecs import check_precision
+from wsicodec.codecs import TileCodec, check_precision
 from wsicodec.errors import InvalidSettingError, as_tile_error
 from wsicodec.tiling.geometry import check_decoded_tile, tile_shape
 from wsicodec.lru import ByteLRU
@@ -138,131 +138,6 @@ class TileCache(ByteLRU):
                               self.max_bytes)
 
 
-class _Synthesis:
-    """g_s passes, one at a time, over the ŷ of every caller waiting (leader/follower).
-
-    A caller queues its latents and tries to lead: the leader runs passes of up to
-    ``max_batch`` equal-shape latents from the queue until its own are done; callers
-    that find a leader wait, retrying to lead now and then, so none is stranded.
-    """
-
-    def __init__(self, model: Any, device: Any, max_batch: int, precision: str = "float32") -> None:
-        self.model, self.device, self.max_batch, self.precision = model, device, max_batch, precision
-        self._lock = threading.Lock()
-        self._queue: list[tuple[Any, Future]] = []
-        self._busy = False
-        self.passes = 0
-
-    def run(self, windows: Sequence[Any]) -> list[Any]:
-        """Ungained latent windows (1, M, h, w) float32 → x̂ (16h, 16w, 3) uint8
-        (uncropped), or the exception of its pass."""
-        futures = [Future() for _ in windows]
-        with self._lock:
-            self._queue.extend((y, f) for y, f in zip(windows, futures))
-        pending = set(futures)
-        while pending:
-            self._lead(pending)
-            from concurrent.futures import wait
-
-            pending = wait(pending, timeout=0.005).not_done
-        return [_outcome(f) for f in futures]
-
-    def _lead(self, mine: set) -> None:
-        with self._lock:
-            if self._busy:
-                return
-            self._busy = True
-        try:
-            while True:
-                with self._lock:
-                    if not self._queue or all(f.done() for f in mine):
-                        return
-                    shape = tuple(self._queue[0][0].shape)
-                    batch = [it for it in self._queue if tuple(it[0].shape) == shape]
-                    batch = batch[:self.max_batch]
-                    taken = {id(it[1]) for it in batch}
-                    self._queue = [it for it in self._queue if id(it[1]) not in taken]
-                self._pass(batch)
-        finally:
-            with self._lock:
-                self._busy = False
-
-    def _pass(self, batch: list[tuple[Any, Future]]) -> None:
-        import torch
-
-        try:
-            with torch.inference_mode():
-                y = torch.cat([it[0] for it in batch]).to(self.device)
-                x_hat = self.model.synthesize(y, self.precision).clamp_(0, 1).mul_(255).round_()
-                x_hat = x_hat.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            self.passes += 1
-        except Exception as e:  # noqa: BLE001 - every tile of the pass fails with it
-            for it in batch:
-                it[1].set_exception(e)
-            return
-        for k, it in enumerate(batch):
-            it[1].set_result(x_hat[k])
-
-
-class _LearnedBatch:
-    """The learned codec's decode split in its halves: per-tile entropy decoding
-    (LearnedCodec's deterministic CPU path, on the thread pool, its results kept in a
-    latent cache for the neighbours decoded later) and batched g_s passes over the
-    stitched windows on the device (:class:`_Synthesis`), both driven by
-    ``LearnedCodec.decode_tiles``.
-    """
-
-    def __init__(self, codec: Any, device: str, max_batch: int | None, latent_bytes: int,
-                 precision: str = "float32") -> None:
-        from wsicodec.learned import LatentCache, resolve_device
-
-        self.codec = codec
-        self.device = resolve_device(device)
-        model = codec.loaded.model
-        synthesis_model = codec.loaded.on(self.device)  # a copy on a GPU: the CPU h_s paths stay
-        if max_batch is None:
-            max_batch = 4 if self.device.type == "cpu" else 16
-        self.synthesis = _Synthesis(synthesis_model, self.device, max_batch, precision)
-        self.latents = LatentCache(latent_bytes)
-        model.prepare_entropy_parameters()  # build the exact (and float64) h_s once, up front
-        synthesis_model.prepare_synthesis(self.device, precision=precision)  # and the fast g_s: no first-tile surcharge
-
-    def decode(self, container: Any, level: int, keys: Sequence[tuple[int, int]],
-               pool: ThreadPoolExecutor | None) -> list[Any]:
-        """Tiles (col, row) of ``level``: each an array or the exception it raised."""
-        grid = container.grid(level)
-
-        def run(fn: Callable[[Any], Any], items: list) -> list:
-            if pool is None or len(items) < 2:   # the pool also bounds how many run at once
-                return [fn(it) for it in items]
-            return [_outcome(f) for f in [pool.submit(fn, it) for it in items]]
-
-        return self.codec.decode_tiles(
-            list(keys), lambda c, r: container.read_encoded_tile(level, c, r),
-            (grid.cols, grid.rows), lambda c, r: f"tile level={level} col={c} row={r}",
-            cache=self.latents, cache_tag=level, run=run, synthesize=self.synthesis.run,
-            shape=tile_shape(container.tile_size), as_written=container.metadata.has_digests)
-
-
-class _PlainBatch:
-    """Any codec with ``decode(bytes) -> tile``: tiles decoded on the thread pool."""
-
-    def __init__(self, codec: Any) -> None:
-        self.codec = codec
-
-    def decode(self, datas: Sequence[bytes], pool: ThreadPoolExecutor | None,
-               tile_size: int) -> list[Any]:
-        """Each tile decoded into a (tile_size, tile_size, 3) array (another size fails)."""
-        shape = tile_shape(tile_size)
-
-        def one(data: bytes) -> np.ndarray:
-            return self.codec.decode(data, shape=shape)
-
-        if pool is not None and len(datas) > 1:
-            return [_outcome(f) for f in [pool.submit(one, d) for d in datas]]
-        return [_call(one, d) for d in datas]
-
-
 def _call(fn: Callable[[Any], Any], arg: Any) -> Any:
     try:
         return fn(arg)
@@ -295,32 +170,44 @@ class BatchDecoder:
         self._lock = threading.Lock()
         self._backend_lock = threading.Lock()
         self._inflight: dict[TileKey, Future] = {}
-        self._backend: _LearnedBatch | _PlainBatch | None = None
+        self._codec: TileCodec | None = None
+        self._codec_cache: Any = None
         self._pool: ThreadPoolExecutor | None = None
 
     # -- setup
-    def _get_backend(self) -> _LearnedBatch | _PlainBatch:
-        if self._backend is None:
+    def _setup(self) -> tuple[TileCodec, Any]:
+        """The codec built with this decoder's settings, and its decode cache."""
+        if self._codec is None:
             with self._backend_lock:
-                if self._backend is None:
-                    codec = self.container.codec
-                    n = self.settings.worker_count
+                if self._codec is None:
+                    s = self.settings
+                    codec = self.container.build_codec(device=s.device, precision=s.precision,
+                                                       max_batch=s.max_batch)
+                    n = s.worker_count
                     self._pool = ThreadPoolExecutor(n, thread_name_prefix="wsicodec-decode") \
                         if n > 1 else None
-                    if hasattr(codec, "decode_tiles") and hasattr(codec, "loaded"):
-                        self._backend = _LearnedBatch(codec, self.settings.device,
-                                                      self.settings.max_batch,
-                                                      self.settings.latent_cache_bytes,
-                                                      self.settings.precision)
-                    else:
-                        self._backend = _PlainBatch(codec)
-        return self._backend
+                    self._codec_cache = codec.new_cache(self.container.tile_size, 0,
+                                                        max_bytes=s.latent_cache_bytes)
+                    codec.warm_up()   # no first-tile surcharge
+                    self._codec = codec
+        return self._codec, self._codec_cache
+
+    @property
+    def codec(self) -> TileCodec:
+        """The codec this decoder decodes with (built on first use)."""
+        return self._setup()[0]
 
     @property
     def device(self) -> str:
-        """Where g_s runs ("cpu", "cuda:0", ...); loads the codec."""
-        backend = self._get_backend()
-        return str(backend.device) if isinstance(backend, _LearnedBatch) else "cpu"
+        """Where the codec computes ("cpu", "cuda:0", ...); loads the codec."""
+        return str(self.codec.device)
+
+    def _run(self, fn: Callable[[Any], Any], items: list) -> list:
+        """Map ``fn`` over ``items`` on the pool: each result or exception, in order."""
+        pool = self._pool
+        if pool is None or len(items) < 2:   # the pool also bounds how many run at once
+            return [_call(fn, it) for it in items]
+        return [_outcome(f) for f in [pool.submit(fn, it) for it in items]]
 
     # -- decoding
     def decode(self, level: int, keys: Sequence[tuple[int, int]]) -> list[np.ndarray]:
@@ -365,14 +252,16 @@ class BatchDecoder:
 
     def _decode_misses(self, mine: dict[TileKey, Future]) -> None:
         keys = list(mine)
+        level = keys[0][0]
+        grid = self.container.grid(level)
         try:
-            backend = self._get_backend()
-            if isinstance(backend, _LearnedBatch):
-                level = keys[0][0]
-                results = backend.decode(self.container, level, [(c, r) for _, c, r in keys],
-                                         self._pool)
-            else:
-                results = self._decode_plain(backend, keys)
+            codec, cache = self._setup()
+            results = codec.decode_tiles(
+                [(c, r) for _, c, r in keys], lambda c, r: self.container.read_encoded_tile(level, c, r),
+                (grid.cols, grid.rows), tile_shape(self.container.tile_size),
+                names=lambda c, r: f"tile level={level} col={c} row={r}",
+                cache=cache, cache_tag=level, run=self._run,
+                as_written=self.container.metadata.has_digests)
         except BaseException as e:  # codec unavailable, interrupted: every tile fails
             results = [e] * len(keys)
         tile_size = self.container.tile_size
@@ -391,18 +280,6 @@ class BatchDecoder:
             else:
                 mine[key].set_result(result)
 
-    def _decode_plain(self, backend: "_PlainBatch", keys: list[TileKey]) -> list[Any]:
-        """Any other codec: bytes read here, decoded on the pool; errors kept per tile."""
-        datas: list[Any] = [_call(lambda k: self.container.read_encoded_tile(*k), key)
-                            for key in keys]
-        ok = [i for i, d in enumerate(datas) if not isinstance(d, BaseException)]
-        results: list[Any] = list(datas)
-        if ok:
-            decoded = backend.decode([datas[i] for i in ok], self._pool, self.container.tile_size)
-            for i, r in zip(ok, decoded):
-                results[i] = r
-        return results
-
     def stats(self) -> CacheStats:
         return self.cache.stats()
 
@@ -412,6 +289,6 @@ class BatchDecoder:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
-            self._backend = None
+            self._codec = self._codec_cache = None
         self.cache.clear()
 

@@ -1,4 +1,4 @@
-"""Save and load inference checkpoints of :class:`~wsicodec.model.WsiHyperprior`.
+"""Save and load inference checkpoints of :class:`~wsicodec.learned.network.WsiHyperprior`.
 
 An inference checkpoint is a ``torch.save`` dict of plain data and tensors only::
 
@@ -254,7 +254,7 @@ def load_model(path: str | os.PathLike | None = None) -> LoadedModel:
             raise InvalidSettingError(f"model weights not found: {p}")
         import torch
 
-        from .model import ModelConfig, WsiHyperprior
+        from .learned.network import ModelConfig, WsiHyperprior
         try:
             data = p.read_bytes()
         except OSError as exc:
@@ -407,7 +407,7 @@ def export(train_checkpoint: str | os.PathLike, out: str | os.PathLike, provenan
     tensors and plain data only (the provenance, ``train_args`` included, is made
     JSON-able by :func:`plain`) and is checked to load with ``weights_only=True`` and to
     pass :func:`check_header` before it replaces ``out``.  ``reconstruction``: the decoder's κ per quality
-    (:attr:`~wsicodec.model.ModelConfig.reconstruction`, from
+    (:attr:`~wsicodec.learned.network.ModelConfig.reconstruction`, from
     ``train/tune_reconstruction.py``), stored in the config.  ``decoder_of``: shipped
     weights whose decoder this one must be, tensor for tensor (the network's size and
     λ ladder too); their id, and the ids they decode in turn, go into
@@ -424,7 +424,7 @@ def export(train_checkpoint: str | os.PathLike, out: str | os.PathLike, provenan
     """
     import torch
 
-    from .model import ModelConfig, WsiHyperprior
+    from .learned.network import ModelConfig, WsiHyperprior
     try:
         raw = Path(train_checkpoint).read_bytes()
     except OSError as exc:

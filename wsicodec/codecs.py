@@ -21,6 +21,13 @@ check option names in one place: an option the codec does not have is an
 raised before any expensive work (the learned codec checks every setting before it
 loads its weights).
 
+Every codec is a :class:`TileCodec`: it codes a batch of tiles (with the neighbour
+context it asks for, :attr:`TileCodec.context`) and decodes the tiles of a grid given a
+way to fetch any tile's bytes (:meth:`TileCodec.decode_tiles`).  Classical codecs take
+the plain behaviour of the base class (each tile on its own); the learned codec stitches
+each tile with its neighbours' latents inside ``decode_tiles``, with its own cache
+(:meth:`TileCodec.new_cache`).  Callers never probe a codec for what it can do.
+
 Classical codecs come from imagecodecs (``jpeg``, ``jpegxl``, ``webp``, ``jpeg2000``,
 ``avif``). The ``learned`` codec registers itself from ``wsicodec.learned``, which this
 module imports only when that codec is asked for, so using the classical codecs never
@@ -41,13 +48,14 @@ avif       AVIF quality, 4:4:4                      0-100    80; speed 0-10 (6)
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import importlib
 import importlib.util
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Hashable, Sequence
 
 import numpy as np
 
@@ -58,25 +66,129 @@ DEFAULT_CODEC = "learned"
 """Codec the CLI uses when ``--codec`` is not given."""
 
 
-@runtime_checkable
-class TileCodec(Protocol):
-    """Codes one RGB tile to bytes and back. One instance = one fixed setting."""
+Box = tuple[int, int, int, int]
+"""(top, left, height, width) of a tile inside the region it is coded from."""
 
-    name: str
+Run = Callable[[Callable[[Any], Any], list], list]
+"""``run(fn, items)``: ``fn`` mapped over ``items`` (e.g. on a caller's thread pool),
+returning each item's result or the exception it raised, in order."""
 
+
+def run_serially(fn: Callable[[Any], Any], items: list) -> list:
+    """The default :data:`Run`: ``fn`` over ``items`` in this thread, exceptions kept."""
+    out = []
+    for it in items:
+        try:
+            out.append(fn(it))
+        except Exception as e:  # noqa: BLE001 - kept per item
+            out.append(e)
+    return out
+
+
+class TileCodec(abc.ABC):
+    """Codes RGB tiles to bytes and back.  One instance = one fixed setting, frozen.
+
+    ::
+
+        encode_tiles(regions, boxes) ─► [bytes]        (a batch; context around each tile)
+        decode_tiles(keys, fetch, grid, shape) ─► [tile | exception]   (tiles of a grid)
+
+    Subclasses implement :meth:`encode`, :meth:`decode` and :meth:`to_dict`; the rest has
+    the plain behaviour (each tile on its own), which a codec overrides when it can do
+    better (the learned codec: g_a batched over regions with context, tiles decoded with
+    their neighbours' latents).
+    """
+
+    name: ClassVar[str]
+    #: pixels of neighbour context the codec wants around each tile it encodes (a caller
+    #: that can gives :meth:`encode_tiles` regions this much larger); 0: none
+    context: int = 0
+    #: sha256 of the weights the codec codes with, or None (no model)
+    model_id: str | None = None
+    #: where the codec computes ("cpu", or a torch device)
+    device: Any = "cpu"
+
+    @abc.abstractmethod
     def encode(self, tile: np.ndarray) -> bytes:
         """(h, w, 3) uint8 with h, w >= 1 -> bytes."""
-        ...
 
+    @abc.abstractmethod
     def decode(self, data: bytes, shape: tuple[int, int, int] | None = None) -> np.ndarray:
         """bytes -> (h, w, 3) uint8 of the encoded size.  ``shape``: the size the caller
         expects (a container's tile), checked against the stream's header before any
         pixel is allocated.  Raises CorruptDataError (a damaged stream, another size)."""
-        ...
 
+    @abc.abstractmethod
     def to_dict(self) -> dict:
         """``{"name": name, "configuration": {...}}``; ``codec_from_dict`` rebuilds it."""
-        ...
+
+    def encode_tiles(self, regions: Sequence[np.ndarray], boxes: Sequence[Box] | None = None
+                     ) -> list[bytes]:
+        """Encode a batch of tiles.  Without ``boxes`` each array is a tile; with them,
+        array ``i`` is a region holding the tile at ``boxes[i]`` = (top, left, height,
+        width) with up to :attr:`context` pixels of its neighbours around it.  Here: each
+        tile cut out and encoded on its own."""
+        if boxes is None:
+            return [self.encode(r) for r in regions]
+        return [self.encode(np.ascontiguousarray(r[t:t + h, x:x + w]))
+                for r, (t, x, h, w) in zip(regions, boxes)]
+
+    def decode_tiles(self, keys: Sequence[tuple[int, int]], fetch: Callable[[int, int], bytes],
+                     grid: tuple[int, int], shape: tuple[int, int, int] | None = None, *,
+                     names: Callable[[int, int], str] | None = None,
+                     cache: Any = None, cache_tag: Hashable = None,
+                     run: Run | None = None, as_written: bool = False
+                     ) -> list[np.ndarray | BaseException]:
+        """Tiles ``keys`` = [(col, row), ...] of a grid of ``grid`` = (cols, rows) tiles.
+
+        ``fetch(col, row)`` gives any tile's bytes (raising for an unreadable one), called
+        in this thread; ``shape`` the (h, w, 3) every tile has (checked before decoding);
+        ``names(col, row)`` a tile's name in messages; ``cache`` one from :meth:`new_cache`
+        (shared by calls and threads), its entries keyed by ``cache_tag`` (e.g. the
+        level) and the tile; ``run`` maps the decoding work over the caller's threads
+        (default: this thread); ``as_written``: every tile was written by a codec of
+        exactly this setting (a format-3 container's own), so a codec whose streams
+        record settings refuses a tile a writer of this setting cannot have made
+        (classical streams record none: ignored here).
+
+        Returns one entry per key: the (h, w, 3) uint8 tile, or the exception that tile
+        raised (damaged bytes, a checksum, other weights); a failing tile never fails
+        another.  Here: each tile fetched and decoded on its own (``cache`` unused).
+        """
+        names = names or (lambda c, r: f"tile col={c} row={r}")
+        out: list[Any] = [None] * len(keys)
+        datas: dict[int, bytes] = {}
+        for n, key in enumerate(keys):
+            try:
+                datas[n] = fetch(*key)
+            except Exception as e:  # noqa: BLE001 - kept per tile
+                out[n] = e
+
+        def one(n: int) -> np.ndarray:
+            try:
+                return self.decode(datas[n], shape=shape)
+            except CorruptDataError as e:
+                raise CorruptDataError(f"{names(*keys[n])}: {e}") from e
+
+        todo = list(datas)
+        for n, r in zip(todo, (run or run_serially)(one, todo)):
+            out[n] = r
+        return out
+
+    def new_cache(self, tile_size: int, tiles: int, *, max_bytes: int | None = None) -> Any:
+        """A cache for :meth:`decode_tiles` with room for ``tiles`` tiles of ``tile_size``
+        (or ``max_bytes`` exactly), or None: the codec keeps nothing between calls."""
+        return None
+
+    def decodes(self, model_id: str) -> bool:
+        """Whether data made with the model ``model_id`` decodes with this codec: a codec
+        without a model (:attr:`model_id` None) decodes whatever is recorded; one with a
+        model, the data of that model."""
+        return self.model_id is None or model_id == self.model_id
+
+    def warm_up(self) -> None:
+        """Do now the one-off setup decoding needs, not on the first tile (a server's
+        first request).  Nothing, unless the codec has such setup."""
 
 
 # ---------------------------------------------------------------------------- registry
@@ -231,7 +343,10 @@ def get_codec(name: str, quality: float | None = None, /, **options: Any) -> Til
     return _build(name, quality, options, local=True)
 
 
-def _build(name: Any, quality: Any, options: dict[str, Any], *, local: bool) -> TileCodec:
+def _build(name: Any, quality: Any, options: dict[str, Any], *, local: bool,
+           chosen: dict[str, Any] | None = None) -> TileCodec:
+    """Check ``options`` (stored ones unless ``local``), then build with them and the
+    reader's ``chosen`` local options."""
     if not isinstance(name, str):
         raise InvalidSettingError(f"a codec name is a string, got {name!r:.60}")
     entry = _entry(name)
@@ -248,6 +363,7 @@ def _build(name: Any, quality: Any, options: dict[str, Any], *, local: bool) -> 
         raise CodecUnavailableError(f"codec {name!r} is not usable here: {e}") from e
     if not ok:
         raise CodecUnavailableError(f"codec {name!r} is not available in this installation")
+    options = {**options, **(chosen or {})}
     try:
         if quality is None:
             return entry.factory(**options)
@@ -261,20 +377,31 @@ def _build(name: Any, quality: Any, options: dict[str, Any], *, local: bool) -> 
                                   f"{' '.join(str(e).split())[:200]}") from None
 
 
-def codec_from_dict(d: dict) -> TileCodec:
+#: the choices a reader may pass to :func:`codec_from_dict`: how to run, never what to load
+READER_OPTIONS = ("device", "precision", "max_batch")
+
+
+def codec_from_dict(d: dict, **local: Any) -> TileCodec:
     """Rebuild a codec from its ``to_dict()`` form as *stored* metadata: untrusted.
 
     The codec's local options (:func:`register_codec`; the learned codec's ``model``,
-    ``device`` and ``precision``) are ignored: stored data never names a file to open
-    or a device to use.  Older containers recorded the encoder's ``model`` path; it is
+    ``device``, ``precision`` and ``max_batch``) are ignored in ``d``: stored data never
+    names a file to open or a device to use.  ``local``: the reader's own choices among
+    :data:`READER_OPTIONS` (how to run); those the codec does not have are not used (a
+    JPEG tile decodes the same on any device).  No weights file can be named here.  Older containers recorded the encoder's ``model`` path; it is
     dropped, and the learned codec finds its weights by the stored ``model_id`` among
     trusted places only (:func:`wsicodec.checkpoint.find_weights`).  Any other option
     the codec does not have (e.g. ``effort`` under ``learned``) is refused.
 
     Raises:
         CorruptDataError: ``d`` is not ``{"name": str, "configuration": dict}``.
-        InvalidSettingError, CodecUnavailableError: as :func:`get_codec`.
+        InvalidSettingError: a ``local`` name outside :data:`READER_OPTIONS`; as :func:`get_codec`.
+        CodecUnavailableError: as :func:`get_codec`.
     """
+    other = sorted(set(local) - set(READER_OPTIONS))
+    if other:
+        raise InvalidSettingError(f"a reader's codec options are {', '.join(READER_OPTIONS)}, "
+                                  f"got {', '.join(other)}")
     if (not isinstance(d, dict) or not isinstance(d.get("name"), str)
             or not isinstance(d.get("configuration", {}), dict)):
         raise CorruptDataError(f"codec metadata must be {{'name': str, 'configuration': dict}}, "
@@ -282,10 +409,11 @@ def codec_from_dict(d: dict) -> TileCodec:
     name, config = d["name"], dict(d.get("configuration") or {})
     if not all(isinstance(k, str) for k in config):
         raise CorruptDataError(f"codec configuration keys must be strings, got {sorted(map(repr, config))}")
-    local = _entry(name).local
-    stored = {k: v for k, v in config.items() if k not in local}
+    own = _entry(name).local
+    stored = {k: v for k, v in config.items() if k not in own}
     quality = stored.pop("quality", None)
-    return _build(name, quality, stored, local=False)
+    chosen = {k: v for k, v in local.items() if k in own}
+    return _build(name, quality, stored, local=False, chosen=chosen)
 
 
 # ----------------------------------------------------------------- validation helpers
@@ -369,7 +497,7 @@ def _imagecodecs_has(attr: str) -> bool:
     return bool(getattr(backend, "available", False))
 
 
-class _ClassicalCodec:
+class _ClassicalCodec(TileCodec):
     """Shared plumbing of the imagecodecs codecs (frozen dataclasses below)."""
 
     name: ClassVar[str]

@@ -45,7 +45,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from wsicodec.codecs import TileCodec, codec_from_dict
+from wsicodec.codecs import READER_OPTIONS, Run, TileCodec, codec_from_dict
 from wsicodec.errors import (ClosedError, CorruptDataError, CorruptTileError, InvalidSettingError,
                              ModelMismatchError, OutputExistsError, OutputPathError,
                              RegionOutOfBoundsError, SlideNotFoundError, UnsupportedFormatError,
@@ -641,17 +641,19 @@ class Container:
     """
 
     def __init__(self, path: Path, group: Any, store: Any, metadata: ContainerMetadata,
-                 guard: _StoreGuard | None = None) -> None:
+                 guard: _StoreGuard | None = None, codec_options: dict[str, Any] | None = None) -> None:
         self.path = path
         self.metadata = metadata
         self._group = group
         self._store = store
         self._guard = guard or _StoreGuard(path, None)
         self._codec: TileCodec | None = None
+        self._local = dict(codec_options or {})   # the reader's choices for the codec
         self._tiles: dict[int, Any] = {}
         self._crc: dict[int, np.ndarray] = {}
         self._digest: dict[int, np.ndarray] = {}
-        self._latents: Any = None     # the learned codec's LatentCache, made on first use
+        self._cache: Any = None       # the codec's decode cache (new_cache), made on first use
+        self._cache_made = False
         self.closed = False
 
     def _check_open(self) -> None:
@@ -682,15 +684,20 @@ class Container:
         ``model_id`` made (another id, and not one whose decoder it holds).
         """
         if self._codec is None:
-            codec = codec_from_dict(self.metadata.codec)
-            stored, loaded = self.metadata.model_id, getattr(codec, "model_id", None)
-            decodes = getattr(getattr(codec, "loaded", None), "decodes", None)
-            if stored and loaded and stored != loaded and not (decodes and decodes(stored)):
-                raise ModelMismatchError(
-                    f"{self.path}: tiles were made with model {stored}, but the loaded "
-                    f"{codec.name} model is {loaded}")
-            self._codec = codec
+            self._codec = self.build_codec(**self._local)
         return self._codec
+
+    def build_codec(self, **local: Any) -> TileCodec:
+        """A codec for these tiles, with the reader's own ``local`` choices of how to run
+        (:data:`wsicodec.codecs.READER_OPTIONS`: ``device``, ``precision``, ``max_batch``).
+        Raises as :attr:`codec`."""
+        codec = codec_from_dict(self.metadata.codec, **local)
+        stored = self.metadata.model_id
+        if stored and not codec.decodes(stored):
+            raise ModelMismatchError(
+                f"{self.path}: tiles were made with model {stored}, but the loaded "
+                f"{codec.name} model is {codec.model_id}")
+        return codec
 
     # -- tiles
     def _level_arrays(self, level: int) -> tuple[Any, np.ndarray]:
@@ -787,37 +794,33 @@ class Container:
         Raises as :meth:`read_encoded_tile`; a tile the codec cannot decode raises
         CorruptTileError too.
         """
-        if hasattr(self.codec, "decode_tiles"):
-            return self.read_tiles(level, [(col, row)])[0]
-        data = self.read_encoded_tile(level, col, row)
-        try:
-            return check_decoded_tile(self.codec.decode(data, shape=tile_shape(self.tile_size)),
-                                      self.tile_size)
-        except CorruptDataError as e:
-            raise CorruptTileError(f"{self.path}: tile level={level} col={col} row={row}: {e}",
-                                   level=level, col=col, row=row) from e
+        return self.read_tiles(level, [(col, row)])[0]
 
-    def read_tiles(self, level: int, keys: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-        """Decode tiles (col, row) of one level, in order, as :meth:`read_tile` does.
+    def read_tiles(self, level: int, keys: Sequence[tuple[int, int]], *,
+                   run: Run | None = None) -> list[np.ndarray]:
+        """Decode tiles (col, row) of one level, in order, as :meth:`read_tile` does, in
+        one :meth:`~wsicodec.codecs.TileCodec.decode_tiles` call (``run``: the caller's
+        thread pool's map for the work, default this thread).
 
-        The learned codec decodes them in one batch, each with its neighbours' latents
-        (read from the container as needed, kept in a small cache so a row-by-row
-        reader decodes each tile once); others tile by tile.  A damaged neighbour only
-        costs a tile its stitching on that side.  Raises as :meth:`read_tile`.
+        The learned codec decodes each with its neighbours' latents (read from the
+        container as needed, kept in its cache, sized for three rows of the widest level,
+        so a row-by-row reader decodes each tile once); a damaged neighbour only costs a
+        tile its stitching on that side.  Raises as :meth:`read_tile`: the first failed
+        tile, in the order asked.
         """
-        decode_tiles = getattr(self.codec, "decode_tiles", None)
-        if decode_tiles is None:
-            return [self.read_tile(level, col, row) for col, row in keys]
         g = self.grid(level)
         for col, row in keys:
             g.check_tile(col, row)
-        if self._latents is None:       # room for three rows of the widest level
+        codec = self.codec
+        if not self._cache_made:
             widest = max(self.grid(lv).cols for lv in range(self.level_count))
-            self._latents = self.codec.latent_cache(self.metadata.tile_size, 3 * widest + 8)
-        out = decode_tiles(list(keys), lambda c, r: self.read_encoded_tile(level, c, r),
-                           (g.cols, g.rows), lambda c, r: f"tile level={level} col={c} row={r}",
-                           cache=self._latents, cache_tag=level, shape=tile_shape(self.tile_size),
-                           as_written=self.metadata.has_digests)
+            self._cache = codec.new_cache(self.metadata.tile_size, 3 * widest + 8)
+            self._cache_made = True
+        out = codec.decode_tiles(list(keys), lambda c, r: self.read_encoded_tile(level, c, r),
+                                 (g.cols, g.rows), tile_shape(self.tile_size),
+                                 names=lambda c, r: f"tile level={level} col={c} row={r}",
+                                 cache=self._cache, cache_tag=level, run=run,
+                                 as_written=self.metadata.has_digests)
         for i, ((col, row), t) in enumerate(zip(keys, out)):
             try:
                 if isinstance(t, BaseException):
@@ -906,10 +909,14 @@ class Container:
         self.close()
 
 
-def open_container(path: str | os.PathLike[str]) -> Container:
+def open_container(path: str | os.PathLike[str], **codec_options: Any) -> Container:
     """Open a container (directory or ``.zip``) for reading and validate its metadata
     (:meth:`ContainerMetadata.from_attrs`: the whole schema, its bounds, and in format 3
     its digest) before anything is sized from it.
+
+    ``codec_options``: the reader's choices of how its codec runs, among
+    :data:`wsicodec.codecs.READER_OPTIONS` (``device``, ``precision``, ``max_batch``),
+    used when :attr:`Container.codec` is built; never a weights file.
 
     Only regular files are read, each within a size bound checked before it is read;
     a zip must name each member once (a second ``zarr.json`` appended to a zip is
@@ -920,8 +927,14 @@ def open_container(path: str | os.PathLike[str]) -> Container:
         CorruptDataError: a truncated/damaged zip, oversized or irregular files, damaged
             or inconsistent metadata.
         UnsupportedFormatError: not a wsicodec container, or an unknown format version.
+        InvalidSettingError: a codec option outside READER_OPTIONS.
     """
     import zarr
+
+    other = sorted(set(codec_options) - set(READER_OPTIONS))
+    if other:
+        raise InvalidSettingError(f"a reader's codec options are {', '.join(READER_OPTIONS)}, "
+                                  f"got {', '.join(other)}")
     import zarr.storage
 
     p = Path(path)
@@ -976,4 +989,4 @@ def open_container(path: str | os.PathLike[str]) -> Container:
     except WsiCodecError:
         store.close()
         raise
-    return Container(p, group, store, meta, guard)
+    return Container(p, group, store, meta, guard, codec_options)

@@ -39,7 +39,9 @@ DEFAULT_TILE = 256
 MAX_IMAGE_PIXELS = 1 << 28
 
 
-def _grid(height: int, width: int, tile: int):
+def tile_cells(height: int, width: int, tile: int):
+    """The tiles of an image stream, row-major: ``(row, col, rows slice, cols slice)``
+    of each ``tile``-px tile of a ``height`` x ``width`` image (edge tiles smaller)."""
     for r in range(-(-height // tile)):
         for c in range(-(-width // tile)):
             yield r, c, slice(r * tile, min((r + 1) * tile, height)), slice(c * tile, min((c + 1) * tile, width))
@@ -57,10 +59,11 @@ def context_region(a: np.ndarray, ys: slice, xs: slice, margin: int
     return np.ascontiguousarray(a[y0:y1, x0:x1]), box
 
 
-def encode(image: np.ndarray, quality: float = 4.0, *, tile_size: int = DEFAULT_TILE,
+def encode(image: np.ndarray, quality: float | None = None, *, tile_size: int = DEFAULT_TILE,
            model: str | None = None, batch: int = 16, margin: int | None = None,
            refine: int = 0, precision: str = "float32") -> bytes:
-    """Code an (H, W, 3) uint8 array of any size with the learned codec.
+    """Code an (H, W, 3) uint8 array of any size with the learned codec at ``quality``
+    (1..8; None: the codec's default, :data:`wsicodec.learned.ladder.DEFAULT_QUALITY`).
 
     g_a sees each tile with ``margin`` pixels of its neighbours around it (default:
     the codec's, 16) and the stream holds the tile's latents only; :func:`decode`
@@ -77,7 +80,7 @@ def encode(image: np.ndarray, quality: float = 4.0, *, tile_size: int = DEFAULT_
         InvalidSettingError: wrong array shape/dtype, quality or tile size out of range,
             an unknown precision.
     """
-    from .learned import DEFAULT_MARGIN, LearnedCodec
+    from .learned import LearnedCodec
     a = np.asarray(image)
     if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
         raise InvalidSettingError(f"image must be (H, W, 3) uint8, got {a.shape} {a.dtype}")
@@ -89,17 +92,17 @@ def encode(image: np.ndarray, quality: float = 4.0, *, tile_size: int = DEFAULT_
             or tile_size % 16:
         raise InvalidSettingError(f"tile_size must be a multiple of 16 in 16..4096, got {tile_size!r}")
     codec = LearnedCodec(quality, model=model, refine=refine, precision=precision,
-                         margin=DEFAULT_MARGIN if margin is None else margin)
+                         **({} if margin is None else {"margin": margin}))
     h, w = a.shape[:2]
-    cells = list(_grid(h, w, tile_size))
+    cells = list(tile_cells(h, w, tile_size))
     streams: list[bytes] = []
     for i in range(0, len(cells), batch):
         regions, boxes = [], []
         for _, _, ys, xs in cells[i:i + batch]:
-            region, box = context_region(a, ys, xs, codec.margin)
+            region, box = context_region(a, ys, xs, codec.context)
             regions.append(region)
             boxes.append(box)
-        streams += codec.encode_batch(regions, boxes)
+        streams += codec.encode_tiles(regions, boxes)
     head = _HEAD.pack(MAGIC, VERSION, 0, h, w, tile_size, bytes.fromhex(codec.model_id), len(streams))
     table = b"".join(_ENTRY.pack(len(s), zlib.crc32(s)) for s in streams)
     return head + table + b"".join(streams)
@@ -137,7 +140,7 @@ def read_stream(data: bytes) -> ImageStream:
     if len(data) < pos:
         raise CorruptDataError("image stream truncated (tile table)")
     streams: list[bytes] = []
-    for k, (r, c, _, _) in enumerate(_grid(h, w, tile)):
+    for k, (r, c, _, _) in enumerate(tile_cells(h, w, tile)):
         length, crc = _ENTRY.unpack_from(data, _HEAD.size + k * _ENTRY.size)
         s = data[pos:pos + length]
         if len(s) != length:
@@ -168,24 +171,20 @@ def decode(data: bytes, *, model: str | None = None, batch: int = 16,
             where to put the right ones).
         InvalidSettingError: the weights found for its id are not plain weights data.
     """
-    from .learned import PIXEL_STRIDE, LearnedCodec
+    from .learned import LearnedCodec
     st = read_stream(data)
     h, w, tile, streams = st.height, st.width, st.tile, st.tiles
-    codec = LearnedCodec(4.0, model=model, model_id=st.model_id, precision=precision)
-    cells = list(_grid(h, w, tile))
+    codec = LearnedCodec(model=model, model_id=st.model_id, precision=precision)
+    cells = list(tile_cells(h, w, tile))
     n = len(cells)
     rows, cols = -(-h // tile), -(-w // tile)
-    cache = codec.latent_cache(tile, 4 * cols + batch + 4)   # rows around a batch: each tile decoded once
+    cache = codec.new_cache(tile, 4 * cols + batch + 4)   # rows around a batch: each tile decoded once
     out = np.empty((h, w, 3), np.uint8)
     for i in range(0, n, batch):
         part = cells[i:i + batch]
-        if tile % PIXEL_STRIDE:                  # not on y's grid: no stitching possible
-            tiles = codec.decode_batch(streams[i:i + batch],
-                                       [f"tile (row {r}, col {c})" for r, c, _, _ in part])
-        else:
-            tiles = codec.decode_tiles([(c, r) for r, c, _, _ in part],
-                                       lambda c, r: streams[r * cols + c], (cols, rows),
-                                       lambda c, r: f"tile (row {r}, col {c})", cache=cache)
+        tiles = codec.decode_tiles([(c, r) for r, c, _, _ in part],
+                                   lambda c, r: streams[r * cols + c], (cols, rows),
+                                   names=lambda c, r: f"tile (row {r}, col {c})", cache=cache)
         for (r, c, ys, xs), t in zip(part, tiles):
             if isinstance(t, CorruptDataError) and not isinstance(t, CorruptTileError):
                 raise CorruptTileError(str(t), row=r, col=c) from t

@@ -6,11 +6,11 @@ compress::
         ─► thread pool: codec.encode (bounded in-flight) ─► ContainerWriter.write_row
         ─► commit (atomic rename)
 
-A codec with a context ``margin`` and ``encode_batch(regions, boxes)`` (the learned
-codec) gets each tile together with ``margin`` pixels of its neighbours, taken from
-the strips above and below (:func:`iter_context_tiles`), so its tile borders sit
-inside the coded area and stitched tiles show no seams; its tiles of one row are
-coded in batches.
+A codec that asks for neighbour ``context`` (:attr:`~wsicodec.codecs.TileCodec.context`:
+the learned codec) gets each tile together with that many pixels of its neighbours,
+taken from the strips above and below (:func:`iter_context_tiles`), so its tile borders
+sit inside the coded area and stitched tiles show no seams; its tiles of one row are
+coded in batches (``encode_tiles``).
 
 Library code: raises, never prints; progress is reported through a callback.
 """
@@ -232,7 +232,7 @@ def _encode_context_row(codec: TileCodec, tiles: list[ContextTile], batch: int) 
     out: list[bytes] = []
     for i in range(0, len(tiles), batch):
         chunk = tiles[i:i + batch]
-        out += codec.encode_batch([c.region for c in chunk], [c.box for c in chunk])  # type: ignore[attr-defined]
+        out += codec.encode_tiles([c.region for c in chunk], [c.box for c in chunk])
     return out
 
 
@@ -316,7 +316,7 @@ def _compress_source(source: SlideSource, output: str | os.PathLike[str], codec:
     meta = ContainerMetadata(
         codec=codec.to_dict(), tile_size=tile_size,
         levels=tuple(lv.info for lv in plan.levels),
-        model_id=getattr(codec, "model_id", None),
+        model_id=codec.model_id,
         mpp=source.mpp, objective_power=source.objective_power,
         source_vendor=source.vendor, source_name=source_name, source_bytes=source_bytes,
         properties=properties, **extra)
@@ -362,8 +362,8 @@ def _write_all(writer: ContainerWriter, source: SlideSource, plan: PyramidPlan,
         fmt = associated_format(name, associated)
         if fmt is not None:
             writer.write_associated(name, source.read_associated_image(name), fmt)
-    margin = int(getattr(codec, "margin", 0))
-    batched = margin > 0 and hasattr(codec, "encode_batch")
+    margin = codec.context
+    batched = margin > 0
     if batched:
         n_workers = 1  # the network parallelises inside; one batch at a time
     pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="wsicodec-encode")
@@ -577,38 +577,27 @@ def verify(path: str | os.PathLike[str], *, decode: bool = False,
 
 def _ordered_decode(container, level: int, workers: int,  # type: ignore[no-untyped-def]
                     progress: Progress | None) -> Iterator[np.ndarray]:
-    """Decode a level's tiles row-major with a thread pool, at most 4*workers ahead.
-
-    A codec that decodes in batches (the learned codec) gets one tile row per batch.
-    """
+    """Decode a level's tiles row-major, one tile row per
+    :meth:`~wsicodec.container.Container.read_tiles` call, its work on a pool of
+    ``workers`` threads (the learned codec stitches each tile with its neighbours)."""
     grid = container.grid(level)
-    if hasattr(container.codec, "decode_batch"):
-        for row in range(grid.rows):
-            for tile in container.read_tiles(level, [(col, row) for col in range(grid.cols)]):
-                if progress:
-                    progress(1)
-                yield tile
-        return
-    keys = list(grid)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wsicodec-decode") as pool:
-        pending: deque[Future[np.ndarray]] = deque()
-        it = iter(keys)
-        try:
-            for col, row in it:
-                pending.append(pool.submit(container.read_tile, level, col, row))
-                if len(pending) >= 4 * workers:
-                    break
-            while pending:
-                tile = pending.popleft().result()
-                nxt = next(it, None)
-                if nxt is not None:
-                    pending.append(pool.submit(container.read_tile, level, *nxt))
+        def run(fn, items: list) -> list:  # noqa: ANN001
+            return [_outcome(f) for f in [pool.submit(fn, it) for it in items]]
+
+        for row in range(grid.rows):
+            for tile in container.read_tiles(level, [(col, row) for col in range(grid.cols)],
+                                             run=run):
                 if progress:
                     progress(1)
                 yield tile
-        finally:
-            for f in pending:
-                f.cancel()
+
+
+def _outcome(f: Future) -> Any:
+    try:
+        return f.result()
+    except Exception as e:  # noqa: BLE001 - kept per item, raised by the reader
+        return e
 
 
 def _tiff_description(meta: ContainerMetadata, deidentify: bool) -> str:
@@ -641,11 +630,9 @@ def decompress(source: str | os.PathLike[str], output: str | os.PathLike[str], *
     check_precision(precision)
     check_output_path(out_path, overwrite)
     tmp = out_path.parent / f".{out_path.name}.partial-{uuid.uuid4().hex[:8]}"
-    with open_container(source) as c:
+    with open_container(source, precision=precision) as c:
         meta = c.metadata
-        codec = c.codec  # build (and check) the codec before creating any file
-        if hasattr(codec, "precision"):
-            codec.precision = precision
+        _ = c.codec  # build (and check) the codec before creating any file
         try:
             write_pyramidal_tiff(
                 tmp, [lv.dimensions for lv in meta.levels], meta.tile_size,

@@ -1,0 +1,41 @@
+"""The ``learned`` tile codec: a variable-rate hyperprior network and rANS bitstreams.
+
+Modules, each one concern::
+
+    tileformat  the tile bitstream: header layout, versions (3; legacy 1-2 read), parsing
+    glass       background tiles: a colour and exact outliers, no network pass
+    ladder      the quality knob: quality → λ-ladder position → gains, λ, κ
+    network     WsiHyperprior (g_a, h_a, h_s, g_s), ModelConfig, its blocks
+    exact       h_s in exact integer arithmetic: the same entropy parameters everywhere
+    fast        inference copies of g_a / g_s (channels-last, frozen GDN, bfloat16 body)
+    refine      the encoder's latent search
+    encoder     tiles (with context) → bytes
+    decoder     bytes → tiles: entropy decoding, stitching, g_s passes, LatentCache
+    codec       LearnedCodec: the above behind :class:`wsicodec.codecs.TileCodec`
+
+Importing this package registers the codec (``wsicodec.codecs`` imports it lazily, the
+first time ``learned`` is asked for) and imports torch.
+"""
+
+from __future__ import annotations
+
+from .codec import (DEFAULT_MARGIN, DEFAULT_MAX_BATCH, LOCAL_OPTIONS, MAX_REFINE, LearnedCodec,
+                    register, resolve_device)
+from .decoder import STITCH_RING, LatentCache, TileDecoder, stitch_window
+from .encoder import TileEncoder, hyper_symbols
+from .glass import is_uniform, uniform_fit, uniform_latent
+from .ladder import DEFAULT_QUALITY, QUALITY_MAX, QUALITY_MIN, QualityLadder, check_quality
+from .network import ModelConfig, WsiHyperprior, pad_to_stride
+from .tileformat import (KIND_NETWORK, KIND_UNIFORM, NETWORK_HEADER_BYTES, PIXEL_STRIDE, TileHeader,
+                         parse_header)
+from wsicodec.errors import ModelMismatchError
+
+__all__ = ["LearnedCodec", "register", "LOCAL_OPTIONS", "DEFAULT_MARGIN", "DEFAULT_MAX_BATCH",
+           "MAX_REFINE", "resolve_device", "LatentCache", "TileDecoder", "TileEncoder",
+           "stitch_window", "STITCH_RING", "hyper_symbols", "is_uniform", "uniform_fit",
+           "uniform_latent", "DEFAULT_QUALITY", "QUALITY_MIN", "QUALITY_MAX", "QualityLadder",
+           "check_quality", "ModelConfig", "WsiHyperprior", "pad_to_stride", "KIND_NETWORK",
+           "KIND_UNIFORM", "NETWORK_HEADER_BYTES", "PIXEL_STRIDE", "TileHeader", "parse_header",
+           "ModelMismatchError"]
+
+register()

@@ -1,0 +1,507 @@
+"""Decoding learned tiles: entropy decoding, exact h_s, stitching, g_s, the latent cache.
+
+::
+
+    decode_tiles(keys, fetch, grid)
+      │ each tile's header (fetch + parse_header); glass tiles decoded at once
+      ▼ stitched (format 3) tiles and their 8 neighbours
+    LatentCache ──hit──► latents          (a tile another caller decodes is waited for)
+      │ miss
+      ▼ on the caller's threads (``run``)
+    entropy_decode: z symbols (rANS) ─► exact h_s (μ, table index) ─► y symbols (rANS)
+                    ─► CRC of the symbols ─► ŷ_q (κ-reconstructed) ─► ÷ gain = latents
+      ▼
+    stitch_window: a tile's latents with STITCH_RING rows/columns of each neighbour's
+      ▼
+    Synthesis: g_s passes on the codec's device, ≤ max_batch equal shapes at a time,
+               shared by every caller of one codec ─► pixels, cropped to each tile
+
+Seams: a format-3 tile codes exactly its own latents (16-px cells), computed by g_a with
+its neighbours' pixels around it, so g_s over its latents joined with its neighbours'
+gives the borders a decode of the whole plane would.  A glass neighbour gives g_a's
+latent of its colour (:func:`~wsicodec.learned.glass.uniform_latent`); a damaged one only
+costs that side its stitching.  Formats 1 and 2 (legacy, :mod:`~wsicodec.learned.tileformat`)
+are decoded each on its own (:meth:`TileDecoder.decode_alone`), as they were written; so
+is any tile by :meth:`~wsicodec.learned.codec.LearnedCodec.decode`, which is for
+checking streams: a format-3 tile alone has the right symbols but weak borders
+(``bench/seams.py``, ``bench/results/``).
+
+The entropy parameters are always computed on the CPU (exact integer arithmetic from
+format 2 on: the same bits on any machine); a mismatch of the symbols' CRC is an error
+naming the tile, never silent garbage.  g_s may run on any device.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, wait
+from typing import Any, Callable, Hashable, Sequence
+
+import numpy as np
+
+from wsicodec.codecs import Run, run_serially
+from wsicodec.entropy import decode_symbols, symbol_checksum
+from wsicodec.errors import CorruptDataError, ModelMismatchError
+from wsicodec.lru import ByteLRU
+
+from .glass import decode_uniform, uniform_colour, uniform_latent
+from .tileformat import (KIND_UNIFORM, LATENT_STRIDE, PIXEL_STRIDE, TileHeader, ceil_to,
+                         exact_entropy, parse_named)
+
+#: latent rows/columns of each neighbour joined to a stitched tile before g_s (16 px each)
+STITCH_RING = 2
+#: the learned codec's latent caches: at least this many bytes ...
+MIN_CACHE_BYTES = 16 * 1024 * 1024
+#: ... and at most this many, unless asked for explicitly
+MAX_CACHE_BYTES = 256 * 1024 * 1024
+
+
+def channel_index(shape: Sequence[int]) -> np.ndarray:
+    """The CDF-table index of every z symbol of a (C, h, w) plane: its channel."""
+    c = shape[0]
+    return np.broadcast_to(np.arange(c, dtype=np.int32).reshape(c, 1, 1), tuple(shape))
+
+
+class LatentCache(ByteLRU):
+    """A thread-safe LRU of decoded tile latents (torch tensors), bounded in bytes:
+    what lets :meth:`TileDecoder.decode_tiles` entropy-decode each tile once when its
+    neighbours are decoded later, and, shared by concurrent callers (a tile server's
+    requests for neighbouring tiles), once while they run: a tile one caller is
+    decoding is waited for by the others (:meth:`begin`, :meth:`settle`)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(max(0, int(max_bytes)))
+        self._inflight: dict[Hashable, Future] = {}
+
+    def size_of(self, item: Any) -> int:
+        return item.element_size() * item.nelement()
+
+    def begin(self, key: Hashable) -> Any:
+        """The cached latents; or a Future another caller will :meth:`settle` (its
+        result: the latents, None or the exception); or None: the caller decodes the
+        tile and must :meth:`settle` it, success or not."""
+        with self._lock:
+            item = self._lookup(key)
+            if item is not None:
+                return item
+            fut = self._inflight.get(key)
+            if fut is not None:
+                return fut
+            self._inflight[key] = Future()
+            return None
+
+    def settle(self, key: Hashable, result: Any) -> None:
+        """The outcome of a tile :meth:`begin` gave the caller: cached if latents, and
+        handed to every caller waiting for it."""
+        import torch
+        if isinstance(result, torch.Tensor):
+            self.put(key, result)
+        with self._lock:
+            fut = self._inflight.pop(key, None)
+        if fut is not None:
+            fut.set_result(result)
+
+
+class Synthesis:
+    """g_s passes, one at a time, over the latent windows of every caller waiting
+    (leader/follower): a caller queues its windows and tries to lead; the leader runs
+    passes of up to ``max_batch`` equal-shape windows from the queue, in queue order,
+    until its own are done; callers that find a leader wait, retrying to lead now and
+    then, so none is stranded.  One caller alone gets its windows grouped by shape in
+    order of first appearance, ``max_batch`` at a time."""
+
+    def __init__(self, model: Any, device: Any, max_batch: int, precision: str) -> None:
+        self.model, self.device, self.max_batch, self.precision = model, device, max_batch, precision
+        self._lock = threading.Lock()
+        self._queue: list[tuple[Any, Future]] = []
+        self._busy = False
+        self.passes = 0
+
+    def run(self, windows: Sequence[Any]) -> list[Any]:
+        """Ungained latent windows (1, M, h, w) float32 → x̂ (16h, 16w, 3) uint8
+        (uncropped), or the exception of its pass."""
+        futures = [Future() for _ in windows]
+        with self._lock:
+            self._queue.extend((y, f) for y, f in zip(windows, futures))
+        pending = set(futures)
+        while pending:
+            self._lead(pending)
+            pending = wait(pending, timeout=0.005).not_done
+        out = []
+        for f in futures:
+            e = f.exception()
+            out.append(e if e is not None else f.result())
+        return out
+
+    def _lead(self, mine: set) -> None:
+        with self._lock:
+            if self._busy:
+                return
+            self._busy = True
+        try:
+            while True:
+                with self._lock:
+                    if not self._queue or all(f.done() for f in mine):
+                        return
+                    shape = tuple(self._queue[0][0].shape)
+                    batch = [it for it in self._queue if tuple(it[0].shape) == shape]
+                    batch = batch[:self.max_batch]
+                    taken = {id(it[1]) for it in batch}
+                    self._queue = [it for it in self._queue if id(it[1]) not in taken]
+                self._pass(batch)
+        finally:
+            with self._lock:
+                self._busy = False
+
+    def _pass(self, batch: list[tuple[Any, Future]]) -> None:
+        import torch
+
+        try:
+            with torch.inference_mode():
+                y = torch.cat([it[0] for it in batch]).to(self.device)
+                x_hat = self.model.synthesize(y, self.precision).clamp_(0, 1).mul_(255).round_()
+                x_hat = x_hat.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            self.passes += 1
+        except Exception as e:  # noqa: BLE001 - every tile of the pass fails with it
+            for it in batch:
+                it[1].set_exception(e)
+            return
+        for k, it in enumerate(batch):
+            it[1].set_result(x_hat[k])
+
+
+def stitch_window(centre, around: dict, ring: int = STITCH_RING):
+    """A stitched tile's g_s input: its latents ``centre`` (1, M, h, w) with up to ``ring``
+    rows/columns of each neighbour in ``around`` ((dr, dc) → (1, M, h', w') or None,
+    dr, dc in −1..1) joined on.  A missing side (the plane's edge, a damaged or
+    format-2 neighbour) is left off; a missing corner next to present sides is zeros,
+    as g_s's own padding.  Returns (window, top, left): where the tile's pixels start.
+    """
+    import torch
+    _, c, h, w = centre.shape
+
+    def side(d: tuple[int, int], axis: int, size: int) -> int:
+        t = around.get(d)
+        if t is None or t.shape[1] != c or t.shape[-1 - axis] != size:
+            return 0
+        return min(ring, t.shape[-2 + axis])
+
+    rt, rb = side((-1, 0), 0, w), side((1, 0), 0, w)
+    cl, cr = side((0, -1), 1, h), side((0, 1), 1, h)
+    if not (rt or rb or cl or cr):
+        return centre, 0, 0
+    win = torch.zeros(1, c, rt + h + rb, cl + w + cr, dtype=centre.dtype)
+    win[..., rt:rt + h, cl:cl + w] = centre
+    if rt:
+        win[..., :rt, cl:cl + w] = around[(-1, 0)][..., -rt:, :]
+    if rb:
+        win[..., rt + h:, cl:cl + w] = around[(1, 0)][..., :rb, :]
+    if cl:
+        win[..., rt:rt + h, :cl] = around[(0, -1)][..., :, -cl:]
+    if cr:
+        win[..., rt:rt + h, cl + w:] = around[(0, 1)][..., :, :cr]
+    for dr, dc in ((-1, -1), (-1, 1), (1, -1), (1, 1)):
+        nr, nc = (rt if dr < 0 else rb), (cl if dc < 0 else cr)
+        t = around.get((dr, dc))
+        if not (nr and nc) or t is None or t.shape[1] != c or t.shape[-2] < nr or t.shape[-1] < nc:
+            continue
+        ys = slice(0, nr) if dr < 0 else slice(rt + h, rt + h + nr)
+        xs = slice(0, nc) if dc < 0 else slice(cl + w, cl + w + nc)
+        win[..., ys, xs] = t[..., (slice(-nr, None) if dr < 0 else slice(0, nr)),
+                             (slice(-nc, None) if dc < 0 else slice(0, nc))]
+    return win, rt * PIXEL_STRIDE, cl * PIXEL_STRIDE
+
+
+class TileDecoder:
+    """The decoding half of a learned codec: its weights' tables, h_s on the CPU, g_s on
+    ``device`` in ``precision``, at most ``max_batch`` windows per g_s pass.  Thread-safe.
+
+    Its steps are public so that a benchmark can time them one by one
+    (:meth:`decode_z`, :meth:`hyper_parameters`, :meth:`decode_y`, :meth:`latents`,
+    :func:`stitch_window`, :meth:`synthesize`); :meth:`decode_tiles` is them together.
+    """
+
+    def __init__(self, loaded: Any, device: Any, precision: str, max_batch: int) -> None:
+        self.loaded = loaded
+        self.model = loaded.model                      # the entropy parameters: on the CPU
+        self.tables = self.model.coding_tables()
+        self.synthesis = Synthesis(loaded.on(device), device, max_batch, precision)
+
+    # ------------------------------------------------------------- one tile's steps
+    def check_model(self, hd: TileHeader, name: str) -> None:
+        """ModelMismatchError unless the tile was made with weights these decode."""
+        if not self.loaded.decodes(hd.model_prefix.hex()):
+            raise ModelMismatchError(
+                f"{name} was coded with model {hd.model_prefix.hex()}..., but the loaded model is "
+                f"{self.loaded.model_id[:16]}...; open it with the same weights")
+
+    def decode_z(self, data: bytes, hd: TileHeader) -> np.ndarray:
+        """A network tile's z symbols (N, h, w) int32 (rANS over the factorized prior)."""
+        yh, yw = hd.latent_size
+        zshape = (self.model.config.N, ceil_to(yh, LATENT_STRIDE) // 4, ceil_to(yw, LATENT_STRIDE) // 4)
+        return decode_symbols(data[hd.payload:hd.payload + hd.z_len], channel_index(zshape), self.tables[0])
+
+    def hyper_parameters(self, zs: np.ndarray, hd: TileHeader):
+        """(μ float64, table index int32), (1, M, h, w), from the z symbols, exactly as the
+        encoder computed them for this tile's format (on the CPU)."""
+        import torch
+        m = self.model
+        medians = m.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1).double()
+        z_hat = torch.from_numpy(zs)[None].double() + medians
+        return m.entropy_parameters(z_hat, torch.tensor([hd.quality]),
+                                    exact=exact_entropy(hd.version), size=hd.latent_size)
+
+    def decode_y(self, data: bytes, hd: TileHeader, index) -> np.ndarray:
+        """A network tile's y symbols (M, h, w) int32, coded with the tables ``index``."""
+        return decode_symbols(data[hd.payload + hd.z_len:], index[0].numpy(), self.tables[1])
+
+    def entropy_decode(self, data: bytes, hd: TileHeader, name: str):
+        """The CPU half of decoding a network-coded tile: bytes → gained ŷ_q (1, M, h, w)
+        float32 (κ-reconstructed).  ``hd`` is the header of ``data``.  Thread-safe.
+
+        Raises:
+            CorruptDataError: symbol checksum mismatch (names the tile).
+            ModelMismatchError: the tile was made with other weights.
+        """
+        import torch
+        self.check_model(hd, name)
+        zs = self.decode_z(data, hd)
+        mu, index = self.hyper_parameters(zs, hd)
+        ys = self.decode_y(data, hd, index)
+        if symbol_checksum(zs, ys) != hd.crc:
+            raise CorruptDataError(
+                f"{name}: decoded symbols fail their checksum (damaged stream, or entropy "
+                f"parameters computed differently than at encode time)")
+        return self.model.reconstruct(torch.from_numpy(ys)[None], mu, index, hd.quality).float()
+
+    def ungain(self, y_hat, quality: float):
+        """Gained ŷ_q → ŷ_q / gain[q], float32: the scale tiles of any quality share."""
+        import torch
+        gain, _ = self.model.gains(torch.tensor([float(quality)]), torch.float32)
+        return (y_hat.float() / gain).contiguous()
+
+    def latents(self, data: bytes, hd: TileHeader, name: str):
+        """What a tile gives its neighbours' stitching: its ungained ŷ (1, M, h/16, w/16)
+        float32 (format 3), g_a's latent of its colour for a glass tile, or None (a
+        format-1/2 tile, coded with its own margin).  Raises as :meth:`entropy_decode`."""
+        if hd.kind == KIND_UNIFORM:
+            lh, lw = -(-hd.height // PIXEL_STRIDE), -(-hd.width // PIXEL_STRIDE)
+            return uniform_latent(self.model, uniform_colour(data, hd)).expand(1, -1, lh, lw)
+        if not hd.stitched:
+            return None
+        return self.ungain(self.entropy_decode(data, hd, name), hd.quality)
+
+    def synthesize(self, windows: Sequence[Any]) -> list[Any]:
+        """Ungained latent windows → uint8 (16h, 16w, 3) pixels, uncropped, or the
+        exception of their g_s pass (:class:`Synthesis`)."""
+        return self.synthesis.run(windows)
+
+    def warm_up(self) -> None:
+        """Build the exact (and float64) h_s and the fast g_s now, not on the first tile."""
+        self.model.prepare_entropy_parameters()
+        s = self.synthesis
+        s.model.prepare_synthesis(s.device, precision=s.precision)
+
+    def new_cache(self, tile_size: int, tiles: int, max_bytes: int | None = None) -> LatentCache:
+        """A :class:`LatentCache` with room for ``tiles`` tiles of ``tile_size`` (between
+        :data:`MIN_CACHE_BYTES` and :data:`MAX_CACHE_BYTES`), or of ``max_bytes`` exactly."""
+        if max_bytes is None:
+            per = 4 * self.model.config.M * (-(-tile_size // PIXEL_STRIDE)) ** 2
+            max_bytes = min(MAX_CACHE_BYTES, max(MIN_CACHE_BYTES, tiles * per))
+        return LatentCache(max_bytes)
+
+    # ------------------------------------------------------------------ many tiles
+    def decode_alone(self, datas: Sequence[bytes], names: Sequence[str] | None = None,
+                     shape: tuple[int, ...] | None = None) -> list[np.ndarray]:
+        """Tiles each decoded on its own, without its neighbours' latents (a format-3 tile's
+        borders are then weak: for checking streams; formats 1-2 were made for it).  g_s
+        runs once per group of equal-size latents.
+
+        Raises:
+            CorruptDataError: a damaged stream or a symbol-checksum mismatch (names the tile).
+            ModelMismatchError: a tile made with other weights.
+        """
+        names = names or [f"tile {i}" for i in range(len(datas))]
+        out: list[Any] = [None] * len(datas)
+        jobs = []
+        for i, data in enumerate(datas):
+            data = bytes(data)
+            hd = parse_named(data, names[i], shape)
+            if hd.kind == KIND_UNIFORM:
+                out[i] = decode_uniform(data, hd, names[i])
+                continue
+            jobs.append((i, self.ungain(self.entropy_decode(data, hd, names[i]), hd.quality), hd))
+        pixels = self.synthesize([y for _, y, _ in jobs])
+        for (i, _, hd), x in zip(jobs, pixels):
+            if isinstance(x, BaseException):
+                raise x
+            out[i] = _crop(x, hd.top, hd.left, hd.height, hd.width)
+        return out
+
+    def decode_tiles(self, keys: Sequence[tuple[int, int]], fetch: Callable[[int, int], bytes],
+                     grid: tuple[int, int], shape: tuple[int, ...] | None = None, *,
+                     names: Callable[[int, int], str] | None = None,
+                     cache: LatentCache | None = None, cache_tag: Hashable = None,
+                     run: Run | None = None,
+                     check: Callable[[TileHeader, str], None] | None = None) -> list[Any]:
+        """Tiles ``keys`` = [(col, row), ...] of a grid of ``grid`` = (cols, rows) tiles,
+        each stitched tile decoded with its neighbours' latents; the contract of
+        :meth:`wsicodec.codecs.TileCodec.decode_tiles`.  ``cache`` keeps decoded latents
+        between calls, keyed ``(cache_tag, col, row)``; ``check(header, name)``, when
+        given, vets every tile's header as it is loaded (raising fails that tile)."""
+        job = _GridJob(self, fetch, names or (lambda c, r: f"tile col={c} row={r}"), shape, check)
+        out: list[Any] = [None] * len(keys)
+        stitched, alone = job.sort(keys, out)
+        lat, own = job.latents(job.neighbourhood(keys, stitched, grid), [keys[n] for n in alone],
+                               cache, cache_tag, run or run_serially)
+        windows, where = [], []
+        for n in stitched:
+            win = job.window(keys[n], lat)
+            if isinstance(win, BaseException):
+                out[n] = win
+                continue
+            hd = job.got[keys[n]][1]
+            windows.append(win[0])
+            where.append((n, win[1], win[2], hd.height, hd.width))
+        for n in alone:
+            r = own.get(keys[n])
+            if isinstance(r, BaseException):
+                out[n] = r
+                continue
+            hd = job.got[keys[n]][1]
+            windows.append(r)
+            where.append((n, hd.top, hd.left, hd.height, hd.width))
+        if windows:
+            try:
+                pixels = self.synthesize(windows)
+            except Exception as e:  # noqa: BLE001 - every tile of the pass fails with it
+                pixels = [e] * len(windows)
+            for (n, top, left, h, w), x in zip(where, pixels):
+                out[n] = x if isinstance(x, BaseException) else _crop(x, top, left, h, w)
+        return out
+
+
+def _crop(x: np.ndarray, top: int, left: int, h: int, w: int) -> np.ndarray:
+    return np.ascontiguousarray(x[top:top + h, left:left + w])
+
+
+class _GridJob:
+    """One :meth:`TileDecoder.decode_tiles` call: the bytes and headers it fetched
+    (fetched in the calling thread: stores need not be thread-safe), and its steps."""
+
+    def __init__(self, decoder: TileDecoder, fetch: Callable[[int, int], bytes],
+                 names: Callable[[int, int], str], shape: tuple[int, ...] | None,
+                 check: Callable[[TileHeader, str], None] | None = None) -> None:
+        self.decoder, self.fetch, self.names, self.shape = decoder, fetch, names, shape
+        self.check = check
+        self.got: dict[tuple[int, int], tuple[bytes, TileHeader]] = {}
+
+    def load(self, key: tuple[int, int]) -> tuple[bytes, TileHeader]:
+        if key not in self.got:
+            data = bytes(self.fetch(*key))
+            hd = parse_named(data, self.names(*key), self.shape)
+            if self.check is not None:
+                self.check(hd, self.names(*key))
+            self.got[key] = (data, hd)
+        return self.got[key]
+
+    def sort(self, keys: Sequence[tuple[int, int]], out: list) -> tuple[list[int], list[int]]:
+        """Glass tiles decoded into ``out`` (and failures put there); returns the indexes
+        of the stitched tiles and of those decoded alone (formats 1-2)."""
+        stitched, alone = [], []
+        for n, key in enumerate(keys):
+            try:
+                data, hd = self.load(key)
+                if hd.kind == KIND_UNIFORM:
+                    out[n] = decode_uniform(data, hd, self.names(*key))
+                elif hd.stitched:
+                    stitched.append(n)
+                else:
+                    alone.append(n)
+            except Exception as e:  # noqa: BLE001 - kept per tile
+                out[n] = e
+        return stitched, alone
+
+    @staticmethod
+    def neighbourhood(keys: Sequence[tuple[int, int]], stitched: list[int],
+                      grid: tuple[int, int]) -> list[tuple[int, int]]:
+        """The stitched tiles and their neighbours inside the grid, each once, in order."""
+        cols, rows = grid
+        need: dict[tuple[int, int], None] = {}
+        for n in stitched:
+            col, row = keys[n]
+            for dr in (-1, 0, 1):
+                for dc in (-1, 0, 1):
+                    if 0 <= col + dc < cols and 0 <= row + dr < rows:
+                        need[(col + dc, row + dr)] = None
+        return list(need)
+
+    def latents(self, need: list, alone: list, cache: LatentCache | None, tag: Hashable,
+                run: Run) -> tuple[dict, dict]:
+        """(latents of the tiles ``need`` by key: a tensor, None or the exception, from
+        ``cache``, from another caller decoding them, or decoded here; the own latents of
+        the format-1/2 tiles ``alone``, by key)."""
+        lat: dict[tuple[int, int], Any] = {}
+        todo, waits = [], {}
+        for key in need:          # cached, being decoded by another caller, or ours to decode
+            t = cache.begin((tag, *key)) if cache is not None else None
+            if t is None:
+                todo.append(key)
+            elif isinstance(t, Future):
+                waits[key] = t
+            else:
+                lat[key] = t
+        try:
+            own = self._decode(todo, lat, alone, run)
+        finally:                  # whatever happened, callers waiting on our keys get an answer
+            if cache is not None:
+                for key in todo:
+                    cache.settle((tag, *key),
+                                 lat.get(key, CorruptDataError(f"{self.names(*key)}: not decoded")))
+        for key, fut in waits.items():
+            lat[key] = fut.result()
+        return lat, own
+
+    def _decode(self, todo: list, lat: dict, alone: list, run: Run) -> dict:
+        """The entropy work: latents of ``todo`` into ``lat``; returns those of ``alone``."""
+        for key in todo:          # bytes first, in this thread
+            try:
+                self.load(key)
+            except Exception as e:  # noqa: BLE001
+                lat[key] = e
+        dec = self.decoder
+
+        def entropy(job: tuple[str, Any]) -> Any:
+            kind, key = job
+            try:
+                data, hd = self.got[key]
+                if kind == "alone":
+                    return dec.ungain(dec.entropy_decode(data, hd, self.names(*key)), hd.quality)
+                return dec.latents(data, hd, self.names(*key))
+            except Exception as e:  # noqa: BLE001 - kept per tile
+                return e
+
+        jobs = [("latent", k) for k in todo if k not in lat] + [("alone", k) for k in alone]
+        own = {}
+        for (kind, key), r in zip(jobs, run(entropy, jobs)):
+            if kind == "alone":
+                own[key] = r
+            else:
+                lat[key] = r
+        return own
+
+    def window(self, key: tuple[int, int], lat: dict) -> Any:
+        """(window, top, left) of a stitched tile (:func:`stitch_window`), or the exception
+        that leaves it without latents."""
+        import torch
+        col, row = key
+        centre = lat.get(key)
+        if not isinstance(centre, torch.Tensor):
+            return centre if isinstance(centre, BaseException) else CorruptDataError(
+                f"{self.names(col, row)}: no latents")
+        around = {}
+        for dr in (-1, 0, 1):
+            for dc in (-1, 0, 1):
+                v = lat.get((col + dc, row + dr))
+                around[(dr, dc)] = v if isinstance(v, torch.Tensor) else None
+        return stitch_window(centre, around, STITCH_RING)

@@ -1,0 +1,156 @@
+"""Encoding learned tiles: glass test, g_a over tile + context, h_a, exact h_s, rANS.
+
+::
+
+    regions (tile + context), boxes ─► glass? ─yes─► uniform tile (glass.py)
+        │ no: region moved onto y's 16-px grid, equal sizes batched
+        ▼
+    g_a (on the codec's device, in its precision) ─► y_q of the region
+        ▼ the tile's own latents only (format 3: "stitched")
+    h_a ─► z_q ─► [refine: latent search with the neighbours' y around it]
+        ▼ on the CPU
+    hyper_symbols: z symbols, then (μ, table index) exactly as every decoder computes them
+        ▼
+    y symbols round(y − μ) ─► rANS z, y ─► header (tileformat.py) + streams
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from wsicodec.entropy import encode_symbols, symbol_checksum
+from wsicodec.errors import InvalidSettingError
+
+from . import tileformat
+from .decoder import STITCH_RING, channel_index
+from .glass import encode_uniform, uniform_fit
+from .network import pad_to_stride
+from .refine import refine_latents
+from .tileformat import LATENT_STRIDE, MAX_SIDE, PIXEL_STRIDE, exact_entropy, pack_network_header
+
+Box = tuple[int, int, int, int]
+"""(top, left, height, width) of a tile inside its region."""
+
+
+def check_region(t: Any) -> np.ndarray:
+    """``t`` as an (h, w, 3) uint8 array with sides in 1..65535, else InvalidSettingError."""
+    t = np.asarray(t)
+    if t.ndim != 3 or t.shape[2] != 3 or t.dtype != np.uint8:
+        raise InvalidSettingError(f"tiles must be (h, w, 3) uint8, got {t.shape} {t.dtype}")
+    if not (1 <= t.shape[0] <= MAX_SIDE and 1 <= t.shape[1] <= MAX_SIDE):
+        raise InvalidSettingError(f"tile size {t.shape[:2]} outside 1..{MAX_SIDE}")
+    return t
+
+
+def hyper_symbols(model, z, quality, y_size: tuple[int, int], exact: bool = True):
+    """The encoder's side information, as every decoder will see it.
+
+    ``z`` (B, N, h, w) from :meth:`~wsicodec.learned.network.WsiHyperprior.analysis` (on
+    the CPU) → its symbols, then (μ, CDF-table index) for y computed from ẑ exactly as
+    :meth:`~wsicodec.learned.decoder.TileDecoder.entropy_decode` does for a tile of the
+    current format (``exact``; False: as format 1 did), cropped to y's ``y_size``.
+    Returns ``(z_sym int32, μ float64, index int32)``.  The y symbols are ``round(y − μ)``,
+    or any integers an encoder prefers: the decoder adds μ back.
+    """
+    import torch
+    medians = model.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1)
+    z_sym = torch.round(z - medians).to(torch.int32)
+    mu, index = model.entropy_parameters(z_sym.double() + medians.double(), quality, exact=exact,
+                                         size=(int(y_size[0]), int(y_size[1])))
+    return z_sym, mu, index
+
+
+class TileEncoder:
+    """The encoding half of a learned codec: its weights, g_a/h_a on ``device`` in
+    ``precision``, ``refine`` steps of latent search, at one ``quality``."""
+
+    def __init__(self, loaded: Any, quality: float, device: Any, precision: str, refine: int) -> None:
+        self.loaded, self.quality, self.device = loaded, quality, device
+        self.precision, self.refine = precision, refine
+        self.model = loaded.model                     # the entropy parameters: on the CPU
+        self.tables = self.model.coding_tables()
+
+    def encode(self, regions: Sequence[np.ndarray], boxes: Sequence[Box] | None = None) -> list[bytes]:
+        """Tiles → bytes; regions of equal size share one g_a pass.
+
+        Without ``boxes`` each array is a tile.  With ``boxes``, array ``i`` is a *region*
+        (the tile plus context pixels of its neighbours on each side) and ``boxes[i]`` says
+        where the tile sits in it: g_a sees the region, the stream holds the tile's latents
+        only.  A box off y's 16-pixel grid loses the context rows/columns before it that
+        break the grid.  Raises InvalidSettingError (a region or box that does not fit).
+        """
+        out: list[bytes | None] = [None] * len(regions)
+        groups: dict[tuple[int, int], list[int]] = {}
+        regions = [check_region(t) for t in regions]
+        boxes = [(0, 0, r.shape[0], r.shape[1]) for r in regions] if boxes is None else list(boxes)
+        version = tileformat.VERSION
+        for i, (r, (top, left, h, w)) in enumerate(zip(regions, boxes)):
+            if not (0 <= top <= 255 and 0 <= left <= 255 and h >= 1 and w >= 1
+                    and top + h <= r.shape[0] and left + w <= r.shape[1]):
+                raise InvalidSettingError(f"tile box {boxes[i]} does not fit its region {r.shape[:2]} (margins 0..255)")
+            core = r[top:top + h, left:left + w]
+            fit = uniform_fit(core)
+            if fit is not None:
+                out[i] = encode_uniform(core, *fit, version)
+                continue
+            dy, dx = top % PIXEL_STRIDE, left % PIXEL_STRIDE     # onto y's grid
+            if dy or dx:
+                regions[i], boxes[i] = r[dy:, dx:], (top - dy, left - dx, h, w)
+            groups.setdefault(regions[i].shape[:2], []).append(i)
+        for idx in groups.values():
+            for i, data in zip(idx, self._encode_group([regions[i] for i in idx],
+                                                       [boxes[i] for i in idx], version)):
+                out[i] = data
+        return out  # type: ignore[return-value]
+
+    def _encode_group(self, regions: list[np.ndarray], boxes: list[Box], version: int) -> list[bytes]:
+        """Network-coded tiles of equal-size regions: one g_a pass, then tile by tile."""
+        import torch
+        net = self.loaded.on(self.device)
+        q1 = torch.tensor([self.quality])
+        out = []
+        with torch.inference_mode():
+            x = torch.from_numpy(np.stack(regions)).permute(0, 3, 1, 2)
+            x = pad_to_stride(x.float().div_(255.0), PIXEL_STRIDE).to(self.device)
+            y_all = net.analysis_y(x, torch.full((len(regions),), self.quality, device=self.device),
+                                   self.precision)
+            for k, (top, left, h, w) in enumerate(boxes):
+                ty, tx = top // PIXEL_STRIDE, left // PIXEL_STRIDE
+                lh, lw = -(-h // PIXEL_STRIDE), -(-w // PIXEL_STRIDE)
+                y = y_all[k:k + 1, :, ty:ty + lh, tx:tx + lw]
+                z = net.hyper_analysis(y, q1.to(self.device), LATENT_STRIDE)
+                if self.refine:
+                    y, z = self._refine(net, x[k:k + 1], y_all[k:k + 1], y, z, (ty, tx, h, w))
+                out.append(self._code(y.cpu(), z.cpu(), h, w, version))
+        return out
+
+    def _refine(self, net, x, y_all, y, z, where: tuple[int, int, int, int]):
+        """:func:`~wsicodec.learned.refine.refine_latents` of a tile whose latents start at
+        (ty, tx) of ``y_all``: g_s sees its neighbours' latents too, g_a's standing in."""
+        import torch
+        ty, tx, h, w = where
+        lh, lw = y.shape[-2:]
+        a0, b0 = max(ty - STITCH_RING, 0), max(tx - STITCH_RING, 0)
+        a1, b1 = min(ty + lh + STITCH_RING, y_all.shape[-2]), min(tx + lw + STITCH_RING, y_all.shape[-1])
+        P = PIXEL_STRIDE
+        xk = x[..., a0 * P:a1 * P, b0 * P:b1 * P]
+        shown = torch.zeros(1, 1, *xk.shape[-2:], device=self.device)
+        shown[..., (ty - a0) * P:(ty - a0) * P + h, (tx - b0) * P:(tx - b0) * P + w] = 1
+        y, z, _ = refine_latents(net, xk, torch.tensor([self.quality]).to(self.device), y, z, shown,
+                                 self.refine, window=(y_all[..., a0:a1, b0:b1], ty - a0, tx - b0))
+        return y, z
+
+    def _code(self, y, z, h: int, w: int, version: int) -> bytes:
+        """A tile's latents (on the CPU) → its bytes: symbols, rANS, header."""
+        import torch
+        q1 = torch.tensor([self.quality])
+        z_sym, mu, index = hyper_symbols(self.model, z, q1, y.shape[-2:], exact=exact_entropy(version))
+        zs = z_sym[0].numpy()
+        ys = torch.round(y.double() - mu).to(torch.int32)[0].numpy()
+        zb = encode_symbols(zs, channel_index(zs.shape), self.tables[0])
+        yb = encode_symbols(ys, index[0].numpy(), self.tables[1])
+        head = pack_network_header(version, h, w, self.quality, self.loaded.model_id,
+                                   symbol_checksum(zs, ys), len(zb))
+        return head + zb + yb
