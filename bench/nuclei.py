@@ -342,7 +342,8 @@ def environment(threads: int) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                                 text=True, timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "wsicodec", "bench"],
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "wsicodec", "bench",
+                                     ":(exclude)bench/results"],
                                     cwd=REPO, capture_output=True, text=True,
                                     timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
