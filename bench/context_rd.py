@@ -112,7 +112,7 @@ def latents_of(model, images: list[np.ndarray]) -> list[torch.Tensor]:
     for a in images:
         x = torch.from_numpy(np.ascontiguousarray(a).copy()).permute(2, 0, 1)[None].float().div(255)
         x = pad_to_stride(x, 16)
-        out.append(model._transform("g_a", x)(x)[0])
+        out.append(model.transform(x)[0])
     return out
 
 

@@ -249,12 +249,12 @@ class TiledLearned:
 
     def encode(self, image: np.ndarray) -> bytes:
         from wsicodec.image import encode
-        return encode(image, quality=self.codec.quality, model=self.codec._model_arg,
+        return encode(image, quality=self.codec.quality, model=str(self.codec.loaded.path),
                       refine=self.codec.refine)
 
     def decode(self, data: bytes) -> np.ndarray:
         from wsicodec.image import decode
-        return decode(data, model=self.codec._model_arg)
+        return decode(data, model=str(self.codec.loaded.path))
 
     def to_dict(self) -> dict:
         return self.codec.to_dict()

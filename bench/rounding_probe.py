@@ -64,13 +64,13 @@ def channel_energy(imgs, q, delta=0.3, reps=2):
         x = torch.from_numpy(img[:272, :272].copy()).permute(2, 0, 1)[None].float() / 255
         y, _ = m.analysis(x, qs)
         yh = torch.round(y) / gain          # a rounded operating point (mean ~ approximated)
-        base = m._transform("g_s", yh)(yh)
+        base = m.synthesize(yh)
         npos = yh.shape[-1] * yh.shape[-2]
         for c in range(m.config.M):
             for _ in range(reps):
                 d = torch.zeros_like(yh)
                 d[:, c] = (torch.randint(0, 2, yh.shape[-2:], generator=g) * 2 - 1) * delta
-                out = m._transform("g_s", yh)(yh + d)
+                out = m.synthesize(yh + d)
                 E[c] += float(((out - base) * 255).pow(2).sum()) / (delta ** 2 * npos)
     return E / (len(imgs) * reps)
 
