@@ -97,9 +97,9 @@ def make_bases(folder: Path, codecs: tuple[str, ...] = CODECS) -> dict[str, Path
     container of another crop (``<codec>-other.zarr``, for splicing), each with a PNG
     label and a JPEG-XL thumbnail.  Returns {name: path}."""
     from wsicodec.codecs import get_codec
-    from wsicodec.container import _zip_directory
     from wsicodec.pipeline import compress_source
     from wsicodec.tiling import ArraySource
+    from wsicodec.writer import zip_directory
 
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
@@ -113,7 +113,7 @@ def make_bases(folder: Path, codecs: tuple[str, ...] = CODECS) -> dict[str, Path
             compress_source(src, path, c, tile_size=TILE, workers=1)
             out[name] = path
         zpath = folder / f"{codec}.zarr.zip"
-        _zip_directory(folder / f"{codec}.zarr", zpath)
+        zip_directory(folder / f"{codec}.zarr", zpath)
         out[f"{codec}-zip"] = zpath
     return out
 

@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 
 from wsicodec.codecs import TileCodec, get_codec
-from wsicodec.container import (FORMAT_VERSION, JOURNAL, ContainerMetadata, ContainerWriter,
-                                open_container)
+from wsicodec.container import open_container
 from wsicodec.errors import (CompressInterrupted, CorruptDataError, CorruptTileError,
                              ModelMismatchError, OutputExistsError, PartialKeptError,
                              SlideNotFoundError, UnsupportedFormatError)
+from wsicodec.metadata import FORMAT_VERSION, ContainerMetadata
 from wsicodec.pipeline import compress_source
 from conftest import forge_digests
 from wsicodec.tiling import ArraySource
+from wsicodec.writer import JOURNAL, ContainerWriter
 
 STORES = ["c.zarr", "c.zarr.zip"]
 
@@ -252,13 +253,13 @@ def test_a_failure_while_the_zip_is_packed_keeps_every_row(tmp_path: Path, odd_i
     again, and leaves no torn zip anywhere."""
     import errno
 
-    import wsicodec.container as container
+    import wsicodec.writer as writer
 
     (tmp_path / "ref").mkdir()
     ref = make(tmp_path / "ref", "c.zarr.zip", odd_image)
     out = tmp_path / "run" / "c.zarr.zip"
     out.parent.mkdir()
-    pack = container._zip_directory
+    pack = writer.zip_directory
 
     def torn(src: Path, dest: Path, skip: str = "") -> None:
         dest.write_bytes(b"PK\x03\x04 half a zip")
@@ -266,7 +267,7 @@ def test_a_failure_while_the_zip_is_packed_keeps_every_row(tmp_path: Path, odd_i
             raise KeyboardInterrupt
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(container, "_zip_directory", torn)
+    monkeypatch.setattr(writer, "zip_directory", torn)
     expected = CompressInterrupted if error == "ctrl-c" else PartialKeptError
     with pytest.raises(expected) as info:
         compress_source(source(odd_image), out, Flaky(), tile_size=64, workers=1)
@@ -275,7 +276,7 @@ def test_a_failure_while_the_zip_is_packed_keeps_every_row(tmp_path: Path, odd_i
     [partial] = list(out.parent.iterdir())             # the directory store, no torn zip
     assert partial == Path(info.value.partial) and partial.is_dir() and (partial / JOURNAL).is_file()
 
-    monkeypatch.setattr(container, "_zip_directory", pack)
+    monkeypatch.setattr(writer, "zip_directory", pack)
     codec = Flaky()
     compress_source(source(odd_image), out, codec, tile_size=64, workers=1, resume=True)
     assert codec.calls == 0 and [p.name for p in out.parent.iterdir()] == [out.name]
@@ -303,7 +304,7 @@ def test_what_a_writer_killed_after_the_move_left_is_swept_by_the_next(
         import os, sys
         import numpy as np
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        import wsicodec.container as container
+        import wsicodec.writer as writer
         from test_container import make
 
         def moved_then_killed(tmp, final):
@@ -311,7 +312,7 @@ def test_what_a_writer_killed_after_the_move_left_is_swept_by_the_next(
             os.rename(tmp, final)
             os._exit(9)
 
-        container._replace = moved_then_killed
+        writer.move_into_place = moved_then_killed
         make(__import__("pathlib").Path({str(tmp_path)!r}), {name!r},
              np.load({str(tmp_path / "image.npy")!r}), overwrite=True)
     """)

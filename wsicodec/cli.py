@@ -19,9 +19,9 @@ import threading
 from typing import Any, Sequence
 
 from wsicodec.codecs import DEFAULT_CODEC, PRECISIONS
-from wsicodec.container import ASSOCIATED_POLICIES
 from wsicodec.errors import CompressInterrupted, PartialKeptError, WsiCodecError, error_text
 from wsicodec.tiff import DEFAULT_TIFF_COMPRESSION, DEFAULT_TIFF_QUALITY, TIFF_COMPRESSIONS
+from wsicodec.writer import ASSOCIATED_POLICIES
 
 PROG = "wsicodec"
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130

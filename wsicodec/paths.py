@@ -1,4 +1,5 @@
-"""The output-path rule: a command never writes where it would destroy one of its inputs.
+"""The output-path rules: a command never writes where it would destroy one of its
+inputs, nor over an existing output unless told to, nor into a folder that is not there.
 
 Every command that writes an output (``compress``, ``decompress``) calls
 :func:`check_output_against_inputs` before it does anything else, whatever its flags
@@ -12,6 +13,9 @@ Every command that writes an output (``compress``, ``decompress``) calls
 * would have its hidden temporary siblings (``.OUT.partial-*``, ``.OUT.old-*``, which a
   writer creates, takes over with ``--resume`` and removes) on an input.
 
+:func:`check_output_path` refuses an output that exists (without ``--overwrite``) or
+whose folder does not.
+
 Nothing here reads or writes a file's contents.
 """
 
@@ -21,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from wsicodec.errors import OutputPathError
+from wsicodec.errors import OutputExistsError, OutputPathError
 
 #: the prefixes of the hidden siblings ``.OUT<prefix>XXXXXXXX`` a writer of OUT creates
 #: and removes (temporary output, resume partial, an overwritten output set aside)
@@ -77,6 +81,21 @@ def check_output_against_inputs(output: str | os.PathLike[str],
                                       f"{inp}")
 
 
+def check_output_path(path: str | os.PathLike[str], overwrite: bool) -> None:
+    """Refuse an output that exists (unless ``overwrite``) or whose folder does not.
+
+    Outputs are written as a hidden temporary sibling and renamed into place, so the
+    folder must exist; a mistyped folder is reported, never created.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path}: already exists (use --overwrite to replace it)")
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        what = "is not a folder" if parent.exists() else "does not exist"
+        raise OutputPathError(f"{path}: cannot write there: {parent} {what}")
+
+
 def slide_inputs(path: str | os.PathLike[str]) -> list[Path]:
     """What compressing the slide ``path`` reads: the file, and for a DICOM slide its
     folder (OpenSlide reads every ``.dcm`` file of it), for a MIRAX ``.mrxs`` the data
@@ -101,4 +120,5 @@ def _is_dicom(p: Path) -> bool:
     return head[128:132] == b"DICM"
 
 
-__all__ = ["check_output_against_inputs", "slide_inputs", "HIDDEN_SIBLING_PREFIXES"]
+__all__ = ["check_output_against_inputs", "check_output_path", "slide_inputs",
+           "HIDDEN_SIBLING_PREFIXES"]

@@ -31,17 +31,17 @@ import dataclasses
 import numpy as np
 
 from wsicodec.codecs import TileCodec, check_precision
-from wsicodec.container import (ContainerMetadata, ContainerWriter, associated_format,
-                                check_output_path, open_container, path_size)
+from wsicodec.container import open_container, path_size
 from wsicodec.errors import (CompressInterrupted, CorruptDataError, CorruptTileError,
                              InvalidSettingError, PartialKeptError, UnsupportedFormatError,
                              WsiCodecError)
-from wsicodec.metadata import missing_guarantees
-from wsicodec.paths import check_output_against_inputs, slide_inputs
+from wsicodec.metadata import ContainerMetadata, missing_guarantees
+from wsicodec.paths import check_output_against_inputs, check_output_path, slide_inputs
 from wsicodec.tiff import TiffSettings, write_pyramidal_tiff
 from wsicodec.tiling import iter_strips, iter_tiles, open_source, plan_pyramid
 from wsicodec.tiling.pyramid import PyramidPlan, Strip
 from wsicodec.tiling.sources import SlideSource
+from wsicodec.writer import ContainerWriter, associated_format
 
 #: tiles per network pass for codecs that batch (the learned codec)
 BATCH_SIZE = 8
@@ -264,7 +264,7 @@ def compress_source(source: SlideSource, output: str | os.PathLike[str], codec: 
     what was left out (names only) in its metadata's ``deidentified``.
 
     ``associated``: how the label / macro / thumbnail are kept, one of
-    :data:`wsicodec.container.ASSOCIATED_POLICIES` ("auto": label lossless, the rest
+    :data:`wsicodec.writer.ASSOCIATED_POLICIES` ("auto": label lossless, the rest
     JPEG-XL; "lossless"; "none": left out).
 
     ``resume``: continue what an interrupted compress of the same source to the same
