@@ -38,7 +38,8 @@ import numpy as np
 
 from wsicodec.container import ASSOCIATED_FORMATS, is_zip_path, quiet_zarr, read_tile_chunk
 from wsicodec.errors import InvalidSettingError, RegionOutOfBoundsError, WsiCodecError
-from wsicodec.integrity import DIGEST_BYTES, blob_digest, level_digest, new_container_id, tile_digest
+from wsicodec.integrity import (DIGEST_BYTES, blob_digest, level_digest, new_container_id,
+                                tile_digest)
 from wsicodec.metadata import ASSOCIATED_NAME, ATTRS_KEY, ContainerMetadata
 from wsicodec.paths import check_output_path
 
