@@ -720,7 +720,7 @@ def read_everything(path: Path, tmp: Path) -> dict[str, Any]:
 
     import wsicodec
     from wsicodec.errors import WsiCodecError
-    from wsicodec.pipeline import decompress, verify
+    from wsicodec.readback import decompress, verify
 
     out: dict[str, Any] = {}
     shapes: dict[str, Any] = {}

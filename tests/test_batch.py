@@ -292,7 +292,7 @@ def test_bfloat16_precision_runs_g_s_body_in_bfloat16_and_decodes_the_same_strea
     import torch
 
     import wsicodec
-    from wsicodec.pipeline import decompress
+    from wsicodec.readback import decompress
 
     for bad in ("float16", "bf16", None):
         with pytest.raises(InvalidSettingError):

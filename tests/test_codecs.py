@@ -155,6 +155,7 @@ def test_codec_from_dict_rejects_garbage() -> None:
 
 def test_classical_use_never_imports_torch() -> None:
     code = ("import sys, numpy as np, wsicodec, wsicodec.cli, wsicodec.slide, wsicodec.pipeline\n"
+            "import wsicodec.readback\n"
             "from wsicodec.codecs import get_codec, available_codecs\n"
             "c = get_codec('jpeg'); c.decode(c.encode(np.zeros((8, 8, 3), np.uint8)))\n"
             "available_codecs()\n"

@@ -90,7 +90,7 @@ def _copy(bases: dict[str, Path], codec: str, tmp_path: Path) -> Path:
 
 
 def _damage(path: Path) -> list[str]:
-    from wsicodec.pipeline import verify
+    from wsicodec.readback import verify
 
     r = verify(path, decode=True)
     return ([m for *_, m in r.damaged_levels] + [m for *_, m in r.damaged_tiles]

@@ -18,7 +18,8 @@ from PIL import Image
 
 from conftest import HE_TEST_PNG, REAL_SLIDES, need
 from wsicodec.codecs import get_codec
-from wsicodec.pipeline import compress, compress_source, decompress
+from wsicodec.pipeline import compress, compress_source
+from wsicodec.readback import decompress
 from wsicodec.server import ServerSettings, make_server, serve_in_thread, slide_name
 from wsicodec.slide import open_slide
 from wsicodec.tiff import TiffSettings

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from conftest import REAL_SLIDES, need
 from wsicodec.codecs import get_codec
 from wsicodec.errors import ClosedError, InvalidSettingError, RegionOutOfBoundsError
-from wsicodec.pipeline import compress, compress_source, decompress
+from wsicodec.pipeline import compress, compress_source
+from wsicodec.readback import decompress
 from wsicodec.slide import open_slide
 from wsicodec.tiff import TiffSettings
 from wsicodec.tiling import ArraySource

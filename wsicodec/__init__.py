@@ -22,7 +22,7 @@ _EXPORTS = {
     "open_slide": "wsicodec.slide",
     "WsiSlide": "wsicodec.slide",
     "compress": "wsicodec.pipeline",
-    "decompress": "wsicodec.pipeline",
+    "decompress": "wsicodec.readback",
     "get_codec": "wsicodec.codecs",
     "codec_from_dict": "wsicodec.codecs",
     "register_codec": "wsicodec.codecs",

@@ -230,7 +230,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
 def _cmd_decompress(args: argparse.Namespace) -> int:
     from wsicodec.paths import check_output_against_inputs
-    from wsicodec.pipeline import container_tile_count, decompress
+    from wsicodec.readback import container_tile_count, decompress
     from wsicodec.tiff import TiffSettings
 
     check_output_against_inputs(args.output, [args.input])   # before anything
@@ -319,7 +319,7 @@ def _deidentified_line(record: dict[str, Any]) -> str:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from wsicodec.pipeline import container_tile_count, verify
+    from wsicodec.readback import container_tile_count, verify
 
     show = not args.quiet and not args.json and sys.stderr.isatty()
     total = container_tile_count(args.input) if show else None

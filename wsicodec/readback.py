@@ -1,0 +1,228 @@
+"""Reading a container back: checking it (verify) and writing it out as a TIFF (decompress).
+
+verify::
+
+    open_container ─► per level: check_level (CRC / digest arrays)
+        ─► per tile row: read_encoded_tile (CRC32, digest) or read_tiles (decode too)
+        ─► every associated image ─► VerifyResult (damage listed, never raised)
+
+decompress::
+
+    open_container ─► per level, row-major: Container.read_tiles on a thread pool
+        ─► write_pyramidal_tiff (temp sibling) ─► atomic rename
+
+Library code: raises, never prints; progress is reported through a callback
+(:data:`wsicodec.pipeline.Progress`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from wsicodec.codecs import check_precision
+from wsicodec.container import open_container
+from wsicodec.errors import CorruptDataError, CorruptTileError, UnsupportedFormatError
+from wsicodec.metadata import ContainerMetadata, missing_guarantees
+from wsicodec.paths import check_output_against_inputs, check_output_path
+from wsicodec.pipeline import Progress, check_workers
+from wsicodec.tiff import TiffSettings, write_pyramidal_tiff
+
+
+def container_tile_count(path: str | os.PathLike[str]) -> int:
+    """Total tiles of a container, all levels (opens it briefly): what decompress and
+    verify go through. Raises as :func:`wsicodec.container.open_container`."""
+    with open_container(path) as c:
+        return sum(c.grid(level).tile_count for level in range(c.level_count))
+
+
+@dataclass(frozen=True)
+class DecompressResult:
+    source: Path
+    output: Path
+    dimensions: tuple[int, int]
+    levels: int
+    output_bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """What :func:`verify` found: every damaged tile and associated image, by name."""
+
+    path: Path
+    tiles: int
+    associated: int
+    decoded: bool
+    damaged_tiles: tuple[tuple[int, int, int, str], ...]   # (level, col, row, message)
+    damaged_associated: tuple[tuple[str, str], ...]         # (name, message)
+    seconds: float
+    #: the container's format version, and what that version cannot prove
+    #: (:func:`wsicodec.metadata.missing_guarantees`; empty for format 3)
+    format_version: int = 3
+    missing_guarantees: tuple[str, ...] = ()
+    #: (level, message) of each level whose CRC or digest array is damaged: none of its
+    #: tiles can be checked (they count as damaged)
+    damaged_levels: tuple[tuple[int, int, str], ...] = ()   # (level, tiles, message)
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged_tiles and not self.damaged_associated and not self.damaged_levels
+
+    @property
+    def damage(self) -> str:
+        """"2 of 29 tiles and 1 of 1 associated images damaged"."""
+        tiles = len(self.damaged_tiles) + sum(n for _, n, _ in self.damaged_levels)
+        return (f"{tiles} of {self.tiles} tiles and "
+                f"{len(self.damaged_associated)} of {self.associated} associated images damaged")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "ok": self.ok, "tiles": self.tiles,
+                "associated_images": self.associated, "decoded": self.decoded,
+                "damaged_tiles": [{"level": lv, "col": c, "row": r, "error": m}
+                                  for lv, c, r, m in self.damaged_tiles],
+                "damaged_associated_images": [{"name": n, "error": m}
+                                              for n, m in self.damaged_associated],
+                "damaged_levels": [{"level": lv, "tiles": n, "error": m}
+                                   for lv, n, m in self.damaged_levels],
+                "format_version": self.format_version,
+                "missing_guarantees": list(self.missing_guarantees),
+                "seconds": round(self.seconds, 3)}
+
+
+def verify(path: str | os.PathLike[str], *, decode: bool = False,
+           progress: Progress | None = None) -> VerifyResult:
+    """Check every tile of a container against its CRC32 and, in format 3, its digest
+    (which binds it to its level, column, row and container: a tile moved or spliced in
+    fails); ``decode``: decode it too, checking its geometry and, for the learned codec,
+    its symbols' checksum.  Decode every associated image (checking its digest).  The
+    metadata (and, in format 3, its digest) is checked when the container opens.
+    Damage is reported in the result, never raised.
+
+    Raises as :func:`wsicodec.container.open_container` (not a container, unsupported
+    version, damaged metadata), ModelMismatchError (``decode``, other weights) and
+    WsiCodecError (``decode``, the codec cannot be built here).
+    """
+    t0 = time.perf_counter()
+    bad_tiles: list[tuple[int, int, int, str]] = []
+    bad_assoc: list[tuple[str, str]] = []
+    bad_levels: list[tuple[int, int, str]] = []
+    tiles = 0
+    with open_container(path) as c:
+        for level in range(c.level_count):
+            grid = c.grid(level)
+            try:
+                c.check_level(level)
+            except CorruptDataError as e:     # its CRC / digest arrays: no tile checkable
+                bad_levels.append((level, grid.tile_count, str(e)))
+                tiles += grid.tile_count
+                if progress:
+                    progress(grid.tile_count)
+                continue
+            for row in range(grid.rows):
+                keys = [(col, row) for col in range(grid.cols)]
+                if decode:
+                    try:
+                        c.read_tiles(level, keys)
+                        keys = []
+                    except CorruptTileError:
+                        pass   # which tiles: one by one below
+                for col, _ in keys:
+                    try:
+                        if decode:
+                            c.read_tile(level, col, row)
+                        else:
+                            c.read_encoded_tile(level, col, row)
+                    except CorruptTileError as e:
+                        bad_tiles.append((level, col, row, str(e)))
+                tiles += grid.cols
+                if progress:
+                    progress(grid.cols)
+        for name in c.associated_image_names():
+            try:
+                c.read_associated_image(name)
+            except (CorruptDataError, UnsupportedFormatError) as e:
+                bad_assoc.append((name, str(e)))
+        n_assoc = len(c.associated_image_names())
+        version = c.metadata.format_version
+    return VerifyResult(Path(path), tiles, n_assoc, decode, tuple(bad_tiles), tuple(bad_assoc),
+                        time.perf_counter() - t0, version, tuple(missing_guarantees(version)),
+                        tuple(bad_levels))
+
+
+def _ordered_decode(container, level: int, workers: int,  # type: ignore[no-untyped-def]
+                    progress: Progress | None) -> Iterator[np.ndarray]:
+    """Decode a level's tiles row-major, one tile row per
+    :meth:`~wsicodec.container.Container.read_tiles` call, its work on a pool of
+    ``workers`` threads (the learned codec stitches each tile with its neighbours)."""
+    grid = container.grid(level)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wsicodec-decode") as pool:
+        def run(fn, items: list) -> list:  # noqa: ANN001
+            return [_outcome(f) for f in [pool.submit(fn, it) for it in items]]
+
+        for row in range(grid.rows):
+            for tile in container.read_tiles(level, [(col, row) for col in range(grid.cols)],
+                                             run=run):
+                if progress:
+                    progress(1)
+                yield tile
+
+
+def _outcome(f: Future) -> Any:
+    try:
+        return f.result()
+    except Exception as e:  # noqa: BLE001 - kept per item, raised by the reader
+        return e
+
+
+def _tiff_description(meta: ContainerMetadata, deidentify: bool) -> str:
+    name = None if deidentify else meta.source_name
+    return f"wsicodec pyramid from {name or 'a container'} ({meta.codec.get('name')})"
+
+
+def decompress(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
+               settings: TiffSettings = TiffSettings(), workers: int | None = None,
+               overwrite: bool = False, progress: Progress | None = None,
+               precision: str = "float32", deidentify: bool = False) -> DecompressResult:
+    """Write a container out as a pyramidal TIFF (atomically: temp sibling + rename).
+
+    ``precision``: how the learned codec runs g_s (:data:`wsicodec.codecs.PRECISIONS`).
+    The TIFF never holds the slide's properties or associated images; its
+    ImageDescription names the source file, unless ``deidentify`` (or the container was
+    made with ``deidentify``, so has no source name).
+
+    Raises:
+        OutputPathError: ``output`` is the container or lies inside it (a ``.zarr``
+            directory), whatever ``overwrite``; or its folder does not exist.
+        SlideNotFoundError, UnsupportedFormatError, CorruptDataError: the container.
+        CorruptTileError: a damaged tile (nothing is left at ``output``).
+        OutputExistsError: ``output`` exists and ``overwrite`` is false.
+    """
+    t0 = time.perf_counter()
+    out_path = Path(output)
+    check_output_against_inputs(out_path, [source])
+    n_workers = check_workers(workers)
+    check_precision(precision)
+    check_output_path(out_path, overwrite)
+    tmp = out_path.parent / f".{out_path.name}.partial-{uuid.uuid4().hex[:8]}"
+    with open_container(source, precision=precision) as c:
+        meta = c.metadata
+        _ = c.codec  # build (and check) the codec before creating any file
+        try:
+            write_pyramidal_tiff(
+                tmp, [lv.dimensions for lv in meta.levels], meta.tile_size,
+                lambda level: _ordered_decode(c, level, n_workers, progress),
+                mpp=meta.mpp, settings=settings,
+                description=_tiff_description(meta, deidentify))
+            os.replace(tmp, out_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return DecompressResult(Path(source), out_path, meta.levels[0].dimensions, len(meta.levels),
+                            out_path.stat().st_size, time.perf_counter() - t0)
