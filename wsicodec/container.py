@@ -470,36 +470,8 @@ def open_container(path: str | os.PathLike[str], **codec_options: Any) -> Contai
     import zarr.storage
 
     p = Path(path)
-    if not p.exists():
-        raise SlideNotFoundError(f"{p}: no such file or directory")
     store: Any
-    infos: dict[str, zipfile.ZipInfo] | None = None
-    if p.is_file():
-        if not zipfile.is_zipfile(p):
-            if is_zip_path(p):
-                raise CorruptDataError(f"{p}: not a complete zip file (truncated or damaged)")
-            raise UnsupportedFormatError(f"{p}: not a wsicodec container (.zarr directory "
-                                         "or .zarr.zip file)")
-        try:
-            with zipfile.ZipFile(p) as zf:
-                members = zf.infolist()
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-            raise CorruptDataError(f"{p}: damaged zip file: {e}") from e
-        infos = {}
-        for info in members:
-            if info.filename in infos:
-                raise CorruptDataError(f"{p}: the zip holds {info.filename} more than once "
-                                       "(appended to after it was written): refused")
-            infos[info.filename] = info
-        if "zarr.json" not in infos:
-            raise UnsupportedFormatError(f"{p}: zip file without zarr.json: not a wsicodec "
-                                         "container")
-    elif p.is_dir():
-        if not (p / "zarr.json").exists():
-            raise UnsupportedFormatError(f"{p}: directory without zarr.json: not a wsicodec "
-                                         "container")
-    else:
-        raise UnsupportedFormatError(f"{p}: not a regular file or directory: refused")
+    infos = _container_files(p)
     guard = _StoreGuard(p, infos)
     guard.check("zarr.json", MAX_JSON_BYTES)
     try:
@@ -522,3 +494,44 @@ def open_container(path: str | os.PathLike[str], **codec_options: Any) -> Contai
         store.close()
         raise
     return Container(p, group, store, meta, guard, codec_options)
+
+
+def _container_files(p: Path) -> "dict[str, zipfile.ZipInfo] | None":
+    """What kind of container ``p`` is, before any of it is read: the members of a zip
+    (:func:`_zip_members`), or None for a directory store with a ``zarr.json``.
+    Raises as :func:`open_container`."""
+    if not p.exists():
+        raise SlideNotFoundError(f"{p}: no such file or directory")
+    if p.is_file():
+        return _zip_members(p)
+    if p.is_dir():
+        if not (p / "zarr.json").exists():
+            raise UnsupportedFormatError(f"{p}: directory without zarr.json: not a wsicodec "
+                                         "container")
+        return None
+    raise UnsupportedFormatError(f"{p}: not a regular file or directory: refused")
+
+
+def _zip_members(p: Path) -> "dict[str, zipfile.ZipInfo]":
+    """The members of the zip container ``p`` by name: each named once, ``zarr.json``
+    among them. Raises as :func:`open_container`."""
+    if not zipfile.is_zipfile(p):
+        if is_zip_path(p):
+            raise CorruptDataError(f"{p}: not a complete zip file (truncated or damaged)")
+        raise UnsupportedFormatError(f"{p}: not a wsicodec container (.zarr directory "
+                                     "or .zarr.zip file)")
+    try:
+        with zipfile.ZipFile(p) as zf:
+            members = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise CorruptDataError(f"{p}: damaged zip file: {e}") from e
+    infos: dict[str, zipfile.ZipInfo] = {}
+    for info in members:
+        if info.filename in infos:
+            raise CorruptDataError(f"{p}: the zip holds {info.filename} more than once "
+                                   "(appended to after it was written): refused")
+        infos[info.filename] = info
+    if "zarr.json" not in infos:
+        raise UnsupportedFormatError(f"{p}: zip file without zarr.json: not a wsicodec "
+                                     "container")
+    return infos
