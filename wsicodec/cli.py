@@ -65,7 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
                      description="Compress whole-slide images into a zarr v3 container and "
                                  "back out to a pyramidal TIFF.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_compress(sub, common)
+    _add_decompress(sub, common)
 
+    i = sub.add_parser("info", parents=[common], help="describe a container")
+    i.add_argument("input", help="container (.zarr or .zarr.zip)")
+    i.add_argument("--json", action="store_true", help="print the metadata as JSON")
+
+    _add_verify(sub, common)
+    sub.add_parser("codecs", parents=[common], help="list the codecs usable here")
+    _add_serve(sub, common)
+    return parser
+
+
+def _add_compress(sub: Any, common: argparse.ArgumentParser) -> None:
+    """The ``compress`` command's arguments."""
     p = sub.add_parser("compress", parents=[common], help="slide or image -> container",
                        description="Compress any slide OpenSlide opens (or a PNG/TIFF image) "
                                    "into OUT (.zarr directory or single-file .zarr.zip).")
@@ -104,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "a hidden .OUT.partial-* beside OUT); starts afresh if there is none")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary: only errors (stderr) and the exit status")
 
+
+def _add_decompress(sub: Any, common: argparse.ArgumentParser) -> None:
+    """The ``decompress`` command's arguments."""
     d = sub.add_parser("decompress", parents=[common], help="container -> pyramidal TIFF",
                        description="Write a container as a tiled pyramidal BigTIFF that "
                                    "OpenSlide (generic-tiff), QuPath and libvips read.")
@@ -123,10 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "TIFF never holds the slide's properties or associated images)")
     d.add_argument("--quiet", action="store_true", help="no progress bar and no summary: only errors (stderr) and the exit status")
 
-    i = sub.add_parser("info", parents=[common], help="describe a container")
-    i.add_argument("input", help="container (.zarr or .zarr.zip)")
-    i.add_argument("--json", action="store_true", help="print the metadata as JSON")
 
+def _add_verify(sub: Any, common: argparse.ArgumentParser) -> None:
+    """The ``verify`` command's arguments."""
     v = sub.add_parser("verify", parents=[common], help="check a container for damage",
                        description="Check every tile's CRC32 and every associated image of a "
                                    "container (with --decode, decode every tile too). Lists "
@@ -139,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--quiet", action="store_true",
                    help="no progress bar and no report: only the exit status (and errors)")
 
-    sub.add_parser("codecs", parents=[common], help="list the codecs usable here")
 
+def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
+    """The ``serve`` command's arguments."""
     s = sub.add_parser("serve", parents=[common], help="DeepZoom tile server and viewer",
                        description="Serve containers as DeepZoom tiles over HTTP, with an "
                                    "OpenSeadragon viewer page at /. Ctrl-C stops it.")
@@ -174,7 +191,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve each slide as 'compress --deidentify' would keep it: no label "
                         "or macro, no identifying properties (dates, names, file names, "
                         "serial numbers...), new DICOM UIDs (docs/deidentify.md)")
-    return parser
 
 
 def _progress_bar(total: int | None, quiet: bool, desc: str) -> Any:
