@@ -21,9 +21,9 @@ import pytest
 
 from wsicodec.codecs import get_codec
 from wsicodec.errors import InvalidSettingError
+from wsicodec.httpd import IDLE_GRACE_S, is_loopback
 from wsicodec.pipeline import compress_source
-from wsicodec.server import (IDLE_GRACE_S, ServerSettings, is_loopback, make_server,
-                             serve_in_thread)
+from wsicodec.server import ServerSettings, make_server, serve_in_thread
 from wsicodec.tiling import ArraySource
 
 
@@ -299,14 +299,14 @@ class _FakeServer:
     """What _cmd_serve uses of a TileServer, bound nowhere (tests bind loopback only)."""
 
     def __init__(self, host: str, settings: ServerSettings) -> None:
-        from wsicodec.server import TileServer
+        from wsicodec.httpd import BoundedHTTPServer
 
         self.server_address = (host, 8000)
         self.settings = settings
         self.slides = type("S", (), {"slides": {"small": None}})()
         self.url = f"http://{host}:8000/"
         self.viewer_available = True
-        self.loopback_only = TileServer.loopback_only.fget(self)
+        self.loopback_only = BoundedHTTPServer.loopback_only.fget(self)
         self.closed = False
 
     def serve_forever(self) -> None:
@@ -443,10 +443,10 @@ def test_the_viewer_page_and_its_requests_are_same_origin(shared) -> None:
     ("0.0.0.0", ("slides.example.org",), "localhost:8000", True),
     ("127.0.0.1", (), "evil.example", False), ("127.0.0.1", (), "localhost", True)])
 def test_host_rule_by_bound_address(container, bound, allow, host, answered) -> None:
-    from wsicodec.server import TileServer
+    from wsicodec.httpd import BoundedHTTPServer
 
     fake = _FakeServer(bound, ServerSettings(allow_hosts=allow))
-    assert TileServer.host_allowed(fake, host) is answered
+    assert BoundedHTTPServer.host_allowed(fake, host) is answered
 
 
 @pytest.mark.parametrize("allow", [("",), ("a b",), ("http://x",), ("x/y",), ("x:",),
