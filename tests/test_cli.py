@@ -266,10 +266,10 @@ def test_existing_output_is_kept(tmp_path: Path, capsys, odd_image: np.ndarray) 
 
 
 def _jpeg_encode_counting(monkeypatch: pytest.MonkeyPatch, stop_at: int | None) -> dict:
-    from wsicodec import codecs
+    from wsicodec import classical
 
     calls = {"n": 0}
-    real = codecs.JpegCodec.encode
+    real = classical.JpegCodec.encode
 
     def counted(self, tile):  # type: ignore[no-untyped-def]
         calls["n"] += 1
@@ -277,7 +277,7 @@ def _jpeg_encode_counting(monkeypatch: pytest.MonkeyPatch, stop_at: int | None) 
             raise KeyboardInterrupt
         return real(self, tile)
 
-    monkeypatch.setattr(codecs.JpegCodec, "encode", counted)
+    monkeypatch.setattr(classical.JpegCodec, "encode", counted)
     return calls
 
 
@@ -338,8 +338,9 @@ def _slow_compress_until_a_row_is_done(tmp_path: Path, odd_image: np.ndarray, ou
     from PIL import Image
 
     Image.fromarray(odd_image).save(tmp_path / "odd.png")
-    slow = ("import sys, time; from wsicodec import cli, codecs; real = codecs.JpegCodec.encode; "
-            "codecs.JpegCodec.encode = lambda self, t: (time.sleep(0.2), real(self, t))[1]; "
+    slow = ("import sys, time; from wsicodec import classical, cli; "
+            "real = classical.JpegCodec.encode; "
+            "classical.JpegCodec.encode = lambda self, t: (time.sleep(0.2), real(self, t))[1]; "
             "sys.exit(cli.main(sys.argv[1:]))")
     proc = subprocess.Popen([sys.executable, "-c", slow, "compress", str(tmp_path / "odd.png"),
                              str(out), "--codec", "jpeg", "--tile-size", "64", "--workers", "1"],
@@ -361,11 +362,11 @@ def test_a_full_disk_is_one_line_that_says_how_to_resume(tmp_path: Path, capsys,
 
     from PIL import Image
 
-    from wsicodec import codecs
+    from wsicodec import classical
 
     Image.fromarray(odd_image).save(tmp_path / "odd.png")
     calls = {"n": 0}
-    real = codecs.JpegCodec.encode
+    real = classical.JpegCodec.encode
 
     def full(self, tile):  # type: ignore[no-untyped-def]
         calls["n"] += 1
@@ -373,7 +374,7 @@ def test_a_full_disk_is_one_line_that_says_how_to_resume(tmp_path: Path, capsys,
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, tile)
 
-    monkeypatch.setattr(codecs.JpegCodec, "encode", full)
+    monkeypatch.setattr(classical.JpegCodec, "encode", full)
     argv = ["compress", tmp_path / "odd.png", tmp_path / "f.zarr.zip", "--codec", "jpeg",
             "--tile-size", "64", "--workers", "1"]
     code, _, err = run(capsys, *argv)
