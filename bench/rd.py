@@ -221,6 +221,8 @@ def environment(threads: int) -> dict:
         "git_commit": commit,
         "codecs_py_sha256": (sha256_file(REPO / "wsicodec" / "codecs.py")
                              if (REPO / "wsicodec" / "codecs.py").is_file() else None),
+        "classical_py_sha256": (sha256_file(REPO / "wsicodec" / "classical.py")
+                                if (REPO / "wsicodec" / "classical.py").is_file() else None),
         "git_dirty_wsicodec_or_bench": dirty,
         "torch_flush_denormal": True,
         "torch_device": "cpu",
