@@ -212,7 +212,7 @@ def test_format_2_streams_decode_as_the_release_that_wrote_them(tmp_path):
     the old way (no stitching): with that κ, to the same pixels; with the shipped weights'
     own κ, to nearly the same.  Once g_s itself has been retuned (``export --synthesis``:
     same symbols), to pixels as close to the source as that release's."""
-    from wsicodec.checkpoint import export
+    from wsicodec.export import export
     made = format2_fixtures()
     shipped = load_model()
     data = (FIXTURES / "format2_q4.wsim").read_bytes()

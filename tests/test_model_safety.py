@@ -368,7 +368,8 @@ def test_weights_of_the_wrong_shape_are_one_line(tmp_path, change, fragment):
 def test_export_writes_plain_data_only(tmp_path):
     """A provenance with objects (a Namespace, paths) is stored as plain data, so the
     exported file loads with weights_only=True."""
-    from wsicodec.checkpoint import DEFAULT_WEIGHTS, export, load_model
+    from wsicodec.checkpoint import DEFAULT_WEIGHTS, load_model
+    from wsicodec.export import export
     out = tmp_path / "re.pt"
     sha = export(DEFAULT_WEIGHTS, out, {"note": "t", "args": argparse.Namespace(data=[Path("a")], n=np.int64(3)),
                                         "where": Path("/x"), "pair": (1, 2)})

@@ -19,7 +19,8 @@ TRAIN = REPO.parent / "shared" / "data" / "he" / "train"
 def test_train_resume_export_and_code(tmp_path):
     import train as train_script
 
-    from wsicodec.checkpoint import export, load_model
+    from wsicodec.checkpoint import load_model
+    from wsicodec.export import export
     from wsicodec.learned import LearnedCodec
 
     from PIL import Image
@@ -279,7 +280,7 @@ def _tiny_weights(tmp_path: Path) -> tuple[Path, list[str], Path, str]:
 
     from PIL import Image
 
-    from wsicodec.checkpoint import export
+    from wsicodec.export import export
 
     data = tmp_path / "data"
     data.mkdir()
@@ -298,7 +299,7 @@ def test_freeze_decoder_trains_the_encoder_and_keeps_every_decoder_tensor(tmp_pa
 
     from PIL import Image
 
-    from wsicodec.checkpoint import export
+    from wsicodec.export import export
     from wsicodec.learned import LearnedCodec
     from wsicodec.learned.network import WsiHyperprior
 
@@ -409,7 +410,7 @@ def test_decoder_blocks_train_faster_resume_and_code(tmp_path):
 
     from PIL import Image
 
-    from wsicodec.checkpoint import export
+    from wsicodec.export import export
     from wsicodec.errors import WsiCodecError
     from wsicodec.learned import LearnedCodec
 
@@ -444,7 +445,8 @@ def test_weights_with_the_same_decoder_open_the_data_of_the_weights_before(tmp_p
     from PIL import Image
 
     import wsicodec
-    from wsicodec.checkpoint import export, load_model, load_model_for
+    from wsicodec.checkpoint import load_model, load_model_for
+    from wsicodec.export import export
     from wsicodec.errors import ModelMismatchError, WsiCodecError
     from wsicodec.learned import LearnedCodec
     from wsicodec.pipeline import compress
@@ -563,7 +565,8 @@ def test_tune_reconstruction_scores_what_the_codec_decodes_and_export_stores_it(
     from PIL import Image
 
     import wsicodec
-    from wsicodec.checkpoint import export, load_model
+    from wsicodec.checkpoint import load_model
+    from wsicodec.export import export
     from wsicodec.errors import InvalidSettingError
 
     data, _, old, _ = _tiny_weights(tmp_path)
@@ -611,7 +614,8 @@ def test_finetune_synthesis_moves_only_g_s_and_its_export_opens_the_parent_data(
     from PIL import Image
 
     import wsicodec
-    from wsicodec.checkpoint import export, load_model
+    from wsicodec.checkpoint import load_model
+    from wsicodec.export import export
     from wsicodec.errors import InvalidSettingError
 
     data, _, old, old_id = _tiny_weights(tmp_path)

@@ -23,8 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wsicodec.checkpoint import DEFAULT_WEIGHTS, export  # noqa: E402
+from wsicodec.checkpoint import DEFAULT_WEIGHTS  # noqa: E402
 from wsicodec.errors import WsiCodecError  # noqa: E402
+from wsicodec.export import export  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
