@@ -78,6 +78,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: import bench and wsicodec from this checkout
     sys.path.insert(0, str(REPO))
 
+from bench.report import json_safe, log  # noqa: E402
+from wsicodec.checkpoint import sha256_file  # noqa: E402  (a file's hash; imports no torch)
+
 SCHEMA = "wsicodec-nuclei/1"
 
 # ------------------------------------------------------------------------------------ the detector
@@ -295,32 +298,6 @@ def code(codec, rgb: np.ndarray) -> tuple[int, np.ndarray]:
 
 # ------------------------------------------------------------------------------------- small tools
 
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def environment(threads: int) -> dict:
     from importlib import metadata
@@ -358,7 +335,7 @@ def environment(threads: int) -> dict:
         pass
     # the packaged weight files (the learned codec's shipped model), hashed here as files
     import wsicodec
-    weights = {p.name: _sha256(p) for p in sorted(Path(wsicodec.__file__).parent.rglob("*.pt"))}
+    weights = {p.name: sha256_file(p) for p in sorted(Path(wsicodec.__file__).parent.rglob("*.pt"))}
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu, "cpu_count": os.cpu_count(),
@@ -697,8 +674,8 @@ def main(argv: list[str] | None = None) -> int:
     json_path, png = out / f"{args.tag}.json", out / f"{args.tag}.png"
     if args.report_only:
         result = json.loads(json_path.read_text())
-        result["summary"] = _clean(summarise(result))
-        json_path.write_text(json.dumps(_clean(result), indent=1) + "\n")
+        result["summary"] = json_safe(summarise(result))
+        json_path.write_text(json.dumps(json_safe(result), indent=1) + "\n")
         plot(result, png)
         report(result)
         return 0
@@ -749,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         log(f"{name}: {ds.description}")
         result["sets"][name] = run_set(ds, keys, args.limit)
-        json_path.write_text(json.dumps(_clean(result), indent=1) + "\n")  # partial results
+        json_path.write_text(json.dumps(json_safe(result), indent=1) + "\n")  # partial results
     result["sets"] = {k: v for k, v in result["sets"].items() if "codecs" in v} | {
         k: v for k, v in result["sets"].items() if "codecs" not in v}
     if args.crop_set and "learned" in keys:
@@ -761,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
     env["loadavg_1min_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     env["minutes"] = round((time.perf_counter() - t0) / 60, 2)
     result["summary"] = summarise(result)
-    json_path.write_text(json.dumps(_clean(result), indent=1) + "\n")
+    json_path.write_text(json.dumps(json_safe(result), indent=1) + "\n")
     plot(result, png)
     report(result)
     log(f"{env['minutes']:.1f} min; wrote {json_path}, {png}")

@@ -43,6 +43,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: import wsicodec 
     sys.path.insert(0, str(REPO))
 
 from bench import metrics  # noqa: E402
+from bench.report import json_safe, log  # noqa: E402
 from bench.metrics import center_crop  # noqa: E402
 from wsicodec.checkpoint import sha256_file  # noqa: E402  (plain file hash; imports no torch)
 
@@ -99,23 +100,6 @@ PLOT_STYLE = {
 
 
 # ------------------------------------------------------------------------------------ small helpers
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def _clean(obj: Any) -> Any:
-    """JSON-safe copy: NaN/inf become None, numpy scalars become Python numbers."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def _nan(v: Any) -> float:
@@ -717,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"rd.py: --report-only needs an existing {json_path}")
         result = json.loads(json_path.read_text())
         result["bd_rate"] = bd_rates(result)      # derived: kept in step with the report
-        json_path.write_text(json.dumps(_clean(result), indent=1) + "\n")
+        json_path.write_text(json.dumps(json_safe(result), indent=1) + "\n")
         png = out_dir / f"rd_{tag}.png"
         plot_rd(result, png)
         write_markdown(result, out_dir / f"rd_{tag}.md", png.name)
@@ -810,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
                                            target_bpp=args.visual_bpp)
         except Exception as exc:
             log(f"visual comparison failed: {type(exc).__name__}: {exc}")
-    json_path.write_text(json.dumps(_clean(result), indent=1) + "\n")
+    json_path.write_text(json.dumps(json_safe(result), indent=1) + "\n")
     write_markdown(result, out_dir / f"rd_{tag}.md", png.name)
     log(f"sweep {minutes:.1f} min; wrote {json_path}, {png}, {out_dir / f'rd_{tag}.md'}"
         + ("" if args.no_visual else f", {out_dir / 'visual.png'}"))
