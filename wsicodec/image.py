@@ -72,7 +72,8 @@ def encode(image: np.ndarray, quality: float | None = None, *, tile_size: int = 
     steps of the encoder's latent search (0: off) take fewer bits for the same
     PSNR at a much higher encode cost (:class:`~wsicodec.learned.LearnedCodec`);
     ``precision`` "bfloat16" runs g_a's inner layers in bfloat16 (faster where the
-    hardware has it; the same rate-distortion to ~0.1 %, any reader decodes it).
+    hardware has it; rate-distortion as float32's within the noise of
+    ``bench/results/precision_he_test.json``; any reader decodes it).
     ``model``: a weights file the caller chose (default: the shipped weights); the
     stream records its sha256, never its path.
 

@@ -58,9 +58,8 @@ PACKED = "packed_into"
 #: which often carries the patient's name, out of a shared copy).
 ASSOCIATED_POLICIES = ("auto", "lossless", "none")
 ASSOCIATED_LOSSLESS_NAMES = ("label",)
-#: JPEG-XL distance for overview images: half of libjxl's "visually lossless" 1.0.
-#: Measured on the sample slides' thumbnails/macros: 3.3-4.5x smaller than PNG at
-#: 35.2-50.6 dB PSNR against the pixels OpenSlide returns (README, ``--associated``).
+#: JPEG-XL distance for overview images: half of libjxl's "visually lossless" 1.0
+#: (its size and PSNR against PNG on the sample slides: docs/results.md).
 ASSOCIATED_JXL_DISTANCE = 0.5
 ASSOCIATED_JXL_EFFORT = 7
 
