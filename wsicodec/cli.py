@@ -393,8 +393,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if not server.loopback_only:
             print(f"{PROG}: warning: listening on {server.server_address[0]}, not a loopback "
                   "address, and the server has no authentication: anyone who reaches this "
-                  "port reads every slide, its label and its properties (put it behind an "
-                  "authenticating proxy, see docs/server-security.md)", file=sys.stderr,
+                  "port reads every slide"
+                  + (" (de-identified)" if settings.deidentify else ", its label and its properties")
+                  + " (put it behind an authenticating proxy, see docs/server-security.md)",
+                  file=sys.stderr,
                   flush=True)
         print(f"serving {len(server.slides.slides)} slide(s)"
               f"{', de-identified,' if settings.deidentify else ''} at {server.url} "

@@ -24,6 +24,7 @@ import json
 import os
 import stat
 import struct
+import threading
 import warnings
 import zipfile
 import zlib
@@ -186,6 +187,7 @@ class Container:
         self._digest: dict[int, np.ndarray] = {}
         self._cache: Any = None       # the codec's decode cache (new_cache), made on first use
         self._cache_made = False
+        self._cache_lock = threading.Lock()
         self.closed = False
 
     def _check_open(self) -> None:
@@ -344,10 +346,11 @@ class Container:
         for col, row in keys:
             g.check_tile(col, row)
         codec = self.codec
-        if not self._cache_made:
-            widest = max(self.grid(lv).cols for lv in range(self.level_count))
-            self._cache = codec.new_cache(self.metadata.tile_size, 3 * widest + 8)
-            self._cache_made = True
+        with self._cache_lock:      # concurrent first readers share one cache
+            if not self._cache_made:
+                widest = max(self.grid(lv).cols for lv in range(self.level_count))
+                self._cache = codec.new_cache(self.metadata.tile_size, 3 * widest + 8)
+                self._cache_made = True
         out = codec.decode_tiles(list(keys), lambda c, r: self.read_encoded_tile(level, c, r),
                                  (g.cols, g.rows), tile_shape(self.tile_size),
                                  names=lambda c, r: f"tile level={level} col={c} row={r}",
