@@ -64,7 +64,9 @@ def test_hed_jitter_of_zero_magnitude_is_the_identity_and_small_magnitudes_move_
     rng = np.random.default_rng(0)
     assert np.array_equal(augment.hed_jitter(c, rng, 0.0, 0.0), c)
     # the conversion is skimage's (no clip at 0): equal to rgb2hed wherever rgb2hed does not clip
-    from skimage.color import rgb2hed
+    from skimage.color import hed_from_rgb, rgb2hed, rgb_from_hed
+    assert np.allclose(augment.RGB_FROM_HED, rgb_from_hed) and np.allclose(augment.HED_FROM_RGB,
+                                                                           hed_from_rgb)
     ours, theirs = augment.rgb_to_hed(c), rgb2hed(c)
     unclipped = (ours > 0).all(-1)
     assert unclipped.any() and np.allclose(ours[unclipped], theirs[unclipped], atol=1e-12)

@@ -173,20 +173,25 @@ def flip_rotate(c: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 _LOG_ADJUST = np.log(1e-6)   # skimage's Beer-Lambert normalisation (separate/combine_stains)
+#: Ruifrok & Johnston's haematoxylin / eosin / DAB stain vectors (rows), the matrix
+#: `skimage.color.rgb_from_hed` holds; written here so that training needs no scikit-image
+#: (a lent GPU machine has none; tests/test_augment.py checks it against skimage's)
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29],
+                         [0.07, 0.99, 0.11],
+                         [0.27, 0.57, 0.78]])
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
 
 
 def rgb_to_hed(rgb: np.ndarray) -> np.ndarray:
     """uint8 RGB -> float64 HED stain amounts: `skimage.color.rgb2hed` without its clip of negative
     amounts to 0 (the clip makes the round trip lossy; here :func:`hed_to_rgb` inverts it)."""
-    from skimage.color import hed_from_rgb
     x = np.maximum(rgb.astype(np.float64) / 255.0, 1e-6)
-    return (np.log(x) / _LOG_ADJUST) @ hed_from_rgb
+    return (np.log(x) / _LOG_ADJUST) @ HED_FROM_RGB
 
 
 def hed_to_rgb(hed: np.ndarray) -> np.ndarray:
     """HED stain amounts -> uint8 RGB (`skimage.color.hed2rgb`, then rounded to the nearest level)."""
-    from skimage.color import rgb_from_hed
-    rgb = np.clip(np.exp((hed * _LOG_ADJUST) @ rgb_from_hed), 0.0, 1.0)
+    rgb = np.clip(np.exp((hed * _LOG_ADJUST) @ RGB_FROM_HED), 0.0, 1.0)
     return np.floor(rgb * 255.0 + 0.5).astype(np.uint8)
 
 

@@ -11,7 +11,8 @@
 # training state with optimiser (~43 MB) is over the tool's 16 MiB a file, so the next
 # session resumes from the exported weights (train.py accepts them; Adam restarts).
 # ALPHA (default 50) weights the VGG feature loss; RESUME picks other starting weights; TRAIN_ARGS
-# go to train.py as they are (e.g. TRAIN_ARGS="--grow-M 192": wider latents, train/README.md).
+# go to train.py as they are (e.g. TRAIN_ARGS="--grow-M 192": wider latents; TRAIN_ARGS="--augment on":
+# run 26's crops, train/README.md).
 set -uo pipefail
 MIN=${1:-8}
 OUT=${OUT:-/tmp/wsicodec-gpu}
@@ -24,6 +25,13 @@ if [ -z "${SKIP_WHEELS:-}" ]; then
         && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
+# --augment (train/augment.py) re-codes crops with imagecodecs; its wheel (~45 MB) does not fit
+# the carry beside the data, so say at once when the machine lacks it instead of failing mid-run
+case " ${TRAIN_ARGS:-} " in
+    *" --augment "*)
+        "$PY" -c "import imagecodecs" 2>/dev/null \
+            || { echo "TRAIN_ARGS asks for --augment, which needs imagecodecs, and this machine has none"; exit 1; } ;;
+esac
 "$PY" train/train.py --data .devdata/he_train --out "$OUT/run" --resume "${RESUME:-wsicodec/weights/wsicodec-hyperprior.pt}" \
     --device "${DEVICE:-cuda}" --minutes "$MIN" --batch "${BATCH:-16}" --crop "${CROP:-256}" \
     --lr "${LR:-1e-4}" --lr-final "${LR_FINAL:-1e-5}" --alpha "${ALPHA:-50}" \
