@@ -65,7 +65,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -78,7 +77,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: import bench and wsicodec from this checkout
     sys.path.insert(0, str(REPO))
 
-from bench.report import json_safe, log  # noqa: E402
+from bench.report import (cpu_model, git_state, imagecodecs_versions, json_safe, log,  # noqa: E402
+                          package_versions)
 from wsicodec.checkpoint import sha256_file  # noqa: E402  (a file's hash; imports no torch)
 
 SCHEMA = "wsicodec-nuclei/1"
@@ -300,39 +300,12 @@ def code(codec, rgb: np.ndarray) -> tuple[int, np.ndarray]:
 
 
 def environment(threads: int) -> dict:
-    from importlib import metadata
-    versions = {}
-    for pkg in ("numpy", "scipy", "scikit-image", "torch", "imagecodecs", "pytorch-msssim",
-                "matplotlib", "pillow", "openslide-python", "openslide-bin", "compressai"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    libs = {}
-    try:
-        import imagecodecs
-        for name in ("jpeg8", "jpegxl", "webp"):
-            fn = getattr(imagecodecs, f"{name}_version", None)
-            libs[name] = fn() if fn else None
-    except ImportError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "wsicodec", "bench",
-                                     ":(exclude)bench/results"],
-                                    cwd=REPO, capture_output=True, text=True,
-                                    timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    versions = package_versions(("numpy", "scipy", "scikit-image", "torch", "imagecodecs",
+                                 "pytorch-msssim", "matplotlib", "pillow", "openslide-python",
+                                 "openslide-bin", "compressai"))
+    libs = imagecodecs_versions(("jpeg8", "jpegxl", "webp"))
+    commit, dirty = git_state(REPO, ("wsicodec", "bench", ":(exclude)bench/results"))
+    cpu = cpu_model()
     # the packaged weight files (the learned codec's shipped model), hashed here as files
     import wsicodec
     weights = {p.name: sha256_file(p) for p in sorted(Path(wsicodec.__file__).parent.rglob("*.pt"))}

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,7 +42,8 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: import wsicodec 
     sys.path.insert(0, str(REPO))
 
 from bench import metrics  # noqa: E402
-from bench.report import json_safe, log  # noqa: E402
+from bench.report import (cpu_model, git_state, imagecodecs_versions, json_safe, log,  # noqa: E402
+                          package_versions)
 from bench.metrics import center_crop  # noqa: E402
 from wsicodec.checkpoint import sha256_file  # noqa: E402  (plain file hash; imports no torch)
 
@@ -149,44 +149,13 @@ def _find_sha256(obj: Any) -> str | None:
 
 # ------------------------------------------------------------------------------------- environment
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(threads: int) -> dict:
-    from importlib import metadata
-
     import torch
 
-    versions = {}
-    for pkg in ("numpy", "torch", "imagecodecs", "lpips", "pytorch-msssim", "scipy", "matplotlib",
-                "pillow", "compressai"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    libs = {}
-    try:
-        import imagecodecs
-
-        for name in ("jpeg8", "jpegxl", "webp", "jpeg2k", "avif"):
-            fn = getattr(imagecodecs, f"{name}_version", None)
-            libs[name] = fn() if fn else None
-    except ImportError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "wsicodec", "bench"],
-                                    cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
+    versions = package_versions(("numpy", "torch", "imagecodecs", "lpips", "pytorch-msssim",
+                                 "scipy", "matplotlib", "pillow", "compressai"))
+    libs = imagecodecs_versions(("jpeg8", "jpegxl", "webp", "jpeg2k", "avif"))
+    commit, dirty = git_state(REPO, ("wsicodec", "bench"))
     try:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:

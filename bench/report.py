@@ -27,3 +27,53 @@ def json_safe(obj: Any) -> Any:
     if isinstance(obj, np.bool_):
         return bool(obj)
     return obj
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` says."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def package_versions(names: tuple[str, ...]) -> dict[str, str | None]:
+    """Installed version of each distribution (None where it is not installed)."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def imagecodecs_versions(names: tuple[str, ...]) -> dict[str, str | None]:
+    """Versions of imagecodecs' codec libraries (``jpeg8``, ``jpegxl``, ...)."""
+    try:
+        import imagecodecs
+    except ImportError:
+        return {}
+    return {n: (fn() if (fn := getattr(imagecodecs, f"{n}_version", None)) else None) for n in names}
+
+
+def git_state(repo, paths: tuple[str, ...]) -> tuple[str | None, bool | None]:
+    """(HEAD commit, whether ``paths`` have uncommitted changes) of the checkout at ``repo``."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", *paths], cwd=repo,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return commit, dirty
