@@ -37,7 +37,6 @@ import numpy as np
 
 from wsicodec.codecs import TileCodec, check_precision
 from wsicodec.errors import InvalidSettingError, as_tile_error
-from wsicodec.tiling.geometry import check_decoded_tile, tile_shape
 from wsicodec.lru import ByteLRU
 
 TileKey = tuple[int, int, int]
@@ -253,21 +252,12 @@ class BatchDecoder:
     def _decode_misses(self, mine: dict[TileKey, Future]) -> None:
         keys = list(mine)
         level = keys[0][0]
-        grid = self.container.grid(level)
         try:
             codec, cache = self._setup()
-            results = codec.decode_tiles(
-                [(c, r) for _, c, r in keys], lambda c, r: self.container.read_encoded_tile(level, c, r),
-                (grid.cols, grid.rows), tile_shape(self.container.tile_size),
-                names=lambda c, r: f"tile level={level} col={c} row={r}",
-                cache=cache, cache_tag=level, run=self._run,
-                as_written=self.container.metadata.has_digests)
+            results = self.container.decode_tiles(level, [(c, r) for _, c, r in keys], codec,
+                                                  cache, self._run)
         except BaseException as e:  # codec unavailable, interrupted: every tile fails
             results = [e] * len(keys)
-        tile_size = self.container.tile_size
-        for i, result in enumerate(results):    # nothing of another shape is ever served
-            if not isinstance(result, BaseException):
-                results[i] = _call(lambda t: check_decoded_tile(t, tile_size), result)
         for key, result in zip(keys, results):
             if isinstance(result, np.ndarray):
                 self.cache.put(key, result)

@@ -261,10 +261,6 @@ class Container:
                                        "metadata's tile grid") from None
             except Exception as e:  # zarr/zip errors of many kinds: damaged store
                 raise CorruptDataError(f"{self.path}: level {level} arrays unreadable: {e}") from e
-            if crc.shape != (g.rows, g.cols) or (
-                    digest is not None and digest.shape != (g.rows, g.cols, DIGEST_BYTES)):
-                raise CorruptDataError(f"{self.path}: level {level} arrays do not match the "
-                                       "metadata's tile grid")
             if digest is not None:
                 if level_digest(self.metadata.container_id, level, digest) != \
                         self.metadata.level_digests[level]:  # type: ignore[arg-type]
@@ -351,18 +347,32 @@ class Container:
                 widest = max(self.grid(lv).cols for lv in range(self.level_count))
                 self._cache = codec.new_cache(self.metadata.tile_size, 3 * widest + 8)
                 self._cache_made = True
+        out = self.decode_tiles(level, keys, codec, self._cache, run)
+        for t in out:
+            if isinstance(t, BaseException):
+                raise t
+        return out
+
+    def decode_tiles(self, level: int, keys: Sequence[tuple[int, int]], codec: TileCodec,
+                     cache: Any = None, run: Run | None = None) -> list[Any]:
+        """Tiles (col, row) of one level (inside its grid: callers check) decoded by ``codec``
+        (this container's :attr:`codec` or one built by :meth:`build_codec`) with
+        ``cache`` (from its ``new_cache``): one entry per key, the (tile_size, tile_size,
+        3) uint8 tile, checked, or the exception that tile raised (a CorruptTileError
+        naming it for damage).  The one place a container's tiles are decoded."""
+        g = self.grid(level)
         out = codec.decode_tiles(list(keys), lambda c, r: self.read_encoded_tile(level, c, r),
                                  (g.cols, g.rows), tile_shape(self.tile_size),
                                  names=lambda c, r: f"tile level={level} col={c} row={r}",
-                                 cache=self._cache, cache_tag=level, run=run,
+                                 cache=cache, cache_tag=level, run=run,
                                  as_written=self.metadata.has_digests)
         for i, ((col, row), t) in enumerate(zip(keys, out)):
             try:
                 if isinstance(t, BaseException):
                     raise t
                 out[i] = check_decoded_tile(t, self.metadata.tile_size)
-            except BaseException as e:
-                raise as_tile_error(e, level, col, row, self.path)
+            except BaseException as e:  # noqa: BLE001 - kept per tile
+                out[i] = as_tile_error(e, level, col, row, self.path)
         return out
 
     def iter_encoded_tiles(self, level: int) -> Iterator[tuple[int, int, bytes]]:
