@@ -37,6 +37,7 @@ from wsicodec.errors import (CompressInterrupted, InvalidSettingError, PartialKe
 from wsicodec.metadata import ContainerMetadata
 from wsicodec.paths import check_output_against_inputs, check_output_path, slide_inputs
 from wsicodec.tiling import iter_strips, iter_tiles, open_source, plan_pyramid
+from wsicodec.tiling.geometry import MIN_TILE_SIZE, validate_tile_size
 from wsicodec.tiling.pyramid import PyramidPlan, Strip
 from wsicodec.tiling.sources import SlideSource
 from wsicodec.writer import ContainerWriter, associated_format
@@ -48,20 +49,16 @@ Progress = Callable[[int], None]
 """Called with the number of tiles just finished."""
 
 
-#: the tile sizes compress accepts: multiples of 16 in [MIN_TILE_SIZE, MAX_TILE_SIZE]
-#: (a 4096 px tile is 48 MiB of RGB, and codecs need several times that to code it)
-MIN_TILE_SIZE, MAX_TILE_SIZE = 16, 4096
+#: the largest tile size compress writes (a 4096 px tile is 48 MiB of RGB, and codecs
+#: need several times that to code it)
+MAX_TILE_SIZE = 4096
 
 
 def check_tile_size(tile_size: int) -> int:
-    """``tile_size`` if compress accepts it (a multiple of 16 in [16, 4096]).
+    """``tile_size`` if compress accepts it (a multiple of 16 in [16, MAX_TILE_SIZE]).
 
     Raises InvalidSettingError, before anything is opened or allocated."""
-    if (isinstance(tile_size, bool) or not isinstance(tile_size, int)
-            or not MIN_TILE_SIZE <= tile_size <= MAX_TILE_SIZE or tile_size % 16):
-        raise InvalidSettingError(f"tile size must be a multiple of 16 in [{MIN_TILE_SIZE}, "
-                                  f"{MAX_TILE_SIZE}], got {tile_size!r}")
-    return tile_size
+    return validate_tile_size(tile_size, MAX_TILE_SIZE)
 
 
 def fitted_tile_size(tile_size: int, level_dimensions: Sequence[tuple[int, int]]) -> int:

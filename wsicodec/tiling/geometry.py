@@ -18,8 +18,9 @@ MIN_TILE_SIZE = 16
 MAX_TILE_SIZE = 8192
 
 
-def validate_tile_size(tile_size: int) -> int:
-    """Return ``tile_size`` if it is a multiple of 16 in [16, 8192].
+def validate_tile_size(tile_size: int, largest: int = MAX_TILE_SIZE) -> int:
+    """Return ``tile_size`` if it is a multiple of 16 in [16, ``largest``] (default 8192,
+    what a container may hold; compress writes at most a smaller size).
 
     Multiples of 16 keep the tile size valid for tiled TIFF output.
 
@@ -27,9 +28,9 @@ def validate_tile_size(tile_size: int) -> int:
         InvalidSettingError: outside that range or not a multiple of 16.
     """
     if (not isinstance(tile_size, int) or isinstance(tile_size, bool)
-            or not MIN_TILE_SIZE <= tile_size <= MAX_TILE_SIZE or tile_size % 16):
+            or not MIN_TILE_SIZE <= tile_size <= largest or tile_size % 16):
         raise InvalidSettingError(
-            f"tile size must be a multiple of 16 in [{MIN_TILE_SIZE}, {MAX_TILE_SIZE}], "
+            f"tile size must be a multiple of 16 in [{MIN_TILE_SIZE}, {largest}], "
             f"got {tile_size!r}")
     return tile_size
 
