@@ -54,6 +54,40 @@ DEFAULT_CODEC = "learned"
 """Codec the CLI uses when ``--codec`` is not given."""
 
 
+@dataclass(frozen=True)
+class EncodedRow:
+    """One finished tile row from a :class:`LevelEncoder`: its tiles' bytes (left to
+    right) and, from a codec with :attr:`TileCodec.tile_kinds`, each tile's record
+    ``(kind, psnr)``: the kind it was stored as and the PSNR (dB) of the pixels readers
+    decode against the source, over the tile's part inside the level (inf: exact)."""
+
+    row: int
+    tiles: list
+    records: list | None = None
+
+
+class LevelEncoder(abc.ABC):
+    """Codes one level's tile rows in order, for a codec whose choice for a tile depends
+    on the tiles around it (:meth:`TileCodec.level_encoder`).  Rows go in top to bottom
+    without gaps; finished rows come out later, in order, and :meth:`finish` gives the
+    rest."""
+
+    @abc.abstractmethod
+    def push(self, row: int, regions: Sequence[np.ndarray], boxes: Sequence["Box"], *,
+             valid: Sequence[tuple[int, int]] | None = None,
+             stored: Sequence[bytes] | None = None) -> list[EncodedRow]:
+        """Row ``row``'s tiles as :meth:`TileCodec.encode_tiles` takes them (regions with
+        context and the tiles' boxes in them); ``valid``: each tile's (height, width)
+        inside the level (edge tiles are padded; default: the whole box).  ``stored``:
+        the row's tiles as an earlier run wrote them (a resumed run): the row is then
+        only its neighbours' context, taken from those bytes, and never returned.
+        Returns the rows now finished."""
+
+    @abc.abstractmethod
+    def finish(self) -> list[EncodedRow]:
+        """The rows still held, finished (after the level's last row)."""
+
+
 Box = tuple[int, int, int, int]
 """(top, left, height, width) of a tile inside the region it is coded from."""
 
@@ -95,6 +129,8 @@ class TileCodec(abc.ABC):
     model_id: str | None = None
     #: where the codec computes ("cpu", or a torch device)
     device: Any = "cpu"
+    #: the per-tile kinds this codec records (a codec that writes a fidelity map); empty: none
+    tile_kinds: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def encode(self, tile: np.ndarray) -> bytes:
@@ -163,6 +199,12 @@ class TileCodec(abc.ABC):
             out[n] = r
         return out
 
+    def level_encoder(self, level: int) -> LevelEncoder | None:
+        """A :class:`LevelEncoder` for one level of a grid, when this codec decides a tile
+        with its neighbours (the ``auto`` codec); None (here): tiles are coded batch by
+        batch with :meth:`encode_tiles`, each on its own."""
+        return None
+
     def new_cache(self, tile_size: int, tiles: int, *, max_bytes: int | None = None) -> Any:
         """A cache for :meth:`decode_tiles` with room for ``tiles`` tiles of ``tile_size``
         (or ``max_bytes`` exactly), or None: the codec keeps nothing between calls."""
@@ -202,6 +244,7 @@ class _LazyEntry:
 _REGISTRY: dict[str, _Entry] = {}
 _LAZY: dict[str, _LazyEntry] = {
     "learned": _LazyEntry("wsicodec.learned", requires=("torch", "compressai")),
+    "auto": _LazyEntry("wsicodec.learned", requires=("torch", "compressai")),
 }
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_.-]*$")
 

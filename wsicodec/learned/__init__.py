@@ -12,13 +12,18 @@ Modules, each one concern::
     encoder     tiles (with context) → bytes
     decoder     bytes → tiles: entropy decoding, stitching, g_s passes, LatentCache
     codec       LearnedCodec: the above behind :class:`wsicodec.codecs.TileCodec`
+    jxlfit      JPEG-XL at a PSNR target (the distance ladder, lossless last)
+    choice      the auto codec's per-tile choice: glass / network / JPEG-XL over a floor
+    auto        AutoCodec ("auto"): the per-tile choice behind the same protocol
 
-Importing this package registers the codec (``wsicodec.codecs`` imports it lazily, the
-first time ``learned`` is asked for) and imports torch.
+Importing this package registers the codecs ``learned`` and ``auto`` (``wsicodec.codecs``
+imports it lazily, the first time either is asked for) and imports torch.
 """
 
 from __future__ import annotations
 
+from .auto import DEFAULT_MIN_PSNR, AutoCodec, check_min_psnr
+from .auto import register as _register_auto
 from .codec import (DEFAULT_MARGIN, DEFAULT_MAX_BATCH, LOCAL_OPTIONS, MAX_REFINE, LearnedCodec,
                     register, resolve_device)
 from .decoder import STITCH_RING, LatentCache, TileDecoder, stitch_window
@@ -30,7 +35,7 @@ from .tileformat import (KIND_NETWORK, KIND_UNIFORM, NETWORK_HEADER_BYTES, PIXEL
                          parse_header)
 from wsicodec.errors import ModelMismatchError
 
-__all__ = ["LearnedCodec", "register", "LOCAL_OPTIONS", "DEFAULT_MARGIN", "DEFAULT_MAX_BATCH",
+__all__ = ["AutoCodec", "DEFAULT_MIN_PSNR", "check_min_psnr", "LearnedCodec", "register", "LOCAL_OPTIONS", "DEFAULT_MARGIN", "DEFAULT_MAX_BATCH",
            "MAX_REFINE", "resolve_device", "LatentCache", "TileDecoder", "TileEncoder",
            "stitch_window", "STITCH_RING", "hyper_symbols", "is_uniform", "uniform_fit",
            "uniform_latent", "DEFAULT_QUALITY", "QUALITY_MIN", "QUALITY_MAX", "QualityLadder",
@@ -39,3 +44,4 @@ __all__ = ["LearnedCodec", "register", "LOCAL_OPTIONS", "DEFAULT_MARGIN", "DEFAU
            "ModelMismatchError"]
 
 register()
+_register_auto()

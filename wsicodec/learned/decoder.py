@@ -45,8 +45,13 @@ from wsicodec.errors import CorruptDataError, ModelMismatchError
 from wsicodec.lru import ByteLRU
 
 from .glass import decode_uniform, uniform_colour, uniform_latent
-from .tileformat import (KIND_UNIFORM, LATENT_STRIDE, PIXEL_STRIDE, TileHeader, ceil_to,
-                         exact_entropy, parse_named)
+from .tileformat import (KIND_FIXUP, KIND_UNIFORM, LATENT_STRIDE, MAGIC, PIXEL_STRIDE, TileHeader,
+                         ceil_to, exact_entropy, parse_named)
+
+#: the kind :class:`TileDecoder` gives a JPEG-XL tile of a mixed grid (not a learned tile)
+KIND_JPEGXL = -1
+#: first bytes of a JPEG-XL codestream and of a JPEG-XL container
+JXL_SIGNATURES = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")
 
 #: latent rows/columns of each neighbour joined to a stitched tile before g_s (16 px each)
 STITCH_RING = 2
@@ -221,11 +226,16 @@ class TileDecoder:
     :func:`stitch_window`, :meth:`synthesize`); :meth:`decode_tiles` is them together.
     """
 
-    def __init__(self, loaded: Any, device: Any, precision: str, max_batch: int) -> None:
+    def __init__(self, loaded: Any, device: Any, precision: str, max_batch: int,
+                 mixed: bool = False) -> None:
         self.loaded = loaded
         self.model = loaded.model                      # the entropy parameters: on the CPU
         self.tables = self.model.coding_tables()
         self.synthesis = Synthesis(loaded.on(device), device, max_batch, precision)
+        self.device, self.precision = device, precision
+        #: whether a grid may also hold bare JPEG-XL tiles (the ``auto`` codec's)
+        self.mixed = mixed
+        self._g_a_lock = threading.Lock()
 
     # ------------------------------------------------------------- one tile's steps
     def check_model(self, hd: TileHeader, name: str) -> None:
@@ -253,7 +263,8 @@ class TileDecoder:
 
     def decode_y(self, data: bytes, hd: TileHeader, index) -> np.ndarray:
         """A network tile's y symbols (M, h, w) int32, coded with the tables ``index``."""
-        return decode_symbols(data[hd.payload + hd.z_len:], index[0].numpy(), self.tables[1])
+        end = len(data) - hd.pixels_len
+        return decode_symbols(data[hd.payload + hd.z_len:end], index[0].numpy(), self.tables[1])
 
     def entropy_decode(self, data: bytes, hd: TileHeader, name: str):
         """The CPU half of decoding a network-coded tile: bytes → gained ŷ_q (1, M, h, w)
@@ -291,6 +302,32 @@ class TileDecoder:
             return None
         return self.ungain(self.entropy_decode(data, hd, name), hd.quality)
 
+    def jpegxl_pixels(self, data: bytes, shape: tuple[int, ...] | None, name: str) -> np.ndarray:
+        """The pixels of a JPEG-XL codestream (a bare JPEG-XL tile of a mixed grid, or a
+        fix-up tile's tail), checked against ``shape``.  Raises CorruptDataError."""
+        from wsicodec.classical import JpegXlCodec
+
+        try:
+            return JpegXlCodec().decode(data, shape=None if shape is None else tuple(shape[:2]) + (3,))
+        except CorruptDataError as e:
+            raise CorruptDataError(f"{name}: {e}") from None
+
+    def pixel_latents(self, pixels: np.ndarray):
+        """What a tile known only by its pixels (a JPEG-XL tile) gives its neighbours'
+        stitching: g_a's ungained latents of those pixels alone, (1, M, h/16, w/16)
+        float32 on the CPU, computed on the codec's device in its precision.  The encoder
+        that decides between kinds calls this same function, so what it measures is what
+        a reader on the same device shows."""
+        import torch
+
+        from .network import pad_to_stride
+        net = self.synthesis.model
+        with torch.inference_mode(), self._g_a_lock:
+            x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None]
+            x = pad_to_stride(x.float().div_(255.0), PIXEL_STRIDE).to(self.device)
+            y = net.transform(x, self.precision)
+        return y.float().cpu().contiguous()
+
     def synthesize(self, windows: Sequence[Any]) -> list[Any]:
         """Ungained latent windows → uint8 (16h, 16w, 3) pixels, uncropped, or the
         exception of their g_s pass (:class:`Synthesis`)."""
@@ -326,9 +363,16 @@ class TileDecoder:
         jobs = []
         for i, data in enumerate(datas):
             data = bytes(data)
+            if self.mixed and data[:4] != MAGIC:
+                out[i] = self.jpegxl_pixels(data, shape, names[i])
+                continue
             hd = parse_named(data, names[i], shape)
             if hd.kind == KIND_UNIFORM:
                 out[i] = decode_uniform(data, hd, names[i])
+                continue
+            if hd.kind == KIND_FIXUP:
+                self.entropy_decode(data, hd, names[i])          # its symbols checked too
+                out[i] = self.jpegxl_pixels(data[len(data) - hd.pixels_len:], (hd.height, hd.width), names[i])
                 continue
             jobs.append((i, self.ungain(self.entropy_decode(data, hd, names[i]), hd.quality), hd))
         pixels = self.synthesize([y for _, y, _ in jobs])
@@ -395,10 +439,19 @@ class _GridJob:
         self.decoder, self.fetch, self.names, self.shape = decoder, fetch, names, shape
         self.check = check
         self.got: dict[tuple[int, int], tuple[bytes, TileHeader]] = {}
+        #: pixels of the tiles that have them without g_s (JPEG-XL and fix-up tiles)
+        self.pixels: dict[tuple[int, int], np.ndarray] = {}
 
     def load(self, key: tuple[int, int]) -> tuple[bytes, TileHeader]:
         if key not in self.got:
             data = bytes(self.fetch(*key))
+            if self.decoder.mixed and data[:4] != MAGIC:
+                if not data.startswith(JXL_SIGNATURES):
+                    raise CorruptDataError(f"{self.names(*key)}: neither a learned nor a JPEG-XL tile")
+                px = self.decoder.jpegxl_pixels(data, self.shape, self.names(*key))
+                self.pixels[key] = px
+                self.got[key] = (data, TileHeader(KIND_JPEGXL, px.shape[0], px.shape[1]))
+                return self.got[key]
             hd = parse_named(data, self.names(*key), self.shape)
             if self.check is not None:
                 self.check(hd, self.names(*key))
@@ -414,6 +467,10 @@ class _GridJob:
                 data, hd = self.load(key)
                 if hd.kind == KIND_UNIFORM:
                     out[n] = decode_uniform(data, hd, self.names(*key))
+                elif hd.kind == KIND_JPEGXL:
+                    out[n] = self.pixels[key]
+                elif hd.kind == KIND_FIXUP:
+                    out[n] = self.fixup_pixels(key)
                 elif hd.stitched:
                     stitched.append(n)
                 else:
@@ -421,6 +478,15 @@ class _GridJob:
             except Exception as e:  # noqa: BLE001 - kept per tile
                 out[n] = e
         return stitched, alone
+
+    def fixup_pixels(self, key: tuple[int, int]) -> np.ndarray:
+        """A fix-up tile's own pixels (its JPEG-XL tail).  Its network part is checked when
+        a neighbour needs its latents, as any tile's."""
+        if key not in self.pixels:
+            data, hd = self.got[key]
+            self.pixels[key] = self.decoder.jpegxl_pixels(data[len(data) - hd.pixels_len:],
+                                                          (hd.height, hd.width), self.names(*key))
+        return self.pixels[key]
 
     @staticmethod
     def neighbourhood(keys: Sequence[tuple[int, int]], stitched: list[int],
@@ -477,6 +543,8 @@ class _GridJob:
                 data, hd = self.got[key]
                 if kind == "alone":
                     return dec.ungain(dec.entropy_decode(data, hd, self.names(*key)), hd.quality)
+                if hd.kind == KIND_JPEGXL:
+                    return dec.pixel_latents(self.pixels[key])
                 return dec.latents(data, hd, self.names(*key))
             except Exception as e:  # noqa: BLE001 - kept per tile
                 return e

@@ -44,6 +44,16 @@ def check_region(t: Any) -> np.ndarray:
     return t
 
 
+def align_to_grid(region: np.ndarray, box: Box) -> tuple[np.ndarray, Box]:
+    """``region`` and the tile's ``box`` in it, moved onto y's 16-pixel grid: the context
+    rows/columns before the tile that break the grid are dropped."""
+    top, left, h, w = box
+    dy, dx = top % PIXEL_STRIDE, left % PIXEL_STRIDE
+    if dy or dx:
+        return region[dy:, dx:], (top - dy, left - dx, h, w)
+    return region, box
+
+
 def hyper_symbols(model, z, quality, y_size: tuple[int, int], exact: bool = True):
     """The encoder's side information, as every decoder will see it.
 
@@ -95,9 +105,7 @@ class TileEncoder:
             if fit is not None:
                 out[i] = encode_uniform(core, *fit, version)
                 continue
-            dy, dx = top % PIXEL_STRIDE, left % PIXEL_STRIDE     # onto y's grid
-            if dy or dx:
-                regions[i], boxes[i] = r[dy:, dx:], (top - dy, left - dx, h, w)
+            regions[i], boxes[i] = align_to_grid(r, boxes[i])
             groups.setdefault(regions[i].shape[:2], []).append(i)
         for idx in groups.values():
             for i, data in zip(idx, self._encode_group([regions[i] for i in idx],
@@ -123,7 +131,7 @@ class TileEncoder:
                 z = net.hyper_analysis(y, q1.to(self.device), LATENT_STRIDE)
                 if self.refine:
                     y, z = self._refine(net, x[k:k + 1], y_all[k:k + 1], y, z, (ty, tx, h, w))
-                out.append(self._code(y.cpu(), z.cpu(), h, w, version))
+                out.append(self.code_latents(y.cpu(), z.cpu(), h, w, version))
         return out
 
     def _refine(self, net, x, y_all, y, z, where: tuple[int, int, int, int]):
@@ -142,8 +150,15 @@ class TileEncoder:
                                  self.refine, window=(y_all[..., a0:a1, b0:b1], ty - a0, tx - b0))
         return y, z
 
-    def _code(self, y, z, h: int, w: int, version: int) -> bytes:
-        """A tile's latents (on the CPU) → its bytes: symbols, rANS, header."""
+    def code_latents(self, y, z, h: int, w: int, version: int = tileformat.VERSION) -> bytes:
+        """A tile's gained latents ``y`` and hyper-latents ``z`` (on the CPU, from g_a and
+        h_a at this encoder's quality) → its bytes: symbols, rANS, header."""
+        return self.code_and_reconstruct(y, z, h, w, version)[0]
+
+    def code_and_reconstruct(self, y, z, h: int, w: int, version: int = tileformat.VERSION):
+        """:meth:`code_latents`, and the gained ŷ (1, M, h, w) float32 every decoder
+        reconstructs from those bytes (the same symbols, μ, tables and κ as
+        :meth:`~wsicodec.learned.decoder.TileDecoder.entropy_decode`, without decoding)."""
         import torch
         q1 = torch.tensor([self.quality])
         z_sym, mu, index = hyper_symbols(self.model, z, q1, y.shape[-2:], exact=exact_entropy(version))
@@ -153,4 +168,6 @@ class TileEncoder:
         yb = encode_symbols(ys, index[0].numpy(), self.tables[1])
         head = pack_network_header(version, h, w, self.quality, self.loaded.model_id,
                                    symbol_checksum(zs, ys), len(zb))
-        return head + zb + yb
+        q32 = float(q1[0])                          # the quality a header stores
+        y_hat = self.model.reconstruct(torch.from_numpy(ys)[None], mu, index, q32).float()
+        return head + zb + yb, y_hat

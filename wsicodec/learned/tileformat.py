@@ -5,7 +5,7 @@ Tile bitstream (little-endian)::
     offset size  field
     0      4     magic b"WSLT"
     4      1     format version: 3; 2 and 1 are still read (below)
-    5      1     kind: 0 = network-coded, 1 = uniform background (glass)
+    5      1     kind: 0 = network-coded, 1 = uniform background (glass), 2 = fix-up
     6      2     height
     8      2     width
     -- kind 1 (uniform, :mod:`wsicodec.learned.glass`): 3 bytes R, G, B, u16 count, then
@@ -20,6 +20,11 @@ Tile bitstream (little-endian)::
     32     2+2   height, width of the coded region (format 3: the tile's, rounded up to 16;
                  format 2: the tile plus the context margin it was coded with)
     36     ...   z stream (factorized prior), then y stream (Gaussian, μ/σ from h_s(ẑ))
+    -- kind 2 (fix-up, format 3 only; written by the ``auto`` codec): a network tile whose
+       own pixels are a JPEG-XL codestream, its latents kept for its neighbours' stitching
+    10     26    as kind 0
+    36     4     length of the JPEG-XL codestream at the end of the tile
+    40     ...   z stream, y stream, then the JPEG-XL codestream (the tile's pixels)
 
 Formats, all read by this release (:data:`READ_VERSIONS`):
 
@@ -46,7 +51,10 @@ VERSION = 3
 READ_VERSIONS = (1, 2, 3)
 #: first format whose network tiles are decoded with their neighbours' latents
 STITCH_VERSION = 3
-KIND_NETWORK, KIND_UNIFORM = 0, 1
+KIND_NETWORK, KIND_UNIFORM, KIND_FIXUP = 0, 1, 2
+#: kinds whose header carries the network fields (quality, model, CRC, z length, ...)
+NETWORK_KINDS = (KIND_NETWORK, KIND_FIXUP)
+FIXUP = struct.Struct("<I")              # length of a fix-up tile's JPEG-XL codestream
 HEAD = struct.Struct("<4sBBHH")          # magic, version, kind, h, w
 NET = struct.Struct("<f8sIIBBHH")       # quality, model id, symbol crc, len(z), top, left, coded h, w
 #: bytes of a network-coded tile before its z and y streams
@@ -78,6 +86,7 @@ class TileHeader:
     coded_width: int = 0
     payload: int = 0                     #: offset of the payload
     version: int = VERSION               #: tile format (1: float64 entropy parameters)
+    pixels_len: int = 0                  #: a fix-up tile's JPEG-XL codestream (its last bytes)
 
     @property
     def stitched(self) -> bool:
@@ -110,6 +119,19 @@ def pack_network_header(version: int, height: int, width: int, quality: float, m
         ceil_to(height, PIXEL_STRIDE), ceil_to(width, PIXEL_STRIDE))
 
 
+def pack_fixup(network_tile: bytes, pixels: bytes) -> bytes:
+    """A fix-up tile (kind 2): the format-3 network tile ``network_tile`` (its latents,
+    for the neighbours' stitching) with ``pixels``, a JPEG-XL codestream of the tile, as
+    its own pixels."""
+    if network_tile[:4] != MAGIC or network_tile[5] != KIND_NETWORK or network_tile[4] < STITCH_VERSION:
+        raise ValueError("a fix-up tile is made from a format-3 network tile")
+    if not pixels:
+        raise ValueError("a fix-up tile needs its pixels")
+    head = bytearray(network_tile[:NETWORK_HEADER_BYTES])
+    head[5] = KIND_FIXUP
+    return bytes(head) + FIXUP.pack(len(pixels)) + network_tile[NETWORK_HEADER_BYTES:] + pixels
+
+
 def pack_uniform_header(version: int, height: int, width: int) -> bytes:
     """The first bytes of a glass tile (its colour and outliers follow)."""
     return HEAD.pack(MAGIC, version, KIND_UNIFORM, height, width)
@@ -131,13 +153,23 @@ def parse_header(data: bytes) -> TileHeader:
         if len(data) < HEAD.size + 5:
             raise CorruptDataError("uniform tile has the wrong length")
         return TileHeader(kind, h, w, payload=HEAD.size, version=ver)
-    if kind != KIND_NETWORK:
+    if kind not in NETWORK_KINDS:
         raise CorruptDataError(f"unknown tile kind {kind}")
     if len(data) < HEAD.size + NET.size:
         raise CorruptDataError("learned tile truncated in its header")
     q, prefix, crc, zlen, top, left, ch, cw = NET.unpack_from(data, HEAD.size)
     start = HEAD.size + NET.size
-    if zlen > len(data) - start:
+    pixels_len = 0
+    if kind == KIND_FIXUP:
+        if ver < STITCH_VERSION:
+            raise CorruptDataError(f"fix-up tile in tile format {ver} (they exist from {STITCH_VERSION})")
+        if len(data) < start + FIXUP.size:
+            raise CorruptDataError("learned tile truncated in its header")
+        (pixels_len,) = FIXUP.unpack_from(data, start)
+        start += FIXUP.size
+        if pixels_len == 0 or pixels_len > len(data) - start:
+            raise CorruptDataError("fix-up tile truncated (pixels)")
+    if zlen > len(data) - start - pixels_len:
         raise CorruptDataError("learned tile truncated (z stream)")
     if top + h > ch or left + w > cw:
         raise CorruptDataError("learned tile header is inconsistent (tile outside its coded region)")
@@ -145,7 +177,7 @@ def parse_header(data: bytes) -> TileHeader:
         raise CorruptDataError("learned tile header is inconsistent (stitched tile with a margin)")
     if not QUALITY_RANGE[0] <= q <= QUALITY_RANGE[1]:      # NaN fails too
         raise CorruptDataError(f"learned tile header is inconsistent (quality {q!r})")
-    return TileHeader(kind, h, w, float(q), prefix, crc, zlen, top, left, ch, cw, start, ver)
+    return TileHeader(kind, h, w, float(q), prefix, crc, zlen, top, left, ch, cw, start, ver, pixels_len)
 
 
 def parse_named(data: bytes, name: str, shape: tuple[int, ...] | None = None) -> TileHeader:

@@ -1,0 +1,184 @@
+"""The ``auto`` codec: per-tile choice among glass, the network and JPEG-XL over a PSNR floor.
+
+Grids are coded through the level encoder exactly as ``compress`` codes a level (rows in
+order, one behind) and decoded through ``decode_tiles`` as every reader decodes them;
+each tile's PSNR against its source is then measured here, independently of what the
+encoder recorded.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+torch.set_flush_denormal(True)
+
+from wsicodec.codecs import get_codec  # noqa: E402
+from wsicodec.errors import CorruptDataError, InvalidSettingError  # noqa: E402
+from wsicodec.image import context_region  # noqa: E402
+from wsicodec.learned import choice  # noqa: E402
+from wsicodec.learned.jxlfit import DISTANCES, fit_jpegxl, tile_psnr  # noqa: E402
+from wsicodec.learned.tileformat import (KIND_FIXUP, KIND_NETWORK, parse_header,  # noqa: E402
+                                         pack_fixup)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+T = 128
+
+
+def _he_crop() -> np.ndarray:
+    from PIL import Image
+    path = sorted((DATA / "he" / "test").glob("*.png"))[0]
+    return np.asarray(Image.open(path).convert("RGB"))[200:456, 200:584].copy()   # 2 x 3 tiles
+
+
+def _grid_rows(img: np.ndarray, margin: int):
+    h, w = img.shape[:2]
+    rows, cols = -(-h // T), -(-w // T)
+    for r in range(rows):
+        regions, boxes, valid = [], [], []
+        for c in range(cols):
+            ys, xs = slice(r * T, min(h, (r + 1) * T)), slice(c * T, min(w, (c + 1) * T))
+            reg, box = context_region(img, ys, xs, margin)
+            regions.append(reg)
+            boxes.append(box)
+            valid.append((ys.stop - ys.start, xs.stop - xs.start))
+        yield r, regions, boxes, valid
+
+
+def _encode(codec, img, stored_rows: dict | None = None):
+    enc = codec.level_encoder(0)
+    out = {}
+    for r, regions, boxes, valid in _grid_rows(img, codec.context):
+        stored = (stored_rows or {}).get(r)
+        for er in enc.push(r, regions, boxes, valid=valid, stored=stored):
+            out[er.row] = er
+    for er in enc.finish():
+        out[er.row] = er
+    return out
+
+
+def _decode(codec, img, out):
+    h, w = img.shape[:2]
+    rows, cols = -(-h // T), -(-w // T)
+    tiles = {(c, r): out[r].tiles[c] for r in out for c in range(cols)}
+    got = codec.decode_tiles(list(tiles), lambda c, r: tiles[(c, r)], (cols, rows))
+    result = {}
+    for (c, r), px in zip(tiles, got):
+        assert not isinstance(px, BaseException), px
+        src = img[r * T:(r + 1) * T, c * T:(c + 1) * T]
+        result[(c, r)] = tile_psnr(px, src, src.shape[:2])
+    return result
+
+
+@pytest.fixture(scope="module")
+def he_img():
+    if not (DATA / "he" / "test").is_dir():
+        pytest.skip("shared H&E data not present")
+    return _he_crop()
+
+
+def test_every_tile_reaches_the_floor_and_its_record(he_img):
+    floor = 33.0
+    codec = get_codec("auto", 2, min_psnr=floor)
+    out = _encode(codec, he_img)
+    measured = _decode(codec, he_img, out)
+    kinds = set()
+    for (c, r), p in measured.items():
+        kind, rec = out[r].records[c]
+        kinds.add(kind)
+        assert p >= floor, (c, r, kind, p)
+        assert abs(p - rec) < 0.05, (c, r, kind, p, rec)        # the map says what readers show
+    assert kinds <= set(choice.KINDS)
+    # quality 2 alone misses 33 dB on this tissue: some tiles climbed the ladder
+    qualities = {parse_header(t).quality for row in out.values() for t in row.tiles
+                 if t[:4] == b"WSLT" and parse_header(t).kind == KIND_NETWORK}
+    assert qualities and max(qualities) > 2
+
+
+def test_unreachable_for_the_network_goes_to_jpegxl_and_lossless_is_the_last_resort(he_img):
+    codec = get_codec("auto", 4, min_psnr=60.0)         # far above the network's top
+    out = _encode(codec, he_img[:T, :2 * T])
+    kinds = [k for row in out.values() for k, _ in row.records]
+    assert set(kinds) <= {"jpegxl", "jpegxl-lossless", "glass"}
+    measured = _decode(codec, he_img[:T, :2 * T], out)
+    assert all(p >= 60.0 for p in measured.values())
+
+
+def test_fixup_tiles_keep_their_latents_and_the_floor(he_img, monkeypatch):
+    # stage 2 made to refuse every network tile: each becomes a fix-up tile
+    monkeypatch.setattr(choice, "READER_SLACK_DB", 100.0)
+    floor = 30.0
+    codec = get_codec("auto", 4, min_psnr=floor)
+    img = he_img[:T, :2 * T]
+    out = _encode(codec, img)
+    kinds = [k for row in out.values() for k, _ in row.records]
+    assert "fixup" in kinds
+    for row in out.values():
+        for data, (kind, _) in zip(row.tiles, row.records):
+            if kind == "fixup":
+                assert parse_header(data).kind == KIND_FIXUP
+    measured = _decode(codec, img, out)
+    assert all(p >= floor for p in measured.values())
+
+
+def test_a_resumed_row_gives_the_same_bytes(he_img):
+    codec = get_codec("auto", 4, min_psnr=30.0)
+    first = _encode(codec, he_img)
+    again = _encode(codec, he_img, stored_rows={0: first[0].tiles})
+    assert 0 not in again                                 # a stored row is context only
+    assert again[1].tiles == first[1].tiles
+
+
+def test_fixup_tile_format_and_damage():
+    net = (b"WSLT" + bytes([3, KIND_NETWORK]) + struct.pack("<HH", 16, 16)
+           + struct.pack("<f8sIIBBHH", 4.0, b"\0" * 8, 0, 2, 0, 0, 16, 16) + b"zzyy")
+    tile = pack_fixup(net, b"\xff\x0aPIX")
+    hd = parse_header(tile)
+    assert (hd.kind, hd.pixels_len, hd.z_len) == (KIND_FIXUP, 5, 2)
+    assert tile[len(tile) - hd.pixels_len:] == b"\xff\x0aPIX"
+    with pytest.raises(CorruptDataError):
+        parse_header(tile[:-6])                             # pixels cut short
+    old = bytearray(tile)
+    old[4] = 2                                             # fix-up tiles are format 3
+    with pytest.raises(CorruptDataError):
+        parse_header(bytes(old))
+    with pytest.raises(ValueError):
+        pack_fixup(net, b"")
+
+
+@pytest.mark.parametrize("bad", ["abc", 0, -3, 99.5, float("nan"), True, [32]])
+def test_min_psnr_out_of_range_is_refused(bad):
+    with pytest.raises(InvalidSettingError, match="min_psnr"):
+        get_codec("auto", 4, min_psnr=bad)
+
+
+def test_as_written_refuses_a_quality_off_the_steps(he_img):
+    codec = get_codec("auto", 4, min_psnr=20.0)
+    out = _encode(codec, he_img[:T, :T])
+    data = out[0].tiles[0]
+    assert parse_header(data).kind == KIND_NETWORK
+    forged = bytearray(data)
+    struct.pack_into("<f", forged, 10, 4.5)                # between two steps
+    got = codec.decode_tiles([(0, 0)], lambda c, r: bytes(forged), (1, 1), as_written=True)
+    assert isinstance(got[0], CorruptDataError)
+    assert choice.quality_steps(4.0) == (4.0, 5.0, 6.0, 7.0, 8.0)
+
+
+def test_jpegxl_fit_reaches_its_target_or_gives_way_to_a_budget(he_img):
+    tile = np.ascontiguousarray(he_img[:T, :T])
+    fit = fit_jpegxl(tile, 38.0, start=len(DISTANCES) - 1)
+    assert fit.psnr >= 38.0 and not fit.lossless
+    exact = fit_jpegxl(tile, 99.0)
+    assert exact.lossless and math.isinf(exact.psnr)
+    assert fit_jpegxl(tile, 45.0, budget=100) is None       # 45 dB never fits in 100 bytes
+
+
+def test_mixed_decoder_refuses_a_tile_that_is_neither(he_img):
+    codec = get_codec("auto", 4, min_psnr=20.0)
+    got = codec.decode_tiles([(0, 0)], lambda c, r: b"GIF89a....", (1, 1))
+    assert isinstance(got[0], CorruptDataError) and "neither" in str(got[0])

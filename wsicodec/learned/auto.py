@@ -1,0 +1,179 @@
+"""``AutoCodec``: each tile glass, the learned network or JPEG-XL, never under a PSNR floor.
+
+The default codec.  It codes a grid with :class:`~wsicodec.learned.choice.MixedLevelEncoder`
+(the choice and why it holds: :mod:`wsicodec.learned.choice`) and decodes it with the
+learned decoder in mixed mode (:class:`~wsicodec.learned.decoder.TileDecoder`): a
+network tile is stitched with its neighbours' latents whatever they are, a JPEG-XL
+neighbour giving g_a of its decoded pixels.  Its tiles are the learned codec's
+(formats 3, kinds network, glass and fix-up) and bare JPEG-XL codestreams.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from typing import Any, Callable, Hashable, Sequence
+
+import numpy as np
+
+from wsicodec.codecs import LevelEncoder, Run, TileCodec, as_number
+from wsicodec.errors import CorruptDataError, InvalidSettingError
+
+from .choice import KINDS, MixedLevelEncoder, TileChooser, quality_steps
+from .codec import DEFAULT_MARGIN, DEFAULT_MAX_BATCH, LearnedCodec, _int_in
+from .decoder import KIND_JPEGXL, LatentCache, TileDecoder
+from .encoder import Box, TileEncoder
+from .tileformat import NETWORK_KINDS, STITCH_VERSION, TileHeader
+
+#: the PSNR floor (dB) every tile reaches unless told otherwise (README, "Fidelity floor")
+DEFAULT_MIN_PSNR = 32.0
+#: the floors ``min_psnr`` accepts: above 0, at most 99 dB
+MIN_PSNR_RANGE = (0.0, 99.0)
+#: options of the machine, never stored (as the learned codec's)
+LOCAL_OPTIONS = ("model", "device", "precision", "max_batch")
+
+
+def check_min_psnr(value: Any) -> float:
+    """``value`` as a floor in dB (0 < floor ≤ 99; None: :data:`DEFAULT_MIN_PSNR`), or
+    InvalidSettingError naming the range."""
+    v = DEFAULT_MIN_PSNR if value is None else as_number(value)
+    lo, hi = MIN_PSNR_RANGE
+    if not (lo < v <= hi):
+        raise InvalidSettingError(f"min_psnr must be a number of dB above {lo:g} and at most {hi:g}, "
+                                  f"got {value!r}")
+    return float(v)
+
+
+class AutoCodec(TileCodec):
+    """Per-tile choice among glass, the learned network and JPEG-XL.  Frozen.
+
+    Args:
+        quality: the network's rate knob, 1..8, as :class:`~wsicodec.learned.LearnedCodec`'s
+            (a tile goes to JPEG-XL where that reaches the same PSNR in fewer bytes).
+        min_psnr: the floor: every tile's decoded PSNR against the source pixels is at
+            least this many dB (the network's quality raised up to its top, then
+            JPEG-XL at a lower distance, down to lossless).  Default :data:`DEFAULT_MIN_PSNR`.
+        effort: JPEG-XL's effort, 1..9 (7).
+        model, device, margin, model_id, precision, max_batch: as the learned codec's.
+
+    Raises:
+        InvalidSettingError: any setting out of range (before the weights load).
+    """
+
+    name = "auto"
+    tile_kinds = KINDS
+
+    def __init__(self, quality: float | None = None, min_psnr: float | None = None, effort: int = 7,
+                 model: str | None = None, device: str = "cpu", margin: int = DEFAULT_MARGIN,
+                 model_id: str | None = None, precision: str = "float32",
+                 max_batch: int | None = DEFAULT_MAX_BATCH) -> None:
+        floor = check_min_psnr(min_psnr)
+        effort = _int_in("effort", effort, 1, 9)
+        learned = LearnedCodec(quality, model=model, device=device, margin=margin, model_id=model_id,
+                               precision=precision, max_batch=max_batch)
+        decoder = TileDecoder(learned.loaded, learned.device, learned.precision, learned.max_batch,
+                              mixed=True)
+        encoders: dict[float, TileEncoder] = {}
+        lock = threading.Lock()
+
+        def encoder_at(q: float) -> TileEncoder:
+            with lock:
+                if q not in encoders:
+                    encoders[q] = TileEncoder(learned.loaded, q, learned.device, learned.precision, 0)
+                return encoders[q]
+
+        chooser = TileChooser(learned.loaded.on(learned.device), decoder, encoder_at, learned.quality,
+                              floor, effort, learned.device, learned.precision)
+        for k, v in (("learned", learned), ("min_psnr", floor), ("effort", effort),
+                     ("decoder", decoder), ("chooser", chooser),
+                     ("qualities", quality_steps(learned.quality))):
+            object.__setattr__(self, k, v)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"an AutoCodec is frozen: build another for other settings ({name})")
+
+    def __repr__(self) -> str:
+        return (f"AutoCodec(quality={self.quality!r}, min_psnr={self.min_psnr!r}, effort={self.effort}, "
+                f"model_id={self.model_id[:16]!r}...)")
+
+    # the learned codec's settings, read through
+    quality = property(lambda self: self.learned.quality)
+    margin = property(lambda self: self.learned.margin)
+    model_id = property(lambda self: self.learned.model_id)
+    device = property(lambda self: self.learned.device)
+    precision = property(lambda self: self.learned.precision)
+
+    @property
+    def context(self) -> int:
+        return self.learned.margin
+
+    def decodes(self, model_id: str) -> bool:
+        return self.learned.decodes(model_id)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "configuration": {
+            "quality": self.quality, "min_psnr": self.min_psnr, "effort": self.effort,
+            "model_id": self.model_id, "margin": self.margin}}
+
+    # ------------------------------------------------------------------ encoding
+    def level_encoder(self, level: int) -> LevelEncoder:
+        return MixedLevelEncoder(self.chooser)
+
+    def encode_tiles(self, regions: Sequence[np.ndarray], boxes: Sequence[Box] | None = None) -> list[bytes]:
+        """Each tile coded as a grid of its own (its neighbours unknown here: a grid of
+        tiles goes through :meth:`level_encoder`, which decides each tile with its
+        neighbours)."""
+        if boxes is None:
+            boxes = [(0, 0, r.shape[0], r.shape[1]) for r in regions]
+        out = []
+        for r, b in zip(regions, boxes):
+            enc = self.level_encoder(0)
+            rows = enc.push(0, [r], [b]) + enc.finish()
+            out.append(rows[0].tiles[0])
+        return out
+
+    def encode(self, tile: np.ndarray) -> bytes:
+        return self.encode_tiles([tile])[0]
+
+    # ------------------------------------------------------------------ decoding
+    def decode(self, data: bytes, shape: tuple[int, int, int] | None = None) -> np.ndarray:
+        """One tile on its own (a network tile's borders then weak: for checking streams)."""
+        return self.decoder.decode_alone([data], shape=shape)[0]
+
+    def decode_tiles(self, keys: Sequence[tuple[int, int]], fetch: Callable[[int, int], bytes],
+                     grid: tuple[int, int], shape: tuple[int, int, int] | None = None, *,
+                     names: Callable[[int, int], str] | None = None,
+                     cache: LatentCache | None = None, cache_tag: Hashable = None,
+                     run: Run | None = None, as_written: bool = False) -> list[Any]:
+        """Stitched decoding of a mixed grid; the contract of
+        :meth:`wsicodec.codecs.TileCodec.decode_tiles` (``as_written``: :meth:`check_as_written`)."""
+        return self.decoder.decode_tiles(keys, fetch, grid, shape, names=names, cache=cache,
+                                         cache_tag=cache_tag, run=run,
+                                         check=self.check_as_written if as_written else None)
+
+    def check_as_written(self, hd: TileHeader, name: str) -> None:
+        """Refuse a learned tile this codec's writer cannot have made: a format before
+        stitched tiles, or a network (or fix-up) tile at a quality off its steps
+        (:func:`~wsicodec.learned.choice.quality_steps`), to the float32 bit.  JPEG-XL and
+        glass tiles record no setting.  Raises CorruptDataError."""
+        if hd.kind == KIND_JPEGXL:
+            return
+        if hd.version < STITCH_VERSION:
+            raise CorruptDataError(f"{name}: tile format {hd.version} in a container whose tiles "
+                                   f"are all format {STITCH_VERSION} or later (header edited)")
+        q32 = struct.pack("<f", hd.quality)
+        if hd.kind in NETWORK_KINDS and all(q32 != struct.pack("<f", q) for q in self.qualities):
+            raise CorruptDataError(f"{name}: coded at quality {hd.quality!r}, which this container's "
+                                   f"writer never uses (header edited)")
+
+    def new_cache(self, tile_size: int, tiles: int, *, max_bytes: int | None = None) -> LatentCache:
+        return self.decoder.new_cache(tile_size, tiles, max_bytes)
+
+    def warm_up(self) -> None:
+        self.decoder.warm_up()
+
+
+def register() -> None:
+    """Add ``auto`` to the codec registry (called lazily by wsicodec.codecs)."""
+    from wsicodec.codecs import register_codec
+    register_codec("auto", AutoCodec, local=LOCAL_OPTIONS)

@@ -1,0 +1,301 @@
+"""Per-tile codec choice for the ``auto`` codec: glass, the network or JPEG-XL, over a floor.
+
+Each level is coded row by row, one row behind (:class:`MixedLevelEncoder`)::
+
+    push(row r) ─► stage 1 of row r, each tile on its own (:meth:`TileChooser.choose_row`):
+        │   glass, if its PSNR reaches the floor; else g_a once (the gains scale y), the
+        │   network at the codec's quality, raised a step at a time while the tile's
+        │   estimated PSNR misses the floor (+ ESTIMATE_MARGIN_DB), and JPEG-XL at the
+        │   PSNR the network reaches (or the floor): the fewer bytes win
+        ▼
+    stage 2 of row r − 1, whose neighbours are now all known (:meth:`TileChooser.settle_row`):
+        every network tile decoded as readers decode it (stitched with its eight
+        neighbours' latents, by the decoder's own functions) and measured against the
+        source; one under the floor becomes a fix-up tile (JPEG-XL pixels, its latents
+        kept for its neighbours)
+    ─► row r − 1 out, each tile with its record (kind, PSNR of what readers show)
+
+Why fix-up tiles keep their latents: a tile's pixels depend on its neighbours' latents.
+Stage 1 fixes every tile's latents for good (network: its ŷ; JPEG-XL: g_a of its decoded
+pixels, :meth:`~wsicodec.learned.decoder.TileDecoder.pixel_latents`; glass: its colour's),
+so stage 2 measures each tile in its final surroundings, and turning a tile into a
+fix-up changes no tile already measured.  The floor then holds for every tile with one
+row of look-ahead and no second pass over the level.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from wsicodec.codecs import EncodedRow, LevelEncoder
+from wsicodec.errors import InvalidSettingError
+
+from .decoder import STITCH_RING, stitch_window
+from .encoder import align_to_grid, check_region
+from .glass import decode_uniform, encode_uniform, uniform_fit
+from .jxlfit import DEFAULT_START, JxlFit, fit_jpegxl, tile_psnr
+from .ladder import QUALITY_MAX
+from .tileformat import LATENT_STRIDE, MAGIC, PIXEL_STRIDE, VERSION, pack_fixup, parse_header
+
+#: what the ``auto`` codec records for each tile (:attr:`wsicodec.codecs.TileCodec.tile_kinds`)
+KINDS = ("glass", "learned", "jpegxl", "jpegxl-lossless", "fixup")
+#: stage 1 keeps a network quality when the tile's estimated PSNR clears the floor by this
+#: much (the estimate stitches with g_a's unquantised neighbours; stage 2 measures exactly)
+ESTIMATE_MARGIN_DB = 0.3
+#: stage 2 keeps a network tile when its measured PSNR clears the floor by this much: a
+#: reader's g_s batches windows differently, which can move a few pixels by one level
+READER_SLACK_DB = 0.02
+#: the quality steps stage 1 climbs by
+QUALITY_STEP = 1.0
+
+
+def quality_steps(quality: float) -> tuple[float, ...]:
+    """The network qualities a tile may be coded at: ``quality``, then up by
+    :data:`QUALITY_STEP` to the top of the scale (each as the float32 a header stores)."""
+    import struct
+
+    steps = [quality]
+    while steps[-1] < QUALITY_MAX:
+        steps.append(min(float(QUALITY_MAX), steps[-1] + QUALITY_STEP))
+    return tuple(struct.unpack("<f", struct.pack("<f", q))[0] for q in steps)
+
+
+@dataclass
+class _Tile:
+    """One tile's state between stage 1 and stage 2."""
+
+    col: int
+    source: np.ndarray                  #: the tile's pixels as coded (edge tiles padded)
+    valid: tuple[int, int]              #: its part inside the level
+    kind: str = ""
+    data: bytes = b""
+    psnr: float = math.nan
+    network: bytes | None = None        #: its network coding (a learned or fix-up tile's)
+    estimate: float = -math.inf         #: stage 1's PSNR estimate of ``network``
+    jxl: JxlFit | None = None           #: a JPEG-XL coding reaching the floor, if made
+    context: Any = None                 #: the latents it gives its neighbours (lazy for JPEG-XL)
+
+
+class TileChooser:
+    """The two stages for one ``auto`` codec: its network (``net`` on ``device``, in
+    ``precision``), a mixed decoder (the readers' functions), a network encoder per
+    quality (``encoder_at(q)``), the floor ``min_psnr`` and JPEG-XL's ``effort``."""
+
+    def __init__(self, net: Any, decoder: Any, encoder_at: Any, quality: float, min_psnr: float,
+                 effort: int, device: Any, precision: str) -> None:
+        self.net, self.decoder, self.encoder_at = net, decoder, encoder_at
+        self.steps = quality_steps(quality)
+        self.floor, self.effort, self.device, self.precision = min_psnr, effort, device, precision
+
+    # ------------------------------------------------------------------ stage 1
+    def choose_row(self, regions: Sequence[np.ndarray], boxes: Sequence[tuple[int, int, int, int]],
+                   valid: Sequence[tuple[int, int]] | None, state: dict) -> list[_Tile]:
+        """Stage 1 for one row's tiles (``state``: the level's, e.g. where JPEG-XL
+        searches start)."""
+        tiles, network = [], []
+        for i, (region, box) in enumerate(zip(regions, boxes)):
+            region = check_region(region)
+            top, left, h, w = box
+            if not (0 <= top and 0 <= left and top + h <= region.shape[0] and left + w <= region.shape[1]):
+                raise InvalidSettingError(f"tile box {box} does not fit its region {region.shape[:2]}")
+            src = np.ascontiguousarray(region[top:top + h, left:left + w])
+            t = _Tile(i, src, tuple(valid[i]) if valid is not None else (h, w))
+            if not self._glass(t):
+                network.append(i)
+            tiles.append(t)
+        if network:
+            self._network([tiles[i] for i in network], [regions[i] for i in network],
+                          [boxes[i] for i in network])
+            for i in network:
+                self._versus_jpegxl(tiles[i], state)
+        return tiles
+
+    def _glass(self, t: _Tile) -> bool:
+        fit = uniform_fit(t.source)
+        if fit is None:
+            return False
+        data = encode_uniform(t.source, *fit, VERSION)
+        hd = parse_header(data)
+        p = tile_psnr(decode_uniform(data, hd), t.source, t.valid)
+        if p < self.floor:
+            return False
+        t.kind, t.data, t.psnr = "glass", data, p
+        t.context = self.decoder.latents(data, hd, "glass tile")
+        return True
+
+    def _network(self, tiles: list[_Tile], regions: list[np.ndarray], boxes: list) -> None:
+        """g_a once per region, then quality by quality for the tiles still under the
+        floor: code, take the latents a reader decodes, estimate the PSNR (g_s over the
+        region's latents with the tile's replaced: neighbours as g_a sees them)."""
+        import torch
+
+        aligned = [align_to_grid(r, b) for r, b in zip(regions, boxes)]
+        y_u: list[Any] = [None] * len(tiles)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for k, (r, _) in enumerate(aligned):
+            groups.setdefault(r.shape[:2], []).append(k)
+        from .network import pad_to_stride
+        with torch.inference_mode():
+            for idx in groups.values():
+                x = torch.from_numpy(np.stack([aligned[k][0] for k in idx])).permute(0, 3, 1, 2)
+                x = pad_to_stride(x.float().div_(255.0), PIXEL_STRIDE).to(self.device)
+                y = self.net.transform(x, self.precision)
+                for j, k in enumerate(idx):
+                    y_u[k] = y[j:j + 1]
+        # per tile, a search over the quality steps: the codec's own first; if it misses,
+        # the top (missing there too: the network cannot reach the floor); else bisect
+        lo = [-1] * len(tiles)                      # highest step known to miss
+        hi = [len(self.steps)] * len(tiles)         # lowest step known to reach (len: none)
+        tried: list[dict[int, tuple[bytes, Any, float]]] = [{} for _ in tiles]
+        nxt = {k: 0 for k in range(len(tiles))}
+        margin = self.floor + ESTIMATE_MARGIN_DB
+        while nxt:
+            windows, where = [], []
+            for k, s in nxt.items():
+                top, left, h, w = aligned[k][1]
+                data, latents = self._code(y_u[k], (top, left, h, w), self.steps[s])
+                ty, tx = top // PIXEL_STRIDE, left // PIXEL_STRIDE
+                win = y_u[k].float().cpu().clone()
+                win[..., ty:ty + latents.shape[-2], tx:tx + latents.shape[-1]] = latents
+                windows.append(win)
+                where.append((k, s, data, latents, (top, left, h, w)))
+            pixels = self.decoder.synthesize(windows)
+            nxt = {}
+            for (k, s, data, latents, (top, left, h, w)), px in zip(where, pixels):
+                if isinstance(px, BaseException):
+                    raise px
+                est = tile_psnr(px[top:top + h, left:left + w], tiles[k].source, tiles[k].valid)
+                tried[k][s] = (data, latents, est)
+                if est >= margin:
+                    hi[k] = s
+                else:
+                    lo[k] = s
+                if hi[k] == lo[k] + 1 or (lo[k] == len(self.steps) - 1):
+                    continue                                        # settled
+                nxt[k] = len(self.steps) - 1 if hi[k] == len(self.steps) else (lo[k] + hi[k]) // 2
+        for k, t in enumerate(tiles):
+            s = hi[k] if hi[k] < len(self.steps) else max(tried[k])
+            t.network, t.context, t.estimate = tried[k][s]
+
+    def _code(self, y_u: Any, box: tuple[int, int, int, int], quality: float) -> tuple[bytes, Any]:
+        """A tile of the region latents ``y_u`` (ungained, on the device) at ``quality``:
+        its bytes and the ungained latents a reader entropy-decodes from them."""
+        import torch
+
+        top, left, h, w = box
+        ty, tx = top // PIXEL_STRIDE, left // PIXEL_STRIDE
+        lh, lw = -(-h // PIXEL_STRIDE), -(-w // PIXEL_STRIDE)
+        q1 = torch.tensor([quality], device=self.device)
+        with torch.inference_mode():
+            gain, _ = self.net.gains(q1, y_u.dtype)
+            y = (y_u * gain)[..., ty:ty + lh, tx:tx + lw]
+            z = self.net.hyper_analysis(y, q1, LATENT_STRIDE)
+        data, y_hat = self.encoder_at(quality).code_and_reconstruct(y.cpu(), z.cpu(), h, w, VERSION)
+        return data, self.decoder.ungain(y_hat, quality)
+
+    def _versus_jpegxl(self, t: _Tile, state: dict) -> None:
+        """JPEG-XL where the network misses the floor, or reaches its PSNR in fewer bytes."""
+        ok = t.estimate >= self.floor + ESTIMATE_MARGIN_DB
+        target = max(self.floor, t.estimate) if ok else self.floor
+        fit = fit_jpegxl(t.source, target, t.valid, effort=self.effort,
+                         start=state.get("jxl_start", DEFAULT_START),
+                         budget=len(t.network) if ok else None)
+        if fit is not None:
+            state["jxl_start"] = max(fit.index, 0)
+            if fit.psnr >= self.floor:
+                t.jxl = fit
+        if fit is not None and (not ok or len(fit.data) < len(t.network)):
+            t.kind = "jpegxl-lossless" if fit.lossless else "jpegxl"
+            t.data, t.psnr, t.context = fit.data, fit.psnr, None
+        else:
+            t.kind, t.data = "learned", t.network
+
+    def stored_tile(self, col: int, data: bytes) -> _Tile:
+        """A tile an earlier run wrote (a resumed run's context): its latents as readers
+        compute them from its bytes."""
+        data = bytes(data)
+        t = _Tile(col, np.zeros((0, 0, 3), np.uint8), (0, 0), data=data)
+        if data[:4] != MAGIC:
+            t.kind = "jpegxl"
+        else:
+            t.kind = "stored"
+            t.context = self.decoder.latents(data, parse_header(data), f"tile col={col}")
+        return t
+
+    # ------------------------------------------------------------------ stage 2
+    def context(self, t: _Tile) -> Any:
+        """The latents ``t`` gives its neighbours' stitching, as readers compute them."""
+        if t.context is None:
+            t.context = self.decoder.pixel_latents(t.jxl.pixels if t.jxl is not None and t.data == t.jxl.data
+                                                   else self.decoder.jpegxl_pixels(t.data, None, "tile"))
+        return t.context
+
+    def settle_row(self, tiles: list[_Tile], above: list[_Tile] | None, below: list[_Tile] | None) -> None:
+        """Stage 2: each network tile of ``tiles`` decoded stitched with its neighbours
+        (``above``, ``below``: the rows around it, None at the level's edge) and
+        measured; one under the floor becomes a fix-up tile."""
+        rows = {-1: above, 0: tiles, 1: below}
+        todo = [t for t in tiles if t.kind == "learned"]
+        windows, where = [], []
+        for t in todo:
+            around = {}
+            for dr in (-1, 0, 1):
+                for dc in (-1, 0, 1):
+                    row, c = rows[dr], t.col + dc
+                    if (dr or dc) and row is not None and 0 <= c < len(row):
+                        around[(dr, dc)] = self.context(row[c])
+            win, top, left = stitch_window(t.context, around, STITCH_RING)
+            windows.append(win)
+            where.append((top, left))
+        for t, (top, left), px in zip(todo, where, self.decoder.synthesize(windows)):
+            if isinstance(px, BaseException):
+                raise px
+            h, w = t.source.shape[:2]
+            p = tile_psnr(px[top:top + h, left:left + w], t.source, t.valid)
+            if p >= self.floor + READER_SLACK_DB:
+                t.psnr = p
+                continue
+            fit = t.jxl or fit_jpegxl(t.source, self.floor, t.valid, effort=self.effort)
+            t.kind, t.data, t.psnr = "fixup", pack_fixup(t.network, fit.data), fit.psnr
+
+
+class MixedLevelEncoder(LevelEncoder):
+    """One level of an ``auto`` codec's grid, one row behind (module docstring)."""
+
+    def __init__(self, chooser: TileChooser) -> None:
+        self.chooser = chooser
+        self.rows: dict[int, list[_Tile]] = {}
+        self.emit: dict[int, bool] = {}
+        self.pending: int | None = None
+        self.state: dict = {}
+
+    def push(self, row, regions, boxes, *, valid=None, stored=None) -> list[EncodedRow]:
+        if self.pending is not None and row != self.pending + 1:
+            raise InvalidSettingError(f"rows of a level go in order: row {row} after row {self.pending}")
+        if stored is None:
+            self.rows[row] = self.chooser.choose_row(regions, boxes, valid, self.state)
+        else:
+            self.rows[row] = [self.chooser.stored_tile(c, data) for c, data in enumerate(stored)]
+        self.emit[row] = stored is None
+        out = self._settle(self.pending) if self.pending is not None else []
+        self.pending = row
+        return out
+
+    def finish(self) -> list[EncodedRow]:
+        out = self._settle(self.pending) if self.pending is not None else []
+        self.pending = None
+        self.rows.clear()
+        return out
+
+    def _settle(self, r: int) -> list[EncodedRow]:
+        tiles = self.rows[r]
+        if self.emit.get(r):
+            self.chooser.settle_row(tiles, self.rows.get(r - 1), self.rows.get(r + 1))
+        self.rows.pop(r - 1, None)              # nobody's neighbour any more
+        if not self.emit.pop(r, False):
+            return []
+        return [EncodedRow(r, [t.data for t in tiles], [(t.kind, t.psnr) for t in tiles])]
