@@ -182,3 +182,22 @@ def test_mixed_decoder_refuses_a_tile_that_is_neither(he_img):
     codec = get_codec("auto", 4, min_psnr=20.0)
     got = codec.decode_tiles([(0, 0)], lambda c, r: b"GIF89a....", (1, 1))
     assert isinstance(got[0], CorruptDataError) and "neither" in str(got[0])
+
+
+def test_image_api_codes_and_decodes_a_mixed_stream(he_img):
+    import wsicodec
+    from wsicodec.image import MIXED_VERSION, read_stream
+    img = np.ascontiguousarray(he_img[:200, :300])        # edge tiles smaller than the tile
+    data = wsicodec.encode(img, 4, tile_size=T, codec="auto", min_psnr=34.0)
+    st = read_stream(data)
+    assert st.version == MIXED_VERSION
+    out = wsicodec.decode(data)
+    assert out.shape == img.shape
+    for r in range(0, 200, T):
+        for c in range(0, 300, T):
+            a, b = out[r:r + T, c:c + T], img[r:r + T, c:c + T]
+            assert tile_psnr(a, b, b.shape[:2]) >= 34.0
+    with pytest.raises(InvalidSettingError):
+        wsicodec.encode(img, 4, codec="auto", refine=3)
+    with pytest.raises(InvalidSettingError):
+        wsicodec.encode(img, 4, min_psnr=30)               # the learned codec has no floor

@@ -47,6 +47,18 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
+def _min_psnr(text: str) -> float:
+    """``--min-psnr``: a number of dB above 0 and at most 99 (argparse turns the
+    ValueError into a usage error naming the option)."""
+    v = float(text)
+    if not 0 < v <= 99:                      # NaN fails too
+        raise ValueError(text)
+    return v
+
+
+_min_psnr.__name__ = "floor in dB (a number above 0, at most 99)"
+
+
 def _parse_option(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -90,6 +102,10 @@ def _add_compress(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--quality", type=float, default=None,
                    help="the codec's quality knob (codec default if omitted; jpegxl: "
                         "distance, lower is better)")
+    p.add_argument("--min-psnr", type=_min_psnr, default=None, metavar="DB",
+                   help="auto codec: every tile's decoded PSNR against the slide's pixels is at "
+                        "least DB (the network's quality raised, then JPEG-XL, lossless as the "
+                        "last resort); default: the auto codec's floor ('wsicodec codecs')")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra codec option, e.g. effort=5 or subsampling=420, or for learned "
                         "refine=40 (encoder latent search: fewer bits, much slower encode) or "
@@ -208,6 +224,13 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     check_output_against_inputs(args.output, slide_inputs(args.input))   # before anything
     check_tile_size(args.tile_size)
     options = dict(_parse_option(o) for o in args.option)
+    if args.min_psnr is not None:
+        if args.codec != "auto":
+            raise _UsageError(f"--min-psnr sets the auto codec's floor; --codec {args.codec} has "
+                              "none (use --codec auto, the default)")
+        if "min_psnr" in options:
+            raise _UsageError("min_psnr given twice (--min-psnr and --option)")
+        options["min_psnr"] = args.min_psnr
     codec = get_codec(args.codec, args.quality, **options)
     show = not args.quiet and sys.stderr.isatty()
     total = plan_tile_count(args.input, args.tile_size) if show else None
@@ -359,13 +382,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_codecs(args: argparse.Namespace) -> int:
-    from wsicodec.codecs import available_codecs, known_codecs
+    from wsicodec.codecs import SUMMARIES, available_codecs, known_codecs
 
     usable = set(available_codecs())
     for name in known_codecs():
         mark = "" if name in usable else "  (not available here)"
         default = "  [default]" if name == DEFAULT_CODEC else ""
-        print(f"{name}{default}{mark}")
+        about = f"\n    {SUMMARIES[name]}" if name in SUMMARIES else ""
+        print(f"{name}{default}{mark}{about}")
     return 0
 
 

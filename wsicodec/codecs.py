@@ -53,6 +53,21 @@ from wsicodec.errors import (CodecUnavailableError, CorruptDataError, InvalidSet
 DEFAULT_CODEC = "learned"
 """Codec the CLI uses when ``--codec`` is not given."""
 
+DEFAULT_MIN_PSNR = 32.0
+"""The ``auto`` codec's PSNR floor (dB) when none is given (README, "Fidelity floor")."""
+
+#: what ``wsicodec codecs`` says of each codec
+SUMMARIES = {
+    "auto": "per tile: glass, the learned network or JPEG-XL, whichever takes fewest bytes; "
+            f"every tile's PSNR >= --min-psnr (default {DEFAULT_MIN_PSNR:g} dB); quality 1-8 as learned",
+    "learned": "the learned network alone; quality 1 (smallest) .. 8 (best)",
+    "jpeg": "JPEG (libjpeg-turbo); quality 1-100",
+    "jpegxl": "JPEG XL (libjxl); quality = butteraugli distance, 0.1-25, lower is better",
+    "webp": "WebP (lossy); quality 1-100",
+    "jpeg2000": "JPEG 2000 (OpenJPEG); quality = target PSNR in dB",
+    "avif": "AVIF (libavif); quality 0-100",
+}
+
 
 @dataclass(frozen=True)
 class EncodedRow:

@@ -6,7 +6,8 @@ with its neighbours' before g_s, so the stitched image shows no tile grid.
 
 Stream layout (little-endian)::
 
-    magic b"WSIM" | version u8 | reserved u8 | height u32 | width u32 | tile u16
+    magic b"WSIM" | version u8 (1: learned tiles; 2: the auto codec's, JPEG-XL tiles too)
+    | reserved u8 | height u32 | width u32 | tile u16
     | model sha256 (32 bytes) | tile count u32
     | per tile: length u32, CRC-32 u32        (row-major)
     | tile bitstreams, concatenated
@@ -23,6 +24,7 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +32,10 @@ from .errors import CorruptDataError, CorruptTileError, InvalidSettingError
 
 MAGIC = b"WSIM"
 VERSION = 1
+#: the stream version of the ``auto`` codec's streams (tiles of several kinds)
+MIXED_VERSION = 2
+#: the codecs :func:`encode` codes with
+IMAGE_CODECS = ("learned", "auto")
 _HEAD = struct.Struct("<4sBBIIH32sI")
 _ENTRY = struct.Struct("<II")
 DEFAULT_TILE = 256
@@ -61,9 +67,14 @@ def context_region(a: np.ndarray, ys: slice, xs: slice, margin: int
 
 def encode(image: np.ndarray, quality: float | None = None, *, tile_size: int = DEFAULT_TILE,
            model: str | None = None, batch: int = 16, margin: int | None = None,
-           refine: int = 0, precision: str = "float32") -> bytes:
+           refine: int = 0, precision: str = "float32", codec: str = "learned",
+           min_psnr: float | None = None) -> bytes:
     """Code an (H, W, 3) uint8 array of any size with the learned codec at ``quality``
     (1..8; None: the codec's default, :data:`wsicodec.learned.ladder.DEFAULT_QUALITY`).
+
+    ``codec="auto"``: each tile glass, the network or JPEG-XL, every tile's decoded PSNR
+    at least ``min_psnr`` dB (:class:`~wsicodec.learned.AutoCodec`; its default floor
+    without it); ``refine`` is the network-only codec's.
 
     g_a sees each tile with ``margin`` pixels of its neighbours around it (default:
     the codec's, 16) and the stream holds the tile's latents only; :func:`decode`
@@ -92,21 +103,48 @@ def encode(image: np.ndarray, quality: float | None = None, *, tile_size: int = 
     if isinstance(tile_size, bool) or not isinstance(tile_size, int) or not 16 <= tile_size <= 4096 \
             or tile_size % 16:
         raise InvalidSettingError(f"tile_size must be a multiple of 16 in 16..4096, got {tile_size!r}")
-    codec = LearnedCodec(quality, model=model, refine=refine, precision=precision,
-                         **({} if margin is None else {"margin": margin}))
+    if codec not in IMAGE_CODECS:
+        raise InvalidSettingError(f"codec must be one of {', '.join(IMAGE_CODECS)}, got {codec!r}")
+    kw = {} if margin is None else {"margin": margin}
+    if codec == "auto":
+        if refine:
+            raise InvalidSettingError("refine is the learned codec's option, not the auto codec's")
+        from .learned import AutoCodec
+        coder: Any = AutoCodec(quality, min_psnr=min_psnr, model=model, precision=precision, **kw)
+    else:
+        if min_psnr is not None:
+            raise InvalidSettingError("min_psnr is the auto codec's option (codec='auto')")
+        coder = LearnedCodec(quality, model=model, refine=refine, precision=precision, **kw)
     h, w = a.shape[:2]
     cells = list(tile_cells(h, w, tile_size))
-    streams: list[bytes] = []
-    for i in range(0, len(cells), batch):
-        regions, boxes = [], []
-        for _, _, ys, xs in cells[i:i + batch]:
-            region, box = context_region(a, ys, xs, codec.context)
-            regions.append(region)
-            boxes.append(box)
-        streams += codec.encode_tiles(regions, boxes)
-    head = _HEAD.pack(MAGIC, VERSION, 0, h, w, tile_size, bytes.fromhex(codec.model_id), len(streams))
+    if codec == "auto":
+        streams = _encode_levelwise(coder, a, cells)
+    else:
+        streams = []
+        for i in range(0, len(cells), batch):
+            regions, boxes = zip(*(context_region(a, ys, xs, coder.context)
+                                   for _, _, ys, xs in cells[i:i + batch]))
+            streams += coder.encode_tiles(list(regions), list(boxes))
+    version = MIXED_VERSION if codec == "auto" else VERSION
+    head = _HEAD.pack(MAGIC, version, 0, h, w, tile_size, bytes.fromhex(coder.model_id), len(streams))
     table = b"".join(_ENTRY.pack(len(s), zlib.crc32(s)) for s in streams)
     return head + table + b"".join(streams)
+
+
+def _encode_levelwise(codec: Any, a: np.ndarray, cells: list) -> list[bytes]:
+    """The tiles of ``a`` coded row by row through ``codec``'s level encoder, row-major."""
+    enc = codec.level_encoder(0)
+    rows: dict[int, list[bytes]] = {}
+    by_row: dict[int, list] = {}
+    for r, _, ys, xs in cells:
+        by_row.setdefault(r, []).append((ys, xs))
+    for r, row in by_row.items():
+        regions, boxes = zip(*(context_region(a, ys, xs, codec.context) for ys, xs in row))
+        for er in enc.push(r, list(regions), list(boxes)):
+            rows[er.row] = er.tiles
+    for er in enc.finish():
+        rows[er.row] = er.tiles
+    return [t for r in sorted(rows) for t in rows[r]]
 
 
 @dataclass(frozen=True)
@@ -117,6 +155,7 @@ class ImageStream:
     tile: int
     model_id: str
     tiles: list[bytes]
+    version: int = VERSION
 
 
 def read_stream(data: bytes) -> ImageStream:
@@ -130,8 +169,9 @@ def read_stream(data: bytes) -> ImageStream:
     if len(data) < _HEAD.size or data[:4] != MAGIC:
         raise CorruptDataError("not a wsicodec image stream (bad magic or too short)")
     _, ver, _, h, w, tile, model_id, n = _HEAD.unpack_from(data)
-    if ver != VERSION:
-        raise CorruptDataError(f"image stream version {ver} is not supported (expected {VERSION})")
+    if ver not in (VERSION, MIXED_VERSION):
+        raise CorruptDataError(f"image stream version {ver} is not supported (this wsicodec reads "
+                               f"{VERSION} and {MIXED_VERSION})")
     if not (16 <= tile <= 4096 and tile % 16 == 0) or not 1 <= h * w <= MAX_IMAGE_PIXELS:
         raise CorruptDataError(f"image stream header is out of bounds ({w}x{h} pixels in "
                                f"{tile}-px tiles; at most {MAX_IMAGE_PIXELS} pixels)")
@@ -152,12 +192,13 @@ def read_stream(data: bytes) -> ImageStream:
         pos += length
     if pos != len(data):
         raise CorruptDataError(f"image stream has {len(data) - pos} trailing bytes")
-    return ImageStream(h, w, tile, model_id.hex(), streams)
+    return ImageStream(h, w, tile, model_id.hex(), streams, ver)
 
 
 def decode(data: bytes, *, model: str | None = None, batch: int = 16,
            precision: str = "float32") -> np.ndarray:
-    """Inverse of :func:`encode`: the tiles decoded with their neighbours' latents;
+    """Inverse of :func:`encode`: the tiles decoded with their neighbours' latents (a
+    JPEG-XL tile of an ``auto`` stream as its own pixels, giving its neighbours g_a of them);
     ``precision``: how g_s runs (:data:`wsicodec.codecs.PRECISIONS`).
 
     ``model``: a weights file the caller chose; without it the weights are found by the
@@ -172,10 +213,11 @@ def decode(data: bytes, *, model: str | None = None, batch: int = 16,
             where to put the right ones).
         InvalidSettingError: the weights found for its id are not plain weights data.
     """
-    from .learned import LearnedCodec
+    from .learned import AutoCodec, LearnedCodec
     st = read_stream(data)
     h, w, tile, streams = st.height, st.width, st.tile, st.tiles
-    codec = LearnedCodec(model=model, model_id=st.model_id, precision=precision)
+    kind = AutoCodec if st.version == MIXED_VERSION else LearnedCodec
+    codec = kind(model=model, model_id=st.model_id, precision=precision)
     cells = list(tile_cells(h, w, tile))
     n = len(cells)
     rows, cols = -(-h // tile), -(-w // tile)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 
-from wsicodec.codecs import LevelEncoder, Run, TileCodec, as_number
+from wsicodec.codecs import DEFAULT_MIN_PSNR, LevelEncoder, Run, TileCodec, as_number
 from wsicodec.errors import CorruptDataError, InvalidSettingError
 
 from .choice import KINDS, MixedLevelEncoder, TileChooser, quality_steps
@@ -25,8 +25,6 @@ from .decoder import KIND_JPEGXL, LatentCache, TileDecoder
 from .encoder import Box, TileEncoder
 from .tileformat import NETWORK_KINDS, STITCH_VERSION, TileHeader
 
-#: the PSNR floor (dB) every tile reaches unless told otherwise (README, "Fidelity floor")
-DEFAULT_MIN_PSNR = 32.0
 #: the floors ``min_psnr`` accepts: above 0, at most 99 dB
 MIN_PSNR_RANGE = (0.0, 99.0)
 #: options of the machine, never stored (as the learned codec's)
