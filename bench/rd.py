@@ -1,24 +1,33 @@
-"""Rate-distortion benchmark: every codec swept over its quality range on a folder of images.
+"""Rate-distortion benchmark: every codec swept over its quality range on each evaluation set.
 
 ::
 
-    images (PNG, whole) ──► codec.encode ──► bytes ──► codec.decode ──► pixels
-        │                      (timed)        │ bpp       (timed)        │
-        └──────────────── reference ──────────┴──── PSNR, MS-SSIM, LPIPS-alex
-                                                         │
-        mean over images per quality point ──► BD-rate vs JPEG-XL and JPEG 4:4:4 (PSNR, MS-SSIM dB)
-                                                         │
-        bench/results/rd_<tag>.json  (every number, per image, environment)
-        bench/results/rd_<tag>.md    (table)      rd_<tag>.png (RD plots)      visual.png (crops)
+    images (bench/datasets.py set, whole) ──► codec.encode ──► bytes ──► codec.decode ──► pixels
+        │                                       (timed)        │ bpp       (timed)        │
+        └──────────────── reference ───────────────────────────┴──── PSNR, MS-SSIM, LPIPS-alex
+                                                                          │
+        mean over images per quality point ──► BD-rate vs JPEG-XL and JPEG 4:4:4 (PSNR, MS-SSIM dB,
+                                               LPIPS dB) over the range both curves share; top PSNR
+                                                                          │
+        bench/results/rd_<set>.json  (every number, per image, environment)
+        bench/results/rd_<set>.md    (table)      rd_<set>.png (RD plots)      visual.png (crops)
 
-Run from the repository root (the whole sweep, ~20-30 min on 2 CPU cores)::
+Run from the repository root (he_test, the whole sweep: ~20-30 min on 2 CPU cores)::
 
-    .venv/bin/python bench/rd.py
+    .venv/bin/python bench/rd.py                      # --set he_test: rd_he_test.*
+    .venv/bin/python bench/rd.py --set he_test_2x,he_test_4x --set cmu --set tcga   # rd_<set>.* each
     .venv/bin/python bench/rd.py --update learned     # re-run only these, merge into the JSON
     .venv/bin/python bench/rd.py --codecs jpeg444,webp --max-images 2 --tag dev   # a quick look
+    .venv/bin/python bench/rd.py --images FOLDER      # any folder of images instead of a set
+
+Sets are those of ``bench/datasets.py`` (he_test, he_test_2x, he_test_4x, cmu, tcga). JPEG-XL,
+the anchor, is swept over distances 25 to 0.3 (its whole useful range); a codec whose curve ends
+below JPEG-XL's top gets a BD-rate over the overlap only, and the report says which range that is
+and the top PSNR each codec reaches.
 
 Codecs come from the registry ``wsicodec.codecs.get_codec``; one that is not available here (e.g. the
-learned codec before it has weights) is skipped with the reason printed and recorded.
+learned codec before it has weights, or ``auto`` before it is registered) is skipped with the reason
+printed and recorded.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import json
 import math
 import os
 import platform
+import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -48,7 +58,7 @@ from bench.metrics import center_crop  # noqa: E402
 from wsicodec.checkpoint import sha256_file  # noqa: E402  (plain file hash; imports no torch)
 
 SCHEMA = "wsicodec-rd/1"
-DEFAULT_IMAGES = "../shared/data/he/test"
+DEFAULT_SET = "he_test"
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")
 ANCHORS = ("jpegxl", "jpeg444")
 
@@ -71,6 +81,9 @@ class Sweep:
     default: bool = True
     #: a series this one is also read against (BD-rates with it as anchor, when both were run)
     against: str | None = None
+    #: code the image as a container does, in 256² tiles through the codec's encode_tiles /
+    #: decode_tiles (:class:`TiledCodec`), not whole
+    tiled: bool = False
 
 
 SWEEPS: dict[str, Sweep] = {s.key: s for s in (
@@ -78,13 +91,19 @@ SWEEPS: dict[str, Sweep] = {s.key: s for s in (
           {"subsampling": "420"}, knob_range=(1, 100)),
     Sweep("jpeg444", "jpeg", "JPEG 4:4:4 (libjpeg-turbo)", (5, 10, 20, 35, 55, 75, 90),
           {"subsampling": "444"}, knob_range=(1, 100)),
-    Sweep("jpegxl", "jpegxl", "JPEG XL (libjxl, effort 7)", (25.0, 15.0, 10.0, 6.0, 4.0, 2.5, 1.6, 1.0, 0.6),
+    # distances 25 .. 0.3: JPEG-XL's whole useful range, the span the BD-rates against it cover
+    Sweep("jpegxl", "jpegxl", "JPEG XL (libjxl, effort 7)",
+          (25.0, 18.0, 13.0, 9.0, 6.0, 4.0, 3.0, 2.0, 1.5, 1.0, 0.7, 0.5, 0.3),
           {"effort": 7}, direction=-1, knob="distance", knob_range=(0.1, 25)),
     Sweep("webp", "webp", "WebP lossy (libwebp, method 4)", (0, 15, 35, 55, 75, 88, 96)),
     Sweep("jpeg2000", "jpeg2000", "JPEG 2000 (OpenJPEG, 9/7)", (27, 30, 33, 36, 39, 42, 46),
           knob="target PSNR dB", knob_range=(10, 80)),
     Sweep("avif", "avif", "AVIF 4:4:4 (libavif/aom, speed 6)", (15, 30, 45, 58, 70, 80, 90)),
     Sweep("learned", "learned", "wsicodec learned", (1, 2, 3, 4, 5, 6, 7, 8), knob_range=(1, 8)),
+    # the per-tile codec choice of issue #28 (the new default codec), swept like learned; skipped
+    # with the reason recorded until the registry has it
+    Sweep("auto", "auto", "wsicodec auto (per-tile codec choice)", (1, 2, 3, 4, 5, 6, 7, 8),
+          knob_range=(1, 8), tiled=True),
     # the encoder's latent search (LearnedCodec(refine=...)): ~100x the encode time, so only on request
     Sweep("learned_refine", "learned", "wsicodec learned, refine 40", (1, 3, 5, 8), {"refine": 40},
           knob_range=(1, 8), default=False, against="learned"),
@@ -95,8 +114,10 @@ VISUAL_SERIES = ("jpeg420", "jpegxl", "webp", "learned")
 PLOT_STYLE = {
     "jpeg420": ("tab:orange", "v"), "jpeg444": ("tab:red", "^"), "jpegxl": ("tab:blue", "s"),
     "webp": ("tab:green", "D"), "jpeg2000": ("tab:purple", "P"), "avif": ("tab:brown", "X"),
-    "learned": ("black", "o"), "learned_refine": ("tab:gray", "*"),
+    "learned": ("black", "o"), "learned_refine": ("tab:gray", "*"), "auto": ("tab:olive", "h"),
 }
+#: series with a model that runs on torch's intra-op threads
+TORCH_CODECS = ("learned", "auto")
 
 
 # ------------------------------------------------------------------------------------ small helpers
@@ -132,6 +153,76 @@ def load_image(path: Path) -> np.ndarray:
 
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One image of a run: its name in the results, its pixels, and where they came from."""
+
+    name: str
+    load: Callable[[], np.ndarray]
+    provenance: Callable[[], dict]
+
+
+@dataclass
+class ImageSource:
+    """A run's images: a folder of files (``--images``) or a set of ``bench/datasets.py``
+    (``--set``). ``label`` is what the results call it (``images_dir``)."""
+
+    label: str
+    items: list[ImageItem]
+    dataset: dict | None = None
+
+    def load(self, name: str) -> np.ndarray:
+        for item in self.items:
+            if item.name == name:
+                return item.load()
+        raise KeyError(name)
+
+
+def folder_source(folder: str, max_images: int | None = None) -> ImageSource:
+    images_dir = resolve_images(folder)
+    files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if max_images:
+        files = files[:max_images]
+    if not files:
+        raise SystemExit(f"rd.py: no images in {images_dir}")
+    return ImageSource(folder, [ImageItem(p.name, lambda p=p: load_image(p),
+                                          lambda p=p: {"sha256": sha256_file(p)}) for p in files])
+
+
+def set_source(name: str, max_images: int | None = None) -> ImageSource:
+    """The images of one ``bench/datasets.py`` set, loaded now. An image made from one PNG of
+    the set's folder is named by that file (``TCGA-….png``, as rd.py has always named he/test
+    images, so ``rd_he_test.json`` and its readers keep their names); ``sha256`` is the source
+    file's, ``pixels_sha256`` that of the pixels coded (they differ for he_test_2x / 4x)."""
+    import hashlib
+
+    from bench.datasets import data_root, get_dataset
+
+    try:
+        ds = get_dataset(name)
+    except KeyError as exc:
+        raise SystemExit(f"rd.py: {exc.args[0]}") from None
+    if not ds.available():
+        raise SystemExit(f"rd.py: set {name}: data not found ({', '.join(map(str, ds.paths()))})")
+    root = data_root()
+    items = []
+    for image_name, rgb in ds.images(max_images):
+        rgb = np.ascontiguousarray(rgb)
+        source, shown = None, image_name
+        for rel in ds.files:
+            if (root / rel / f"{image_name}.png").is_file():
+                source, shown = root / rel / f"{image_name}.png", f"{image_name}.png"
+            elif len(ds.files) == 1 and (root / rel).is_file():
+                source = root / rel
+        prov = {"sha256": sha256_file(source) if source else None,
+                "source": str(source.relative_to(root)) if source else None,
+                "pixels_sha256": hashlib.sha256(rgb.tobytes()).hexdigest()}
+        items.append(ImageItem(shown, lambda rgb=rgb: rgb, lambda prov=prov: dict(prov)))
+    if not items:
+        raise SystemExit(f"rd.py: set {name} gave no images")
+    return ImageSource(f"{name} (bench/datasets.py)", items, ds.to_dict())
 
 
 def _find_sha256(obj: Any) -> str | None:
@@ -215,6 +306,55 @@ class TiledLearned:
         return self.codec.to_dict()
 
 
+class TiledCodec:
+    """Any registry codec as a container uses it: the image cut into ``tile``² tiles (edge
+    tiles smaller) with :attr:`TileCodec.context` pixels of neighbours around each, coded by
+    ``encode_tiles`` and decoded by ``decode_tiles`` (which may stitch neighbours, as the
+    learned codec does). The stream is a 10-byte header (height, width, tile), a 4-byte length
+    per tile and the tile streams: every byte counted."""
+
+    HEAD = struct.Struct("<IIH")
+
+    def __init__(self, codec, tile: int = 256) -> None:  # noqa: ANN001 - a TileCodec
+        self.codec, self.tile = codec, tile
+
+    def encode(self, image: np.ndarray) -> bytes:
+        from wsicodec.image import context_region, tile_cells
+
+        h, w = image.shape[:2]
+        regions, boxes = [], []
+        for _, _, ys, xs in tile_cells(h, w, self.tile):
+            region, box = context_region(image, ys, xs, int(getattr(self.codec, "context", 0)))
+            regions.append(region)
+            boxes.append(box)
+        streams = self.codec.encode_tiles(regions, boxes)
+        return (self.HEAD.pack(h, w, self.tile) + struct.pack(f"<{len(streams)}I", *map(len, streams))
+                + b"".join(streams))
+
+    def decode(self, data: bytes) -> np.ndarray:
+        from wsicodec.image import tile_cells
+
+        h, w, tile = self.HEAD.unpack_from(data)
+        cells = list(tile_cells(h, w, tile))
+        lengths = struct.unpack_from(f"<{len(cells)}I", data, self.HEAD.size)
+        pos, streams = self.HEAD.size + 4 * len(cells), {}
+        for (r, c, _, _), n in zip(cells, lengths):
+            streams[(c, r)] = data[pos:pos + n]
+            pos += n
+        grid = (-(-w // tile), -(-h // tile))
+        keys = [(c, r) for r, c, _, _ in cells]
+        tiles = self.codec.decode_tiles(keys, lambda c, r: streams[(c, r)], grid)
+        out = np.empty((h, w, 3), np.uint8)
+        for (_, _, ys, xs), t in zip(cells, tiles):
+            if isinstance(t, BaseException):
+                raise t
+            out[ys, xs] = t
+        return out
+
+    def to_dict(self) -> dict:
+        return self.codec.to_dict()
+
+
 def build_series(sweep: Sweep, threads: int) -> SeriesRun:
     """Build one codec per quality; raises with the reason when the codec is unavailable."""
     from wsicodec.codecs import get_codec
@@ -223,8 +363,10 @@ def build_series(sweep: Sweep, threads: int) -> SeriesRun:
     config = [c.to_dict() for c in codecs]
     if sweep.codec == "learned":
         codecs = [TiledLearned(c) for c in codecs]
-    if sweep.codec == "learned":
-        used = threads  # the learned codec runs its network on torch's intra-op threads
+    elif sweep.tiled:
+        codecs = [TiledCodec(c) for c in codecs]
+    if sweep.codec in TORCH_CODECS:
+        used = threads  # a model runs its network on torch's intra-op threads
     else:
         cfg = config[0].get("configuration", {})
         used = int(cfg.get("numthreads", cfg.get("threads", 1)))  # the registry pins numthreads=1
@@ -240,29 +382,29 @@ def code_one(codec, image: np.ndarray) -> tuple[bytes, np.ndarray, float, float]
     return data, decoded, enc_s, dec_s
 
 
-def run_sweeps(series: list[SeriesRun], files: list[Path], lp: metrics.Lpips,
+def run_sweeps(series: list[SeriesRun], items: list[ImageItem], lp: metrics.Lpips,
                crop: int | None = None) -> list[dict]:
     """Code every image with every (series, quality); fill ``per_point``; return image records."""
     images = []
     t_start = time.perf_counter()
-    for i, path in enumerate(files):
-        img = center_crop(load_image(path), crop)
+    for i, item in enumerate(items):
+        img = center_crop(item.load(), crop)
         h, w = img.shape[:2]
         plan = metrics.ms_ssim_plan(h, w)
         if not plan.standard:
-            log(f"  note: {path.name} is {w}x{h}: {plan.describe()}")
-        images.append({"name": path.name, "width": w, "height": h, "sha256": sha256_file(path),
+            log(f"  note: {item.name} is {w}x{h}: {plan.describe()}")
+        images.append({"name": item.name, "width": w, "height": h, **item.provenance(),
                        "ms_ssim_scales": plan.scales, "ms_ssim_win_size": plan.win_size})
         ref_feats = lp.reference(img)
         ref_ms = metrics.MsSsimReference(img)
         for s in series:
             for qi, codec in enumerate(s.codecs):
-                rec: dict[str, Any] = {"image": path.name}
+                rec: dict[str, Any] = {"image": item.name}
                 try:
                     data, decoded, enc_s, dec_s = code_one(codec, img)
                 except Exception as exc:  # one failing point must not lose the whole run
                     rec["error"] = f"{type(exc).__name__}: {exc}"
-                    log(f"  {s.sweep.key} q={s.sweep.qualities[qi]} on {path.name}: {rec['error']}")
+                    log(f"  {s.sweep.key} q={s.sweep.qualities[qi]} on {item.name}: {rec['error']}")
                     s.per_point[qi].append(rec)
                     continue
                 ms = ref_ms.against(decoded)
@@ -277,8 +419,8 @@ def run_sweeps(series: list[SeriesRun], files: list[Path], lp: metrics.Lpips,
                 })
                 s.per_point[qi].append(rec)
         elapsed = time.perf_counter() - t_start
-        log(f"[{i + 1}/{len(files)}] {path.name} done, {elapsed / 60:.1f} min elapsed, "
-            f"~{elapsed / (i + 1) * (len(files) - i - 1) / 60:.1f} min left")
+        log(f"[{i + 1}/{len(items)}] {item.name} done, {elapsed / 60:.1f} min elapsed, "
+            f"~{elapsed / (i + 1) * (len(items) - i - 1) / 60:.1f} min left")
     return images
 
 
@@ -312,7 +454,7 @@ def summarise(s: SeriesRun, n_images: int, env: dict) -> dict:
     sha = _find_sha256(s.config[0])
     if sha:
         entry["model_sha256"] = sha
-    if s.sweep.codec == "learned":  # the packaged weight files, hashed here independently of the codec
+    if s.sweep.codec in TORCH_CODECS:  # the packaged weight files, hashed here independently of the codec
         entry["weight_files"] = {p.name: sha256_file(p)
                                  for p in sorted((REPO / "wsicodec" / "weights").glob("*.pt"))}
     return entry
@@ -358,7 +500,13 @@ def bd_rates(result: dict) -> dict:
                 rt, qt = _curve(entry, metric)
                 row[metric] = metrics.bd_rate(ra, qa, rt, qt)
                 if len(qa) and len(qt):
-                    row[f"{metric}_overlap"] = metrics.bd_overlap(qa, qt)
+                    lo, hi = metrics.bd_overlap(qa, qt)
+                    a_lo, a_hi = float(np.nanmin(qa)), float(np.nanmax(qa))
+                    row[f"{metric}_overlap"] = (lo, hi)
+                    row[f"{metric}_anchor_range"] = (a_lo, a_hi)
+                    # how much of the anchor's range the BD-rate covers (1: all of it)
+                    row[f"{metric}_overlap_share"] = (max(hi - lo, 0.0) / (a_hi - a_lo)
+                                                      if a_hi > a_lo else None)
             per_image = []
             for name in names:
                 ra, pa, ma = _image_curve(codecs[anchor], name)
@@ -376,6 +524,34 @@ def bd_rates(result: dict) -> dict:
             rows[key] = row
         out["anchors"][anchor] = rows
     return out
+
+
+def psnr_ranges(result: dict) -> dict:
+    """Each measured series' PSNR span on its mean curve: ``top_psnr`` (the highest it reaches,
+    with the setting and bpp there) and ``bottom_psnr``."""
+    out = {}
+    for key, entry in result["codecs"].items():
+        if entry.get("status") not in ("ok", "partial"):
+            continue
+        pts = [p for p in entry.get("points", []) if p.get("mean")]
+        if not pts:
+            continue
+        top = max(pts, key=lambda p: p["mean"]["psnr"])
+        low = min(pts, key=lambda p: p["mean"]["psnr"])
+        out[key] = {"top_psnr": top["mean"]["psnr"], "top_setting": top["quality"],
+                    "top_bpp": top["mean"]["bpp"], "bottom_psnr": low["mean"]["psnr"],
+                    "bottom_setting": low["quality"], "bottom_bpp": low["mean"]["bpp"]}
+    return out
+
+
+def derive(result: dict) -> None:
+    """The numbers computed from the measured points (kept in step by --report-only too):
+    BD-rates, each series' PSNR span and ``top_psnr`` per codec."""
+    result["bd_rate"] = bd_rates(result)
+    result["psnr_ranges"] = psnr_ranges(result)
+    result["top_psnr"] = {k: v["top_psnr"] for k, v in result["psnr_ranges"].items()}
+    for key, r in result["psnr_ranges"].items():
+        result["codecs"][key]["top_psnr"] = r["top_psnr"]
 
 
 # -------------------------------------------------------------------------------------------- plots
@@ -398,19 +574,19 @@ def plot_rd(result: dict, path: Path) -> None:
             x, y = _curve(entry, m)
             order = np.argsort(x)
             ax.plot(x[order], y[order], marker=marker, color=color, label=entry["label"],
-                    linewidth=2.2 if key == "learned" else 1.4, markersize=5)
+                    linewidth=2.2 if key in TORCH_CODECS else 1.4, markersize=5)
             xmax = max(xmax, float(x.max()) if len(x) else 0.0)
     for ax, (_, ylabel) in zip(axes, panels):
         ax.set_xlabel("bits per pixel (actual bytes)")
         ax.set_ylabel(ylabel)
-        ax.set_xlim(0, min(xmax * 1.02, 3.0) if xmax else 3.0)
+        ax.set_xlim(0, min(xmax * 1.02, 6.0) if xmax else 3.0)   # JPEG-XL d0.3 reaches ~5.5 bpp
         ax.grid(True, alpha=0.3)
     axes[2].set_yscale("log")
     axes[0].legend(fontsize=8, loc="lower right")
     n = len(result["images"])
     crop = f", central {result['crop']}² of each" if result.get("crop") else ""
     fig.suptitle(f"Rate-distortion on {result['images_dir']} ({n} images{crop}, mean over images)\n"
-                 f"classical codecs code each image whole; the learned codec codes 256² tiles with context, as in a container", fontsize=10)
+                 f"classical codecs code each image whole; learned (and auto) code 256² tiles with context, as in a container", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -469,7 +645,7 @@ def _match_bpp(sweep: Sweep, crop: np.ndarray, target: float, iters: int = 14) -
     return best
 
 
-def make_visual(result: dict, images_dir: Path, out: Path, target_bpp: float = 0.5,
+def make_visual(result: dict, load: Callable[[str], np.ndarray], out: Path, target_bpp: float = 0.5,
                 size: int = 256, image_name: str | None = None) -> dict:
     import matplotlib
 
@@ -478,7 +654,7 @@ def make_visual(result: dict, images_dir: Path, out: Path, target_bpp: float = 0
 
     names = [im["name"] for im in result["images"]]
     name = image_name or names[0]
-    img = load_image(images_dir / name)
+    img = load(name)
     y, x = _pick_crop(img, size)
     crop = np.ascontiguousarray(img[y:y + size, x:x + size])
     panels = [{"key": "original", "label": "original", "image": crop}]
@@ -515,11 +691,50 @@ def _f(v: Any, fmt: str) -> str:
     return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
 
 
+def _ranges_markdown(result: dict) -> list[str]:
+    """Top PSNR per codec and the quality range each BD-rate against JPEG-XL integrates over."""
+    ranges = result.get("psnr_ranges") or {}
+    if not ranges:
+        return []
+    jxl = result.get("bd_rate", {}).get("anchors", {}).get("jpegxl", {})
+    lines = ["## Top PSNR and the range each BD-rate covers", ""]
+    if "jpegxl" in ranges:
+        j = ranges["jpegxl"]
+        lines += [f"JPEG-XL spans {j['bottom_psnr']:.2f}–{j['top_psnr']:.2f} dB PSNR (distance "
+                  f"{j['bottom_setting']:g} to {j['top_setting']:g}). A BD-rate integrates over the "
+                  "quality range both curves share: where a codec's curve stops short of JPEG-XL's, "
+                  "its BD-rate covers only the overlap below (share = overlap / JPEG-XL's range).", ""]
+    lines += ["| codec | PSNR span dB | top PSNR dB (setting, bpp) | vs jpegxl: PSNR overlap (share) | "
+              "MS-SSIM dB overlap (share) | LPIPS dB overlap (share) |",
+              "| --- | --- | ---: | --- | --- | --- |"]
+    for key, r in ranges.items():
+        row = jxl.get(key)
+
+        def span(metric: str) -> str:
+            if key == "jpegxl":
+                return "(anchor)"
+            if not row or row.get(f"{metric}_overlap") is None:
+                return "–"
+            lo, hi = row[f"{metric}_overlap"]
+            share = row.get(f"{metric}_overlap_share")
+            if not hi > lo:
+                return "none"
+            return f"{lo:.2f}–{hi:.2f} ({_f(None if share is None else 100 * share, '.0f')} %)"
+
+        lines.append(f"| {result['codecs'][key]['label']} | {r['bottom_psnr']:.2f}–{r['top_psnr']:.2f} | "
+                     f"{r['top_psnr']:.2f} ({result['codecs'][key]['knob']} {r['top_setting']:g}, "
+                     f"{r['top_bpp']:.3f}) | {span('psnr')} | {span('ms_ssim_db')} | {span('lpips_db')} |")
+    lines.append("")
+    return lines
+
+
 def write_markdown(result: dict, path: Path, png: str) -> None:
     env = result["environment"]
     lines = [
         f"# Rate-distortion: {result['images_dir']}",
         "",
+        *([f"Set `{result['set']['name']}` of `bench/datasets.py`: {result['set']['description']}.", ""]
+          if result.get("set") else []),
         f"{len(result['images'])} images, each coded "
         + (f"as its central {result['crop']}² crop" if result.get("crop") else "whole")
         + " by every codec; bpp from the actual bytes; "
@@ -574,6 +789,7 @@ def write_markdown(result: dict, path: Path, png: str) -> None:
                         f"{_f(r.get('psnr_per_image_max'), '+.1f')}] |")
             lines.append(row)
         lines.append("")
+    lines += _ranges_markdown(result)
     lines += ["## Measured points (mean over images)", "",
               "| codec | setting | bpp | PSNR dB | MS-SSIM | MS-SSIM dB | LPIPS | enc MP/s | dec MP/s | threads |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -615,14 +831,38 @@ def select(spec: str | None) -> list[str]:
     return keys
 
 
+def parse_sets(specs: list[str] | None) -> list[str]:
+    """Set names from repeated ``--set`` values, each a name or a comma list (default he_test)."""
+    from bench.datasets import DATASETS
+
+    names: list[str] = []
+    for spec in specs or [DEFAULT_SET]:
+        for name in (t.strip() for t in spec.split(",") if t.strip()):
+            if name not in DATASETS:
+                raise SystemExit(f"rd.py: unknown set {name!r}; bench/datasets.py has "
+                                 f"{', '.join(DATASETS)}")
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise SystemExit("rd.py: --set names no set")
+    return names
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", default=DEFAULT_IMAGES,
-                   help=f"folder of images, relative to the repo root or cwd (default {DEFAULT_IMAGES})")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--set", action="append", dest="sets", metavar="NAME",
+                     help="evaluation set(s) of bench/datasets.py (he_test, he_test_2x, he_test_4x, cmu, "
+                          f"tcga): repeat it or give a comma list; each writes rd_<set>.* "
+                          f"(default {DEFAULT_SET})")
+    src.add_argument("--images", default=None, metavar="FOLDER",
+                     help="a folder of images instead, relative to the repo root or cwd "
+                          "(results rd_<last two folder names>.*)")
     p.add_argument("--out", default=str(REPO / "bench" / "results"), help="results folder")
     p.add_argument("--tag", default=None,
-                   help="results name rd_<tag>.* (default from the folder, e.g. he_test)")
+                   help="results name rd_<tag>.* (default the set's name, or from the folder); with "
+                        "several sets rd_<tag>_<set>.*")
     sel = p.add_mutually_exclusive_group()
     sel.add_argument("--codecs", default=None,
                      help="comma list of series to run (default all but learned_refine: "
@@ -637,11 +877,61 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--weights", default=None,
                    help="AlexNet trunk for LPIPS: file or directory (default $WSICODEC_WEIGHTS, then "
                         "../shared/weights)")
-    p.add_argument("--no-visual", action="store_true", help="skip visual.png")
+    p.add_argument("--no-visual", action="store_true",
+                   help="skip the visual comparison (visual.png for he_test, visual_<tag>.png otherwise)")
     p.add_argument("--report-only", action="store_true",
                    help="no coding: recompute the BD-rates in the existing rd_<tag>.json, rebuild the table and plot")
     p.add_argument("--visual-bpp", type=float, default=0.5, help="target bpp of the visual crops")
     return p.parse_args(argv)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One results file to make: a folder (``set_name`` None) or a set, and its tag."""
+
+    tag: str
+    set_name: str | None = None
+    folder: str | None = None
+
+    def source(self, max_images: int | None) -> ImageSource:
+        if self.set_name:
+            return set_source(self.set_name, max_images)
+        return folder_source(self.folder, max_images)
+
+
+def plan_runs(args: argparse.Namespace) -> list[Run]:
+    if args.images:
+        return [Run(args.tag or "_".join(Path(args.images).parts[-2:]).replace("-", "_"),
+                    folder=args.images)]
+    names = parse_sets(args.sets)
+    if args.tag:
+        return [Run(args.tag if len(names) == 1 else f"{args.tag}_{n}", n) for n in names]
+    return [Run(n, n) for n in names]
+
+
+def run_command(argv: list[str], run: Run, n_runs: int) -> str:
+    """The command that regenerates ``run`` alone: with several sets, this set and tag only."""
+    if n_runs == 1:
+        return "bench/rd.py" + ("" if not argv else " " + " ".join(argv))
+    out, skip = [], False
+    for tok in argv:
+        if skip:
+            skip = False
+            continue
+        if tok in ("--set", "--tag"):
+            skip = True
+            continue
+        if tok.startswith(("--set=", "--tag=")):
+            continue
+        out.append(tok)
+    out += ["--set", run.set_name] + (["--tag", run.tag] if run.tag != run.set_name else [])
+    return "bench/rd.py " + " ".join(out)
+
+
+def visual_name(tag: str) -> str:
+    """visual.png for he_test (the README's figure), visual_<tag>.png for any other run, so a
+    quick look or another set never overwrites it."""
+    return "visual.png" if tag == DEFAULT_SET else f"visual_{tag}.png"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -654,47 +944,69 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_flush_denormal(True)
     # numpy notices flushed subnormals when it first builds finfo; harmless here
     warnings.filterwarnings("ignore", message="The value of the smallest subnormal")
-    images_dir = resolve_images(args.images)
-    tag = args.tag or "_".join(Path(args.images).parts[-2:]).replace("-", "_")
+    runs = plan_runs(args)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / f"rd_{tag}.json"
-    files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if args.max_images:
-        files = files[:args.max_images]
-    if not files:
-        raise SystemExit(f"rd.py: no images in {images_dir}")
+    given = list(sys.argv[1:] if argv is None else argv)
 
     if args.report_only:
-        if not json_path.is_file():
-            raise SystemExit(f"rd.py: --report-only needs an existing {json_path}")
-        result = json.loads(json_path.read_text())
-        result["bd_rate"] = bd_rates(result)      # derived: kept in step with the report
-        json_path.write_text(json.dumps(json_safe(result), indent=1) + "\n")
-        png = out_dir / f"rd_{tag}.png"
-        plot_rd(result, png)
-        write_markdown(result, out_dir / f"rd_{tag}.md", png.name)
-        log(f"rebuilt the BD-rates in {json_path}, {png} and {out_dir / f'rd_{tag}.md'} from it")
+        for run in runs:
+            json_path = out_dir / f"rd_{run.tag}.json"
+            if not json_path.is_file():
+                raise SystemExit(f"rd.py: --report-only needs an existing {json_path}")
+            result = json.loads(json_path.read_text())
+            derive(result)      # derived: kept in step with the report
+            json_path.write_text(json.dumps(json_safe(result), indent=1) + "\n")
+            png = out_dir / f"rd_{run.tag}.png"
+            plot_rd(result, png)
+            write_markdown(result, out_dir / f"rd_{run.tag}.md", png.name)
+            log(f"rebuilt the BD-rates in {json_path}, {png} and {out_dir / f'rd_{run.tag}.md'} from it")
         return 0
 
-    previous = None
-    if args.update:
-        if not json_path.is_file():
-            raise SystemExit(f"rd.py: --update needs an existing {json_path}; run without it first")
-        previous = json.loads(json_path.read_text())
-        if [im["name"] for im in previous["images"]] != [p.name for p in files]:
-            raise SystemExit(f"rd.py: {json_path} was made on other images; rerun without --update")
-        if previous.get("crop") != args.crop:
-            raise SystemExit(f"rd.py: {json_path} was made with --crop {previous.get('crop')}; "
-                             "rerun without --update or with that crop")
     keys = select(args.update or args.codecs)
+    lp = None
+    for run in runs:
+        source = run.source(args.max_images)
+        json_path = out_dir / f"rd_{run.tag}.json"
+        previous = None
+        if args.update:
+            if not json_path.is_file():
+                raise SystemExit(f"rd.py: --update needs an existing {json_path}; run without it first")
+            previous = json.loads(json_path.read_text())
+            check_same_images(previous, source, run, args.crop, json_path)
+        if lp is None:
+            lp = metrics.load_lpips(args.weights)
+            log(f"LPIPS-alex trunk: {lp.trunk_path}")
+        run_one(args, run, source, keys, lp, previous, out_dir,
+                run_command(given, run, len(runs)))
+    return 0
 
+
+def check_same_images(previous: dict, source: ImageSource, run: Run, crop: int | None,
+                      json_path: Path) -> None:
+    """``--update`` merges only into results made on the same images, set and crop."""
+    before = (previous.get("set") or {}).get("name")
+    if run.set_name and before and before != run.set_name:
+        raise SystemExit(f"rd.py: {json_path} was made on set {before}, not {run.set_name}; "
+                         "rerun without --update")
+    if [im["name"] for im in previous["images"]] != [it.name for it in source.items]:
+        raise SystemExit(f"rd.py: {json_path} was made on other images; rerun without --update")
+    if previous.get("crop") != crop:
+        raise SystemExit(f"rd.py: {json_path} was made with --crop {previous.get('crop')}; "
+                         "rerun without --update or with that crop")
+    for im, item in zip(previous["images"], source.items):
+        h, w = center_crop(item.load(), crop).shape[:2]
+        if (im.get("width"), im.get("height")) not in ((w, h), (None, None)):
+            raise SystemExit(f"rd.py: {json_path} has {im['name']} at {im.get('width')}x"
+                             f"{im.get('height')}, this run at {w}x{h}: other images; rerun without --update")
+
+
+def run_one(args: argparse.Namespace, run: Run, source: ImageSource, keys: list[str],
+            lp: metrics.Lpips, previous: dict | None, out_dir: Path, command: str) -> None:
+    """Sweep one set (or folder), write rd_<tag>.json / .md / .png (and the visual)."""
     env = environment(args.threads)
-    log(f"rd.py: {len(files)} images from {images_dir}, series {', '.join(keys)}, "
+    log(f"rd.py: {len(source.items)} images from {source.label}, series {', '.join(keys)}, "
         f"{args.threads} torch threads, {env['cpu']}")
-    lp = metrics.load_lpips(args.weights)
-    log(f"LPIPS-alex trunk: {lp.trunk_path}")
-
     series, skipped = [], {}
     for key in keys:
         try:
@@ -705,14 +1017,12 @@ def main(argv: list[str] | None = None) -> int:
             skipped[key] = {"status": "skipped", "codec": SWEEPS[key].codec, "label": SWEEPS[key].label,
                             "reason": reason}
     t0 = time.perf_counter()
-    images = run_sweeps(series, files, lp, args.crop) if series else [
-        {"name": p.name} for p in files]
+    images = run_sweeps(series, source.items, lp, args.crop) if series else [
+        {"name": it.name} for it in source.items]
     minutes = (time.perf_counter() - t0) / 60
     env["loadavg_1min_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     env["sweep_minutes"] = round(minutes, 2)
 
-    command = "bench/rd.py" + ("" if argv is None and len(sys.argv) == 1 else
-                               " " + " ".join(sys.argv[1:] if argv is None else argv))
     if previous:
         result = previous
         result["environment"] = env
@@ -727,7 +1037,8 @@ def main(argv: list[str] | None = None) -> int:
         result = {
             "schema": SCHEMA,
             "command": ".venv/bin/python " + command,
-            "images_dir": args.images,
+            "images_dir": source.label,
+            **({"set": source.dataset} if source.dataset else {}),
             "crop": args.crop,
             "images_note": "decoded pixels of source files that were lossy-coded once by the scanner "
                            "(JPEG / JPEG 2000); see ../shared/data/README.md",
@@ -745,33 +1056,38 @@ def main(argv: list[str] | None = None) -> int:
                 "encode_mp_s": "total pixels / total encode seconds over images (best of up to 3 runs "
                                "each for sub-0.3 s codecs)",
                 "decode_mp_s": "same for decode",
+                "image_sha256": "images[].sha256: the source file's; images[].pixels_sha256 (sets): the "
+                                "pixels coded (for he_test_2x / 4x an area average of the file)",
+                "top_psnr": "the highest mean PSNR on the codec's curve (psnr_ranges: where and at "
+                            "what bpp)",
             },
             "codecs": {},
             "environment": env,
         }
         result["codecs"].update(skipped)
     for s in series:
-        result["codecs"][s.sweep.key] = summarise(s, len(files), env)
+        result["codecs"][s.sweep.key] = summarise(s, len(source.items), env)
     result["codecs"] = {k: result["codecs"][k] for k in SWEEPS if k in result["codecs"]}
-    result["bd_rate"] = bd_rates(result)
+    derive(result)
 
-    png = out_dir / f"rd_{tag}.png"
+    png = out_dir / f"rd_{run.tag}.png"
     plot_rd(result, png)
+    visual = out_dir / visual_name(run.tag)
     if not args.no_visual:
         try:
-            result["visual"] = make_visual(result, images_dir, out_dir / "visual.png",
-                                           target_bpp=args.visual_bpp)
+            result["visual"] = make_visual(result, source.load, visual, target_bpp=args.visual_bpp)
         except Exception as exc:
             log(f"visual comparison failed: {type(exc).__name__}: {exc}")
+    json_path = out_dir / f"rd_{run.tag}.json"
     json_path.write_text(json.dumps(json_safe(result), indent=1) + "\n")
-    write_markdown(result, out_dir / f"rd_{tag}.md", png.name)
-    log(f"sweep {minutes:.1f} min; wrote {json_path}, {png}, {out_dir / f'rd_{tag}.md'}"
-        + ("" if args.no_visual else f", {out_dir / 'visual.png'}"))
+    write_markdown(result, out_dir / f"rd_{run.tag}.md", png.name)
+    log(f"sweep {minutes:.1f} min; wrote {json_path}, {png}, {out_dir / f'rd_{run.tag}.md'}"
+        + ("" if args.no_visual else f", {visual}"))
     for anchor, rows in result["bd_rate"].get("anchors", {}).items():
         log(f"BD-rate vs {anchor} (PSNR / MS-SSIM dB): " + ", ".join(
             f"{k} {_f(_nan(r.get('psnr')), '+.1f')}% / {_f(_nan(r.get('ms_ssim_db')), '+.1f')}%"
             for k, r in rows.items()))
-    return 0
+    log("top PSNR: " + ", ".join(f"{k} {v:.2f} dB" for k, v in result["top_psnr"].items()))
 
 
 if __name__ == "__main__":
