@@ -84,6 +84,8 @@ class Sweep:
     #: code the image as a container does, in 256² tiles through the codec's encode_tiles /
     #: decode_tiles (:class:`TiledCodec`), not whole
     tiled: bool = False
+    #: per point, options added to ``options`` (same length as ``qualities``), or None
+    point_options: tuple[dict, ...] | None = None
 
 
 SWEEPS: dict[str, Sweep] = {s.key: s for s in (
@@ -100,10 +102,14 @@ SWEEPS: dict[str, Sweep] = {s.key: s for s in (
           knob="target PSNR dB", knob_range=(10, 80)),
     Sweep("avif", "avif", "AVIF 4:4:4 (libavif/aom, speed 6)", (15, 30, 45, 58, 70, 80, 90)),
     Sweep("learned", "learned", "wsicodec learned", (1, 2, 3, 4, 5, 6, 7, 8), knob_range=(1, 8)),
-    # the per-tile codec choice of issue #28 (the new default codec), swept like learned; skipped
-    # with the reason recorded until the registry has it
-    Sweep("auto", "auto", "wsicodec auto (per-tile codec choice)", (1, 2, 3, 4, 5, 6, 7, 8),
-          knob_range=(1, 8), tiled=True),
+    # the per-tile codec choice of issue #28 (the default codec), through wsicodec.encode /
+    # decode as the learned codec: its rate knob 1..8 with a floor low enough to leave the
+    # choice to bytes (a tile goes to JPEG-XL where that reaches the network's PSNR in fewer
+    # bytes), then the floor raised at quality 8 to cover JPEG-XL's top
+    Sweep("auto", "auto", "wsicodec auto (per-tile codec choice)",
+          (1, 2, 3, 4, 5, 6, 7, 8, 8, 8, 8, 8, 8, 8),
+          knob_range=(1, 8), tiled=True,
+          point_options=tuple({"min_psnr": f} for f in (20,) * 8 + (34, 36, 38, 40, 42, 44, 46))),
     # the encoder's latent search (LearnedCodec(refine=...)): ~100x the encode time, so only on request
     Sweep("learned_refine", "learned", "wsicodec learned, refine 40", (1, 3, 5, 8), {"refine": 40},
           knob_range=(1, 8), default=False, against="learned"),
@@ -286,21 +292,25 @@ class SeriesRun:
 
 
 class TiledLearned:
-    """The learned codec as the product uses it: ``wsicodec.encode``/``decode``, i.e.
-    independent 256² tiles, each coded with its 8 px context margin, plus the stream's
-    tile table — every byte counted."""
+    """The learned (or auto) codec as the product uses it: ``wsicodec.encode``/``decode``,
+    i.e. 256² tiles, each coded with its context margin (the auto codec deciding each tile
+    with its neighbours), plus the stream's tile table — every byte counted."""
 
-    def __init__(self, codec) -> None:  # noqa: ANN001 - a LearnedCodec
+    def __init__(self, codec) -> None:  # noqa: ANN001 - a LearnedCodec or AutoCodec
         self.codec = codec
 
     def encode(self, image: np.ndarray) -> bytes:
         from wsicodec.image import encode
-        return encode(image, quality=self.codec.quality, model=str(self.codec.loaded.path),
-                      refine=self.codec.refine)
+        c = self.codec
+        if c.name == "auto":
+            return encode(image, quality=c.quality, model=str(c.learned.loaded.path), codec="auto",
+                          min_psnr=c.min_psnr)
+        return encode(image, quality=c.quality, model=str(c.loaded.path), refine=c.refine)
 
     def decode(self, data: bytes) -> np.ndarray:
         from wsicodec.image import decode
-        return decode(data, model=str(self.codec.loaded.path))
+        loaded = self.codec.learned.loaded if self.codec.name == "auto" else self.codec.loaded
+        return decode(data, model=str(loaded.path))
 
     def to_dict(self) -> dict:
         return self.codec.to_dict()
@@ -359,9 +369,11 @@ def build_series(sweep: Sweep, threads: int) -> SeriesRun:
     """Build one codec per quality; raises with the reason when the codec is unavailable."""
     from wsicodec.codecs import get_codec
 
-    codecs = [get_codec(sweep.codec, quality=q, **sweep.options) for q in sweep.qualities]
+    points = sweep.point_options or ({},) * len(sweep.qualities)
+    codecs = [get_codec(sweep.codec, quality=q, **sweep.options, **extra)
+              for q, extra in zip(sweep.qualities, points)]
     config = [c.to_dict() for c in codecs]
-    if sweep.codec == "learned":
+    if sweep.codec in ("learned", "auto"):
         codecs = [TiledLearned(c) for c in codecs]
     elif sweep.tiled:
         codecs = [TiledCodec(c) for c in codecs]
