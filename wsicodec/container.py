@@ -5,6 +5,8 @@ Layout (directory store ``OUT.zarr`` or the same tree in a single zip ``OUT.zarr
     zarr.json                  group; attrs["wsicodec"] = metadata (see ContainerMetadata)
     levels/<i>/tiles           (rows, cols) variable-length bytes, one tile per chunk
     levels/<i>/crc32           (rows, cols) uint32, CRC32 of each tile's bytes
+    levels/<i>/digest          (rows, cols, 16) uint8, each tile's digest (format 3, 4)
+    levels/<i>/kind|psnr|nbytes  (rows, cols) the fidelity map (format 4, wsicodec.fidelity)
     associated/<name>          1-D uint8: the label / macro / thumbnail, coded as PNG
                                (lossless) or JPEG-XL (see ASSOCIATED_POLICIES in
                                :mod:`wsicodec.writer`)
@@ -15,7 +17,7 @@ A finished container is complete or absent: :mod:`wsicodec.writer` writes it ato
 
 Reading (:func:`open_container`, :class:`Container`) checks the metadata before anything
 is sized from it, each store file before zarr reads it (:class:`_StoreGuard`), and each
-tile against its CRC32 and digest.
+tile against its CRC32 and digest (and, in format 4, its size against the fidelity map).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from wsicodec.codecs import READER_OPTIONS, Run, TileCodec, codec_from_dict
 from wsicodec.errors import (ClosedError, CorruptDataError, CorruptTileError, InvalidSettingError,
                              ModelMismatchError, SlideNotFoundError, UnsupportedFormatError,
                              WsiCodecError, as_tile_error)
+from wsicodec import fidelity
 from wsicodec.integrity import DIGEST_BYTES, blob_digest, level_digest, tile_digest
 from wsicodec.metadata import (ATTRS_KEY, MAX_ASSOCIATED_BYTES, MAX_JSON_BYTES, ContainerMetadata,
                                check_image_header, max_tile_bytes, missing_guarantees)
@@ -185,6 +188,7 @@ class Container:
         self._tiles: dict[int, Any] = {}
         self._crc: dict[int, np.ndarray] = {}
         self._digest: dict[int, np.ndarray] = {}
+        self._records: dict[int, fidelity.TileRecords] = {}
         self._cache: Any = None       # the codec's decode cache (new_cache), made on first use
         self._cache_made = False
         self._cache_lock = threading.Lock()
@@ -238,7 +242,7 @@ class Container:
         self._check_open()
         if level not in self._tiles:
             g = self.grid(level)
-            digest = None
+            digest = records = None
             try:
                 for key, cap in self._level_files(level, g):
                     if not self._guard.check(key, cap):
@@ -254,6 +258,8 @@ class Container:
                         digest = np.asarray(_plain_array(
                             self._group, f"levels/{level}/digest", (g.rows, g.cols, DIGEST_BYTES),
                             np.uint8)[...], np.uint8)
+                    if self.metadata.has_tile_records:
+                        records = fidelity.read_arrays(self._group, level, (g.rows, g.cols))
                 finally:
                     cw.__exit__(None, None, None)
             except _GridMismatch:
@@ -262,17 +268,24 @@ class Container:
             except Exception as e:  # zarr/zip errors of many kinds: damaged store
                 raise CorruptDataError(f"{self.path}: level {level} arrays unreadable: {e}") from e
             if digest is not None:
-                if level_digest(self.metadata.container_id, level, digest) != \
+                if level_digest(self.metadata.container_id, level, digest, records) != \
                         self.metadata.level_digests[level]:  # type: ignore[arg-type]
-                    raise CorruptDataError(f"{self.path}: level {level}'s tile digests do not "
-                                           "match the metadata (damaged or replaced)")
+                    raise CorruptDataError(
+                        f"{self.path}: level {level}'s tile digests"
+                        f"{' or fidelity map' if records is not None else ''} do not "
+                        "match the metadata (damaged or replaced)")
                 self._digest[level] = digest
+            if records is not None:
+                lb = self.metadata.level_bytes
+                self._records[level] = fidelity.TileRecords.checked(
+                    level, self.metadata.tile_kinds, records, max_tile_bytes(self.tile_size),
+                    lb[level] if level < len(lb) else None, str(self.path))
             self._tiles[level], self._crc[level] = tiles, crc
         return self._tiles[level], self._crc[level]
 
     def check_level(self, level: int) -> None:
-        """Read and check a level's CRC and digest arrays (what every tile read of the
-        level needs).  Raises CorruptDataError when they are damaged or do not match the
+        """Read and check a level's CRC and digest arrays and fidelity map (what every
+        tile read of the level needs).  Raises CorruptDataError when they are damaged or do not match the
         metadata, RegionOutOfBoundsError for a bad level."""
         self._level_arrays(level)
 
@@ -285,12 +298,27 @@ class Container:
         if self.metadata.has_digests:
             files += [(f"levels/{level}/digest/zarr.json", 1 << 16),
                       (f"levels/{level}/digest/c/0/0/0", DIGEST_BYTES * n)]
+        if self.metadata.has_tile_records:
+            files += fidelity.record_files(level, n)
         return files
+
+    def tile_records(self, level: int) -> "fidelity.TileRecords | None":
+        """The fidelity map of a level (:class:`wsicodec.fidelity.TileRecords`), or None
+        for a container without one (format 1-3).  Read with the level's other arrays
+        and checked against the level digest.
+
+        Raises RegionOutOfBoundsError for a bad level, CorruptDataError (naming the
+        level) for a damaged, forged or inconsistent map."""
+        self.grid(level)
+        if not self.metadata.has_tile_records:
+            return None
+        self._level_arrays(level)
+        return self._records[level]
 
     def read_encoded_tile(self, level: int, col: int, row: int) -> bytes:
         """The stored bytes of one tile, checked, not decoded: against its CRC32 and, in
-        a format-3 container, against its digest, which binds it to this container and to
-        (level, col, row).
+        a format-3/4 container, against its digest, which binds it to this container and to
+        (level, col, row); in format 4 its size against the fidelity map's ``nbytes``.
 
         Raises:
             RegionOutOfBoundsError: level/col/row outside the pyramid.
@@ -315,6 +343,11 @@ class Container:
                                               data) != digest[row, col].tobytes():
             raise CorruptTileError(f"{self.path}: tile {where} is not the tile written there "
                                    "(digest mismatch: moved, replaced or damaged)",
+                                   level=level, col=col, row=row)
+        records = self._records.get(level)
+        if records is not None and len(data) != int(records.nbytes[row, col]):
+            raise CorruptTileError(f"{self.path}: tile {where} holds {len(data)} bytes, its "
+                                   f"fidelity record {int(records.nbytes[row, col])}",
                                    level=level, col=col, row=row)
         return data
 
@@ -428,7 +461,9 @@ class Container:
         return path_size(self.path)
 
     def info(self) -> dict[str, Any]:
-        """A JSON-able summary (what ``wsicodec info --json`` prints)."""
+        """A JSON-able summary (what ``wsicodec info --json`` prints): the metadata's
+        attributes and, in format 4, ``fidelity``: :func:`wsicodec.fidelity.summarize` of
+        the fidelity map (``{"error": message}`` when it is damaged)."""
         attrs = self.metadata.to_attrs()
         stored = self._group.attrs.get(ATTRS_KEY, {})
         attrs["software"] = stored.get("software")
@@ -436,6 +471,8 @@ class Container:
         attrs["missing_guarantees"] = missing_guarantees(self.metadata.format_version)
         attrs["path"] = str(self.path)
         attrs["container_bytes"] = self.nbytes()
+        if self.metadata.has_tile_records:
+            attrs["fidelity"] = fidelity.container_summary(self)
         return attrs
 
     def close(self) -> None:

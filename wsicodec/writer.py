@@ -7,7 +7,8 @@ or interrupted write leaves nothing at ``OUT`` and nothing that opens as a conta
 
 Resuming: the hidden sibling (``.OUT.partial-XXXXXXXX``, ``….d`` for a zip) keeps a
 journal (:data:`JOURNAL`) of the tile rows it holds: the settings on its first line,
-then one line per finished row with its tiles' CRC32s. An interrupted write
+then one line per finished row with its tiles' CRC32s (and, for a container with a
+fidelity map, its tiles' records: :mod:`wsicodec.fidelity`). An interrupted write
 (KeyboardInterrupt: Ctrl-C, or SIGTERM through the CLI) or an OSError (a full disk, an
 I/O error) after it finished a row keeps the sibling; a writer made with ``resume=True``
 for the same output and identical settings takes it over, checks each journalled row
@@ -36,11 +37,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from wsicodec import fidelity
 from wsicodec.container import ASSOCIATED_FORMATS, is_zip_path, quiet_zarr, read_tile_chunk
 from wsicodec.errors import InvalidSettingError, RegionOutOfBoundsError, WsiCodecError
 from wsicodec.integrity import (DIGEST_BYTES, blob_digest, level_digest, new_container_id,
                                 tile_digest)
-from wsicodec.metadata import ASSOCIATED_NAME, ATTRS_KEY, ContainerMetadata
+from wsicodec.metadata import ASSOCIATED_NAME, ATTRS_KEY, ContainerMetadata, check_tile_kinds
 from wsicodec.paths import check_output_path
 
 log = logging.getLogger(__name__)
@@ -102,12 +104,17 @@ class ContainerWriter:
     leaving the block without committing (or with an exception) removes everything.
 
     Tiles are written a whole tile row at a time (:meth:`write_row`), in any order.
+    With ``metadata.tile_kinds`` set, every row comes with its tiles' records
+    (:class:`wsicodec.fidelity.TileRecord`) and the container is written as format 4
+    with a fidelity map; without, as format 3.
     """
 
     def __init__(self, path: str | os.PathLike[str], metadata: ContainerMetadata, *,
                  overwrite: bool = False, resume: bool = False,
                  resume_key: dict[str, Any] | None = None) -> None:
-        """Raises OutputExistsError if ``path`` exists and ``overwrite`` is false.
+        """Raises OutputExistsError if ``path`` exists and ``overwrite`` is false,
+        InvalidSettingError for ``metadata.tile_kinds`` that are not 1 to 16 distinct
+        short lower-case names (:func:`wsicodec.metadata.check_tile_kinds`).
 
         ``resume``: continue the partial write an interrupted writer left for ``path``
         with identical ``metadata`` and ``resume_key`` (e.g. the source file's size and
@@ -120,6 +127,11 @@ class ContainerWriter:
 
         self.path = Path(path)
         self.overwrite = overwrite
+        if metadata.tile_kinds:
+            try:
+                check_tile_kinds(metadata.tile_kinds)
+            except ValueError as e:
+                raise InvalidSettingError(str(e)) from None
         _sweep_leftovers(self.path)
         self._check_target()
         # a fresh id for every container written (a resumed one too: its digests are
@@ -132,6 +144,10 @@ class ContainerWriter:
         self._crc = [np.zeros((g.rows, g.cols), np.uint32) for g in self._grids]
         self._digest = [np.zeros((g.rows, g.cols, DIGEST_BYTES), np.uint8) for g in self._grids]
         self._written = [np.zeros((g.rows, g.cols), bool) for g in self._grids]
+        # the fidelity map (kept whether or not it is written: a few bytes per tile)
+        self._kind = [np.zeros((g.rows, g.cols), np.uint8) for g in self._grids]
+        self._psnr = [np.zeros((g.rows, g.cols), np.float32) for g in self._grids]
+        self._nbytes = [np.zeros((g.rows, g.cols), np.uint32) for g in self._grids]
         self._bytes = [0] * len(self._grids)
         self._associated: list[str] = []
         self._associated_formats: dict[str, str] = {}
@@ -209,18 +225,28 @@ class ContainerWriter:
         return None
 
     def _check_journalled_row(self, line: str) -> None:
-        """Keep a journalled row if its stored tiles match the CRC32s journalled for them."""
+        """Keep a journalled row if its stored tiles match the CRC32s journalled for them
+        (and, with a fidelity map, its line holds valid records for them)."""
+        kinds = self.metadata.tile_kinds
         try:
             entry = json.loads(line)
             level, row, crcs = int(entry["level"]), int(entry["row"]), list(entry["crc"])
             grid = self._grids[level]
-            if not 0 <= row < grid.rows or len(crcs) != grid.cols:
+            if not 0 <= level < len(self._grids) or not 0 <= row < grid.rows \
+                    or len(crcs) != grid.cols:
                 return
+            if kinds:
+                kind, psnr = fidelity.from_journal(entry["records"], kinds, grid.cols)
             stored = [read_tile_chunk(self._tiles[level], row, c) for c in range(grid.cols)]
         except (ValueError, KeyError, TypeError, IndexError, OSError):
             return      # a torn last line, or a damaged row: encode it again
         if [zlib.crc32(b) for b in stored] != crcs:
             return
+        if kinds:
+            self._kind[level][row, :], self._psnr[level][row, :] = kind, psnr
+        if self._written[level][row].all():     # journalled again: count its bytes once
+            self._bytes[level] -= int(self._nbytes[level][row].sum(dtype=np.int64))
+        self._nbytes[level][row, :] = [len(b) for b in stored]
         self._crc[level][row, :] = crcs
         for col, data in enumerate(stored):
             self._digest[level][row, col] = np.frombuffer(self._tile_digest(level, col, row, data),
@@ -248,15 +274,30 @@ class ContainerWriter:
     def _check_target(self) -> None:
         check_output_path(self.path, self.overwrite)
 
-    def write_row(self, level: int, row: int, tiles: Sequence[bytes]) -> None:
-        """Store the encoded tiles of one tile row (left to right).
+    def write_row(self, level: int, row: int, tiles: Sequence[bytes],
+                  records: Sequence[fidelity.TileRecord] | None = None) -> None:
+        """Store the encoded tiles of one tile row (left to right), in any order of rows
+        (a row may come before the row above it; writing a row again replaces it).
 
-        Raises RegionOutOfBoundsError for a bad level/row or the wrong tile count.
+        ``records``: one :class:`~wsicodec.fidelity.TileRecord` per tile, left to right,
+        required iff ``metadata.tile_kinds`` is set (each kind one of them, each psnr a
+        number in 0..:data:`~wsicodec.fidelity.MAX_PSNR` dB or ``math.inf``, never NaN).
+
+        Raises RegionOutOfBoundsError for a bad level/row or the wrong tile count,
+        InvalidSettingError for missing, unwanted or invalid records (nothing of the row
+        is stored then).
         """
         grid = self._grids[level] if 0 <= level < len(self._grids) else None
         if grid is None or not 0 <= row < grid.rows or len(tiles) != grid.cols:
             raise RegionOutOfBoundsError(f"row {row} of level {level} with {len(tiles)} tiles "
                                          "does not fit the pyramid")
+        kinds = self.metadata.tile_kinds
+        where = f"level {level} row {row}"
+        if kinds:
+            kind, psnr = fidelity.record_row(records, kinds, grid.cols, where)
+        elif records is not None:
+            raise InvalidSettingError(f"{where}: tile records given, but the container's "
+                                      "metadata names no tile_kinds")
         values = np.empty((1, grid.cols), dtype=object)
         for col, data in enumerate(tiles):
             data = bytes(data)
@@ -264,15 +305,22 @@ class ContainerWriter:
             self._crc[level][row, col] = zlib.crc32(data)
             self._digest[level][row, col] = np.frombuffer(self._tile_digest(level, col, row, data),
                                                           np.uint8)
-            self._bytes[level] += len(data)
         cw = quiet_zarr()
         try:
             self._tiles[level][row:row + 1, :] = values
         finally:
             cw.__exit__(None, None, None)
+        if self._written[level][row].all():     # written again: count its bytes once
+            self._bytes[level] -= int(self._nbytes[level][row].sum(dtype=np.int64))
+        self._nbytes[level][row, :] = [len(v) for v in values[0]]
+        self._bytes[level] += int(self._nbytes[level][row].sum(dtype=np.int64))
         self._written[level][row, :] = True
-        self._journal_line({"level": level, "row": row,
-                            "crc": [int(c) for c in self._crc[level][row]]})
+        line: dict[str, Any] = {"level": level, "row": row,
+                                "crc": [int(c) for c in self._crc[level][row]]}
+        if kinds:
+            self._kind[level][row, :], self._psnr[level][row, :] = kind, psnr
+            line["records"] = fidelity.journal_entry(kind, psnr)
+        self._journal_line(line)
 
     def write_associated(self, name: str, rgb: np.ndarray, fmt: str = "png") -> None:
         """Store an associated image as PNG (lossless) or JPEG-XL (``fmt`` "jxl", distance
@@ -319,7 +367,12 @@ class ContainerWriter:
                                            chunks=digest.shape, dtype="uint8", fill_value=0,
                                            compressors=None, overwrite=True)
             arr[:] = digest
-            level_digests.append(level_digest(self.metadata.container_id, level, digest))  # type: ignore[arg-type]
+            records = None
+            if self.metadata.tile_kinds:
+                records = (self._kind[level], self._psnr[level], self._nbytes[level])
+                fidelity.write_arrays(self._group, level, *records)
+            level_digests.append(level_digest(self.metadata.container_id, level, digest,  # type: ignore[arg-type]
+                                              records))
         from dataclasses import replace
 
         meta = replace(self.metadata, associated_images=tuple(self._associated),
