@@ -328,6 +328,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
                              "CRC32 per tile only (written before format 3: no digests)"))
     if info.get("deidentified"):
         print(f"  {_deidentified_line(info['deidentified'])}")
+    if info.get("fidelity") is not None:        # format 4: the per-tile fidelity map
+        from wsicodec.fidelity import summary_lines
+        print("\n".join(f"  {line}" for line in summary_lines(info["fidelity"])))
     return 0
 
 
@@ -370,7 +373,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         for *_, message in result.damaged_levels + result.damaged_tiles + result.damaged_associated:
             print(message)   # each names the tile (level, col, row) or the image
         what = "decoded" if result.decoded else (
-            "checked (CRC32, digest)" if not result.missing_guarantees else "CRC-checked")
+            "CRC-checked" if result.missing_guarantees else "checked (CRC32, digest"
+            + (", fidelity map)" if result.format_version >= 4 else ")"))
         print(f"{result.path}: {result.tiles} tiles {what}, {result.associated} associated images "
               f"decoded: {result.damage if not result.ok else 'all intact'} "
               f"({result.seconds:.1f} s)")

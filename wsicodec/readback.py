@@ -2,7 +2,7 @@
 
 verify::
 
-    open_container ─► per level: check_level (CRC / digest arrays)
+    open_container ─► per level: check_level (CRC / digest arrays, format 4's fidelity map)
         ─► per tile row: read_encoded_tile (CRC32, digest) or read_tiles (decode too)
         ─► every associated image ─► VerifyResult (damage listed, never raised)
 
@@ -68,8 +68,8 @@ class VerifyResult:
     #: (:func:`wsicodec.metadata.missing_guarantees`; empty for format 3)
     format_version: int = 3
     missing_guarantees: tuple[str, ...] = ()
-    #: (level, message) of each level whose CRC or digest array is damaged: none of its
-    #: tiles can be checked (they count as damaged)
+    #: (level, message) of each level whose CRC or digest array (or, in format 4, its
+    #: fidelity map) is damaged: none of its tiles can be checked (they count as damaged)
     damaged_levels: tuple[tuple[int, int, str], ...] = ()   # (level, tiles, message)
 
     @property
@@ -102,7 +102,10 @@ def verify(path: str | os.PathLike[str], *, decode: bool = False,
     """Check every tile of a container against its CRC32 and, in format 3, its digest
     (which binds it to its level, column, row and container: a tile moved or spliced in
     fails); ``decode``: decode it too, checking its geometry and, for the learned codec,
-    its symbols' checksum.  Decode every associated image (checking its digest).  The
+    its symbols' checksum.  In format 4, each level's fidelity map is checked against
+    the level digest and for consistency (kinds, PSNR ranges, sizes summing to the
+    level's bytes; a damaged map makes its level a damaged level), and each tile's size
+    against its record.  Decode every associated image (checking its digest).  The
     metadata (and, in format 3, its digest) is checked when the container opens.
     Damage is reported in the result, never raised.
 
