@@ -17,6 +17,8 @@ LRU tile cache) wrapped in OpenSlide's own ``openslide.deepzoom.DeepZoomGenerato
                                               one DeepZoom tile
     GET /slides/<name>/associated/<image>.jpeg|.png
                                               an associated image (label, macro, thumbnail)
+    GET /slides/<name>/fidelity/<level>.json  a format-4 level's fidelity map (JSON; 404
+                                              without one): :func:`wsicodec.fidelity.level_json`
 
 Status codes: 400 for a malformed request (bad numbers, unknown tile format), 404 for
 anything that does not exist (unknown slide, level or tile outside the pyramid), 500
@@ -58,6 +60,7 @@ from wsicodec.errors import (CorruptDataError, InvalidSettingError, RegionOutOfB
                              WsiCodecError)
 from wsicodec.httpd import (BoundedHTTPServer, BoundedRequestHandler, HttpError, error_body,
                             split_host)
+from wsicodec.fidelity import level_json, viewer_index
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,7 @@ _DZI_RE = re.compile(rf"^/slides/(?P<name>{_NAME})\.dzi$")
 _PROPS_RE = re.compile(rf"^/slides/(?P<name>{_NAME})/properties$")
 _ASSOCIATED_RE = re.compile(rf"^/slides/(?P<name>{_NAME})/associated/(?P<image>[^/]+)"
                             rf"\.(?P<fmt>[A-Za-z0-9]+)$")
+_FIDELITY_RE = re.compile(rf"^/slides/(?P<name>{_NAME})/fidelity/(?P<level>[^/]+)\.json$")
 _INT_RE = re.compile(r"^[0-9]{1,9}$")
 
 
@@ -248,7 +252,8 @@ class ServedSlide:
                 "levels": self.slide.level_count,
                 "mpp": float(mpp) if mpp else None,
                 "codec": props.get("wsicodec.codec"),
-                "associated_images": self.associated_urls()}
+                "associated_images": self.associated_urls(),
+                "fidelity": viewer_index(self.slide.container, f"/slides/{self.name}/fidelity/")}
 
     def preload(self) -> None:
         """Load the codec (torch and the model for the learned codec) now, not on the
@@ -380,6 +385,14 @@ class TileRequestHandler(BoundedRequestHandler):
         m = _PROPS_RE.match(path)
         if m:
             return self._json(dict(srv.slides.get(m["name"]).properties))
+        m = _FIDELITY_RE.match(path)
+        if m:
+            served = srv.slides.get(m["name"])
+            body = level_json(served.slide.container, _parse_int(m["level"], "level"))
+            if body is None:
+                raise HttpError(HTTPStatus.NOT_FOUND, f"slide {served.name!r} has no fidelity "
+                                                      "map (its container is not format 4)")
+            return self._json(body)
         m = _ASSOCIATED_RE.match(path)
         if m:
             served = srv.slides.get(m["name"])

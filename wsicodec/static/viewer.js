@@ -1,13 +1,16 @@
 // wsicodec viewer: lists /slides and shows one with OpenSeadragon (served from
 // /openseadragon/, installed from the npm registry by `npm ci --prefix wsicodec/static`).
-// ?slide=NAME picks the slide to open.
+// ?slide=NAME picks the slide to open; ?fidelity=1 turns the fidelity overlay on
+// (fidelity.js) for slides that have a fidelity map.
 (function () {
   "use strict";
   var message = document.getElementById("message");
   var select = document.getElementById("slides");
   var info = document.getElementById("info");
   var associated = document.getElementById("associated");
+  var toggle = document.getElementById("fidelity");
   var viewer = null;
+  var fidelity = null;
 
   function fail(text) {
     message.textContent = text;
@@ -48,9 +51,13 @@
       });
       viewer.addHandler("open-failed", function (e) { fail("cannot open " + slide.dzi + ": " + e.message); });
       viewer.world.addHandler("add-item", function () { document.title = "wsicodec viewer: " + slide.name; });
+      toggle.checked = new URLSearchParams(window.location.search).get("fidelity") === "1";
+      fidelity = window.WsicodecFidelity(viewer, toggle, document.getElementById("fidelity-legend"),
+                                         document.getElementById("fidelity-tip"));
     } else {
       viewer.open(slide.dzi);
     }
+    fidelity.show(slide);
     var url = new URL(window.location.href);
     url.searchParams.set("slide", slide.name);
     window.history.replaceState(null, "", url.toString());
