@@ -414,7 +414,10 @@ def test_server_fidelity_endpoint(container: Path, coded, image, tmp_path: Path)
         for key, (tiles, _) in sorted(coded.items()):
             w.write_row(*key, tiles)
         w.commit()
-    server = make_server([container, three], port=0)
+    damaged = _copy(container, tmp_path / "damaged.zarr")
+    chunk = damaged / "levels/1/psnr/c/0/0"
+    chunk.write_bytes(chunk.read_bytes()[:-4] + np.float32(99.0).tobytes())
+    server = make_server([container, three, damaged], port=0)
     serve_in_thread(server)
     try:
         url = server.url
@@ -440,6 +443,9 @@ def test_server_fidelity_endpoint(container: Path, coded, image, tmp_path: Path)
         assert _get(url + "slides/f/fidelity/2.json")[0] == 404
         assert _get(url + "slides/nope/fidelity/0.json")[0] == 404
         assert _get(url + "slides/f/fidelity/x.json")[0] == 400
+        assert _get(url + "slides/damaged/fidelity/0.json")[0] == 200
+        status, body = _get(url + "slides/damaged/fidelity/1.json")
+        assert status == 500 and "level 1" in body["error"], body
     finally:
         server.shutdown()
         server.server_close()
