@@ -92,10 +92,12 @@ def base_image(codec: str, other: bool = False) -> np.ndarray:
     return crop
 
 
-def make_bases(folder: Path, codecs: tuple[str, ...] = CODECS) -> dict[str, Path]:
+def make_bases(folder: Path, codecs: tuple[str, ...] = CODECS,
+               fidelity: bool = False) -> dict[str, Path]:
     """Write, per codec, ``<codec>.zarr``, the same as ``<codec>.zarr.zip`` and another
     container of another crop (``<codec>-other.zarr``, for splicing), each with a PNG
-    label and a JPEG-XL thumbnail.  Returns {name: path}."""
+    label and a JPEG-XL thumbnail.  ``fidelity``: each written again as a format-4
+    container with a fidelity map (:func:`with_fidelity_map`).  Returns {name: path}."""
     from wsicodec.codecs import get_codec
     from wsicodec.pipeline import compress_source
     from wsicodec.tiling import ArraySource
@@ -111,11 +113,54 @@ def make_bases(folder: Path, codecs: tuple[str, ...] = CODECS) -> dict[str, Path
                               associated={"label": img[:20, :30], "thumbnail": img[::4, ::4]})
             path = folder / f"{name}.zarr"
             compress_source(src, path, c, tile_size=TILE, workers=1)
+            if fidelity:
+                with_fidelity_map(path, img)
             out[name] = path
         zpath = folder / f"{codec}.zarr.zip"
         zip_directory(folder / f"{codec}.zarr", zpath)
         out[f"{codec}-zip"] = zpath
     return out
+
+
+def with_fidelity_map(path: Path, image: np.ndarray) -> None:
+    """Write the container at ``path`` again, the same tiles, as format 4 with a fidelity
+    map: kinds ("glass", <codec>), the uniform tile of :func:`base_image` glass; PSNRs
+    measured against ``image`` at level 0, made up (35 + (col + row) % 7 dB) above it;
+    the associated images coded again from their decoded pixels."""
+    from dataclasses import replace
+
+    from wsicodec.container import open_container
+    from wsicodec.fidelity import TileRecord
+    from wsicodec.writer import ContainerWriter
+
+    tmp = path.with_name(path.name + ".fid")
+    with open_container(path) as c:
+        meta = c.metadata
+        kinds = ("glass", meta.codec["name"])
+        with ContainerWriter(tmp, replace(meta, tile_kinds=kinds)) as w:
+            for level in range(c.level_count):
+                g = c.grid(level)
+                for row in range(g.rows):
+                    tiles, recs = [], []
+                    for col in range(g.cols):
+                        tiles.append(c.read_encoded_tile(level, col, row))
+                        if level == 0:
+                            r = g.tile_rect(col, row)
+                            x, y, tw, th = r.x, r.y, r.width, r.height
+                            shown = c.read_tile(0, col, row)[:th, :tw].astype(float)
+                            mse = np.mean((shown - image[y:y + th, x:x + tw]) ** 2)
+                            db = float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+                        else:
+                            db = 35.0 + (col + row) % 7
+                        glass = (level, col, row) == (0, 2, 0)
+                        recs.append(TileRecord(kinds[0] if glass else kinds[1], db))
+                    w.write_row(level, row, tiles, recs)
+            for name in c.associated_image_names():
+                w.write_associated(name, c.read_associated_image(name),
+                                   meta.associated_formats.get(name, "png"))
+            w.commit()
+    shutil.rmtree(path)
+    tmp.rename(path)
 
 
 # ---------------------------------------------------------------- case generation
@@ -146,7 +191,7 @@ def cases(n: int, seed: int, learned_share: float = 0.3,
 def _files(root: Path) -> dict[str, list[Path]]:
     """A directory container's files by category."""
     cats: dict[str, list[Path]] = {k: [] for k in ("root_json", "array_json", "tile", "crc",
-                                                   "digest", "associated")}
+                                                   "digest", "records", "associated")}
     for p in sorted(root.rglob("*")):
         if not p.is_file():
             continue
@@ -161,6 +206,8 @@ def _files(root: Path) -> dict[str, list[Path]]:
             cats["crc"].append(p)
         elif "/digest/c/" in rel:
             cats["digest"].append(p)
+        elif any(f"/{a}/c/" in rel for a in ("kind", "psnr", "nbytes")):   # format 4's map
+            cats["records"].append(p)
         elif rel.startswith("associated/"):
             cats["associated"].append(p)
     return cats
@@ -658,7 +705,9 @@ def forge(work: Path) -> None:
     """Recompute every CRC and digest of a directory container after a mutation, as
     someone who edits a container on purpose would (``tests/conftest.forge_digests``,
     but reading the stored chunks directly, so it also forges a container whose arrays
-    zarr could no longer open; what it cannot parse it leaves alone)."""
+    zarr could no longer open; what it cannot parse it leaves alone).  In format 4 the
+    fidelity map's ``nbytes`` and the level's ``level_bytes`` follow the tiles, and the
+    level digest covers the map as stored."""
     from wsicodec.integrity import blob_digest, level_digest, metadata_digest, tile_digest
 
     doc_path = work / "zarr.json"
@@ -687,8 +736,9 @@ def forge(work: Path) -> None:
                 crc_p.write_bytes(crc.astype("<u4").tobytes())
             if dig_p.is_file():
                 dig_p.write_bytes(digest.tobytes())
+            records = _forge_records(work, attrs, level, rows, cols) if "tile_kinds" in attrs else None
             if isinstance(entry, dict):
-                entry["tiles_digest"] = level_digest(cid, level, digest)
+                entry["tiles_digest"] = level_digest(cid, level, digest, records)
         except Exception:  # noqa: BLE001 - a level the mutation made unparsable
             continue
     names = attrs.get("associated_images")
@@ -699,6 +749,24 @@ def forge(work: Path) -> None:
                 attrs["associated_digests"][name] = blob_digest(cid, name, p.read_bytes())
     attrs["metadata_digest"] = metadata_digest(attrs)
     doc_path.write_text(json.dumps(doc, allow_nan=True))
+
+
+def _forge_records(work: Path, attrs: dict, level: int, rows: int,
+                   cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A format-4 level's (kind, psnr, nbytes) for :func:`forge`: kind and psnr as stored,
+    nbytes (and ``level_bytes``) set to the tiles' sizes now."""
+    base = work / "levels" / str(level)
+    kind = np.frombuffer((base / "kind/c/0/0").read_bytes(), "u1").reshape(rows, cols)
+    psnr = np.frombuffer((base / "psnr/c/0/0").read_bytes(), "<f4").reshape(rows, cols)
+    nbytes = np.zeros((rows, cols), "<u4")
+    for row in range(rows):
+        for col in range(cols):
+            p = _tile_path(work, level, col, row)
+            nbytes[row, col] = len(_read_tile(p)) if p.is_file() else 0
+    (base / "nbytes/c/0/0").write_bytes(nbytes.tobytes())
+    if isinstance(attrs.get("level_bytes"), list) and level < len(attrs["level_bytes"]):
+        attrs["level_bytes"][level] = int(nbytes.sum())
+    return kind, psnr, nbytes
 
 
 # ---------------------------------------------------------------- reading a container
@@ -776,6 +844,17 @@ def read_everything(path: Path, tmp: Path) -> dict[str, Any]:
         return {"px": [_digest(a) for a in levels]}
 
     op("decompress", do_tiff)
+
+    def do_fidelity() -> dict:
+        # format 4's map as readers give it: kind names, kinds and PSNRs per level (nbytes
+        # follow the tiles, checked by every tile read above); format 1-3: none
+        with wsicodec.open_container(path) as c:
+            maps = [c.tile_records(lv) for lv in range(c.level_count)]
+            if maps[0] is None:
+                return {"px": "no map"}
+            return {"px": [[list(m.kind_names), _digest(m.kind), _digest(m.psnr)] for m in maps]}
+
+    op("fidelity", do_fidelity)
     out["_arrays"] = shapes
     return out
 

@@ -162,3 +162,52 @@ def test_glass_tile_colour_is_the_undetectable_class(bases, tmp_path: Path) -> N
     with wsicodec.open_slide(work) as s:
         a = s.read_region((128, 0), 0, (64, 64), as_array=True)
     assert np.all(a[..., 0] == 176) and np.all(a[..., 1] == 238)
+
+
+# -- format 4: the fidelity map ---------------------------------------------------------
+FIDELITY_CASES = 60
+
+
+@pytest.fixture(scope="module")
+def fidelity_bases(bases: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The jpegxl bases written again as format 4 with a fidelity map (the learned ones,
+    which cross_codec_forged splices from, as they are)."""
+    made = fuzzlib.make_bases(tmp_path_factory.mktemp("fuzz-fidelity"), ("jpegxl",), fidelity=True)
+    return {**bases, **made}
+
+
+def test_fuzz_format_4_fidelity_map(fidelity_bases: dict[str, Path],
+                                    tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The same mutations on a format-4 jpegxl container: its map's arrays are among the
+    files mutated, forged digests cover them, and the reads include the map itself."""
+    from wsicodec.container import open_container
+
+    with open_container(fidelity_bases["jpegxl"]) as c:
+        assert c.metadata.format_version == 4 and c.tile_records(0).kind_names == ("glass", "jpegxl")
+    assert fuzzlib._files(fidelity_bases["jpegxl"])["records"]
+    cases = fuzzlib.cases(FIDELITY_CASES, SEED + 1, 0.0, codecs=("jpegxl",))
+    records = fuzzlib.run_cases(cases, fidelity_bases, tmp_path_factory.mktemp("fuzz-fid-run"))
+    summary = fuzzlib.summarize(records)
+    assert summary["cases"] == FIDELITY_CASES
+    assert summary["failure_count"] == 0, _show(summary["failures"])
+    touched = [r for r in records if any(f"/{a}/c/" in str(r.get("mutation"))
+                                         for a in ("kind", "psnr", "nbytes"))]
+    assert touched and all(r["outcome"] in ("error", "no_effect") for r in touched), touched
+
+
+def test_forged_map_edit_is_caught_only_when_digests_are_not_forged(fidelity_bases, tmp_path: Path) -> None:
+    """A PSNR changed in the map: a level digest mismatch; with every digest forged it
+    reads as the other PSNR (a forged map is the undetectable class, like forged metadata)."""
+    from wsicodec.container import open_container
+
+    work = _copy(fidelity_bases, "jpegxl", tmp_path)
+    p = work / "levels" / "0" / "psnr" / "c" / "0" / "0"
+    a = np.frombuffer(p.read_bytes(), "<f4").copy()
+    a[3] = 12.5
+    p.write_bytes(a.tobytes())
+    damage = _damage(work)
+    assert len(damage) == 1 and "level 0's tile digests or fidelity map do not match" in damage[0]
+    fuzzlib.forge(work)
+    assert _damage(work) == []
+    with open_container(work) as c:
+        assert c.tile_records(0).psnr.ravel()[3] == 12.5
