@@ -63,11 +63,29 @@ def _check_psnr(value: Any) -> float:
     return v
 
 
+def check_writer_kinds(kinds: tuple[str, ...]) -> None:
+    """Raises InvalidSettingError unless ``kinds`` is empty or valid ``tile_kinds``
+    (:func:`wsicodec.metadata.check_tile_kinds`)."""
+    from wsicodec.metadata import check_tile_kinds
+
+    if kinds:
+        try:
+            check_tile_kinds(kinds)
+        except ValueError as e:
+            raise InvalidSettingError(str(e)) from None
+
+
 def record_row(records: Sequence[TileRecord] | None, kinds: tuple[str, ...], cols: int,
-               where: str) -> tuple[np.ndarray, np.ndarray]:
+               where: str) -> tuple[np.ndarray | None, np.ndarray | None]:
     """A row's records as (kind uint8, psnr float32) arrays of length ``cols``, checked:
     one :class:`TileRecord` per tile, each kind among ``kinds``, each psnr a number in
-    0..MAX_PSNR or inf (never NaN).  Raises InvalidSettingError naming ``where``."""
+    0..MAX_PSNR or inf (never NaN); (None, None) when ``kinds`` is empty and there are
+    no records.  Raises InvalidSettingError naming ``where``."""
+    if not kinds:
+        if records is not None:
+            raise InvalidSettingError(f"{where}: tile records given, but the container's "
+                                      "metadata names no tile_kinds")
+        return None, None
     if records is None or isinstance(records, (str, bytes)) or len(records) != cols:
         n = "none" if records is None else len(records)
         raise InvalidSettingError(f"{where}: {cols} tile records needed (the container "

@@ -42,7 +42,7 @@ from wsicodec.container import ASSOCIATED_FORMATS, is_zip_path, quiet_zarr, read
 from wsicodec.errors import InvalidSettingError, RegionOutOfBoundsError, WsiCodecError
 from wsicodec.integrity import (DIGEST_BYTES, blob_digest, level_digest, new_container_id,
                                 tile_digest)
-from wsicodec.metadata import ASSOCIATED_NAME, ATTRS_KEY, ContainerMetadata, check_tile_kinds
+from wsicodec.metadata import ASSOCIATED_NAME, ATTRS_KEY, ContainerMetadata
 from wsicodec.paths import check_output_path
 
 log = logging.getLogger(__name__)
@@ -127,11 +127,7 @@ class ContainerWriter:
 
         self.path = Path(path)
         self.overwrite = overwrite
-        if metadata.tile_kinds:
-            try:
-                check_tile_kinds(metadata.tile_kinds)
-            except ValueError as e:
-                raise InvalidSettingError(str(e)) from None
+        fidelity.check_writer_kinds(metadata.tile_kinds)
         _sweep_leftovers(self.path)
         self._check_target()
         # a fresh id for every container written (a resumed one too: its digests are
@@ -144,11 +140,10 @@ class ContainerWriter:
         self._crc = [np.zeros((g.rows, g.cols), np.uint32) for g in self._grids]
         self._digest = [np.zeros((g.rows, g.cols, DIGEST_BYTES), np.uint8) for g in self._grids]
         self._written = [np.zeros((g.rows, g.cols), bool) for g in self._grids]
-        # the fidelity map (kept whether or not it is written: a few bytes per tile)
+        # the fidelity map (kind, psnr only written with tile_kinds; nbytes give level_bytes)
         self._kind = [np.zeros((g.rows, g.cols), np.uint8) for g in self._grids]
         self._psnr = [np.zeros((g.rows, g.cols), np.float32) for g in self._grids]
         self._nbytes = [np.zeros((g.rows, g.cols), np.uint32) for g in self._grids]
-        self._bytes = [0] * len(self._grids)
         self._associated: list[str] = []
         self._associated_formats: dict[str, str] = {}
         self._associated_bytes: dict[str, int] = {}
@@ -244,14 +239,11 @@ class ContainerWriter:
             return
         if kinds:
             self._kind[level][row, :], self._psnr[level][row, :] = kind, psnr
-        if self._written[level][row].all():     # journalled again: count its bytes once
-            self._bytes[level] -= int(self._nbytes[level][row].sum(dtype=np.int64))
         self._nbytes[level][row, :] = [len(b) for b in stored]
         self._crc[level][row, :] = crcs
         for col, data in enumerate(stored):
             self._digest[level][row, col] = np.frombuffer(self._tile_digest(level, col, row, data),
                                                           np.uint8)
-        self._bytes[level] += sum(len(b) for b in stored)
         self._written[level][row, :] = True
 
     def _tile_digest(self, level: int, col: int, row: int, data: bytes) -> bytes:
@@ -292,12 +284,7 @@ class ContainerWriter:
             raise RegionOutOfBoundsError(f"row {row} of level {level} with {len(tiles)} tiles "
                                          "does not fit the pyramid")
         kinds = self.metadata.tile_kinds
-        where = f"level {level} row {row}"
-        if kinds:
-            kind, psnr = fidelity.record_row(records, kinds, grid.cols, where)
-        elif records is not None:
-            raise InvalidSettingError(f"{where}: tile records given, but the container's "
-                                      "metadata names no tile_kinds")
+        kind, psnr = fidelity.record_row(records, kinds, grid.cols, f"level {level} row {row}")
         values = np.empty((1, grid.cols), dtype=object)
         for col, data in enumerate(tiles):
             data = bytes(data)
@@ -310,10 +297,7 @@ class ContainerWriter:
             self._tiles[level][row:row + 1, :] = values
         finally:
             cw.__exit__(None, None, None)
-        if self._written[level][row].all():     # written again: count its bytes once
-            self._bytes[level] -= int(self._nbytes[level][row].sum(dtype=np.int64))
         self._nbytes[level][row, :] = [len(v) for v in values[0]]
-        self._bytes[level] += int(self._nbytes[level][row].sum(dtype=np.int64))
         self._written[level][row, :] = True
         line: dict[str, Any] = {"level": level, "row": row,
                                 "crc": [int(c) for c in self._crc[level][row]]}
@@ -379,7 +363,8 @@ class ContainerWriter:
                        associated_formats=dict(self._associated_formats),
                        associated_bytes=dict(self._associated_bytes),
                        associated_digests=dict(self._associated_digests),
-                       level_bytes=tuple(self._bytes), level_digests=tuple(level_digests))
+                       level_bytes=tuple(int(n.sum(dtype=np.uint64)) for n in self._nbytes),
+                       level_digests=tuple(level_digests))
         self._group.attrs.update({ATTRS_KEY: meta.to_attrs()})
         if self._zip:
             try:
