@@ -7,8 +7,11 @@ recomputed with it.  Each level's digest covers the array of its tile digests, e
 associated image has a digest of its bytes, and ``metadata_digest`` covers every other
 attribute (those level and image digests included)::
 
-    metadata_digest ── attrs ── levels[i].tiles_digest ── digest[row, col] ── tile bytes
+    metadata_digest ── attrs ── levels[i].tiles_digest ─┬ digest[row, col] ── tile bytes
+                             │                          └ kind, psnr, nbytes (format 4)
                              └─ associated_digests[name] ── image bytes
+
+Format 4 adds a level's fidelity records (:mod:`wsicodec.fidelity`) to its digest.
 
 These are BLAKE2b digests without a key: they catch damage, mistakes and careless
 tampering (a tile swapped, a zarr.json edited), not an adversary who recomputes them;
@@ -45,12 +48,23 @@ def tile_digest(container_id: str, level: int, col: int, row: int, data: bytes) 
     return h.digest()
 
 
-def level_digest(container_id: str, level: int, digests: np.ndarray) -> str:
-    """The digest (hex) over a level's (rows, cols, DIGEST_BYTES) uint8 tile digests."""
+def level_digest(container_id: str, level: int, digests: np.ndarray,
+                 records: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> str:
+    """The digest (hex) over a level's (rows, cols, DIGEST_BYTES) uint8 tile digests and,
+    in format 4, its fidelity records ``records`` = (kind uint8, psnr float32, nbytes
+    uint32), each (rows, cols), hashed as their little-endian bytes after the digests.
+    Without ``records`` the digest is format 3's, unchanged."""
     h = hashlib.blake2b(digest_size=DIGEST_BYTES, person=b"wsicodec-level")
     h.update(bytes.fromhex(container_id))
     h.update(struct.pack("<III", level, *digests.shape[:2]))
     h.update(np.ascontiguousarray(digests, dtype=np.uint8).tobytes())
+    if records is not None:
+        h.update(b"fidelity-records")
+        for arr, dtype in zip(records, ("u1", "<f4", "<u4")):
+            if arr.shape != digests.shape[:2]:
+                raise ValueError(f"a fidelity record array of shape {arr.shape} for a "
+                                 f"{digests.shape[0]}x{digests.shape[1]} level")
+            h.update(np.ascontiguousarray(arr, dtype=dtype).tobytes())
     return h.hexdigest()
 
 

@@ -14,8 +14,12 @@ or a raw ``TypeError``.
 Format versions: 1 (PNG associated images), 2 (JPEG-XL associated images), 3 (adds
 :mod:`wsicodec.integrity`'s digests: ``container_id``, a digest per tile bound to its
 level, column, row and the container, one per level over those, one per associated
-image, and ``metadata_digest`` over the rest of these attributes).  Versions 1-2 still
-read; they lack those guarantees (:func:`missing_guarantees` names them).
+image, and ``metadata_digest`` over the rest of these attributes), 4 (format 3 plus a
+per-tile fidelity map: ``tile_kinds`` names the kinds, each level holds ``kind`` /
+``psnr`` / ``nbytes`` arrays covered by its digest; :mod:`wsicodec.fidelity`).  A
+container without the map is written as format 3, exactly as before format 4 existed, so
+only containers that carry one need a reader that knows 4.  Versions 1-2 still read;
+they lack those guarantees (:func:`missing_guarantees` names them).
 """
 
 from __future__ import annotations
@@ -33,9 +37,15 @@ FORMAT_NAME = "wsicodec"
 #: 3: integrity digests (tiles bound to their place and container, metadata);
 #: 2: associated images may be JPEG-XL ("associated_formats"); 1: PNG only
 FORMAT_VERSION = 3
-SUPPORTED_VERSIONS = (1, 2, 3)
+#: 4: format 3 plus the per-tile fidelity map (written only for ``tile_kinds``)
+FIDELITY_FORMAT_VERSION = 4
+SUPPORTED_VERSIONS = (1, 2, 3, 4)
 ATTRS_KEY = "wsicodec"
 ASSOCIATED_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+#: a tile kind's name (``tile_kinds``): short, lower case, e.g. "learned", "jpegxl-lossless"
+TILE_KIND_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+#: how many tile kinds a container may name (a kind is a uint8 index)
+MAX_TILE_KINDS = 16
 
 # Bounds on what a container may claim, checked before anything is sized from it.
 #: pixels per side of level 0 (the largest slides scanned today are ~250,000 wide)
@@ -62,8 +72,9 @@ def max_tile_bytes(tile_size: int) -> int:
 
 
 def missing_guarantees(version: int) -> list[str]:
-    """What a container of format ``version`` cannot prove, in words (empty for the
-    current version)."""
+    """What a container of format ``version`` cannot prove, in words (empty for formats
+    3 and 4: format 4 adds the fidelity map, covered by the same digests, and proves
+    nothing more about the tiles themselves)."""
     if version >= 3:
         return []
     return ["tiles are not bound to their level/column/row or to the container (a tile "
@@ -148,6 +159,9 @@ class ContainerMetadata:
     level_digests: tuple[str, ...] = ()
     #: format 3: per associated image, the digest of its stored bytes (hex)
     associated_digests: dict[str, str] = field(default_factory=dict)
+    #: format 4: the names of the tile kinds the per-tile fidelity map indexes
+    #: (:mod:`wsicodec.fidelity`); empty: the container carries no map (format 3)
+    tile_kinds: tuple[str, ...] = ()
     #: the format version the file was written with (set by :meth:`from_attrs`)
     format_version: int = FORMAT_VERSION
 
@@ -159,12 +173,18 @@ class ContainerMetadata:
 
     @property
     def has_digests(self) -> bool:
-        """Whether tiles, associated images and metadata carry digests (format 3)."""
+        """Whether tiles, associated images and metadata carry digests (format 3, 4)."""
         return self.container_id is not None
+
+    @property
+    def has_tile_records(self) -> bool:
+        """Whether each level carries a per-tile fidelity map (format 4)."""
+        return bool(self.tile_kinds)
 
     def to_attrs(self) -> dict[str, Any]:
         """The attributes as written; with a ``container_id``, in format 3 with its
-        ``metadata_digest`` over everything else."""
+        ``metadata_digest`` over everything else, or in format 4 when ``tile_kinds`` is
+        set (then also a ``tile_kinds`` list; format 3 attributes never have that key)."""
         from wsicodec import __version__
 
         levels = []
@@ -177,7 +197,8 @@ class ContainerMetadata:
             levels.append(entry)
         attrs = {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION if self.has_digests else 2,
+            "format_version": (2 if not self.has_digests else
+                               FIDELITY_FORMAT_VERSION if self.tile_kinds else FORMAT_VERSION),
             "software": f"wsicodec {__version__}",
             "codec": self.codec,
             "model_sha256": self.model_id,
@@ -197,6 +218,8 @@ class ContainerMetadata:
         }
         if self.deidentified is not None:
             attrs["deidentified"] = self.deidentified
+        if self.tile_kinds:
+            attrs["tile_kinds"] = list(self.tile_kinds)
         if self.has_digests:
             attrs["container_id"] = self.container_id
             attrs["associated_digests"] = dict(self.associated_digests)
@@ -351,6 +374,7 @@ def _parse(attrs: dict, version: int) -> ContainerMetadata:
                          for n, d in _dict(attrs, "associated_digests").items()}
         if set(assoc_digests) != set(names):
             raise _Bad("associated_digests does not list exactly the associated images")
+    tile_kinds = _parse_tile_kinds(attrs, version)
     return ContainerMetadata(
         codec={"name": name, "configuration": dict(config)},
         tile_size=tile_size,
@@ -370,8 +394,38 @@ def _parse(attrs: dict, version: int) -> ContainerMetadata:
         container_id=container_id,
         level_digests=level_digests,
         associated_digests=assoc_digests,
+        tile_kinds=tile_kinds,
         format_version=version,
     )
+
+
+def check_tile_kinds(kinds: Any) -> tuple[str, ...]:
+    """``kinds`` as a tuple of tile-kind names: 1 to :data:`MAX_TILE_KINDS` distinct
+    names matching :data:`TILE_KIND_NAME`.  Raises ValueError saying what is wrong."""
+    if isinstance(kinds, (str, bytes)) or not isinstance(kinds, (list, tuple)) \
+            or not 1 <= len(kinds) <= MAX_TILE_KINDS:
+        raise ValueError(f"tile_kinds must be a list of 1 to {MAX_TILE_KINDS} names, "
+                         f"got {_short(kinds)}")
+    for k in kinds:
+        if not isinstance(k, str) or not TILE_KIND_NAME.match(k):
+            raise ValueError(f"tile kind {_short(k)} is not a short lower-case name "
+                             "([a-z][a-z0-9_-], at most 32 characters)")
+    if len(set(kinds)) != len(kinds):
+        raise ValueError(f"tile_kinds names a kind twice: {_short(kinds)}")
+    return tuple(kinds)
+
+
+def _parse_tile_kinds(attrs: dict, version: int) -> tuple[str, ...]:
+    """Format 4 must name its tile kinds; earlier formats must not have the key."""
+    if version < FIDELITY_FORMAT_VERSION:
+        if "tile_kinds" in attrs:
+            raise _Bad(f"tile_kinds in a format-{version} container (it needs format "
+                       f"{FIDELITY_FORMAT_VERSION})")
+        return ()
+    try:
+        return check_tile_kinds(attrs.get("tile_kinds"))
+    except ValueError as e:
+        raise _Bad(str(e)) from None
 
 
 def _parse_levels(attrs: dict, tile_size: int, version: int) -> tuple[LevelInfo, ...]:
@@ -411,7 +465,8 @@ def _parse_levels(attrs: dict, tile_size: int, version: int) -> tuple[LevelInfo,
     return tuple(levels)
 
 
-__all__ = ["ContainerMetadata", "FORMAT_NAME", "FORMAT_VERSION", "SUPPORTED_VERSIONS",
+__all__ = ["ContainerMetadata", "FORMAT_NAME", "FORMAT_VERSION", "FIDELITY_FORMAT_VERSION",
+           "SUPPORTED_VERSIONS", "TILE_KIND_NAME", "MAX_TILE_KINDS", "check_tile_kinds",
            "ATTRS_KEY", "MAX_DIMENSION", "MAX_LEVELS", "MAX_TILES", "MAX_JSON_BYTES",
            "MAX_ASSOCIATED_BYTES", "MAX_ASSOCIATED_PIXELS", "max_tile_bytes", "missing_guarantees",
            "check_image_header"]
