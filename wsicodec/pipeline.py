@@ -316,7 +316,7 @@ def _compress_source(source: SlideSource, output: str | os.PathLike[str], codec:
         model_id=codec.model_id,
         mpp=source.mpp, objective_power=source.objective_power,
         source_vendor=source.vendor, source_name=source_name, source_bytes=source_bytes,
-        properties=properties, **extra)
+        properties=properties, tile_kinds=tuple(codec.tile_kinds), **extra)
     writer = ContainerWriter(output, meta, overwrite=overwrite, resume=resume,
                              resume_key=resume_key)
     total = plan.tile_count
@@ -359,6 +359,9 @@ def _write_all(writer: ContainerWriter, source: SlideSource, plan: PyramidPlan,
         fmt = associated_format(name, associated)
         if fmt is not None:
             writer.write_associated(name, source.read_associated_image(name), fmt)
+    if codec.level_encoder(0) is not None:
+        _write_streamed(writer, source, plan, codec, done, progress)
+        return
     margin = codec.context
     batched = margin > 0
     if batched:
@@ -391,6 +394,66 @@ def _write_all(writer: ContainerWriter, source: SlideSource, plan: PyramidPlan,
         rows.drain(0)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _write_streamed(writer: ContainerWriter, source: SlideSource, plan: PyramidPlan,
+                    codec: TileCodec, done: set[tuple[int, int]], progress: Progress | None) -> None:
+    """The tile rows of a codec that decides each tile with its neighbours
+    (:meth:`~wsicodec.codecs.TileCodec.level_encoder`): each level's rows pushed in order,
+    in one background thread (the network parallelises inside it) while the next strip
+    is read; finished rows written with their records.  A resumed run pushes the rows it
+    holds only where they border a row still to code, as their stored bytes."""
+    margin, t = codec.context, plan.tile_size
+    encoders: dict[int, Any] = {}
+    last_pushed: dict[int, int] = {}
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsicodec-encode")
+    pending: deque[Future] = deque()
+
+    def write(level: int, rows: list) -> None:
+        for er in rows:
+            writer.write_row(level, er.row, er.tiles, **_records(codec, er))
+            if progress:
+                progress(len(er.tiles))
+
+    try:
+        for strip, ext, top in iter_context_strips(iter_strips(source, plan), plan, margin):
+            lv, r = strip.level, strip.row
+            grid, info = plan.levels[lv].grid, plan.levels[lv].info
+            todo = [(lv, k) not in done for k in (r - 1, r, r + 1)]
+            if not any(todo):
+                continue                 # held, and no neighbour of a row to code
+            enc = encoders.setdefault(lv, codec.level_encoder(lv))
+            gap = lv in last_pushed and last_pushed[lv] != r - 1
+            last_pushed[lv] = r
+            tiles = list(iter_context_tiles(ext, top, t, margin))
+            valid = [(min(t, info.height - r * t), min(t, info.width - c.col * t)) for c in tiles]
+            stored = None if todo[1] else writer.stored_row(lv, r)
+            pending.append(pool.submit(_push_row, enc, lv, r, tiles, valid, stored, gap,
+                                       r == grid.rows - 1))
+            while len(pending) > 2:
+                write(*pending.popleft().result())
+        while pending:
+            write(*pending.popleft().result())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _push_row(enc: Any, level: int, row: int, tiles: list[ContextTile], valid: list, stored: Any,
+              gap: bool, last: bool) -> tuple[int, list]:
+    out = enc.finish() if gap else []            # a resumed run skipped rows: start afresh
+    out += enc.push(row, [c.region for c in tiles], [c.box for c in tiles], valid=valid, stored=stored)
+    if last:
+        out += enc.finish()
+    return level, out
+
+
+def _records(codec: TileCodec, er: Any) -> dict[str, Any]:
+    """``write_row``'s ``records`` for a row from a codec that records its tiles."""
+    if not codec.tile_kinds or er.records is None:
+        return {}
+    from wsicodec.fidelity import TileRecord
+
+    return {"records": [TileRecord(kind, float(psnr)) for kind, psnr in er.records]}
 
 
 def compress(source: str | os.PathLike[str], output: str | os.PathLike[str], codec: TileCodec, *,

@@ -258,6 +258,13 @@ class ContainerWriter:
         return {(level, int(r)) for level, w in enumerate(self._written)
                 for r in np.flatnonzero(w.all(axis=1))}
 
+    def stored_row(self, level: int, row: int) -> list[bytes]:
+        """The tiles of a row this writer holds (written, or taken over by ``resume``),
+        left to right.  Raises WsiCodecError for a row it does not hold."""
+        if not self._written[level][row].all():
+            raise WsiCodecError(f"internal error: row {row} of level {level} is not written")
+        return [read_tile_chunk(self._tiles[level], row, c) for c in range(self._grids[level].cols)]
+
     @property
     def written_tiles(self) -> int:
         """Tiles stored so far (taken over or written)."""
