@@ -201,3 +201,76 @@ def test_image_api_codes_and_decodes_a_mixed_stream(he_img):
         wsicodec.encode(img, 4, codec="auto", refine=3)
     with pytest.raises(InvalidSettingError):
         wsicodec.encode(img, 4, min_psnr=30)               # the learned codec has no floor
+
+
+# ------------------------------------------------------------------ through compress
+def _levels(img: np.ndarray, tile: int) -> list[np.ndarray]:
+    """The source pixels of every level, as compress makes them (its own strips)."""
+    from wsicodec.tiling import iter_strips, plan_pyramid
+    from wsicodec.tiling.sources import ArraySource
+    src = ArraySource(img)
+    plan = plan_pyramid(src.level_dimensions, src.level_downsamples, tile)
+    out = [np.zeros((lv.info.height, lv.info.width, 3), np.uint8) for lv in plan.levels]
+    for s in iter_strips(src, plan):
+        out[s.level][s.row * tile:s.row * tile + s.pixels.shape[0], :] = s.pixels[:, :out[s.level].shape[1]]
+    return out
+
+
+def test_compress_holds_the_floor_on_every_tile_of_every_level(he_img, tmp_path):
+    import wsicodec
+    from wsicodec.pipeline import compress_source
+    from wsicodec.tiling.sources import ArraySource
+    floor = 33.0
+    img = np.ascontiguousarray(he_img[:250, :300])            # edge tiles on both sides
+    out = tmp_path / "a.zarr.zip"
+    compress_source(ArraySource(img), out, get_codec("auto", 3, min_psnr=floor), tile_size=T)
+    ref = _levels(img, T)
+    with wsicodec.open_slide(out) as s:
+        for lv, want in enumerate(ref):
+            w, h = s.level_dimensions[lv]
+            got = np.asarray(s.read_region((0, 0), lv, (w, h)))[..., :3]
+            for r in range(0, h, T):
+                for col in range(0, w, T):
+                    a, b = got[r:r + T, col:col + T], want[r:r + T, col:col + T]
+                    assert tile_psnr(a, b, b.shape[:2]) >= floor, (lv, r, col)
+    from wsicodec.container import open_container
+    with open_container(out) as c:
+        assert c.metadata.tile_kinds == choice.KINDS
+        for lv in range(c.level_count):
+            rec = c.tile_records(lv)
+            assert rec is not None and float(np.min(rec.psnr)) >= floor
+
+
+def test_an_interrupted_auto_compress_resumes_to_the_same_container(he_img, tmp_path, monkeypatch):
+    from wsicodec.container import open_container
+    from wsicodec.errors import CompressInterrupted
+    from wsicodec.pipeline import compress_source
+    from wsicodec.tiling.sources import ArraySource
+    img = np.ascontiguousarray(np.concatenate([he_img, he_img[::-1]])[:384])   # level 0: 3 x 3 tiles
+    codec = get_codec("auto", 4, min_psnr=30.0)
+    ref = tmp_path / "ref.zarr.zip"
+    compress_source(ArraySource(img), ref, codec, tile_size=T)
+    real_push, calls = choice.MixedLevelEncoder.push, []
+
+    def push(self, row, *a, **kw):
+        calls.append(row)
+        if len(calls) == 3:            # level 0's row 0 written, row 1 coded but not, Ctrl-C
+            raise KeyboardInterrupt
+        return real_push(self, row, *a, **kw)
+
+    monkeypatch.setattr(choice.MixedLevelEncoder, "push", push)
+    out = tmp_path / "run.zarr.zip"
+    with pytest.raises(CompressInterrupted):
+        compress_source(ArraySource(img), out, codec, tile_size=T)
+    monkeypatch.setattr(choice.MixedLevelEncoder, "push", real_push)
+    stored = []
+    real_stored = choice.TileChooser.stored_tile
+    monkeypatch.setattr(choice.TileChooser, "stored_tile",
+                        lambda self, *a: stored.append(a[0]) or real_stored(self, *a))
+    compress_source(ArraySource(img), out, codec, tile_size=T, resume=True)
+    assert len(stored) == 3                # row 0 entered row 1's decisions as its stored bytes
+    with open_container(ref) as a, open_container(out) as b:
+        for lv in range(a.level_count):
+            assert list(a.iter_encoded_tiles(lv)) == list(b.iter_encoded_tiles(lv))
+            np.testing.assert_array_equal(a.tile_records(lv).psnr, b.tile_records(lv).psnr)
+            np.testing.assert_array_equal(a.tile_records(lv).kind, b.tile_records(lv).kind)
