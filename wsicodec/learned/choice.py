@@ -26,6 +26,7 @@ row of look-ahead and no second pass over the level.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -37,7 +38,7 @@ from wsicodec.errors import InvalidSettingError
 from .decoder import STITCH_RING, stitch_window
 from .encoder import align_to_grid, check_region
 from .glass import decode_uniform, encode_uniform, uniform_fit
-from .jxlfit import DEFAULT_START, JxlFit, fit_jpegxl, tile_psnr
+from .jxlfit import JxlFit, fit_jpegxl, start_for, tile_psnr
 from .ladder import QUALITY_MAX
 from .tileformat import LATENT_STRIDE, MAGIC, PIXEL_STRIDE, VERSION, pack_fixup, parse_header
 
@@ -46,6 +47,8 @@ KINDS = ("glass", "learned", "jpegxl", "jpegxl-lossless", "fixup")
 #: stage 1 keeps a network quality when the tile's estimated PSNR clears the floor by this
 #: much (the estimate stitches with g_a's unquantised neighbours; stage 2 measures exactly)
 ESTIMATE_MARGIN_DB = 0.3
+#: threads fitting JPEG-XL to a row's tiles at once
+JPEGXL_THREADS = 2
 #: stage 2 keeps a network tile when its measured PSNR clears the floor by this much: a
 #: reader's g_s batches windows differently, which can move a few pixels by one level
 READER_SLACK_DB = 0.02
@@ -97,8 +100,8 @@ class TileChooser:
     # ------------------------------------------------------------------ stage 1
     def choose_row(self, regions: Sequence[np.ndarray], boxes: Sequence[tuple[int, int, int, int]],
                    valid: Sequence[tuple[int, int]] | None, state: dict) -> list[_Tile]:
-        """Stage 1 for one row's tiles (``state``: the level's, e.g. where JPEG-XL
-        searches start)."""
+        """Stage 1 for one row's tiles.  ``state``: the level's (unused: a tile's choice
+        depends on the tile alone, so a resumed run decides as an uninterrupted one)."""
         tiles, network = [], []
         for i, (region, box) in enumerate(zip(regions, boxes)):
             region = check_region(region)
@@ -113,8 +116,8 @@ class TileChooser:
         if network:
             self._network([tiles[i] for i in network], [regions[i] for i in network],
                           [boxes[i] for i in network])
-            for i in network:
-                self._versus_jpegxl(tiles[i], state)
+            with ThreadPoolExecutor(max_workers=JPEGXL_THREADS) as pool:   # libjxl frees the GIL
+                list(pool.map(self._versus_jpegxl, [tiles[i] for i in network]))
         return tiles
 
     def _glass(self, t: _Tile) -> bool:
@@ -214,17 +217,15 @@ class TileChooser:
         data, y_hat = self.encoder_at(quality).code_and_reconstruct(y.cpu(), z.cpu(), h, w, VERSION)
         return data, self.decoder.ungain(y_hat, quality)
 
-    def _versus_jpegxl(self, t: _Tile, state: dict) -> None:
-        """JPEG-XL where the network misses the floor, or reaches its PSNR in fewer bytes."""
+    def _versus_jpegxl(self, t: _Tile) -> None:
+        """JPEG-XL where the network misses the floor, or reaches its PSNR in fewer bytes.
+        Depends on the tile alone (a resumed run decides as an uninterrupted one)."""
         ok = t.estimate >= self.floor + ESTIMATE_MARGIN_DB
         target = max(self.floor, t.estimate) if ok else self.floor
-        fit = fit_jpegxl(t.source, target, t.valid, effort=self.effort,
-                         start=state.get("jxl_start", DEFAULT_START),
+        fit = fit_jpegxl(t.source, target, t.valid, effort=self.effort, start=start_for(target),
                          budget=len(t.network) if ok else None)
-        if fit is not None:
-            state["jxl_start"] = max(fit.index, 0)
-            if fit.psnr >= self.floor:
-                t.jxl = fit
+        if fit is not None and fit.psnr >= self.floor:
+            t.jxl = fit
         if fit is not None and (not ok or len(fit.data) < len(t.network)):
             t.kind = "jpegxl-lossless" if fit.lossless else "jpegxl"
             t.data, t.psnr, t.context = fit.data, fit.psnr, None

@@ -21,6 +21,15 @@ DISTANCES = tuple(round(0.1 * 2 ** (k / 2), 4) for k in range(16)) + (25.0,)
 DEFAULT_START = 8
 
 
+def start_for(target: float) -> int:
+    """The rung a search for ``target`` dB starts at: where JPEG-XL typically lands on H&E
+    (distance 1.6 near 33 dB, a rung (√2) per 1.5 dB).  A function of the target alone,
+    so a tile's coding never depends on the tiles coded before it."""
+    if not math.isfinite(target):
+        return 0
+    return min(max(round(DEFAULT_START + (33.0 - target) / 1.5), 0), len(DISTANCES) - 1)
+
+
 def tile_psnr(decoded: np.ndarray, source: np.ndarray, valid: tuple[int, int]) -> float:
     """PSNR (dB, RGB, peak 255) of ``decoded`` against ``source`` over their top-left
     ``valid`` = (height, width) pixels (a tile's part inside its level); inf when equal."""
