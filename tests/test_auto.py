@@ -23,8 +23,8 @@ from wsicodec.errors import CorruptDataError, InvalidSettingError  # noqa: E402
 from wsicodec.image import context_region  # noqa: E402
 from wsicodec.learned import choice  # noqa: E402
 from wsicodec.learned.jxlfit import DISTANCES, fit_jpegxl, tile_psnr  # noqa: E402
-from wsicodec.learned.tileformat import (KIND_FIXUP, KIND_NETWORK, parse_header,  # noqa: E402
-                                         pack_fixup)
+from wsicodec.learned.tileformat import (KIND_FIXUP, KIND_NETWORK, fixup_parts,  # noqa: E402
+                                         pack_fixup, parse_header)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 T = 128
@@ -139,16 +139,22 @@ def test_fixup_tile_format_and_damage():
            + struct.pack("<f8sIIBBHH", 4.0, b"\0" * 8, 0, 2, 0, 0, 16, 16) + b"zzyy")
     tile = pack_fixup(net, b"\xff\x0aPIX")
     hd = parse_header(tile)
-    assert (hd.kind, hd.pixels_len, hd.z_len) == (KIND_FIXUP, 5, 2)
-    assert tile[len(tile) - hd.pixels_len:] == b"\xff\x0aPIX"
+    assert (hd.kind, hd.inner_len, hd.quality) == (KIND_FIXUP, len(net), 4.0)
+    assert fixup_parts(tile, hd) == (net, b"\xff\x0aPIX")
     with pytest.raises(CorruptDataError):
-        parse_header(tile[:-6])                             # pixels cut short
+        parse_header(tile[:len(tile) - 5])                   # no pixels left
+    bad = bytearray(tile)
+    bad[14 + 6] = 32                                       # the inner tile another size
+    with pytest.raises(CorruptDataError):
+        parse_header(bytes(bad))
     old = bytearray(tile)
     old[4] = 2                                             # fix-up tiles are format 3
     with pytest.raises(CorruptDataError):
         parse_header(bytes(old))
     with pytest.raises(ValueError):
         pack_fixup(net, b"")
+    with pytest.raises(ValueError):
+        pack_fixup(tile, b"\xff\x0a")                      # never nested
 
 
 @pytest.mark.parametrize("bad", ["abc", 0, -3, 99.5, float("nan"), True, [32]])

@@ -23,7 +23,7 @@ from .choice import KINDS, MixedLevelEncoder, TileChooser, quality_steps
 from .codec import DEFAULT_MARGIN, DEFAULT_MAX_BATCH, LearnedCodec, _int_in
 from .decoder import KIND_JPEGXL, LatentCache, TileDecoder
 from .encoder import Box, TileEncoder
-from .tileformat import NETWORK_KINDS, STITCH_VERSION, TileHeader
+from .tileformat import KIND_NETWORK, STITCH_VERSION, TileHeader
 
 #: the floors ``min_psnr`` accepts: above 0, at most 99 dB
 MIN_PSNR_RANGE = (0.0, 99.0)
@@ -151,7 +151,8 @@ class AutoCodec(TileCodec):
 
     def check_as_written(self, hd: TileHeader, name: str) -> None:
         """Refuse a learned tile this codec's writer cannot have made: a format before
-        stitched tiles, or a network (or fix-up) tile at a quality off its steps
+        stitched tiles, or a network tile (a fix-up tile's inner one too: the decoder
+        checks that) at a quality off its steps
         (:func:`~wsicodec.learned.choice.quality_steps`), to the float32 bit.  JPEG-XL and
         glass tiles record no setting.  Raises CorruptDataError."""
         if hd.kind == KIND_JPEGXL:
@@ -160,7 +161,7 @@ class AutoCodec(TileCodec):
             raise CorruptDataError(f"{name}: tile format {hd.version} in a container whose tiles "
                                    f"are all format {STITCH_VERSION} or later (header edited)")
         q32 = struct.pack("<f", hd.quality)
-        if hd.kind in NETWORK_KINDS and all(q32 != struct.pack("<f", q) for q in self.qualities):
+        if hd.kind == KIND_NETWORK and all(q32 != struct.pack("<f", q) for q in self.qualities):
             raise CorruptDataError(f"{name}: coded at quality {hd.quality!r}, which this container's "
                                    f"writer never uses (header edited)")
 

@@ -45,8 +45,8 @@ from wsicodec.errors import CorruptDataError, ModelMismatchError
 from wsicodec.lru import ByteLRU
 
 from .glass import decode_uniform, uniform_colour, uniform_latent
-from .tileformat import (KIND_FIXUP, KIND_UNIFORM, LATENT_STRIDE, MAGIC, PIXEL_STRIDE, TileHeader,
-                         ceil_to, exact_entropy, parse_named)
+from .tileformat import (KIND_FIXUP, KIND_NETWORK, KIND_UNIFORM, LATENT_STRIDE, MAGIC, PIXEL_STRIDE, TileHeader,
+                         ceil_to, exact_entropy, fixup_parts, parse_named)
 
 #: the kind :class:`TileDecoder` gives a JPEG-XL tile of a mixed grid (not a learned tile)
 KIND_JPEGXL = -1
@@ -263,8 +263,7 @@ class TileDecoder:
 
     def decode_y(self, data: bytes, hd: TileHeader, index) -> np.ndarray:
         """A network tile's y symbols (M, h, w) int32, coded with the tables ``index``."""
-        end = len(data) - hd.pixels_len
-        return decode_symbols(data[hd.payload + hd.z_len:end], index[0].numpy(), self.tables[1])
+        return decode_symbols(data[hd.payload + hd.z_len:], index[0].numpy(), self.tables[1])
 
     def entropy_decode(self, data: bytes, hd: TileHeader, name: str):
         """The CPU half of decoding a network-coded tile: bytes → gained ŷ_q (1, M, h, w)
@@ -371,8 +370,11 @@ class TileDecoder:
                 out[i] = decode_uniform(data, hd, names[i])
                 continue
             if hd.kind == KIND_FIXUP:
-                self.entropy_decode(data, hd, names[i])          # its symbols checked too
-                out[i] = self.jpegxl_pixels(data[len(data) - hd.pixels_len:], (hd.height, hd.width), names[i])
+                inner, px = fixup_parts(data, hd)
+                ihd = parse_named(inner, names[i], shape)
+                if ihd.kind == KIND_NETWORK:
+                    self.entropy_decode(inner, ihd, names[i])    # its symbols checked too
+                out[i] = self.jpegxl_pixels(px, (hd.height, hd.width), names[i])
                 continue
             jobs.append((i, self.ungain(self.entropy_decode(data, hd, names[i]), hd.quality), hd))
         pixels = self.synthesize([y for _, y, _ in jobs])
@@ -441,6 +443,8 @@ class _GridJob:
         self.got: dict[tuple[int, int], tuple[bytes, TileHeader]] = {}
         #: pixels of the tiles that have them without g_s (JPEG-XL and fix-up tiles)
         self.pixels: dict[tuple[int, int], np.ndarray] = {}
+        #: the JPEG-XL codestreams of the fix-up tiles (``got`` holds their inner tiles)
+        self.fixups: dict[tuple[int, int], bytes] = {}
 
     def load(self, key: tuple[int, int]) -> tuple[bytes, TileHeader]:
         if key not in self.got:
@@ -453,6 +457,9 @@ class _GridJob:
                 self.got[key] = (data, TileHeader(KIND_JPEGXL, px.shape[0], px.shape[1]))
                 return self.got[key]
             hd = parse_named(data, self.names(*key), self.shape)
+            if hd.kind == KIND_FIXUP:       # its own pixels; to its neighbours, its inner tile
+                data, self.fixups[key] = fixup_parts(data, hd)
+                hd = parse_named(data, self.names(*key), self.shape)
             if self.check is not None:
                 self.check(hd, self.names(*key))
             self.got[key] = (data, hd)
@@ -465,12 +472,12 @@ class _GridJob:
         for n, key in enumerate(keys):
             try:
                 data, hd = self.load(key)
-                if hd.kind == KIND_UNIFORM:
+                if key in self.fixups:
+                    out[n] = self.fixup_pixels(key)
+                elif hd.kind == KIND_UNIFORM:
                     out[n] = decode_uniform(data, hd, self.names(*key))
                 elif hd.kind == KIND_JPEGXL:
                     out[n] = self.pixels[key]
-                elif hd.kind == KIND_FIXUP:
-                    out[n] = self.fixup_pixels(key)
                 elif hd.stitched:
                     stitched.append(n)
                 else:
@@ -480,12 +487,12 @@ class _GridJob:
         return stitched, alone
 
     def fixup_pixels(self, key: tuple[int, int]) -> np.ndarray:
-        """A fix-up tile's own pixels (its JPEG-XL tail).  Its network part is checked when
-        a neighbour needs its latents, as any tile's."""
+        """A fix-up tile's own pixels (its JPEG-XL codestream).  Its inner tile is checked
+        when a neighbour needs its latents, as any tile's."""
         if key not in self.pixels:
-            data, hd = self.got[key]
-            self.pixels[key] = self.decoder.jpegxl_pixels(data[len(data) - hd.pixels_len:],
-                                                          (hd.height, hd.width), self.names(*key))
+            hd = self.got[key][1]
+            self.pixels[key] = self.decoder.jpegxl_pixels(self.fixups[key], (hd.height, hd.width),
+                                                          self.names(*key))
         return self.pixels[key]
 
     @staticmethod

@@ -20,11 +20,11 @@ Tile bitstream (little-endian)::
     32     2+2   height, width of the coded region (format 3: the tile's, rounded up to 16;
                  format 2: the tile plus the context margin it was coded with)
     36     ...   z stream (factorized prior), then y stream (Gaussian, μ/σ from h_s(ẑ))
-    -- kind 2 (fix-up, format 3 only; written by the ``auto`` codec): a network tile whose
-       own pixels are a JPEG-XL codestream, its latents kept for its neighbours' stitching
-    10     26    as kind 0
-    36     4     length of the JPEG-XL codestream at the end of the tile
-    40     ...   z stream, y stream, then the JPEG-XL codestream (the tile's pixels)
+    -- kind 2 (fix-up, format 3 on; written by the ``auto`` codec): a tile whose own pixels
+       are a JPEG-XL codestream, and which gives its neighbours what its inner tile gives
+    10     4     length n of the inner tile
+    14     n     the inner tile: a whole network or glass tile of the same format and size
+    14+n   ...   the JPEG-XL codestream (the tile's pixels), to the end
 
 Formats, all read by this release (:data:`READ_VERSIONS`):
 
@@ -52,9 +52,7 @@ READ_VERSIONS = (1, 2, 3)
 #: first format whose network tiles are decoded with their neighbours' latents
 STITCH_VERSION = 3
 KIND_NETWORK, KIND_UNIFORM, KIND_FIXUP = 0, 1, 2
-#: kinds whose header carries the network fields (quality, model, CRC, z length, ...)
-NETWORK_KINDS = (KIND_NETWORK, KIND_FIXUP)
-FIXUP = struct.Struct("<I")              # length of a fix-up tile's JPEG-XL codestream
+FIXUP = struct.Struct("<I")              # length of a fix-up tile's inner tile
 HEAD = struct.Struct("<4sBBHH")          # magic, version, kind, h, w
 NET = struct.Struct("<f8sIIBBHH")       # quality, model id, symbol crc, len(z), top, left, coded h, w
 #: bytes of a network-coded tile before its z and y streams
@@ -86,7 +84,7 @@ class TileHeader:
     coded_width: int = 0
     payload: int = 0                     #: offset of the payload
     version: int = VERSION               #: tile format (1: float64 entropy parameters)
-    pixels_len: int = 0                  #: a fix-up tile's JPEG-XL codestream (its last bytes)
+    inner_len: int = 0                   #: a fix-up tile's inner tile (from ``payload``)
 
     @property
     def stitched(self) -> bool:
@@ -119,17 +117,27 @@ def pack_network_header(version: int, height: int, width: int, quality: float, m
         ceil_to(height, PIXEL_STRIDE), ceil_to(width, PIXEL_STRIDE))
 
 
-def pack_fixup(network_tile: bytes, pixels: bytes) -> bytes:
-    """A fix-up tile (kind 2): the format-3 network tile ``network_tile`` (its latents,
-    for the neighbours' stitching) with ``pixels``, a JPEG-XL codestream of the tile, as
-    its own pixels."""
-    if network_tile[:4] != MAGIC or network_tile[5] != KIND_NETWORK or network_tile[4] < STITCH_VERSION:
-        raise ValueError("a fix-up tile is made from a format-3 network tile")
+def pack_fixup(inner: bytes, pixels: bytes) -> bytes:
+    """A fix-up tile (kind 2): ``pixels``, a JPEG-XL codestream of the tile, as its own
+    pixels, around ``inner``, a network or glass tile of format 3 or later that its
+    neighbours see (its latents, its glass edges).  Raises ValueError for another inner
+    tile or no pixels."""
+    try:
+        hd = parse_header(inner)
+    except CorruptDataError as e:
+        raise ValueError(f"a fix-up tile's inner tile: {e}") from None
+    if hd.kind == KIND_FIXUP or hd.version < STITCH_VERSION:
+        raise ValueError("a fix-up tile wraps one network or glass tile of format 3 or later")
     if not pixels:
         raise ValueError("a fix-up tile needs its pixels")
-    head = bytearray(network_tile[:NETWORK_HEADER_BYTES])
-    head[5] = KIND_FIXUP
-    return bytes(head) + FIXUP.pack(len(pixels)) + network_tile[NETWORK_HEADER_BYTES:] + pixels
+    return HEAD.pack(MAGIC, hd.version, KIND_FIXUP, hd.height, hd.width) + FIXUP.pack(len(inner)) \
+        + bytes(inner) + bytes(pixels)
+
+
+def fixup_parts(data: bytes, hd: "TileHeader") -> tuple[bytes, bytes]:
+    """A fix-up tile's (inner tile, JPEG-XL codestream); ``hd`` its parsed header."""
+    end = hd.payload + hd.inner_len
+    return data[hd.payload:end], data[end:]
 
 
 def pack_uniform_header(version: int, height: int, width: int) -> bytes:
@@ -153,23 +161,15 @@ def parse_header(data: bytes) -> TileHeader:
         if len(data) < HEAD.size + 5:
             raise CorruptDataError("uniform tile has the wrong length")
         return TileHeader(kind, h, w, payload=HEAD.size, version=ver)
-    if kind not in NETWORK_KINDS:
+    if kind == KIND_FIXUP:
+        return _parse_fixup(data, ver, h, w)
+    if kind != KIND_NETWORK:
         raise CorruptDataError(f"unknown tile kind {kind}")
     if len(data) < HEAD.size + NET.size:
         raise CorruptDataError("learned tile truncated in its header")
     q, prefix, crc, zlen, top, left, ch, cw = NET.unpack_from(data, HEAD.size)
     start = HEAD.size + NET.size
-    pixels_len = 0
-    if kind == KIND_FIXUP:
-        if ver < STITCH_VERSION:
-            raise CorruptDataError(f"fix-up tile in tile format {ver} (they exist from {STITCH_VERSION})")
-        if len(data) < start + FIXUP.size:
-            raise CorruptDataError("learned tile truncated in its header")
-        (pixels_len,) = FIXUP.unpack_from(data, start)
-        start += FIXUP.size
-        if pixels_len == 0 or pixels_len > len(data) - start:
-            raise CorruptDataError("fix-up tile truncated (pixels)")
-    if zlen > len(data) - start - pixels_len:
+    if zlen > len(data) - start:
         raise CorruptDataError("learned tile truncated (z stream)")
     if top + h > ch or left + w > cw:
         raise CorruptDataError("learned tile header is inconsistent (tile outside its coded region)")
@@ -177,7 +177,24 @@ def parse_header(data: bytes) -> TileHeader:
         raise CorruptDataError("learned tile header is inconsistent (stitched tile with a margin)")
     if not QUALITY_RANGE[0] <= q <= QUALITY_RANGE[1]:      # NaN fails too
         raise CorruptDataError(f"learned tile header is inconsistent (quality {q!r})")
-    return TileHeader(kind, h, w, float(q), prefix, crc, zlen, top, left, ch, cw, start, ver, pixels_len)
+    return TileHeader(kind, h, w, float(q), prefix, crc, zlen, top, left, ch, cw, start, ver)
+
+
+def _parse_fixup(data: bytes, ver: int, h: int, w: int) -> TileHeader:
+    """A fix-up tile's header: its inner tile parsed and matched to it."""
+    if ver < STITCH_VERSION:
+        raise CorruptDataError(f"fix-up tile in tile format {ver} (they exist from {STITCH_VERSION})")
+    start = HEAD.size + FIXUP.size
+    if len(data) < start:
+        raise CorruptDataError("learned tile truncated in its header")
+    (n,) = FIXUP.unpack_from(data, HEAD.size)
+    if n == 0 or start + n >= len(data):
+        raise CorruptDataError("fix-up tile truncated (inner tile or pixels)")
+    inner = parse_header(data[start:start + n])
+    if inner.kind == KIND_FIXUP or inner.version != ver or (inner.height, inner.width) != (h, w):
+        raise CorruptDataError("fix-up tile's inner tile does not match it")
+    return TileHeader(KIND_FIXUP, h, w, inner.quality, inner.model_prefix, payload=start,
+                      version=ver, inner_len=n)
 
 
 def parse_named(data: bytes, name: str, shape: tuple[int, ...] | None = None) -> TileHeader:
