@@ -134,9 +134,10 @@ class TileChooser:
         return True
 
     def _network(self, tiles: list[_Tile], regions: list[np.ndarray], boxes: list) -> None:
-        """g_a once per region, then quality by quality for the tiles still under the
-        floor: code, take the latents a reader decodes, estimate the PSNR (g_s over the
-        region's latents with the tile's replaced: neighbours as g_a sees them)."""
+        """g_a once per region; a search over the quality steps on estimated PSNRs (g_s
+        over the region's latents with the tile's rounded at that quality: neighbours as
+        g_a sees them, no entropy coding); then the tile coded once, at the step chosen,
+        unless even the top misses the floor (it goes to JPEG-XL)."""
         import torch
 
         aligned = [align_to_grid(r, b) for r, b in zip(regions, boxes)]
@@ -151,32 +152,27 @@ class TileChooser:
                 x = pad_to_stride(x.float().div_(255.0), PIXEL_STRIDE).to(self.device)
                 y = self.net.transform(x, self.precision)
                 for j, k in enumerate(idx):
-                    y_u[k] = y[j:j + 1]
-        # per tile, a search over the quality steps: the codec's own first; if it misses,
-        # the step its PSNR per step predicts (the top missing too: the network cannot
-        # reach the floor), then bisection down to the lowest step that reaches it
+                    y_u[k] = y[j:j + 1].float().cpu()
+        # per tile: the codec's own step first; if it misses, the step its PSNR per step
+        # predicts (the top missing too: the network cannot reach the floor), then
+        # bisection down to the lowest step that reaches it
         lo = [-1] * len(tiles)                      # highest step known to miss
         hi = [len(self.steps)] * len(tiles)         # lowest step known to reach (len: none)
-        tried: list[dict[int, tuple[bytes, Any, float]]] = [{} for _ in tiles]
+        tried: list[dict[int, float]] = [{} for _ in tiles]
         nxt = {k: 0 for k in range(len(tiles))}
         margin = self.floor + ESTIMATE_MARGIN_DB
         while nxt:
             windows, where = [], []
             for k, s in nxt.items():
-                top, left, h, w = aligned[k][1]
-                data, latents = self._code(y_u[k], (top, left, h, w), self.steps[s])
-                ty, tx = top // PIXEL_STRIDE, left // PIXEL_STRIDE
-                win = y_u[k].float().cpu().clone()
-                win[..., ty:ty + latents.shape[-2], tx:tx + latents.shape[-1]] = latents
-                windows.append(win)
-                where.append((k, s, data, latents, (top, left, h, w)))
+                windows.append(self._rounded(y_u[k], aligned[k][1], self.steps[s]))
+                where.append((k, s, aligned[k][1]))
             pixels = self.decoder.synthesize(windows)
             nxt = {}
-            for (k, s, data, latents, (top, left, h, w)), px in zip(where, pixels):
+            for (k, s, (top, left, h, w)), px in zip(where, pixels):
                 if isinstance(px, BaseException):
                     raise px
-                est = tile_psnr(px[top:top + h, left:left + w], tiles[k].source, tiles[k].valid)
-                tried[k][s] = (data, latents, est)
+                tried[k][s] = est = tile_psnr(px[top:top + h, left:left + w], tiles[k].source,
+                                              tiles[k].valid)
                 if est >= margin:
                     hi[k] = s
                 else:
@@ -185,8 +181,27 @@ class TileChooser:
                     continue                                        # settled
                 nxt[k] = self._next_step(lo[k], hi[k], tried[k], margin)
         for k, t in enumerate(tiles):
-            s = hi[k] if hi[k] < len(self.steps) else max(tried[k])
-            t.network, t.context, t.estimate = tried[k][s]
+            if hi[k] == len(self.steps):
+                t.estimate = max(tried[k].values())                 # under the floor: JPEG-XL
+                continue
+            t.estimate = tried[k][hi[k]]
+            t.network, t.context = self._code(y_u[k], aligned[k][1], self.steps[hi[k]])
+
+    def _rounded(self, y_u: Any, box: tuple[int, int, int, int], quality: float) -> Any:
+        """The region's latents with the tile's rounded at ``quality`` (gained, rounded,
+        ungained): what stage 1 estimates a quality's PSNR from, within ~0.1 dB of coding
+        it (he/test, tcga), at the cost of one g_s."""
+        import torch
+
+        top, left, h, w = box
+        ty, tx = top // PIXEL_STRIDE, left // PIXEL_STRIDE
+        lh, lw = -(-h // PIXEL_STRIDE), -(-w // PIXEL_STRIDE)
+        with torch.inference_mode():
+            gain, _ = self.net.gains(torch.tensor([quality]), y_u.dtype)
+            win = y_u.clone()
+            part = win[..., ty:ty + lh, tx:tx + lw]
+            part.copy_(torch.round(part * gain) / gain)
+        return win
 
     def _next_step(self, lo: int, hi: int, tried: dict, target: float) -> int:
         """The next quality step to try for a tile whose step ``lo`` misses ``target`` and
@@ -195,14 +210,14 @@ class TileChooser:
         (lo, hi); with a reaching step known, bisection."""
         if hi < len(self.steps):
             return (lo + hi) // 2
-        est = tried[lo][2]
+        est = tried[lo]
         below = [s for s in tried if s < lo]
-        slope = SLOPE_DB if not below else max((est - tried[below[-1]][2]) / (lo - below[-1]), 0.25)
+        slope = SLOPE_DB if not below else max((est - tried[below[-1]]) / (lo - below[-1]), 0.25)
         jump = max(1, math.ceil((target - est) / slope))
         return min(lo + jump, len(self.steps) - 1)
 
     def _code(self, y_u: Any, box: tuple[int, int, int, int], quality: float) -> tuple[bytes, Any]:
-        """A tile of the region latents ``y_u`` (ungained, on the device) at ``quality``:
+        """A tile of the region latents ``y_u`` (ungained) at ``quality``:
         its bytes and the ungained latents a reader entropy-decodes from them."""
         import torch
 
@@ -212,7 +227,7 @@ class TileChooser:
         q1 = torch.tensor([quality], device=self.device)
         with torch.inference_mode():
             gain, _ = self.net.gains(q1, y_u.dtype)
-            y = (y_u * gain)[..., ty:ty + lh, tx:tx + lw]
+            y = (y_u.to(self.device) * gain)[..., ty:ty + lh, tx:tx + lw]
             z = self.net.hyper_analysis(y, q1, LATENT_STRIDE)
         data, y_hat = self.encoder_at(quality).code_and_reconstruct(y.cpu(), z.cpu(), h, w, VERSION)
         return data, self.decoder.ungain(y_hat, quality)
@@ -220,7 +235,7 @@ class TileChooser:
     def _versus_jpegxl(self, t: _Tile) -> None:
         """JPEG-XL where the network misses the floor, or reaches its PSNR in fewer bytes.
         Depends on the tile alone (a resumed run decides as an uninterrupted one)."""
-        ok = t.estimate >= self.floor + ESTIMATE_MARGIN_DB
+        ok = t.network is not None
         target = max(self.floor, t.estimate) if ok else self.floor
         fit = fit_jpegxl(t.source, target, t.valid, effort=self.effort, start=start_for(target),
                          budget=len(t.network) if ok else None)
