@@ -3,7 +3,7 @@
 Modules, each one concern::
 
     tileformat  the tile bitstream: header layout, versions (3; legacy 1-2 read), parsing
-    glass       background tiles: a colour and exact outliers, no network pass
+    glass       background tiles: a colour plane and exact outliers, no network pass
     ladder      the quality knob: quality → λ-ladder position → gains, λ, κ
     network     WsiHyperprior (g_a, h_a, h_s, g_s), ModelConfig, its blocks
     exact       h_s in exact integer arithmetic: the same entropy parameters everywhere
@@ -31,8 +31,8 @@ from .encoder import TileEncoder, hyper_symbols
 from .glass import is_uniform, uniform_fit, uniform_latent
 from .ladder import DEFAULT_QUALITY, QUALITY_MAX, QUALITY_MIN, QualityLadder, check_quality
 from .network import ModelConfig, WsiHyperprior, pad_to_stride
-from .tileformat import (KIND_NETWORK, KIND_UNIFORM, NETWORK_HEADER_BYTES, PIXEL_STRIDE, TileHeader,
-                         parse_header)
+from .tileformat import (GLASS_KINDS, KIND_NETWORK, KIND_PLANE, KIND_UNIFORM, NETWORK_HEADER_BYTES,
+                         PIXEL_STRIDE, TileHeader, parse_header)
 from wsicodec.errors import ModelMismatchError
 
 __all__ = ["AutoCodec", "DEFAULT_MIN_PSNR", "check_min_psnr", "LearnedCodec", "register", "LOCAL_OPTIONS", "DEFAULT_MARGIN", "DEFAULT_MAX_BATCH",
@@ -40,7 +40,7 @@ __all__ = ["AutoCodec", "DEFAULT_MIN_PSNR", "check_min_psnr", "LearnedCodec", "r
            "stitch_window", "STITCH_RING", "hyper_symbols", "is_uniform", "uniform_fit",
            "uniform_latent", "DEFAULT_QUALITY", "QUALITY_MIN", "QUALITY_MAX", "QualityLadder",
            "check_quality", "ModelConfig", "WsiHyperprior", "pad_to_stride", "KIND_NETWORK",
-           "KIND_UNIFORM", "NETWORK_HEADER_BYTES", "PIXEL_STRIDE", "TileHeader", "parse_header",
+           "KIND_UNIFORM", "KIND_PLANE", "GLASS_KINDS", "NETWORK_HEADER_BYTES", "PIXEL_STRIDE", "TileHeader", "parse_header",
            "ModelMismatchError"]
 
 register()

@@ -20,11 +20,15 @@ Seams: a format-3 tile codes exactly its own latents (16-px cells), computed by 
 its neighbours' pixels around it, so g_s over its latents joined with its neighbours'
 gives the borders a decode of the whole plane would.  A glass neighbour gives g_a's
 latent of its colour (:func:`~wsicodec.learned.glass.uniform_latent`); a damaged one only
-costs that side its stitching.  Formats 1 and 2 (legacy, :mod:`~wsicodec.learned.tileformat`)
-are decoded each on its own (:meth:`TileDecoder.decode_alone`), as they were written; so
-is any tile by :meth:`~wsicodec.learned.codec.LearnedCodec.decode`, which is for
-checking streams: a format-3 tile alone has the right symbols but weak borders
-(``bench/seams.py``, ``bench/results/``).
+costs that side its stitching.  Beside a plane glass neighbour (kind 3) a stitched tile's
+pixels near the border are drawn toward the plane's edge where they are near its colour
+(:func:`~wsicodec.learned.glass.blend_toward_glass`), so the tile grid does not show on
+the background; a flat (kind 1) neighbour leaves them as g_s made them.  Formats 1 and 2
+(legacy, :mod:`~wsicodec.learned.tileformat`) are decoded each on its own
+(:meth:`TileDecoder.decode_alone`), as they were written; so is any tile by
+:meth:`~wsicodec.learned.codec.LearnedCodec.decode`, which is for checking streams: a
+format-3 tile alone has the right symbols but weak borders (``bench/seams.py``,
+``bench/results/``).
 
 The entropy parameters are always computed on the CPU (exact integer arithmetic from
 format 2 on: the same bits on any machine); a mismatch of the symbols' CRC is an error
@@ -44,9 +48,9 @@ from wsicodec.entropy import decode_symbols, symbol_checksum
 from wsicodec.errors import CorruptDataError, ModelMismatchError
 from wsicodec.lru import ByteLRU
 
-from .glass import decode_uniform, uniform_colour, uniform_latent
-from .tileformat import (KIND_FIXUP, KIND_NETWORK, KIND_UNIFORM, LATENT_STRIDE, MAGIC, PIXEL_STRIDE, TileHeader,
-                         ceil_to, exact_entropy, fixup_parts, parse_named)
+from .glass import SIDES, blend_toward_glass, decode_glass, plane_edge, uniform_colour, uniform_latent
+from .tileformat import (GLASS_KINDS, KIND_FIXUP, KIND_NETWORK, KIND_PLANE, LATENT_STRIDE, MAGIC,
+                         PIXEL_STRIDE, TileHeader, ceil_to, exact_entropy, fixup_parts, parse_named)
 
 #: the kind :class:`TileDecoder` gives a JPEG-XL tile of a mixed grid (not a learned tile)
 KIND_JPEGXL = -1
@@ -292,9 +296,9 @@ class TileDecoder:
 
     def latents(self, data: bytes, hd: TileHeader, name: str):
         """What a tile gives its neighbours' stitching: its ungained ŷ (1, M, h/16, w/16)
-        float32 (format 3), g_a's latent of its colour for a glass tile, or None (a
+        float32 (format 3), g_a's latent of its (mean) colour for a glass tile, or None (a
         format-1/2 tile, coded with its own margin).  Raises as :meth:`entropy_decode`."""
-        if hd.kind == KIND_UNIFORM:
+        if hd.kind in GLASS_KINDS:
             lh, lw = -(-hd.height // PIXEL_STRIDE), -(-hd.width // PIXEL_STRIDE)
             return uniform_latent(self.model, uniform_colour(data, hd)).expand(1, -1, lh, lw)
         if not hd.stitched:
@@ -366,8 +370,8 @@ class TileDecoder:
                 out[i] = self.jpegxl_pixels(data, shape, names[i])
                 continue
             hd = parse_named(data, names[i], shape)
-            if hd.kind == KIND_UNIFORM:
-                out[i] = decode_uniform(data, hd, names[i])
+            if hd.kind in GLASS_KINDS:
+                out[i] = decode_glass(data, hd, names[i])
                 continue
             if hd.kind == KIND_FIXUP:
                 inner, px = fixup_parts(data, hd)
@@ -397,7 +401,7 @@ class TileDecoder:
         given, vets every tile's header as it is loaded (raising fails that tile)."""
         job = _GridJob(self, fetch, names or (lambda c, r: f"tile col={c} row={r}"), shape, check)
         out: list[Any] = [None] * len(keys)
-        stitched, alone = job.sort(keys, out)
+        stitched, alone = job.sort(keys, out, grid)
         lat, own = job.latents(job.neighbourhood(keys, stitched, grid), [keys[n] for n in alone],
                                cache, cache_tag, run or run_serially)
         windows, where = [], []
@@ -408,7 +412,7 @@ class TileDecoder:
                 continue
             hd = job.got[keys[n]][1]
             windows.append(win[0])
-            where.append((n, win[1], win[2], hd.height, hd.width))
+            where.append((n, win[1], win[2], hd.height, hd.width, job.glass_edges(keys[n], grid)))
         for n in alone:
             r = own.get(keys[n])
             if isinstance(r, BaseException):
@@ -416,15 +420,34 @@ class TileDecoder:
                 continue
             hd = job.got[keys[n]][1]
             windows.append(r)
-            where.append((n, hd.top, hd.left, hd.height, hd.width))
+            where.append((n, hd.top, hd.left, hd.height, hd.width, {}))
         if windows:
             try:
                 pixels = self.synthesize(windows)
             except Exception as e:  # noqa: BLE001 - every tile of the pass fails with it
                 pixels = [e] * len(windows)
-            for (n, top, left, h, w), x in zip(where, pixels):
-                out[n] = x if isinstance(x, BaseException) else _crop(x, top, left, h, w)
+            for (n, top, left, h, w, edges), x in zip(where, pixels):
+                out[n] = x if isinstance(x, BaseException) else blend_toward_glass(
+                    _crop(x, top, left, h, w), edges)
         return out
+
+
+def glass_edges(hd: TileHeader, around: dict, name: Callable[[tuple[int, int]], str]) -> dict:
+    """The edge colours of the plane glass tiles among a tile's side neighbours ``around``
+    ((dr, dc) → (bytes, header) of what each shows its neighbours), keyed by side, for
+    :func:`~wsicodec.learned.glass.blend_toward_glass`; ``hd``: the tile's header.  A
+    neighbour whose edge does not match the tile's side, or is damaged, is left out.
+    Readers and the ``auto`` encoder's measurement both call this."""
+    edges = {}
+    for (dr, dc), (data, nhd) in around.items():
+        same = (nhd.width == hd.width) if dr else (nhd.height == hd.height)
+        if nhd.kind != KIND_PLANE or not same:
+            continue
+        try:
+            edges[(dr, dc)] = plane_edge(data, nhd, (-dr, -dc), name((dr, dc)))
+        except Exception:  # noqa: BLE001 - a damaged neighbour only costs that side
+            continue
+    return edges
 
 
 def _crop(x: np.ndarray, top: int, left: int, h: int, w: int) -> np.ndarray:
@@ -465,17 +488,20 @@ class _GridJob:
             self.got[key] = (data, hd)
         return self.got[key]
 
-    def sort(self, keys: Sequence[tuple[int, int]], out: list) -> tuple[list[int], list[int]]:
-        """Glass tiles decoded into ``out`` (and failures put there); returns the indexes
-        of the stitched tiles and of those decoded alone (formats 1-2)."""
+    def sort(self, keys: Sequence[tuple[int, int]], out: list,
+             grid: tuple[int, int]) -> tuple[list[int], list[int]]:
+        """Glass tiles decoded into ``out`` (a plane drawn toward its plane neighbours,
+        ``grid``: (cols, rows)), failures put there; returns the indexes of the stitched
+        tiles and of those decoded alone (formats 1-2)."""
         stitched, alone = [], []
         for n, key in enumerate(keys):
             try:
                 data, hd = self.load(key)
                 if key in self.fixups:
                     out[n] = self.fixup_pixels(key)
-                elif hd.kind == KIND_UNIFORM:
-                    out[n] = decode_uniform(data, hd, self.names(*key))
+                elif hd.kind in GLASS_KINDS:
+                    around = self.glass_edges(key, grid) if hd.kind == KIND_PLANE else None
+                    out[n] = decode_glass(data, hd, self.names(*key), around)
                 elif hd.kind == KIND_JPEGXL:
                     out[n] = self.pixels[key]
                 elif hd.stitched:
@@ -494,6 +520,24 @@ class _GridJob:
             self.pixels[key] = self.decoder.jpegxl_pixels(self.fixups[key], (hd.height, hd.width),
                                                           self.names(*key))
         return self.pixels[key]
+
+    def glass_edges(self, key: tuple[int, int], grid: tuple[int, int]) -> dict:
+        """The edge colours of the plane glass tiles beside ``key`` (side → (n, 3) uint8,
+        :func:`~wsicodec.learned.glass.plane_edge`), for
+        :func:`~wsicodec.learned.glass.blend_toward_glass`.  A neighbour that fails to
+        load or parse, or whose edge does not match the tile's side, is left out (a
+        fix-up neighbour shows its inner tile's edge)."""
+        col, row = key
+        around = {}
+        for dr, dc in SIDES:
+            nb = (col + dc, row + dr)
+            if not (0 <= nb[0] < grid[0] and 0 <= nb[1] < grid[1]):
+                continue
+            try:
+                around[(dr, dc)] = self.load(nb)
+            except Exception:  # noqa: BLE001 - a damaged neighbour only costs that side
+                continue
+        return glass_edges(self.got[key][1], around, lambda d: self.names(col + d[1], row + d[0]))
 
     @staticmethod
     def neighbourhood(keys: Sequence[tuple[int, int]], stitched: list[int],

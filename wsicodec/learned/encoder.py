@@ -2,7 +2,7 @@
 
 ::
 
-    regions (tile + context), boxes ─► glass? ─yes─► uniform tile (glass.py)
+    regions (tile + context), boxes ─► glass? ─yes─► plane glass tile (glass.py)
         │ no: region moved onto y's 16-px grid, equal sizes batched
         ▼
     g_a (on the codec's device, in its precision) ─► y_q of the region
@@ -25,7 +25,7 @@ from wsicodec.errors import InvalidSettingError
 
 from . import tileformat
 from .decoder import STITCH_RING, channel_index
-from .glass import encode_uniform, uniform_fit
+from .glass import encode_glass, uniform_fit
 from .network import pad_to_stride
 from .refine import refine_latents
 from .tileformat import LATENT_STRIDE, MAX_SIDE, PIXEL_STRIDE, exact_entropy, pack_network_header
@@ -103,7 +103,7 @@ class TileEncoder:
             core = r[top:top + h, left:left + w]
             fit = uniform_fit(core)
             if fit is not None:
-                out[i] = encode_uniform(core, *fit, version)
+                out[i] = encode_glass(core, *fit, version)
                 continue
             regions[i], boxes[i] = align_to_grid(r, boxes[i])
             groups.setdefault(regions[i].shape[:2], []).append(i)

@@ -1,11 +1,26 @@
-"""Glass (background) tiles: coded as their mean colour in ~15 bytes, no network pass.
+"""Glass (background) tiles: coded as a colour plane in ~24 bytes, no network pass.
 
 A tile is glass when every pixel but at most :data:`UNIFORM_MAX_OUTLIERS` stays within
 ±:data:`UNIFORM_MAX_DEV` of the mean colour in every channel and the channel std of those
 pixels is under :data:`UNIFORM_MAX_STD`.  The outliers (dust, specks) are stored exactly,
 so no pixel is ever off by more than UNIFORM_MAX_DEV levels.  A tile with tissue has
 thousands of stained pixels (a test checks that no tile with tissue in he/tiles takes
-this path).  Layout: :mod:`wsicodec.learned.tileformat` (kind 1).
+this path).  Layout: :mod:`wsicodec.learned.tileformat`.
+
+Two kinds of glass tile:
+
+* kind 3, "plane" (written since 2026-12): each channel a plane, its mean in 1/16 levels
+  and its change across the tile in x and y in 1/8 levels (least squares over the
+  non-outlier pixels: vignetting and slow illumination changes follow), evaluated in
+  integer arithmetic.  A network tile beside a plane glass tile is drawn toward the
+  plane's edge colour where its own pixels are near that colour (:func:`blend_toward_glass`:
+  within :data:`BLEND_WIDTH` pixels of the shared border), so the tile grid does not show
+  on the background where the network's rendering of glass meets the flat plane
+  (``bench/grid_steps.py``); two plane glass tiles side by side are drawn the same way
+  toward the colour midway between their planes along their border.  Decoded pixels stay
+  a function of the tiles' bytes: the planes' parameters, nothing decoded.
+* kind 1, "uniform" (older containers; still written when a plane would need more outliers
+  than allowed): one mean colour.  Read exactly as it always was, its neighbours untouched.
 """
 
 from __future__ import annotations
@@ -16,11 +31,24 @@ import numpy as np
 
 from wsicodec.errors import CorruptDataError
 
-from .tileformat import TileHeader, pack_uniform_header
+from .tileformat import KIND_PLANE, TileHeader, pack_plane_header, pack_uniform_header
 
 UNIFORM_MAX_DEV = 10
 UNIFORM_MAX_STD = 3.0
 UNIFORM_MAX_OUTLIERS = 384
+#: kind 3: mean R, G, B in 1/PLANE_MEAN_SCALE levels (u16), then their change across the tile
+#: in x, then in y, in 1/PLANE_GRAD_SCALE levels (int8)
+PLANE = struct.Struct("<3H3b3b")
+PLANE_MEAN_SCALE = 16
+PLANE_GRAD_SCALE = 8
+#: a network tile's pixels within this many pixels of a plane glass neighbour are drawn to it ...
+BLEND_WIDTH = 16
+#: ... fully where their largest channel difference to its edge colour is <= BLEND_NEAR
+#: levels, not at all from BLEND_FAR on (linearly between), the weight falling linearly
+#: from the border to BLEND_WIDTH
+BLEND_NEAR, BLEND_FAR = 10, 20
+#: rows of a plane evaluated at a time (bounds the int64 scratch of a large tile)
+_PLANE_ROWS = 256
 
 
 def uniform_fit(tile: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -79,8 +107,175 @@ def decode_uniform(data: bytes, hd: TileHeader, name: str = "tile") -> np.ndarra
 
 
 def uniform_colour(data: bytes, hd: TileHeader) -> bytes:
-    """A glass tile's RGB colour (3 bytes)."""
+    """A glass tile's RGB colour (3 bytes): a plane's mean, rounded."""
+    if hd.kind == KIND_PLANE:
+        m = np.asarray(PLANE.unpack_from(data, hd.payload)[:3], np.int64)
+        return np.clip((m + PLANE_MEAN_SCALE // 2) // PLANE_MEAN_SCALE, 0, 255).astype(np.uint8).tobytes()
     return bytes(data[hd.payload:hd.payload + 3])
+
+
+# ------------------------------------------------------------------ kind 3: a plane
+def plane_fit(tile: np.ndarray, outliers: np.ndarray) -> np.ndarray:
+    """The quantised plane of ``tile`` (h, w, 3) uint8 without the pixels ``outliers`` (k, 2):
+    (3, 3) int64, rows mean, change across x, change across y, per channel, in the units
+    of :data:`PLANE`.  Least squares in coordinates centred on the tile."""
+    h, w = tile.shape[:2]
+    keep = np.ones((h, w), bool)
+    if len(outliers):
+        keep[tuple(np.asarray(outliers).T)] = False
+    yy, xx = np.nonzero(keep)
+    u = (2.0 * xx - (w - 1)) / (2 * w)
+    v = (2.0 * yy - (h - 1)) / (2 * h)
+    a = np.stack([np.ones_like(u), u, v], 1)
+    t = tile[keep].astype(np.float64)
+    ata = a.T @ a
+    if abs(np.linalg.det(ata)) < 1e-9:          # one row or column: its mean, no gradient
+        coef = np.zeros((3, 3))
+        coef[0] = t.mean(0)
+    else:
+        coef = np.linalg.solve(ata, a.T @ t)
+    q = np.empty((3, 3), np.int64)
+    q[0] = np.clip(np.rint(coef[0] * PLANE_MEAN_SCALE), 0, 255 * PLANE_MEAN_SCALE)
+    q[1:] = np.clip(np.rint(coef[1:] * PLANE_GRAD_SCALE), -127, 127)
+    return q
+
+
+def plane_values(q: np.ndarray, h: int, w: int, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """The plane ``q`` (:func:`plane_fit`) of an h x w tile at rows ``ys`` and columns ``xs``
+    (broadcast against each other), uint8 (..., 3): integer arithmetic only, so every
+    machine decodes the same pixels."""
+    m, gx, gy = (np.asarray(r, np.int64) for r in q)
+    ys = np.asarray(ys, np.int64)[..., None]
+    xs = np.asarray(xs, np.int64)[..., None]
+    den = 2 * PLANE_MEAN_SCALE * w * h
+    k = PLANE_MEAN_SCALE // PLANE_GRAD_SCALE
+    # m / M + (gx / G) (2x - (w - 1)) / 2w + (gy / G) (2y - (h - 1)) / 2h, over den
+    num = 2 * w * h * m + gx * (2 * xs - (w - 1)) * h * k + gy * (2 * ys - (h - 1)) * w * k
+    return np.clip((num + den // 2) // den, 0, 255).astype(np.uint8)
+
+
+def plane_pixels(q: np.ndarray, h: int, w: int) -> np.ndarray:
+    """The plane ``q`` over a whole h x w tile, (h, w, 3) uint8."""
+    out = np.empty((h, w, 3), np.uint8)
+    xs = np.arange(w)[None, :]
+    for r0 in range(0, h, _PLANE_ROWS):
+        r1 = min(h, r0 + _PLANE_ROWS)
+        out[r0:r1] = plane_values(q, h, w, np.arange(r0, r1)[:, None], xs)
+    return out
+
+
+def encode_glass(tile: np.ndarray, rgb: np.ndarray, outliers: np.ndarray, version: int) -> bytes:
+    """The bytes of a glass tile (``rgb``, ``outliers``: :func:`uniform_fit`): a plane (kind
+    3) with the pixels off it by more than UNIFORM_MAX_DEV kept exactly, or the flat colour
+    (kind 1) should the plane leave more than UNIFORM_MAX_OUTLIERS of them."""
+    h, w = tile.shape[:2]
+    q = plane_fit(tile, outliers)
+    far = (np.abs(tile.astype(np.int16) - plane_pixels(q, h, w)) > UNIFORM_MAX_DEV).any(2)
+    if int(far.sum()) > UNIFORM_MAX_OUTLIERS:
+        return encode_uniform(tile, rgb, outliers, version)
+    parts = [pack_plane_header(version, h, w), PLANE.pack(*q.ravel().tolist()),
+             struct.pack("<H", int(far.sum()))]
+    for r, c in np.argwhere(far):
+        parts.append(struct.pack("<HH", r, c) + tile[r, c].tobytes())
+    return b"".join(parts)
+
+
+def plane_params(data: bytes, hd: TileHeader, name: str = "tile") -> np.ndarray:
+    """A plane glass tile's (3, 3) int64 plane (:func:`plane_fit`).  Raises CorruptDataError."""
+    v = PLANE.unpack_from(data, hd.payload)
+    if max(v[:3]) > 255 * PLANE_MEAN_SCALE:
+        raise CorruptDataError(f"{name}: plane glass tile with a mean colour out of range")
+    return np.asarray(v, np.int64).reshape(3, 3)
+
+
+def decode_plane(data: bytes, hd: TileHeader, name: str = "tile", around: dict | None = None) -> np.ndarray:
+    """A plane glass tile's pixels (``hd``: its parsed header).  ``around``: the edges of
+    its plane glass neighbours (side → (n, 3) uint8, :func:`plane_edge`), toward whose
+    meeting colour (the mean of the two planes along the border, rounded up) the plane is
+    drawn as :func:`blend_toward_glass` draws a network tile, so two planes meet without
+    a step; the outliers are put in last, exactly.  Raises CorruptDataError naming ``name``."""
+    q = plane_params(data, hd, name)
+    pos = hd.payload + PLANE.size
+    (n,) = struct.unpack_from("<H", data, pos)
+    if len(data) != pos + 2 + 7 * n:
+        raise CorruptDataError(f"{name}: plane glass tile has the wrong length")
+    out = plane_pixels(q, hd.height, hd.width)
+    if around:
+        meet = {}
+        for side, e in around.items():
+            own = plane_edge(data, hd, side, name).astype(np.int64)
+            meet[side] = (own + np.asarray(e, np.int64) + 1) // 2
+        out = blend_toward_glass(out, meet)
+    pos += 2
+    for _ in range(n):
+        r, c = struct.unpack_from("<HH", data, pos)
+        if r >= hd.height or c >= hd.width:
+            raise CorruptDataError(f"{name}: plane glass tile outlier outside the tile")
+        out[r, c] = np.frombuffer(data, np.uint8, 3, pos + 4)
+        pos += 7
+    return out
+
+
+def decode_glass(data: bytes, hd: TileHeader, name: str = "tile", around: dict | None = None) -> np.ndarray:
+    """A glass tile's pixels, either kind (``around``: a plane's neighbour planes'
+    edges, :func:`decode_plane`; a kind-1 tile ignores them).  Raises CorruptDataError
+    naming ``name``."""
+    if hd.kind == KIND_PLANE:
+        return decode_plane(data, hd, name, around)
+    return decode_uniform(data, hd, name)
+
+
+#: a side of a tile, as (dr, dc) toward its neighbour there
+SIDES = ((-1, 0), (1, 0), (0, -1), (0, 1))
+
+
+def plane_edge(data: bytes, hd: TileHeader, side: tuple[int, int], name: str = "tile") -> np.ndarray:
+    """The plane (outliers left out) of a plane glass tile along its edge on ``side``
+    ((-1, 0): its top row, (0, 1): its right column, ...), (n, 3) uint8."""
+    q = plane_params(data, hd, name)
+    h, w = hd.height, hd.width
+    dr, dc = side
+    if dr:
+        return plane_values(q, h, w, np.array([0 if dr < 0 else h - 1]), np.arange(w))
+    return plane_values(q, h, w, np.arange(h), np.array([0 if dc < 0 else w - 1]))
+
+
+def blend_toward_glass(pixels: np.ndarray, edges: dict) -> np.ndarray:
+    """A network tile's decoded ``pixels`` (h, w, 3) uint8 drawn toward its plane glass
+    neighbours: ``edges`` maps a side (:data:`SIDES`) to the neighbour's edge colours along
+    it ((w or h, 3) uint8, :func:`plane_edge`).  A pixel at distance d < BLEND_WIDTH from
+    that border moves toward the colour across it by (2·BLEND_WIDTH − 2d − 1)/(2·BLEND_WIDTH)
+    times a closeness weight (1 within BLEND_NEAR levels in every channel, 0 from BLEND_FAR),
+    so tissue at the border stays as decoded.  Sides in the order of SIDES; integer
+    arithmetic (rounded half up): the same pixels on every machine."""
+    if not edges:
+        return pixels
+    out = pixels.astype(np.int64)
+    h, w = out.shape[:2]
+    span = BLEND_FAR - BLEND_NEAR
+    den = 2 * BLEND_WIDTH * span
+    for side in SIDES:
+        g = edges.get(side)
+        if g is None:
+            continue
+        dr, dc = side
+        n = min(BLEND_WIDTH, h if dr else w)
+        d = np.arange(n)
+        a = 2 * BLEND_WIDTH - 2 * d - 1                  # the weight, in 1/(2·BLEND_WIDTH)
+        if dr:
+            rows = d if dr < 0 else h - 1 - d
+            band, target, a = out[rows], np.asarray(g, np.int64)[None], a[:, None, None]
+        else:
+            cols = d if dc < 0 else w - 1 - d
+            band, target, a = out[:, cols], np.asarray(g, np.int64)[:, None], a[None, :, None]
+        diff = target - band
+        s = np.clip(BLEND_FAR - np.abs(diff).max(-1, keepdims=True), 0, span)
+        band = band + (2 * diff * a * s + den) // (2 * den)
+        if dr:
+            out[rows] = band
+        else:
+            out[:, cols] = band
+    return np.clip(out, 0, 255).astype(np.uint8)
 
 
 def uniform_latent(model, rgb: bytes):

@@ -5,12 +5,16 @@ Tile bitstream (little-endian)::
     offset size  field
     0      4     magic b"WSLT"
     4      1     format version: 3; 2 and 1 are still read (below)
-    5      1     kind: 0 = network-coded, 1 = uniform background (glass), 2 = fix-up
+    5      1     kind: 0 = network-coded, 1 = uniform background (glass), 2 = fix-up,
+                 3 = plane glass
     6      2     height
     8      2     width
     -- kind 1 (uniform, :mod:`wsicodec.learned.glass`): 3 bytes R, G, B, u16 count, then
        per outlier pixel u16 row, u16 col, 3 bytes R, G, B (kept exactly)
                                                               (15 bytes + 7 per outlier)
+    -- kind 3 (plane glass, :mod:`wsicodec.learned.glass`): u16 mean R, G, B in 1/16
+       levels, int8 change across the tile in x for R, G, B, then in y, in 1/8 levels,
+       u16 count, then the outliers as kind 1's                (24 bytes + 7 per outlier)
     -- kind 0 (network):
     10     4     quality (float32)
     14     8     first 8 bytes of the model's sha256
@@ -53,6 +57,12 @@ READ_VERSIONS = (1, 2, 3)
 STITCH_VERSION = 3
 KIND_NETWORK, KIND_UNIFORM, KIND_FIXUP = 0, 1, 2
 FIXUP = struct.Struct("<I")              # length of a fix-up tile's inner tile
+#: glass stored as a colour plane
+KIND_PLANE = 3
+#: the glass kinds: decoded without the network
+GLASS_KINDS = (KIND_UNIFORM, KIND_PLANE)
+#: bytes of a plane glass tile before its outliers (header, plane, count)
+PLANE_TILE_BYTES = 24
 HEAD = struct.Struct("<4sBBHH")          # magic, version, kind, h, w
 NET = struct.Struct("<f8sIIBBHH")       # quality, model id, symbol crc, len(z), top, left, coded h, w
 #: bytes of a network-coded tile before its z and y streams
@@ -145,6 +155,11 @@ def pack_uniform_header(version: int, height: int, width: int) -> bytes:
     return HEAD.pack(MAGIC, version, KIND_UNIFORM, height, width)
 
 
+def pack_plane_header(version: int, height: int, width: int) -> bytes:
+    """The first bytes of a plane glass tile (its plane and outliers follow)."""
+    return HEAD.pack(MAGIC, version, KIND_PLANE, height, width)
+
+
 def parse_header(data: bytes) -> TileHeader:
     """Parse and validate a tile header. Raises CorruptDataError."""
     if len(data) < HEAD.size:
@@ -163,6 +178,10 @@ def parse_header(data: bytes) -> TileHeader:
         return TileHeader(kind, h, w, payload=HEAD.size, version=ver)
     if kind == KIND_FIXUP:
         return _parse_fixup(data, ver, h, w)
+    if kind == KIND_PLANE:
+        if len(data) < PLANE_TILE_BYTES:
+            raise CorruptDataError("plane glass tile has the wrong length")
+        return TileHeader(kind, h, w, payload=HEAD.size, version=ver)
     if kind != KIND_NETWORK:
         raise CorruptDataError(f"unknown tile kind {kind}")
     if len(data) < HEAD.size + NET.size:
