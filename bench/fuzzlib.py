@@ -75,7 +75,7 @@ OUTCOMES = ("error", "no_effect", "undetectable") + FAILURES
 def base_image(codec: str, other: bool = False) -> np.ndarray:
     """The (h, w, 3) image a base container is made of: a crop of an he/test image when
     the shared data is there (a synthetic one otherwise), with one glass (uniform) tile so
-    the learned codec writes a kind-1 tile.  ``other``: another crop, for splicing."""
+    the learned codec writes a glass tile (kind 3, a plane; kind 1 in older releases).  ``other``: another crop, for splicing."""
     w, h = SIZES[codec]
     if HE_TEST_PNG.exists():
         from PIL import Image
@@ -583,20 +583,24 @@ def learned_stream_forged(rng: random.Random, work: Path, ctx: dict) -> str:
 
 
 def learned_glass_forged(rng: random.Random, work: Path, ctx: dict) -> str:
-    """A glass (kind 1) tile's colour or outlier list edited, digests forged.  A glass
-    tile carries no checksum: a well-formed edit (another colour) is a valid stream of the
-    right size (undetectable by design); a malformed one (count, size) must be caught."""
-    level, col, row = rng.choice(_learned_tiles(work, 1))
+    """A glass tile's colour (kind 1) or plane (kind 3), or its outlier list, edited, or
+    the tile cut short, digests forged.  A glass tile carries no checksum: a well-formed
+    edit (another colour or plane) is a valid stream of the right size (undetectable by
+    design); a malformed one (count, size, length, a mean past 255) must be caught."""
+    level, col, row = rng.choice(_learned_tiles(work, 1) + _learned_tiles(work, 3))
     p = _tile_path(work, level, col, row)
     data = bytearray(_read_tile(p))
-    what = rng.choice(("colour", "colour", "count", "size", "append"))
-    if what == "colour":
-        i = 10 + rng.randrange(3)
+    plane = data[5] == 3
+    what = rng.choice(("colour", "colour", "count", "size", "append", "truncate"))
+    if what == "colour":                  # kind 3: the means (u16) and gradients (int8)
+        i = 10 + rng.randrange(12 if plane else 3)
         data[i] = (data[i] + rng.choice((1, 17, 128))) % 256
     elif what == "count":
-        struct.pack_into("<H", data, 13, rng.choice((1, 2, 65535)))
+        struct.pack_into("<H", data, 22 if plane else 13, rng.choice((1, 2, 65535)))
     elif what == "size":
         struct.pack_into("<H", data, rng.choice((6, 8)), rng.choice((1, 32, 63, 65, 65535)))
+    elif what == "truncate":
+        del data[rng.randrange(5, len(data)):]
     else:
         data += bytes(rng.randrange(256) for _ in range(rng.choice((1, 7))))
     _write_tile(p, bytes(data))

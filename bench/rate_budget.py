@@ -9,7 +9,7 @@ bytes are split, from the stream itself, into
 * ``stream``: the image stream's header and tile table (52 bytes + 8 per tile);
 * ``header``: the 36-byte headers of network-coded tiles;
 * ``z`` and ``y``: their two rANS streams;
-* ``glass``: whole background tiles (kind 1).
+* ``glass``: whole background tiles (kinds 1 and 3).
 
 Then, per network tile, the y symbols and their CDF-table indexes (``bench/tilecode.py``,
 which gives the codec's exact streams: checked here byte for byte) are priced as ideal
@@ -42,7 +42,7 @@ import tilecode  # noqa: E402
 import wsicodec  # noqa: E402
 from wsicodec.checkpoint import load_model  # noqa: E402
 from wsicodec.image import read_stream  # noqa: E402
-from wsicodec.learned import KIND_UNIFORM, NETWORK_HEADER_BYTES, parse_header  # noqa: E402
+from wsicodec.learned import GLASS_KINDS, NETWORK_HEADER_BYTES, parse_header  # noqa: E402
 from wsicodec.learned.network import SCALES_MIN  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def split_stream(data: bytes) -> dict[str, int]:
            "network_tiles": 0, "glass_tiles": 0}
     for t in st.tiles:
         hd = parse_header(t)
-        if hd.kind == KIND_UNIFORM:
+        if hd.kind in GLASS_KINDS:
             out["glass"] += len(t)
             out["glass_tiles"] += 1
         else:

@@ -8,7 +8,8 @@ over the context region cropped to the tile's latents, the z stream and the floa
 prices whatever y symbols an experiment chooses as the codec would code them, and
 :func:`image_pixels` / :func:`image_sse` score the whole image as the readers decode it:
 every tile's ŷ (and every glass tile's colour latent) in one latent plane, g_s once over
-it (the readers' 2-latent stitching ring gives the same pixels to ~1e-4 dB).
+it (the readers' 2-latent stitching ring gives the same pixels to ~1e-4 dB), then the
+readers' blending at plane glass borders (:func:`wsicodec.learned.glass.blend_toward_glass`).
 """
 
 from __future__ import annotations
@@ -24,21 +25,25 @@ from wsicodec.image import context_region, tile_cells
 from wsicodec.learned import (DEFAULT_MARGIN, NETWORK_HEADER_BYTES, PIXEL_STRIDE, hyper_symbols,
                               pad_to_stride, parse_header, uniform_fit, uniform_latent)
 from wsicodec.learned.decoder import channel_index
-from wsicodec.learned.glass import decode_uniform, encode_uniform
-from wsicodec.learned.tileformat import LATENT_STRIDE, VERSION
+from wsicodec.learned.glass import (SIDES, blend_toward_glass, decode_glass, encode_glass, plane_edge,
+                                    uniform_colour)
+from wsicodec.learned.tileformat import KIND_PLANE, LATENT_STRIDE, VERSION
 
 TILE = 256
 
 
 @dataclass
 class Glass:
-    """A tile the background rule codes as its colour: its bytes, SSE and pixels, final."""
+    """A tile the background rule codes as a colour plane: its bytes, SSE and pixels on its
+    own (beside other plane glass tiles the readers draw its border toward theirs:
+    :func:`image_pixels`)."""
     nbytes: int
     sse: float
-    pixels: np.ndarray        #: the decoded tile (h, w, 3) uint8
-    rgb: bytes                #: its colour, what it gives its neighbours' stitching
+    pixels: np.ndarray        #: the decoded tile (h, w, 3) uint8, on its own
+    rgb: bytes                #: its (mean) colour, what it gives its neighbours' stitching
     rows: slice               #: where it sits in the image
     cols: slice
+    data: bytes = b""         #: its bytes
 
 
 @dataclass
@@ -70,10 +75,11 @@ def tiles(model, tables, img: np.ndarray, quality: float, tile: int = TILE,
         core = region[top:top + th, left:left + tw]
         fit = uniform_fit(core)
         if fit is not None:
-            data = encode_uniform(core, *fit, VERSION)
-            pixels = decode_uniform(data, parse_header(data))
+            data = encode_glass(core, *fit, VERSION)
+            hd = parse_header(data)
+            pixels = decode_glass(data, hd)
             d = pixels.astype(np.float64) - core
-            yield Glass(len(data), float((d ** 2).sum()), pixels, fit[0].tobytes(), ys, xs)
+            yield Glass(len(data), float((d ** 2).sum()), pixels, uniform_colour(data, hd), ys, xs, data)
             continue
         dy, dx = top % PIXEL_STRIDE, left % PIXEL_STRIDE       # as the encoder: onto y's grid
         x = torch.from_numpy(np.ascontiguousarray(region[dy:, dx:])).permute(2, 0, 1)[None].float().div(255)
@@ -117,11 +123,31 @@ def image_pixels(model, shape: tuple[int, ...], parts: list) -> np.ndarray:
     """
     h, w = shape[:2]
     x_hat = model.synthesize(latent_plane(model, shape, parts)).clamp(0, 1)
-    out = (x_hat[0].permute(1, 2, 0).numpy()[:h, :w] * 255).round().astype(np.float64)
+    out = (x_hat[0].permute(1, 2, 0).numpy()[:h, :w] * 255).round().astype(np.uint8)
+    rs = sorted({t.rows.start for t, _ in parts})
+    cs = sorted({t.cols.start for t, _ in parts})
+    at = {(rs.index(t.rows.start), cs.index(t.cols.start)): t for t, _ in parts}
+
+    def plane_edges(t) -> dict:          # as the readers' _GridJob.glass_edges
+        edges = {}
+        r, c = rs.index(t.rows.start), cs.index(t.cols.start)
+        for dr, dc in SIDES:
+            nb = at.get((r + dr, c + dc))
+            if not isinstance(nb, Glass):
+                continue
+            nhd = parse_header(nb.data)
+            if nhd.kind == KIND_PLANE and (nb.cols if dr else nb.rows) == (t.cols if dr else t.rows):
+                edges[(dr, dc)] = plane_edge(nb.data, nhd, (-dr, -dc))
+        return edges
+
+    final = out.copy()
     for t, _ in parts:
         if isinstance(t, Glass):
-            out[t.rows, t.cols] = t.pixels
-    return out
+            hd = parse_header(t.data)
+            final[t.rows, t.cols] = decode_glass(t.data, hd, around=plane_edges(t) if hd.kind == KIND_PLANE else None)
+        else:
+            final[t.rows, t.cols] = blend_toward_glass(out[t.rows, t.cols], plane_edges(t))
+    return final.astype(np.float64)
 
 
 def image_sse(model, img: np.ndarray, parts: list) -> float:

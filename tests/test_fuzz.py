@@ -152,10 +152,10 @@ def test_glass_tile_colour_is_the_undetectable_class(bases, tmp_path: Path) -> N
     import wsicodec
 
     work = _copy(bases, "learned", tmp_path)
-    p = fuzzlib._tile_path(work, 0, 2, 0)        # base_image's glass tile
+    p = fuzzlib._tile_path(work, 0, 2, 0)        # base_image's glass tile: a flat plane
     data = bytearray(fuzzlib._read_tile(p))
-    assert data[5] == 1 and tuple(data[10:13]) == (240, 238, 245)
-    data[10] = 176
+    assert data[5] == 3 and struct.unpack_from("<3H6b", data, 10) == (240 * 16, 238 * 16, 245 * 16) + (0,) * 6
+    struct.pack_into("<H", data, 10, 176 * 16)
     fuzzlib._write_tile(p, bytes(data))
     fuzzlib.forge(work)
     assert _damage(work) == []
