@@ -11,7 +11,8 @@ pixels, the mean absolute grey step (grey = mean of R, G, B) across tile borders
 the same step between pixel pairs inside tiles, both only where the pair lies in a
 bright, flat area (grey >= ``--bright`` on both sides and a local 5x5 standard deviation
 <= ``--flat`` levels away from the border itself).  A step ratio (border / inside) near
-1 means no visible grid.  The tile size is the container's.
+1 means no visible grid.  The tile size is the container's.  Each level also reports its
+tiles' bytes and, for the learned codec, its glass tiles (kinds 1 and 3) and their bytes.
 """
 
 from __future__ import annotations
@@ -73,6 +74,24 @@ def grid_steps(rgb: np.ndarray, tile: int, bright: float = 200.0, flat: float = 
     return out
 
 
+def tile_bytes(container: Path, level: int) -> dict:
+    """Bytes of a level's tiles, and for the learned codec how many are glass (kinds 1
+    and 3) and their bytes: what the glass costs."""
+    from wsicodec.container import open_container
+
+    out = {"tiles": 0, "tile_bytes": 0, "glass_tiles": 0, "glass_bytes": 0, "glass_kinds": {}}
+    with open_container(container) as c:
+        for _, _, data in c.iter_encoded_tiles(level):
+            out["tiles"] += 1
+            out["tile_bytes"] += len(data)
+            if data[:4] == b"WSLT" and len(data) > 5 and data[5] in (1, 3):
+                out["glass_tiles"] += 1
+                out["glass_bytes"] += len(data)
+                out["glass_kinds"][str(data[5])] = out["glass_kinds"].get(str(data[5]), 0) + 1
+    out["glass_bytes_per_tile"] = out["glass_bytes"] / out["glass_tiles"] if out["glass_tiles"] else None
+    return out
+
+
 def measure(container: Path, bright: float, flat: float) -> dict:
     import wsicodec
 
@@ -86,10 +105,12 @@ def measure(container: Path, bright: float, flat: float) -> dict:
             r = grid_steps(rgb, tile, bright, flat)
             r.update(level=level, width=w, height=h, downsample=ds,
                      seconds=round(time.perf_counter() - t0, 2))
+            r.update(tile_bytes(container, level))
             rows.append(r)
             print(f"{container.name} level {level}: border step {r['border_step']} "
                   f"inside {r['inside_step']} (n {r['border_n']} / {r['inside_n']})", flush=True)
-    return {"container": container.name, "tile_size": tile, "levels": rows}
+    return {"container": container.name, "tile_size": tile, "container_bytes": container.stat().st_size
+            if container.is_file() else None, "levels": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bright", type=float, default=200.0, help="grey level of glass (0-255)")
     ap.add_argument("--flat", type=float, default=3.0, help="max local std of grey, levels")
     ap.add_argument("--out", type=Path, default=Path("bench/results/grid_steps.json"))
+    ap.add_argument("--note", default="", help="a line on what the containers are, kept in the output")
     args = ap.parse_args(argv)
-    result = {"what": __doc__.split("\n")[0], "bright": args.bright, "flat": args.flat,
+    result = {"what": __doc__.split("\n")[0], "note": args.note, "bright": args.bright, "flat": args.flat,
               "cpu": platform.processor() or platform.machine(),
               "results": [measure(c, args.bright, args.flat) for c in args.containers]}
     args.out.parent.mkdir(parents=True, exist_ok=True)

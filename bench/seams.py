@@ -2,6 +2,8 @@
 
     python bench/seams.py [--images ../shared/data/he/test] [--max-images 4]
                           [--qualities 1 4 8] [--margins 0 16] [--out bench/results/seams.json]
+                          [--slides ../shared/data/slides/cmu_small_region.svs]
+                          [--slide-codecs learned:4 jpegxl:1]
 
 Each image goes through ``wsicodec.encode`` with 256² tiles, then is decoded two ways:
 ``stitched`` (``wsicodec.decode``: each tile's latents joined with its neighbours'
@@ -11,6 +13,13 @@ those within 4 px of an internal tile boundary (either side), "interior" the res
 gap is interior PSNR − border PSNR (MSE pooled over all images).  The target is a gap
 under 0.5 dB.  ``--margins``: pixels of the neighbours g_a sees around each tile (16,
 the default; 0: the tile alone).  bpp from the actual bytes.
+
+PSNR near borders misses a grid on the glass: a few grey levels of step over large flat
+areas.  So every row also reports the grid step of ``bench/grid_steps.py`` (mean absolute
+grey step across tile borders against inside tiles, in flat bright areas; ratio near 1:
+no grid), and each of ``--slides`` is compressed with each of ``--slide-codecs``
+(``codec:quality``) and measured the same way at every level of its pyramid
+(``grid_steps`` in the output; ``--slides`` with no value skips them).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -26,7 +36,9 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 
+import grid_steps  # noqa: E402  (bench/, beside this script)
 import wsicodec
 from wsicodec.checkpoint import load_model
 from wsicodec.image import read_stream, tile_cells
@@ -49,12 +61,46 @@ def _psnr(sse: float, n: int) -> float:
     return float(10 * np.log10(255.0 ** 2 / (sse / n)))
 
 
+def _grid_row(g: dict) -> dict:
+    """Pooled grid-step sums (:func:`grid_steps.grid_steps`) → the row's grid columns."""
+    b = g["border_sum"] / g["border_n"] if g["border_n"] else None
+    i = g["inside_sum"] / g["inside_n"] if g["inside_n"] else None
+    return {"grid_border_step": b, "grid_inside_step": i, "grid_border_n": g["border_n"],
+            "grid_ratio": b / i if b is not None and i else None}
+
+
+def _slide_grid(slide: Path, spec: str) -> dict:
+    """``slide`` compressed with ``spec`` ("codec:quality", 256² tiles) into a scratch
+    container, then :func:`grid_steps.measure` at every level."""
+    import tempfile
+    from wsicodec.codecs import get_codec
+    from wsicodec.pipeline import compress
+
+    name, _, q = spec.partition(":")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / f"{slide.stem}_{name}_{q or 'default'}.zarr.zip"
+        res = compress(slide, out, get_codec(name, float(q) if q else None), tile_size=TILE,
+                       associated="none")
+        r = grid_steps.measure(out, 200.0, 3.0)
+    r.update(slide=slide.name, codec=name, quality=float(q) if q else None,
+             tile_bytes=res.tile_bytes, container_bytes=res.container_bytes)
+    for lv in r["levels"]:
+        print(f"grid {slide.name} {spec} level {lv['level']}: border {lv['border_step']} inside "
+              f"{lv['inside_step']} ratio {lv['ratio']}", flush=True)
+    return r
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", default=str(ROOT.parent / "shared" / "data" / "he" / "test"))
     ap.add_argument("--max-images", type=int, default=4)
     ap.add_argument("--qualities", type=float, nargs="+", default=[1.0, 4.0, 8.0])
     ap.add_argument("--margins", type=int, nargs="+", default=[0, 16])
+    ap.add_argument("--slides", nargs="*", default=[str(ROOT.parent / "shared" / "data" / "slides" /
+                                                        "cmu_small_region.svs")],
+                    help="slides whose pyramids get the grid-step measure (none: skip)")
+    ap.add_argument("--slide-codecs", nargs="+", default=["learned:4", "jpegxl:1"],
+                    help="codec:quality each slide is compressed with for the grid-step measure")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "seams.json"))
     args = ap.parse_args(argv)
     torch.set_flush_denormal(True)
@@ -67,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     for q in args.qualities:
         for margin in args.margins:
             acc = {"stitched": [0.0, 0, 0.0, 0], "alone": [0.0, 0, 0.0, 0]}
+            grid = {how: dict.fromkeys(("border_sum", "border_n", "inside_sum", "inside_n"), 0)
+                    for how in acc}
             nbytes = 0
             t0 = time.perf_counter()
             for img in images:
@@ -84,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
                     a[1] += int(m.sum()) * 3
                     a[2] += err[~m].sum()
                     a[3] += int((~m).sum()) * 3
+                    g = grid_steps.grid_steps(out, TILE)
+                    for k in grid[how]:
+                        grid[how][k] += g[k]
             pix = sum(i.shape[0] * i.shape[1] for i in images)
             for how, (sse_b, n_b, sse_i, n_i) in acc.items():
                 row = {"quality": q, "margin": margin, "decode": how, "bpp": 8 * nbytes / pix,
@@ -91,16 +142,18 @@ def main(argv: list[str] | None = None) -> int:
                        "psnr_border": _psnr(sse_b, n_b), "psnr_interior": _psnr(sse_i, n_i),
                        "seconds": time.perf_counter() - t0}
                 row["gap_db"] = row["psnr_interior"] - row["psnr_border"]
+                row.update(_grid_row(grid[how]))
                 rows.append(row)
                 print(f"q={q:g} margin={margin} {how}: {row['bpp']:.3f} bpp, {row['psnr']:.2f} dB, interior "
                       f"{row['psnr_interior']:.2f} dB, border {row['psnr_border']:.2f} dB, gap "
-                      f"{row['gap_db']:.2f} dB", flush=True)
+                      f"{row['gap_db']:.2f} dB, grid ratio {row['grid_ratio']}", flush=True)
     result = {
         "what": f"PSNR within {BAND} px of internal {TILE}px tile borders vs interior, wsicodec.encode, "
                 "decoded stitched (wsicodec.decode) and tile by tile (decode_alone)",
         "images": [p.name for p in paths], "model_sha256": load_model().model_id,
         "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
         "rows": rows,
+        "grid_steps": [_slide_grid(Path(s), spec) for s in args.slides for spec in args.slide_codecs],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
