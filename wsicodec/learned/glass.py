@@ -144,9 +144,11 @@ def plane_values(q: np.ndarray, h: int, w: int, ys: np.ndarray, xs: np.ndarray) 
     """The plane ``q`` (:func:`plane_fit`) of an h x w tile at rows ``ys`` and columns ``xs``
     (broadcast against each other), uint8 (..., 3): integer arithmetic only, so every
     machine decodes the same pixels."""
-    m, gx, gy = (np.asarray(r, np.int64) for r in q)
-    ys = np.asarray(ys, np.int64)[..., None]
-    xs = np.asarray(xs, np.int64)[..., None]
+    # |numerator| < 8700·w·h: int32 holds it for tiles up to ~490², int64 beyond (same values)
+    dt = np.int32 if 8700 * w * h < 2 ** 31 else np.int64
+    m, gx, gy = (np.asarray(r, dt) for r in q)
+    ys = np.asarray(ys, dt)[..., None]
+    xs = np.asarray(xs, dt)[..., None]
     den = 2 * PLANE_MEAN_SCALE * w * h
     k = PLANE_MEAN_SCALE // PLANE_GRAD_SCALE
     # m / M + (gx / G) (2x - (w - 1)) / 2w + (gy / G) (2y - (h - 1)) / 2h, over den
@@ -250,7 +252,7 @@ def blend_toward_glass(pixels: np.ndarray, edges: dict) -> np.ndarray:
     arithmetic (rounded half up): the same pixels on every machine."""
     if not edges:
         return pixels
-    out = pixels.astype(np.int64)
+    out = pixels.astype(np.int32)          # |2·diff·a·s| < 2·255·32·10: int32 is plenty
     h, w = out.shape[:2]
     span = BLEND_FAR - BLEND_NEAR
     den = 2 * BLEND_WIDTH * span
@@ -260,14 +262,14 @@ def blend_toward_glass(pixels: np.ndarray, edges: dict) -> np.ndarray:
             continue
         dr, dc = side
         n = min(BLEND_WIDTH, h if dr else w)
-        d = np.arange(n)
+        d = np.arange(n, dtype=np.int32)
         a = 2 * BLEND_WIDTH - 2 * d - 1                  # the weight, in 1/(2·BLEND_WIDTH)
         if dr:
             rows = d if dr < 0 else h - 1 - d
-            band, target, a = out[rows], np.asarray(g, np.int64)[None], a[:, None, None]
+            band, target, a = out[rows], np.asarray(g, np.int32)[None], a[:, None, None]
         else:
             cols = d if dc < 0 else w - 1 - d
-            band, target, a = out[:, cols], np.asarray(g, np.int64)[:, None], a[None, :, None]
+            band, target, a = out[:, cols], np.asarray(g, np.int32)[:, None], a[None, :, None]
         diff = target - band
         s = np.clip(BLEND_FAR - np.abs(diff).max(-1, keepdims=True), 0, span)
         band = band + (2 * diff * a * s + den) // (2 * den)
