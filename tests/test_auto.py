@@ -280,3 +280,24 @@ def test_an_interrupted_auto_compress_resumes_to_the_same_container(he_img, tmp_
             assert list(a.iter_encoded_tiles(lv)) == list(b.iter_encoded_tiles(lv))
             np.testing.assert_array_equal(a.tile_records(lv).psnr, b.tile_records(lv).psnr)
             np.testing.assert_array_equal(a.tile_records(lv).kind, b.tile_records(lv).kind)
+
+
+def test_plane_glass_beside_tissue_holds_the_floor_as_readers_blend_it(he_img):
+    from wsicodec.learned.tileformat import KIND_PLANE
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:2 * T, 0:2 * T].astype(np.float64)
+    glass = np.stack([232 + 8 * xx / (2 * T), 228 + 5 * yy / (2 * T), 238 - 4 * yy / (2 * T)], -1)
+    glass = np.clip(np.rint(glass + rng.normal(0, 0.8, glass.shape)), 0, 255).astype(np.uint8)
+    img = np.ascontiguousarray(np.concatenate([he_img[:2 * T, :2 * T], glass], axis=1))
+    floor = 36.0
+    codec = get_codec("auto", 4, min_psnr=floor)
+    out = _encode(codec, img)
+    kinds = [k for row in out.values() for k, _ in row.records]
+    planes = [t for row in out.values() for t in row.tiles
+              if t[:4] == b"WSLT" and parse_header(t).kind == KIND_PLANE]
+    assert "glass" in kinds and planes
+    measured = _decode(codec, img, out)
+    for (c, r), p in measured.items():
+        kind, rec = out[r].records[c]
+        assert p >= floor, (c, r, kind, p)
+        assert abs(p - rec) < 0.05, (c, r, kind, p, rec)

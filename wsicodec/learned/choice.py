@@ -35,12 +35,13 @@ import numpy as np
 from wsicodec.codecs import EncodedRow, LevelEncoder
 from wsicodec.errors import InvalidSettingError
 
-from .decoder import STITCH_RING, stitch_window
+from .decoder import STITCH_RING, glass_edges, stitch_window
 from .encoder import align_to_grid, check_region
-from .glass import decode_uniform, encode_uniform, uniform_fit
+from .glass import SIDES, blend_toward_glass, decode_glass, encode_glass, uniform_fit
 from .jxlfit import JxlFit, fit_jpegxl, start_for, tile_psnr
 from .ladder import QUALITY_MAX
-from .tileformat import LATENT_STRIDE, MAGIC, PIXEL_STRIDE, VERSION, pack_fixup, parse_header
+from .tileformat import (KIND_FIXUP, KIND_PLANE, LATENT_STRIDE, MAGIC, PIXEL_STRIDE, VERSION,
+                         fixup_parts, pack_fixup, parse_header)
 
 #: what the ``auto`` codec records for each tile (:attr:`wsicodec.codecs.TileCodec.tile_kinds`)
 KINDS = ("glass", "learned", "jpegxl", "jpegxl-lossless", "fixup")
@@ -84,6 +85,7 @@ class _Tile:
     estimate: float = -math.inf         #: stage 1's PSNR estimate of ``network``
     jxl: JxlFit | None = None           #: a JPEG-XL coding reaching the floor, if made
     context: Any = None                 #: the latents it gives its neighbours (lazy for JPEG-XL)
+    inner: bytes | None = None          #: the learned tile its neighbours see (None: JPEG-XL)
 
 
 class TileChooser:
@@ -124,12 +126,12 @@ class TileChooser:
         fit = uniform_fit(t.source)
         if fit is None:
             return False
-        data = encode_uniform(t.source, *fit, VERSION)
+        data = encode_glass(t.source, *fit, VERSION)
         hd = parse_header(data)
-        p = tile_psnr(decode_uniform(data, hd), t.source, t.valid)
+        p = tile_psnr(decode_glass(data, hd), t.source, t.valid)    # a plane's blend: stage 2
         if p < self.floor:
             return False
-        t.kind, t.data, t.psnr = "glass", data, p
+        t.kind, t.data, t.inner, t.psnr = "glass", data, data, p
         t.context = self.decoder.latents(data, hd, "glass tile")
         return True
 
@@ -245,7 +247,7 @@ class TileChooser:
             t.kind = "jpegxl-lossless" if fit.lossless else "jpegxl"
             t.data, t.psnr, t.context = fit.data, fit.psnr, None
         else:
-            t.kind, t.data = "learned", t.network
+            t.kind, t.data, t.inner = "learned", t.network, t.network
 
     def stored_tile(self, col: int, data: bytes) -> _Tile:
         """A tile an earlier run wrote (a resumed run's context): its latents as readers
@@ -254,9 +256,10 @@ class TileChooser:
         t = _Tile(col, np.zeros((0, 0, 3), np.uint8), (0, 0), data=data)
         if data[:4] != MAGIC:
             t.kind = "jpegxl"
-        else:
-            t.kind = "stored"
-            t.context = self.decoder.latents(data, parse_header(data), f"tile col={col}")
+            return t
+        hd = parse_header(data)
+        t.kind, t.inner = "stored", fixup_parts(data, hd)[0] if hd.kind == KIND_FIXUP else data
+        t.context = self.decoder.latents(t.inner, parse_header(t.inner), f"tile col={col}")
         return t
 
     # ------------------------------------------------------------------ stage 2
@@ -269,31 +272,49 @@ class TileChooser:
 
     def settle_row(self, tiles: list[_Tile], above: list[_Tile] | None, below: list[_Tile] | None) -> None:
         """Stage 2: each network tile of ``tiles`` decoded stitched with its neighbours
-        (``above``, ``below``: the rows around it, None at the level's edge) and
-        measured; one under the floor becomes a fix-up tile."""
+        (``above``, ``below``: the rows around it, None at the level's edge), and each
+        plane glass tile drawn toward its plane neighbours, as readers do; one under the
+        floor becomes a fix-up tile around what its neighbours see."""
         rows = {-1: above, 0: tiles, 1: below}
+
+        def neighbour(t: _Tile, dr: int, dc: int) -> _Tile | None:
+            row, c = rows[dr], t.col + dc
+            return row[c] if row is not None and 0 <= c < len(row) else None
+
+        def edges(t: _Tile) -> dict:
+            hd = parse_header(t.inner)
+            around = {}
+            for dr, dc in SIDES:
+                nb = neighbour(t, dr, dc)
+                if nb is not None and nb.inner is not None:
+                    around[(dr, dc)] = (nb.inner, parse_header(nb.inner))
+            return glass_edges(hd, around, lambda d: "tile")
+
         todo = [t for t in tiles if t.kind == "learned"]
         windows, where = [], []
         for t in todo:
-            around = {}
-            for dr in (-1, 0, 1):
-                for dc in (-1, 0, 1):
-                    row, c = rows[dr], t.col + dc
-                    if (dr or dc) and row is not None and 0 <= c < len(row):
-                        around[(dr, dc)] = self.context(row[c])
+            around = {(dr, dc): self.context(nb) for dr in (-1, 0, 1) for dc in (-1, 0, 1)
+                      if (dr or dc) and (nb := neighbour(t, dr, dc)) is not None}
             win, top, left = stitch_window(t.context, around, STITCH_RING)
             windows.append(win)
             where.append((top, left))
+        shown = []
         for t, (top, left), px in zip(todo, where, self.decoder.synthesize(windows)):
             if isinstance(px, BaseException):
                 raise px
             h, w = t.source.shape[:2]
-            p = tile_psnr(px[top:top + h, left:left + w], t.source, t.valid)
+            shown.append((t, blend_toward_glass(np.ascontiguousarray(px[top:top + h, left:left + w]),
+                                                edges(t))))
+        for t in tiles:
+            if t.kind == "glass" and parse_header(t.data).kind == KIND_PLANE:
+                shown.append((t, decode_glass(t.data, parse_header(t.data), "tile", edges(t))))
+        for t, px in shown:
+            p = tile_psnr(px, t.source, t.valid)
             if p >= self.floor + READER_SLACK_DB:
                 t.psnr = p
                 continue
             fit = t.jxl or fit_jpegxl(t.source, self.floor, t.valid, effort=self.effort)
-            t.kind, t.data, t.psnr = "fixup", pack_fixup(t.network, fit.data), fit.psnr
+            t.kind, t.data, t.psnr = "fixup", pack_fixup(t.inner, fit.data), fit.psnr
 
 
 class MixedLevelEncoder(LevelEncoder):
