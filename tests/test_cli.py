@@ -417,7 +417,7 @@ def test_killed_compress_resumes(tmp_path: Path, capsys, odd_image: np.ndarray, 
 
 def test_codecs_command(capsys) -> None:
     code, out, _ = run(capsys, "codecs")
-    assert code == 0 and "learned  [default]" in out and "jpegxl" in out
+    assert code == 0 and "auto  [default]" in out and "learned\n" in out and "jpegxl" in out
 
 
 def test_reader_leaving_early_is_a_quiet_exit(capsys, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -50,7 +50,7 @@ import numpy as np
 from wsicodec.errors import (CodecUnavailableError, CorruptDataError, InvalidSettingError,
                              WsiCodecError)
 
-DEFAULT_CODEC = "learned"
+DEFAULT_CODEC = "auto"
 """Codec the CLI uses when ``--codec`` is not given."""
 
 DEFAULT_MIN_PSNR = 32.0
