@@ -263,11 +263,26 @@ class TileChooser:
         return t
 
     # ------------------------------------------------------------------ stage 2
+    def _synthesize(self, windows: list, tiles: list[_Tile]) -> list[np.ndarray]:
+        """g_s over stitched windows ((window, top, left) each), cropped to each tile."""
+        out = []
+        for (_, top, left), t, px in zip(windows, tiles, self.decoder.synthesize([w[0] for w in windows])):
+            if isinstance(px, BaseException):
+                raise px
+            h, w = t.source.shape[:2]
+            out.append(np.ascontiguousarray(px[top:top + h, left:left + w]))
+        return out
+
+    def pixels(self, t: _Tile) -> np.ndarray:
+        """A JPEG-XL tile's decoded pixels."""
+        if t.jxl is not None and t.data == t.jxl.data:
+            return t.jxl.pixels
+        return self.decoder.jpegxl_pixels(t.data, None, "tile")
+
     def context(self, t: _Tile) -> Any:
         """The latents ``t`` gives its neighbours' stitching, as readers compute them."""
         if t.context is None:
-            t.context = self.decoder.pixel_latents(t.jxl.pixels if t.jxl is not None and t.data == t.jxl.data
-                                                   else self.decoder.jpegxl_pixels(t.data, None, "tile"))
+            t.context = self.decoder.pixel_latents(self.pixels(t))
         return t.context
 
     def settle_row(self, tiles: list[_Tile], above: list[_Tile] | None, below: list[_Tile] | None) -> None:
@@ -290,21 +305,22 @@ class TileChooser:
                     around[(dr, dc)] = (nb.inner, parse_header(nb.inner))
             return glass_edges(hd, around, lambda d: "tile")
 
+        def jpegxl_sides(t: _Tile) -> dict:
+            return {(dr, dc): self.pixels(nb) for dr, dc in SIDES
+                    if (nb := neighbour(t, dr, dc)) is not None and nb.inner is None}
+
         todo = [t for t in tiles if t.kind == "learned"]
-        windows, where = [], []
-        for t in todo:
-            around = {(dr, dc): self.context(nb) for dr in (-1, 0, 1) for dc in (-1, 0, 1)
-                      if (dr or dc) and (nb := neighbour(t, dr, dc)) is not None}
-            win, top, left = stitch_window(t.context, around, STITCH_RING)
-            windows.append(win)
-            where.append((top, left))
-        shown = []
-        for t, (top, left), px in zip(todo, where, self.decoder.synthesize(windows)):
-            if isinstance(px, BaseException):
-                raise px
-            h, w = t.source.shape[:2]
-            shown.append((t, blend_toward_glass(np.ascontiguousarray(px[top:top + h, left:left + w]),
-                                                edges(t))))
+        arounds = [{(dr, dc): self.context(nb) for dr in (-1, 0, 1) for dc in (-1, 0, 1)
+                    if (dr or dc) and (nb := neighbour(t, dr, dc)) is not None} for t in todo]
+        first = self._synthesize([stitch_window(t.context, a, STITCH_RING) for t, a in zip(todo, arounds)],
+                                 todo)
+        again = [(k, jpegxl_sides(t)) for k, t in enumerate(todo)]      # beside JPEG-XL: pass 2
+        again = [(k, sides) for k, sides in again if sides]
+        for (k, _), px in zip(again, self._synthesize(
+                [self.decoder.second_window(todo[k].context, arounds[k], first[k], sides)
+                 for k, sides in again], [todo[k] for k, _ in again])):
+            first[k] = px
+        shown = [(t, blend_toward_glass(px, edges(t))) for t, px in zip(todo, first)]
         for t in tiles:
             if t.kind == "glass" and parse_header(t.data).kind == KIND_PLANE:
                 shown.append((t, decode_glass(t.data, parse_header(t.data), "tile", edges(t))))

@@ -59,6 +59,9 @@ JXL_SIGNATURES = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")
 
 #: latent rows/columns of each neighbour joined to a stitched tile before g_s (16 px each)
 STITCH_RING = 2
+#: pixels of a stitched tile's first pass that g_a sees beside a JPEG-XL neighbour in its
+#: second pass (:meth:`TileDecoder.side_latents`)
+SIDE_CONTEXT = 64
 #: the learned codec's latent caches: at least this many bytes ...
 MIN_CACHE_BYTES = 16 * 1024 * 1024
 #: ... and at most this many, unless asked for explicitly
@@ -331,6 +334,41 @@ class TileDecoder:
             y = net.transform(x, self.precision)
         return y.float().cpu().contiguous()
 
+    def side_latents(self, first: np.ndarray, side: tuple[int, int], jxl: np.ndarray) -> Any:
+        """What a JPEG-XL neighbour on ``side`` ((dr, dc), one of the four sides) gives a
+        stitched tile's second pass: g_a over the neighbour's pixels ``jxl`` joined to the
+        :data:`SIDE_CONTEXT` px of the tile's first-pass pixels ``first`` nearest it, the
+        neighbour's part only, or None when their sides do not match.  g_a of the
+        neighbour alone (:meth:`pixel_latents`) has no context at the very edge the tile
+        joins, which shows as a seam (``bench/seams.py``, mixed rows); this gives it the
+        tile's own first guess of it."""
+        dr, dc = side
+        axis = 1 if dc else 0
+        if first.shape[1 - axis] != jxl.shape[1 - axis]:
+            return None
+        s = min(SIDE_CONTEXT, first.shape[axis] // PIXEL_STRIDE * PIXEL_STRIDE)
+        if s == 0:
+            return None
+        n = -(-jxl.shape[axis] // PIXEL_STRIDE)
+        if dr + dc > 0:                                     # below / right: tile first
+            part = first[-s:] if axis == 0 else first[:, -s:]
+            y = self.pixel_latents(np.concatenate([part, jxl], axis))
+            return y[..., s // PIXEL_STRIDE:, :] if axis == 0 else y[..., s // PIXEL_STRIDE:]
+        part = first[:s] if axis == 0 else first[:, :s]
+        y = self.pixel_latents(np.concatenate([jxl, part], axis))
+        return y[..., :n, :] if axis == 0 else y[..., :n]
+
+    def second_window(self, centre: Any, around: dict, first: np.ndarray, jxl_sides: dict):
+        """A stitched tile's window for its second pass: ``around`` with each JPEG-XL side
+        in ``jxl_sides`` ((dr, dc) → its pixels) given :meth:`side_latents` from the first
+        pass's pixels ``first``.  Returns (window, top, left) as :func:`stitch_window`."""
+        around = dict(around)
+        for side, px in jxl_sides.items():
+            lat = self.side_latents(first, side, px)
+            if lat is not None:
+                around[side] = lat
+        return stitch_window(centre, around, STITCH_RING)
+
     def synthesize(self, windows: Sequence[Any]) -> list[Any]:
         """Ungained latent windows → uint8 (16h, 16w, 3) pixels, uncropped, or the
         exception of their g_s pass (:class:`Synthesis`)."""
@@ -404,7 +442,7 @@ class TileDecoder:
         stitched, alone = job.sort(keys, out, grid)
         lat, own = job.latents(job.neighbourhood(keys, stitched, grid), [keys[n] for n in alone],
                                cache, cache_tag, run or run_serially)
-        windows, where = [], []
+        windows, where, second = [], [], {}
         for n in stitched:
             win = job.window(keys[n], lat)
             if isinstance(win, BaseException):
@@ -413,6 +451,9 @@ class TileDecoder:
             hd = job.got[keys[n]][1]
             windows.append(win[0])
             where.append((n, win[1], win[2], hd.height, hd.width, job.glass_edges(keys[n], grid)))
+            sides = job.jpegxl_sides(keys[n], grid)
+            if sides:
+                second[n] = sides
         for n in alone:
             r = own.get(keys[n])
             if isinstance(r, BaseException):
@@ -426,9 +467,25 @@ class TileDecoder:
                 pixels = self.synthesize(windows)
             except Exception as e:  # noqa: BLE001 - every tile of the pass fails with it
                 pixels = [e] * len(windows)
+            again, places = [], []
             for (n, top, left, h, w, edges), x in zip(where, pixels):
+                if n in second and not isinstance(x, BaseException):     # beside JPEG-XL
+                    key = keys[n]
+                    win = self.second_window(lat[key], job.around(key, lat), _crop(x, top, left, h, w),
+                                             second[n])
+                    again.append(win[0])
+                    places.append((n, win[1], win[2], h, w, edges))
+                    continue
                 out[n] = x if isinstance(x, BaseException) else blend_toward_glass(
                     _crop(x, top, left, h, w), edges)
+            if again:
+                try:
+                    pixels = self.synthesize(again)
+                except Exception as e:  # noqa: BLE001
+                    pixels = [e] * len(again)
+                for (n, top, left, h, w, edges), x in zip(places, pixels):
+                    out[n] = x if isinstance(x, BaseException) else blend_toward_glass(
+                        _crop(x, top, left, h, w), edges)
         return out
 
 
@@ -618,9 +675,35 @@ class _GridJob:
         if not isinstance(centre, torch.Tensor):
             return centre if isinstance(centre, BaseException) else CorruptDataError(
                 f"{self.names(col, row)}: no latents")
+        return stitch_window(centre, self.around(key, lat), STITCH_RING)
+
+    @staticmethod
+    def around(key: tuple[int, int], lat: dict) -> dict:
+        """The latents of ``key``'s eight neighbours, (dr, dc) → tensor or None."""
+        import torch
+        col, row = key
         around = {}
         for dr in (-1, 0, 1):
             for dc in (-1, 0, 1):
                 v = lat.get((col + dc, row + dr))
                 around[(dr, dc)] = v if isinstance(v, torch.Tensor) else None
-        return stitch_window(centre, around, STITCH_RING)
+        return around
+
+    def jpegxl_sides(self, key: tuple[int, int], grid: tuple[int, int]) -> dict:
+        """The pixels of the bare JPEG-XL tiles beside ``key`` (side → pixels), for its
+        second pass (:meth:`TileDecoder.second_window`); a neighbour that fails to load is
+        left out (that side keeps its first-pass latents, or none)."""
+        if not self.decoder.mixed:
+            return {}
+        col, row = key
+        sides = {}
+        for dr, dc in SIDES:
+            nb = (col + dc, row + dr)
+            if not (0 <= nb[0] < grid[0] and 0 <= nb[1] < grid[1]):
+                continue
+            try:
+                if self.load(nb)[1].kind == KIND_JPEGXL:
+                    sides[(dr, dc)] = self.pixels[nb]
+            except Exception:  # noqa: BLE001 - a damaged neighbour only costs that side
+                continue
+        return sides
