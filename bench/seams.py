@@ -90,16 +90,91 @@ def _slide_grid(slide: Path, spec: str) -> dict:
     return r
 
 
+def _tile_kind(data: bytes) -> str:
+    """"learned", "glass", "fixup" or "jpegxl": what a tile of an auto stream is."""
+    from wsicodec.learned.tileformat import GLASS_KINDS, KIND_FIXUP, MAGIC, parse_header
+    if data[:4] != MAGIC:
+        return "jpegxl"
+    kind = parse_header(data).kind
+    return "glass" if kind in GLASS_KINDS else "fixup" if kind == KIND_FIXUP else "learned"
+
+
+def mixed_seams(spec: str) -> dict:
+    """Seams where tiles of different kinds meet, in the ``auto`` codec's streams.
+
+    ``spec`` "SET:QUALITY:FLOOR[:IMAGES]" (a set of ``bench/datasets.py``): each image
+    coded by ``wsicodec.encode(codec="auto")`` (256² tiles) and decoded by
+    ``wsicodec.decode``; every internal border is classified by the kinds of the two
+    tiles it joins, and the PSNR of the pixels within BAND px of it (both sides) is set
+    against the interior PSNR (pixels at least BAND px from any internal border) of the
+    tiles of those two kinds; gap = interior − border, pooled over the images."""
+    sys.path.insert(0, str(ROOT))
+    from bench.datasets import get_dataset
+
+    name, q, floor, *rest = spec.split(":")
+    limit = int(rest[0]) if rest else 4
+    band: dict[str, list] = {}
+    inner: dict[str, list] = {}
+    nbytes = pix = 0
+    for _, img in get_dataset(name).images(limit):
+        img = np.ascontiguousarray(img)
+        data = wsicodec.encode(img, float(q), codec="auto", min_psnr=float(floor))
+        nbytes, pix = nbytes + len(data), pix + img.shape[0] * img.shape[1]
+        out = wsicodec.decode(data)
+        err = ((img.astype(np.float64) - out) ** 2).sum(2)
+        h, w = img.shape[:2]
+        rows, cols = -(-h // TILE), -(-w // TILE)
+        kinds = [_tile_kind(t) for t in read_stream(data).tiles]
+        kind = lambda r, c: kinds[r * cols + c]   # noqa: E731
+        m = border_mask(h, w)
+        for r in range(rows):
+            for c in range(cols):
+                ys, xs = slice(r * TILE, (r + 1) * TILE), slice(c * TILE, (c + 1) * TILE)
+                a = inner.setdefault(kind(r, c), [0.0, 0])
+                a[0] += err[ys, xs][~m[ys, xs]].sum()
+                a[1] += int((~m[ys, xs]).sum()) * 3
+                for dr, dc in ((0, 1), (1, 0)):
+                    if r + dr >= rows or c + dc >= cols:
+                        continue
+                    pair = "|".join(sorted((kind(r, c), kind(r + dr, c + dc))))
+                    if dc:
+                        x = (c + 1) * TILE
+                        e = err[ys, max(x - BAND, 0):x + BAND]
+                    else:
+                        y = (r + 1) * TILE
+                        e = err[max(y - BAND, 0):y + BAND, xs]
+                    b = band.setdefault(pair, [0.0, 0])
+                    b[0] += e.sum()
+                    b[1] += e.size * 3
+    out = {"spec": spec, "set": name, "quality": float(q), "min_psnr": float(floor),
+           "bpp": 8 * nbytes / pix, "pairs": {}}
+    for pair, (sse, n) in sorted(band.items()):
+        ka, kb = pair.split("|")
+        si, ni = (inner.get(ka, [0.0, 0])[0] + (inner.get(kb, [0.0, 0])[0] if kb != ka else 0),
+                  inner.get(ka, [0.0, 0])[1] + (inner.get(kb, [0.0, 0])[1] if kb != ka else 0))
+        row = {"border_pixels": n // 3, "psnr_border": _psnr(sse, n),
+               "psnr_interior": _psnr(si, ni) if ni else None}
+        row["gap_db"] = row["psnr_interior"] - row["psnr_border"] if ni else None
+        out["pairs"][pair] = row
+        print(f"mixed {spec} {pair}: border {row['psnr_border']:.2f} dB, interior "
+              f"{row['psnr_interior']:.2f} dB, gap {row['gap_db']:.2f} dB ({n // 3} px)", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", default=str(ROOT.parent / "shared" / "data" / "he" / "test"))
     ap.add_argument("--max-images", type=int, default=4)
-    ap.add_argument("--qualities", type=float, nargs="+", default=[1.0, 4.0, 8.0])
+    ap.add_argument("--qualities", type=float, nargs="*", default=[1.0, 4.0, 8.0],
+                    help="learned qualities of the stitched/alone rows (none: keep the rows the "
+                         "output file already has)")
     ap.add_argument("--margins", type=int, nargs="+", default=[0, 16])
     ap.add_argument("--slides", nargs="*", default=[str(ROOT.parent / "shared" / "data" / "slides" /
                                                         "cmu_small_region.svs")],
                     help="slides whose pyramids get the grid-step measure (none: skip)")
-    ap.add_argument("--slide-codecs", nargs="+", default=["learned:4", "jpegxl:1"],
+    ap.add_argument("--mixed", nargs="*", default=["he_test_2x:4:33", "cmu:4:32:1"],
+                    help="SET:QUALITY:FLOOR[:IMAGES]: seams between tile kinds of the auto codec")
+    ap.add_argument("--slide-codecs", nargs="+", default=["learned:4", "jpegxl:1", "auto:4"],
                     help="codec:quality each slide is compressed with for the grid-step measure")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "seams.json"))
     args = ap.parse_args(argv)
@@ -154,7 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
         "rows": rows,
         "grid_steps": [_slide_grid(Path(s), spec) for s in args.slides for spec in args.slide_codecs],
+        "mixed": [mixed_seams(spec) for spec in args.mixed],
     }
+    if not args.qualities and Path(args.out).is_file():       # keep the rows measured before
+        before = json.loads(Path(args.out).read_text())
+        result["rows"], result["images"] = before.get("rows", []), before.get("images", [])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

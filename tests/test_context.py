@@ -59,7 +59,7 @@ def test_cli_learned_round_trip_on_a_real_slide(tmp_path):
     src = need(REAL_SLIDES["svs-jpeg"])
     out, tiff = tmp_path / "s.zarr.zip", tmp_path / "s.tiff"
     run = lambda *a: subprocess.run([sys.executable, "-m", "wsicodec", *a], capture_output=True, text=True)  # noqa: E731
-    r = run("compress", str(src), str(out), "--quality", "8")
+    r = run("compress", str(src), str(out), "--codec", "learned", "--quality", "8")
     assert r.returncode == 0, r.stderr
     assert "with learned" in r.stdout
     r = run("decompress", str(out), str(tiff), "--tiff-compression", "zlib", "--quiet")
@@ -156,7 +156,8 @@ def test_cli_refine_option_reaches_the_codec_and_the_container(tmp_path):
     sizes = {}
     for refine in (0, 3):
         out = tmp_path / f"r{refine}.zarr.zip"
-        r = run("compress", str(tmp_path / "he.png"), str(out), "--quality", "3", "--tile-size", "128",
+        r = run("compress", str(tmp_path / "he.png"), str(out), "--codec", "learned", "--quality", "3",
+                "--tile-size", "128",
                 "--option", f"refine={refine}", "--quiet")
         assert r.returncode == 0, r.stderr
         info = json.loads(run("info", str(out), "--json").stdout)
@@ -183,8 +184,8 @@ def test_cli_learned_errors_are_one_line(tmp_path, args, message):
     junk.write_text("not a model")
     env = dict(os.environ, WSICODEC_MODEL=str(junk)) if "4" in args else None
     out = tmp_path / "o.zarr"
-    r = subprocess.run([sys.executable, "-m", "wsicodec", "compress", str(src), str(out), *args],
-                       capture_output=True, text=True, env=env)
+    r = subprocess.run([sys.executable, "-m", "wsicodec", "compress", str(src), str(out), "--codec",
+                        "learned", *args], capture_output=True, text=True, env=env)
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("wsicodec: error:") and message in lines[0], r.stderr

@@ -285,7 +285,8 @@ def test_bad_settings_fail_before_any_weights_load(tmp_path, capsys, no_weights,
     png = tmp_path / "x.png"
     from PIL import Image
     Image.fromarray(_image()).save(png)
-    code, _, err = run(capsys, "compress", png, tmp_path / "out.zarr.zip", "--quality", "4", *argv)
+    codec = [] if "--codec" in argv else ["--codec", "learned"]       # the network's settings
+    code, _, err = run(capsys, "compress", png, tmp_path / "out.zarr.zip", "--quality", "4", *codec, *argv)
     one_line_error(code, err, fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
 
