@@ -32,6 +32,22 @@ class _UsageError(Exception):
     pass
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: print ``wsicodec VERSION`` on stdout; :func:`main` returns 0 (argparse's
+    own version action would ``sys.exit`` from inside the parser)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the version of wsicodec and exit")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        raise _VersionRequested
+
+
+class _VersionRequested(Exception):
+    pass
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise _UsageError(f"{message} (see '{self.prog} --help')")
@@ -76,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, parents=[common],
                      description="Compress whole-slide images into a zarr v3 container and "
                                  "back out to a pyramidal TIFF.")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_compress(sub, common)
     _add_decompress(sub, common)
@@ -484,6 +501,11 @@ def _main(args_list: Sequence[str], debug: bool) -> int:
     try:
         args = build_parser().parse_args(list(args_list))
         return _COMMANDS[args.command](args)
+    except _VersionRequested:
+        from wsicodec import __version__
+
+        print(f"{PROG} {__version__}")
+        return 0
     except _UsageError as e:
         return _fail(str(e), EXIT_USAGE)
     except CompressInterrupted as e:
