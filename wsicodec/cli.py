@@ -220,6 +220,11 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
                         "a proxy forwards; repeatable. Bound to loopback, only loopback names "
                         "(localhost, 127.0.0.1, [::1]) are answered otherwise (DNS rebinding); "
                         "bound elsewhere, any name is answered unless some are given")
+    s.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (scheme://host[:port], e.g. "
+                        "https://viewer.example.org) read the responses "
+                        "(Access-Control-Allow-Origin); repeatable; '*' lets every site do "
+                        "so. Default: none")
     s.add_argument("--deidentify", action="store_true",
                    help="serve each slide as 'compress --deidentify' would keep it: no label "
                         "or macro, no identifying properties (dates, names, file names, "
@@ -432,7 +437,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                                 workers=args.workers, device=args.device,
                                 precision=args.precision),
         timeout=args.timeout, max_connections=args.max_connections,
-        allow_hosts=tuple(args.allow_host), deidentify=args.deidentify)
+        allow_hosts=tuple(args.allow_host), deidentify=args.deidentify,
+        cors_origins=tuple(args.cors))
     server = make_server(args.slides, args.host, args.port, settings)
     try:
         if not server.loopback_only:

@@ -7,10 +7,11 @@ and refuses a ``Host`` the server does not answer to.  The application
 (:mod:`wsicodec.server`, the DeepZoom tile server) subclasses both: it adds the routes
 (``do_GET``/``do_HEAD``, answered with :meth:`BoundedRequestHandler.respond`) and what
 the server serves.  ``settings`` is anything with ``timeout``, ``max_connections`` and
-``allow_hosts`` (:class:`wsicodec.server.ServerSettings`).
+``allow_hosts``, and optionally ``cors_origins`` (:class:`wsicodec.server.ServerSettings`).
 
-Status codes made here: 405 for methods other than GET and HEAD (501 for unknown
-ones), 400 for a malformed request line, 431 for a header line over 64 KiB or more
+OPTIONS is answered 204 with ``Allow`` (and, for an origin in ``settings.cors_origins``,
+the CORS preflight headers: :mod:`wsicodec.httpcache`).  Status codes made here: 405 for
+methods other than GET, HEAD and OPTIONS (501 for unknown ones), 400 for a malformed request line, 431 for a header line over 64 KiB or more
 than 100 headers, 421 for a ``Host`` the server does not answer to (below), 503 (with
 ``Retry-After``) when the server is full.
 
@@ -50,6 +51,9 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, Sequence
 from urllib.parse import urlsplit
+
+from wsicodec.httpcache import (ALLOWED_METHODS, CACHE_IMAGES, CACHE_NONE, cors_headers,
+                                preflight_headers)
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +161,7 @@ def error_body(message: str) -> bytes:
 
 class BoundedRequestHandler(BaseHTTPRequestHandler):
     """One connection's requests under the server's deadlines and Host rule, errors as
-    JSON; methods other than GET and HEAD get 405.  Subclasses add ``do_GET`` and
+    JSON; OPTIONS gets 204, methods other than GET, HEAD and OPTIONS get 405.  Subclasses add ``do_GET`` and
     ``do_HEAD`` and answer with :meth:`respond`."""
 
     server: "BoundedHTTPServer"
@@ -229,8 +233,10 @@ class BoundedRequestHandler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        for k, v in headers:
+        self.send_header("Cache-Control", CACHE_NONE)
+        cors = cors_headers(self._cors_origins(), self.headers.get("Origin")) \
+            if getattr(self, "headers", None) is not None else []
+        for k, v in [*headers, *cors]:
             self.send_header(k, v)
         self.send_header("Connection", "close")
         self.end_headers()
@@ -240,25 +246,54 @@ class BoundedRequestHandler(BaseHTTPRequestHandler):
     def _method_not_allowed(self) -> None:
         self._discard_small_body()
         self._send_error(HTTPStatus.METHOD_NOT_ALLOWED,
-                         f"method {self.command} not allowed (GET or HEAD)",
-                         [("Allow", "GET, HEAD")])
+                         f"method {self.command} not allowed (GET, HEAD or OPTIONS)",
+                         [("Allow", ALLOWED_METHODS)])
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = \
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_TRACE = do_CONNECT = \
         _method_not_allowed  # noqa: N815 - http.server's naming
 
-    def respond(self, status: HTTPStatus, ctype: str, body: bytes, cache: bool,
-                head: bool) -> None:
-        """Send a response (``cache``: public for an hour, else ``no-store``; ``head``:
-        without its body), closing the connection when others wait for a worker."""
+    def do_OPTIONS(self) -> None:  # noqa: N802 - http.server's naming
+        """204 with ``Allow`` for any target (``*`` too), and the CORS preflight headers
+        when the server allows the request's origin (:func:`wsicodec.httpcache.preflight_headers`)."""
+        self._discard_small_body()
+        get = self.headers.get
+        cors = preflight_headers(self._cors_origins(), get("Origin"),
+                                 get("Access-Control-Request-Method"),
+                                 get("Access-Control-Request-Headers"))
+        self._send(HTTPStatus.NO_CONTENT, [("Allow", ALLOWED_METHODS), *cors], b"", cors=False)
+
+    def _cors_origins(self) -> tuple[str, ...]:
+        return tuple(getattr(self.server.settings, "cors_origins", ()))
+
+    def respond(self, status: HTTPStatus, ctype: str, body: bytes, cache: bool | str,
+                head: bool, headers: Sequence[tuple[str, str]] = ()) -> None:
+        """Send a response (``cache``: a ``Cache-Control`` value, or True for public for
+        an hour and False for ``no-store``; ``headers``: more, e.g. ``ETag``; ``head``:
+        without its body), with the CORS headers the request's origin gets, closing the
+        connection when others wait for a worker."""
+        control = cache if isinstance(cache, str) else CACHE_IMAGES if cache else CACHE_NONE
+        self._send(status, [("Content-Type", ctype), ("Content-Length", str(len(body))),
+                            ("Cache-Control", control), *headers], b"" if head else body)
+
+    def not_modified(self, etag: str, cache: str) -> None:
+        """304 Not Modified for a matching ``If-None-Match``: no body, the ``ETag`` and
+        ``Cache-Control`` a 200 would carry, and the CORS headers."""
+        self._send(HTTPStatus.NOT_MODIFIED, [("ETag", etag), ("Cache-Control", cache)], b"")
+
+    def _send(self, status: HTTPStatus, headers: Sequence[tuple[str, str]], body: bytes, *,
+              cors: bool = True) -> None:
+        """Status line, ``headers`` (and with ``cors`` those of :func:`cors_headers`),
+        ``Connection: close`` when others wait for a worker (freeing this one), body."""
+        if cors:
+            headers = [*headers, *cors_headers(self._cors_origins(), self.headers.get("Origin"))]
         try:
             self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "public, max-age=3600" if cache else "no-store")
-            if self.server.waiting():   # free this worker for a waiting connection
+            for k, v in headers:
+                self.send_header(k, v)
+            if self.server.waiting():
                 self.send_header("Connection", "close")
             self.end_headers()
-            if not head:
+            if body:
                 self.wfile.write(body)
         except (BrokenPipeError, ConnectionResetError):  # the client went away
             self.close_connection = True

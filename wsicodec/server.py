@@ -23,8 +23,9 @@ LRU tile cache) wrapped in OpenSlide's own ``openslide.deepzoom.DeepZoomGenerato
 Status codes: 400 for a malformed request (bad numbers, unknown tile format), 404 for
 anything that does not exist (unknown slide, level or tile outside the pyramid), 500
 only for a tile whose stored bytes are damaged (the message names it; other tiles
-still serve) or an unexpected failure, 405 for methods other than GET and HEAD (501 for
-unknown ones), 431 for a header line over 64 KiB or more than 100 headers, 421 for a
+still serve) or an unexpected failure, 204 for OPTIONS, 405 for other methods than GET,
+HEAD and OPTIONS (501 for unknown ones), 304 for a GET whose ``If-None-Match`` holds the
+resource's ``ETag``, 431 for a header line over 64 KiB or more than 100 headers, 421 for a
 ``Host`` the server does not answer to (DNS rebinding: :mod:`wsicodec.httpd`), 503
 (with ``Retry-After``) when the server is full.  Error bodies are JSON ``{"error": ...}``.
 
@@ -33,6 +34,12 @@ would have written it (:mod:`wsicodec.deidentify`): the associated images it dro
 (label, macro) are neither listed nor served, the properties it removes are not
 served, and DICOM instance UIDs are replaced by new ones (the same for the server's
 lifetime).  The tissue tiles are served as they are.
+
+Caching and CORS (:mod:`wsicodec.httpcache`): tiles, descriptors and the other 200
+answers but ``/health`` carry an ``ETag`` that changes with the container, tiles and
+associated images ``Cache-Control: public, max-age=3600``, the rest ``no-cache``; a
+revalidated tile is answered 304 without being decoded.  ``Access-Control-Allow-Origin``
+only for the origins in ``ServerSettings.cors_origins`` (``serve --cors``).
 
 Under abuse see :mod:`wsicodec.httpd` and docs/server-security.md.  The server has no
 authentication: bind it to loopback (the default) or put it behind a proxy that has.
@@ -58,6 +65,8 @@ from urllib.parse import unquote, urlsplit
 from wsicodec.batch import DecoderSettings
 from wsicodec.errors import (CorruptDataError, InvalidSettingError, RegionOutOfBoundsError,
                              WsiCodecError)
+from wsicodec.httpcache import (CACHE_IMAGES, check_cors_origin, container_identity, entity_tag,
+                                etag_matches, validator)
 from wsicodec.httpd import (BoundedHTTPServer, BoundedRequestHandler, HttpError, error_body,
                             split_host)
 from wsicodec.fidelity import level_json, viewer_index
@@ -78,6 +87,8 @@ _ASSOCIATED_RE = re.compile(rf"^/slides/(?P<name>{_NAME})/associated/(?P<image>[
                             rf"\.(?P<fmt>[A-Za-z0-9]+)$")
 _FIDELITY_RE = re.compile(rf"^/slides/(?P<name>{_NAME})/fidelity/(?P<level>[^/]+)\.json$")
 _INT_RE = re.compile(r"^[0-9]{1,9}$")
+#: the routes of one slide's resources (their ETags: wsicodec.httpcache.validator)
+_SLIDE_ROUTES = (_TILE_RE, _DZI_RE, _PROPS_RE, _ASSOCIATED_RE)
 
 
 @dataclass(frozen=True)
@@ -101,6 +112,9 @@ class ServerSettings:
             loopback, an empty tuple answers any ``Host`` (see :mod:`wsicodec.httpd`).
         deidentify: serve each slide's properties and associated images by the rules
             of ``compress --deidentify`` (:mod:`wsicodec.deidentify`).
+        cors_origins: origins (``https://viewer.example.org``) whose pages may read
+            the responses (``Access-Control-Allow-Origin``), or ``("*",)`` for any;
+            empty (the default): none (:mod:`wsicodec.httpcache`).
     """
 
     jpeg_quality: int = 90
@@ -111,6 +125,7 @@ class ServerSettings:
     max_connections: int = 64
     allow_hosts: tuple[str, ...] = ()
     deidentify: bool = False
+    cors_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.jpeg_quality, bool) or not isinstance(self.jpeg_quality, int) \
@@ -143,6 +158,11 @@ class ServerSettings:
         if not isinstance(self.deidentify, bool):
             raise InvalidSettingError(f"deidentify must be True or False, got "
                                       f"{self.deidentify!r}")
+        if isinstance(self.cors_origins, str) or not isinstance(self.cors_origins, (tuple, list)):
+            raise InvalidSettingError(f"CORS origins must be a sequence of origins, got "
+                                      f"{self.cors_origins!r}")
+        object.__setattr__(self, "cors_origins",
+                           tuple(dict.fromkeys(check_cors_origin(o) for o in self.cors_origins)))
 
 
 def slide_name(path: Path) -> str:
@@ -206,6 +226,10 @@ class ServedSlide:
                 self.slide.associated_images = _Only(self.slide.associated_images, names)
             self.properties: Mapping[str, str] = MappingProxyType(properties)
             self.associated_names: tuple[str, ...] = names
+            #: what the ETags of this slide's resources are made from (wsicodec.httpcache)
+            self.identity = container_identity(
+                self.slide.container, settings.jpeg_quality, settings.overlap,
+                settings.deidentify, settings.decoder.precision)
             tile = self.slide.container.tile_size
             self.deepzoom = DeepZoomGenerator(self.slide, tile_size=tile - 2 * settings.overlap,
                                               overlap=settings.overlap, limit_bounds=False)
@@ -307,6 +331,13 @@ def render_tile(served: ServedSlide, level: int, col: int, row: int, fmt: str,
         RegionOutOfBoundsError: level or address outside the DeepZoom pyramid.
         CorruptTileError: a stored tile under it is damaged.
     """
+    check_tile_address(served, level, col, row)
+    return encode_image(served.deepzoom.get_tile(level, (col, row)), fmt, jpeg_quality)
+
+
+def check_tile_address(served: ServedSlide, level: int, col: int, row: int) -> None:
+    """Raises RegionOutOfBoundsError unless (level, col, row) is a DeepZoom tile of
+    ``served`` (nothing is decoded)."""
     dz = served.deepzoom
     if not 0 <= level < dz.level_count:
         raise RegionOutOfBoundsError(f"DeepZoom level {level} outside 0..{dz.level_count - 1}")
@@ -314,7 +345,6 @@ def render_tile(served: ServedSlide, level: int, col: int, row: int, fmt: str,
     if not (0 <= col < cols and 0 <= row < rows):
         raise RegionOutOfBoundsError(f"tile ({col}, {row}) outside the {cols}x{rows} tiles "
                                      f"of DeepZoom level {level}")
-    return encode_image(dz.get_tile(level, (col, row)), fmt, jpeg_quality)
 
 
 def encode_image(image: Any, fmt: str, jpeg_quality: int) -> bytes:
@@ -339,8 +369,14 @@ class TileRequestHandler(BoundedRequestHandler):
         self._handle(head=False)
 
     def _handle(self, head: bool) -> None:
+        path = unquote(urlsplit(self.path).path)
+        if_none_match = self.headers.get("If-None-Match")
+        if if_none_match is not None:       # a cached tile revalidated: answered undecoded
+            etag = self._tile_etag(path)
+            if etag is not None and etag_matches(if_none_match, etag):
+                return self.not_modified(etag, CACHE_IMAGES)
         try:
-            status, ctype, body, cache = self._route(unquote(urlsplit(self.path).path))
+            status, ctype, body, cache = self._route(path)
         except HttpError as e:
             status, ctype, cache = e.status, "application/json", False
             body = error_body(str(e))
@@ -355,7 +391,31 @@ class TileRequestHandler(BoundedRequestHandler):
             status, ctype, cache = HTTPStatus.INTERNAL_SERVER_ERROR, "application/json", False
             body = error_body(f"internal error: {type(e).__name__}: {e}")
             log.exception("%s failed", self.path)
-        self.respond(status, ctype, body, cache, head)
+        if status != HTTPStatus.OK:
+            return self.respond(status, ctype, body, cache, head)
+        etag, control = self._validator(path, body, cache)
+        if etag is not None and etag_matches(if_none_match, etag):
+            return self.not_modified(etag, control)
+        self.respond(status, ctype, body, control, head, [("ETag", etag)] if etag else [])
+
+    def _tile_etag(self, path: str) -> str | None:
+        """The ETag of the DeepZoom tile at ``path`` if it names one (None otherwise),
+        without decoding it."""
+        m = _TILE_RE.match(path)
+        served = self.server.slides.slides.get(m["name"]) if m else None
+        if served is None or m["fmt"].lower() not in ("jpeg", "jpg", "png") or \
+                not all(_INT_RE.match(m[k]) for k in ("level", "col", "row")):
+            return None
+        try:
+            check_tile_address(served, int(m["level"]), int(m["col"]), int(m["row"]))
+        except RegionOutOfBoundsError:
+            return None
+        return entity_tag(served.identity, path, weak=True)
+
+    def _validator(self, path: str, body: bytes, cache: bool) -> tuple[str | None, str]:
+        slides = self.server.slides.slides
+        return validator(path, body, cache, _SLIDE_ROUTES,
+                         lambda name: slides[name].identity if name in slides else None)
 
     # -- routes: each returns (status, content type, body, cacheable)
     def _route(self, path: str) -> tuple[HTTPStatus, str, bytes, bool]:
