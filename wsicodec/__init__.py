@@ -3,7 +3,7 @@
 Public entry points (imported lazily, so ``import wsicodec`` loads no codec library,
 no OpenSlide and no torch)::
 
-    wsicodec.open_slide(path)            # OpenSlide-compatible reader of a container
+    wsicodec.open_slide(path)            # OpenSlide-compatible reader: container or slide file
     wsicodec.compress(src, out, codec)   # slide/image -> zarr v3 container
     wsicodec.decompress(src, out_tiff)   # container -> pyramidal TIFF
     wsicodec.get_codec(name, quality)    # tile codec registry

@@ -1,9 +1,12 @@
-"""OpenSlide-compatible reader of wsicodec containers.
+"""OpenSlide-compatible reader of wsicodec containers, and of every other slide.
 
-``open_slide(path)`` gives a :class:`WsiSlide` with OpenSlide's attributes and
-``read_region`` semantics (level-0 coordinates, RGBA, transparent (0, 0, 0, 0) outside
-the slide), plus tiffslide's ``as_array=True`` and a ``read_encoded_tile`` for tile
-servers that pass bytes through.
+``open_slide(path)`` gives, for a container, a :class:`WsiSlide` with OpenSlide's
+attributes and ``read_region`` semantics (level-0 coordinates, RGBA, transparent
+(0, 0, 0, 0) outside the slide and for a level outside the pyramid), plus tiffslide's
+``as_array=True`` and a ``read_encoded_tile`` for tile servers that pass bytes through;
+for any other file, an :class:`wsicodec.openslide_compat.OpenSlideFile`: OpenSlide
+itself, with ``as_array=True`` too.  Where OpenSlide raises ``openslide.OpenSlideError``
+the reader's errors are also OpenSlideErrors (:mod:`wsicodec.openslide_compat`).
 
 Every tile decode goes through :meth:`WsiSlide._decode_tiles`, which hands the tiles
 a region needs to a :class:`wsicodec.batch.BatchDecoder` (one batch, LRU cache, g_s on
@@ -18,19 +21,40 @@ A slide is thread-safe: a tile server may call ``read_region`` from many threads
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from typing import Any, Mapping, Sequence
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
 from wsicodec.batch import BatchDecoder, DecoderSettings
 from wsicodec.container import Container, open_container
-from wsicodec.errors import InvalidSettingError, RegionOutOfBoundsError
+from wsicodec.errors import InvalidSettingError, WsiCodecError
 from wsicodec.tiling.geometry import Rect
 from wsicodec.tiling.stitch import stitch_region
 
 VENDOR = "wsicodec"
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _openslide_errors(method: _F) -> _F:
+    """Raise ``method``'s wsicodec errors as their OpenSlide-compatible children
+    (:func:`wsicodec.openslide_compat.as_openslide_error`)."""
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except WsiCodecError as e:
+            from wsicodec.openslide_compat import as_openslide_error
+
+            compatible = as_openslide_error(e)
+            if compatible is e:
+                raise
+            raise compatible from e.__cause__
+    return wrapper  # type: ignore[return-value]
 
 
 class _AssociatedImages(Mapping[str, Any]):
@@ -39,6 +63,7 @@ class _AssociatedImages(Mapping[str, Any]):
     def __init__(self, container: Container) -> None:
         self._c = container
 
+    @_openslide_errors
     def __getitem__(self, name: str) -> Any:
         from PIL import Image
 
@@ -134,27 +159,28 @@ class WsiSlide:
                 best = i
         return best
 
+    @_openslide_errors
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int], *,
                     as_array: bool = False) -> Any:
         """Read ``size`` = (w, h) pixels of ``level`` whose top-left is ``location`` in
         level-0 coordinates (x, y), as OpenSlide does.
 
-        Pixels outside the slide are transparent (0, 0, 0, 0). Returns a PIL RGBA image,
-        or with ``as_array=True`` an (h, w, 4) uint8 RGBA array.
+        Pixels outside the slide are transparent (0, 0, 0, 0), and so is the whole region
+        for a ``level`` outside the pyramid (as OpenSlide reads it). Returns a PIL RGBA
+        image, or with ``as_array=True`` an (h, w, 4) uint8 RGBA array.
 
-        Raises:
-            RegionOutOfBoundsError: ``level`` outside the pyramid.
+        Raises (the first three are also ``openslide.OpenSlideError``):
             InvalidSettingError: negative size, or a region too big for memory.
             CorruptTileError: a tile inside the region is damaged.
+            CorruptDataError: the tile's stored bytes cannot be read.
             ClosedError: the slide was closed.
         """
         self._c._check_open()
-        if not 0 <= level < self.level_count:
-            raise RegionOutOfBoundsError(f"level {level} outside 0..{self.level_count - 1}")
         w, h = (int(v) for v in size)
         if w < 0 or h < 0:
             raise InvalidSettingError(f"region size must be non-negative, got {size}")
-        ds = self.level_downsamples[level]
+        inside = 0 <= level < self.level_count
+        ds = self.level_downsamples[level] if inside else 1.0
         rect = Rect(int(math.floor(location[0] / ds)), int(math.floor(location[1] / ds)), w, h)
         try:        # before any tile is decoded
             out = np.zeros((h, w, 4), np.uint8)
@@ -162,10 +188,11 @@ class WsiSlide:
             raise InvalidSettingError(
                 f"a {w} x {h} px region of level {level} ({w * h * 4 / 2**30:.1f} GiB as RGBA) does "
                 "not fit in memory: read it in pieces, or from a coarser level") from None
-        grid = self._c.grid(level)
-        keys = list(grid.tiles_overlapping(rect))
-        tiles = dict(zip(keys, self._decode_tiles(level, keys))) if keys else {}
-        stitch_region(grid, rect, tiles, channels=4, out=out)
+        if inside:
+            grid = self._c.grid(level)
+            keys = list(grid.tiles_overlapping(rect))
+            tiles = dict(zip(keys, self._decode_tiles(level, keys))) if keys else {}
+            stitch_region(grid, rect, tiles, channels=4, out=out)
         if as_array:
             return out
         from PIL import Image
@@ -179,13 +206,16 @@ class WsiSlide:
         """
         return self._decoder.decode(level, tiles)
 
+    @_openslide_errors
     def read_encoded_tile(self, level: int, col: int, row: int) -> bytes:
         """The stored (codec) bytes of one tile, CRC-checked, not decoded.
 
-        Raises RegionOutOfBoundsError (outside the pyramid) and CorruptTileError.
+        Raises RegionOutOfBoundsError (outside the pyramid) and CorruptTileError (also an
+        OpenSlideError).
         """
         return self._c.read_encoded_tile(level, col, row)
 
+    @_openslide_errors
     def get_thumbnail(self, size: tuple[int, int]) -> Any:
         """A PIL RGB image fitting in ``size``, composited on the background (white)."""
         from PIL import Image
@@ -219,22 +249,48 @@ class WsiSlide:
 
 def open_slide(path: str | os.PathLike[str], *, cache_bytes: int | None = None,
                workers: int | None = None, device: str = "auto",
-               precision: str = "float32") -> WsiSlide:
-    """Open a wsicodec container (``.zarr`` directory or ``.zarr.zip``) as a slide.
+               precision: str = "float32") -> Any:
+    """Open a slide: a wsicodec container (``.zarr`` directory or ``.zarr.zip``) as a
+    :class:`WsiSlide`, any other file through OpenSlide as an
+    :class:`wsicodec.openslide_compat.OpenSlideFile` (an ``openslide.OpenSlide``).
+
+    A directory, a ``.zip`` name or a file that is a zip is taken for a container (and
+    its errors are a container's), anything else for a slide file.
 
     Args:
-        cache_bytes: decoded-tile cache bound (default 256 MiB; 0: no cache).
-        workers: decoder threads (default: CPU count, at most 8).
+        cache_bytes: decoded-tile cache bound (default 256 MiB; 0: no cache); for a
+            slide file, the size of OpenSlide's tile cache (default OpenSlide's).
+        workers: decoder threads (default: CPU count, at most 8); a container's only.
         device: where the learned codec's g_s runs: "auto" (CUDA when present), "cpu",
-            "cuda".
+            "cuda"; a container's only.
         precision: how it runs: "float32" (the reference) or "bfloat16" (faster on
             hardware with bfloat16 arithmetic, pixels slightly different).
 
-    Raises as :func:`wsicodec.container.open_container`; InvalidSettingError for bad
-    settings.
+    Raises, each also an ``openslide.OpenSlideError`` (the first two an
+    ``OpenSlideUnsupportedFormatError``, as OpenSlide raises for a missing file too):
+        SlideNotFoundError: no such path.
+        UnsupportedFormatError: neither a container nor a slide OpenSlide opens, or a
+            container of an unknown format version.
+        CorruptDataError: a damaged container, or a slide OpenSlide cannot read.
+        InvalidSettingError: bad settings.
     """
+    return _open_slide(Path(path), cache_bytes, workers, device, precision)
+
+
+@_openslide_errors
+def _open_slide(path: Path, cache_bytes: int | None, workers: int | None, device: str,
+                precision: str) -> Any:
     defaults = DecoderSettings()
     settings = DecoderSettings(
         cache_bytes=defaults.cache_bytes if cache_bytes is None else cache_bytes,
         workers=workers, device=device, precision=precision)
-    return WsiSlide(open_container(path), settings)
+    if path.is_dir() or path.suffix.lower() == ".zip" or (path.is_file() and zipfile.is_zipfile(path)):
+        return WsiSlide(open_container(path), settings)
+    from wsicodec.openslide_compat import OpenSlideFile
+
+    slide = OpenSlideFile(path)
+    if cache_bytes is not None:
+        import openslide
+
+        slide.set_cache(openslide.OpenSlideCache(cache_bytes))
+    return slide
