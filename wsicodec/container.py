@@ -469,6 +469,8 @@ class Container:
         attrs["software"] = stored.get("software")
         attrs["format_version"] = stored.get("format_version")   # the file's, not this wsicodec's
         attrs["missing_guarantees"] = missing_guarantees(self.metadata.format_version)
+        icc = attrs.pop("icc_profile", None)          # its size, not a page of base64
+        attrs["icc_profile_bytes"] = len(self.metadata.icc_profile) if icc else None
         attrs["path"] = str(self.path)
         attrs["container_bytes"] = self.nbytes()
         if self.metadata.has_tile_records:

@@ -59,6 +59,8 @@ VENDOR_PROPERTIES: dict[str, dict[str, str]] = {
         "openslide.comment": "free text (the TIFF ImageDescription for Aperio and generic "
                              "TIFF): carries file name, date, user, scanner id",
         "openslide.quickhash-1": "a hash identifying the original file",
+        "wsicodec.source-quickhash-1": "the source's openslide.quickhash-1, as a container "
+                                       "reports it: a hash identifying the original file",
         "tiff.ImageDescription": "free text; Aperio writes Filename, Date, Time, User and "
                                  "the scanner's id into it",
         "tiff.DateTime": "date and time the file was written",

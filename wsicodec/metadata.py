@@ -29,6 +29,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from wsicodec import iccprofile
 from wsicodec.errors import CorruptDataError, RegionOutOfBoundsError, UnsupportedFormatError
 from wsicodec.integrity import metadata_digest
 from wsicodec.tiling.geometry import LevelInfo, TileGrid, validate_tile_size
@@ -164,6 +165,8 @@ class ContainerMetadata:
     tile_kinds: tuple[str, ...] = ()
     #: the format version the file was written with (set by :meth:`from_attrs`)
     format_version: int = FORMAT_VERSION
+    #: the source's ICC profile, byte for byte (:mod:`wsicodec.iccprofile`); None: none
+    icc_profile: bytes | None = None
 
     def grid(self, level: int) -> TileGrid:
         """Raises RegionOutOfBoundsError for a level outside the pyramid."""
@@ -220,6 +223,8 @@ class ContainerMetadata:
             attrs["deidentified"] = self.deidentified
         if self.tile_kinds:
             attrs["tile_kinds"] = list(self.tile_kinds)
+        if self.icc_profile is not None:     # absent, not null: older digests stay valid
+            attrs["icc_profile"] = iccprofile.to_attr(self.icc_profile)
         if self.has_digests:
             attrs["container_id"] = self.container_id
             attrs["associated_digests"] = dict(self.associated_digests)
@@ -365,6 +370,10 @@ def _parse(attrs: dict, version: int) -> ContainerMetadata:
     deid = attrs.get("deidentified")
     if deid is not None and not isinstance(deid, dict):
         raise _Bad(f"deidentified must be an object, got {_short(deid)}")
+    try:
+        icc = None if attrs.get("icc_profile") is None else iccprofile.from_attr(attrs["icc_profile"])
+    except ValueError as e:
+        raise _Bad(str(e)) from None
     container_id, level_digests, assoc_digests = None, (), {}
     if version >= 3:
         container_id = _hex(attrs.get("container_id"), 32, "container_id")
@@ -396,6 +405,7 @@ def _parse(attrs: dict, version: int) -> ContainerMetadata:
         associated_digests=assoc_digests,
         tile_kinds=tile_kinds,
         format_version=version,
+        icc_profile=icc,
     )
 
 

@@ -316,7 +316,8 @@ def _compress_source(source: SlideSource, output: str | os.PathLike[str], codec:
         model_id=codec.model_id,
         mpp=source.mpp, objective_power=source.objective_power,
         source_vendor=source.vendor, source_name=source_name, source_bytes=source_bytes,
-        properties=properties, tile_kinds=tuple(codec.tile_kinds), **extra)
+        properties=properties, tile_kinds=tuple(codec.tile_kinds),
+        icc_profile=getattr(source, "icc_profile", None), **extra)
     writer = ContainerWriter(output, meta, overwrite=overwrite, resume=resume,
                              resume_key=resume_key)
     total = plan.tile_count

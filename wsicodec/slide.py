@@ -33,10 +33,10 @@ import numpy as np
 from wsicodec.batch import BatchDecoder, DecoderSettings
 from wsicodec.container import Container, open_container
 from wsicodec.errors import InvalidSettingError, WsiCodecError
+from wsicodec.slideprops import VENDOR, container_properties
 from wsicodec.tiling.geometry import Rect
 from wsicodec.tiling.stitch import stitch_region
 
-VENDOR = "wsicodec"
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -95,7 +95,7 @@ class WsiSlide:
         self.level_dimensions: tuple[tuple[int, int], ...] = tuple(
             lv.dimensions for lv in meta.levels)
         self.level_downsamples: tuple[float, ...] = tuple(lv.downsample for lv in meta.levels)
-        self.properties: Mapping[str, str] = self._build_properties()
+        self.properties: Mapping[str, str] = container_properties(container)
         self.associated_images: Mapping[str, Any] = _AssociatedImages(container)
 
     @property
@@ -108,9 +108,15 @@ class WsiSlide:
         return self._decoder
 
     @property
-    def color_profile(self) -> None:
-        """No embedded ICC profile (OpenSlide's attribute; tiles are stored as sRGB)."""
-        return None
+    def color_profile(self) -> Any:
+        """The source's ICC profile as OpenSlide gives it, a new
+        ``PIL.ImageCms.ImageCmsProfile``, or None when the container holds none."""
+        icc = self._c.metadata.icc_profile
+        if icc is None:
+            return None
+        from wsicodec.iccprofile import as_image_cms_profile
+
+        return as_image_cms_profile(icc)
 
     @classmethod
     def detect_format(cls, filename: str | os.PathLike[str]) -> str | None:
@@ -124,31 +130,6 @@ class WsiSlide:
     def set_cache(self, cache: Any) -> None:
         """Accepted for OpenSlide compatibility and ignored: the decoded-tile cache is
         sized by ``open_slide(..., cache_bytes=...)``."""
-
-    def _build_properties(self) -> dict[str, str]:
-        meta = self._c.metadata
-        props = {k: v for k, v in meta.properties.items() if not k.startswith("openslide.")}
-        props[f"{VENDOR}.source-vendor"] = meta.source_vendor
-        props[f"{VENDOR}.codec"] = meta.codec.get("name", "")
-        if meta.model_id:
-            props[f"{VENDOR}.model-sha256"] = meta.model_id
-        props["openslide.vendor"] = VENDOR
-        props["openslide.level-count"] = str(len(meta.levels))
-        for i, lv in enumerate(meta.levels):
-            props[f"openslide.level[{i}].width"] = str(lv.width)
-            props[f"openslide.level[{i}].height"] = str(lv.height)
-            props[f"openslide.level[{i}].downsample"] = repr(lv.downsample)
-            props[f"openslide.level[{i}].tile-width"] = str(meta.tile_size)
-            props[f"openslide.level[{i}].tile-height"] = str(meta.tile_size)
-        if meta.mpp:
-            props["openslide.mpp-x"], props["openslide.mpp-y"] = (repr(meta.mpp[0]),
-                                                                  repr(meta.mpp[1]))
-        if meta.objective_power:
-            props["openslide.objective-power"] = f"{meta.objective_power:g}"
-        for key in ("openslide.comment", "openslide.quickhash-1", "openslide.background-color"):
-            if key in meta.properties:
-                props[key] = meta.properties[key]
-        return props
 
     # -- OpenSlide API
     def get_best_level_for_downsample(self, downsample: float) -> int:

@@ -21,6 +21,7 @@ import numpy as np
 
 from wsicodec.errors import (CorruptDataError, RegionOutOfBoundsError, SlideNotFoundError,
                              UnsupportedFormatError)
+from wsicodec.iccprofile import source_icc_profile
 from wsicodec.tiling.geometry import Rect
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ class SlideSource(Protocol):
     properties: Mapping[str, str]
     mpp: tuple[float, float] | None
     objective_power: float | None
+    #: the image's ICC profile, checked (:func:`wsicodec.iccprofile.source_icc_profile`), or None
+    icc_profile: bytes | None
 
     def associated_image_names(self) -> list[str]: ...
 
@@ -102,8 +105,10 @@ class ArraySource:
     def __init__(self, image: np.ndarray, *, vendor: str = "array",
                  properties: Mapping[str, str] | None = None,
                  mpp: tuple[float, float] | None = None,
-                 associated: Mapping[str, np.ndarray] | None = None) -> None:
-        """Raises UnsupportedFormatError if ``image`` cannot be made (h, w, 3) uint8."""
+                 associated: Mapping[str, np.ndarray] | None = None,
+                 icc_profile: bytes | None = None) -> None:
+        """Raises UnsupportedFormatError if ``image`` cannot be made (h, w, 3) uint8.
+        An ``icc_profile`` that is not one is left out (a warning is logged)."""
         self._image = to_rgb_uint8(image)
         h, w = self._image.shape[:2]
         self.vendor = vendor
@@ -112,6 +117,7 @@ class ArraySource:
         self.properties = dict(properties or {})
         self.mpp = mpp
         self.objective_power = None
+        self.icc_profile = source_icc_profile(icc_profile, "image")
         self._associated = {k: to_rgb_uint8(v) for k, v in (associated or {}).items()}
 
     def associated_image_names(self) -> list[str]:
@@ -185,6 +191,13 @@ class OpenSlideSource:
         self.mpp = (mx, my) if mx and my else None
         self.objective_power = _float_or_none(props.get("openslide.objective-power"))
         self._background = _parse_color(props.get("openslide.background-color"))
+        try:
+            profile = self._slide.color_profile
+            icc = profile.tobytes() if profile is not None else None
+        except (OSError, ValueError) as e:      # PyCMSError is an OSError
+            log.warning("%s: ICC profile unreadable, left out: %s", path, e)
+            icc = None
+        self.icc_profile = source_icc_profile(icc, path)
 
     def associated_image_names(self) -> list[str]:
         return list(self._associated_names)
@@ -265,6 +278,8 @@ class TiffFileSource:
         self.properties: dict[str, str] = {}
         self.mpp = None
         self.objective_power = None
+        icc = self._tif.pages[0].tags.get(34675)      # InterColorProfile
+        self.icc_profile = source_icc_profile(icc.value if icc else None, path)
         try:
             page = self._tif.pages[0]
             xr, yr = page.tags.get("XResolution"), page.tags.get("YResolution")
@@ -319,6 +334,7 @@ def _open_with_pillow(path: Path) -> ArraySource:
                     im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
                 array = np.asarray(im)
                 fmt = im.format or "image"
+                icc = im.info.get("icc_profile")
     except UnidentifiedImageError as e:
         raise UnsupportedFormatError(
             f"{path}: not a slide or image that OpenSlide, tifffile or Pillow can read") from e
@@ -328,7 +344,7 @@ def _open_with_pillow(path: Path) -> ArraySource:
             "pixels); write it as a tiled TIFF, which is read tile by tile") from e
     except (OSError, ValueError, SyntaxError) as e:
         raise CorruptDataError(f"{path}: cannot decode image: {e}") from e
-    return ArraySource(array, vendor=fmt.lower())
+    return ArraySource(array, vendor=fmt.lower(), icc_profile=icc or None)
 
 
 def open_source(path: str | os.PathLike[str]) -> SlideSource:
