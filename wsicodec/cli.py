@@ -154,11 +154,16 @@ def _add_compress(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def _add_decompress(sub: Any, common: argparse.ArgumentParser) -> None:
     """The ``decompress`` command's arguments."""
-    d = sub.add_parser("decompress", parents=[common], help="container -> pyramidal TIFF",
-                       description="Write a container as a tiled pyramidal BigTIFF that "
-                                   "OpenSlide (generic-tiff), QuPath and libvips read.")
+    d = sub.add_parser("decompress", parents=[common], help="container -> pyramidal TIFF or SVS",
+                       description="Write a container as an Aperio-compatible SVS (OpenSlide and "
+                                   "tiffslide read it as aperio, with the label, macro and "
+                                   "thumbnail) or a tiled pyramidal BigTIFF (OpenSlide's "
+                                   "generic-tiff, QuPath, libvips), with mpp and ICC profile.")
     d.add_argument("input", help="container (.zarr or .zarr.zip)")
-    d.add_argument("output", help="output .tiff")
+    d.add_argument("output", help="output .svs or .tiff")
+    d.add_argument("--format", choices=("svs", "tiff"), default=None,
+                   help="svs (Aperio-compatible) or tiff (generic pyramidal TIFF); default: "
+                        "svs for an OUTPUT ending in .svs, tiff otherwise")
     d.add_argument("--tiff-compression", choices=TIFF_COMPRESSIONS,
                    default=DEFAULT_TIFF_COMPRESSION,
                    help=f"tile compression in the TIFF (default {DEFAULT_TIFF_COMPRESSION}; "
@@ -169,8 +174,9 @@ def _add_decompress(sub: Any, common: argparse.ArgumentParser) -> None:
     d.add_argument("--precision", choices=PRECISIONS, default="float32", help=PRECISION_HELP)
     d.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     d.add_argument("--deidentify", action="store_true",
-                   help="leave the source file name out of the TIFF's ImageDescription (the "
-                        "TIFF never holds the slide's properties or associated images)")
+                   help="leave the source file name out of the TIFF's ImageDescription, and "
+                        "out of an SVS the label, the macro and the properties 'compress "
+                        "--deidentify' removes")
     d.add_argument("--quiet", action="store_true", help="no progress bar and no summary: only errors (stderr) and the exit status")
 
 
@@ -301,12 +307,13 @@ def _cmd_decompress(args: argparse.Namespace) -> int:
     with _progress_bar(total, not show, "decompress") as bar:
         result = decompress(args.input, args.output, settings=settings, workers=args.workers,
                             overwrite=args.overwrite, progress=bar.update,
-                            precision=args.precision, deidentify=args.deidentify)
+                            precision=args.precision, deidentify=args.deidentify,
+                            format=args.format)
     if args.quiet:
         return 0
     w, h = result.dimensions
     print(f"decompressed {result.source} -> {result.output}: {w} x {h} px, {result.levels} "
-          f"levels, {_mb(result.output_bytes)} ({args.tiff_compression}), "
+          f"levels, {_mb(result.output_bytes)} ({result.format}, {args.tiff_compression}), "
           f"{result.seconds:.1f} s")
     return 0
 

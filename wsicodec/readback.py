@@ -9,7 +9,8 @@ verify::
 decompress::
 
     open_container ─► per level, row-major: Container.read_tiles on a thread pool
-        ─► write_pyramidal_tiff (temp sibling) ─► atomic rename
+        ─► write_pyramidal_tiff (generic TIFF) or write_svs (Aperio SVS, with the
+           associated images) to a temp sibling ─► atomic rename
 
 Library code: raises, never prints; progress is reported through a callback
 (:data:`wsicodec.pipeline.Progress`).
@@ -29,11 +30,27 @@ import numpy as np
 
 from wsicodec.codecs import check_precision
 from wsicodec.container import open_container
-from wsicodec.errors import CorruptDataError, CorruptTileError, UnsupportedFormatError
+from wsicodec.errors import (CorruptDataError, CorruptTileError, InvalidSettingError,
+                             UnsupportedFormatError)
 from wsicodec.metadata import ContainerMetadata, missing_guarantees
 from wsicodec.paths import check_output_against_inputs, check_output_path
 from wsicodec.pipeline import Progress, check_workers
 from wsicodec.tiff import TiffSettings, write_pyramidal_tiff
+
+
+#: what ``decompress`` writes: a generic pyramidal TIFF, or an Aperio-compatible SVS
+OUTPUT_FORMATS = ("tiff", "svs")
+
+
+def output_format(output: str | os.PathLike[str], fmt: str | None) -> str:
+    """``fmt``, or when None the format ``output``'s name asks for: ``svs`` for a ``.svs``
+    file, ``tiff`` otherwise. Raises InvalidSettingError for an unknown ``fmt``."""
+    if fmt is None:
+        return "svs" if str(output).lower().endswith(".svs") else "tiff"
+    if fmt not in OUTPUT_FORMATS:
+        raise InvalidSettingError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, "
+                                  f"got {fmt!r}")
+    return fmt
 
 
 def container_tile_count(path: str | os.PathLike[str]) -> int:
@@ -51,6 +68,8 @@ class DecompressResult:
     levels: int
     output_bytes: int
     seconds: float
+    #: what was written: "tiff" or "svs" (:data:`OUTPUT_FORMATS`)
+    format: str = "tiff"
 
 
 @dataclass(frozen=True)
@@ -193,13 +212,19 @@ def _tiff_description(meta: ContainerMetadata, deidentify: bool) -> str:
 def decompress(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
                settings: TiffSettings = TiffSettings(), workers: int | None = None,
                overwrite: bool = False, progress: Progress | None = None,
-               precision: str = "float32", deidentify: bool = False) -> DecompressResult:
-    """Write a container out as a pyramidal TIFF (atomically: temp sibling + rename).
+               precision: str = "float32", deidentify: bool = False,
+               format: str | None = None) -> DecompressResult:  # noqa: A002 - the CLI's name
+    """Write a container out as a pyramidal TIFF or SVS (atomically: temp sibling +
+    rename), with its mpp and ICC profile.
 
-    ``precision``: how the learned codec runs g_s (:data:`wsicodec.codecs.PRECISIONS`).
-    The TIFF never holds the slide's properties or associated images; its
-    ImageDescription names the source file, unless ``deidentify`` (or the container was
-    made with ``deidentify``, so has no source name).
+    ``format``: ``tiff`` (a generic pyramidal TIFF: pages of levels, mpp as resolution
+    tags; no properties or associated images; its ImageDescription names the source
+    file), ``svs`` (:mod:`wsicodec.svs`: an Aperio-compatible SVS with the objective
+    power, the ``aperio.*`` properties and the label, macro and thumbnail), or None: svs
+    for a ``.svs`` output, tiff otherwise.  ``deidentify``: leave out the source file
+    name, and in an SVS the label, the macro and the properties ``compress
+    --deidentify`` removes.  ``precision``: how the learned codec runs g_s
+    (:data:`wsicodec.codecs.PRECISIONS`).
 
     Raises:
         OutputPathError: ``output`` is the container or lies inside it (a ``.zarr``
@@ -207,9 +232,11 @@ def decompress(source: str | os.PathLike[str], output: str | os.PathLike[str], *
         SlideNotFoundError, UnsupportedFormatError, CorruptDataError: the container.
         CorruptTileError: a damaged tile (nothing is left at ``output``).
         OutputExistsError: ``output`` exists and ``overwrite`` is false.
+        InvalidSettingError: an unknown ``format``.
     """
     t0 = time.perf_counter()
     out_path = Path(output)
+    fmt = output_format(out_path, format)
     check_output_against_inputs(out_path, [source])
     n_workers = check_workers(workers)
     check_precision(precision)
@@ -218,14 +245,20 @@ def decompress(source: str | os.PathLike[str], output: str | os.PathLike[str], *
     with open_container(source, precision=precision) as c:
         meta = c.metadata
         _ = c.codec  # build (and check) the codec before creating any file
+        dims = [lv.dimensions for lv in meta.levels]
+        tiles = lambda level: _ordered_decode(c, level, n_workers, progress)  # noqa: E731
         try:
-            write_pyramidal_tiff(
-                tmp, [lv.dimensions for lv in meta.levels], meta.tile_size,
-                lambda level: _ordered_decode(c, level, n_workers, progress),
-                mpp=meta.mpp, settings=settings,
-                description=_tiff_description(meta, deidentify))
+            if fmt == "svs":
+                from wsicodec.svs import write_container_svs
+
+                write_container_svs(c, tmp, tiles, settings=settings, deidentify=deidentify)
+            else:
+                write_pyramidal_tiff(tmp, dims, meta.tile_size, tiles, mpp=meta.mpp,
+                                     settings=settings,
+                                     description=_tiff_description(meta, deidentify),
+                                     icc_profile=meta.icc_profile)
             os.replace(tmp, out_path)
         finally:
             tmp.unlink(missing_ok=True)
     return DecompressResult(Path(source), out_path, meta.levels[0].dimensions, len(meta.levels),
-                            out_path.stat().st_size, time.perf_counter() - t0)
+                            out_path.stat().st_size, time.perf_counter() - t0, fmt)

@@ -3,7 +3,8 @@
 Levels are successive pages of the main IFD chain (level 0 first, reduced levels with
 NewSubfileType=1): OpenSlide's generic-tiff driver reads exactly that layout (it ignores
 SubIFDs).  mpp goes into X/YResolution in pixels per centimetre, which OpenSlide reports
-as ``openslide.mpp-x/-y``.  Tile compression: ``jpeg`` (4:4:4 RGB, quality 95, the
+as ``openslide.mpp-x/-y``; the ICC profile into tag 34675 of level 0 (OpenSlide's
+``color_profile``).  Tile compression: ``jpeg`` (4:4:4 RGB, quality 95, the
 default) or ``zlib`` (lossless deflate with horizontal predictor).
 """
 
@@ -60,7 +61,8 @@ def write_pyramidal_tiff(path: str | os.PathLike[str], level_dimensions: list[tu
                          tile_size: int, tiles: TileIterator, *,
                          mpp: tuple[float, float] | None = None,
                          settings: TiffSettings = TiffSettings(),
-                         description: str = "wsicodec pyramid") -> None:
+                         description: str = "wsicodec pyramid",
+                         icc_profile: bytes | None = None) -> None:
     """Write a tiled BigTIFF, one page per level (streaming: one tile at a time).
 
     Raises OSError on write failures and whatever ``tiles`` raises; the caller owns
@@ -75,4 +77,6 @@ def write_pyramidal_tiff(path: str | os.PathLike[str], level_dimensions: list[tu
     with tifffile.TiffWriter(Path(path), bigtiff=True) as tw:
         for level, (w, h) in enumerate(level_dimensions):
             extra = {"description": description} if level == 0 else {"subfiletype": 1}
+            if level == 0 and icc_profile:
+                extra["iccprofile"] = icc_profile
             tw.write(tiles(level), shape=(h, w, 3), dtype=np.uint8, **common, **extra)
