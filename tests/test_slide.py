@@ -64,15 +64,18 @@ def test_read_region_pil_matches_array(odd_slide) -> None:
     slide, _ = odd_slide
     img = slide.read_region((200, 290), 0, (40, 30))
     assert img.mode == "RGBA" and img.size == (40, 30)
-    arr = slide.read_region((200, 290), 0, (40, 30), as_array=True)
+    arr = slide.read_region((200, 290), 0, (40, 30), as_array=True, rgba=True)
     np.testing.assert_array_equal(np.asarray(img), arr)
+    rgb = slide.read_region((200, 290), 0, (40, 30), as_array=True)   # RGB, as tiffslide
+    assert rgb.shape == (30, 40, 3) and rgb.flags.c_contiguous
+    np.testing.assert_array_equal(rgb, arr[..., :3])
     assert (arr[:11, :19, 3] == 255).all() and (arr[11:] == 0).all() and (arr[:, 19:] == 0).all()
 
 
 def test_bad_level_reads_transparent_as_in_openslide(odd_slide) -> None:
     slide, _ = odd_slide
     for level in (9, -1, slide.level_count):
-        region = slide.read_region((3, 4), level, (5, 2), as_array=True)
+        region = slide.read_region((3, 4), level, (5, 2), as_array=True, rgba=True)
         assert region.shape == (2, 5, 4) and not region.any(), level
 
 
@@ -116,7 +119,7 @@ def test_read_region_equals_decode_and_slice(odd_slide, level: int, x: int, y: i
                                              h: int) -> None:
     slide, levels = odd_slide
     ds = slide.level_downsamples[level]
-    got = slide.read_region((x, y), level, (w, h), as_array=True)
+    got = slide.read_region((x, y), level, (w, h), as_array=True, rgba=True)
     assert got.shape == (h, w, 4)
     ref = levels[level]
     lx, ly = int(np.floor(x / ds)), int(np.floor(y / ds))
@@ -153,6 +156,6 @@ def test_read_region_matches_openslide_on_exported_tiff(tmp_path: Path) -> None:
         for location, level, size in [((0, 0), 0, (300, 250)), ((-20, 230), 0, (70, 40)),
                                       ((250, 5), 0, (80, 80)), ((0, 0), 1, (150, 125)),
                                       ((0, 0), 2, (30, 30)), ((64, 32), 1, (50, 40))]:
-            a = ours.read_region(location, level, size, as_array=True)
+            a = ours.read_region(location, level, size, as_array=True, rgba=True)
             b = np.asarray(ref.read_region(location, level, size))
             np.testing.assert_array_equal(a, b, err_msg=f"{location} {level} {size}")

@@ -108,14 +108,18 @@ class OpenSlideFile(openslide.OpenSlide):
         self.path = path
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int], *,
-                    as_array: bool = False) -> Any:
+                    as_array: bool = False, rgba: bool = False) -> Any:
         """OpenSlide's ``read_region`` (a PIL RGBA image), or with ``as_array=True`` an
-        (h, w, 4) uint8 RGBA array, as :meth:`wsicodec.slide.WsiSlide.read_region`."""
+        (h, w, 3) uint8 RGB array (``rgba=True``: (h, w, 4) RGBA), as
+        :meth:`wsicodec.slide.WsiSlide.read_region`."""
         w, h = (int(v) for v in size)
         if w < 0 or h < 0:
             raise SlideInvalidSettingError(f"region size must be non-negative, got {size}")
         image = super().read_region(location, level, (w, h))
-        return np.asarray(image) if as_array else image
+        if not as_array:
+            return image
+        array = np.asarray(image)
+        return array if rgba else np.ascontiguousarray(array[..., :3])
 
     def __repr__(self) -> str:
         return f"OpenSlideFile({str(self.path)!r})"

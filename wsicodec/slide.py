@@ -142,13 +142,14 @@ class WsiSlide:
 
     @_openslide_errors
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int], *,
-                    as_array: bool = False) -> Any:
+                    as_array: bool = False, rgba: bool = False) -> Any:
         """Read ``size`` = (w, h) pixels of ``level`` whose top-left is ``location`` in
         level-0 coordinates (x, y), as OpenSlide does.
 
         Pixels outside the slide are transparent (0, 0, 0, 0), and so is the whole region
         for a ``level`` outside the pyramid (as OpenSlide reads it). Returns a PIL RGBA
-        image, or with ``as_array=True`` an (h, w, 4) uint8 RGBA array.
+        image, or with ``as_array=True`` an (h, w, 3) uint8 RGB array as tiffslide does
+        (black outside the slide), (h, w, 4) RGBA with ``rgba=True``.
 
         Raises (the first three are also ``openslide.OpenSlideError``):
             InvalidSettingError: negative size, or a region too big for memory.
@@ -175,7 +176,7 @@ class WsiSlide:
             tiles = dict(zip(keys, self._decode_tiles(level, keys))) if keys else {}
             stitch_region(grid, rect, tiles, channels=4, out=out)
         if as_array:
-            return out
+            return out if rgba else np.ascontiguousarray(out[..., :3])
         from PIL import Image
 
         return Image.fromarray(out, "RGBA")
