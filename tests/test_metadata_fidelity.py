@@ -198,3 +198,13 @@ def test_serving_deidentified_drops_the_source_hash(pair) -> None:
     with open_slide(out) as s:
         kept, removed = deidentify_properties(dict(s.properties), s.properties["wsicodec.source-vendor"])
     assert "wsicodec.source-quickhash-1" in removed and "wsicodec.source-quickhash-1" not in kept
+
+
+def test_a_custom_source_with_a_broken_profile_still_makes_a_readable_container(tmp_path) -> None:
+    """The pipeline checks the profile of any SlideSource, not only of ours."""
+    source = ArraySource(_image())
+    source.icc_profile = b"\0" * 300                       # as a third-party source might
+    out = tmp_path / "x.zarr.zip"
+    compress_source(source, out, get_codec("jpeg", 90), tile_size=64, workers=1)
+    with open_slide(out) as s:
+        assert s.color_profile is None

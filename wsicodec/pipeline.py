@@ -34,6 +34,7 @@ from wsicodec.codecs import TileCodec
 from wsicodec.container import path_size
 from wsicodec.errors import (CompressInterrupted, InvalidSettingError, PartialKeptError,
                              WsiCodecError)
+from wsicodec.iccprofile import source_icc_profile
 from wsicodec.metadata import ContainerMetadata
 from wsicodec.paths import check_output_against_inputs, check_output_path, slide_inputs
 from wsicodec.tiling import iter_strips, iter_tiles, open_source, plan_pyramid
@@ -316,8 +317,8 @@ def _compress_source(source: SlideSource, output: str | os.PathLike[str], codec:
         model_id=codec.model_id,
         mpp=source.mpp, objective_power=source.objective_power,
         source_vendor=source.vendor, source_name=source_name, source_bytes=source_bytes,
-        properties=properties, tile_kinds=tuple(codec.tile_kinds),
-        icc_profile=getattr(source, "icc_profile", None), **extra)
+        properties=properties, tile_kinds=tuple(codec.tile_kinds), **extra,
+        icc_profile=source_icc_profile(getattr(source, "icc_profile", None), source_name or "source"))
     writer = ContainerWriter(output, meta, overwrite=overwrite, resume=resume,
                              resume_key=resume_key)
     total = plan.tile_count
