@@ -817,8 +817,9 @@ def read_everything(path: Path, tmp: Path) -> dict[str, Any]:
         with wsicodec.open_slide(path, workers=1) as s:
             for lv in range(s.level_count):
                 def one(lv: int = lv) -> dict:
+                    # RGBA: the digests recorded before RGB became as_array's default
                     a = s.read_region((0, 0), lv, s.level_dimensions[lv], as_array=True,
-                                     rgba=True)   # the digests recorded before RGB became the default
+                                      rgba=True)
                     shapes[f"level{lv}"] = a
                     return {"px": _digest(a)}
                 op_into(res, f"level{lv}", one)

@@ -11,8 +11,8 @@ the server serves.  ``settings`` is anything with ``timeout``, ``max_connections
 
 OPTIONS is answered 204 with ``Allow`` (and, for an origin in ``settings.cors_origins``,
 the CORS preflight headers: :mod:`wsicodec.httpcache`).  Status codes made here: 405 for
-methods other than GET, HEAD and OPTIONS (501 for unknown ones), 400 for a malformed request line, 431 for a header line over 64 KiB or more
-than 100 headers, 421 for a ``Host`` the server does not answer to (below), 503 (with
+methods other than GET, HEAD and OPTIONS (501 for unknown ones), 400 for a malformed
+request line, 431 for a header line over 64 KiB or more than 100 headers, 421 for a ``Host`` the server does not answer to (below), 503 (with
 ``Retry-After``) when the server is full.
 
 DNS rebinding: a web page whose host name the attacker re-points at 127.0.0.1 is the
@@ -161,8 +161,8 @@ def error_body(message: str) -> bytes:
 
 class BoundedRequestHandler(BaseHTTPRequestHandler):
     """One connection's requests under the server's deadlines and Host rule, errors as
-    JSON; OPTIONS gets 204, methods other than GET, HEAD and OPTIONS get 405.  Subclasses add ``do_GET`` and
-    ``do_HEAD`` and answer with :meth:`respond`."""
+    JSON; OPTIONS gets 204, methods other than GET, HEAD and OPTIONS get 405.  Subclasses
+    add ``do_GET`` and ``do_HEAD`` and answer with :meth:`respond`."""
 
     server: "BoundedHTTPServer"
     protocol_version = "HTTP/1.1"
@@ -254,7 +254,8 @@ class BoundedRequestHandler(BaseHTTPRequestHandler):
 
     def do_OPTIONS(self) -> None:  # noqa: N802 - http.server's naming
         """204 with ``Allow`` for any target (``*`` too), and the CORS preflight headers
-        when the server allows the request's origin (:func:`wsicodec.httpcache.preflight_headers`)."""
+        when the server allows the request's origin
+        (:func:`wsicodec.httpcache.preflight_headers`)."""
         self._discard_small_body()
         get = self.headers.get
         cors = preflight_headers(self._cors_origins(), get("Origin"),

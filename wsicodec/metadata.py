@@ -371,7 +371,8 @@ def _parse(attrs: dict, version: int) -> ContainerMetadata:
     if deid is not None and not isinstance(deid, dict):
         raise _Bad(f"deidentified must be an object, got {_short(deid)}")
     try:
-        icc = None if attrs.get("icc_profile") is None else iccprofile.from_attr(attrs["icc_profile"])
+        icc = attrs.get("icc_profile")
+        icc = None if icc is None else iccprofile.from_attr(icc)
     except ValueError as e:
         raise _Bad(str(e)) from None
     container_id, level_digests, assoc_digests = None, (), {}

@@ -318,7 +318,8 @@ def _compress_source(source: SlideSource, output: str | os.PathLike[str], codec:
         mpp=source.mpp, objective_power=source.objective_power,
         source_vendor=source.vendor, source_name=source_name, source_bytes=source_bytes,
         properties=properties, tile_kinds=tuple(codec.tile_kinds), **extra,
-        icc_profile=source_icc_profile(getattr(source, "icc_profile", None), source_name or "source"))
+        icc_profile=source_icc_profile(getattr(source, "icc_profile", None),
+                                       source_name or "source"))
     writer = ContainerWriter(output, meta, overwrite=overwrite, resume=resume,
                              resume_key=resume_key)
     total = plan.tile_count

@@ -266,7 +266,8 @@ def _open_slide(path: Path, cache_bytes: int | None, workers: int | None, device
     settings = DecoderSettings(
         cache_bytes=defaults.cache_bytes if cache_bytes is None else cache_bytes,
         workers=workers, device=device, precision=precision)
-    if path.is_dir() or path.suffix.lower() == ".zip" or (path.is_file() and zipfile.is_zipfile(path)):
+    if path.is_dir() or path.suffix.lower() == ".zip" or (
+            path.is_file() and zipfile.is_zipfile(path)):
         return WsiSlide(open_container(path), settings)
     from wsicodec.openslide_compat import OpenSlideFile
 
