@@ -313,8 +313,8 @@ def _cmd_decompress(args: argparse.Namespace) -> int:
         return 0
     w, h = result.dimensions
     print(f"decompressed {result.source} -> {result.output}: {w} x {h} px, {result.levels} "
-          f"levels, {_mb(result.output_bytes)} ({result.format}, {args.tiff_compression}), "
-          f"{result.seconds:.1f} s")
+          f"levels, {result.format.upper()} {_mb(result.output_bytes)} "
+          f"({args.tiff_compression}), {result.seconds:.1f} s")
     return 0
 
 
