@@ -189,6 +189,13 @@ class WsiSlide:
         return self._decoder.decode(level, tiles)
 
     @_openslide_errors
+    def tile_records(self, level: int) -> Any:
+        """The fidelity map of ``level`` (:class:`wsicodec.fidelity.TileRecords`: each
+        tile's kind, decoded PSNR against the source and bytes), or None for a container
+        without one (written by a codec that does not choose per tile).  Raises
+        CorruptDataError for a damaged map, RegionOutOfBoundsError for a bad level."""
+        return self._c.tile_records(level)
+
     def read_encoded_tile(self, level: int, col: int, row: int) -> bytes:
         """The stored (codec) bytes of one tile, CRC-checked, not decoded.
 
