@@ -107,7 +107,7 @@ SWEEPS: dict[str, Sweep] = {s.key: s for s in (
     # choice to bytes (a tile goes to JPEG-XL where that reaches the network's PSNR in fewer
     # bytes), then the floor raised at quality 8 to cover JPEG-XL's top
     Sweep("auto", "auto", "wsicodec auto (per-tile codec choice)",
-          (1, 2, 3, 4, 5, 6, 7, 8, 8, 8, 8, 8, 8, 8),
+          (1, 2, 3, 4, 5, 6, 7) + (8,) * 8,
           knob_range=(1, 8), tiled=True,
           point_options=tuple({"min_psnr": f} for f in (20,) * 8 + (34, 36, 38, 40, 42, 44, 46))),
     # the encoder's latent search (LearnedCodec(refine=...)): ~100x the encode time, so only on request
@@ -548,8 +548,11 @@ def psnr_ranges(result: dict) -> dict:
         pts = [p for p in entry.get("points", []) if p.get("mean")]
         if not pts:
             continue
-        top = max(pts, key=lambda p: p["mean"]["psnr"])
-        low = min(pts, key=lambda p: p["mean"]["psnr"])
+        def psnr(p: dict) -> float:        # None: an exact (lossless) point, the top of any curve
+            v = p["mean"]["psnr"]
+            return math.inf if v is None else v
+
+        top, low = max(pts, key=psnr), min(pts, key=psnr)
         out[key] = {"top_psnr": top["mean"]["psnr"], "top_setting": top["quality"],
                     "top_bpp": top["mean"]["bpp"], "bottom_psnr": low["mean"]["psnr"],
                     "bottom_setting": low["quality"], "bottom_bpp": low["mean"]["bpp"]}
@@ -733,8 +736,11 @@ def _ranges_markdown(result: dict) -> list[str]:
                 return "none"
             return f"{lo:.2f}–{hi:.2f} ({_f(None if share is None else 100 * share, '.0f')} %)"
 
-        lines.append(f"| {result['codecs'][key]['label']} | {r['bottom_psnr']:.2f}–{r['top_psnr']:.2f} | "
-                     f"{r['top_psnr']:.2f} ({result['codecs'][key]['knob']} {r['top_setting']:g}, "
+        def db(v: Any) -> str:             # None: exact (lossless)
+            return "exact" if v is None else f"{v:.2f}"
+
+        lines.append(f"| {result['codecs'][key]['label']} | {db(r['bottom_psnr'])}–{db(r['top_psnr'])} | "
+                     f"{db(r['top_psnr'])} ({result['codecs'][key]['knob']} {r['top_setting']:g}, "
                      f"{r['top_bpp']:.3f}) | {span('psnr')} | {span('ms_ssim_db')} | {span('lpips_db')} |")
     lines.append("")
     return lines
@@ -811,9 +817,11 @@ def write_markdown(result: dict, path: Path, png: str) -> None:
         pts = sorted((p for p in entry["points"] if p.get("mean")), key=lambda p: p["mean"]["bpp"])
         for p in pts:
             m = p["mean"]
+            floor = (p.get("codec") or {}).get("configuration", {}).get("min_psnr")
+            setting = f"{entry['knob']} {p['quality']:g}" + (f", floor {floor:g} dB" if floor else "")
             lines.append(
-                f"| {entry['label']} | {entry['knob']} {p['quality']:g} | {m['bpp']:.3f} | {m['psnr']:.2f} | "
-                f"{m['ms_ssim']:.4f} | {m['ms_ssim_db']:.2f} | {m['lpips']:.4f} | "
+                f"| {entry['label']} | {setting} | {m['bpp']:.3f} | {_f(m['psnr'], '.2f')} | "
+                f"{_f(m['ms_ssim'], '.4f')} | {_f(m['ms_ssim_db'], '.2f')} | {_f(m['lpips'], '.4f')} | "
                 f"{m['encode_mp_s']:.1f} | {m['decode_mp_s']:.1f} | {entry['threads']} |")
     lines.append("")
     if result.get("visual"):
@@ -1099,7 +1107,7 @@ def run_one(args: argparse.Namespace, run: Run, source: ImageSource, keys: list[
         log(f"BD-rate vs {anchor} (PSNR / MS-SSIM dB): " + ", ".join(
             f"{k} {_f(_nan(r.get('psnr')), '+.1f')}% / {_f(_nan(r.get('ms_ssim_db')), '+.1f')}%"
             for k, r in rows.items()))
-    log("top PSNR: " + ", ".join(f"{k} {v:.2f} dB" for k, v in result["top_psnr"].items()))
+    log("top PSNR: " + ", ".join(f"{k} {_f(v, '.2f')} dB" for k, v in result["top_psnr"].items()))
 
 
 if __name__ == "__main__":
