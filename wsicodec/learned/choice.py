@@ -235,15 +235,18 @@ class TileChooser:
         return data, self.decoder.ungain(y_hat, quality)
 
     def _versus_jpegxl(self, t: _Tile) -> None:
-        """JPEG-XL where the network misses the floor, or reaches its PSNR in fewer bytes.
-        Depends on the tile alone (a resumed run decides as an uninterrupted one)."""
+        """JPEG-XL where the network misses the floor, or where JPEG-XL reaches the network's
+        PSNR in fewer bytes (compared at that PSNR exactly: :attr:`JxlFit.equal_bytes`; the
+        coding kept reaches it or more).  Depends on the tile alone (a resumed run decides
+        as an uninterrupted one)."""
         ok = t.network is not None
         target = max(self.floor, t.estimate) if ok else self.floor
         fit = fit_jpegxl(t.source, target, t.valid, effort=self.effort, start=start_for(target),
                          budget=len(t.network) if ok else None)
         if fit is not None and fit.psnr >= self.floor:
             t.jxl = fit
-        if fit is not None and (not ok or len(fit.data) < len(t.network)):
+        # at equal PSNR: JPEG-XL's bytes at exactly the target (its rungs overshoot it)
+        if fit is not None and (not ok or fit.equal_bytes < len(t.network)):
             t.kind = "jpegxl-lossless" if fit.lossless else "jpegxl"
             t.data, t.psnr, t.context = fit.data, fit.psnr, None
         else:

@@ -49,6 +49,14 @@ class JxlFit:
     psnr: float
     index: int
     lossless: bool = False
+    #: the bytes JPEG-XL would take at exactly the target PSNR: interpolated (log bytes,
+    #: linear in dB) between this coding and the nearest one missing the target; its own
+    #: size where none was made
+    equal_bytes: float = math.nan
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.equal_bytes):
+            object.__setattr__(self, "equal_bytes", float(len(self.data)))
 
 
 def encode_at(tile: np.ndarray, index: int, valid: tuple[int, int], effort: int) -> JxlFit:
@@ -74,9 +82,21 @@ def _between(tile: np.ndarray, passing: JxlFit, failing: JxlFit, target: float,
     data = bytes(imagecodecs.jpegxl_encode(tile, distance=d, effort=effort, numthreads=1))
     pixels = np.asarray(imagecodecs.jpegxl_decode(data, numthreads=1))
     p = tile_psnr(pixels, tile, valid)
+    mid = JxlFit(data, pixels, p, passing.index)
     if p >= target and len(data) < len(passing.data):
-        return JxlFit(data, pixels, p, passing.index)
-    return passing
+        return _with_equal_bytes(mid, failing, target)
+    return _with_equal_bytes(passing, mid if p < target else failing, target)
+
+
+def _with_equal_bytes(passing: JxlFit, failing: JxlFit, target: float) -> JxlFit:
+    """``passing`` with :attr:`JxlFit.equal_bytes` interpolated toward ``failing``."""
+    from dataclasses import replace
+
+    bp, bf = len(passing.data), len(failing.data)
+    if not (math.isfinite(passing.psnr) and passing.psnr > failing.psnr and bf > 0):
+        return passing
+    t = (passing.psnr - target) / (passing.psnr - failing.psnr)
+    return replace(passing, equal_bytes=bp * (bf / bp) ** min(max(t, 0.0), 1.0))
 
 
 def fit_jpegxl(tile: np.ndarray, target: float, valid: tuple[int, int] | None = None, *,
