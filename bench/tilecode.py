@@ -128,7 +128,7 @@ def image_pixels(model, shape: tuple[int, ...], parts: list) -> np.ndarray:
     cs = sorted({t.cols.start for t, _ in parts})
     at = {(rs.index(t.rows.start), cs.index(t.cols.start)): t for t, _ in parts}
 
-    def plane_edges(t) -> dict:          # as the readers' _GridJob.glass_edges
+    def plane_edges(t) -> dict:          # as the readers' GridJob.glass_edges
         edges = {}
         r, c = rs.index(t.rows.start), cs.index(t.cols.start)
         for dr, dc in SIDES:

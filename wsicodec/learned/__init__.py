@@ -26,11 +26,12 @@ from .auto import DEFAULT_MIN_PSNR, AutoCodec, check_min_psnr
 from .auto import register as _register_auto
 from .codec import (DEFAULT_MARGIN, DEFAULT_MAX_BATCH, LOCAL_OPTIONS, MAX_REFINE, LearnedCodec,
                     register, resolve_device)
-from .decoder import STITCH_RING, LatentCache, TileDecoder, stitch_window
+from .decoder import TileDecoder
 from .encoder import TileEncoder, hyper_symbols
 from .glass import is_uniform, uniform_fit, uniform_latent
 from .ladder import DEFAULT_QUALITY, QUALITY_MAX, QUALITY_MIN, QualityLadder, check_quality
 from .network import ModelConfig, WsiHyperprior, pad_to_stride
+from .synthesis import STITCH_RING, LatentCache, stitch_window
 from .tileformat import (GLASS_KINDS, KIND_NETWORK, KIND_PLANE, KIND_UNIFORM, NETWORK_HEADER_BYTES,
                          PIXEL_STRIDE, TileHeader, parse_header)
 from wsicodec.errors import ModelMismatchError

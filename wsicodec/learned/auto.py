@@ -21,8 +21,10 @@ from wsicodec.errors import CorruptDataError, InvalidSettingError
 
 from .choice import KINDS, MixedLevelEncoder, TileChooser, quality_steps
 from .codec import DEFAULT_MARGIN, DEFAULT_MAX_BATCH, LearnedCodec, _int_in
-from .decoder import KIND_JPEGXL, LatentCache, TileDecoder
+from .decoder import TileDecoder
 from .encoder import Box, TileEncoder
+from .grid import KIND_JPEGXL
+from .synthesis import LatentCache
 from .tileformat import KIND_NETWORK, STITCH_VERSION, TileHeader
 
 #: the floors ``min_psnr`` accepts: above 0, at most 99 dB

@@ -35,11 +35,12 @@ import numpy as np
 from wsicodec.codecs import EncodedRow, LevelEncoder
 from wsicodec.errors import InvalidSettingError
 
-from .decoder import STITCH_RING, glass_edges, stitch_window
 from .encoder import align_to_grid, check_region
 from .glass import SIDES, blend_toward_glass, decode_glass, encode_glass, uniform_fit
+from .grid import glass_edges
 from .jxlfit import JxlFit, fit_jpegxl, start_for, tile_psnr
 from .ladder import QUALITY_MAX
+from .synthesis import STITCH_RING, stitch_window
 from .tileformat import (KIND_FIXUP, KIND_PLANE, LATENT_STRIDE, MAGIC, PIXEL_STRIDE, VERSION,
                          fixup_parts, pack_fixup, parse_header)
 

@@ -19,9 +19,10 @@ import numpy as np
 from wsicodec.codecs import Run, TileCodec, check_precision
 from wsicodec.errors import CorruptDataError, InvalidSettingError
 
-from .decoder import LatentCache, TileDecoder
+from .decoder import TileDecoder
 from .encoder import Box, TileEncoder
 from .ladder import check_quality
+from .synthesis import LatentCache
 from .tileformat import KIND_NETWORK, STITCH_VERSION, TileHeader
 
 #: most encoder refinement steps a codec accepts (each costs about four g_s passes)

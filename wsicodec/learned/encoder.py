@@ -24,10 +24,11 @@ from wsicodec.entropy import encode_symbols, symbol_checksum
 from wsicodec.errors import InvalidSettingError
 
 from . import tileformat
-from .decoder import STITCH_RING, channel_index
+from .decoder import channel_index
 from .glass import encode_glass, uniform_fit
 from .network import pad_to_stride
 from .refine import refine_latents
+from .synthesis import STITCH_RING
 from .tileformat import LATENT_STRIDE, MAX_SIDE, PIXEL_STRIDE, exact_entropy, pack_network_header
 
 Box = tuple[int, int, int, int]

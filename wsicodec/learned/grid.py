@@ -1,0 +1,255 @@
+"""One stitched decode of many tiles of a grid: :class:`GridJob`, and :func:`glass_edges`.
+
+A :class:`GridJob` is one call of
+:meth:`~wsicodec.learned.decoder.TileDecoder.decode_tiles`: it fetches each tile's bytes
+and header once (in the calling thread), decodes glass, JPEG-XL and fix-up tiles
+directly, and gathers the latents of the stitched tiles and their neighbours (from the
+:class:`~wsicodec.learned.synthesis.LatentCache`, from another caller, or decoded on the
+caller's threads) into the windows g_s runs over.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
+
+import numpy as np
+
+from wsicodec.codecs import Run
+from wsicodec.errors import CorruptDataError
+
+from .glass import SIDES, decode_glass, plane_edge
+from .synthesis import STITCH_RING, LatentCache, stitch_window
+from .tileformat import (GLASS_KINDS, KIND_FIXUP, KIND_PLANE, MAGIC, TileHeader, fixup_parts,
+                         parse_named)
+
+if TYPE_CHECKING:
+    from .decoder import TileDecoder
+
+#: the kind the learned decoder gives a JPEG-XL tile of a mixed grid (not a learned tile)
+KIND_JPEGXL = -1
+#: first bytes of a JPEG-XL codestream and of a JPEG-XL container
+JXL_SIGNATURES = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")
+
+
+def glass_edges(hd: TileHeader, around: dict, name: Callable[[tuple[int, int]], str]) -> dict:
+    """The edge colours of the plane glass tiles among a tile's side neighbours ``around``
+    ((dr, dc) → (bytes, header) of what each shows its neighbours), keyed by side, for
+    :func:`~wsicodec.learned.glass.blend_toward_glass`; ``hd``: the tile's header.  A
+    neighbour whose edge does not match the tile's side, or is damaged, is left out.
+    Readers and the ``auto`` encoder's measurement both call this."""
+    edges = {}
+    for (dr, dc), (data, nhd) in around.items():
+        same = (nhd.width == hd.width) if dr else (nhd.height == hd.height)
+        if nhd.kind != KIND_PLANE or not same:
+            continue
+        try:
+            edges[(dr, dc)] = plane_edge(data, nhd, (-dr, -dc), name((dr, dc)))
+        except Exception:  # noqa: BLE001 - a damaged neighbour only costs that side
+            continue
+    return edges
+
+
+def crop(x: np.ndarray, top: int, left: int, h: int, w: int) -> np.ndarray:
+    """The ``h`` x ``w`` pixels of ``x`` from (``top``, ``left``), contiguous."""
+    return np.ascontiguousarray(x[top:top + h, left:left + w])
+
+
+class GridJob:
+    """One :meth:`~wsicodec.learned.decoder.TileDecoder.decode_tiles` call: the bytes and
+    headers it fetched (fetched in the calling thread: stores need not be thread-safe),
+    and its steps."""
+
+    def __init__(self, decoder: TileDecoder, fetch: Callable[[int, int], bytes],
+                 names: Callable[[int, int], str], shape: tuple[int, ...] | None,
+                 check: Callable[[TileHeader, str], None] | None = None) -> None:
+        self.decoder, self.fetch, self.names, self.shape = decoder, fetch, names, shape
+        self.check = check
+        self.got: dict[tuple[int, int], tuple[bytes, TileHeader]] = {}
+        #: pixels of the tiles that have them without g_s (JPEG-XL and fix-up tiles)
+        self.pixels: dict[tuple[int, int], np.ndarray] = {}
+        #: the JPEG-XL codestreams of the fix-up tiles (``got`` holds their inner tiles)
+        self.fixups: dict[tuple[int, int], bytes] = {}
+
+    def load(self, key: tuple[int, int]) -> tuple[bytes, TileHeader]:
+        if key not in self.got:
+            data = bytes(self.fetch(*key))
+            if self.decoder.mixed and data[:4] != MAGIC:
+                if not data.startswith(JXL_SIGNATURES):
+                    raise CorruptDataError(f"{self.names(*key)}: neither a learned nor a JPEG-XL tile")
+                px = self.decoder.jpegxl_pixels(data, self.shape, self.names(*key))
+                self.pixels[key] = px
+                self.got[key] = (data, TileHeader(KIND_JPEGXL, px.shape[0], px.shape[1]))
+                return self.got[key]
+            hd = parse_named(data, self.names(*key), self.shape)
+            if hd.kind == KIND_FIXUP:       # its own pixels; to its neighbours, its inner tile
+                data, self.fixups[key] = fixup_parts(data, hd)
+                hd = parse_named(data, self.names(*key), self.shape)
+            if self.check is not None:
+                self.check(hd, self.names(*key))
+            self.got[key] = (data, hd)
+        return self.got[key]
+
+    def sort(self, keys: Sequence[tuple[int, int]], out: list,
+             grid: tuple[int, int]) -> tuple[list[int], list[int]]:
+        """Glass tiles decoded into ``out`` (a plane drawn toward its plane neighbours,
+        ``grid``: (cols, rows)), failures put there; returns the indexes of the stitched
+        tiles and of those decoded alone (formats 1-2)."""
+        stitched, alone = [], []
+        for n, key in enumerate(keys):
+            try:
+                data, hd = self.load(key)
+                if key in self.fixups:
+                    out[n] = self.fixup_pixels(key)
+                elif hd.kind in GLASS_KINDS:
+                    around = self.glass_edges(key, grid) if hd.kind == KIND_PLANE else None
+                    out[n] = decode_glass(data, hd, self.names(*key), around)
+                elif hd.kind == KIND_JPEGXL:
+                    out[n] = self.pixels[key]
+                elif hd.stitched:
+                    stitched.append(n)
+                else:
+                    alone.append(n)
+            except Exception as e:  # noqa: BLE001 - kept per tile
+                out[n] = e
+        return stitched, alone
+
+    def fixup_pixels(self, key: tuple[int, int]) -> np.ndarray:
+        """A fix-up tile's own pixels (its JPEG-XL codestream).  Its inner tile is checked
+        when a neighbour needs its latents, as any tile's."""
+        if key not in self.pixels:
+            hd = self.got[key][1]
+            self.pixels[key] = self.decoder.jpegxl_pixels(self.fixups[key], (hd.height, hd.width),
+                                                          self.names(*key))
+        return self.pixels[key]
+
+    def glass_edges(self, key: tuple[int, int], grid: tuple[int, int]) -> dict:
+        """The edge colours of the plane glass tiles beside ``key`` (side → (n, 3) uint8,
+        :func:`~wsicodec.learned.glass.plane_edge`), for
+        :func:`~wsicodec.learned.glass.blend_toward_glass`.  A neighbour that fails to
+        load or parse, or whose edge does not match the tile's side, is left out (a
+        fix-up neighbour shows its inner tile's edge)."""
+        col, row = key
+        around = {}
+        for dr, dc in SIDES:
+            nb = (col + dc, row + dr)
+            if not (0 <= nb[0] < grid[0] and 0 <= nb[1] < grid[1]):
+                continue
+            try:
+                around[(dr, dc)] = self.load(nb)
+            except Exception:  # noqa: BLE001 - a damaged neighbour only costs that side
+                continue
+        return glass_edges(self.got[key][1], around, lambda d: self.names(col + d[1], row + d[0]))
+
+    @staticmethod
+    def neighbourhood(keys: Sequence[tuple[int, int]], stitched: list[int],
+                      grid: tuple[int, int]) -> list[tuple[int, int]]:
+        """The stitched tiles and their neighbours inside the grid, each once, in order."""
+        cols, rows = grid
+        need: dict[tuple[int, int], None] = {}
+        for n in stitched:
+            col, row = keys[n]
+            for dr in (-1, 0, 1):
+                for dc in (-1, 0, 1):
+                    if 0 <= col + dc < cols and 0 <= row + dr < rows:
+                        need[(col + dc, row + dr)] = None
+        return list(need)
+
+    def latents(self, need: list, alone: list, cache: LatentCache | None, tag: Hashable,
+                run: Run) -> tuple[dict, dict]:
+        """(latents of the tiles ``need`` by key: a tensor, None or the exception, from
+        ``cache``, from another caller decoding them, or decoded here; the own latents of
+        the format-1/2 tiles ``alone``, by key)."""
+        lat: dict[tuple[int, int], Any] = {}
+        todo, waits = [], {}
+        for key in need:          # cached, being decoded by another caller, or ours to decode
+            t = cache.begin((tag, *key)) if cache is not None else None
+            if t is None:
+                todo.append(key)
+            elif isinstance(t, Future):
+                waits[key] = t
+            else:
+                lat[key] = t
+        try:
+            own = self._decode(todo, lat, alone, run)
+        finally:                  # whatever happened, callers waiting on our keys get an answer
+            if cache is not None:
+                for key in todo:
+                    cache.settle((tag, *key),
+                                 lat.get(key, CorruptDataError(f"{self.names(*key)}: not decoded")))
+        for key, fut in waits.items():
+            lat[key] = fut.result()
+        return lat, own
+
+    def _decode(self, todo: list, lat: dict, alone: list, run: Run) -> dict:
+        """The entropy work: latents of ``todo`` into ``lat``; returns those of ``alone``."""
+        for key in todo:          # bytes first, in this thread
+            try:
+                self.load(key)
+            except Exception as e:  # noqa: BLE001
+                lat[key] = e
+        dec = self.decoder
+
+        def entropy(job: tuple[str, Any]) -> Any:
+            kind, key = job
+            try:
+                data, hd = self.got[key]
+                if kind == "alone":
+                    return dec.ungain(dec.entropy_decode(data, hd, self.names(*key)), hd.quality)
+                if hd.kind == KIND_JPEGXL:
+                    return dec.pixel_latents(self.pixels[key])
+                return dec.latents(data, hd, self.names(*key))
+            except Exception as e:  # noqa: BLE001 - kept per tile
+                return e
+
+        jobs = [("latent", k) for k in todo if k not in lat] + [("alone", k) for k in alone]
+        own = {}
+        for (kind, key), r in zip(jobs, run(entropy, jobs)):
+            if kind == "alone":
+                own[key] = r
+            else:
+                lat[key] = r
+        return own
+
+    def window(self, key: tuple[int, int], lat: dict) -> Any:
+        """(window, top, left) of a stitched tile (:func:`stitch_window`), or the exception
+        that leaves it without latents."""
+        import torch
+        col, row = key
+        centre = lat.get(key)
+        if not isinstance(centre, torch.Tensor):
+            return centre if isinstance(centre, BaseException) else CorruptDataError(
+                f"{self.names(col, row)}: no latents")
+        return stitch_window(centre, self.around(key, lat), STITCH_RING)
+
+    @staticmethod
+    def around(key: tuple[int, int], lat: dict) -> dict:
+        """The latents of ``key``'s eight neighbours, (dr, dc) → tensor or None."""
+        import torch
+        col, row = key
+        around = {}
+        for dr in (-1, 0, 1):
+            for dc in (-1, 0, 1):
+                v = lat.get((col + dc, row + dr))
+                around[(dr, dc)] = v if isinstance(v, torch.Tensor) else None
+        return around
+
+    def jpegxl_sides(self, key: tuple[int, int], grid: tuple[int, int]) -> dict:
+        """The pixels of the bare JPEG-XL tiles beside ``key`` (side → pixels), for its
+        second pass (:meth:`~wsicodec.learned.decoder.TileDecoder.second_window`); a
+        neighbour that fails to load is left out (that side keeps its first-pass latents,
+        or none)."""
+        if not self.decoder.mixed:
+            return {}
+        col, row = key
+        sides = {}
+        for dr, dc in SIDES:
+            nb = (col + dc, row + dr)
+            if not (0 <= nb[0] < grid[0] and 0 <= nb[1] < grid[1]):
+                continue
+            try:
+                if self.load(nb)[1].kind == KIND_JPEGXL:
+                    sides[(dr, dc)] = self.pixels[nb]
+            except Exception:  # noqa: BLE001 - a damaged neighbour only costs that side
+                continue
+        return sides
