@@ -16,7 +16,7 @@ A finished container is complete or absent: :mod:`wsicodec.writer` writes it ato
 (and resumes an interrupted write).
 
 Reading (:func:`open_container`, :class:`Container`) checks the metadata before anything
-is sized from it, each store file before zarr reads it (:class:`_StoreGuard`), and each
+is sized from it, each store file before zarr reads it (:mod:`wsicodec.store`), and each
 tile against its CRC32 and digest (and, in format 4, its size against the fidelity map).
 """
 
@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-import stat
-import struct
 import threading
-import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -37,137 +34,22 @@ import numpy as np
 
 from wsicodec.codecs import READER_OPTIONS, Run, TileCodec, codec_from_dict
 from wsicodec.errors import (ClosedError, CorruptDataError, CorruptTileError, InvalidSettingError,
-                             ModelMismatchError, SlideNotFoundError, UnsupportedFormatError,
-                             WsiCodecError, as_tile_error)
+                             ModelMismatchError, UnsupportedFormatError, WsiCodecError,
+                             as_tile_error)
 from wsicodec import fidelity
 from wsicodec.integrity import DIGEST_BYTES, blob_digest, level_digest, tile_digest
 from wsicodec.metadata import (ATTRS_KEY, MAX_ASSOCIATED_BYTES, MAX_JSON_BYTES, ContainerMetadata,
                                check_image_header, max_tile_bytes, missing_guarantees)
+from wsicodec.store import (StoreGuard, container_files, is_zip_path, path_size, plain_array,
+                            quiet_zarr, read_tile_chunk)
 from wsicodec.tiling.geometry import TileGrid, check_decoded_tile, tile_shape
 
 #: the formats an associated image may be stored in
 ASSOCIATED_FORMATS = ("png", "jxl")
 
 
-def is_zip_path(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` names a single-file (zip) container (suffix ``.zip``)."""
-    return str(path).lower().endswith(".zip")
-
-
-def path_size(path: str | os.PathLike[str]) -> int:
-    """Bytes of a file, or of all files under a directory."""
-    p = Path(path)
-    if p.is_file():
-        return p.stat().st_size
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-
-
-def read_tile_chunk(array: Any, row: int, col: int, guard: "_StoreGuard | None" = None,
-                    max_bytes: int = 0) -> bytes:
-    """The bytes of tile (row, col) of a one-tile-per-chunk vlen-bytes array; b"" if its
-    chunk is missing. The chunk's framing (item count 1, then the length of the
-    one item) is checked here instead of by zarr's vlen-bytes codec: numcodecs trusts the
-    item count in a chunk's first four bytes, so a chunk with damaged framing made one
-    tile read allocate an object array of up to 4 G items (~30 s and gigabytes) before
-    failing. Raises CorruptDataError for bad framing; store errors pass through."""
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
-    key = f"{array.path}/{array.metadata.encode_chunk_key((row, col))}"
-    if guard is not None and not guard.check(key, max_bytes + 8):
-        return b""
-    buf = sync(array.store_path.store.get(key, prototype=default_buffer_prototype()))
-    if buf is None:
-        return b""
-    raw = buf.to_bytes()
-    if len(raw) < 8:
-        raise CorruptDataError(f"chunk {key} is truncated ({len(raw)} bytes)")
-    count, length = struct.unpack_from("<II", raw)
-    if count != 1 or length != len(raw) - 8:
-        raise CorruptDataError(f"chunk {key} has damaged framing")
-    return raw[8:]
-
-
-def quiet_zarr() -> warnings.catch_warnings:
-    """zarr warns that variable-length bytes have no final v3 spec yet; we pin zarr>=3.1
-    and read what we write, so the warning is noise for our users."""
-    cw = warnings.catch_warnings()
-    cw.__enter__()
-    warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
-    return cw
-
-
 class _GridMismatch(Exception):
     """A level's tile array does not have the metadata's grid (reported as such)."""
-
-
-def _plain_array(group: Any, key: str, shape: tuple[int, ...], dtype: Any) -> Any:
-    """``group[key]`` if its own zarr.json declares what the writer made: ``shape`` in a
-    single chunk, of ``dtype``, with no codec but "bytes" (no compressor); else
-    CorruptDataError.  Checked before zarr reads a byte of the array: zarr allocates the
-    shape a zarr.json declares and runs the codecs it names, so an edited one (outside
-    the metadata digest) could ask for exabytes, or inflate a small chunk without bound,
-    or have numcodecs trust a count read from the data, before any size check."""
-    arr = group[key]
-    try:
-        ok = (tuple(arr.shape) == shape and tuple(arr.chunks) == shape
-              and arr.dtype == np.dtype(dtype)
-              and [type(c).__name__ for c in arr.metadata.codecs] == ["BytesCodec"])
-    except Exception:  # noqa: BLE001 - an irregular chunk grid, an odd data type
-        ok = False
-    if not ok:
-        raise CorruptDataError(f"{key}/zarr.json declares {_describe_array(arr)}, not the "
-                               f"{'x'.join(map(str, shape))} {np.dtype(dtype)} array in one "
-                               "uncompressed chunk that the metadata calls for")
-    return arr
-
-
-def _describe_array(arr: Any) -> str:
-    try:
-        return f"shape {tuple(arr.shape)} in chunks of {tuple(arr.chunks)}, {arr.dtype}"
-    except Exception:  # noqa: BLE001
-        return "an array of another layout"
-
-
-class _StoreGuard:
-    """What a reader checks of a store's files before zarr reads one: that it is a
-    regular file (a named pipe or device would hang or never end; a link could point
-    anywhere) and that its size is within the bound given, from the zip's central
-    directory or the file system, before a byte of it is read or inflated."""
-
-    #: the most a zip member may inflate relative to its stored size (tiles and images
-    #: are stored uncompressed; zarr.json compresses ~10x)
-    MAX_RATIO = 100
-
-    def __init__(self, path: Path, infos: "dict[str, zipfile.ZipInfo] | None") -> None:
-        self.path, self.infos = path, infos
-
-    def check(self, key: str, max_bytes: int) -> bool:
-        """True when ``key`` is present and fit to read; False when it is missing.
-
-        Raises CorruptDataError for a non-regular file or one over ``max_bytes``."""
-        if self.infos is not None:
-            info = self.infos.get(key)
-            if info is None:
-                return False
-            size = info.file_size
-            if info.compress_type != zipfile.ZIP_STORED and size > self.MAX_RATIO * max(info.compress_size, 1):
-                raise CorruptDataError(f"{self.path}: zip member {key} would inflate "
-                                       f"{size // max(info.compress_size, 1)}x: refused")
-        else:
-            try:
-                st = os.lstat(self.path / key)
-            except FileNotFoundError:
-                return False
-            except OSError as e:
-                raise CorruptDataError(f"{self.path}: {key} is unreadable: {e}") from e
-            if not stat.S_ISREG(st.st_mode):
-                raise CorruptDataError(f"{self.path}: {key} is not a regular file: refused")
-            size = st.st_size
-        if size > max_bytes:
-            raise CorruptDataError(f"{self.path}: {key} holds {size} bytes, more than the "
-                                   f"{max_bytes} it may: refused")
-        return True
 
 
 class Container:
@@ -177,12 +59,12 @@ class Container:
     """
 
     def __init__(self, path: Path, group: Any, store: Any, metadata: ContainerMetadata,
-                 guard: _StoreGuard | None = None, codec_options: dict[str, Any] | None = None) -> None:
+                 guard: StoreGuard | None = None, codec_options: dict[str, Any] | None = None) -> None:
         self.path = path
         self.metadata = metadata
         self._group = group
         self._store = store
-        self._guard = guard or _StoreGuard(path, None)
+        self._guard = guard or StoreGuard(path, None)
         self._codec: TileCodec | None = None
         self._local = dict(codec_options or {})   # the reader's choices for the codec
         self._tiles: dict[int, Any] = {}
@@ -252,10 +134,10 @@ class Container:
                     tiles = self._group[f"levels/{level}/tiles"]
                     if tuple(tiles.shape) != (g.rows, g.cols):
                         raise _GridMismatch()
-                    crc = np.asarray(_plain_array(self._group, f"levels/{level}/crc32",
+                    crc = np.asarray(plain_array(self._group, f"levels/{level}/crc32",
                                                   (g.rows, g.cols), np.uint32)[...], np.uint32)
                     if self.metadata.has_digests:
-                        digest = np.asarray(_plain_array(
+                        digest = np.asarray(plain_array(
                             self._group, f"levels/{level}/digest", (g.rows, g.cols, DIGEST_BYTES),
                             np.uint8)[...], np.uint8)
                     if self.metadata.has_tile_records:
@@ -438,7 +320,7 @@ class Container:
             arr = self._group[f"associated/{name}"]
             if size is None and len(arr.shape) == 1 and arr.shape[0] <= MAX_ASSOCIATED_BYTES:
                 size = arr.shape[0]      # a container that did not record its size
-            data = bytes(np.asarray(_plain_array(self._group, f"associated/{name}",
+            data = bytes(np.asarray(plain_array(self._group, f"associated/{name}",
                                                  (size if size is not None else -1,),
                                                  np.uint8)[...], np.uint8))
             digest = self.metadata.associated_digests.get(name)
@@ -523,8 +405,8 @@ def open_container(path: str | os.PathLike[str], **codec_options: Any) -> Contai
 
     p = Path(path)
     store: Any
-    infos = _container_files(p)
-    guard = _StoreGuard(p, infos)
+    infos = container_files(p)
+    guard = StoreGuard(p, infos)
     guard.check("zarr.json", MAX_JSON_BYTES)
     try:
         store = (zarr.storage.ZipStore(p, mode="r") if infos is not None
@@ -548,42 +430,6 @@ def open_container(path: str | os.PathLike[str], **codec_options: Any) -> Contai
     return Container(p, group, store, meta, guard, codec_options)
 
 
-def _container_files(p: Path) -> "dict[str, zipfile.ZipInfo] | None":
-    """What kind of container ``p`` is, before any of it is read: the members of a zip
-    (:func:`_zip_members`), or None for a directory store with a ``zarr.json``.
-    Raises as :func:`open_container`."""
-    if not p.exists():
-        raise SlideNotFoundError(f"{p}: no such file or directory")
-    if p.is_file():
-        return _zip_members(p)
-    if p.is_dir():
-        if not (p / "zarr.json").exists():
-            raise UnsupportedFormatError(f"{p}: directory without zarr.json: not a wsicodec "
-                                         "container")
-        return None
-    raise UnsupportedFormatError(f"{p}: not a regular file or directory: refused")
-
-
-def _zip_members(p: Path) -> "dict[str, zipfile.ZipInfo]":
-    """The members of the zip container ``p`` by name: each named once, ``zarr.json``
-    among them. Raises as :func:`open_container`."""
-    if not zipfile.is_zipfile(p):
-        if is_zip_path(p):
-            raise CorruptDataError(f"{p}: not a complete zip file (truncated or damaged)")
-        raise UnsupportedFormatError(f"{p}: not a wsicodec container (.zarr directory "
-                                     "or .zarr.zip file)")
-    try:
-        with zipfile.ZipFile(p) as zf:
-            members = zf.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise CorruptDataError(f"{p}: damaged zip file: {e}") from e
-    infos: dict[str, zipfile.ZipInfo] = {}
-    for info in members:
-        if info.filename in infos:
-            raise CorruptDataError(f"{p}: the zip holds {info.filename} more than once "
-                                   "(appended to after it was written): refused")
-        infos[info.filename] = info
-    if "zarr.json" not in infos:
-        raise UnsupportedFormatError(f"{p}: zip file without zarr.json: not a wsicodec "
-                                     "container")
-    return infos
+# is_zip_path, path_size, quiet_zarr, read_tile_chunk moved to wsicodec.store; re-exported
+__all__ = ["ASSOCIATED_FORMATS", "Container", "open_container", "is_zip_path", "path_size",
+           "quiet_zarr", "read_tile_chunk"]

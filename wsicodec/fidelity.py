@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from wsicodec.errors import CorruptDataError, InvalidSettingError
+from wsicodec.store import plain_array
 
 #: the arrays of a level's map: (name, dtype, bytes per tile)
 RECORD_ARRAYS = (("kind", np.uint8, 1), ("psnr", np.float32, 4), ("nbytes", np.uint32, 4))
@@ -148,9 +149,7 @@ def read_arrays(group: Any, level: int, shape: tuple[int, int]
     """A level's (kind, psnr, nbytes) arrays as stored, each checked to be the one
     uncompressed (rows, cols) chunk the writer makes before zarr reads it (the caller
     checked the files' sizes).  Raises CorruptDataError; zarr's errors pass through."""
-    from wsicodec.container import _plain_array
-
-    return tuple(np.asarray(_plain_array(group, f"levels/{level}/{name}", shape, dtype)[...],
+    return tuple(np.asarray(plain_array(group, f"levels/{level}/{name}", shape, dtype)[...],
                             dtype) for name, dtype, _ in RECORD_ARRAYS)  # type: ignore[return-value]
 
 

@@ -31,12 +31,12 @@ import dataclasses
 import numpy as np
 
 from wsicodec.codecs import TileCodec
-from wsicodec.container import path_size
 from wsicodec.errors import (CompressInterrupted, InvalidSettingError, PartialKeptError,
                              WsiCodecError)
 from wsicodec.iccprofile import source_icc_profile
 from wsicodec.metadata import ContainerMetadata
 from wsicodec.paths import check_output_against_inputs, check_output_path, slide_inputs
+from wsicodec.store import path_size
 from wsicodec.tiling import iter_strips, iter_tiles, open_source, plan_pyramid
 from wsicodec.tiling.geometry import MIN_TILE_SIZE, validate_tile_size
 from wsicodec.tiling.pyramid import PyramidPlan, Strip

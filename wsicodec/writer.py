@@ -38,12 +38,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from wsicodec import fidelity
-from wsicodec.container import ASSOCIATED_FORMATS, is_zip_path, quiet_zarr, read_tile_chunk
+from wsicodec.container import ASSOCIATED_FORMATS
 from wsicodec.errors import InvalidSettingError, RegionOutOfBoundsError, WsiCodecError
 from wsicodec.integrity import (DIGEST_BYTES, blob_digest, level_digest, new_container_id,
                                 tile_digest)
 from wsicodec.metadata import ASSOCIATED_NAME, ATTRS_KEY, ContainerMetadata
 from wsicodec.paths import check_output_path
+from wsicodec.store import is_zip_path, quiet_zarr, read_tile_chunk
 
 log = logging.getLogger(__name__)
 
