@@ -6,6 +6,8 @@ The only module that prints or exits. Every expected error becomes one line
 the output path (an interrupted ``compress`` keeps its finished tile rows in a hidden
 sibling for ``--resume`` and says where).
 ``--debug`` re-raises unexpected exceptions with their traceback.
+
+Here: running the commands; their arguments and help: :mod:`wsicodec.cliargs`.
 """
 
 from __future__ import annotations
@@ -18,223 +20,18 @@ import sys
 import threading
 from typing import Any, Sequence
 
-from wsicodec.codecs import DEFAULT_CODEC, PRECISIONS
+from wsicodec.cliargs import PROG, UsageError, VersionRequested, build_parser, parse_option
+from wsicodec.codecs import DEFAULT_CODEC
 from wsicodec.errors import CompressInterrupted, PartialKeptError, WsiCodecError, error_text
-from wsicodec.tiff import DEFAULT_TIFF_COMPRESSION, DEFAULT_TIFF_QUALITY, TIFF_COMPRESSIONS
-from wsicodec.writer import ASSOCIATED_POLICIES
 
-PROG = "wsicodec"
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool its reader left
 
-
-class _UsageError(Exception):
-    pass
-
-
-class _VersionAction(argparse.Action):
-    """``--version``: print ``wsicodec VERSION`` on stdout; :func:`main` returns 0 (argparse's
-    own version action would ``sys.exit`` from inside the parser)."""
-
-    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
-                         help="print the version of wsicodec and exit")
-
-    def __call__(self, *args: Any, **kwargs: Any) -> None:
-        raise _VersionRequested
-
-
-class _VersionRequested(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(f"{message} (see '{self.prog} --help')")
-
-
 _ASSOCIATED_LABELS = {"png": "PNG", "jxl": "JPEG-XL"}
-PRECISION_HELP = ("how the learned decoder runs g_s: float32 (default, the reference) or "
-                  "bfloat16 (its inner layers; faster on a CPU with AVX512-BF16/AMX or a recent "
-                  "GPU, slower elsewhere; pixels slightly different, the same streams)")
 
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
-
-
-def _min_psnr(text: str) -> float:
-    """``--min-psnr``: a number of dB above 0 and at most 99 (argparse turns the
-    ValueError into a usage error naming the option)."""
-    v = float(text)
-    if not 0 < v <= 99:                      # NaN fails too
-        raise ValueError(text)
-    return v
-
-
-_min_psnr.__name__ = "floor in dB (a number above 0, at most 99)"
-
-
-def _parse_option(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise _UsageError(f"--option expects KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
-    common.add_argument("--debug", action="store_true",
-                        help="show a traceback for unexpected errors")
-    parser = _Parser(prog=PROG, parents=[common],
-                     description="Compress whole-slide images into a zarr v3 container and "
-                                 "back out to a pyramidal TIFF.")
-    parser.add_argument("--version", action=_VersionAction)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    _add_compress(sub, common)
-    _add_decompress(sub, common)
-
-    i = sub.add_parser("info", parents=[common], help="describe a container")
-    i.add_argument("input", help="container (.zarr or .zarr.zip)")
-    i.add_argument("--json", action="store_true", help="print the metadata as JSON")
-
-    _add_verify(sub, common)
-    sub.add_parser("codecs", parents=[common], help="list the codecs usable here")
-    _add_serve(sub, common)
-    return parser
-
-
-def _add_compress(sub: Any, common: argparse.ArgumentParser) -> None:
-    """The ``compress`` command's arguments."""
-    p = sub.add_parser("compress", parents=[common], help="slide or image -> container",
-                       description="Compress any slide OpenSlide opens (or a PNG/TIFF image) "
-                                   "into OUT (.zarr directory or single-file .zarr.zip).")
-    p.add_argument("input", help="slide or image file")
-    p.add_argument("output", help="container path: OUT.zarr or OUT.zarr.zip")
-    p.add_argument("--codec", default=DEFAULT_CODEC,
-                   help=f"tile codec (default {DEFAULT_CODEC}; see 'wsicodec codecs')")
-    p.add_argument("--quality", type=float, default=None,
-                   help="the codec's quality knob (codec default if omitted; jpegxl: "
-                        "distance, lower is better)")
-    p.add_argument("--min-psnr", type=_min_psnr, default=None, metavar="DB",
-                   help="auto codec: every tile's decoded PSNR against the slide's pixels is at "
-                        "least DB (the network's quality raised, then JPEG-XL, lossless as the "
-                        "last resort); default: the auto codec's floor ('wsicodec codecs')")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra codec option, e.g. effort=5 or subsampling=420, or for learned "
-                        "refine=40 (encoder latent search: fewer bits, much slower encode) or "
-                        "precision=bfloat16 (g_a's inner layers in bfloat16: faster on a CPU "
-                        "with AVX512-BF16/AMX, the same rate-distortion) (repeatable)")
-    p.add_argument("--tile-size", type=int, default=256,
-                   help="tile edge in pixels, a multiple of 16 in 16..4096 (default 256); a "
-                        "slide smaller than that gets tiles just large enough for it")
-    p.add_argument("--workers", type=int, default=None,
-                   help="encoder threads (default: CPU count, at most 8)")
-    p.add_argument("--associated", choices=ASSOCIATED_POLICIES, default="auto",
-                   help="label / macro / thumbnail: auto (default) keeps the label lossless and "
-                        "codes the overviews as JPEG-XL (distance 0.5), lossless keeps all as "
-                        "PNG, none leaves them out (e.g. a label with the patient's name: "
-                        "only the images; the slide's properties, dates, file name and "
-                        "user included, stay: see --deidentify)")
-    p.add_argument("--deidentify", action="store_true",
-                   help="a copy to share: leave out the label, the macro (every associated "
-                        "image but the thumbnail), the source file name and the properties "
-                        "that carry people, dates, file names and identifiers; new DICOM "
-                        "UIDs (docs/deidentify.md). 'wsicodec info' lists what was left out")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted compress of the same slide to the same OUT "
-                        "with the same settings (an interrupt keeps the finished tile rows in "
-                        "a hidden .OUT.partial-* beside OUT); starts afresh if there is none")
-    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary: only errors (stderr) and the exit status")
-
-
-def _add_decompress(sub: Any, common: argparse.ArgumentParser) -> None:
-    """The ``decompress`` command's arguments."""
-    d = sub.add_parser("decompress", parents=[common], help="container -> pyramidal TIFF or SVS",
-                       description="Write a container as an Aperio-compatible SVS (OpenSlide and "
-                                   "tiffslide read it as aperio, with the label, macro and "
-                                   "thumbnail) or a tiled pyramidal BigTIFF (OpenSlide's "
-                                   "generic-tiff, QuPath, libvips), with mpp and ICC profile.")
-    d.add_argument("input", help="container (.zarr or .zarr.zip)")
-    d.add_argument("output", help="output .svs or .tiff")
-    d.add_argument("--format", choices=("svs", "tiff"), default=None,
-                   help="svs (Aperio-compatible) or tiff (generic pyramidal TIFF); default: "
-                        "svs for an OUTPUT ending in .svs, tiff otherwise")
-    d.add_argument("--tiff-compression", choices=TIFF_COMPRESSIONS,
-                   default=DEFAULT_TIFF_COMPRESSION,
-                   help=f"tile compression in the TIFF (default {DEFAULT_TIFF_COMPRESSION}; "
-                        "zlib is lossless)")
-    d.add_argument("--tiff-quality", type=int, default=DEFAULT_TIFF_QUALITY,
-                   help=f"JPEG quality 1-100 (default {DEFAULT_TIFF_QUALITY})")
-    d.add_argument("--workers", type=int, default=None, help="decoder threads")
-    d.add_argument("--precision", choices=PRECISIONS, default="float32", help=PRECISION_HELP)
-    d.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    d.add_argument("--deidentify", action="store_true",
-                   help="leave the source file name out of the TIFF's ImageDescription, and "
-                        "out of an SVS the label, the macro and the properties 'compress "
-                        "--deidentify' removes")
-    d.add_argument("--quiet", action="store_true", help="no progress bar and no summary: only errors (stderr) and the exit status")
-
-
-def _add_verify(sub: Any, common: argparse.ArgumentParser) -> None:
-    """The ``verify`` command's arguments."""
-    v = sub.add_parser("verify", parents=[common], help="check a container for damage",
-                       description="Check every tile's CRC32 and every associated image of a "
-                                   "container (with --decode, decode every tile too). Lists "
-                                   "what is damaged; exit status 1 if anything is.")
-    v.add_argument("input", help="container (.zarr or .zarr.zip)")
-    v.add_argument("--decode", action="store_true",
-                   help="decode every tile as well (slower; the learned codec also checks "
-                        "each tile's symbol checksum)")
-    v.add_argument("--json", action="store_true", help="print the report as JSON")
-    v.add_argument("--quiet", action="store_true",
-                   help="no progress bar and no report: only the exit status (and errors)")
-
-
-def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
-    """The ``serve`` command's arguments."""
-    s = sub.add_parser("serve", parents=[common], help="DeepZoom tile server and viewer",
-                       description="Serve containers as DeepZoom tiles over HTTP, with an "
-                                   "OpenSeadragon viewer page at /. Ctrl-C stops it.")
-    s.add_argument("slides", nargs="+", metavar="SLIDE", help="containers (.zarr or .zarr.zip)")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free)")
-    s.add_argument("--jpeg-quality", type=int, default=90,
-                   help="quality of .jpeg DeepZoom tiles, 1-100 (default 90)")
-    s.add_argument("--cache-mb", type=int, default=256,
-                   help="decoded-tile cache per slide in MiB (default 256)")
-    s.add_argument("--workers", type=int, default=None, help="decoder threads per slide")
-    s.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads for decoding (default: torch's, the core "
-                        "count); fewer than the free cores avoids contention")
-    s.add_argument("--device", default="auto",
-                   help="where the learned decoder's g_s runs: auto (CUDA when present), "
-                        "cpu, cuda (default auto)")
-    s.add_argument("--precision", choices=PRECISIONS, default="float32", help=PRECISION_HELP)
-    s.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="a connection that takes longer to send a request's line and headers, "
-                        "or stays idle between requests that long, is closed (default 30)")
-    s.add_argument("--max-connections", type=int, default=64, metavar="N",
-                   help="connections served at once, one thread each; N more wait, further "
-                        "ones get 503 with Retry-After (default 64)")
-    s.add_argument("--allow-host", action="append", default=[], metavar="NAME",
-                   help="also answer requests addressed (Host header) to NAME, e.g. the name "
-                        "a proxy forwards; repeatable. Bound to loopback, only loopback names "
-                        "(localhost, 127.0.0.1, [::1]) are answered otherwise (DNS rebinding); "
-                        "bound elsewhere, any name is answered unless some are given")
-    s.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
-                   help="let web pages from ORIGIN (scheme://host[:port], e.g. "
-                        "https://viewer.example.org) read the responses "
-                        "(Access-Control-Allow-Origin); repeatable; '*' lets every site do "
-                        "so. Default: none")
-    s.add_argument("--deidentify", action="store_true",
-                   help="serve each slide as 'compress --deidentify' would keep it: no label "
-                        "or macro, no identifying properties (dates, names, file names, "
-                        "serial numbers...), new DICOM UIDs (docs/deidentify.md)")
 
 
 def _progress_bar(total: int | None, quiet: bool, desc: str) -> Any:
@@ -251,13 +48,13 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
     check_output_against_inputs(args.output, slide_inputs(args.input))   # before anything
     check_tile_size(args.tile_size)
-    options = dict(_parse_option(o) for o in args.option)
+    options = dict(parse_option(o) for o in args.option)
     if args.min_psnr is not None:
         if args.codec != "auto":
-            raise _UsageError(f"--min-psnr sets the auto codec's floor; --codec {args.codec} has "
+            raise UsageError(f"--min-psnr sets the auto codec's floor; --codec {args.codec} has "
                               "none (use --codec auto, the default)")
         if "min_psnr" in options:
-            raise _UsageError("min_psnr given twice (--min-psnr and --option)")
+            raise UsageError("min_psnr given twice (--min-psnr and --option)")
         options["min_psnr"] = args.min_psnr
     codec = get_codec(args.codec, args.quality, **options)
     show = not args.quiet and sys.stderr.isatty()
@@ -431,10 +228,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from wsicodec.server import ServerSettings, make_server
 
     if args.cache_mb < 0:
-        raise _UsageError(f"--cache-mb must be >= 0, got {args.cache_mb}")
+        raise UsageError(f"--cache-mb must be >= 0, got {args.cache_mb}")
     if args.threads is not None:
         if not 1 <= args.threads <= 256:
-            raise _UsageError(f"--threads must be in 1..256, got {args.threads}")
+            raise UsageError(f"--threads must be in 1..256, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)
@@ -514,12 +311,12 @@ def _main(args_list: Sequence[str], debug: bool) -> int:
     try:
         args = build_parser().parse_args(list(args_list))
         return _COMMANDS[args.command](args)
-    except _VersionRequested:
+    except VersionRequested:
         from wsicodec import __version__
 
         print(f"{PROG} {__version__}")
         return 0
-    except _UsageError as e:
+    except UsageError as e:
         return _fail(str(e), EXIT_USAGE)
     except CompressInterrupted as e:
         return _fail(f"interrupted: {e}; the same command with --resume continues from there "
@@ -557,3 +354,8 @@ def _main(args_list: Sequence[str], debug: bool) -> int:
 def entry() -> None:
     """Console-script entry point."""
     sys.exit(main())
+
+
+# PROG and build_parser live in wsicodec.cliargs; re-exported
+__all__ = ["EXIT_BROKEN_PIPE", "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_USAGE", "PROG",
+           "build_parser", "entry", "main"]
