@@ -13,9 +13,9 @@ import argparse
 import json
 from typing import Any, Sequence
 
+from wsicodec.associated import ASSOCIATED_POLICIES
 from wsicodec.codecs import DEFAULT_CODEC, PRECISIONS
 from wsicodec.tiff import DEFAULT_TIFF_COMPRESSION, DEFAULT_TIFF_QUALITY, TIFF_COMPRESSIONS
-from wsicodec.writer import ASSOCIATED_POLICIES
 
 PROG = "wsicodec"
 

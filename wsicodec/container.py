@@ -9,7 +9,7 @@ Layout (directory store ``OUT.zarr`` or the same tree in a single zip ``OUT.zarr
     levels/<i>/kind|psnr|nbytes  (rows, cols) the fidelity map (format 4, wsicodec.fidelity)
     associated/<name>          1-D uint8: the label / macro / thumbnail, coded as PNG
                                (lossless) or JPEG-XL (see ASSOCIATED_POLICIES in
-                               :mod:`wsicodec.writer`)
+                               :mod:`wsicodec.associated`)
 
 Tiles are stored padded to ``tile_size`` squares (edge replication); readers crop.
 A finished container is complete or absent: :mod:`wsicodec.writer` writes it atomically
@@ -32,6 +32,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from wsicodec.associated import ASSOCIATED_FORMATS
 from wsicodec.codecs import READER_OPTIONS, Run, TileCodec, codec_from_dict
 from wsicodec.errors import (ClosedError, CorruptDataError, CorruptTileError, InvalidSettingError,
                              ModelMismatchError, UnsupportedFormatError, WsiCodecError,
@@ -43,10 +44,6 @@ from wsicodec.metadata import (ATTRS_KEY, MAX_ASSOCIATED_BYTES, MAX_JSON_BYTES, 
 from wsicodec.store import (StoreGuard, container_files, is_zip_path, path_size, plain_array,
                             quiet_zarr, read_tile_chunk)
 from wsicodec.tiling.geometry import TileGrid, check_decoded_tile, tile_shape
-
-#: the formats an associated image may be stored in
-ASSOCIATED_FORMATS = ("png", "jxl")
-
 
 class _GridMismatch(Exception):
     """A level's tile array does not have the metadata's grid (reported as such)."""
@@ -430,6 +427,7 @@ def open_container(path: str | os.PathLike[str], **codec_options: Any) -> Contai
     return Container(p, group, store, meta, guard, codec_options)
 
 
-# is_zip_path, path_size, quiet_zarr, read_tile_chunk moved to wsicodec.store; re-exported
+# ASSOCIATED_FORMATS (wsicodec.associated), is_zip_path, path_size, quiet_zarr, read_tile_chunk
+# (wsicodec.store) moved; re-exported
 __all__ = ["ASSOCIATED_FORMATS", "Container", "open_container", "is_zip_path", "path_size",
            "quiet_zarr", "read_tile_chunk"]

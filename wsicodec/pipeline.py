@@ -30,6 +30,7 @@ import dataclasses
 
 import numpy as np
 
+from wsicodec.associated import associated_format
 from wsicodec.codecs import TileCodec
 from wsicodec.errors import (CompressInterrupted, InvalidSettingError, PartialKeptError,
                              WsiCodecError)
@@ -41,7 +42,7 @@ from wsicodec.tiling import iter_strips, iter_tiles, open_source, plan_pyramid
 from wsicodec.tiling.geometry import MIN_TILE_SIZE, validate_tile_size
 from wsicodec.tiling.pyramid import PyramidPlan, Strip
 from wsicodec.tiling.sources import SlideSource
-from wsicodec.writer import ContainerWriter, associated_format
+from wsicodec.writer import ContainerWriter
 
 #: tiles per network pass for codecs that batch (the learned codec)
 BATCH_SIZE = 8
@@ -262,7 +263,7 @@ def compress_source(source: SlideSource, output: str | os.PathLike[str], codec: 
     what was left out (names only) in its metadata's ``deidentified``.
 
     ``associated``: how the label / macro / thumbnail are kept, one of
-    :data:`wsicodec.writer.ASSOCIATED_POLICIES` ("auto": label lossless, the rest
+    :data:`wsicodec.associated.ASSOCIATED_POLICIES` ("auto": label lossless, the rest
     JPEG-XL; "lossless"; "none": left out).
 
     ``resume``: continue what an interrupted compress of the same source to the same

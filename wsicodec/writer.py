@@ -19,7 +19,7 @@ set aside (the zip's directory store, an overwritten output), leaves those behin
 next writer of that output removes them.
 
 Associated images are coded by the policy ``compress --associated`` names
-(:data:`ASSOCIATED_POLICIES`, :func:`associated_format`).
+(:mod:`wsicodec.associated`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from wsicodec import fidelity
-from wsicodec.container import ASSOCIATED_FORMATS
+from wsicodec.associated import (ASSOCIATED_FORMATS, ASSOCIATED_POLICIES, associated_format,
+                                 encode_jxl, encode_png)
 from wsicodec.errors import InvalidSettingError, RegionOutOfBoundsError, WsiCodecError
 from wsicodec.integrity import (DIGEST_BYTES, blob_digest, level_digest, new_container_id,
                                 tile_digest)
@@ -53,51 +54,11 @@ JOURNAL = "wsicodec-journal.jsonl"
 #: the journal's last line once its rows were packed into the zip that became the output
 PACKED = "packed_into"
 
-#: What ``compress --associated`` may ask for:
-#: ``auto``: the label lossless (PNG: barcodes and handwriting are read by machines and
-#: people, exactly), every other associated image (thumbnail, macro: overviews the source
-#: itself usually stores as JPEG) JPEG-XL at distance ASSOCIATED_JXL_DISTANCE;
-#: ``lossless``: all PNG; ``none``: no associated images at all (e.g. to leave the label,
-#: which often carries the patient's name, out of a shared copy).
-ASSOCIATED_POLICIES = ("auto", "lossless", "none")
-ASSOCIATED_LOSSLESS_NAMES = ("label",)
-#: JPEG-XL distance for overview images: half of libjxl's "visually lossless" 1.0
-#: (its size and PSNR against PNG on the sample slides: docs/results.md).
-ASSOCIATED_JXL_DISTANCE = 0.5
-ASSOCIATED_JXL_EFFORT = 7
-
-
-def associated_format(name: str, policy: str) -> str | None:
-    """How ``compress`` stores the associated image ``name`` under ``policy``:
-    "png", "jxl", or None (left out). Raises InvalidSettingError for an unknown policy."""
-    if policy not in ASSOCIATED_POLICIES:
-        raise InvalidSettingError(f"associated images: {policy!r} is not one of "
-                                  f"{', '.join(ASSOCIATED_POLICIES)}")
-    if policy == "none":
-        return None
-    if policy == "lossless" or name.lower() in ASSOCIATED_LOSSLESS_NAMES:
-        return "png"
-    return "jxl"
-
 
 def _vlen_bytes_dtype() -> Any:
     import zarr
 
     return zarr.dtype.VariableLengthBytes()
-
-
-def _encode_png(rgb: np.ndarray) -> bytes:
-    import imagecodecs
-
-    return bytes(imagecodecs.png_encode(np.ascontiguousarray(rgb)))
-
-
-def _encode_jxl(rgb: np.ndarray) -> bytes:
-    import imagecodecs
-
-    return bytes(imagecodecs.jpegxl_encode(np.ascontiguousarray(rgb),
-                                           distance=ASSOCIATED_JXL_DISTANCE,
-                                           effort=ASSOCIATED_JXL_EFFORT))
 
 
 class ContainerWriter:
@@ -324,7 +285,7 @@ class ContainerWriter:
         if not ASSOCIATED_NAME.match(name):
             log.warning("skipping associated image with unusable name %r", name)
             return
-        data = _encode_png(rgb) if fmt == "png" else _encode_jxl(rgb)
+        data = encode_png(rgb) if fmt == "png" else encode_jxl(rgb)
         arr = self._group.create_array(f"associated/{name}", shape=(len(data),),
                                        chunks=(len(data),), dtype="uint8", compressors=None,
                                        fill_value=0, overwrite=True)   # again when resuming
@@ -525,3 +486,8 @@ def move_into_place(tmp: Path, final: Path) -> None:
         _remove(old)
     else:
         os.rename(tmp, final)
+
+
+# ASSOCIATED_POLICIES and associated_format live in wsicodec.associated; re-exported
+__all__ = ["ASSOCIATED_POLICIES", "JOURNAL", "PACKED", "ContainerWriter", "associated_format",
+           "move_into_place", "zip_directory"]
