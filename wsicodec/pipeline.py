@@ -9,7 +9,7 @@ compress::
 
 A codec that asks for neighbour ``context`` (:attr:`~wsicodec.codecs.TileCodec.context`:
 the learned codec) gets each tile together with that many pixels of its neighbours,
-taken from the strips above and below (:func:`iter_context_tiles`), so its tile borders
+taken from the strips above and below (:mod:`wsicodec.tiling.context`), so its tile borders
 sit inside the coded area and stitched tiles show no seams; its tiles of one row are
 coded in batches (``encode_tiles``).
 
@@ -24,11 +24,9 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import dataclasses
-
-import numpy as np
 
 from wsicodec.associated import associated_format
 from wsicodec.codecs import TileCodec
@@ -39,8 +37,9 @@ from wsicodec.metadata import ContainerMetadata
 from wsicodec.paths import check_output_against_inputs, check_output_path, slide_inputs
 from wsicodec.store import path_size
 from wsicodec.tiling import iter_strips, iter_tiles, open_source, plan_pyramid
+from wsicodec.tiling.context import ContextTile, iter_context_strips, iter_context_tiles
 from wsicodec.tiling.geometry import MIN_TILE_SIZE, validate_tile_size
-from wsicodec.tiling.pyramid import PyramidPlan, Strip
+from wsicodec.tiling.pyramid import PyramidPlan
 from wsicodec.tiling.sources import SlideSource
 from wsicodec.writer import ContainerWriter
 
@@ -165,66 +164,6 @@ class _RowCollector:
             self._inflight -= 1
             if self._progress:
                 self._progress(1)
-
-
-@dataclass(frozen=True)
-class ContextTile:
-    """A padded tile with up to ``margin`` pixels of its neighbours around it."""
-
-    col: int
-    region: np.ndarray                   #: (h, w, 3) uint8
-    box: tuple[int, int, int, int]       #: (top, left, height, width) of the tile in region
-
-
-def iter_context_strips(strips: Iterator[Strip], plan: PyramidPlan, margin: int
-                        ) -> Iterator[tuple[Strip, np.ndarray, int]]:
-    """(strip, strip grown by ``margin`` rows of the strips above and below, rows added on top).
-
-    Holds one strip per level until the next one of that level arrives; the
-    strip's own rows are edge-padded to the tile size first.
-    """
-    t = plan.tile_size
-    held: dict[int, tuple[Strip, np.ndarray]] = {}   # level -> (strip, rows of the strip above)
-    empty = np.zeros((0, 0, 3), np.uint8)
-    for s in strips:
-        last_row = plan.levels[s.level].grid.rows - 1
-        if s.level in held:
-            h, above = held.pop(s.level)
-            below = s.pixels[:margin]
-            yield h, _stack(above, _pad_rows(h.pixels, t), below), len(above)
-            above = h.pixels[-margin:]
-        else:
-            above = empty
-        if s.row == last_row:
-            yield s, _stack(above, _pad_rows(s.pixels, t), empty), len(above)
-        else:
-            held[s.level] = (s, above)
-
-
-def _pad_rows(p: np.ndarray, t: int) -> np.ndarray:
-    return p if p.shape[0] >= t else np.pad(p, ((0, t - p.shape[0]), (0, 0), (0, 0)), mode="edge")
-
-
-def _stack(above: np.ndarray, mid: np.ndarray, below: np.ndarray) -> np.ndarray:
-    parts = [a for a in (above, mid, below) if a.size]
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-
-def iter_context_tiles(ext: np.ndarray, top: int, tile_size: int, margin: int
-                       ) -> Iterator[ContextTile]:
-    """Cut a context-grown strip (see :func:`iter_context_strips`) into tiles with margins.
-
-    Columns are edge-padded to whole tiles first, like :func:`iter_tiles`.
-    """
-    t = tile_size
-    w = ext.shape[1]
-    cols = -(-w // t)
-    if cols * t != w:
-        ext = np.pad(ext, ((0, 0), (0, cols * t - w), (0, 0)), mode="edge")
-    for col in range(cols):
-        x0 = col * t
-        xa, xb = max(0, x0 - margin), min(cols * t, x0 + t + margin)
-        yield ContextTile(col, np.ascontiguousarray(ext[:, xa:xb]), (top, x0 - xa, t, t))
 
 
 def _encode_context_row(codec: TileCodec, tiles: list[ContextTile], batch: int) -> list[bytes]:
@@ -516,3 +455,11 @@ def plan_tile_count(source: str | os.PathLike[str], tile_size: int) -> int:
     with open_source(source) as src:
         tile_size = fitted_tile_size(tile_size, src.level_dimensions)
         return plan_pyramid(src.level_dimensions, src.level_downsamples, tile_size).tile_count
+
+
+# ContextTile, iter_context_strips, iter_context_tiles live in wsicodec.tiling.context;
+# re-exported
+__all__ = ["BATCH_SIZE", "MAX_TILE_SIZE", "CompressResult", "ContextTile", "Progress",
+           "check_tile_size", "check_workers", "compress", "compress_source", "default_workers",
+           "fitted_tile_size", "iter_context_strips", "iter_context_tiles", "plan_tile_count",
+           "source_file_bytes"]
