@@ -21,7 +21,7 @@ labels.  Such requests carry the attacker's name in ``Host``: a server bound to 
 loopback address answers only requests whose ``Host`` is a loopback name
 (``localhost``, ``127.x.x.x``, ``[::1]``, any port) or one of ``allow_hosts``; bound
 to another address it answers those when ``allow_hosts`` lists any, and any ``Host``
-otherwise.
+otherwise.  (Parsing ``Host`` and telling loopback names: :mod:`wsicodec.hosts`.)
 
 Under abuse (see docs/server-security.md): each request head must arrive within
 ``timeout`` seconds of the server starting to wait for it, however slowly its bytes
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import collections
 import io
-import ipaddress
 import json
 import logging
 import queue
@@ -52,14 +51,13 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, Sequence
 from urllib.parse import urlsplit
 
+from wsicodec.hosts import is_loopback, is_loopback_name, split_host
 from wsicodec.httpcache import (ALLOWED_METHODS, CACHE_IMAGES, CACHE_NONE, cors_headers,
                                 preflight_headers)
 
 log = logging.getLogger(__name__)
 
 
-_HOST_NAME_RE = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?$")
-_PORT_RE = re.compile(r"^[0-9]{1,5}$")
 _ABSOLUTE_FORM_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 #: while connections wait for a worker, one idle this long (no byte of its next
@@ -346,7 +344,7 @@ class BoundedHTTPServer(HTTPServer):
         if parts is None:
             return False
         name, port = parts
-        return (_is_loopback_name(name) or name in allowed
+        return (is_loopback_name(name) or name in allowed
                 or (port is not None and f"{name}:{port}" in allowed))
 
     # -- the worker pool
@@ -466,48 +464,6 @@ def _drain(sock: socket.socket) -> bool:
     return False
 
 
-def split_host(value: str) -> tuple[str, str | None] | None:
-    """A ``Host`` header or an allowed host, ``NAME[:PORT]`` (an IPv6 address in
-    brackets), as (NAME lower-cased, PORT or None); None when it is not one."""
-    value = value.strip().lower()
-    if value.startswith("["):
-        end = value.find("]")
-        if end < 0:
-            return None
-        name, rest = value[:end + 1], value[end + 1:]
-        try:
-            ipaddress.IPv6Address(name[1:-1])
-        except ValueError:
-            return None
-    else:
-        name, sep, port = value.partition(":")
-        rest = sep + port
-        if len(name) > 253 or not _HOST_NAME_RE.match(name):
-            return None
-    if not rest:
-        return name, None
-    if rest[0] != ":" or not _PORT_RE.match(rest[1:]):
-        return None
-    return name, rest[1:]
-
-
-def _is_loopback_name(name: str) -> bool:
-    """``localhost``, a loopback IPv4 address or a bracketed loopback IPv6 address."""
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name[1:-1] if name.startswith("[") else name).is_loopback
-    except ValueError:
-        return False
-
-
-def is_loopback(host: str) -> bool:
-    """Whether an address (``server_address[0]``, or ``localhost``) is a loopback one."""
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return host.lower() == "localhost"
-
-
+# is_loopback and split_host live in wsicodec.hosts; re-exported
 __all__ = ["BoundedHTTPServer", "BoundedRequestHandler", "HttpError", "IDLE_GRACE_S",
            "error_body", "is_loopback", "split_host"]

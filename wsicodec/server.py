@@ -65,9 +65,9 @@ from wsicodec.batch import DecoderSettings
 from wsicodec.errors import (CorruptDataError, InvalidSettingError, RegionOutOfBoundsError,
                              WsiCodecError)
 from wsicodec.fidelity import level_json
+from wsicodec.hosts import split_host
 from wsicodec.httpcache import CACHE_IMAGES, check_cors_origin, entity_tag, etag_matches, validator
-from wsicodec.httpd import (BoundedHTTPServer, BoundedRequestHandler, HttpError, error_body,
-                            split_host)
+from wsicodec.httpd import BoundedHTTPServer, BoundedRequestHandler, HttpError, error_body
 from wsicodec.slideset import (ServedSlide, SlideSet, check_tile_address, encode_image, render_tile,
                                slide_name)
 
