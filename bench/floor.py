@@ -243,6 +243,18 @@ def _f(v: Any, fmt: str) -> str:
     return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
 
 
+def _summaries(result: dict, codecs: dict) -> Iterable[tuple[str, dict, dict]]:
+    """(set name, codec entry, its summary) for every set and the pooled row, codecs with
+    tiles only, in the tables' order."""
+    for name, s in list(result["sets"].items()) + [("all sets pooled", {"summary": result["pooled"]})]:
+        if "summary" not in s:
+            continue
+        for key, c in codecs.items():
+            r = s["summary"][key]
+            if r.get("n"):
+                yield name, c, r
+
+
 def write_markdown(result: dict, path: Path) -> None:
     codecs = result["codecs"]
     thresholds = [f"{t:g}" for t in result["thresholds"]]
@@ -279,28 +291,16 @@ def write_markdown(result: dict, path: Path) -> None:
     lines += ["", "## PSNR per tile (dB) and rate", "",
               "| set | codec | median | p5 | min | mean | mean bpp |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for name, s in list(result["sets"].items()) + [("all sets pooled", {"summary": result["pooled"]})]:
-        if "summary" not in s:
-            continue
-        for key, c in codecs.items():
-            r = s["summary"][key]
-            if not r.get("n"):
-                continue
-            lines.append(f"| {name} | {c['label']} | {_f(r['psnr_median'], '.2f')} | "
-                         f"{_f(r['psnr_p5'], '.2f')} | {_f(r['psnr_min'], '.2f')} | "
-                         f"{_f(r['psnr_mean'], '.2f')} | {_f(r['bpp_mean'], '.3f')} |")
+    for name, c, r in _summaries(result, codecs):
+        lines.append(f"| {name} | {c['label']} | {_f(r['psnr_median'], '.2f')} | "
+                     f"{_f(r['psnr_p5'], '.2f')} | {_f(r['psnr_min'], '.2f')} | "
+                     f"{_f(r['psnr_mean'], '.2f')} | {_f(r['bpp_mean'], '.3f')} |")
     lines += ["", "## Share of tiles at or above each PSNR", "",
               "| set | codec | " + " | ".join(f"≥ {t} dB" for t in thresholds) + " |",
               "| --- | --- | " + " | ".join("---:" for _ in thresholds) + " |"]
-    for name, s in list(result["sets"].items()) + [("all sets pooled", {"summary": result["pooled"]})]:
-        if "summary" not in s:
-            continue
-        for key, c in codecs.items():
-            r = s["summary"][key]
-            if not r.get("n"):
-                continue
-            lines.append(f"| {name} | {c['label']} | " + " | ".join(
-                f"{100 * r['share_at_least'][t]:.0f} %" for t in thresholds) + " |")
+    for name, c, r in _summaries(result, codecs):
+        lines.append(f"| {name} | {c['label']} | " + " | ".join(
+            f"{100 * r['share_at_least'][t]:.0f} %" for t in thresholds) + " |")
     rec = result.get("recommendation")
     if rec:
         pc, cand = rec["per_codec"], rec["candidates_db"]

@@ -96,11 +96,18 @@ def decode_uniform(data: bytes, hd: TileHeader, name: str = "tile") -> np.ndarra
     (n,) = struct.unpack_from("<H", data, hd.payload + 3)
     if len(data) != hd.payload + 5 + 7 * n:
         raise CorruptDataError(f"{name}: uniform tile has the wrong length")
-    pos = hd.payload + 5
+    return put_outliers(out, data, hd.payload + 5, n, f"{name}: uniform tile")
+
+
+def put_outliers(out: np.ndarray, data: bytes, pos: int, n: int, what: str) -> np.ndarray:
+    """The ``n`` exact outlier pixels stored from ``pos`` of a glass tile's ``data`` (u16
+    row, u16 col, 3 bytes RGB each) written into ``out``.  Raises CorruptDataError, naming
+    ``what``, for one outside the tile."""
+    h, w = out.shape[:2]
     for _ in range(n):
         r, c = struct.unpack_from("<HH", data, pos)
-        if r >= hd.height or c >= hd.width:
-            raise CorruptDataError(f"{name}: uniform tile outlier outside the tile")
+        if r >= h or c >= w:
+            raise CorruptDataError(f"{what} outlier outside the tile")
         out[r, c] = np.frombuffer(data, np.uint8, 3, pos + 4)
         pos += 7
     return out
@@ -208,14 +215,7 @@ def decode_plane(data: bytes, hd: TileHeader, name: str = "tile", around: dict |
             own = plane_edge(data, hd, side, name).astype(np.int64)
             meet[side] = (own + np.asarray(e, np.int64) + 1) // 2
         out = blend_toward_glass(out, meet)
-    pos += 2
-    for _ in range(n):
-        r, c = struct.unpack_from("<HH", data, pos)
-        if r >= hd.height or c >= hd.width:
-            raise CorruptDataError(f"{name}: plane glass tile outlier outside the tile")
-        out[r, c] = np.frombuffer(data, np.uint8, 3, pos + 4)
-        pos += 7
-    return out
+    return put_outliers(out, data, pos + 2, n, f"{name}: plane glass tile")
 
 
 def decode_glass(data: bytes, hd: TileHeader, name: str = "tile", around: dict | None = None) -> np.ndarray:
