@@ -188,7 +188,7 @@ def test_network_tile_beside_glass_meets_a_plane_without_a_step_and_a_flat_tile_
 
     from conftest import DATA, need
     from PIL import Image
-    tissue = np.asarray(Image.open(need(sorted((DATA / "he" / "test").glob("*.png"))[0])).convert("RGB"))
+    tissue = np.asarray(Image.open(sorted(need(DATA / "he" / "test").glob("*.png"))[0]).convert("RGB"))
     img = np.concatenate([_glass(256, 256, seed=5), _glass(256, 256, seed=6)], 1)
     img[:, :120] = tissue[:256, :120]
     data = wsicodec.encode(img, quality=4)
