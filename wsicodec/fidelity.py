@@ -285,16 +285,18 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     if "error" in summary:
         return [f"fidelity map: damaged ({summary['error']}); wsicodec verify lists the damage"]
     a = summary["all"]
+    named = sum(k["tiles"] for name, k in a["kinds"].items() if "lossless" in name)
     lines = [f"fidelity (per-tile PSNR vs source): min {_fmt_db(a['psnr_min'])}, 5th percentile "
              f"{_fmt_db(a['psnr_p5'])}, median {_fmt_db(a['psnr_median'])}; "
-             f"{a['lossless_tiles']} of {a['tiles']} tiles lossless"]
+             f"{a['exact_tiles']} of {a['tiles']} tiles decode exactly; {named} of {a['tiles']} "
+             "needed a lossless codec"]
     lines.append("tile kinds: " + ", ".join(
         f"{name} {k['tile_share']:.1%} of tiles / {k['byte_share']:.1%} of bytes"
         for name, k in a["kinds"].items()))
     for lv in summary["levels"]:
         lines.append(f"  level {lv['level']}: min {_fmt_db(lv['psnr_min'])}, 5th percentile "
                      f"{_fmt_db(lv['psnr_p5'])}, median {_fmt_db(lv['psnr_median'])}, "
-                     f"{lv['lossless_tiles']} lossless")
+                     f"{lv['exact_tiles']} exact")
     return lines
 
 
