@@ -23,6 +23,20 @@ BAD_DICOM = SLIDES / "bad" / "nonconforming_small_dicom.dcm"
 HE_TEST_PNG = DATA / "he" / "test" / "TCGA-2Z-A9J9-01A-01-TS1.png"
 
 
+@pytest.fixture
+def lpips_trunk() -> Path:
+    """The AlexNet trunk ``bench/rd.py`` scores LPIPS with; skips the test where it is absent
+    (``../shared/weights`` not next to the repository and ``$WSICODEC_WEIGHTS`` unset)."""
+    import sys
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from bench import metrics
+    try:
+        return metrics.find_alexnet_weights()
+    except FileNotFoundError as exc:
+        pytest.skip(f"LPIPS trunk weights absent: {exc}")
+
+
 def need(path: Path) -> Path:
     """Skip the calling test when a shared data file is missing."""
     if not path.exists():

@@ -62,7 +62,7 @@ def _run(argv):
         torch.set_num_threads(threads)
 
 
-def test_set_option_writes_one_result_per_set(tiny_sets, tmp_path):
+def test_set_option_writes_one_result_per_set(tiny_sets, tmp_path, lpips_trunk):
     out = tmp_path / "out"
     assert _run(["--set", "tiny_png,tiny_mem", "--set", "tiny_png", "--codecs", "jpeg444,auto",
                  "--max-images", "1", "--out", str(out), "--tag", "scratch"]) == 0

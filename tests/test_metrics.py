@@ -225,7 +225,7 @@ def test_metrics_on_real_he_tile():
 
 # ------------------------------------------------------------------------- bench/rd.py end to end
 
-def test_rd_script_sweeps_merges_and_refuses_other_images(tmp_path):
+def test_rd_script_sweeps_merges_and_refuses_other_images(tmp_path, lpips_trunk):
     """rd.py on two tiny awkward-size images: JSON, table and plot written; --update merges."""
     import json
 
@@ -277,7 +277,7 @@ def test_rd_script_sweeps_merges_and_refuses_other_images(tmp_path):
     assert rd.select("learned_refine,learned") == ["learned_refine", "learned"]
 
 
-def test_rd_crop_codes_the_central_square(tmp_path):
+def test_rd_crop_codes_the_central_square(tmp_path, lpips_trunk):
     import json
 
     import torch
