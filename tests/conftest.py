@@ -23,6 +23,35 @@ BAD_DICOM = SLIDES / "bad" / "nonconforming_small_dicom.dcm"
 HE_TEST_PNG = DATA / "he" / "test" / "TCGA-2Z-A9J9-01A-01-TS1.png"
 
 
+def textured(h: int, w: int, seed: int, lo: int = 40, hi: int = 220) -> np.ndarray:
+    """A synthetic (h, w, 3) uint8 texture: 4 px blocks of random colours in [lo, hi) with
+    Gaussian noise (sigma 6), for tests that need pixels with detail but no data files."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(lo, hi, size=(h // 4 + 2, w // 4 + 2, 3)).astype(np.float64)
+    up = np.kron(base, np.ones((4, 4, 1)))[:h, :w]
+    return np.clip(up + rng.normal(0, 6, size=up.shape), 0, 255).astype(np.uint8)
+
+
+def running_server(paths, **settings):
+    """A context manager: ``wsicodec.server`` serving ``paths`` on 127.0.0.1 at a free port
+    in a thread (``settings``: :class:`~wsicodec.server.ServerSettings` fields), shut down
+    on exit."""
+    import contextlib
+
+    from wsicodec.server import ServerSettings, make_server, serve_in_thread
+
+    @contextlib.contextmanager
+    def run():
+        srv = make_server(list(paths), port=0, settings=ServerSettings(**settings))
+        serve_in_thread(srv)
+        try:
+            yield srv
+        finally:
+            srv.shutdown()
+            srv.server_close()
+    return run()
+
+
 @pytest.fixture
 def lpips_trunk() -> Path:
     """The AlexNet trunk ``bench/rd.py`` scores LPIPS with; skips the test where it is absent

@@ -15,13 +15,11 @@ if str(REPO) not in sys.path:  # bench/ is a folder of scripts, not an installed
     sys.path.insert(0, str(REPO))
 
 from bench import datasets, floor  # noqa: E402
+from conftest import textured  # noqa: E402
 
 
 def _texture(h: int, w: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    base = rng.integers(40, 220, size=(h // 4 + 2, w // 4 + 2, 3)).astype(np.float64)
-    up = np.kron(base, np.ones((4, 4, 1)))[:h, :w]
-    return np.clip(up + rng.normal(0, 6, size=up.shape), 0, 255).astype(np.uint8)
+    return textured(h, w, seed, 40, 220)
 
 
 def _direct_psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -4,7 +4,6 @@ ETags that change when the container does.  Servers listen on 127.0.0.1."""
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import shutil
 
@@ -16,8 +15,10 @@ from wsicodec.codecs import get_codec
 from wsicodec.errors import InvalidSettingError
 from wsicodec.httpcache import check_cors_origin, etag_matches
 from wsicodec.pipeline import compress_source
-from wsicodec.server import ServerSettings, make_server, serve_in_thread
+from wsicodec.server import ServerSettings
 from wsicodec.tiling import ArraySource
+
+from conftest import running_server
 
 VIEWER = "https://viewer.example.org"
 TILE = "/slides/small_files/9/1_0.jpeg"
@@ -38,15 +39,8 @@ def container(tmp_path_factory: pytest.TempPathFactory):
     return out
 
 
-@contextlib.contextmanager
 def running(paths, **settings):
-    srv = make_server(list(paths), port=0, settings=ServerSettings(timeout=5.0, **settings))
-    serve_in_thread(srv)
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    return running_server(paths, **{"timeout": 5.0, **settings})
 
 
 def request(srv, method: str, path: str, **headers: str) -> tuple[int, dict, bytes]:

@@ -23,8 +23,10 @@ from wsicodec.codecs import get_codec
 from wsicodec.errors import InvalidSettingError
 from wsicodec.httpd import IDLE_GRACE_S, is_loopback
 from wsicodec.pipeline import compress_source
-from wsicodec.server import ServerSettings, make_server, serve_in_thread
+from wsicodec.server import ServerSettings
 from wsicodec.tiling import ArraySource
+
+from conftest import running_server
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +40,8 @@ def container(tmp_path_factory: pytest.TempPathFactory):
     return out
 
 
-@contextlib.contextmanager
 def running(container, **settings):
-    srv = make_server([container], port=0, settings=ServerSettings(**settings))
-    serve_in_thread(srv)
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    return running_server([container], **settings)
 
 
 @pytest.fixture(scope="module")
