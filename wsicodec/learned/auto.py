@@ -20,12 +20,12 @@ from wsicodec.codecs import DEFAULT_MIN_PSNR, LevelEncoder, Run, TileCodec, as_n
 from wsicodec.errors import CorruptDataError, InvalidSettingError
 
 from .choice import KINDS, MixedLevelEncoder, TileChooser, quality_steps
-from .codec import DEFAULT_MARGIN, DEFAULT_MAX_BATCH, LearnedCodec, _int_in
+from .codec import DEFAULT_MARGIN, DEFAULT_MAX_BATCH, LearnedCodec, _int_in, check_stitched
 from .decoder import TileDecoder
 from .encoder import Box, TileEncoder
 from .grid import KIND_JPEGXL
 from .synthesis import LatentCache
-from .tileformat import KIND_NETWORK, STITCH_VERSION, TileHeader
+from .tileformat import KIND_NETWORK, TileHeader
 
 #: the floors ``min_psnr`` accepts: above 0, at most 99 dB
 MIN_PSNR_RANGE = (0.0, 99.0)
@@ -159,9 +159,7 @@ class AutoCodec(TileCodec):
         glass tiles record no setting.  Raises CorruptDataError."""
         if hd.kind == KIND_JPEGXL:
             return
-        if hd.version < STITCH_VERSION:
-            raise CorruptDataError(f"{name}: tile format {hd.version} in a container whose tiles "
-                                   f"are all format {STITCH_VERSION} or later (header edited)")
+        check_stitched(hd, name)
         q32 = struct.pack("<f", hd.quality)
         if hd.kind == KIND_NETWORK and all(q32 != struct.pack("<f", q) for q in self.qualities):
             raise CorruptDataError(f"{name}: coded at quality {hd.quality!r}, which this container's "

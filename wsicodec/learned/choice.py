@@ -35,7 +35,7 @@ import numpy as np
 from wsicodec.codecs import EncodedRow, LevelEncoder
 from wsicodec.errors import InvalidSettingError
 
-from .encoder import align_to_grid, check_region
+from .encoder import align_to_grid, check_box, check_region
 from .glass import SIDES, blend_toward_glass, decode_glass, encode_glass, uniform_fit
 from .grid import glass_edges
 from .jxlfit import JxlFit, fit_jpegxl, start_for, tile_psnr
@@ -102,15 +102,14 @@ class TileChooser:
 
     # ------------------------------------------------------------------ stage 1
     def choose_row(self, regions: Sequence[np.ndarray], boxes: Sequence[tuple[int, int, int, int]],
-                   valid: Sequence[tuple[int, int]] | None, state: dict) -> list[_Tile]:
-        """Stage 1 for one row's tiles.  ``state``: the level's (unused: a tile's choice
-        depends on the tile alone, so a resumed run decides as an uninterrupted one)."""
+                   valid: Sequence[tuple[int, int]] | None) -> list[_Tile]:
+        """Stage 1 for one row's tiles.  A tile's choice depends on the tile alone, so a
+        resumed run decides as an uninterrupted one."""
         tiles, network = [], []
         for i, (region, box) in enumerate(zip(regions, boxes)):
             region = check_region(region)
+            check_box(region, box)
             top, left, h, w = box
-            if not (0 <= top and 0 <= left and top + h <= region.shape[0] and left + w <= region.shape[1]):
-                raise InvalidSettingError(f"tile box {box} does not fit its region {region.shape[:2]}")
             src = np.ascontiguousarray(region[top:top + h, left:left + w])
             t = _Tile(i, src, tuple(valid[i]) if valid is not None else (h, w))
             if not self._glass(t):
@@ -345,13 +344,12 @@ class MixedLevelEncoder(LevelEncoder):
         self.rows: dict[int, list[_Tile]] = {}
         self.emit: dict[int, bool] = {}
         self.pending: int | None = None
-        self.state: dict = {}
 
     def push(self, row, regions, boxes, *, valid=None, stored=None) -> list[EncodedRow]:
         if self.pending is not None and row != self.pending + 1:
             raise InvalidSettingError(f"rows of a level go in order: row {row} after row {self.pending}")
         if stored is None:
-            self.rows[row] = self.chooser.choose_row(regions, boxes, valid, self.state)
+            self.rows[row] = self.chooser.choose_row(regions, boxes, valid)
         else:
             self.rows[row] = [self.chooser.stored_tile(c, data) for c, data in enumerate(stored)]
         self.emit[row] = stored is None

@@ -199,9 +199,7 @@ class LearnedCodec(TileCodec):
         decodes the same symbols with another gain (pixels off by one).
 
         Raises CorruptDataError."""
-        if hd.version < STITCH_VERSION:
-            raise CorruptDataError(f"{name}: tile format {hd.version} in a container whose tiles "
-                                   f"are all format {STITCH_VERSION} or later (header edited)")
+        check_stitched(hd, name)
         if hd.kind == KIND_NETWORK and struct.pack("<f", hd.quality) != struct.pack("<f", self.quality):
             raise CorruptDataError(f"{name}: coded at quality {hd.quality!r}, but the container's "
                                    f"tiles are all quality {self.quality!r} (header edited)")
@@ -213,6 +211,15 @@ class LearnedCodec(TileCodec):
 
     def warm_up(self) -> None:
         self.decoder.warm_up()
+
+
+def check_stitched(hd: TileHeader, name: str) -> None:
+    """CorruptDataError for a tile of a format before stitched tiles in a format-3 (or
+    later) container, which ``compress`` never writes (the format byte is outside the
+    symbol checksum)."""
+    if hd.version < STITCH_VERSION:
+        raise CorruptDataError(f"{name}: tile format {hd.version} in a container whose tiles "
+                               f"are all format {STITCH_VERSION} or later (header edited)")
 
 
 def register() -> None:

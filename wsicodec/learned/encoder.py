@@ -45,6 +45,15 @@ def check_region(t: Any) -> np.ndarray:
     return t
 
 
+def check_box(region: np.ndarray, box: Box) -> None:
+    """InvalidSettingError unless ``box`` = (top, left, height, width) is a non-empty tile
+    inside ``region`` with margins of 0..255 pixels before it."""
+    top, left, h, w = box
+    if not (0 <= top <= 255 and 0 <= left <= 255 and h >= 1 and w >= 1
+            and top + h <= region.shape[0] and left + w <= region.shape[1]):
+        raise InvalidSettingError(f"tile box {box} does not fit its region {region.shape[:2]} (margins 0..255)")
+
+
 def align_to_grid(region: np.ndarray, box: Box) -> tuple[np.ndarray, Box]:
     """``region`` and the tile's ``box`` in it, moved onto y's 16-pixel grid: the context
     rows/columns before the tile that break the grid are dropped."""
@@ -98,9 +107,7 @@ class TileEncoder:
         boxes = [(0, 0, r.shape[0], r.shape[1]) for r in regions] if boxes is None else list(boxes)
         version = tileformat.VERSION
         for i, (r, (top, left, h, w)) in enumerate(zip(regions, boxes)):
-            if not (0 <= top <= 255 and 0 <= left <= 255 and h >= 1 and w >= 1
-                    and top + h <= r.shape[0] and left + w <= r.shape[1]):
-                raise InvalidSettingError(f"tile box {boxes[i]} does not fit its region {r.shape[:2]} (margins 0..255)")
+            check_box(r, boxes[i])
             core = r[top:top + h, left:left + w]
             fit = uniform_fit(core)
             if fit is not None:

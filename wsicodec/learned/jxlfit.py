@@ -59,15 +59,17 @@ class JxlFit:
             object.__setattr__(self, "equal_bytes", float(len(self.data)))
 
 
-def encode_at(tile: np.ndarray, index: int, valid: tuple[int, int], effort: int) -> JxlFit:
-    """``tile`` coded at distance ``DISTANCES[index]`` (``index`` -1: lossless) and decoded."""
+def encode_at(tile: np.ndarray, index: int, valid: tuple[int, int], effort: int,
+              distance: float | None = None) -> JxlFit:
+    """``tile`` coded at distance ``DISTANCES[index]`` (``index`` -1: lossless; ``distance``:
+    that distance instead, the fit still filed under rung ``index``) and decoded."""
     import imagecodecs
 
     if index < 0:
         data = bytes(imagecodecs.jpegxl_encode(tile, lossless=True, effort=effort, numthreads=1))
     else:
-        data = bytes(imagecodecs.jpegxl_encode(tile, distance=DISTANCES[index], effort=effort,
-                                               numthreads=1))
+        d = DISTANCES[index] if distance is None else distance
+        data = bytes(imagecodecs.jpegxl_encode(tile, distance=d, effort=effort, numthreads=1))
     pixels = np.asarray(imagecodecs.jpegxl_decode(data, numthreads=1))
     return JxlFit(data, pixels, tile_psnr(pixels, tile, valid), index, index < 0)
 
@@ -76,16 +78,11 @@ def _between(tile: np.ndarray, passing: JxlFit, failing: JxlFit, target: float,
              valid: tuple[int, int], effort: int) -> JxlFit:
     """``passing`` (a rung reaching ``target``), or the coding at the geometric mean of its
     distance and ``failing``'s (the next rung up) when that reaches it in fewer bytes."""
-    import imagecodecs
-
     d = math.sqrt(DISTANCES[passing.index] * DISTANCES[failing.index])
-    data = bytes(imagecodecs.jpegxl_encode(tile, distance=d, effort=effort, numthreads=1))
-    pixels = np.asarray(imagecodecs.jpegxl_decode(data, numthreads=1))
-    p = tile_psnr(pixels, tile, valid)
-    mid = JxlFit(data, pixels, p, passing.index)
-    if p >= target and len(data) < len(passing.data):
+    mid = encode_at(tile, passing.index, valid, effort, distance=d)
+    if mid.psnr >= target and len(mid.data) < len(passing.data):
         return _with_equal_bytes(mid, failing, target)
-    return _with_equal_bytes(passing, mid if p < target else failing, target)
+    return _with_equal_bytes(passing, mid if mid.psnr < target else failing, target)
 
 
 def _with_equal_bytes(passing: JxlFit, failing: JxlFit, target: float) -> JxlFit:
