@@ -88,21 +88,54 @@ def odd_image() -> np.ndarray:
 FIXTURES = REPO / "tests" / "data"
 
 
-def format2_fixtures() -> dict:
+def shipped_weights_file(model_id: str, folder: Path) -> Path | None:
+    """The file of a model wsicodec once shipped (``weights/history.json``), written into
+    ``folder`` from the git history, or None where that history is not here (a source
+    archive without ``.git``).  This is how a user gets old weights back: the history's
+    ``git show COMMIT:PATH``."""
+    import hashlib
+    import subprocess
+
+    from wsicodec.checkpoint import shipped_history
+    entry = next((m for m in shipped_history() if m["model_id"] == model_id), None)
+    if entry is None:
+        return None
+    out = folder / f"{model_id[:16]}.pt"
+    if not out.exists():
+        try:
+            blob = subprocess.run(["git", "-C", str(REPO), "show", f"{entry['git_commit']}:{entry['path']}"],
+                                  capture_output=True, check=True, timeout=60).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if hashlib.sha256(blob).hexdigest() != model_id:
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(blob)
+    return out
+
+
+@pytest.fixture
+def format2(tmp_path_factory, monkeypatch) -> dict:
     """tests/data/format2_q4.json: which weights (and κ) the format-2 fixtures beside it were
-    written with.  Skips the calling test when the shipped weights no longer hold that
-    decoder (a retrained network: its data then opens only with the old file, by design).
-    ``same_g_s``: whether the shipped g_s is the one that decoded them (``export
-    --synthesis`` keeps the symbols but not the pixels)."""
+    written with, plus ``weights``: a file that decodes them.  That is the shipped file while
+    it still holds their decoder; after a retrained network has shipped, the old file comes
+    back from the git history (as ``weights/history.json`` tells users to do) and
+    ``$WSICODEC_MODEL_DIR`` names its folder, so containers find it by id.  Skips only
+    where neither is here.  ``same_g_s``: whether that file's g_s is the one that decoded
+    them (``export --synthesis`` keeps the symbols but not the pixels)."""
     import json
 
     from wsicodec.checkpoint import load_model
     made = json.loads((FIXTURES / "format2_q4.json").read_text())
-    shipped = load_model()
-    if not shipped.decodes(made["model_id"]):
-        pytest.skip(f"the shipped weights no longer hold the decoder the format-2 fixtures were made "
-                    f"with ({made['model_id'][:8]}); remake them as tests/data/format2_q4.json says")
-    return {**made, "same_g_s": g_s_digest(shipped.model) == made["g_s_sha256"]}
+    model = load_model()
+    if not model.decodes(made["model_id"]):
+        old = shipped_weights_file(made["model_id"], tmp_path_factory.getbasetemp() / "old-weights")
+        if old is None:
+            pytest.skip(f"the weights the format-2 fixtures were made with ({made['model_id'][:8]}) "
+                        "are neither shipped nor in this checkout's git history")
+        monkeypatch.setenv("WSICODEC_MODEL_DIR", str(old.parent))
+        model = load_model(old)
+    return {**made, "weights": model.path, "same_g_s": g_s_digest(model.model) == made["g_s_sha256"]}
 
 
 def g_s_digest(model) -> str:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import wsicodec
-from conftest import DATA, FIXTURES, HE_TEST_PNG, format2_fixtures, need, other_weights, psnr as _psnr
+from conftest import DATA, FIXTURES, HE_TEST_PNG, need, other_weights, psnr as _psnr
 from wsicodec.checkpoint import DEFAULT_WEIGHTS, load_model
 from wsicodec.errors import CorruptDataError, CorruptTileError, InvalidSettingError, ModelMismatchError
 from wsicodec.learned import LearnedCodec, is_uniform, parse_header
@@ -205,23 +205,23 @@ def test_format_1_tiles_still_decode(tissue, monkeypatch):
         codec.decode(bytes(future))
 
 
-def test_format_2_streams_decode_as_the_release_that_wrote_them(tmp_path):
+def test_format_2_streams_decode_as_the_release_that_wrote_them(tmp_path, format2):
     """tests/data/format2_q4.wsim: a 300² he/test crop coded by the release before stitched
     tiles (format 2: each tile coded with an 8 px margin), with the pixels that release
     decoded it to (format2_q4.json says with which weights and κ).  This release reads it
-    the old way (no stitching): with that κ, to the same pixels; with the shipped weights'
-    own κ, to nearly the same.  Once g_s itself has been retuned (``export --synthesis``:
+    the old way (no stitching): with that κ, to the same pixels; with its weights' own κ, to
+    nearly the same.  Those weights come back from the git history once a retrained network
+    has shipped (the ``format2`` fixture), as users of old containers get them.  Once g_s itself has been retuned (``export --synthesis``:
     same symbols), to pixels as close to the source as that release's."""
     from wsicodec.export import export
-    made = format2_fixtures()
-    shipped = load_model()
+    made = format2
     data = (FIXTURES / "format2_q4.wsim").read_bytes()
     want = _png(FIXTURES / "format2_q4_decoded.png")
     from wsicodec.image import read_stream
     hd = parse_header(read_stream(data).tiles[0])
     assert hd.version == 2 and (hd.top, hd.left, hd.coded_height) == (0, 0, 264)   # tile + 8 px below
     pinned = tmp_path / "pinned.pt"
-    export(shipped.path, pinned, reconstruction=made["reconstruction"])
+    export(made["weights"], pinned, reconstruction=made["reconstruction"])
     got = wsicodec.decode(data, model=str(pinned))
     assert got.shape == want.shape == (300, 300, 3)
     if not made["same_g_s"]:
