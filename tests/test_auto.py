@@ -22,7 +22,7 @@ from wsicodec.codecs import get_codec  # noqa: E402
 from wsicodec.errors import CorruptDataError, InvalidSettingError  # noqa: E402
 from wsicodec.image import context_region  # noqa: E402
 from wsicodec.learned import choice  # noqa: E402
-from wsicodec.learned.jxlfit import DISTANCES, fit_jpegxl, tile_psnr  # noqa: E402
+from wsicodec.learned.jxlfit import MAX_DISTANCE, TOLERANCE, fit_jpegxl, tile_psnr  # noqa: E402
 from wsicodec.learned.tileformat import (KIND_FIXUP, KIND_NETWORK, fixup_parts,  # noqa: E402
                                          pack_fixup, parse_header)
 
@@ -177,8 +177,12 @@ def test_as_written_refuses_a_quality_off_the_steps(he_img):
 
 def test_jpegxl_fit_reaches_its_target_or_gives_way_to_a_budget(he_img):
     tile = np.ascontiguousarray(he_img[:T, :T])
-    fit = fit_jpegxl(tile, 38.0, start=len(DISTANCES) - 1)
-    assert fit.psnr >= 38.0 and not fit.lossless
+    fit = fit_jpegxl(tile, 38.0, start=MAX_DISTANCE)       # a start far off the target
+    assert 38.0 <= fit.psnr and not fit.lossless
+    assert fit.data == fit_jpegxl(tile, 38.0, start=MAX_DISTANCE).data   # the tile's alone
+    near = fit_jpegxl(tile, 38.0)                           # from the predicted distance
+    assert 38.0 <= near.psnr < 38.0 + 4 * TOLERANCE
+    assert near.equal_bytes <= len(near.data)               # its bytes at exactly 38 dB
     exact = fit_jpegxl(tile, 99.0)
     assert exact.lossless and math.isinf(exact.psnr)
     assert fit_jpegxl(tile, 45.0, budget=100) is None       # 45 dB never fits in 100 bytes

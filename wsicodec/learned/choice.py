@@ -38,7 +38,7 @@ from wsicodec.errors import InvalidSettingError
 from .encoder import align_to_grid, check_box, check_region
 from .glass import SIDES, blend_toward_glass, decode_glass, encode_glass, uniform_fit
 from .grid import glass_edges
-from .jxlfit import JxlFit, fit_jpegxl, start_for, tile_psnr
+from .jxlfit import JxlFit, fit_jpegxl, tile_psnr
 from .ladder import QUALITY_MAX
 from .synthesis import STITCH_RING, stitch_window
 from .tileformat import (KIND_FIXUP, KIND_PLANE, LATENT_STRIDE, MAGIC, PIXEL_STRIDE, VERSION,
@@ -241,7 +241,7 @@ class TileChooser:
         as an uninterrupted one)."""
         ok = t.network is not None
         target = max(self.floor, t.estimate) if ok else self.floor
-        fit = fit_jpegxl(t.source, target, t.valid, effort=self.effort, start=start_for(target),
+        fit = fit_jpegxl(t.source, target, t.valid, effort=self.effort,
                          budget=len(t.network) if ok else None)
         if fit is not None and fit.psnr >= self.floor:
             t.jxl = fit

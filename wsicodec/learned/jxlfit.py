@@ -1,33 +1,55 @@
-"""JPEG-XL at a PSNR target: the largest butteraugli distance whose decoded tile reaches it.
+"""JPEG-XL at a PSNR target: a butteraugli distance whose decoded tile just reaches it.
 
 The ``auto`` codec (:mod:`wsicodec.learned.choice`) stores a tile as JPEG-XL where the
 network cannot reach the fidelity floor, or where JPEG-XL reaches the network's PSNR in
-fewer bytes.  libjxl has no PSNR target, so :func:`fit_jpegxl` walks a fixed ladder of
-distances (:data:`DISTANCES`, √2 apart, 0.1 to 25) from a starting rung, measuring the
-decoded tile each time, tries the geometric mean of the last two rungs it brackets the
-target with, and falls back to lossless JPEG-XL: every target is reachable.
+fewer bytes.  libjxl has no PSNR target, so :func:`fit_jpegxl` searches the distance:
+
+1. **Search, at a cheaper effort** (:data:`SEARCH_EFFORT`, or the caller's effort when that
+   is lower).  libjxl's efforts 5 and 7 make nearly the same bytes and PSNR at a distance on
+   H&E (one effort-7 coding costs about two effort-5 ones with their decodes), so the search
+   runs where it is cheap.  In x = log2(distance) PSNR falls about linearly
+   (:data:`DB_PER_DOUBLING` as the prior slope): the first coding is at the distance the
+   target predicts, then a secant step (the slope measured on the tile itself once two
+   codings exist), then interpolation inside the bracket of the nearest passing and failing
+   codings, until a passing one is within :data:`TOLERANCE` dB of the target.
+2. **The coding kept is made at the caller's effort** at the largest passing distance found,
+   and measured: its PSNR is exact, never the search's.  Where effort changes the PSNR
+   enough to miss the target, the distance is lowered in small steps; lossless JPEG-XL is the
+   last resort, so every target is reachable.
+
+Every step is a function of the tile and the target alone: a tile codes the same in any run
+(resume and cluster runs rely on it).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-#: the distances tried, smallest (best) first: 0.1 · √2^k, and libjxl's largest, 25
-DISTANCES = tuple(round(0.1 * 2 ** (k / 2), 4) for k in range(16)) + (25.0,)
-#: where a search starts when the caller has no better guess: distance 1.6
-DEFAULT_START = 8
+#: libjxl's distance range (0.1: nearly lossless; 25: the coarsest)
+MIN_DISTANCE, MAX_DISTANCE = 0.1, 25.0
+#: the prior slope of PSNR against log2(distance) on H&E tiles, dB per doubling
+DB_PER_DOUBLING = 3.0
+#: the effort the search codes at (the kept coding uses the caller's effort)
+SEARCH_EFFORT = 5
+#: a passing search coding within this many dB above the target ends the search
+TOLERANCE = 0.25
+#: at most this many search codings per fit
+MAX_SEARCH = 6
+#: the step (in log2 distance) the kept coding backs off by when it misses the target
+BACKOFF = 0.125
+
+_X_MIN, _X_MAX = math.log2(MIN_DISTANCE), math.log2(MAX_DISTANCE)
 
 
-def start_for(target: float) -> int:
-    """The rung a search for ``target`` dB starts at: where JPEG-XL typically lands on H&E
-    (distance 1.6 near 33 dB, a rung (√2) per 1.5 dB).  A function of the target alone,
-    so a tile's coding never depends on the tiles coded before it."""
+def start_distance(target: float) -> float:
+    """The distance a search for ``target`` dB starts at: where JPEG-XL typically lands on
+    H&E (distance 1.6 near 33 dB, :data:`DB_PER_DOUBLING` per doubling)."""
     if not math.isfinite(target):
-        return 0
-    return min(max(round(DEFAULT_START + (33.0 - target) / 1.5), 0), len(DISTANCES) - 1)
+        return MIN_DISTANCE
+    return min(max(1.6 * 2.0 ** ((33.0 - target) / DB_PER_DOUBLING), MIN_DISTANCE), MAX_DISTANCE)
 
 
 def tile_psnr(decoded: np.ndarray, source: np.ndarray, valid: tuple[int, int]) -> float:
@@ -42,93 +64,133 @@ def tile_psnr(decoded: np.ndarray, source: np.ndarray, valid: tuple[int, int]) -
 @dataclass(frozen=True)
 class JxlFit:
     """A JPEG-XL coding of a tile: its bytes, the decoded pixels, their PSNR against the
-    tile, and the rung of :data:`DISTANCES` (``lossless``: none, coded losslessly)."""
+    tile, and its distance (None: coded losslessly)."""
 
     data: bytes
     pixels: np.ndarray
     psnr: float
-    index: int
-    lossless: bool = False
-    #: the bytes JPEG-XL would take at exactly the target PSNR: interpolated (log bytes,
-    #: linear in dB) between this coding and the nearest one missing the target; its own
-    #: size where none was made
+    distance: float | None
+    #: the bytes JPEG-XL would take at exactly the target PSNR: this coding's size scaled
+    #: down along the tile's own bytes-against-PSNR slope (log bytes linear in dB, measured
+    #: between the search's nearest passing and failing codings); its own size where no
+    #: slope was measured
     equal_bytes: float = math.nan
 
     def __post_init__(self) -> None:
         if math.isnan(self.equal_bytes):
             object.__setattr__(self, "equal_bytes", float(len(self.data)))
 
+    @property
+    def lossless(self) -> bool:
+        return self.distance is None
 
-def encode_at(tile: np.ndarray, index: int, valid: tuple[int, int], effort: int,
-              distance: float | None = None) -> JxlFit:
-    """``tile`` coded at distance ``DISTANCES[index]`` (``index`` -1: lossless; ``distance``:
-    that distance instead, the fit still filed under rung ``index``) and decoded."""
+
+def encode_at(tile: np.ndarray, distance: float | None, valid: tuple[int, int], effort: int) -> JxlFit:
+    """``tile`` coded at ``distance`` (None: lossless) and decoded."""
     import imagecodecs
 
-    if index < 0:
+    if distance is None:
         data = bytes(imagecodecs.jpegxl_encode(tile, lossless=True, effort=effort, numthreads=1))
     else:
-        d = DISTANCES[index] if distance is None else distance
-        data = bytes(imagecodecs.jpegxl_encode(tile, distance=d, effort=effort, numthreads=1))
+        data = bytes(imagecodecs.jpegxl_encode(tile, distance=distance, effort=effort, numthreads=1))
     pixels = np.asarray(imagecodecs.jpegxl_decode(data, numthreads=1))
-    return JxlFit(data, pixels, tile_psnr(pixels, tile, valid), index, index < 0)
+    return JxlFit(data, pixels, tile_psnr(pixels, tile, valid), distance)
 
 
-def _between(tile: np.ndarray, passing: JxlFit, failing: JxlFit, target: float,
-             valid: tuple[int, int], effort: int) -> JxlFit:
-    """``passing`` (a rung reaching ``target``), or the coding at the geometric mean of its
-    distance and ``failing``'s (the next rung up) when that reaches it in fewer bytes."""
-    d = math.sqrt(DISTANCES[passing.index] * DISTANCES[failing.index])
-    mid = encode_at(tile, passing.index, valid, effort, distance=d)
-    if mid.psnr >= target and len(mid.data) < len(passing.data):
-        return _with_equal_bytes(mid, failing, target)
-    return _with_equal_bytes(passing, mid if mid.psnr < target else failing, target)
+def _x(f: JxlFit) -> float:
+    return math.log2(f.distance) if f.distance is not None else -math.inf
 
 
-def _with_equal_bytes(passing: JxlFit, failing: JxlFit, target: float) -> JxlFit:
-    """``passing`` with :attr:`JxlFit.equal_bytes` interpolated toward ``failing``."""
-    from dataclasses import replace
+def _next_x(passing: JxlFit | None, failing: JxlFit | None, tried: list[JxlFit], aim: float) -> float:
+    """Where to code next, aiming at ``aim`` dB: inside the bracket when there is one, else
+    a secant step from the nearest coding (the tile's own slope once two codings exist)."""
+    if passing is not None and failing is not None:
+        lo, hi = _x(passing), _x(failing)
+        t = (passing.psnr - aim) / (passing.psnr - failing.psnr) if math.isfinite(passing.psnr) else 0.5
+        return lo + (hi - lo) * min(max(t, 0.2), 0.8)
+    slope = DB_PER_DOUBLING
+    if len(tried) >= 2:
+        a, b = tried[-2], tried[-1]
+        if math.isfinite(a.psnr) and math.isfinite(b.psnr) and _x(a) != _x(b):
+            slope = min(max((a.psnr - b.psnr) / (_x(b) - _x(a)), 1.0), 10.0)
+    near = passing if passing is not None else failing
+    assert near is not None
+    if not math.isfinite(near.psnr):
+        return _X_MAX
+    step = (near.psnr - aim) / slope
+    step = max(step, 0.25) if near is passing else min(step, -0.25)
+    return min(max(_x(near) + step, _X_MIN), _X_MAX)
 
-    bp, bf = len(passing.data), len(failing.data)
-    if not (math.isfinite(passing.psnr) and passing.psnr > failing.psnr and bf > 0):
-        return passing
-    t = (passing.psnr - target) / (passing.psnr - failing.psnr)
-    return replace(passing, equal_bytes=bp * (bf / bp) ** min(max(t, 0.0), 1.0))
+
+def _search(tile: np.ndarray, target: float, valid: tuple[int, int], effort: int, start: float,
+            budget: int | None) -> tuple[JxlFit | None, JxlFit | None, bool]:
+    """(largest passing, smallest failing above it) search codings, and whether the budget
+    ruled JPEG-XL out.  ``passing`` is None when even :data:`MIN_DISTANCE` misses."""
+    aim = target + TOLERANCE / 2
+    tried: list[JxlFit] = []
+    x = math.log2(min(max(start, MIN_DISTANCE), MAX_DISTANCE))
+    passing = failing = None
+    for _ in range(MAX_SEARCH):
+        f = encode_at(tile, 2.0 ** x, valid, effort)
+        tried.append(f)
+        if f.psnr < target and budget is not None and len(f.data) >= budget:
+            return None, f, True        # smaller distances only take more bytes
+        ok = [g for g in tried if g.psnr >= target]
+        passing = max(ok, key=_x) if ok else None
+        above = [g for g in tried if g.psnr < target and (passing is None or _x(g) > _x(passing))]
+        failing = min(above, key=_x) if above else None
+        if passing is not None and (passing.psnr - target <= TOLERANCE or _x(passing) >= _X_MAX
+                                    or (failing is not None and _x(failing) - _x(passing) < 0.05)):
+            break
+        if passing is None and failing is not None and _x(failing) <= _X_MIN:
+            break
+        nx = _next_x(passing, failing, tried, aim)
+        if any(abs(nx - _x(g)) < 1e-3 for g in tried):
+            break
+        x = nx
+    return passing, failing, False
+
+
+def _equal_bytes(kept: JxlFit, passing: JxlFit, failing: JxlFit | None, target: float) -> float:
+    """:attr:`JxlFit.equal_bytes` of ``kept``: its size at exactly ``target`` along the slope
+    of log bytes against PSNR between the search's ``passing`` and ``failing`` codings."""
+    if failing is None or not (math.isfinite(passing.psnr) and math.isfinite(kept.psnr)) \
+            or passing.psnr <= failing.psnr or len(failing.data) <= 0:
+        return float(len(kept.data))
+    k = math.log(len(passing.data) / len(failing.data)) / (passing.psnr - failing.psnr)
+    return len(kept.data) * math.exp(-max(k, 0.0) * max(kept.psnr - target, 0.0))
 
 
 def fit_jpegxl(tile: np.ndarray, target: float, valid: tuple[int, int] | None = None, *,
-               effort: int = 7, start: int = DEFAULT_START, budget: int | None = None
+               effort: int = 7, start: float | None = None, budget: int | None = None
                ) -> JxlFit | None:
-    """The coding of ``tile`` ((h, w, 3) uint8) at the largest distance of
-    :data:`DISTANCES` whose PSNR over ``valid`` reaches ``target`` dB, or lossless when
-    none does (so never None without a ``budget``).  The walk starts at rung ``start``.
+    """A coding of ``tile`` ((h, w, 3) uint8) at ``effort`` whose PSNR over ``valid`` reaches
+    ``target`` dB, at the largest distance the search found (module docstring), or lossless
+    when no distance reaches it (so never None without a ``budget``).  ``start``: the
+    distance the search begins at (default :func:`start_distance`).
 
-    ``budget``: the caller has another coding of this many bytes; None is returned as
-    soon as no coding reaching ``target`` can be smaller (a rung that misses the target
-    already takes ``budget`` bytes or more: smaller distances only take more).
+    ``budget``: the caller has another coding of this many bytes; None is returned where
+    JPEG-XL cannot undercut it: as soon as a coding that misses the target takes ``budget``
+    bytes or more (smaller distances only take more), or when the kept coding's
+    :attr:`JxlFit.equal_bytes` do.
     """
     valid = valid or tile.shape[:2]
-    i = min(max(int(start), 0), len(DISTANCES) - 1)
-    f = encode_at(tile, i, valid, effort)
-    if f.psnr >= target:
-        while f.index + 1 < len(DISTANCES):
-            g = encode_at(tile, f.index + 1, valid, effort)
-            if g.psnr < target:
-                return _between(tile, f, g, target, valid, effort)
-            if len(g.data) > len(f.data):
-                break
-            f = g
-        return f
-    while True:
-        if budget is not None and len(f.data) >= budget:
-            return None
-        if f.index <= 0:
-            break
-        g = encode_at(tile, f.index - 1, valid, effort)
-        if g.psnr >= target:
-            return _between(tile, g, f, target, valid, effort)
-        f = g
-    g = encode_at(tile, -1, valid, effort)
-    if budget is not None and len(g.data) >= budget:
+    search = min(effort, SEARCH_EFFORT)
+    passing, failing, over = _search(tile, target, valid, search,
+                                     start_distance(target) if start is None else start, budget)
+    if over:
         return None
-    return g
+    kept = None
+    if passing is not None:
+        kept = passing if search == effort else encode_at(tile, passing.distance, valid, effort)
+        x = _x(passing)
+        while kept.psnr < target and x - BACKOFF >= _X_MIN:
+            x -= BACKOFF
+            kept = encode_at(tile, 2.0 ** x, valid, effort)
+            if budget is not None and len(kept.data) >= budget and kept.psnr < target:
+                return None
+        if kept.psnr >= target:
+            kept = replace(kept, equal_bytes=_equal_bytes(kept, passing, failing, target))
+    if kept is None or kept.psnr < target:
+        kept = encode_at(tile, None, valid, effort)
+    return None if budget is not None and kept.equal_bytes >= budget else kept
