@@ -455,6 +455,23 @@ def bd_rate(rate_ref: Sequence[float], quality_ref: Sequence[float],
     return float(100.0 * (math.exp(mean_diff) - 1.0))
 
 
+def rate_at_equal_quality(rate_ref: Sequence[float], quality_ref: Sequence[float],
+                          rate_test: Sequence[float], quality_test: Sequence[float]) -> list[float | None]:
+    """For each test point, its rate against the reference curve's rate at the same quality, in
+    percent (+: more bits than the reference there), the reference's log-rate interpolated
+    (pchip, as :func:`bd_rate`) at the point's quality; None outside the reference's range."""
+    from scipy.interpolate import PchipInterpolator
+
+    q1, lr1 = _prepare_curve(rate_ref, quality_ref)
+    out: list[float | None] = []
+    for r, q in zip(rate_test, quality_test):
+        if len(q1) < 2 or q is None or not (np.isfinite(q) and q1.min() <= q <= q1.max()) or not r > 0:
+            out.append(None)
+            continue
+        out.append(float(100.0 * (math.exp(math.log(r) - float(PchipInterpolator(q1, lr1)(q))) - 1.0)))
+    return out
+
+
 def bd_overlap(quality_ref: Sequence[float], quality_test: Sequence[float]) -> tuple[float, float]:
     """The quality interval two curves share (where :func:`bd_rate` integrates)."""
     a, b = np.asarray(quality_ref, float), np.asarray(quality_test, float)

@@ -107,9 +107,15 @@ SWEEPS: dict[str, Sweep] = {s.key: s for s in (
     # choice to bytes (a tile goes to JPEG-XL where that reaches the network's PSNR in fewer
     # bytes), then the floor raised at quality 8 to cover JPEG-XL's top
     Sweep("auto", "auto", "wsicodec auto (per-tile codec choice)",
-          (1, 2, 3, 4, 5, 6, 7) + (8,) * 8,
-          knob_range=(1, 8), tiled=True,
-          point_options=tuple({"min_psnr": f} for f in (20,) * 8 + (34, 36, 38, 40, 42, 44, 46))),
+          (1, 2, 3, 4, 5, 6, 7) + (8,) * 10,
+          knob_range=(1, 8), tiled=True, against="jpegxl_tiled",
+          point_options=tuple({"min_psnr": f} for f in (20,) * 8 + (30, 32, 34, 36, 38, 40, 42, 44, 46))),
+    # JPEG-XL as a `--codec jpegxl` container stores it: 256² tiles, each its own codestream
+    # (3-16 % more bytes than the whole image at equal PSNR on these sets): what `auto` is
+    # also read against
+    Sweep("jpegxl_tiled", "jpegxl", "JPEG XL in 256² tiles (libjxl, effort 7)",
+          (25.0, 18.0, 13.0, 9.0, 6.0, 4.0, 3.0, 2.0, 1.5, 1.0, 0.7, 0.5, 0.3),
+          {"effort": 7}, direction=-1, knob="distance", knob_range=(0.1, 25), tiled=True, default=False),
     # the encoder's latent search (LearnedCodec(refine=...)): ~100x the encode time, so only on request
     Sweep("learned_refine", "learned", "wsicodec learned, refine 40", (1, 3, 5, 8), {"refine": 40},
           knob_range=(1, 8), default=False, against="learned"),
@@ -121,6 +127,7 @@ PLOT_STYLE = {
     "jpeg420": ("tab:orange", "v"), "jpeg444": ("tab:red", "^"), "jpegxl": ("tab:blue", "s"),
     "webp": ("tab:green", "D"), "jpeg2000": ("tab:purple", "P"), "avif": ("tab:brown", "X"),
     "learned": ("black", "o"), "learned_refine": ("tab:gray", "*"), "auto": ("tab:olive", "h"),
+    "jpegxl_tiled": ("tab:cyan", "s"),
 }
 #: series with a model that runs on torch's intra-op threads
 TORCH_CODECS = ("learned", "auto")
@@ -559,10 +566,40 @@ def psnr_ranges(result: dict) -> dict:
     return out
 
 
+def _floor_of(point: dict) -> float | None:
+    """The ``auto`` codec's fidelity floor a point was coded with (None for other codecs)."""
+    return (point.get("codec") or {}).get("configuration", {}).get("min_psnr")
+
+
+def points_vs_anchors(result: dict) -> dict:
+    """Every point of every series against each BD-rate anchor's mean curve at the same PSNR:
+    the percent more (+) or fewer bits it takes there (issue #28's "never more than 1 % above
+    JPEG-XL"), and per series the largest excess; points outside an anchor's range: None."""
+    out: dict[str, Any] = {}
+    codecs = {k: v for k, v in result["codecs"].items() if v.get("status") in ("ok", "partial")}
+    for anchor in result.get("bd_rate", {}).get("anchors", {}):
+        ra, qa = _curve(codecs[anchor], "psnr")
+        rows = {}
+        for key, entry in codecs.items():
+            if key == anchor:
+                continue
+            pts = [p for p in entry.get("points", []) if p.get("mean")]
+            pct = metrics.rate_at_equal_quality(ra, qa, [p["mean"]["bpp"] for p in pts],
+                                                [p["mean"]["psnr"] for p in pts])
+            known = [v for v in pct if v is not None]
+            rows[key] = {"points": [{"setting": p["quality"], "min_psnr": _floor_of(p),
+                                     "bpp": p["mean"]["bpp"], "psnr": p["mean"]["psnr"], "rate_pct": v}
+                                    for p, v in zip(pts, pct)],
+                         "max_rate_pct": max(known) if known else None}
+        out[anchor] = rows
+    return out
+
+
 def derive(result: dict) -> None:
     """The numbers computed from the measured points (kept in step by --report-only too):
-    BD-rates, each series' PSNR span and ``top_psnr`` per codec."""
+    BD-rates, each series' PSNR span and ``top_psnr`` per codec, every point against the anchors."""
     result["bd_rate"] = bd_rates(result)
+    result["points_vs_anchor"] = points_vs_anchors(result)
     result["psnr_ranges"] = psnr_ranges(result)
     result["top_psnr"] = {k: v["top_psnr"] for k, v in result["psnr_ranges"].items()}
     for key, r in result["psnr_ranges"].items():
@@ -746,6 +783,33 @@ def _ranges_markdown(result: dict) -> list[str]:
     return lines
 
 
+def _equal_psnr_markdown(result: dict) -> list[str]:
+    """Each point of the wsicodec series against each anchor at equal PSNR."""
+    vs = result.get("points_vs_anchor") or {}
+    keys = [k for k in ("learned", "auto", "learned_refine") if any(k in rows for rows in vs.values())]
+    if not keys:
+        return []
+    lines = ["## Each point against the anchors at equal PSNR", "",
+             "Bits a point takes against the anchor's mean curve at the same PSNR (pchip in log-rate); "
+             "+: more than the anchor. `jpegxl` codes each image whole; `jpegxl_tiled` codes it in "
+             "the 256² tiles a `--codec jpegxl` container stores.", "",
+             "| codec | setting | bpp | PSNR dB | " + " | ".join(f"vs {a}" for a in vs) + " |",
+             "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in vs) + " |"]
+    for key in keys:
+        first = next(rows[key] for rows in vs.values() if key in rows)
+        for i, p in enumerate(first["points"]):
+            setting = f"{result['codecs'][key]['knob']} {p['setting']:g}" + (
+                f", floor {p['min_psnr']:g} dB" if p.get("min_psnr") else "")
+            cells = []
+            for rows in vs.values():
+                v = rows.get(key, {}).get("points", [{}] * (i + 1))[i].get("rate_pct")
+                cells.append(_f(v, "+.1f") + (" %" if v is not None else ""))
+            lines.append(f"| {result['codecs'][key]['label']} | {setting} | {p['bpp']:.3f} | "
+                         f"{_f(p['psnr'], '.2f')} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
 def write_markdown(result: dict, path: Path, png: str) -> None:
     env = result["environment"]
     lines = [
@@ -808,6 +872,7 @@ def write_markdown(result: dict, path: Path, png: str) -> None:
             lines.append(row)
         lines.append("")
     lines += _ranges_markdown(result)
+    lines += _equal_psnr_markdown(result)
     lines += ["## Measured points (mean over images)", "",
               "| codec | setting | bpp | PSNR dB | MS-SSIM | MS-SSIM dB | LPIPS | enc MP/s | dec MP/s | threads |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -817,7 +882,7 @@ def write_markdown(result: dict, path: Path, png: str) -> None:
         pts = sorted((p for p in entry["points"] if p.get("mean")), key=lambda p: p["mean"]["bpp"])
         for p in pts:
             m = p["mean"]
-            floor = (p.get("codec") or {}).get("configuration", {}).get("min_psnr")
+            floor = _floor_of(p)
             setting = f"{entry['knob']} {p['quality']:g}" + (f", floor {floor:g} dB" if floor else "")
             lines.append(
                 f"| {entry['label']} | {setting} | {m['bpp']:.3f} | {_f(m['psnr'], '.2f')} | "
