@@ -93,25 +93,35 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
 
 def _cmd_decompress(args: argparse.Namespace) -> int:
+    from wsicodec.dicom import DEFAULT_DICOM_SYNTAX, DicomSettings
     from wsicodec.paths import check_output_against_inputs
-    from wsicodec.readback import container_tile_count, decompress
+    from wsicodec.readback import container_tile_count, decompress, output_format
     from wsicodec.tiff import TiffSettings
 
     check_output_against_inputs(args.output, [args.input])   # before anything
     settings = TiffSettings(args.tiff_compression, args.tiff_quality)
+    quality = args.dicom_quality
+    if output_format(args.output, args.format) != "dicom":
+        if args.transfer_syntax is not None or quality is not None:
+            raise UsageError("--transfer-syntax and --dicom-quality are for --format dicom")
+    elif quality is not None and quality == int(quality):
+        quality = int(quality)
+    dicom = DicomSettings(args.transfer_syntax or DEFAULT_DICOM_SYNTAX, quality)
     show = not args.quiet and sys.stderr.isatty()
     total = container_tile_count(args.input) if show else None
     with _progress_bar(total, not show, "decompress") as bar:
         result = decompress(args.input, args.output, settings=settings, workers=args.workers,
                             overwrite=args.overwrite, progress=bar.update,
                             precision=args.precision, deidentify=args.deidentify,
-                            format=args.format)
+                            format=args.format, dicom=dicom)
     if args.quiet:
         return 0
     w, h = result.dimensions
+    coding = dicom.describe() if result.format == "dicom" else args.tiff_compression
+    files = f"{len(result.files)} files, " if result.files else ""
     print(f"decompressed {result.source} -> {result.output}: {w} x {h} px, {result.levels} "
-          f"levels, {result.format.upper()} {_mb(result.output_bytes)} "
-          f"({args.tiff_compression}), {result.seconds:.1f} s")
+          f"levels, {result.format.upper()} {files}{_mb(result.output_bytes)} "
+          f"({coding}), {result.seconds:.1f} s")
     return 0
 
 

@@ -15,6 +15,8 @@ from typing import Any, Sequence
 
 from wsicodec.associated import ASSOCIATED_POLICIES
 from wsicodec.codecs import DEFAULT_CODEC, PRECISIONS
+from wsicodec.dicom import DEFAULT_DICOM_SYNTAX, DICOM_QUALITY, DICOM_SYNTAXES
+from wsicodec.readback import OUTPUT_FORMATS
 from wsicodec.tiff import DEFAULT_TIFF_COMPRESSION, DEFAULT_TIFF_QUALITY, TIFF_COMPRESSIONS
 
 PROG = "wsicodec"
@@ -145,28 +147,42 @@ def _add_compress(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def _add_decompress(sub: Any, common: argparse.ArgumentParser) -> None:
     """The ``decompress`` command's arguments."""
-    d = sub.add_parser("decompress", parents=[common], help="container -> pyramidal TIFF or SVS",
+    d = sub.add_parser("decompress", parents=[common],
+                       help="container -> pyramidal TIFF, SVS or DICOM WSI",
                        description="Write a container as an Aperio-compatible SVS (OpenSlide and "
                                    "tiffslide read it as aperio, with the label, macro and "
-                                   "thumbnail) or a tiled pyramidal BigTIFF (OpenSlide's "
-                                   "generic-tiff, QuPath, libvips), with mpp and ICC profile.")
+                                   "thumbnail), a tiled pyramidal BigTIFF (OpenSlide's "
+                                   "generic-tiff, QuPath, libvips) or a DICOM WSI series "
+                                   "(a folder; OpenSlide's DICOM driver, wsidicom, PACS), "
+                                   "with mpp and ICC profile.")
     d.add_argument("input", help="container (.zarr or .zarr.zip)")
-    d.add_argument("output", help="output .svs or .tiff")
-    d.add_argument("--format", choices=("svs", "tiff"), default=None,
-                   help="svs (Aperio-compatible) or tiff (generic pyramidal TIFF); default: "
-                        "svs for an OUTPUT ending in .svs, tiff otherwise")
+    d.add_argument("output", help="output .svs or .tiff file, or the folder of a DICOM series")
+    d.add_argument("--format", choices=OUTPUT_FORMATS, default=None,
+                   help="svs (Aperio-compatible), tiff (generic pyramidal TIFF) or dicom (a "
+                        "DICOM WSI series in the folder OUTPUT; needs wsidicom, pip install "
+                        "'wsicodec[dicom]'); default: svs for an OUTPUT ending in .svs, tiff "
+                        "otherwise")
     d.add_argument("--tiff-compression", choices=TIFF_COMPRESSIONS,
                    default=DEFAULT_TIFF_COMPRESSION,
                    help=f"tile compression in the TIFF (default {DEFAULT_TIFF_COMPRESSION}; "
                         "zlib is lossless)")
     d.add_argument("--tiff-quality", type=int, default=DEFAULT_TIFF_QUALITY,
                    help=f"JPEG quality 1-100 (default {DEFAULT_TIFF_QUALITY})")
+    d.add_argument("--transfer-syntax", choices=DICOM_SYNTAXES, default=None,
+                   help=f"dicom: how frames are coded: {DEFAULT_DICOM_SYNTAX} (baseline, 4:4:4; the default) or "
+                        "jpeg2000 re-code every tile, and OpenSlide reads both; jpegxl writes "
+                        "the container's JPEG-XL tiles as they are and codes the others as "
+                        "JPEG-XL (wsidicom reads it, OpenSlide 4.0 does not)")
+    d.add_argument("--dicom-quality", type=float, default=None,
+                   help="dicom: " + "; ".join(f"{s}: {what} {lo:g}-{hi:g} (default {q:g})"
+                                              for s, (q, lo, hi, what) in DICOM_QUALITY.items()))
     d.add_argument("--workers", type=int, default=None, help="decoder threads")
     d.add_argument("--precision", choices=PRECISIONS, default="float32", help=PRECISION_HELP)
     d.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     d.add_argument("--deidentify", action="store_true",
-                   help="leave the source file name out of the TIFF's ImageDescription, and "
-                        "out of an SVS the label, the macro and the properties 'compress "
+                   help="leave the source file name out of the TIFF's ImageDescription and "
+                        "the DICOM series description, out of an SVS or DICOM series the "
+                        "label and the macro, and out of an SVS the properties 'compress "
                         "--deidentify' removes")
     d.add_argument("--quiet", action="store_true", help="no progress bar and no summary: only errors (stderr) and the exit status")
 

@@ -11,6 +11,8 @@ decompress::
     open_container ─► per level, row-major: Container.read_tiles on a thread pool
         ─► write_pyramidal_tiff (generic TIFF) or write_svs (Aperio SVS, with the
            associated images) to a temp sibling ─► atomic rename
+    or ─► wsidicom writes a DICOM WSI series (wsicodec.dicom) into a temp sibling
+           folder ─► atomic rename
 
 Library code: raises, never prints; progress is reported through a callback
 (:data:`wsicodec.pipeline.Progress`).
@@ -30,6 +32,7 @@ import numpy as np
 
 from wsicodec.codecs import check_precision
 from wsicodec.container import open_container
+from wsicodec.dicom import DicomSettings
 from wsicodec.errors import (CorruptDataError, CorruptTileError, InvalidSettingError,
                              UnsupportedFormatError)
 from wsicodec.metadata import ContainerMetadata, missing_guarantees
@@ -38,13 +41,14 @@ from wsicodec.pipeline import Progress, check_workers
 from wsicodec.tiff import TiffSettings, write_pyramidal_tiff
 
 
-#: what ``decompress`` writes: a generic pyramidal TIFF, or an Aperio-compatible SVS
-OUTPUT_FORMATS = ("tiff", "svs")
+#: what ``decompress`` writes: a generic pyramidal TIFF, an Aperio-compatible SVS, or a
+#: folder holding a DICOM WSI series
+OUTPUT_FORMATS = ("tiff", "svs", "dicom")
 
 
 def output_format(output: str | os.PathLike[str], fmt: str | None) -> str:
     """``fmt``, or when None the format ``output``'s name asks for: ``svs`` for a ``.svs``
-    file, ``tiff`` otherwise. Raises InvalidSettingError for an unknown ``fmt``."""
+    file, ``tiff`` otherwise (``dicom`` is asked for by name only). Raises InvalidSettingError for an unknown ``fmt``."""
     if fmt is None:
         return "svs" if str(output).lower().endswith(".svs") else "tiff"
     if fmt not in OUTPUT_FORMATS:
@@ -68,8 +72,10 @@ class DecompressResult:
     levels: int
     output_bytes: int
     seconds: float
-    #: what was written: "tiff" or "svs" (:data:`OUTPUT_FORMATS`)
+    #: what was written: "tiff", "svs" or "dicom" (:data:`OUTPUT_FORMATS`)
     format: str = "tiff"
+    #: ``dicom``: the files of the series, in the output folder
+    files: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -213,17 +219,21 @@ def decompress(source: str | os.PathLike[str], output: str | os.PathLike[str], *
                settings: TiffSettings = TiffSettings(), workers: int | None = None,
                overwrite: bool = False, progress: Progress | None = None,
                precision: str = "float32", deidentify: bool = False,
-               format: str | None = None) -> DecompressResult:  # noqa: A002 - the CLI's name
-    """Write a container out as a pyramidal TIFF or SVS (atomically: temp sibling +
-    rename), with its mpp and ICC profile.
+               format: str | None = None,  # noqa: A002 - the CLI's name
+               dicom: "DicomSettings | None" = None) -> DecompressResult:
+    """Write a container out as a pyramidal TIFF, an SVS or a DICOM WSI series
+    (atomically: temp sibling + rename), with its mpp and ICC profile.
 
     ``format``: ``tiff`` (a generic pyramidal TIFF: pages of levels, mpp as resolution
     tags; no properties or associated images; its ImageDescription names the source
     file), ``svs`` (:mod:`wsicodec.svs`: an Aperio-compatible SVS with the objective
-    power, the ``aperio.*`` properties and the label, macro and thumbnail), or None: svs
-    for a ``.svs`` output, tiff otherwise.  ``deidentify``: leave out the source file
-    name, and in an SVS the label, the macro and the properties ``compress
-    --deidentify`` removes.  ``precision``: how the learned codec runs g_s
+    power, the ``aperio.*`` properties and the label, macro and thumbnail), ``dicom``
+    (:mod:`wsicodec.dicom`: ``output`` is a folder, written by wsidicom, holding one
+    DICOM WSI file per level and per associated image, its frames coded as ``dicom``
+    says; needs the container's mpp), or None: svs for a ``.svs`` output, tiff
+    otherwise.  ``settings`` is the TIFF's and SVS's tile coding.  ``deidentify``: leave
+    out the source file name, and in an SVS or DICOM the label, the macro and (SVS) the
+    properties ``compress --deidentify`` removes.  ``precision``: how the learned codec runs g_s
     (:data:`wsicodec.codecs.PRECISIONS`).
 
     Raises:
@@ -231,8 +241,10 @@ def decompress(source: str | os.PathLike[str], output: str | os.PathLike[str], *
             directory), whatever ``overwrite``; or its folder does not exist.
         SlideNotFoundError, UnsupportedFormatError, CorruptDataError: the container.
         CorruptTileError: a damaged tile (nothing is left at ``output``).
-        OutputExistsError: ``output`` exists and ``overwrite`` is false.
-        InvalidSettingError: an unknown ``format``.
+        OutputExistsError: ``output`` exists and ``overwrite`` is false (or, for
+            ``dicom``, is a folder holding other files than DICOM ones).
+        InvalidSettingError: an unknown ``format``; ``dicom`` without an mpp.
+        CodecUnavailableError: ``dicom`` without wsidicom installed.
     """
     t0 = time.perf_counter()
     out_path = Path(output)
@@ -241,6 +253,9 @@ def decompress(source: str | os.PathLike[str], output: str | os.PathLike[str], *
     n_workers = check_workers(workers)
     check_precision(precision)
     check_output_path(out_path, overwrite)
+    if fmt == "dicom":
+        return _decompress_dicom(source, out_path, dicom or DicomSettings(), n_workers,
+                                 progress, precision, deidentify, t0)
     tmp = out_path.parent / f".{out_path.name}.partial-{uuid.uuid4().hex[:8]}"
     with open_container(source, precision=precision) as c:
         meta = c.metadata
@@ -262,3 +277,19 @@ def decompress(source: str | os.PathLike[str], output: str | os.PathLike[str], *
             tmp.unlink(missing_ok=True)
     return DecompressResult(Path(source), out_path, meta.levels[0].dimensions, len(meta.levels),
                             out_path.stat().st_size, time.perf_counter() - t0, fmt)
+
+
+def _decompress_dicom(source: str | os.PathLike[str], out_path: Path, dicom: DicomSettings,
+                      workers: int, progress: Progress | None, precision: str,
+                      deidentify: bool, t0: float) -> DecompressResult:
+    """:func:`decompress`'s ``dicom`` branch (the checks on ``out_path`` are done)."""
+    from wsicodec.dicom import write_container_dicom
+
+    with open_container(source, precision=precision) as c:
+        meta = c.metadata
+        _ = c.codec  # build (and check) the codec before creating any file
+        files = write_container_dicom(c, out_path, dicom, workers=workers,
+                                      deidentify=deidentify, progress=progress)
+    return DecompressResult(Path(source), out_path, meta.levels[0].dimensions, len(meta.levels),
+                            sum(f.stat().st_size for f in files), time.perf_counter() - t0,
+                            "dicom", tuple(files))
