@@ -1,6 +1,6 @@
 """Sizes of ``decompress --format dicom`` against the container, on every shared slide.
 
-    python bench/dicom_sizes.py [--codecs auto,jpegxl] [--out bench/results/dicom_sizes.json]
+    python bench/dicom_sizes.py [--codecs jpegxl,auto] [--out bench/results/dicom_sizes.json]
 
 Each slide is compressed (default settings, one codec at a time) and the container
 written out as a DICOM WSI series with each transfer syntax below; for each series:
@@ -83,45 +83,54 @@ def _export(box: Path, out: Path, syntax: str, quality: float | None) -> dict:
 
 
 def run(codecs: list[str], out_json: Path) -> dict:
-    import wsicodec
-    from wsicodec.codecs import get_codec
-    from wsicodec.errors import InvalidSettingError
-
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="wsicodec-dicom-bench-") as tmp:
-        for name, rel in SLIDE_FILES.items():
-            slide = SLIDES / rel
-            if not slide.exists():
-                print(f"{name}: missing, skipped", file=sys.stderr)
-                continue
-            for codec in codecs:
-                box = Path(tmp) / f"{name}.{codec}.zarr.zip"
-                t0 = time.perf_counter()
-                wsicodec.compress(slide, box, get_codec(codec), workers=2)
-                kept, total = _stored_counts(box)
-                entry = {"slide": name, "codec": codec, "container_bytes": box.stat().st_size,
-                         "compress_seconds": round(time.perf_counter() - t0, 1),
-                         "tiles": total, "tiles_stored_as_jpegxl": kept, "exports": []}
-                for label, syntax, quality in EXPORTS:
-                    out = Path(tmp) / f"{name}.{codec}.{syntax}.{quality}"
-                    try:
-                        row = _export(box, out, syntax, quality)
-                    except InvalidSettingError as e:
-                        row = {"transfer_syntax": syntax, "quality": quality, "refused": str(e)}
-                    row["name"] = label
-                    if "bytes" in row:
-                        row["ratio_to_container"] = round(row["bytes"] / entry["container_bytes"], 3)
-                    entry["exports"].append(row)
-                    print(json.dumps({"slide": name, "codec": codec, **row}), flush=True)
-                rows.append(entry)
+    rows: list[dict] = []
     commit, dirty = git_state(REPO, ("wsicodec", "bench/dicom_sizes.py"))
     result = {"environment": environment(), "git_commit": commit, "git_dirty": dirty,
               "packages": package_versions(("wsidicom", "pydicom", "openslide-bin")),
               "exports": [e[0] for e in EXPORTS], "rows": rows}
+    with tempfile.TemporaryDirectory(prefix="wsicodec-dicom-bench-") as tmp:
+        for codec in codecs:                  # every slide with one codec, then the next
+            for name, rel in SLIDE_FILES.items():
+                slide = SLIDES / rel
+                if not slide.exists():
+                    print(f"{name}: missing, skipped", file=sys.stderr)
+                    continue
+                rows.append(_measure(slide, name, codec, Path(tmp)))
+                _write(result, out_json)      # what is done so far, if stopped
+    return result
+
+
+def _measure(slide: Path, name: str, codec: str, tmp: Path) -> dict:
+    import wsicodec
+    from wsicodec.codecs import get_codec
+    from wsicodec.errors import InvalidSettingError
+
+    box = tmp / f"{name}.{codec}.zarr.zip"
+    t0 = time.perf_counter()
+    wsicodec.compress(slide, box, get_codec(codec), workers=2)
+    kept, total = _stored_counts(box)
+    entry = {"slide": name, "codec": codec, "container_bytes": box.stat().st_size,
+             "compress_seconds": round(time.perf_counter() - t0, 1),
+             "tiles": total, "tiles_stored_as_jpegxl": kept, "exports": []}
+    for label, syntax, quality in EXPORTS:
+        out = tmp / f"{name}.{codec}.{syntax}.{quality}"
+        try:
+            row = _export(box, out, syntax, quality)
+        except InvalidSettingError as e:
+            row = {"transfer_syntax": syntax, "quality": quality, "refused": str(e)}
+        row["name"] = label
+        if "bytes" in row:
+            row["ratio_to_container"] = round(row["bytes"] / entry["container_bytes"], 3)
+        entry["exports"].append(row)
+        print(json.dumps({"slide": name, "codec": codec, **row}), flush=True)
+    box.unlink()
+    return entry
+
+
+def _write(result: dict, out_json: Path) -> None:
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(result, indent=1) + "\n")
     out_json.with_suffix(".md").write_text(markdown(result))
-    return result
 
 
 def markdown(result: dict) -> str:
@@ -149,7 +158,7 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--codecs", default="auto,jpegxl")
+    ap.add_argument("--codecs", default="jpegxl,auto")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "dicom_sizes.json")
     args = ap.parse_args()
     run(args.codecs.split(","), args.out)
