@@ -31,9 +31,9 @@ from bench.report import git_state, package_versions  # noqa: E402
 from bench.slides import SLIDE_FILES, SLIDES, environment  # noqa: E402
 
 #: (name, transfer syntax, quality) of each export measured
-EXPORTS = [("jpeg q95", "jpeg", None), ("jpeg q90", "jpeg", 90),
-           ("jpeg2000 40 dB", "jpeg2000", None), ("jpeg2000 50 dB", "jpeg2000", 50.0),
-           ("jpegxl", "jpegxl", None)]
+EXPORTS = [("jpeg q95", "jpeg", 95), ("jpeg q90", "jpeg", 90),
+           ("jpeg2000 40 dB", "jpeg2000", 40.0), ("jpeg2000 50 dB", "jpeg2000", 50.0),
+           ("jpegxl", "jpegxl", 1.0)]
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float | None:
