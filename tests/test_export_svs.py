@@ -137,6 +137,6 @@ def test_damaged_tile_leaves_no_svs(exported, tmp_path: Path, capsys) -> None:
 
 def test_unknown_format_is_a_usage_error(exported, tmp_path: Path, capsys) -> None:
     _, box, _ = exported
-    assert main(["decompress", str(box), str(tmp_path / "x.dcm"), "--format", "dicom"]) == 2
+    assert main(["decompress", str(box), str(tmp_path / "x.ome.tiff"), "--format", "ome"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("wsicodec: error: ") and "--format" in err
