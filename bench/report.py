@@ -29,6 +29,16 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
+def fmt_value(v: Any, spec: str) -> str:
+    """``format(v, spec)``, or "–" for a missing (None) or non-finite value: a table cell."""
+    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+
+
+def float_or_nan(v: Any) -> float:
+    """``float(v)``, NaN for None (a number JSON stored as null)."""
+    return math.nan if v is None else float(v)
+
+
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` says."""
     import platform

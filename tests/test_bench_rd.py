@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # bench/ is a folder of scripts, not an installed package
     sys.path.insert(0, str(REPO))
 
-from bench import datasets, rd  # noqa: E402
+from bench import datasets, metrics, rd  # noqa: E402
+from bench.rd_sweeps import TiledCodec  # noqa: E402
 from conftest import textured  # noqa: E402
 
 
@@ -87,7 +88,7 @@ def test_set_option_writes_one_result_per_set(tiny_sets, tmp_path, lpips_trunk):
     q = entry["points"][-1]["quality"]
     codec = get_codec("jpeg", q, subsampling="444")
     assert entry["points"][-1]["per_image"][0]["psnr"] == pytest.approx(
-        rd.metrics.psnr(halved, codec.decode(codec.encode(halved))))
+        metrics.psnr(halved, codec.decode(codec.encode(halved))))
     # top PSNR: the highest mean PSNR of the curve, per codec, in the JSON and the table
     assert png["top_psnr"]["jpeg444"] == pytest.approx(max(p["mean"]["psnr"] for p in entry["points"]))
     assert entry["top_psnr"] == png["top_psnr"]["jpeg444"]
@@ -150,7 +151,7 @@ def test_tiled_codec_codes_a_container_grid():
 
     codec = get_codec("jpeg", 60, subsampling="444")
     img = _image(300, 270, seed=4)
-    tiled = rd.TiledCodec(codec)
+    tiled = TiledCodec(codec)
     data = tiled.encode(img)
     out = tiled.decode(data)
     tiles = [(ys, xs) for ys in (slice(0, 256), slice(256, 300)) for xs in (slice(0, 256), slice(256, 270))]

@@ -286,10 +286,10 @@ def test_rd_crop_codes_the_central_square(tmp_path, lpips_trunk):
     from bench import rd
 
     img = _rng_image(90, 70)
-    crop = rd.center_crop(img, 40)
+    crop = metrics.center_crop(img, 40)
     assert crop.shape == (40, 40, 3) and np.array_equal(crop, img[25:65, 15:55])
-    assert np.array_equal(rd.center_crop(img, 200), img)   # a side shorter than the crop: all of it
-    assert rd.center_crop(img, None) is img
+    assert np.array_equal(metrics.center_crop(img, 200), img)   # a side shorter than the crop: all of it
+    assert metrics.center_crop(img, None) is img
     images = tmp_path / "imgs"
     images.mkdir()
     Image.fromarray(img).save(images / "a.png")
