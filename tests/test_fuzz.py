@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # bench/ is a folder of scripts, not an installed package
     sys.path.insert(0, str(REPO))
 
-from bench import fuzzlib  # noqa: E402
+from bench import fuzz_store, fuzzlib  # noqa: E402
 
 CASES = 300
 SEED = 26
@@ -131,15 +131,15 @@ def test_learned_header_edit_with_forged_digests_is_caught(bases, tmp_path: Path
 
     work = _copy(bases, "learned", tmp_path)
     level, col, row = (0, 1, 1)                  # a network tile with neighbours all round
-    p = fuzzlib._tile_path(work, level, col, row)
-    data = bytearray(fuzzlib._read_tile(p))
+    p = fuzz_store.tile_path(work, level, col, row)
+    data = bytearray(fuzz_store.read_tile(p))
     assert data[5] == 0
     if field == "version":
         data[4] = value
     else:
         struct.pack_into("<I", data, 10, struct.unpack_from("<I", data, 10)[0] + value)
-    fuzzlib._write_tile(p, bytes(data))
-    fuzzlib.forge(work)
+    fuzz_store.write_tile(p, bytes(data))
+    fuzz_store.forge(work)
     damage = _damage(work)
     assert len(damage) == 1 and "header edited" in damage[0] and "col=1 row=1" in damage[0]
     with wsicodec.open_slide(work) as s, pytest.raises(CorruptTileError, match="header edited"):
@@ -152,12 +152,12 @@ def test_glass_tile_colour_is_the_undetectable_class(bases, tmp_path: Path) -> N
     import wsicodec
 
     work = _copy(bases, "learned", tmp_path)
-    p = fuzzlib._tile_path(work, 0, 2, 0)        # base_image's glass tile: a flat plane
-    data = bytearray(fuzzlib._read_tile(p))
+    p = fuzz_store.tile_path(work, 0, 2, 0)        # base_image's glass tile: a flat plane
+    data = bytearray(fuzz_store.read_tile(p))
     assert data[5] == 3 and struct.unpack_from("<3H6b", data, 10) == (240 * 16, 238 * 16, 245 * 16) + (0,) * 6
     struct.pack_into("<H", data, 10, 176 * 16)
-    fuzzlib._write_tile(p, bytes(data))
-    fuzzlib.forge(work)
+    fuzz_store.write_tile(p, bytes(data))
+    fuzz_store.forge(work)
     assert _damage(work) == []
     with wsicodec.open_slide(work) as s:
         a = s.read_region((128, 0), 0, (64, 64), as_array=True)
@@ -184,7 +184,7 @@ def test_fuzz_format_4_fidelity_map(fidelity_bases: dict[str, Path],
 
     with open_container(fidelity_bases["jpegxl"]) as c:
         assert c.metadata.format_version == 4 and c.tile_records(0).kind_names == ("glass", "jpegxl")
-    assert fuzzlib._files(fidelity_bases["jpegxl"])["records"]
+    assert fuzz_store.container_files(fidelity_bases["jpegxl"])["records"]
     cases = fuzzlib.cases(FIDELITY_CASES, SEED + 1, 0.0, codecs=("jpegxl",))
     records = fuzzlib.run_cases(cases, fidelity_bases, tmp_path_factory.mktemp("fuzz-fid-run"))
     summary = fuzzlib.summarize(records)
@@ -207,7 +207,7 @@ def test_forged_map_edit_is_caught_only_when_digests_are_not_forged(fidelity_bas
     p.write_bytes(a.tobytes())
     damage = _damage(work)
     assert len(damage) == 1 and "level 0's tile digests or fidelity map do not match" in damage[0]
-    fuzzlib.forge(work)
+    fuzz_store.forge(work)
     assert _damage(work) == []
     with open_container(work) as c:
         assert c.tile_records(0).psnr.ravel()[3] == 12.5
