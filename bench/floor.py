@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import sys
@@ -46,8 +45,8 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: import wsicodec 
     sys.path.insert(0, str(REPO))
 
 from bench import metrics  # noqa: E402
-from bench.report import (cpu_model, git_state, imagecodecs_versions, json_safe, log,  # noqa: E402
-                          package_versions)
+from bench.report import (cpu_model, fmt_value, git_state, imagecodecs_versions, json_safe,  # noqa: E402
+                          log, package_versions)
 
 SCHEMA = "wsicodec-floor/1"
 TILE = 256
@@ -239,10 +238,6 @@ def environment() -> dict:
     }
 
 
-def _f(v: Any, fmt: str) -> str:
-    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
-
-
 def _summaries(result: dict, codecs: dict) -> Iterable[tuple[str, dict, dict]]:
     """(set name, codec entry, its summary) for every set and the pooled row, codecs with
     tiles only, in the tables' order."""
@@ -292,9 +287,9 @@ def write_markdown(result: dict, path: Path) -> None:
               "| set | codec | median | p5 | min | mean | mean bpp |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, c, r in _summaries(result, codecs):
-        lines.append(f"| {name} | {c['label']} | {_f(r['psnr_median'], '.2f')} | "
-                     f"{_f(r['psnr_p5'], '.2f')} | {_f(r['psnr_min'], '.2f')} | "
-                     f"{_f(r['psnr_mean'], '.2f')} | {_f(r['bpp_mean'], '.3f')} |")
+        lines.append(f"| {name} | {c['label']} | {fmt_value(r['psnr_median'], '.2f')} | "
+                     f"{fmt_value(r['psnr_p5'], '.2f')} | {fmt_value(r['psnr_min'], '.2f')} | "
+                     f"{fmt_value(r['psnr_mean'], '.2f')} | {fmt_value(r['bpp_mean'], '.3f')} |")
     lines += ["", "## Share of tiles at or above each PSNR", "",
               "| set | codec | " + " | ".join(f"≥ {t} dB" for t in thresholds) + " |",
               "| --- | --- | " + " | ".join("---:" for _ in thresholds) + " |"]
@@ -386,8 +381,8 @@ def compute(sets: dict[str, Iterable[tuple[str, np.ndarray]]], tile: int = TILE,
         all_tiles += s["tiles"]
         log(f"{name}: {s['n_tiles']} tiles ({s['glass_skipped']} glass, {s['partial_skipped']} "
             f"partial skipped), {s['seconds']} s: " + "; ".join(
-                f"{k} median {_f(v.get('psnr_median'), '.2f')} p5 {_f(v.get('psnr_p5'), '.2f')} "
-                f"min {_f(v.get('psnr_min'), '.2f')} dB {_f(v.get('bpp_mean'), '.3f')} bpp"
+                f"{k} median {fmt_value(v.get('psnr_median'), '.2f')} p5 {fmt_value(v.get('psnr_p5'), '.2f')} "
+                f"min {fmt_value(v.get('psnr_min'), '.2f')} dB {fmt_value(v.get('bpp_mean'), '.3f')} bpp"
                 for k, v in s["summary"].items()))
     result["pooled"] = {key: summarise([t["codecs"][key]["psnr"] for t in all_tiles],
                                        [t["codecs"][key]["bpp"] for t in all_tiles], thresholds)

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,25 +27,12 @@ if str(REPO) not in sys.path:   # bench/ is a folder of scripts, not an installe
     sys.path.insert(0, str(REPO))
 
 from bench import fuzzlib  # noqa: E402
+from bench.report import git_state, package_versions  # noqa: E402
 
 
 def environment() -> dict:
-    from importlib import metadata
-
-    versions = {}
-    for pkg in ("numpy", "torch", "zarr", "imagecodecs", "tifffile", "numcodecs"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "wsicodec", "bench"],
-                                    cwd=REPO, capture_output=True, text=True,
-                                    timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
+    versions = package_versions(("numpy", "torch", "zarr", "imagecodecs", "tifffile", "numcodecs"))
+    commit, dirty = git_state(REPO, ("wsicodec", "bench"))
     return {"python": platform.python_version(), "platform": platform.platform(),
             "cpu_count": os.cpu_count(), "loadavg_1m_end": round(os.getloadavg()[0], 2),
             "packages": versions, "git_commit": commit, "git_dirty": dirty,
