@@ -107,14 +107,26 @@ def mixed_seams(spec: str) -> dict:
     ``wsicodec.decode``; every internal border is classified by the kinds of the two
     tiles it joins, and the PSNR of the pixels within BAND px of it (both sides) is set
     against the interior PSNR (pixels at least BAND px from any internal border) of the
-    tiles of those two kinds; gap = interior − border, pooled over the images."""
+    tiles of those two kinds; gap = interior − border, pooled over the images.
+
+    The gap mixes two things: what the seam costs, and that tissue near some tile borders is
+    harder than inside (auto sends dense tissue to JPEG-XL, so its network tiles' JPEG-XL
+    borders lie next to dense tissue).  So each image is also coded by the network alone
+    (``wsicodec.encode(quality)``), and for every border the network side's BAND px are
+    measured in both decodes, on network tiles auto kept at the asked quality (a tile raised
+    to reach the floor has no counterpart): ``seam_cost_db`` = their PSNR with network
+    neighbours (the network alone) − their PSNR beside the neighbour auto gave them, the
+    seam's own cost."""
     sys.path.insert(0, str(ROOT))
     from bench.datasets import get_dataset
+
+    from wsicodec.learned.tileformat import parse_header
 
     name, q, floor, *rest = spec.split(":")
     limit = int(rest[0]) if rest else 4
     band: dict[str, list] = {}
     inner: dict[str, list] = {}
+    control: dict[str, list] = {}
     nbytes = pix = 0
     for _, img in get_dataset(name).images(limit):
         img = np.ascontiguousarray(img)
@@ -122,9 +134,15 @@ def mixed_seams(spec: str) -> dict:
         nbytes, pix = nbytes + len(data), pix + img.shape[0] * img.shape[1]
         out = wsicodec.decode(data)
         err = ((img.astype(np.float64) - out) ** 2).sum(2)
+        alone = wsicodec.decode(wsicodec.encode(img, float(q)))
+        err_alone = ((img.astype(np.float64) - alone) ** 2).sum(2)
         h, w = img.shape[:2]
         rows, cols = -(-h // TILE), -(-w // TILE)
-        kinds = [_tile_kind(t) for t in read_stream(data).tiles]
+        streams = read_stream(data).tiles
+        kinds = [_tile_kind(t) for t in streams]
+        # the network tiles auto coded at the asked quality (not raised to reach the floor):
+        # only those have a like-for-like counterpart in the network-alone decode
+        same_q = [k == "learned" and parse_header(t).quality == float(q) for k, t in zip(kinds, streams)]
         kind = lambda r, c: kinds[r * cols + c]   # noqa: E731
         m = border_mask(h, w)
         for r in range(rows):
@@ -140,12 +158,22 @@ def mixed_seams(spec: str) -> dict:
                     if dc:
                         x = (c + 1) * TILE
                         e = err[ys, max(x - BAND, 0):x + BAND]
+                        sides = ((same_q[r * cols + c], (ys, slice(x - BAND, x))),
+                                 (same_q[r * cols + c + 1], (ys, slice(x, x + BAND))))
                     else:
                         y = (r + 1) * TILE
                         e = err[max(y - BAND, 0):y + BAND, xs]
+                        sides = ((same_q[r * cols + c], (slice(y - BAND, y), xs)),
+                                 (same_q[(r + 1) * cols + c], (slice(y, y + BAND), xs)))
                     b = band.setdefault(pair, [0.0, 0])
                     b[0] += e.sum()
                     b[1] += e.size * 3
+                    for like, box in sides:         # the network side, in both decodes
+                        if like:
+                            ctl = control.setdefault(pair, [0.0, 0.0, 0])
+                            ctl[0] += err[box].sum()
+                            ctl[1] += err_alone[box].sum()
+                            ctl[2] += err[box].size * 3
     out = {"spec": spec, "set": name, "quality": float(q), "min_psnr": float(floor),
            "bpp": 8 * nbytes / pix, "pairs": {}}
     for pair, (sse, n) in sorted(band.items()):
@@ -155,9 +183,15 @@ def mixed_seams(spec: str) -> dict:
         row = {"border_pixels": n // 3, "psnr_border": _psnr(sse, n),
                "psnr_interior": _psnr(si, ni) if ni else None}
         row["gap_db"] = row["psnr_interior"] - row["psnr_border"] if ni else None
+        if pair in control:
+            sse_auto, sse_alone, nc = control[pair]
+            row["network_side_psnr"] = _psnr(sse_auto, nc)
+            row["network_side_psnr_network_alone"] = _psnr(sse_alone, nc)
+            row["seam_cost_db"] = row["network_side_psnr_network_alone"] - row["network_side_psnr"]
         out["pairs"][pair] = row
         print(f"mixed {spec} {pair}: border {row['psnr_border']:.2f} dB, interior "
-              f"{row['psnr_interior']:.2f} dB, gap {row['gap_db']:.2f} dB ({n // 3} px)", flush=True)
+              f"{row['psnr_interior']:.2f} dB, gap {row['gap_db']:.2f} dB ({n // 3} px)"
+              + (f", seam cost {row['seam_cost_db']:.2f} dB" if "seam_cost_db" in row else ""), flush=True)
     return out
 
 
@@ -172,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slides", nargs="*", default=[str(ROOT.parent / "shared" / "data" / "slides" /
                                                         "cmu_small_region.svs")],
                     help="slides whose pyramids get the grid-step measure (none: skip)")
-    ap.add_argument("--mixed", nargs="*", default=["he_test_2x:4:33", "cmu:4:32:1"],
+    ap.add_argument("--mixed", nargs="*", default=["he_test_2x:4:33", "he_test_2x:6:28", "cmu:4:32:1", "cmu:6:28:1"],
                     help="SET:QUALITY:FLOOR[:IMAGES]: seams between tile kinds of the auto codec")
     ap.add_argument("--slide-codecs", nargs="+", default=["learned:4", "jpegxl:1", "auto:4"],
                     help="codec:quality each slide is compressed with for the grid-step measure")
@@ -231,9 +265,11 @@ def main(argv: list[str] | None = None) -> int:
         "grid_steps": [_slide_grid(Path(s), spec) for s in args.slides for spec in args.slide_codecs],
         "mixed": [mixed_seams(spec) for spec in args.mixed],
     }
-    if not args.qualities and Path(args.out).is_file():       # keep the rows measured before
-        before = json.loads(Path(args.out).read_text())
+    before = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
+    if not args.qualities:                                    # keep the rows measured before
         result["rows"], result["images"] = before.get("rows", []), before.get("images", [])
+    if not args.slides:                                       # and the grid steps
+        result["grid_steps"] = before.get("grid_steps", [])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
