@@ -172,8 +172,37 @@ def test_no_mpp_is_a_one_line_error_and_nothing_is_written(tmp_path: Path, capsy
     compress_source(ArraySource(textured(200, 200, seed=2)), box, get_codec("jpegxl", 1.0),
                     tile_size=128, workers=1)
     code, _, err = run(capsys, "decompress", box, tmp_path / "out", "--format", "dicom")
-    assert code == 1 and len(err.strip().splitlines()) == 1 and "mpp" in err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "--mpp" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["n.zarr.zip"]
+
+
+def test_a_pyramid_wsidicom_cannot_hold_is_a_one_line_error(tmp_path: Path, capsys) -> None:
+    box = tmp_path / "odd.zarr.zip"      # 500 px wide: 63 px at 1/8, not a power of two apart
+    compress_source(ArraySource(textured(600, 500, seed=2), mpp=(0.5, 0.5)), box,
+                    get_codec("jpegxl", 1.0), tile_size=128, workers=1)
+    code, _, err = run(capsys, "decompress", box, tmp_path / "out", "--format", "dicom")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "cannot write this pyramid" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.zarr.zip"]
+
+
+def test_mpp_stated_on_the_command_line_reaches_both_readers(tmp_path: Path, capsys) -> None:
+    """A container whose source gave no pixel size (the tcga slide) exports with --mpp:
+    level 0 at that size, the coarser levels scaled, as OpenSlide and wsidicom read it."""
+    import openslide
+    from wsidicom import WsiDicom
+
+    box = tmp_path / "n.zarr.zip"
+    compress_source(ArraySource(textured(512, 640, seed=2)), box, get_codec("jpegxl", 1.0),
+                    tile_size=128, workers=1)      # sides that halve exactly: wsidicom wants
+    out = tmp_path / "out"                          # integer level steps within 1 %
+    assert run(capsys, "decompress", box, out, "--format", "dicom", "--mpp", "0.252",
+               "--quiet")[0] == 0
+    with openslide.OpenSlide(str(next(iter(dcm_files(out))))) as s:
+        assert float(s.properties["openslide.mpp-x"]) == pytest.approx(0.252)
+        assert float(s.properties["openslide.mpp-y"]) == pytest.approx(0.252)
+    with WsiDicom.open(out) as w:
+        assert w.mpp.width == pytest.approx(0.252)
+        assert w.levels[-1].mpp.width == pytest.approx(0.252 * 640 / w.levels[-1].size.width)
 
 
 def test_damaged_tile_leaves_no_series(tmp_path: Path, capsys) -> None:
@@ -217,6 +246,8 @@ def test_overwrite_replaces_a_series_but_never_a_folder_of_other_files(cmu, tmp_
     (["--format", "dicom", "--transfer-syntax", "jpeg2000", "--dicom-quality", "5"], "[20, 80]"),
     (["--dicom-quality", "90"], "--format dicom"),
     (["--transfer-syntax", "jpegxl"], "--format dicom"),
+    (["--mpp", "0.25"], "--format dicom"),
+    (["--format", "dicom", "--mpp", "0"], "mpp"),
 ])
 def test_bad_options_are_one_line_errors(cmu, tmp_path: Path, capsys, argv, fragment) -> None:
     _, box = cmu

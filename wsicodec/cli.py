@@ -102,11 +102,11 @@ def _cmd_decompress(args: argparse.Namespace) -> int:
     settings = TiffSettings(args.tiff_compression, args.tiff_quality)
     quality = args.dicom_quality
     if output_format(args.output, args.format) != "dicom":
-        if args.transfer_syntax is not None or quality is not None:
-            raise UsageError("--transfer-syntax and --dicom-quality are for --format dicom")
+        if args.transfer_syntax is not None or quality is not None or args.mpp is not None:
+            raise UsageError("--transfer-syntax, --dicom-quality and --mpp are for --format dicom")
     elif quality is not None and quality == int(quality):
         quality = int(quality)
-    dicom = DicomSettings(args.transfer_syntax or DEFAULT_DICOM_SYNTAX, quality)
+    dicom = DicomSettings(args.transfer_syntax or DEFAULT_DICOM_SYNTAX, quality, args.mpp)
     show = not args.quiet and sys.stderr.isatty()
     total = container_tile_count(args.input) if show else None
     with _progress_bar(total, not show, "decompress") as bar:

@@ -176,6 +176,9 @@ def _add_decompress(sub: Any, common: argparse.ArgumentParser) -> None:
     d.add_argument("--dicom-quality", type=float, default=None,
                    help="dicom: " + "; ".join(f"{s}: {what} {lo:g}-{hi:g} (default {q:g})"
                                               for s, (q, lo, hi, what) in DICOM_QUALITY.items()))
+    d.add_argument("--mpp", type=float, default=None, metavar="MICRONS",
+                   help="dicom: level 0's pixel size in µm to state instead of the container's "
+                        "(DICOM WSI requires one; for slides whose source did not say)")
     d.add_argument("--workers", type=int, default=None, help="decoder threads")
     d.add_argument("--precision", choices=PRECISIONS, default="float32", help=PRECISION_HELP)
     d.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")

@@ -51,10 +51,13 @@ INSTALL_HINT = "DICOM output needs wsidicom: pip install 'wsicodec[dicom]'"
 class DicomSettings:
     """How frames are coded: ``syntax`` one of :data:`DICOM_SYNTAXES`, ``quality`` its
     knob as :data:`DICOM_QUALITY` says (None: the syntax's default; an integer for
-    ``jpeg``).  Raises InvalidSettingError for anything else."""
+    ``jpeg``); ``mpp``: level 0's pixel size in µm (x = y) to state instead of the
+    container's, for slides whose source did not say (DICOM WSI requires one; None: the
+    container's).  Raises InvalidSettingError for anything else."""
 
     syntax: str = DEFAULT_DICOM_SYNTAX
     quality: float | None = None
+    mpp: float | None = None
 
     def __post_init__(self) -> None:
         if self.syntax not in DICOM_SYNTAXES:
@@ -68,6 +71,12 @@ class DicomSettings:
             kind = "an integer" if integer else "a number"
             raise InvalidSettingError(f"{what} must be {kind} in [{lo:g}, {hi:g}], got {q!r}")
         object.__setattr__(self, "quality", int(q) if integer else float(q))
+        if self.mpp is not None:
+            m = self.mpp
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.01 <= m <= 1000:
+                raise InvalidSettingError(f"the pixel size (mpp) must be a number of µm in "
+                                          f"[0.01, 1000], got {m!r}")
+            object.__setattr__(self, "mpp", float(m))
 
     @property
     def passthrough(self) -> bool:

@@ -212,7 +212,8 @@ class ImageFrames(_Frames):
             yield self._pixels
 
 
-def wsi_metadata(meta: Any, *, deidentify: bool = False) -> WsiMetadata:
+def wsi_metadata(meta: Any, *, deidentify: bool = False, mpp: tuple[float, float] | None = None
+                 ) -> WsiMetadata:
     """The DICOM attributes of a container (``meta``: its ContainerMetadata) as
     wsidicom's metadata: level 0's pixel spacing from the mpp, the ICC profile and the
     objective power in the optical path, a series description naming wsicodec, the
@@ -221,14 +222,16 @@ def wsi_metadata(meta: Any, *, deidentify: bool = False) -> WsiMetadata:
     (the container does not know them); the study, series, pyramid and specimen UIDs are
     derived from the container's id.  A container with
     no ICC profile gets wsidicom's default sRGB one where the file is written (DICOM
-    requires one for colour images).  Raises InvalidSettingError without an mpp: DICOM
-    WSI requires the pixel spacing."""
+    requires one for colour images).  ``mpp``: the (x, y) µm to state instead of the
+    container's.  Raises InvalidSettingError without an mpp: DICOM WSI requires the pixel
+    spacing."""
     from wsicodec import __version__
 
-    if not meta.mpp:
+    mpp = mpp or meta.mpp
+    if not mpp:
         raise InvalidSettingError("DICOM WSI needs the pixel size, and this container has "
-                                  "no mpp (its source slide did not say); write a TIFF or "
-                                  "SVS instead")
+                                  "no mpp (its source slide did not say); state it with "
+                                  "--mpp MICRONS, or write a TIFF or SVS instead")
     optical = OpticalPath(identifier="0", icc_profile=meta.icc_profile,
                           objective=(Objectives(objective_power=meta.objective_power)
                                      if meta.objective_power else None))
@@ -241,8 +244,7 @@ def wsi_metadata(meta: Any, *, deidentify: bool = False) -> WsiMetadata:
                                             if deidentify else None)),
         equipment=Equipment(software_versions=[f"wsicodec {__version__}"]),
         slide=Slide(samples=[SlideSample(identifier=UNKNOWN, uid=_uid(meta, "specimen"))]),
-        pyramid=Pyramid(image=Image(pixel_spacing=SizeMm(meta.mpp[0] / 1000,
-                                                         meta.mpp[1] / 1000)),
+        pyramid=Pyramid(image=Image(pixel_spacing=SizeMm(mpp[0] / 1000, mpp[1] / 1000)),
                         optical_paths=[optical], description=what, uid=_uid(meta, "pyramid")),
         label=Label(),
         overview=Overview(image=Image(), optical_paths=[optical]),
@@ -268,9 +270,9 @@ class ContainerSource(Source):
                  progress: Progress | None = None) -> None:
         super().__init__()
         meta = container.metadata
-        self._metadata = wsi_metadata(meta, deidentify=deidentify)
+        mpp = (settings.mpp, settings.mpp) if settings.mpp else meta.mpp
+        self._metadata = wsi_metadata(meta, deidentify=deidentify, mpp=mpp)
         self._encoder = frame_encoder(settings)
-        mpp = meta.mpp
         w0, h0 = meta.levels[0].dimensions
 
         def spacing(w: int, h: int) -> tuple[float, float]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from wsicodec.dicom import INSTALL_HINT, DicomSettings
-from wsicodec.errors import CodecUnavailableError, OutputExistsError, WsiCodecError
+from wsicodec.errors import CodecUnavailableError, InvalidSettingError, OutputExistsError, WsiCodecError
 
 #: suffix of the files wsidicom writes
 DICOM_SUFFIX = ".dcm"
@@ -50,7 +50,8 @@ def write_container_dicom(container: Any, out: str | os.PathLike[str], settings:
     the files written, sorted.  ``workers``: wsidicom's threads; ``progress(n)``: n more
     tiles done.
 
-    Raises CodecUnavailableError (wsidicom not installed), InvalidSettingError (no mpp),
+    Raises CodecUnavailableError (wsidicom not installed), InvalidSettingError (no mpp, or a
+    pyramid wsidicom cannot hold: levels not a whole power of two apart within its 1 %),
     OutputExistsError (``out`` is a folder of other things), CorruptTileError /
     CorruptDataError (damage; nothing is left at ``out``), OSError."""
     _wsidicom()
@@ -79,6 +80,8 @@ def write_container_dicom(container: Any, out: str | os.PathLike[str], settings:
         if out.exists() or out.is_symlink():
             os.replace(out, old)
         os.replace(tmp, out)
+    except NotImplementedError as e:   # wsidicom: levels not integer steps apart (small slides)
+        raise InvalidSettingError(f"wsidicom cannot write this pyramid as DICOM WSI: {e}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.is_dir() and not old.is_symlink():
