@@ -261,14 +261,14 @@ def test_concurrent_requests_entropy_decode_each_tile_once(tmp_path, monkeypatch
     with open_slide(out, workers=2, cache_bytes=0) as s:
         calls: list[tuple[int, int]] = []
         lock = threading.Lock()
-        original = TileDecoder.entropy_decode
+        original = TileDecoder.entropy_decode_many
 
-        def counting(self, data, hd, name):  # noqa: ANN001
+        def counting(self, items):  # noqa: ANN001
             with lock:
-                calls.append(name)
-            return original(self, data, hd, name)
+                calls.extend(name for _, _, name in items)
+            return original(self, items)
 
-        monkeypatch.setattr(TileDecoder, "entropy_decode", counting)
+        monkeypatch.setattr(TileDecoder, "entropy_decode_many", counting)
         keys = [(c, r) for r in range(2) for c in range(3)]
         barrier = threading.Barrier(len(keys))
 

@@ -1,4 +1,4 @@
-"""rANS over frozen integer CDF tables, through CompressAI's C++ coder.
+"""rANS over frozen integer CDF tables: CompressAI's stream format, coded without the GIL.
 
 A table set is a frozen :class:`CdfTables`: row ``i`` is a 16-bit quantised CDF of
 ``lengths[i]`` entries (the last symbol of each row is the escape symbol that
@@ -6,24 +6,32 @@ codes out-of-range values with Elias-gamma bypass bits) and ``offsets[i]`` is th
 value of its first symbol.  Each symbol is coded with the row given by its
 index.  Both sides must use identical tables *and* indexes; the caller stores a
 :func:`symbol_checksum` beside the stream so that a mismatch is caught.
+
+The streams are CompressAI's (``RansEncoder.encode_with_indexes``), byte for byte; the
+coder is :mod:`wsicodec.entropy.kernels`, which releases the GIL, so threads code
+streams in parallel, and :func:`decode_many` / :func:`encode_many` code many streams in
+one call.
 """
 
 from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
-PRECISION = 16
+from wsicodec.errors import CorruptDataError
+
+#: what the kernels' error codes (:mod:`~wsicodec.entropy.kernels`) say
+_ERRORS = {1: "the rANS stream ends before its symbols",
+           2: "an escaped value the encoder cannot have written"}
 
 
-def _coder():
-    from .._compressai import load
-
-    load()
-    from compressai import ans  # the C++ extension; imported on first use only
-    return ans
+def _kernels():
+    """The compiled coder, imported on first use (numba loads in about a second)."""
+    from . import kernels
+    return kernels
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,17 +46,17 @@ class CdfTables:
         if self.cdfs.ndim != 2 or self.lengths.shape != (self.cdfs.shape[0],) \
                 or self.offsets.shape != (self.cdfs.shape[0],):
             raise ValueError("CdfTables: cdfs must be (rows, L), lengths and offsets (rows,)")
-        # The coder takes Python lists; convert once and keep them.
-        object.__setattr__(self, "_lists", (
-            [row[:n].tolist() for row, n in zip(self.cdfs, self.lengths)],
-            self.lengths.tolist(), self.offsets.tolist()))
+        for name in ("cdfs", "lengths", "offsets"):
+            a = np.ascontiguousarray(getattr(self, name), dtype=np.int32)
+            a.setflags(write=False)
+            object.__setattr__(self, name, a)
+        n = self.lengths
+        if n.size and (n.min() < 2 or n.max() > self.cdfs.shape[1]):
+            raise ValueError("CdfTables: each row needs 2..max_length entries")
 
     @property
     def rows(self) -> int:
         return int(self.cdfs.shape[0])
-
-    def as_lists(self) -> tuple[list[list[int]], list[int], list[int]]:
-        return self._lists  # type: ignore[attr-defined]
 
 
 def _flat_int32(a: np.ndarray, what: str) -> np.ndarray:
@@ -60,25 +68,83 @@ def _flat_int32(a: np.ndarray, what: str) -> np.ndarray:
     return a
 
 
-def encode_symbols(symbols: np.ndarray, indexes: np.ndarray, tables: CdfTables) -> bytes:
-    """Code ``symbols`` (any shape) with the CDF row ``indexes`` (same shape) of each."""
-    s, i = _flat_int32(symbols, "symbols"), _flat_int32(indexes, "indexes")
-    if s.shape != i.shape:
-        raise ValueError(f"symbols {s.shape} and indexes {i.shape} differ in size")
+def _check_index(i: np.ndarray, tables: CdfTables) -> None:
     if i.size and (i.min() < 0 or i.max() >= tables.rows):
         raise ValueError(f"table index out of range 0..{tables.rows - 1}")
-    cdfs, lengths, offsets = tables.as_lists()
-    return _coder().RansEncoder().encode_with_indexes(s.tolist(), i.tolist(), cdfs, lengths, offsets)
+
+
+def _spans(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    starts = np.zeros(len(arrays) + 1, dtype=np.int64)
+    np.cumsum([a.size for a in arrays], out=starts[1:])
+    return starts
+
+
+def encode_many(symbols: Sequence[np.ndarray], indexes: Sequence[np.ndarray],
+                tables: CdfTables) -> list[bytes]:
+    """One stream per pair: ``symbols[k]`` (any shape) coded with the CDF rows
+    ``indexes[k]`` (same size), as :func:`encode_symbols` does each; one call, no GIL."""
+    if len(symbols) != len(indexes):
+        raise ValueError("encode_many: as many index arrays as symbol arrays")
+    s = [_flat_int32(a, "symbols") for a in symbols]
+    i = [_flat_int32(a, "indexes") for a in indexes]
+    for a, b in zip(s, i):
+        if a.shape != b.shape:
+            raise ValueError(f"symbols {a.shape} and indexes {b.shape} differ in size")
+    spans = _spans(s)
+    flat_i = np.concatenate(i) if i else np.zeros(0, np.int32)
+    _check_index(flat_i, tables)
+    flat_s = np.concatenate(s) if s else np.zeros(0, np.int32)
+    kernels = _kernels()
+    out = np.empty(kernels.MAX_SYMBOLS_PER_VALUE * flat_s.size + 2 * len(s), dtype="<u4")
+    w0, w1 = np.zeros(len(s), np.int64), np.zeros(len(s), np.int64)
+    err = kernels.encode_many(flat_s, flat_i, spans, tables.cdfs, tables.lengths, tables.offsets,
+                              out, w0, w1)
+    if err:
+        raise ValueError("a symbol falls on a zero-frequency entry of its CDF row")
+    raw = out.view(np.uint8)
+    return [raw[4 * a:4 * b].tobytes() for a, b in zip(w0, w1)]
+
+
+def encode_symbols(symbols: np.ndarray, indexes: np.ndarray, tables: CdfTables) -> bytes:
+    """Code ``symbols`` (any shape) with the CDF row ``indexes`` (same shape) of each."""
+    return encode_many([symbols], [indexes], tables)[0]
+
+
+def decode_many(datas: Sequence[bytes], indexes: Sequence[np.ndarray],
+                tables: CdfTables) -> list[np.ndarray]:
+    """Inverse of :func:`encode_many`: int32 symbols shaped like each ``indexes[k]``, or
+    a CorruptDataError in its place for a stream that breaks off or escapes a value no
+    encoder writes (a damaged stream may also decode to wrong symbols: check them); one
+    call, no GIL."""
+    if len(datas) != len(indexes):
+        raise ValueError("decode_many: as many index arrays as streams")
+    i = [_flat_int32(a, "indexes") for a in indexes]
+    spans = _spans(i)
+    flat_i = np.concatenate(i) if i else np.zeros(0, np.int32)
+    _check_index(flat_i, tables)
+    lens = [-(-len(d) // 4) * 4 for d in datas]
+    starts = np.zeros(len(datas) + 1, dtype=np.int64)
+    np.cumsum(lens, out=starts[1:])
+    buf = np.zeros(int(starts[-1]), dtype=np.uint8)     # 4-byte aligned streams, zero-padded
+    for d, a in zip(datas, starts):
+        buf[a:a + len(d)] = np.frombuffer(d, dtype=np.uint8)
+    ends = starts[:-1] + np.asarray(lens, dtype=np.int64)
+    out = np.empty(flat_i.size, dtype=np.int32)
+    status = np.zeros(len(datas), dtype=np.int32)
+    _kernels().decode_many(buf, starts[:-1].copy(), ends, flat_i, spans, tables.cdfs, tables.lengths,
+                        tables.offsets, out, status)
+    return [CorruptDataError(_ERRORS.get(int(st), "damaged rANS stream")) if st
+            else out[a:b].reshape(np.shape(ix))
+            for a, b, ix, st in zip(spans[:-1], spans[1:], indexes, status)]
 
 
 def decode_symbols(data: bytes, indexes: np.ndarray, tables: CdfTables) -> np.ndarray:
-    """Inverse of :func:`encode_symbols`: int32 symbols shaped like ``indexes``."""
-    i = _flat_int32(indexes, "indexes")
-    if i.size and (i.min() < 0 or i.max() >= tables.rows):
-        raise ValueError(f"table index out of range 0..{tables.rows - 1}")
-    cdfs, lengths, offsets = tables.as_lists()
-    out = _coder().RansDecoder().decode_with_indexes(bytes(data), i.tolist(), cdfs, lengths, offsets)
-    return np.asarray(out, dtype=np.int32).reshape(np.shape(indexes))
+    """Inverse of :func:`encode_symbols`: int32 symbols shaped like ``indexes``.  Raises
+    CorruptDataError as :func:`decode_many` reports it."""
+    out = decode_many([data], [indexes], tables)[0]
+    if isinstance(out, CorruptDataError):
+        raise out
+    return out
 
 
 def symbol_checksum(*arrays: np.ndarray) -> int:

@@ -48,7 +48,7 @@ from typing import Any, Callable, Hashable, Sequence
 import numpy as np
 
 from wsicodec.codecs import Run, run_serially
-from wsicodec.entropy import decode_symbols, symbol_checksum
+from wsicodec.entropy import decode_many, decode_symbols, symbol_checksum
 from wsicodec.errors import CorruptDataError, ModelMismatchError
 
 from .glass import blend_toward_glass, decode_glass, uniform_colour, uniform_latent
@@ -66,10 +66,24 @@ MIN_CACHE_BYTES = 16 * 1024 * 1024
 MAX_CACHE_BYTES = 256 * 1024 * 1024
 
 
+def _cpu() -> Any:
+    import torch
+    return torch.device("cpu")
+
+
 def channel_index(shape: Sequence[int]) -> np.ndarray:
     """The CDF-table index of every z symbol of a (C, h, w) plane: its channel."""
     c = shape[0]
     return np.broadcast_to(np.arange(c, dtype=np.int32).reshape(c, 1, 1), tuple(shape))
+
+
+def _broken(name: str, why: BaseException | None) -> CorruptDataError:
+    """The error of a tile whose symbols cannot be trusted: the stream broke off
+    (``why``) or they fail their checksum."""
+    return CorruptDataError(
+        f"{name}: decoded symbols fail their checksum ({why}: damaged stream)" if why is not None else
+        f"{name}: decoded symbols fail their checksum (damaged stream, or entropy "
+        f"parameters computed differently than at encode time)")
 
 
 class TileDecoder:
@@ -87,6 +101,8 @@ class TileDecoder:
         self.loaded = loaded
         self.model = loaded.model                      # the entropy parameters: on the CPU
         self.tables = self.model.coding_tables()
+        #: where the exact h_s runs: the codec's device when it is a GPU, else the CPU
+        self.entropy_device = device if getattr(device, "type", "cpu") == "cuda" else _cpu()
         self.synthesis = Synthesis(loaded.on(device), device, max_batch, precision)
         self.device, self.precision = device, precision
         #: whether a grid may also hold bare JPEG-XL tiles (the ``auto`` codec's)
@@ -101,21 +117,29 @@ class TileDecoder:
                 f"{name} was coded with model {hd.model_prefix.hex()}..., but the loaded model is "
                 f"{self.loaded.model_id[:16]}...; open it with the same weights")
 
+    def z_shape(self, hd: TileHeader) -> tuple[int, int, int]:
+        """(N, h, w) of a network tile's z symbols."""
+        yh, yw = hd.latent_size
+        return self.model.config.N, ceil_to(yh, LATENT_STRIDE) // 4, ceil_to(yw, LATENT_STRIDE) // 4
+
     def decode_z(self, data: bytes, hd: TileHeader) -> np.ndarray:
         """A network tile's z symbols (N, h, w) int32 (rANS over the factorized prior)."""
-        yh, yw = hd.latent_size
-        zshape = (self.model.config.N, ceil_to(yh, LATENT_STRIDE) // 4, ceil_to(yw, LATENT_STRIDE) // 4)
-        return decode_symbols(data[hd.payload:hd.payload + hd.z_len], channel_index(zshape), self.tables[0])
+        return decode_symbols(data[hd.payload:hd.payload + hd.z_len], channel_index(self.z_shape(hd)),
+                              self.tables[0])
 
-    def hyper_parameters(self, zs: np.ndarray, hd: TileHeader):
-        """(μ float64, table index int32), (1, M, h, w), from the z symbols, exactly as the
-        encoder computed them for this tile's format (on the CPU)."""
+    def hyper_parameters(self, zs: np.ndarray, hd: TileHeader, device: Any = None):
+        """(μ float64, table index int32), (B, M, h, w) on the CPU, from the z symbols
+        ``zs`` (B, N, h, w) of B tiles of ``hd``'s size, format and quality (or (N, h, w)
+        of one), exactly as the encoder computed them for this tile format; the exact h_s
+        runs on ``device`` (default: :attr:`entropy_device`), with the same bits anywhere."""
         import torch
         m = self.model
         medians = m.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1).double()
-        z_hat = torch.from_numpy(zs)[None].double() + medians
-        return m.entropy_parameters(z_hat, torch.tensor([hd.quality]),
-                                    exact=exact_entropy(hd.version), size=hd.latent_size)
+        zs = zs if zs.ndim == 4 else zs[None]
+        z_hat = torch.from_numpy(np.ascontiguousarray(zs)).double() + medians
+        return m.entropy_parameters(z_hat, torch.tensor([hd.quality] * zs.shape[0]),
+                                    exact=exact_entropy(hd.version), size=hd.latent_size,
+                                    device=self.entropy_device if device is None else device)
 
     def decode_y(self, data: bytes, hd: TileHeader, index) -> np.ndarray:
         """A network tile's y symbols (M, h, w) int32, coded with the tables ``index``."""
@@ -129,15 +153,72 @@ class TileDecoder:
             CorruptDataError: symbol checksum mismatch (names the tile).
             ModelMismatchError: the tile was made with other weights.
         """
+        out = self.entropy_decode_many([(data, hd, name)])[0]
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def entropy_decode_many(self, items: Sequence[tuple[bytes, TileHeader, str]]) -> list[Any]:
+        """:meth:`entropy_decode` of many network tiles ``(data, header, name)`` at once:
+        each stream set decoded in one call without the GIL, the exact h_s batched over the
+        tiles of equal size and format (bit-identical to one tile at a time).  Returns each
+        tile's gained ŷ_q, or the exception it raises, in order.  Thread-safe: threads
+        calling this on parts of a list run in parallel."""
+        out: list[Any] = [None] * len(items)
+        groups: dict[tuple, list[int]] = {}
+        for n, (data, hd, name) in enumerate(items):
+            try:
+                self.check_model(hd, name)
+                groups.setdefault((hd.latent_size, exact_entropy(hd.version)), []).append(n)
+            except Exception as e:  # noqa: BLE001 - kept per tile
+                out[n] = e
+        for idx in groups.values():
+            self._decode_group([items[n] for n in idx], idx, out)
+        return out
+
+    def _decode_group(self, items: list, idx: list[int], out: list) -> None:
+        """Tiles of one latent size and format: z streams, one h_s pass, y streams."""
         import torch
-        self.check_model(hd, name)
-        zs = self.decode_z(data, hd)
-        mu, index = self.hyper_parameters(zs, hd)
-        ys = self.decode_y(data, hd, index)
+        hd0 = items[0][1]
+        zi = channel_index(self.z_shape(hd0))
+        zs = decode_many([d[h.payload:h.payload + h.z_len] for d, h, _ in items], [zi] * len(items),
+                         self.tables[0])
+        ok = []
+        for k, z in enumerate(zs):
+            if isinstance(z, BaseException):
+                out[idx[k]] = _broken(items[k][2], z)
+            else:
+                ok.append(k)
+        for q in {items[k][1].quality for k in ok}:          # h_s batched per quality
+            same = [k for k in ok if items[k][1].quality == q]
+            mu, index = self.hyper_parameters(np.stack([zs[k] for k in same]), items[same[0]][1])
+            ys = decode_many([items[k][0][items[k][1].payload + items[k][1].z_len:] for k in same],
+                             [index[j].numpy() for j in range(len(same))], self.tables[1])
+            for j, k in enumerate(same):
+                data, hd, name = items[k]
+                y = ys[j]
+                if isinstance(y, BaseException) or symbol_checksum(zs[k], y) != hd.crc:
+                    if self.entropy_device.type != "cpu" and not isinstance(y, BaseException):
+                        out[idx[k]] = self._on_cpu(data, hd, name, zs[k])
+                        continue
+                    out[idx[k]] = _broken(name, y if isinstance(y, BaseException) else None)
+                    continue
+                out[idx[k]] = self.model.reconstruct(torch.from_numpy(y)[None], mu[j:j + 1],
+                                                     index[j:j + 1], hd.quality).float()
+
+    def _on_cpu(self, data: bytes, hd: TileHeader, name: str, zs: np.ndarray) -> Any:
+        """A tile whose symbols failed their checksum with h_s on the device, again with
+        h_s on the CPU (a device's float64 convolutions are exact in every algorithm this
+        codec has met, ``bench/gpu_decode.py`` checks it; this keeps a device that is not
+        from failing tiles).  Returns ŷ_q or the exception."""
+        import torch
+        mu, index = self.hyper_parameters(zs, hd, device="cpu")
+        try:
+            ys = self.decode_y(data, hd, index)
+        except CorruptDataError as e:
+            return _broken(name, e)
         if symbol_checksum(zs, ys) != hd.crc:
-            raise CorruptDataError(
-                f"{name}: decoded symbols fail their checksum (damaged stream, or entropy "
-                f"parameters computed differently than at encode time)")
+            return _broken(name, None)
         return self.model.reconstruct(torch.from_numpy(ys)[None], mu, index, hd.quality).float()
 
     def ungain(self, y_hat, quality: float):

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from wsicodec.entropy import encode_symbols, symbol_checksum
+from wsicodec.entropy import encode_many, symbol_checksum
 from wsicodec.errors import InvalidSettingError
 
 from . import tileformat
@@ -122,11 +122,13 @@ class TileEncoder:
         return out  # type: ignore[return-value]
 
     def _encode_group(self, regions: list[np.ndarray], boxes: list[Box], version: int) -> list[bytes]:
-        """Network-coded tiles of equal-size regions: one g_a pass, then tile by tile."""
+        """Network-coded tiles of equal-size regions: one g_a pass, h_a tile by tile (each
+        its own latents), then the entropy coding of all of them at once
+        (:meth:`code_many`)."""
         import torch
         net = self.loaded.on(self.device)
         q1 = torch.tensor([self.quality])
-        out = []
+        latents = []
         with torch.inference_mode():
             x = torch.from_numpy(np.stack(regions)).permute(0, 3, 1, 2)
             x = pad_to_stride(x.float().div_(255.0), PIXEL_STRIDE).to(self.device)
@@ -139,8 +141,8 @@ class TileEncoder:
                 z = net.hyper_analysis(y, q1.to(self.device), LATENT_STRIDE)
                 if self.refine:
                     y, z = self._refine(net, x[k:k + 1], y_all[k:k + 1], y, z, (ty, tx, h, w))
-                out.append(self.code_latents(y.cpu(), z.cpu(), h, w, version))
-        return out
+                latents.append((y.cpu(), z.cpu(), h, w))
+        return [data for data, _ in self.code_many(latents, version)]
 
     def _refine(self, net, x, y_all, y, z, where: tuple[int, int, int, int]):
         """:func:`~wsicodec.learned.refine.refine_latents` of a tile whose latents start at
@@ -161,21 +163,38 @@ class TileEncoder:
     def code_latents(self, y, z, h: int, w: int, version: int = tileformat.VERSION) -> bytes:
         """A tile's gained latents ``y`` and hyper-latents ``z`` (on the CPU, from g_a and
         h_a at this encoder's quality) → its bytes: symbols, rANS, header."""
-        return self.code_and_reconstruct(y, z, h, w, version)[0]
+        return self.code_many([(y, z, h, w)], version)[0][0]
 
     def code_and_reconstruct(self, y, z, h: int, w: int, version: int = tileformat.VERSION):
         """:meth:`code_latents`, and the gained ŷ (1, M, h, w) float32 every decoder
         reconstructs from those bytes (the same symbols, μ, tables and κ as
         :meth:`~wsicodec.learned.decoder.TileDecoder.entropy_decode`, without decoding)."""
+        return self.code_many([(y, z, h, w)], version)[0]
+
+    def code_many(self, latents: Sequence[tuple[Any, Any, int, int]],
+                  version: int = tileformat.VERSION) -> list[tuple[bytes, Any]]:
+        """:meth:`code_and_reconstruct` of many tiles ``(y, z, h, w)``: the exact h_s
+        batched over the tiles of equal latent size, each stream set coded in one call
+        without the GIL; the same bytes as tile by tile."""
         import torch
-        q1 = torch.tensor([self.quality])
-        z_sym, mu, index = hyper_symbols(self.model, z, q1, y.shape[-2:], exact=exact_entropy(version))
-        zs = z_sym[0].numpy()
-        ys = torch.round(y.double() - mu).to(torch.int32)[0].numpy()
-        zb = encode_symbols(zs, channel_index(zs.shape), self.tables[0])
-        yb = encode_symbols(ys, index[0].numpy(), self.tables[1])
-        head = pack_network_header(version, h, w, self.quality, self.loaded.model_id,
-                                   symbol_checksum(zs, ys), len(zb))
-        q32 = float(q1[0])                          # the quality a header stores
-        y_hat = self.model.reconstruct(torch.from_numpy(ys)[None], mu, index, q32).float()
-        return head + zb + yb, y_hat
+        out: list[Any] = [None] * len(latents)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for k, (y, z, _, _) in enumerate(latents):
+            groups.setdefault((tuple(y.shape[-2:]), tuple(z.shape[-2:])), []).append(k)
+        q32 = float(torch.tensor([self.quality])[0])            # the quality a header stores
+        for (ysize, _), idx in groups.items():
+            z = torch.cat([latents[k][1] for k in idx])
+            z_sym, mu, index = hyper_symbols(self.model, z, torch.tensor([self.quality] * len(idx)),
+                                             ysize, exact=exact_entropy(version))
+            ys = torch.round(torch.cat([latents[k][0] for k in idx]).double() - mu).to(torch.int32)
+            zs, ys, index = z_sym.numpy(), ys.numpy(), index.numpy()
+            zb = encode_many(list(zs), [channel_index(zs.shape[1:])] * len(idx), self.tables[0])
+            yb = encode_many(list(ys), list(index), self.tables[1])
+            for j, k in enumerate(idx):
+                _, _, h, w = latents[k]
+                head = pack_network_header(version, h, w, self.quality, self.loaded.model_id,
+                                           symbol_checksum(zs[j], ys[j]), len(zb[j]))
+                y_hat = self.model.reconstruct(torch.from_numpy(ys[j:j + 1]), mu[j:j + 1],
+                                               torch.from_numpy(index[j:j + 1]), q32).float()
+                out[k] = (head + zb[j] + yb[j], y_hat)
+        return out

@@ -9,6 +9,7 @@ come from :meth:`wsicodec.learned.ladder.QualityLadder.interpolate` and
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -110,10 +111,23 @@ class ExactHyperSynthesis:
             self._hgain[quality] = g
         return g
 
+    def _layers_on(self, device: torch.device) -> list:
+        """The integer layers with their tensors on ``device`` (copied once per device)."""
+        if device.type == "cpu":
+            return self.layers
+        on = self.__dict__.setdefault("_on", {})
+        if device not in on:
+            on[device] = [[t.to(device) if isinstance(t, torch.Tensor) else t for t in layer]
+                          for layer in self.layers]
+        return on[device]
+
     @torch.no_grad()
-    def __call__(self, z_hat: torch.Tensor, quality: float,
+    def __call__(self, z_hat: torch.Tensor, quality: float | Sequence[float],
                  size: tuple[int, int] | None = None) -> torch.Tensor:
-        """ẑ (1, N, h, w) float64 of one tile → h_s's output (σ then μ) float64, exact.
+        """ẑ (B, N, h, w) float64 of B tiles → h_s's output (σ then μ) float64, exact,
+        on ẑ's device (a CUDA device too: float64 sums of integers below 2**53 are exact
+        in any order and any batch, so every device and batch size gives the same bits).
+        ``quality``: one for all tiles, or one per tile.
 
         ``size`` (h, w): only that top-left part of the output is wanted (y's size, 17² of
         the 20² h_s makes for a 272² tile); a stride-1 last layer then computes just it,
@@ -121,9 +135,14 @@ class ExactHyperSynthesis:
         in that layer.
         """
         lim = float(2 ** EXACT_ACT_BITS - 1)
-        a = torch.round(z_hat.to(torch.float64) / self.hgain(float(quality)) * 2.0 ** EXACT_FRAC).clamp_(-lim, lim)
-        last = len(self.layers) - 1
-        for k, (deconv, wq, bq, stride, pad, opad, scale, slope) in enumerate(self.layers):
+        qs = [quality] * z_hat.shape[0] if isinstance(quality, (int, float)) else list(quality)
+        if len(qs) != z_hat.shape[0]:
+            raise ValueError(f"{len(qs)} qualities for {z_hat.shape[0]} tiles")
+        gain = torch.cat([self.hgain(float(q)) for q in qs]).to(z_hat.device)
+        a = torch.round(z_hat.to(torch.float64) / gain * 2.0 ** EXACT_FRAC).clamp_(-lim, lim)
+        layers = self._layers_on(z_hat.device)
+        last = len(layers) - 1
+        for k, (deconv, wq, bq, stride, pad, opad, scale, slope) in enumerate(layers):
             if deconv:
                 acc = F.conv_transpose2d(a, wq, bq, stride, pad, opad)
             elif k == last and size is not None and _same_stride1(wq, stride, pad):

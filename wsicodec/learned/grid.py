@@ -20,8 +20,8 @@ from wsicodec.errors import CorruptDataError
 
 from .glass import SIDES, decode_glass, plane_edge
 from .synthesis import STITCH_RING, LatentCache, stitch_window
-from .tileformat import (GLASS_KINDS, KIND_FIXUP, KIND_PLANE, MAGIC, TileHeader, fixup_parts,
-                         parse_named)
+from .tileformat import (GLASS_KINDS, KIND_FIXUP, KIND_NETWORK, KIND_PLANE, MAGIC, TileHeader,
+                         fixup_parts, parse_named)
 
 if TYPE_CHECKING:
     from .decoder import TileDecoder
@@ -30,6 +30,11 @@ if TYPE_CHECKING:
 KIND_JPEGXL = -1
 #: first bytes of a JPEG-XL codestream and of a JPEG-XL container
 JXL_SIGNATURES = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")
+#: a grid's network tiles are entropy-decoded in about this many chunks (one per call of
+#: the caller's ``run``: its threads take one each) ...
+CHUNKS = 8
+#: ... of at most this many tiles (one batched pass of the exact h_s)
+ENTROPY_CHUNK = 32
 
 
 def glass_edges(hd: TileHeader, around: dict, name: Callable[[tuple[int, int]], str]) -> dict:
@@ -189,26 +194,38 @@ class GridJob:
             except Exception as e:  # noqa: BLE001
                 lat[key] = e
         dec = self.decoder
-
-        def entropy(job: tuple[str, Any]) -> Any:
-            kind, key = job
-            try:
-                data, hd = self.got[key]
-                if kind == "alone":
-                    return dec.ungain(dec.entropy_decode(data, hd, self.names(*key)), hd.quality)
-                if hd.kind == KIND_JPEGXL:
-                    return dec.pixel_latents(self.pixels[key])
-                return dec.latents(data, hd, self.names(*key))
-            except Exception as e:  # noqa: BLE001 - kept per tile
-                return e
-
         jobs = [("latent", k) for k in todo if k not in lat] + [("alone", k) for k in alone]
+        # network tiles: entropy-decoded in chunks, one chunk per call of ``run`` (its
+        # threads run them in parallel: the coder and h_s's convolutions release the GIL)
+        net = [j for j in jobs if j[0] == "alone" or (self.got[j[1]][1].kind == KIND_NETWORK
+                                                      and self.got[j[1]][1].stitched)]
+        picked = set(net)
+        other = [j for j in jobs if j not in picked]
+        size = max(1, min(ENTROPY_CHUNK, -(-len(net) // CHUNKS)))
+        chunks = [net[i:i + size] for i in range(0, len(net), size)]
+
+        def entropy(chunk: list) -> list:
+            items = [(*self.got[key], self.names(*key)) for _, key in chunk]
+            return [r if isinstance(r, BaseException) else dec.ungain(r, it[1].quality)
+                    for r, it in zip(dec.entropy_decode_many(items), items)]
+
+        def latent(job: tuple[str, Any]) -> Any:
+            key = job[1]
+            data, hd = self.got[key]
+            if hd.kind == KIND_JPEGXL:
+                return dec.pixel_latents(self.pixels[key])
+            return dec.latents(data, hd, self.names(*key))
+
+        done: dict = {}
+        for chunk, r in zip(chunks, run(entropy, chunks)):
+            done.update(zip(chunk, r if isinstance(r, list) else [r] * len(chunk)))
+        done.update(zip(other, run(latent, other)))
         own = {}
-        for (kind, key), r in zip(jobs, run(entropy, jobs)):
+        for kind, key in jobs:
             if kind == "alone":
-                own[key] = r
+                own[key] = done[(kind, key)]
             else:
-                lat[key] = r
+                lat[key] = done[(kind, key)]
         return own
 
     def window(self, key: tuple[int, int], lat: dict) -> Any:

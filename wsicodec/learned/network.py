@@ -75,6 +75,8 @@ from .ladder import QualityLadder
 DEFAULT_LAMBDAS = (0.00025, 0.00047, 0.0009, 0.0018, 0.0035, 0.0067, 0.013, 0.025, 0.0483, 0.0932, 0.13)
 
 SCALES_MIN, SCALES_MAX, SCALES_LEVELS = 0.11, 256.0, 64
+#: most tiles per pass of the exact h_s (bounds its float64 activations: ~1 MB a 256² tile)
+EXACT_CHUNK = 32
 _CACHE_LOCK = threading.Lock()
 
 
@@ -327,7 +329,8 @@ class WsiHyperprior(nn.Module):
 
     @torch.no_grad()
     def entropy_parameters(self, z_hat: torch.Tensor, quality: torch.Tensor, exact: bool = True,
-                           size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           size: tuple[int, int] | None = None,
+                           device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """ẑ_q → (μ, table index), deterministically; ``size`` (h, w): y's size, the
         top-left part of h_s's output that is returned (and, exact, computed).
 
@@ -335,18 +338,26 @@ class WsiHyperprior(nn.Module):
         the same bits on any machine.  Otherwise (format 1, still read): h_s in float64 on
         the CPU, one tile at a time, on a private float64 copy, which does not depend on
         batch size, thread count or device, but may on the BLAS or CPU family in its last
-        bits.  Returns float64 means and int32 CDF-table indexes, shapes (B, M, h, w).
+        bits.  Returns float64 means and int32 CDF-table indexes, shapes (B, M, h, w), on
+        the CPU.  The exact h_s runs on ``device`` (default: ẑ's), batched by
+        :data:`EXACT_CHUNK` tiles: the same bits on every device and batch size.
         """
-        if exact:
+        if exact:       # one batched pass per chunk: the same bits as tile by tile
             h_s, q = self.h_s_exact(), quality.cpu().to(torch.float32).tolist()
+            if len(q) == 1 and z_hat.shape[0] > 1:
+                q = q * z_hat.shape[0]
+            dev = torch.device(device) if device is not None else z_hat.device
+            parts = [h_s(z_hat[i:i + EXACT_CHUNK].to(dev, torch.float64), q[i:i + EXACT_CHUNK], size)
+                     for i in range(0, z_hat.shape[0], EXACT_CHUNK)]
         else:
             h_s64 = self.h_s_float64()
             _, hgain = self.gains(quality.cpu(), torch.float64)
             hgain = hgain.to(torch.float64)
+            parts = [h_s64(z_hat[i:i + 1].cpu().to(torch.float64) / hgain[i:i + 1])
+                     for i in range(z_hat.shape[0])]
         means, indexes = [], []
-        for i in range(z_hat.shape[0]):
-            zi = z_hat[i:i + 1].cpu().to(torch.float64)
-            p = h_s(zi, q[i], size) if exact else h_s64(zi / hgain[i:i + 1])
+        for p in parts:
+            p = p.cpu()
             if size is not None:
                 p = p[..., :size[0], :size[1]]
             scales, mu = p.chunk(2, 1)
