@@ -1,7 +1,7 @@
 """The learned codec on a GPU: do CPU-made tiles decode there as on the CPU, and how fast?
 
-    python bench/gpu_decode.py [--images ../shared/data/he/test] [--tiles 64] [--device cuda]
-                               [--out bench/results/gpu_decode.json]
+    python bench/gpu_decode.py [--images ../shared/data/he/test] [--tiles 256] [--device cuda]
+                               [--batch-sizes 1,4,16,64,256] [--out bench/results/gpu_decode.json]
 
 Whole images (cropped to whole 256² tiles, at least ``--tiles`` tiles in all) are cut
 into tiles as a container's (g_a over each tile and its 16 px of context, the tile's own
@@ -19,8 +19,15 @@ and encode MP/s and tile-by-tile decode MP/s (``decode_alone``) by batch size; a
 "bfloat16", the stitched and batched decode with ``precision="bfloat16"`` (MP/s, PSNR, and
 how far from the float32 pixels).
 
-Made to run in one short call of the lent GPU: it needs torch, compressai, numpy and
-Pillow, not zarr or imagecodecs.
+Symbols (issue #31): the exact h_s runs on DEVICE in float64 when the decoder does; for
+every tile, μ and the CDF-table indexes from DEVICE (one tile, and all tiles in one
+batch) against the CPU's, to the bit, and the gained ŷ of the whole entropy path
+(``entropy_decode_many``) on both; then the entropy path alone (rANS on the CPU threads,
+h_s on DEVICE) in MP/s by batch size.
+
+Sized for one call of the lent GPU of at most five minutes (the previous version, 64
+tiles and batches up to 64, took under two on an H200; this one has not run on a GPU
+yet): it needs torch, compressai, numba, numpy and Pillow, not zarr or imagecodecs.
 """
 
 from __future__ import annotations
@@ -130,6 +137,49 @@ def _served_seconds(backend: _Served, ims: list[_Image], pool: ThreadPoolExecuto
     return _best(serve_all, repeats)
 
 
+def _network(data: list[bytes]) -> list:
+    from wsicodec.learned import parse_header
+    items = [(d, parse_header(d), f"tile {i}") for i, d in enumerate(data)]
+    return [it for it in items if it[1].kind == 0]
+
+
+def _symbols(cpu: LearnedCodec, dev: LearnedCodec, data: list[bytes], device: str) -> dict:
+    """The exact h_s on DEVICE against the CPU's, to the bit: μ and table indexes of each
+    network tile alone and of all in one batch; and the gained ŷ of the whole entropy
+    path of each codec (symbols, checksums, κ)."""
+    items = _network(data)
+    zs = [cpu.decoder.decode_z(d, hd) for d, hd, _ in items]
+    ref = [cpu.decoder.hyper_parameters(z, hd, device="cpu") for z, (_, hd, _) in zip(zs, items)]
+    one = sum(all(torch.equal(a, b) for a, b in zip(r, dev.decoder.hyper_parameters(z, hd, device=device)))
+              for r, z, (_, hd, _) in zip(ref, zs, items))
+    mu, index = dev.decoder.hyper_parameters(np.stack(zs), items[0][1], device=device)
+    batch = sum(torch.equal(r[0], mu[i:i + 1]) and torch.equal(r[1], index[i:i + 1])
+                for i, r in enumerate(ref))
+    ya, yb = cpu.decoder.entropy_decode_many(items), dev.decoder.entropy_decode_many(items)
+    fails = sum(isinstance(y, BaseException) for y in ya + yb)
+    same_y = sum(isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+                 for a, b in zip(ya, yb))
+    return {"tiles": len(items), "h_s_device": str(dev.decoder.entropy_device),
+            "h_s_identical_one_tile": int(one), "h_s_identical_batched": int(batch),
+            "y_hat_identical": int(same_y), "entropy_failures": int(fails)}
+
+
+def _entropy_speed(dev: LearnedCodec, data: list[bytes], sizes: list[int],
+                   pool: ThreadPoolExecutor, repeats: int) -> list[dict]:
+    """The entropy path alone (rANS on the pool's CPU threads, the exact h_s on the
+    codec's device), all network tiles in chunks of B, the chunks on the pool."""
+    items = _network(data)
+    mp = len(items) * TILE * TILE / 1e6
+    rows = []
+    for b in sizes:
+        b = min(b, len(items))
+        chunks = [items[i:i + b] for i in range(0, len(items), b)]
+        s = _best(lambda: list(pool.map(dev.decoder.entropy_decode_many, chunks)), repeats)
+        rows.append({"batch": b, "entropy_mp_s": round(mp / s, 2)})
+        print(f"batch {b:3d}: entropy decode + exact h_s {mp / s:7.2f} MP/s")
+    return rows
+
+
 def _finite(v: float) -> float | None:
     """JSON has no infinity: identical images (PSNR ∞) are written as null."""
     return round(v, 2) if np.isfinite(v) else None
@@ -138,10 +188,10 @@ def _finite(v: float) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", default=str(ROOT.parent / "shared" / "data" / "he" / "test"))
-    ap.add_argument("--tiles", type=int, default=64)
+    ap.add_argument("--tiles", type=int, default=256)
     ap.add_argument("--quality", type=float, default=4.0)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--batch-sizes", default="1,4,16,64")
+    ap.add_argument("--batch-sizes", default="1,4,16,64,256")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workers", type=int, default=8, help="entropy-decoding threads of the batched path")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_decode.json"))
@@ -198,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
         speed.append({"batch": b, "decode_alone_mp_s": round(mp / dec_s, 2), "encode_mp_s": round(mp / enc_s, 2)})
         print(f"batch {b:3d}: decode (tiles alone) {mp / dec_s:6.2f} MP/s  encode {mp / enc_s:6.2f} MP/s ({args.device})")
     cpu_dec_s = _best(lambda: [_stitched(cpu, im) for im in ims], 1)
+    symbols = _symbols(cpu, dev, data, args.device)
+    print(json.dumps({"symbols": symbols}))
+    with ThreadPoolExecutor(args.workers) as pool:
+        entropy = _entropy_speed(dev, data, [int(s) for s in args.batch_sizes.split(",")], pool,
+                                 args.repeats)
 
     result = {
         "device": args.device,
@@ -229,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             "psnr_vs_float32_db": _finite(min(_psnr(a, b) for a, b in zip(dec_dev16, dec_dev))),
         },
         "speed": speed,
+        "symbols_cpu_vs_device": symbols,
+        "entropy_decode_on_device": entropy,
         "cpu_stitched_decode_mp_s": round(mp / cpu_dec_s, 2),
         "cpu_encode_mp_s": round(mp / enc_cpu_s, 2),
     }

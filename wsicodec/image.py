@@ -21,8 +21,10 @@ Stream layout (little-endian)::
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -223,17 +225,27 @@ def decode(data: bytes, *, model: str | None = None, batch: int = 16,
     rows, cols = -(-h // tile), -(-w // tile)
     cache = codec.new_cache(tile, 4 * cols + batch + 4)   # rows around a batch: each tile decoded once
     out = np.empty((h, w, 3), np.uint8)
-    for i in range(0, n, batch):
-        part = cells[i:i + batch]
-        tiles = codec.decode_tiles([(c, r) for r, c, _, _ in part],
-                                   lambda c, r: streams[r * cols + c], (cols, rows),
-                                   names=lambda c, r: f"tile (row {r}, col {c})", cache=cache)
-        for (r, c, ys, xs), t in zip(part, tiles):
-            if isinstance(t, CorruptDataError) and not isinstance(t, CorruptTileError):
-                raise CorruptTileError(str(t), row=r, col=c) from t
-            if isinstance(t, BaseException):
-                raise t
-            if t.shape[:2] != (ys.stop - ys.start, xs.stop - xs.start):
-                raise CorruptDataError("a tile decoded to the wrong size")
-            out[ys, xs] = t
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        def run(fn, items: list) -> list:  # noqa: ANN001 - the entropy work, on the pool
+            return [f.exception() or f.result() for f in [pool.submit(fn, it) for it in items]]
+
+        for i in range(0, n, batch):
+            _decode_part(codec, cells[i:i + batch], streams, (cols, rows), cache, run, out)
     return out
+
+
+def _decode_part(codec, part: list, streams: list, grid: tuple[int, int], cache, run,  # noqa: ANN001
+                 out: np.ndarray) -> None:
+    """One batch of :func:`decode`'s cells into ``out``."""
+    cols = grid[0]
+    tiles = codec.decode_tiles([(c, r) for r, c, _, _ in part],
+                               lambda c, r: streams[r * cols + c], grid,
+                               names=lambda c, r: f"tile (row {r}, col {c})", cache=cache, run=run)
+    for (r, c, ys, xs), t in zip(part, tiles):
+        if isinstance(t, CorruptDataError) and not isinstance(t, CorruptTileError):
+            raise CorruptTileError(str(t), row=r, col=c) from t
+        if isinstance(t, BaseException):
+            raise t
+        if t.shape[:2] != (ys.stop - ys.start, xs.stop - xs.start):
+            raise CorruptDataError("a tile decoded to the wrong size")
+        out[ys, xs] = t

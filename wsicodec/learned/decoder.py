@@ -350,8 +350,12 @@ class TileDecoder:
                     self.entropy_decode(inner, ihd, names[i])    # its symbols checked too
                 out[i] = self.jpegxl_pixels(px, (hd.height, hd.width), names[i])
                 continue
-            jobs.append((i, self.ungain(self.entropy_decode(data, hd, names[i]), hd.quality), hd))
-        pixels = self.synthesize([y for _, y, _ in jobs])
+            jobs.append((i, data, hd))
+        decoded = self.entropy_decode_many([(data, hd, names[i]) for i, data, hd in jobs])
+        for y in decoded:
+            if isinstance(y, BaseException):
+                raise y
+        pixels = self.synthesize([self.ungain(y, hd.quality) for y, (_, _, hd) in zip(decoded, jobs)])
         for (i, _, hd), x in zip(jobs, pixels):
             if isinstance(x, BaseException):
                 raise x

@@ -34,7 +34,7 @@ JXL_SIGNATURES = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")
 #: the caller's ``run``: its threads take one each) ...
 CHUNKS = 8
 #: ... of at most this many tiles (one batched pass of the exact h_s)
-ENTROPY_CHUNK = 32
+ENTROPY_CHUNK = 8
 
 
 def glass_edges(hd: TileHeader, around: dict, name: Callable[[tuple[int, int]], str]) -> dict:

@@ -76,7 +76,7 @@ DEFAULT_LAMBDAS = (0.00025, 0.00047, 0.0009, 0.0018, 0.0035, 0.0067, 0.013, 0.02
 
 SCALES_MIN, SCALES_MAX, SCALES_LEVELS = 0.11, 256.0, 64
 #: most tiles per pass of the exact h_s (bounds its float64 activations: ~1 MB a 256² tile)
-EXACT_CHUNK = 32
+EXACT_CHUNK = 16
 _CACHE_LOCK = threading.Lock()
 
 
