@@ -3,7 +3,8 @@
     python bench/entropy_speed.py [--tiles 256] [--threads 1,2] [--out bench/results/entropy_speed.json]
 
 The tiles: 256² crops of the he/test images (stride 128) coded at quality 4.  For each
-thread count N (``torch.set_num_threads(N)`` and N worker threads):
+thread count N (N worker threads, torch at one thread: each op runs in the thread that
+calls it):
 
 * ``batched``: what every reader runs (:meth:`TileDecoder.entropy_decode_many`), the
   tiles in chunks as :class:`~wsicodec.learned.grid.GridJob` cuts them, one chunk per
@@ -13,9 +14,9 @@ thread count N (``torch.set_num_threads(N)`` and N worker threads):
   with Python lists and the exact h_s one tile at a time, the same work per tile.
 
 Both give the same ŷ for every tile (checked).  Encoding: :meth:`TileEncoder.code_many`
-over the tiles' latents at once against tile by tile.  Timings are the best of
-``--repeat`` runs; other jobs on the machine (a training job at nice 19 holds about one
-core here) show in the recorded load averages: compare within one run.
+over 64 tiles' latents at once against tile by tile.  Timings are the best of ``--repeat``
+runs, the variants interleaved; other jobs on the machine (a training job at nice 19
+holds about one core here) show in the recorded load averages: compare within one run.
 """
 
 from __future__ import annotations
@@ -91,33 +92,43 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "entropy_speed.json")
     args = ap.parse_args(argv)
     import torch
+    load_before = os.getloadavg()
 
     from wsicodec.learned import LearnedCodec, parse_header
-    from wsicodec.learned.grid import CHUNKS, ENTROPY_CHUNK
+    from wsicodec.learned.grid import chunk_size
     codec = LearnedCodec(quality=4)
     dec = codec.decoder
     datas = make_tiles(codec, args.tiles)
     items = [(d, parse_header(d), f"tile {k}") for k, d in enumerate(datas)]
     items = [it for it in items if it[1].kind == 0]
     n = len(items)
-    size = max(1, min(ENTROPY_CHUNK, -(-n // CHUNKS)))
+    size = chunk_size(n)
     chunks = [items[i:i + size] for i in range(0, n, size)]
     dec.warm_up()
     new = [y for c in chunks for y in dec.entropy_decode_many(c)]        # also compiles the coder
     same = all(torch.equal(a, old_path(dec, d, hd)) for a, (d, hd, _) in zip(new, items))
     mp = n * 256 * 256 / 1e6
+    counts = [int(x) for x in args.threads.split(",")]
+    torch.set_num_threads(1)            # N threads = N workers, each op in its own thread
+    pools = {t: ThreadPoolExecutor(t) for t in counts}
+    runs = {("batched", t): (lambda p=pools[t]: list(p.map(dec.entropy_decode_many, chunks)))
+            for t in counts}
+    runs.update({("per_tile_compressai", t): (lambda p=pools[t]: list(p.map(
+        lambda it: old_path(dec, it[0], it[1]), items))) for t in counts})
+    best = {k: float("inf") for k in runs}
+    for _ in range(args.repeat):        # interleaved: a change of load hits every variant
+        for k, fn in runs.items():
+            best[k] = min(best[k], timed(fn, 1))
+    for p in pools.values():
+        p.shutdown()
     rows = []
-    for t in [int(x) for x in args.threads.split(",")]:
-        torch.set_num_threads(t)
-        with ThreadPoolExecutor(t) as pool:
-            b = timed(lambda: list(pool.map(dec.entropy_decode_many, chunks)), args.repeat)
-            o = timed(lambda: list(pool.map(lambda it: old_path(dec, it[0], it[1]), items)), args.repeat)
+    for t in counts:
+        b, o = best[("batched", t)], best[("per_tile_compressai", t)]
         rows.append({"threads": t, "batched_s": round(b, 3), "batched_tiles_per_s": round(n / b, 1),
                      "batched_mp_s": round(mp / b, 2), "per_tile_compressai_s": round(o, 3),
                      "per_tile_compressai_mp_s": round(mp / o, 2)})
         print(json.dumps(rows[-1]), flush=True)
     # encoding: the entropy half (h_s, symbols, rANS) of n tiles from their latents
-    torch.set_num_threads(1)
     enc = codec.encoder
     lat = []
     for d, hd, _ in items[:64]:
@@ -134,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         "speedup_2_vs_1_threads": round(by[1]["batched_s"] / by[2]["batched_s"], 2) if 1 in by and 2 in by else None,
         "batched_vs_old_1_thread": round(by[1]["per_tile_compressai_s"] / by[1]["batched_s"], 2) if 1 in by else None,
         "encode_entropy_64_tiles": {"together_s": round(e_many, 3), "one_by_one_s": round(e_one, 3)},
-        "load_average": os.getloadavg(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        "load_average_before": load_before, "load_average_after": os.getloadavg(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
         "model_sha256": codec.model_id,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,8 @@ step refine   "$PY" bench/rd.py --codecs learned,learned_refine,jpegxl --max-ima
 step seams    "$PY" bench/seams.py --max-images 3 --qualities 1 4 8
 step speed    "$PY" bench/tile_speed.py
 step context  "$PY" bench/context_cost.py
+step entropy  "$PY" bench/entropy_speed.py
+step vsjxl    "$PY" bench/vs_jpegxl.py
 step slides   "$PY" bench/slides.py --codecs learned --out bench/results/slides_learned.json
 container=${TMPDIR:-/tmp}/wsicodec-serve-bench.zarr.zip
 step serve    bash -c "'$PY' -m wsicodec compress ../shared/data/slides/cmu_small_region.svs '$container' --overwrite --quiet \

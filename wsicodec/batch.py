@@ -10,8 +10,9 @@
       │                run=the decoder's thread pool, cache=the codec's decode cache)
       │
       ├─ learned codec: glass tiles decoded directly; network tiles and their 8
-      │                 neighbours ─► latents from the latent cache, or entropy decode +
-      │                 exact h_s (CPU, per tile) on the thread pool ─► each tile's
+      │                 neighbours ─► latents from the latent cache, or entropy decode
+      │                 (rANS without the GIL) + exact h_s (batched; on the GPU when
+      │                 g_s is) in chunks of tiles on the thread pool ─► each tile's
       │                 latents joined with its neighbours' (stitching) ─► the codec's
       │                 g_s queue: windows of all waiting callers grouped by shape,
       │                 ≤ max_batch per pass, one pass at a time, on the device (CUDA
@@ -57,7 +58,8 @@ class DecoderSettings:
         workers: threads for entropy decoding (learned) or ``codec.decode`` (others);
             ``None``: the CPU count, at most 8.
         device: where g_s runs: ``"auto"`` (CUDA when present, else CPU), ``"cpu"``,
-            ``"cuda"`` or ``"cuda:N"``.  The entropy parameters always run on the CPU.
+            ``"cuda"`` or ``"cuda:N"``.  The rANS coding runs on the CPU's threads; the
+            exact h_s runs on the GPU when g_s does (the same bits as on the CPU).
         max_batch: most tiles per g_s pass (bounds memory); ``None``: 16 on a GPU, 4 on
             the CPU (where larger batches stop paying).  Only one g_s pass runs at a
             time per decoder, so many concurrent callers cannot multiply its memory;

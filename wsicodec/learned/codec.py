@@ -72,7 +72,8 @@ class LearnedCodec(TileCodec):
             never taken from one (:func:`~wsicodec.codecs.codec_from_dict` drops it).
             Loaded as data only (``weights_only``: :func:`~wsicodec.checkpoint.load_model`).
         device: where g_a / g_s run ("cpu", "cuda[:N]", or "auto": CUDA when present).
-            The entropy parameters are always computed on the CPU.  Local.
+            The rANS coding and the encoder's h_s run on the CPU; the decoder's exact
+            h_s runs on a GPU device too (the same bits).  Local.
         margin: pixels of context that callers who can (the container writer,
             :func:`wsicodec.encode`) code around each tile (:attr:`context`), 0..64.
         precision: how this codec runs g_a (encoding) and g_s (decoding): "float32"

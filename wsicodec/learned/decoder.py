@@ -7,9 +7,10 @@
       ▼ stitched (format 3) tiles and their 8 neighbours
     LatentCache ──hit──► latents          (a tile another caller decodes is waited for)
       │ miss
-      ▼ on the caller's threads (``run``)
-    entropy_decode: z symbols (rANS) ─► exact h_s (μ, table index) ─► y symbols (rANS)
-                    ─► CRC of the symbols ─► ŷ_q (κ-reconstructed) ─► ÷ gain = latents
+      ▼ on the caller's threads (``run``), in chunks of tiles (grid.chunk_size)
+    entropy_decode_many: z symbols (rANS, all streams in one call) ─► exact h_s, one
+                    batched pass (μ, table index) ─► y symbols (rANS) ─► CRC of the
+                    symbols ─► ŷ_q (κ-reconstructed) ─► ÷ gain = latents
       ▼
     stitch_window: a tile's latents with STITCH_RING rows/columns of each neighbour's
       ▼
@@ -35,9 +36,12 @@ together; :mod:`~wsicodec.learned.synthesis` holds ``LatentCache``, ``stitch_win
 ``Synthesis``; :mod:`~wsicodec.learned.grid` holds one ``decode_tiles`` call's work over
 the grid (``GridJob``) and :func:`~wsicodec.learned.grid.glass_edges`.
 
-The entropy parameters are always computed on the CPU (exact integer arithmetic from
-format 2 on: the same bits on any machine); a mismatch of the symbols' CRC is an error
-naming the tile, never silent garbage.  g_s may run on any device.
+The entropy parameters are computed in exact integer arithmetic from format 2 on: the
+same bits on any machine, in any batch, on the CPU or (in float64) on the codec's GPU,
+where a tile whose symbols fail their CRC is tried once more with h_s on the CPU.  A
+mismatch of the symbols' CRC is an error naming the tile, never silent garbage.  The rANS
+streams are decoded on the CPU, many tiles per call and without the GIL
+(:mod:`wsicodec.entropy`).  g_s may run on any device.
 """
 
 from __future__ import annotations
@@ -99,7 +103,7 @@ class TileDecoder:
     def __init__(self, loaded: Any, device: Any, precision: str, max_batch: int,
                  mixed: bool = False) -> None:
         self.loaded = loaded
-        self.model = loaded.model                      # the entropy parameters: on the CPU
+        self.model = loaded.model                      # the CPU copy: h_s's weights, tables
         self.tables = self.model.coding_tables()
         #: where the exact h_s runs: the codec's device when it is a GPU, else the CPU
         self.entropy_device = device if getattr(device, "type", "cpu") == "cuda" else _cpu()
