@@ -16,7 +16,9 @@ calls it):
 Both give the same ŷ for every tile (checked).  Encoding: :meth:`TileEncoder.code_many`
 over 64 tiles' latents at once against tile by tile.  Timings are the best of ``--repeat``
 runs, the variants interleaved; other jobs on the machine (a training job at nice 19
-holds about one core here) show in the recorded load averages: compare within one run.
+holds about one core here: with the kernel's autogroups, nice does not lower its share)
+show in the recorded load averages and in the control: the same work split over N threads
+of a loop that never takes the GIL, whose speed-up is the most N threads could gain then.
 """
 
 from __future__ import annotations
@@ -75,6 +77,21 @@ def old_path(dec, data: bytes, hd):
     return dec.model.reconstruct(torch.from_numpy(ys)[None], mu, index, hd.quality).float()
 
 
+def _spin_kernel():
+    """A loop numba runs without the GIL: the control of what N threads can gain at best
+    on this machine at this moment (other jobs, the scheduler's share)."""
+    from numba import njit
+
+    @njit(nogil=True, cache=False)
+    def spin(n):
+        s = 0
+        for i in range(n):
+            s += i * i % 7
+        return s
+    spin(10)
+    return spin
+
+
 def timed(fn, repeat: int) -> float:
     best = float("inf")
     for _ in range(repeat):
@@ -90,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "entropy_speed.json")
+    ap.add_argument("--keep", type=Path, help="keep the coded tiles in this file (read it if there)")
     args = ap.parse_args(argv)
     import torch
     load_before = os.getloadavg()
@@ -98,7 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     from wsicodec.learned.grid import chunk_size
     codec = LearnedCodec(quality=4)
     dec = codec.decoder
-    datas = make_tiles(codec, args.tiles)
+    if args.keep and args.keep.is_file():
+        with np.load(args.keep) as f:
+            blob, ends = f["blob"].tobytes(), f["ends"].tolist()
+        datas = [blob[a:b] for a, b in zip([0] + ends[:-1], ends)]
+    else:
+        datas = make_tiles(codec, args.tiles)
+        if args.keep:
+            np.savez(args.keep, blob=np.frombuffer(b"".join(datas), np.uint8),
+                     ends=np.cumsum([len(d) for d in datas]))
     items = [(d, parse_header(d), f"tile {k}") for k, d in enumerate(datas)]
     items = [it for it in items if it[1].kind == 0]
     n = len(items)
@@ -115,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             for t in counts}
     runs.update({("per_tile_compressai", t): (lambda p=pools[t]: list(p.map(
         lambda it: old_path(dec, it[0], it[1]), items))) for t in counts})
+    spin = _spin_kernel()
+    runs.update({("control_nogil_loop", t): (lambda p=pools[t], t=t: list(p.map(
+        lambda _: spin(200_000_000 // t), range(t)))) for t in counts})
     best = {k: float("inf") for k in runs}
     for _ in range(args.repeat):        # interleaved: a change of load hits every variant
         for k, fn in runs.items():
@@ -143,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         "tiles": n, "tile": 256, "quality": 4.0, "chunk_tiles": size, "identical_to_old_path": same,
         "rows": rows,
         "speedup_2_vs_1_threads": round(by[1]["batched_s"] / by[2]["batched_s"], 2) if 1 in by and 2 in by else None,
+        "control_nogil_loop_s": {t: round(best[("control_nogil_loop", t)], 3) for t in counts},
+        "control_speedup_2_vs_1_threads": (round(best[("control_nogil_loop", 1)] / best[("control_nogil_loop", 2)], 2)
+                                           if 1 in counts and 2 in counts else None),
         "batched_vs_old_1_thread": round(by[1]["per_tile_compressai_s"] / by[1]["batched_s"], 2) if 1 in by else None,
         "encode_entropy_64_tiles": {"together_s": round(e_many, 3), "one_by_one_s": round(e_one, 3)},
         "load_average_before": load_before, "load_average_after": os.getloadavg(), "cpu_count": os.cpu_count(), "torch": torch.__version__,

@@ -91,8 +91,9 @@ def _broken(name: str, why: BaseException | None) -> CorruptDataError:
 
 
 class TileDecoder:
-    """The decoding half of a learned codec: its weights' tables, h_s on the CPU, g_s on
-    ``device`` in ``precision``, at most ``max_batch`` windows per g_s pass.  Thread-safe.
+    """The decoding half of a learned codec: its weights' tables, the exact h_s on the CPU
+    (on ``device`` when it is a GPU), g_s on ``device`` in ``precision``, at most
+    ``max_batch`` windows per g_s pass.  Thread-safe.
 
     Its steps are public so that a benchmark can time them one by one
     (:meth:`decode_z`, :meth:`hyper_parameters`, :meth:`decode_y`, :meth:`latents`,

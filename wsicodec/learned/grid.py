@@ -34,7 +34,7 @@ JXL_SIGNATURES = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")
 #: ``run`` (its threads take one each): one tile each up to this many tiles (a cold tile's
 #: 9 spread over every thread), then more per chunk ...
 CHUNKS = 16
-#: ... up to this many (one batched pass of the exact h_s; 24-32 ran slower per tile here)
+#: ... up to this many (one batched pass of the exact h_s; 24 ran slower per tile than 6)
 ENTROPY_CHUNK = 8
 
 
