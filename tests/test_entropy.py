@@ -209,3 +209,33 @@ def test_tiles_encoded_together_are_tiles_encoded_alone(codec) -> None:
     regions = [textured(256, 256, s) for s in range(5)] + [textured(96, 200, 9)]
     together = codec.encode_tiles(regions)
     assert together == [codec.encode(r) for r in regions]
+
+
+@needs_weights
+def test_a_device_whose_h_s_differed_falls_back_to_the_cpu(codec, tiles, monkeypatch) -> None:
+    """Where the exact h_s runs on a GPU and a tile's symbols then fail their checksum (or
+    its stream breaks off), that tile is decoded again with h_s on the CPU: a device that
+    computed other tables costs time, never tiles.  The device is stood in for here by
+    tables one row off whenever h_s is asked to run anywhere but the CPU."""
+    from wsicodec.learned import parse_header
+    dec = codec.decoder
+    items = [(d, parse_header(d), f"tile {k}") for k, d in enumerate(tiles)]
+    ref = dec.entropy_decode_many(items)
+    model_type = type(dec.model)
+    real = model_type.entropy_parameters
+
+    def skewed(self, z_hat, quality, exact=True, size=None, device=None):  # noqa: ANN001
+        mu, index = real(self, z_hat, quality, exact, size, "cpu")
+        if str(device) != "cpu":
+            index = (index + 1).clamp(max=dec.tables[1].rows - 1)
+        return mu, index
+
+    monkeypatch.setattr(model_type, "entropy_parameters", skewed)
+    monkeypatch.setattr(dec, "entropy_device", torch.device("cuda"))   # only ever passed on
+    out = dec.entropy_decode_many(items)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    monkeypatch.setattr(dec, "entropy_device", torch.device("cpu"))    # no fallback on the CPU
+    monkeypatch.setattr(model_type, "entropy_parameters",
+                        lambda self, *a, **k: skewed(self, *a, **{**k, "device": "x"}))
+    assert all(isinstance(e, CorruptDataError) and "checksum" in str(e)
+               for e in dec.entropy_decode_many(items))

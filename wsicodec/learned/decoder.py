@@ -203,7 +203,7 @@ class TileDecoder:
                 data, hd, name = items[k]
                 y = ys[j]
                 if isinstance(y, BaseException) or symbol_checksum(zs[k], y) != hd.crc:
-                    if self.entropy_device.type != "cpu" and not isinstance(y, BaseException):
+                    if self.entropy_device.type != "cpu":       # other tables break streams too
                         out[idx[k]] = self._on_cpu(data, hd, name, zs[k])
                         continue
                     out[idx[k]] = _broken(name, y if isinstance(y, BaseException) else None)
@@ -212,8 +212,8 @@ class TileDecoder:
                                                      index[j:j + 1], hd.quality).float()
 
     def _on_cpu(self, data: bytes, hd: TileHeader, name: str, zs: np.ndarray) -> Any:
-        """A tile whose symbols failed their checksum with h_s on the device, again with
-        h_s on the CPU (a device's float64 convolutions are exact in every algorithm this
+        """A tile whose symbols failed their checksum (or whose y stream broke off) with
+        h_s on the device, again with h_s on the CPU (a device's float64 convolutions are exact in every algorithm this
         codec has met, ``bench/gpu_decode.py`` checks it; this keeps a device that is not
         from failing tiles).  Returns ŷ_q or the exception."""
         import torch
