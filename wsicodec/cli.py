@@ -41,13 +41,9 @@ def _progress_bar(total: int | None, quiet: bool, desc: str) -> Any:
                 disable=quiet or not sys.stderr.isatty(), leave=False)
 
 
-def _cmd_compress(args: argparse.Namespace) -> int:
-    from wsicodec.codecs import get_codec
-    from wsicodec.paths import check_output_against_inputs, slide_inputs
-    from wsicodec.pipeline import check_tile_size, compress, plan_tile_count
-
-    check_output_against_inputs(args.output, slide_inputs(args.input))   # before anything
-    check_tile_size(args.tile_size)
+def _codec_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The codec options of ``compress`` / ``compress-many``: ``--option``s and ``--min-psnr``.
+    Raises UsageError for a floor without the auto codec, or given twice."""
     options = dict(parse_option(o) for o in args.option)
     if args.min_psnr is not None:
         if args.codec != "auto":
@@ -56,7 +52,17 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         if "min_psnr" in options:
             raise UsageError("min_psnr given twice (--min-psnr and --option)")
         options["min_psnr"] = args.min_psnr
-    codec = get_codec(args.codec, args.quality, **options)
+    return options
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from wsicodec.codecs import get_codec
+    from wsicodec.paths import check_output_against_inputs, slide_inputs
+    from wsicodec.pipeline import check_tile_size, compress, plan_tile_count
+
+    check_output_against_inputs(args.output, slide_inputs(args.input))   # before anything
+    check_tile_size(args.tile_size)
+    codec = get_codec(args.codec, args.quality, **_codec_options(args))
     show = not args.quiet and sys.stderr.isatty()
     total = plan_tile_count(args.input, args.tile_size) if show else None
     with _progress_bar(total, not show, "compress") as bar:
@@ -279,7 +285,94 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"compress": _cmd_compress, "decompress": _cmd_decompress, "info": _cmd_info,
+def _cmd_compress_many(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from wsicodec.cluster import (ClusterSettings, CodecSpec, Run, assign_names, connect,
+                                  dashboard_link, expand_sources, report_csv, report_json,
+                                  write_text_atomic)
+    from wsicodec.codecs import get_codec
+    from wsicodec.pipeline import check_tile_size
+
+    check_tile_size(args.tile_size)
+    if args.workers is not None and (args.scheduler or args.scheduler_file):
+        raise UsageError("--workers sizes the local cluster; a running scheduler has its own workers")
+    if args.task_tiles < 1:
+        raise UsageError(f"--task-tiles must be at least 1, got {args.task_tiles}")
+    options = _codec_options(args)
+    codec = get_codec(args.codec, args.quality, **options)      # bad settings fail here
+    out_dir = Path(args.out_dir)
+    jobs = assign_names(expand_sources(args.sources, skip=[out_dir]), out_dir)
+    if not jobs:
+        raise WsiCodecError(f"no slides found in {' '.join(args.sources)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    talk = not args.quiet and not args.json
+    for j in jobs:
+        if talk and j.name != j.wanted:
+            print(f"name clash: {j.source} -> {j.output.name} ({j.wanted} is taken)")
+    spec = CodecSpec(args.codec, args.quality, tuple(sorted(options.items())))
+    kwargs = {"tile_size": args.tile_size, "overwrite": args.overwrite, "resume": args.resume,
+              "associated": args.associated, "deidentify": args.deidentify}
+    settings = ClusterSettings(args.scheduler, args.scheduler_file, args.workers)
+    interrupted = False
+    with connect(settings) as client:
+        link = dashboard_link(client)
+        if talk:
+            workers = client.scheduler_info().get("workers", {})
+            print(f"{len(jobs)} slide(s) -> {out_dir} on {len(workers)} Dask worker(s) at "
+                  f"{client.scheduler.address}; dashboard: {link or 'none (pip install bokeh)'}",
+                  flush=True)
+        show = talk and sys.stderr.isatty()
+        with _progress_bar(len(jobs), not show, "slides") as slides, \
+                _progress_bar(0, not show, "tiles") as tiles:
+            def on_slide(rep: Any) -> None:
+                slides.update(1)
+                if talk:
+                    tiles.write(_slide_line(rep), file=sys.stdout)
+
+            def on_total(n: int) -> None:
+                tiles.total = (tiles.total or 0) + n
+                tiles.refresh()
+
+            run = Run(client, jobs, spec, codec, compress_kwargs=kwargs, task_tiles=args.task_tiles,
+                      on_tiles=tiles.update, on_slide=on_slide, on_total=on_total)
+            try:
+                reports = run.run()
+            except KeyboardInterrupt:
+                interrupted, reports = True, run.reports
+    write_text_atomic(out_dir / "report.csv", report_csv(reports))
+    if args.json:
+        print(report_json(reports, out_dir=str(out_dir), dashboard=link))
+    failed = [r for r in reports if r.status == "failed"]
+    kept = [r for r in reports if r.status == "interrupted"]
+    if talk:
+        ok = [r for r in reports if r.ok]
+        print(f"{len(ok)} of {len(reports)} slide(s) complete, {len(failed)} failed, "
+              f"{len(kept)} interrupted; report: {out_dir / 'report.csv'}")
+    if interrupted or (run.stopped and not run.cluster_lost):
+        return _fail(f"interrupted: {len(kept)} slide(s) kept their finished rows; the same "
+                     "command with --resume continues", EXIT_INTERRUPTED)
+    if run.cluster_lost:
+        return _fail(f"{run.cluster_lost}; {len(kept)} slide(s) kept their finished rows, the "
+                     "same command with --resume continues", EXIT_ERROR)
+    if failed:
+        return _fail(f"{len(failed)} of {len(reports)} slide(s) failed (listed in "
+                     f"{out_dir / 'report.csv'}): " + "; ".join(f"{r.name}: {r.error}" for r in failed[:3])
+                     + (" ..." if len(failed) > 3 else ""), EXIT_ERROR)
+    return 0
+
+
+def _slide_line(rep: Any) -> str:
+    """One line for a finished slide of ``compress-many``."""
+    if not rep.ok:
+        return f"{rep.status:11s} {rep.name}: {rep.error}"
+    speed = f", {rep.level0_mp / max(rep.seconds, 1e-9):.2f} MP/s" if rep.status == "done" else ""
+    return (f"{rep.status:11s} {rep.name}: {rep.level0_mp:.1f} MP, {_mb(rep.container_bytes)}, "
+            f"ratio {rep.ratio:.2f}:1, {rep.seconds:.1f} s{speed}")
+
+
+_COMMANDS = {"compress": _cmd_compress, "compress-many": _cmd_compress_many,
+             "decompress": _cmd_decompress, "info": _cmd_info,
              "verify": _cmd_verify, "codecs": _cmd_codecs, "serve": _cmd_serve}
 
 

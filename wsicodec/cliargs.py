@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_compress(sub, common)
+    _add_compress_many(sub, common)
     _add_decompress(sub, common)
 
     i = sub.add_parser("info", parents=[common], help="describe a container")
@@ -107,6 +108,52 @@ def _add_compress(sub: Any, common: argparse.ArgumentParser) -> None:
                                    "into OUT (.zarr directory or single-file .zarr.zip).")
     p.add_argument("input", help="slide or image file")
     p.add_argument("output", help="container path: OUT.zarr or OUT.zarr.zip")
+    add_coding_options(p, resume_help=(
+        "continue an interrupted compress of the same slide to the same OUT with the same "
+        "settings (an interrupt keeps the finished tile rows in a hidden .OUT.partial-* "
+        "beside OUT); starts afresh if there is none"))
+    p.add_argument("--workers", type=int, default=None,
+                   help="encoder threads (default: CPU count, at most 8)")
+
+
+def _add_compress_many(sub: Any, common: argparse.ArgumentParser) -> None:
+    """The ``compress-many`` command's arguments: compress's, and where the work runs."""
+    from wsicodec.cluster.bands import DEFAULT_TASK_TILES
+
+    p = sub.add_parser("compress-many", parents=[common],
+                       help="many slides -> containers, on a Dask cluster",
+                       description="Compress every slide SOURCE names into DIR/<name>.zarr.zip "
+                                   "on a Dask cluster: a local one by default, or a running "
+                                   "scheduler (--scheduler). Large slides are split into bands "
+                                   "of tile rows; the tiles equal 'compress' of the same slide. "
+                                   "Writes DIR/report.csv (docs/cluster.md).")
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="slide file, folder (searched recursively) or manifest (.txt/.lst: one "
+                        "path a line; .csv: a 'path' column)")
+    p.add_argument("--out-dir", required=True, metavar="DIR",
+                   help="folder for the containers and report.csv (made if missing)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="a running Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: a "
+                            "local cluster on this machine)")
+    where.add_argument("--scheduler-file", metavar="FILE",
+                       help="the file 'dask scheduler --scheduler-file' (or dask-jobqueue) wrote")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes of the local cluster (default: CPU count); not "
+                        "with --scheduler")
+    p.add_argument("--task-tiles", type=int, default=DEFAULT_TASK_TILES, metavar="N",
+                   help=f"tiles per task (default {DEFAULT_TASK_TILES}); a slide with fewer "
+                        "is one task")
+    p.add_argument("--json", action="store_true",
+                   help="print the report as JSON on stdout (report.csv is written anyway)")
+    add_coding_options(p, resume_help=(
+        "skip the slides whose output exists (finished by an earlier run) and continue "
+        "the interrupted ones from their finished tile rows; the rest start afresh"))
+
+
+def add_coding_options(p: argparse.ArgumentParser, *, resume_help: str) -> None:
+    """The options of ``compress`` that ``compress-many`` takes too (codec, quality, tile
+    size, associated images, de-identification, overwrite, resume, quiet)."""
     p.add_argument("--codec", default=DEFAULT_CODEC,
                    help=f"tile codec (default {DEFAULT_CODEC}; see 'wsicodec codecs')")
     p.add_argument("--quality", type=float, default=None,
@@ -124,8 +171,6 @@ def _add_compress(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--tile-size", type=int, default=256,
                    help="tile edge in pixels, a multiple of 16 in 16..4096 (default 256); a "
                         "slide smaller than that gets tiles just large enough for it")
-    p.add_argument("--workers", type=int, default=None,
-                   help="encoder threads (default: CPU count, at most 8)")
     p.add_argument("--associated", choices=ASSOCIATED_POLICIES, default="auto",
                    help="label / macro / thumbnail: auto (default) keeps the label lossless and "
                         "codes the overviews as JPEG-XL (distance 0.5), lossless keeps all as "
@@ -138,10 +183,7 @@ def _add_compress(sub: Any, common: argparse.ArgumentParser) -> None:
                         "that carry people, dates, file names and identifiers; new DICOM "
                         "UIDs (docs/deidentify.md). 'wsicodec info' lists what was left out")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted compress of the same slide to the same OUT "
-                        "with the same settings (an interrupt keeps the finished tile rows in "
-                        "a hidden .OUT.partial-* beside OUT); starts afresh if there is none")
+    p.add_argument("--resume", action="store_true", help=resume_help)
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary: only errors (stderr) and the exit status")
 
 

@@ -90,12 +90,17 @@ class LevelEncoder(abc.ABC):
     @abc.abstractmethod
     def push(self, row: int, regions: Sequence[np.ndarray], boxes: Sequence["Box"], *,
              valid: Sequence[tuple[int, int]] | None = None,
-             stored: Sequence[bytes] | None = None) -> list[EncodedRow]:
+             stored: Sequence[bytes] | None = None,
+             context_only: bool = False) -> list[EncodedRow]:
         """Row ``row``'s tiles as :meth:`TileCodec.encode_tiles` takes them (regions with
         context and the tiles' boxes in them); ``valid``: each tile's (height, width)
         inside the level (edge tiles are padded; default: the whole box).  ``stored``:
         the row's tiles as an earlier run wrote them (a resumed run): the row is then
         only its neighbours' context, taken from those bytes, and never returned.
+        ``context_only``: the row is coded as it would be in the level, but only as its
+        neighbours' context, and never returned (a band of rows coded apart from the
+        rest of the level, :mod:`wsicodec.cluster`: the rows just outside it); the rows
+        returned are then byte for byte those of one pass over the level.
         Returns the rows now finished."""
 
     @abc.abstractmethod

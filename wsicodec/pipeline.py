@@ -49,6 +49,14 @@ BATCH_SIZE = 8
 Progress = Callable[[int], None]
 """Called with the number of tiles just finished."""
 
+EncodeRows = Callable[[ContainerWriter, SlideSource, PyramidPlan, TileCodec,
+                       "set[tuple[int, int]]", "Progress | None"], None]
+"""How compress codes the tile rows: ``encode_rows(writer, source, plan, codec, done,
+progress)`` codes every (level, row) of ``plan`` not in ``done`` and stores it with
+``writer.write_row`` (with :func:`row_records`), reporting tiles to ``progress``; it
+raises what coding raised.  The default codes them in this process; :mod:`wsicodec.cluster`
+codes them on a Dask cluster."""
+
 
 #: the largest tile size compress writes (a 4096 px tile is 48 MiB of RGB, and codecs
 #: need several times that to code it)
@@ -166,7 +174,10 @@ class _RowCollector:
                 self._progress(1)
 
 
-def _encode_context_row(codec: TileCodec, tiles: list[ContextTile], batch: int) -> list[bytes]:
+def encode_context_row(codec: TileCodec, tiles: list[ContextTile], batch: int = BATCH_SIZE
+                       ) -> list[bytes]:
+    """One tile row of a codec that wants neighbour context (and no level encoder), coded
+    in batches of ``batch`` tiles, as compress codes it."""
     out: list[bytes] = []
     for i in range(0, len(tiles), batch):
         chunk = tiles[i:i + batch]
@@ -190,7 +201,8 @@ def compress_source(source: SlideSource, output: str | os.PathLike[str], codec: 
                     progress: Progress | None = None, source_name: str | None = None,
                     source_bytes: int | None = None, associated: str = "auto",
                     resume: bool = False, resume_key: dict[str, Any] | None = None,
-                    deidentify: bool = False) -> ContainerMetadata:
+                    deidentify: bool = False, encode_rows: EncodeRows | None = None
+                    ) -> ContainerMetadata:
     """Compress an open source into a container at ``output`` (atomic).
 
     ``tile_size``: a multiple of 16 in [16, 4096]; a slide smaller than that gets tiles
@@ -204,6 +216,9 @@ def compress_source(source: SlideSource, output: str | os.PathLike[str], codec: 
     ``associated``: how the label / macro / thumbnail are kept, one of
     :data:`wsicodec.associated.ASSOCIATED_POLICIES` ("auto": label lossless, the rest
     JPEG-XL; "lossless"; "none": left out).
+
+    ``encode_rows``: how the tile rows are coded (:data:`EncodeRows`; default: in this
+    process, on ``workers`` threads).
 
     ``resume``: continue what an interrupted compress of the same source to the same
     output with the same settings (codec, quality, tile size, ...; and ``resume_key``,
@@ -227,15 +242,16 @@ def compress_source(source: SlideSource, output: str | os.PathLike[str], codec: 
     return _compress_source(source, output, codec, tile_size=tile_size, workers=workers,
                             overwrite=overwrite, progress=progress, source_name=source_name,
                             source_bytes=source_bytes, associated=associated, resume=resume,
-                            resume_key=resume_key, deidentify=deidentify)[0]
+                            resume_key=resume_key, deidentify=deidentify,
+                            encode_rows=encode_rows)[0]
 
 
 def _compress_source(source: SlideSource, output: str | os.PathLike[str], codec: TileCodec, *,
                      tile_size: int, workers: int | None, overwrite: bool,
                      progress: Progress | None, source_name: str | None,
                      source_bytes: int | None, associated: str, resume: bool,
-                     resume_key: dict[str, Any] | None, deidentify: bool = False
-                     ) -> tuple[ContainerMetadata, int]:
+                     resume_key: dict[str, Any] | None, deidentify: bool = False,
+                     encode_rows: EncodeRows | None = None) -> tuple[ContainerMetadata, int]:
     """:func:`compress_source`, also returning how many tiles were taken over."""
     check_tile_size(tile_size)
     n_workers = check_workers(workers)
@@ -266,7 +282,7 @@ def _compress_source(source: SlideSource, output: str | os.PathLike[str], codec:
     try:
         with writer:
             _write_all(writer, source, plan, codec, associated, n_workers, progress,
-                       drop_associated=dropped)
+                       drop_associated=dropped, encode_rows=encode_rows)
             return writer.commit(), writer.resumed_tiles
     except KeyboardInterrupt as e:
         if writer.kept is not None:
@@ -289,9 +305,10 @@ def _deidentified_field(record: dict[str, Any]) -> dict[str, Any]:
 
 def _write_all(writer: ContainerWriter, source: SlideSource, plan: PyramidPlan,
                codec: TileCodec, associated: str, n_workers: int,
-               progress: Progress | None, drop_associated: Sequence[str] = ()) -> None:
-    """Encode every tile row ``writer`` does not hold yet, and the associated images
-    (but those in ``drop_associated``)."""
+               progress: Progress | None, drop_associated: Sequence[str] = (),
+               encode_rows: EncodeRows | None = None) -> None:
+    """Encode every tile row ``writer`` does not hold yet (with ``encode_rows`` if given),
+    and the associated images (but those in ``drop_associated``)."""
     tile_size = plan.tile_size
     done = writer.done_rows()
     if done and progress:
@@ -302,6 +319,9 @@ def _write_all(writer: ContainerWriter, source: SlideSource, plan: PyramidPlan,
         fmt = associated_format(name, associated)
         if fmt is not None:
             writer.write_associated(name, source.read_associated_image(name), fmt)
+    if encode_rows is not None:
+        encode_rows(writer, source, plan, codec, done, progress)
+        return
     if codec.level_encoder(0) is not None:
         _write_streamed(writer, source, plan, codec, done, progress)
         return
@@ -321,7 +341,7 @@ def _write_all(writer: ContainerWriter, source: SlideSource, plan: PyramidPlan,
                 futures = rows.start_row(strip.level, strip.row, cols)
                 tiles = list(iter_context_tiles(ext, top, tile_size, margin))
                 futures.extend(Future() for _ in tiles)
-                job = pool.submit(_encode_context_row, codec, tiles, BATCH_SIZE)
+                job = pool.submit(encode_context_row, codec, tiles, BATCH_SIZE)
                 job.add_done_callback(lambda f, fs=list(futures): _done_future(f, fs))
                 for _ in tiles:
                     rows.added()
@@ -354,7 +374,7 @@ def _write_streamed(writer: ContainerWriter, source: SlideSource, plan: PyramidP
 
     def write(level: int, rows: list) -> None:
         for er in rows:
-            writer.write_row(level, er.row, er.tiles, **_records(codec, er))
+            writer.write_row(level, er.row, er.tiles, **row_records(codec, er.records))
             if progress:
                 progress(len(er.tiles))
 
@@ -369,7 +389,7 @@ def _write_streamed(writer: ContainerWriter, source: SlideSource, plan: PyramidP
             gap = lv in last_pushed and last_pushed[lv] != r - 1
             last_pushed[lv] = r
             tiles = list(iter_context_tiles(ext, top, t, margin))
-            valid = [(min(t, info.height - r * t), min(t, info.width - c.col * t)) for c in tiles]
+            valid = valid_sizes(info, t, r, tiles)
             stored = None if todo[1] else writer.stored_row(lv, r)
             pending.append(pool.submit(_push_row, enc, lv, r, tiles, valid, stored, gap,
                                        r == grid.rows - 1))
@@ -390,25 +410,36 @@ def _push_row(enc: Any, level: int, row: int, tiles: list[ContextTile], valid: l
     return level, out
 
 
-def _records(codec: TileCodec, er: Any) -> dict[str, Any]:
-    """``write_row``'s ``records`` for a row from a codec that records its tiles."""
-    if not codec.tile_kinds or er.records is None:
+def valid_sizes(info: Any, tile_size: int, row: int, tiles: Sequence[ContextTile]
+                ) -> list[tuple[int, int]]:
+    """Each tile's (height, width) inside its level (``info``: a LevelInfo), for
+    :meth:`~wsicodec.codecs.LevelEncoder.push`."""
+    t = tile_size
+    return [(min(t, info.height - row * t), min(t, info.width - c.col * t)) for c in tiles]
+
+
+def row_records(codec: TileCodec, records: Sequence[tuple[str, float]] | None) -> dict[str, Any]:
+    """``write_row``'s ``records`` keyword for a row's (kind, psnr) pairs
+    (:class:`~wsicodec.codecs.EncodedRow`'s), from a codec that records its tiles."""
+    if not codec.tile_kinds or records is None:
         return {}
     from wsicodec.fidelity import TileRecord
 
-    return {"records": [TileRecord(kind, float(psnr)) for kind, psnr in er.records]}
+    return {"records": [TileRecord(kind, float(psnr)) for kind, psnr in records]}
 
 
 def compress(source: str | os.PathLike[str], output: str | os.PathLike[str], codec: TileCodec, *,
              tile_size: int = 256, workers: int | None = None, overwrite: bool = False,
              progress: Progress | None = None, associated: str = "auto",
-             resume: bool = False, deidentify: bool = False) -> CompressResult:
+             resume: bool = False, deidentify: bool = False,
+             encode_rows: EncodeRows | None = None) -> CompressResult:
     """Compress a slide or image file into a container (``.zarr`` dir or ``.zarr.zip``).
 
     ``associated``: how associated images are kept (see :func:`compress_source`).
     ``tile_size``: a multiple of 16 in [16, 4096], fitted to a smaller slide
     (:func:`fitted_tile_size`; the result says what was used).
     ``deidentify``: a de-identified copy (see :func:`compress_source`).
+    ``encode_rows``: how the tile rows are coded (:data:`EncodeRows`; default: here).
     ``resume``: continue an interrupted compress of this source to this output with the
     same settings, if one left its finished rows (the source file must be unchanged:
     same size and modification time); otherwise start from the beginning.
@@ -435,7 +466,8 @@ def compress(source: str | os.PathLike[str], output: str | os.PathLike[str], cod
         meta, resumed = _compress_source(
             src, out_path, codec, tile_size=tile_size, workers=workers, overwrite=overwrite,
             progress=progress, source_name=src_path.name, source_bytes=nbytes,
-            associated=associated, resume=resume, resume_key=key, deidentify=deidentify)
+            associated=associated, resume=resume, resume_key=key, deidentify=deidentify,
+            encode_rows=encode_rows)
     return CompressResult(
         source=src_path, output=out_path, dimensions=meta.levels[0].dimensions,
         levels=len(meta.levels),
@@ -459,7 +491,7 @@ def plan_tile_count(source: str | os.PathLike[str], tile_size: int) -> int:
 
 # ContextTile, iter_context_strips, iter_context_tiles live in wsicodec.tiling.context;
 # re-exported
-__all__ = ["BATCH_SIZE", "MAX_TILE_SIZE", "CompressResult", "ContextTile", "Progress",
+__all__ = ["BATCH_SIZE", "MAX_TILE_SIZE", "CompressResult", "ContextTile", "EncodeRows", "Progress",
            "check_tile_size", "check_workers", "compress", "compress_source", "default_workers",
-           "fitted_tile_size", "iter_context_strips", "iter_context_tiles", "plan_tile_count",
-           "source_file_bytes"]
+           "encode_context_row", "fitted_tile_size", "iter_context_strips", "iter_context_tiles",
+           "plan_tile_count", "row_records", "source_file_bytes", "valid_sizes"]

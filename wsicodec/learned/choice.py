@@ -345,14 +345,15 @@ class MixedLevelEncoder(LevelEncoder):
         self.emit: dict[int, bool] = {}
         self.pending: int | None = None
 
-    def push(self, row, regions, boxes, *, valid=None, stored=None) -> list[EncodedRow]:
+    def push(self, row, regions, boxes, *, valid=None, stored=None,
+             context_only=False) -> list[EncodedRow]:
         if self.pending is not None and row != self.pending + 1:
             raise InvalidSettingError(f"rows of a level go in order: row {row} after row {self.pending}")
         if stored is None:
             self.rows[row] = self.chooser.choose_row(regions, boxes, valid)
         else:
             self.rows[row] = [self.chooser.stored_tile(c, data) for c, data in enumerate(stored)]
-        self.emit[row] = stored is None
+        self.emit[row] = stored is None and not context_only
         out = self._settle(self.pending) if self.pending is not None else []
         self.pending = row
         return out
