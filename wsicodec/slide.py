@@ -171,15 +171,35 @@ class WsiSlide:
                 f"a {w} x {h} px region of level {level} ({w * h * 4 / 2**30:.1f} GiB as RGBA) does "
                 "not fit in memory: read it in pieces, or from a coarser level") from None
         if inside:
-            grid = self._c.grid(level)
-            keys = list(grid.tiles_overlapping(rect))
-            tiles = dict(zip(keys, self._decode_tiles(level, keys))) if keys else {}
-            stitch_region(grid, rect, tiles, channels=4, out=out)
+            self.read_level_into(level, rect, out)
         if as_array:
             return out if rgba else np.ascontiguousarray(out[..., :3])
         from PIL import Image
 
         return Image.fromarray(out, "RGBA")
+
+    def read_level_into(self, level: int, rect: Rect, out: np.ndarray) -> np.ndarray:
+        """Stitch ``rect`` (in ``level``'s own pixels) of ``level`` into ``out``, an
+        (h, w, 4) uint8 array of the rect's size, as :meth:`read_region` does: decoded
+        tiles opaque, pixels outside the level left as they are.  Returns ``out``.
+        Raises as :meth:`read_region`."""
+        grid = self._c.grid(level)
+        keys = list(grid.tiles_overlapping(rect))
+        tiles = dict(zip(keys, self._decode_tiles(level, keys))) if keys else {}
+        stitch_region(grid, rect, tiles, channels=4, out=out)
+        return out
+
+    def to_dask(self, level: int = 0, chunks: int | tuple[int, int] | None = None) -> Any:
+        """``level`` as a lazy ``dask.array`` of shape (height, width, 4), uint8 RGBA,
+        equal pixel for pixel to :meth:`read_region` ``(..., as_array=True, rgba=True)``
+        of the same pixels.  Chunks (default: whole tiles, about 1024 px) are decoded
+        through this slide's batch decoder (stitched, cached); on a distributed cluster
+        a worker reopens the container by its path (:mod:`wsicodec.cluster.arrays`).
+        Raises RegionOutOfBoundsError for a level outside the pyramid,
+        InvalidSettingError for bad chunks."""
+        from wsicodec.cluster.arrays import level_array
+
+        return level_array(self, level, chunks)
 
     def _decode_tiles(self, level: int, tiles: Sequence[tuple[int, int]]) -> list[np.ndarray]:
         """Decode tiles (col, row) of ``level``, in order; each (T, T, 3) uint8, padded.
