@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 
 import wsicodec
-from wsicodec.cluster.bands import Segment, encode_band, level_strip, plan_tasks, worker_codec
-from wsicodec.cluster.bands import CodecSpec
+from wsicodec.cluster.bands import level_strip, plan_tasks
 from wsicodec.cluster.inputs import assign_names, expand_sources, read_manifest
 from wsicodec.container import open_container
 from wsicodec.errors import InvalidSettingError
@@ -212,23 +211,6 @@ def test_to_dask_on_the_cluster_reopens_the_container_by_path(cluster, tmp_path)
 
 
 # ---------------------------------------------------------------------- in this process
-def test_band_rows_equal_compress_for_the_default_codec(tmp_path):
-    """Bands of auto (each coding the rows around it as context) give the bytes of one
-    pass over the level: the first row, two middle rows, the last row."""
-    ref = reference(tmp_path, SMALL, "auto", 64)
-    codec = worker_codec(CodecSpec("auto", None, (), None))
-    with open_source(SMALL) as src:
-        plan = plan_pyramid(src.level_dimensions, src.level_downsamples, 64)
-        cols = plan.levels[0].grid.cols
-        assert plan.levels[0].grid.rows == 4
-        for lo, hi in ((0, 1), (1, 3), (3, 4)):
-            rows = encode_band(codec, src, plan, Segment(0, lo, hi))
-            assert [r.row for r in rows] == list(range(lo, hi))
-            for row in rows:
-                assert row.records is not None and len(row.records) == cols
-                assert row.tiles == [ref[(0, c, row.row)] for c in range(cols)]
-
-
 @pytest.mark.parametrize("slide,tile", [(CMU, 256), (SMALL, 32)])
 def test_level_strips_equal_the_pyramid_stream(slide, tile):
     with open_source(slide) as src:

@@ -86,7 +86,7 @@ def connect(settings: ClusterSettings) -> Iterator[Any]:
             where = "a local cluster"
             cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                    host="127.0.0.1", dashboard_address=settings.dashboard_address,
-                                   silence_logs=logging.ERROR)
+                                   silence_logs=logging.CRITICAL)
             client = Client(cluster, set_as_default=False)
     except (OSError, TimeoutError) as e:
         if cluster is not None:
@@ -185,14 +185,14 @@ class Run:
             else:
                 self._compress(i, job, rep)
         except CompressInterrupted as e:
-            rep.status, rep.error = "interrupted", f"{e.written} of {e.total} tiles kept in {e.partial}"
+            rep.status, rep.error = "interrupted", str(e)
         except KeyboardInterrupt:
             rep.status, rep.error = "interrupted", "no tile row finished"
         except PartialKeptError as e:
             rep.status, rep.error = "interrupted", " ".join(error_text(e).split())
             if isinstance(e.__cause__, ClusterError):
                 self._lost(str(e.__cause__))
-        except Exception as e:  # noqa: BLE001 - the slide fails alone, the run goes on
+        except BaseException as e:  # noqa: BLE001 - the slide fails alone, the run goes on
             rep.status = "failed"
             rep.error = " ".join((error_text(e) or type(e).__name__).split())
             if isinstance(e, ClusterError):
