@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import wsicodec
-from wsicodec.cluster.bands import level_strip, plan_tasks
+from wsicodec.cluster.bands import CodecSpec, Segment, encode_band, level_strip, plan_tasks, worker_codec
 from wsicodec.cluster.inputs import assign_names, expand_sources, read_manifest
 from wsicodec.container import open_container
 from wsicodec.errors import InvalidSettingError
@@ -73,7 +73,7 @@ class Cluster:
     def close(self) -> None:
         for p in reversed(self.procs):
             if p.poll() is None:
-                p.terminate()
+                p.kill()
         for p in self.procs:
             try:
                 p.wait(timeout=15)
@@ -185,16 +185,31 @@ def test_interrupted_run_keeps_finished_and_partial_slides_and_resume_completes(
     assert not list(out.glob(".*partial*"))
 
 
-def test_default_codec_bands_on_the_cluster_equal_one_process(cluster, tmp_path):
-    """auto: bands of 4 rows (with a row of context each side) give compress's bytes."""
+def test_default_codec_on_the_cluster_equals_one_process(cluster, tmp_path):
+    """auto on workers (one torch thread, denormals flushed) gives compress's bytes."""
     out = tmp_path / "out"
     r = run_many(str(SMALL), "--scheduler", cluster.address, "--out-dir", str(out),
                  "--tile-size", "32", "--task-tiles", "8", "--quiet")
     assert r.returncode == 0, r.stderr
-    with open_source(SMALL) as src:
-        plan = plan_pyramid(src.level_dimensions, src.level_downsamples, 32)
-    assert len(plan_tasks(plan, {(0, r) for r in range(plan.levels[0].grid.rows)}, 8, True)) > 1
+    assert int(report(out)["small_HE_levels"]["tasks"]) > 1
     assert tiles_of(out / "small_HE_levels.zarr.zip") == reference(tmp_path, SMALL, "auto", 32)
+
+
+def test_band_rows_equal_compress_for_the_default_codec(tmp_path):
+    """Bands of auto (each coding the rows around it as context) give the bytes of one
+    pass over the level: the first row, two middle rows, the last row."""
+    ref = reference(tmp_path, SMALL, "auto", 64)
+    codec = worker_codec(CodecSpec("auto", None, (), None))
+    with open_source(SMALL) as src:
+        plan = plan_pyramid(src.level_dimensions, src.level_downsamples, 64)
+        cols = plan.levels[0].grid.cols
+        assert plan.levels[0].grid.rows == 4
+        for lo, hi in ((0, 1), (1, 3), (3, 4)):
+            rows = encode_band(codec, src, plan, Segment(0, lo, hi))
+            assert [r.row for r in rows] == list(range(lo, hi))
+            for row in rows:
+                assert row.records is not None and len(row.records) == cols
+                assert row.tiles == [ref[(0, c, row.row)] for c in range(cols)]
 
 
 def test_to_dask_on_the_cluster_reopens_the_container_by_path(cluster, tmp_path):
@@ -252,14 +267,19 @@ def test_inputs_folders_manifests_and_name_clashes(tmp_path):
         read_manifest(bad)
 
 
-def test_cli_errors_are_one_line(tmp_path):
-    r = run_many(str(tmp_path / "missing.svs"), "--out-dir", str(tmp_path / "o"), "--quiet")
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "missing.svs" in r.stderr
-    r = run_many(str(SMALL), "--out-dir", str(tmp_path / "o"), "--scheduler", "tcp://127.0.0.1:1",
-                 "--workers", "2")
-    assert r.returncode == 2 and "--workers" in r.stderr
-    r = run_many(str(SMALL), "--out-dir", str(tmp_path / "o"), "--task-tiles", "0")
-    assert r.returncode == 2
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from wsicodec.cli import main
+
+    assert main(["compress-many", str(tmp_path / "missing.svs"), "--out-dir", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing.svs" in err
+    assert main(["compress-many", str(SMALL), "--out-dir", str(tmp_path / "o"), "--scheduler",
+                 "tcp://127.0.0.1:1", "--workers", "2"]) == 2
+    assert "--workers" in capsys.readouterr().err
+    assert main(["compress-many", str(SMALL), "--out-dir", str(tmp_path / "o"), "--task-tiles", "0"]) == 2
+    assert main(["compress-many", str(SMALL), "--out-dir", str(tmp_path / "o"), "--scheduler",
+                 "tcp://127.0.0.1:1", "--scheduler-file", "x"]) == 2
+    assert not (tmp_path / "o").exists()
 
 
 def test_to_dask_equals_read_region_on_every_level_and_edge(tmp_path):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -37,11 +38,14 @@ from wsicodec.tiling.context import iter_context_strips, iter_context_tiles
 from wsicodec.tiling.pyramid import PyramidPlan
 from wsicodec.tiling.sources import SlideSource
 
-#: tiles a task codes, by default (bench/cluster.py: the scheduler's per-task overhead is
-#: a few ms, a tile of the default codec ~0.1-0.3 s on one core)
-DEFAULT_TASK_TILES = 64
-#: the fewest rows in a band of a codec with a level encoder (each band codes 2 rows more)
-MIN_LEVEL_ENCODER_ROWS = 4
+#: tiles a task codes, by default: the scheduler's per-task cost is milliseconds, a tile's
+#: a tenth of a second to seconds on one core, so a task's size is set by how much work a
+#: dead worker loses and how evenly a slide spreads, not by overhead (bench/cluster.py,
+#: docs/cluster.md)
+DEFAULT_TASK_TILES = 32
+#: the fewest rows in a band of a codec with a level encoder (each band codes 2 rows more
+#: as context: at most a quarter more)
+MIN_LEVEL_ENCODER_ROWS = 8
 
 
 @dataclass(frozen=True)
@@ -213,10 +217,23 @@ def worker_codec(spec: CodecSpec) -> Any:
         return codec
 
 
-def encode_task(task: TaskSpec) -> tuple[list[BandRow], str]:
-    """Run on a worker: the rows of ``task`` and the address of the worker that coded
-    them.  Raises WsiCodecError if the slide changed since the client planned (its size
-    or mtime), and whatever reading and coding raise."""
+@dataclass(frozen=True)
+class TaskResult:
+    """What a task sends back: its rows, the worker that coded them, and the CPU seconds
+    of that worker's process and wall seconds the task took (the codec built, the slide
+    read and the rows coded)."""
+
+    rows: list[BandRow]
+    worker: str
+    cpu_s: float
+    wall_s: float
+
+
+def encode_task(task: TaskSpec) -> TaskResult:
+    """Run on a worker: the rows of ``task`` (:class:`TaskResult`).  Raises WsiCodecError
+    if the slide changed since the client planned (its size or mtime), and whatever
+    reading and coding raise."""
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     codec = worker_codec(task.codec)
     path = Path(task.path)
     st = os.stat(path)
@@ -228,7 +245,8 @@ def encode_task(task: TaskSpec) -> tuple[list[BandRow], str]:
         plan = plan_pyramid(src.level_dimensions, src.level_downsamples, task.tile_size)
         for seg in task.segments:
             out += encode_band(codec, src, plan, seg)
-    return out, _worker_address()
+    return TaskResult(out, _worker_address(), time.process_time() - cpu0,
+                      time.perf_counter() - wall0)
 
 
 def _worker_address() -> str:
@@ -241,5 +259,5 @@ def _worker_address() -> str:
 
 
 __all__ = ["BandRow", "CodecSpec", "DEFAULT_TASK_TILES", "MIN_LEVEL_ENCODER_ROWS", "Segment",
-           "TaskSpec", "band_context_strips", "encode_band", "encode_task", "level_strip",
+           "TaskResult", "TaskSpec", "band_context_strips", "encode_band", "encode_task", "level_strip",
            "plan_tasks", "row_runs", "worker_codec"]

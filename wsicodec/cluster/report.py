@@ -38,6 +38,8 @@ class SlideReport:
     tiles: int = 0
     resumed_tiles: int = 0
     workers: list[str] = field(default_factory=list)   #: addresses of the workers that coded it
+    tasks: int = 0                      #: tasks that coded its rows (a small slide: one)
+    cpu_seconds: float = 0.0            #: the workers' CPU seconds in those tasks
     renamed_from: str = ""              #: the name it would have had without a clash
 
     @property
@@ -59,6 +61,7 @@ def report_csv(reports: Sequence[SlideReport]) -> str:
         row["ratio"] = f"{r.ratio:.4f}"
         row["level0_mp"] = f"{r.level0_mp:.4f}"
         row["seconds"] = f"{r.seconds:.3f}"
+        row["cpu_seconds"] = f"{r.cpu_seconds:.3f}"
         w.writerow(row)
     return buf.getvalue()
 

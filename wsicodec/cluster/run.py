@@ -227,7 +227,7 @@ class Run:
 
         def encode_rows(writer: Any, source: Any, plan: Any, codec: Any, done: set, progress: Any
                         ) -> None:
-            self._encode_rows(i, job, writer, plan, codec, done, progress, seen)
+            self._encode_rows(i, job, rep, writer, plan, codec, done, progress, seen)
 
         result = compress(job.source, job.output, self.codec, progress=self.on_tiles,
                           encode_rows=encode_rows, **self.kwargs)
@@ -238,8 +238,8 @@ class Run:
         rep.tiles, rep.resumed_tiles = result.tiles, result.resumed_tiles
         rep.workers = sorted(seen)
 
-    def _encode_rows(self, i: int, job: SlideJob, writer: Any, plan: Any, codec: Any, done: set,
-                     progress: Any, seen: set[str]) -> None:
+    def _encode_rows(self, i: int, job: SlideJob, rep: SlideReport, writer: Any, plan: Any,
+                     codec: Any, done: set, progress: Any, seen: set[str]) -> None:
         """:data:`~wsicodec.pipeline.EncodeRows` on the cluster (module docstring)."""
         from wsicodec.pipeline import row_records
 
@@ -268,10 +268,12 @@ class Run:
                     f = finished.get(timeout=POLL_S)
                 except queue.Empty:
                     continue
-                rows, worker = f.result()
+                res = f.result()
                 pending.discard(f)
-                seen.add(worker)
-                for r in rows:
+                seen.add(res.worker)
+                rep.cpu_seconds += res.cpu_s
+                rep.tasks += 1
+                for r in res.rows:
                     writer.write_row(r.level, r.row, r.tiles, **row_records(codec, r.records))
                     if progress:
                         progress(len(r.tiles))
