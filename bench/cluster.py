@@ -33,8 +33,8 @@ def tiles_of(path: Path) -> list[bytes]:
 
 
 def cluster_run(client, slide: Path, out: Path, name: str, quality, options: dict,
-                task_tiles: int) -> float:
-    """Seconds of one compress-many run of ``slide`` on ``client``."""
+                task_tiles: int):
+    """Seconds of one compress-many run of ``slide`` on ``client``, and its report."""
     from wsicodec import get_codec
     from wsicodec.cluster import CodecSpec, Run, assign_names
 
@@ -47,7 +47,7 @@ def cluster_run(client, slide: Path, out: Path, name: str, quality, options: dic
                   compress_kwargs={"tile_size": 256, "overwrite": True}).run()
     dt = time.perf_counter() - t0
     assert reports[0].status == "done", reports[0]
-    return dt
+    return dt, reports[0]
 
 
 def task_overhead(client, n: int = 400) -> dict:
@@ -63,7 +63,8 @@ def task_overhead(client, n: int = 400) -> dict:
 
 def assembly_cost(container: Path, slide: Path, out: Path, codec) -> dict:
     """The client's part alone: ``compress`` of ``slide`` whose rows are the stored rows of
-    ``container`` (no coding): metadata, associated images, write_row, CRCs, zip, rename."""
+    ``container`` (no coding, no associated images): opening the slide, write_row (zarr
+    chunks, CRCs, digests, journal), commit (zip, rename)."""
     from wsicodec.container import open_container
     from wsicodec.pipeline import compress, row_records
 
@@ -72,7 +73,10 @@ def assembly_cost(container: Path, slide: Path, out: Path, codec) -> dict:
                 for lv in range(len(c.metadata.levels)) for r in range(c.grid(lv).rows)}
         recs = {lv: c.tile_records(lv) for lv in range(len(c.metadata.levels))}
 
+    spent = {"write_rows_s": 0.0}
+
     def replay(writer, source, plan, codec, done, progress):
+        t = time.perf_counter()
         for (lv, r), tiles in rows.items():
             rec = None
             if recs[lv] is not None:
@@ -80,12 +84,14 @@ def assembly_cost(container: Path, slide: Path, out: Path, codec) -> dict:
                 rec = [(m.kind_names[m.kind[r, col]], float(m.psnr[r, col]))
                        for col in range(len(tiles))]
             writer.write_row(lv, r, tiles, **row_records(codec, rec))
+        spent["write_rows_s"] = time.perf_counter() - t
 
     t0 = time.perf_counter()
-    res = compress(slide, out, codec, overwrite=True, encode_rows=replay)
+    res = compress(slide, out, codec, overwrite=True, encode_rows=replay, associated="none")
     dt = time.perf_counter() - t0
     return {"tiles": res.tiles, "seconds": dt, "ms_per_tile": 1000 * dt / res.tiles,
-            "container_mb": res.container_bytes / 1e6}
+            "write_rows_ms_per_tile": 1000 * spent["write_rows_s"] / res.tiles,
+            "tile_mb": res.tile_bytes / 1e6, "note": "associated images left out"}
 
 
 def main() -> None:
@@ -113,6 +119,7 @@ def main() -> None:
         plan = plan_pyramid(src.level_dimensions, src.level_downsamples, 256)
     mp = w * h / 1e6
     result["level0_mp"], result["tiles"] = mp, plan.tile_count
+    result["load_average_before"] = os.getloadavg()   # other jobs share these cores
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for name, quality, options in codecs:
@@ -123,17 +130,20 @@ def main() -> None:
                              for t in tasks for s in t) if codec.level_encoder(0) else len(rows)
             entry: dict = {"tasks": len(tasks), "rows": len(rows), "rows_coded_with_halo": coded_rows}
             single = tmp / f"single-{name}.zarr.zip"
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             compress(args.slide, single, codec, overwrite=True)
             entry["single_process_s"] = time.perf_counter() - t0
+            entry["single_process_cpu_s"] = time.process_time() - c0
             ref = tiles_of(single)
             for n in (1, 2):
                 with LocalCluster(n_workers=n, threads_per_worker=1, host="127.0.0.1",
                                   dashboard_address=None) as lc, Client(lc) as client:
                     cluster_run(client, warm, tmp / f"warm{n}", name, quality, options, DEFAULT_TASK_TILES)
                     out = tmp / f"w{n}-{name}"
-                    entry[f"workers_{n}_s"] = cluster_run(client, args.slide, out, name, quality,
-                                                          options, DEFAULT_TASK_TILES)
+                    entry[f"workers_{n}_s"], rep = cluster_run(client, args.slide, out, name,
+                                                               quality, options, DEFAULT_TASK_TILES)
+                    entry[f"workers_{n}_cpu_s"] = rep.cpu_seconds
+                    entry[f"workers_{n}_cpu_s_per_tile"] = rep.cpu_seconds / plan.tile_count
                     assert tiles_of(out / f"{args.slide.stem}.zarr.zip") == ref, "tiles differ"
                     if n == 2 and name == "jpegxl":
                         result["scheduler"] = task_overhead(client)
@@ -141,10 +151,12 @@ def main() -> None:
                 entry[key.replace("_s", "_mp_per_s")] = mp / entry[key]
             entry["scaling_2_over_1"] = entry["workers_1_s"] / entry["workers_2_s"]
             entry["s_per_tile_one_worker"] = entry["workers_1_s"] / plan.tile_count
+            entry["halo_extra_rows_fraction"] = coded_rows / len(rows) - 1
             entry["tiles_identical_to_single_process"] = True
             entry["assembly"] = assembly_cost(single, args.slide, tmp / f"asm-{name}.zarr.zip", codec)
             result["codecs"][name] = entry
             print(name, json.dumps(entry, indent=1), flush=True)
+    result["load_average_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["scheduler"], indent=1))

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 import wsicodec
-from wsicodec.cluster.bands import CodecSpec, Segment, encode_band, level_strip, plan_tasks, worker_codec
+from wsicodec.cluster.bands import (CodecSpec, Segment, StripMemo, encode_band, level_strip,
+                                    plan_tasks, worker_codec)
 from wsicodec.cluster.inputs import assign_names, expand_sources, read_manifest
 from wsicodec.container import open_container
 from wsicodec.errors import InvalidSettingError
@@ -230,8 +231,11 @@ def test_to_dask_on_the_cluster_reopens_the_container_by_path(cluster, tmp_path)
 def test_level_strips_equal_the_pyramid_stream(slide, tile):
     with open_source(slide) as src:
         plan = plan_pyramid(src.level_dimensions, src.level_downsamples, tile)
+        memo = StripMemo(plan, max_bytes=1 << 20)       # keeps the coarse levels only
         for s in iter_strips(src, plan):
             np.testing.assert_array_equal(level_strip(src, plan, s.level, s.row).pixels, s.pixels)
+            np.testing.assert_array_equal(level_strip(src, plan, s.level, s.row, memo).pixels, s.pixels)
+        assert memo.strips and 0 not in memo.keep or slide == SMALL
 
 
 def test_plan_tasks_cover_every_missing_row_once():

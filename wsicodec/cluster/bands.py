@@ -23,6 +23,7 @@ here from the nearest level the source has, strip by strip, as
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -79,6 +80,9 @@ class TaskSpec:
     codec: CodecSpec
     tile_size: int
     segments: tuple[Segment, ...]
+    #: the client's codec's ``to_dict()`` as sorted JSON (its settings and model id), which
+    #: the worker's must equal (other weights installed there would code other tiles)
+    codec_record: str = ""
 
 
 @dataclass(frozen=True)
@@ -135,37 +139,59 @@ def plan_tasks(plan: PyramidPlan, todo: set[tuple[int, int]], task_tiles: int,
 
 
 # ---------------------------------------------------------------------- pixels
-def level_strip(source: SlideSource, plan: PyramidPlan, level: int, row: int) -> Strip:
+class StripMemo:
+    """Strips a task made, kept for the levels made from them: every strip of a level
+    whose whole RGB fits in half of ``max_bytes`` (the coarse levels; a slide without its
+    own pyramid then reads its level 0 once per task, not once per level)."""
+
+    def __init__(self, plan: PyramidPlan, max_bytes: int = 256 << 20) -> None:
+        self.keep = {lv.index for lv in plan.levels
+                     if lv.info.width * lv.info.height * 3 <= max_bytes // 2}
+        self.strips: dict[tuple[int, int], Strip] = {}
+
+
+def level_strip(source: SlideSource, plan: PyramidPlan, level: int, row: int,
+                memo: StripMemo | None = None) -> Strip:
     """Tile row ``row`` of output level ``level``, as :func:`~wsicodec.tiling.iter_strips`
     yields it: read from the source's level, or each half of the two rows above it
     halved (:func:`~wsicodec.tiling.downsample2`) and stacked."""
+    if memo is not None and (level, row) in memo.strips:
+        return memo.strips[(level, row)]
     lv = plan.levels[level]
     t = plan.tile_size
     if lv.source_level is not None:
         grid = lv.grid
         rect = Rect(0, row * t, grid.width, min(t, grid.height - row * t))
-        return Strip(level, row, source.read_region(lv.source_level, rect))
-    above = plan.levels[level - 1].grid.rows
-    halves = [downsample2(level_strip(source, plan, level - 1, r).pixels)
-              for r in (2 * row, 2 * row + 1) if r < above]
-    return Strip(level, row, halves[0] if len(halves) == 1 else np.concatenate(halves))
+        strip = Strip(level, row, source.read_region(lv.source_level, rect))
+    else:
+        above = plan.levels[level - 1].grid.rows
+        halves = [downsample2(level_strip(source, plan, level - 1, r, memo).pixels)
+                  for r in (2 * row, 2 * row + 1) if r < above]
+        strip = Strip(level, row, halves[0] if len(halves) == 1 else np.concatenate(halves))
+    if memo is not None and level in memo.keep:
+        memo.strips[(level, row)] = strip
+    return strip
 
 
 def band_context_strips(source: SlideSource, plan: PyramidPlan, level: int, lo: int, hi: int,
-                        margin: int) -> Iterator[tuple[Strip, np.ndarray, int]]:
+                        margin: int, memo: StripMemo | None = None
+                        ) -> Iterator[tuple[Strip, np.ndarray, int]]:
     """(strip, strip grown by ``margin`` rows, rows added on top) for rows ``lo`` ..
     ``hi - 1`` of ``level``, as :func:`~wsicodec.tiling.context.iter_context_strips`
     yields them over the whole level."""
     rows = plan.levels[level].grid.rows
-    strips = (level_strip(source, plan, level, r) for r in range(max(0, lo - 1), min(rows, hi + 1)))
+    strips = (level_strip(source, plan, level, r, memo)
+              for r in range(max(0, lo - 1), min(rows, hi + 1)))
     for strip, ext, top in iter_context_strips(strips, plan, margin):
         if lo <= strip.row < hi:
             yield strip, ext, top
 
 
 # ---------------------------------------------------------------------- coding
-def encode_band(codec: Any, source: SlideSource, plan: PyramidPlan, seg: Segment) -> list[BandRow]:
-    """The rows of ``seg``, coded as compress codes them (module docstring)."""
+def encode_band(codec: Any, source: SlideSource, plan: PyramidPlan, seg: Segment,
+                memo: StripMemo | None = None) -> list[BandRow]:
+    """The rows of ``seg``, coded as compress codes them (module docstring); ``memo``:
+    strips kept across the task's segments."""
     from wsicodec.pipeline import encode_context_row, valid_sizes
 
     t, margin = plan.tile_size, codec.context
@@ -173,7 +199,8 @@ def encode_band(codec: Any, source: SlideSource, plan: PyramidPlan, seg: Segment
     out: list[BandRow] = []
     enc = codec.level_encoder(seg.level)
     if enc is None:
-        for strip, ext, top in band_context_strips(source, plan, seg.level, seg.lo, seg.hi, margin):
+        for strip, ext, top in band_context_strips(source, plan, seg.level, seg.lo, seg.hi, margin,
+                                                   memo):
             if margin > 0:
                 tiles = encode_context_row(codec, list(iter_context_tiles(ext, top, t, margin)))
             else:
@@ -181,7 +208,7 @@ def encode_band(codec: Any, source: SlideSource, plan: PyramidPlan, seg: Segment
             out.append(BandRow(seg.level, strip.row, tiles, None))
         return out
     lo, hi = max(0, seg.lo - 1), min(rows, seg.hi + 1)      # one row of context each side
-    for strip, ext, top in band_context_strips(source, plan, seg.level, lo, hi, margin):
+    for strip, ext, top in band_context_strips(source, plan, seg.level, lo, hi, margin, memo):
         tiles = list(iter_context_tiles(ext, top, t, margin))
         done = enc.push(strip.row, [c.region for c in tiles], [c.box for c in tiles],
                         valid=valid_sizes(info, t, strip.row, tiles),
@@ -192,6 +219,11 @@ def encode_band(codec: Any, source: SlideSource, plan: PyramidPlan, seg: Segment
     if [r.row for r in out] != list(range(seg.lo, seg.hi)):
         raise WsiCodecError(f"internal error: band {seg} coded rows {[r.row for r in out]}")
     return out
+
+
+def codec_record(codec: Any) -> str:
+    """A codec's settings and model id (``to_dict()``) as sorted JSON."""
+    return json.dumps(codec.to_dict(), sort_keys=True)
 
 
 _codecs: dict[str, Any] = {}
@@ -235,6 +267,10 @@ def encode_task(task: TaskSpec) -> TaskResult:
     reading and coding raise."""
     cpu0, wall0 = time.process_time(), time.perf_counter()
     codec = worker_codec(task.codec)
+    if task.codec_record and codec_record(codec) != task.codec_record:
+        raise WsiCodecError(f"the worker {_worker_address()} builds another codec than the client "
+                            f"(other weights or another wsicodec installed there): "
+                            f"{codec_record(codec)} != {task.codec_record}")
     path = Path(task.path)
     st = os.stat(path)
     if (st.st_size, st.st_mtime_ns) != (task.bytes, task.mtime_ns):
@@ -243,8 +279,9 @@ def encode_task(task: TaskSpec) -> TaskResult:
     out: list[BandRow] = []
     with open_source(path) as src:
         plan = plan_pyramid(src.level_dimensions, src.level_downsamples, task.tile_size)
+        memo = StripMemo(plan)
         for seg in task.segments:
-            out += encode_band(codec, src, plan, seg)
+            out += encode_band(codec, src, plan, seg, memo)
     return TaskResult(out, _worker_address(), time.process_time() - cpu0,
                       time.perf_counter() - wall0)
 
@@ -259,5 +296,6 @@ def _worker_address() -> str:
 
 
 __all__ = ["BandRow", "CodecSpec", "DEFAULT_TASK_TILES", "MIN_LEVEL_ENCODER_ROWS", "Segment",
+           "StripMemo", "codec_record",
            "TaskResult", "TaskSpec", "band_context_strips", "encode_band", "encode_task", "level_strip",
            "plan_tasks", "row_runs", "worker_codec"]

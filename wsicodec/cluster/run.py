@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from wsicodec.cluster.bands import DEFAULT_TASK_TILES, CodecSpec, TaskSpec, encode_task, plan_tasks
+from wsicodec.cluster.bands import (DEFAULT_TASK_TILES, CodecSpec, TaskSpec, codec_record,
+                                    encode_task, plan_tasks)
 from wsicodec.cluster.inputs import SlideJob
 from wsicodec.cluster.report import SlideReport
 from wsicodec.errors import (CompressInterrupted, PartialKeptError, WsiCodecError, error_text)
@@ -247,8 +248,9 @@ class Run:
             self.on_total(plan.tile_count)
         todo = {(lv.index, r) for lv in plan.levels for r in range(lv.grid.rows)} - set(done)
         st = job.source.stat()
+        record = codec_record(codec)
         tasks = [TaskSpec(str(job.source.resolve()), st.st_size, st.st_mtime_ns, self.spec,
-                          plan.tile_size, segs)
+                          plan.tile_size, segs, record)
                  for segs in plan_tasks(plan, todo, self.task_tiles, codec.level_encoder(0) is not None)]
         priority = len(self.jobs) - i               # earlier slides first
         finished: queue.Queue = queue.Queue()
