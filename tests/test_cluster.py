@@ -248,6 +248,8 @@ def test_plan_tasks_cover_every_missing_row_once():
         assert sorted(covered) == sorted(todo)
         assert all(not (s.level == 0 and s.lo <= 3 < s.hi) for t in tasks for s in t)
     assert len(plan_tasks(plan, rows, 10_000, True)) == 1          # small: one task
+    last = plan_tasks(plan, rows, 32, False)[-1]                     # levels 1.. (44 tiles): one
+    assert [s.level for s in last] == [1, 2, 3, 4]
     with pytest.raises(Exception):
         plan_tasks(plan, rows, 0, False)
 

@@ -113,12 +113,17 @@ def plan_tasks(plan: PyramidPlan, todo: set[tuple[int, int]], task_tiles: int,
     """The tasks that code the rows ``todo`` ((level, row) pairs) of ``plan``: each about
     ``task_tiles`` tiles, level 0 first.  Rows of a level go in bands of
     ``ceil(task_tiles / cols)`` rows (at least :data:`MIN_LEVEL_ENCODER_ROWS` for a codec
-    with a level encoder); bands smaller than ``task_tiles`` tiles (the coarse levels)
-    share a task.  Everything in one task when it is all ``task_tiles`` tiles or fewer."""
+    with a level encoder); bands smaller than ``task_tiles`` tiles share a task; the
+    levels from the first one of fewer than ``task_tiles`` tiles down (at most 4/3 of
+    that together) are one task, which makes them from one read of the level above
+    (:class:`StripMemo`).  Everything in one task when it is all ``task_tiles`` tiles or
+    fewer."""
     if task_tiles < 1:
         raise WsiCodecError(f"task_tiles must be at least 1, got {task_tiles}")
+    tail = next((lv.index for lv in plan.levels if lv.grid.tile_count < task_tiles),
+                len(plan.levels))
     segments: list[Segment] = []
-    for lv in plan.levels:
+    for lv in plan.levels[:tail]:
         cols = lv.grid.cols
         rows = [r for (level, r) in todo if level == lv.index]
         band = max(1, -(-task_tiles // cols))
@@ -135,6 +140,10 @@ def plan_tasks(plan: PyramidPlan, todo: set[tuple[int, int]], task_tiles: int,
             size = 0
         tasks[-1].append(seg)
         size += n
+    small = tuple(Segment(lv.index, lo, hi) for lv in plan.levels[tail:]
+                  for lo, hi in row_runs([r for (level, r) in todo if level == lv.index]))
+    if small:
+        tasks.append(list(small))
     return [tuple(t) for t in tasks]
 
 
