@@ -186,20 +186,26 @@ def test_interrupted_run_keeps_finished_and_partial_slides_and_resume_completes(
     assert not list(out.glob(".*partial*"))
 
 
-def test_default_codec_on_the_cluster_equals_one_process(cluster, tmp_path):
+@pytest.fixture(scope="module")
+def auto_reference(tmp_path_factory):
+    """The default codec's tiles of SMALL at tile size 64, coded in this process."""
+    return reference(tmp_path_factory.mktemp("ref"), SMALL, "auto", 64)
+
+
+def test_default_codec_on_the_cluster_equals_one_process(cluster, tmp_path, auto_reference):
     """auto on workers (one torch thread, denormals flushed) gives compress's bytes."""
     out = tmp_path / "out"
     r = run_many(str(SMALL), "--scheduler", cluster.address, "--out-dir", str(out),
-                 "--tile-size", "32", "--task-tiles", "8", "--quiet")
+                 "--tile-size", "64", "--task-tiles", "8", "--quiet")
     assert r.returncode == 0, r.stderr
     assert int(report(out)["small_HE_levels"]["tasks"]) > 1
-    assert tiles_of(out / "small_HE_levels.zarr.zip") == reference(tmp_path, SMALL, "auto", 32)
+    assert tiles_of(out / "small_HE_levels.zarr.zip") == auto_reference
 
 
-def test_band_rows_equal_compress_for_the_default_codec(tmp_path):
+def test_band_rows_equal_compress_for_the_default_codec(auto_reference):
     """Bands of auto (each coding the rows around it as context) give the bytes of one
     pass over the level: the first row, two middle rows, the last row."""
-    ref = reference(tmp_path, SMALL, "auto", 64)
+    ref = auto_reference
     codec = worker_codec(CodecSpec("auto", None, (), None))
     with open_source(SMALL) as src:
         plan = plan_pyramid(src.level_dimensions, src.level_downsamples, 64)
