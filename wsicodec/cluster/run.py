@@ -193,17 +193,18 @@ class Run:
             rep.status, rep.error = "interrupted", " ".join(error_text(e).split())
             if isinstance(e.__cause__, ClusterError):
                 self._lost(str(e.__cause__))
+        except ClusterError as e:           # before its first row: nothing kept
+            rep.status, rep.error = "interrupted", " ".join(str(e).split())
+            self._lost(str(e))
         except BaseException as e:  # noqa: BLE001 - the slide fails alone, the run goes on
             rep.status = "failed"
             rep.error = " ".join((error_text(e) or type(e).__name__).split())
-            if isinstance(e, ClusterError):
-                self._lost(str(e))
         rep.seconds = time.perf_counter() - t0
         if self.on_slide:
             self.on_slide(rep)
 
     def _lost(self, why: str) -> None:
-        self.cluster_lost = self.cluster_lost or why
+        self.cluster_lost = self.cluster_lost or " ".join(why.split())
         self.stop()
 
     def _complete(self, job: SlideJob, rep: SlideReport) -> None:
