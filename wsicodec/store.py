@@ -68,13 +68,24 @@ def read_tile_chunk(array: Any, row: int, col: int, guard: "StoreGuard | None" =
     return raw[8:]
 
 
+#: zarr's warning that variable-length bytes have no final v3 spec yet
+ZARR_SPEC_NOISE = ".*does not have a Zarr V3 specification.*"
+
+
 def quiet_zarr() -> warnings.catch_warnings:
     """zarr warns that variable-length bytes have no final v3 spec yet; we pin zarr>=3.1
     and read what we write, so the warning is noise for our users."""
     cw = warnings.catch_warnings()
     cw.__enter__()
-    warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
+    warnings.filterwarnings("ignore", message=ZARR_SPEC_NOISE)
     return cw
+
+
+def silence_zarr_spec_warning() -> None:
+    """:func:`quiet_zarr` for the whole process, for good: where several containers are
+    written at once on threads (``compress-many``), per-call ``catch_warnings`` contexts
+    interleave and one restores the filters while another writes."""
+    warnings.filterwarnings("ignore", message=ZARR_SPEC_NOISE)
 
 
 def plain_array(group: Any, key: str, shape: tuple[int, ...], dtype: Any) -> Any:
