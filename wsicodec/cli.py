@@ -293,9 +293,6 @@ def _cmd_compress_many(args: argparse.Namespace) -> int:
                                   write_text_atomic)
     from wsicodec.codecs import get_codec
     from wsicodec.pipeline import check_tile_size
-    from wsicodec.store import silence_zarr_spec_warning
-
-    silence_zarr_spec_warning()      # containers are written on several threads at once
     check_tile_size(args.tile_size)
     if args.workers is not None and (args.scheduler or args.scheduler_file):
         raise UsageError("--workers sizes the local cluster; a running scheduler has its own workers")

@@ -126,21 +126,18 @@ class Container:
                 for key, cap in self._level_files(level, g):
                     if not self._guard.check(key, cap):
                         raise CorruptDataError(f"{key} is missing")
-                cw = quiet_zarr()
-                try:
-                    tiles = self._group[f"levels/{level}/tiles"]
-                    if tuple(tiles.shape) != (g.rows, g.cols):
-                        raise _GridMismatch()
-                    crc = np.asarray(plain_array(self._group, f"levels/{level}/crc32",
-                                                  (g.rows, g.cols), np.uint32)[...], np.uint32)
-                    if self.metadata.has_digests:
-                        digest = np.asarray(plain_array(
-                            self._group, f"levels/{level}/digest", (g.rows, g.cols, DIGEST_BYTES),
-                            np.uint8)[...], np.uint8)
-                    if self.metadata.has_tile_records:
-                        records = fidelity.read_arrays(self._group, level, (g.rows, g.cols))
-                finally:
-                    cw.__exit__(None, None, None)
+                quiet_zarr()
+                tiles = self._group[f"levels/{level}/tiles"]
+                if tuple(tiles.shape) != (g.rows, g.cols):
+                    raise _GridMismatch()
+                crc = np.asarray(plain_array(self._group, f"levels/{level}/crc32",
+                                              (g.rows, g.cols), np.uint32)[...], np.uint32)
+                if self.metadata.has_digests:
+                    digest = np.asarray(plain_array(
+                        self._group, f"levels/{level}/digest", (g.rows, g.cols, DIGEST_BYTES),
+                        np.uint8)[...], np.uint8)
+                if self.metadata.has_tile_records:
+                    records = fidelity.read_arrays(self._group, level, (g.rows, g.cols))
             except _GridMismatch:
                 raise CorruptDataError(f"{self.path}: level {level} arrays do not match the "
                                        "metadata's tile grid") from None

@@ -72,20 +72,16 @@ def read_tile_chunk(array: Any, row: int, col: int, guard: "StoreGuard | None" =
 ZARR_SPEC_NOISE = ".*does not have a Zarr V3 specification.*"
 
 
-def quiet_zarr() -> warnings.catch_warnings:
+def quiet_zarr() -> None:
     """zarr warns that variable-length bytes have no final v3 spec yet; we pin zarr>=3.1
-    and read what we write, so the warning is noise for our users."""
-    cw = warnings.catch_warnings()
-    cw.__enter__()
-    warnings.filterwarnings("ignore", message=ZARR_SPEC_NOISE)
-    return cw
-
-
-def silence_zarr_spec_warning() -> None:
-    """:func:`quiet_zarr` for the whole process, for good: where several containers are
-    written at once on threads (``compress-many``), per-call ``catch_warnings`` contexts
-    interleave and one restores the filters while another writes."""
-    warnings.filterwarnings("ignore", message=ZARR_SPEC_NOISE)
+    and read what we write, so the warning is noise for our users.  Called before zarr
+    touches a tiles array: ignores that one message for the whole process, once.  (Not a
+    ``catch_warnings`` around each call: those save and restore the process's filters, so
+    on threads writing several containers at once, as ``compress-many`` does, one call
+    restored the filters while another was writing and the warning got through.)"""
+    if not any(f[0] == "ignore" and getattr(f[1], "pattern", None) == ZARR_SPEC_NOISE
+               for f in warnings.filters):
+        warnings.filterwarnings("ignore", message=ZARR_SPEC_NOISE)
 
 
 def plain_array(group: Any, key: str, shape: tuple[int, ...], dtype: Any) -> Any:

@@ -128,14 +128,11 @@ class ContainerWriter:
                 self._group = zarr.open_group(zarr.storage.LocalStore(self._tmp_dir), mode="w",
                                               zarr_format=3)
                 self._tiles = []
-                cw = quiet_zarr()
-                try:
-                    for i, g in enumerate(self._grids):
-                        self._tiles.append(self._group.create_array(
-                            f"levels/{i}/tiles", shape=(g.rows, g.cols), chunks=(1, 1),
-                            dtype=_vlen_bytes_dtype(), fill_value=b"", compressors=None))
-                finally:
-                    cw.__exit__(None, None, None)
+                quiet_zarr()
+                for i, g in enumerate(self._grids):
+                    self._tiles.append(self._group.create_array(
+                        f"levels/{i}/tiles", shape=(g.rows, g.cols), chunks=(1, 1),
+                        dtype=_vlen_bytes_dtype(), fill_value=b"", compressors=None))
                 self._journal = _locked_journal(self._tmp_dir / JOURNAL)
                 if self._journal is None:   # cannot happen for a fresh random name
                     raise WsiCodecError(f"{self._tmp_dir}: journal is locked by another writer")
@@ -167,6 +164,7 @@ class ContainerWriter:
                     journal.close()
                     continue
                 group = zarr.open_group(zarr.storage.LocalStore(d), mode="r+", zarr_format=3)
+                quiet_zarr()
                 tiles = [group[f"levels/{i}/tiles"] for i in range(len(self._grids))]
             except (OSError, ValueError, KeyError):
                 journal.close()
@@ -261,11 +259,7 @@ class ContainerWriter:
             self._crc[level][row, col] = zlib.crc32(data)
             self._digest[level][row, col] = np.frombuffer(self._tile_digest(level, col, row, data),
                                                           np.uint8)
-        cw = quiet_zarr()
-        try:
-            self._tiles[level][row:row + 1, :] = values
-        finally:
-            cw.__exit__(None, None, None)
+        self._tiles[level][row:row + 1, :] = values
         self._nbytes[level][row, :] = [len(v) for v in values[0]]
         self._written[level][row, :] = True
         line: dict[str, Any] = {"level": level, "row": row,

@@ -274,9 +274,6 @@ def encode_task(task: TaskSpec) -> TaskResult:
     """Run on a worker: the rows of ``task`` (:class:`TaskResult`).  Raises WsiCodecError
     if the slide changed since the client planned (its size or mtime), and whatever
     reading and coding raise."""
-    from wsicodec.store import silence_zarr_spec_warning
-
-    silence_zarr_spec_warning()      # a worker runs several tasks on threads at once
     cpu0, wall0 = time.process_time(), time.perf_counter()
     codec = worker_codec(task.codec)
     if task.codec_record and codec_record(codec) != task.codec_record:
