@@ -61,6 +61,16 @@ def glass_edges(hd: TileHeader, around: dict, name: Callable[[tuple[int, int]], 
     return edges
 
 
+def sides_in_grid(key: tuple[int, int], grid: tuple[int, int]):
+    """((dr, dc), neighbour key) for each of :data:`SIDES` whose neighbour of ``key``
+    (col, row) lies inside ``grid`` (cols, rows)."""
+    col, row = key
+    for dr, dc in SIDES:
+        nb = (col + dc, row + dr)
+        if 0 <= nb[0] < grid[0] and 0 <= nb[1] < grid[1]:
+            yield (dr, dc), nb
+
+
 def crop(x: np.ndarray, top: int, left: int, h: int, w: int) -> np.ndarray:
     """The ``h`` x ``w`` pixels of ``x`` from (``top``, ``left``), contiguous."""
     return np.ascontiguousarray(x[top:top + h, left:left + w])
@@ -142,12 +152,9 @@ class GridJob:
         fix-up neighbour shows its inner tile's edge)."""
         col, row = key
         around = {}
-        for dr, dc in SIDES:
-            nb = (col + dc, row + dr)
-            if not (0 <= nb[0] < grid[0] and 0 <= nb[1] < grid[1]):
-                continue
+        for side, nb in sides_in_grid(key, grid):
             try:
-                around[(dr, dc)] = self.load(nb)
+                around[side] = self.load(nb)
             except Exception:  # noqa: BLE001 - a damaged neighbour only costs that side
                 continue
         return glass_edges(self.got[key][1], around, lambda d: self.names(col + d[1], row + d[0]))
@@ -264,15 +271,11 @@ class GridJob:
         or none)."""
         if not self.decoder.mixed:
             return {}
-        col, row = key
         sides = {}
-        for dr, dc in SIDES:
-            nb = (col + dc, row + dr)
-            if not (0 <= nb[0] < grid[0] and 0 <= nb[1] < grid[1]):
-                continue
+        for side, nb in sides_in_grid(key, grid):
             try:
                 if self.load(nb)[1].kind == KIND_JPEGXL:
-                    sides[(dr, dc)] = self.pixels[nb]
+                    sides[side] = self.pixels[nb]
             except Exception:  # noqa: BLE001 - a damaged neighbour only costs that side
                 continue
         return sides
