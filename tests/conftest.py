@@ -92,7 +92,8 @@ def shipped_weights_file(model_id: str, folder: Path) -> Path | None:
     """The file of a model wsicodec once shipped (``weights/history.json``), written into
     ``folder`` from the git history, or None where that history is not here (a source
     archive without ``.git``).  This is how a user gets old weights back: the history's
-    ``git show COMMIT:PATH``."""
+    ``git show COMMIT:PATH``.  A file whose sha256 is not the model id fails the test:
+    history.json names the wrong commit."""
     import hashlib
     import subprocess
 
@@ -107,8 +108,8 @@ def shipped_weights_file(model_id: str, folder: Path) -> Path | None:
                                   capture_output=True, check=True, timeout=60).stdout
         except (OSError, subprocess.SubprocessError):
             return None
-        if hashlib.sha256(blob).hexdigest() != model_id:
-            return None
+        assert hashlib.sha256(blob).hexdigest() == model_id, \
+            f"history.json: {entry['git_commit']}:{entry['path']} is not model {model_id[:8]}"
         folder.mkdir(parents=True, exist_ok=True)
         out.write_bytes(blob)
     return out

@@ -8,13 +8,12 @@ import argparse
 import hashlib
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REPO, forge_digests
+from conftest import forge_digests, shipped_weights_file
 from wsicodec.cli import main
 from wsicodec.errors import InvalidSettingError, ModelMismatchError, WsiCodecError
 
@@ -334,13 +333,9 @@ def test_an_old_shipped_file_loads_weights_only(tmp_path):
     oldest one (fewest config keys) stands for them: it loads without a conversion."""
     from wsicodec.checkpoint import load_model, shipped_history
     oldest = shipped_history()[0]
-    old = tmp_path / "old.pt"
-    try:
-        blob = subprocess.run(["git", "-C", str(REPO), "show", f"{oldest['git_commit']}:{oldest['path']}"],
-                              capture_output=True, check=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError):
+    old = shipped_weights_file(oldest["model_id"], tmp_path)   # checks its sha256
+    if old is None:
         pytest.skip("the git history of the weights is not here")
-    old.write_bytes(blob)
     assert sha256(old) == oldest["model_id"]
     assert load_model(old).model_id == oldest["model_id"]
 
