@@ -36,11 +36,25 @@ OK, ERR_TRUNCATED, ERR_BYPASS, ERR_TABLE = 0, 1, 2, 3
 _NB = dict(nogil=True, cache=True, boundscheck=False)
 
 
+@njit(inline="always", **_NB)
+def _bypass_bits(x, words, p, nwords):
+    """``Rans64DecGetBits`` of BYPASS_PRECISION bits, then ``Rans64DecRenorm`` (below
+    RANS64_L the state takes in the next 32-bit word): (bits, x, p), p -1 where the
+    stream has no word left."""
+    val = int(x & uint64(MAX_BYPASS))
+    x = x >> uint64(BYPASS_PRECISION)
+    if x < uint64(_L):
+        if p >= nwords:
+            return val, x, -1
+        x = (x << uint64(32)) | uint64(words[p])
+        p += 1
+    return val, x, p
+
+
 @njit(**_NB)
 def _decode_one(words, nwords, indexes, cdfs, lengths, offsets, out):
     """Decode ``len(indexes)`` symbols of one stream (``nwords`` uint32 words) into ``out``.
     Returns an error code."""
-    L = uint64(_L)
     mask = uint64((1 << PRECISION) - 1)
     if nwords < 2:
         return ERR_TRUNCATED
@@ -63,7 +77,7 @@ def _decode_one(words, nwords, indexes, cdfs, lengths, offsets, out):
         start = uint64(cdfs[row, s])
         freq = uint64(cdfs[row, s + 1] - cdfs[row, s])
         x = freq * (x >> uint64(PRECISION)) + (x & mask) - start
-        if x < L:
+        if x < uint64(_L):                # Rans64DecRenorm, inline: the hot path
             if p >= nwords:
                 return ERR_TRUNCATED
             x = (x << uint64(32)) | uint64(words[p])
@@ -75,25 +89,17 @@ def _decode_one(words, nwords, indexes, cdfs, lengths, offsets, out):
             first = True
             while first or val == MAX_BYPASS:
                 first = False
-                val = int(x & uint64(MAX_BYPASS))
-                x = x >> uint64(BYPASS_PRECISION)
-                if x < L:
-                    if p >= nwords:
-                        return ERR_TRUNCATED
-                    x = (x << uint64(32)) | uint64(words[p])
-                    p += 1
+                val, x, p = _bypass_bits(x, words, p, nwords)
+                if p < 0:
+                    return ERR_TRUNCATED
                 nb += val
                 if nb > MAX_BYPASS_GROUPS:
                     return ERR_BYPASS
             raw = 0
             for j in range(nb):
-                val = int(x & uint64(MAX_BYPASS))
-                x = x >> uint64(BYPASS_PRECISION)
-                if x < L:
-                    if p >= nwords:
-                        return ERR_TRUNCATED
-                    x = (x << uint64(32)) | uint64(words[p])
-                    p += 1
+                val, x, p = _bypass_bits(x, words, p, nwords)
+                if p < 0:
+                    return ERR_TRUNCATED
                 raw |= val << (j * BYPASS_PRECISION)
             # the C++ takes raw as int32: a raw value with its top bit set is negative there
             raw32 = raw - (1 << 32) if raw >= (1 << 31) else raw
