@@ -61,14 +61,14 @@ def test_train_resume_export_and_code(tmp_path):
 
 
 def test_remap_gains_interpolates_and_extends_the_ladder():
-    import train as train_script
+    import surgery
 
     old = (0.001, 0.004, 0.016)
     log_gain = torch.tensor([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]])
     sd = {"log_gain": log_gain, "log_hgain": log_gain.clone(), "other": torch.ones(1)}
-    same = train_script.remap_gains(sd, old, old)
+    same = surgery.remap_gains(sd, old, old)
     assert torch.allclose(same["log_gain"], log_gain) and same["other"] is sd["other"]
-    new = train_script.remap_gains(sd, old, (0.00025, 0.002, 0.032))
+    new = surgery.remap_gains(sd, old, (0.00025, 0.002, 0.032))
     # 0.002 is halfway (in log λ) between 0.001 and 0.004
     assert torch.allclose(new["log_gain"][1], torch.tensor([1.0, 2.0]))
     # beyond the ends: ½·Δlog λ for the latent gain, ¼ for the hyper gain
@@ -79,7 +79,7 @@ def test_remap_gains_interpolates_and_extends_the_ladder():
 
 
 def test_remap_adam_rows_takes_the_nearest_knot():
-    import train as train_script
+    import surgery
 
     from wsicodec.learned.network import ModelConfig, WsiHyperprior
 
@@ -89,7 +89,7 @@ def test_remap_adam_rows_takes_the_nearest_knot():
     i = names.index("log_gain")
     rows = torch.arange(3.0)[:, None].repeat(1, 12)
     opt_state = {"state": {i: {"step": torch.tensor(7.0), "exp_avg": rows.clone(), "exp_avg_sq": rows + 1}}}
-    train_script.remap_adam_rows(opt_state, names, old, (0.0002, 0.001, 0.005, 0.016))
+    surgery.remap_adam_rows(opt_state, names, old, (0.0002, 0.001, 0.005, 0.016))
     st = opt_state["state"][i]
     assert st["exp_avg"][:, 0].tolist() == [0.0, 0.0, 1.0, 2.0]
     assert st["exp_avg_sq"][:, 0].tolist() == [1.0, 1.0, 2.0, 3.0]
@@ -146,7 +146,7 @@ def test_sigterm_writes_the_checkpoint_and_exits_cleanly(tmp_path):
 
 def test_added_residual_blocks_start_as_the_identity():
     """``--enc-blocks`` / ``--dec-blocks``: a trained g_a and g_s given blocks compute what they did."""
-    import train as train_script
+    import surgery
 
     from wsicodec.learned.fast import FastTransform
     from wsicodec.learned.network import ModelConfig, WsiHyperprior
@@ -157,14 +157,14 @@ def test_added_residual_blocks_start_as_the_identity():
         for p in [*old.g_a.parameters(), *old.g_s.parameters()]:
             p.add_(0.01 * torch.randn_like(p))
     grown = ModelConfig.from_dict({**cfg.to_dict(), "enc_blocks": 2, "dec_blocks": 1})
-    sd = train_script.add_blocks(old.state_dict(), cfg, grown)
+    sd = surgery.add_blocks(old.state_dict(), cfg, grown)
     assert "g_a.6.weight" not in sd and "g_a.8.weight" in sd
     assert torch.equal(sd["g_s.3.weight"], old.state_dict()["g_s.2.weight"])    # g_s's layers after the block move
     assert torch.equal(sd["g_s.0.weight"], old.state_dict()["g_s.0.weight"])    # those before stay
     new = WsiHyperprior(grown)
     missing, unexpected = new.load_state_dict(sd, strict=False)
     assert not unexpected and sorted({k.rsplit(".", 2)[0] for k in missing}) == ["g_a.6", "g_a.7", "g_s.2"]
-    assert sorted({n.rsplit(".", 2)[0] for n in train_script.block_params(new)}) == ["g_a.6", "g_a.7", "g_s.2"]
+    assert sorted({n.rsplit(".", 2)[0] for n in surgery.block_params(new)}) == ["g_a.6", "g_a.7", "g_s.2"]
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     y = torch.rand(2, 12, 4, 4, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -177,7 +177,7 @@ def test_added_residual_blocks_start_as_the_identity():
             assert (moved - getattr(old, part)(inp)).abs().max() > 1e-3
             assert (fast - moved).abs().max() <= 1e-5 * moved.abs().max()
     with pytest.raises(SystemExit, match="already has 2"):
-        train_script.add_blocks(sd, grown, ModelConfig.from_dict({**grown.to_dict(), "enc_blocks": 1}))
+        surgery.add_blocks(sd, grown, ModelConfig.from_dict({**grown.to_dict(), "enc_blocks": 1}))
     # weights written before the fields existed have no blocks
     old_cfg = ModelConfig.from_dict({"N": 8, "M": 12, "lambdas": [1e-3, 4e-3]})
     assert old_cfg.enc_blocks == 0 and old_cfg.dec_blocks == 0
@@ -188,7 +188,8 @@ def test_added_latent_channels_leave_the_old_ones_computing_what_they_did():
     the new channels carry g_a's output from the start and nothing reads them yet; and it trains."""
     import dataclasses
 
-    import train as train_script
+    import surgery
+
 
     from wsicodec.learned.network import ModelConfig, WsiHyperprior
 
@@ -198,7 +199,7 @@ def test_added_latent_channels_leave_the_old_ones_computing_what_they_did():
         for p in old.parameters():
             p.add_(0.01 * torch.randn_like(p))
     wide = dataclasses.replace(cfg, M=20)
-    sd = train_script.add_latent_channels(old.state_dict(), cfg, wide)
+    sd = surgery.add_latent_channels(old.state_dict(), cfg, wide)
     new = WsiHyperprior(wide)
     missing, unexpected = new.load_state_dict(sd, strict=False)
     assert not missing and not unexpected
@@ -215,16 +216,16 @@ def test_added_latent_channels_leave_the_old_ones_computing_what_they_did():
         sb, mb = new.h_s(zb / new.gains(q)[1]).chunk(2, 1)
         assert torch.allclose(sb[:, :12], sa, atol=1e-6) and torch.allclose(mb[:, :12], ma, atol=1e-6)
         assert torch.equal(mb[:, 12:], torch.zeros_like(mb[:, 12:]))           # μ = 0, σ one bias
-        assert torch.allclose(sb[:, 12:], torch.full_like(sb[:, 12:], train_script.NEW_SIGMA))
+        assert torch.allclose(sb[:, 12:], torch.full_like(sb[:, 12:], surgery.NEW_SIGMA))
         silent = torch.cat([ya, torch.zeros_like(yb[:, 12:])], 1)
         assert torch.allclose(new.g_s(silent), old.g_s(ya), atol=1e-6)         # old rows as they were,
         rows = new.g_s[0].weight.abs().mean((1, 2, 3))                           # the new ones small
-        scale = train_script.NEW_ROWS_SCALE
+        scale = surgery.NEW_ROWS_SCALE
         assert rows[12:].mean().item() == pytest.approx(scale * rows[:12].mean().item(), rel=1e-4)
     with pytest.raises(SystemExit, match="already has M = 20"):
-        train_script.add_latent_channels(sd, wide, cfg)
+        surgery.add_latent_channels(sd, wide, cfg)
     with pytest.raises(SystemExit, match="changes M only"):
-        train_script.add_latent_channels(old.state_dict(), cfg, dataclasses.replace(wide, N=16))
+        surgery.add_latent_channels(old.state_dict(), cfg, dataclasses.replace(wide, N=16))
     # one training step moves the new filters and the rows that read them (small, not zero)
     new.train()
     g_a_last = lambda m: m.g_a[len(m.g_a) - 1]    # noqa: E731
@@ -325,6 +326,7 @@ def test_freeze_decoder_trains_the_encoder_and_keeps_every_decoder_tensor(tmp_pa
 def test_only_new_channels_moves_them_and_keeps_the_old_channels_path(tmp_path):
     """``--grow-M 20 --only-new-channels 12``: the new channels' filters, rows, σ/μ and gains
     move; every entry the first 12 channels' symbols, z and pixels depend on stays bit for bit."""
+    import surgery
     import train as train_script
 
     from wsicodec.learned.network import ModelConfig, WsiHyperprior
@@ -335,10 +337,10 @@ def test_only_new_channels_moves_them_and_keeps_the_old_channels_path(tmp_path):
     grown = torch.load(tmp_path / "w" / "last.pt", weights_only=False)
     assert grown["config"]["M"] == 20
     first = torch.load(old, weights_only=False)
-    start = train_script.add_latent_channels(train_script.from_shipped(first)["model"],
+    start = surgery.add_latent_channels(surgery.from_shipped(first)["model"],
                                              ModelConfig.from_dict(first["config"]),
                                              ModelConfig.from_dict(grown["config"]))
-    masks = train_script.new_channel_masks(WsiHyperprior(ModelConfig.from_dict(grown["config"])), 12)
+    masks = surgery.new_channel_masks(WsiHyperprior(ModelConfig.from_dict(grown["config"])), 12)
     sd = grown["model"]
     for k, v in start.items():
         m = masks.get(k)
@@ -349,7 +351,7 @@ def test_only_new_channels_moves_them_and_keeps_the_old_channels_path(tmp_path):
     moved = [k for k, m in masks.items() if not torch.equal(sd[k][m == 1], start[k][m == 1])]
     assert {"g_a.6.weight", "g_s.0.weight", "h_s.4.bias", "log_gain"} <= set(moved)
     with pytest.raises(SystemExit, match="M = 20"):
-        train_script.new_channel_masks(WsiHyperprior(ModelConfig.from_dict(grown["config"])), 20)
+        surgery.new_channel_masks(WsiHyperprior(ModelConfig.from_dict(grown["config"])), 20)
 
 
 @pytest.mark.skipif(not (VGG.is_file() and TRAIN.is_dir()), reason="shared weights/data not found")

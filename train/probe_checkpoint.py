@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "train"))
 
 import train as train_script  # noqa: E402
+import surgery  # noqa: E402
 
 from wsicodec.checkpoint import DEFAULT_WEIGHTS  # noqa: E402
 from wsicodec.learned.ladder import QUALITY_MAX  # noqa: E402
@@ -40,7 +41,7 @@ def load(path: str | Path) -> tuple[WsiHyperprior, int | None]:
     """A training checkpoint or exported weights, as a network in eval mode, and its step."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     if "model" not in state:
-        state = train_script.from_shipped(state)
+        state = surgery.from_shipped(state)
     model = WsiHyperprior(ModelConfig.from_dict(state["config"]))
     model.load_state_dict(state["model"], strict=False)
     return model.eval(), state.get("step")
