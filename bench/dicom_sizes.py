@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -27,6 +28,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.metrics import psnr  # noqa: E402
 from bench.report import git_state, package_versions  # noqa: E402
 from bench.slides import SLIDE_FILES, SLIDES, environment  # noqa: E402
 
@@ -37,8 +39,9 @@ EXPORTS = [("jpeg q95", "jpeg", 95), ("jpeg q90", "jpeg", 90),
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float | None:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return None if mse == 0 else round(10 * np.log10(255.0 ** 2 / mse), 2)
+    """:func:`bench.metrics.psnr` rounded for the table; None when the two are identical."""
+    v = psnr(a, b)
+    return None if math.isinf(v) else round(v, 2)
 
 
 def _stored_counts(box: Path) -> tuple[int, int]:

@@ -75,6 +75,14 @@ def psnr(reference: np.ndarray, decoded: np.ndarray) -> float:
     return float(10.0 * math.log10(255.0 ** 2 / mse))
 
 
+def psnr_from_sse(sse: float, n: int) -> float:
+    """PSNR in dB (peak 255) from a pooled sum of squared errors over ``n`` samples, for
+    PSNRs of pixel sets gathered across tiles (borders, interiors); ``inf`` when sse is 0."""
+    if sse == 0:
+        return math.inf
+    return float(10.0 * math.log10(255.0 ** 2 / (sse / n)))
+
+
 # ------------------------------------------------------------------------------------------ MS-SSIM
 
 @dataclass(frozen=True)

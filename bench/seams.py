@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import grid_steps  # noqa: E402  (bench/, beside this script)
+from metrics import psnr_from_sse  # noqa: E402  (bench/metrics.py)
 import wsicodec
 from wsicodec.checkpoint import load_model
 from wsicodec.image import read_stream, tile_cells
@@ -55,10 +56,6 @@ def border_mask(h: int, w: int, tile: int = TILE, band: int = BAND) -> np.ndarra
     for b in range(tile, w, tile):
         m[:, max(b - band, 0):b + band] = True
     return m
-
-
-def _psnr(sse: float, n: int) -> float:
-    return float(10 * np.log10(255.0 ** 2 / (sse / n)))
 
 
 def _grid_row(g: dict) -> dict:
@@ -180,13 +177,13 @@ def mixed_seams(spec: str) -> dict:
         ka, kb = pair.split("|")
         si, ni = (inner.get(ka, [0.0, 0])[0] + (inner.get(kb, [0.0, 0])[0] if kb != ka else 0),
                   inner.get(ka, [0.0, 0])[1] + (inner.get(kb, [0.0, 0])[1] if kb != ka else 0))
-        row = {"border_pixels": n // 3, "psnr_border": _psnr(sse, n),
-               "psnr_interior": _psnr(si, ni) if ni else None}
+        row = {"border_pixels": n // 3, "psnr_border": psnr_from_sse(sse, n),
+               "psnr_interior": psnr_from_sse(si, ni) if ni else None}
         row["gap_db"] = row["psnr_interior"] - row["psnr_border"] if ni else None
         if pair in control:
             sse_auto, sse_alone, nc = control[pair]
-            row["network_side_psnr"] = _psnr(sse_auto, nc)
-            row["network_side_psnr_network_alone"] = _psnr(sse_alone, nc)
+            row["network_side_psnr"] = psnr_from_sse(sse_auto, nc)
+            row["network_side_psnr_network_alone"] = psnr_from_sse(sse_alone, nc)
             row["seam_cost_db"] = row["network_side_psnr_network_alone"] - row["network_side_psnr"]
         out["pairs"][pair] = row
         print(f"mixed {spec} {pair}: border {row['psnr_border']:.2f} dB, interior "
@@ -247,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             pix = sum(i.shape[0] * i.shape[1] for i in images)
             for how, (sse_b, n_b, sse_i, n_i) in acc.items():
                 row = {"quality": q, "margin": margin, "decode": how, "bpp": 8 * nbytes / pix,
-                       "psnr": _psnr(sse_b + sse_i, n_b + n_i),
-                       "psnr_border": _psnr(sse_b, n_b), "psnr_interior": _psnr(sse_i, n_i),
+                       "psnr": psnr_from_sse(sse_b + sse_i, n_b + n_i),
+                       "psnr_border": psnr_from_sse(sse_b, n_b), "psnr_interior": psnr_from_sse(sse_i, n_i),
                        "seconds": time.perf_counter() - t0}
                 row["gap_db"] = row["psnr_interior"] - row["psnr_border"]
                 row.update(_grid_row(grid[how]))
