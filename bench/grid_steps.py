@@ -12,7 +12,7 @@ the same step between pixel pairs inside tiles, both only where the pair lies in
 bright, flat area (grey >= ``--bright`` on both sides and a local 5x5 standard deviation
 <= ``--flat`` levels away from the border itself).  A step ratio (border / inside) near
 1 means no visible grid.  The tile size is the container's.  Each level also reports its
-tiles' bytes and, for the learned codec, its glass tiles (kinds 1 and 3) and their bytes.
+tiles' bytes and, for the learned codec, its glass tiles (kinds 1, 3 and 4) and their bytes.
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ def grid_steps(rgb: np.ndarray, tile: int, bright: float = 200.0, flat: float = 
 
 
 def tile_bytes(container: Path, level: int) -> dict:
-    """Bytes of a level's tiles, and for the learned codec how many are glass (kinds 1
-    and 3) and their bytes: what the glass costs."""
+    """Bytes of a level's tiles, and for the learned codec how many are glass (kinds 1,
+    3 and 4) and their bytes: what the glass costs."""
     from wsicodec.container import open_container
 
     out = {"tiles": 0, "tile_bytes": 0, "glass_tiles": 0, "glass_bytes": 0, "glass_kinds": {}}
@@ -84,7 +84,7 @@ def tile_bytes(container: Path, level: int) -> dict:
         for _, _, data in c.iter_encoded_tiles(level):
             out["tiles"] += 1
             out["tile_bytes"] += len(data)
-            if data[:4] == b"WSLT" and len(data) > 5 and data[5] in (1, 3):
+            if data[:4] == b"WSLT" and len(data) > 5 and data[5] in (1, 3, 4):
                 out["glass_tiles"] += 1
                 out["glass_bytes"] += len(data)
                 out["glass_kinds"][str(data[5])] = out["glass_kinds"].get(str(data[5]), 0) + 1

@@ -305,3 +305,72 @@ def test_plane_glass_beside_tissue_holds_the_floor_as_readers_blend_it(he_img):
         kind, rec = out[r].records[c]
         assert p >= floor, (c, r, kind, p)
         assert abs(p - rec) < 0.05, (c, r, kind, p, rec)
+
+
+# ------------------------------------------------------------------ glass beside JPEG-XL (kind 4)
+def _glass_then_tissue(he_img: np.ndarray, offset: int) -> np.ndarray:
+    """One row: a glass tile, then a tissue tile whose 6 columns at the border are the
+    glass ``offset`` levels brighter (JPEG-XL's glass meeting the plane)."""
+    rng = np.random.default_rng(7)
+    glass = np.clip(np.rint(np.array([236.0, 230.0, 240.0]) + rng.normal(0, 0.8, (T, T, 3))), 0, 255)
+    tissue = he_img[:T, :T].astype(np.float64)
+    tissue[:, :6] = np.clip(glass[:, -6:] + offset, 0, 255)
+    return np.ascontiguousarray(np.concatenate([glass, tissue], 1).astype(np.uint8))
+
+
+@pytest.mark.parametrize("offset, met", [(0, True), (14, False)])
+def test_glass_meets_its_jpegxl_neighbour_only_where_it_keeps_the_floor(he_img, offset, met):
+    """Kind-4 glass is drawn toward its JPEG-XL neighbour's edge; where that would take it
+    under the floor (JPEG-XL's glass 14 levels off the plane, a 44 dB floor) it is written
+    as kind 3, which readers leave as the plane.  Every tile's PSNR as readers show it
+    reaches the floor and is the one recorded; the JPEG-XL tile is its codestream's pixels."""
+    from wsicodec.learned.glass import decode_glass
+    from wsicodec.learned.tileformat import KIND_PLANE, KIND_PLANE_MIXED
+    floor = 44.0
+    img = _glass_then_tissue(he_img, offset)
+    codec = get_codec("auto", 4, min_psnr=floor)
+    out = _encode(codec, img)
+    (k0, p0), (k1, _) = out[0].records
+    assert k0 == "glass" and k1.startswith("jpegxl"), out[0].records
+    glass = out[0].tiles[0]
+    assert parse_header(glass).kind == (KIND_PLANE_MIXED if met else KIND_PLANE)
+    measured = _decode(codec, img, out)
+    for (c, r), p in measured.items():
+        kind, rec = out[r].records[c]
+        assert p >= floor, (c, r, kind, p)
+        assert abs(p - rec) < 1e-9, (c, r, kind, p, rec)
+    got = codec.decode_tiles([(0, 0), (1, 0)], lambda c, r: out[r].tiles[c], (2, 1))
+    assert (got[1] == codec.decoder.jpegxl_pixels(out[0].tiles[1], None, "t")).all()
+    plane = decode_glass(glass, parse_header(glass))
+    assert (got[0] == plane).all() != met              # drawn only where kind 4 was kept
+    if met:
+        step = lambda x: float(np.abs(x[:, T].astype(float).mean(1) - x[:, T - 1].astype(float).mean(1)).mean())  # noqa: E731
+        assert step(np.concatenate(got, 1)) < 0.5 * step(np.concatenate([plane, got[1]], 1))
+
+
+def test_every_reader_path_shows_the_same_met_glass(he_img, tmp_path):
+    """A container with kind-4 glass beside JPEG-XL: open_slide's read_region, tiles
+    decoded one call each (each call fetching its own neighbours) and all in one call,
+    and an image stream of the same tiles agree to the pixel."""
+    import wsicodec
+    from wsicodec.container import open_container
+    from wsicodec.image import read_stream
+    from wsicodec.pipeline import compress_source
+    from wsicodec.tiling.sources import ArraySource
+    img = _glass_then_tissue(he_img, 0)
+    codec = get_codec("auto", 4, min_psnr=44.0)
+    box = tmp_path / "met.zarr.zip"
+    compress_source(ArraySource(img), box, codec, tile_size=T)
+    with open_container(box) as c:
+        tiles = {(col, r): data for col, r, data in c.iter_encoded_tiles(0)}
+    assert parse_header(tiles[(0, 0)]).kind == 4 and tiles[(1, 0)][:2] == b"\xff\x0a"
+    keys = sorted(tiles)
+    together = codec.decode_tiles(keys, lambda c, r: tiles[(c, r)], (2, 1))
+    alone = [codec.decode_tiles([k], lambda c, r: tiles[(c, r)], (2, 1))[0] for k in keys]
+    with wsicodec.open_slide(box) as s:
+        region = np.asarray(s.read_region((0, 0), 0, s.dimensions))[..., :3]
+    for k, a, b in zip(keys, together, alone):
+        assert (a == b).all() and (region[:, k[0] * T:(k[0] + 1) * T] == a).all(), k
+    stream = wsicodec.encode(img, 4, tile_size=T, codec="auto", min_psnr=44.0)
+    assert read_stream(stream).tiles == [tiles[k] for k in keys]
+    assert (wsicodec.decode(stream) == region).all()

@@ -36,13 +36,13 @@ from wsicodec.codecs import EncodedRow, LevelEncoder
 from wsicodec.errors import InvalidSettingError
 
 from .encoder import align_to_grid, check_box, check_region
-from .glass import SIDES, blend_toward_glass, decode_glass, encode_glass, uniform_fit
+from .glass import SIDES, blend_toward_glass, decode_glass, encode_glass, plane_as, uniform_fit
 from .grid import glass_edges
 from .jxlfit import JxlFit, fit_jpegxl, tile_psnr
 from .ladder import QUALITY_MAX
 from .synthesis import STITCH_RING, stitch_window
-from .tileformat import (KIND_FIXUP, KIND_PLANE, LATENT_STRIDE, MAGIC, PIXEL_STRIDE, VERSION,
-                         fixup_parts, pack_fixup, parse_header)
+from .tileformat import (KIND_FIXUP, KIND_PLANE, KIND_PLANE_MIXED, LATENT_STRIDE, MAGIC, PIXEL_STRIDE,
+                         PLANE_KINDS, VERSION, fixup_parts, pack_fixup, parse_header)
 
 #: what the ``auto`` codec records for each tile (:attr:`wsicodec.codecs.TileCodec.tile_kinds`)
 KINDS = ("glass", "learned", "jpegxl", "jpegxl-lossless", "fixup")
@@ -126,9 +126,9 @@ class TileChooser:
         fit = uniform_fit(t.source)
         if fit is None:
             return False
-        data = encode_glass(t.source, *fit, VERSION)
+        data = encode_glass(t.source, *fit, VERSION, KIND_PLANE_MIXED)
         hd = parse_header(data)
-        p = tile_psnr(decode_glass(data, hd), t.source, t.valid)    # a plane's blend: stage 2
+        p = tile_psnr(decode_glass(data, hd), t.source, t.valid)    # a plane's meetings: stage 2
         if p < self.floor:
             return False
         t.kind, t.data, t.inner, t.psnr = "glass", data, data, p
@@ -291,8 +291,9 @@ class TileChooser:
     def settle_row(self, tiles: list[_Tile], above: list[_Tile] | None, below: list[_Tile] | None) -> None:
         """Stage 2: each network tile of ``tiles`` decoded stitched with its neighbours
         (``above``, ``below``: the rows around it, None at the level's edge), and each
-        plane glass tile drawn toward its plane neighbours, as readers do; one under the
-        floor becomes a fix-up tile around what its neighbours see."""
+        plane glass tile drawn toward its plane neighbours (kind 4: and its bare JPEG-XL
+        ones), as readers do; a kind-4 tile under the floor is tried as kind 3, and one
+        still under it becomes a fix-up tile around what its neighbours see."""
         rows = {-1: above, 0: tiles, 1: below}
 
         def neighbour(t: _Tile, dr: int, dc: int) -> _Tile | None:
@@ -325,13 +326,21 @@ class TileChooser:
             first[k] = px
         shown = [(t, blend_toward_glass(px, edges(t))) for t, px in zip(todo, first)]
         for t in tiles:
-            if t.kind == "glass" and parse_header(t.data).kind == KIND_PLANE:
-                shown.append((t, decode_glass(t.data, parse_header(t.data), "tile", edges(t))))
+            if t.kind == "glass" and parse_header(t.data).kind in PLANE_KINDS:
+                shown.append((t, decode_glass(t.data, parse_header(t.data), "tile", edges(t), jpegxl_sides(t))))
         for t, px in shown:
             p = tile_psnr(px, t.source, t.valid)
             if p >= self.floor + READER_SLACK_DB:
                 t.psnr = p
                 continue
+            if t.kind == "glass" and parse_header(t.data).kind == KIND_PLANE_MIXED:
+                # met by its JPEG-XL neighbours it misses the floor: kind 3, which they leave
+                # alone (its neighbours see the same plane and colour either way)
+                t.data = t.inner = plane_as(t.data, KIND_PLANE)
+                p = tile_psnr(decode_glass(t.data, parse_header(t.data), "tile", edges(t)), t.source, t.valid)
+                if p >= self.floor + READER_SLACK_DB:
+                    t.psnr = p
+                    continue
             fit = t.jxl or fit_jpegxl(t.source, self.floor, t.valid, effort=self.effort)
             t.kind, t.data, t.psnr = "fixup", pack_fixup(t.inner, fit.data), fit.psnr
 

@@ -7,18 +7,30 @@ so no pixel is ever off by more than UNIFORM_MAX_DEV levels.  A tile with tissue
 thousands of stained pixels (a test checks that no tile with tissue in he/tiles takes
 this path).  Layout: :mod:`wsicodec.learned.tileformat`.
 
-Two kinds of glass tile:
+Three kinds of glass tile:
 
-* kind 3, "plane" (written since 2026-12): each channel a plane, its mean in 1/16 levels
+* kind 4, "plane of a mixed grid" (written by the ``auto`` codec since 2026-12): kind 3's
+  bytes and pixels, and it also meets its bare JPEG-XL neighbours: it is drawn toward
+  each one's pixels along their shared border (:func:`jpegxl_edge`) by the same
+  :func:`blend_toward_glass`, so where JPEG-XL's glass meets the plane the tile grid does
+  not show (most of an ``auto`` slide's background borders).  The JPEG-XL tile keeps its
+  own pixels (and the PSNR recorded for it); the glass tile's PSNR is measured drawn, and
+  the ``auto`` encoder writes kind 3 where that would miss its floor
+  (:mod:`wsicodec.learned.choice`).  A fix-up neighbour (JPEG-XL pixels decided after the
+  glass tile may be written) is not met.
+* kind 3, "plane" (written since 2026-12: by the ``learned`` codec, by ``auto`` before
+  kind 4 and where kind 4 would miss the floor): each channel a plane, its mean in 1/16
+  levels
   and its change across the tile in x and y in 1/8 levels (least squares over the
   non-outlier pixels: vignetting and slow illumination changes follow), evaluated in
-  integer arithmetic.  A network tile beside a plane glass tile is drawn toward the
-  plane's edge colour where its own pixels are near that colour (:func:`blend_toward_glass`:
-  within :data:`BLEND_WIDTH` pixels of the shared border), so the tile grid does not show
-  on the background where the network's rendering of glass meets the flat plane
-  (``bench/grid_steps.py``); two plane glass tiles side by side are drawn the same way
-  toward the colour midway between their planes along their border.  Decoded pixels stay
-  a function of the tiles' bytes: the planes' parameters, nothing decoded.
+  integer arithmetic.  A network tile beside a plane glass tile (kind 3 or 4) is drawn
+  toward the plane's edge colour where its own pixels are near that colour
+  (:func:`blend_toward_glass`: within :data:`BLEND_WIDTH` pixels of the shared border),
+  so the tile grid does not show on the background where the network's rendering of
+  glass meets the flat plane (``bench/grid_steps.py``); two plane glass tiles side by
+  side are drawn the same way toward the colour midway between their planes along their
+  border.  Its JPEG-XL neighbours are left as they are.  Decoded pixels stay a function
+  of the tiles' bytes: the planes' parameters, and the JPEG-XL neighbours' pixels.
 * kind 1, "uniform" (older containers; still written when a plane would need more outliers
   than allowed): one mean colour.  Read exactly as it always was, its neighbours untouched.
 """
@@ -31,7 +43,8 @@ import numpy as np
 
 from wsicodec.errors import CorruptDataError
 
-from .tileformat import KIND_PLANE, TileHeader, pack_plane_header, pack_uniform_header
+from .tileformat import (KIND_PLANE, KIND_PLANE_MIXED, PLANE_KINDS, TileHeader, pack_plane_header,
+                         pack_uniform_header)
 
 UNIFORM_MAX_DEV = 10
 UNIFORM_MAX_STD = 3.0
@@ -115,7 +128,7 @@ def put_outliers(out: np.ndarray, data: bytes, pos: int, n: int, what: str) -> n
 
 def uniform_colour(data: bytes, hd: TileHeader) -> bytes:
     """A glass tile's RGB colour (3 bytes): a plane's mean, rounded."""
-    if hd.kind == KIND_PLANE:
+    if hd.kind in PLANE_KINDS:
         m = np.asarray(PLANE.unpack_from(data, hd.payload)[:3], np.int64)
         return np.clip((m + PLANE_MEAN_SCALE // 2) // PLANE_MEAN_SCALE, 0, 255).astype(np.uint8).tobytes()
     return bytes(data[hd.payload:hd.payload + 3])
@@ -173,20 +186,30 @@ def plane_pixels(q: np.ndarray, h: int, w: int) -> np.ndarray:
     return out
 
 
-def encode_glass(tile: np.ndarray, rgb: np.ndarray, outliers: np.ndarray, version: int) -> bytes:
-    """The bytes of a glass tile (``rgb``, ``outliers``: :func:`uniform_fit`): a plane (kind
-    3) with the pixels off it by more than UNIFORM_MAX_DEV kept exactly, or the flat colour
-    (kind 1) should the plane leave more than UNIFORM_MAX_OUTLIERS of them."""
+def encode_glass(tile: np.ndarray, rgb: np.ndarray, outliers: np.ndarray, version: int,
+                 kind: int = KIND_PLANE) -> bytes:
+    """The bytes of a glass tile (``rgb``, ``outliers``: :func:`uniform_fit`): a plane of
+    ``kind`` (3, or 4 in a mixed grid) with the pixels off it by more than UNIFORM_MAX_DEV
+    kept exactly, or the flat colour (kind 1) should the plane leave more than
+    UNIFORM_MAX_OUTLIERS of them."""
     h, w = tile.shape[:2]
     q = plane_fit(tile, outliers)
     far = (np.abs(tile.astype(np.int16) - plane_pixels(q, h, w)) > UNIFORM_MAX_DEV).any(2)
     if int(far.sum()) > UNIFORM_MAX_OUTLIERS:
         return encode_uniform(tile, rgb, outliers, version)
-    parts = [pack_plane_header(version, h, w), PLANE.pack(*q.ravel().tolist()),
+    parts = [pack_plane_header(version, h, w, kind), PLANE.pack(*q.ravel().tolist()),
              struct.pack("<H", int(far.sum()))]
     for r, c in np.argwhere(far):
         parts.append(struct.pack("<HH", r, c) + tile[r, c].tobytes())
     return b"".join(parts)
+
+
+def plane_as(data: bytes, kind: int) -> bytes:
+    """A plane glass tile's bytes as ``kind`` (:data:`PLANE_KINDS`: one layout), the rest
+    unchanged.  Raises ValueError for another tile or kind."""
+    if kind not in PLANE_KINDS or len(data) < 6 or data[5] not in PLANE_KINDS:
+        raise ValueError("a plane glass tile is kind 3 or 4")
+    return data[:5] + bytes([kind]) + data[6:]
 
 
 def plane_params(data: bytes, hd: TileHeader, name: str = "tile") -> np.ndarray:
@@ -197,33 +220,44 @@ def plane_params(data: bytes, hd: TileHeader, name: str = "tile") -> np.ndarray:
     return np.asarray(v, np.int64).reshape(3, 3)
 
 
-def decode_plane(data: bytes, hd: TileHeader, name: str = "tile", around: dict | None = None) -> np.ndarray:
+def decode_plane(data: bytes, hd: TileHeader, name: str = "tile", around: dict | None = None,
+                 jpegxl: dict | None = None) -> np.ndarray:
     """A plane glass tile's pixels (``hd``: its parsed header).  ``around``: the edges of
     its plane glass neighbours (side → (n, 3) uint8, :func:`plane_edge`), toward whose
     meeting colour (the mean of the two planes along the border, rounded up) the plane is
     drawn as :func:`blend_toward_glass` draws a network tile, so two planes meet without
-    a step; the outliers are put in last, exactly.  Raises CorruptDataError naming ``name``."""
+    a step.  ``jpegxl``: the pixels of its bare JPEG-XL neighbours (side → (h, w, 3)
+    uint8), toward whose edge (:func:`jpegxl_edge`) a kind-4 tile is drawn the same way
+    (a kind-3 tile ignores them).  The outliers are put
+    in last, exactly.  Raises CorruptDataError naming ``name``."""
     q = plane_params(data, hd, name)
     pos = hd.payload + PLANE.size
     (n,) = struct.unpack_from("<H", data, pos)
     if len(data) != pos + 2 + 7 * n:
         raise CorruptDataError(f"{name}: plane glass tile has the wrong length")
     out = plane_pixels(q, hd.height, hd.width)
-    if around:
-        meet = {}
-        for side, e in around.items():
-            own = plane_edge(data, hd, side, name).astype(np.int64)
-            meet[side] = (own + np.asarray(e, np.int64) + 1) // 2
+    meet = {}
+    if jpegxl and hd.kind == KIND_PLANE_MIXED:
+        for side, px in jpegxl.items():
+            e = jpegxl_edge(px, side, hd.height, hd.width)
+            if e is not None:
+                meet[side] = e
+    for side, e in (around or {}).items():
+        own = plane_edge(data, hd, side, name).astype(np.int64)
+        meet[side] = (own + np.asarray(e, np.int64) + 1) // 2
+    if meet:
         out = blend_toward_glass(out, meet)
     return put_outliers(out, data, pos + 2, n, f"{name}: plane glass tile")
 
 
-def decode_glass(data: bytes, hd: TileHeader, name: str = "tile", around: dict | None = None) -> np.ndarray:
-    """A glass tile's pixels, either kind (``around``: a plane's neighbour planes'
-    edges, :func:`decode_plane`; a kind-1 tile ignores them).  Raises CorruptDataError
-    naming ``name``."""
-    if hd.kind == KIND_PLANE:
-        return decode_plane(data, hd, name, around)
+def decode_glass(data: bytes, hd: TileHeader, name: str = "tile", around: dict | None = None,
+                 jpegxl: dict | None = None) -> np.ndarray:
+    """A glass tile's pixels, any kind (``around``: a plane's neighbour planes' edges,
+    ``jpegxl``: its bare JPEG-XL neighbours' pixels, :func:`decode_plane`; a kind-1 tile
+    ignores both).  Readers and the ``auto`` encoder's measurement both call this.
+    Raises CorruptDataError naming ``name``."""
+    if hd.kind in PLANE_KINDS:
+        return decode_plane(data, hd, name, around, jpegxl)
     return decode_uniform(data, hd, name)
 
 
@@ -242,10 +276,22 @@ def plane_edge(data: bytes, hd: TileHeader, side: tuple[int, int], name: str = "
     return plane_values(q, h, w, np.arange(h), np.array([0 if dc < 0 else w - 1]))
 
 
+def jpegxl_edge(pixels: np.ndarray, side: tuple[int, int], h: int, w: int) -> np.ndarray | None:
+    """The pixels of a JPEG-XL neighbour on ``side`` of an h x w glass tile along their
+    shared border ((-1, 0): the neighbour's bottom row, (0, 1): its left column, ...),
+    (w or h, 3) uint8, or None where the neighbour's side does not match the tile's."""
+    dr, dc = side
+    px = np.asarray(pixels)
+    if dr:
+        return None if px.shape[1] != w else px[-1 if dr < 0 else 0, :, :3]
+    return None if px.shape[0] != h else px[:, -1 if dc < 0 else 0, :3]
+
+
 def blend_toward_glass(pixels: np.ndarray, edges: dict) -> np.ndarray:
     """A network tile's decoded ``pixels`` (h, w, 3) uint8 drawn toward its plane glass
-    neighbours: ``edges`` maps a side (:data:`SIDES`) to the neighbour's edge colours along
-    it ((w or h, 3) uint8, :func:`plane_edge`).  A pixel at distance d < BLEND_WIDTH from
+    neighbours (a plane's toward its meeting colours, :func:`decode_plane`): ``edges``
+    maps a side (:data:`SIDES`) to the colours along it ((w or h, 3) uint8,
+    :func:`plane_edge`).  A pixel at distance d < BLEND_WIDTH from
     that border moves toward the colour across it by (2·BLEND_WIDTH − 2d − 1)/(2·BLEND_WIDTH)
     times a closeness weight (1 within BLEND_NEAR levels in every channel, 0 from BLEND_FAR),
     so tissue at the border stays as decoded.  Sides in the order of SIDES; integer

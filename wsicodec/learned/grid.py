@@ -20,8 +20,8 @@ from wsicodec.errors import CorruptDataError
 
 from .glass import SIDES, decode_glass, plane_edge
 from .synthesis import STITCH_RING, LatentCache, stitch_window
-from .tileformat import (GLASS_KINDS, KIND_FIXUP, KIND_NETWORK, KIND_PLANE, MAGIC, TileHeader,
-                         fixup_parts, parse_named)
+from .tileformat import (GLASS_KINDS, KIND_FIXUP, KIND_NETWORK, KIND_PLANE_MIXED, MAGIC, PLANE_KINDS,
+                         TileHeader, fixup_parts, parse_named)
 
 if TYPE_CHECKING:
     from .decoder import TileDecoder
@@ -52,7 +52,7 @@ def glass_edges(hd: TileHeader, around: dict, name: Callable[[tuple[int, int]], 
     edges = {}
     for (dr, dc), (data, nhd) in around.items():
         same = (nhd.width == hd.width) if dr else (nhd.height == hd.height)
-        if nhd.kind != KIND_PLANE or not same:
+        if nhd.kind not in PLANE_KINDS or not same:
             continue
         try:
             edges[(dr, dc)] = plane_edge(data, nhd, (-dr, -dc), name((dr, dc)))
@@ -113,9 +113,9 @@ class GridJob:
 
     def sort(self, keys: Sequence[tuple[int, int]], out: list,
              grid: tuple[int, int]) -> tuple[list[int], list[int]]:
-        """Glass tiles decoded into ``out`` (a plane drawn toward its plane neighbours,
-        ``grid``: (cols, rows)), failures put there; returns the indexes of the stitched
-        tiles and of those decoded alone (formats 1-2)."""
+        """Glass tiles decoded into ``out`` (a plane drawn toward its plane neighbours, a
+        kind-4 plane toward its bare JPEG-XL neighbours too; ``grid``: (cols, rows)),
+        failures put there; returns the indexes of the stitched tiles and of those decoded alone (formats 1-2)."""
         stitched, alone = [], []
         for n, key in enumerate(keys):
             try:
@@ -123,8 +123,9 @@ class GridJob:
                 if key in self.fixups:
                     out[n] = self.fixup_pixels(key)
                 elif hd.kind in GLASS_KINDS:
-                    around = self.glass_edges(key, grid) if hd.kind == KIND_PLANE else None
-                    out[n] = decode_glass(data, hd, self.names(*key), around)
+                    around = self.glass_edges(key, grid) if hd.kind in PLANE_KINDS else None
+                    beside = self.jpegxl_sides(key, grid) if hd.kind == KIND_PLANE_MIXED else None
+                    out[n] = decode_glass(data, hd, self.names(*key), around, beside)
                 elif hd.kind == KIND_JPEGXL:
                     out[n] = self.pixels[key]
                 elif hd.stitched:
@@ -265,10 +266,11 @@ class GridJob:
         return around
 
     def jpegxl_sides(self, key: tuple[int, int], grid: tuple[int, int]) -> dict:
-        """The pixels of the bare JPEG-XL tiles beside ``key`` (side → pixels), for its
-        second pass (:meth:`~wsicodec.learned.decoder.TileDecoder.second_window`); a
-        neighbour that fails to load is left out (that side keeps its first-pass latents,
-        or none)."""
+        """The pixels of the bare JPEG-XL tiles beside ``key`` (side → pixels), for a
+        network tile's second pass (:meth:`~wsicodec.learned.decoder.TileDecoder.second_window`)
+        or a kind-4 glass tile's meeting (:func:`~wsicodec.learned.glass.decode_plane`); a
+        neighbour that fails to load is left out (a network tile's side then keeps its
+        first-pass latents, or none; a glass tile's stays the plane's)."""
         if not self.decoder.mixed:
             return {}
         sides = {}

@@ -6,7 +6,7 @@ Tile bitstream (little-endian)::
     0      4     magic b"WSLT"
     4      1     format version: 3; 2 and 1 are still read (below)
     5      1     kind: 0 = network-coded, 1 = uniform background (glass), 2 = fix-up,
-                 3 = plane glass
+                 3 = plane glass, 4 = plane glass that also meets its JPEG-XL neighbours
     6      2     height
     8      2     width
     -- kind 1 (uniform, :mod:`wsicodec.learned.glass`): 3 bytes R, G, B, u16 count, then
@@ -15,6 +15,8 @@ Tile bitstream (little-endian)::
     -- kind 3 (plane glass, :mod:`wsicodec.learned.glass`): u16 mean R, G, B in 1/16
        levels, int8 change across the tile in x for R, G, B, then in y, in 1/8 levels,
        u16 count, then the outliers as kind 1's                (24 bytes + 7 per outlier)
+    -- kind 4 (plane glass of a mixed grid, written by the ``auto`` codec since 2026-12):
+       kind 3's layout; decoded as kind 3 and drawn toward its bare JPEG-XL neighbours too
     -- kind 0 (network):
     10     4     quality (float32)
     14     8     first 8 bytes of the model's sha256
@@ -59,8 +61,12 @@ KIND_NETWORK, KIND_UNIFORM, KIND_FIXUP = 0, 1, 2
 FIXUP = struct.Struct("<I")              # length of a fix-up tile's inner tile
 #: glass stored as a colour plane
 KIND_PLANE = 3
+#: glass stored as a colour plane that also meets its bare JPEG-XL neighbours
+KIND_PLANE_MIXED = 4
+#: the plane glass kinds (one layout): network and plane neighbours are drawn toward either
+PLANE_KINDS = (KIND_PLANE, KIND_PLANE_MIXED)
 #: the glass kinds: decoded without the network
-GLASS_KINDS = (KIND_UNIFORM, KIND_PLANE)
+GLASS_KINDS = (KIND_UNIFORM, KIND_PLANE, KIND_PLANE_MIXED)
 #: bytes of a plane glass tile before its outliers (header, plane, count)
 PLANE_TILE_BYTES = 24
 HEAD = struct.Struct("<4sBBHH")          # magic, version, kind, h, w
@@ -155,9 +161,12 @@ def pack_uniform_header(version: int, height: int, width: int) -> bytes:
     return HEAD.pack(MAGIC, version, KIND_UNIFORM, height, width)
 
 
-def pack_plane_header(version: int, height: int, width: int) -> bytes:
-    """The first bytes of a plane glass tile (its plane and outliers follow)."""
-    return HEAD.pack(MAGIC, version, KIND_PLANE, height, width)
+def pack_plane_header(version: int, height: int, width: int, kind: int = KIND_PLANE) -> bytes:
+    """The first bytes of a plane glass tile of ``kind`` (:data:`PLANE_KINDS`; its plane and
+    outliers follow)."""
+    if kind not in PLANE_KINDS:
+        raise ValueError(f"not a plane glass kind: {kind!r}")
+    return HEAD.pack(MAGIC, version, kind, height, width)
 
 
 def parse_header(data: bytes) -> TileHeader:
@@ -178,7 +187,7 @@ def parse_header(data: bytes) -> TileHeader:
         return TileHeader(kind, h, w, payload=HEAD.size, version=ver)
     if kind == KIND_FIXUP:
         return _parse_fixup(data, ver, h, w)
-    if kind == KIND_PLANE:
+    if kind in PLANE_KINDS:
         if len(data) < PLANE_TILE_BYTES:
             raise CorruptDataError("plane glass tile has the wrong length")
         return TileHeader(kind, h, w, payload=HEAD.size, version=ver)
