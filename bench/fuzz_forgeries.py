@@ -111,16 +111,16 @@ def learned_stream_forged(rng: random.Random, work: Path, ctx: dict) -> str:
 
 
 def learned_glass_forged(rng: random.Random, work: Path, ctx: dict) -> str:
-    """A glass tile's colour (kind 1) or plane (kind 3), or its outlier list, edited, or
+    """A glass tile's colour (kind 1) or plane (kind 3 or 4), or its outlier list, edited, or
     the tile cut short, digests forged.  A glass tile carries no checksum: a well-formed
     edit (another colour or plane) is a valid stream of the right size (undetectable by
     design); a malformed one (count, size, length, a mean past 255) must be caught."""
-    level, col, row = rng.choice(_learned_tiles(work, 1) + _learned_tiles(work, 3))
+    level, col, row = rng.choice(_learned_tiles(work, 1) + _learned_tiles(work, 3) + _learned_tiles(work, 4))
     p = tile_path(work, level, col, row)
     data = bytearray(read_tile(p))
-    plane = data[5] == 3
+    plane = data[5] in (3, 4)
     what = rng.choice(("colour", "colour", "count", "size", "append", "truncate"))
-    if what == "colour":                  # kind 3: the means (u16) and gradients (int8)
+    if what == "colour":                  # kinds 3, 4: the means (u16) and gradients (int8)
         i = 10 + rng.randrange(12 if plane else 3)
         data[i] = (data[i] + rng.choice((1, 17, 128))) % 256
     elif what == "count":

@@ -27,7 +27,7 @@ from wsicodec.learned import (DEFAULT_MARGIN, NETWORK_HEADER_BYTES, PIXEL_STRIDE
 from wsicodec.learned.decoder import channel_index
 from wsicodec.learned.glass import (SIDES, blend_toward_glass, decode_glass, encode_glass, plane_edge,
                                     uniform_colour)
-from wsicodec.learned.tileformat import KIND_PLANE, LATENT_STRIDE, VERSION
+from wsicodec.learned.tileformat import LATENT_STRIDE, PLANE_KINDS, VERSION
 
 TILE = 256
 
@@ -136,7 +136,7 @@ def image_pixels(model, shape: tuple[int, ...], parts: list) -> np.ndarray:
             if not isinstance(nb, Glass):
                 continue
             nhd = parse_header(nb.data)
-            if nhd.kind == KIND_PLANE and (nb.cols if dr else nb.rows) == (t.cols if dr else t.rows):
+            if nhd.kind in PLANE_KINDS and (nb.cols if dr else nb.rows) == (t.cols if dr else t.rows):
                 edges[(dr, dc)] = plane_edge(nb.data, nhd, (-dr, -dc))
         return edges
 
@@ -144,7 +144,7 @@ def image_pixels(model, shape: tuple[int, ...], parts: list) -> np.ndarray:
     for t, _ in parts:
         if isinstance(t, Glass):
             hd = parse_header(t.data)
-            final[t.rows, t.cols] = decode_glass(t.data, hd, around=plane_edges(t) if hd.kind == KIND_PLANE else None)
+            final[t.rows, t.cols] = decode_glass(t.data, hd, around=plane_edges(t) if hd.kind in PLANE_KINDS else None)
         else:
             final[t.rows, t.cols] = blend_toward_glass(out[t.rows, t.cols], plane_edges(t))
     return final.astype(np.float64)

@@ -269,7 +269,6 @@ def test_an_auto_container_written_before_kind4_reads_as_it_did() -> None:
     from pathlib import Path
 
     import wsicodec
-    from wsicodec.checkpoint import DEFAULT_WEIGHTS  # noqa: F401
     here = Path(__file__).resolve().parent / "data"
     want = json.loads((here / "auto_kind3.json").read_text())
     try:

@@ -4,7 +4,8 @@ The default codec.  It codes a grid with :class:`~wsicodec.learned.choice.MixedL
 (the choice and why it holds: :mod:`wsicodec.learned.choice`) and decodes it with the
 learned decoder in mixed mode (:class:`~wsicodec.learned.decoder.TileDecoder`): a
 network tile is stitched with its neighbours' latents whatever they are, a JPEG-XL
-neighbour giving g_a of its decoded pixels.  Its tiles are the learned codec's
+neighbour giving g_a of its decoded pixels, and a plane glass tile of kind 4 (the kind
+this codec writes) meets its JPEG-XL neighbours.  Its tiles are the learned codec's
 (formats 3, kinds network, glass and fix-up) and bare JPEG-XL codestreams.
 """
 

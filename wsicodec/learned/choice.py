@@ -10,16 +10,19 @@ Each level is coded row by row, one row behind (:class:`MixedLevelEncoder`)::
         ▼
     stage 2 of row r − 1, whose neighbours are now all known (:meth:`TileChooser.settle_row`):
         every network tile decoded as readers decode it (stitched with its eight
-        neighbours' latents, by the decoder's own functions) and measured against the
-        source; one under the floor becomes a fix-up tile (JPEG-XL pixels, its latents
-        kept for its neighbours)
+        neighbours' latents, by the decoder's own functions), every plane glass tile as
+        readers draw it (toward its plane and, kind 4, its bare JPEG-XL neighbours), and
+        measured against the source; a kind-4 glass tile under the floor is tried as
+        kind 3 (not drawn toward its JPEG-XL neighbours); one still under it becomes
+        a fix-up tile (JPEG-XL pixels, its latents kept for its neighbours)
     ─► row r − 1 out, each tile with its record (kind, PSNR of what readers show)
 
 Why fix-up tiles keep their latents: a tile's pixels depend on its neighbours' latents.
 Stage 1 fixes every tile's latents for good (network: its ŷ; JPEG-XL: g_a of its decoded
 pixels, :meth:`~wsicodec.learned.decoder.TileDecoder.pixel_latents`; glass: its colour's),
 so stage 2 measures each tile in its final surroundings, and turning a tile into a
-fix-up changes no tile already measured.  The floor then holds for every tile with one
+fix-up, or a glass tile from kind 4 into kind 3, changes no tile already measured (a glass
+tile meets only bare JPEG-XL neighbours, whose pixels stage 1 fixed; it draws nobody).  The floor then holds for every tile with one
 row of look-ahead and no second pass over the level.
 """
 
@@ -327,15 +330,16 @@ class TileChooser:
         shown = [(t, blend_toward_glass(px, edges(t))) for t, px in zip(todo, first)]
         for t in tiles:
             if t.kind == "glass" and parse_header(t.data).kind in PLANE_KINDS:
-                shown.append((t, decode_glass(t.data, parse_header(t.data), "tile", edges(t), jpegxl_sides(t))))
+                hd = parse_header(t.data)
+                shown.append((t, decode_glass(t.data, hd, "tile", edges(t), jpegxl_sides(t))))
         for t, px in shown:
             p = tile_psnr(px, t.source, t.valid)
             if p >= self.floor + READER_SLACK_DB:
                 t.psnr = p
                 continue
             if t.kind == "glass" and parse_header(t.data).kind == KIND_PLANE_MIXED:
-                # met by its JPEG-XL neighbours it misses the floor: kind 3, which they leave
-                # alone (its neighbours see the same plane and colour either way)
+                # drawn toward its JPEG-XL neighbours it misses the floor: kind 3 is not drawn
+                # toward them (its neighbours see the same plane and colour either way)
                 t.data = t.inner = plane_as(t.data, KIND_PLANE)
                 p = tile_psnr(decode_glass(t.data, parse_header(t.data), "tile", edges(t)), t.source, t.valid)
                 if p >= self.floor + READER_SLACK_DB:

@@ -21,10 +21,12 @@ Seams: a format-3 tile codes exactly its own latents (16-px cells), computed by 
 its neighbours' pixels around it, so g_s over its latents joined with its neighbours'
 gives the borders a decode of the whole plane would.  A glass neighbour gives g_a's
 latent of its colour (:func:`~wsicodec.learned.glass.uniform_latent`); a damaged one only
-costs that side its stitching.  Beside a plane glass neighbour (kind 3) a stitched tile's
-pixels near the border are drawn toward the plane's edge where they are near its colour
-(:func:`~wsicodec.learned.glass.blend_toward_glass`), so the tile grid does not show on
-the background; a flat (kind 1) neighbour leaves them as g_s made them.  Formats 1 and 2
+costs that side its stitching.  Beside a plane glass neighbour (kind 3 or 4) a stitched
+tile's pixels near the border are drawn toward the plane's edge where they are near its
+colour (:func:`~wsicodec.learned.glass.blend_toward_glass`), so the tile grid does not show
+on the background; a flat (kind 1) neighbour leaves them as g_s made them.  A kind-4 plane
+(``auto`` containers) is itself drawn the same way toward its bare JPEG-XL neighbours'
+pixels, which stay as JPEG-XL decodes them.  Formats 1 and 2
 (legacy, :mod:`~wsicodec.learned.tileformat`) are decoded each on its own
 (:meth:`TileDecoder.decode_alone`), as they were written; so is any tile by
 :meth:`~wsicodec.learned.codec.LearnedCodec.decode`, which is for checking streams: a
