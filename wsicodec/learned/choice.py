@@ -22,8 +22,9 @@ Stage 1 fixes every tile's latents for good (network: its ŷ; JPEG-XL: g_a of it
 pixels, :meth:`~wsicodec.learned.decoder.TileDecoder.pixel_latents`; glass: its colour's),
 so stage 2 measures each tile in its final surroundings, and turning a tile into a
 fix-up, or a glass tile from kind 4 into kind 3, changes no tile already measured (a glass
-tile meets only bare JPEG-XL neighbours, whose pixels stage 1 fixed; it draws nobody).  The floor then holds for every tile with one
-row of look-ahead and no second pass over the level.
+tile meets only bare JPEG-XL neighbours, whose pixels stage 1 fixed; it draws nobody).  The
+floor then holds for every tile with one row of look-ahead and no second pass over the
+level.
 """
 
 from __future__ import annotations

@@ -20,8 +20,7 @@ Three kinds of glass tile:
   glass tile may be written) is not met.
 * kind 3, "plane" (written since 2026-12: by the ``learned`` codec, by ``auto`` before
   kind 4 and where kind 4 would miss the floor): each channel a plane, its mean in 1/16
-  levels
-  and its change across the tile in x and y in 1/8 levels (least squares over the
+  levels and its change across the tile in x and y in 1/8 levels (least squares over the
   non-outlier pixels: vignetting and slow illumination changes follow), evaluated in
   integer arithmetic.  A network tile beside a plane glass tile (kind 3 or 4) is drawn
   toward the plane's edge colour where its own pixels are near that colour
@@ -228,8 +227,8 @@ def decode_plane(data: bytes, hd: TileHeader, name: str = "tile", around: dict |
     drawn as :func:`blend_toward_glass` draws a network tile, so two planes meet without
     a step.  ``jpegxl``: the pixels of its bare JPEG-XL neighbours (side → (h, w, 3)
     uint8), toward whose edge (:func:`jpegxl_edge`) a kind-4 tile is drawn the same way
-    (a kind-3 tile ignores them).  The outliers are put
-    in last, exactly.  Raises CorruptDataError naming ``name``."""
+    (a kind-3 tile ignores them).  The outliers are put in last, exactly.  Raises
+    CorruptDataError naming ``name``."""
     q = plane_params(data, hd, name)
     pos = hd.payload + PLANE.size
     (n,) = struct.unpack_from("<H", data, pos)
@@ -291,10 +290,10 @@ def blend_toward_glass(pixels: np.ndarray, edges: dict) -> np.ndarray:
     """A network tile's decoded ``pixels`` (h, w, 3) uint8 drawn toward its plane glass
     neighbours (a plane's toward its meeting colours, :func:`decode_plane`): ``edges``
     maps a side (:data:`SIDES`) to the colours along it ((w or h, 3) uint8,
-    :func:`plane_edge`).  A pixel at distance d < BLEND_WIDTH from
-    that border moves toward the colour across it by (2·BLEND_WIDTH − 2d − 1)/(2·BLEND_WIDTH)
-    times a closeness weight (1 within BLEND_NEAR levels in every channel, 0 from BLEND_FAR),
-    so tissue at the border stays as decoded.  Sides in the order of SIDES; integer
+    :func:`plane_edge`).  A pixel at distance d < BLEND_WIDTH from that border moves toward
+    the colour across it by (2·BLEND_WIDTH − 2d − 1)/(2·BLEND_WIDTH) times a closeness
+    weight (1 within BLEND_NEAR levels in every channel, 0 from BLEND_FAR), so tissue at
+    the border stays as decoded.  Sides in the order of SIDES; integer
     arithmetic (rounded half up): the same pixels on every machine."""
     if not edges:
         return pixels

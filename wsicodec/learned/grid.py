@@ -115,7 +115,8 @@ class GridJob:
              grid: tuple[int, int]) -> tuple[list[int], list[int]]:
         """Glass tiles decoded into ``out`` (a plane drawn toward its plane neighbours, a
         kind-4 plane toward its bare JPEG-XL neighbours too; ``grid``: (cols, rows)),
-        failures put there; returns the indexes of the stitched tiles and of those decoded alone (formats 1-2)."""
+        failures put there; returns the indexes of the stitched tiles and of those decoded
+        alone (formats 1-2)."""
         stitched, alone = [], []
         for n, key in enumerate(keys):
             try:
