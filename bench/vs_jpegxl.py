@@ -9,7 +9,9 @@ load are counted as a user sees them; wall time and peak RSS (``os.wait4`` on th
 per step, and the learned codec's time as a multiple of JPEG-XL's on the same slide in
 the same run (absolute times drift 10-30 % on a shared machine; the ratios less).  The
 JSON records the load averages before and after.  ``--repeat N``: the best of N runs of
-each step, taken alternately.
+each step, taken alternately.  The learned container is also decompressed with
+``--precision bfloat16`` right after the float32 run (``decompress_bf16``; the opt-in,
+not the default: ``bench/README.md``, "Precision").
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         for key in args.slides.split(","):
             slide = SLIDES / SLIDE_FILES[key]
             runs: dict = {c: {"compress": [], "decompress": []} for c in CODECS}
+            runs["learned"]["decompress_bf16"] = []
             for _ in range(args.repeat):
                 for codec in CODECS:
                     box = Path(tmp) / f"{key}.{codec}.zarr.zip"
@@ -72,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
                     runs[codec]["decompress"].append(timed(cli + ["decompress", str(box),
                                                                   str(Path(tmp) / f"{key}.{codec}.tiff"),
                                                                   "--overwrite"]))
+                    if codec == "learned":
+                        runs[codec]["decompress_bf16"].append(timed(
+                            cli + ["decompress", str(box), str(Path(tmp) / f"{key}.bf16.tiff"),
+                                   "--overwrite", "--precision", "bfloat16"]))
             row = {"slide": key, "file": slide.name}
             for codec in CODECS:
                 row[codec] = {step: best(r) for step, r in runs[codec].items()}
@@ -80,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
                 a, b = row["learned"][step], row["jpegxl"][step]
                 if a["exit_code"] == 0 and b["exit_code"] == 0:
                     row[f"{step}_time_ratio"] = round(a["wall_s"] / b["wall_s"], 2)
+            a, b = row["learned"]["decompress_bf16"], row["jpegxl"]["decompress"]
+            if a["exit_code"] == 0 and b["exit_code"] == 0:
+                row["decompress_bf16_time_ratio"] = round(a["wall_s"] / b["wall_s"], 2)
             result["slides"].append(row)
             print(json.dumps(row), flush=True)
     result["load_after"] = os.getloadavg()
