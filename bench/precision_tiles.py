@@ -21,8 +21,7 @@ them; a container and its slide alternate on the command line)::
         /tmp/cmu_auto.zarr.zip ../shared/data/slides/cmu_small_region.svs \\
         --out bench/results/precision_tiles.json
 
-Speed (``--speed N``): N interleaved ``wsicodec decompress`` runs of each container in each
-precision (CLI processes, imports and model load counted), wall time of each run.
+Speed: ``bench/decode_ab.py`` (interleaved ``wsicodec decompress`` in both precisions).
 """
 
 from __future__ import annotations
@@ -30,9 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -140,7 +137,10 @@ def summarise(per_tile: dict, floor: float | None) -> dict:
            "min_delta_db": min((delta[k] for k in finite), default=0.0),
            "max_delta_db": max((delta[k] for k in finite), default=0.0),
            "mean_delta_changed_db": float(np.mean([delta[k] for k in changed])) if changed else 0.0,
-           f"tiles_moved_over_{MOVED_DB}_db": sum(abs(delta[k]) > MOVED_DB for k in finite)}
+           f"tiles_moved_over_{MOVED_DB}_db": sum(abs(delta[k]) > MOVED_DB for k in finite),
+           "tiles_lowered": sum(delta[k] < 0 for k in finite),
+           "tiles_raised": sum(delta[k] > 0 for k in finite),
+           f"tiles_lowered_over_{MOVED_DB}_db": sum(delta[k] < -MOVED_DB for k in finite)}
     if floor is None:
         return out
     keys = [k for k in finite if ok(per_tile[k].get("recorded"))]
@@ -168,30 +168,10 @@ def summarise(per_tile: dict, floor: float | None) -> dict:
     return out
 
 
-def speed(containers: list[str], repeat: int) -> dict:
-    """Interleaved CLI decompress runs: container × precision, ``repeat`` rounds."""
-    walls: dict[str, dict[str, list[float]]] = {c: {p: [] for p in PRECISIONS} for c in containers}
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(repeat):
-            for c in containers:
-                for p in PRECISIONS:
-                    t0 = time.perf_counter()
-                    subprocess.run([sys.executable, "-m", "wsicodec", "decompress", c,
-                                    str(Path(tmp) / "out.tiff"), "--overwrite", "--quiet",
-                                    "--precision", p], check=True, env=env)
-                    walls[c][p].append(round(time.perf_counter() - t0, 3))
-    return {c: {p: {"walls_s": w, "best_s": min(w), "median_s": float(np.median(w))}
-                for p, w in v.items()} | {"bf16_speedup_median": float(
-                    np.median(v["float32"]) / np.median(v["bfloat16"]))}
-            for c, v in walls.items()}
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("pairs", nargs="+", help="CONTAINER SLIDE [CONTAINER SLIDE ...]")
     ap.add_argument("--out", default=str(REPO / "bench/results/precision_tiles.json"))
-    ap.add_argument("--speed", type=int, default=0, help="interleaved decompress rounds")
     ap.add_argument("--summarise", action="store_true",
                     help="no decoding: recompute the summaries of an existing --out JSON")
     args = ap.parse_args(argv)
@@ -207,8 +187,6 @@ def main(argv: list[str] | None = None) -> int:
             keep = {k: r[k] for k in ("container", "slide", "codec", "configuration")}
             floor = (r.get("auto") or {}).get("floor_db")
             result["containers"][n] = keep | summarise(r["per_tile"], floor) | {"per_tile": r["per_tile"]}
-        if args.speed:
-            result["speed"] = speed([c for c, _ in pairs], args.speed)
         write(result, Path(args.out))
         return 0
     result = {"schema": SCHEMA, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -217,15 +195,13 @@ def main(argv: list[str] | None = None) -> int:
               "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "moved_threshold_db": MOVED_DB, "load_average_before": load_before,
               "containers": [compare(c, s) for c, s in pairs]}
-    if args.speed:
-        result["speed"] = speed([c for c, _ in pairs], args.speed)
     result["load_average_after"] = os.getloadavg()
     write(result, Path(args.out))
     return 0
 
 
 def write(result: dict, out: Path) -> None:
-    """``result`` to ``out``, and a line per container and per speed row to stderr."""
+    """``result`` to ``out``, and a line per container to stderr."""
     out.write_text(json.dumps(json_safe(result), indent=1) + "\n")
     for r in result["containers"]:
         line = (f"{Path(r['container']).name}: {r['tiles']} tiles, {r['tiles_changed']} changed, "
@@ -237,9 +213,6 @@ def write(result: dict, out: Path) -> None:
                      f"{a['tiles_under_recorded_minus_slack']}, f32 vs recorded "
                      f"{a['float32_vs_recorded_max_abs_db']:.4f}; by kind {a['by_kind']}")
         log(line)
-    for c, v in result.get("speed", {}).items():
-        log(f"{Path(c).name}: " + ", ".join(f"{p} {v[p]['median_s']:.2f} s" for p in PRECISIONS)
-            + f" (×{v['bf16_speedup_median']:.2f})")
 
 
 if __name__ == "__main__":

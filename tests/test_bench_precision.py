@@ -25,7 +25,8 @@ def test_summaries_count_moved_tiles_and_the_floor() -> None:
     }
     s = precision_tiles.summarise(per_tile, 32.0)
     assert (s["tiles"], s["tiles_finite"], s["tiles_changed"]) == (5, 4, 3)
-    assert s["tiles_moved_over_0.02_db"] == 2
+    assert s["tiles_moved_over_0.02_db"] == 2 and s["tiles_lowered_over_0.02_db"] == 2
+    assert (s["tiles_lowered"], s["tiles_raised"]) == (2, 1)
     assert s["max_abs_delta_db"] == pytest.approx(0.15) and s["max_delta_db"] == pytest.approx(0.01)
     a = s["auto"]
     assert a["tiles_under_floor"] == {"float32": 0, "bfloat16": 1} and a["under_floor"]["bfloat16"] == ["0/1/0"]
