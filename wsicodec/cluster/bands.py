@@ -222,9 +222,9 @@ def encode_band(codec: Any, source: SlideSource, plan: PyramidPlan, seg: Segment
         done = enc.push(strip.row, [c.region for c in tiles], [c.box for c in tiles],
                         valid=valid_sizes(info, t, strip.row, tiles),
                         context_only=not seg.lo <= strip.row < seg.hi)
-        if strip.row == rows - 1:
-            done += enc.finish()
         out += [BandRow(seg.level, er.row, list(er.tiles), er.records) for er in done]
+    # the rows still held: a level encoder may hold more than the row above the last pushed
+    out += [BandRow(seg.level, er.row, list(er.tiles), er.records) for er in enc.finish()]
     if [r.row for r in out] != list(range(seg.lo, seg.hi)):
         raise WsiCodecError(f"internal error: band {seg} coded rows {[r.row for r in out]}")
     return out

@@ -1,21 +1,25 @@
 """Per-tile codec choice for the ``auto`` codec: glass, the network or JPEG-XL, over a floor.
 
-Each level is coded row by row, one row behind (:class:`MixedLevelEncoder`)::
+Each level is coded row by row (:class:`MixedLevelEncoder`)::
 
     push(row r) ─► stage 1 of row r, each tile on its own (:meth:`TileChooser.choose_row`):
         │   glass, if its PSNR reaches the floor; else g_a once (the gains scale y), the
         │   network at the codec's quality, raised a step at a time while the tile's
-        │   estimated PSNR misses the floor (+ ESTIMATE_MARGIN_DB), and JPEG-XL at the
-        │   PSNR the network reaches (or the floor): the fewer bytes win
+        │   estimated PSNR misses the floor (+ ESTIMATE_MARGIN_DB); then JPEG-XL fitted
+        │   to the PSNR the network reaches (or the floor), on a pool of threads, while
+        │   the torch work goes on: the fewer bytes win
         ▼
-    stage 2 of row r − 1, whose neighbours are now all known (:meth:`TileChooser.settle_row`):
-        every network tile decoded as readers decode it (stitched with its eight
-        neighbours' latents, by the decoder's own functions), every plane glass tile as
-        readers draw it (toward its plane and, kind 4, its bare JPEG-XL neighbours), and
-        measured against the source; a kind-4 glass tile under the floor is tried as
-        kind 3 (not drawn toward its JPEG-XL neighbours); one still under it becomes
-        a fix-up tile (JPEG-XL pixels, its latents kept for its neighbours)
-    ─► row r − 1 out, each tile with its record (kind, PSNR of what readers show)
+    stage 2 of each row whose neighbours are all decided (:meth:`TileChooser.settle_row`):
+        row r − 2 once row r − 1's fits are in (row r − 1 too when row r has no fit to
+        wait for); every network tile decoded as readers decode it (stitched with its
+        eight neighbours' latents, by the decoder's own functions), every plane glass
+        tile as readers draw it (toward its plane and, kind 4, its bare JPEG-XL
+        neighbours), and measured against the source; a kind-4 glass tile under the
+        floor is tried as kind 3 (not drawn toward its JPEG-XL neighbours); one still
+        under it becomes a fix-up tile (JPEG-XL pixels, its latents kept for its
+        neighbours)
+    ─► the settled rows out, in order, each tile with its record (kind, PSNR of what
+       readers show)
 
 Why fix-up tiles keep their latents: a tile's pixels depend on its neighbours' latents.
 Stage 1 fixes every tile's latents for good (network: its ŷ; JPEG-XL: g_a of its decoded
@@ -24,13 +28,15 @@ so stage 2 measures each tile in its final surroundings, and turning a tile into
 fix-up, or a glass tile from kind 4 into kind 3, changes no tile already measured (a glass
 tile meets only bare JPEG-XL neighbours, whose pixels stage 1 fixed; it draws nobody).  The
 floor then holds for every tile with one row of look-ahead and no second pass over the
-level.
+level.  When a row is settled changes only when its bytes come out, never what they are:
+every decision is a function of the tile (stage 1) or of the tile and its decided
+neighbours (stage 2).
 """
 
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -53,7 +59,7 @@ KINDS = ("glass", "learned", "jpegxl", "jpegxl-lossless", "fixup")
 #: stage 1 keeps a network quality when the tile's estimated PSNR clears the floor by this
 #: much (the estimate stitches with g_a's unquantised neighbours; stage 2 measures exactly)
 ESTIMATE_MARGIN_DB = 0.3
-#: threads fitting JPEG-XL to a row's tiles at once
+#: threads fitting JPEG-XL to tiles (libjxl frees the GIL), beside the torch work
 JPEGXL_THREADS = 2
 #: stage 2 keeps a network tile when its measured PSNR clears the floor by this much: a
 #: reader's g_s batches windows differently, which can move a few pixels by one level
@@ -106,9 +112,12 @@ class TileChooser:
 
     # ------------------------------------------------------------------ stage 1
     def choose_row(self, regions: Sequence[np.ndarray], boxes: Sequence[tuple[int, int, int, int]],
-                   valid: Sequence[tuple[int, int]] | None) -> list[_Tile]:
-        """Stage 1 for one row's tiles.  A tile's choice depends on the tile alone, so a
-        resumed run decides as an uninterrupted one."""
+                   valid: Sequence[tuple[int, int]] | None, pool: Executor
+                   ) -> tuple[list[_Tile], list[Future]]:
+        """Stage 1 for one row's tiles: glass and the network here, the JPEG-XL fits
+        submitted to ``pool``; the row is decided once the futures returned are done.  A
+        tile's choice depends on the tile alone, so a resumed run decides as an
+        uninterrupted one."""
         tiles, network = [], []
         for i, (region, box) in enumerate(zip(regions, boxes)):
             region = check_region(region)
@@ -119,12 +128,11 @@ class TileChooser:
             if not self._glass(t):
                 network.append(i)
             tiles.append(t)
-        if network:
-            self._network([tiles[i] for i in network], [regions[i] for i in network],
-                          [boxes[i] for i in network])
-            with ThreadPoolExecutor(max_workers=JPEGXL_THREADS) as pool:   # libjxl frees the GIL
-                list(pool.map(self._versus_jpegxl, [tiles[i] for i in network]))
-        return tiles
+        if not network:
+            return tiles, []
+        self._network([tiles[i] for i in network], [regions[i] for i in network],
+                      [boxes[i] for i in network])
+        return tiles, [pool.submit(self._versus_jpegxl, tiles[i]) for i in network]
 
     def _glass(self, t: _Tile) -> bool:
         fit = uniform_fit(t.source)
@@ -351,32 +359,62 @@ class TileChooser:
 
 
 class MixedLevelEncoder(LevelEncoder):
-    """One level of an ``auto`` codec's grid, one row behind (module docstring)."""
+    """One level of an ``auto`` codec's grid (module docstring): each row's JPEG-XL fits
+    run on a pool of :data:`JPEGXL_THREADS` threads while this one does the next torch
+    work (stage 1 of the next row, stage 2 of the rows above), so a row comes out two
+    rows behind the push, or one where the row below has no fit to wait for (a stored
+    row, a row of glass)."""
 
     def __init__(self, chooser: TileChooser) -> None:
         self.chooser = chooser
         self.rows: dict[int, list[_Tile]] = {}
+        self.fits: dict[int, list[Future]] = {}     #: a row's JPEG-XL fits not yet waited for
         self.emit: dict[int, bool] = {}
-        self.pending: int | None = None
+        self.unsettled: list[int] = []              #: rows pushed, not yet settled, in order
+        self.last: int | None = None
+        self.pool: ThreadPoolExecutor | None = None
 
     def push(self, row, regions, boxes, *, valid=None, stored=None,
              context_only=False) -> list[EncodedRow]:
-        if self.pending is not None and row != self.pending + 1:
-            raise InvalidSettingError(f"rows of a level go in order: row {row} after row {self.pending}")
+        if self.last is not None and row != self.last + 1:
+            raise InvalidSettingError(f"rows of a level go in order: row {row} after row {self.last}")
         if stored is None:
-            self.rows[row] = self.chooser.choose_row(regions, boxes, valid)
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(JPEGXL_THREADS, thread_name_prefix="wsicodec-jpegxl")
+            self.rows[row], self.fits[row] = self.chooser.choose_row(regions, boxes, valid, self.pool)
         else:
             self.rows[row] = [self.chooser.stored_tile(c, data) for c, data in enumerate(stored)]
         self.emit[row] = stored is None and not context_only
-        out = self._settle(self.pending) if self.pending is not None else []
-        self.pending = row
+        self.unsettled.append(row)
+        self.last = row
+        self._wait(row - 1)
+        out = []
+        while self.unsettled and (self.unsettled[0] + 1 < row
+                                  or (self.unsettled[0] + 1 == row and not self.fits.get(row))):
+            out += self._settle(self.unsettled.pop(0))
         return out
 
     def finish(self) -> list[EncodedRow]:
-        out = self._settle(self.pending) if self.pending is not None else []
-        self.pending = None
-        self.rows.clear()
+        out = []
+        try:
+            for r in list(self.fits):
+                self._wait(r)
+            while self.unsettled:
+                out += self._settle(self.unsettled.pop(0))
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool, self.last = None, None
+            self.rows.clear()
+            self.fits.clear()
+            self.emit.clear()
+            self.unsettled.clear()
         return out
+
+    def _wait(self, r: int) -> None:
+        """Row ``r``'s fits done (an error in one raised here)."""
+        for f in self.fits.pop(r, ()):
+            f.result()
 
     def _settle(self, r: int) -> list[EncodedRow]:
         tiles = self.rows[r]
