@@ -25,11 +25,16 @@ from .codec import DEFAULT_MARGIN, DEFAULT_MAX_BATCH, LearnedCodec, _int_in, che
 from .decoder import TileDecoder
 from .encoder import Box, TileEncoder
 from .grid import KIND_JPEGXL
+from .jxlfit import SEARCH_EFFORT
 from .synthesis import LatentCache
 from .tileformat import KIND_NETWORK, TileHeader
 
 #: the floors ``min_psnr`` accepts: above 0, at most 99 dB
 MIN_PSNR_RANGE = (0.0, 99.0)
+#: JPEG-XL's default effort here: the one its fit searches at, so the coding kept is one
+#: the search made (no second coding); at equal PSNR a higher effort saved nothing on H&E
+#: tiles (``bench/jxl_effort.py``, docs/auto-codec.md)
+DEFAULT_EFFORT = SEARCH_EFFORT
 #: options of the machine, never stored (as the learned codec's)
 LOCAL_OPTIONS = ("model", "device", "precision", "max_batch")
 
@@ -54,7 +59,7 @@ class AutoCodec(TileCodec):
         min_psnr: the floor: every tile's decoded PSNR against the source pixels is at
             least this many dB (the network's quality raised up to its top, then
             JPEG-XL at a lower distance, down to lossless).  Default :data:`DEFAULT_MIN_PSNR`.
-        effort: JPEG-XL's effort, 1..9 (7).
+        effort: JPEG-XL's effort, 1..9 (:data:`DEFAULT_EFFORT`).
         model, device, margin, model_id, precision, max_batch: as the learned codec's.
 
     Raises:
@@ -64,7 +69,8 @@ class AutoCodec(TileCodec):
     name = "auto"
     tile_kinds = KINDS
 
-    def __init__(self, quality: float | None = None, min_psnr: float | None = None, effort: int = 7,
+    def __init__(self, quality: float | None = None, min_psnr: float | None = None,
+                 effort: int = DEFAULT_EFFORT,
                  model: str | None = None, device: str = "cpu", margin: int = DEFAULT_MARGIN,
                  model_id: str | None = None, precision: str = "float32",
                  max_batch: int | None = DEFAULT_MAX_BATCH) -> None:

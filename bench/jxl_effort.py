@@ -1,0 +1,116 @@
+"""JPEG-XL's effort for the ``auto`` codec: bytes of the fitted coding at each effort, at
+equal PSNR, on tissue tiles of the shared slides and of he/test.
+
+    python bench/jxl_effort.py [--efforts 5,7] [--targets 32,35] [--per-slide 40]
+                               [--he-images 6] [--out bench/results/jxl_effort.json]
+
+Every tile is fitted with :func:`wsicodec.learned.jxlfit.fit_jpegxl` (what the auto codec
+stores where JPEG-XL wins) at each effort and target: the bytes of the coding kept, its
+``equal_bytes`` (its size scaled to exactly the target along the tile's own slope: what
+the auto codec compares with the network), its PSNR above the target, and the time of the
+fits.  Tiles: up to ``--per-slide`` tiles of level 0 of each slide that are not glass (a
+fixed random sample), and the 256² crops on a 512-px stride of the first ``--he-images``
+he/test images.  Totals per set are reported as ratios to the first effort.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.report import cpu_model, git_state, json_safe, log, package_versions  # noqa: E402
+from bench.slides import SLIDE_FILES, SLIDES  # noqa: E402
+
+TILE = 256
+
+
+def slide_tiles(key: str, n: int, seed: int = 0) -> list[np.ndarray]:
+    """Up to ``n`` non-glass level-0 tiles of a shared slide (a fixed random sample)."""
+    import openslide
+
+    from wsicodec.learned.glass import uniform_fit
+
+    s = openslide.OpenSlide(str(SLIDES / SLIDE_FILES[key]))
+    w, h = s.level_dimensions[0]
+    cells = [(x, y) for y in range(0, h - TILE + 1, TILE) for x in range(0, w - TILE + 1, TILE)]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in rng.permutation(len(cells)):
+        tile = np.ascontiguousarray(np.asarray(s.read_region(cells[i], 0, (TILE, TILE)))[..., :3])
+        if uniform_fit(tile) is None:
+            out.append(tile)
+        if len(out) == n:
+            break
+    return out
+
+
+def he_tiles(images: int) -> list[np.ndarray]:
+    from PIL import Image
+
+    out = []
+    for path in sorted((REPO.parent / "shared" / "data" / "he" / "test").glob("*.png"))[:images]:
+        im = np.asarray(Image.open(path).convert("RGB"))
+        for y in range(0, im.shape[0] - TILE + 1, 2 * TILE):
+            for x in range(0, im.shape[1] - TILE + 1, 2 * TILE):
+                out.append(np.ascontiguousarray(im[y:y + TILE, x:x + TILE]))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from wsicodec.learned.jxlfit import fit_jpegxl
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--efforts", default="5,7")
+    ap.add_argument("--targets", default="32,35")
+    ap.add_argument("--per-slide", type=int, default=40)
+    ap.add_argument("--he-images", type=int, default=6)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "jxl_effort.json")
+    args = ap.parse_args(argv)
+    efforts = [int(e) for e in args.efforts.split(",")]
+    targets = [float(t) for t in args.targets.split(",")]
+    sets = {"cmu": slide_tiles("svs-jpeg", args.per_slide), "tcga": slide_tiles("svs-jpeg2000", args.per_slide),
+            "he_test": he_tiles(args.he_images)}
+    results = {}
+    for name, tiles in sets.items():
+        for target in targets:
+            row: dict = {"tiles": len(tiles), "target_db": target}
+            for e in efforts:
+                t0 = time.perf_counter()
+                fits = [fit_jpegxl(t, target, effort=e) for t in tiles]
+                row[f"effort{e}"] = {"fit_s": round(time.perf_counter() - t0, 3),
+                                     "bytes": sum(len(f.data) for f in fits),
+                                     "equal_bytes": round(sum(f.equal_bytes for f in fits)),
+                                     "mean_psnr_above_target_db": round(float(np.mean(
+                                         [f.psnr - target for f in fits if np.isfinite(f.psnr)])), 3),
+                                     "lossless": sum(f.lossless for f in fits)}
+            first = row[f"effort{efforts[0]}"]
+            for e in efforts[1:]:
+                r = row[f"effort{e}"]
+                row[f"effort{e}_over_effort{efforts[0]}"] = {
+                    k: round(r[k] / first[k], 4) for k in ("bytes", "equal_bytes", "fit_s")}
+            log(f"{name} {target:g} dB: {json.dumps(row)}")
+            results[f"{name}@{target:g}"] = row
+    doc = {"what": __doc__.split("\n\n")[0], "environment": {
+               "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+               "loadavg_end": os.getloadavg(),
+               "packages": package_versions(("imagecodecs", "numpy")),
+               "git": git_state(REPO, ("wsicodec",)), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+           "efforts": efforts, "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(json_safe(doc), indent=2) + "\n")
+    log(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
