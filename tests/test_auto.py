@@ -188,6 +188,41 @@ def test_jpegxl_fit_reaches_its_target_or_gives_way_to_a_budget(he_img):
     assert fit_jpegxl(tile, 45.0, budget=100) is None       # 45 dB never fits in 100 bytes
 
 
+def test_at_the_search_effort_the_coding_kept_is_a_search_coding(he_img, monkeypatch):
+    import inspect
+
+    from wsicodec.learned import jxlfit
+    from wsicodec.learned.auto import AutoCodec
+    assert inspect.signature(AutoCodec).parameters["effort"].default == jxlfit.SEARCH_EFFORT
+    made = []
+    real = jxlfit.encode_at
+    monkeypatch.setattr(jxlfit, "encode_at", lambda *a: made.append(a[1:]) or real(*a))
+    tile = np.ascontiguousarray(he_img[:T, :T])
+    fit = fit_jpegxl(tile, 38.0, effort=jxlfit.SEARCH_EFFORT)
+    assert all(e == jxlfit.SEARCH_EFFORT for _, _, e in made)
+    assert len({d for d, _, _ in made}) == len(made)          # no distance coded twice
+    assert fit.distance in {d for d, _, _ in made} and fit.psnr >= 38.0
+
+
+def test_rows_come_out_in_order_and_a_stored_row_settles_the_rows_above(he_img):
+    """The level encoder holds a row while the row below's JPEG-XL fits run; a stored row
+    (a resumed run) has none, so the rows above it come out at once."""
+    codec = get_codec("auto", 4, min_psnr=30.0)
+    img = np.ascontiguousarray(np.concatenate([he_img, he_img[::-1]]))        # 4 x 3 tiles
+    grid = list(_grid_rows(img, codec.context))
+    first = _encode(codec, img)
+    enc = codec.level_encoder(0)
+    got = []
+    for r, regions, boxes, valid in grid[:3]:
+        got += [er.row for er in enc.push(r, regions, boxes, valid=valid)]
+    assert got == [0]                                      # row 1 waits for row 2's fits
+    r, regions, boxes, valid = grid[3]
+    out = enc.push(r, regions, boxes, valid=valid, stored=first[3].tiles)
+    assert [er.row for er in out] == [1, 2]
+    assert [er.tiles for er in out] == [first[1].tiles, first[2].tiles]
+    assert enc.finish() == []                               # a stored row never comes out
+
+
 def test_mixed_decoder_refuses_a_tile_that_is_neither(he_img):
     codec = get_codec("auto", 4, min_psnr=20.0)
     got = codec.decode_tiles([(0, 0)], lambda c, r: b"GIF89a....", (1, 1))
