@@ -10,8 +10,8 @@ subprocess of its own, timed by wall clock; the rounds interleave the codecs so 
 drifting load on a shared machine falls on all of them.  Times on this machine drift by
 10-30 % between runs, so the JSON reports ratios between codecs measured in the same
 round (the targets of issue #28: auto's compress ≤ 2x the learned network's, its
-decompress the same within noise), their median over rounds, and the auto containers'
-tile kinds (``wsicodec info --json``).
+decompress the same within noise), their median over rounds, the load average at the end
+of each round, and the auto containers' tile kinds (``wsicodec info --json``).
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                     row[f"{name}_container_bytes"] = c.stat().st_size
                     if name == "auto" and key not in infos:
                         infos[key] = _info(c)
+                row["loadavg_1min"] = round(os.getloadavg()[0], 2)     # the machine is shared
                 for what in ("compress", "decompress"):
                     row[f"auto_vs_learned_{what}"] = round(row[f"auto_{what}_s"] / row[f"learned_{what}_s"], 3)
                     row[f"auto_vs_jpegxl_{what}"] = round(row[f"auto_{what}_s"] / row[f"jpegxl_{what}_s"], 3)
