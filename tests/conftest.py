@@ -115,28 +115,45 @@ def shipped_weights_file(model_id: str, folder: Path) -> Path | None:
     return out
 
 
-@pytest.fixture
-def format2(tmp_path_factory, monkeypatch) -> dict:
-    """tests/data/format2_q4.json: which weights (and κ) the format-2 fixtures beside it were
-    written with, plus ``weights``: a file that decodes them.  That is the shipped file while
-    it still holds their decoder; after a retrained network has shipped, the old file comes
-    back from the git history (as ``weights/history.json`` tells users to do) and
-    ``$WSICODEC_MODEL_DIR`` names its folder, so containers find it by id.  Skips only
-    where neither is here.  ``same_g_s``: whether that file's g_s is the one that decoded
-    them (``export --synthesis`` keeps the symbols but not the pixels)."""
-    import json
-
+def weights_that_decode(model_id: str, what: str, tmp_path_factory, monkeypatch):
+    """The loaded model that decodes data made with ``model_id``: the shipped file while it
+    still holds that decoder; after a retrained network has shipped, the old file from the
+    git history (as ``weights/history.json`` tells users to do), with ``$WSICODEC_MODEL_DIR``
+    naming its folder so containers find it by id.  Skips only where neither is here."""
     from wsicodec.checkpoint import load_model
-    made = json.loads((FIXTURES / "format2_q4.json").read_text())
     model = load_model()
-    if not model.decodes(made["model_id"]):
-        old = shipped_weights_file(made["model_id"], tmp_path_factory.getbasetemp() / "old-weights")
+    if not model.decodes(model_id):
+        old = shipped_weights_file(model_id, tmp_path_factory.getbasetemp() / "old-weights")
         if old is None:
-            pytest.skip(f"the weights the format-2 fixtures were made with ({made['model_id'][:8]}) "
+            pytest.skip(f"the weights {what} were made with ({model_id[:8]}) "
                         "are neither shipped nor in this checkout's git history")
         monkeypatch.setenv("WSICODEC_MODEL_DIR", str(old.parent))
         model = load_model(old)
+    return model
+
+
+@pytest.fixture
+def format2(tmp_path_factory, monkeypatch) -> dict:
+    """tests/data/format2_q4.json: which weights (and κ) the format-2 fixtures beside it were
+    written with, plus ``weights``: a file that decodes them (:func:`weights_that_decode`).
+    ``same_g_s``: whether that file's g_s is the one that decoded them (``export
+    --synthesis`` keeps the symbols but not the pixels)."""
+    import json
+
+    made = json.loads((FIXTURES / "format2_q4.json").read_text())
+    model = weights_that_decode(made["model_id"], "the format-2 fixtures", tmp_path_factory, monkeypatch)
     return {**made, "weights": model.path, "same_g_s": g_s_digest(model.model) == made["g_s_sha256"]}
+
+
+@pytest.fixture
+def auto_kind3(tmp_path_factory, monkeypatch) -> dict:
+    """tests/data/auto_kind3.json: how ``auto_kind3.zarr.zip`` was made and read, with its
+    weights findable by id (:func:`weights_that_decode`)."""
+    import json
+
+    made = json.loads((FIXTURES / "auto_kind3.json").read_text())
+    weights_that_decode(made["model_id"], "auto_kind3.zarr.zip", tmp_path_factory, monkeypatch)
+    return made
 
 
 def g_s_digest(model) -> str:
