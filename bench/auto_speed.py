@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.report import cpu_model, git_state, json_safe, log, package_versions  # noqa: E402
+from bench.report import log, run_environment, write_json  # noqa: E402
 from bench.slides import SLIDE_FILES, SLIDES  # noqa: E402
 
 CODECS = {"learned": ["--codec", "learned", "--quality", "4"],
@@ -89,14 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         summary[key] = {k: statistics.median(r[k] for r in mine)
                         for k in mine[0] if k.startswith("auto_vs_")}
         summary[key]["auto_fidelity"] = infos[key].get("fidelity")
-    doc = {"what": __doc__.split("\n\n")[0], "environment": {
-               "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-               "packages": package_versions(("torch", "imagecodecs", "numpy")),
-               "git": git_state(REPO, ("wsicodec",)), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+    doc = {"what": __doc__.split("\n\n")[0],
+           "environment": run_environment(REPO, ("torch", "imagecodecs", "numpy")),
            "codecs": CODECS, "rounds": rows, "median_ratios": summary}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(json_safe(doc), indent=2) + "\n")
-    log(f"wrote {args.out}")
+    write_json(args.out, doc)
     return 0
 
 

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.report import cpu_model, git_state, json_safe, log, package_versions  # noqa: E402
+from bench.report import log, run_environment, write_json  # noqa: E402
 from bench.slides import SLIDE_FILES, SLIDES  # noqa: E402
 
 TILE = 256
@@ -100,15 +100,11 @@ def main(argv: list[str] | None = None) -> int:
                     k: round(r[k] / first[k], 4) for k in ("bytes", "equal_bytes", "fit_s")}
             log(f"{name} {target:g} dB: {json.dumps(row)}")
             results[f"{name}@{target:g}"] = row
-    doc = {"what": __doc__.split("\n\n")[0], "environment": {
-               "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-               "loadavg_end": os.getloadavg(),
-               "packages": package_versions(("imagecodecs", "numpy")),
-               "git": git_state(REPO, ("wsicodec",)), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+    doc = {"what": __doc__.split("\n\n")[0],
+           "environment": {**run_environment(REPO, ("imagecodecs", "numpy")),
+                           "loadavg_end": os.getloadavg()},
            "efforts": efforts, "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(json_safe(doc), indent=2) + "\n")
-    log(f"wrote {args.out}")
+    write_json(args.out, doc)
     return 0
 
 

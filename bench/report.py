@@ -87,3 +87,24 @@ def git_state(repo, paths: tuple[str, ...]) -> tuple[str | None, bool | None]:
     except (OSError, subprocess.SubprocessError):
         return None, None
     return commit, dirty
+
+
+def run_environment(repo, packages: tuple[str, ...], paths: tuple[str, ...] = ("wsicodec",)) -> dict:
+    """What a result JSON records of the run: CPU model and count, package versions, the
+    checkout's commit and whether ``paths`` were dirty (:func:`git_state`), and the date."""
+    import os
+    import time
+
+    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "packages": package_versions(packages),
+            "git": git_state(repo, paths), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def write_json(path, doc: Any, indent: int = 2) -> None:
+    """Write ``doc`` (made :func:`json_safe`) to ``path``, creating its folder, and say so."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(json_safe(doc), indent=indent) + "\n")
+    log(f"wrote {path}")
