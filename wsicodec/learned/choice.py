@@ -338,8 +338,7 @@ class TileChooser:
             first[k] = px
         shown = [(t, blend_toward_glass(px, edges(t))) for t, px in zip(todo, first)]
         for t in tiles:
-            if t.kind == "glass" and parse_header(t.data).kind in PLANE_KINDS:
-                hd = parse_header(t.data)
+            if t.kind == "glass" and (hd := parse_header(t.data)).kind in PLANE_KINDS:
                 shown.append((t, decode_glass(t.data, hd, "tile", edges(t), jpegxl_sides(t))))
         for t, px in shown:
             p = tile_psnr(px, t.source, t.valid)

@@ -43,7 +43,7 @@ import numpy as np
 from wsicodec.errors import CorruptDataError
 
 from .tileformat import (KIND_PLANE, KIND_PLANE_MIXED, PLANE_KINDS, TileHeader, pack_plane_header,
-                         pack_uniform_header)
+                         pack_uniform_header, parse_header)
 
 UNIFORM_MAX_DEV = 10
 UNIFORM_MAX_STD = 3.0
@@ -205,10 +205,12 @@ def encode_glass(tile: np.ndarray, rgb: np.ndarray, outliers: np.ndarray, versio
 
 def plane_as(data: bytes, kind: int) -> bytes:
     """A plane glass tile's bytes as ``kind`` (:data:`PLANE_KINDS`: one layout), the rest
-    unchanged.  Raises ValueError for another tile or kind."""
-    if kind not in PLANE_KINDS or len(data) < 6 or data[5] not in PLANE_KINDS:
+    unchanged.  Raises ValueError for another tile or kind (CorruptDataError, a
+    ValueError, for bytes that are no tile)."""
+    hd = parse_header(data)
+    if kind not in PLANE_KINDS or hd.kind not in PLANE_KINDS:
         raise ValueError("a plane glass tile is kind 3 or 4")
-    return data[:5] + bytes([kind]) + data[6:]
+    return pack_plane_header(hd.version, hd.height, hd.width, kind) + data[hd.payload:]
 
 
 def plane_params(data: bytes, hd: TileHeader, name: str = "tile") -> np.ndarray:
