@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.datasets import DATASETS  # noqa: E402
 from bench.report import log, run_environment, write_json  # noqa: E402
 from bench.slides import SLIDE_FILES, SLIDES  # noqa: E402
 
@@ -55,11 +56,10 @@ def slide_tiles(key: str, n: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def he_tiles(images: int) -> list[np.ndarray]:
-    from PIL import Image
-
+    """256² crops of the first ``images`` he/test images (``bench/datasets.py``), every
+    other cell of each."""
     out = []
-    for path in sorted((REPO.parent / "shared" / "data" / "he" / "test").glob("*.png"))[:images]:
-        im = np.asarray(Image.open(path).convert("RGB"))
+    for _, im in DATASETS["he_test"].images(images):
         for y in range(0, im.shape[0] - TILE + 1, 2 * TILE):
             for x in range(0, im.shape[1] - TILE + 1, 2 * TILE):
                 out.append(np.ascontiguousarray(im[y:y + TILE, x:x + TILE]))

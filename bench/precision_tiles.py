@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.report import cpu_model, git_state, json_safe, log  # noqa: E402
+from bench.report import cpu_model, git_state, log, write_json  # noqa: E402
 
 SCHEMA = "wsicodec-precision-tiles/1"
 PRECISIONS = ("float32", "bfloat16")
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def write(result: dict, out: Path) -> None:
     """``result`` to ``out``, and a line per container to stderr."""
-    out.write_text(json.dumps(json_safe(result), indent=1) + "\n")
+    write_json(out, result, indent=1)
     for r in result["containers"]:
         line = (f"{Path(r['container']).name}: {r['tiles']} tiles, {r['tiles_changed']} changed, "
                 f"max |Δ| {r['max_abs_delta_db']:.4f} dB, >{MOVED_DB} dB: "
