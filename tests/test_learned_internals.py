@@ -1,0 +1,361 @@
+"""The learned codec's inner parts: exact entropy parameters, the latent search (refine),
+the rate accounting the benchmarks use, the fast transforms' layers and the reconstruction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import wsicodec
+from conftest import DATA, psnr as _psnr
+from wsicodec.checkpoint import DEFAULT_WEIGHTS, load_model
+from wsicodec.errors import InvalidSettingError
+from wsicodec.learned import LearnedCodec
+
+TEST = DATA / "he" / "test"
+
+pytestmark = pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="shipped weights missing")
+
+
+@pytest.fixture(scope="module")
+def tissue() -> np.ndarray:
+    if not TEST.is_dir():
+        pytest.skip(f"real H&E images not found at {TEST}")
+    return np.asarray(Image.open(sorted(TEST.glob("*.png"))[0]).convert("RGB"))
+
+
+def _coded_cost(tile: np.ndarray, data: bytes, quality: float) -> float:
+    """bits/pixel + λ(q)·255²·MSE of a stream, from its real bytes and decoded pixels."""
+    lam = float(load_model(DEFAULT_WEIGHTS).model.lambda_at(torch.tensor([quality]))[0])
+    out = LearnedCodec(quality).decode(data).astype(np.float64)
+    mse = float(np.mean((out - tile.astype(np.float64)) ** 2))
+    return 8 * len(data) / (tile.shape[0] * tile.shape[1]) + lam * mse
+
+
+def _np_exact_h_s(h, z_hat: np.ndarray, quality: float) -> np.ndarray:
+    """ExactHyperSynthesis written again in numpy: convolutions as window tensordots,
+    which numpy sends to its own BLAS (OpenBLAS), not torch's."""
+    from numpy.lib.stride_tricks import sliding_window_view
+    from wsicodec.learned.exact import EXACT_ACT_BITS, EXACT_FRAC
+
+    def correlate(x, w, pad_lo, pad_hi):          # x (Cin, H, W), w (Cout, Cin, k, k)
+        xp = np.pad(x, ((0, 0), (pad_lo, pad_hi), (pad_lo, pad_hi)))
+        win = sliding_window_view(xp, w.shape[-2:], axis=(1, 2))
+        return np.tensordot(w, win, axes=([1, 2, 3], [0, 3, 4]))
+
+    lim = float(2 ** EXACT_ACT_BITS - 1)
+    a = np.clip(np.round(z_hat / h.hgain(quality).numpy()[0] * 2.0 ** EXACT_FRAC), -lim, lim)
+    for k, (deconv, wq, bq, stride, pad, opad, scale, slope) in enumerate(h.layers):
+        wq, bq, scale = wq.numpy(), bq.numpy()[:, None, None], scale.numpy()[0]
+        if deconv:     # stride-2 transposed convolution = zeros between pixels, flipped kernel
+            kk = wq.shape[-1]
+            up = np.zeros((a.shape[0], 2 * a.shape[1] - 1, 2 * a.shape[2] - 1))
+            up[:, ::2, ::2] = a
+            acc = correlate(up, wq.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1], kk - 1 - pad[0],
+                            kk - 1 - pad[0] + opad[0]) + bq
+        else:
+            acc = correlate(a, wq, pad[0], pad[0]) + bq
+        if k == len(h.layers) - 1:
+            return acc / (scale * 2.0 ** EXACT_FRAC)
+        a = np.round(acc / scale)
+        if slope is not None:
+            a = np.where(a < 0, np.round(a * slope), a)
+        a = np.clip(a, -lim, lim)
+
+
+def test_exact_entropy_parameters_do_not_depend_on_summation_order(tissue):
+    """Format 2's h_s sums integers below 2**53 in float64, so any order gives the same
+    bits: here each layer's sum is split over its input channels in three parts, added
+    last part first, and must match to the last bit (and stay near the float h_s)."""
+    import torch.nn.functional as F
+    from wsicodec.learned.exact import EXACT_ACT_BITS, EXACT_FRAC
+    model = load_model().model
+    h = model.h_s_exact()
+    g = torch.Generator().manual_seed(3)
+    med = model.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1).double()
+    z_hat = torch.round(torch.randn(1, model.config.N, 6, 5, generator=g, dtype=torch.float64) * 4) + med
+    with torch.no_grad():
+        for quality in (1.0, 3.7, 8.0):
+            ref = h(z_hat, quality)
+            lim = float(2 ** EXACT_ACT_BITS - 1)
+            a = torch.round(z_hat / h.hgain(quality) * 2.0 ** EXACT_FRAC).clamp(-lim, lim)
+            for k, (deconv, wq, bq, stride, pad, opad, scale, slope) in enumerate(h.layers):
+                cin = a.shape[1]
+                parts = [slice(0, cin // 3), slice(cin // 3, 2 * cin // 3), slice(2 * cin // 3, cin)]
+                acc = bq.reshape(1, -1, 1, 1)
+                for sl in reversed(parts):
+                    if deconv:
+                        acc = F.conv_transpose2d(a[:, sl], wq[sl], None, stride, pad, opad) + acc
+                    else:
+                        acc = F.conv2d(a[:, sl], wq[:, sl], None, stride, pad) + acc
+                assert torch.equal(acc, torch.round(acc)) and acc.abs().max() < 2.0 ** 53
+                if k == len(h.layers) - 1:
+                    out = acc / (scale * 2.0 ** EXACT_FRAC)
+                    break
+                a = torch.round(acc / scale)
+                if slope is not None:
+                    a = torch.where(a < 0, torch.round(a * slope), a)
+                a = a.clamp(-lim, lim)
+            assert torch.equal(out, ref)
+            _, hgain = model.gains(torch.tensor([quality]), torch.float64)
+            flt = model.h_s_float64()(z_hat / hgain.double())
+            assert (ref - flt).abs().max() < 1e-2 and (ref - flt).abs().mean() < 1e-4
+
+
+def test_exact_h_s_computes_only_the_part_asked_for_with_the_same_bits():
+    """The last layer computes just y's size (17² of 20² for a real tile): the values are
+    those of the full output there, to the last bit, at every size and position."""
+    model = load_model().model
+    h = model.h_s_exact()
+    g = torch.Generator().manual_seed(5)
+    med = model.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1).double()
+    z_hat = torch.round(torch.randn(1, model.config.N, 6, 5, generator=g, dtype=torch.float64) * 4) + med
+    full = h(z_hat, 4.0)
+    assert full.shape[-2:] == (24, 20)
+    for size in ((21, 17), (24, 20), (1, 1), (23, 20), (24, 3), (30, 30)):
+        part = h(z_hat, 4.0, size)
+        want = full[..., :size[0], :size[1]]
+        assert part.shape == want.shape and torch.equal(part, want), size
+    mu, index = model.entropy_parameters(z_hat, torch.tensor([4.0]), size=(21, 17))
+    mu_full, index_full = model.entropy_parameters(z_hat, torch.tensor([4.0]))
+    assert torch.equal(mu, mu_full[..., :21, :17]) and torch.equal(index, index_full[..., :21, :17])
+    mu1, _ = model.entropy_parameters(z_hat, torch.tensor([4.0]), exact=False, size=(21, 17))
+    assert mu1.shape == mu.shape                       # format 1 (float64 h_s) is cropped too
+    # a last layer that is not a centred stride-1 conv is computed whole, never cut wrongly
+    from wsicodec.learned.exact import ExactHyperSynthesis
+    odd = torch.nn.Sequential(torch.nn.ConvTranspose2d(4, 6, 5, 2, 2, 1), torch.nn.LeakyReLU(),
+                              torch.nn.Conv2d(6, 4, 3, 1, 0))
+    hx = ExactHyperSynthesis(odd, torch.zeros(2, 4), 2)
+    zx = torch.round(torch.randn(1, 4, 5, 5, generator=g, dtype=torch.float64) * 4)
+    assert torch.equal(hx(zx, 1.0, (3, 3)), hx(zx, 1.0))
+
+
+def test_exact_exp_is_exp():
+    import math
+    from wsicodec.learned.exact import exact_exp
+    for v in np.linspace(-40.0, 40.0, 4001).tolist() + [0.0, -1e-300, 1e-12, 700.0, -700.0]:
+        assert exact_exp(v) == pytest.approx(math.exp(v), rel=4e-16, abs=0)
+
+
+def test_refine_is_validated():
+    for bad in (-1, 1001, 2.5, True, "40"):
+        with pytest.raises(InvalidSettingError, match="refine"):
+            LearnedCodec(4, refine=bad)
+
+
+@pytest.mark.parametrize("quality,kappa", [(2, None), (7, None), (3, 0.5)])
+def test_refine_codes_a_real_tile_cheaper_and_decodes_with_any_decoder(tissue, quality, kappa,
+                                                                      monkeypatch):
+    """Also with the decoder's reconstruction κ (the search scores the pixels it shows)."""
+    if kappa is not None:
+        from dataclasses import replace
+
+        m = load_model(DEFAULT_WEIGHTS).model
+        monkeypatch.setattr(m, "config", replace(m.config, reconstruction=(kappa,)))
+    tile = np.ascontiguousarray(tissue[256:512, 256:512])
+    plain = LearnedCodec(quality).encode(tile)
+    refined = LearnedCodec(quality, refine=12).encode(tile)
+    assert refined != plain
+    assert LearnedCodec(quality, refine=12).encode(tile) == refined   # the search is seeded
+    out = LearnedCodec(quality).decode(refined)                       # a decoder without refine
+    assert out.shape == tile.shape and out.dtype == np.uint8
+    # measured on the real bytes and pixels, not on the search's own estimate
+    assert _coded_cost(tile, refined, quality) < 0.99 * _coded_cost(tile, plain, quality)
+
+
+def test_refine_keeps_the_best_latents_and_only_counts_shown_pixels(tissue):
+    from wsicodec.learned.refine import refine_latents
+    m = load_model(DEFAULT_WEIGHTS).model
+    x = torch.from_numpy(np.ascontiguousarray(tissue[:128, :128])).permute(2, 0, 1)[None].float() / 255
+    q = torch.tensor([4.0])
+    with torch.inference_mode():
+        y, z = m.analysis(x, q)
+    shown = torch.zeros(1, 1, 128, 128)
+    shown[..., 8:120, 8:120] = 1
+    y2, z2, info = refine_latents(m, x, q, y, z, shown, steps=6)
+    hist = info["history"][0]
+    assert hist.shape == (7,) and float(info["loss0"][0]) == float(hist[0])
+    assert float(info["loss"][0]) == float(hist.min()) < float(hist[0])
+    assert y2.shape == y.shape and z2.shape == z.shape and not torch.equal(y2, y)
+    # pixels outside `shown` do not count: a garbage margin costs nothing
+    x_bad = x.clone()
+    x_bad[..., :8, :] = 1 - x_bad[..., :8, :]
+    _, _, info_bad = refine_latents(m, x_bad, q, y, z, shown, steps=0)
+    assert torch.allclose(info_bad["loss0"], info["loss0"])
+
+
+def test_quality_scale_spans_the_whole_ladder_whatever_its_length():
+    """Quality 1..8 maps onto the λ knots evenly; with 8 knots it is the knot index itself,
+    so containers written by 8-level weights decode with exactly the gains they were coded with."""
+    from wsicodec.learned.network import ModelConfig, WsiHyperprior
+
+    eight = WsiHyperprior(ModelConfig(N=8, M=12, lambdas=(1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2, 0.128)))
+    q = torch.tensor([1.0, 2.0, 3.5, 8.0])
+    assert torch.equal(eight.position(q), q - 1)
+    g, _ = eight.gains(torch.tensor([3.0]))
+    assert torch.equal(g[0, :, 0, 0], torch.exp(eight.log_gain[2]))
+    ten = WsiHyperprior(ModelConfig(N=8, M=12, lambdas=tuple(1e-3 * 2 ** i for i in range(10))))
+    pos = ten.position(torch.tensor([0.0, 1.0, 4.5, 8.0, 9.0]))      # clamped to 1..8
+    assert torch.allclose(pos, torch.tensor([0.0, 0.0, 4.5, 9.0, 9.0]))
+    lam = ten.lambda_at(torch.tensor([1.0, 8.0, 1 + 7 / 9]))         # ends and the 2nd knot
+    assert torch.allclose(lam, torch.tensor([1e-3, 0.512, 2e-3]), rtol=1e-5)
+    mid = ten.lambda_at(torch.tensor([1 + 3.5 * 7 / 9]))            # halfway between knots 4 and 5
+    assert torch.allclose(mid, torch.tensor([1e-3 * 2 ** 3.5]), rtol=1e-5)
+
+
+def test_hard_rate_is_the_coders_rate(tissue):
+    """``forward(hard=True)`` prices the rounded symbols: the bytes the coder writes
+    (tile headers and rANS flush apart); the noisy training estimate is not that."""
+    model = load_model().model
+    crop = np.ascontiguousarray(tissue[:512, :512])
+    x = torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 255
+    for q in (2.0, 8.0):
+        with torch.no_grad():
+            out = model(x, torch.tensor([q]), hard=True)
+        est = (out["bits_y"] + out["bits_z"]).item()
+        real = 8 * len(LearnedCodec(q, margin=0).encode(crop))
+        assert 0.97 * real < est < real, (q, est, real)
+
+
+def test_bench_tile_path_prices_and_scores_tiles_as_the_codec_codes_them(tissue):
+    """bench/tilecode.py (the experiments' copy of the encoder path up to y's symbols):
+    with plain rounding, its bytes per tile are the codec's stream lengths, and its whole-
+    plane decode the pixels wsicodec.decode stitches, glass tiles included."""
+    import sys
+    from wsicodec.image import read_stream
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import tilecode
+
+    img = np.full((512, 300, 3), 228, np.uint8)        # glass below, tissue above
+    img[:256] = tissue[:256, :300]
+    codec = LearnedCodec(quality=3.5)
+    m = codec.loaded.model
+    tables = codec.loaded.model.coding_tables()
+    got = list(tilecode.tiles(m, tables, img, 3.5))
+    assert sum(isinstance(t, tilecode.Glass) for t in got) == 2 and len(got) == 4
+    data = wsicodec.encode(img, quality=3.5)
+    parts = []
+    for t, stream in zip(got, read_stream(data).tiles):
+        if isinstance(t, tilecode.Glass):
+            assert t.nbytes == len(stream)
+            parts.append((t, None))
+        else:
+            y_sym = torch.round(t.y - t.mu)
+            assert t.side_bytes + tilecode.stream_bytes(y_sym[0], t.index[0], tables[1]) == len(stream)
+            parts.append((t, m.reconstruct(y_sym, t.mu, t.index, 3.5)))    # as the decoder does
+    mine = tilecode.image_pixels(m, img.shape, parts)
+    theirs = wsicodec.decode(data).astype(np.float64)
+    assert np.abs(mine - theirs).max() <= 2            # a whole-plane g_s vs the 2-latent ring
+    assert tilecode.image_sse(m, img, parts) == pytest.approx(float(((theirs - img) ** 2).sum()), rel=2e-3)
+
+
+def test_rate_budget_splits_every_byte_and_prices_symbols_as_the_gaussian_does(tissue):
+    """bench/rate_budget.py: the parts of a stream add up to its length, with one header per
+    network tile and glass tiles whole; its ideal code length is −log2 of the discretised
+    Gaussian's mass (checked against the normal CDF directly) and the coded y streams sit
+    just above the ideal length under the table's σ."""
+    import math
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import rate_budget
+    from wsicodec.learned import NETWORK_HEADER_BYTES
+
+    img = np.full((512, 300, 3), 228, np.uint8)        # two glass tiles, two with tissue
+    img[:256] = tissue[:256, :300]
+    data = wsicodec.encode(img, quality=3)
+    split = rate_budget.split_stream(data)
+    assert (split["network_tiles"], split["glass_tiles"]) == (2, 2)
+    assert split["stream"] == 52 + 8 * 4 and split["header"] == 2 * NETWORK_HEADER_BYTES
+    assert sum(split[k] for k in ("stream", "header", "z", "y", "glass")) == len(data)
+    assert 0 < split["glass"] < 2 * 40 and split["y"] > 10 * split["z"] > 0
+
+    upper = lambda v: 0.5 * math.erfc(v / math.sqrt(2))      # noqa: E731  P(X > v), X ~ N(0, 1)
+    s = torch.tensor([0.0, 2.0, -3.0, 40.0])
+    sig = torch.tensor([1.0, 0.7, 2.5, 3.0])
+    want = sum(-math.log2(upper((abs(a) - 0.5) / b) - upper((abs(a) + 0.5) / b)) if a else
+               -math.log2(1 - 2 * upper(0.5 / b)) for a, b in zip(s.tolist(), sig.tolist()))
+    assert math.isfinite(want) and want > 100                # 40 at σ 3 lies 13σ out: ~1e-39
+    assert rate_budget.ideal_bits(s, sig) == pytest.approx(want, rel=1e-9)
+
+    codec = LearnedCodec(quality=3)
+    priced = rate_budget.model_prices(codec.loaded.model, codec.loaded.model.coding_tables(), img, 3)
+    assert priced["y"] == split["y"]
+    assert 1.0 < 8 * priced["y"] / priced["ideal_table_bits"] < 1.05
+    assert 0.99 < priced["ideal_table_bits"] / priced["ideal_exact_bits"] < 1.02
+
+
+@pytest.mark.parametrize("cin,cout,shape", [(96, 3, (9, 13)), (5, 7, (1, 1)), (4, 16, (6, 3))])
+def test_subpixel_form_is_the_transposed_convolution(cin, cout, shape):
+    """FastTransform's rewrite of a 5x5 stride-2 transposed convolution (3x3 conv + pixel
+    shuffle) computes the same map, borders included, whatever the sizes."""
+    from wsicodec.learned.fast import SubPixelDeconv
+    from wsicodec.learned.network import _deconv
+    g = torch.Generator().manual_seed(cin * cout)
+    deconv = _deconv(cin, cout)
+    with torch.no_grad():
+        for p in deconv.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+        x = torch.randn(2, cin, *shape, generator=g)
+        ref = deconv(x)
+        out = SubPixelDeconv(deconv)(x)
+    assert out.shape == ref.shape == (2, cout, 2 * shape[0], 2 * shape[1])
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    with pytest.raises(ValueError):
+        SubPixelDeconv(torch.nn.ConvTranspose2d(3, 3, 3, stride=2, padding=1, output_padding=1))
+
+
+def test_exact_entropy_parameters_are_the_same_bits_from_another_blas(tissue):
+    """The tile format 2 promise, checked against a second implementation: numpy with
+    OpenBLAS gives the very bits torch (MKL) gives, on ẑ of a real tile at 3 qualities."""
+    model = load_model().model
+    h = model.h_s_exact()
+    x = torch.from_numpy(np.ascontiguousarray(tissue[:272, :272])).permute(2, 0, 1)[None].float() / 255
+    med = model.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1)
+    for quality in (1.0, 4.5, 8.0):
+        with torch.no_grad():
+            _, z = model.analysis(x, torch.tensor([quality]))
+            z_hat = (torch.round(z - med) + med).double()
+            ref = h(z_hat, quality)
+        other = _np_exact_h_s(h, z_hat[0].numpy(), quality)
+        assert other.shape == tuple(ref.shape[1:])
+        assert np.array_equal(other, ref[0].numpy())
+
+
+def test_bin_centroid_offset_is_the_gaussian_bin_mean():
+    from wsicodec.learned.network import bin_centroid_offset
+
+    s = torch.tensor([0.0, 1.0, -1.0, 2.0, -3.0, 1.0, 4.0], dtype=torch.float64)
+    sigma = torch.tensor([0.3, 0.3, 0.3, 1.0, 2.5, 100.0, 0.5], dtype=torch.float64)
+    got = bin_centroid_offset(s, sigma)
+    for si, sg, g in zip(s.tolist(), sigma.tolist(), got.tolist()):
+        v = torch.linspace(si - 0.5, si + 0.5, 400001, dtype=torch.float64)
+        w = torch.exp(-0.5 * (v / sg) ** 2)
+        assert g == pytest.approx(float(torch.trapezoid(v * w, v) / torch.trapezoid(w, v)) - si, abs=1e-7)
+    assert got[0] == 0 and got[1] == -got[2] and got[1] < -0.3 and abs(got[5]) < 1e-4
+    assert bin_centroid_offset(torch.tensor([9.0], dtype=torch.float64),     # beyond float64's
+                               torch.tensor([0.11], dtype=torch.float64)).item() == 0   # tail
+
+
+def test_reconstruction_moves_pixels_never_symbols(tissue, monkeypatch):
+    """κ > 0 (ModelConfig.reconstruction) decodes the same stream (symbol checksum holds)
+    to other pixels, closer to the source at a low quality; κ interpolates over 1..8."""
+    from dataclasses import replace
+
+    codec = LearnedCodec(quality=2)
+    m = codec.loaded.model
+    tile = tissue[:256, :256]
+    data = codec.encode(tile)
+    plain = codec.decode(data)
+    monkeypatch.setattr(m, "config", replace(m.config, reconstruction=(0.6, 0.5, 0.5, 0.5, 0.4, 0.2, 0.0, 0.0)))
+    assert m.reconstruction_kappa(1) == 0.6 and m.reconstruction_kappa(8) == 0.0
+    assert m.reconstruction_kappa(5.5) == pytest.approx(0.3) and m.reconstruction_kappa(0.5) == 0.6
+    moved = codec.decode(data)
+    assert (moved != plain).any()
+    assert _psnr(moved, tile) > _psnr(plain, tile)
+    assert codec.encode(tile) == data                       # the encoder does not use it
+
+
