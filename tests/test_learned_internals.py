@@ -188,6 +188,24 @@ def test_refine_keeps_the_best_latents_and_only_counts_shown_pixels(tissue):
     assert torch.allclose(info_bad["loss0"], info["loss0"])
 
 
+def test_refine_holds_the_latents_it_is_told_to_and_z(tissue):
+    from wsicodec.learned.refine import refine_latents
+    m = load_model(DEFAULT_WEIGHTS).model
+    x = torch.from_numpy(np.ascontiguousarray(tissue[:128, :128])).permute(2, 0, 1)[None].float() / 255
+    q = torch.tensor([4.0])
+    with torch.inference_mode():
+        y, z = m.analysis(x, q)
+    y, z = y.clone(), z.clone()
+    hold = torch.zeros_like(y, dtype=torch.bool)
+    hold[..., :2, :] = True                                  # the two rows a neighbour above sees
+    shown = torch.ones(1, 1, 128, 128)
+    shown[..., :16, :] = 5                                   # weights are allowed
+    y2, z2, info = refine_latents(m, x, q, y, z, shown, steps=6, hold=hold)
+    assert torch.equal(y2[hold], y[hold]) and torch.equal(z2, z)
+    assert not torch.equal(y2[~hold], y[~hold])
+    assert float(info["loss"][0]) < float(info["loss0"][0])
+
+
 def test_quality_scale_spans_the_whole_ladder_whatever_its_length():
     """Quality 1..8 maps onto the λ knots evenly; with 8 knots it is the knot index itself,
     so containers written by 8-level weights decode with exactly the gains they were coded with."""

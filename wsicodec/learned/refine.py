@@ -19,8 +19,8 @@ REFINE_LR = 0.01
 
 def refine_latents(model: WsiHyperprior, x: torch.Tensor, quality: torch.Tensor, y: torch.Tensor, z: torch.Tensor,
                    shown: torch.Tensor, steps: int, lr: float = REFINE_LR,
-                   window: tuple[torch.Tensor, int, int] | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                   window: tuple[torch.Tensor, int, int] | None = None,
+                   hold: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Encoder-side search for better latents: g_a's answer is only a first guess.
 
     ``model``'s coded cost of the gained latents ``y``, ``z`` of ``x`` at ``quality``
@@ -41,6 +41,11 @@ def refine_latents(model: WsiHyperprior, x: torch.Tensor, quality: torch.Tensor,
     ``window`` = (gained latents (B, M, H', W'), top, left): for a stitched tile, the
     latents g_s will see around it (its neighbours', held fixed), with y at
     ``[top:top + h, left:left + w]``; ``x`` and ``shown`` are then the window's pixels.
+    ``shown`` may weigh pixels (values other than 0 and 1).
+
+    ``hold`` (bool, y's shape): the entries of y that stay as given, and z with them, so
+    the entropy parameters do not move and those entries code the same symbols and
+    decode to the same ŷ (what a tile's already decided neighbours see of it).
 
     Returns (y, z, info) with per-sample tensors ``info["loss0"]`` (g_a's hard
     cost), ``info["loss"]`` (the best) and ``info["history"]`` (B, steps + 1).
@@ -102,6 +107,9 @@ def refine_latents(model: WsiHyperprior, x: torch.Tensor, quality: torch.Tensor,
                 break
             tau = 0.5 * math.exp(-4.0 * max(0.0, it / steps - 0.25))
             yv.grad, zv.grad = torch.autograd.grad(cost(tau).sum(), [yv, zv])
+            if hold is not None:            # Adam never moves an entry whose gradient stays 0
+                yv.grad[hold.expand_as(yv)] = 0
+                zv.grad.zero_()
             opt.step()
     return best_y, best_z, {"loss0": history[0], "loss": best, "history": torch.stack(history, 1)}
 
