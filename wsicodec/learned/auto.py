@@ -26,6 +26,7 @@ from .decoder import TileDecoder
 from .encoder import Box, TileEncoder
 from .grid import KIND_JPEGXL
 from .jxlfit import SEARCH_EFFORT
+from .seamsearch import MAX_SEAM_SEARCH
 from .synthesis import LatentCache
 from .tileformat import KIND_NETWORK, TileHeader
 
@@ -60,6 +61,11 @@ class AutoCodec(TileCodec):
             least this many dB (the network's quality raised up to its top, then
             JPEG-XL at a lower distance, down to lossless).  Default :data:`DEFAULT_MIN_PSNR`.
         effort: JPEG-XL's effort, 1..9 (:data:`DEFAULT_EFFORT`).
+        seam_search: steps of the seam search, 0 (off, the default) ..
+            :data:`~wsicodec.learned.seamsearch.MAX_SEAM_SEARCH`: each network tile beside a
+            bare JPEG-XL tile has its latents searched for what readers show at that border
+            (:mod:`~wsicodec.learned.seamsearch`); each step costs about four g_s passes over
+            the tile.  Recorded in :meth:`to_dict` when on; streams decode with any setting.
         model, device, margin, model_id, precision, max_batch: as the learned codec's.
 
     Raises:
@@ -70,12 +76,16 @@ class AutoCodec(TileCodec):
     tile_kinds = KINDS
 
     def __init__(self, quality: float | None = None, min_psnr: float | None = None,
-                 effort: int = DEFAULT_EFFORT,
+                 effort: int = DEFAULT_EFFORT, seam_search: int = 0,
                  model: str | None = None, device: str = "cpu", margin: int = DEFAULT_MARGIN,
                  model_id: str | None = None, precision: str = "float32",
                  max_batch: int | None = DEFAULT_MAX_BATCH) -> None:
         floor = check_min_psnr(min_psnr)
         effort = _int_in("effort", effort, 1, 9)
+        if not (isinstance(seam_search, int) and not isinstance(seam_search, bool)
+                and 0 <= seam_search <= MAX_SEAM_SEARCH):
+            raise InvalidSettingError(f"auto codec seam_search must be an integer in 0..{MAX_SEAM_SEARCH} "
+                                      f"(steps; 0: off), got {seam_search!r:.40}")
         learned = LearnedCodec(quality, model=model, device=device, margin=margin, model_id=model_id,
                                precision=precision, max_batch=max_batch)
         decoder = TileDecoder(learned.loaded, learned.device, learned.precision, learned.max_batch,
@@ -90,8 +100,9 @@ class AutoCodec(TileCodec):
                 return encoders[q]
 
         chooser = TileChooser(learned.loaded.on(learned.device), decoder, encoder_at, learned.quality,
-                              floor, effort, learned.device, learned.precision)
+                              floor, effort, learned.device, learned.precision, seam_search)
         for k, v in (("learned", learned), ("min_psnr", floor), ("effort", effort),
+                     ("seam_search", seam_search),
                      ("decoder", decoder), ("chooser", chooser),
                      ("qualities", quality_steps(learned.quality))):
             object.__setattr__(self, k, v)
@@ -101,7 +112,7 @@ class AutoCodec(TileCodec):
 
     def __repr__(self) -> str:
         return (f"AutoCodec(quality={self.quality!r}, min_psnr={self.min_psnr!r}, effort={self.effort}, "
-                f"model_id={self.model_id[:16]!r}...)")
+                f"seam_search={self.seam_search}, model_id={self.model_id[:16]!r}...)")
 
     # the learned codec's settings, read through
     quality = property(lambda self: self.learned.quality)
@@ -118,9 +129,11 @@ class AutoCodec(TileCodec):
         return self.learned.decodes(model_id)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "configuration": {
-            "quality": self.quality, "min_psnr": self.min_psnr, "effort": self.effort,
-            "model_id": self.model_id, "margin": self.margin}}
+        cfg = {"quality": self.quality, "min_psnr": self.min_psnr, "effort": self.effort,
+               "model_id": self.model_id, "margin": self.margin}
+        if self.seam_search:
+            cfg["seam_search"] = self.seam_search   # how the container was made; decoding ignores it
+        return {"name": self.name, "configuration": cfg}
 
     # ------------------------------------------------------------------ encoding
     def level_encoder(self, level: int) -> LevelEncoder:

@@ -97,18 +97,21 @@ class _Tile:
     jxl: JxlFit | None = None           #: a JPEG-XL coding reaching the floor, if made
     context: Any = None                 #: the latents it gives its neighbours (lazy for JPEG-XL)
     inner: bytes | None = None          #: the learned tile its neighbours see (None: JPEG-XL)
+    latents: Any = None                 #: gained (y, z) of ``network``, kept for the seam search
 
 
 class TileChooser:
     """The two stages for one ``auto`` codec: its network (``net`` on ``device``, in
     ``precision``), a mixed decoder (the readers' functions), a network encoder per
-    quality (``encoder_at(q)``), the floor ``min_psnr`` and JPEG-XL's ``effort``."""
+    quality (``encoder_at(q)``), the floor ``min_psnr``, JPEG-XL's ``effort`` and the
+    steps of the seam search (``seam_search``, 0: off; :mod:`~wsicodec.learned.seamsearch`)."""
 
     def __init__(self, net: Any, decoder: Any, encoder_at: Any, quality: float, min_psnr: float,
-                 effort: int, device: Any, precision: str) -> None:
+                 effort: int, device: Any, precision: str, seam_search: int = 0) -> None:
         self.net, self.decoder, self.encoder_at = net, decoder, encoder_at
         self.steps = quality_steps(quality)
         self.floor, self.effort, self.device, self.precision = min_psnr, effort, device, precision
+        self.seam_search = seam_search
 
     # ------------------------------------------------------------------ stage 1
     def choose_row(self, regions: Sequence[np.ndarray], boxes: Sequence[tuple[int, int, int, int]],
@@ -199,7 +202,9 @@ class TileChooser:
                 t.estimate = max(tried[k].values())                 # under the floor: JPEG-XL
                 continue
             t.estimate = tried[k][hi[k]]
-            t.network, t.context = self._code(y_u[k], aligned[k][1], self.steps[hi[k]])
+            t.network, t.context, latents = self._code(y_u[k], aligned[k][1], self.steps[hi[k]])
+            if self.seam_search:
+                t.latents = latents
 
     def _rounded(self, y_u: Any, box: tuple[int, int, int, int], quality: float) -> Any:
         """The region's latents with the tile's rounded at ``quality`` (gained, rounded,
@@ -230,9 +235,9 @@ class TileChooser:
         jump = max(1, math.ceil((target - est) / slope))
         return min(lo + jump, len(self.steps) - 1)
 
-    def _code(self, y_u: Any, box: tuple[int, int, int, int], quality: float) -> tuple[bytes, Any]:
-        """A tile of the region latents ``y_u`` (ungained) at ``quality``:
-        its bytes and the ungained latents a reader entropy-decodes from them."""
+    def _code(self, y_u: Any, box: tuple[int, int, int, int], quality: float) -> tuple[bytes, Any, tuple]:
+        """A tile of the region latents ``y_u`` (ungained) at ``quality``: its bytes, the
+        ungained latents a reader entropy-decodes from them and the gained (y, z) coded."""
         import torch
 
         top, left, h, w = box
@@ -243,8 +248,9 @@ class TileChooser:
             gain, _ = self.net.gains(q1, y_u.dtype)
             y = (y_u.to(self.device) * gain)[..., ty:ty + lh, tx:tx + lw]
             z = self.net.hyper_analysis(y, q1, LATENT_STRIDE)
-        data, y_hat = self.encoder_at(quality).code_and_reconstruct(y.cpu(), z.cpu(), h, w, VERSION)
-        return data, self.decoder.ungain(y_hat, quality)
+        y, z = y.cpu(), z.cpu()
+        data, y_hat = self.encoder_at(quality).code_and_reconstruct(y, z, h, w, VERSION)
+        return data, self.decoder.ungain(y_hat, quality), (y, z)
 
     def _versus_jpegxl(self, t: _Tile) -> None:
         """JPEG-XL where the network misses the floor, or where JPEG-XL reaches the network's
@@ -300,6 +306,22 @@ class TileChooser:
             t.context = self.decoder.pixel_latents(self.pixels(t))
         return t.context
 
+    def _search_seams(self, t: _Tile, around: dict, first: list, k: int, sides: dict, seen_by: list,
+                      edges: Any) -> None:
+        """The seam search of a network tile beside bare JPEG-XL tiles
+        (:func:`~wsicodec.learned.seamsearch.search_tile`), kept when what readers show of
+        it clears the floor + :data:`READER_SLACK_DB` (``first[k]`` then its pixels); else
+        the stage-1 coding stays.  Its neighbours' view of it does not change either way."""
+        from .seamsearch import search_tile
+
+        y, z = t.latents
+        enc = self.encoder_at(parse_header(t.network).quality)
+        data, centre, px = search_tile(self.net, self.decoder, enc, y, z, t.context, t.source, t.valid,
+                                       around, first[k], sides, seen_by, self.seam_search, self.device)
+        if tile_psnr(blend_toward_glass(px, edges(t)), t.source, t.valid) >= self.floor + READER_SLACK_DB:
+            t.data = t.network = t.inner = data
+            t.context, first[k] = centre, px
+
     def settle_row(self, tiles: list[_Tile], above: list[_Tile] | None, below: list[_Tile] | None) -> None:
         """Stage 2: each network tile of ``tiles`` decoded stitched with its neighbours
         (``above``, ``below``: the rows around it, None at the level's edge), and each
@@ -336,6 +358,12 @@ class TileChooser:
                 [self.decoder.second_window(todo[k].context, arounds[k], first[k], sides)
                  for k, sides in again], [todo[k] for k, _ in again])):
             first[k] = px
+        if self.seam_search:
+            for k, sides in again:
+                t = todo[k]
+                seen_by = [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)
+                           if (dr or dc) and (nb := neighbour(t, dr, dc)) is not None and nb.inner is not None]
+                self._search_seams(t, arounds[k], first, k, sides, seen_by, edges)
         shown = [(t, blend_toward_glass(px, edges(t))) for t, px in zip(todo, first)]
         for t in tiles:
             if t.kind == "glass" and (hd := parse_header(t.data)).kind in PLANE_KINDS:
@@ -355,6 +383,8 @@ class TileChooser:
                     continue
             fit = t.jxl or fit_jpegxl(t.source, self.floor, t.valid, effort=self.effort)
             t.kind, t.data, t.psnr = "fixup", pack_fixup(t.inner, fit.data), fit.psnr
+        for t in tiles:
+            t.latents = None                    # settled: the search is done with them
 
 
 class MixedLevelEncoder(LevelEncoder):
