@@ -27,7 +27,7 @@ quality with a JPEG-XL side neighbour is decoded again with that side's latents 
   (from g_a's y and z of the tile with 16 px of context, as auto codes them; checked to code
   the bytes auto stored) with its neighbours' latents held at what readers' second pass gives
   them, STEPS steps per round, the side context recomputed after each round, the squared
-  error within :data:`SEAM_BAND` px of the JPEG-XL sides counted 1 + WEIGHT times; ``held``:
+  error within :data:`~wsicodec.learned.seamsearch.SEAM_BAND` px of the JPEG-XL sides counted 1 + WEIGHT times; ``held``:
   z and the latents any other tile than a bare JPEG-XL one sees kept (what a stage 2 that has
   measured those tiles needs for the floor to hold).  Then coded and decoded in two passes as
   readers do; its bytes, the tile's PSNR and the seconds per tile are reported.
@@ -60,12 +60,11 @@ from wsicodec.image import read_stream  # noqa: E402
 from wsicodec.learned.decoder import SIDE_CONTEXT  # noqa: E402
 from wsicodec.learned.glass import SIDES  # noqa: E402
 from wsicodec.learned.refine import refine_latents  # noqa: E402
+from wsicodec.learned.seamsearch import held_mask, seam_weights  # noqa: E402
 from wsicodec.learned.synthesis import STITCH_RING, stitch_window  # noqa: E402
 from wsicodec.learned.tileformat import KIND_NETWORK, MAGIC, PIXEL_STRIDE, parse_header  # noqa: E402
 
 TILE, MARGIN, DISTS = 256, 16, (1, 2, 4, 8)
-#: px of a tile along its JPEG-XL sides that ``--refine-seam-weight`` weighs more
-SEAM_BAND = 8
 P = PIXEL_STRIDE
 
 
@@ -191,27 +190,20 @@ def variants(g: Grid) -> dict:
 
 
 def held(g: Grid, key) -> torch.Tensor:
-    """The latents of ``key`` that a tile other than a bare JPEG-XL one sees (the rows and
-    columns of its ring on each such side, corners for diagonal ones): what a stage 2 that
-    has measured those tiles must keep."""
+    """The latents of ``key`` that a tile other than a bare JPEG-XL one sees
+    (:func:`~wsicodec.learned.seamsearch.held_mask`): what a stage 2 that has measured
+    those tiles must keep."""
     c, r = key
-    lh, lw = g.lat[key].shape[-2:]
-    hold = torch.zeros(g.lat[key].shape, dtype=torch.bool)
-    for dr in (-1, 0, 1):
-        for dc in (-1, 0, 1):
-            n = (c + dc, r + dr)
-            if (dr or dc) and n in g.lat and n not in g.jxl:
-                rs = slice(0, STITCH_RING) if dr < 0 else slice(lh - STITCH_RING, lh) if dr else slice(None)
-                cs = slice(0, STITCH_RING) if dc < 0 else slice(lw - STITCH_RING, lw) if dc else slice(None)
-                hold[..., rs, cs] = True
-    return hold
+    return held_mask(tuple(g.lat[key].shape), [
+        (dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)
+        if (dr or dc) and (c + dc, r + dr) in g.lat and (c + dc, r + dr) not in g.jxl])
 
 
 def refined(g: Grid, key, cfg: dict):
     """(bytes, pixels readers show) of ``key`` re-coded with :func:`refine_latents` against
     its second pass's side context (module docstring): ``cfg["rounds"]`` times
     ``cfg["steps"]`` steps, each round from where the last left y and z with the side
-    context recomputed from the last coding; the squared error within :data:`SEAM_BAND` px
+    context recomputed from the last coding; the squared error within ``SEAM_BAND`` px
     of the JPEG-XL sides counting ``1 + cfg["weight"]`` times; ``cfg["held"]``: the latents
     other tiles see (:func:`held`) and z kept."""
     dec, net, q = g.dec, g.dec.model, g.q
@@ -241,14 +233,8 @@ def refined(g: Grid, key, cfg: dict):
         pr, pc = r * TILE - top, c * TILE - left
         x = torch.from_numpy(np.ascontiguousarray(
             g.img[pr:pr + win.shape[-2] * P, pc:pc + win.shape[-1] * P])).permute(2, 0, 1)[None].float() / 255
-        shown = torch.zeros(1, 1, *x.shape[-2:])
-        shown[..., top:top + hd.height, left:left + hd.width] = 1
-        for dr, dc in g.jxl_sides(key):
-            rs = (slice(top, top + SEAM_BAND) if dr < 0 else slice(top + hd.height - SEAM_BAND, top + hd.height)
-                  if dr else slice(top, top + hd.height))
-            cs = (slice(left, left + SEAM_BAND) if dc < 0 else slice(left + hd.width - SEAM_BAND, left + hd.width)
-                  if dc else slice(left, left + hd.width))
-            shown[..., rs, cs] = 1 + cfg["weight"]
+        shown = seam_weights(tuple(x.shape[-2:]), top, left, hd.height, hd.width, g.jxl_sides(key),
+                             cfg["weight"])
         y, z, _ = refine_latents(net, x, qt, y, z, shown, cfg["steps"], window=(win, top // P, left // P),
                                  hold=hold)
         data, y_hat = enc.code_and_reconstruct(y, z, hd.height, hd.width)

@@ -4,6 +4,7 @@
                           [--qualities 1 4 8] [--margins 0 16] [--out bench/results/seams.json]
                           [--slides ../shared/data/slides/cmu_small_region.svs]
                           [--slide-codecs learned:4 jpegxl:1]
+                          [--mixed cmu:4:32:1] [--seam-search STEPS]
 
 Each image goes through ``wsicodec.encode`` with 256² tiles, then is decoded two ways:
 ``stitched`` (``wsicodec.decode``: each tile's latents joined with its neighbours'
@@ -19,7 +20,9 @@ areas.  So every row also reports the grid step of ``bench/grid_steps.py`` (mean
 grey step across tile borders against inside tiles, in flat bright areas; ratio near 1:
 no grid), and each of ``--slides`` is compressed with each of ``--slide-codecs``
 (``codec:quality``) and measured the same way at every level of its pyramid
-(``grid_steps`` in the output; ``--slides`` with no value skips them).
+(``grid_steps`` in the output; ``--slides`` with no value skips them).  ``--seam-search
+STEPS`` codes the ``--mixed`` sets with the auto codec's ``seam_search=STEPS``
+(:mod:`wsicodec.learned.seamsearch`; default 0, off).
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ def _tile_kind(data: bytes) -> str:
     return "glass" if kind in GLASS_KINDS else "fixup" if kind == KIND_FIXUP else "learned"
 
 
-def mixed_seams(spec: str) -> dict:
+def mixed_seams(spec: str, seam_search: int = 0) -> dict:
     """Seams where tiles of different kinds meet, in the ``auto`` codec's streams.
 
     ``spec`` "SET:QUALITY:FLOOR[:IMAGES]" (a set of ``bench/datasets.py``): each image
@@ -113,7 +116,8 @@ def mixed_seams(spec: str) -> dict:
     measured in both decodes, on network tiles auto kept at the asked quality (a tile raised
     to reach the floor has no counterpart): ``seam_cost_db`` = their PSNR with network
     neighbours (the network alone) − their PSNR beside the neighbour auto gave them, the
-    seam's own cost."""
+    seam's own cost.  ``seam_search``: the auto codec's option; ``auto_encode_seconds``:
+    the auto codec's encoding time over the set."""
     sys.path.insert(0, str(ROOT))
     from bench.datasets import get_dataset
 
@@ -125,9 +129,12 @@ def mixed_seams(spec: str) -> dict:
     inner: dict[str, list] = {}
     control: dict[str, list] = {}
     nbytes = pix = 0
+    seconds = 0.0
     for _, img in get_dataset(name).images(limit):
         img = np.ascontiguousarray(img)
-        data = wsicodec.encode(img, float(q), codec="auto", min_psnr=float(floor))
+        t0 = time.perf_counter()
+        data = wsicodec.encode(img, float(q), codec="auto", min_psnr=float(floor), seam_search=seam_search)
+        seconds += time.perf_counter() - t0
         nbytes, pix = nbytes + len(data), pix + img.shape[0] * img.shape[1]
         out = wsicodec.decode(data)
         err = ((img.astype(np.float64) - out) ** 2).sum(2)
@@ -172,7 +179,7 @@ def mixed_seams(spec: str) -> dict:
                             ctl[1] += err_alone[box].sum()
                             ctl[2] += err[box].size * 3
     out = {"spec": spec, "set": name, "quality": float(q), "min_psnr": float(floor),
-           "bpp": 8 * nbytes / pix, "pairs": {}}
+           "seam_search": seam_search, "bpp": 8 * nbytes / pix, "auto_encode_seconds": seconds, "pairs": {}}
     for pair, (sse, n) in sorted(band.items()):
         ka, kb = pair.split("|")
         si, ni = (inner.get(ka, [0.0, 0])[0] + (inner.get(kb, [0.0, 0])[0] if kb != ka else 0),
@@ -205,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="slides whose pyramids get the grid-step measure (none: skip)")
     ap.add_argument("--mixed", nargs="*", default=["he_test_2x:4:33", "he_test_2x:6:28", "cmu:4:32:1", "cmu:6:28:1"],
                     help="SET:QUALITY:FLOOR[:IMAGES]: seams between tile kinds of the auto codec")
+    ap.add_argument("--seam-search", type=int, default=0, metavar="STEPS",
+                    help="the auto codec's seam_search option for the --mixed sets (0: off)")
     ap.add_argument("--slide-codecs", nargs="+", default=["learned:4", "jpegxl:1", "auto:4"],
                     help="codec:quality each slide is compressed with for the grid-step measure")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "seams.json"))
@@ -260,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
         "rows": rows,
         "grid_steps": [_slide_grid(Path(s), spec) for s in args.slides for spec in args.slide_codecs],
-        "mixed": [mixed_seams(spec) for spec in args.mixed],
+        "mixed": [mixed_seams(spec, args.seam_search) for spec in args.mixed],
     }
     before = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
     if not args.qualities:                                    # keep the rows measured before
