@@ -164,7 +164,9 @@ def add_coding_options(p: argparse.ArgumentParser, *, resume_help: str) -> None:
                         "least DB (the network's quality raised, then JPEG-XL, lossless as the "
                         "last resort); default: the auto codec's floor ('wsicodec codecs')")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra codec option, e.g. effort=5 or subsampling=420, or for learned "
+                   help="extra codec option, e.g. effort=5 or subsampling=420, for auto "
+                        "seam_search=40 (latent search of network tiles beside JPEG-XL ones: "
+                        "smaller seams, much slower encode), or for learned "
                         "refine=40 (encoder latent search: fewer bits, much slower encode) or "
                         "precision=bfloat16 (g_a's inner layers in bfloat16: faster on a CPU "
                         "with AVX512-BF16/AMX, the same rate-distortion) (repeatable)")

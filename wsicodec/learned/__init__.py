@@ -14,6 +14,7 @@ Modules, each one concern::
     codec       LearnedCodec: the above behind :class:`wsicodec.codecs.TileCodec`
     jxlfit      JPEG-XL at a PSNR target (the distance ladder, lossless last)
     choice      the auto codec's per-tile choice: glass / network / JPEG-XL over a floor
+    seamsearch  its opt-in latent search of network tiles beside JPEG-XL ones
     auto        AutoCodec ("auto"): the per-tile choice behind the same protocol
 
 Importing this package registers the codecs ``learned`` and ``auto`` (``wsicodec.codecs``

@@ -12,7 +12,9 @@ Each level is coded row by row (:class:`MixedLevelEncoder`)::
     stage 2 of each row whose neighbours are all decided (:meth:`TileChooser.settle_row`):
         row r − 2 once row r − 1's fits are in (row r − 1 too when row r has no fit to
         wait for); every network tile decoded as readers decode it (stitched with its
-        eight neighbours' latents, by the decoder's own functions), every plane glass
+        eight neighbours' latents, by the decoder's own functions; with ``seam_search``,
+        one beside bare JPEG-XL tiles searched again for those borders, kept where it
+        clears the floor: :mod:`~wsicodec.learned.seamsearch`), every plane glass
         tile as readers draw it (toward its plane and, kind 4, its bare JPEG-XL
         neighbours), and measured against the source; a kind-4 glass tile under the
         floor is tried as kind 3 (not drawn toward its JPEG-XL neighbours); one still
