@@ -34,8 +34,8 @@ from .tileformat import PIXEL_STRIDE, VERSION
 
 #: px of a tile along its JPEG-XL sides whose squared error the search weighs more
 SEAM_BAND = 8
-#: how much more: those pixels count 1 + SEAM_WEIGHT times (4: the best of
-#: ``bench/seam_context.py``'s weights on cmu, ``bench/results/seam_context.json``)
+#: how much more: those pixels count 1 + SEAM_WEIGHT times (the weight
+#: ``bench/seam_context.py`` measured against none on cmu, ``bench/results/seam_context.json``)
 SEAM_WEIGHT = 4.0
 #: most steps ``seam_search`` accepts (each about four g_s passes over the tile's window)
 MAX_SEAM_SEARCH = 1000
