@@ -52,6 +52,14 @@ def running_server(paths, **settings):
     return run()
 
 
+@pytest.fixture(scope="session")
+def tissue() -> np.ndarray:
+    """The first he/test image (:data:`HE_TEST_PNG`, 1000² H&E) as (H, W, 3) uint8 RGB, for
+    the learned codec's tests; skips where the shared data is absent."""
+    from PIL import Image
+    return np.asarray(Image.open(need(HE_TEST_PNG)).convert("RGB"))
+
+
 @pytest.fixture
 def lpips_trunk() -> Path:
     """The AlexNet trunk ``bench/rd.py`` scores LPIPS with; skips the test where it is absent

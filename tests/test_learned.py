@@ -16,20 +16,12 @@ from wsicodec.errors import CorruptDataError, CorruptTileError, InvalidSettingEr
 from wsicodec.learned import LearnedCodec, is_uniform, parse_header
 
 TILES = DATA / "he" / "tiles"
-TEST = DATA / "he" / "test"
 
 pytestmark = pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="shipped weights missing")
 
 
 def _png(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
-
-
-@pytest.fixture(scope="module")
-def tissue() -> np.ndarray:
-    if not TEST.is_dir():
-        pytest.skip(f"real H&E images not found at {TEST}")
-    return _png(sorted(TEST.glob("*.png"))[0])
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (257, 3), (3, 257), (219, 301)])

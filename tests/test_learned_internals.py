@@ -8,24 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import wsicodec
-from conftest import DATA, psnr as _psnr
+from conftest import psnr as _psnr
 from wsicodec.checkpoint import DEFAULT_WEIGHTS, load_model
 from wsicodec.errors import InvalidSettingError
 from wsicodec.learned import LearnedCodec
 
-TEST = DATA / "he" / "test"
 
 pytestmark = pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="shipped weights missing")
-
-
-@pytest.fixture(scope="module")
-def tissue() -> np.ndarray:
-    if not TEST.is_dir():
-        pytest.skip(f"real H&E images not found at {TEST}")
-    return np.asarray(Image.open(sorted(TEST.glob("*.png"))[0]).convert("RGB"))
 
 
 def _coded_cost(tile: np.ndarray, data: bytes, quality: float) -> float:
@@ -167,13 +158,20 @@ def test_refine_codes_a_real_tile_cheaper_and_decodes_with_any_decoder(tissue, q
     assert _coded_cost(tile, refined, quality) < 0.99 * _coded_cost(tile, plain, quality)
 
 
-def test_refine_keeps_the_best_latents_and_only_counts_shown_pixels(tissue):
-    from wsicodec.learned.refine import refine_latents
+def _refine_inputs(tissue: np.ndarray):
+    """(model, x, quality, y, z): the shipped network, the image's top-left 128² and g_a's
+    latents of it at quality 4, as refine_latents takes them (y, z plain tensors)."""
     m = load_model(DEFAULT_WEIGHTS).model
     x = torch.from_numpy(np.ascontiguousarray(tissue[:128, :128])).permute(2, 0, 1)[None].float() / 255
     q = torch.tensor([4.0])
     with torch.inference_mode():
         y, z = m.analysis(x, q)
+    return m, x, q, y.clone(), z.clone()
+
+
+def test_refine_keeps_the_best_latents_and_only_counts_shown_pixels(tissue):
+    from wsicodec.learned.refine import refine_latents
+    m, x, q, y, z = _refine_inputs(tissue)
     shown = torch.zeros(1, 1, 128, 128)
     shown[..., 8:120, 8:120] = 1
     y2, z2, info = refine_latents(m, x, q, y, z, shown, steps=6)
@@ -190,12 +188,7 @@ def test_refine_keeps_the_best_latents_and_only_counts_shown_pixels(tissue):
 
 def test_refine_holds_the_latents_it_is_told_to_and_z(tissue):
     from wsicodec.learned.refine import refine_latents
-    m = load_model(DEFAULT_WEIGHTS).model
-    x = torch.from_numpy(np.ascontiguousarray(tissue[:128, :128])).permute(2, 0, 1)[None].float() / 255
-    q = torch.tensor([4.0])
-    with torch.inference_mode():
-        y, z = m.analysis(x, q)
-    y, z = y.clone(), z.clone()
+    m, x, q, y, z = _refine_inputs(tissue)
     hold = torch.zeros_like(y, dtype=torch.bool)
     hold[..., :2, :] = True                                  # the two rows a neighbour above sees
     shown = torch.ones(1, 1, 128, 128)
