@@ -41,6 +41,16 @@ SEAM_WEIGHT = 4.0
 MAX_SEAM_SEARCH = 1000
 
 
+def _edge(d: int, start: int, length: int, band: int) -> slice:
+    """Along one axis of a tile spanning [start, start + length): the ``band`` entries at
+    its near edge (``d`` < 0), at its far edge (``d`` > 0), or all of it (``d`` = 0)."""
+    if d < 0:
+        return slice(start, start + band)
+    if d > 0:
+        return slice(start + length - band, start + length)
+    return slice(start, start + length)
+
+
 def seam_weights(size: tuple[int, int], top: int, left: int, h: int, w: int,
                  sides: Iterable[tuple[int, int]], weight: float = SEAM_WEIGHT,
                  band: int = SEAM_BAND) -> Any:
@@ -52,11 +62,7 @@ def seam_weights(size: tuple[int, int], top: int, left: int, h: int, w: int,
     shown = torch.zeros(1, 1, *size)
     shown[..., top:top + h, left:left + w] = 1
     for dr, dc in sides:
-        rs = (slice(top, top + band) if dr < 0 else slice(top + h - band, top + h) if dr
-              else slice(top, top + h))
-        cs = (slice(left, left + band) if dc < 0 else slice(left + w - band, left + w) if dc
-              else slice(left, left + w))
-        shown[..., rs, cs] = 1 + weight
+        shown[..., _edge(dr, top, h, band), _edge(dc, left, w, band)] = 1 + weight
     return shown
 
 
@@ -69,9 +75,7 @@ def held_mask(shape: tuple[int, ...], seen_by: Iterable[tuple[int, int]]) -> Any
     lh, lw = shape[-2:]
     hold = torch.zeros(shape, dtype=torch.bool)
     for dr, dc in seen_by:
-        rs = slice(0, STITCH_RING) if dr < 0 else slice(lh - STITCH_RING, lh) if dr else slice(None)
-        cs = slice(0, STITCH_RING) if dc < 0 else slice(lw - STITCH_RING, lw) if dc else slice(None)
-        hold[..., rs, cs] = True
+        hold[..., _edge(dr, 0, lh, STITCH_RING), _edge(dc, 0, lw, STITCH_RING)] = True
     return hold
 
 
