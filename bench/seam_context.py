@@ -62,7 +62,7 @@ from wsicodec.learned.glass import SIDES  # noqa: E402
 from wsicodec.learned.refine import refine_latents  # noqa: E402
 from wsicodec.learned.seamsearch import held_mask, seam_weights  # noqa: E402
 from wsicodec.learned.synthesis import STITCH_RING, stitch_window  # noqa: E402
-from wsicodec.learned.tileformat import KIND_NETWORK, MAGIC, PIXEL_STRIDE, parse_header  # noqa: E402
+from wsicodec.learned.tileformat import MAGIC, NETWORK_KINDS, PIXEL_STRIDE, parse_header  # noqa: E402
 
 TILE, MARGIN, DISTS = 256, 16, (1, 2, 4, 8)
 P = PIXEL_STRIDE
@@ -93,7 +93,7 @@ class Grid:
                 self.llat[(c, r)] = dec.latents(lt, parse_header(lt), "tile")
                 self.lbytes[(c, r)] = len(lt)
         self.y_src = dec.pixel_latents(img)
-        self.targets = [k for k, hd in self.hd.items() if hd.kind == KIND_NETWORK and hd.quality == q
+        self.targets = [k for k, hd in self.hd.items() if hd.kind in NETWORK_KINDS and hd.quality == q
                         and self.jxl_sides(k)]
         self.first = {k: self.synth(k, self.lat[k], self.around(k)) for k in self.targets}
 

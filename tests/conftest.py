@@ -153,15 +153,18 @@ def format2(tmp_path_factory, monkeypatch) -> dict:
     return {**made, "weights": model.path, "same_g_s": g_s_digest(model.model) == made["g_s_sha256"]}
 
 
-@pytest.fixture
-def auto_kind3(tmp_path_factory, monkeypatch) -> dict:
-    """tests/data/auto_kind3.json: how ``auto_kind3.zarr.zip`` was made and read, with its
-    weights findable by id (:func:`weights_that_decode`)."""
+@pytest.fixture(params=["auto_kind3", "auto_kind0"])
+def old_auto(request, tmp_path_factory, monkeypatch) -> dict:
+    """An ``auto`` container an older release wrote (tests/data/NAME.zarr.zip) and NAME.json:
+    how it was made and the sha256 of the level-0 pixels that release read, plus ``path``;
+    its weights findable by id (:func:`weights_that_decode`).  ``auto_kind3``: a kind-3
+    plane beside a bare JPEG-XL tile, written before kind 4; ``auto_kind0``: a kind-0
+    network tile beside one, written before kind 5."""
     import json
 
-    made = json.loads((FIXTURES / "auto_kind3.json").read_text())
-    weights_that_decode(made["model_id"], "auto_kind3.zarr.zip", tmp_path_factory, monkeypatch)
-    return made
+    made = json.loads((FIXTURES / f"{request.param}.json").read_text())
+    weights_that_decode(made["model_id"], f"{request.param}.zarr.zip", tmp_path_factory, monkeypatch)
+    return {**made, "path": FIXTURES / f"{request.param}.zarr.zip"}
 
 
 def g_s_digest(model) -> str:

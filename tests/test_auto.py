@@ -23,8 +23,9 @@ from wsicodec.errors import CorruptDataError, InvalidSettingError  # noqa: E402
 from wsicodec.image import context_region  # noqa: E402
 from wsicodec.learned import choice  # noqa: E402
 from wsicodec.learned.jxlfit import MAX_DISTANCE, TOLERANCE, fit_jpegxl, tile_psnr  # noqa: E402
-from wsicodec.learned.tileformat import (KIND_FIXUP, KIND_NETWORK, fixup_parts,  # noqa: E402
-                                         pack_fixup, parse_header)
+from wsicodec.learned.tileformat import (KIND_FIXUP, KIND_NETWORK, KIND_NETWORK_MIXED,  # noqa: E402
+                                         NETWORK_KINDS, fixup_parts, pack_fixup, parse_header,
+                                         with_kind)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 T = 128
@@ -96,7 +97,7 @@ def test_every_tile_reaches_the_floor_and_its_record(he_img):
     assert kinds <= set(choice.KINDS)
     # quality 2 alone misses 33 dB on this tissue: some tiles climbed the ladder
     qualities = {parse_header(t).quality for row in out.values() for t in row.tiles
-                 if t[:4] == b"WSLT" and parse_header(t).kind == KIND_NETWORK}
+                 if t[:4] == b"WSLT" and parse_header(t).kind in NETWORK_KINDS}
     assert qualities and max(qualities) > 2
 
 
@@ -385,22 +386,88 @@ def test_glass_meets_its_jpegxl_neighbour_only_where_it_keeps_the_floor(he_img, 
         assert step(np.concatenate(got, 1)) < 0.5 * step(np.concatenate([plane, got[1]], 1))
 
 
-def test_every_reader_path_shows_the_same_met_glass(he_img, tmp_path):
-    """A container with kind-4 glass beside JPEG-XL: open_slide's read_region, tiles
-    decoded one call each (each call fetching its own neighbours) and all in one call,
-    and an image stream of the same tiles agree to the pixel."""
+# ------------------------------------------------------------------ network beside JPEG-XL (kind 5)
+def _network_then_jpegxl(he_img: np.ndarray, band: int = 32) -> np.ndarray:
+    """One row: a tissue tile (the network's), then noise no network codes (JPEG-XL's),
+    under a flat bright band ``band`` rows high across both: where a viewer sees the grid."""
+    rng = np.random.default_rng(9)
+    glass = np.clip(np.rint(np.array([236.0, 230.0, 240.0]) + rng.normal(0, 0.8, (band, 2 * T, 3))), 0, 255)
+    img = np.concatenate([he_img[:T, :T].astype(np.float64),
+                          rng.integers(0, 256, (T, T, 3)).astype(np.float64)], 1)
+    img[:band] = glass
+    return np.ascontiguousarray(img.astype(np.uint8))
+
+
+def _band_step(tiles: list[np.ndarray], band: int = 32) -> float:
+    """Mean grey step across the border of two tiles side by side, in the band."""
+    g = np.concatenate(tiles, 1)[:band].astype(float).mean(2)
+    return float(np.abs(g[:, T] - g[:, T - 1]).mean())
+
+
+@pytest.mark.parametrize("met", [True, False])
+def test_network_tile_meets_its_jpegxl_neighbour_only_where_it_keeps_the_floor(he_img, monkeypatch, met):
+    """A network tile beside a bare JPEG-XL tile is written as kind 5, which readers draw
+    toward the JPEG-XL tile's edge as they draw it toward a plane's; where what that shows
+    would miss the floor (here: the encoder's drawn pixels made black) it is written as
+    kind 0, which readers leave as g_s made it.  Every tile's PSNR as readers show it
+    reaches the floor and is the one recorded; the JPEG-XL tile is its codestream's pixels."""
+    from wsicodec.learned.glass import blend_toward_glass, jpegxl_edge
+    if not met:
+        marked: set[int] = set()
+        real_edges, real_blend = choice.jpegxl_edges, choice.blend_toward_glass
+
+        def edges(*a, **k):
+            out = real_edges(*a, **k)
+            marked.update(id(v) for v in out.values())
+            return out
+
+        def blend(px, e):
+            return np.zeros_like(px) if any(id(v) in marked for v in e.values()) else real_blend(px, e)
+        monkeypatch.setattr(choice, "jpegxl_edges", edges)
+        monkeypatch.setattr(choice, "blend_toward_glass", blend)
+    floor = 27.0
+    img = _network_then_jpegxl(he_img)
+    codec = get_codec("auto", 3, min_psnr=floor)
+    out = _encode(codec, img)
+    (k0, _), (k1, _) = out[0].records
+    assert k0 == "learned" and k1 == "jpegxl", out[0].records
+    net, jxl = out[0].tiles
+    assert parse_header(net).kind == (KIND_NETWORK_MIXED if met else KIND_NETWORK)
+    measured = _decode(codec, img, out)
+    for (c, r), p in measured.items():
+        kind, rec = out[r].records[c]
+        assert p >= floor, (c, r, kind, p)
+        assert abs(p - rec) < 1e-9, (c, r, kind, p, rec)
+    got = codec.decode_tiles([(0, 0), (1, 0)], lambda c, r: out[r].tiles[c], (2, 1))
+    assert (got[1] == codec.decoder.jpegxl_pixels(jxl, None, "t")).all()
+    plain = [with_kind(net, KIND_NETWORK), jxl]
+    undrawn = codec.decode_tiles([(0, 0)], lambda c, r: plain[c], (2, 1))[0]
+    if met:
+        assert (got[0] == blend_toward_glass(undrawn, {(0, 1): jpegxl_edge(got[1], (0, 1), T, T)})).all()
+        assert _band_step(got) < 0.6 * _band_step([undrawn, got[1]]), (_band_step(got), _band_step([undrawn, got[1]]))
+        assert (got[0][T // 2:, : T - 16] == undrawn[T // 2:, : T - 16]).all()   # tissue: as g_s made it
+    else:
+        assert (got[0] == undrawn).all()
+
+
+@pytest.mark.parametrize("case", ["glass", "network"])
+def test_every_reader_path_shows_the_same_met_tiles(he_img, tmp_path, case):
+    """A container with kind-4 glass or a kind-5 network tile beside JPEG-XL: open_slide's
+    read_region, tiles decoded one call each (each call fetching its own neighbours) and
+    all in one call, and an image stream of the same tiles agree to the pixel."""
     import wsicodec
     from wsicodec.container import open_container
     from wsicodec.image import read_stream
     from wsicodec.pipeline import compress_source
     from wsicodec.tiling.sources import ArraySource
-    img = _glass_then_tissue(he_img, 0)
-    codec = get_codec("auto", 4, min_psnr=44.0)
+    img, quality, floor, kind = ((_glass_then_tissue(he_img, 0), 4, 44.0, 4) if case == "glass"
+                                 else (_network_then_jpegxl(he_img), 3, 27.0, KIND_NETWORK_MIXED))
+    codec = get_codec("auto", quality, min_psnr=floor)
     box = tmp_path / "met.zarr.zip"
     compress_source(ArraySource(img), box, codec, tile_size=T)
     with open_container(box) as c:
         tiles = {(col, r): data for col, r, data in c.iter_encoded_tiles(0)}
-    assert parse_header(tiles[(0, 0)]).kind == 4 and tiles[(1, 0)][:2] == b"\xff\x0a"
+    assert parse_header(tiles[(0, 0)]).kind == kind and tiles[(1, 0)][:2] == b"\xff\x0a"
     keys = sorted(tiles)
     together = codec.decode_tiles(keys, lambda c, r: tiles[(c, r)], (2, 1))
     alone = [codec.decode_tiles([k], lambda c, r: tiles[(c, r)], (2, 1))[0] for k in keys]
@@ -408,6 +475,6 @@ def test_every_reader_path_shows_the_same_met_glass(he_img, tmp_path):
         region = np.asarray(s.read_region((0, 0), 0, s.dimensions))[..., :3]
     for k, a, b in zip(keys, together, alone):
         assert (a == b).all() and (region[:, k[0] * T:(k[0] + 1) * T] == a).all(), k
-    stream = wsicodec.encode(img, 4, tile_size=T, codec="auto", min_psnr=44.0)
+    stream = wsicodec.encode(img, quality, tile_size=T, codec="auto", min_psnr=floor)
     assert read_stream(stream).tiles == [tiles[k] for k in keys]
     assert (wsicodec.decode(stream) == region).all()

@@ -214,15 +214,14 @@ def test_network_tile_beside_glass_meets_a_plane_without_a_step_and_a_flat_tile_
 
 # ------------------------------------------------------------------ kind 4: meets JPEG-XL too
 def test_kind4_plane_round_trips_as_kind3_and_switches_kind() -> None:
-    from wsicodec.learned.glass import plane_as
-    from wsicodec.learned.tileformat import KIND_PLANE_MIXED
+    from wsicodec.learned.tileformat import KIND_PLANE_MIXED, with_kind
     tile = _glass(96, 160, seed=11)
     tile[5, 7] = (30, 60, 90)
     fit = uniform_fit(tile)
     k3, k4 = encode_glass(tile, *fit, VERSION), encode_glass(tile, *fit, VERSION, KIND_PLANE_MIXED)
     assert parse_header(k4).kind == KIND_PLANE_MIXED and len(k4) == len(k3) == PLANE_TILE_BYTES + 7
     assert k4[:5] == k3[:5] and k4[6:] == k3[6:]                  # one layout, the kind byte apart
-    assert plane_as(k4, KIND_PLANE) == k3 and plane_as(k3, KIND_PLANE_MIXED) == k4
+    assert with_kind(k4, KIND_PLANE) == k3 and with_kind(k3, KIND_PLANE_MIXED) == k4
     assert (decode_glass(k4, parse_header(k4)) == decode_glass(k3, parse_header(k3))).all()
     assert uniform_colour(k4, parse_header(k4)) == uniform_colour(k3, parse_header(k3))
     with pytest.raises(CorruptDataError):
@@ -230,18 +229,18 @@ def test_kind4_plane_round_trips_as_kind3_and_switches_kind() -> None:
     with pytest.raises(CorruptDataError):
         decode_glass(k4 + b"\0", parse_header(k4 + b"\0"))
     with pytest.raises(ValueError):
-        plane_as(k4, KIND_UNIFORM)
+        with_kind(k4, KIND_UNIFORM)
 
 
 def test_kind4_meets_jpegxl_pixels_and_kind3_ignores_them() -> None:
     """A kind-4 plane is drawn toward a JPEG-XL neighbour's edge (here on its right), by the
     same blend as a network tile toward a plane; kind 3 stays the plane, as it always was."""
-    from wsicodec.learned.glass import jpegxl_edge, plane_as
-    from wsicodec.learned.tileformat import KIND_PLANE_MIXED
+    from wsicodec.learned.glass import jpegxl_edge
+    from wsicodec.learned.tileformat import KIND_PLANE_MIXED, with_kind
     h, w = 64, 64
     fit_tile = _glass(h, w, seed=12)
     k4 = encode_glass(fit_tile, *uniform_fit(fit_tile), VERSION, KIND_PLANE_MIXED)
-    k3 = plane_as(k4, KIND_PLANE)
+    k3 = with_kind(k4, KIND_PLANE)
     right = np.clip(_glass(h, w, seed=13).astype(int) + 8, 0, 255).astype(np.uint8)   # JPEG-XL's glass
     right[: h // 2, :] = (120, 40, 150)                                             # and tissue
     plane = decode_glass(k3, parse_header(k3))
@@ -260,16 +259,19 @@ def test_kind4_meets_jpegxl_pixels_and_kind3_ignores_them() -> None:
     assert (decode_glass(k4, parse_header(k4), jpegxl={(-1, 0): right[:, :10]}) == plane).all()
 
 
-def test_an_auto_container_written_before_kind4_reads_as_it_did(auto_kind3) -> None:
-    """``tests/data/auto_kind3.zarr.zip``: an ``auto`` container written before kind 4 (a
-    kind-3 plane beside a bare JPEG-XL tile, which that release never drew together), and
-    the sha256 of its level-0 pixels as that release read them (``auto_kind3.json``)."""
+def test_an_auto_container_written_before_kinds_4_and_5_reads_as_it_did(old_auto) -> None:
+    """``auto`` containers written before kind 4 (a kind-3 plane beside a bare JPEG-XL
+    tile) and before kind 5 (a kind-0 network tile beside one), which those releases never
+    drew together: their level-0 pixels hash as those releases read them."""
     import hashlib
-    from pathlib import Path
 
     import wsicodec
-    want = auto_kind3
-    slide = wsicodec.open_slide(Path(__file__).resolve().parent / "data" / "auto_kind3.zarr.zip")
+    from wsicodec.container import open_container
+    want = old_auto
+    with open_container(want["path"]) as c:
+        tiles = [data for _, _, data in sorted(c.iter_encoded_tiles(0), key=lambda t: (t[1], t[0]))]
+    assert [parse_header(t).kind if t[:4] == b"WSLT" else "jpegxl" for t in tiles] == want["level0_kinds"]
+    slide = wsicodec.open_slide(want["path"])
     with slide as s:
         px = np.ascontiguousarray(np.asarray(s.read_region((0, 0), 0, s.dimensions))[..., :3])
     assert list(px.shape) == want["level0_shape"]

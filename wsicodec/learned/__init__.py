@@ -33,8 +33,8 @@ from .glass import is_uniform, uniform_fit, uniform_latent
 from .ladder import DEFAULT_QUALITY, QUALITY_MAX, QUALITY_MIN, QualityLadder, check_quality
 from .network import ModelConfig, WsiHyperprior, pad_to_stride
 from .synthesis import STITCH_RING, LatentCache, stitch_window
-from .tileformat import (GLASS_KINDS, KIND_NETWORK, KIND_PLANE, KIND_PLANE_MIXED, KIND_UNIFORM,
-                         NETWORK_HEADER_BYTES, PIXEL_STRIDE, PLANE_KINDS, TileHeader, parse_header)
+from .tileformat import (GLASS_KINDS, KIND_NETWORK, KIND_NETWORK_MIXED, KIND_PLANE, KIND_PLANE_MIXED, KIND_UNIFORM,
+                         NETWORK_HEADER_BYTES, NETWORK_KINDS, PIXEL_STRIDE, PLANE_KINDS, TileHeader, parse_header)
 from wsicodec.errors import ModelMismatchError
 
 __all__ = ["AutoCodec", "DEFAULT_MIN_PSNR", "check_min_psnr", "LearnedCodec", "register", "LOCAL_OPTIONS", "DEFAULT_MARGIN", "DEFAULT_MAX_BATCH",
@@ -42,6 +42,7 @@ __all__ = ["AutoCodec", "DEFAULT_MIN_PSNR", "check_min_psnr", "LearnedCodec", "r
            "stitch_window", "STITCH_RING", "hyper_symbols", "is_uniform", "uniform_fit",
            "uniform_latent", "DEFAULT_QUALITY", "QUALITY_MIN", "QUALITY_MAX", "QualityLadder",
            "check_quality", "ModelConfig", "WsiHyperprior", "pad_to_stride", "KIND_NETWORK",
+           "KIND_NETWORK_MIXED", "NETWORK_KINDS",
            "KIND_UNIFORM", "KIND_PLANE", "KIND_PLANE_MIXED", "PLANE_KINDS", "GLASS_KINDS", "NETWORK_HEADER_BYTES", "PIXEL_STRIDE", "TileHeader", "parse_header",
            "ModelMismatchError"]
 

@@ -28,7 +28,7 @@ from .grid import KIND_JPEGXL
 from .jxlfit import SEARCH_EFFORT
 from .seamsearch import MAX_SEAM_SEARCH
 from .synthesis import LatentCache
-from .tileformat import KIND_NETWORK, TileHeader
+from .tileformat import NETWORK_KINDS, TileHeader
 
 #: the floors ``min_psnr`` accepts: above 0, at most 99 dB
 MIN_PSNR_RANGE = (0.0, 99.0)
@@ -181,7 +181,7 @@ class AutoCodec(TileCodec):
             return
         check_stitched(hd, name)
         q32 = struct.pack("<f", hd.quality)
-        if hd.kind == KIND_NETWORK and all(q32 != struct.pack("<f", q) for q in self.qualities):
+        if hd.kind in NETWORK_KINDS and all(q32 != struct.pack("<f", q) for q in self.qualities):
             raise CorruptDataError(f"{name}: coded at quality {hd.quality!r}, which this container's "
                                    f"writer never uses (header edited)")
 

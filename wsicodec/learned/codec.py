@@ -23,7 +23,7 @@ from .decoder import TileDecoder
 from .encoder import Box, TileEncoder
 from .ladder import check_quality
 from .synthesis import LatentCache
-from .tileformat import KIND_NETWORK, STITCH_VERSION, TileHeader
+from .tileformat import NETWORK_KINDS, STITCH_VERSION, TileHeader
 
 #: most encoder refinement steps a codec accepts (each costs about four g_s passes)
 MAX_REFINE = 1000
@@ -201,7 +201,7 @@ class LearnedCodec(TileCodec):
 
         Raises CorruptDataError."""
         check_stitched(hd, name)
-        if hd.kind == KIND_NETWORK and struct.pack("<f", hd.quality) != struct.pack("<f", self.quality):
+        if hd.kind in NETWORK_KINDS and struct.pack("<f", hd.quality) != struct.pack("<f", self.quality):
             raise CorruptDataError(f"{name}: coded at quality {hd.quality!r}, but the container's "
                                    f"tiles are all quality {self.quality!r} (header edited)")
 

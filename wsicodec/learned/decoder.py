@@ -25,8 +25,8 @@ costs that side its stitching.  Beside a plane glass neighbour (kind 3 or 4) a s
 tile's pixels near the border are drawn toward the plane's edge where they are near its
 colour (:func:`~wsicodec.learned.glass.blend_toward_glass`), so the tile grid does not show
 on the background; a flat (kind 1) neighbour leaves them as g_s made them.  A kind-4 plane
-(``auto`` containers) is itself drawn the same way toward its bare JPEG-XL neighbours'
-pixels, which stay as JPEG-XL decodes them.  Formats 1 and 2
+and a kind-5 network tile (``auto`` containers) are also drawn the same way toward their
+bare JPEG-XL neighbours' pixels, which stay as JPEG-XL decodes them.  Formats 1 and 2
 (legacy, :mod:`~wsicodec.learned.tileformat`) are decoded each on its own
 (:meth:`TileDecoder.decode_alone`), as they were written; so is any tile by
 :meth:`~wsicodec.learned.codec.LearnedCodec.decode`, which is for checking streams: a
@@ -57,11 +57,11 @@ from wsicodec.codecs import Run, run_serially
 from wsicodec.entropy import decode_many, decode_symbols, symbol_checksum
 from wsicodec.errors import CorruptDataError, ModelMismatchError
 
-from .glass import blend_toward_glass, decode_glass, uniform_colour, uniform_latent
+from .glass import blend_toward_glass, decode_glass, jpegxl_edges, uniform_colour, uniform_latent
 from .grid import JXL_SIGNATURES, KIND_JPEGXL, GridJob, crop, glass_edges
 from .synthesis import STITCH_RING, LatentCache, Synthesis, stitch_window
-from .tileformat import (GLASS_KINDS, KIND_FIXUP, KIND_NETWORK, LATENT_STRIDE, MAGIC, PIXEL_STRIDE,
-                         TileHeader, ceil_to, exact_entropy, fixup_parts, parse_named)
+from .tileformat import (GLASS_KINDS, KIND_FIXUP, KIND_NETWORK_MIXED, LATENT_STRIDE, MAGIC, NETWORK_KINDS,
+                         PIXEL_STRIDE, TileHeader, ceil_to, exact_entropy, fixup_parts, parse_named)
 
 #: pixels of a stitched tile's first pass that g_a sees beside a JPEG-XL neighbour in its
 #: second pass (:meth:`TileDecoder.side_latents`)
@@ -353,7 +353,7 @@ class TileDecoder:
             if hd.kind == KIND_FIXUP:
                 inner, px = fixup_parts(data, hd)
                 ihd = parse_named(inner, names[i], shape)
-                if ihd.kind == KIND_NETWORK:
+                if ihd.kind in NETWORK_KINDS:
                     self.entropy_decode(inner, ihd, names[i])    # its symbols checked too
                 out[i] = self.jpegxl_pixels(px, (hd.height, hd.width), names[i])
                 continue
@@ -392,11 +392,14 @@ class TileDecoder:
                 out[n] = win
                 continue
             hd = job.got[keys[n]][1]
-            windows.append(win[0])
-            where.append((n, win[1], win[2], hd.height, hd.width, job.glass_edges(keys[n], grid)))
+            edges = job.glass_edges(keys[n], grid)
             sides = job.jpegxl_sides(keys[n], grid)
             if sides:
                 second[n] = sides
+                if hd.kind == KIND_NETWORK_MIXED:        # drawn toward them too
+                    edges.update(jpegxl_edges(sides, hd.height, hd.width))
+            windows.append(win[0])
+            where.append((n, win[1], win[2], hd.height, hd.width, edges))
         for n in alone:
             r = own.get(keys[n])
             if isinstance(r, BaseException):

@@ -43,7 +43,7 @@ import numpy as np
 from wsicodec.errors import CorruptDataError
 
 from .tileformat import (KIND_PLANE, KIND_PLANE_MIXED, PLANE_KINDS, TileHeader, pack_plane_header,
-                         pack_uniform_header, parse_header)
+                         pack_uniform_header)
 
 UNIFORM_MAX_DEV = 10
 UNIFORM_MAX_STD = 3.0
@@ -203,16 +203,6 @@ def encode_glass(tile: np.ndarray, rgb: np.ndarray, outliers: np.ndarray, versio
     return b"".join(parts)
 
 
-def plane_as(data: bytes, kind: int) -> bytes:
-    """A plane glass tile's bytes as ``kind`` (:data:`PLANE_KINDS`: one layout), the rest
-    unchanged.  Raises ValueError for another tile or kind (CorruptDataError, a
-    ValueError, for bytes that are no tile)."""
-    hd = parse_header(data)
-    if kind not in PLANE_KINDS or hd.kind not in PLANE_KINDS:
-        raise ValueError("a plane glass tile is kind 3 or 4")
-    return pack_plane_header(hd.version, hd.height, hd.width, kind) + data[hd.payload:]
-
-
 def plane_params(data: bytes, hd: TileHeader, name: str = "tile") -> np.ndarray:
     """A plane glass tile's (3, 3) int64 plane (:func:`plane_fit`).  Raises CorruptDataError."""
     v = PLANE.unpack_from(data, hd.payload)
@@ -237,12 +227,7 @@ def decode_plane(data: bytes, hd: TileHeader, name: str = "tile", around: dict |
     if len(data) != pos + 2 + 7 * n:
         raise CorruptDataError(f"{name}: plane glass tile has the wrong length")
     out = plane_pixels(q, hd.height, hd.width)
-    meet = {}
-    if jpegxl and hd.kind == KIND_PLANE_MIXED:
-        for side, px in jpegxl.items():
-            e = jpegxl_edge(px, side, hd.height, hd.width)
-            if e is not None:
-                meet[side] = e
+    meet = jpegxl_edges(jpegxl, hd.height, hd.width) if hd.kind == KIND_PLANE_MIXED else {}
     for side, e in (around or {}).items():
         own = plane_edge(data, hd, side, name).astype(np.int64)
         meet[side] = (own + np.asarray(e, np.int64) + 1) // 2
@@ -286,6 +271,18 @@ def jpegxl_edge(pixels: np.ndarray, side: tuple[int, int], h: int, w: int) -> np
     if dr:
         return None if px.shape[1] != w else px[-1 if dr < 0 else 0, :, :3]
     return None if px.shape[0] != h else px[:, -1 if dc < 0 else 0, :3]
+
+
+def jpegxl_edges(sides: dict | None, h: int, w: int) -> dict:
+    """:func:`jpegxl_edge` of each bare JPEG-XL neighbour in ``sides`` (side → its pixels)
+    of an h x w tile, keyed by side, the sides that do not match left out: what a kind-4
+    plane or a kind-5 network tile is drawn toward (:func:`blend_toward_glass`)."""
+    edges = {}
+    for side, px in (sides or {}).items():
+        e = jpegxl_edge(px, side, h, w)
+        if e is not None:
+            edges[side] = e
+    return edges
 
 
 def blend_toward_glass(pixels: np.ndarray, edges: dict) -> np.ndarray:

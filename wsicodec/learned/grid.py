@@ -20,7 +20,7 @@ from wsicodec.errors import CorruptDataError
 
 from .glass import SIDES, decode_glass, plane_edge
 from .synthesis import STITCH_RING, LatentCache, stitch_window
-from .tileformat import (GLASS_KINDS, KIND_FIXUP, KIND_NETWORK, KIND_PLANE_MIXED, MAGIC, PLANE_KINDS,
+from .tileformat import (GLASS_KINDS, KIND_FIXUP, KIND_PLANE_MIXED, MAGIC, NETWORK_KINDS, PLANE_KINDS,
                          TileHeader, fixup_parts, parse_named)
 
 if TYPE_CHECKING:
@@ -212,7 +212,7 @@ class GridJob:
         jobs = [("latent", k) for k in todo if k not in lat] + [("alone", k) for k in alone]
         # network tiles: entropy-decoded in chunks, one chunk per call of ``run`` (its
         # threads run them in parallel: the coder and h_s's convolutions release the GIL)
-        net = [j for j in jobs if j[0] == "alone" or (self.got[j[1]][1].kind == KIND_NETWORK
+        net = [j for j in jobs if j[0] == "alone" or (self.got[j[1]][1].kind in NETWORK_KINDS
                                                       and self.got[j[1]][1].stitched)]
         picked = set(net)
         other = [j for j in jobs if j not in picked]
@@ -269,7 +269,8 @@ class GridJob:
     def jpegxl_sides(self, key: tuple[int, int], grid: tuple[int, int]) -> dict:
         """The pixels of the bare JPEG-XL tiles beside ``key`` (side → pixels), for a
         network tile's second pass (:meth:`~wsicodec.learned.decoder.TileDecoder.second_window`)
-        or a kind-4 glass tile's meeting (:func:`~wsicodec.learned.glass.decode_plane`); a
+        and a kind-5 one's meeting, or a kind-4 glass tile's
+        (:func:`~wsicodec.learned.glass.decode_plane`); a
         neighbour that fails to load is left out (a network tile's side then keeps its
         first-pass latents, or none; a glass tile's stays the plane's)."""
         if not self.decoder.mixed:

@@ -6,7 +6,8 @@ Tile bitstream (little-endian)::
     0      4     magic b"WSLT"
     4      1     format version: 3; 2 and 1 are still read (below)
     5      1     kind: 0 = network-coded, 1 = uniform background (glass), 2 = fix-up,
-                 3 = plane glass, 4 = plane glass that also meets its JPEG-XL neighbours
+                 3 = plane glass, 4 = plane glass that also meets its JPEG-XL neighbours,
+                 5 = network-coded, and also meets its JPEG-XL neighbours
     6      2     height
     8      2     width
     -- kind 1 (uniform, :mod:`wsicodec.learned.glass`): 3 bytes R, G, B, u16 count, then
@@ -17,6 +18,8 @@ Tile bitstream (little-endian)::
        u16 count, then the outliers as kind 1's                (24 bytes + 7 per outlier)
     -- kind 4 (plane glass of a mixed grid, written by the ``auto`` codec since 2026-12):
        kind 3's layout; decoded as kind 3 and drawn toward its bare JPEG-XL neighbours too
+    -- kind 5 (network tile of a mixed grid, written by the ``auto`` codec since 2026-12):
+       kind 0's layout; decoded as kind 0 and drawn toward its bare JPEG-XL neighbours too
     -- kind 0 (network):
     10     4     quality (float32)
     14     8     first 8 bytes of the model's sha256
@@ -67,6 +70,10 @@ KIND_PLANE_MIXED = 4
 PLANE_KINDS = (KIND_PLANE, KIND_PLANE_MIXED)
 #: the glass kinds: decoded without the network
 GLASS_KINDS = (KIND_UNIFORM, KIND_PLANE, KIND_PLANE_MIXED)
+#: a network tile that is also drawn toward its bare JPEG-XL neighbours (``auto`` grids)
+KIND_NETWORK_MIXED = 5
+#: the network kinds (one layout)
+NETWORK_KINDS = (KIND_NETWORK, KIND_NETWORK_MIXED)
 #: bytes of a plane glass tile before its outliers (header, plane, count)
 PLANE_TILE_BYTES = 24
 HEAD = struct.Struct("<4sBBHH")          # magic, version, kind, h, w
@@ -169,6 +176,17 @@ def pack_plane_header(version: int, height: int, width: int, kind: int = KIND_PL
     return HEAD.pack(MAGIC, version, kind, height, width)
 
 
+def with_kind(data: bytes, kind: int) -> bytes:
+    """A tile's bytes relabelled as ``kind`` of the same layout (:data:`PLANE_KINDS`, or
+    :data:`NETWORK_KINDS`: neither the symbols' checksum nor anything else covers the kind
+    byte), the rest unchanged.  Raises ValueError for a kind of another layout
+    (CorruptDataError, a ValueError, for bytes that are no tile)."""
+    hd = parse_header(data)
+    if not any(kind in family and hd.kind in family for family in (PLANE_KINDS, NETWORK_KINDS)):
+        raise ValueError(f"a kind-{hd.kind} tile cannot be relabelled as kind {kind}")
+    return bytes(data[:5]) + bytes([kind]) + bytes(data[6:])
+
+
 def parse_header(data: bytes) -> TileHeader:
     """Parse and validate a tile header. Raises CorruptDataError."""
     if len(data) < HEAD.size:
@@ -191,7 +209,7 @@ def parse_header(data: bytes) -> TileHeader:
         if len(data) < PLANE_TILE_BYTES:
             raise CorruptDataError("plane glass tile has the wrong length")
         return TileHeader(kind, h, w, payload=HEAD.size, version=ver)
-    if kind != KIND_NETWORK:
+    if kind not in NETWORK_KINDS:
         raise CorruptDataError(f"unknown tile kind {kind}")
     if len(data) < HEAD.size + NET.size:
         raise CorruptDataError("learned tile truncated in its header")
