@@ -405,11 +405,11 @@ def _band_step(tiles: list[np.ndarray], band: int = 32) -> float:
 
 
 @pytest.mark.parametrize("met", [True, False])
-def test_network_tile_meets_its_jpegxl_neighbour_only_where_it_keeps_the_floor(he_img, monkeypatch, met):
+def test_network_tile_meets_its_jpegxl_neighbour_only_where_that_costs_no_fidelity(he_img, monkeypatch, met):
     """A network tile beside a bare JPEG-XL tile is written as kind 5, which readers draw
     toward the JPEG-XL tile's edge as they draw it toward a plane's; where what that shows
-    would miss the floor (here: the encoder's drawn pixels made black) it is written as
-    kind 0, which readers leave as g_s made it.  Every tile's PSNR as readers show it
+    would be further from the source than the undrawn tile (here: the encoder's drawn
+    pixels made black) it is written as kind 0, which readers leave as g_s made it.  Every tile's PSNR as readers show it
     reaches the floor and is the one recorded; the JPEG-XL tile is its codestream's pixels."""
     from wsicodec.learned.glass import blend_toward_glass, jpegxl_edge
     if not met:

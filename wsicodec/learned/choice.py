@@ -14,13 +14,13 @@ Each level is coded row by row (:class:`MixedLevelEncoder`)::
         wait for); every network tile decoded as readers decode it (stitched with its
         eight neighbours' latents, by the decoder's own functions; with ``seam_search``,
         one beside bare JPEG-XL tiles searched again for those borders, kept where it
-        clears the floor: :mod:`~wsicodec.learned.seamsearch`; then, kind 5, drawn
-        toward those borders' pixels), every plane glass tile as readers draw it
-        (toward its plane and, kind 4, its bare JPEG-XL neighbours), and measured
-        against the source; a kind-4 glass or kind-5 network tile under the floor is
-        tried as kind 3 or 0 (not drawn toward its JPEG-XL neighbours); one still
-        under it becomes a fix-up tile (JPEG-XL pixels, its latents kept for its
-        neighbours)
+        clears the floor: :mod:`~wsicodec.learned.seamsearch`; then drawn toward those
+        borders' pixels, kind 5, where that leaves its PSNR no lower than kind 0's,
+        undrawn), every plane glass tile as readers draw it (toward its plane and, kind
+        4, its bare JPEG-XL neighbours), and measured against the source; a kind-4
+        glass tile under the floor is tried as kind 3 (not drawn toward its JPEG-XL
+        neighbours); one still under it becomes a fix-up tile (JPEG-XL pixels, its
+        latents kept for its neighbours)
     ─► the settled rows out, in order, each tile with its record (kind, PSNR of what
        readers show)
 
@@ -28,7 +28,7 @@ Why fix-up tiles keep their latents: a tile's pixels depend on its neighbours' l
 Stage 1 fixes every tile's latents for good (network: its ŷ; JPEG-XL: g_a of its decoded
 pixels, :meth:`~wsicodec.learned.decoder.TileDecoder.pixel_latents`; glass: its colour's),
 so stage 2 measures each tile in its final surroundings, and turning a tile into a
-fix-up, a glass tile from kind 4 into kind 3 or a network tile from kind 5 into kind 0,
+fix-up, a glass tile from kind 4 into kind 3 or a network tile's kind between 0 and 5,
 changes no tile already measured (what those kinds meet are bare JPEG-XL neighbours,
 whose pixels stage 1 fixed; nobody is drawn toward them).  The
 floor then holds for every tile with one row of look-ahead and no second pass over the
@@ -55,7 +55,7 @@ from .grid import glass_edges
 from .jxlfit import JxlFit, fit_jpegxl, tile_psnr
 from .ladder import QUALITY_MAX
 from .synthesis import STITCH_RING, stitch_window
-from .tileformat import (KIND_FIXUP, KIND_NETWORK, KIND_NETWORK_MIXED, KIND_PLANE, KIND_PLANE_MIXED,
+from .tileformat import (KIND_FIXUP, KIND_NETWORK_MIXED, KIND_PLANE, KIND_PLANE_MIXED,
                          LATENT_STRIDE, MAGIC, PIXEL_STRIDE, PLANE_KINDS, VERSION, fixup_parts, pack_fixup,
                          parse_header, with_kind)
 
@@ -327,6 +327,22 @@ class TileChooser:
             t.data = t.network = t.inner = data
             t.context, first[k] = centre, px
 
+    def _meet(self, t: _Tile, px: np.ndarray, planes: dict, sides: dict | None) -> np.ndarray:
+        """What readers show of network tile ``t`` decoded as ``px``: drawn toward its plane
+        glass neighbours' edges ``planes`` and, as kind 5, toward its bare JPEG-XL
+        neighbours' (``sides``: side → pixels) where that leaves its PSNR no lower than
+        kind 0's, which is not drawn toward them (``t`` relabelled to match)."""
+        plain = blend_toward_glass(px, planes)
+        hd = parse_header(t.data)
+        meet = jpegxl_edges(sides, hd.height, hd.width)
+        if not meet:
+            return plain
+        drawn = blend_toward_glass(px, {**planes, **meet})
+        if tile_psnr(drawn, t.source, t.valid) < tile_psnr(plain, t.source, t.valid):
+            return plain
+        t.data = t.network = t.inner = with_kind(t.data, KIND_NETWORK_MIXED)
+        return drawn
+
     def settle_row(self, tiles: list[_Tile], above: list[_Tile] | None, below: list[_Tile] | None) -> None:
         """Stage 2: each network tile of ``tiles`` decoded stitched with its neighbours
         (``above``, ``below``: the rows around it, None at the level's edge), and each
@@ -369,34 +385,21 @@ class TileChooser:
                 seen_by = [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)
                            if (dr or dc) and (nb := neighbour(t, dr, dc)) is not None and nb.inner is not None]
                 self._search_seams(t, arounds[k], first, k, sides, seen_by, edges)
-        # what readers show, and what a tile drawn toward its JPEG-XL neighbours shows
-        # without that (None: nothing else to try) should it miss the floor
-        shown: list[tuple[_Tile, np.ndarray, Any]] = []
         sides_of = dict(again)
-        for k, (t, px) in enumerate(zip(todo, first)):
-            hd = parse_header(t.data)
-            meet = jpegxl_edges(sides_of.get(k), hd.height, hd.width)
-            if meet:                            # kind 5: drawn toward them (kind 0: not)
-                t.data = t.network = t.inner = with_kind(t.data, KIND_NETWORK_MIXED)
-            shown.append((t, blend_toward_glass(px, {**edges(t), **meet}),
-                          (lambda px=px, t=t: blend_toward_glass(px, edges(t))) if meet else None))
+        shown = [(t, self._meet(t, px, edges(t), sides_of.get(k))) for k, (t, px) in enumerate(zip(todo, first))]
         for t in tiles:
             if t.kind == "glass" and (hd := parse_header(t.data)).kind in PLANE_KINDS:
-                shown.append((t, decode_glass(t.data, hd, "tile", edges(t), jpegxl_sides(t)),
-                              (lambda t=t: decode_glass(t.data, parse_header(t.data), "tile", edges(t)))
-                              if hd.kind == KIND_PLANE_MIXED else None))
-        for t, px, unmet in shown:
+                shown.append((t, decode_glass(t.data, hd, "tile", edges(t), jpegxl_sides(t))))
+        for t, px in shown:
             p = tile_psnr(px, t.source, t.valid)
             if p >= self.floor + READER_SLACK_DB:
                 t.psnr = p
                 continue
-            if unmet is not None:
-                # drawn toward its JPEG-XL neighbours it misses the floor: kinds 3 and 0 are
-                # not drawn toward them (its neighbours see the same plane or latents)
-                t.data = t.inner = with_kind(t.data, KIND_PLANE if t.kind == "glass" else KIND_NETWORK)
-                if t.kind != "glass":
-                    t.network = t.data
-                p = tile_psnr(unmet(), t.source, t.valid)
+            if t.kind == "glass" and parse_header(t.data).kind == KIND_PLANE_MIXED:
+                # drawn toward its JPEG-XL neighbours it misses the floor: kind 3 is not drawn
+                # toward them (its neighbours see the same plane and colour either way)
+                t.data = t.inner = with_kind(t.data, KIND_PLANE)
+                p = tile_psnr(decode_glass(t.data, parse_header(t.data), "tile", edges(t)), t.source, t.valid)
                 if p >= self.floor + READER_SLACK_DB:
                     t.psnr = p
                     continue
