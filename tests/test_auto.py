@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,14 +26,12 @@ from wsicodec.learned.tileformat import (KIND_FIXUP, KIND_NETWORK, KIND_NETWORK_
                                          NETWORK_KINDS, fixup_parts, pack_fixup, parse_header,
                                          with_kind)
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 T = 128
 
 
-def _he_crop() -> np.ndarray:
-    from PIL import Image
-    path = sorted((DATA / "he" / "test").glob("*.png"))[0]
-    return np.asarray(Image.open(path).convert("RGB"))[200:456, 200:584].copy()   # 2 x 3 tiles
+def he_crop(tissue: np.ndarray) -> np.ndarray:
+    """2 x 3 tiles of the shared H&E image (conftest's ``tissue``)."""
+    return tissue[200:456, 200:584].copy()
 
 
 def _grid_rows(img: np.ndarray, margin: int):
@@ -77,23 +74,27 @@ def _decode(codec, img, out):
 
 
 @pytest.fixture(scope="module")
-def he_img():
-    if not (DATA / "he" / "test").is_dir():
-        pytest.skip("shared H&E data not present")
-    return _he_crop()
+def he_img(tissue):
+    return he_crop(tissue)
+
+
+def _check_floor_and_records(codec, img: np.ndarray, out: dict, floor: float, tol: float) -> set:
+    """Every tile as readers decode it reaches ``floor`` and its record is within ``tol`` dB
+    of what they show; returns the kinds recorded."""
+    kinds = set()
+    for (c, r), p in _decode(codec, img, out).items():
+        kind, rec = out[r].records[c]
+        kinds.add(kind)
+        assert p >= floor, (c, r, kind, p)
+        assert abs(p - rec) < tol, (c, r, kind, p, rec)
+    return kinds
 
 
 def test_every_tile_reaches_the_floor_and_its_record(he_img):
     floor = 33.0
     codec = get_codec("auto", 2, min_psnr=floor)
     out = _encode(codec, he_img)
-    measured = _decode(codec, he_img, out)
-    kinds = set()
-    for (c, r), p in measured.items():
-        kind, rec = out[r].records[c]
-        kinds.add(kind)
-        assert p >= floor, (c, r, kind, p)
-        assert abs(p - rec) < 0.05, (c, r, kind, p, rec)        # the map says what readers show
+    kinds = _check_floor_and_records(codec, he_img, out, floor, 0.05)   # the map says what readers show
     assert kinds <= set(choice.KINDS)
     # quality 2 alone misses 33 dB on this tissue: some tiles climbed the ladder
     qualities = {parse_header(t).quality for row in out.values() for t in row.tiles
@@ -336,11 +337,7 @@ def test_plane_glass_beside_tissue_holds_the_floor_as_readers_blend_it(he_img):
     planes = [t for row in out.values() for t in row.tiles
               if t[:4] == b"WSLT" and parse_header(t).kind in PLANE_KINDS]
     assert "glass" in kinds and planes
-    measured = _decode(codec, img, out)
-    for (c, r), p in measured.items():
-        kind, rec = out[r].records[c]
-        assert p >= floor, (c, r, kind, p)
-        assert abs(p - rec) < 0.05, (c, r, kind, p, rec)
+    _check_floor_and_records(codec, img, out, floor, 0.05)
 
 
 # ------------------------------------------------------------------ glass beside JPEG-XL (kind 4)
@@ -370,11 +367,7 @@ def test_glass_meets_its_jpegxl_neighbour_only_where_it_keeps_the_floor(he_img, 
     assert k0 == "glass" and k1.startswith("jpegxl"), out[0].records
     glass = out[0].tiles[0]
     assert parse_header(glass).kind == (KIND_PLANE_MIXED if met else KIND_PLANE)
-    measured = _decode(codec, img, out)
-    for (c, r), p in measured.items():
-        kind, rec = out[r].records[c]
-        assert p >= floor, (c, r, kind, p)
-        assert abs(p - rec) < 1e-9, (c, r, kind, p, rec)
+    _check_floor_and_records(codec, img, out, floor, 1e-9)
     got = codec.decode_tiles([(0, 0), (1, 0)], lambda c, r: out[r].tiles[c], (2, 1))
     assert (got[1] == codec.decoder.jpegxl_pixels(out[0].tiles[1], None, "t")).all()
     plane = decode_glass(glass, parse_header(glass))
@@ -433,11 +426,7 @@ def test_network_tile_meets_its_jpegxl_neighbour_only_where_that_costs_no_fideli
     assert k0 == "learned" and k1 == "jpegxl", out[0].records
     net, jxl = out[0].tiles
     assert parse_header(net).kind == (KIND_NETWORK_MIXED if met else KIND_NETWORK)
-    measured = _decode(codec, img, out)
-    for (c, r), p in measured.items():
-        kind, rec = out[r].records[c]
-        assert p >= floor, (c, r, kind, p)
-        assert abs(p - rec) < 1e-9, (c, r, kind, p, rec)
+    _check_floor_and_records(codec, img, out, floor, 1e-9)
     got = codec.decode_tiles([(0, 0), (1, 0)], lambda c, r: out[r].tiles[c], (2, 1))
     assert (got[1] == codec.decoder.jpegxl_pixels(jxl, None, "t")).all()
     plain = [with_kind(net, KIND_NETWORK), jxl]

@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 torch.set_flush_denormal(True)
 
-from test_auto import DATA, T, _decode, _encode, _he_crop  # noqa: E402
+from test_auto import T, _decode, _encode, he_crop  # noqa: E402
 
 from wsicodec.codecs import codec_from_dict, get_codec  # noqa: E402
 from wsicodec.errors import InvalidSettingError  # noqa: E402
@@ -25,10 +25,8 @@ Q, FLOOR, STEPS = 4, 32.0, 10
 
 
 @pytest.fixture(scope="module")
-def img():
-    if not (DATA / "he" / "test").is_dir():
-        pytest.skip("shared H&E data not present")
-    a = _he_crop().copy()
+def img(tissue):
+    a = he_crop(tissue)
     rng = np.random.default_rng(5)
     a[:T, T:2 * T] = np.clip(a[:T, T:2 * T] + rng.normal(0, 10, (T, T, 3)), 0, 255).astype(np.uint8)
     return np.ascontiguousarray(a)
