@@ -171,10 +171,50 @@ def test_as_written_refuses_a_quality_off_the_steps(he_img):
     data = out[0].tiles[0]
     assert parse_header(data).kind == KIND_NETWORK
     forged = bytearray(data)
-    struct.pack_into("<f", forged, 10, 4.5)                # between two steps
+    struct.pack_into("<f", forged, 10, 4.1)                # between two steps
     got = codec.decode_tiles([(0, 0)], lambda c, r: bytes(forged), (1, 1), as_written=True)
     assert isinstance(got[0], CorruptDataError)
-    assert choice.quality_steps(4.0) == (4.0, 5.0, 6.0, 7.0, 8.0)
+    assert choice.quality_steps(4.0) == tuple(4.0 + k / 4 for k in range(17))
+    assert set(choice.quality_steps(4.3)) >= {np.float32(4.3 + k).item() for k in range(4)}  # whole steps as before
+
+
+def _search(curve, quality=4.0, target=32.3):
+    """Stage 1's quality search (``_next_step``) run on a known PSNR per step."""
+    from types import SimpleNamespace
+    me = SimpleNamespace(steps=choice.quality_steps(quality))
+    n, lo, hi, tried, s = len(me.steps), -1, len(me.steps), {}, 0
+    while s is not None:
+        tried[s] = curve(me.steps[s])
+        lo, hi = (lo, s) if tried[s] >= target else (s, hi)
+        s = choice.TileChooser._next_step(me, lo, hi, tried, target)
+    return (me.steps[hi] if hi < n else None), tried, me.steps
+
+
+@pytest.mark.parametrize("curve", [
+    lambda q: 24.0 + 2.0 * q,                        # as the prior slope says
+    lambda q: 28.0 + 0.6 * q,                        # flatter than it
+    lambda q: 14.0 + 4.5 * q,                        # steeper
+    lambda q: 37.0 - 9.0 / q,                        # flattening toward the top
+    lambda q: 35.0 - 2.0 * abs(q - 6.1) ** 0.5,      # reaches only near one quality
+], ids=["prior", "flat", "steep", "flattening", "narrow"])
+def test_quality_search_lands_on_a_step_near_the_target_in_few_estimates(curve):
+    target = 32.3
+    q, tried, steps = _search(curve, target=target)
+    reaching = [st for st in steps if curve(st) >= target]
+    assert len(tried) <= choice.MAX_TRIES + 1
+    if not reaching:
+        assert q is None and steps[-1] in [steps[s] for s in tried]   # the top was tried
+        return
+    assert curve(q) >= target
+    below = steps[steps.index(q) - 1] if q > steps[0] else None
+    # near the target, or the lowest step that reaches it
+    assert curve(q) - target <= choice.STEP_TOLERANCE_DB or below is None or curve(below) < target
+
+
+def test_quality_search_keeps_the_asked_quality_and_reports_the_unreachable():
+    assert _search(lambda q: 40.0)[0] == 4.0 and len(_search(lambda q: 40.0)[1]) == 1
+    q, tried, steps = _search(lambda q: 20.0 + q)                 # 28 dB at the top
+    assert q is None and len(steps) - 1 in tried
 
 
 def test_jpegxl_fit_reaches_its_target_or_gives_way_to_a_budget(he_img):

@@ -4,8 +4,8 @@ Each level is coded row by row (:class:`MixedLevelEncoder`)::
 
     push(row r) ─► stage 1 of row r, each tile on its own (:meth:`TileChooser.choose_row`):
         │   glass, if its PSNR reaches the floor; else g_a once (the gains scale y), the
-        │   network at the codec's quality, raised a step at a time while the tile's
-        │   estimated PSNR misses the floor (+ ESTIMATE_MARGIN_DB); then JPEG-XL fitted
+        │   network at the codec's quality, raised in quarter steps to where the tile's
+        │   estimated PSNR clears the floor (+ ESTIMATE_MARGIN_DB); then JPEG-XL fitted
         │   to the PSNR the network reaches (or the floor), on a pool of threads, while
         │   the torch work goes on: the fewer bytes win
         ▼
@@ -69,11 +69,17 @@ JPEGXL_THREADS = 2
 #: stage 2 keeps a network tile when its measured PSNR clears the floor by this much: a
 #: reader's g_s batches windows differently, which can move a few pixels by one level
 READER_SLACK_DB = 0.02
-#: the quality steps stage 1 climbs by
-QUALITY_STEP = 1.0
-#: PSNR a tile gains per quality step, before a tile's own tries say (shipped network,
-#: he/test: about 1 dB per step in the middle of the scale)
-SLOPE_DB = 1.0
+#: the quality steps stage 1 climbs by: fine enough that a tile raised to the floor lands
+#: near it (whole steps overshot it by half a step on average, 0.5-1 dB of bytes)
+QUALITY_STEP = 0.25
+#: PSNR a tile gains per unit of quality, before a tile's own tries say (shipped network,
+#: he/test and tcga: about 2 dB per unit in the middle of the scale, less near the top)
+SLOPE_DB = 2.0
+#: stage 1 keeps a reaching step whose estimate is within this many dB above its target
+#: without proving that the step below it misses
+STEP_TOLERANCE_DB = 0.3
+#: at most this many estimates (g_s passes) per tile in stage 1's search
+MAX_TRIES = 6
 
 
 def quality_steps(quality: float) -> tuple[float, ...]:
@@ -83,7 +89,7 @@ def quality_steps(quality: float) -> tuple[float, ...]:
 
     steps = [quality]
     while steps[-1] < QUALITY_MAX:
-        steps.append(min(float(QUALITY_MAX), steps[-1] + QUALITY_STEP))
+        steps.append(min(float(QUALITY_MAX), quality + len(steps) * QUALITY_STEP))
     return tuple(struct.unpack("<f", struct.pack("<f", q))[0] for q in steps)
 
 
@@ -176,10 +182,12 @@ class TileChooser:
                 for j, k in enumerate(idx):
                     y_u[k] = y[j:j + 1].float().cpu()
         # per tile: the codec's own step first; if it misses, the step its PSNR per step
-        # predicts (the top missing too: the network cannot reach the floor), then
-        # bisection down to the lowest step that reaches it
+        # predicts, then steps inside the bracket of the nearest missing and reaching ones
+        # (:meth:`_next_step`), until a reaching one lies within STEP_TOLERANCE_DB of the
+        # target, the bracket closes, or the top misses (the network cannot reach the floor)
+        n = len(self.steps)
         lo = [-1] * len(tiles)                      # highest step known to miss
-        hi = [len(self.steps)] * len(tiles)         # lowest step known to reach (len: none)
+        hi = [n] * len(tiles)                       # lowest step known to reach (n: none)
         tried: list[dict[int, float]] = [{} for _ in tiles]
         nxt = {k: 0 for k in range(len(tiles))}
         margin = self.floor + ESTIMATE_MARGIN_DB
@@ -199,9 +207,9 @@ class TileChooser:
                     hi[k] = s
                 else:
                     lo[k] = s
-                if hi[k] == lo[k] + 1 or (lo[k] == len(self.steps) - 1):
-                    continue                                        # settled
-                nxt[k] = self._next_step(lo[k], hi[k], tried[k], margin)
+                step = self._next_step(lo[k], hi[k], tried[k], margin)
+                if step is not None:
+                    nxt[k] = step
         for k, t in enumerate(tiles):
             if hi[k] == len(self.steps):
                 t.estimate = max(tried[k].values())                 # under the floor: JPEG-XL
@@ -227,18 +235,34 @@ class TileChooser:
             part.copy_(torch.round(part * gain) / gain)
         return win
 
-    def _next_step(self, lo: int, hi: int, tried: dict, target: float) -> int:
-        """The next quality step to try for a tile whose step ``lo`` misses ``target`` and
-        ``hi`` reaches it (``hi`` = len(steps): none found yet): where the PSNR gained per
-        step so far (:attr:`SLOPE_DB` before two tries) says the target is, kept inside
-        (lo, hi); with a reaching step known, bisection."""
-        if hi < len(self.steps):
-            return (lo + hi) // 2
+    def _next_step(self, lo: int, hi: int, tried: dict, target: float) -> int | None:
+        """The next quality step to estimate for a tile whose step ``lo`` misses ``target``
+        and ``hi`` reaches it (``lo`` = −1: none missed; ``hi`` = len(steps): none reached
+        yet), or None when the search is over: the bracket closed, a reaching step's
+        estimate within :data:`STEP_TOLERANCE_DB` of the target, the top missing, or
+        :data:`MAX_TRIES` made (``hi`` is then kept; none reaching: the top is tried last).
+
+        Without a reaching step: a jump as far as the PSNR gained per step so far says
+        (:data:`SLOPE_DB` per unit of quality before two tries).  Inside a bracket: where
+        the line through its two ends crosses the target, rounded up (toward reaching)."""
+        n = len(self.steps)
+        if hi == lo + 1 or lo == n - 1:
+            return None
+        if hi < n and tried[hi] - target <= STEP_TOLERANCE_DB:
+            return None
+        if len(tried) >= MAX_TRIES:
+            return n - 1 if hi == n and n - 1 not in tried else None
+        if hi < n:
+            if lo < 0:
+                return None                     # the codec's own quality reaches: kept
+            t = (target - tried[lo]) / max(tried[hi] - tried[lo], 1e-9)
+            return min(max(lo + math.ceil(t * (hi - lo)), lo + 1), hi - 1)
         est = tried[lo]
         below = [s for s in tried if s < lo]
-        slope = SLOPE_DB if not below else max((est - tried[below[-1]]) / (lo - below[-1]), 0.25)
+        per_step = SLOPE_DB * QUALITY_STEP
+        slope = per_step if not below else max((est - tried[max(below)]) / (lo - max(below)), per_step / 4)
         jump = max(1, math.ceil((target - est) / slope))
-        return min(lo + jump, len(self.steps) - 1)
+        return min(lo + jump, n - 1)
 
     def _code(self, y_u: Any, box: tuple[int, int, int, int], quality: float) -> tuple[bytes, Any, tuple]:
         """A tile of the region latents ``y_u`` (ungained) at ``quality``: its bytes, the
