@@ -211,7 +211,7 @@ class TileChooser:
                 if step is not None:
                     nxt[k] = step
         for k, t in enumerate(tiles):
-            if hi[k] == len(self.steps):
+            if hi[k] == n:
                 t.estimate = max(tried[k].values())                 # under the floor: JPEG-XL
                 continue
             t.estimate = tried[k][hi[k]]
@@ -252,9 +252,7 @@ class TileChooser:
             return None
         if len(tried) >= MAX_TRIES:
             return n - 1 if hi == n and n - 1 not in tried else None
-        if hi < n:
-            if lo < 0:
-                return None                     # the codec's own quality reaches: kept
+        if hi < n:                              # lo ≥ 0: step 0, tried first, missed
             t = (target - tried[lo]) / max(tried[hi] - tried[lo], 1e-9)
             return min(max(lo + math.ceil(t * (hi - lo)), lo + 1), hi - 1)
         est = tried[lo]
