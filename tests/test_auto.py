@@ -20,7 +20,7 @@ torch.set_flush_denormal(True)
 from wsicodec.codecs import get_codec  # noqa: E402
 from wsicodec.errors import CorruptDataError, InvalidSettingError  # noqa: E402
 from wsicodec.image import context_region  # noqa: E402
-from wsicodec.learned import choice  # noqa: E402
+from wsicodec.learned import choice, stepsearch  # noqa: E402
 from wsicodec.learned.jxlfit import MAX_DISTANCE, TOLERANCE, fit_jpegxl, tile_psnr  # noqa: E402
 from wsicodec.learned.tileformat import (KIND_FIXUP, KIND_NETWORK, KIND_NETWORK_MIXED,  # noqa: E402
                                          NETWORK_KINDS, fixup_parts, pack_fixup, parse_header,
@@ -174,20 +174,18 @@ def test_as_written_refuses_a_quality_off_the_steps(he_img):
     struct.pack_into("<f", forged, 10, 4.1)                # between two steps
     got = codec.decode_tiles([(0, 0)], lambda c, r: bytes(forged), (1, 1), as_written=True)
     assert isinstance(got[0], CorruptDataError)
-    assert choice.quality_steps(4.0) == tuple(4.0 + k / 4 for k in range(17))
-    assert set(choice.quality_steps(4.3)) >= {np.float32(4.3 + k).item() for k in range(4)}  # whole steps as before
+    assert stepsearch.quality_steps(4.0) == tuple(4.0 + k / 4 for k in range(17))
+    assert set(stepsearch.quality_steps(4.3)) >= {np.float32(4.3 + k).item() for k in range(4)}  # whole steps as before
 
 
 def _search(curve, quality=4.0, target=32.3):
-    """Stage 1's quality search (``_next_step``) run on a known PSNR per step."""
-    from types import SimpleNamespace
-    me = SimpleNamespace(steps=choice.quality_steps(quality))
-    n, lo, hi, tried, s = len(me.steps), -1, len(me.steps), {}, 0
-    while s is not None:
-        tried[s] = curve(me.steps[s])
-        lo, hi = (lo, s) if tried[s] >= target else (s, hi)
-        s = choice.TileChooser._next_step(me, lo, hi, tried, target)
-    return (me.steps[hi] if hi < n else None), tried, me.steps
+    """Stage 1's quality search run on a known PSNR per step: (quality chosen, estimates
+    made by step, the steps)."""
+    steps = stepsearch.quality_steps(quality)
+    search = stepsearch.StepSearch(len(steps), target)
+    while search.next is not None:
+        search.record(curve(steps[search.next]))
+    return (steps[search.chosen] if search.chosen is not None else None), search.tried, steps
 
 
 @pytest.mark.parametrize("curve", [
@@ -201,14 +199,14 @@ def test_quality_search_lands_on_a_step_near_the_target_in_few_estimates(curve):
     target = 32.3
     q, tried, steps = _search(curve, target=target)
     reaching = [st for st in steps if curve(st) >= target]
-    assert len(tried) <= choice.MAX_TRIES + 1
+    assert len(tried) <= stepsearch.MAX_TRIES + 1
     if not reaching:
         assert q is None and len(steps) - 1 in tried                   # the top was tried
         return
     assert curve(q) >= target
     below = steps[steps.index(q) - 1] if q > steps[0] else None
     # near the target, or the lowest step that reaches it
-    assert curve(q) - target <= choice.STEP_TOLERANCE_DB or below is None or curve(below) < target
+    assert curve(q) - target <= stepsearch.STEP_TOLERANCE_DB or below is None or curve(below) < target
 
 
 def test_quality_search_keeps_the_asked_quality_and_reports_the_unreachable():

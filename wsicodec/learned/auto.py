@@ -20,13 +20,14 @@ import numpy as np
 from wsicodec.codecs import DEFAULT_MIN_PSNR, LevelEncoder, Run, TileCodec, as_number
 from wsicodec.errors import CorruptDataError, InvalidSettingError
 
-from .choice import KINDS, MixedLevelEncoder, TileChooser, quality_steps
+from .choice import KINDS, MixedLevelEncoder, TileChooser
 from .codec import DEFAULT_MARGIN, DEFAULT_MAX_BATCH, LearnedCodec, _int_in, check_stitched
 from .decoder import TileDecoder
 from .encoder import Box, TileEncoder
 from .grid import KIND_JPEGXL
 from .jxlfit import SEARCH_EFFORT
 from .seamsearch import MAX_SEAM_SEARCH
+from .stepsearch import quality_steps
 from .synthesis import LatentCache
 from .tileformat import NETWORK_KINDS, TileHeader
 
@@ -175,7 +176,7 @@ class AutoCodec(TileCodec):
         """Refuse a learned tile this codec's writer cannot have made: a format before
         stitched tiles, or a network tile (a fix-up tile's inner one too: the decoder
         checks that) at a quality off its steps
-        (:func:`~wsicodec.learned.choice.quality_steps`), to the float32 bit.  JPEG-XL and
+        (:func:`~wsicodec.learned.stepsearch.quality_steps`), to the float32 bit.  JPEG-XL and
         glass tiles record no setting.  Raises CorruptDataError."""
         if hd.kind == KIND_JPEGXL:
             return

@@ -53,7 +53,7 @@ from .encoder import align_to_grid, check_box, check_region
 from .glass import SIDES, blend_toward_glass, decode_glass, encode_glass, jpegxl_edges, uniform_fit
 from .grid import glass_edges
 from .jxlfit import JxlFit, fit_jpegxl, tile_psnr
-from .ladder import QUALITY_MAX
+from .stepsearch import StepSearch, quality_steps
 from .synthesis import STITCH_RING, stitch_window
 from .tileformat import (KIND_FIXUP, KIND_NETWORK_MIXED, KIND_PLANE, KIND_PLANE_MIXED,
                          LATENT_STRIDE, MAGIC, PIXEL_STRIDE, PLANE_KINDS, VERSION, fixup_parts, pack_fixup,
@@ -69,30 +69,6 @@ JPEGXL_THREADS = 2
 #: stage 2 keeps a network tile when its measured PSNR clears the floor by this much: a
 #: reader's g_s batches windows differently, which can move a few pixels by one level
 READER_SLACK_DB = 0.02
-#: the quality steps stage 1 climbs by: fine enough that a tile raised to the floor lands
-#: near it (whole steps overshot it by half a step on average, 0.5-1 dB of bytes)
-QUALITY_STEP = 0.25
-#: PSNR a tile gains per unit of quality, before a tile's own tries say (shipped network,
-#: he/test and tcga: about 2 dB per unit in the middle of the scale, less near the top)
-SLOPE_DB = 2.0
-#: stage 1 keeps a reaching step whose estimate is within this many dB above its target
-#: without proving that the step below it misses
-STEP_TOLERANCE_DB = 0.3
-#: at most this many estimates (g_s passes) per tile in stage 1's search
-MAX_TRIES = 6
-
-
-def quality_steps(quality: float) -> tuple[float, ...]:
-    """The network qualities a tile may be coded at: ``quality``, then up by
-    :data:`QUALITY_STEP` to the top of the scale (each as the float32 a header stores)."""
-    import struct
-
-    steps = [quality]
-    while steps[-1] < QUALITY_MAX:
-        steps.append(min(float(QUALITY_MAX), quality + len(steps) * QUALITY_STEP))
-    return tuple(struct.unpack("<f", struct.pack("<f", q))[0] for q in steps)
-
-
 @dataclass
 class _Tile:
     """One tile's state between stage 1 and stage 2."""
@@ -181,41 +157,25 @@ class TileChooser:
                 y = self.net.transform(x, self.precision)
                 for j, k in enumerate(idx):
                     y_u[k] = y[j:j + 1].float().cpu()
-        # per tile: the codec's own step first; if it misses, the step its PSNR per step
-        # predicts, then steps inside the bracket of the nearest missing and reaching ones
-        # (:meth:`_next_step`), until a reaching one lies within STEP_TOLERANCE_DB of the
-        # target, the bracket closes, or the top misses (the network cannot reach the floor)
-        n = len(self.steps)
-        lo = [-1] * len(tiles)                      # highest step known to miss
-        hi = [n] * len(tiles)                       # lowest step known to reach (n: none)
-        tried: list[dict[int, float]] = [{} for _ in tiles]
-        nxt = {k: 0 for k in range(len(tiles))}
-        margin = self.floor + ESTIMATE_MARGIN_DB
-        while nxt:
-            windows, where = [], []
-            for k, s in nxt.items():
-                windows.append(self._rounded(y_u[k], aligned[k][1], self.steps[s]))
-                where.append((k, s, aligned[k][1]))
-            pixels = self.decoder.synthesize(windows)
-            nxt = {}
+        # per tile: the codec's own step first; then the steps its search asks for
+        # (:class:`~wsicodec.learned.stepsearch.StepSearch`), all tiles' in one g_s batch
+        searches = [StepSearch(len(self.steps), self.floor + ESTIMATE_MARGIN_DB) for _ in tiles]
+        todo = list(range(len(tiles)))
+        while todo:
+            where = [(k, searches[k].next, aligned[k][1]) for k in todo]
+            pixels = self.decoder.synthesize([self._rounded(y_u[k], box, self.steps[s]) for k, s, box in where])
             for (k, s, (top, left, h, w)), px in zip(where, pixels):
                 if isinstance(px, BaseException):
                     raise px
-                tried[k][s] = est = tile_psnr(px[top:top + h, left:left + w], tiles[k].source,
-                                              tiles[k].valid)
-                if est >= margin:
-                    hi[k] = s
-                else:
-                    lo[k] = s
-                step = self._next_step(lo[k], hi[k], tried[k], margin)
-                if step is not None:
-                    nxt[k] = step
+                searches[k].record(tile_psnr(px[top:top + h, left:left + w], tiles[k].source, tiles[k].valid))
+            todo = [k for k in todo if searches[k].next is not None]
         for k, t in enumerate(tiles):
-            if hi[k] == n:
-                t.estimate = max(tried[k].values())                 # under the floor: JPEG-XL
+            found = searches[k]
+            if found.chosen is None:
+                t.estimate = max(found.tried.values())                 # under the floor: JPEG-XL
                 continue
-            t.estimate = tried[k][hi[k]]
-            t.network, t.context, latents = self._code(y_u[k], aligned[k][1], self.steps[hi[k]])
+            t.estimate = found.tried[found.chosen]
+            t.network, t.context, latents = self._code(y_u[k], aligned[k][1], self.steps[found.chosen])
             if self.seam_search:
                 t.latents = latents
 
@@ -234,33 +194,6 @@ class TileChooser:
             part = win[..., ty:ty + lh, tx:tx + lw]
             part.copy_(torch.round(part * gain) / gain)
         return win
-
-    def _next_step(self, lo: int, hi: int, tried: dict, target: float) -> int | None:
-        """The next quality step to estimate for a tile whose step ``lo`` misses ``target``
-        and ``hi`` reaches it (``lo`` = −1: none missed; ``hi`` = len(steps): none reached
-        yet), or None when the search is over: the bracket closed, a reaching step's
-        estimate within :data:`STEP_TOLERANCE_DB` of the target, the top missing, or
-        :data:`MAX_TRIES` made (``hi`` is then kept; none reaching: the top is tried last).
-
-        Without a reaching step: a jump as far as the PSNR gained per step so far says
-        (:data:`SLOPE_DB` per unit of quality before two tries).  Inside a bracket: where
-        the line through its two ends crosses the target, rounded up (toward reaching)."""
-        n = len(self.steps)
-        if hi == lo + 1 or lo == n - 1:
-            return None
-        if hi < n and tried[hi] - target <= STEP_TOLERANCE_DB:
-            return None
-        if len(tried) >= MAX_TRIES:
-            return n - 1 if hi == n and n - 1 not in tried else None
-        if hi < n:                              # lo ≥ 0: step 0, tried first, missed
-            t = (target - tried[lo]) / max(tried[hi] - tried[lo], 1e-9)
-            return min(max(lo + math.ceil(t * (hi - lo)), lo + 1), hi - 1)
-        est = tried[lo]
-        below = [s for s in tried if s < lo]
-        per_step = SLOPE_DB * QUALITY_STEP
-        slope = per_step if not below else max((est - tried[max(below)]) / (lo - max(below)), per_step / 4)
-        jump = max(1, math.ceil((target - est) / slope))
-        return min(lo + jump, n - 1)
 
     def _code(self, y_u: Any, box: tuple[int, int, int, int], quality: float) -> tuple[bytes, Any, tuple]:
         """A tile of the region latents ``y_u`` (ungained) at ``quality``: its bytes, the
