@@ -165,6 +165,15 @@ def test_min_psnr_out_of_range_is_refused(bad):
         get_codec("auto", 4, min_psnr=bad)
 
 
+def test_encoder_decodes_in_small_batches_on_the_cpu_while_readers_keep_theirs():
+    from wsicodec.learned.auto import CPU_ENCODE_BATCH
+    codec = get_codec("auto", 4)                                   # readers: 16 windows a pass
+    assert codec.decoder.synthesis.max_batch == 16
+    assert codec.chooser.decoder.synthesis.max_batch == CPU_ENCODE_BATCH < 16
+    small = get_codec("auto", 4, max_batch=2)                     # never more than asked
+    assert small.chooser.decoder is small.decoder and small.decoder.synthesis.max_batch == 2
+
+
 def test_as_written_refuses_a_quality_off_the_steps(he_img):
     codec = get_codec("auto", 4, min_psnr=20.0)
     out = _encode(codec, he_img[:T, :T])
