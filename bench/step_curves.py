@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
               f"ideal {r['ideal_step']} higher {r['higher_step']} lower/none {r['lower_step_or_none']}")
     text = json.dumps(doc, indent=1)
     # one line per curve: a list of numbers on one line
-    text = re.sub(r"\[\s+([-0-9.,\s]+?)\s+\]", lambda m: "[" + ", ".join(m.group(1).split()).replace(",,", ",") + "]", text)
+    text = re.sub(r"\[\s+([-0-9.,\s]+?)\s+\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text)
     args.out.write_text(text + "\n")
     return 0
 
