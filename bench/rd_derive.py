@@ -14,8 +14,9 @@ from bench import metrics
 from bench.rd_sweeps import SWEEPS
 from bench.report import float_or_nan
 
-#: the series every other is read against (plus each series' ``Sweep.against``, when run)
-ANCHORS = ("jpegxl", "jpeg444")
+#: the series every other is read against, where run (plus each series' ``Sweep.against``);
+#: JPEG 2000 since the auto codec stores JPEG 2000 tiles too (2026-12-05)
+ANCHORS = ("jpegxl", "jpeg444", "jpeg2000")
 
 
 def mean_curve(entry: dict, key: str) -> tuple[np.ndarray, np.ndarray]:

@@ -57,8 +57,8 @@ SWEEPS: dict[str, Sweep] = {s.key: s for s in (
     Sweep("learned", "learned", "wsicodec learned", (1, 2, 3, 4, 5, 6, 7, 8), knob_range=(1, 8)),
     # the per-tile codec choice of issue #28 (the default codec), through wsicodec.encode /
     # decode as the learned codec: its rate knob 1..8 with a floor low enough to leave the
-    # choice to bytes (a tile goes to JPEG-XL where that reaches the network's PSNR in fewer
-    # bytes), then the floor raised at quality 8 to cover JPEG-XL's top
+    # choice to bytes (a tile goes to JPEG 2000 or JPEG-XL where that reaches the network's
+    # PSNR in fewer bytes), then the floor raised at quality 8 to cover JPEG-XL's top
     Sweep("auto", "auto", "wsicodec auto (per-tile codec choice)",
           (1, 2, 3, 4, 5, 6, 7) + (8,) * 10,
           knob_range=(1, 8), tiled=True, against="jpegxl_tiled",

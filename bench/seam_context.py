@@ -85,7 +85,7 @@ class Grid:
             for c in range(self.cols):
                 t, lt = self.tiles[r * self.cols + c], ltiles[r * self.cols + c]
                 if t[:4] != MAGIC:
-                    self.jxl[(c, r)] = dec.jpegxl_pixels(t, None, "tile")
+                    self.jxl[(c, r)] = dec.bare_pixels(t, None, "tile")
                     self.lat[(c, r)] = dec.pixel_latents(self.jxl[(c, r)])
                 else:
                     self.hd[(c, r)] = parse_header(t)

@@ -235,7 +235,7 @@ def test_kind4_plane_round_trips_as_kind3_and_switches_kind() -> None:
 def test_kind4_meets_jpegxl_pixels_and_kind3_ignores_them() -> None:
     """A kind-4 plane is drawn toward a JPEG-XL neighbour's edge (here on its right), by the
     same blend as a network tile toward a plane; kind 3 stays the plane, as it always was."""
-    from wsicodec.learned.glass import jpegxl_edge
+    from wsicodec.learned.glass import bare_edge
     from wsicodec.learned.tileformat import KIND_PLANE_MIXED, with_kind
     h, w = 64, 64
     fit_tile = _glass(h, w, seed=12)
@@ -246,7 +246,7 @@ def test_kind4_meets_jpegxl_pixels_and_kind3_ignores_them() -> None:
     plane = decode_glass(k3, parse_header(k3))
     assert (decode_glass(k3, parse_header(k3), jpegxl={(0, 1): right}) == plane).all()
     met = decode_glass(k4, parse_header(k4), jpegxl={(0, 1): right})
-    edge = jpegxl_edge(right, (0, 1), h, w)
+    edge = bare_edge(right, (0, 1), h, w)
     assert (edge == right[:, 0]).all()
     assert (met == blend_toward_glass(plane, {(0, 1): edge})).all()
     joined_before = np.concatenate([plane, right], 1)[h // 2:]
@@ -255,7 +255,7 @@ def test_kind4_meets_jpegxl_pixels_and_kind3_ignores_them() -> None:
         _grey_step(joined_before, w), _grey_step(joined, w))
     assert (met[: h // 2] == plane[: h // 2]).all()          # beside tissue: the plane
     assert (met[:, : w - BLEND_WIDTH] == plane[:, : w - BLEND_WIDTH]).all()
-    assert jpegxl_edge(right[:, :10], (-1, 0), h, w) is None     # sides that do not match
+    assert bare_edge(right[:, :10], (-1, 0), h, w) is None     # sides that do not match
     assert (decode_glass(k4, parse_header(k4), jpegxl={(-1, 0): right[:, :10]}) == plane).all()
 
 

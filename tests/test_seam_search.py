@@ -1,7 +1,7 @@
 """The ``auto`` codec's opt-in seam search (``seam_search``, :mod:`wsicodec.learned.seamsearch`).
 
 The image: 2 x 3 tiles of H&E with the middle top tile made noisy, which the network cannot
-code at the floor and JPEG-XL takes, so three network tiles meet a bare JPEG-XL side and
+code at the floor and JPEG 2000 takes, so three network tiles meet a bare side and
 two of them have network neighbours too (their latents those see are held).  Grids go
 through the level encoder and ``decode_tiles`` as in ``test_auto.py``.
 """
@@ -80,9 +80,9 @@ def test_off_is_the_default_and_codes_as_before(coded, img):
     assert all(again[r].tiles == rows[r].tiles for r in rows)
 
 
-def test_the_fixture_has_network_tiles_beside_jpegxl(coded):
+def test_the_fixture_has_network_tiles_beside_a_bare_tile(coded):
     _, rows = coded["off"]
-    assert [k for k, _ in rows[0].records] == ["learned", "jpegxl", "learned"], rows[0].records
+    assert [k for k, _ in rows[0].records] == ["learned", "jpeg2000", "learned"], rows[0].records
     assert [k for k, _ in rows[1].records] == ["learned"] * 3, rows[1].records
 
 

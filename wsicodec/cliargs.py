@@ -161,12 +161,13 @@ def add_coding_options(p: argparse.ArgumentParser, *, resume_help: str) -> None:
                         "distance, lower is better)")
     p.add_argument("--min-psnr", type=_min_psnr, default=None, metavar="DB",
                    help="auto codec: every tile's decoded PSNR against the slide's pixels is at "
-                        "least DB (the network's quality raised, then JPEG-XL, lossless as the "
+                        "least DB (the network's quality raised, then JPEG 2000 or JPEG-XL, lossless JPEG-XL as the "
                         "last resort); default: the auto codec's floor ('wsicodec codecs')")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra codec option, e.g. effort=5 or subsampling=420, for auto "
-                        "seam_search=40 (latent search of network tiles beside JPEG-XL ones: "
-                        "smaller seams, much slower encode), or for learned "
+                        "seam_search=40 (latent search of network tiles beside bare JPEG 2000 / JPEG-XL ones: "
+                        "smaller seams, much slower encode) or jpeg2000=false (JPEG-XL the only "
+                        "classical codec), or for learned "
                         "refine=40 (encoder latent search: fewer bits, much slower encode) or "
                         "precision=bfloat16 (g_a's inner layers in bfloat16: faster on a CPU "
                         "with AVX512-BF16/AMX, the same rate-distortion) (repeatable)")

@@ -70,14 +70,15 @@ def context_region(a: np.ndarray, ys: slice, xs: slice, margin: int
 def encode(image: np.ndarray, quality: float | None = None, *, tile_size: int = DEFAULT_TILE,
            model: str | None = None, batch: int = 16, margin: int | None = None,
            refine: int = 0, precision: str = "float32", codec: str = "learned",
-           min_psnr: float | None = None, seam_search: int = 0) -> bytes:
+           min_psnr: float | None = None, seam_search: int = 0, jpeg2000: bool = True) -> bytes:
     """Code an (H, W, 3) uint8 array of any size with the learned codec at ``quality``
     (1..8; None: the codec's default, :data:`wsicodec.learned.ladder.DEFAULT_QUALITY`).
 
-    ``codec="auto"``: each tile glass, the network or JPEG-XL, every tile's decoded PSNR
-    at least ``min_psnr`` dB (:class:`~wsicodec.learned.AutoCodec`; its default floor
-    without it; ``seam_search`` steps of its seam search, 0: off); ``refine`` is the
-    network-only codec's.
+    ``codec="auto"``: each tile glass, the network, JPEG 2000 or JPEG-XL, every tile's
+    decoded PSNR at least ``min_psnr`` dB (:class:`~wsicodec.learned.AutoCodec`; its
+    default floor without it; ``seam_search`` steps of its seam search, 0: off;
+    ``jpeg2000=False``: JPEG-XL its only classical codec); ``refine`` is the network-only
+    codec's.
 
     g_a sees each tile with ``margin`` pixels of its neighbours around it (default:
     the codec's, 16) and the stream holds the tile's latents only; :func:`decode`
@@ -113,13 +114,15 @@ def encode(image: np.ndarray, quality: float | None = None, *, tile_size: int = 
         if refine:
             raise InvalidSettingError("refine is the learned codec's option, not the auto codec's")
         from .learned import AutoCodec
-        coder: Any = AutoCodec(quality, min_psnr=min_psnr, seam_search=seam_search, model=model,
-                               precision=precision, **kw)
+        coder: Any = AutoCodec(quality, min_psnr=min_psnr, seam_search=seam_search, jpeg2000=jpeg2000,
+                               model=model, precision=precision, **kw)
     else:
         if min_psnr is not None:
             raise InvalidSettingError("min_psnr is the auto codec's option (codec='auto')")
         if seam_search:
             raise InvalidSettingError("seam_search is the auto codec's option (codec='auto')")
+        if jpeg2000 is not True:
+            raise InvalidSettingError("jpeg2000 is the auto codec's option (codec='auto')")
         coder = LearnedCodec(quality, model=model, refine=refine, precision=precision, **kw)
     h, w = a.shape[:2]
     cells = list(tile_cells(h, w, tile_size))

@@ -54,7 +54,8 @@ def frame_encoder(settings: DicomSettings) -> Encoder:
 def stored_jpegxl(data: bytes) -> bytes | None:
     """The JPEG-XL codestream that gives a stored tile its pixels, or None: the tile
     itself when it is one (a ``jpegxl`` container's, an ``auto`` container's JPEG-XL
-    tile), the codestream part of an ``auto`` fix-up tile, else None (learned, glass)."""
+    tile), the codestream part of an ``auto`` fix-up tile when it is JPEG-XL, else None
+    (learned, glass, JPEG 2000)."""
     from wsicodec.learned.grid import JXL_SIGNATURES
     from wsicodec.learned.tileformat import KIND_FIXUP, MAGIC, fixup_parts, parse_header
 
@@ -63,7 +64,8 @@ def stored_jpegxl(data: bytes) -> bytes | None:
     if data[:4] == MAGIC:
         hd = parse_header(data)
         if hd.kind == KIND_FIXUP:
-            return fixup_parts(data, hd)[1]
+            tail = fixup_parts(data, hd)[1]
+            return tail if tail.startswith(JXL_SIGNATURES) else None     # else JPEG 2000
     return None
 
 

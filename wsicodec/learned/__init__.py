@@ -13,8 +13,9 @@ Modules, each one concern::
     decoder     bytes → tiles: entropy decoding, stitching, g_s passes, LatentCache
     codec       LearnedCodec: the above behind :class:`wsicodec.codecs.TileCodec`
     jxlfit      JPEG-XL at a PSNR target (the distance ladder, lossless last)
-    choice      the auto codec's per-tile choice: glass / network / JPEG-XL over a floor
-    seamsearch  its opt-in latent search of network tiles beside JPEG-XL ones
+    j2kfit      JPEG 2000 at a PSNR target (OpenJPEG's fixed-quality level, measured)
+    choice      the auto codec's per-tile choice: glass / network / JPEG 2000 / JPEG-XL over a floor
+    seamsearch  its opt-in latent search of network tiles beside bare ones
     auto        AutoCodec ("auto"): the per-tile choice behind the same protocol
 
 Importing this package registers the codecs ``learned`` and ``auto`` (``wsicodec.codecs``

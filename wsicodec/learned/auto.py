@@ -1,12 +1,13 @@
-"""``AutoCodec``: each tile glass, the learned network or JPEG-XL, never under a PSNR floor.
+"""``AutoCodec``: each tile glass, the learned network, JPEG 2000 or JPEG-XL, never under a PSNR floor.
 
 The default codec.  It codes a grid with :class:`~wsicodec.learned.choice.MixedLevelEncoder`
 (the choice and why it holds: :mod:`wsicodec.learned.choice`) and decodes it with the
 learned decoder in mixed mode (:class:`~wsicodec.learned.decoder.TileDecoder`): a
-network tile is stitched with its neighbours' latents whatever they are, a JPEG-XL
+network tile is stitched with its neighbours' latents whatever they are, a bare
 neighbour giving g_a of its decoded pixels, and a plane glass tile of kind 4 (the kind
-this codec writes) meets its JPEG-XL neighbours.  Its tiles are the learned codec's
-(formats 3, kinds network, glass and fix-up) and bare JPEG-XL codestreams.
+this codec writes) meets its bare neighbours.  Its tiles are the learned codec's
+(formats 3, kinds network, glass and fix-up) and bare JPEG 2000 and JPEG-XL codestreams
+(containers written before 2026-12-05 hold no JPEG 2000).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .choice import KINDS, MixedLevelEncoder, TileChooser
 from .codec import DEFAULT_MARGIN, DEFAULT_MAX_BATCH, LearnedCodec, _int_in, check_stitched
 from .decoder import TileDecoder
 from .encoder import Box, TileEncoder
-from .grid import KIND_JPEGXL
+from .grid import KIND_BARE
 from .jxlfit import SEARCH_EFFORT
 from .seamsearch import MAX_SEAM_SEARCH
 from .stepsearch import quality_steps
@@ -57,18 +58,21 @@ def check_min_psnr(value: Any) -> float:
 
 
 class AutoCodec(TileCodec):
-    """Per-tile choice among glass, the learned network and JPEG-XL.  Frozen.
+    """Per-tile choice among glass, the learned network, JPEG 2000 and JPEG-XL.  Frozen.
 
     Args:
         quality: the network's rate knob, 1..8, as :class:`~wsicodec.learned.LearnedCodec`'s
-            (a tile goes to JPEG-XL where that reaches the same PSNR in fewer bytes).
+            (a tile goes to a classical codec where that reaches the same PSNR in fewer bytes).
         min_psnr: the floor: every tile's decoded PSNR against the source pixels is at
-            least this many dB (the network's quality raised up to its top, then
-            JPEG-XL at a lower distance, down to lossless).  Default :data:`DEFAULT_MIN_PSNR`.
+            least this many dB (the network's quality raised up to its top, then the
+            classical codecs, JPEG-XL down to lossless).  Default :data:`DEFAULT_MIN_PSNR`.
         effort: JPEG-XL's effort, 1..9 (:data:`DEFAULT_EFFORT`).
+        jpeg2000: fit JPEG 2000 (OpenJPEG, 9/7, :mod:`~wsicodec.learned.j2kfit`) beside
+            JPEG-XL and keep whichever takes fewer bytes (default True; False: JPEG-XL
+            only, as containers before 2026-12-05).  Recorded in :meth:`to_dict`.
         seam_search: steps of the seam search, 0 (off, the default) ..
             :data:`~wsicodec.learned.seamsearch.MAX_SEAM_SEARCH`: each network tile beside a
-            bare JPEG-XL tile has its latents searched for what readers show at that border
+            bare tile has its latents searched for what readers show at that border
             (:mod:`~wsicodec.learned.seamsearch`); each step costs about four g_s passes over
             the tile.  Recorded in :meth:`to_dict` when on; streams decode with any setting.
         model, device, margin, model_id, precision, max_batch: as the learned codec's.
@@ -81,7 +85,7 @@ class AutoCodec(TileCodec):
     tile_kinds = KINDS
 
     def __init__(self, quality: float | None = None, min_psnr: float | None = None,
-                 effort: int = DEFAULT_EFFORT, seam_search: int = 0,
+                 effort: int = DEFAULT_EFFORT, seam_search: int = 0, jpeg2000: bool = True,
                  model: str | None = None, device: str = "cpu", margin: int = DEFAULT_MARGIN,
                  model_id: str | None = None, precision: str = "float32",
                  max_batch: int | None = DEFAULT_MAX_BATCH) -> None:
@@ -91,6 +95,10 @@ class AutoCodec(TileCodec):
                 and 0 <= seam_search <= MAX_SEAM_SEARCH):
             raise InvalidSettingError(f"auto codec seam_search must be an integer in 0..{MAX_SEAM_SEARCH} "
                                       f"(steps; 0: off), got {seam_search!r:.40}")
+        if jpeg2000 not in (True, False) or not isinstance(jpeg2000, (bool, int)):
+            raise InvalidSettingError(f"auto codec jpeg2000 must be true or false (1 or 0), "
+                                      f"got {jpeg2000!r:.40}")
+        jpeg2000 = bool(jpeg2000)
         learned = LearnedCodec(quality, model=model, device=device, margin=margin, model_id=model_id,
                                precision=precision, max_batch=max_batch)
         decoder = TileDecoder(learned.loaded, learned.device, learned.precision, learned.max_batch,
@@ -107,9 +115,9 @@ class AutoCodec(TileCodec):
                 return encoders[q]
 
         chooser = TileChooser(learned.loaded.on(learned.device), stages, encoder_at, learned.quality,
-                              floor, effort, learned.device, learned.precision, seam_search)
+                              floor, effort, learned.device, learned.precision, seam_search, jpeg2000)
         for k, v in (("learned", learned), ("min_psnr", floor), ("effort", effort),
-                     ("seam_search", seam_search),
+                     ("seam_search", seam_search), ("jpeg2000", jpeg2000),
                      ("decoder", decoder), ("chooser", chooser),
                      ("qualities", quality_steps(learned.quality))):
             object.__setattr__(self, k, v)
@@ -119,7 +127,7 @@ class AutoCodec(TileCodec):
 
     def __repr__(self) -> str:
         return (f"AutoCodec(quality={self.quality!r}, min_psnr={self.min_psnr!r}, effort={self.effort}, "
-                f"seam_search={self.seam_search}, model_id={self.model_id[:16]!r}...)")
+                f"seam_search={self.seam_search}, jpeg2000={self.jpeg2000}, model_id={self.model_id[:16]!r}...)")
 
     # the learned codec's settings, read through
     quality = property(lambda self: self.learned.quality)
@@ -137,7 +145,7 @@ class AutoCodec(TileCodec):
 
     def to_dict(self) -> dict:
         cfg = {"quality": self.quality, "min_psnr": self.min_psnr, "effort": self.effort,
-               "model_id": self.model_id, "margin": self.margin}
+               "jpeg2000": self.jpeg2000, "model_id": self.model_id, "margin": self.margin}
         if self.seam_search:
             cfg["seam_search"] = self.seam_search   # how the container was made; decoding ignores it
         return {"name": self.name, "configuration": cfg}
@@ -182,9 +190,9 @@ class AutoCodec(TileCodec):
         """Refuse a learned tile this codec's writer cannot have made: a format before
         stitched tiles, or a network tile (a fix-up tile's inner one too: the decoder
         checks that) at a quality off its steps
-        (:func:`~wsicodec.learned.stepsearch.quality_steps`), to the float32 bit.  JPEG-XL and
+        (:func:`~wsicodec.learned.stepsearch.quality_steps`), to the float32 bit.  Bare and
         glass tiles record no setting.  Raises CorruptDataError."""
-        if hd.kind == KIND_JPEGXL:
+        if hd.kind == KIND_BARE:
             return
         check_stitched(hd, name)
         q32 = struct.pack("<f", hd.quality)

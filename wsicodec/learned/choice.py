@@ -1,35 +1,35 @@
-"""Per-tile codec choice for the ``auto`` codec: glass, the network or JPEG-XL, over a floor.
+"""Per-tile codec choice for the ``auto`` codec: glass, the network, JPEG 2000 or JPEG-XL, over a floor.
 
 Each level is coded row by row (:class:`MixedLevelEncoder`)::
 
     push(row r) ─► stage 1 of row r, each tile on its own (:meth:`TileChooser.choose_row`):
         │   glass, if its PSNR reaches the floor; else g_a once (the gains scale y), the
         │   network at the codec's quality, raised in quarter steps to where the tile's
-        │   estimated PSNR clears the floor (+ ESTIMATE_MARGIN_DB); then JPEG-XL fitted
-        │   to the PSNR the network reaches (or the floor), on a pool of threads, while
-        │   the torch work goes on: the fewer bytes win
+        │   estimated PSNR clears the floor (+ ESTIMATE_MARGIN_DB); then JPEG 2000 and
+        │   JPEG-XL fitted to the PSNR the network reaches (or the floor), on a pool of
+        │   threads, while the torch work goes on: the fewest bytes win
         ▼
     stage 2 of each row whose neighbours are all decided (:meth:`TileChooser.settle_row`):
         row r − 2 once row r − 1's fits are in (row r − 1 too when row r has no fit to
         wait for); every network tile decoded as readers decode it (stitched with its
         eight neighbours' latents, by the decoder's own functions; with ``seam_search``,
-        one beside bare JPEG-XL tiles searched again for those borders, kept where it
+        one beside bare tiles (JPEG 2000, JPEG-XL) searched again for those borders, kept where it
         clears the floor: :mod:`~wsicodec.learned.seamsearch`; then drawn toward those
         borders' pixels, kind 5, where that leaves its PSNR no lower than kind 0's,
         undrawn), every plane glass tile as readers draw it (toward its plane and, kind
-        4, its bare JPEG-XL neighbours), and measured against the source; a kind-4
-        glass tile under the floor is tried as kind 3 (not drawn toward its JPEG-XL
-        neighbours); one still under it becomes a fix-up tile (JPEG-XL pixels, its
-        latents kept for its neighbours)
+        4, its bare neighbours), and measured against the source; a kind-4 glass tile
+        under the floor is tried as kind 3 (not drawn toward its bare neighbours); one
+        still under it becomes a fix-up tile (JPEG 2000 or JPEG-XL pixels, its latents
+        kept for its neighbours)
     ─► the settled rows out, in order, each tile with its record (kind, PSNR of what
        readers show)
 
 Why fix-up tiles keep their latents: a tile's pixels depend on its neighbours' latents.
-Stage 1 fixes every tile's latents for good (network: its ŷ; JPEG-XL: g_a of its decoded
+Stage 1 fixes every tile's latents for good (network: its ŷ; a bare tile: g_a of its decoded
 pixels, :meth:`~wsicodec.learned.decoder.TileDecoder.pixel_latents`; glass: its colour's),
 so stage 2 measures each tile in its final surroundings, and turning a tile into a
 fix-up, a glass tile from kind 4 into kind 3 or a network tile's kind between 0 and 5,
-changes no tile already measured (what those kinds meet are bare JPEG-XL neighbours,
+changes no tile already measured (what those kinds meet are bare neighbours,
 whose pixels stage 1 fixed; nobody is drawn toward them).  The
 floor then holds for every tile with one row of look-ahead and no second pass over the
 level.  When a row is settled changes only when its bytes come out, never what they are:
@@ -50,9 +50,10 @@ from wsicodec.codecs import EncodedRow, LevelEncoder
 from wsicodec.errors import InvalidSettingError
 
 from .encoder import align_to_grid, check_box, check_region
-from .glass import SIDES, blend_toward_glass, decode_glass, encode_glass, jpegxl_edges, uniform_fit
+from .glass import SIDES, blend_toward_glass, decode_glass, encode_glass, bare_edges, uniform_fit
 from .grid import glass_edges
-from .jxlfit import JxlFit, fit_jpegxl, tile_psnr
+from .j2kfit import fit_jpeg2000
+from .jxlfit import TileFit, fit_jpegxl, tile_psnr
 from .stepsearch import StepSearch, quality_steps
 from .synthesis import STITCH_RING, stitch_window
 from .tileformat import (KIND_FIXUP, KIND_NETWORK_MIXED, KIND_PLANE, KIND_PLANE_MIXED,
@@ -60,12 +61,13 @@ from .tileformat import (KIND_FIXUP, KIND_NETWORK_MIXED, KIND_PLANE, KIND_PLANE_
                          parse_header, with_kind)
 
 #: what the ``auto`` codec records for each tile (:attr:`wsicodec.codecs.TileCodec.tile_kinds`)
-KINDS = ("glass", "learned", "jpegxl", "jpegxl-lossless", "fixup")
+KINDS = ("glass", "learned", "jpegxl", "jpegxl-lossless", "fixup", "jpeg2000")
 #: stage 1 keeps a network quality when the tile's estimated PSNR clears the floor by this
 #: much (the estimate stitches with g_a's unquantised neighbours; stage 2 measures exactly)
 ESTIMATE_MARGIN_DB = 0.3
-#: threads fitting JPEG-XL to tiles (libjxl frees the GIL), beside the torch work
-JPEGXL_THREADS = 2
+#: threads fitting the classical codecs to tiles (libjxl and OpenJPEG free the GIL),
+#: beside the torch work
+FIT_THREADS = 2
 #: stage 2 keeps a network tile when its measured PSNR clears the floor by this much: a
 #: reader's g_s batches windows differently, which can move a few pixels by one level
 READER_SLACK_DB = 0.02
@@ -81,30 +83,32 @@ class _Tile:
     psnr: float = math.nan
     network: bytes | None = None        #: its network coding (a learned or fix-up tile's)
     estimate: float = -math.inf         #: stage 1's PSNR estimate of ``network``
-    jxl: JxlFit | None = None           #: a JPEG-XL coding reaching the floor, if made
-    context: Any = None                 #: the latents it gives its neighbours (lazy for JPEG-XL)
-    inner: bytes | None = None          #: the learned tile its neighbours see (None: JPEG-XL)
+    fit: TileFit | None = None          #: a classical coding reaching the floor, if made
+    context: Any = None                 #: the latents it gives its neighbours (lazy for bare tiles)
+    inner: bytes | None = None          #: the learned tile its neighbours see (None: a bare tile)
     latents: Any = None                 #: gained (y, z) of ``network``, kept for the seam search
 
 
 class TileChooser:
     """The two stages for one ``auto`` codec: its network (``net`` on ``device``, in
     ``precision``), a mixed decoder (the readers' functions), a network encoder per
-    quality (``encoder_at(q)``), the floor ``min_psnr``, JPEG-XL's ``effort`` and the
-    steps of the seam search (``seam_search``, 0: off; :mod:`~wsicodec.learned.seamsearch`)."""
+    quality (``encoder_at(q)``), the floor ``min_psnr``, JPEG-XL's ``effort``, whether
+    JPEG 2000 is fitted too (``jpeg2000``) and the steps of the seam search
+    (``seam_search``, 0: off; :mod:`~wsicodec.learned.seamsearch`)."""
 
     def __init__(self, net: Any, decoder: Any, encoder_at: Any, quality: float, min_psnr: float,
-                 effort: int, device: Any, precision: str, seam_search: int = 0) -> None:
+                 effort: int, device: Any, precision: str, seam_search: int = 0,
+                 jpeg2000: bool = True) -> None:
         self.net, self.decoder, self.encoder_at = net, decoder, encoder_at
         self.steps = quality_steps(quality)
         self.floor, self.effort, self.device, self.precision = min_psnr, effort, device, precision
-        self.seam_search = seam_search
+        self.seam_search, self.jpeg2000 = seam_search, jpeg2000
 
     # ------------------------------------------------------------------ stage 1
     def choose_row(self, regions: Sequence[np.ndarray], boxes: Sequence[tuple[int, int, int, int]],
                    valid: Sequence[tuple[int, int]] | None, pool: Executor
                    ) -> tuple[list[_Tile], list[Future]]:
-        """Stage 1 for one row's tiles: glass and the network here, the JPEG-XL fits
+        """Stage 1 for one row's tiles: glass and the network here, the classical fits
         submitted to ``pool``; the row is decided once the futures returned are done.  A
         tile's choice depends on the tile alone, so a resumed run decides as an
         uninterrupted one."""
@@ -122,7 +126,7 @@ class TileChooser:
             return tiles, []
         self._network([tiles[i] for i in network], [regions[i] for i in network],
                       [boxes[i] for i in network])
-        return tiles, [pool.submit(self._versus_jpegxl, tiles[i]) for i in network]
+        return tiles, [pool.submit(self._versus_classical, tiles[i]) for i in network]
 
     def _glass(self, t: _Tile) -> bool:
         fit = uniform_fit(t.source)
@@ -141,7 +145,7 @@ class TileChooser:
         """g_a once per region; a search over the quality steps on estimated PSNRs (g_s
         over the region's latents with the tile's rounded at that quality: neighbours as
         g_a sees them, no entropy coding); then the tile coded once, at the step chosen,
-        unless even the top misses the floor (it goes to JPEG-XL)."""
+        unless even the top misses the floor (it goes to a classical codec)."""
         import torch
 
         aligned = [align_to_grid(r, b) for r, b in zip(regions, boxes)]
@@ -172,7 +176,7 @@ class TileChooser:
         for k, t in enumerate(tiles):
             found = searches[k]
             if found.chosen is None:
-                t.estimate = max(found.tried.values())                 # under the floor: JPEG-XL
+                t.estimate = max(found.tried.values())                 # under the floor: classical
                 continue
             t.estimate = found.tried[found.chosen]
             t.network, t.context, latents = self._code(y_u[k], aligned[k][1], self.steps[found.chosen])
@@ -212,20 +216,30 @@ class TileChooser:
         data, y_hat = self.encoder_at(quality).code_and_reconstruct(y, z, h, w, VERSION)
         return data, self.decoder.ungain(y_hat, quality), (y, z)
 
-    def _versus_jpegxl(self, t: _Tile) -> None:
-        """JPEG-XL where the network misses the floor, or where JPEG-XL reaches the network's
-        PSNR in fewer bytes (compared at that PSNR exactly: :attr:`JxlFit.equal_bytes`; the
-        coding kept reaches it or more).  Depends on the tile alone (a resumed run decides
-        as an uninterrupted one)."""
+    def fit(self, t: _Tile, target: float, budget: float | None) -> TileFit | None:
+        """The classical coding of ``t`` reaching ``target`` dB in the fewest bytes at that
+        PSNR (:attr:`~wsicodec.learned.jxlfit.TileFit.equal_bytes`): JPEG 2000 (when this
+        codec fits it) and JPEG-XL, each under the best one so far, so JPEG-XL stops early
+        where it cannot undercut.  None only with a ``budget`` neither undercuts; without
+        one, never None (lossless JPEG-XL is the last resort)."""
+        best = fit_jpeg2000(t.source, target, t.valid, budget=budget) if self.jpeg2000 else None
+        cap = budget if best is None else best.equal_bytes
+        jxl = fit_jpegxl(t.source, target, t.valid, effort=self.effort, budget=cap)
+        return jxl if jxl is not None else best
+
+    def _versus_classical(self, t: _Tile) -> None:
+        """A classical codec where the network misses the floor, or where one reaches the
+        network's PSNR in fewer bytes (compared at that PSNR exactly:
+        :attr:`~wsicodec.learned.jxlfit.TileFit.equal_bytes`; the coding kept reaches it or
+        more).  Depends on the tile alone (a resumed run decides as an uninterrupted one)."""
         ok = t.network is not None
         target = max(self.floor, t.estimate) if ok else self.floor
-        fit = fit_jpegxl(t.source, target, t.valid, effort=self.effort,
-                         budget=len(t.network) if ok else None)
+        fit = self.fit(t, target, len(t.network) if ok else None)
         if fit is not None and fit.psnr >= self.floor:
-            t.jxl = fit
-        # at equal PSNR: JPEG-XL's bytes at exactly the target (its rungs overshoot it)
+            t.fit = fit
+        # at equal PSNR: the codec's bytes at exactly the target (its codings overshoot it)
         if fit is not None and (not ok or fit.equal_bytes < len(t.network)):
-            t.kind = "jpegxl-lossless" if fit.lossless else "jpegxl"
+            t.kind = "jpegxl-lossless" if fit.lossless else fit.codec     # a kind's name
             t.data, t.psnr, t.context = fit.data, fit.psnr, None
         else:
             t.kind, t.data, t.inner = "learned", t.network, t.network
@@ -236,7 +250,7 @@ class TileChooser:
         data = bytes(data)
         t = _Tile(col, np.zeros((0, 0, 3), np.uint8), (0, 0), data=data)
         if data[:4] != MAGIC:
-            t.kind = "jpegxl"
+            t.kind = "bare"
             return t
         hd = parse_header(data)
         t.kind, t.inner = "stored", fixup_parts(data, hd)[0] if hd.kind == KIND_FIXUP else data
@@ -255,10 +269,10 @@ class TileChooser:
         return out
 
     def pixels(self, t: _Tile) -> np.ndarray:
-        """A JPEG-XL tile's decoded pixels."""
-        if t.jxl is not None and t.data == t.jxl.data:
-            return t.jxl.pixels
-        return self.decoder.jpegxl_pixels(t.data, None, "tile")
+        """A bare tile's decoded pixels."""
+        if t.fit is not None and t.data == t.fit.data:
+            return t.fit.pixels
+        return self.decoder.bare_pixels(t.data, None, "tile")
 
     def context(self, t: _Tile) -> Any:
         """The latents ``t`` gives its neighbours' stitching, as readers compute them."""
@@ -268,7 +282,7 @@ class TileChooser:
 
     def _search_seams(self, t: _Tile, around: dict, first: list, k: int, sides: dict, seen_by: list,
                       edges: Any) -> None:
-        """The seam search of a network tile beside bare JPEG-XL tiles
+        """The seam search of a network tile beside bare tiles
         (:func:`~wsicodec.learned.seamsearch.search_tile`), kept when what readers show of
         it clears the floor + :data:`READER_SLACK_DB` (``first[k]`` then its pixels); else
         the stage-1 coding stays.  Its neighbours' view of it does not change either way."""
@@ -284,12 +298,12 @@ class TileChooser:
 
     def _meet(self, t: _Tile, px: np.ndarray, planes: dict, sides: dict | None) -> np.ndarray:
         """What readers show of network tile ``t`` decoded as ``px``: drawn toward its plane
-        glass neighbours' edges ``planes`` and, as kind 5, toward its bare JPEG-XL
+        glass neighbours' edges ``planes`` and, as kind 5, toward its bare
         neighbours' (``sides``: side → pixels) where that leaves its PSNR no lower than
         kind 0's, which is not drawn toward them (``t`` relabelled to match)."""
         plain = blend_toward_glass(px, planes)
         hd = parse_header(t.data)
-        meet = jpegxl_edges(sides, hd.height, hd.width)
+        meet = bare_edges(sides, hd.height, hd.width)
         if not meet:
             return plain
         drawn = blend_toward_glass(px, {**planes, **meet})
@@ -301,7 +315,7 @@ class TileChooser:
     def settle_row(self, tiles: list[_Tile], above: list[_Tile] | None, below: list[_Tile] | None) -> None:
         """Stage 2: each network tile of ``tiles`` decoded stitched with its neighbours
         (``above``, ``below``: the rows around it, None at the level's edge), and each
-        plane glass tile drawn toward its plane neighbours (kind 4: and its bare JPEG-XL
+        plane glass tile drawn toward its plane neighbours (kind 4: and its bare
         ones), as readers do; a kind-4 tile under the floor is tried as kind 3, and one
         still under it becomes a fix-up tile around what its neighbours see."""
         rows = {-1: above, 0: tiles, 1: below}
@@ -319,7 +333,7 @@ class TileChooser:
                     around[(dr, dc)] = (nb.inner, parse_header(nb.inner))
             return glass_edges(hd, around, lambda d: "tile")
 
-        def jpegxl_sides(t: _Tile) -> dict:
+        def bare_sides(t: _Tile) -> dict:
             return {(dr, dc): self.pixels(nb) for dr, dc in SIDES
                     if (nb := neighbour(t, dr, dc)) is not None and nb.inner is None}
 
@@ -328,7 +342,7 @@ class TileChooser:
                     if (dr or dc) and (nb := neighbour(t, dr, dc)) is not None} for t in todo]
         first = self._synthesize([stitch_window(t.context, a, STITCH_RING) for t, a in zip(todo, arounds)],
                                  todo)
-        again = [(k, jpegxl_sides(t)) for k, t in enumerate(todo)]      # beside JPEG-XL: pass 2
+        again = [(k, bare_sides(t)) for k, t in enumerate(todo)]      # beside bare tiles: pass 2
         again = [(k, sides) for k, sides in again if sides]
         for (k, _), px in zip(again, self._synthesize(
                 [self.decoder.second_window(todo[k].context, arounds[k], first[k], sides)
@@ -344,29 +358,29 @@ class TileChooser:
         shown = [(t, self._meet(t, px, edges(t), sides_of.get(k))) for k, (t, px) in enumerate(zip(todo, first))]
         for t in tiles:
             if t.kind == "glass" and (hd := parse_header(t.data)).kind in PLANE_KINDS:
-                shown.append((t, decode_glass(t.data, hd, "tile", edges(t), jpegxl_sides(t))))
+                shown.append((t, decode_glass(t.data, hd, "tile", edges(t), bare_sides(t))))
         for t, px in shown:
             p = tile_psnr(px, t.source, t.valid)
             if p >= self.floor + READER_SLACK_DB:
                 t.psnr = p
                 continue
             if t.kind == "glass" and parse_header(t.data).kind == KIND_PLANE_MIXED:
-                # drawn toward its JPEG-XL neighbours it misses the floor: kind 3 is not drawn
+                # drawn toward its bare neighbours it misses the floor: kind 3 is not drawn
                 # toward them (its neighbours see the same plane and colour either way)
                 t.data = t.inner = with_kind(t.data, KIND_PLANE)
                 p = tile_psnr(decode_glass(t.data, parse_header(t.data), "tile", edges(t)), t.source, t.valid)
                 if p >= self.floor + READER_SLACK_DB:
                     t.psnr = p
                     continue
-            fit = t.jxl or fit_jpegxl(t.source, self.floor, t.valid, effort=self.effort)
+            fit = t.fit or self.fit(t, self.floor, None)
             t.kind, t.data, t.psnr = "fixup", pack_fixup(t.inner, fit.data), fit.psnr
         for t in tiles:
             t.latents = None                    # settled: the search is done with them
 
 
 class MixedLevelEncoder(LevelEncoder):
-    """One level of an ``auto`` codec's grid (module docstring): each row's JPEG-XL fits
-    run on a pool of :data:`JPEGXL_THREADS` threads while this one does the next torch
+    """One level of an ``auto`` codec's grid (module docstring): each row's classical fits
+    run on a pool of :data:`FIT_THREADS` threads while this one does the next torch
     work (stage 1 of the next row, stage 2 of the rows above), so a row comes out two
     rows behind the push, or one where the row below has no fit to wait for (a stored
     row, a row of glass)."""
@@ -374,7 +388,7 @@ class MixedLevelEncoder(LevelEncoder):
     def __init__(self, chooser: TileChooser) -> None:
         self.chooser = chooser
         self.rows: dict[int, list[_Tile]] = {}
-        self.fits: dict[int, list[Future]] = {}     #: a row's JPEG-XL fits not yet waited for
+        self.fits: dict[int, list[Future]] = {}     #: a row's classical fits not yet waited for
         self.emit: dict[int, bool] = {}
         self.unsettled: list[int] = []              #: rows pushed, not yet settled, in order
         self.last: int | None = None
@@ -386,7 +400,7 @@ class MixedLevelEncoder(LevelEncoder):
             raise InvalidSettingError(f"rows of a level go in order: row {row} after row {self.last}")
         if stored is None:
             if self.pool is None:
-                self.pool = ThreadPoolExecutor(JPEGXL_THREADS, thread_name_prefix="wsicodec-jpegxl")
+                self.pool = ThreadPoolExecutor(FIT_THREADS, thread_name_prefix="wsicodec-fit")
             self.rows[row], self.fits[row] = self.chooser.choose_row(regions, boxes, valid, self.pool)
         else:
             self.rows[row] = [self.chooser.stored_tile(c, data) for c, data in enumerate(stored)]

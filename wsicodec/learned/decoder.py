@@ -26,7 +26,7 @@ tile's pixels near the border are drawn toward the plane's edge where they are n
 colour (:func:`~wsicodec.learned.glass.blend_toward_glass`), so the tile grid does not show
 on the background; a flat (kind 1) neighbour leaves them as g_s made them.  A kind-4 plane
 and a kind-5 network tile (``auto`` containers) are also drawn the same way toward their
-bare JPEG-XL neighbours' pixels, which stay as JPEG-XL decodes them.  Formats 1 and 2
+bare neighbours' pixels (JPEG-XL or JPEG 2000), which stay as their codec decodes them.  Formats 1 and 2
 (legacy, :mod:`~wsicodec.learned.tileformat`) are decoded each on its own
 (:meth:`TileDecoder.decode_alone`), as they were written; so is any tile by
 :meth:`~wsicodec.learned.codec.LearnedCodec.decode`, which is for checking streams: a
@@ -57,13 +57,13 @@ from wsicodec.codecs import Run, run_serially
 from wsicodec.entropy import decode_many, decode_symbols, symbol_checksum
 from wsicodec.errors import CorruptDataError, ModelMismatchError
 
-from .glass import blend_toward_glass, decode_glass, jpegxl_edges, uniform_colour, uniform_latent
-from .grid import JXL_SIGNATURES, KIND_JPEGXL, GridJob, crop, glass_edges
+from .glass import blend_toward_glass, decode_glass, bare_edges, uniform_colour, uniform_latent
+from .grid import BARE_SIGNATURES, J2K_SIGNATURE, JXL_SIGNATURES, KIND_BARE, GridJob, crop, glass_edges
 from .synthesis import STITCH_RING, LatentCache, Synthesis, stitch_window
 from .tileformat import (GLASS_KINDS, KIND_FIXUP, KIND_NETWORK_MIXED, LATENT_STRIDE, MAGIC, NETWORK_KINDS,
                          PIXEL_STRIDE, TileHeader, ceil_to, exact_entropy, fixup_parts, parse_named)
 
-#: pixels of a stitched tile's first pass that g_a sees beside a JPEG-XL neighbour in its
+#: pixels of a stitched tile's first pass that g_a sees beside a bare neighbour in its
 #: second pass (:meth:`TileDecoder.side_latents`)
 SIDE_CONTEXT = 64
 #: the learned codec's latent caches: at least this many bytes ...
@@ -112,7 +112,7 @@ class TileDecoder:
         self.entropy_device = device if getattr(device, "type", "cpu") == "cuda" else _cpu()
         self.synthesis = Synthesis(loaded.on(device), device, max_batch, precision)
         self.device, self.precision = device, precision
-        #: whether a grid may also hold bare JPEG-XL tiles (the ``auto`` codec's)
+        #: whether a grid may also hold bare tiles (the ``auto`` codec's)
         self.mixed = mixed
         self._g_a_lock = threading.Lock()
 
@@ -245,18 +245,20 @@ class TileDecoder:
             return None
         return self.ungain(self.entropy_decode(data, hd, name), hd.quality)
 
-    def jpegxl_pixels(self, data: bytes, shape: tuple[int, ...] | None, name: str) -> np.ndarray:
-        """The pixels of a JPEG-XL codestream (a bare JPEG-XL tile of a mixed grid, or a
-        fix-up tile's tail), checked against ``shape``.  Raises CorruptDataError."""
-        from wsicodec.classical import JpegXlCodec
+    def bare_pixels(self, data: bytes, shape: tuple[int, ...] | None, name: str) -> np.ndarray:
+        """The pixels of a bare codestream (a bare tile of a mixed grid, or a fix-up tile's
+        tail): JPEG 2000 when it starts with :data:`~wsicodec.learned.grid.J2K_SIGNATURE`,
+        else JPEG-XL; checked against ``shape``.  Raises CorruptDataError."""
+        from wsicodec.classical import Jpeg2000Codec, JpegXlCodec
 
+        codec = Jpeg2000Codec() if data[:4] == J2K_SIGNATURE else JpegXlCodec()
         try:
-            return JpegXlCodec().decode(data, shape=None if shape is None else tuple(shape[:2]) + (3,))
+            return codec.decode(data, shape=None if shape is None else tuple(shape[:2]) + (3,))
         except CorruptDataError as e:
             raise CorruptDataError(f"{name}: {e}") from None
 
     def pixel_latents(self, pixels: np.ndarray):
-        """What a tile known only by its pixels (a JPEG-XL tile) gives its neighbours'
+        """What a tile known only by its pixels (a bare tile) gives its neighbours'
         stitching: g_a's ungained latents of those pixels alone, (1, M, h/16, w/16)
         float32 on the CPU, computed on the codec's device in its precision.  The encoder
         that decides between kinds calls this same function, so what it measures is what
@@ -272,7 +274,7 @@ class TileDecoder:
         return y.float().cpu().contiguous()
 
     def side_latents(self, first: np.ndarray, side: tuple[int, int], jxl: np.ndarray) -> Any:
-        """What a JPEG-XL neighbour on ``side`` ((dr, dc), one of the four sides) gives a
+        """What a bare neighbour on ``side`` ((dr, dc), one of the four sides) gives a
         stitched tile's second pass: g_a over the neighbour's pixels ``jxl`` joined to the
         :data:`SIDE_CONTEXT` px of the tile's first-pass pixels ``first`` nearest it, the
         neighbour's part only, or None when their sides do not match.  g_a of the
@@ -296,7 +298,7 @@ class TileDecoder:
         return y[..., :n, :] if axis == 0 else y[..., :n]
 
     def second_window(self, centre: Any, around: dict, first: np.ndarray, jxl_sides: dict):
-        """A stitched tile's window for its second pass: ``around`` with each JPEG-XL side
+        """A stitched tile's window for its second pass: ``around`` with each bare side
         in ``jxl_sides`` ((dr, dc) → its pixels) given :meth:`side_latents` from the first
         pass's pixels ``first``.  Returns (window, top, left) as
         :func:`~wsicodec.learned.synthesis.stitch_window`."""
@@ -344,7 +346,7 @@ class TileDecoder:
         for i, data in enumerate(datas):
             data = bytes(data)
             if self.mixed and data[:4] != MAGIC:
-                out[i] = self.jpegxl_pixels(data, shape, names[i])
+                out[i] = self.bare_pixels(data, shape, names[i])
                 continue
             hd = parse_named(data, names[i], shape)
             if hd.kind in GLASS_KINDS:
@@ -355,7 +357,7 @@ class TileDecoder:
                 ihd = parse_named(inner, names[i], shape)
                 if ihd.kind in NETWORK_KINDS:
                     self.entropy_decode(inner, ihd, names[i])    # its symbols checked too
-                out[i] = self.jpegxl_pixels(px, (hd.height, hd.width), names[i])
+                out[i] = self.bare_pixels(px, (hd.height, hd.width), names[i])
                 continue
             jobs.append((i, data, hd))
         decoded = self.entropy_decode_many([(data, hd, names[i]) for i, data, hd in jobs])
@@ -393,11 +395,11 @@ class TileDecoder:
                 continue
             hd = job.got[keys[n]][1]
             edges = job.glass_edges(keys[n], grid)
-            sides = job.jpegxl_sides(keys[n], grid)
+            sides = job.bare_sides(keys[n], grid)
             if sides:
                 second[n] = sides
                 if hd.kind == KIND_NETWORK_MIXED:        # drawn toward them too
-                    edges.update(jpegxl_edges(sides, hd.height, hd.width))
+                    edges.update(bare_edges(sides, hd.height, hd.width))
             windows.append(win[0])
             where.append((n, win[1], win[2], hd.height, hd.width, edges))
         for n in alone:
@@ -415,7 +417,7 @@ class TileDecoder:
                 pixels = [e] * len(windows)
             again, places = [], []
             for (n, top, left, h, w, edges), x in zip(where, pixels):
-                if n in second and not isinstance(x, BaseException):     # beside JPEG-XL
+                if n in second and not isinstance(x, BaseException):     # beside a bare tile
                     key = keys[n]
                     win = self.second_window(lat[key], job.around(key, lat), crop(x, top, left, h, w),
                                              second[n])
@@ -436,7 +438,8 @@ class TileDecoder:
 
 
 # LatentCache, Synthesis, stitch_window, STITCH_RING (synthesis.py), GridJob, glass_edges,
-# KIND_JPEGXL, JXL_SIGNATURES (grid.py): re-exported where they were first imported from
-__all__ = ["JXL_SIGNATURES", "KIND_JPEGXL", "MAX_CACHE_BYTES", "MIN_CACHE_BYTES", "SIDE_CONTEXT",
+# KIND_BARE, the signatures (grid.py): re-exported where they were first imported from
+__all__ = ["BARE_SIGNATURES", "J2K_SIGNATURE", "JXL_SIGNATURES", "KIND_BARE", "MAX_CACHE_BYTES",
+           "MIN_CACHE_BYTES", "SIDE_CONTEXT",
            "STITCH_RING", "GridJob", "LatentCache", "Synthesis", "TileDecoder", "channel_index",
            "glass_edges", "stitch_window"]

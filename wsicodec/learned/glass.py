@@ -10,13 +10,13 @@ this path).  Layout: :mod:`wsicodec.learned.tileformat`.
 Three kinds of glass tile:
 
 * kind 4, "plane of a mixed grid" (written by the ``auto`` codec since 2026-12): kind 3's
-  bytes and pixels, and it also meets its bare JPEG-XL neighbours: it is drawn toward
-  each one's pixels along their shared border (:func:`jpegxl_edge`) by the same
-  :func:`blend_toward_glass`, so where JPEG-XL's glass meets the plane the tile grid does
-  not show (most of an ``auto`` slide's background borders).  The JPEG-XL tile keeps its
+  bytes and pixels, and it also meets its bare neighbours: it is drawn toward
+  each one's pixels along their shared border (:func:`bare_edge`) by the same
+  :func:`blend_toward_glass`, so where a bare tile's glass meets the plane the tile grid does
+  not show (most of an ``auto`` slide's background borders).  The bare tile keeps its
   own pixels (and the PSNR recorded for it); the glass tile's PSNR is measured drawn, and
   the ``auto`` encoder writes kind 3 where that would miss its floor
-  (:mod:`wsicodec.learned.choice`).  A fix-up neighbour (JPEG-XL pixels decided after the
+  (:mod:`wsicodec.learned.choice`).  A fix-up neighbour (its classical pixels decided after the
   glass tile may be written) is not met.
 * kind 3, "plane" (written since 2026-12: by the ``learned`` codec, by ``auto`` before
   kind 4 and where kind 4 would miss the floor): each channel a plane, its mean in 1/16
@@ -28,8 +28,8 @@ Three kinds of glass tile:
   so the tile grid does not show on the background where the network's rendering of
   glass meets the flat plane (``bench/grid_steps.py``); two plane glass tiles side by
   side are drawn the same way toward the colour midway between their planes along their
-  border.  Its JPEG-XL neighbours are left as they are.  Decoded pixels stay a function
-  of the tiles' bytes: the planes' parameters, and the JPEG-XL neighbours' pixels.
+  border.  Its bare neighbours are left as they are.  Decoded pixels stay a function
+  of the tiles' bytes: the planes' parameters, and the bare neighbours' pixels.
 * kind 1, "uniform" (older containers; still written when a plane would need more outliers
   than allowed): one mean colour.  Read exactly as it always was, its neighbours untouched.
 """
@@ -217,8 +217,8 @@ def decode_plane(data: bytes, hd: TileHeader, name: str = "tile", around: dict |
     its plane glass neighbours (side → (n, 3) uint8, :func:`plane_edge`), toward whose
     meeting colour (the mean of the two planes along the border, rounded up) the plane is
     drawn as :func:`blend_toward_glass` draws a network tile, so two planes meet without
-    a step.  ``jpegxl``: the pixels of its bare JPEG-XL neighbours (side → (h, w, 3)
-    uint8), toward whose edge (:func:`jpegxl_edge`) a kind-4 tile is drawn the same way
+    a step.  ``jpegxl``: the pixels of its bare neighbours (side → (h, w, 3)
+    uint8), toward whose edge (:func:`bare_edge`) a kind-4 tile is drawn the same way
     (a kind-3 tile ignores them).  The outliers are put in last, exactly.  Raises
     CorruptDataError naming ``name``."""
     q = plane_params(data, hd, name)
@@ -227,7 +227,7 @@ def decode_plane(data: bytes, hd: TileHeader, name: str = "tile", around: dict |
     if len(data) != pos + 2 + 7 * n:
         raise CorruptDataError(f"{name}: plane glass tile has the wrong length")
     out = plane_pixels(q, hd.height, hd.width)
-    meet = jpegxl_edges(jpegxl, hd.height, hd.width) if hd.kind == KIND_PLANE_MIXED else {}
+    meet = bare_edges(jpegxl, hd.height, hd.width) if hd.kind == KIND_PLANE_MIXED else {}
     for side, e in (around or {}).items():
         own = plane_edge(data, hd, side, name).astype(np.int64)
         meet[side] = (own + np.asarray(e, np.int64) + 1) // 2
@@ -239,7 +239,7 @@ def decode_plane(data: bytes, hd: TileHeader, name: str = "tile", around: dict |
 def decode_glass(data: bytes, hd: TileHeader, name: str = "tile", around: dict | None = None,
                  jpegxl: dict | None = None) -> np.ndarray:
     """A glass tile's pixels, any kind (``around``: a plane's neighbour planes' edges,
-    ``jpegxl``: its bare JPEG-XL neighbours' pixels, :func:`decode_plane`; a kind-1 tile
+    ``jpegxl``: its bare neighbours' pixels, :func:`decode_plane`; a kind-1 tile
     ignores both).  Readers and the ``auto`` encoder's measurement both call this.
     Raises CorruptDataError naming ``name``."""
     if hd.kind in PLANE_KINDS:
@@ -262,8 +262,8 @@ def plane_edge(data: bytes, hd: TileHeader, side: tuple[int, int], name: str = "
     return plane_values(q, h, w, np.arange(h), np.array([0 if dc < 0 else w - 1]))
 
 
-def jpegxl_edge(pixels: np.ndarray, side: tuple[int, int], h: int, w: int) -> np.ndarray | None:
-    """The pixels of a JPEG-XL neighbour on ``side`` of an h x w glass tile along their
+def bare_edge(pixels: np.ndarray, side: tuple[int, int], h: int, w: int) -> np.ndarray | None:
+    """The pixels of a bare neighbour on ``side`` of an h x w glass tile along their
     shared border ((-1, 0): the neighbour's bottom row, (0, 1): its left column, ...),
     (w or h, 3) uint8, or None where the neighbour's side does not match the tile's."""
     dr, dc = side
@@ -273,13 +273,13 @@ def jpegxl_edge(pixels: np.ndarray, side: tuple[int, int], h: int, w: int) -> np
     return None if px.shape[0] != h else px[:, -1 if dc < 0 else 0, :3]
 
 
-def jpegxl_edges(sides: dict | None, h: int, w: int) -> dict:
-    """:func:`jpegxl_edge` of each bare JPEG-XL neighbour in ``sides`` (side → its pixels)
+def bare_edges(sides: dict | None, h: int, w: int) -> dict:
+    """:func:`bare_edge` of each bare neighbour in ``sides`` (side → its pixels)
     of an h x w tile, keyed by side, the sides that do not match left out: what a kind-4
     plane or a kind-5 network tile is drawn toward (:func:`blend_toward_glass`)."""
     edges = {}
     for side, px in (sides or {}).items():
-        e = jpegxl_edge(px, side, h, w)
+        e = bare_edge(px, side, h, w)
         if e is not None:
             edges[side] = e
     return edges

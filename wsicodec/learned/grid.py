@@ -2,7 +2,7 @@
 
 A :class:`GridJob` is one call of
 :meth:`~wsicodec.learned.decoder.TileDecoder.decode_tiles`: it fetches each tile's bytes
-and header once (in the calling thread), decodes glass, JPEG-XL and fix-up tiles
+and header once (in the calling thread), decodes glass, bare (JPEG-XL, JPEG 2000) and fix-up tiles
 directly, and gathers the latents of the stitched tiles and their neighbours (from the
 :class:`~wsicodec.learned.synthesis.LatentCache`, from another caller, or decoded on the
 caller's threads) into the windows g_s runs over.
@@ -26,10 +26,15 @@ from .tileformat import (GLASS_KINDS, KIND_FIXUP, KIND_PLANE_MIXED, MAGIC, NETWO
 if TYPE_CHECKING:
     from .decoder import TileDecoder
 
-#: the kind the learned decoder gives a JPEG-XL tile of a mixed grid (not a learned tile)
-KIND_JPEGXL = -1
+#: the kind the learned decoder gives a bare tile of a mixed grid: a classical codestream
+#: (JPEG-XL or JPEG 2000) decoded to its own pixels, not a learned tile
+KIND_BARE = -1
 #: first bytes of a JPEG-XL codestream and of a JPEG-XL container
 JXL_SIGNATURES = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")
+#: first bytes of a JPEG 2000 codestream (SOC and SIZ markers)
+J2K_SIGNATURE = b"\xff\x4f\xff\x51"
+#: what a bare tile of a mixed grid (or a fix-up tile's tail) may start with
+BARE_SIGNATURES = JXL_SIGNATURES + (J2K_SIGNATURE,)
 #: a grid's network tiles are entropy-decoded in chunks, one per call of the caller's
 #: ``run`` (its threads take one each): one tile each up to this many tiles (a cold tile's
 #: 9 spread over every thread), then more per chunk ...
@@ -87,20 +92,21 @@ class GridJob:
         self.decoder, self.fetch, self.names, self.shape = decoder, fetch, names, shape
         self.check = check
         self.got: dict[tuple[int, int], tuple[bytes, TileHeader]] = {}
-        #: pixels of the tiles that have them without g_s (JPEG-XL and fix-up tiles)
+        #: pixels of the tiles that have them without g_s (bare and fix-up tiles)
         self.pixels: dict[tuple[int, int], np.ndarray] = {}
-        #: the JPEG-XL codestreams of the fix-up tiles (``got`` holds their inner tiles)
+        #: the bare codestreams of the fix-up tiles (``got`` holds their inner tiles)
         self.fixups: dict[tuple[int, int], bytes] = {}
 
     def load(self, key: tuple[int, int]) -> tuple[bytes, TileHeader]:
         if key not in self.got:
             data = bytes(self.fetch(*key))
             if self.decoder.mixed and data[:4] != MAGIC:
-                if not data.startswith(JXL_SIGNATURES):
-                    raise CorruptDataError(f"{self.names(*key)}: neither a learned nor a JPEG-XL tile")
-                px = self.decoder.jpegxl_pixels(data, self.shape, self.names(*key))
+                if not data.startswith(BARE_SIGNATURES):
+                    raise CorruptDataError(f"{self.names(*key)}: neither a learned, a JPEG-XL nor a "
+                                           "JPEG 2000 tile")
+                px = self.decoder.bare_pixels(data, self.shape, self.names(*key))
                 self.pixels[key] = px
-                self.got[key] = (data, TileHeader(KIND_JPEGXL, px.shape[0], px.shape[1]))
+                self.got[key] = (data, TileHeader(KIND_BARE, px.shape[0], px.shape[1]))
                 return self.got[key]
             hd = parse_named(data, self.names(*key), self.shape)
             if hd.kind == KIND_FIXUP:       # its own pixels; to its neighbours, its inner tile
@@ -114,7 +120,7 @@ class GridJob:
     def sort(self, keys: Sequence[tuple[int, int]], out: list,
              grid: tuple[int, int]) -> tuple[list[int], list[int]]:
         """Glass tiles decoded into ``out`` (a plane drawn toward its plane neighbours, a
-        kind-4 plane toward its bare JPEG-XL neighbours too; ``grid``: (cols, rows)),
+        kind-4 plane toward its bare neighbours too; ``grid``: (cols, rows)),
         failures put there; returns the indexes of the stitched tiles and of those decoded
         alone (formats 1-2)."""
         stitched, alone = [], []
@@ -125,9 +131,9 @@ class GridJob:
                     out[n] = self.fixup_pixels(key)
                 elif hd.kind in GLASS_KINDS:
                     around = self.glass_edges(key, grid) if hd.kind in PLANE_KINDS else None
-                    beside = self.jpegxl_sides(key, grid) if hd.kind == KIND_PLANE_MIXED else None
+                    beside = self.bare_sides(key, grid) if hd.kind == KIND_PLANE_MIXED else None
                     out[n] = decode_glass(data, hd, self.names(*key), around, beside)
-                elif hd.kind == KIND_JPEGXL:
+                elif hd.kind == KIND_BARE:
                     out[n] = self.pixels[key]
                 elif hd.stitched:
                     stitched.append(n)
@@ -138,11 +144,11 @@ class GridJob:
         return stitched, alone
 
     def fixup_pixels(self, key: tuple[int, int]) -> np.ndarray:
-        """A fix-up tile's own pixels (its JPEG-XL codestream).  Its inner tile is checked
+        """A fix-up tile's own pixels (its bare codestream).  Its inner tile is checked
         when a neighbour needs its latents, as any tile's."""
         if key not in self.pixels:
             hd = self.got[key][1]
-            self.pixels[key] = self.decoder.jpegxl_pixels(self.fixups[key], (hd.height, hd.width),
+            self.pixels[key] = self.decoder.bare_pixels(self.fixups[key], (hd.height, hd.width),
                                                           self.names(*key))
         return self.pixels[key]
 
@@ -227,7 +233,7 @@ class GridJob:
         def latent(job: tuple[str, Any]) -> Any:
             key = job[1]
             data, hd = self.got[key]
-            if hd.kind == KIND_JPEGXL:
+            if hd.kind == KIND_BARE:
                 return dec.pixel_latents(self.pixels[key])
             return dec.latents(data, hd, self.names(*key))
 
@@ -266,8 +272,8 @@ class GridJob:
                 around[(dr, dc)] = v if isinstance(v, torch.Tensor) else None
         return around
 
-    def jpegxl_sides(self, key: tuple[int, int], grid: tuple[int, int]) -> dict:
-        """The pixels of the bare JPEG-XL tiles beside ``key`` (side → pixels), for a
+    def bare_sides(self, key: tuple[int, int], grid: tuple[int, int]) -> dict:
+        """The pixels of the bare tiles (JPEG-XL, JPEG 2000) beside ``key`` (side → pixels), for a
         network tile's second pass (:meth:`~wsicodec.learned.decoder.TileDecoder.second_window`)
         and a kind-5 one's meeting, or a kind-4 glass tile's
         (:func:`~wsicodec.learned.glass.decode_plane`); a
@@ -278,7 +284,7 @@ class GridJob:
         sides = {}
         for side, nb in sides_in_grid(key, grid):
             try:
-                if self.load(nb)[1].kind == KIND_JPEGXL:
+                if self.load(nb)[1].kind == KIND_BARE:
                     sides[side] = self.pixels[nb]
             except Exception:  # noqa: BLE001 - a damaged neighbour only costs that side
                 continue

@@ -62,19 +62,22 @@ def tile_psnr(decoded: np.ndarray, source: np.ndarray, valid: tuple[int, int]) -
 
 
 @dataclass(frozen=True)
-class JxlFit:
-    """A JPEG-XL coding of a tile: its bytes, the decoded pixels, their PSNR against the
-    tile, and its distance (None: coded losslessly)."""
+class TileFit:
+    """A classical coding of a tile at a PSNR target: its bytes, the decoded pixels, their
+    PSNR against the tile, its ``codec`` ("jpegxl" or "jpeg2000", :mod:`.j2kfit`) and that
+    codec's ``setting`` (JPEG-XL's distance, None: coded losslessly; JPEG 2000's target
+    level in dB)."""
 
     data: bytes
     pixels: np.ndarray
     psnr: float
-    distance: float | None
-    #: the bytes JPEG-XL would take at exactly the target PSNR: this coding's size scaled
+    setting: float | None
+    #: the bytes this codec would take at exactly the target PSNR: this coding's size scaled
     #: down along the tile's own bytes-against-PSNR slope (log bytes linear in dB, measured
     #: between the search's nearest passing and failing codings); its own size where no
     #: slope was measured
     equal_bytes: float = math.nan
+    codec: str = "jpegxl"
 
     def __post_init__(self) -> None:
         if math.isnan(self.equal_bytes):
@@ -82,10 +85,10 @@ class JxlFit:
 
     @property
     def lossless(self) -> bool:
-        return self.distance is None
+        return self.codec == "jpegxl" and self.setting is None
 
 
-def encode_at(tile: np.ndarray, distance: float | None, valid: tuple[int, int], effort: int) -> JxlFit:
+def encode_at(tile: np.ndarray, distance: float | None, valid: tuple[int, int], effort: int) -> TileFit:
     """``tile`` coded at ``distance`` (None: lossless) and decoded."""
     import imagecodecs
 
@@ -94,14 +97,14 @@ def encode_at(tile: np.ndarray, distance: float | None, valid: tuple[int, int], 
     else:
         data = bytes(imagecodecs.jpegxl_encode(tile, distance=distance, effort=effort, numthreads=1))
     pixels = np.asarray(imagecodecs.jpegxl_decode(data, numthreads=1))
-    return JxlFit(data, pixels, tile_psnr(pixels, tile, valid), distance)
+    return TileFit(data, pixels, tile_psnr(pixels, tile, valid), distance)
 
 
-def _x(f: JxlFit) -> float:
-    return math.log2(f.distance) if f.distance is not None else -math.inf
+def _x(f: TileFit) -> float:
+    return math.log2(f.setting) if f.setting is not None else -math.inf
 
 
-def _next_x(passing: JxlFit | None, failing: JxlFit | None, tried: list[JxlFit], aim: float) -> float:
+def _next_x(passing: TileFit | None, failing: TileFit | None, tried: list[TileFit], aim: float) -> float:
     """Where to code next, aiming at ``aim`` dB: inside the bracket when there is one, else
     a secant step from the nearest coding (the tile's own slope once two codings exist)."""
     if passing is not None and failing is not None:
@@ -123,11 +126,11 @@ def _next_x(passing: JxlFit | None, failing: JxlFit | None, tried: list[JxlFit],
 
 
 def _search(tile: np.ndarray, target: float, valid: tuple[int, int], effort: int, start: float,
-            budget: int | None) -> tuple[JxlFit | None, JxlFit | None, bool]:
+            budget: int | None) -> tuple[TileFit | None, TileFit | None, bool]:
     """(largest passing, smallest failing above it) search codings, and whether the budget
     ruled JPEG-XL out.  ``passing`` is None when even :data:`MIN_DISTANCE` misses."""
     aim = target + TOLERANCE / 2
-    tried: list[JxlFit] = []
+    tried: list[TileFit] = []
     x = math.log2(min(max(start, MIN_DISTANCE), MAX_DISTANCE))
     passing = failing = None
     for _ in range(MAX_SEARCH):
@@ -151,8 +154,8 @@ def _search(tile: np.ndarray, target: float, valid: tuple[int, int], effort: int
     return passing, failing, False
 
 
-def _equal_bytes(kept: JxlFit, passing: JxlFit, failing: JxlFit | None, target: float) -> float:
-    """:attr:`JxlFit.equal_bytes` of ``kept``: its size at exactly ``target`` along the slope
+def equal_bytes(kept: TileFit, passing: TileFit, failing: TileFit | None, target: float) -> float:
+    """:attr:`TileFit.equal_bytes` of ``kept``: its size at exactly ``target`` along the slope
     of log bytes against PSNR between the search's ``passing`` and ``failing`` codings."""
     if failing is None or not (math.isfinite(passing.psnr) and math.isfinite(kept.psnr)) \
             or passing.psnr <= failing.psnr or len(failing.data) <= 0:
@@ -163,7 +166,7 @@ def _equal_bytes(kept: JxlFit, passing: JxlFit, failing: JxlFit | None, target: 
 
 def fit_jpegxl(tile: np.ndarray, target: float, valid: tuple[int, int] | None = None, *,
                effort: int = 7, start: float | None = None, budget: int | None = None
-               ) -> JxlFit | None:
+               ) -> TileFit | None:
     """A coding of ``tile`` ((h, w, 3) uint8) at ``effort`` whose PSNR over ``valid`` reaches
     ``target`` dB, at the largest distance the search found (module docstring), or lossless
     when no distance reaches it (so never None without a ``budget``).  ``start``: the
@@ -172,7 +175,7 @@ def fit_jpegxl(tile: np.ndarray, target: float, valid: tuple[int, int] | None = 
     ``budget``: the caller has another coding of this many bytes; None is returned where
     JPEG-XL cannot undercut it: as soon as a coding that misses the target takes ``budget``
     bytes or more (smaller distances only take more), or when the kept coding's
-    :attr:`JxlFit.equal_bytes` do.
+    :attr:`TileFit.equal_bytes` do.
     """
     valid = valid or tile.shape[:2]
     search = min(effort, SEARCH_EFFORT)
@@ -182,7 +185,7 @@ def fit_jpegxl(tile: np.ndarray, target: float, valid: tuple[int, int] | None = 
         return None
     kept = None
     if passing is not None:
-        kept = passing if search == effort else encode_at(tile, passing.distance, valid, effort)
+        kept = passing if search == effort else encode_at(tile, passing.setting, valid, effort)
         x = _x(passing)
         while kept.psnr < target and x - BACKOFF >= _X_MIN:
             x -= BACKOFF
@@ -190,7 +193,7 @@ def fit_jpegxl(tile: np.ndarray, target: float, valid: tuple[int, int] | None = 
             if budget is not None and len(kept.data) >= budget and kept.psnr < target:
                 return None
         if kept.psnr >= target:
-            kept = replace(kept, equal_bytes=_equal_bytes(kept, passing, failing, target))
+            kept = replace(kept, equal_bytes=equal_bytes(kept, passing, failing, target))
     if kept is None or kept.psnr < target:
         kept = encode_at(tile, None, valid, effort)
     return None if budget is not None and kept.equal_bytes >= budget else kept

@@ -1,7 +1,7 @@
-"""The ``auto`` codec's opt-in seam search: a network tile's latents searched for its JPEG-XL sides.
+"""The ``auto`` codec's opt-in seam search: a network tile's latents searched for its bare sides.
 
-Readers decode a network tile beside a bare JPEG-XL tile twice: the second pass gives that
-side g_a's latents of the JPEG-XL pixels joined to the tile's own first pass
+Readers decode a network tile beside a bare tile twice: the second pass gives that
+side g_a's latents of the bare tile's pixels joined to the tile's own first pass
 (:meth:`~wsicodec.learned.decoder.TileDecoder.side_latents`).  g_a's latents of the tile,
 chosen for neighbours that g_s would see as g_a saw them, are not the best for that side
 context: the tile's pixels near those sides cost more than beside a network neighbour
@@ -9,7 +9,7 @@ context: the tile's pixels near those sides cost more than beside a network neig
 
 :func:`search_tile` is the encoder-only fix: the tile's gained latents (y, z) from stage 1
 searched by :func:`~wsicodec.learned.refine.refine_latents` against the window readers'
-second pass gives it, the squared error within :data:`SEAM_BAND` px of its JPEG-XL sides
+second pass gives it, the squared error within :data:`SEAM_BAND` px of its bare sides
 counted ``1 +`` :data:`SEAM_WEIGHT` times, with z and every latent a tile other than a bare
 JPEG-XL one sees of it held (:func:`held_mask`), so no neighbour already measured changes;
 then coded and decoded as readers decode it (the decoder's own functions, both passes).
@@ -32,7 +32,7 @@ from .refine import refine_latents
 from .synthesis import STITCH_RING, stitch_window
 from .tileformat import PIXEL_STRIDE, VERSION
 
-#: px of a tile along its JPEG-XL sides whose squared error the search weighs more
+#: px of a tile along its bare sides whose squared error the search weighs more
 SEAM_BAND = 8
 #: how much more: those pixels count 1 + SEAM_WEIGHT times (the weight
 #: ``bench/seam_context.py`` measured against none on cmu, ``bench/results/seam_context.json``)
@@ -56,7 +56,7 @@ def seam_weights(size: tuple[int, int], top: int, left: int, h: int, w: int,
                  band: int = SEAM_BAND) -> Any:
     """The ``shown`` mask of :func:`refine_latents` for a tile at (``top``, ``left``) of a
     window of ``size`` (H, W) px: 1 on its ``h`` × ``w`` px, ``1 + weight`` within ``band``
-    px of each of ``sides`` ((dr, dc), its JPEG-XL sides), 0 elsewhere.  (1, 1, H, W) float32."""
+    px of each of ``sides`` ((dr, dc), its bare sides), 0 elsewhere.  (1, 1, H, W) float32."""
     import torch
 
     shown = torch.zeros(1, 1, *size)
@@ -82,14 +82,14 @@ def held_mask(shape: tuple[int, ...], seen_by: Iterable[tuple[int, int]]) -> Any
 def search_tile(net: Any, decoder: Any, encoder: Any, y: Any, z: Any, centre: Any, source: np.ndarray,
                 valid: tuple[int, int], around: dict, first: np.ndarray, sides: dict, seen_by: Iterable,
                 steps: int, device: Any) -> tuple[bytes, Any, np.ndarray]:
-    """One network tile re-coded for its JPEG-XL sides (module docstring).
+    """One network tile re-coded for its bare sides (module docstring).
 
     ``y``, ``z``: its gained latents at ``encoder``'s quality as stage 1 coded them (CPU);
     ``centre``: the ungained ŷ readers decode from that coding; ``source``: its pixels as
     coded (``valid``: the part inside the level); ``around``: its eight neighbours' latents
     as readers see them ((dr, dc) → latents); ``first``: readers' first pass of it;
-    ``sides``: its bare JPEG-XL sides ((dr, dc) → their pixels); ``seen_by``: the
-    neighbours that stitch with its latents (every present one but bare JPEG-XL tiles).
+    ``sides``: its bare bare sides ((dr, dc) → their pixels); ``seen_by``: the
+    neighbours that stitch with its latents (every present one but bare tiles).
 
     Returns (bytes, ungained ŷ, the pixels readers' second pass shows, before any glass
     blending).  Raises RuntimeError if a held latent moved (it cannot: z and those

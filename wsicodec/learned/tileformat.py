@@ -6,8 +6,8 @@ Tile bitstream (little-endian)::
     0      4     magic b"WSLT"
     4      1     format version: 3; 2 and 1 are still read (below)
     5      1     kind: 0 = network-coded, 1 = uniform background (glass), 2 = fix-up,
-                 3 = plane glass, 4 = plane glass that also meets its JPEG-XL neighbours,
-                 5 = network-coded, and also meets its JPEG-XL neighbours
+                 3 = plane glass, 4 = plane glass that also meets its bare neighbours,
+                 5 = network-coded, and also meets its bare neighbours
     6      2     height
     8      2     width
     -- kind 1 (uniform, :mod:`wsicodec.learned.glass`): 3 bytes R, G, B, u16 count, then
@@ -17,9 +17,9 @@ Tile bitstream (little-endian)::
        levels, int8 change across the tile in x for R, G, B, then in y, in 1/8 levels,
        u16 count, then the outliers as kind 1's                (24 bytes + 7 per outlier)
     -- kind 4 (plane glass of a mixed grid, written by the ``auto`` codec since 2026-12):
-       kind 3's layout; decoded as kind 3 and drawn toward its bare JPEG-XL neighbours too
+       kind 3's layout; decoded as kind 3 and drawn toward its bare neighbours too
     -- kind 5 (network tile of a mixed grid, written by the ``auto`` codec since 2026-12):
-       kind 0's layout; decoded as kind 0 and drawn toward its bare JPEG-XL neighbours too
+       kind 0's layout; decoded as kind 0 and drawn toward its bare neighbours too
     -- kind 0 (network):
     10     4     quality (float32)
     14     8     first 8 bytes of the model's sha256
@@ -30,10 +30,10 @@ Tile bitstream (little-endian)::
                  format 2: the tile plus the context margin it was coded with)
     36     ...   z stream (factorized prior), then y stream (Gaussian, μ/σ from h_s(ẑ))
     -- kind 2 (fix-up, format 3 on; written by the ``auto`` codec): a tile whose own pixels
-       are a JPEG-XL codestream, and which gives its neighbours what its inner tile gives
+       are a bare codestream (JPEG-XL or JPEG 2000), and which gives its neighbours what its inner tile gives
     10     4     length n of the inner tile
     14     n     the inner tile: a whole network or glass tile of the same format and size
-    14+n   ...   the JPEG-XL codestream (the tile's pixels), to the end
+    14+n   ...   the bare codestream (the tile's pixels), to the end
 
 Formats, all read by this release (:data:`READ_VERSIONS`):
 
@@ -64,13 +64,13 @@ KIND_NETWORK, KIND_UNIFORM, KIND_FIXUP = 0, 1, 2
 FIXUP = struct.Struct("<I")              # length of a fix-up tile's inner tile
 #: glass stored as a colour plane
 KIND_PLANE = 3
-#: glass stored as a colour plane that also meets its bare JPEG-XL neighbours
+#: glass stored as a colour plane that also meets its bare neighbours
 KIND_PLANE_MIXED = 4
 #: the plane glass kinds (one layout): network and plane neighbours are drawn toward either
 PLANE_KINDS = (KIND_PLANE, KIND_PLANE_MIXED)
 #: the glass kinds: decoded without the network
 GLASS_KINDS = (KIND_UNIFORM, KIND_PLANE, KIND_PLANE_MIXED)
-#: a network tile that is also drawn toward its bare JPEG-XL neighbours (``auto`` grids)
+#: a network tile that is also drawn toward its bare neighbours (``auto`` grids)
 KIND_NETWORK_MIXED = 5
 #: the network kinds (one layout)
 NETWORK_KINDS = (KIND_NETWORK, KIND_NETWORK_MIXED)
@@ -141,7 +141,7 @@ def pack_network_header(version: int, height: int, width: int, quality: float, m
 
 
 def pack_fixup(inner: bytes, pixels: bytes) -> bytes:
-    """A fix-up tile (kind 2): ``pixels``, a JPEG-XL codestream of the tile, as its own
+    """A fix-up tile (kind 2): ``pixels``, a bare codestream of the tile (JPEG-XL or JPEG 2000), as its own
     pixels, around ``inner``, a network or glass tile of format 3 or later that its
     neighbours see (its latents, its glass edges).  Raises ValueError for another inner
     tile or no pixels."""
@@ -158,7 +158,7 @@ def pack_fixup(inner: bytes, pixels: bytes) -> bytes:
 
 
 def fixup_parts(data: bytes, hd: "TileHeader") -> tuple[bytes, bytes]:
-    """A fix-up tile's (inner tile, JPEG-XL codestream); ``hd`` its parsed header."""
+    """A fix-up tile's (inner tile, bare codestream); ``hd`` its parsed header."""
     end = hd.payload + hd.inner_len
     return data[hd.payload:end], data[end:]
 

@@ -1,0 +1,111 @@
+"""The ``auto`` codec's JPEG 2000 tiles: the fit, the choice of the fewer bytes, fix-up tails,
+damage, settings.  The grid helpers are test_auto's (the same level encoder and readers)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+torch.set_flush_denormal(True)
+
+from test_auto import T, _check_floor_and_records, _encode, he_crop  # noqa: E402
+
+from wsicodec.classical import Jpeg2000Codec  # noqa: E402
+from wsicodec.codecs import codec_from_dict, get_codec  # noqa: E402
+from wsicodec.errors import CorruptDataError, InvalidSettingError  # noqa: E402
+from wsicodec.learned import choice  # noqa: E402
+from wsicodec.learned.grid import J2K_SIGNATURE, JXL_SIGNATURES  # noqa: E402
+from wsicodec.learned.j2kfit import TOLERANCE, fit_jpeg2000  # noqa: E402
+from wsicodec.learned.jxlfit import fit_jpegxl, tile_psnr  # noqa: E402
+from wsicodec.learned.tileformat import KIND_FIXUP, fixup_parts, parse_header  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def he_img(tissue):
+    return he_crop(tissue)
+
+
+@pytest.mark.parametrize("target", [30.0, 38.0])
+def test_fit_reaches_its_target_and_is_a_function_of_the_tile(he_img, target):
+    tile = np.ascontiguousarray(he_img[:T, :T])
+    fit = fit_jpeg2000(tile, target)
+    assert fit is not None and fit.codec == "jpeg2000" and fit.data.startswith(J2K_SIGNATURE)
+    assert target <= fit.psnr < target + 4 * TOLERANCE
+    assert fit.psnr == tile_psnr(Jpeg2000Codec().decode(fit.data), tile, tile.shape[:2])
+    assert (fit.pixels == Jpeg2000Codec().decode(fit.data)).all()
+    assert fit_jpeg2000(tile, target).data == fit.data            # the same in any run
+    assert fit.equal_bytes <= len(fit.data) and not fit.lossless
+
+
+def test_fit_gives_way_where_it_cannot_reach_or_undercut(he_img):
+    tile = np.ascontiguousarray(he_img[:T, :T])
+    assert fit_jpeg2000(tile, 75.0) is None             # irreversible 9/7 tops out far below
+    assert fit_jpeg2000(tile, 40.0, budget=100) is None  # 40 dB never fits in 100 bytes
+    near = fit_jpeg2000(tile, 34.0)
+    assert fit_jpeg2000(tile, 34.0, budget=near.equal_bytes + 1).data == near.data
+
+
+def test_auto_keeps_the_fewer_bytes_of_both_codecs_and_the_floor(he_img):
+    """At a floor over the network's reach every tissue tile is classical: with JPEG 2000
+    fitted too, each tile is the codec whose fit takes fewer bytes at the floor, the floor
+    holds as readers decode it, and the grid takes no more bytes than JPEG-XL alone."""
+    floor = 40.0
+    both = get_codec("auto", 4, min_psnr=floor)
+    alone = get_codec("auto", 4, min_psnr=floor, jpeg2000=False)
+    out_both, out_jxl = _encode(both, he_img), _encode(alone, he_img)
+    kinds = _check_floor_and_records(both, he_img, out_both, floor, 0.05)
+    assert "jpeg2000" in kinds
+    assert "jpeg2000" not in _check_floor_and_records(alone, he_img, out_jxl, floor, 0.05)
+    size = lambda out: sum(len(t) for row in out.values() for t in row.tiles)  # noqa: E731
+    assert size(out_both) < size(out_jxl)
+    for r, row in out_both.items():
+        for c, (data, (kind, _)) in enumerate(zip(row.tiles, row.records)):
+            src = np.ascontiguousarray(he_img[r * T:(r + 1) * T, c * T:(c + 1) * T])
+            j2k, jxl = fit_jpeg2000(src, floor), fit_jpegxl(src, floor, effort=both.effort)
+            if kind == "jpeg2000":
+                assert data == j2k.data and j2k.equal_bytes < jxl.equal_bytes
+            elif kind == "jpegxl":
+                assert data.startswith(JXL_SIGNATURES) and (j2k is None or jxl.equal_bytes <= j2k.equal_bytes)
+
+
+def test_fixup_tiles_may_carry_jpeg2000_and_decode_to_it(he_img, monkeypatch):
+    from wsicodec.dicom.source import stored_jpegxl
+    monkeypatch.setattr(choice, "READER_SLACK_DB", 100.0)      # every network tile a fix-up
+    floor = 33.0                      # on this tissue JPEG 2000 wins there (JPEG-XL at 30 dB)
+    codec = get_codec("auto", 4, min_psnr=floor)
+    img = np.ascontiguousarray(he_img[:T, :2 * T])
+    out = _encode(codec, img)
+    tails = [fixup_parts(d, parse_header(d))[1] for d, (k, _) in zip(out[0].tiles, out[0].records)
+             if k == "fixup"]
+    assert tails and any(t.startswith(J2K_SIGNATURE) for t in tails)
+    _check_floor_and_records(codec, img, out, floor, 0.05)
+    for d, (k, _) in zip(out[0].tiles, out[0].records):
+        if k == "fixup" and parse_header(d).kind == KIND_FIXUP:
+            tail = fixup_parts(d, parse_header(d))[1]
+            # DICOM passes JPEG-XL tails through as they are, never a JPEG 2000 one
+            assert stored_jpegxl(d) == (tail if tail.startswith(JXL_SIGNATURES) else None)
+
+
+def test_a_damaged_jpeg2000_tile_is_an_error_naming_it(he_img):
+    codec = get_codec("auto", 4, min_psnr=40.0)
+    img = np.ascontiguousarray(he_img[:T, :T])
+    data = _encode(codec, img)[0].tiles[0]
+    assert data.startswith(J2K_SIGNATURE)
+    for bad in (data[:40], data[:4] + b"\x00" * 60):
+        got = codec.decode_tiles([(0, 0)], lambda c, r: bad, (1, 1), names=lambda c, r: "tile 0,0")[0]
+        assert isinstance(got, CorruptDataError) and "tile 0,0" in str(got), got
+
+
+def test_the_setting_is_recorded_and_older_containers_open(he_img):
+    codec = get_codec("auto", 4, min_psnr=32.0)
+    cfg = codec.to_dict()
+    assert cfg["configuration"]["jpeg2000"] is True
+    assert codec_from_dict(cfg).jpeg2000 is True
+    off = get_codec("auto", 4, jpeg2000=False)
+    assert codec_from_dict(off.to_dict()).jpeg2000 is False
+    old = {"name": "auto", "configuration": {k: v for k, v in cfg["configuration"].items() if k != "jpeg2000"}}
+    assert codec_from_dict(old).min_psnr == 32.0          # written before the setting existed
+    for bad in ("yes", 2, 0.5, None):
+        with pytest.raises(InvalidSettingError, match="jpeg2000"):
+            get_codec("auto", 4, jpeg2000=bad)

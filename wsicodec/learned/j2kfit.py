@@ -1,0 +1,112 @@
+"""JPEG 2000 at a PSNR target: the OpenJPEG fixed-quality level whose decoded tile just reaches it.
+
+The ``auto`` codec (:mod:`wsicodec.learned.choice`) fits both classical codecs to a tile's
+target and keeps the one with fewer bytes at that PSNR.  OpenJPEG's fixed-quality mode
+(the irreversible 9/7 wavelet, :class:`wsicodec.classical.Jpeg2000Codec`) already takes a
+target in dB, but measures it in its own colour space per component, so the RGB PSNR of
+the decoded tile lands a little off it: 0.8 dB under to 0.4 dB over on H&E tiles, about
+the same offset for every level of one tile.  The search therefore measures each coding
+and moves the level by what it missed (slope 1 dB per dB), then interpolates inside the
+bracket of the nearest passing and failing codings, until a passing coding is within
+:data:`TOLERANCE` dB of the target.
+
+Unlike JPEG-XL it has no lossless last resort here: irreversible JPEG 2000 tops out near
+50 dB, and a target it cannot reach (or cannot reach under a caller's byte budget) gives
+None, so the caller keeps JPEG-XL.  Every step is a function of the tile and the target
+alone: a tile codes the same in any run (resume and cluster runs rely on it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from .jxlfit import TileFit, equal_bytes, tile_psnr
+
+#: the levels (dB) :class:`wsicodec.classical.Jpeg2000Codec` takes
+MIN_LEVEL, MAX_LEVEL = 10.0, 80.0
+#: the first coding's level above the target: OpenJPEG lands this far under it on H&E
+#: tiles scanned as JPEG 2000, and about as far over on tiles scanned as JPEG
+START_OFFSET = 0.5
+#: a passing coding within this many dB above the target ends the search
+TOLERANCE = 0.25
+#: at most this many codings per fit
+MAX_CODINGS = 5
+#: a move of the level smaller than this (dB) is not tried
+MIN_STEP = 0.05
+#: codings under the target that gain less than this per dB of level end the search
+SATURATED = 0.25
+
+
+def encode_at(tile: np.ndarray, level: float, valid: tuple[int, int]) -> TileFit:
+    """``tile`` coded at fixed-quality ``level`` dB and decoded."""
+    from wsicodec.classical import Jpeg2000Codec
+
+    codec = Jpeg2000Codec(quality=level)
+    data = codec.encode(tile)
+    pixels = codec.decode(data)
+    return TileFit(data, pixels, tile_psnr(pixels, tile, valid), level, codec="jpeg2000")
+
+
+def _next_level(passing: TileFit | None, failing: TileFit | None, last: TileFit, aim: float) -> float:
+    """Where to code next, aiming at ``aim`` dB: inside the bracket when there is one, else
+    the last level moved by what its coding missed the aim by."""
+    if passing is not None and failing is not None:
+        lo, hi = failing.setting, passing.setting
+        t = (aim - failing.psnr) / (passing.psnr - failing.psnr)
+        return lo + (hi - lo) * min(max(t, 0.2), 0.8)
+    step = aim - last.psnr
+    step = max(step, MIN_STEP) if last.psnr < aim else min(step, -MIN_STEP)
+    return min(max(last.setting + step, MIN_LEVEL), MAX_LEVEL)
+
+
+def _saturated(tried: list[TileFit]) -> bool:
+    """The last two codings missed and the higher level gained under :data:`SATURATED` dB
+    per dB: the wavelet's top is near (irreversible JPEG 2000 stops near 50 dB)."""
+    if len(tried) < 2:
+        return False
+    a, b = tried[-2], tried[-1]
+    return b.setting > a.setting and (b.psnr - a.psnr) < SATURATED * (b.setting - a.setting)
+
+
+def fit_jpeg2000(tile: np.ndarray, target: float, valid: tuple[int, int] | None = None, *,
+                 budget: float | None = None) -> TileFit | None:
+    """A JPEG 2000 coding of ``tile`` ((h, w, 3) uint8) whose PSNR over ``valid`` reaches
+    ``target`` dB at the lowest level the search found (module docstring), or None when
+    no level up to :data:`MAX_LEVEL` reaches it.
+
+    ``budget``: the caller has another coding of this many bytes; None is also returned
+    where JPEG 2000 cannot undercut it: as soon as a coding that misses the target takes
+    ``budget`` bytes or more (higher levels only take more), or when the kept coding's
+    :attr:`~wsicodec.learned.jxlfit.TileFit.equal_bytes` do.
+    """
+    valid = valid or tile.shape[:2]
+    if not target < MAX_LEVEL:
+        return None
+    aim = target + TOLERANCE / 2
+    tried: list[TileFit] = []
+    level = min(max(target + START_OFFSET, MIN_LEVEL), MAX_LEVEL)
+    passing = failing = None
+    for _ in range(MAX_CODINGS):
+        f = encode_at(tile, level, valid)
+        tried.append(f)
+        if f.psnr < target and budget is not None and len(f.data) >= budget:
+            return None
+        ok = [g for g in tried if g.psnr >= target]
+        passing = min(ok, key=lambda g: g.setting) if ok else None
+        under = [g for g in tried if g.psnr < target and (passing is None or g.setting < passing.setting)]
+        failing = max(under, key=lambda g: g.setting) if under else None
+        if passing is not None and (passing.psnr - target <= TOLERANCE
+                                    or (failing is not None and passing.setting - failing.setting < MIN_STEP)):
+            break
+        if passing is None and (f.setting >= MAX_LEVEL or _saturated(tried)):
+            break
+        nxt = _next_level(passing, failing, f, aim)
+        if any(abs(nxt - g.setting) < 1e-3 for g in tried):
+            break
+        level = nxt
+    if passing is None:
+        return None
+    kept = replace(passing, equal_bytes=equal_bytes(passing, passing, failing, target))
+    return None if budget is not None and kept.equal_bytes >= budget else kept
