@@ -8,7 +8,9 @@ the decoded tile lands a little off it: 0.8 dB under to 0.4 dB over on H&E tiles
 the same offset for every level of one tile.  The search therefore measures each coding
 and moves the level by what it missed (slope 1 dB per dB), then interpolates inside the
 bracket of the nearest passing and failing codings, until a passing coding is within
-:data:`TOLERANCE` dB of the target.
+:data:`TOLERANCE` dB of the target.  OpenJPEG truncates at coding-pass boundaries, so
+nearby levels can make the very same coding (a plateau up to ~1 dB wide): a move that
+changed nothing is doubled.
 
 Unlike JPEG-XL it has no lossless last resort here: irreversible JPEG 2000 tops out near
 50 dB, and a target it cannot reach (or cannot reach under a caller's byte budget) gives
@@ -35,8 +37,10 @@ TOLERANCE = 0.25
 MAX_CODINGS = 5
 #: a move of the level smaller than this (dB) is not tried
 MIN_STEP = 0.05
-#: codings under the target that gain less than this per dB of level end the search
+#: codings under the target that gain less than this per dB of level, over at least
+#: :data:`SATURATION_SPAN` dB, end the search (the wavelet's top is near)
 SATURATED = 0.25
+SATURATION_SPAN = 2.0
 
 
 def encode_at(tile: np.ndarray, level: float, valid: tuple[int, int]) -> TileFit:
@@ -49,25 +53,31 @@ def encode_at(tile: np.ndarray, level: float, valid: tuple[int, int]) -> TileFit
     return TileFit(data, pixels, tile_psnr(pixels, tile, valid), level, codec="jpeg2000")
 
 
-def _next_level(passing: TileFit | None, failing: TileFit | None, last: TileFit, aim: float) -> float:
+def _next_level(passing: TileFit | None, failing: TileFit | None, tried: list[TileFit], aim: float) -> float:
     """Where to code next, aiming at ``aim`` dB: inside the bracket when there is one, else
-    the last level moved by what its coding missed the aim by."""
+    the last level moved by what its coding missed the aim by (at least twice the last
+    move where that made the same coding)."""
+    last = tried[-1]
     if passing is not None and failing is not None:
         lo, hi = failing.setting, passing.setting
-        t = (aim - failing.psnr) / (passing.psnr - failing.psnr)
+        t = (aim - failing.psnr) / (passing.psnr - failing.psnr) if passing.psnr > failing.psnr else 0.5
         return lo + (hi - lo) * min(max(t, 0.2), 0.8)
-    step = aim - last.psnr
-    step = max(step, MIN_STEP) if last.psnr < aim else min(step, -MIN_STEP)
+    step = abs(aim - last.psnr)
+    if len(tried) >= 2 and tried[-2].data == last.data:             # a plateau
+        step = max(step, 2 * abs(last.setting - tried[-2].setting))
+    step = max(step, MIN_STEP) if last.psnr < aim else -max(step, MIN_STEP)
     return min(max(last.setting + step, MIN_LEVEL), MAX_LEVEL)
 
 
 def _saturated(tried: list[TileFit]) -> bool:
-    """The last two codings missed and the higher level gained under :data:`SATURATED` dB
-    per dB: the wavelet's top is near (irreversible JPEG 2000 stops near 50 dB)."""
+    """The last two codings missed, :data:`SATURATION_SPAN` dB of level or more apart, and
+    the higher gained under :data:`SATURATED` dB per dB: the wavelet's top is near
+    (irreversible JPEG 2000 stops near 50 dB)."""
     if len(tried) < 2:
         return False
     a, b = tried[-2], tried[-1]
-    return b.setting > a.setting and (b.psnr - a.psnr) < SATURATED * (b.setting - a.setting)
+    span = b.setting - a.setting
+    return span >= SATURATION_SPAN and (b.psnr - a.psnr) < SATURATED * span
 
 
 def fit_jpeg2000(tile: np.ndarray, target: float, valid: tuple[int, int] | None = None, *,
@@ -102,7 +112,7 @@ def fit_jpeg2000(tile: np.ndarray, target: float, valid: tuple[int, int] | None 
             break
         if passing is None and (f.setting >= MAX_LEVEL or _saturated(tried)):
             break
-        nxt = _next_level(passing, failing, f, aim)
+        nxt = _next_level(passing, failing, tried, aim)
         if any(abs(nxt - g.setting) < 1e-3 for g in tried):
             break
         level = nxt

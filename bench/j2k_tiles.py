@@ -1,0 +1,106 @@
+"""JPEG 2000 beside JPEG-XL for the ``auto`` codec: bytes of each codec's fit at a PSNR
+target, tile by tile, on tissue tiles of the shared slides and of he/test.
+
+    python bench/j2k_tiles.py [--targets 32,36,40] [--per-slide 40] [--he-images 6]
+                              [--out bench/results/j2k_tiles.json]
+
+Every tile is fitted with :func:`wsicodec.learned.j2kfit.fit_jpeg2000` and
+:func:`wsicodec.learned.jxlfit.fit_jpegxl` (the auto codec's default effort), the two
+classical codings the auto codec compares, each without a budget: per set and target the
+``equal_bytes`` of each (its size scaled to exactly the target along the tile's own slope:
+what the auto codec compares), how many tiles each wins, the bytes the auto codec keeps
+(the smaller) against JPEG-XL alone, the PSNR above the target, the codings per JPEG 2000
+fit and the time of the fits.  Tiles as ``bench/jxl_effort.py`` samples them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.jxl_effort import he_tiles, slide_tiles  # noqa: E402
+from bench.report import log, run_environment, write_json  # noqa: E402
+
+
+def fit_set(tiles: list[np.ndarray], target: float, effort: int) -> dict:
+    """Both fits of every tile at ``target``: the totals of one row of the results."""
+    from wsicodec.learned import j2kfit
+    from wsicodec.learned.jxlfit import fit_jpegxl
+
+    codings = 0
+    real = j2kfit.encode_at
+
+    def counted(*a, **k):
+        nonlocal codings
+        codings += 1
+        return real(*a, **k)
+
+    j2kfit.encode_at = counted
+    try:
+        t0 = time.perf_counter()
+        j2k = [j2kfit.fit_jpeg2000(t, target) for t in tiles]
+        t_j2k = time.perf_counter() - t0
+    finally:
+        j2kfit.encode_at = real
+    t0 = time.perf_counter()
+    jxl = [fit_jpegxl(t, target, effort=effort) for t in tiles]
+    t_jxl = time.perf_counter() - t0
+    kept = [min((f for f in (a, b) if f is not None), key=lambda f: f.equal_bytes) for a, b in zip(j2k, jxl)]
+    reached = [a for a in j2k if a is not None]
+    return {
+        "tiles": len(tiles), "target_db": target,
+        "jpegxl_equal_bytes": round(sum(f.equal_bytes for f in jxl)),
+        "jpeg2000_equal_bytes_where_reached": round(sum(f.equal_bytes for f in reached)),
+        "jpeg2000_unreached": len(tiles) - len(reached),
+        "jpeg2000_wins": sum(f.codec == "jpeg2000" for f in kept),
+        "kept_equal_bytes": round(sum(f.equal_bytes for f in kept)),
+        "kept_bytes": sum(len(f.data) for f in kept),
+        "kept_over_jpegxl": round(sum(f.equal_bytes for f in kept) / sum(f.equal_bytes for f in jxl), 4),
+        "jpeg2000_psnr_above_target_db": round(float(np.mean([f.psnr - target for f in reached])), 3)
+        if reached else None,
+        "jpegxl_psnr_above_target_db": round(float(np.mean(
+            [f.psnr - target for f in jxl if np.isfinite(f.psnr)])), 3),
+        "jpeg2000_codings_per_tile": round(codings / len(tiles), 2),
+        "jpeg2000_fit_ms_per_tile": round(1e3 * t_j2k / len(tiles), 1),
+        "jpegxl_fit_ms_per_tile": round(1e3 * t_jxl / len(tiles), 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from wsicodec.learned.auto import DEFAULT_EFFORT
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--targets", default="32,36,40")
+    ap.add_argument("--per-slide", type=int, default=40)
+    ap.add_argument("--he-images", type=int, default=6)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "j2k_tiles.json")
+    args = ap.parse_args(argv)
+    targets = [float(t) for t in args.targets.split(",")]
+    sets = {"cmu": slide_tiles("svs-jpeg", args.per_slide), "tcga": slide_tiles("svs-jpeg2000", args.per_slide),
+            "he_test": he_tiles(args.he_images)}
+    results = {}
+    for name, tiles in sets.items():
+        for target in targets:
+            row = fit_set(tiles, target, DEFAULT_EFFORT)
+            log(f"{name} {target:g} dB: {json.dumps(row)}")
+            results[f"{name}@{target:g}"] = row
+    doc = {"what": __doc__.split("\n\n")[0],
+           "environment": {**run_environment(REPO, ("imagecodecs", "numpy")),
+                           "loadavg_end": os.getloadavg()},
+           "jpegxl_effort": DEFAULT_EFFORT, "results": results}
+    write_json(args.out, doc)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
