@@ -73,16 +73,17 @@ def area_downsample(rgb: np.ndarray, factor: int) -> np.ndarray:
     return np.clip(np.rint(blocks.mean(axis=(1, 3))), 0, 255).astype(np.uint8)
 
 
-def slide_center(path: Path, size: int = 1024, level: int = 0) -> np.ndarray:
+def slide_center(path: Path, size: int = 1024, level: int = 0, align: int = 1) -> np.ndarray:
     """The central ``size``² of a slide level, read with OpenSlide, as RGB (the alpha channel must be
-    opaque there: a region off the slide raises)."""
+    opaque there: a region off the slide raises); its corner moved up and left onto the
+    ``align``-px grid of the level (16: the scanner's JPEG blocks, as a container's tiles are)."""
     import openslide
     with openslide.OpenSlide(str(path)) as slide:
         w, h = slide.level_dimensions[level]
         down = slide.level_downsamples[level]
         if w < size or h < size:
             raise ValueError(f"{path.name} level {level} is {w}x{h}, smaller than {size}²")
-        x, y = (w - size) // 2, (h - size) // 2
+        x, y = (w - size) // 2 // align * align, (h - size) // 2 // align * align
         rgba = np.asarray(slide.read_region((int(x * down), int(y * down)), level, (size, size)))
     if rgba[..., 3].min() != 255:
         raise ValueError(f"{path.name}: the central {size}² is not fully opaque")
@@ -136,11 +137,12 @@ def _he(factor: int):
     return load
 
 
-def _slide(rel: str):
+def _slide(rel: str, align: int = 1):
     def load(root: Path, limit: int | None) -> Iterator[tuple[str, np.ndarray]]:
         if limit is not None and limit < 1:
             return
-        yield Path(rel).stem + "_center1024", slide_center(root / rel, 1024, 0)
+        name = Path(rel).stem + "_center1024" + (f"_grid{align}" if align > 1 else "")
+        yield name, slide_center(root / rel, 1024, 0, align)
     return load
 
 
@@ -155,6 +157,12 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in (
             1.0, _MONUSEG_MPP + ", ×4", (HE_TEST,), _he(4)),
     Dataset("cmu", "central 1024² of cmu_small_region.svs level 0: 20x H&E skin, Aperio JPEG q30 tiles",
             0.499, "aperio.MPP of the slide", (CMU_SVS,), _slide(CMU_SVS)),
+    # cmu's centre lies off the 8x8 / 16x16 block grid of the scanner's JPEG, which a slide's
+    # own tiles (and a container's, at multiples of 16 px) sit on: JPEG-XL re-codes blocks on
+    # that grid cheaper than off it, so this set reads cmu as a container codes it
+    Dataset("cmu_grid", "cmu with its corner on the 16-px grid of the scanner's JPEG blocks "
+            "(central 1024² moved up-left by 6 / 11 px), as a container's tiles are",
+            0.499, "aperio.MPP of the slide", (CMU_SVS,), _slide(CMU_SVS, 16)),
     Dataset("tcga", "central 1024² of tcga-cr-7395-01a-01-ts1.svs level 0: H&E, Aperio JPEG 2000 tiles",
             1.0, "estimate: MPP stripped from the file; lymphocytes measure ≈6-7 px across",
             (TCGA_SVS,), _slide(TCGA_SVS)),

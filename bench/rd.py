@@ -20,7 +20,7 @@ Run from the repository root (he_test, the whole sweep: ~20-30 min on 2 CPU core
     .venv/bin/python bench/rd.py --codecs jpeg444,webp --max-images 2 --tag dev   # a quick look
     .venv/bin/python bench/rd.py --images FOLDER      # any folder of images instead of a set
 
-Sets are those of ``bench/datasets.py`` (he_test, he_test_2x, he_test_4x, cmu, tcga). JPEG-XL,
+Sets are those of ``bench/datasets.py`` (he_test, he_test_2x, he_test_4x, cmu, cmu_grid, tcga). JPEG-XL,
 the anchor, is swept over distances 25 to 0.3 (its whole useful range); a codec whose curve ends
 below JPEG-XL's top gets a BD-rate over the overlap only, and the report says which range that is
 and the top PSNR each codec reaches.
@@ -100,7 +100,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--set", action="append", dest="sets", metavar="NAME",
-                     help="evaluation set(s) of bench/datasets.py (he_test, he_test_2x, he_test_4x, cmu, "
+                     help="evaluation set(s) of bench/datasets.py (he_test, he_test_2x, he_test_4x, cmu, cmu_grid, "
                           f"tcga): repeat it or give a comma list; each writes rd_<set>.* "
                           f"(default {DEFAULT_SET})")
     src.add_argument("--images", default=None, metavar="FOLDER",

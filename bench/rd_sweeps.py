@@ -63,6 +63,12 @@ SWEEPS: dict[str, Sweep] = {s.key: s for s in (
           (1, 2, 3, 4, 5, 6, 7) + (8,) * 10,
           knob_range=(1, 8), tiled=True, against="jpegxl_tiled",
           point_options=tuple({"min_psnr": f} for f in (20,) * 8 + (30, 32, 34, 36, 38, 40, 42, 44, 46))),
+    # the same with JPEG-XL its only classical codec (`--option jpeg2000=false`, as before
+    # 2026-12-05): what JPEG 2000 tiles bring, read against auto
+    Sweep("auto_jpegxl", "auto", "wsicodec auto, JPEG-XL its only classical codec",
+          (1, 2, 3, 4, 5, 6, 7) + (8,) * 10, {"jpeg2000": False},
+          knob_range=(1, 8), tiled=True, default=False, against="auto",
+          point_options=tuple({"min_psnr": f} for f in (20,) * 8 + (30, 32, 34, 36, 38, 40, 42, 44, 46))),
     # JPEG-XL as a `--codec jpegxl` container stores it: 256² tiles, each its own codestream
     # (3-16 % more bytes than the whole image at equal PSNR on these sets): what `auto` is
     # also read against
@@ -79,7 +85,7 @@ PLOT_STYLE = {
     "jpeg420": ("tab:orange", "v"), "jpeg444": ("tab:red", "^"), "jpegxl": ("tab:blue", "s"),
     "webp": ("tab:green", "D"), "jpeg2000": ("tab:purple", "P"), "avif": ("tab:brown", "X"),
     "learned": ("black", "o"), "learned_refine": ("tab:gray", "*"), "auto": ("tab:olive", "h"),
-    "jpegxl_tiled": ("tab:cyan", "s"),
+    "jpegxl_tiled": ("tab:cyan", "s"), "auto_jpegxl": ("tab:pink", "h"),
 }
 #: series with a model that runs on torch's intra-op threads
 TORCH_CODECS = ("learned", "auto")
@@ -107,7 +113,7 @@ class TiledLearned:
         c = self.codec
         if c.name == "auto":
             return encode(image, quality=c.quality, model=str(c.learned.loaded.path), codec="auto",
-                          min_psnr=c.min_psnr)
+                          min_psnr=c.min_psnr, jpeg2000=c.jpeg2000)
         return encode(image, quality=c.quality, model=str(c.loaded.path), refine=c.refine)
 
     def decode(self, data: bytes) -> np.ndarray:

@@ -91,10 +91,11 @@ def _slide_grid(slide: Path, spec: str) -> dict:
 
 
 def _tile_kind(data: bytes) -> str:
-    """"learned", "glass", "fixup" or "jpegxl": what a tile of an auto stream is."""
+    """"learned", "glass", "fixup", "jpeg2000" or "jpegxl": what a tile of an auto stream is."""
+    from wsicodec.learned.grid import J2K_SIGNATURE
     from wsicodec.learned.tileformat import GLASS_KINDS, KIND_FIXUP, MAGIC, parse_header
     if data[:4] != MAGIC:
-        return "jpegxl"
+        return "jpeg2000" if data.startswith(J2K_SIGNATURE) else "jpegxl"
     kind = parse_header(data).kind
     return "glass" if kind in GLASS_KINDS else "fixup" if kind == KIND_FIXUP else "learned"
 
