@@ -26,21 +26,6 @@ from pathlib import Path
 import numpy as np
 
 
-def _local_std(g: np.ndarray, k: int = 5) -> np.ndarray:
-    """Standard deviation over k x k windows (edge-replicated), by box sums."""
-    pad = k // 2
-    p = np.pad(g, pad, mode="edge")
-    c1 = np.cumsum(np.cumsum(np.pad(p, ((1, 0), (1, 0))), 0), 1)
-    c2 = np.cumsum(np.cumsum(np.pad(p * p, ((1, 0), (1, 0))), 0), 1)
-
-    def box(c: np.ndarray) -> np.ndarray:
-        return c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]
-
-    n = k * k
-    mean = box(c1) / n
-    return np.sqrt(np.maximum(box(c2) / n - mean * mean, 0.0))
-
-
 def grid_steps(rgb: np.ndarray, tile: int, bright: float = 200.0, flat: float = 3.0) -> dict:
     """Mean absolute grey step across tile borders and inside tiles, in flat bright areas.
 
@@ -50,8 +35,10 @@ def grid_steps(rgb: np.ndarray, tile: int, bright: float = 200.0, flat: float = 
     two pixels away from the pair on each side (so that the step itself does not make
     the area look textured), is <= ``flat``.
     """
+    from wsicodec.learned.j2kfit import local_std
+
     g = rgb[..., :3].astype(np.float64).mean(axis=2)
-    sd = _local_std(g)
+    sd = local_std(g)
     out = {"border_sum": 0.0, "border_n": 0, "inside_sum": 0.0, "inside_n": 0}
     for axis in (1, 0):
         a = g if axis == 1 else g.T

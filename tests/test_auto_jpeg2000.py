@@ -26,9 +26,15 @@ def he_img(tissue):
     return he_crop(tissue)
 
 
+def _tissue(he_img: np.ndarray, cols: int = 1) -> np.ndarray:
+    """``cols`` tiles of he_img's first row from x = 64, where no tile has glass along its
+    edges (the glass hold of the fit, tested on its own below, leaves them alone)."""
+    return np.ascontiguousarray(he_img[:T, 64:64 + cols * T])
+
+
 @pytest.mark.parametrize("target", [30.0, 38.0])
 def test_fit_reaches_its_target_and_is_a_function_of_the_tile(he_img, target):
-    tile = np.ascontiguousarray(he_img[:T, :T])
+    tile = _tissue(he_img)
     fit = fit_jpeg2000(tile, target)
     assert fit is not None and fit.codec == "jpeg2000" and fit.data.startswith(J2K_SIGNATURE)
     assert target <= fit.psnr < target + 4 * TOLERANCE
@@ -39,7 +45,7 @@ def test_fit_reaches_its_target_and_is_a_function_of_the_tile(he_img, target):
 
 
 def test_fit_gives_way_where_it_cannot_reach_or_undercut(he_img):
-    tile = np.ascontiguousarray(he_img[:T, :T])
+    tile = _tissue(he_img)
     assert fit_jpeg2000(tile, 75.0) is None             # irreversible 9/7 tops out far below
     assert fit_jpeg2000(tile, 40.0, budget=100) is None  # 40 dB never fits in 100 bytes
     near = fit_jpeg2000(tile, 34.0)
@@ -74,7 +80,7 @@ def test_fixup_tiles_may_carry_jpeg2000_and_decode_to_it(he_img, monkeypatch):
     monkeypatch.setattr(choice, "READER_SLACK_DB", 100.0)      # every network tile a fix-up
     floor = 33.0                      # on this tissue JPEG 2000 wins there (JPEG-XL at 30 dB)
     codec = get_codec("auto", 4, min_psnr=floor)
-    img = np.ascontiguousarray(he_img[:T, :2 * T])
+    img = _tissue(he_img, 2)
     out = _encode(codec, img)
     tails = [fixup_parts(d, parse_header(d))[1] for d, (k, _) in zip(out[0].tiles, out[0].records)
              if k == "fixup"]
@@ -89,7 +95,7 @@ def test_fixup_tiles_may_carry_jpeg2000_and_decode_to_it(he_img, monkeypatch):
 
 def test_a_damaged_jpeg2000_tile_is_an_error_naming_it(he_img):
     codec = get_codec("auto", 4, min_psnr=40.0)
-    img = np.ascontiguousarray(he_img[:T, :T])
+    img = _tissue(he_img)
     data = _encode(codec, img)[0].tiles[0]
     assert data.startswith(J2K_SIGNATURE)
     for bad in (data[:40], data[:4] + b"\x00" * 60):
@@ -109,3 +115,34 @@ def test_the_setting_is_recorded_and_older_containers_open(he_img):
     for bad in ("yes", 2, 0.5, None):
         with pytest.raises(InvalidSettingError, match="jpeg2000"):
             get_codec("auto", 4, jpeg2000=bad)
+
+
+def _glass_edged(he_img: np.ndarray) -> np.ndarray:
+    """A tissue tile whose outer 24 px are glass (bright, flat, a little noise): what JPEG
+    2000 at a PSNR target leaves further from the source than JPEG-XL does."""
+    rng = np.random.default_rng(3)
+    t = he_img[:T, :T].astype(np.float64)
+    glass = np.array([232.0, 226.0, 236.0]) + rng.normal(0, 0.7, t.shape)
+    edge = np.ones(t.shape[:2], bool)
+    edge[24:-24, 24:-24] = False
+    t[edge] = glass[edge]
+    return np.ascontiguousarray(np.clip(np.rint(t), 0, 255).astype(np.uint8))
+
+
+def test_the_fit_keeps_glass_at_the_tile_edges(he_img, monkeypatch):
+    """Without the edge hold, the PSNR fit leaves the glass along the edges of this tile
+    further off than EDGE_TOLERANCE (a grid in a viewer); with it, the coding kept holds
+    it (a higher level) or JPEG 2000 gives way."""
+    from wsicodec.learned import j2kfit
+    tile = _glass_edged(he_img)
+    mask = j2kfit.edge_glass_mask(tile, tile.shape[:2])
+    assert mask is not None
+    monkeypatch.setattr(j2kfit, "EDGE_TOLERANCE", float("inf"))
+    plain = fit_jpeg2000(tile, 32.0)
+    assert plain is not None and j2kfit.edge_error(plain.pixels, tile, mask) > 0.45
+    monkeypatch.undo()
+    held = fit_jpeg2000(tile, 32.0)
+    assert held is None or (j2kfit.edge_error(held.pixels, tile, mask) <= j2kfit.EDGE_TOLERANCE
+                            and held.setting > plain.setting and held.psnr >= 32.0)
+    tissue = _tissue(he_img)
+    assert j2kfit.edge_glass_mask(tissue, tissue.shape[:2]) is None      # no glass: nothing held
