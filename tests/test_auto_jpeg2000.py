@@ -54,7 +54,8 @@ def test_fit_gives_way_where_it_cannot_reach_or_undercut(he_img):
 
 def test_auto_keeps_the_fewer_bytes_of_both_codecs_and_the_floor(he_img):
     """At a floor over the network's reach every tissue tile is classical: with JPEG 2000
-    fitted too, each tile is the codec whose fit takes fewer bytes at the floor, the floor
+    fitted too (held to JPEG-XL's glass at the tile's edges), each tile is the codec whose
+    fit takes fewer bytes at the floor, the floor
     holds as readers decode it, and the grid takes no more bytes than JPEG-XL alone."""
     floor = 40.0
     both = get_codec("auto", 4, min_psnr=floor)
@@ -68,7 +69,8 @@ def test_auto_keeps_the_fewer_bytes_of_both_codecs_and_the_floor(he_img):
     for r, row in out_both.items():
         for c, (data, (kind, _)) in enumerate(zip(row.tiles, row.records)):
             src = np.ascontiguousarray(he_img[r * T:(r + 1) * T, c * T:(c + 1) * T])
-            j2k, jxl = fit_jpeg2000(src, floor), fit_jpegxl(src, floor, effort=both.effort)
+            jxl = fit_jpegxl(src, floor, effort=both.effort)
+            j2k = fit_jpeg2000(src, floor, reference=jxl.pixels)
             if kind == "jpeg2000":
                 assert data == j2k.data and j2k.equal_bytes < jxl.equal_bytes
             elif kind == "jpegxl":
@@ -132,7 +134,8 @@ def _glass_edged(he_img: np.ndarray) -> np.ndarray:
 def test_the_fit_keeps_glass_at_the_tile_edges(he_img, monkeypatch):
     """Without the edge hold, the PSNR fit leaves the glass along the edges of this tile
     further off than EDGE_TOLERANCE (a grid in a viewer); with it, the coding kept holds
-    it (a higher level) or JPEG 2000 gives way."""
+    it (a higher level) or JPEG 2000 gives way; beside a reference coding that is no
+    closer, that coding's error is the bound."""
     from wsicodec.learned import j2kfit
     tile = _glass_edged(he_img)
     mask = j2kfit.edge_glass_mask(tile, tile.shape[:2])
@@ -144,5 +147,8 @@ def test_the_fit_keeps_glass_at_the_tile_edges(he_img, monkeypatch):
     held = fit_jpeg2000(tile, 32.0)
     assert held is None or (j2kfit.edge_error(held.pixels, tile, mask) <= j2kfit.EDGE_TOLERANCE
                             and held.setting > plain.setting and held.psnr >= 32.0)
+    worse = np.clip(tile.astype(np.int16) + 3, 0, 255).astype(np.uint8)   # 3 levels off everywhere
+    beside = fit_jpeg2000(tile, 32.0, reference=worse)
+    assert beside is not None and beside.data == plain.data               # held to 3 levels: as unheld
     tissue = _tissue(he_img)
     assert j2kfit.edge_glass_mask(tissue, tissue.shape[:2]) is None      # no glass: nothing held

@@ -5,8 +5,8 @@ Each level is coded row by row (:class:`MixedLevelEncoder`)::
     push(row r) ─► stage 1 of row r, each tile on its own (:meth:`TileChooser.choose_row`):
         │   glass, if its PSNR reaches the floor; else g_a once (the gains scale y), the
         │   network at the codec's quality, raised in quarter steps to where the tile's
-        │   estimated PSNR clears the floor (+ ESTIMATE_MARGIN_DB); then JPEG 2000 and
-        │   JPEG-XL fitted to the PSNR the network reaches (or the floor), on a pool of
+        │   estimated PSNR clears the floor (+ ESTIMATE_MARGIN_DB); then JPEG-XL and
+        │   JPEG 2000 fitted to the PSNR the network reaches (or the floor), on a pool of
         │   threads, while the torch work goes on: the fewest bytes win
         ▼
     stage 2 of each row whose neighbours are all decided (:meth:`TileChooser.settle_row`):
@@ -218,14 +218,17 @@ class TileChooser:
 
     def fit(self, t: _Tile, target: float, budget: float | None) -> TileFit | None:
         """The classical coding of ``t`` reaching ``target`` dB in the fewest bytes at that
-        PSNR (:attr:`~wsicodec.learned.jxlfit.TileFit.equal_bytes`): JPEG 2000 (when this
-        codec fits it) and JPEG-XL, each under the best one so far, so JPEG-XL stops early
-        where it cannot undercut.  None only with a ``budget`` neither undercuts; without
-        one, never None (lossless JPEG-XL is the last resort)."""
-        best = fit_jpeg2000(t.source, target, t.valid, budget=budget) if self.jpeg2000 else None
-        cap = budget if best is None else best.equal_bytes
-        jxl = fit_jpegxl(t.source, target, t.valid, effort=self.effort, budget=cap)
-        return jxl if jxl is not None else best
+        PSNR (:attr:`~wsicodec.learned.jxlfit.TileFit.equal_bytes`): JPEG-XL, then (when
+        this codec fits it) JPEG 2000 under JPEG-XL's bytes and held to JPEG-XL's accuracy
+        on the glass at the tile's edges (:mod:`~wsicodec.learned.j2kfit`).  None only with
+        a ``budget`` neither undercuts; without one, never None (lossless JPEG-XL is the
+        last resort)."""
+        jxl = fit_jpegxl(t.source, target, t.valid, effort=self.effort, budget=budget)
+        if not self.jpeg2000:
+            return jxl
+        j2k = fit_jpeg2000(t.source, target, t.valid, budget=budget if jxl is None else jxl.equal_bytes,
+                           reference=None if jxl is None else jxl.pixels)
+        return jxl if j2k is None else j2k
 
     def _versus_classical(self, t: _Tile) -> None:
         """A classical codec where the network misses the floor, or where one reaches the
