@@ -186,6 +186,8 @@ def fit_jpeg2000(tile: np.ndarray, target: float, valid: tuple[int, int] | None 
     if passing is None:
         return None
     kept = replace(passing, equal_bytes=equal_bytes(passing, passing, failing, target))
+    if budget is not None and kept.equal_bytes >= budget:
+        return None                     # a raised coding only takes more
     mask = edge_glass_mask(tile, valid)
     if mask is not None:
         tolerance = EDGE_TOLERANCE if reference is None else max(EDGE_TOLERANCE,
