@@ -152,3 +152,37 @@ def test_the_fit_keeps_glass_at_the_tile_edges(he_img, monkeypatch):
     assert beside is not None and beside.data == plain.data               # held to 3 levels: as unheld
     tissue = _tissue(he_img)
     assert j2kfit.edge_glass_mask(tissue, tissue.shape[:2]) is None      # no glass: nothing held
+
+
+def test_mutated_jpeg2000_tiles_decode_or_fail_cleanly(he_img):
+    """Seeded mutations of a stored JPEG 2000 tile (bytes flipped, cut, spliced, the SIZ
+    marker's size forged): the mixed decoder gives the tile's pixels (h, w, 3) uint8 or a
+    CorruptDataError naming the tile, never another error, a crash or another size."""
+    import struct
+    codec = get_codec("auto", 4, min_psnr=40.0)
+    img = _tissue(he_img)
+    data = _encode(codec, img)[0].tiles[0]
+    assert data.startswith(J2K_SIGNATURE)
+    rng = np.random.default_rng(2026)
+    cases = [data[:8] + struct.pack(">II", 60000, 60000) + data[16:]]   # SIZ's Xsiz, Ysiz: 60000²
+    for _ in range(60):
+        b = bytearray(data)
+        how = rng.integers(4)
+        if how == 0:                                    # flip bytes
+            for i in rng.integers(0, len(b), rng.integers(1, 8)):
+                b[i] ^= int(rng.integers(1, 256))
+        elif how == 1:                                  # cut
+            b = b[:int(rng.integers(4, len(b)))]
+        elif how == 2:                                  # a run of another part spliced in
+            i, j = sorted(rng.integers(4, len(b), 2))
+            b[i:j] = bytes(b[j:j + (j - i)])
+        else:                                           # header bytes only
+            for i in rng.integers(4, min(len(b), 200), 3):
+                b[i] = int(rng.integers(0, 256))
+        cases.append(bytes(b))
+    for bad in cases:
+        got = codec.decode_tiles([(0, 0)], lambda c, r: bad, (1, 1), (T, T, 3), names=lambda c, r: "tile 0,0")[0]
+        if isinstance(got, np.ndarray):
+            assert got.shape == (T, T, 3) and got.dtype == np.uint8
+        else:
+            assert isinstance(got, CorruptDataError) and "tile 0,0" in str(got), repr(got)
