@@ -50,7 +50,7 @@ from wsicodec.codecs import EncodedRow, LevelEncoder
 from wsicodec.errors import InvalidSettingError
 
 from .encoder import align_to_grid, check_box, check_region
-from .glass import SIDES, blend_toward_glass, decode_glass, encode_glass, bare_edges, uniform_fit
+from .glass import SIDES, bare_edges, blend_toward_glass, decode_glass, encode_glass, uniform_fit
 from .grid import glass_edges
 from .j2kfit import fit_jpeg2000
 from .jxlfit import TileFit, fit_jpegxl, tile_psnr

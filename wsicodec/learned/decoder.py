@@ -57,8 +57,8 @@ from wsicodec.codecs import Run, run_serially
 from wsicodec.entropy import decode_many, decode_symbols, symbol_checksum
 from wsicodec.errors import CorruptDataError, ModelMismatchError
 
-from .glass import blend_toward_glass, decode_glass, bare_edges, uniform_colour, uniform_latent
-from .grid import BARE_SIGNATURES, J2K_SIGNATURE, JXL_SIGNATURES, KIND_BARE, GridJob, crop, glass_edges
+from .glass import bare_edges, blend_toward_glass, decode_glass, uniform_colour, uniform_latent
+from .grid import J2K_SIGNATURE, JXL_SIGNATURES, KIND_BARE, GridJob, crop, glass_edges
 from .synthesis import STITCH_RING, LatentCache, Synthesis, stitch_window
 from .tileformat import (GLASS_KINDS, KIND_FIXUP, KIND_NETWORK_MIXED, LATENT_STRIDE, MAGIC, NETWORK_KINDS,
                          PIXEL_STRIDE, TileHeader, ceil_to, exact_entropy, fixup_parts, parse_named)
@@ -438,8 +438,7 @@ class TileDecoder:
 
 
 # LatentCache, Synthesis, stitch_window, STITCH_RING (synthesis.py), GridJob, glass_edges,
-# KIND_BARE, the signatures (grid.py): re-exported where they were first imported from
-__all__ = ["BARE_SIGNATURES", "J2K_SIGNATURE", "JXL_SIGNATURES", "KIND_BARE", "MAX_CACHE_BYTES",
-           "MIN_CACHE_BYTES", "SIDE_CONTEXT",
+# KIND_BARE (once KIND_JPEGXL), JXL_SIGNATURES (grid.py): re-exported where they were first imported from
+__all__ = ["JXL_SIGNATURES", "KIND_BARE", "MAX_CACHE_BYTES", "MIN_CACHE_BYTES", "SIDE_CONTEXT",
            "STITCH_RING", "GridJob", "LatentCache", "Synthesis", "TileDecoder", "channel_index",
            "glass_edges", "stitch_window"]
