@@ -6,9 +6,9 @@ Each slide is compressed (default settings, one codec at a time) and the contain
 written out as a DICOM WSI series with each transfer syntax below; for each series:
 its bytes (every .dcm file) against the container's, the seconds ``decompress`` took,
 whether OpenSlide's DICOM driver opens it, the PSNR of level 0 read back by wsidicom
-against the container's own pixels, and, for ``jpegxl``, how many tiles were written
-as stored (JPEG-XL codestreams: :func:`wsicodec.dicom.source.stored_jpegxl`) and how
-many re-coded.  A slide whose container has no mpp cannot be written (DICOM requires
+against the container's own pixels, and how many tiles a ``jpegxl`` or ``jpeg2000``
+series writes as stored (its codestreams: :func:`wsicodec.dicom.source.stored_codestream`)
+rather than re-coded.  A slide whose container has no mpp cannot be written (DICOM requires
 the pixel spacing) and is recorded as refused.  Also writes a Markdown table beside
 the JSON.
 """
@@ -44,18 +44,19 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float | None:
     return None if math.isinf(v) else round(v, 2)
 
 
-def _stored_counts(box: Path) -> tuple[int, int]:
-    """(tiles held as JPEG-XL codestreams, all tiles) of a container."""
+def _stored_counts(box: Path) -> tuple[int, int, int]:
+    """(tiles held as JPEG-XL codestreams, as JPEG 2000 ones, all tiles) of a container."""
     from wsicodec.container import open_container
-    from wsicodec.dicom.source import stored_jpegxl
+    from wsicodec.dicom.source import stored_codestream
 
-    kept = total = 0
+    jxl = j2k = total = 0
     with open_container(box) as c:
         for level in range(c.level_count):
             for col, row, data in c.iter_encoded_tiles(level):
-                kept += stored_jpegxl(data) is not None
+                jxl += stored_codestream(data, "jpegxl") is not None
+                j2k += stored_codestream(data, "jpeg2000") is not None
                 total += 1
-    return kept, total
+    return jxl, j2k, total
 
 
 def _export(box: Path, out: Path, syntax: str, quality: float | None) -> dict:
@@ -111,10 +112,11 @@ def _measure(slide: Path, name: str, codec: str, tmp: Path) -> dict:
     box = tmp / f"{name}.{codec}.zarr.zip"
     t0 = time.perf_counter()
     wsicodec.compress(slide, box, get_codec(codec), workers=2)
-    kept, total = _stored_counts(box)
+    jxl, j2k, total = _stored_counts(box)
     entry = {"slide": name, "codec": codec, "container_bytes": box.stat().st_size,
              "compress_seconds": round(time.perf_counter() - t0, 1),
-             "tiles": total, "tiles_stored_as_jpegxl": kept, "exports": []}
+             "tiles": total, "tiles_stored_as_jpegxl": jxl, "tiles_stored_as_jpeg2000": j2k,
+             "exports": []}
     for label, syntax, quality in EXPORTS:
         out = tmp / f"{name}.{codec}.{syntax}.{quality}"
         try:

@@ -78,7 +78,7 @@ def test_auto_keeps_the_fewer_bytes_of_both_codecs_and_the_floor(he_img):
 
 
 def test_fixup_tiles_may_carry_jpeg2000_and_decode_to_it(he_img, monkeypatch):
-    from wsicodec.dicom.source import stored_jpegxl
+    from wsicodec.dicom.source import stored_codestream
     monkeypatch.setattr(choice, "READER_SLACK_DB", 100.0)      # every network tile a fix-up
     floor = 33.0                      # on this tissue JPEG 2000 wins there (JPEG-XL at 30 dB)
     codec = get_codec("auto", 4, min_psnr=floor)
@@ -91,8 +91,9 @@ def test_fixup_tiles_may_carry_jpeg2000_and_decode_to_it(he_img, monkeypatch):
     for d, (k, _) in zip(out[0].tiles, out[0].records):
         if k == "fixup" and parse_header(d).kind == KIND_FIXUP:
             tail = fixup_parts(d, parse_header(d))[1]
-            # DICOM passes JPEG-XL tails through as they are, never a JPEG 2000 one
-            assert stored_jpegxl(d) == (tail if tail.startswith(JXL_SIGNATURES) else None)
+            # DICOM passes each codec's tails through for that transfer syntax only
+            assert stored_codestream(d, "jpegxl") == (tail if tail.startswith(JXL_SIGNATURES) else None)
+            assert stored_codestream(d, "jpeg2000") == (tail if tail.startswith(J2K_SIGNATURE) else None)
 
 
 def test_a_damaged_jpeg2000_tile_is_an_error_naming_it(he_img):

@@ -1,6 +1,6 @@
 """``decompress --format dicom``: a DICOM WSI series, written by wsidicom, that OpenSlide's
 DICOM driver and wsidicom open with the container's pyramid, mpp, ICC profile and
-associated images; JPEG-XL tiles written without re-coding; atomic, one-line errors."""
+associated images; JPEG-XL and JPEG 2000 tiles written without re-coding; atomic, one-line errors."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from wsicodec.cli import main  # noqa: E402
 from wsicodec.codecs import get_codec  # noqa: E402
 from wsicodec.container import open_container  # noqa: E402
 from wsicodec.dicom import DicomSettings  # noqa: E402
-from wsicodec.dicom.source import stored_jpegxl  # noqa: E402
+from wsicodec.dicom.source import stored_codestream  # noqa: E402
 from wsicodec.pipeline import compress, compress_source  # noqa: E402
 from wsicodec.readback import decompress  # noqa: E402
 from wsicodec.slide import open_slide  # noqa: E402
@@ -25,6 +25,7 @@ from wsicodec.tiling import ArraySource  # noqa: E402
 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 JPEG_XL = "1.2.840.10008.1.2.4.112"
+J2K_SIGNATURE = b"\xff\x4f\xff\x51"
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
@@ -133,11 +134,65 @@ def test_auto_container_passes_its_jpegxl_tiles_and_recodes_the_rest(tmp_path: P
             stored = c.read_encoded_tile(0, col, row)
             frame = w.read_encoded_tile(0, (col, row), crop_to_image_boundary=False)
             kind = records.record(col, row).kind
-            if stored_jpegxl(stored) is not None:
-                assert frame == as_fragment(stored_jpegxl(stored)), (col, row, kind)
+            if stored_codestream(stored, "jpegxl") is not None:
+                assert frame == as_fragment(stored_codestream(stored, "jpegxl")), (col, row, kind)
                 passed += 1
             else:
                 assert frame.startswith(b"\xff\x0a"), (col, row, kind)   # coded as JPEG-XL
+                a = np.asarray(w.read_tile(0, (col, row), crop_to_image_boundary=False))[..., :3]
+                assert psnr(a, c.read_tile(0, col, row)) > 40, (col, row)
+                recoded += 1
+    assert passed and recoded
+
+
+def test_jpeg2000_tiles_go_through_unchanged_and_openslide_reads_them(tmp_path: Path) -> None:
+    """A ``jpeg2000`` container's tiles are the frames, byte for byte (no second lossy
+    generation); OpenSlide's DICOM driver and wsidicom show the container's pixels."""
+    box = tmp_path / "j.zarr"
+    compress_source(ArraySource(textured(300, 420, seed=5), mpp=(0.5, 0.5)), box,
+                    get_codec("jpeg2000", 38), tile_size=128, workers=1)
+    out = tmp_path / "j2k"
+    decompress(box, out, format="dicom", dicom=DicomSettings("jpeg2000"))
+    with wsidicom.WsiDicom.open(out) as w, open_container(box) as c, open_slide(box) as ours:
+        for level, lv in enumerate(w.levels):
+            for col, row in c.grid(level):
+                stored = c.read_encoded_tile(level, col, row)
+                assert stored.startswith(J2K_SIGNATURE)
+                frame = w.read_encoded_tile(level, (col, row), crop_to_image_boundary=False)
+                assert frame == as_fragment(stored), (level, col, row)
+            size = lv.size.to_tuple()
+            np.testing.assert_array_equal(np.asarray(w.read_region((0, 0), level, size))[..., :3],
+                                          ours.read_region((0, 0), level, size, as_array=True))
+        with openslide.OpenSlide(dcm_files(out)[0]) as o:
+            size = o.level_dimensions[0]
+            np.testing.assert_array_equal(np.asarray(o.read_region((0, 0), 0, size))[..., :3],
+                                          ours.read_region((0, 0), 0, size, as_array=True))
+
+
+def test_auto_container_passes_its_jpeg2000_tiles_and_recodes_the_rest(tissue, tmp_path: Path) -> None:
+    """With ``jpeg2000`` frames an auto container's JPEG 2000 tiles keep their bytes; its
+    JPEG-XL, glass and network tiles are coded as JPEG 2000 at the asked PSNR."""
+    pytest.importorskip("torch")
+    img = np.full((256, 512, 3), 236, np.uint8)                 # glass on the right
+    img[:, :384] = tissue[:256, 64:448]                         # he/test tissue: JPEG 2000 wins some
+    box = tmp_path / "a.zarr"
+    compress_source(ArraySource(img, mpp=(0.5, 0.5)), box, get_codec("auto", 4, min_psnr=38.0),
+                    tile_size=128, workers=1)
+    out = tmp_path / "auto"
+    decompress(box, out, format="dicom", dicom=DicomSettings("jpeg2000", 45.0))
+    passed = recoded = 0
+    with wsidicom.WsiDicom.open(out) as w, open_container(box) as c:
+        records = c.tile_records(0)
+        for col, row in c.grid(0):
+            stored = c.read_encoded_tile(0, col, row)
+            frame = w.read_encoded_tile(0, (col, row), crop_to_image_boundary=False)
+            kind = records.record(col, row).kind
+            assert stored_codestream(stored, "jpegxl") is None or stored_codestream(stored, "jpeg2000") is None
+            if stored_codestream(stored, "jpeg2000") is not None:
+                assert frame == as_fragment(stored_codestream(stored, "jpeg2000")), (col, row, kind)
+                passed += 1
+            else:
+                assert frame.startswith(J2K_SIGNATURE), (col, row, kind)   # coded as JPEG 2000
                 a = np.asarray(w.read_tile(0, (col, row), crop_to_image_boundary=False))[..., :3]
                 assert psnr(a, c.read_tile(0, col, row)) > 40, (col, row)
                 recoded += 1

@@ -214,10 +214,10 @@ def _add_decompress(sub: Any, common: argparse.ArgumentParser) -> None:
     d.add_argument("--tiff-quality", type=int, default=DEFAULT_TIFF_QUALITY,
                    help=f"JPEG quality 1-100 (default {DEFAULT_TIFF_QUALITY})")
     d.add_argument("--transfer-syntax", choices=DICOM_SYNTAXES, default=None,
-                   help=f"dicom: how frames are coded: {DEFAULT_DICOM_SYNTAX} (baseline, 4:4:4; the default) or "
-                        "jpeg2000 re-code every tile, and OpenSlide reads both; jpegxl writes "
-                        "the container's JPEG-XL tiles as they are and codes the others as "
-                        "JPEG-XL (wsidicom reads it, OpenSlide 4.0 does not)")
+                   help=f"dicom: how frames are coded: {DEFAULT_DICOM_SYNTAX} (baseline, 4:4:4; the default) "
+                        "re-codes every tile; jpeg2000 writes the container's JPEG 2000 tiles as "
+                        "they are and codes the others as JPEG 2000, and OpenSlide reads both; "
+                        "jpegxl does the same with JPEG-XL (wsidicom reads it, OpenSlide 4.0 does not)")
     d.add_argument("--dicom-quality", type=float, default=None,
                    help="dicom: " + "; ".join(f"{s}: {what} {lo:g}-{hi:g} (default {q:g})"
                                               for s, (q, lo, hi, what) in DICOM_QUALITY.items()))

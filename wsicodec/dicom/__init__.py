@@ -9,15 +9,21 @@ module holds only the settings, so that the command line can check them without 
 
 How each frame is coded (:class:`DicomSettings`, ``--transfer-syntax``):
 
-``jpeg`` (the default), ``jpeg2000``
-    every tile is decoded from the container and coded again by wsidicom's encoders:
+``jpeg`` (the default)
+    every tile is decoded from the container and coded again by wsidicom's encoder:
     JPEG baseline 8-bit with full-resolution chroma (YCbCr 4:4:4: 4:2:2 costs H&E about
     6 dB at the same quality) at a quality of 1-100 (default 95, as the TIFF and SVS
-    outputs), or irreversible JPEG 2000 (``YBR_ICT``) at OpenJPEG's target PSNR in dB.
-    OpenSlide 4.0's DICOM driver reads both.  The JPEG frames are declared
+    outputs).  OpenSlide 4.0's DICOM driver reads it.  The frames are declared
     ``YBR_FULL_422``, as wsidicom declares every YCbCr JPEG and as OpenSlide requires
     (it refuses ``YBR_FULL``, the strict name for unsubsampled YCbCr); decoders take
     the sampling from the JPEG stream itself.
+``jpeg2000``
+    irreversible JPEG 2000 (``YBR_ICT``; OpenSlide 4.0's DICOM driver reads it).  A tile
+    the container already holds as a JPEG 2000 codestream (every tile of a ``jpeg2000``
+    container; the JPEG 2000 tiles and fix-up tails of an ``auto`` one, since
+    2026-12-05) is written byte for byte, not re-coded a second time; every other tile is
+    decoded and coded by wsicodec's ``jpeg2000`` codec (the same OpenJPEG coding, with
+    its colour transform: ``YBR_ICT``) at the target PSNR ``quality`` in dB.
 ``jpegxl``
     a tile the container already holds as a JPEG-XL codestream (every tile of a
     ``jpegxl`` container; the JPEG-XL and fix-up tiles of an ``auto`` one) is written
@@ -80,15 +86,16 @@ class DicomSettings:
 
     @property
     def passthrough(self) -> bool:
-        """Whether the container's JPEG-XL codestreams are written as they are."""
-        return self.syntax == "jpegxl"
+        """Whether the container's codestreams of this syntax (JPEG-XL, JPEG 2000) are
+        written as they are."""
+        return self.syntax in ("jpegxl", "jpeg2000")
 
     def describe(self) -> str:
         """"JPEG q95", "JPEG 2000 40 dB", "JPEG-XL (re-coded tiles: distance 1)"."""
         if self.syntax == "jpeg":
             return f"JPEG q{self.quality}"
         if self.syntax == "jpeg2000":
-            return f"JPEG 2000 {self.quality:g} dB"
+            return f"JPEG 2000 (JPEG 2000 tiles as stored, others at {self.quality:g} dB)"
         return f"JPEG-XL (JPEG-XL tiles as stored, others at distance {self.quality:g})"
 
 

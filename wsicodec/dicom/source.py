@@ -31,8 +31,8 @@ from wsicodec.errors import InvalidSettingError
 #: the container's associated images and the DICOM image types they are written as
 ASSOCIATED_TYPES = {"label": ImageType.LABEL, "macro": ImageType.OVERVIEW,
                     "thumbnail": ImageType.THUMBNAIL}
-#: tile codecs whose tiles may be JPEG-XL codestreams (passed through by ``jpegxl``)
-JPEGXL_CODECS = ("jpegxl", "auto")
+#: per passthrough syntax, the tile codecs whose tiles may be codestreams of it
+PASSTHROUGH_CODECS = {"jpegxl": ("jpegxl", "auto"), "jpeg2000": ("jpeg2000", "auto")}
 
 #: what the container does not know and DICOM requires a value for (wsidicom's word)
 UNKNOWN = "Unknown"
@@ -51,21 +51,22 @@ def frame_encoder(settings: DicomSettings) -> Encoder:
     return Encoder.create_for_settings(JpegXlSettings(channels=Channels.RGB))
 
 
-def stored_jpegxl(data: bytes) -> bytes | None:
-    """The JPEG-XL codestream that gives a stored tile its pixels, or None: the tile
-    itself when it is one (a ``jpegxl`` container's, an ``auto`` container's JPEG-XL
-    tile), the codestream part of an ``auto`` fix-up tile when it is JPEG-XL, else None
-    (learned, glass, JPEG 2000)."""
-    from wsicodec.learned.grid import JXL_SIGNATURES
+def stored_codestream(data: bytes, syntax: str) -> bytes | None:
+    """The ``syntax`` ("jpegxl" or "jpeg2000") codestream that gives a stored tile its
+    pixels, or None: the tile itself when it is one (a ``jpegxl`` / ``jpeg2000``
+    container's, an ``auto`` container's bare tile), the codestream part of an ``auto``
+    fix-up tile when it is one, else None (learned, glass, the other codec)."""
+    from wsicodec.learned.grid import J2K_SIGNATURE, JXL_SIGNATURES
     from wsicodec.learned.tileformat import KIND_FIXUP, MAGIC, fixup_parts, parse_header
 
-    if data.startswith(JXL_SIGNATURES):
+    signatures = JXL_SIGNATURES if syntax == "jpegxl" else (J2K_SIGNATURE,)
+    if data.startswith(signatures):
         return data
     if data[:4] == MAGIC:
         hd = parse_header(data)
         if hd.kind == KIND_FIXUP:
             tail = fixup_parts(data, hd)[1]
-            return tail if tail.startswith(JXL_SIGNATURES) else None     # else JPEG 2000
+            return tail if tail.startswith(signatures) else None
     return None
 
 
@@ -80,7 +81,7 @@ class _Frames(ImageData):
         self._size = Size(*size)
         self._tile = Size(*tile)
         self._spacing = SizeMm(*spacing_mm) if spacing_mm else None
-        self._jxl: Any = None
+        self._coder: Any = None
 
     @property
     def transfer_syntax(self) -> Any:
@@ -138,17 +139,18 @@ class _Frames(ImageData):
         return next(iter(self.get_encoded_tiles([tile], z, path)))
 
     def get_encoded_tiles(self, tiles: Iterable[Point], z: float, path: str) -> Iterator[bytes]:
-        """Only for ``jpegxl`` (wsidicom re-codes otherwise): each tile coded as
-        JPEG-XL by wsicodec's ``jpegxl`` codec."""
-        return iter([self._code_jpegxl(t)
-                     for t in self.get_decoded_tiles(list(tiles), z, path, False)])
+        """Only for a passthrough syntax (wsidicom re-codes otherwise): each tile coded by
+        wsicodec's codec of that syntax."""
+        return iter([self._code(t) for t in self.get_decoded_tiles(list(tiles), z, path, False)])
 
-    def _code_jpegxl(self, pixels: np.ndarray) -> bytes:
-        if self._jxl is None:
+    def _code(self, pixels: np.ndarray) -> bytes:
+        """``pixels`` coded by wsicodec's ``jpegxl`` or ``jpeg2000`` codec at the
+        settings' quality: the coding the stored codestreams passed through have."""
+        if self._coder is None:
             from wsicodec.codecs import get_codec
 
-            self._jxl = get_codec("jpegxl", self._settings.quality)
-        return self._jxl.encode(np.ascontiguousarray(pixels))
+            self._coder = get_codec(self._settings.syntax, self._settings.quality)
+        return self._coder.encode(np.ascontiguousarray(pixels))
 
 
 class LevelFrames(_Frames):
@@ -164,8 +166,8 @@ class LevelFrames(_Frames):
         self._level = level
         self._cols = container.grid(level).cols
         self._progress = progress
-        self._passthrough = (settings.passthrough
-                             and container.metadata.codec.get("name") in JPEGXL_CODECS)
+        self._passthrough = (settings.passthrough and container.metadata.codec.get("name")
+                             in PASSTHROUGH_CODECS[settings.syntax])
 
     @property
     def suggested_minimum_chunk_size(self) -> int:
@@ -180,17 +182,18 @@ class LevelFrames(_Frames):
         return iter(out)
 
     def get_encoded_tiles(self, tiles: Iterable[Point], z: float, path: str) -> Iterator[bytes]:
-        """Each tile's stored JPEG-XL codestream as it is (checked against its CRC and
-        digest on reading), the others decoded (with their neighbours, in one call) and
-        coded as JPEG-XL."""
+        """Each tile's stored codestream of the settings' syntax as it is (checked against
+        its CRC and digest on reading), the others decoded (with their neighbours, in one
+        call) and coded in that syntax."""
         points = list(tiles)
         out: list[bytes | None] = [None] * len(points)
         if self._passthrough:
             for i, p in enumerate(points):
-                out[i] = stored_jpegxl(self._container.read_encoded_tile(self._level, p.x, p.y))
+                out[i] = stored_codestream(self._container.read_encoded_tile(self._level, p.x, p.y),
+                                           self._settings.syntax)
         rest = [p for p, o in zip(points, out) if o is None]
         if rest:
-            coded = iter([self._code_jpegxl(px) for px in self.get_decoded_tiles(rest, z, path)])
+            coded = iter([self._code(px) for px in self.get_decoded_tiles(rest, z, path)])
             out = [o if o is not None else next(coded) for o in out]
         if self._progress:
             self._progress(len(points))
@@ -339,4 +342,4 @@ class ContainerSource(Source):
 
 
 __all__ = ["ASSOCIATED_TYPES", "ContainerSource", "ImageFrames",
-           "LevelFrames", "frame_encoder", "stored_jpegxl", "wsi_metadata"]
+           "LevelFrames", "frame_encoder", "stored_codestream", "wsi_metadata"]
