@@ -95,7 +95,7 @@ class AutoCodec(TileCodec):
                 and 0 <= seam_search <= MAX_SEAM_SEARCH):
             raise InvalidSettingError(f"auto codec seam_search must be an integer in 0..{MAX_SEAM_SEARCH} "
                                       f"(steps; 0: off), got {seam_search!r:.40}")
-        if jpeg2000 not in (True, False) or not isinstance(jpeg2000, (bool, int)):
+        if not (isinstance(jpeg2000, int) and jpeg2000 in (0, 1)):                # bool is an int
             raise InvalidSettingError(f"auto codec jpeg2000 must be true or false (1 or 0), "
                                       f"got {jpeg2000!r:.40}")
         jpeg2000 = bool(jpeg2000)

@@ -193,15 +193,16 @@ def fit_jpeg2000(tile: np.ndarray, target: float, valid: tuple[int, int] | None 
         tolerance = EDGE_TOLERANCE if reference is None else max(EDGE_TOLERANCE,
                                                                    edge_error(reference, tile, mask))
         if edge_error(kept.pixels, tile, mask) > tolerance:
-            kept = _raise_for_glass(tile, valid, kept, mask, tolerance, budget)
-    return None if kept is None or (budget is not None and kept.equal_bytes >= budget) else kept
+            return _raise_for_glass(tile, valid, kept, mask, tolerance, budget)
+    return kept
 
 
 def _raise_for_glass(tile: np.ndarray, valid: tuple[int, int], kept: TileFit, mask: np.ndarray,
                      tolerance: float, budget: float | None) -> TileFit | None:
     """``kept`` coded at levels :data:`EDGE_STEP` dB higher until the glass at its edges is
     within ``tolerance``; its own bytes then count whole (the PSNR above the target buys
-    the glass).  None after :data:`EDGE_TRIES` steps, or once over ``budget``."""
+    the glass: its ``equal_bytes`` are its size).  None after :data:`EDGE_TRIES` steps, or
+    once over ``budget``."""
     level = kept.setting
     for _ in range(EDGE_TRIES):
         level = min(level + EDGE_STEP, MAX_LEVEL)
