@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,8 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.jxl_effort import he_tiles, slide_tiles  # noqa: E402
-from bench.report import log, run_environment, write_json  # noqa: E402
+from bench.jxl_effort import tile_sets, write_results  # noqa: E402
+from bench.report import log  # noqa: E402
 
 
 def fit_set(tiles: list[np.ndarray], target: float, effort: int) -> dict:
@@ -88,19 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "j2k_tiles.json")
     args = ap.parse_args(argv)
     targets = [float(t) for t in args.targets.split(",")]
-    sets = {"cmu": slide_tiles("svs-jpeg", args.per_slide), "tcga": slide_tiles("svs-jpeg2000", args.per_slide),
-            "he_test": he_tiles(args.he_images)}
+    sets = tile_sets(args.per_slide, args.he_images)
     results = {}
     for name, tiles in sets.items():
         for target in targets:
             row = fit_set(tiles, target, DEFAULT_EFFORT)
             log(f"{name} {target:g} dB: {json.dumps(row)}")
             results[f"{name}@{target:g}"] = row
-    doc = {"what": __doc__.split("\n\n")[0],
-           "environment": {**run_environment(REPO, ("imagecodecs", "numpy")),
-                           "loadavg_end": os.getloadavg()},
-           "jpegxl_effort": DEFAULT_EFFORT, "results": results}
-    write_json(args.out, doc)
+    write_results(args.out, __doc__.split("\n\n")[0], results, jpegxl_effort=DEFAULT_EFFORT)
     return 0
 
 

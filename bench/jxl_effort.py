@@ -66,6 +66,21 @@ def he_tiles(images: int) -> list[np.ndarray]:
     return out
 
 
+def tile_sets(per_slide: int, he_images: int) -> dict[str, list[np.ndarray]]:
+    """The sampled tiles by set: cmu and tcga (:func:`slide_tiles`), he_test (:func:`he_tiles`)."""
+    return {"cmu": slide_tiles("svs-jpeg", per_slide), "tcga": slide_tiles("svs-jpeg2000", per_slide),
+            "he_test": he_tiles(he_images)}
+
+
+def write_results(out: Path, what: str, results: dict, **fields: object) -> None:
+    """``results`` (by "set@target") written to ``out`` as JSON with ``what`` (a module's
+    first docstring paragraph), the environment and the load at the end, and ``fields``."""
+    write_json(out, {"what": what,
+                     "environment": {**run_environment(REPO, ("imagecodecs", "numpy")),
+                                     "loadavg_end": os.getloadavg()},
+                     **fields, "results": results})
+
+
 def main(argv: list[str] | None = None) -> int:
     from wsicodec.learned.jxlfit import fit_jpegxl
 
@@ -78,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     efforts = [int(e) for e in args.efforts.split(",")]
     targets = [float(t) for t in args.targets.split(",")]
-    sets = {"cmu": slide_tiles("svs-jpeg", args.per_slide), "tcga": slide_tiles("svs-jpeg2000", args.per_slide),
-            "he_test": he_tiles(args.he_images)}
+    sets = tile_sets(args.per_slide, args.he_images)
     results = {}
     for name, tiles in sets.items():
         for target in targets:
@@ -100,11 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                     k: round(r[k] / first[k], 4) for k in ("bytes", "equal_bytes", "fit_s")}
             log(f"{name} {target:g} dB: {json.dumps(row)}")
             results[f"{name}@{target:g}"] = row
-    doc = {"what": __doc__.split("\n\n")[0],
-           "environment": {**run_environment(REPO, ("imagecodecs", "numpy")),
-                           "loadavg_end": os.getloadavg()},
-           "efforts": efforts, "results": results}
-    write_json(args.out, doc)
+    write_results(args.out, __doc__.split("\n\n")[0], results, efforts=efforts)
     return 0
 
 
