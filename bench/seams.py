@@ -92,7 +92,7 @@ def _slide_grid(slide: Path, spec: str) -> dict:
 
 def _tile_kind(data: bytes) -> str:
     """"learned", "glass", "fixup", "jpeg2000" or "jpegxl": what a tile of an auto stream is."""
-    from wsicodec.learned.grid import J2K_SIGNATURE
+    from wsicodec.classical import J2K_SIGNATURE
     from wsicodec.learned.tileformat import GLASS_KINDS, KIND_FIXUP, MAGIC, parse_header
     if data[:4] != MAGIC:
         return "jpeg2000" if data.startswith(J2K_SIGNATURE) else "jpegxl"

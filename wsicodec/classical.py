@@ -74,6 +74,12 @@ def _check_decoded(codec: str, data: bytes, decode: Callable[..., np.ndarray],
     return out
 
 
+#: first bytes of a JPEG-XL codestream and of a JPEG-XL container
+JXL_SIGNATURES = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")
+#: first bytes of a JPEG 2000 codestream (SOC and SIZ markers), as :class:`Jpeg2000Codec` writes
+J2K_SIGNATURE = b"\xff\x4f\xff\x51"
+
+
 def _imagecodecs_has(attr: str) -> bool:
     """The one place backend availability is probed."""
     try:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
 
 import numpy as np
 
+from wsicodec.classical import J2K_SIGNATURE, JXL_SIGNATURES
 from wsicodec.codecs import Run
 from wsicodec.errors import CorruptDataError
 
@@ -29,10 +30,6 @@ if TYPE_CHECKING:
 #: the kind the learned decoder gives a bare tile of a mixed grid: a classical codestream
 #: (JPEG-XL or JPEG 2000) decoded to its own pixels, not a learned tile
 KIND_BARE = -1
-#: first bytes of a JPEG-XL codestream and of a JPEG-XL container
-JXL_SIGNATURES = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")
-#: first bytes of a JPEG 2000 codestream (SOC and SIZ markers)
-J2K_SIGNATURE = b"\xff\x4f\xff\x51"
 #: what a bare tile of a mixed grid (or a fix-up tile's tail) may start with
 BARE_SIGNATURES = JXL_SIGNATURES + (J2K_SIGNATURE,)
 #: a grid's network tiles are entropy-decoded in chunks, one per call of the caller's
