@@ -1,8 +1,8 @@
-"""Fuzz wsicodec's container readers: seeded mutations of a small jpegxl and a small
-learned container, each read every way a user would (bench/fuzzlib.py says how, and
-what counts as a failure).
+"""Fuzz wsicodec's container readers: seeded mutations of a small jpegxl, a small learned
+and a small auto container (a mixed grid with bare JPEG 2000 and JPEG-XL tiles), each read
+every way a user would (bench/fuzzlib.py says how, and what counts as a failure).
 
-    python bench/fuzz.py [--cases 1200] [--seed 2026] [--learned-share 0.3]
+    python bench/fuzz.py [--cases 1200] [--seed 2026] [--learned-share 0.3] [--auto-share 0.2]
                          [--out bench/results/fuzz.json]
     python bench/fuzz.py --replay '{"codec": "learned", "kind": "learned_header_forged", "seed": 123}'
 
@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--learned-share", type=float, default=0.3,
                     help="share of the cases on the learned container (default 0.3)")
+    ap.add_argument("--auto-share", type=float, default=0.2,
+                    help="share of the cases on the auto container (default 0.2); jpegxl gets the rest")
     ap.add_argument("--parallel", type=int, default=2, help="worker processes at once")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "fuzz.json")
     ap.add_argument("--work", type=Path, default=None,
@@ -61,16 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     bases = fuzzlib.make_bases(work / "bases")
     t_bases = time.perf_counter() - t0
-    cases = fuzzlib.cases(args.cases, args.seed, args.learned_share)
+    cases = fuzzlib.cases(args.cases, args.seed, args.learned_share, args.auto_share)
     records = fuzzlib.run_cases(cases, bases, work / "run", parallel=args.parallel,
                                 log=lambda m: print(m, file=sys.stderr))
     summary = fuzzlib.summarize(records)
     result = {
-        "what": "seeded mutations of a small jpegxl and a small learned container, each read "
+        "what": "seeded mutations of a small jpegxl, a small learned and a small auto container, each read "
                 "with verify(decode=True), open_slide().read_region of every level and every "
                 "associated image, and decompress (bench/fuzzlib.py)",
         "command": f"python bench/fuzz.py --cases {args.cases} --seed {args.seed} "
-                   f"--learned-share {args.learned_share}",
+                   f"--learned-share {args.learned_share} --auto-share {args.auto_share}",
         "seed": args.seed, "base_sizes": {k: list(v) for k, v in fuzzlib.SIZES.items()},
         "tile_size": fuzzlib.TILE, "case_timeout_s": fuzzlib.CASE_TIMEOUT_S,
         "memory_cap_mb": fuzzlib.MEMORY_CAP_BYTES >> 20,

@@ -1,7 +1,8 @@
 """The base containers of the fuzzing harness (``bench/fuzzlib.py``): per codec, a small
 container of a crop of an he/test image (or a synthetic image without the shared data), a
 zipped copy and a container of another crop for splicing; optionally rewritten as format 4 with a
-fidelity map.
+fidelity map.  The ``auto`` base is a mixed grid: glass, network, JPEG 2000, JPEG-XL and
+fix-up tiles (its settings, :data:`SETTINGS`, are chosen so that every kind is there).
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 HE_TEST_PNG = REPO.parent / "shared" / "data" / "he" / "test" / "TCGA-2Z-A9J9-01A-01-TS1.png"
 TILE = 64
-#: level-0 size of each codec's base container (width, height): the learned one is smaller,
-#: each of its cases decodes the whole pyramid three times through torch
-SIZES = {"jpegxl": (300, 219), "learned": (192, 160)}
+#: level-0 size of each codec's base container (width, height): the learned and auto ones are
+#: smaller, each of their cases decodes the whole pyramid three times through torch
+SIZES = {"jpegxl": (300, 219), "learned": (192, 160), "auto": (192, 160)}
 CODECS = tuple(SIZES)
+#: each codec's settings for its base: auto at quality 4 with a 34 dB floor writes every tile
+#: kind on the he/test crop (glass, network, JPEG 2000, JPEG-XL, a fix-up tile)
+SETTINGS: dict[str, dict] = {"auto": {"quality": 4, "min_psnr": 34.0}}
 
 
 def base_image(codec: str, other: bool = False) -> np.ndarray:
@@ -54,7 +58,7 @@ def make_bases(folder: Path, codecs: tuple[str, ...] = CODECS,
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
     for codec in codecs:
-        c = get_codec(codec)
+        c = get_codec(codec, **SETTINGS.get(codec, {}))
         for name, other in ((codec, False), (f"{codec}-other", True)):
             img = base_image(codec, other)
             src = ArraySource(img, mpp=(0.25, 0.25), properties={"x.key": "v"},

@@ -1,7 +1,10 @@
-"""The fuzzing harness's codec-stream forgeries: valid or subtly wrong JPEG-XL tiles and edited
-learned tiles (header fields, entropy-coded streams, glass tiles), each written in place of a
-tile with every digest forged (:func:`~bench.fuzz_store.forge`), so that only the decoder's own
-checks stand between the edit and the pixels. Mutation signature as in ``bench/fuzz_mutations.py``.
+"""The fuzzing harness's codec-stream forgeries: valid or subtly wrong JPEG-XL tiles, edited
+learned tiles (header fields, entropy-coded streams, glass tiles) and, in an ``auto``
+container's mixed grid, edited bare JPEG 2000 / JPEG-XL tiles (their bytes, the JPEG 2000
+image header, valid codestreams of another geometry), each written in place of a tile with
+every digest forged (:func:`~bench.fuzz_store.forge`), so that only the decoder's own checks
+(and OpenJPEG's and libjxl's) stand between the edit and the pixels. Mutation signature as in
+``bench/fuzz_mutations.py``.
 """
 
 from __future__ import annotations
@@ -46,16 +49,24 @@ def jxl_valid_forged(rng: random.Random, work: Path, ctx: dict) -> str:
     return f"valid 64x64 JPEG-XL of other content at level {level} ({col},{row}), digests forged"
 
 
-def _learned_tiles(work: Path, kind: int) -> list[tuple[int, int, int]]:
+def _tiles_where(work: Path, keep) -> list[tuple[int, int, int]]:
+    """(level, col, row) of every tile whose stored bytes ``keep`` accepts."""
     out = []
     for level in range(level_count(work)):
         rows, cols = level_grid(work, level)
         for row in range(rows):
             for col in range(cols):
-                data = read_tile(tile_path(work, level, col, row))
-                if len(data) > 5 and data[:4] == b"WSLT" and data[5] == kind:
+                if keep(read_tile(tile_path(work, level, col, row))):
                     out.append((level, col, row))
     return out
+
+
+def _learned_tiles(work: Path, *kinds: int) -> list[tuple[int, int, int]]:
+    return _tiles_where(work, lambda d: len(d) > 5 and d[:4] == b"WSLT" and d[5] in kinds)
+
+
+#: the learned tile kinds a network tile is stored as: 0, and 5 beside bare tiles (auto)
+_NETWORK = (0, 5)
 
 
 #: (offset, struct format, name) of a learned network tile's header fields
@@ -69,7 +80,7 @@ def learned_header_forged(rng: random.Random, work: Path, ctx: dict) -> str:
     """One header field of a network-coded learned tile changed, digests forged: what the
     decoder checks (header consistency, geometry, symbol checksum, model id, the tile
     format and quality the container was written with) must catch it."""
-    level, col, row = rng.choice(_learned_tiles(work, 0))
+    level, col, row = rng.choice(_learned_tiles(work, *_NETWORK))
     p = tile_path(work, level, col, row)
     data = bytearray(read_tile(p))
     off, fmt, name = rng.choice(_LEARNED_FIELDS)
@@ -99,7 +110,7 @@ def learned_header_forged(rng: random.Random, work: Path, ctx: dict) -> str:
 def learned_stream_forged(rng: random.Random, work: Path, ctx: dict) -> str:
     """Bits of a network tile's z or y stream flipped (or the stream cut or grown), digests
     forged: the symbol checksum must catch it."""
-    level, col, row = rng.choice(_learned_tiles(work, 0))
+    level, col, row = rng.choice(_learned_tiles(work, *_NETWORK))
     p = tile_path(work, level, col, row)
     data = read_tile(p)
     head = 36
@@ -115,7 +126,7 @@ def learned_glass_forged(rng: random.Random, work: Path, ctx: dict) -> str:
     the tile cut short, digests forged.  A glass tile carries no checksum: a well-formed
     edit (another colour or plane) is a valid stream of the right size (undetectable by
     design); a malformed one (count, size, length, a mean past 255) must be caught."""
-    level, col, row = rng.choice(_learned_tiles(work, 1) + _learned_tiles(work, 3) + _learned_tiles(work, 4))
+    level, col, row = rng.choice(_learned_tiles(work, 1, 3, 4))
     p = tile_path(work, level, col, row)
     data = bytearray(read_tile(p))
     plane = data[5] in (3, 4)
@@ -134,3 +145,87 @@ def learned_glass_forged(rng: random.Random, work: Path, ctx: dict) -> str:
     write_tile(p, bytes(data))
     forge(work)
     return f"glass tile level {level} ({col},{row}) {what} changed, digests forged"
+
+
+# -- bare tiles of an auto container's mixed grid: JPEG 2000 (J2K codestream) or JPEG-XL
+
+def _bare_tiles(work: Path, j2k_only: bool = False) -> list[tuple[int, int, int]]:
+    from wsicodec.classical import J2K_SIGNATURE, JXL_SIGNATURES
+
+    return _tiles_where(work, lambda d: d.startswith((J2K_SIGNATURE,) + (() if j2k_only else JXL_SIGNATURES)))
+
+
+def bare_stream_forged(rng: random.Random, work: Path, ctx: dict) -> str:
+    """Bytes of a bare JPEG 2000 or JPEG-XL tile flipped, overwritten, cut or grown,
+    digests forged.  Neither codestream carries a checksum, so an edit that still decodes
+    is a valid stream of the right size (undetectable by design); OpenJPEG and libjxl must
+    refuse the rest cleanly, with no crash, hang or runaway allocation."""
+    level, col, row = rng.choice(_bare_tiles(work))
+    p = tile_path(work, level, col, row)
+    data = read_tile(p)
+    how = rng.choice(("bitflip", "bitflip", "overwrite", "truncate", "extend"))
+    head = 4 if rng.random() < 0.8 else 0       # mostly past the signature that routes it
+    write_tile(p, data[:head] + bytes_mutation(rng, data[head:], how))
+    forge(work)
+    return f"{how} in bare tile level {level} ({col},{row}) ({data[:2].hex()}...), digests forged"
+
+
+#: (offset from the codestream's start, struct format, name) of the JPEG 2000 main header's
+#: SIZ fields (the image and tile geometry, components, precision, subsampling) and of the
+#: COD marker segment that follows it in OpenJPEG's codestreams
+_SIZ_FIELDS = [(6, ">H", "Rsiz"), (8, ">I", "Xsiz"), (12, ">I", "Ysiz"), (16, ">I", "XOsiz"),
+               (20, ">I", "YOsiz"), (24, ">I", "XTsiz"), (28, ">I", "YTsiz"), (32, ">I", "XTOsiz"),
+               (36, ">I", "YTOsiz"), (40, ">H", "Csiz"), (42, "B", "Ssiz0"), (43, "B", "XRsiz0"),
+               (44, "B", "YRsiz0"), (45, "B", "Ssiz1"), (48, "B", "Ssiz2"), (50, "B", "YRsiz2")]
+_COD_FIELDS = [(5, "B", "Scod"), (6, "B", "progression"), (7, ">H", "layers"), (9, "B", "mct"),
+               (10, "B", "levels"), (11, "B", "xcb"), (12, "B", "ycb"), (13, "B", "cbstyle"),
+               (14, "B", "transform")]
+
+
+def j2k_header_forged(rng: random.Random, work: Path, ctx: dict) -> str:
+    """One field of a bare JPEG 2000 tile's main header (SIZ: sizes, offsets, tiling,
+    components, precision, subsampling; COD: layers, decomposition levels, code-block size,
+    transform) set to an edge value, digests forged.  The declared geometry is checked before
+    anything of its size is allocated; an edit that still decodes to a 3-channel 8-bit image
+    of the tile's size is a valid stream (undetectable by design)."""
+    level, col, row = rng.choice(_bare_tiles(work, j2k_only=True))
+    p = tile_path(work, level, col, row)
+    data = bytearray(read_tile(p))
+    cod = data.find(b"\xff\x52")
+    fields = _SIZ_FIELDS + ([(cod + o, f, n) for o, f, n in _COD_FIELDS] if cod > 0 else [])
+    off, fmt, name = rng.choice(fields)
+    (old,) = struct.unpack_from(fmt, data, off)
+    lim = {"B": 255, ">H": 65535, ">I": 2 ** 32 - 1}[fmt]
+    new = min(max(rng.choice([0, 1, old + 1, old - 1, old * 2, old * 1000, lim, lim // 2,
+                              rng.randrange(lim + 1)]), 0), lim)
+    if new == old:
+        new = (old + 1) % (lim + 1)
+    struct.pack_into(fmt, data, off, new)
+    write_tile(p, bytes(data))
+    forge(work)
+    return f"bare JPEG 2000 tile level {level} ({col},{row}) {name} {old} -> {new}, digests forged"
+
+
+def bare_wrong_size_forged(rng: random.Random, work: Path, ctx: dict) -> str:
+    """A valid JPEG 2000 or JPEG-XL codestream of another geometry (size, channels) or
+    with 16-bit samples in place of a bare tile, digests forged: the decode's geometry and
+    sample checks must refuse it."""
+    import imagecodecs
+
+    from wsicodec.classical import J2K_SIGNATURE
+
+    level, col, row = rng.choice(_bare_tiles(work))
+    p = tile_path(work, level, col, row)
+    data = read_tile(p)
+    h0, w0 = (imagecodecs.jpeg2k_decode if data.startswith(J2K_SIGNATURE) else imagecodecs.jpegxl_decode)(data).shape[:2]
+    h, w = rng.choice(((32, 32), (1, 1), (128, 128), (h0, w0 + 1), (h0 + 1, w0), (h0, w0), (h0, w0)))
+    deep = rng.random() < 0.3
+    channels = rng.choice((1, 3, 4)) if (h, w) != (h0, w0) or deep else rng.choice((1, 4))
+    img = np.random.default_rng(rng.getrandbits(32)).integers(0, 65536 if deep else 256, (h, w, channels),
+                                                              np.uint16 if deep else np.uint8)
+    img = np.ascontiguousarray(img[..., 0] if channels == 1 else img)
+    j2k = rng.random() < 0.5
+    write_tile(p, bytes(imagecodecs.jpeg2k_encode(img, level=40)) if j2k else _jxl(img))
+    forge(work)
+    return (f"valid {w}x{h}x{channels} {'16' if deep else '8'}-bit {'JPEG 2000' if j2k else 'JPEG-XL'} "
+            f"in place of bare tile level {level} ({col},{row}), digests forged")

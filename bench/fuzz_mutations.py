@@ -18,7 +18,8 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
-from bench.fuzz_forgeries import (jxl_valid_forged, jxl_wrong_size_forged, learned_glass_forged,
+from bench.fuzz_forgeries import (bare_stream_forged, bare_wrong_size_forged, j2k_header_forged,
+                                  jxl_valid_forged, jxl_wrong_size_forged, learned_glass_forged,
                                   learned_header_forged, learned_stream_forged)
 from bench.fuzz_store import (Checks, bytes_mutation, container_files, forge, level_count, level_grid,
                               random_tile, tile_path)
@@ -94,7 +95,9 @@ def tile_splice_forged(rng: random.Random, work: Path, ctx: dict) -> str:
 
 
 def cross_codec_forged(rng: random.Random, work: Path, ctx: dict) -> str:
-    """A tile of the other codec's container at the same place, digests forged."""
+    """A tile of another codec's container at the same place (level 0), digests forged: a
+    learned tile in a jpegxl container, a JPEG-XL tile in a learned or an auto one (where
+    level 0's kinds are all but JPEG-XL; a learned tile would be a valid tile there)."""
     other_codec = "learned" if ctx["codec"] == "jpegxl" else "jpegxl"
     other = ctx["bases"][other_codec]
     (r1, c1), (r2, c2) = level_grid(work, 0), level_grid(other, 0)
@@ -275,47 +278,51 @@ class _quiet:
 
 
 #: kind -> (codecs it applies to, function); "zip_*" kinds work on the .zarr.zip copy
-BOTH, JXL, LEARNED = ("jpegxl", "learned"), ("jpegxl",), ("learned",)
+ALL, JXL, NETWORK, AUTO = ("jpegxl", "learned", "auto"), ("jpegxl",), ("learned", "auto"), ("auto",)
 KINDS: dict[str, tuple[tuple[str, ...], Callable]] = {
-    "file_bitflip": (BOTH, _file_bytes("bitflip")),
-    "file_overwrite": (BOTH, _file_bytes("overwrite")),
-    "file_truncate": (BOTH, _file_bytes("truncate")),
-    "file_extend": (BOTH, _file_bytes("extend")),
-    "zip_bitflip": (BOTH, _zip_bytes("bitflip")),
-    "zip_overwrite": (BOTH, _zip_bytes("overwrite")),
-    "zip_truncate": (BOTH, _zip_bytes("truncate")),
-    "zip_extend": (BOTH, _zip_bytes("extend")),
-    "zip_append_json": (BOTH, zip_append_json),
-    "zip_duplicate_member": (BOTH, zip_duplicate_member),
-    "zip_inflating_member": (BOTH, zip_inflating_member),
-    "tile_swap": (BOTH, _swap_tiles(False)),
-    "tile_swap_with_checks": (BOTH, _swap_tiles(True)),
-    "tile_splice": (BOTH, tile_splice),
-    "tile_splice_forged": (BOTH, tile_splice_forged),
-    "cross_codec_forged": (BOTH, cross_codec_forged),
-    "chunk_delete": (BOTH, chunk_delete),
-    "fifo": (BOTH, replace_fifo),
-    "symlink": (BOTH, replace_symlink),
-    "json_root_edit": (BOTH, json_root_edit),
-    "json_root_edit_forged": (BOTH, json_root_edit_forged),
-    "json_array_edit": (BOTH, json_array_edit),
-    "json_array_shape": (BOTH, json_array_shape),
+    "file_bitflip": (ALL, _file_bytes("bitflip")),
+    "file_overwrite": (ALL, _file_bytes("overwrite")),
+    "file_truncate": (ALL, _file_bytes("truncate")),
+    "file_extend": (ALL, _file_bytes("extend")),
+    "zip_bitflip": (ALL, _zip_bytes("bitflip")),
+    "zip_overwrite": (ALL, _zip_bytes("overwrite")),
+    "zip_truncate": (ALL, _zip_bytes("truncate")),
+    "zip_extend": (ALL, _zip_bytes("extend")),
+    "zip_append_json": (ALL, zip_append_json),
+    "zip_duplicate_member": (ALL, zip_duplicate_member),
+    "zip_inflating_member": (ALL, zip_inflating_member),
+    "tile_swap": (ALL, _swap_tiles(False)),
+    "tile_swap_with_checks": (ALL, _swap_tiles(True)),
+    "tile_splice": (ALL, tile_splice),
+    "tile_splice_forged": (ALL, tile_splice_forged),
+    "cross_codec_forged": (ALL, cross_codec_forged),
+    "chunk_delete": (ALL, chunk_delete),
+    "fifo": (ALL, replace_fifo),
+    "symlink": (ALL, replace_symlink),
+    "json_root_edit": (ALL, json_root_edit),
+    "json_root_edit_forged": (ALL, json_root_edit_forged),
+    "json_array_edit": (ALL, json_array_edit),
+    "json_array_shape": (ALL, json_array_shape),
     "jxl_wrong_size_forged": (JXL, jxl_wrong_size_forged),
     "jxl_valid_forged": (JXL, jxl_valid_forged),
-    "learned_header_forged": (LEARNED, learned_header_forged),
-    "learned_stream_forged": (LEARNED, learned_stream_forged),
-    "learned_glass_forged": (LEARNED, learned_glass_forged),
+    "learned_header_forged": (NETWORK, learned_header_forged),
+    "learned_stream_forged": (NETWORK, learned_stream_forged),
+    "learned_glass_forged": (NETWORK, learned_glass_forged),
+    "bare_stream_forged": (AUTO, bare_stream_forged),
+    "j2k_header_forged": (AUTO, j2k_header_forged),
+    "bare_wrong_size_forged": (AUTO, bare_wrong_size_forged),
 }
 
 #: Kinds whose forged result may be a *valid* container that decodes to other pixels: a
 #: tile replaced by a valid stream of the right size (another container's tile, a fresh
-#: JPEG-XL tile, a glass tile of another colour: glass tiles carry no checksum) or
-#: metadata edited into other valid metadata, every digest recomputed.  Nothing short of
+#: JPEG-XL tile, a glass tile of another colour: glass tiles carry no checksum; a bare
+#: JPEG 2000 / JPEG-XL tile edited into another decodable codestream: neither carries a
+#: checksum) or metadata edited into other valid metadata, every digest recomputed.  Nothing short of
 #: a signature over the metadata digest can tell these from the original, so other
 #: pixels without an error are "undetectable", not a failure.  Errors and unchanged
 #: pixels are fine for them too; a traceback, hang or memory blow-up still fails.
 UNDETECTABLE_KINDS = ("tile_splice_forged", "jxl_valid_forged", "learned_glass_forged",
-                      "json_root_edit_forged")
+                      "json_root_edit_forged", "bare_stream_forged", "j2k_header_forged")
 #: of those, the forged metadata edits: they may change a level's size, never a pixel
 #: the original and the edited level share (checked)
 GEOMETRY_KINDS = ("json_root_edit_forged",)

@@ -87,7 +87,9 @@ def read_everything(path: Path, tmp: Path) -> dict[str, Any]:
         t = tmp / "out.tiff"
         decompress(path, t, workers=1, overwrite=True)
         with tifffile.TiffFile(t) as tf:
-            levels = [lv.asarray() for lv in tf.series[0].levels]
+            # every page (one per level): tifffile's series leaves out a reduced page whose
+            # size is not a pyramid step of the one before (a forged level size makes one)
+            levels = [page.asarray() for page in tf.pages]
         t.unlink()
         for i, a in enumerate(levels):
             shapes[f"tiff{i}"] = a

@@ -63,12 +63,15 @@ __all__ = ["CASE_TIMEOUT_S", "CODECS", "HE_TEST_PNG", "KINDS", "MEMORY_CAP_BYTES
 WATCHDOG_S = 90
 
 
-def cases(n: int, seed: int, learned_share: float = 0.3,
+def cases(n: int, seed: int, learned_share: float = 0.3, auto_share: float = 0.2,
           codecs: tuple[str, ...] = CODECS) -> list[dict[str, Any]]:
-    """``n`` cases from ``seed``: each codec gets its share, and within a codec the kinds
-    go round in a seeded order, so every kind is drawn about equally often."""
+    """``n`` cases from ``seed``: each codec gets its share (jpegxl what the learned and
+    auto shares leave), and within a codec the kinds go round in a seeded order, so every
+    kind is drawn about equally often."""
+    if not (0 <= learned_share and 0 <= auto_share and learned_share + auto_share <= 1):
+        raise ValueError(f"shares {learned_share} + {auto_share} must lie in 0..1")
     rng = random.Random(seed)
-    shares = {"learned": learned_share, "jpegxl": 1.0 - learned_share}
+    shares = {"learned": learned_share, "auto": auto_share, "jpegxl": 1.0 - learned_share - auto_share}
     counts = {c: int(round(n * shares[c])) for c in codecs}
     counts[codecs[0]] += n - sum(counts.values())
     out = []
@@ -96,7 +99,7 @@ def run_cases(all_cases: list[dict], bases: dict[str, Path], folder: Path,
     groups: dict[str, list[dict]] = {}
     for c in all_cases:
         groups.setdefault(c["codec"], []).append(c)
-    queue = sorted(groups, key=lambda k: k != "learned")    # the long one first
+    queue = sorted(groups, key=lambda k: k == "jpegxl")     # the long ones (torch) first
     running: dict[str, dict[str, Any]] = {}
 
     def paths(codec: str) -> tuple[Path, Path, Path]:

@@ -1,5 +1,6 @@
 """Seeded fuzzing of the container readers (issue #26): a few hundred mutations of a small
-jpegxl and a small learned container, each read with verify(decode=True), open_slide's
+jpegxl, a small learned and a small auto container (a mixed grid: glass, network, JPEG 2000,
+JPEG-XL and fix-up tiles), each read with verify(decode=True), open_slide's
 read_region of every level and every associated image, and decompress.
 
 The harness is bench/fuzzlib.py (bench/fuzz.py runs it longer and writes
@@ -10,8 +11,9 @@ without an error, or an error message of more than one line.
 
 Excluded by design (fuzzlib.UNDETECTABLE_KINDS): with every digest forged, a tile
 replaced by a *valid* stream of the right size (another container's tile, a fresh
-JPEG-XL tile, a glass tile of another colour: glass tiles carry no checksum) or
-metadata edited into other valid metadata reads as other pixels; only a signature over
+JPEG-XL tile, a glass tile of another colour: glass tiles carry no checksum; a bare
+JPEG 2000 / JPEG-XL tile edited into another decodable codestream) or metadata edited
+into other valid metadata reads as other pixels; only a signature over
 the metadata digest could tell.  Those cases may still not raise a traceback, hang or
 blow up memory, and forged metadata may change a level's size but not a pixel the
 original and the edited level share.
@@ -36,6 +38,7 @@ from bench import fuzz_store, fuzzlib  # noqa: E402
 CASES = 300
 SEED = 26
 LEARNED_SHARE = 0.3
+AUTO_SHARE = 0.2
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +48,7 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def records(bases: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    cases = fuzzlib.cases(CASES, SEED, LEARNED_SHARE)
+    cases = fuzzlib.cases(CASES, SEED, LEARNED_SHARE, AUTO_SHARE)
     return fuzzlib.run_cases(cases, bases, tmp_path_factory.mktemp("fuzz-run"))
 
 
@@ -64,7 +67,7 @@ def test_fuzz_no_traceback_hang_memory_or_silent_pixels(records: list[dict]) -> 
     assert summary["max_peak_rss_growth_mb"] < fuzzlib.MEMORY_CAP_BYTES / 2 ** 20
 
 
-def test_fuzz_covers_every_kind_on_both_codecs(records: list[dict]) -> None:
+def test_fuzz_covers_every_kind_on_every_codec(records: list[dict]) -> None:
     seen = {(r["codec"], r["kind"]) for r in records}
     for kind, (codecs, _) in fuzzlib.KINDS.items():
         for codec in codecs:
@@ -211,3 +214,67 @@ def test_forged_map_edit_is_caught_only_when_digests_are_not_forged(fidelity_bas
     assert _damage(work) == []
     with open_container(work) as c:
         assert c.tile_records(0).psnr.ravel()[3] == 12.5
+
+
+# -- auto: bare JPEG 2000 / JPEG-XL tiles in a mixed grid ------------------------------
+AUTO_LEVEL0 = [["learned", "jpeg2000", "glass"], ["learned", "fixup", "jpeg2000"],
+               ["learned", "learned", "learned"]]
+
+
+def test_auto_base_holds_every_tile_kind(bases) -> None:
+    """The auto base is the mixed grid the bare-tile forgeries need (fuzz_bases.SETTINGS)."""
+    import wsicodec
+
+    with wsicodec.open_slide(bases["auto"]) as s:
+        tr = s.tile_records(0)
+        assert [[tr.kind_names[k] for k in row] for row in tr.kind.tolist()] == AUTO_LEVEL0
+        kinds = {tr.kind_names[k] for lv in range(s.level_count) for k in s.tile_records(lv).kind.ravel()}
+    assert kinds == {"glass", "learned", "jpeg2000", "jpegxl", "fixup"}
+
+
+@pytest.mark.parametrize("col, row, message", [
+    (1, 0, "is not a jpeg2000 codestream, as its fidelity record says"),
+    (0, 0, "is a bare codestream where its fidelity record says learned")])
+def test_auto_tile_of_another_kind_with_forged_digests_is_caught(bases, tmp_path: Path, col: int,
+                                                                 row: int, message: str) -> None:
+    """A valid JPEG-XL codestream of the tile's size in place of a JPEG 2000 or a network
+    tile, digests forged: readers routed it by its signature and showed its pixels; the
+    fidelity map's kind now refuses it (the fuzzer's cross_codec_forged found it)."""
+    import imagecodecs
+
+    import wsicodec
+    from wsicodec.errors import CorruptTileError
+
+    work = _copy(bases, "auto", tmp_path)
+    rgb = np.random.default_rng(5).integers(0, 256, (64, 64, 3), np.uint8)
+    fuzz_store.write_tile(fuzz_store.tile_path(work, 0, col, row),
+                          bytes(imagecodecs.jpegxl_encode(rgb, distance=1.0, effort=3)))
+    fuzz_store.forge(work)
+    damage = _damage(work)
+    assert len(damage) == 1 and message in damage[0], damage
+    with wsicodec.open_slide(work) as s, pytest.raises(CorruptTileError, match=message):
+        s.read_region((0, 0), 0, s.level_dimensions[0])
+
+
+@pytest.mark.parametrize("offset, value", [(8, 60000), (12, 60000), (8, 1 << 31), (40, 4), (42, 15)])
+def test_auto_jpeg2000_header_edit_is_refused_before_allocating(bases, tmp_path: Path, offset: int,
+                                                               value: int) -> None:
+    """A bare JPEG 2000 tile's SIZ field (width, height, components, precision) edited,
+    digests forged: a one-line CorruptTileError, and no allocation of the declared size."""
+    import resource
+
+    import wsicodec
+    from wsicodec.errors import CorruptTileError
+
+    work = _copy(bases, "auto", tmp_path)
+    p = fuzz_store.tile_path(work, 0, 1, 0)
+    data = bytearray(fuzz_store.read_tile(p))
+    assert data[:4] == b"\xff\x4f\xff\x51"
+    struct.pack_into(">H" if offset == 40 else "B" if offset == 42 else ">I", data, offset, value)
+    fuzz_store.write_tile(p, bytes(data))
+    fuzz_store.forge(work)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with wsicodec.open_slide(work) as s, pytest.raises(CorruptTileError) as e:
+        s.read_region((0, 0), 0, s.level_dimensions[0])
+    assert "\n" not in str(e.value) and "jpeg2000" in str(e.value)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000   # KiB

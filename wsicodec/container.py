@@ -194,7 +194,8 @@ class Container:
     def read_encoded_tile(self, level: int, col: int, row: int) -> bytes:
         """The stored bytes of one tile, checked, not decoded: against its CRC32 and, in
         a format-3/4 container, against its digest, which binds it to this container and to
-        (level, col, row); in format 4 its size against the fidelity map's ``nbytes``.
+        (level, col, row); in format 4 its size against the fidelity map's ``nbytes`` and its
+        stream against the map's kind (:meth:`wsicodec.fidelity.TileRecords.stream_mismatch`).
 
         Raises:
             RegionOutOfBoundsError: level/col/row outside the pyramid.
@@ -224,6 +225,11 @@ class Container:
         if records is not None and len(data) != int(records.nbytes[row, col]):
             raise CorruptTileError(f"{self.path}: tile {where} holds {len(data)} bytes, its "
                                    f"fidelity record {int(records.nbytes[row, col])}",
+                                   level=level, col=col, row=row)
+        problem = None if records is None else records.stream_mismatch(
+            col, row, data, mixed=self.metadata.codec.get("name") == "auto")
+        if problem:
+            raise CorruptTileError(f"{self.path}: tile {where} {problem}",
                                    level=level, col=col, row=row)
         return data
 

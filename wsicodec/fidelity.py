@@ -31,6 +31,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from wsicodec.classical import J2K_SIGNATURE, JXL_SIGNATURES
 from wsicodec.errors import CorruptDataError, InvalidSettingError
 from wsicodec.store import plain_array
 
@@ -40,6 +41,9 @@ RECORD_ARRAYS = (("kind", np.uint8, 1), ("psnr", np.float32, 4), ("nbytes", np.u
 #: of 65536² pixels is ~144 dB); larger finite values would be indistinguishable from
 #: "exact" in float32
 MAX_PSNR = 1000.0
+#: the kinds whose tiles are bare classical codestreams, and the signatures those start with
+BARE_KIND_SIGNATURES = {"jpeg2000": (J2K_SIGNATURE,), "jpegxl": JXL_SIGNATURES,
+                        "jpegxl-lossless": JXL_SIGNATURES}
 
 
 @dataclass(frozen=True)
@@ -201,6 +205,19 @@ class TileRecords:
             raise IndexError(f"tile ({col}, {row}) outside the {self.shape[1]}x"
                              f"{self.shape[0]} tiles of level {self.level}")
         return TileRecord(self.kind_names[int(self.kind[row, col])], float(self.psnr[row, col]))
+
+    def stream_mismatch(self, col: int, row: int, data: bytes, mixed: bool) -> str | None:
+        """Why ``data`` cannot be the tile recorded at (col, row), or None.  A tile of a bare
+        kind (:data:`BARE_KIND_SIGNATURES`) starts with its codec's signature; in a mixed
+        grid (``mixed``: the codec stores bare codestreams beside tiles of its own format,
+        as ``auto`` does) a tile of any other kind starts with none of them."""
+        kind = self.kind_names[int(self.kind[row, col])]
+        signatures = BARE_KIND_SIGNATURES.get(kind)
+        if signatures is not None and not data.startswith(signatures):
+            return f"is not a {kind} codestream, as its fidelity record says"
+        if signatures is None and mixed and data.startswith(JXL_SIGNATURES + (J2K_SIGNATURE,)):
+            return f"is a bare codestream where its fidelity record says {kind}"
+        return None
 
     def lossless(self) -> np.ndarray:
         """(rows, cols) bool: tiles that decode exactly (psnr inf) or whose kind's name
