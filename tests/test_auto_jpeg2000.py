@@ -79,11 +79,8 @@ def test_auto_keeps_the_fewer_bytes_of_both_codecs_and_the_floor(he_img):
 
 def test_fixup_tiles_may_carry_jpeg2000_and_decode_to_it(he_img, monkeypatch):
     from wsicodec.dicom.source import stored_codestream
-    from wsicodec.learned import j2kfit
     monkeypatch.setattr(choice, "READER_SLACK_DB", 100.0)      # every network tile a fix-up
-    # on this tissue JPEG 2000 wins at the floor where its borders are not held to JPEG-XL's
-    monkeypatch.setattr(j2kfit, "BAND_TOLERANCE_DB", float("inf"))
-    floor = 33.0
+    floor = 33.0                      # on this tissue JPEG 2000 wins there (JPEG-XL at 30 dB)
     codec = get_codec("auto", 4, min_psnr=floor)
     img = _tissue(he_img, 2)
     out = _encode(codec, img)
@@ -156,26 +153,6 @@ def test_the_fit_keeps_glass_at_the_tile_edges(he_img, monkeypatch):
     assert beside is not None and beside.data == plain.data               # held to 3 levels: as unheld
     tissue = _tissue(he_img)
     assert j2kfit.edge_glass_mask(tissue, tissue.shape[:2]) is None      # no glass: nothing held
-
-
-def test_the_fit_holds_its_borders_to_the_reference(he_img, monkeypatch):
-    """At a PSNR target JPEG 2000 leaves the BAND px along a tile's edges further off than
-    JPEG-XL does (its wavelet's symmetric extension): unheld, its band's error on this
-    tissue exceeds the JPEG-XL coding's; held, the coding kept is at most as far off
-    there (a higher level, its bytes counted whole) or JPEG 2000 gives way."""
-    from wsicodec.learned import j2kfit
-    tile = _tissue(he_img)
-    target = 36.0
-    jxl = fit_jpegxl(tile, target, effort=5)
-    ref = j2kfit.band_mse(jxl.pixels, tile, tile.shape[:2])
-    monkeypatch.setattr(j2kfit, "BAND_TOLERANCE_DB", float("inf"))
-    plain = fit_jpeg2000(tile, target, reference=jxl.pixels)
-    assert plain is not None and j2kfit.band_mse(plain.pixels, tile, tile.shape[:2]) > ref
-    monkeypatch.undo()
-    held = fit_jpeg2000(tile, target, reference=jxl.pixels)
-    assert held is None or (j2kfit.band_mse(held.pixels, tile, tile.shape[:2]) <= ref
-                            and held.setting > plain.setting and held.equal_bytes == len(held.data))
-    assert fit_jpeg2000(tile, target).data == plain.data     # no reference: nothing to hold to
 
 
 def test_mutated_jpeg2000_tiles_decode_or_fail_cleanly(he_img):

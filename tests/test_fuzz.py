@@ -217,7 +217,7 @@ def test_forged_map_edit_is_caught_only_when_digests_are_not_forged(fidelity_bas
 
 
 # -- auto: bare JPEG 2000 / JPEG-XL tiles in a mixed grid ------------------------------
-AUTO_LEVEL0 = [["learned", "jpeg2000", "glass"], ["learned", "fixup", "jpegxl"],
+AUTO_LEVEL0 = [["learned", "jpeg2000", "glass"], ["learned", "fixup", "jpeg2000"],
                ["learned", "learned", "learned"]]
 
 

@@ -23,15 +23,6 @@ that is lower or there is none; where the PSNR fit misses that, the level is rai
 :data:`EDGE_STEP` dB steps, and a tile that still misses it after :data:`EDGE_TRIES` steps
 is left to JPEG-XL.  JPEG 2000 then never shows the grid more than JPEG-XL would.
 
-**Its borders.** The wavelet's symmetric extension at a tile's edge leaves the pixels
-near JPEG 2000's tile borders further off than its interior: at a PSNR target the
-:data:`BAND` px along the edges of the tiles it wins lie 0.8-0.9 dB (tcga) to 3-4.6 dB
-(he/test) under their interior, JPEG-XL's 0.1-0.6 dB, so in tissue too the tile grid
-shows where JPEG 2000 tiles meet (``bench/seams.py``).  With a reference coding, a
-JPEG 2000 coding's mean squared error in that band is therefore also held to the
-reference's (up to :data:`BAND_TOLERANCE_DB` dB worse), raised in the same steps as for the
-glass.
-
 Unlike JPEG-XL it has no lossless last resort here: irreversible JPEG 2000 tops out near
 50 dB, and a target it cannot reach (or cannot reach under a caller's byte budget) gives
 None, so the caller keeps JPEG-XL.  Every step is a function of the tile and the target
@@ -40,8 +31,7 @@ alone: a tile codes the same in any run (resume and cluster runs rely on it).
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 
@@ -69,11 +59,6 @@ EDGE_BAND = 2
 #: :data:`EDGE_MIN_PIXELS` glass pixels in the band nothing is held
 EDGE_TOLERANCE = 0.45
 EDGE_MIN_PIXELS = 64
-#: the band along a tile's edges whose error is held to the reference coding's, px (the
-#: width ``bench/seams.py`` measures a border over) ...
-BAND = 4
-#: ... and how many dB of PSNR in it a coding may lie under the reference's
-BAND_TOLERANCE_DB = 0.0
 #: the level is raised by this many dB a step, at most :data:`EDGE_TRIES` times
 EDGE_STEP = 1.5
 EDGE_TRIES = 4
@@ -122,45 +107,6 @@ def edge_error(pixels: np.ndarray, tile: np.ndarray, mask: np.ndarray) -> float:
     return float(np.abs(d[mask]).mean())
 
 
-def band_mse(pixels: np.ndarray, tile: np.ndarray, valid: tuple[int, int]) -> float:
-    """Mean squared error of ``pixels`` against ``tile`` (RGB) within :data:`BAND` px of
-    the edges of their ``valid`` part."""
-    h, w = valid
-    d = pixels[:h, :w, :3].astype(np.float64) - tile[:h, :w, :3]
-    band = np.ones((h, w), bool)
-    band[BAND:h - BAND, BAND:w - BAND] = False
-    return float(np.mean(d[band] ** 2))
-
-
-@dataclass(frozen=True)
-class _Hold:
-    """What a kept coding must meet at the tile's edges: the glass there (``mask``, its
-    ``tolerance`` in grey levels; None: no glass) and the band's mean squared error
-    (``band``; None: no reference to hold it to)."""
-
-    tile: np.ndarray
-    valid: tuple[int, int]
-    mask: np.ndarray | None
-    tolerance: float
-    band: float | None
-
-    def met(self, pixels: np.ndarray) -> bool:
-        if self.mask is not None and edge_error(pixels, self.tile, self.mask) > self.tolerance:
-            return False
-        return self.band is None or band_mse(pixels, self.tile, self.valid) <= self.band
-
-
-def _hold(tile: np.ndarray, valid: tuple[int, int], reference: np.ndarray | None) -> _Hold:
-    mask = edge_glass_mask(tile, valid)
-    tolerance = EDGE_TOLERANCE
-    if mask is not None and reference is not None:
-        tolerance = max(EDGE_TOLERANCE, edge_error(reference, tile, mask))
-    band = None
-    if reference is not None and math.isfinite(BAND_TOLERANCE_DB):
-        band = band_mse(reference, tile, valid) * 10 ** (BAND_TOLERANCE_DB / 10)
-    return _Hold(tile, valid, mask, tolerance, band)
-
-
 def encode_at(tile: np.ndarray, level: float, valid: tuple[int, int]) -> TileFit:
     """``tile`` coded at fixed-quality ``level`` dB and decoded."""
     from wsicodec.classical import Jpeg2000Codec
@@ -203,9 +149,9 @@ def fit_jpeg2000(tile: np.ndarray, target: float, valid: tuple[int, int] | None 
     """A JPEG 2000 coding of ``tile`` ((h, w, 3) uint8) whose PSNR over ``valid`` reaches
     ``target`` dB at the lowest level the search found, and keeps the glass at its edges
     as close as ``reference`` (another coding's pixels of the tile: JPEG-XL's) or
-    :data:`EDGE_TOLERANCE`, and the :data:`BAND` px along its edges as close as
-    ``reference`` (module docstring), or None when no level up to :data:`MAX_LEVEL`
-    reaches the target, or the edges are not held after :data:`EDGE_TRIES` raises.
+    :data:`EDGE_TOLERANCE` (module docstring), or None when no level up to
+    :data:`MAX_LEVEL` reaches the target, or the glass is not kept after :data:`EDGE_TRIES`
+    raises.
 
     ``budget``: the caller has another coding of this many bytes; None is also returned
     where JPEG 2000 cannot undercut it: as soon as a coding that misses the target takes
@@ -242,22 +188,28 @@ def fit_jpeg2000(tile: np.ndarray, target: float, valid: tuple[int, int] | None 
     kept = replace(passing, equal_bytes=equal_bytes(passing, passing, failing, target))
     if budget is not None and kept.equal_bytes >= budget:
         return None                     # a raised coding only takes more
-    hold = _hold(tile, valid, reference)
-    return kept if hold.met(kept.pixels) else _raise_for_edges(kept, hold, budget)
+    mask = edge_glass_mask(tile, valid)
+    if mask is not None:
+        tolerance = EDGE_TOLERANCE if reference is None else max(EDGE_TOLERANCE,
+                                                                   edge_error(reference, tile, mask))
+        if edge_error(kept.pixels, tile, mask) > tolerance:
+            return _raise_for_glass(tile, valid, kept, mask, tolerance, budget)
+    return kept
 
 
-def _raise_for_edges(kept: TileFit, hold: _Hold, budget: float | None) -> TileFit | None:
-    """``kept`` coded at levels :data:`EDGE_STEP` dB higher until its edges meet ``hold``;
-    its own bytes then count whole (the PSNR above the target buys the edges: its
-    ``equal_bytes`` are its size).  None after :data:`EDGE_TRIES` steps, or once over
-    ``budget``."""
+def _raise_for_glass(tile: np.ndarray, valid: tuple[int, int], kept: TileFit, mask: np.ndarray,
+                     tolerance: float, budget: float | None) -> TileFit | None:
+    """``kept`` coded at levels :data:`EDGE_STEP` dB higher until the glass at its edges is
+    within ``tolerance``; its own bytes then count whole (the PSNR above the target buys
+    the glass: its ``equal_bytes`` are its size).  None after :data:`EDGE_TRIES` steps, or
+    once over ``budget``."""
     level = kept.setting
     for _ in range(EDGE_TRIES):
         level = min(level + EDGE_STEP, MAX_LEVEL)
-        f = encode_at(hold.tile, level, hold.valid)
+        f = encode_at(tile, level, valid)
         if budget is not None and len(f.data) >= budget:
             return None
-        if hold.met(f.pixels):
+        if edge_error(f.pixels, tile, mask) <= tolerance:
             return f
         if level >= MAX_LEVEL:
             break
