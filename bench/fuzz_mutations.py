@@ -21,7 +21,7 @@ from typing import Any, Callable
 from bench.fuzz_forgeries import (bare_stream_forged, bare_wrong_size_forged, j2k_header_forged,
                                   jxl_valid_forged, jxl_wrong_size_forged, learned_glass_forged,
                                   learned_header_forged, learned_stream_forged)
-from bench.fuzz_store import (Checks, bytes_mutation, container_files, forge, level_count, level_grid,
+from bench.fuzz_store import (Checks, bytes_mutation, container_files, forge, level_count, level_grid, read_tile,
                               random_tile, tile_path)
 
 
@@ -96,13 +96,18 @@ def tile_splice_forged(rng: random.Random, work: Path, ctx: dict) -> str:
 
 def cross_codec_forged(rng: random.Random, work: Path, ctx: dict) -> str:
     """A tile of another codec's container at the same place (level 0), digests forged: a
-    learned tile in a jpegxl container, a JPEG-XL tile in a learned or an auto one (where
-    level 0's kinds are all but JPEG-XL; a learned tile would be a valid tile there)."""
+    learned tile in a jpegxl container, a JPEG-XL tile in a learned one, and in an auto one
+    in place of a tile that is not JPEG-XL (there a JPEG-XL tile is a valid tile, and a
+    learned one in a network tile's place too)."""
+    from wsicodec.classical import JXL_SIGNATURES
+
     other_codec = "learned" if ctx["codec"] == "jpegxl" else "jpegxl"
     other = ctx["bases"][other_codec]
     (r1, c1), (r2, c2) = level_grid(work, 0), level_grid(other, 0)
-    level, col, row = 0, rng.randrange(min(c1, c2)), rng.randrange(min(r1, r2))
-    shutil.copyfile(tile_path(other, level, col, row), tile_path(work, level, col, row))
+    places = [(col, row) for row in range(min(r1, r2)) for col in range(min(c1, c2))
+              if ctx["codec"] != "auto" or not read_tile(tile_path(work, 0, col, row)).startswith(JXL_SIGNATURES)]
+    col, row = rng.choice(places)
+    shutil.copyfile(tile_path(other, 0, col, row), tile_path(work, 0, col, row))
     forge(work)
     return f"{other_codec} tile at level 0 ({col},{row}), digests forged"
 
