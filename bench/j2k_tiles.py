@@ -12,7 +12,10 @@ each without a budget: per set and target the
 what the auto codec compares), how many tiles JPEG 2000 gives way on (the target out of
 its reach, or the glass at the tile's edges not held), how many tiles each wins, the bytes the auto codec keeps
 (the smaller) against JPEG-XL alone, the PSNR above the target, the codings per JPEG 2000
-fit and the time of the fits.  Tiles as ``bench/jxl_effort.py`` samples them.
+fit and the time of the fits, and how far the :data:`BAND` px along the tiles' edges lie
+under their interior, in PSNR (median over the tiles each codec wins: the wavelet's
+symmetric extension at a JPEG 2000 tile's edge).  Tiles as ``bench/jxl_effort.py``
+samples them.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ if str(REPO) not in sys.path:
 
 from bench.jxl_effort import tile_sets, write_results  # noqa: E402
 from bench.report import log  # noqa: E402
+
+#: the band along a tile's edges compared with its interior, px (what bench/seams.py
+#: measures a border over)
+BAND = 4
 
 
 def fit_set(tiles: list[np.ndarray], target: float, effort: int) -> dict:
@@ -58,6 +65,20 @@ def fit_set(tiles: list[np.ndarray], target: float, effort: int) -> dict:
         j2kfit.encode_at = real
     kept = [min((f for f in (a, b) if f is not None), key=lambda f: f.equal_bytes) for a, b in zip(j2k, jxl)]
     reached = [a for a in j2k if a is not None]
+
+    def band_gap(codec: str) -> float | None:
+        """Median over the tiles ``codec`` wins of interior PSNR − band PSNR, dB."""
+        gaps = []
+        for f, t in zip(kept, tiles):
+            if f.codec != codec:
+                continue
+            h, w = t.shape[:2]
+            d = ((f.pixels[:h, :w, :3].astype(np.float64) - t) ** 2).mean(axis=2)
+            inner = np.zeros((h, w), bool)
+            inner[BAND:h - BAND, BAND:w - BAND] = True
+            gaps.append(10 * np.log10(d[~inner].mean() / max(d[inner].mean(), 1e-12)))
+        return round(float(np.median(gaps)), 2) if gaps else None
+
     return {
         "tiles": len(tiles), "target_db": target,
         "jpegxl_equal_bytes": round(sum(f.equal_bytes for f in jxl)),
@@ -74,6 +95,8 @@ def fit_set(tiles: list[np.ndarray], target: float, effort: int) -> dict:
         "jpeg2000_codings_per_tile": round(codings / len(tiles), 2),
         "jpeg2000_fit_ms_per_tile": round(1e3 * t_j2k / len(tiles), 1),
         "jpegxl_fit_ms_per_tile": round(1e3 * t_jxl / len(tiles), 1),
+        "jpeg2000_band_gap_db_median": band_gap("jpeg2000"),
+        "jpegxl_band_gap_db_median": band_gap("jpegxl"),
     }
 
 
