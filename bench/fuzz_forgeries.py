@@ -76,6 +76,19 @@ _LEARNED_FIELDS = [(4, "B", "version"), (5, "B", "kind"), (6, "<H", "height"), (
                    (32, "<H", "coded_height"), (34, "<H", "coded_width")]
 
 
+def _edit_field(rng: random.Random, data: bytearray, off: int, fmt: str, choices) -> tuple[int, int]:
+    """Set the unsigned integer field ``fmt`` at ``off`` of ``data`` to one of
+    ``choices(old, limit)``, clamped to its range, and another value than it held:
+    (old, new)."""
+    (old,) = struct.unpack_from(fmt, data, off)
+    lim = 2 ** (8 * struct.calcsize(fmt)) - 1
+    new = min(max(rng.choice(choices(old, lim)), 0), lim)
+    if new == old:
+        new = (old + 1) % (lim + 1)
+    struct.pack_into(fmt, data, off, new)
+    return old, new
+
+
 def learned_header_forged(rng: random.Random, work: Path, ctx: dict) -> str:
     """One header field of a network-coded learned tile changed, digests forged: what the
     decoder checks (header consistency, geometry, symbol checksum, model id, the tile
@@ -94,14 +107,9 @@ def learned_header_forged(rng: random.Random, work: Path, ctx: dict) -> str:
         new = bytes(rng.randrange(256) for _ in range(8))
         struct.pack_into(fmt, data, off, new)
     else:
-        lim = {"B": 255, "<H": 65535, "<I": 2 ** 32 - 1}[fmt]
-        choices = [old + 1, old - 1, 0, lim, old * 2, rng.randrange(lim + 1)]
-        if name == "version":
-            choices += [1, 2, 4]
-        new = min(max(rng.choice(choices), 0), lim)
-        if new == old:
-            new = (old + 1) % (lim + 1)
-        struct.pack_into(fmt, data, off, new)
+        extra = [1, 2, 4] if name == "version" else []
+        old, new = _edit_field(rng, data, off, fmt, lambda old, lim: [
+            old + 1, old - 1, 0, lim, old * 2, rng.randrange(lim + 1)] + extra)
     write_tile(p, bytes(data))
     forge(work)
     return f"learned tile level {level} ({col},{row}) {name} {old!r} -> {new!r}, digests forged"
@@ -194,13 +202,8 @@ def j2k_header_forged(rng: random.Random, work: Path, ctx: dict) -> str:
     cod = data.find(b"\xff\x52")
     fields = _SIZ_FIELDS + ([(cod + o, f, n) for o, f, n in _COD_FIELDS] if cod > 0 else [])
     off, fmt, name = rng.choice(fields)
-    (old,) = struct.unpack_from(fmt, data, off)
-    lim = {"B": 255, ">H": 65535, ">I": 2 ** 32 - 1}[fmt]
-    new = min(max(rng.choice([0, 1, old + 1, old - 1, old * 2, old * 1000, lim, lim // 2,
-                              rng.randrange(lim + 1)]), 0), lim)
-    if new == old:
-        new = (old + 1) % (lim + 1)
-    struct.pack_into(fmt, data, off, new)
+    old, new = _edit_field(rng, data, off, fmt, lambda old, lim: [
+        0, 1, old + 1, old - 1, old * 2, old * 1000, lim, lim // 2, rng.randrange(lim + 1)])
     write_tile(p, bytes(data))
     forge(work)
     return f"bare JPEG 2000 tile level {level} ({col},{row}) {name} {old} -> {new}, digests forged"
