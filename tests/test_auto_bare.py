@@ -41,13 +41,15 @@ BARE = [("jpeg2000", True), ("jpegxl", False)]
 SIGNATURES = {"jpeg2000": b"\xff\x4f\xff\x51", "jpegxl": b"\xff\x0a"}
 
 
-def _allow_jpeg2000_on_glass(monkeypatch, j2k: bool) -> None:
+def _allow_jpeg2000_edges(monkeypatch, j2k: bool) -> None:
     """These fixtures put glass along the bare tile's edge, where JPEG 2000's glass hold
-    (:mod:`wsicodec.learned.j2kfit`) hands the tile to JPEG-XL; off, so that the bare tile
-    is JPEG 2000 in the JPEG 2000 cases (a glass-free edge elsewhere does the same)."""
+    (:mod:`wsicodec.learned.j2kfit`) hands the tile to JPEG-XL, and he/test tissue, whose
+    JPEG 2000 borders its ring hold refuses; both off, so that the bare tile is JPEG 2000
+    in the JPEG 2000 cases (the holds are tested in test_auto_jpeg2000)."""
     if j2k:
         from wsicodec.learned import j2kfit
         monkeypatch.setattr(j2kfit, "EDGE_TOLERANCE", math.inf)
+        monkeypatch.setattr(j2kfit, "RING_RATIO", math.inf)
 
 
 @pytest.mark.parametrize("bare, j2k", BARE)
@@ -61,7 +63,7 @@ def test_glass_meets_its_bare_neighbour_only_where_it_keeps_the_floor(he_img, mo
     from wsicodec.learned.glass import decode_glass
     from wsicodec.learned.tileformat import KIND_PLANE, KIND_PLANE_MIXED
     floor = 44.0
-    _allow_jpeg2000_on_glass(monkeypatch, j2k)
+    _allow_jpeg2000_edges(monkeypatch, j2k)
     img = _glass_then_tissue(he_img, offset)
     codec = get_codec("auto", 4, min_psnr=floor, jpeg2000=j2k)
     out = _encode(codec, img)
@@ -123,7 +125,7 @@ def test_network_tile_meets_its_bare_neighbour_only_where_that_costs_no_fidelity
         monkeypatch.setattr(choice, "bare_edges", edges)
         monkeypatch.setattr(choice, "blend_toward_glass", blend)
     floor = 27.0
-    _allow_jpeg2000_on_glass(monkeypatch, j2k)
+    _allow_jpeg2000_edges(monkeypatch, j2k)
     img = _network_then_jpegxl(he_img)
     codec = get_codec("auto", 3, min_psnr=floor, jpeg2000=j2k)
     out = _encode(codec, img)
@@ -156,7 +158,7 @@ def test_every_reader_path_shows_the_same_met_tiles(he_img, tmp_path, monkeypatc
     from wsicodec.image import read_stream
     from wsicodec.pipeline import compress_source
     from wsicodec.tiling.sources import ArraySource
-    _allow_jpeg2000_on_glass(monkeypatch, j2k)
+    _allow_jpeg2000_edges(monkeypatch, j2k)
     img, quality, floor, kind = ((_glass_then_tissue(he_img, 0), 4, 44.0, 4) if case == "glass"
                                  else (_network_then_jpegxl(he_img), 3, 27.0, KIND_NETWORK_MIXED))
     codec = get_codec("auto", quality, min_psnr=floor, jpeg2000=j2k)

@@ -26,6 +26,15 @@ def he_img(tissue):
     return he_crop(tissue)
 
 
+@pytest.fixture(autouse=True)
+def no_ring_hold(monkeypatch):
+    """he/test tissue's JPEG 2000 borders stand out of its smooth interior error more than
+    j2kfit.RING_RATIO allows, so the ring hold leaves these tiles to JPEG-XL; off here,
+    where the tests are about JPEG 2000 tiles themselves (the hold is tested on its own)."""
+    from wsicodec.learned import j2kfit
+    monkeypatch.setattr(j2kfit, "RING_RATIO", float("inf"))
+
+
 def _tissue(he_img: np.ndarray, cols: int = 1) -> np.ndarray:
     """``cols`` tiles of he_img's first row from x = 64, where no tile has glass along its
     edges (the glass hold of the fit, tested on its own below, leaves them alone)."""
@@ -153,6 +162,28 @@ def test_the_fit_keeps_glass_at_the_tile_edges(he_img, monkeypatch):
     assert beside is not None and beside.data == plain.data               # held to 3 levels: as unheld
     tissue = _tissue(he_img)
     assert j2kfit.edge_glass_mask(tissue, tissue.shape[:2]) is None      # no glass: nothing held
+
+
+def test_the_fit_holds_its_borders_out_of_the_interior_no_more_than_the_reference(he_img, monkeypatch):
+    """JPEG 2000's outermost pixels on he/test tissue stand out of its smooth interior
+    error (ring_ratio 4-5) far more than JPEG-XL's (about 2): unheld it wins this tile at
+    36 dB; held, the coding kept is within the JPEG-XL coding's ratio (or RING_RATIO), or
+    JPEG 2000 gives way."""
+    from wsicodec.learned import j2kfit
+    tile = _tissue(he_img)
+    valid = tile.shape[:2]
+    jxl = fit_jpegxl(tile, 36.0, effort=5)
+    plain = fit_jpeg2000(tile, 36.0, reference=jxl.pixels)            # the fixture: no ring hold
+    assert plain is not None and plain.equal_bytes < jxl.equal_bytes
+    bound = max(1.5, j2kfit.ring_ratio(jxl.pixels, tile, valid))
+    assert j2kfit.ring_ratio(plain.pixels, tile, valid) > bound
+    monkeypatch.setattr(j2kfit, "RING_RATIO", 1.5)
+    held = fit_jpeg2000(tile, 36.0, reference=jxl.pixels)
+    assert held is None or (j2kfit.ring_ratio(held.pixels, tile, valid) <= bound
+                            and held.equal_bytes == len(held.data))
+    assert j2kfit.ring_ratio(tile, tile, valid) == 0.0                  # no error anywhere
+    noise = np.clip(tile + np.random.default_rng(1).normal(0, 2, tile.shape), 0, 255).astype(np.uint8)
+    assert 0.8 < j2kfit.ring_ratio(noise, tile, valid) < 1.6             # white noise: about 1
 
 
 def test_mutated_jpeg2000_tiles_decode_or_fail_cleanly(he_img):

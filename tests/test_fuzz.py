@@ -217,8 +217,10 @@ def test_forged_map_edit_is_caught_only_when_digests_are_not_forged(fidelity_bas
 
 
 # -- auto: bare JPEG 2000 / JPEG-XL tiles in a mixed grid ------------------------------
-AUTO_LEVEL0 = [["learned", "jpeg2000", "glass"], ["learned", "fixup", "jpeg2000"],
-               ["learned", "learned", "learned"]]
+AUTO_LAYOUT = [[["learned", "jpegxl", "glass"], ["learned", "fixup", "jpegxl"],
+                ["learned", "learned", "learned"]],
+               [["jpegxl", "jpegxl"], ["jpeg2000", "jpeg2000"]],
+               [["jpeg2000"]]]
 
 
 def test_auto_base_holds_every_tile_kind(bases) -> None:
@@ -226,16 +228,15 @@ def test_auto_base_holds_every_tile_kind(bases) -> None:
     import wsicodec
 
     with wsicodec.open_slide(bases["auto"]) as s:
-        tr = s.tile_records(0)
-        assert [[tr.kind_names[k] for k in row] for row in tr.kind.tolist()] == AUTO_LEVEL0
-        kinds = {tr.kind_names[k] for lv in range(s.level_count) for k in s.tile_records(lv).kind.ravel()}
-    assert kinds == {"glass", "learned", "jpeg2000", "jpegxl", "fixup"}
+        layout = [[[tr.kind_names[k] for k in row] for row in tr.kind.tolist()]
+                  for tr in (s.tile_records(lv) for lv in range(s.level_count))]
+    assert layout == AUTO_LAYOUT
 
 
-@pytest.mark.parametrize("col, row, message", [
-    (1, 0, "is not a jpeg2000 codestream, as its fidelity record says"),
-    (0, 0, "is a bare codestream where its fidelity record says learned")])
-def test_auto_tile_of_another_kind_with_forged_digests_is_caught(bases, tmp_path: Path, col: int,
+@pytest.mark.parametrize("level, col, row, message", [
+    (1, 0, 1, "is not a jpeg2000 codestream, as its fidelity record says"),
+    (0, 0, 0, "is a bare codestream where its fidelity record says learned")])
+def test_auto_tile_of_another_kind_with_forged_digests_is_caught(bases, tmp_path: Path, level: int, col: int,
                                                                  row: int, message: str) -> None:
     """A valid JPEG-XL codestream of the tile's size in place of a JPEG 2000 or a network
     tile, digests forged: readers routed it by its signature and showed its pixels; the
@@ -246,14 +247,15 @@ def test_auto_tile_of_another_kind_with_forged_digests_is_caught(bases, tmp_path
     from wsicodec.errors import CorruptTileError
 
     work = _copy(bases, "auto", tmp_path)
-    rgb = np.random.default_rng(5).integers(0, 256, (64, 64, 3), np.uint8)
-    fuzz_store.write_tile(fuzz_store.tile_path(work, 0, col, row),
+    shape = (16, 64, 3) if level == 1 else (64, 64, 3)      # level 1 is 96x80: its row 1 is 16 high
+    rgb = np.random.default_rng(5).integers(0, 256, shape, np.uint8)
+    fuzz_store.write_tile(fuzz_store.tile_path(work, level, col, row),
                           bytes(imagecodecs.jpegxl_encode(rgb, distance=1.0, effort=3)))
     fuzz_store.forge(work)
     damage = _damage(work)
     assert len(damage) == 1 and message in damage[0], damage
     with wsicodec.open_slide(work) as s, pytest.raises(CorruptTileError, match=message):
-        s.read_region((0, 0), 0, s.level_dimensions[0])
+        s.read_region((0, 0), level, s.level_dimensions[level])
 
 
 @pytest.mark.parametrize("offset, value", [(8, 60000), (12, 60000), (8, 1 << 31), (40, 4), (42, 15)])
@@ -267,7 +269,7 @@ def test_auto_jpeg2000_header_edit_is_refused_before_allocating(bases, tmp_path:
     from wsicodec.errors import CorruptTileError
 
     work = _copy(bases, "auto", tmp_path)
-    p = fuzz_store.tile_path(work, 0, 1, 0)
+    p = fuzz_store.tile_path(work, 1, 0, 1)                   # AUTO_LAYOUT's first JPEG 2000 tile
     data = bytearray(fuzz_store.read_tile(p))
     assert data[:4] == b"\xff\x4f\xff\x51"
     struct.pack_into(">H" if offset == 40 else "B" if offset == 42 else ">I", data, offset, value)
@@ -275,6 +277,6 @@ def test_auto_jpeg2000_header_edit_is_refused_before_allocating(bases, tmp_path:
     fuzz_store.forge(work)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with wsicodec.open_slide(work) as s, pytest.raises(CorruptTileError) as e:
-        s.read_region((0, 0), 0, s.level_dimensions[0])
+        s.read_region((0, 0), 1, s.level_dimensions[1])
     assert "\n" not in str(e.value) and "jpeg2000" in str(e.value)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000   # KiB
