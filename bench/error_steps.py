@@ -2,6 +2,7 @@
 
     python bench/error_steps.py [--sets he_test:3,he_test_2x:3,tcga:1] [--floors 36,40]
                                 [--out bench/results/error_steps.json]
+    python bench/error_steps.py --figure bench/results/error_steps.png [--figure-image he_test:1]
 
 ``bench/grid_steps.py`` looks at the glass; this looks everywhere.  Each image is coded
 with the ``auto`` codec at quality 8 and each floor, with and without JPEG 2000 tiles
@@ -60,6 +61,44 @@ def measure(image: np.ndarray, floor: float, jpeg2000: bool) -> dict:
             **error_steps(decoded, image), "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def figure(path: Path, spec: str, floor: float = 36.0, corner: int = TILE, half: int = 40,
+           zoom: int = 4) -> None:
+    """A PNG of the ``half``·2 px around the tile corner (``corner``, ``corner``) of image
+    ``spec`` (SET:INDEX), ``zoom``× each way, coded by auto at quality 8 and ``floor``:
+    JPEG 2000 tiles without the ring hold (as before it), with it (the default), JPEG-XL
+    alone, and the source; below each coding its error, ×6 around mid grey."""
+    from PIL import Image
+
+    import wsicodec
+    from bench.datasets import get_dataset
+    from wsicodec.learned import j2kfit
+
+    name, index = spec.split(":")
+    image = list(get_dataset(name).images(int(index) + 1))[int(index)][1]
+    held = j2kfit.RING_RATIO
+    decoded = []
+    for ring, jpeg2000 in ((float("inf"), True), (held, True), (held, False)):
+        j2kfit.RING_RATIO = ring
+        try:
+            decoded.append(wsicodec.decode(wsicodec.encode(image, 8, codec="auto", min_psnr=floor,
+                                                           jpeg2000=jpeg2000)))
+        finally:
+            j2kfit.RING_RATIO = held
+    box = (slice(corner - half, corner + half), slice(corner - half, corner + half))
+    src = image[box].astype(np.int16)
+
+    def big(a: np.ndarray) -> np.ndarray:
+        return np.pad(np.kron(a, np.ones((zoom, zoom, 1), np.uint8)), ((2, 2), (2, 2), (0, 0)),
+                      constant_values=255)
+
+    top = [big(d[box]) for d in decoded] + [big(image[box])]
+    errors = [big(np.clip(128 + 6 * (d[box].astype(np.int16) - src), 0, 255).astype(np.uint8))
+              for d in decoded] + [big(np.full_like(image[box], 255))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate([np.concatenate(top, 1), np.concatenate(errors, 1)], 0)).save(path)
+    log(f"wrote {path}: {spec} at {floor:g} dB, columns: no ring hold / auto / JPEG-XL alone / source")
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench.datasets import get_dataset
 
@@ -67,9 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sets", default="he_test:3,he_test_2x:3,tcga:1", help="SET:IMAGES,... (bench/datasets.py)")
     ap.add_argument("--floors", default="36,40")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "error_steps.json")
+    ap.add_argument("--figure", type=Path, default=None,
+                    help="write only a PNG of one tile corner (figure()) to this path")
+    ap.add_argument("--figure-image", default="he_test:1", help="SET:INDEX of the figure's image")
     args = ap.parse_args(argv)
     import torch
     torch.set_flush_denormal(True)
+    if args.figure is not None:
+        figure(args.figure, args.figure_image)
+        return 0
     rows = []
     for spec in args.sets.split(","):
         name, count = spec.split(":")

@@ -167,8 +167,7 @@ def test_the_fit_keeps_glass_at_the_tile_edges(he_img, monkeypatch):
 def test_the_fit_holds_its_borders_out_of_the_interior_no_more_than_the_reference(he_img, monkeypatch):
     """JPEG 2000's outermost pixels on he/test tissue stand out of its smooth interior
     error (ring_ratio 4-5) far more than JPEG-XL's (about 2): unheld it wins this tile at
-    36 dB; held, the coding kept is within the JPEG-XL coding's ratio (or RING_RATIO), or
-    JPEG 2000 gives way."""
+    36 dB; held, JPEG 2000 gives way (a higher level would not lower the ratio)."""
     from wsicodec.learned import j2kfit
     tile = _tissue(he_img)
     valid = tile.shape[:2]
@@ -178,9 +177,7 @@ def test_the_fit_holds_its_borders_out_of_the_interior_no_more_than_the_referenc
     bound = max(1.5, j2kfit.ring_ratio(jxl.pixels, tile, valid))
     assert j2kfit.ring_ratio(plain.pixels, tile, valid) > bound
     monkeypatch.setattr(j2kfit, "RING_RATIO", 1.5)
-    held = fit_jpeg2000(tile, 36.0, reference=jxl.pixels)
-    assert held is None or (j2kfit.ring_ratio(held.pixels, tile, valid) <= bound
-                            and held.equal_bytes == len(held.data))
+    assert fit_jpeg2000(tile, 36.0, reference=jxl.pixels) is None
     assert j2kfit.ring_ratio(tile, tile, valid) == 0.0                  # no error anywhere
     noise = np.clip(tile + np.random.default_rng(1).normal(0, 2, tile.shape), 0, 255).astype(np.uint8)
     assert 0.8 < j2kfit.ring_ratio(noise, tile, valid) < 1.6             # white noise: about 1
