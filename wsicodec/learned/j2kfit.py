@@ -73,6 +73,9 @@ EDGE_MIN_PIXELS = 64
 #: the :func:`ring_ratio` always allowed (about JPEG-XL's median on tcga tiles at 32-40 dB,
 #: 1.8-2.2 on he/test's; JPEG 2000's is 1.8-2.0 and 4-5.4 there)
 RING_RATIO = 1.5
+#: a first coding whose ratio exceeds the bound this many times over ends the fit there (the
+#: ratio moves by less than that from level to level near a target)
+RING_EARLY = 1.5
 #: the level is raised by this many dB a step, at most :data:`EDGE_TRIES` times
 EDGE_STEP = 1.5
 EDGE_TRIES = 4
@@ -225,6 +228,7 @@ def fit_jpeg2000(tile: np.ndarray, target: float, valid: tuple[int, int] | None 
     if not target < MAX_LEVEL:
         return None
     aim = target + TOLERANCE / 2
+    hold = _hold(tile, valid, reference)
     tried: list[TileFit] = []
     level = min(max(target + START_OFFSET, MIN_LEVEL), MAX_LEVEL)
     passing = failing = None
@@ -233,6 +237,8 @@ def fit_jpeg2000(tile: np.ndarray, target: float, valid: tuple[int, int] | None 
         tried.append(f)
         if f.psnr < target and budget is not None and len(f.data) >= budget:
             return None
+        if len(tried) == 1 and ring_ratio(f.pixels, tile, valid) > RING_EARLY * hold.ring:
+            return None                 # far over the ring hold: no level near the target meets it
         ok = [g for g in tried if g.psnr >= target]
         passing = min(ok, key=lambda g: g.setting) if ok else None
         under = [g for g in tried if g.psnr < target and (passing is None or g.setting < passing.setting)]
@@ -251,7 +257,6 @@ def fit_jpeg2000(tile: np.ndarray, target: float, valid: tuple[int, int] | None 
     kept = replace(passing, equal_bytes=equal_bytes(passing, passing, failing, target))
     if budget is not None and kept.equal_bytes >= budget:
         return None                     # a raised coding only takes more
-    hold = _hold(tile, valid, reference)
     if not hold.ring_met(kept.pixels):
         return None                     # a higher level does not lower it (measured)
     return kept if hold.glass_met(kept.pixels) else _raise_for_glass(kept, hold, budget)
