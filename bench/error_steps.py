@@ -51,13 +51,13 @@ def error_steps(decoded: np.ndarray, source: np.ndarray, tile: int = TILE) -> di
 
 def measure(image: np.ndarray, floor: float, jpeg2000: bool) -> dict:
     import wsicodec
+    from bench.metrics import psnr
 
     t0 = time.perf_counter()
     data = wsicodec.encode(image, 8, codec="auto", min_psnr=floor, jpeg2000=jpeg2000)
     decoded = wsicodec.decode(data)
-    mse = float(np.mean((decoded.astype(np.float64) - image) ** 2))
     return {"bpp": round(len(data) * 8 / (image.shape[0] * image.shape[1]), 4),
-            "psnr_db": round(10 * np.log10(255.0 ** 2 / mse), 3),
+            "psnr_db": round(psnr(image, decoded), 3),
             **error_steps(decoded, image), "seconds": round(time.perf_counter() - t0, 1)}
 
 

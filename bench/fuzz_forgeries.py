@@ -158,9 +158,9 @@ def learned_glass_forged(rng: random.Random, work: Path, ctx: dict) -> str:
 # -- bare tiles of an auto container's mixed grid: JPEG 2000 (J2K codestream) or JPEG-XL
 
 def _bare_tiles(work: Path, j2k_only: bool = False) -> list[tuple[int, int, int]]:
-    from wsicodec.classical import J2K_SIGNATURE, JXL_SIGNATURES
+    from wsicodec.classical import BARE_SIGNATURES, J2K_SIGNATURE
 
-    return _tiles_where(work, lambda d: d.startswith((J2K_SIGNATURE,) + (() if j2k_only else JXL_SIGNATURES)))
+    return _tiles_where(work, lambda d: d.startswith(J2K_SIGNATURE if j2k_only else BARE_SIGNATURES))
 
 
 def bare_stream_forged(rng: random.Random, work: Path, ctx: dict) -> str:

@@ -78,6 +78,10 @@ def _check_decoded(codec: str, data: bytes, decode: Callable[..., np.ndarray],
 JXL_SIGNATURES = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")
 #: first bytes of a JPEG 2000 codestream (SOC and SIZ markers), as :class:`Jpeg2000Codec` writes
 J2K_SIGNATURE = b"\xff\x4f\xff\x51"
+#: the first bytes a codestream of each of these codecs starts with, by codec name
+CODESTREAM_SIGNATURES = {"jpegxl": JXL_SIGNATURES, "jpeg2000": (J2K_SIGNATURE,)}
+#: what a bare classical codestream of either may start with
+BARE_SIGNATURES = JXL_SIGNATURES + (J2K_SIGNATURE,)
 
 
 def _imagecodecs_has(attr: str) -> bool:

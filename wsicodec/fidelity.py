@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from wsicodec.classical import J2K_SIGNATURE, JXL_SIGNATURES
+from wsicodec.classical import BARE_SIGNATURES, CODESTREAM_SIGNATURES
 from wsicodec.errors import CorruptDataError, InvalidSettingError
 from wsicodec.store import plain_array
 
@@ -42,8 +42,7 @@ RECORD_ARRAYS = (("kind", np.uint8, 1), ("psnr", np.float32, 4), ("nbytes", np.u
 #: "exact" in float32
 MAX_PSNR = 1000.0
 #: the kinds whose tiles are bare classical codestreams, and the signatures those start with
-BARE_KIND_SIGNATURES = {"jpeg2000": (J2K_SIGNATURE,), "jpegxl": JXL_SIGNATURES,
-                        "jpegxl-lossless": JXL_SIGNATURES}
+BARE_KIND_SIGNATURES = {**CODESTREAM_SIGNATURES, "jpegxl-lossless": CODESTREAM_SIGNATURES["jpegxl"]}
 
 
 @dataclass(frozen=True)
@@ -215,7 +214,7 @@ class TileRecords:
         signatures = BARE_KIND_SIGNATURES.get(kind)
         if signatures is not None and not data.startswith(signatures):
             return f"is not a {kind} codestream, as its fidelity record says"
-        if signatures is None and mixed and data.startswith(JXL_SIGNATURES + (J2K_SIGNATURE,)):
+        if signatures is None and mixed and data.startswith(BARE_SIGNATURES):
             return f"is a bare codestream where its fidelity record says {kind}"
         return None
 

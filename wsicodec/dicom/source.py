@@ -56,10 +56,10 @@ def stored_codestream(data: bytes, syntax: str) -> bytes | None:
     pixels, or None: the tile itself when it is one (a ``jpegxl`` / ``jpeg2000``
     container's, an ``auto`` container's bare tile), the codestream part of an ``auto``
     fix-up tile when it is one, else None (learned, glass, the other codec)."""
-    from wsicodec.classical import J2K_SIGNATURE, JXL_SIGNATURES
+    from wsicodec.classical import CODESTREAM_SIGNATURES
     from wsicodec.learned.tileformat import KIND_FIXUP, MAGIC, fixup_parts, parse_header
 
-    signatures = JXL_SIGNATURES if syntax == "jpegxl" else (J2K_SIGNATURE,)
+    signatures = CODESTREAM_SIGNATURES[syntax]
     if data.startswith(signatures):
         return data
     if data[:4] == MAGIC:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
 
 import numpy as np
 
-from wsicodec.classical import J2K_SIGNATURE, JXL_SIGNATURES
+from wsicodec.classical import BARE_SIGNATURES, J2K_SIGNATURE, JXL_SIGNATURES
 from wsicodec.codecs import Run
 from wsicodec.errors import CorruptDataError
 
@@ -30,8 +30,6 @@ if TYPE_CHECKING:
 #: the kind the learned decoder gives a bare tile of a mixed grid: a classical codestream
 #: (JPEG-XL or JPEG 2000) decoded to its own pixels, not a learned tile
 KIND_BARE = -1
-#: what a bare tile of a mixed grid (or a fix-up tile's tail) may start with
-BARE_SIGNATURES = JXL_SIGNATURES + (J2K_SIGNATURE,)
 #: a grid's network tiles are entropy-decoded in chunks, one per call of the caller's
 #: ``run`` (its threads take one each): one tile each up to this many tiles (a cold tile's
 #: 9 spread over every thread), then more per chunk ...
