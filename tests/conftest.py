@@ -153,13 +153,14 @@ def format2(tmp_path_factory, monkeypatch) -> dict:
     return {**made, "weights": model.path, "same_g_s": g_s_digest(model.model) == made["g_s_sha256"]}
 
 
-@pytest.fixture(params=["auto_kind3", "auto_kind0"])
+@pytest.fixture(params=["auto_kind3", "auto_kind0", "auto_jpeg2000"])
 def old_auto(request, tmp_path_factory, monkeypatch) -> dict:
     """An ``auto`` container an older release wrote (tests/data/NAME.zarr.zip) and NAME.json:
     how it was made and the sha256 of the level-0 pixels that release read, plus ``path``;
     its weights findable by id (:func:`weights_that_decode`).  ``auto_kind3``: a kind-3
     plane beside a bare JPEG-XL tile, written before kind 4; ``auto_kind0``: a kind-0
-    network tile beside one, written before kind 5."""
+    network tile beside one, written before kind 5; ``auto_jpeg2000``: network tiles beside
+    JPEG 2000 tiles of the tile's own size, written before those had a margin."""
     import json
 
     made = json.loads((FIXTURES / f"{request.param}.json").read_text())
