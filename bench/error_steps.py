@@ -1,6 +1,6 @@
 """Does the tile grid show in the coding error?  Error steps across tile borders in tissue.
 
-    python bench/error_steps.py [--sets he_test:3,he_test_2x:3,tcga:1] [--floors 36,40]
+    python bench/error_steps.py [--sets he_test:3,he_test_2x:3,tcga:1,cmu:1] [--floors 36,40]
                                 [--out bench/results/error_steps.json]
     python bench/error_steps.py --figure bench/results/error_steps.png [--figure-image he_test:1]
 
@@ -65,8 +65,9 @@ def figure(path: Path, spec: str, floor: float = 36.0, corner: int = TILE, half:
            zoom: int = 4) -> None:
     """A PNG of the ``half``·2 px around the tile corner (``corner``, ``corner``) of image
     ``spec`` (SET:INDEX), ``zoom``× each way, coded by auto at quality 8 and ``floor``:
-    JPEG 2000 tiles without the ring hold (as before it), with it (the default), JPEG-XL
-    alone, and the source; below each coding its error, ×6 around mid grey."""
+    JPEG 2000 tiles coded without a margin and without the ring hold (as auto kept them on
+    2026-12-05 from 16:42 to 20:00 UTC), auto as it is (a margin, held), JPEG-XL alone, and
+    the source; below each coding its error, ×6 around mid grey."""
     from PIL import Image
 
     import wsicodec
@@ -75,15 +76,15 @@ def figure(path: Path, spec: str, floor: float = 36.0, corner: int = TILE, half:
 
     name, index = spec.split(":")
     image = list(get_dataset(name).images(int(index) + 1))[int(index)][1]
-    held = j2kfit.RING_RATIO
+    held = j2kfit.RING_TOLERANCE
     decoded = []
-    for ring, jpeg2000 in ((float("inf"), True), (held, True), (held, False)):
-        j2kfit.RING_RATIO = ring
+    for ring, margin, jpeg2000 in ((float("inf"), 0, True), (held, None, True), (held, None, False)):
+        j2kfit.RING_TOLERANCE = ring
         try:
             decoded.append(wsicodec.decode(wsicodec.encode(image, 8, codec="auto", min_psnr=floor,
-                                                           jpeg2000=jpeg2000)))
+                                                           jpeg2000=jpeg2000, jpeg2000_margin=margin)))
         finally:
-            j2kfit.RING_RATIO = held
+            j2kfit.RING_TOLERANCE = held
     box = (slice(corner - half, corner + half), slice(corner - half, corner + half))
     src = image[box].astype(np.int16)
 
@@ -96,14 +97,14 @@ def figure(path: Path, spec: str, floor: float = 36.0, corner: int = TILE, half:
               for d in decoded] + [big(np.full_like(image[box], 255))]
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate([np.concatenate(top, 1), np.concatenate(errors, 1)], 0)).save(path)
-    log(f"wrote {path}: {spec} at {floor:g} dB, columns: no ring hold / auto / JPEG-XL alone / source")
+    log(f"wrote {path}: {spec} at {floor:g} dB, columns: no margin, no ring hold / auto / JPEG-XL alone / source")
 
 
 def main(argv: list[str] | None = None) -> int:
     from bench.datasets import get_dataset
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sets", default="he_test:3,he_test_2x:3,tcga:1", help="SET:IMAGES,... (bench/datasets.py)")
+    ap.add_argument("--sets", default="he_test:3,he_test_2x:3,tcga:1,cmu:1", help="SET:IMAGES,... (bench/datasets.py)")
     ap.add_argument("--floors", default="36,40")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "error_steps.json")
     ap.add_argument("--figure", type=Path, default=None,

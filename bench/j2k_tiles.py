@@ -5,8 +5,9 @@ target, tile by tile, on tissue tiles of the shared slides and of he/test.
                               [--out bench/results/j2k_tiles.json]
 
 Every tile is fitted with :func:`wsicodec.learned.jxlfit.fit_jpegxl` (the auto codec's
-default effort) and :func:`wsicodec.learned.j2kfit.fit_jpeg2000` held to the JPEG-XL
-coding's glass at the tile's edges, the two classical codings the auto codec compares,
+default effort) and :func:`wsicodec.learned.j2kfit.fit_jpeg2000` coded with the auto
+codec's margin (``--margin``) and held to the JPEG-XL coding's glass and ring at the
+tile's edges, the two classical codings the auto codec compares,
 each without a budget: per set and target the
 ``equal_bytes`` of each (its size scaled to exactly the target along the tile's own slope:
 what the auto codec compares), how many tiles JPEG 2000 gives way on (the target out of
@@ -40,11 +41,13 @@ from bench.report import log  # noqa: E402
 BAND = 4
 
 
-def fit_set(tiles: list[np.ndarray], target: float, effort: int) -> dict:
-    """Both fits of every tile at ``target``: the totals of one row of the results."""
+def fit_set(grown: list[np.ndarray], target: float, effort: int, margin: int) -> dict:
+    """Both fits of every tile at ``target`` (``grown``: the tiles with ``margin`` px around
+    them): the totals of one row of the results."""
     from wsicodec.learned import j2kfit
     from wsicodec.learned.jxlfit import fit_jpegxl
 
+    tiles = [np.ascontiguousarray(g[margin:g.shape[0] - margin, margin:g.shape[1] - margin]) for g in grown]
     t0 = time.perf_counter()
     jxl = [fit_jpegxl(t, target, effort=effort) for t in tiles]
     t_jxl = time.perf_counter() - t0
@@ -59,7 +62,8 @@ def fit_set(tiles: list[np.ndarray], target: float, effort: int) -> dict:
     j2kfit.encode_at = counted
     try:
         t0 = time.perf_counter()
-        j2k = [j2kfit.fit_jpeg2000(t, target, reference=x.pixels) for t, x in zip(tiles, jxl)]
+        j2k = [j2kfit.fit_jpeg2000_tile(t, target, reference=x.pixels, around=g if margin else None)
+               for t, g, x in zip(tiles, grown, jxl)]
         t_j2k = time.perf_counter() - t0
     finally:
         j2kfit.encode_at = real
@@ -102,22 +106,26 @@ def fit_set(tiles: list[np.ndarray], target: float, effort: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from wsicodec.learned.auto import DEFAULT_EFFORT
+    from wsicodec.learned.j2kfit import MARGIN
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--targets", default="32,36,40")
     ap.add_argument("--per-slide", type=int, default=40)
     ap.add_argument("--he-images", type=int, default=6)
+    ap.add_argument("--margin", type=int, default=MARGIN,
+                    help=f"px around each tile its JPEG 2000 codings are coded with (default {MARGIN}, the auto codec's)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "j2k_tiles.json")
     args = ap.parse_args(argv)
     targets = [float(t) for t in args.targets.split(",")]
-    sets = tile_sets(args.per_slide, args.he_images)
+    sets = tile_sets(args.per_slide, args.he_images, args.margin)
     results = {}
     for name, tiles in sets.items():
         for target in targets:
-            row = fit_set(tiles, target, DEFAULT_EFFORT)
+            row = fit_set(tiles, target, DEFAULT_EFFORT, args.margin)
             log(f"{name} {target:g} dB: {json.dumps(row)}")
             results[f"{name}@{target:g}"] = row
-    write_results(args.out, __doc__.split("\n\n")[0], results, jpegxl_effort=DEFAULT_EFFORT)
+    write_results(args.out, __doc__.split("\n\n")[0], results, jpegxl_effort=DEFAULT_EFFORT,
+                  jpeg2000_margin=args.margin)
     return 0
 
 

@@ -35,8 +35,18 @@ from bench.slides import SLIDE_FILES, SLIDES  # noqa: E402
 TILE = 256
 
 
-def slide_tiles(key: str, n: int, seed: int = 0) -> list[np.ndarray]:
-    """Up to ``n`` non-glass level-0 tiles of a shared slide (a fixed random sample)."""
+def _grown(image: np.ndarray, x: int, y: int, margin: int) -> np.ndarray:
+    """The tile at (x, y) of ``image`` with ``margin`` px around it, as the auto codec
+    codes a JPEG 2000 tile (:func:`wsicodec.learned.j2kfit.with_margin`)."""
+    from wsicodec.learned.j2kfit import with_margin
+
+    y0, x0 = max(y - margin, 0), max(x - margin, 0)
+    return with_margin(image[y0:y + TILE + margin, x0:x + TILE + margin], (y - y0, x - x0, TILE, TILE), margin)
+
+
+def slide_tiles(key: str, n: int, seed: int = 0, margin: int = 0) -> list[np.ndarray]:
+    """Up to ``n`` non-glass level-0 tiles of a shared slide (a fixed random sample), each
+    with ``margin`` px of the slide around it (the same tiles whatever the margin)."""
     import openslide
 
     from wsicodec.learned.glass import uniform_fit
@@ -47,29 +57,35 @@ def slide_tiles(key: str, n: int, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     out = []
     for i in rng.permutation(len(cells)):
-        tile = np.ascontiguousarray(np.asarray(s.read_region(cells[i], 0, (TILE, TILE)))[..., :3])
-        if uniform_fit(tile) is None:
+        x, y = cells[i]
+        x0, y0 = max(x - margin, 0), max(y - margin, 0)
+        x1, y1 = min(x + TILE + margin, w), min(y + TILE + margin, h)
+        part = np.ascontiguousarray(np.asarray(s.read_region((x0, y0), 0, (x1 - x0, y1 - y0)))[..., :3])
+        tile = _grown(part, x - x0, y - y0, margin)
+        if uniform_fit(tile[margin:margin + TILE, margin:margin + TILE]) is None:
             out.append(tile)
         if len(out) == n:
             break
     return out
 
 
-def he_tiles(images: int) -> list[np.ndarray]:
+def he_tiles(images: int, margin: int = 0) -> list[np.ndarray]:
     """256² crops of the first ``images`` he/test images (``bench/datasets.py``), every
-    other cell of each."""
+    other cell of each, each with ``margin`` px of the image around it."""
     out = []
     for _, im in DATASETS["he_test"].images(images):
         for y in range(0, im.shape[0] - TILE + 1, 2 * TILE):
             for x in range(0, im.shape[1] - TILE + 1, 2 * TILE):
-                out.append(np.ascontiguousarray(im[y:y + TILE, x:x + TILE]))
+                out.append(_grown(im, x, y, margin))
     return out
 
 
-def tile_sets(per_slide: int, he_images: int) -> dict[str, list[np.ndarray]]:
-    """The sampled tiles by set: cmu and tcga (:func:`slide_tiles`), he_test (:func:`he_tiles`)."""
-    return {"cmu": slide_tiles("svs-jpeg", per_slide), "tcga": slide_tiles("svs-jpeg2000", per_slide),
-            "he_test": he_tiles(he_images)}
+def tile_sets(per_slide: int, he_images: int, margin: int = 0) -> dict[str, list[np.ndarray]]:
+    """The sampled tiles by set: cmu and tcga (:func:`slide_tiles`), he_test (:func:`he_tiles`),
+    each with ``margin`` px around it."""
+    return {"cmu": slide_tiles("svs-jpeg", per_slide, margin=margin),
+            "tcga": slide_tiles("svs-jpeg2000", per_slide, margin=margin),
+            "he_test": he_tiles(he_images, margin)}
 
 
 def write_results(out: Path, what: str, results: dict, **fields: object) -> None:

@@ -64,7 +64,8 @@ def _decode(codec, img, out):
     h, w = img.shape[:2]
     rows, cols = -(-h // T), -(-w // T)
     tiles = {(c, r): out[r].tiles[c] for r in out for c in range(cols)}
-    got = codec.decode_tiles(list(tiles), lambda c, r: tiles[(c, r)], (cols, rows))
+    got = codec.decode_tiles(list(tiles), lambda c, r: tiles[(c, r)], (cols, rows),
+                             lambda c, r: (min(T, h - r * T), min(T, w - c * T), 3))
     result = {}
     for (c, r), px in zip(tiles, got):
         assert not isinstance(px, BaseException), px
@@ -278,19 +279,33 @@ def test_mixed_decoder_refuses_a_tile_that_is_neither(he_img):
     assert isinstance(got[0], CorruptDataError) and "neither" in str(got[0])
 
 
-def test_image_api_codes_and_decodes_a_mixed_stream(he_img):
+@pytest.mark.parametrize("floor", [34.0, 40.0])
+def test_image_api_codes_and_decodes_a_mixed_stream(he_img, floor):
+    """Streams of the auto codec (version 3: JPEG 2000 tiles may have a margin, edge tiles
+    included) decode to every tile at the floor; a version-2 stream (no margins) too."""
+    import struct
+
     import wsicodec
-    from wsicodec.image import MIXED_VERSION, read_stream
+    from wsicodec.classical import J2K_SIGNATURE, jpeg2000_declared_size
+    from wsicodec.image import MARGIN_VERSION, MIXED_VERSION, read_stream
     img = np.ascontiguousarray(he_img[:200, :300])        # edge tiles smaller than the tile
-    data = wsicodec.encode(img, 4, tile_size=T, codec="auto", min_psnr=34.0)
-    st = read_stream(data)
-    assert st.version == MIXED_VERSION
-    out = wsicodec.decode(data)
-    assert out.shape == img.shape
-    for r in range(0, 200, T):
-        for c in range(0, 300, T):
-            a, b = out[r:r + T, c:c + T], img[r:r + T, c:c + T]
-            assert tile_psnr(a, b, b.shape[:2]) >= 34.0
+    for margin, version in ((None, MARGIN_VERSION), (0, MIXED_VERSION)):
+        data = wsicodec.encode(img, 4, tile_size=T, codec="auto", min_psnr=floor, jpeg2000_margin=margin)
+        if version == MIXED_VERSION:                       # as written before margins
+            data = data[:4] + struct.pack("<BB", MIXED_VERSION, 0) + data[6:]
+        st = read_stream(data)
+        assert (st.version, st.jpeg2000_margin) == (version, 8 if margin is None else 0)
+        sizes = [jpeg2000_declared_size(t) for t in st.tiles if t.startswith(J2K_SIGNATURE)]
+        if floor == 40.0 and margin is None:               # JPEG 2000 tiles with margins, an edge one too
+            assert (T + 16, T + 16) in sizes and (300 - 2 * T + 16, T + 16) in sizes, sizes
+        out = wsicodec.decode(data)
+        assert out.shape == img.shape
+        for r in range(0, 200, T):
+            for c in range(0, 300, T):
+                a, b = out[r:r + T, c:c + T], img[r:r + T, c:c + T]
+                assert tile_psnr(a, b, b.shape[:2]) >= floor
+    with pytest.raises(CorruptDataError, match="margin"):
+        read_stream(data[:4] + struct.pack("<BB", MARGIN_VERSION, 17) + data[6:])
     with pytest.raises(InvalidSettingError):
         wsicodec.encode(img, 4, codec="auto", refine=3)
     with pytest.raises(InvalidSettingError):
@@ -335,15 +350,23 @@ def test_compress_holds_the_floor_on_every_tile_of_every_level(he_img, tmp_path)
             assert rec is not None and float(np.min(rec.psnr)) >= floor
 
 
-def test_an_interrupted_auto_compress_resumes_to_the_same_container(he_img, tmp_path, monkeypatch):
+@pytest.mark.parametrize("floor", [30.0, 40.0])
+def test_an_interrupted_auto_compress_resumes_to_the_same_container(he_img, tmp_path, monkeypatch, floor):
+    """At 40 dB the stored row holds JPEG 2000 tiles with margins, whose pixels (cropped)
+    its neighbours' stitching takes."""
+    from wsicodec.classical import J2K_SIGNATURE, jpeg2000_declared_size
     from wsicodec.container import open_container
     from wsicodec.errors import CompressInterrupted
     from wsicodec.pipeline import compress_source
     from wsicodec.tiling.sources import ArraySource
     img = np.ascontiguousarray(np.concatenate([he_img, he_img[::-1]]))   # level 0: 4 x 3 tiles
-    codec = get_codec("auto", 4, min_psnr=30.0)
+    codec = get_codec("auto", 4, min_psnr=floor)
     ref = tmp_path / "ref.zarr.zip"
     compress_source(ArraySource(img), ref, codec, tile_size=T)
+    if floor == 40.0:
+        with open_container(ref) as c:
+            row0 = [c.read_encoded_tile(0, col, 0) for col in range(3)]
+        assert (T + 16, T + 16) in [jpeg2000_declared_size(d) for d in row0 if d.startswith(J2K_SIGNATURE)]
     real_push, calls = choice.MixedLevelEncoder.push, []
 
     def push(self, row, *a, **kw):

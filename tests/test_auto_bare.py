@@ -44,12 +44,12 @@ SIGNATURES = {"jpeg2000": b"\xff\x4f\xff\x51", "jpegxl": b"\xff\x0a"}
 def _allow_jpeg2000_edges(monkeypatch, j2k: bool) -> None:
     """These fixtures put glass along the bare tile's edge, where JPEG 2000's glass hold
     (:mod:`wsicodec.learned.j2kfit`) hands the tile to JPEG-XL, and he/test tissue, whose
-    JPEG 2000 borders its ring hold refuses; both off, so that the bare tile is JPEG 2000
+    JPEG 2000 borders its ring hold may refuse; both off, so that the bare tile is JPEG 2000
     in the JPEG 2000 cases (the holds are tested in test_auto_jpeg2000)."""
     if j2k:
         from wsicodec.learned import j2kfit
         monkeypatch.setattr(j2kfit, "EDGE_TOLERANCE", math.inf)
-        monkeypatch.setattr(j2kfit, "RING_RATIO", math.inf)
+        monkeypatch.setattr(j2kfit, "RING_TOLERANCE", math.inf)
 
 
 @pytest.mark.parametrize("bare, j2k", BARE)

@@ -23,6 +23,7 @@ avif       AVIF quality, 4:4:4                      0-100    80; speed 0-10 (6)
 from __future__ import annotations
 
 import dataclasses
+import struct
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -79,6 +80,16 @@ JXL_SIGNATURES = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")
 #: first bytes of a JPEG 2000 codestream (SOC and SIZ markers), as :class:`Jpeg2000Codec` writes
 J2K_SIGNATURE = b"\xff\x4f\xff\x51"
 #: the first bytes a codestream of each of these codecs starts with, by codec name
+def jpeg2000_declared_size(data: bytes) -> tuple[int, int] | None:
+    """The (width, height) a JPEG 2000 codestream's SIZ marker declares (its image area:
+    Xsiz − XOsiz, Ysiz − YOsiz), or None where ``data`` does not start with
+    :data:`J2K_SIGNATURE` and a whole SIZ.  Read from the header only: nothing decoded."""
+    if len(data) < 24 or not data.startswith(J2K_SIGNATURE):
+        return None
+    xsiz, ysiz, xo, yo = struct.unpack_from(">IIII", data, 8)
+    return xsiz - xo, ysiz - yo
+
+
 CODESTREAM_SIGNATURES = {"jpegxl": JXL_SIGNATURES, "jpeg2000": (J2K_SIGNATURE,)}
 #: what a bare classical codestream of either may start with
 BARE_SIGNATURES = JXL_SIGNATURES + (J2K_SIGNATURE,)

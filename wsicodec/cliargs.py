@@ -166,8 +166,9 @@ def add_coding_options(p: argparse.ArgumentParser, *, resume_help: str) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra codec option, e.g. effort=5 or subsampling=420, for auto "
                         "seam_search=40 (latent search of network tiles beside bare JPEG 2000 / JPEG-XL ones: "
-                        "smaller seams, much slower encode) or jpeg2000=false (JPEG-XL the only "
-                        "classical codec), or for learned "
+                        "smaller seams, much slower encode), jpeg2000=false (JPEG-XL the only "
+                        "classical codec) or jpeg2000_margin=PX (JPEG 2000 tiles coded with PX px of "
+                        "their surroundings, 0..16, default 8), or for learned "
                         "refine=40 (encoder latent search: fewer bits, much slower encode) or "
                         "precision=bfloat16 (g_a's inner layers in bfloat16: faster on a CPU "
                         "with AVX512-BF16/AMX, the same rate-distortion) (repeatable)")

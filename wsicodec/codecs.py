@@ -42,7 +42,7 @@ import importlib
 import importlib.util
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Hashable, Sequence
 
 import numpy as np
@@ -251,6 +251,8 @@ class _Entry:
     options: tuple[str, ...] | None = None
     #: options that are the reader's or writer's own (a file, a device), never stored
     local: tuple[str, ...] = ()
+    #: stored options' values where stored settings lack them (written before the option)
+    unrecorded: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -271,7 +273,8 @@ _NAME_RE = re.compile(r"^[a-z][a-z0-9_.-]*$")
 
 def register_codec(name: str, factory: Callable[..., TileCodec], *,
                    available: Callable[[], bool] = lambda: True,
-                   options: tuple[str, ...] | None = None, local: tuple[str, ...] = ()) -> None:
+                   options: tuple[str, ...] | None = None, local: tuple[str, ...] = (),
+                   unrecorded: dict[str, Any] | None = None) -> None:
     """Register (or replace) a codec factory under ``name``.
 
     ``factory(quality=..., **options)`` must validate its settings and raise
@@ -280,7 +283,9 @@ def register_codec(name: str, factory: Callable[..., TileCodec], *,
     (``quality`` included); by default its signature's named parameters, unless it
     takes ``**kwargs`` (then the factory checks names itself).  ``local``: options that
     belong to the machine that runs the codec (a weights file, a device, a precision),
-    which :func:`codec_from_dict` never takes from stored metadata.
+    which :func:`codec_from_dict` never takes from stored metadata.  ``unrecorded``: the
+    value an option had in data written before the option existed, where it differs from
+    the factory's default (:func:`codec_from_dict` uses it where stored settings lack it).
 
     Raises:
         InvalidSettingError: ``name`` is not a lower-case identifier.
@@ -290,7 +295,7 @@ def register_codec(name: str, factory: Callable[..., TileCodec], *,
     if options is None:
         options = _signature_options(factory)
     _REGISTRY[name] = _Entry(factory, available, None if options is None else tuple(options),
-                             tuple(local))
+                             tuple(local), dict(unrecorded or {}))
 
 
 def _signature_options(factory: Callable[..., Any]) -> tuple[str, ...] | None:
@@ -442,7 +447,9 @@ def codec_from_dict(d: dict, **local: Any) -> TileCodec:
     JPEG tile decodes the same on any device).  No weights file can be named here.  Older containers recorded the encoder's ``model`` path; it is
     dropped, and the learned codec finds its weights by the stored ``model_id`` among
     trusted places only (:func:`wsicodec.checkpoint.find_weights`).  Any other option
-    the codec does not have (e.g. ``effort`` under ``learned``) is refused.
+    the codec does not have (e.g. ``effort`` under ``learned``) is refused.  An option
+    the settings lack takes the value data written before it existed had (``unrecorded``
+    of :func:`register_codec`), else the factory's default.
 
     Raises:
         CorruptDataError: ``d`` is not ``{"name": str, "configuration": dict}``.
@@ -460,8 +467,9 @@ def codec_from_dict(d: dict, **local: Any) -> TileCodec:
     name, config = d["name"], dict(d.get("configuration") or {})
     if not all(isinstance(k, str) for k in config):
         raise CorruptDataError(f"codec configuration keys must be strings, got {sorted(map(repr, config))}")
-    own = _entry(name).local
-    stored = {k: v for k, v in config.items() if k not in own}
+    entry = _entry(name)
+    own = entry.local
+    stored = {**entry.unrecorded, **{k: v for k, v in config.items() if k not in own}}
     quality = stored.pop("quality", None)
     chosen = {k: v for k, v in local.items() if k in own}
     return _build(name, quality, stored, local=False, chosen=chosen)

@@ -34,8 +34,14 @@ from .errors import CorruptDataError, CorruptTileError, InvalidSettingError
 
 MAGIC = b"WSIM"
 VERSION = 1
-#: the stream version of the ``auto`` codec's streams (tiles of several kinds)
+#: the stream version of the ``auto`` codec's streams (tiles of several kinds), JPEG 2000
+#: tiles without a margin
 MIXED_VERSION = 2
+#: the ``auto`` codec's streams since JPEG 2000 tiles have a margin: the header's byte after
+#: the version holds it (px; :attr:`wsicodec.learned.AutoCodec.jpeg2000_margin`)
+MARGIN_VERSION = 3
+#: the stream versions :func:`read_stream` reads
+VERSIONS = (VERSION, MIXED_VERSION, MARGIN_VERSION)
 #: the codecs :func:`encode` codes with
 IMAGE_CODECS = ("learned", "auto")
 _HEAD = struct.Struct("<4sBBIIH32sI")
@@ -70,15 +76,17 @@ def context_region(a: np.ndarray, ys: slice, xs: slice, margin: int
 def encode(image: np.ndarray, quality: float | None = None, *, tile_size: int = DEFAULT_TILE,
            model: str | None = None, batch: int = 16, margin: int | None = None,
            refine: int = 0, precision: str = "float32", codec: str = "learned",
-           min_psnr: float | None = None, seam_search: int = 0, jpeg2000: bool = True) -> bytes:
+           min_psnr: float | None = None, seam_search: int = 0, jpeg2000: bool = True,
+           jpeg2000_margin: int | None = None) -> bytes:
     """Code an (H, W, 3) uint8 array of any size with the learned codec at ``quality``
     (1..8; None: the codec's default, :data:`wsicodec.learned.ladder.DEFAULT_QUALITY`).
 
     ``codec="auto"``: each tile glass, the network, JPEG 2000 or JPEG-XL, every tile's
     decoded PSNR at least ``min_psnr`` dB (:class:`~wsicodec.learned.AutoCodec`; its
     default floor without it; ``seam_search`` steps of its seam search, 0: off;
-    ``jpeg2000=False``: JPEG-XL its only classical codec); ``refine`` is the network-only
-    codec's.
+    ``jpeg2000=False``: JPEG-XL its only classical codec; ``jpeg2000_margin``: px of their
+    surroundings JPEG 2000 tiles are coded with, None: the codec's default); ``refine`` is
+    the network-only codec's.
 
     g_a sees each tile with ``margin`` pixels of its neighbours around it (default:
     the codec's, 16) and the stream holds the tile's latents only; :func:`decode`
@@ -114,6 +122,8 @@ def encode(image: np.ndarray, quality: float | None = None, *, tile_size: int = 
         if refine:
             raise InvalidSettingError("refine is the learned codec's option, not the auto codec's")
         from .learned import AutoCodec
+        if jpeg2000_margin is not None:
+            kw["jpeg2000_margin"] = jpeg2000_margin
         coder: Any = AutoCodec(quality, min_psnr=min_psnr, seam_search=seam_search, jpeg2000=jpeg2000,
                                model=model, precision=precision, **kw)
     else:
@@ -121,8 +131,8 @@ def encode(image: np.ndarray, quality: float | None = None, *, tile_size: int = 
             raise InvalidSettingError("min_psnr is the auto codec's option (codec='auto')")
         if seam_search:
             raise InvalidSettingError("seam_search is the auto codec's option (codec='auto')")
-        if jpeg2000 is not True:
-            raise InvalidSettingError("jpeg2000 is the auto codec's option (codec='auto')")
+        if jpeg2000 is not True or jpeg2000_margin is not None:
+            raise InvalidSettingError("jpeg2000 and jpeg2000_margin are the auto codec's options (codec='auto')")
         coder = LearnedCodec(quality, model=model, refine=refine, precision=precision, **kw)
     h, w = a.shape[:2]
     cells = list(tile_cells(h, w, tile_size))
@@ -134,8 +144,8 @@ def encode(image: np.ndarray, quality: float | None = None, *, tile_size: int = 
             regions, boxes = zip(*(context_region(a, ys, xs, coder.context)
                                    for _, _, ys, xs in cells[i:i + batch]))
             streams += coder.encode_tiles(list(regions), list(boxes))
-    version = MIXED_VERSION if codec == "auto" else VERSION
-    head = _HEAD.pack(MAGIC, version, 0, h, w, tile_size, bytes.fromhex(coder.model_id), len(streams))
+    version, extra = (MARGIN_VERSION, coder.jpeg2000_margin) if codec == "auto" else (VERSION, 0)
+    head = _HEAD.pack(MAGIC, version, extra, h, w, tile_size, bytes.fromhex(coder.model_id), len(streams))
     table = b"".join(_ENTRY.pack(len(s), zlib.crc32(s)) for s in streams)
     return head + table + b"".join(streams)
 
@@ -165,6 +175,13 @@ class ImageStream:
     model_id: str
     tiles: list[bytes]
     version: int = VERSION
+    #: px of margin in its JPEG 2000 tiles (version 3; 0 before)
+    jpeg2000_margin: int = 0
+
+
+def _max_margin() -> int:
+    from .learned.j2kfit import MAX_MARGIN
+    return MAX_MARGIN
 
 
 def read_stream(data: bytes) -> ImageStream:
@@ -177,10 +194,13 @@ def read_stream(data: bytes) -> ImageStream:
     data = bytes(data)
     if len(data) < _HEAD.size or data[:4] != MAGIC:
         raise CorruptDataError("not a wsicodec image stream (bad magic or too short)")
-    _, ver, _, h, w, tile, model_id, n = _HEAD.unpack_from(data)
-    if ver not in (VERSION, MIXED_VERSION):
+    _, ver, extra, h, w, tile, model_id, n = _HEAD.unpack_from(data)
+    if ver not in VERSIONS:
         raise CorruptDataError(f"image stream version {ver} is not supported (this wsicodec reads "
-                               f"{VERSION} and {MIXED_VERSION})")
+                               f"{', '.join(map(str, VERSIONS))})")
+    if ver == MARGIN_VERSION and extra > _max_margin():
+        raise CorruptDataError(f"image stream header is out of bounds (a {extra}-px JPEG 2000 margin; "
+                               f"at most {_max_margin()})")
     if not (16 <= tile <= 4096 and tile % 16 == 0) or not 1 <= h * w <= MAX_IMAGE_PIXELS:
         raise CorruptDataError(f"image stream header is out of bounds ({w}x{h} pixels in "
                                f"{tile}-px tiles; at most {MAX_IMAGE_PIXELS} pixels)")
@@ -201,7 +221,7 @@ def read_stream(data: bytes) -> ImageStream:
         pos += length
     if pos != len(data):
         raise CorruptDataError(f"image stream has {len(data) - pos} trailing bytes")
-    return ImageStream(h, w, tile, model_id.hex(), streams, ver)
+    return ImageStream(h, w, tile, model_id.hex(), streams, ver, extra if ver == MARGIN_VERSION else 0)
 
 
 def decode(data: bytes, *, model: str | None = None, batch: int = 16,
@@ -225,8 +245,11 @@ def decode(data: bytes, *, model: str | None = None, batch: int = 16,
     from .learned import AutoCodec, LearnedCodec
     st = read_stream(data)
     h, w, tile, streams = st.height, st.width, st.tile, st.tiles
-    kind = AutoCodec if st.version == MIXED_VERSION else LearnedCodec
-    codec = kind(model=model, model_id=st.model_id, precision=precision)
+    if st.version == VERSION:
+        codec: Any = LearnedCodec(model=model, model_id=st.model_id, precision=precision)
+    else:
+        codec = AutoCodec(model=model, model_id=st.model_id, precision=precision,
+                          jpeg2000_margin=st.jpeg2000_margin)
     cells = list(tile_cells(h, w, tile))
     n = len(cells)
     rows, cols = -(-h // tile), -(-w // tile)
@@ -237,16 +260,18 @@ def decode(data: bytes, *, model: str | None = None, batch: int = 16,
             return [f.exception() or f.result() for f in [pool.submit(fn, it) for it in items]]
 
         for i in range(0, n, batch):
-            _decode_part(codec, cells[i:i + batch], streams, (cols, rows), cache, run, out)
+            _decode_part(codec, cells[i:i + batch], streams, (cols, rows), cache, run, out, tile)
     return out
 
 
 def _decode_part(codec, part: list, streams: list, grid: tuple[int, int], cache, run,  # noqa: ANN001
-                 out: np.ndarray) -> None:
+                 out: np.ndarray, tile: int) -> None:
     """One batch of :func:`decode`'s cells into ``out``."""
     cols = grid[0]
+    h, w = out.shape[:2]
     tiles = codec.decode_tiles([(c, r) for r, c, _, _ in part],
                                lambda c, r: streams[r * cols + c], grid,
+                               lambda c, r: (min(tile, h - r * tile), min(tile, w - c * tile), 3),
                                names=lambda c, r: f"tile (row {r}, col {c})", cache=cache, run=run)
     for (r, c, ys, xs), t in zip(part, tiles):
         if isinstance(t, CorruptDataError) and not isinstance(t, CorruptTileError):

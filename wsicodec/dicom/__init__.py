@@ -20,8 +20,9 @@ How each frame is coded (:class:`DicomSettings`, ``--transfer-syntax``):
 ``jpeg2000``
     irreversible JPEG 2000 (``YBR_ICT``; OpenSlide 4.0's DICOM driver reads it).  A tile
     the container already holds as a JPEG 2000 codestream (every tile of a ``jpeg2000``
-    container; the JPEG 2000 tiles and fix-up tails of an ``auto`` one, since
-    2026-12-05) is written byte for byte, not re-coded a second time; every other tile is
+    container; the JPEG 2000 tiles and fix-up tails of an ``auto`` one written without a
+    margin, as before 2026-12-05 22:00 UTC) is written byte for byte, not re-coded a second time; a
+    JPEG 2000 tile with a margin is larger than its frame, and like every other tile is
     decoded and coded by wsicodec's ``jpeg2000`` codec (the same OpenJPEG coding, with
     its colour transform: ``YBR_ICT``) at the target PSNR ``quality`` in dB.
 ``jpegxl``

@@ -166,8 +166,12 @@ class LevelFrames(_Frames):
         self._level = level
         self._cols = container.grid(level).cols
         self._progress = progress
-        self._passthrough = (settings.passthrough and container.metadata.codec.get("name")
-                             in PASSTHROUGH_CODECS[settings.syntax])
+        codec = container.metadata.codec
+        #: a JPEG 2000 tile with a margin (the auto codec's since 2026-12-05 22:00 UTC) is larger than
+        #: its frame: re-coded like the others
+        margin = (codec.get("configuration") or {}).get("jpeg2000_margin", 0)
+        self._passthrough = (settings.passthrough and codec.get("name") in PASSTHROUGH_CODECS[settings.syntax]
+                             and not (settings.syntax == "jpeg2000" and margin))
 
     @property
     def suggested_minimum_chunk_size(self) -> int:

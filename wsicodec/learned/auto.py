@@ -25,7 +25,9 @@ from .choice import KINDS, MixedLevelEncoder, TileChooser
 from .codec import DEFAULT_MARGIN, DEFAULT_MAX_BATCH, LearnedCodec, _int_in, check_stitched
 from .decoder import TileDecoder
 from .encoder import Box, TileEncoder
-from .grid import KIND_BARE
+from .grid import KIND_BARE, Shape
+from .j2kfit import MARGIN as J2K_MARGIN
+from .j2kfit import MAX_MARGIN as J2K_MAX_MARGIN
 from .jxlfit import SEARCH_EFFORT
 from .seamsearch import MAX_SEAM_SEARCH
 from .stepsearch import quality_steps
@@ -40,6 +42,8 @@ MIN_PSNR_RANGE = (0.0, 99.0)
 DEFAULT_EFFORT = SEARCH_EFFORT
 #: options of the machine, never stored (as the learned codec's)
 LOCAL_OPTIONS = ("model", "device", "precision", "max_batch")
+#: what a container that does not record an option was written with (the option is newer)
+UNRECORDED = {"jpeg2000_margin": 0}
 #: on the CPU, g_s windows per pass in the encoder's own decodes (stage 1's estimates,
 #: stage 2's measurements), whatever ``max_batch`` readers use: a whole slide's compress
 #: peaked ~240 MB higher at 16 and was no faster (the tcga slide, 2026-12-05)
@@ -70,6 +74,11 @@ class AutoCodec(TileCodec):
         jpeg2000: fit JPEG 2000 (OpenJPEG, 9/7, :mod:`~wsicodec.learned.j2kfit`) beside
             JPEG-XL and keep whichever takes fewer bytes (default True; False: JPEG-XL
             only, as containers before 2026-12-05).  Recorded in :meth:`to_dict`.
+        jpeg2000_margin: px of its surroundings a JPEG 2000 tile is coded with beyond each
+            edge, 0..:data:`~wsicodec.learned.j2kfit.MAX_MARGIN` (default
+            :data:`~wsicodec.learned.j2kfit.MARGIN`; readers crop it): the tile's edge lies
+            inside the codestream, away from the wavelet's edge effects.  Recorded in
+            :meth:`to_dict`; a container that does not record it was written with 0.
         seam_search: steps of the seam search, 0 (off, the default) ..
             :data:`~wsicodec.learned.seamsearch.MAX_SEAM_SEARCH`: each network tile beside a
             bare tile has its latents searched for what readers show at that border
@@ -86,7 +95,7 @@ class AutoCodec(TileCodec):
 
     def __init__(self, quality: float | None = None, min_psnr: float | None = None,
                  effort: int = DEFAULT_EFFORT, seam_search: int = 0, jpeg2000: bool = True,
-                 model: str | None = None, device: str = "cpu", margin: int = DEFAULT_MARGIN,
+                 jpeg2000_margin: int = J2K_MARGIN, model: str | None = None, device: str = "cpu", margin: int = DEFAULT_MARGIN,
                  model_id: str | None = None, precision: str = "float32",
                  max_batch: int | None = DEFAULT_MAX_BATCH) -> None:
         floor = check_min_psnr(min_psnr)
@@ -99,12 +108,14 @@ class AutoCodec(TileCodec):
             raise InvalidSettingError(f"auto codec jpeg2000 must be true or false (1 or 0), "
                                       f"got {jpeg2000!r:.40}")
         jpeg2000 = bool(jpeg2000)
+        jpeg2000_margin = _int_in("jpeg2000_margin", jpeg2000_margin, 0, J2K_MAX_MARGIN)
         learned = LearnedCodec(quality, model=model, device=device, margin=margin, model_id=model_id,
                                precision=precision, max_batch=max_batch)
         decoder = TileDecoder(learned.loaded, learned.device, learned.precision, learned.max_batch,
-                              mixed=True)
+                              mixed=True, jpeg2000_margin=jpeg2000_margin)
         stages = decoder if learned.device.type != "cpu" or learned.max_batch <= CPU_ENCODE_BATCH \
-            else TileDecoder(learned.loaded, learned.device, learned.precision, CPU_ENCODE_BATCH, mixed=True)
+            else TileDecoder(learned.loaded, learned.device, learned.precision, CPU_ENCODE_BATCH, mixed=True,
+                             jpeg2000_margin=jpeg2000_margin)
         encoders: dict[float, TileEncoder] = {}
         lock = threading.Lock()
 
@@ -115,9 +126,11 @@ class AutoCodec(TileCodec):
                 return encoders[q]
 
         chooser = TileChooser(learned.loaded.on(learned.device), stages, encoder_at, learned.quality,
-                              floor, effort, learned.device, learned.precision, seam_search, jpeg2000)
+                              floor, effort, learned.device, learned.precision, seam_search, jpeg2000,
+                              jpeg2000_margin)
         for k, v in (("learned", learned), ("min_psnr", floor), ("effort", effort),
                      ("seam_search", seam_search), ("jpeg2000", jpeg2000),
+                     ("jpeg2000_margin", jpeg2000_margin),
                      ("decoder", decoder), ("chooser", chooser),
                      ("qualities", quality_steps(learned.quality))):
             object.__setattr__(self, k, v)
@@ -127,7 +140,8 @@ class AutoCodec(TileCodec):
 
     def __repr__(self) -> str:
         return (f"AutoCodec(quality={self.quality!r}, min_psnr={self.min_psnr!r}, effort={self.effort}, "
-                f"seam_search={self.seam_search}, jpeg2000={self.jpeg2000}, model_id={self.model_id[:16]!r}...)")
+                f"seam_search={self.seam_search}, jpeg2000={self.jpeg2000}, "
+                f"jpeg2000_margin={self.jpeg2000_margin}, model_id={self.model_id[:16]!r}...)")
 
     # the learned codec's settings, read through
     quality = property(lambda self: self.learned.quality)
@@ -145,7 +159,8 @@ class AutoCodec(TileCodec):
 
     def to_dict(self) -> dict:
         cfg = {"quality": self.quality, "min_psnr": self.min_psnr, "effort": self.effort,
-               "jpeg2000": self.jpeg2000, "model_id": self.model_id, "margin": self.margin}
+               "jpeg2000": self.jpeg2000, "jpeg2000_margin": self.jpeg2000_margin,
+               "model_id": self.model_id, "margin": self.margin}
         if self.seam_search:
             cfg["seam_search"] = self.seam_search   # how the container was made; decoding ignores it
         return {"name": self.name, "configuration": cfg}
@@ -176,12 +191,13 @@ class AutoCodec(TileCodec):
         return self.decoder.decode_alone([data], shape=shape)[0]
 
     def decode_tiles(self, keys: Sequence[tuple[int, int]], fetch: Callable[[int, int], bytes],
-                     grid: tuple[int, int], shape: tuple[int, int, int] | None = None, *,
+                     grid: tuple[int, int], shape: Shape = None, *,
                      names: Callable[[int, int], str] | None = None,
                      cache: LatentCache | None = None, cache_tag: Hashable = None,
                      run: Run | None = None, as_written: bool = False) -> list[Any]:
         """Stitched decoding of a mixed grid; the contract of
-        :meth:`wsicodec.codecs.TileCodec.decode_tiles` (``as_written``: :meth:`check_as_written`)."""
+        :meth:`wsicodec.codecs.TileCodec.decode_tiles` (``as_written``: :meth:`check_as_written`;
+        ``shape`` may also be each tile's, ``shape(col, row)``, as an image stream's)."""
         return self.decoder.decode_tiles(keys, fetch, grid, shape, names=names, cache=cache,
                                          cache_tag=cache_tag, run=run,
                                          check=self.check_as_written if as_written else None)
@@ -210,4 +226,4 @@ class AutoCodec(TileCodec):
 def register() -> None:
     """Add ``auto`` to the codec registry (called lazily by wsicodec.codecs)."""
     from wsicodec.codecs import register_codec
-    register_codec("auto", AutoCodec, local=LOCAL_OPTIONS)
+    register_codec("auto", AutoCodec, local=LOCAL_OPTIONS, unrecorded=UNRECORDED)

@@ -52,7 +52,7 @@ from wsicodec.errors import InvalidSettingError
 from .encoder import align_to_grid, check_box, check_region
 from .glass import SIDES, bare_edges, blend_toward_glass, decode_glass, encode_glass, uniform_fit
 from .grid import glass_edges
-from .j2kfit import fit_jpeg2000
+from .j2kfit import ALL_SIDES, Sides, fit_jpeg2000_tile, tile_sides, with_margin
 from .jxlfit import TileFit, fit_jpegxl, tile_psnr
 from .stepsearch import StepSearch, quality_steps
 from .synthesis import STITCH_RING, stitch_window
@@ -87,22 +87,25 @@ class _Tile:
     context: Any = None                 #: the latents it gives its neighbours (lazy for bare tiles)
     inner: bytes | None = None          #: the learned tile its neighbours see (None: a bare tile)
     latents: Any = None                 #: gained (y, z) of ``network``, kept for the seam search
+    around: np.ndarray | None = None    #: the tile with the JPEG 2000 margin (None: no margin)
+    sides: Sides = ALL_SIDES            #: which of its edges meet another tile
 
 
 class TileChooser:
     """The two stages for one ``auto`` codec: its network (``net`` on ``device``, in
     ``precision``), a mixed decoder (the readers' functions), a network encoder per
     quality (``encoder_at(q)``), the floor ``min_psnr``, JPEG-XL's ``effort``, whether
-    JPEG 2000 is fitted too (``jpeg2000``) and the steps of the seam search
-    (``seam_search``, 0: off; :mod:`~wsicodec.learned.seamsearch`)."""
+    JPEG 2000 is fitted too (``jpeg2000``), with how many px of margin
+    (``jpeg2000_margin``, :func:`~wsicodec.learned.j2kfit.with_margin`), and the steps of
+    the seam search (``seam_search``, 0: off; :mod:`~wsicodec.learned.seamsearch`)."""
 
     def __init__(self, net: Any, decoder: Any, encoder_at: Any, quality: float, min_psnr: float,
                  effort: int, device: Any, precision: str, seam_search: int = 0,
-                 jpeg2000: bool = True) -> None:
+                 jpeg2000: bool = True, jpeg2000_margin: int = 0) -> None:
         self.net, self.decoder, self.encoder_at = net, decoder, encoder_at
         self.steps = quality_steps(quality)
         self.floor, self.effort, self.device, self.precision = min_psnr, effort, device, precision
-        self.seam_search, self.jpeg2000 = seam_search, jpeg2000
+        self.seam_search, self.jpeg2000, self.j2k_margin = seam_search, jpeg2000, jpeg2000_margin
 
     # ------------------------------------------------------------------ stage 1
     def choose_row(self, regions: Sequence[np.ndarray], boxes: Sequence[tuple[int, int, int, int]],
@@ -119,6 +122,9 @@ class TileChooser:
             top, left, h, w = box
             src = np.ascontiguousarray(region[top:top + h, left:left + w])
             t = _Tile(i, src, tuple(valid[i]) if valid is not None else (h, w))
+            t.sides = tile_sides(region, box, t.valid)
+            if self.jpeg2000 and self.j2k_margin:
+                t.around = with_margin(region, box, self.j2k_margin)
             if not self._glass(t):
                 network.append(i)
             tiles.append(t)
@@ -219,15 +225,16 @@ class TileChooser:
     def fit(self, t: _Tile, target: float, budget: float | None) -> TileFit | None:
         """The classical coding of ``t`` reaching ``target`` dB in the fewest bytes at that
         PSNR (:attr:`~wsicodec.learned.jxlfit.TileFit.equal_bytes`): JPEG-XL, then (when
-        this codec fits it) JPEG 2000 under JPEG-XL's bytes and held to JPEG-XL's accuracy
-        on the glass at the tile's edges (:mod:`~wsicodec.learned.j2kfit`).  None only with
+        this codec fits it) JPEG 2000 under JPEG-XL's bytes, with the tile's margin or
+        without, held to JPEG-XL's accuracy on the glass and the ring at the tile's edges
+        (:func:`~wsicodec.learned.j2kfit.fit_jpeg2000_tile`).  None only with
         a ``budget`` neither undercuts; without one, never None (lossless JPEG-XL is the
         last resort)."""
         jxl = fit_jpegxl(t.source, target, t.valid, effort=self.effort, budget=budget)
         if not self.jpeg2000:
             return jxl
-        j2k = fit_jpeg2000(t.source, target, t.valid, budget=budget if jxl is None else jxl.equal_bytes,
-                           reference=None if jxl is None else jxl.pixels)
+        j2k = fit_jpeg2000_tile(t.source, target, t.valid, budget=budget if jxl is None else jxl.equal_bytes,
+                                reference=None if jxl is None else jxl.pixels, around=t.around, sides=t.sides)
         return jxl if j2k is None else j2k
 
     def _versus_classical(self, t: _Tile) -> None:
@@ -247,11 +254,11 @@ class TileChooser:
         else:
             t.kind, t.data, t.inner = "learned", t.network, t.network
 
-    def stored_tile(self, col: int, data: bytes) -> _Tile:
+    def stored_tile(self, col: int, data: bytes, size: tuple[int, int]) -> _Tile:
         """A tile an earlier run wrote (a resumed run's context): its latents as readers
         compute them from its bytes."""
         data = bytes(data)
-        t = _Tile(col, np.zeros((0, 0, 3), np.uint8), (0, 0), data=data)
+        t = _Tile(col, np.zeros((*size, 3), np.uint8), (0, 0), data=data)       # its size, no pixels
         if data[:4] != MAGIC:
             t.kind = "bare"
             return t
@@ -275,7 +282,7 @@ class TileChooser:
         """A bare tile's decoded pixels."""
         if t.fit is not None and t.data == t.fit.data:
             return t.fit.pixels
-        return self.decoder.bare_pixels(t.data, None, "tile")
+        return self.decoder.bare_pixels(t.data, t.source.shape, "tile")
 
     def context(self, t: _Tile) -> Any:
         """The latents ``t`` gives its neighbours' stitching, as readers compute them."""
@@ -406,7 +413,8 @@ class MixedLevelEncoder(LevelEncoder):
                 self.pool = ThreadPoolExecutor(FIT_THREADS, thread_name_prefix="wsicodec-fit")
             self.rows[row], self.fits[row] = self.chooser.choose_row(regions, boxes, valid, self.pool)
         else:
-            self.rows[row] = [self.chooser.stored_tile(c, data) for c, data in enumerate(stored)]
+            self.rows[row] = [self.chooser.stored_tile(c, data, (box[2], box[3]))
+                              for c, (data, box) in enumerate(zip(stored, boxes))]
         self.emit[row] = stored is None and not context_only
         self.unsettled.append(row)
         self.last = row

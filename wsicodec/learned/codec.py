@@ -21,6 +21,7 @@ from wsicodec.errors import CorruptDataError, InvalidSettingError
 
 from .decoder import TileDecoder
 from .encoder import Box, TileEncoder
+from .grid import Shape
 from .ladder import check_quality
 from .synthesis import LatentCache
 from .tileformat import NETWORK_KINDS, STITCH_VERSION, TileHeader
@@ -178,12 +179,13 @@ class LearnedCodec(TileCodec):
         return self.decoder.decode_alone(datas, names, shape)
 
     def decode_tiles(self, keys: Sequence[tuple[int, int]], fetch: Callable[[int, int], bytes],
-                     grid: tuple[int, int], shape: tuple[int, int, int] | None = None, *,
+                     grid: tuple[int, int], shape: Shape = None, *,
                      names: Callable[[int, int], str] | None = None,
                      cache: LatentCache | None = None, cache_tag: Hashable = None,
                      run: Run | None = None, as_written: bool = False) -> list[Any]:
         """Stitched decoding (:mod:`wsicodec.learned.decoder`), contract as
-        :meth:`wsicodec.codecs.TileCodec.decode_tiles`; ``as_written``: every tile's
+        :meth:`wsicodec.codecs.TileCodec.decode_tiles` (``shape`` may also be each tile's,
+        ``shape(col, row)``); ``as_written``: every tile's
         header is checked by :meth:`check_as_written`."""
         return self.decoder.decode_tiles(keys, fetch, grid, shape, names=names, cache=cache,
                                          cache_tag=cache_tag, run=run,

@@ -58,7 +58,8 @@ from wsicodec.entropy import decode_many, decode_symbols, symbol_checksum
 from wsicodec.errors import CorruptDataError, ModelMismatchError
 
 from .glass import bare_edges, blend_toward_glass, decode_glass, uniform_colour, uniform_latent
-from .grid import J2K_SIGNATURE, JXL_SIGNATURES, KIND_BARE, GridJob, crop, glass_edges
+from .grid import J2K_SIGNATURE, JXL_SIGNATURES, KIND_BARE, GridJob, Shape, crop, glass_edges
+from .j2kfit import crop_margin
 from .synthesis import STITCH_RING, LatentCache, Synthesis, stitch_window
 from .tileformat import (GLASS_KINDS, KIND_FIXUP, KIND_NETWORK_MIXED, LATENT_STRIDE, MAGIC, NETWORK_KINDS,
                          PIXEL_STRIDE, TileHeader, ceil_to, exact_entropy, fixup_parts, parse_named)
@@ -104,7 +105,7 @@ class TileDecoder:
     """
 
     def __init__(self, loaded: Any, device: Any, precision: str, max_batch: int,
-                 mixed: bool = False) -> None:
+                 mixed: bool = False, jpeg2000_margin: int = 0) -> None:
         self.loaded = loaded
         self.model = loaded.model                      # the CPU copy: h_s's weights, tables
         self.tables = self.model.coding_tables()
@@ -114,6 +115,8 @@ class TileDecoder:
         self.device, self.precision = device, precision
         #: whether a grid may also hold bare tiles (the ``auto`` codec's)
         self.mixed = mixed
+        #: px beyond each edge of the tile a JPEG 2000 codestream of this grid may hold (cropped)
+        self.jpeg2000_margin = jpeg2000_margin
         self._g_a_lock = threading.Lock()
 
     # ------------------------------------------------------------- one tile's steps
@@ -248,14 +251,24 @@ class TileDecoder:
     def bare_pixels(self, data: bytes, shape: tuple[int, ...] | None, name: str) -> np.ndarray:
         """The pixels of a bare codestream (a bare tile of a mixed grid, or a fix-up tile's
         tail): JPEG 2000 when it starts with :data:`~wsicodec.learned.grid.J2K_SIGNATURE`,
-        else JPEG-XL; checked against ``shape``.  Raises CorruptDataError."""
-        from wsicodec.classical import Jpeg2000Codec, JpegXlCodec
+        else JPEG-XL; checked against ``shape``, the tile's.  A JPEG 2000 codestream of a
+        grid with a :attr:`jpeg2000_margin` may also be that shape grown by the margin on
+        each side (what its SIZ marker declares says which; the decode is checked against
+        it), and is then cropped to the tile; without a ``shape`` it decodes as declared,
+        uncropped (so grids with a margin are decoded with their tiles' shapes).  Raises
+        CorruptDataError."""
+        from wsicodec.classical import Jpeg2000Codec, JpegXlCodec, jpeg2000_declared_size
 
-        codec = Jpeg2000Codec() if data[:4] == J2K_SIGNATURE else JpegXlCodec()
+        j2k = data[:4] == J2K_SIGNATURE
+        m = self.jpeg2000_margin if j2k and shape is not None else 0
+        if m and jpeg2000_declared_size(data) != (shape[1] + 2 * m, shape[0] + 2 * m):
+            m = 0
+        codec = Jpeg2000Codec() if j2k else JpegXlCodec()
         try:
-            return codec.decode(data, shape=None if shape is None else tuple(shape[:2]) + (3,))
+            px = codec.decode(data, shape=None if shape is None else (shape[0] + 2 * m, shape[1] + 2 * m, 3))
         except CorruptDataError as e:
             raise CorruptDataError(f"{name}: {e}") from None
+        return crop_margin(px, m)
 
     def pixel_latents(self, pixels: np.ndarray):
         """What a tile known only by its pixels (a bare tile) gives its neighbours'
@@ -372,14 +385,15 @@ class TileDecoder:
         return out
 
     def decode_tiles(self, keys: Sequence[tuple[int, int]], fetch: Callable[[int, int], bytes],
-                     grid: tuple[int, int], shape: tuple[int, ...] | None = None, *,
+                     grid: tuple[int, int], shape: Shape = None, *,
                      names: Callable[[int, int], str] | None = None,
                      cache: LatentCache | None = None, cache_tag: Hashable = None,
                      run: Run | None = None,
                      check: Callable[[TileHeader, str], None] | None = None) -> list[Any]:
         """Tiles ``keys`` = [(col, row), ...] of a grid of ``grid`` = (cols, rows) tiles,
         each stitched tile decoded with its neighbours' latents; the contract of
-        :meth:`wsicodec.codecs.TileCodec.decode_tiles`.  ``cache`` keeps decoded latents
+        :meth:`wsicodec.codecs.TileCodec.decode_tiles` (``shape`` may also be each tile's,
+        ``shape(col, row)``: :data:`~wsicodec.learned.grid.Shape`).  ``cache`` keeps decoded latents
         between calls, keyed ``(cache_tag, col, row)``; ``check(header, name)``, when
         given, vets every tile's header as it is loaded (raising fails that tile)."""
         job = GridJob(self, fetch, names or (lambda c, r: f"tile col={c} row={r}"), shape, check)

@@ -27,6 +27,10 @@ from .tileformat import (GLASS_KINDS, KIND_FIXUP, KIND_PLANE_MIXED, MAGIC, NETWO
 if TYPE_CHECKING:
     from .decoder import TileDecoder
 
+#: the shape every tile of a grid decodes to, or each tile's (``shape(col, row)``: an image
+#: stream's edge tiles are smaller), or None (what each stream says)
+Shape = tuple[int, ...] | Callable[[int, int], tuple[int, ...]] | None
+
 #: the kind the learned decoder gives a bare tile of a mixed grid: a classical codestream
 #: (JPEG-XL or JPEG 2000) decoded to its own pixels, not a learned tile
 KIND_BARE = -1
@@ -82,15 +86,19 @@ class GridJob:
     and its steps."""
 
     def __init__(self, decoder: TileDecoder, fetch: Callable[[int, int], bytes],
-                 names: Callable[[int, int], str], shape: tuple[int, ...] | None,
+                 names: Callable[[int, int], str], shape: Shape,
                  check: Callable[[TileHeader, str], None] | None = None) -> None:
-        self.decoder, self.fetch, self.names, self.shape = decoder, fetch, names, shape
+        self.decoder, self.fetch, self.names, self._shape = decoder, fetch, names, shape
         self.check = check
         self.got: dict[tuple[int, int], tuple[bytes, TileHeader]] = {}
         #: pixels of the tiles that have them without g_s (bare and fix-up tiles)
         self.pixels: dict[tuple[int, int], np.ndarray] = {}
         #: the bare codestreams of the fix-up tiles (``got`` holds their inner tiles)
         self.fixups: dict[tuple[int, int], bytes] = {}
+
+    def shape(self, key: tuple[int, int]) -> tuple[int, ...] | None:
+        """The shape tile ``key`` must decode to (None: what its stream says)."""
+        return self._shape(*key) if callable(self._shape) else self._shape
 
     def load(self, key: tuple[int, int]) -> tuple[bytes, TileHeader]:
         if key not in self.got:
@@ -99,14 +107,14 @@ class GridJob:
                 if not data.startswith(BARE_SIGNATURES):
                     raise CorruptDataError(f"{self.names(*key)}: neither a learned, a JPEG-XL nor a "
                                            "JPEG 2000 tile")
-                px = self.decoder.bare_pixels(data, self.shape, self.names(*key))
+                px = self.decoder.bare_pixels(data, self.shape(key), self.names(*key))
                 self.pixels[key] = px
                 self.got[key] = (data, TileHeader(KIND_BARE, px.shape[0], px.shape[1]))
                 return self.got[key]
-            hd = parse_named(data, self.names(*key), self.shape)
+            hd = parse_named(data, self.names(*key), self.shape(key))
             if hd.kind == KIND_FIXUP:       # its own pixels; to its neighbours, its inner tile
                 data, self.fixups[key] = fixup_parts(data, hd)
-                hd = parse_named(data, self.names(*key), self.shape)
+                hd = parse_named(data, self.names(*key), self.shape(key))
             if self.check is not None:
                 self.check(hd, self.names(*key))
             self.got[key] = (data, hd)

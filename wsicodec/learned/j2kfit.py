@@ -23,15 +23,23 @@ that is lower or there is none; where the PSNR fit misses that, the level is rai
 :data:`EDGE_STEP` dB steps, and a tile that still misses it after :data:`EDGE_TRIES` steps
 is left to JPEG-XL.  JPEG 2000 then never shows the grid more than JPEG-XL would.
 
-**Its borders, in tissue too.** The wavelet's symmetric extension at a tile's edge leaves
-JPEG 2000's outermost pixels further off than its interior, whose error is smooth: where
-two independently coded tiles meet, the error jumps across the border far more than
-between neighbouring pixels inside (``bench/error_steps.py``), and the seam shows.  A
-coding's :func:`ring_ratio` (the error on its outermost pixels against the error step
-between neighbouring pixels inside, ~ the border's step against the inside's) is
-therefore held to the reference coding's, or :data:`RING_RATIO` where that is more or
-there is none; a coding that misses it gives way at once (a higher level does not lower
-the ratio: it measured flat or rising from 32 to 44 dB on tcga and he/test tiles).
+**Its borders: a margin, and the ring hold.** The wavelet's symmetric extension at a
+codestream's edge leaves its outermost pixels further off than its interior, whose error is
+smooth: where two tiles coded on their own meet, the error jumps across the border far more
+than between neighbouring pixels inside (``bench/error_steps.py``), and the seam shows.  So
+a tile is coded with :data:`MARGIN` px of its surroundings beyond each edge
+(:func:`with_margin`; the decoder crops them, :func:`crop_margin`): the tile's own edge is
+then inside the codestream.  What is left at a border is two independent errors meeting,
+as between two JPEG-XL tiles.  Where the source itself was cut into tiles on the same grid
+(a slide scanned as JPEG 2000 in 256-px tiles: its seams are in the pixels, at the tile's
+edge), coding across that edge costs more than stopping at it, so the auto codec fits a
+tile both ways and keeps the smaller (:func:`fit_jpeg2000_tile`); readers tell the two
+apart by the codestream's declared size.  A coding is held at its edge either way: the mean error on the tile's
+outermost pixels where it meets another tile (:func:`ring_error`, :func:`tile_sides`: a
+level's edge shows no seam) may not exceed :data:`RING_TOLERANCE` times the
+JPEG-XL coding's of the same tile (the caller's ``reference``) or the coding's own error
+inside, whichever is more (a lossless reference has none); a coding that misses it gives
+way at once (a higher level lowers its inside error with it).
 
 Unlike JPEG-XL it has no lossless last resort here: irreversible JPEG 2000 tops out near
 50 dB, and a target it cannot reach (or cannot reach under a caller's byte budget) gives
@@ -41,7 +49,6 @@ alone: a tile codes the same in any run (resume and cluster runs rely on it).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -70,11 +77,17 @@ EDGE_BAND = 2
 #: :data:`EDGE_MIN_PIXELS` glass pixels in the band nothing is held
 EDGE_TOLERANCE = 0.45
 EDGE_MIN_PIXELS = 64
-#: the :func:`ring_ratio` always allowed (about JPEG-XL's median on tcga tiles at 32-40 dB,
-#: 1.8-2.2 on he/test's; JPEG 2000's is 1.8-2.0 and 4-5.4 there)
-RING_RATIO = 1.5
-#: a first coding whose ratio exceeds the bound this many times over ends the fit there (the
-#: ratio moves by less than that from level to level near a target)
+#: px of its surroundings a JPEG 2000 tile is coded with beyond each of its edges (the
+#: ``auto`` codec's ``jpeg2000_margin``; containers written before 2026-12-05 22:00 UTC: 0)
+MARGIN = 8
+#: the largest margin a reader takes (the encoder's context around a tile)
+MAX_MARGIN = 16
+#: a coding's :func:`ring_error` may be this many times the reference's or its own inside
+#: error, whichever is more (JPEG-XL's own ring over its inside: median 1.07-1.24 on tiles
+#: of cmu, tcga and he/test at 32 and 40 dB; JPEG 2000's without a margin 1.2-2.6, with one
+#: 1.03-1.14 where the source's tiles do not end at the tile's edge)
+RING_TOLERANCE = 1.25
+#: a first coding whose ring error exceeds the bound this many times over ends the fit
 RING_EARLY = 1.5
 #: the level is raised by this many dB a step, at most :data:`EDGE_TRIES` times
 EDGE_STEP = 1.5
@@ -124,62 +137,101 @@ def edge_error(pixels: np.ndarray, tile: np.ndarray, mask: np.ndarray) -> float:
     return float(np.abs(d[mask]).mean())
 
 
-def ring_ratio(pixels: np.ndarray, tile: np.ndarray, valid: tuple[int, int]) -> float:
-    """How far a coding's error at the tile's outermost pixels stands out: √2 × the mean
-    absolute error on the 1-px ring of the ``valid`` part, over the mean absolute step of
-    the error between horizontally and vertically adjacent pixels inside it (RGB means).
-    Two tiles with independent errors of that size meet in steps about this many times
-    their inside steps.  0 for a tile under 3x3 px or with no error inside."""
+#: which edges of a tile meet another tile: (top, bottom, left, right)
+Sides = tuple[bool, bool, bool, bool]
+ALL_SIDES: Sides = (True, True, True, True)
+
+
+def ring_error(pixels: np.ndarray, tile: np.ndarray, valid: tuple[int, int],
+               sides: Sides = ALL_SIDES) -> tuple[float, float]:
+    """A coding's mean absolute error (levels, RGB means) on the outermost pixels of
+    ``tile``'s ``valid`` part along its ``sides`` that meet another tile (0 where none
+    does: no border to show), and inside that part.  Two tiles meet in error steps about
+    √2 times their ring errors (two independent errors).  (0, 0) for a part under 3x3 px."""
     h, w = valid
     if h < 3 or w < 3:
-        return 0.0
-    e = pixels[:h, :w, :3].astype(np.float64) - tile[:h, :w, :3]
-    ring = np.ones((h, w), bool)
-    ring[1:-1, 1:-1] = False
-    inner = e[1:-1, 1:-1]
-    steps = np.concatenate([np.abs(np.diff(inner, axis=1)).mean(axis=2).ravel(),
-                            np.abs(np.diff(inner, axis=0)).mean(axis=2).ravel()])
-    step = float(steps.mean()) if steps.size else 0.0
-    edge = float(np.abs(e).mean(axis=2)[ring].mean())
-    return math.sqrt(2.0) * edge / step if step > 0 else (0.0 if edge == 0 else math.inf)
+        return 0.0, 0.0
+    e = np.abs(pixels[:h, :w, :3].astype(np.float64) - tile[:h, :w, :3]).mean(axis=2)
+    ring = np.zeros((h, w), bool)
+    for on, edge in zip(sides, (np.s_[0, :], np.s_[-1, :], np.s_[:, 0], np.s_[:, -1])):
+        ring[edge] |= on
+    return (float(e[ring].mean()) if ring.any() else 0.0), float(e[1:-1, 1:-1].mean())
+
+
+def tile_sides(region: np.ndarray, box: tuple[int, int, int, int], valid: tuple[int, int]) -> Sides:
+    """Which edges of the tile ``box`` of a level encoder's ``region`` (its context, clipped
+    at the level's edges) meet another tile of the level: (top, bottom, left, right)."""
+    top, left, h, w = box
+    return (top > 0, valid[0] == h and region.shape[0] > top + h,
+            left > 0, valid[1] == w and region.shape[1] > left + w)
+
+
+def with_margin(region: np.ndarray, box: tuple[int, int, int, int], margin: int) -> np.ndarray:
+    """The tile ``box`` (top, left, height, width) of ``region`` with ``margin`` px of the
+    region around it on each side, the region's edge pixels repeated where it has fewer
+    (a slide's or an image's edge): what a JPEG 2000 tile is coded from."""
+    top, left, h, w = box
+    y0, x0 = top - margin, left - margin
+    part = region[max(y0, 0):top + h + margin, max(x0, 0):left + w + margin, :3]
+    pads = ((max(-y0, 0), top + h + margin - min(top + h + margin, region.shape[0])),
+            (max(-x0, 0), left + w + margin - min(left + w + margin, region.shape[1])), (0, 0))
+    return np.ascontiguousarray(np.pad(part, pads, mode="edge") if any(sum(p) for p in pads) else part)
+
+
+def crop_margin(pixels: np.ndarray, margin: int) -> np.ndarray:
+    """A decoded JPEG 2000 tile's own pixels: ``pixels`` without ``margin`` px on each side."""
+    if margin == 0:
+        return pixels
+    return np.ascontiguousarray(pixels[margin:pixels.shape[0] - margin, margin:pixels.shape[1] - margin])
 
 
 @dataclass(frozen=True)
 class _Hold:
     """What a kept coding must meet at the tile's edges: the glass there (``mask``, its
-    ``tolerance`` in grey levels; None: no glass) and its :func:`ring_ratio`
-    (``ring``)."""
+    ``tolerance`` in grey levels; None: no glass) and its :func:`ring_error`: at most
+    :data:`RING_TOLERANCE` times ``ring`` (the reference's, 0 with none) or its own error
+    inside, whichever is more."""
 
     tile: np.ndarray
     valid: tuple[int, int]
     mask: np.ndarray | None
     tolerance: float
     ring: float
+    around: np.ndarray | None = None
+    sides: Sides = ALL_SIDES
+
+    def ring_bound(self, pixels: np.ndarray) -> tuple[float, float]:
+        """A coding's ring error and the most it may be."""
+        ring, inner = ring_error(pixels, self.tile, self.valid, self.sides)
+        return ring, RING_TOLERANCE * max(self.ring, inner)
 
     def ring_met(self, pixels: np.ndarray) -> bool:
-        return ring_ratio(pixels, self.tile, self.valid) <= self.ring
+        ring, bound = self.ring_bound(pixels)
+        return ring <= bound
 
     def glass_met(self, pixels: np.ndarray) -> bool:
         return self.mask is None or edge_error(pixels, self.tile, self.mask) <= self.tolerance
 
 
-def _hold(tile: np.ndarray, valid: tuple[int, int], reference: np.ndarray | None) -> _Hold:
+def _hold(tile: np.ndarray, valid: tuple[int, int], reference: np.ndarray | None,
+          around: np.ndarray | None = None, sides: Sides = ALL_SIDES) -> _Hold:
     mask = edge_glass_mask(tile, valid)
-    tolerance, ring = EDGE_TOLERANCE, RING_RATIO
+    tolerance, ring = EDGE_TOLERANCE, 0.0
     if reference is not None:
-        ring = max(RING_RATIO, ring_ratio(reference, tile, valid))
+        ring = ring_error(reference, tile, valid, sides)[0]
         if mask is not None:
             tolerance = max(EDGE_TOLERANCE, edge_error(reference, tile, mask))
-    return _Hold(tile, valid, mask, tolerance, ring)
+    return _Hold(tile, valid, mask, tolerance, ring, around, sides)
 
 
-def encode_at(tile: np.ndarray, level: float, valid: tuple[int, int]) -> TileFit:
-    """``tile`` coded at fixed-quality ``level`` dB and decoded."""
+def encode_at(tile: np.ndarray, level: float, valid: tuple[int, int], around: np.ndarray | None = None) -> TileFit:
+    """``tile`` coded at fixed-quality ``level`` dB and decoded: from ``around`` (the tile
+    with a margin, :func:`with_margin`) where given, its decoded margin cropped."""
     from wsicodec.classical import Jpeg2000Codec
 
     codec = Jpeg2000Codec(quality=level)
-    data = codec.encode(tile)
-    pixels = codec.decode(data)
+    data = codec.encode(tile if around is None else around)
+    pixels = crop_margin(codec.decode(data), 0 if around is None else (around.shape[0] - tile.shape[0]) // 2)
     return TileFit(data, pixels, tile_psnr(pixels, tile, valid), level, codec="jpeg2000")
 
 
@@ -211,13 +263,18 @@ def _saturated(tried: list[TileFit]) -> bool:
 
 
 def fit_jpeg2000(tile: np.ndarray, target: float, valid: tuple[int, int] | None = None, *,
-                 budget: float | None = None, reference: np.ndarray | None = None) -> TileFit | None:
+                 budget: float | None = None, reference: np.ndarray | None = None,
+                 around: np.ndarray | None = None, sides: Sides = ALL_SIDES) -> TileFit | None:
     """A JPEG 2000 coding of ``tile`` ((h, w, 3) uint8) whose PSNR over ``valid`` reaches
     ``target`` dB at the lowest level the search found, and keeps the glass at its edges
     as close as ``reference`` (another coding's pixels of the tile: JPEG-XL's) or
-    :data:`EDGE_TOLERANCE`, and its :func:`ring_ratio` within the reference's or
-    :data:`RING_RATIO` (module docstring), or None when no level up to :data:`MAX_LEVEL`
-    reaches the target, or the edges are not held after :data:`EDGE_TRIES` raises.
+    :data:`EDGE_TOLERANCE`, and its :func:`ring_error` within :data:`RING_TOLERANCE` of
+    the reference's or of its own inside, whichever is more (module docstring), or None when no level up to
+    :data:`MAX_LEVEL` reaches the target, or the edges are not held after
+    :data:`EDGE_TRIES` raises.  ``around``: the tile with a margin (:func:`with_margin`),
+    coded in its place (the codestream is ``around``'s size; its pixels are the tile's).
+    ``sides``: the tile's edges that meet another tile (:func:`tile_sides`), where the ring
+    is held.
 
     ``budget``: the caller has another coding of this many bytes; None is also returned
     where JPEG 2000 cannot undercut it: as soon as a coding that misses the target takes
@@ -227,18 +284,23 @@ def fit_jpeg2000(tile: np.ndarray, target: float, valid: tuple[int, int] | None 
     valid = valid or tile.shape[:2]
     if not target < MAX_LEVEL:
         return None
+    if around is not None and (around.shape[0] - tile.shape[0] != around.shape[1] - tile.shape[1]
+                               or (around.shape[0] - tile.shape[0]) % 2 or around.shape[0] < tile.shape[0]):
+        raise ValueError(f"a tile of {tile.shape[:2]} with a margin cannot be {around.shape[:2]}")
     aim = target + TOLERANCE / 2
-    hold = _hold(tile, valid, reference)
+    hold = _hold(tile, valid, reference, around, sides)
     tried: list[TileFit] = []
     level = min(max(target + START_OFFSET, MIN_LEVEL), MAX_LEVEL)
     passing = failing = None
     for _ in range(MAX_CODINGS):
-        f = encode_at(tile, level, valid)
+        f = encode_at(tile, level, valid, around)
         tried.append(f)
         if f.psnr < target and budget is not None and len(f.data) >= budget:
             return None
-        if len(tried) == 1 and ring_ratio(f.pixels, tile, valid) > RING_EARLY * hold.ring:
-            return None                 # far over the ring hold: no level near the target meets it
+        if len(tried) == 1:
+            ring, bound = hold.ring_bound(f.pixels)
+            if ring > RING_EARLY * bound:
+                return None             # far over the ring hold: no level near the target meets it
         ok = [g for g in tried if g.psnr >= target]
         passing = min(ok, key=lambda g: g.setting) if ok else None
         under = [g for g in tried if g.psnr < target and (passing is None or g.setting < passing.setting)]
@@ -262,6 +324,23 @@ def fit_jpeg2000(tile: np.ndarray, target: float, valid: tuple[int, int] | None 
     return kept if hold.glass_met(kept.pixels) else _raise_for_glass(kept, hold, budget)
 
 
+def fit_jpeg2000_tile(tile: np.ndarray, target: float, valid: tuple[int, int] | None = None, *,
+                      budget: float | None = None, reference: np.ndarray | None = None,
+                      around: np.ndarray | None = None, sides: Sides = ALL_SIDES) -> TileFit | None:
+    """The auto codec's JPEG 2000 coding of a tile: :func:`fit_jpeg2000` with the tile's
+    margin (``around``) and without it, the one with fewer
+    :attr:`~wsicodec.learned.jxlfit.TileFit.equal_bytes` kept (None: neither undercuts
+    ``budget`` or meets the holds).  With a margin the tile's edge lies inside the
+    codestream; without one the codestream's edge is the tile's, which costs less where the
+    source's own tiles end there (a slide scanned as JPEG 2000 in tiles on the same grid:
+    its seams are already in the pixels)."""
+    first = None if around is None else fit_jpeg2000(tile, target, valid, budget=budget, reference=reference,
+                                                    around=around, sides=sides)
+    bound = budget if first is None else (first.equal_bytes if budget is None else min(budget, first.equal_bytes))
+    plain = fit_jpeg2000(tile, target, valid, budget=bound, reference=reference, sides=sides)
+    return plain if plain is not None and (first is None or plain.equal_bytes < first.equal_bytes) else first
+
+
 def _raise_for_glass(kept: TileFit, hold: _Hold, budget: float | None) -> TileFit | None:
     """``kept`` coded at levels :data:`EDGE_STEP` dB higher until the glass at its edges
     meets ``hold`` (and its ring still does); its own bytes then count whole (the PSNR
@@ -270,7 +349,7 @@ def _raise_for_glass(kept: TileFit, hold: _Hold, budget: float | None) -> TileFi
     level = kept.setting
     for _ in range(EDGE_TRIES):
         level = min(level + EDGE_STEP, MAX_LEVEL)
-        f = encode_at(hold.tile, level, hold.valid)
+        f = encode_at(hold.tile, level, hold.valid, hold.around)
         if budget is not None and len(f.data) >= budget:
             return None
         if hold.glass_met(f.pixels):
