@@ -281,9 +281,20 @@ def fit_jpeg2000(tile: np.ndarray, target: float, valid: tuple[int, int] | None 
     ``budget`` bytes or more (higher levels only take more), or when the kept coding's
     :attr:`~wsicodec.learned.jxlfit.TileFit.equal_bytes` do.
     """
+    return _fit(tile, target, valid, budget, reference, around, sides)[0]
+
+
+#: why :func:`_fit` gave no coding: a coding that misses the target, or the kept one at the
+#: target, takes the caller's budget or more
+OVER_BUDGET = "over budget"
+
+
+def _fit(tile: np.ndarray, target: float, valid: tuple[int, int] | None, budget: float | None,
+         reference: np.ndarray | None, around: np.ndarray | None, sides: Sides) -> tuple[TileFit | None, str]:
+    """:func:`fit_jpeg2000`, and why it gave None (:data:`OVER_BUDGET` or another reason)."""
     valid = valid or tile.shape[:2]
     if not target < MAX_LEVEL:
-        return None
+        return None, "out of reach"
     if around is not None and (around.shape[0] - tile.shape[0] != around.shape[1] - tile.shape[1]
                                or (around.shape[0] - tile.shape[0]) % 2 or around.shape[0] < tile.shape[0]):
         raise ValueError(f"a tile of {tile.shape[:2]} with a margin cannot be {around.shape[:2]}")
@@ -296,11 +307,11 @@ def fit_jpeg2000(tile: np.ndarray, target: float, valid: tuple[int, int] | None 
         f = encode_at(tile, level, valid, around)
         tried.append(f)
         if f.psnr < target and budget is not None and len(f.data) >= budget:
-            return None
+            return None, OVER_BUDGET
         if len(tried) == 1:
             ring, bound = hold.ring_bound(f.pixels)
             if ring > RING_EARLY * bound:
-                return None             # far over the ring hold: no level near the target meets it
+                return None, "ring"     # far over the ring hold: no level near the target meets it
         ok = [g for g in tried if g.psnr >= target]
         passing = min(ok, key=lambda g: g.setting) if ok else None
         under = [g for g in tried if g.psnr < target and (passing is None or g.setting < passing.setting)]
@@ -315,30 +326,33 @@ def fit_jpeg2000(tile: np.ndarray, target: float, valid: tuple[int, int] | None 
             break
         level = nxt
     if passing is None:
-        return None
+        return None, "out of reach"
     kept = replace(passing, equal_bytes=equal_bytes(passing, passing, failing, target))
     if budget is not None and kept.equal_bytes >= budget:
-        return None                     # a raised coding only takes more
+        return None, OVER_BUDGET        # a raised coding only takes more
     if not hold.ring_met(kept.pixels):
-        return None                     # a higher level does not lower it (measured)
-    return kept if hold.glass_met(kept.pixels) else _raise_for_glass(kept, hold, budget)
+        return None, "ring"             # a higher level does not lower it (measured)
+    return (kept, "") if hold.glass_met(kept.pixels) else (_raise_for_glass(kept, hold, budget), "glass")
 
 
 def fit_jpeg2000_tile(tile: np.ndarray, target: float, valid: tuple[int, int] | None = None, *,
                       budget: float | None = None, reference: np.ndarray | None = None,
                       around: np.ndarray | None = None, sides: Sides = ALL_SIDES) -> TileFit | None:
-    """The auto codec's JPEG 2000 coding of a tile: :func:`fit_jpeg2000` with the tile's
-    margin (``around``) and without it, the one with fewer
+    """The auto codec's JPEG 2000 coding of a tile: :func:`fit_jpeg2000` without the tile's
+    margin and with it (``around``), the one with fewer
     :attr:`~wsicodec.learned.jxlfit.TileFit.equal_bytes` kept (None: neither undercuts
-    ``budget`` or meets the holds).  With a margin the tile's edge lies inside the
-    codestream; without one the codestream's edge is the tile's, which costs less where the
-    source's own tiles end there (a slide scanned as JPEG 2000 in tiles on the same grid:
-    its seams are already in the pixels)."""
-    first = None if around is None else fit_jpeg2000(tile, target, valid, budget=budget, reference=reference,
-                                                    around=around, sides=sides)
-    bound = budget if first is None else (first.equal_bytes if budget is None else min(budget, first.equal_bytes))
-    plain = fit_jpeg2000(tile, target, valid, budget=bound, reference=reference, sides=sides)
-    return plain if plain is not None and (first is None or plain.equal_bytes < first.equal_bytes) else first
+    ``budget`` or meets the holds).  Without a margin the codestream's edge is the tile's,
+    which costs less (fewer pixels) and shows no seam where the source's own tiles end
+    there (a slide scanned as JPEG 2000 in tiles on the same grid: its seams are already in
+    the pixels); with one the tile's edge lies inside the codestream.  The margin is not
+    tried where the tile alone already takes the budget or more (the margin only adds
+    pixels), and must undercut the coding without it."""
+    plain, why = _fit(tile, target, valid, budget, reference, None, sides)
+    if around is None or (plain is None and why == OVER_BUDGET):
+        return plain
+    bound = budget if plain is None else (plain.equal_bytes if budget is None else min(budget, plain.equal_bytes))
+    margin = _fit(tile, target, valid, bound, reference, around, sides)[0]
+    return margin if margin is not None and (plain is None or margin.equal_bytes < plain.equal_bytes) else plain
 
 
 def _raise_for_glass(kept: TileFit, hold: _Hold, budget: float | None) -> TileFit | None:
