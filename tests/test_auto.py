@@ -325,11 +325,14 @@ def _levels(img: np.ndarray, tile: int) -> list[np.ndarray]:
     return out
 
 
-def test_compress_holds_the_floor_on_every_tile_of_every_level(he_img, tmp_path):
+@pytest.mark.parametrize("floor", [33.0, 40.0])
+def test_compress_holds_the_floor_on_every_tile_of_every_level(he_img, tmp_path, floor):
+    """At 40 dB the container holds JPEG 2000 tiles with their margin, read (cropped) by
+    open_slide like every other tile."""
     import wsicodec
+    from wsicodec.classical import J2K_SIGNATURE, jpeg2000_declared_size
     from wsicodec.pipeline import compress_source
     from wsicodec.tiling.sources import ArraySource
-    floor = 33.0
     img = np.ascontiguousarray(he_img[:250, :300])            # edge tiles on both sides
     out = tmp_path / "a.zarr.zip"
     compress_source(ArraySource(img), out, get_codec("auto", 3, min_psnr=floor), tile_size=T)
@@ -348,6 +351,9 @@ def test_compress_holds_the_floor_on_every_tile_of_every_level(he_img, tmp_path)
         for lv in range(c.level_count):
             rec = c.tile_records(lv)
             assert rec is not None and float(np.min(rec.psnr)) >= floor
+        sizes = [jpeg2000_declared_size(d) for _, _, d in c.iter_encoded_tiles(0) if d.startswith(J2K_SIGNATURE)]
+    if floor == 40.0:
+        assert (T + 16, T + 16) in sizes, sizes
 
 
 @pytest.mark.parametrize("floor", [30.0, 40.0])
