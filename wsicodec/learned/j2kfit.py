@@ -281,7 +281,18 @@ def fit_jpeg2000(tile: np.ndarray, target: float, valid: tuple[int, int] | None 
     ``budget`` bytes or more (higher levels only take more), or when the kept coding's
     :attr:`~wsicodec.learned.jxlfit.TileFit.equal_bytes` do.
     """
-    return _fit(tile, target, valid, budget, reference, around, sides)[0]
+    if not target < MAX_LEVEL:
+        return None
+    valid = valid or tile.shape[:2]
+    return _fit(_hold(tile, valid, reference, _checked(tile, around), sides), target, budget)[0]
+
+
+def _checked(tile: np.ndarray, around: np.ndarray | None) -> np.ndarray | None:
+    """``around``, once it is ``tile`` grown by the same margin on every side."""
+    if around is not None and (around.shape[0] - tile.shape[0] != around.shape[1] - tile.shape[1]
+                               or (around.shape[0] - tile.shape[0]) % 2 or around.shape[0] < tile.shape[0]):
+        raise ValueError(f"a tile of {tile.shape[:2]} with a margin cannot be {around.shape[:2]}")
+    return around
 
 
 #: why :func:`_fit` gave no coding: a coding that misses the target, or the kept one at the
@@ -289,17 +300,11 @@ def fit_jpeg2000(tile: np.ndarray, target: float, valid: tuple[int, int] | None 
 OVER_BUDGET = "over budget"
 
 
-def _fit(tile: np.ndarray, target: float, valid: tuple[int, int] | None, budget: float | None,
-         reference: np.ndarray | None, around: np.ndarray | None, sides: Sides) -> tuple[TileFit | None, str]:
-    """:func:`fit_jpeg2000`, and why it gave None (:data:`OVER_BUDGET` or another reason)."""
-    valid = valid or tile.shape[:2]
-    if not target < MAX_LEVEL:
-        return None, "out of reach"
-    if around is not None and (around.shape[0] - tile.shape[0] != around.shape[1] - tile.shape[1]
-                               or (around.shape[0] - tile.shape[0]) % 2 or around.shape[0] < tile.shape[0]):
-        raise ValueError(f"a tile of {tile.shape[:2]} with a margin cannot be {around.shape[:2]}")
+def _fit(hold: _Hold, target: float, budget: float | None) -> tuple[TileFit | None, str]:
+    """:func:`fit_jpeg2000` of ``hold``'s tile (from its ``around`` where it has one), and
+    why it gave None (:data:`OVER_BUDGET` or another reason)."""
+    tile, valid, around = hold.tile, hold.valid, hold.around
     aim = target + TOLERANCE / 2
-    hold = _hold(tile, valid, reference, around, sides)
     tried: list[TileFit] = []
     level = min(max(target + START_OFFSET, MIN_LEVEL), MAX_LEVEL)
     passing = failing = None
@@ -347,11 +352,14 @@ def fit_jpeg2000_tile(tile: np.ndarray, target: float, valid: tuple[int, int] | 
     the pixels); with one the tile's edge lies inside the codestream.  The margin is not
     tried where the tile alone already takes the budget or more (the margin only adds
     pixels), and must undercut the coding without it."""
-    plain, why = _fit(tile, target, valid, budget, reference, None, sides)
+    if not target < MAX_LEVEL:
+        return None
+    hold = _hold(tile, valid or tile.shape[:2], reference, None, sides)     # the same both ways
+    plain, why = _fit(hold, target, budget)
     if around is None or (plain is None and why == OVER_BUDGET):
         return plain
     bound = budget if plain is None else (plain.equal_bytes if budget is None else min(budget, plain.equal_bytes))
-    margin = _fit(tile, target, valid, bound, reference, around, sides)[0]
+    margin = _fit(replace(hold, around=_checked(tile, around)), target, bound)[0]
     return margin if margin is not None and (plain is None or margin.equal_bytes < plain.equal_bytes) else plain
 
 
