@@ -251,6 +251,7 @@ def decode(data: bytes, *, model: str | None = None, batch: int = 16,
         codec = AutoCodec(model=model, model_id=st.model_id, precision=precision,
                           jpeg2000_margin=st.jpeg2000_margin)
     cells = list(tile_cells(h, w, tile))
+    shapes = [(ys.stop - ys.start, xs.stop - xs.start, 3) for _, _, ys, xs in cells]   # row-major
     n = len(cells)
     rows, cols = -(-h // tile), -(-w // tile)
     cache = codec.new_cache(tile, 4 * cols + batch + 4)   # rows around a batch: each tile decoded once
@@ -260,18 +261,18 @@ def decode(data: bytes, *, model: str | None = None, batch: int = 16,
             return [f.exception() or f.result() for f in [pool.submit(fn, it) for it in items]]
 
         for i in range(0, n, batch):
-            _decode_part(codec, cells[i:i + batch], streams, (cols, rows), cache, run, out, tile)
+            _decode_part(codec, cells[i:i + batch], streams, shapes, (cols, rows), cache, run, out)
     return out
 
 
-def _decode_part(codec, part: list, streams: list, grid: tuple[int, int], cache, run,  # noqa: ANN001
-                 out: np.ndarray, tile: int) -> None:
-    """One batch of :func:`decode`'s cells into ``out``."""
+def _decode_part(codec, part: list, streams: list, shapes: list, grid: tuple[int, int],  # noqa: ANN001
+                 cache, run, out: np.ndarray) -> None:  # noqa: ANN001
+    """One batch of :func:`decode`'s cells into ``out`` (``streams`` and each cell's
+    ``shapes`` row-major)."""
     cols = grid[0]
-    h, w = out.shape[:2]
     tiles = codec.decode_tiles([(c, r) for r, c, _, _ in part],
                                lambda c, r: streams[r * cols + c], grid,
-                               lambda c, r: (min(tile, h - r * tile), min(tile, w - c * tile), 3),
+                               lambda c, r: shapes[r * cols + c],
                                names=lambda c, r: f"tile (row {r}, col {c})", cache=cache, run=run)
     for (r, c, ys, xs), t in zip(part, tiles):
         if isinstance(t, CorruptDataError) and not isinstance(t, CorruptTileError):
