@@ -11,11 +11,10 @@ torch.set_flush_denormal(True)
 
 from test_auto import T, _check_floor_and_records, _encode, he_crop  # noqa: E402
 
-from wsicodec.classical import Jpeg2000Codec  # noqa: E402
+from wsicodec.classical import J2K_SIGNATURE, JXL_SIGNATURES, Jpeg2000Codec  # noqa: E402
 from wsicodec.codecs import codec_from_dict, get_codec  # noqa: E402
 from wsicodec.errors import CorruptDataError, InvalidSettingError  # noqa: E402
 from wsicodec.learned import choice  # noqa: E402
-from wsicodec.learned.grid import J2K_SIGNATURE, JXL_SIGNATURES  # noqa: E402
 from wsicodec.learned.j2kfit import TOLERANCE, fit_jpeg2000, fit_jpeg2000_tile  # noqa: E402
 from wsicodec.learned.jxlfit import fit_jpegxl, tile_psnr  # noqa: E402
 from wsicodec.learned.tileformat import KIND_FIXUP, fixup_parts, parse_header  # noqa: E402

@@ -80,6 +80,11 @@ JXL_SIGNATURES = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")
 #: first bytes of a JPEG 2000 codestream (SOC and SIZ markers), as :class:`Jpeg2000Codec` writes
 J2K_SIGNATURE = b"\xff\x4f\xff\x51"
 #: the first bytes a codestream of each of these codecs starts with, by codec name
+CODESTREAM_SIGNATURES = {"jpegxl": JXL_SIGNATURES, "jpeg2000": (J2K_SIGNATURE,)}
+#: what a bare classical codestream of either may start with
+BARE_SIGNATURES = JXL_SIGNATURES + (J2K_SIGNATURE,)
+
+
 def jpeg2000_declared_size(data: bytes) -> tuple[int, int] | None:
     """The (width, height) a JPEG 2000 codestream's SIZ marker declares (its image area:
     Xsiz − XOsiz, Ysiz − YOsiz), or None where ``data`` does not start with
@@ -88,11 +93,6 @@ def jpeg2000_declared_size(data: bytes) -> tuple[int, int] | None:
         return None
     xsiz, ysiz, xo, yo = struct.unpack_from(">IIII", data, 8)
     return xsiz - xo, ysiz - yo
-
-
-CODESTREAM_SIGNATURES = {"jpegxl": JXL_SIGNATURES, "jpeg2000": (J2K_SIGNATURE,)}
-#: what a bare classical codestream of either may start with
-BARE_SIGNATURES = JXL_SIGNATURES + (J2K_SIGNATURE,)
 
 
 def _imagecodecs_has(attr: str) -> bool:

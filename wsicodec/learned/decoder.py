@@ -54,11 +54,12 @@ from typing import Any, Callable, Hashable, Sequence
 import numpy as np
 
 from wsicodec.codecs import Run, run_serially
+from wsicodec.classical import J2K_SIGNATURE, JXL_SIGNATURES
 from wsicodec.entropy import decode_many, decode_symbols, symbol_checksum
 from wsicodec.errors import CorruptDataError, ModelMismatchError
 
 from .glass import bare_edges, blend_toward_glass, decode_glass, uniform_colour, uniform_latent
-from .grid import J2K_SIGNATURE, JXL_SIGNATURES, KIND_BARE, GridJob, Shape, crop, glass_edges
+from .grid import KIND_BARE, GridJob, Shape, crop, glass_edges
 from .j2kfit import crop_margin
 from .synthesis import STITCH_RING, LatentCache, Synthesis, stitch_window
 from .tileformat import (GLASS_KINDS, KIND_FIXUP, KIND_NETWORK_MIXED, LATENT_STRIDE, MAGIC, NETWORK_KINDS,
@@ -250,7 +251,7 @@ class TileDecoder:
 
     def bare_pixels(self, data: bytes, shape: tuple[int, ...] | None, name: str) -> np.ndarray:
         """The pixels of a bare codestream (a bare tile of a mixed grid, or a fix-up tile's
-        tail): JPEG 2000 when it starts with :data:`~wsicodec.learned.grid.J2K_SIGNATURE`,
+        tail): JPEG 2000 when it starts with :data:`~wsicodec.classical.J2K_SIGNATURE`,
         else JPEG-XL; checked against ``shape``, the tile's.  A JPEG 2000 codestream of a
         grid with a :attr:`jpeg2000_margin` may also be that shape grown by the margin on
         each side (what its SIZ marker declares says which; the decode is checked against

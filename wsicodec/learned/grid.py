@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
 
 import numpy as np
 
-from wsicodec.classical import BARE_SIGNATURES, J2K_SIGNATURE, JXL_SIGNATURES
+from wsicodec.classical import BARE_SIGNATURES
 from wsicodec.codecs import Run
 from wsicodec.errors import CorruptDataError
 
