@@ -27,6 +27,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.error_steps import error_steps  # noqa: E402
+from bench.jxl_effort import grown  # noqa: E402
 from bench.report import log, run_environment, write_json  # noqa: E402
 
 TILE, CELLS = 256, 3
@@ -36,27 +37,20 @@ SIDE = TILE * CELLS
 def fit_margin(image: np.ndarray, y: int, x: int, margin: int, target: float) -> tuple[bytes, np.ndarray]:
     """The tile at (y, x) coded from itself and ``margin`` px around it at the lowest level
     (of 9 bisection steps over target − 3 .. target + 12 dB) whose tile reaches ``target``."""
-    import imagecodecs
+    from wsicodec.learned.j2kfit import encode_at
 
-    from wsicodec.learned.j2kfit import crop_margin, with_margin
-    from wsicodec.learned.jxlfit import tile_psnr
-
-    y0, x0 = max(y - margin, 0), max(x - margin, 0)
-    grown = with_margin(image[y0:y + TILE + margin, x0:x + TILE + margin], (y - y0, x - x0, TILE, TILE), margin)
-    src = image[y:y + TILE, x:x + TILE]
+    around = grown(image, x, y, margin)
+    src = np.ascontiguousarray(image[y:y + TILE, x:x + TILE])
     lo, hi, best = target - 3.0, target + 12.0, None
     for _ in range(9):
         level = (lo + hi) / 2
-        data = imagecodecs.jpeg2k_encode(grown, level=level, codecformat="j2k", reversible=False, numthreads=1)
-        px = crop_margin(imagecodecs.jpeg2k_decode(data), margin)
-        if tile_psnr(px, src, (TILE, TILE)) >= target:
-            best, hi = (bytes(data), px), level
+        fit = encode_at(src, level, (TILE, TILE), around)
+        if fit.psnr >= target:
+            best, hi = fit, level
         else:
             lo = level
-    if best is None:
-        data = imagecodecs.jpeg2k_encode(grown, level=hi, codecformat="j2k", reversible=False, numthreads=1)
-        best = bytes(data), crop_margin(imagecodecs.jpeg2k_decode(data), margin)
-    return best
+    best = best or encode_at(src, hi, (TILE, TILE), around)
+    return best.data, best.pixels
 
 
 def measure(image: np.ndarray, target: float, margin: int | None) -> dict:

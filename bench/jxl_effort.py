@@ -35,7 +35,7 @@ from bench.slides import SLIDE_FILES, SLIDES  # noqa: E402
 TILE = 256
 
 
-def _grown(image: np.ndarray, x: int, y: int, margin: int) -> np.ndarray:
+def grown(image: np.ndarray, x: int, y: int, margin: int) -> np.ndarray:
     """The tile at (x, y) of ``image`` with ``margin`` px around it, as the auto codec
     codes a JPEG 2000 tile (:func:`wsicodec.learned.j2kfit.with_margin`)."""
     from wsicodec.learned.j2kfit import with_margin
@@ -61,7 +61,7 @@ def slide_tiles(key: str, n: int, seed: int = 0, margin: int = 0) -> list[np.nda
         x0, y0 = max(x - margin, 0), max(y - margin, 0)
         x1, y1 = min(x + TILE + margin, w), min(y + TILE + margin, h)
         part = np.ascontiguousarray(np.asarray(s.read_region((x0, y0), 0, (x1 - x0, y1 - y0)))[..., :3])
-        tile = _grown(part, x - x0, y - y0, margin)
+        tile = grown(part, x - x0, y - y0, margin)
         if uniform_fit(tile[margin:margin + TILE, margin:margin + TILE]) is None:
             out.append(tile)
         if len(out) == n:
@@ -76,7 +76,7 @@ def he_tiles(images: int, margin: int = 0) -> list[np.ndarray]:
     for _, im in DATASETS["he_test"].images(images):
         for y in range(0, im.shape[0] - TILE + 1, 2 * TILE):
             for x in range(0, im.shape[1] - TILE + 1, 2 * TILE):
-                out.append(_grown(im, x, y, margin))
+                out.append(grown(im, x, y, margin))
     return out
 
 
