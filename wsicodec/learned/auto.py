@@ -95,8 +95,8 @@ class AutoCodec(TileCodec):
 
     def __init__(self, quality: float | None = None, min_psnr: float | None = None,
                  effort: int = DEFAULT_EFFORT, seam_search: int = 0, jpeg2000: bool = True,
-                 jpeg2000_margin: int = J2K_MARGIN, model: str | None = None, device: str = "cpu", margin: int = DEFAULT_MARGIN,
-                 model_id: str | None = None, precision: str = "float32",
+                 jpeg2000_margin: int = J2K_MARGIN, model: str | None = None, device: str = "cpu",
+                 margin: int = DEFAULT_MARGIN, model_id: str | None = None, precision: str = "float32",
                  max_batch: int | None = DEFAULT_MAX_BATCH) -> None:
         floor = check_min_psnr(min_psnr)
         effort = _int_in("effort", effort, 1, 9)
