@@ -1,8 +1,9 @@
 """The base containers of the fuzzing harness (``bench/fuzzlib.py``): per codec, a small
 container of a crop of an he/test image (or a synthetic image without the shared data), a
 zipped copy and a container of another crop for splicing; optionally rewritten as format 4 with a
-fidelity map.  The ``auto`` base is a mixed grid: glass, network, JPEG 2000, JPEG-XL and
-fix-up tiles (its settings, :data:`SETTINGS`, are chosen so that every kind is there).
+fidelity map.  The ``auto`` base is a mixed grid: glass, network, JPEG 2000, JPEG-XL,
+fix-up tiles and scanner JPEG tiles carried in JPEG-XL (its settings, :data:`SETTINGS`,
+are chosen so that every kind is there; :func:`with_scanner_tiles`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,29 @@ CODECS = tuple(SIZES)
 #: kind on the he/test crop (glass, network, JPEG 2000 with its margin, JPEG-XL, fix-up
 #: tiles; quality 4 at 35 dB did until JPEG 2000 tiles had a margin, and then wrote none)
 SETTINGS: dict[str, dict] = {"auto": {"quality": 8, "min_psnr": 37.0}}
+#: level-0 tiles (col, row) of the auto base whose pixels are a scanner's JPEG tiles
+SCANNED_TILES = ((2, 2),)
+
+
+def with_scanner_tiles(image: np.ndarray, tiff: Path) -> np.ndarray:
+    """``image`` written to ``tiff`` as a scanner writes a slide (JPEG tiles of
+    :data:`TILE` px, quality 30), and a copy of it whose :data:`SCANNED_TILES` are those
+    tiles' decoded pixels (noise before it was coded): compressed with the TIFF as its
+    source's file, ``auto`` carries them (exact, and the fewest bytes over its floor),
+    and nowhere else (elsewhere the TIFF is 30 dB off)."""
+    import tifffile
+
+    rng = np.random.default_rng(3)
+    out = image.copy()
+    tiles = [(slice(row * TILE, (row + 1) * TILE), slice(col * TILE, (col + 1) * TILE))
+             for col, row in SCANNED_TILES]
+    for ys, xs in tiles:      # detail no codec reaches the floor on in fewer bytes than the JPEG
+        out[ys, xs] = rng.integers(0, 256, out[ys, xs].shape, dtype=np.uint8)
+    tifffile.imwrite(tiff, out, tile=(TILE, TILE), compression="jpeg", compressionargs={"level": 30})
+    decoded = tifffile.imread(tiff)
+    for ys, xs in tiles:
+        out[ys, xs] = decoded[ys, xs]
+    return out
 
 
 def base_image(codec: str, other: bool = False) -> np.ndarray:
@@ -62,8 +86,13 @@ def make_bases(folder: Path, codecs: tuple[str, ...] = CODECS,
         c = get_codec(codec, **SETTINGS.get(codec, {}))
         for name, other in ((codec, False), (f"{codec}-other", True)):
             img = base_image(codec, other)
+            tiff = folder / f"{name}.tif"
+            if codec == "auto":
+                img = with_scanner_tiles(img, tiff)
             src = ArraySource(img, mpp=(0.25, 0.25), properties={"x.key": "v"},
                               associated={"label": img[:20, :30], "thumbnail": img[::4, ::4]})
+            if codec == "auto":
+                src.path = tiff                  # the scanner's file, whose tiles it carries
             path = folder / f"{name}.zarr"
             compress_source(src, path, c, tile_size=TILE, workers=1)
             if fidelity:

@@ -81,8 +81,11 @@ JXL_SIGNATURES = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")
 J2K_SIGNATURE = b"\xff\x4f\xff\x51"
 #: the first bytes a codestream of each of these codecs starts with, by codec name
 CODESTREAM_SIGNATURES = {"jpegxl": JXL_SIGNATURES, "jpeg2000": (J2K_SIGNATURE,)}
-#: what a bare classical codestream of either may start with
-BARE_SIGNATURES = JXL_SIGNATURES + (J2K_SIGNATURE,)
+#: first bytes of a JPEG (SOI and the next marker's 0xFF): a scanner's JPEG tile kept as
+#: it is in a mixed grid (:mod:`wsicodec.scannerjpeg`)
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+#: what a bare codestream of a mixed grid may start with (JPEG-XL, JPEG 2000, a JPEG)
+BARE_SIGNATURES = JXL_SIGNATURES + (J2K_SIGNATURE, JPEG_SIGNATURE)
 
 
 def jpeg2000_declared_size(data: bytes) -> tuple[int, int] | None:

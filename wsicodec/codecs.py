@@ -87,11 +87,15 @@ class LevelEncoder(abc.ABC):
     without gaps; finished rows come out later, in order, and :meth:`finish` gives the
     rest."""
 
+    #: whether :meth:`push` takes the source's own JPEG tiles (``scanned``)
+    takes_scanned: bool = False
+
     @abc.abstractmethod
     def push(self, row: int, regions: Sequence[np.ndarray], boxes: Sequence["Box"], *,
              valid: Sequence[tuple[int, int]] | None = None,
              stored: Sequence[bytes] | None = None,
-             context_only: bool = False) -> list[EncodedRow]:
+             context_only: bool = False,
+             scanned: Sequence[bytes | None] | None = None) -> list[EncodedRow]:
         """Row ``row``'s tiles as :meth:`TileCodec.encode_tiles` takes them (regions with
         context and the tiles' boxes in them); ``valid``: each tile's (height, width)
         inside the level (edge tiles are padded; default: the whole box).  ``stored``:
@@ -101,7 +105,9 @@ class LevelEncoder(abc.ABC):
         neighbours' context, and never returned (a band of rows coded apart from the
         rest of the level, :mod:`wsicodec.cluster`: the rows just outside it); the rows
         returned are then byte for byte those of one pass over the level.
-        Returns the rows now finished."""
+        ``scanned`` (an encoder that :attr:`takes_scanned`): each tile's JPEG as the
+        source stores it, where the tile is exactly one source tile
+        (:mod:`wsicodec.scannerjpeg`), else None.  Returns the rows now finished."""
 
     @abc.abstractmethod
     def finish(self) -> list[EncodedRow]:

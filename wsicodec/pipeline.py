@@ -35,6 +35,7 @@ from wsicodec.errors import (CompressInterrupted, InvalidSettingError, PartialKe
 from wsicodec.iccprofile import source_icc_profile
 from wsicodec.metadata import ContainerMetadata
 from wsicodec.paths import check_output_against_inputs, check_output_path, slide_inputs
+from wsicodec.scannerjpeg import ScannedRows
 from wsicodec.store import path_size
 from wsicodec.tiling import iter_strips, iter_tiles, open_source, plan_pyramid
 from wsicodec.tiling.context import ContextTile, iter_context_strips, iter_context_tiles
@@ -368,6 +369,7 @@ def _write_streamed(writer: ContainerWriter, source: SlideSource, plan: PyramidP
     holds only where they border a row still to code, as their stored bytes."""
     margin, t = codec.context, plan.tile_size
     encoders: dict[int, Any] = {}
+    scanned = ScannedRows(source, plan)
     last_pushed: dict[int, int] = {}
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsicodec-encode")
     pending: deque[Future] = deque()
@@ -392,19 +394,21 @@ def _write_streamed(writer: ContainerWriter, source: SlideSource, plan: PyramidP
             valid = valid_sizes(info, t, r, tiles)
             stored = None if todo[1] else writer.stored_row(lv, r)
             pending.append(pool.submit(_push_row, enc, lv, r, tiles, valid, stored, gap,
-                                       r == grid.rows - 1))
+                                       r == grid.rows - 1, scanned.row(enc, lv, r)))
             while len(pending) > 2:
                 write(*pending.popleft().result())
         while pending:
             write(*pending.popleft().result())
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        scanned.close()
 
 
 def _push_row(enc: Any, level: int, row: int, tiles: list[ContextTile], valid: list, stored: Any,
-              gap: bool, last: bool) -> tuple[int, list]:
+              gap: bool, last: bool, scanned: list | None = None) -> tuple[int, list]:
     out = enc.finish() if gap else []            # a resumed run skipped rows: start afresh
-    out += enc.push(row, [c.region for c in tiles], [c.box for c in tiles], valid=valid, stored=stored)
+    kw = {"scanned": scanned} if scanned is not None else {}
+    out += enc.push(row, [c.region for c in tiles], [c.box for c in tiles], valid=valid, stored=stored, **kw)
     if last:
         out += enc.finish()
     return level, out

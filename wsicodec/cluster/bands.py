@@ -202,6 +202,7 @@ def encode_band(codec: Any, source: SlideSource, plan: PyramidPlan, seg: Segment
     """The rows of ``seg``, coded as compress codes them (module docstring); ``memo``:
     strips kept across the task's segments."""
     from wsicodec.pipeline import encode_context_row, valid_sizes
+    from wsicodec.scannerjpeg import ScannedRows
 
     t, margin = plan.tile_size, codec.context
     info, rows = plan.levels[seg.level].info, plan.levels[seg.level].grid.rows
@@ -217,12 +218,18 @@ def encode_band(codec: Any, source: SlideSource, plan: PyramidPlan, seg: Segment
             out.append(BandRow(seg.level, strip.row, tiles, None))
         return out
     lo, hi = max(0, seg.lo - 1), min(rows, seg.hi + 1)      # one row of context each side
-    for strip, ext, top in band_context_strips(source, plan, seg.level, lo, hi, margin, memo):
-        tiles = list(iter_context_tiles(ext, top, t, margin))
-        done = enc.push(strip.row, [c.region for c in tiles], [c.box for c in tiles],
-                        valid=valid_sizes(info, t, strip.row, tiles),
-                        context_only=not seg.lo <= strip.row < seg.hi)
-        out += [BandRow(seg.level, er.row, list(er.tiles), er.records) for er in done]
+    scanned = ScannedRows(source, plan)
+    try:
+        for strip, ext, top in band_context_strips(source, plan, seg.level, lo, hi, margin, memo):
+            tiles = list(iter_context_tiles(ext, top, t, margin))
+            sc = scanned.row(enc, seg.level, strip.row)
+            done = enc.push(strip.row, [c.region for c in tiles], [c.box for c in tiles],
+                            valid=valid_sizes(info, t, strip.row, tiles),
+                            context_only=not seg.lo <= strip.row < seg.hi,
+                            **({"scanned": sc} if sc is not None else {}))
+            out += [BandRow(seg.level, er.row, list(er.tiles), er.records) for er in done]
+    finally:
+        scanned.close()
     # the rows still held: a level encoder may hold more than the row above the last pushed
     out += [BandRow(seg.level, er.row, list(er.tiles), er.records) for er in enc.finish()]
     if [r.row for r in out] != list(range(seg.lo, seg.hi)):

@@ -55,19 +55,20 @@ def stored_codestream(data: bytes, syntax: str) -> bytes | None:
     """The ``syntax`` ("jpegxl" or "jpeg2000") codestream that gives a stored tile its
     pixels, or None: the tile itself when it is one (a ``jpegxl`` / ``jpeg2000``
     container's, an ``auto`` container's bare tile), the codestream part of an ``auto``
-    fix-up tile when it is one, else None (learned, glass, the other codec)."""
+    fix-up tile when it is one, else None (learned, glass, the other codec, and a
+    scanner's JPEG carried in JPEG-XL: its pixels are libjpeg's decode of the JPEG it
+    reconstructs, which a JPEG-XL decoder's own decode is not)."""
     from wsicodec.classical import CODESTREAM_SIGNATURES
     from wsicodec.learned.tileformat import KIND_FIXUP, MAGIC, fixup_parts, parse_header
+    from wsicodec.scannerjpeg import is_carried
 
     signatures = CODESTREAM_SIGNATURES[syntax]
-    if data.startswith(signatures):
-        return data
     if data[:4] == MAGIC:
         hd = parse_header(data)
-        if hd.kind == KIND_FIXUP:
-            tail = fixup_parts(data, hd)[1]
-            return tail if tail.startswith(signatures) else None
-    return None
+        if hd.kind != KIND_FIXUP:
+            return None
+        data = fixup_parts(data, hd)[1]
+    return data if data.startswith(signatures) and not is_carried(data) else None
 
 
 class _Frames(ImageData):

@@ -47,7 +47,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from wsicodec.codecs import EncodedRow, LevelEncoder
-from wsicodec.errors import InvalidSettingError
+from wsicodec.errors import CorruptDataError, InvalidSettingError
+from wsicodec.scannerjpeg import carry, decode_carried
 
 from .encoder import align_to_grid, check_box, check_region
 from .glass import SIDES, bare_edges, blend_toward_glass, decode_glass, encode_glass, uniform_fit
@@ -61,7 +62,7 @@ from .tileformat import (KIND_FIXUP, KIND_NETWORK_MIXED, KIND_PLANE, KIND_PLANE_
                          parse_header, with_kind)
 
 #: what the ``auto`` codec records for each tile (:attr:`wsicodec.codecs.TileCodec.tile_kinds`)
-KINDS = ("glass", "learned", "jpegxl", "jpegxl-lossless", "fixup", "jpeg2000")
+KINDS = ("glass", "learned", "jpegxl", "jpegxl-lossless", "fixup", "jpeg2000", "scanner-jpeg")
 #: stage 1 keeps a network quality when the tile's estimated PSNR clears the floor by this
 #: much (the estimate stitches with g_a's unquantised neighbours; stage 2 measures exactly)
 ESTIMATE_MARGIN_DB = 0.3
@@ -88,6 +89,7 @@ class _Tile:
     inner: bytes | None = None          #: the learned tile its neighbours see (None: a bare tile)
     latents: Any = None                 #: gained (y, z) of ``network``, kept for the seam search
     around: np.ndarray | None = None    #: the tile with the JPEG 2000 margin (None: no margin)
+    carried: TileFit | None = None      #: the scanner's JPEG carried, if it reaches the floor
     sides: Sides = ALL_SIDES            #: which of its edges meet another tile
 
 
@@ -97,24 +99,27 @@ class TileChooser:
     quality (``encoder_at(q)``), the floor ``min_psnr``, JPEG-XL's ``effort``, whether
     JPEG 2000 is fitted too (``jpeg2000``), with how many px of margin
     (``jpeg2000_margin``, :func:`~wsicodec.learned.j2kfit.with_margin`), and the steps of
-    the seam search (``seam_search``, 0: off; :mod:`~wsicodec.learned.seamsearch`)."""
+    the seam search (``seam_search``, 0: off; :mod:`~wsicodec.learned.seamsearch`), and
+    whether the source's JPEG tiles are offered (``scanner_jpeg``,
+    :mod:`wsicodec.scannerjpeg`)."""
 
     def __init__(self, net: Any, decoder: Any, encoder_at: Any, quality: float, min_psnr: float,
                  effort: int, device: Any, precision: str, seam_search: int = 0,
-                 jpeg2000: bool = True, jpeg2000_margin: int = 0) -> None:
+                 jpeg2000: bool = True, jpeg2000_margin: int = 0, scanner_jpeg: bool = False) -> None:
         self.net, self.decoder, self.encoder_at = net, decoder, encoder_at
         self.steps = quality_steps(quality)
         self.floor, self.effort, self.device, self.precision = min_psnr, effort, device, precision
         self.seam_search, self.jpeg2000, self.j2k_margin = seam_search, jpeg2000, jpeg2000_margin
+        self.scanner_jpeg = scanner_jpeg
 
     # ------------------------------------------------------------------ stage 1
     def choose_row(self, regions: Sequence[np.ndarray], boxes: Sequence[tuple[int, int, int, int]],
-                   valid: Sequence[tuple[int, int]] | None, pool: Executor
-                   ) -> tuple[list[_Tile], list[Future]]:
-        """Stage 1 for one row's tiles: glass and the network here, the classical fits
-        submitted to ``pool``; the row is decided once the futures returned are done.  A
-        tile's choice depends on the tile alone, so a resumed run decides as an
-        uninterrupted one."""
+                   valid: Sequence[tuple[int, int]] | None, pool: Executor,
+                   scanned: Sequence[bytes | None] | None = None) -> tuple[list[_Tile], list[Future]]:
+        """Stage 1 for one row's tiles: glass, the scanner's JPEG (``scanned``, each
+        tile's or None) and the network here, the classical fits submitted to ``pool``;
+        the row is decided once the futures returned are done.  A tile's choice depends
+        on the tile alone, so a resumed run decides as an uninterrupted one."""
         tiles, network = [], []
         for i, (region, box) in enumerate(zip(regions, boxes)):
             region = check_region(region)
@@ -127,6 +132,8 @@ class TileChooser:
                 t.around = with_margin(region, box, self.j2k_margin)
             if not self._glass(t):
                 network.append(i)
+                if scanned is not None and self.scanner_jpeg and scanned[i] is not None:
+                    t.carried = self._carried(t, scanned[i])
             tiles.append(t)
         if not network:
             return tiles, []
@@ -146,6 +153,19 @@ class TileChooser:
         t.kind, t.data, t.inner, t.psnr = "glass", data, data, p
         t.context = self.decoder.latents(data, hd, "glass tile")
         return True
+
+    def _carried(self, t: _Tile, jpeg: bytes) -> TileFit | None:
+        """The source's JPEG of ``t`` carried in JPEG-XL, decoded as readers decode it,
+        where that reaches the floor (it is the source pixels exactly unless the source
+        reader decodes its JPEG otherwise); None where it does not, or libjxl cannot
+        carry it."""
+        try:
+            data = carry(jpeg)
+            px = decode_carried(data, t.source.shape[:2])
+        except CorruptDataError:
+            return None
+        p = tile_psnr(px, t.source, t.valid)
+        return TileFit(data, px, p, None, codec="scanner-jpeg") if p >= self.floor else None
 
     def _network(self, tiles: list[_Tile], regions: list[np.ndarray], boxes: list) -> None:
         """g_a once per region; a search over the quality steps on estimated PSNRs (g_s
@@ -244,7 +264,12 @@ class TileChooser:
         more).  Depends on the tile alone (a resumed run decides as an uninterrupted one)."""
         ok = t.network is not None
         target = max(self.floor, t.estimate) if ok else self.floor
-        fit = self.fit(t, target, len(t.network) if ok else None)
+        budget = [len(t.network)] if ok else []
+        if t.carried is not None:
+            budget.append(t.carried.equal_bytes)
+        fit = self.fit(t, target, min(budget) if budget else None)
+        if t.carried is not None and (fit is None or t.carried.equal_bytes <= fit.equal_bytes):
+            fit = t.carried                     # the source exactly, in no more bytes
         if fit is not None and fit.psnr >= self.floor:
             t.fit = fit
         # at equal PSNR: the codec's bytes at exactly the target (its codings overshoot it)
@@ -382,7 +407,7 @@ class TileChooser:
                 if p >= self.floor + READER_SLACK_DB:
                     t.psnr = p
                     continue
-            fit = t.fit or self.fit(t, self.floor, None)
+            fit = t.fit or t.carried or self.fit(t, self.floor, None)
             t.kind, t.data, t.psnr = "fixup", pack_fixup(t.inner, fit.data), fit.psnr
         for t in tiles:
             t.latents = None                    # settled: the search is done with them
@@ -404,14 +429,18 @@ class MixedLevelEncoder(LevelEncoder):
         self.last: int | None = None
         self.pool: ThreadPoolExecutor | None = None
 
+    @property
+    def takes_scanned(self) -> bool:                        # type: ignore[override]
+        return self.chooser.scanner_jpeg
+
     def push(self, row, regions, boxes, *, valid=None, stored=None,
-             context_only=False) -> list[EncodedRow]:
+             context_only=False, scanned=None) -> list[EncodedRow]:
         if self.last is not None and row != self.last + 1:
             raise InvalidSettingError(f"rows of a level go in order: row {row} after row {self.last}")
         if stored is None:
             if self.pool is None:
                 self.pool = ThreadPoolExecutor(FIT_THREADS, thread_name_prefix="wsicodec-fit")
-            self.rows[row], self.fits[row] = self.chooser.choose_row(regions, boxes, valid, self.pool)
+            self.rows[row], self.fits[row] = self.chooser.choose_row(regions, boxes, valid, self.pool, scanned)
         else:
             self.rows[row] = [self.chooser.stored_tile(c, data, (box[2], box[3]))
                               for c, (data, box) in enumerate(zip(stored, boxes))]

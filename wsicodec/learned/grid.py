@@ -105,8 +105,8 @@ class GridJob:
             data = bytes(self.fetch(*key))
             if self.decoder.mixed and data[:4] != MAGIC:
                 if not data.startswith(BARE_SIGNATURES):
-                    raise CorruptDataError(f"{self.names(*key)}: neither a learned, a JPEG-XL nor a "
-                                           "JPEG 2000 tile")
+                    raise CorruptDataError(f"{self.names(*key)}: neither a learned, a JPEG-XL, a JPEG 2000 nor a "
+                                           "(scanner) JPEG tile")
                 px = self.decoder.bare_pixels(data, self.shape(key), self.names(*key))
                 self.pixels[key] = px
                 self.got[key] = (data, TileHeader(KIND_BARE, px.shape[0], px.shape[1]))
