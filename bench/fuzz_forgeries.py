@@ -155,7 +155,8 @@ def learned_glass_forged(rng: random.Random, work: Path, ctx: dict) -> str:
     return f"glass tile level {level} ({col},{row}) {what} changed, digests forged"
 
 
-# -- bare tiles of an auto container's mixed grid: JPEG 2000 (J2K codestream) or JPEG-XL
+# -- bare tiles of an auto container's mixed grid: JPEG 2000 (J2K codestream), JPEG-XL, or a
+# scanner's JPEG (carried in a JPEG-XL container, or as it is)
 
 def _bare_tiles(work: Path, j2k_only: bool = False) -> list[tuple[int, int, int]]:
     from wsicodec.classical import BARE_SIGNATURES, J2K_SIGNATURE
@@ -210,25 +211,39 @@ def j2k_header_forged(rng: random.Random, work: Path, ctx: dict) -> str:
 
 
 def bare_wrong_size_forged(rng: random.Random, work: Path, ctx: dict) -> str:
-    """A valid JPEG 2000 or JPEG-XL codestream of another geometry (size, channels) or
-    with 16-bit samples in place of a bare tile, digests forged: the decode's geometry and
+    """A valid JPEG 2000 or JPEG-XL codestream, or a scanner's JPEG carried (in a JPEG-XL
+    container or as it is), of another geometry (size, channels) or with 16-bit samples
+    (not the JPEGs) in place of a bare tile, digests forged: the decode's geometry and
     sample checks must refuse it."""
     import imagecodecs
 
     from wsicodec.classical import J2K_SIGNATURE
+    from wsicodec.scannertiles import carry, decode_carried, is_carried
 
     level, col, row = rng.choice(_bare_tiles(work))
     p = tile_path(work, level, col, row)
     data = read_tile(p)
-    h0, w0 = (imagecodecs.jpeg2k_decode if data.startswith(J2K_SIGNATURE) else imagecodecs.jpegxl_decode)(data).shape[:2]
+    decode = decode_carried if is_carried(data) else \
+        imagecodecs.jpeg2k_decode if data.startswith(J2K_SIGNATURE) else imagecodecs.jpegxl_decode
+    h0, w0 = (decode(data, None) if is_carried(data) else decode(data)).shape[:2]
     h, w = rng.choice(((32, 32), (1, 1), (128, 128), (h0, w0 + 1), (h0 + 1, w0), (h0, w0), (h0, w0)))
     deep = rng.random() < 0.3
     channels = rng.choice((1, 3, 4)) if (h, w) != (h0, w0) or deep else rng.choice((1, 4))
     img = np.random.default_rng(rng.getrandbits(32)).integers(0, 65536 if deep else 256, (h, w, channels),
                                                               np.uint16 if deep else np.uint8)
     img = np.ascontiguousarray(img[..., 0] if channels == 1 else img)
-    j2k = rng.random() < 0.5
-    write_tile(p, bytes(imagecodecs.jpeg2k_encode(img, level=40)) if j2k else _jxl(img))
+    what = rng.choice(("JPEG 2000", "JPEG-XL", "carried JPEG", "JPEG"))
+    if what == "JPEG 2000":
+        new = bytes(imagecodecs.jpeg2k_encode(img, level=40))
+    elif what == "JPEG-XL":
+        new = _jxl(img)
+    else:                   # 8-bit, 1 or 3 channels: what JPEG holds
+        img8 = (img >> 8).astype(np.uint8) if deep else img
+        img8 = (img8[..., :3] if img8.ndim == 3 and img8.shape[2] == 4 else img8).copy()   # plain strides
+        jpeg = bytes(imagecodecs.jpeg8_encode(img8, level=rng.choice((30, 90))))
+        new = carry(jpeg) if what == "carried JPEG" else jpeg
+        deep, channels = False, 1 if img8.ndim == 2 else 3
+    write_tile(p, new)
     forge(work)
-    return (f"valid {w}x{h}x{channels} {'16' if deep else '8'}-bit {'JPEG 2000' if j2k else 'JPEG-XL'} "
+    return (f"valid {w}x{h}x{channels} {'16' if deep else '8'}-bit {what} "
             f"in place of bare tile level {level} ({col},{row}), digests forged")

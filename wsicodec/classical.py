@@ -82,7 +82,7 @@ J2K_SIGNATURE = b"\xff\x4f\xff\x51"
 #: the first bytes a codestream of each of these codecs starts with, by codec name
 CODESTREAM_SIGNATURES = {"jpegxl": JXL_SIGNATURES, "jpeg2000": (J2K_SIGNATURE,)}
 #: first bytes of a JPEG (SOI and the next marker's 0xFF): a scanner's JPEG tile kept as
-#: it is in a mixed grid (:mod:`wsicodec.scannerjpeg`)
+#: it is in a mixed grid (:mod:`wsicodec.scannertiles`)
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 #: what a bare codestream of a mixed grid may start with (JPEG-XL, JPEG 2000, a JPEG)
 BARE_SIGNATURES = JXL_SIGNATURES + (J2K_SIGNATURE, JPEG_SIGNATURE)

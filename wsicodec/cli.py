@@ -91,12 +91,12 @@ def _cmd_compress(args: argparse.Namespace) -> int:
               f"this {w} x {h} px slide needs")
     if result.deidentified:
         print(f"  {_deidentified_line(result.deidentified)}")
-    if getattr(codec, "scanner_jpeg", False):
-        from wsicodec.scannerjpeg import scanner_tile_size
+    if getattr(codec, "scanner_tiles", False):
+        from wsicodec.scannertiles import scanner_tile_size
         size = scanner_tile_size(args.input)
         if size is not None and size != result.tile_size:
-            print(f"  the source's level 0 is JPEG tiles of {size} px: with --tile-size {size} auto can "
-                  "keep each as the scanner's own JPEG, losslessly recompressed, where that is smaller")
+            print(f"  the source's level 0 is scanner tiles of {size} px: with --tile-size {size} auto can "
+                  "keep each as the scanner stored it (losslessly), where that is smaller")
     print(f"  source {_mb(result.source_bytes)}, container {_mb(result.container_bytes)} "
           f"(tiles {_mb(result.tile_bytes)}, associated images {_mb(result.associated_bytes)}); "
           f"ratio {result.ratio_vs_source:.2f}:1 vs source file, {result.ratio_vs_raw:.1f}:1 vs "

@@ -107,7 +107,7 @@ class LevelEncoder(abc.ABC):
         returned are then byte for byte those of one pass over the level.
         ``scanned`` (an encoder that :attr:`takes_scanned`): each tile's JPEG as the
         source stores it, where the tile is exactly one source tile
-        (:mod:`wsicodec.scannerjpeg`), else None.  Returns the rows now finished."""
+        (:mod:`wsicodec.scannertiles`), else None.  Returns the rows now finished."""
 
     @abc.abstractmethod
     def finish(self) -> list[EncodedRow]:

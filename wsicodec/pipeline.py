@@ -35,7 +35,7 @@ from wsicodec.errors import (CompressInterrupted, InvalidSettingError, PartialKe
 from wsicodec.iccprofile import source_icc_profile
 from wsicodec.metadata import ContainerMetadata
 from wsicodec.paths import check_output_against_inputs, check_output_path, slide_inputs
-from wsicodec.scannerjpeg import ScannedRows
+from wsicodec.scannertiles import ScannedRows
 from wsicodec.store import path_size
 from wsicodec.tiling import iter_strips, iter_tiles, open_source, plan_pyramid
 from wsicodec.tiling.context import ContextTile, iter_context_strips, iter_context_tiles

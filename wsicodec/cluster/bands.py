@@ -202,7 +202,7 @@ def encode_band(codec: Any, source: SlideSource, plan: PyramidPlan, seg: Segment
     """The rows of ``seg``, coded as compress codes them (module docstring); ``memo``:
     strips kept across the task's segments."""
     from wsicodec.pipeline import encode_context_row, valid_sizes
-    from wsicodec.scannerjpeg import ScannedRows
+    from wsicodec.scannertiles import ScannedRows
 
     t, margin = plan.tile_size, codec.context
     info, rows = plan.levels[seg.level].info, plan.levels[seg.level].grid.rows

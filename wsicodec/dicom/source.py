@@ -60,7 +60,7 @@ def stored_codestream(data: bytes, syntax: str) -> bytes | None:
     reconstructs, which a JPEG-XL decoder's own decode is not)."""
     from wsicodec.classical import CODESTREAM_SIGNATURES
     from wsicodec.learned.tileformat import KIND_FIXUP, MAGIC, fixup_parts, parse_header
-    from wsicodec.scannerjpeg import is_carried
+    from wsicodec.scannertiles import is_carried
 
     signatures = CODESTREAM_SIGNATURES[syntax]
     if data[:4] == MAGIC:

@@ -7,8 +7,9 @@ network tile is stitched with its neighbours' latents whatever they are, a bare
 neighbour giving g_a of its decoded pixels, and a plane glass tile of kind 4 (the kind
 this codec writes) meets its bare neighbours.  Its tiles are the learned codec's
 (formats 3, kinds network, glass and fix-up) and bare JPEG 2000 and JPEG-XL codestreams
-(containers written before 2026-12-05 hold no JPEG 2000), and the scanner's own JPEG
-tiles carried in JPEG-XL (:mod:`wsicodec.scannerjpeg`; since 2026-12-06).
+(containers written before 2026-12-05 hold no JPEG 2000), and the scanner's own tiles:
+JPEG carried in JPEG-XL, JPEG 2000 as it is (:mod:`wsicodec.scannertiles`; since
+2026-12-06).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ DEFAULT_EFFORT = SEARCH_EFFORT
 #: options of the machine, never stored (as the learned codec's)
 LOCAL_OPTIONS = ("model", "device", "precision", "max_batch")
 #: what a container that does not record an option was written with (the option is newer)
-UNRECORDED = {"jpeg2000_margin": 0, "scanner_jpeg": False}
+UNRECORDED = {"jpeg2000_margin": 0, "scanner_tiles": False}
 #: on the CPU, g_s windows per pass in the encoder's own decodes (stage 1's estimates,
 #: stage 2's measurements), whatever ``max_batch`` readers use: a whole slide's compress
 #: peaked ~240 MB higher at 16 and was no faster (the tcga slide, 2026-12-05)
@@ -80,10 +81,11 @@ class AutoCodec(TileCodec):
             :data:`~wsicodec.learned.j2kfit.MARGIN`; readers crop it): the tile's edge lies
             inside the codestream, away from the wavelet's edge effects.  Recorded in
             :meth:`to_dict`; a container that does not record it was written with 0.
-        scanner_jpeg: where a tile is exactly one of the source's JPEG tiles (the level
-            read from a TIFF tiled in the container's tile size), offer that JPEG carried
-            losslessly in JPEG-XL (:mod:`wsicodec.scannerjpeg`): the source pixels
-            exactly, kept where it is the fewest bytes (default True).  Recorded in
+        scanner_tiles: where a tile is exactly one of the source's tiles (the level read
+            from a TIFF tiled in JPEG or Aperio JPEG 2000 in the container's tile size),
+            offer that tile as the scanner stored it (a JPEG carried losslessly in JPEG-XL,
+            :mod:`wsicodec.scannertiles`): the source pixels exactly, kept where it is the
+            fewest bytes (default True).  Recorded in
             :meth:`to_dict`; a container that does not record it was written without.
         seam_search: steps of the seam search, 0 (off, the default) ..
             :data:`~wsicodec.learned.seamsearch.MAX_SEAM_SEARCH`: each network tile beside a
@@ -101,7 +103,7 @@ class AutoCodec(TileCodec):
 
     def __init__(self, quality: float | None = None, min_psnr: float | None = None,
                  effort: int = DEFAULT_EFFORT, seam_search: int = 0, jpeg2000: bool = True,
-                 jpeg2000_margin: int = J2K_MARGIN, scanner_jpeg: bool = True,
+                 jpeg2000_margin: int = J2K_MARGIN, scanner_tiles: bool = True,
                  model: str | None = None, device: str = "cpu",
                  margin: int = DEFAULT_MARGIN, model_id: str | None = None, precision: str = "float32",
                  max_batch: int | None = DEFAULT_MAX_BATCH) -> None:
@@ -115,10 +117,10 @@ class AutoCodec(TileCodec):
             raise InvalidSettingError(f"auto codec jpeg2000 must be true or false (1 or 0), "
                                       f"got {jpeg2000!r:.40}")
         jpeg2000 = bool(jpeg2000)
-        if not (isinstance(scanner_jpeg, int) and scanner_jpeg in (0, 1)):
-            raise InvalidSettingError(f"auto codec scanner_jpeg must be true or false (1 or 0), "
-                                      f"got {scanner_jpeg!r:.40}")
-        scanner_jpeg = bool(scanner_jpeg)
+        if not (isinstance(scanner_tiles, int) and scanner_tiles in (0, 1)):
+            raise InvalidSettingError(f"auto codec scanner_tiles must be true or false (1 or 0), "
+                                      f"got {scanner_tiles!r:.40}")
+        scanner_tiles = bool(scanner_tiles)
         jpeg2000_margin = _int_in("jpeg2000_margin", jpeg2000_margin, 0, J2K_MAX_MARGIN)
         learned = LearnedCodec(quality, model=model, device=device, margin=margin, model_id=model_id,
                                precision=precision, max_batch=max_batch)
@@ -138,10 +140,10 @@ class AutoCodec(TileCodec):
 
         chooser = TileChooser(learned.loaded.on(learned.device), stages, encoder_at, learned.quality,
                               floor, effort, learned.device, learned.precision, seam_search, jpeg2000,
-                              jpeg2000_margin, scanner_jpeg)
+                              jpeg2000_margin, scanner_tiles)
         for k, v in (("learned", learned), ("min_psnr", floor), ("effort", effort),
                      ("seam_search", seam_search), ("jpeg2000", jpeg2000),
-                     ("jpeg2000_margin", jpeg2000_margin), ("scanner_jpeg", scanner_jpeg),
+                     ("jpeg2000_margin", jpeg2000_margin), ("scanner_tiles", scanner_tiles),
                      ("decoder", decoder), ("chooser", chooser),
                      ("qualities", quality_steps(learned.quality))):
             object.__setattr__(self, k, v)
@@ -152,7 +154,7 @@ class AutoCodec(TileCodec):
     def __repr__(self) -> str:
         return (f"AutoCodec(quality={self.quality!r}, min_psnr={self.min_psnr!r}, effort={self.effort}, "
                 f"seam_search={self.seam_search}, jpeg2000={self.jpeg2000}, "
-                f"jpeg2000_margin={self.jpeg2000_margin}, scanner_jpeg={self.scanner_jpeg}, model_id={self.model_id[:16]!r}...)")
+                f"jpeg2000_margin={self.jpeg2000_margin}, scanner_tiles={self.scanner_tiles}, model_id={self.model_id[:16]!r}...)")
 
     # the learned codec's settings, read through
     quality = property(lambda self: self.learned.quality)
@@ -171,7 +173,7 @@ class AutoCodec(TileCodec):
     def to_dict(self) -> dict:
         cfg = {"quality": self.quality, "min_psnr": self.min_psnr, "effort": self.effort,
                "jpeg2000": self.jpeg2000, "jpeg2000_margin": self.jpeg2000_margin,
-               "scanner_jpeg": self.scanner_jpeg,
+               "scanner_tiles": self.scanner_tiles,
                "model_id": self.model_id, "margin": self.margin}
         if self.seam_search:
             cfg["seam_search"] = self.seam_search   # how the container was made; decoding ignores it

@@ -252,7 +252,7 @@ class TileDecoder:
     def bare_pixels(self, data: bytes, shape: tuple[int, ...] | None, name: str) -> np.ndarray:
         """The pixels of a bare codestream (a bare tile of a mixed grid, or a fix-up tile's
         tail): the scanner's JPEG where it carries one
-        (:func:`~wsicodec.scannerjpeg.is_carried`), JPEG 2000 when it starts with
+        (:func:`~wsicodec.scannertiles.is_carried`), JPEG 2000 when it starts with
         :data:`~wsicodec.classical.J2K_SIGNATURE`, else JPEG-XL; checked against
         ``shape``, the tile's.  A JPEG 2000 codestream of a grid with a
         :attr:`jpeg2000_margin` may also be that shape grown by the margin on each side
@@ -261,7 +261,7 @@ class TileDecoder:
         (so grids with a margin are decoded with their tiles' shapes).  Raises
         CorruptDataError."""
         from wsicodec.classical import Jpeg2000Codec, JpegXlCodec, jpeg2000_declared_size
-        from wsicodec.scannerjpeg import decode_carried, is_carried
+        from wsicodec.scannertiles import decode_carried, is_carried
 
         if is_carried(data):
             return decode_carried(data, shape, name)

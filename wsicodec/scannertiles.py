@@ -1,23 +1,26 @@
-"""The scanner's own JPEG tiles, carried losslessly in JPEG-XL.
+"""The scanner's own tiles: JPEG carried losslessly in JPEG-XL, JPEG 2000 as it is.
 
-Most slides were scanned to JPEG tiles (Aperio SVS, generic tiled TIFF).  Where a
-container's tile is exactly one of the source's JPEG tiles (same level, same size, same
-grid), JPEG-XL's lossless JPEG recompression (libjxl's ``jbrd`` reconstruction data) stores
-that JPEG in fewer bytes, and a reader gets back the scanner's JPEG byte for byte and
-decodes it with libjpeg-turbo, as OpenSlide does: the tile is the source pixels exactly.
+Most slides were scanned to JPEG tiles (Aperio SVS, generic tiled TIFF), some to JPEG 2000
+(Aperio SVS, compression 33005).  Where a container's tile is exactly one of the source's
+tiles (same level, same size, same grid), it can be stored with no loss at all:
+
+* a JPEG through JPEG-XL's lossless JPEG recompression (libjxl's ``jbrd`` reconstruction
+  data), in fewer bytes; a reader gets back the scanner's JPEG byte for byte and decodes it
+  with libjpeg-turbo, as OpenSlide does (or the JPEG itself, where that is smaller);
+* a JPEG 2000 codestream as it is: readers decode it with OpenJPEG, as OpenSlide does.
+
 The ``auto`` codec takes such a tile where it is the fewest bytes that meet its floor.
-
 Two halves, no torch:
 
-* the source side: :func:`open_scanned` maps a TIFF's levels to their JPEG tiles,
-  :meth:`ScannedTiles.tile` gives one as a complete JPEG (the page's shared tables merged
+* the source side: :func:`open_scanned` maps a TIFF's levels to their tiles,
+  :meth:`ScannedTiles.tile` gives one (a JPEG completed: the page's shared tables merged
   in, an Adobe marker added where the TIFF says RGB, as libtiff decodes it);
 * the stream: :func:`carry` (the JPEG recompressed into a JPEG-XL container with its
   reconstruction data, or the JPEG as it is where that is smaller: small tiles, or a
-  JPEG libjxl cannot recompress), :func:`is_carried` (what tells such a stream from a
-  plain JPEG-XL codestream: a JPEG-XL container with a ``jbrd`` box, or a JPEG) and
-  :func:`decode_carried` (checked to declare the tile's size before anything is
-  decoded).
+  JPEG libjxl cannot recompress; a JPEG 2000 codestream as it is), :func:`is_carried`
+  (what tells a carried JPEG from a plain JPEG-XL codestream: a JPEG-XL container with a
+  ``jbrd`` box, or a JPEG) and :func:`decode_carried` (checked to declare the tile's size
+  before anything is decoded).  A JPEG 2000 tile is a bare JPEG 2000 tile to readers.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from wsicodec.classical import JPEG_SIGNATURE, JXL_SIGNATURES
+from wsicodec.classical import J2K_SIGNATURE, JPEG_SIGNATURE, JXL_SIGNATURES
 from wsicodec.errors import CorruptDataError
 
 #: the first bytes of a carried stream: a JPEG-XL container, or the JPEG itself
@@ -39,8 +42,12 @@ CARRIED_SIGNATURES = (JXL_SIGNATURES[1], JPEG_SIGNATURE)
 MAX_CARRIED_PIXELS = 4096 * 4096
 #: the box that holds the JPEG's reconstruction data
 _JBRD = b"jbrd"
-#: TIFF tags' values this reads: JPEG compression, RGB and YCbCr photometrics
-_TIFF_JPEG, _RGB, _YCBCR = 7, 2, 6
+#: TIFF tags' values this reads: JPEG compression, Aperio's JPEG 2000 in RGB (33005; its
+#: 33003 is YCbCr, which OpenSlide converts after OpenJPEG and readers here would not),
+#: RGB and YCbCr photometrics
+_TIFF_JPEG, _APERIO_J2K_RGB, _RGB, _YCBCR = 7, 33005, 2, 6
+#: the fidelity record's kind of a scanner tile, by the first bytes of what is stored
+KIND_JPEG, KIND_JPEG2000 = "scanner-jpeg", "scanner-jpeg2000"
 #: APP14 "Adobe", transform 0: the three components are R, G, B (no colour transform)
 _ADOBE_RGB = b"\xff\xee" + struct.pack(">H5sHHHB", 14, b"Adobe", 100, 0, 0, 0)
 #: the SOF markers of the JPEGs libjpeg-turbo decodes (baseline, extended, progressive)
@@ -169,9 +176,12 @@ def jpegxl_declared_size(data: bytes) -> tuple[int, int] | None:
 def carry(jpeg: bytes) -> bytes:
     """``jpeg`` recompressed losslessly into a JPEG-XL container (libjxl), or ``jpeg``
     itself where that is no larger or libjxl cannot recompress it (an arithmetic-coded
-    or odd JPEG).  Raises CorruptDataError where ``jpeg`` is no JPEG."""
+    or odd JPEG); a JPEG 2000 codestream as it is.  Raises CorruptDataError where
+    ``jpeg`` is neither."""
     import imagecodecs
 
+    if jpeg.startswith(J2K_SIGNATURE):
+        return jpeg
     if not jpeg.startswith(JPEG_SIGNATURE):
         raise CorruptDataError(f"a {len(jpeg)}-byte stream that is no JPEG cannot be carried")
     try:
@@ -245,9 +255,10 @@ class _Page:
 
 
 class ScannedTiles:
-    """The JPEG tiles of a TIFF's levels that a container's grid of ``tile_size`` can carry:
-    a level whose page is tiled in ``tile_size`` squares, JPEG-coded, 8-bit RGB or YCbCr,
-    chunky.  :meth:`tile` reads one; thread-safe."""
+    """The tiles of a TIFF's levels that a container's grid of ``tile_size`` can carry: a
+    level whose page is tiled in ``tile_size`` squares, 8-bit, 3 samples, chunky, and
+    JPEG-coded (RGB or YCbCr) or Aperio JPEG 2000 in RGB.  :meth:`tile` reads one;
+    thread-safe."""
 
     def __init__(self, path: str | os.PathLike[str], level_dimensions: list[tuple[int, int]],
                  tile_size: int) -> None:
@@ -272,8 +283,9 @@ class ScannedTiles:
         return sorted(self.pages)
 
     def tile(self, level: int, col: int, row: int) -> bytes | None:
-        """The complete JPEG of tile (col, row) of source ``level``, or None (not carried,
-        or not a JPEG the page's tables complete)."""
+        """Tile (col, row) of source ``level``: a complete JPEG, or a JPEG 2000 codestream;
+        None where the level is not carried, or the tile is neither (a JPEG the page's
+        tables do not complete, a JPEG 2000 file rather than a codestream)."""
         pg = self.pages.get(level)
         if pg is None:
             return None
@@ -288,6 +300,8 @@ class ScannedTiles:
             fh = self._tif.filehandle
             fh.seek(offset)
             raw = fh.read(count)
+        if int(p.compression) == _APERIO_J2K_RGB:
+            return raw if raw.startswith(J2K_SIGNATURE) else None
         return complete_jpeg(getattr(p, "jpegtables", None), raw, int(p.photometric))
 
     def row(self, level: int, row: int, cols: int) -> list[bytes | None] | None:
@@ -301,14 +315,16 @@ class ScannedTiles:
 
 
 def _carriable(p: Any, tile_size: int) -> bool:
-    return (p.is_tiled and p.tilewidth == p.tilelength == tile_size and getattr(p, "tiledepth", 1) == 1
-            and int(p.compression) == _TIFF_JPEG and int(p.photometric) in (_RGB, _YCBCR)
-            and p.samplesperpixel == 3 and p.bitspersample == 8 and int(p.planarconfig) == 1)
+    coded = ((int(p.compression) == _TIFF_JPEG and int(p.photometric) in (_RGB, _YCBCR))
+             or (int(p.compression) == _APERIO_J2K_RGB and int(p.photometric) == _RGB))
+    return (coded and p.is_tiled and p.tilewidth == p.tilelength == tile_size
+            and getattr(p, "tiledepth", 1) == 1 and p.samplesperpixel == 3 and p.bitspersample == 8
+            and int(p.planarconfig) == 1)
 
 
 def scanner_tile_size(path: str | os.PathLike[str]) -> int | None:
-    """The tile size of the first page of the TIFF at ``path`` where it is tiled in JPEG
-    squares a container's grid can take (a multiple of 16), else None."""
+    """The tile size of the first page of the TIFF at ``path`` where it is tiled in JPEG or
+    JPEG 2000 squares a container's grid can take (a multiple of 16), else None."""
     import tifffile
 
     if not os.path.isfile(path):
@@ -324,7 +340,7 @@ def scanner_tile_size(path: str | os.PathLike[str]) -> int | None:
 
 def open_scanned(path: str | os.PathLike[str] | None, level_dimensions: list[tuple[int, int]],
                  tile_size: int) -> ScannedTiles | None:
-    """The carriable JPEG tiles of the TIFF at ``path`` for a grid of ``tile_size``, or
+    """The carriable tiles of the TIFF at ``path`` for a grid of ``tile_size``, or
     None (no path, a folder, not a TIFF tifffile reads, or no level tiled that way)."""
     if path is None or not os.path.isfile(path):
         return None
@@ -339,7 +355,7 @@ def open_scanned(path: str | os.PathLike[str] | None, level_dimensions: list[tup
 
 
 class ScannedRows:
-    """The source's own JPEG tiles, row by row, for the level encoders that take them
+    """The source's own tiles, row by row, for the level encoders that take them
     (:attr:`~wsicodec.codecs.LevelEncoder.takes_scanned`): read where a level of the plan
     (:class:`~wsicodec.tiling.pyramid.PyramidPlan`) is a level of the source
     (:class:`~wsicodec.tiling.sources.SlideSource` with a ``path``) tiled in the plan's
@@ -351,7 +367,7 @@ class ScannedRows:
         self.opened = False
 
     def row(self, enc: Any, level: int, row: int) -> list[bytes | None] | None:
-        """Each tile's JPEG of ``level``'s row ``row`` (None where a tile has none), or
+        """Each tile's stream of ``level``'s row ``row`` (None where a tile has none), or
         None: ``enc`` takes none, or the level has none."""
         lv = self.plan.levels[level]
         if not getattr(enc, "takes_scanned", False) or lv.source_level is None:

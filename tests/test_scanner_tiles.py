@@ -1,5 +1,6 @@
-"""The scanner's JPEG tiles carried in JPEG-XL (wsicodec.scannerjpeg) and the ``auto`` codec's
-use of them: the source side, the stream, the choice, the records, damage."""
+"""The scanner's own tiles (wsicodec.scannertiles: JPEG carried in JPEG-XL, Aperio JPEG 2000 as
+it is) and the ``auto`` codec's use of them: the source side, the stream, the choice, the
+records, damage."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from wsicodec.codecs import get_codec  # noqa: E402
 from wsicodec.errors import CorruptDataError, InvalidSettingError  # noqa: E402
 from wsicodec.fidelity import TileRecords  # noqa: E402
 from wsicodec.pipeline import compress  # noqa: E402
-from wsicodec.scannerjpeg import (carry, complete_jpeg, decode_carried, is_carried, jpeg_frame_size,  # noqa: E402
+from wsicodec.scannertiles import (carry, complete_jpeg, decode_carried, is_carried, jpeg_frame_size,  # noqa: E402
                                   jpegxl_declared_size, open_scanned)
 
 T = 32
@@ -167,10 +168,10 @@ def test_auto_carries_the_scanners_tiles_where_they_are_the_fewest_bytes(jpeg_ti
     scanned.close()
 
 
-def test_without_scanner_jpeg_the_same_slide_carries_nothing(jpeg_tiff, tmp_path):
+def test_without_scanner_tiles_the_same_slide_carries_nothing(jpeg_tiff, tmp_path):
     path, _ = jpeg_tiff
     out = tmp_path / "off.zarr"
-    compress(path, out, get_codec("auto", min_psnr=60.0, scanner_jpeg=False), tile_size=T)
+    compress(path, out, get_codec("auto", min_psnr=60.0, scanner_tiles=False), tile_size=T)
     with wsicodec.open_slide(out) as s:
         rec = s.tile_records(0)
         assert "scanner-jpeg" not in {rec.kind_names[k] for k in rec.kind.ravel()}
@@ -178,14 +179,14 @@ def test_without_scanner_jpeg_the_same_slide_carries_nothing(jpeg_tiff, tmp_path
 
 def test_the_option_is_recorded_and_checked():
     codec = get_codec("auto", min_psnr=40.0)
-    assert codec.to_dict()["configuration"]["scanner_jpeg"] is True
-    assert get_codec("auto", scanner_jpeg=0).to_dict()["configuration"]["scanner_jpeg"] is False
-    with pytest.raises(InvalidSettingError, match="scanner_jpeg"):
-        get_codec("auto", scanner_jpeg=2)
+    assert codec.to_dict()["configuration"]["scanner_tiles"] is True
+    assert get_codec("auto", scanner_tiles=0).to_dict()["configuration"]["scanner_tiles"] is False
+    with pytest.raises(InvalidSettingError, match="scanner_tiles"):
+        get_codec("auto", scanner_tiles=2)
     from wsicodec.codecs import codec_from_dict
     cfg = dict(codec.to_dict()["configuration"])
-    del cfg["scanner_jpeg"]                                             # an older container
-    assert codec_from_dict({"name": "auto", "configuration": cfg}).scanner_jpeg is False
+    del cfg["scanner_tiles"]                                             # an older container
+    assert codec_from_dict({"name": "auto", "configuration": cfg}).scanner_tiles is False
 
 
 def test_a_record_and_a_stream_that_disagree_on_carrying_are_refused():
@@ -229,12 +230,12 @@ def test_compress_says_which_tile_size_lets_auto_carry_the_scanners_tiles(jpeg_t
     path, _ = jpeg_tiff
     code, out, err = run(capsys, "compress", path, tmp_path / "a.zarr", "--tile-size", "16", "--min-psnr", "60")
     assert code == 0, err
-    assert "JPEG tiles of 32 px: with --tile-size 32 auto can keep each as the scanner's own JPEG" in out
+    assert "scanner tiles of 32 px: with --tile-size 32 auto can keep each as the scanner stored it" in out
     code, out, err = run(capsys, "compress", path, tmp_path / "b.zarr", "--tile-size", "32", "--min-psnr", "60")
     assert code == 0, err
     assert "--tile-size 32 auto" not in out
     code, out, _ = run(capsys, "info", tmp_path / "b.zarr")
-    assert "scanner-jpeg " in out and "scanner_jpeg=True" in out
+    assert "scanner-jpeg " in out and "scanner_tiles=True" in out
     code, out, err = run(capsys, "compress", path, tmp_path / "c.zarr", "--tile-size", "16", "--codec", "jpegxl")
     assert code == 0 and "--tile-size 32" not in out                 # only auto carries them
 
@@ -265,3 +266,48 @@ def test_bands_of_a_cluster_carry_as_one_process_does(jpeg_tiff, carried_contain
     for r in rows:
         assert r.tiles == [ref[(0, c, r.row)] for c in range(len(r.tiles))]
     assert any(ref[(0, c, r)].startswith((b"\xff\xd8\xff", b"\x00\x00\x00\x0cJXL ")) for c in range(4) for r in (1, 2))
+
+
+def test_an_aperio_jpeg2000_svs_gives_its_codestreams_as_they_are():
+    """The tcga slide: Aperio JPEG 2000 (33005, RGB) in 256-px tiles on levels 0 and 1, the
+    container's own grid; a bare JPEG 2000 tile to readers, OpenSlide's pixels exactly."""
+    from wsicodec.tiling import Rect, open_source
+    path = need(SLIDES / "tcga-cr-7395-01a-01-ts1.svs")
+    with open_source(path) as src:
+        tiles = open_scanned(path, src.level_dimensions, 256)
+        assert tiles is not None and tiles.levels() == [0, 1]
+        for level, col, row in ((0, 0, 0), (0, 7, 5), (0, 17, 13), (1, 3, 2), (1, 8, 6)):
+            data = tiles.tile(level, col, row)
+            assert carry(data) == data and data[:4] == b"\xff\x4f\xff\x51" and not is_carried(data)
+            w, h = src.level_dimensions[level]
+            vw, vh = min(256, w - col * 256), min(256, h - row * 256)
+            px = Jpeg2000Codec().decode(data)
+            assert px.shape == (256, 256, 3)
+            if level == 0:     # level 1 through OpenSlide: read at level-0 coordinates / 2.0004
+                ref = src.read_region(level, Rect(col * 256, row * 256, vw, vh))
+                np.testing.assert_array_equal(px[:vh, :vw], ref)
+        tiles.close()
+    assert open_scanned(path, src.level_dimensions, 240) is None
+    from wsicodec.scannertiles import scanner_tile_size
+    assert scanner_tile_size(path) == 256
+
+
+def test_auto_keeps_a_scanners_jpeg2000_tile_as_it_is(tissue):
+    """The level encoder given a JPEG 2000 codestream whose pixels are the tile's: kept as
+    it is (exact) where it is the fewest bytes over the floor, recorded as scanner-jpeg2000."""
+    from test_auto import T as AT, _decode, _grid_rows
+    img = np.ascontiguousarray(tissue[200:200 + AT, 200:200 + 2 * AT])
+    j2k = [Jpeg2000Codec(38).encode(np.ascontiguousarray(img[:, c * AT:(c + 1) * AT])) for c in range(2)]
+    img = np.concatenate([Jpeg2000Codec().decode(d) for d in j2k], axis=1)     # the scan's pixels
+    codec = get_codec("auto", min_psnr=45.0)
+    enc = codec.level_encoder(0)
+    out = {}
+    for r, regions, boxes, valid in _grid_rows(img, codec.context):
+        for er in enc.push(r, regions, boxes, valid=valid, scanned=j2k):
+            out[er.row] = er
+    for er in enc.finish():
+        out[er.row] = er
+    assert out[0].tiles == j2k
+    assert [k for k, _ in out[0].records] == ["scanner-jpeg2000"] * 2
+    assert all(p == np.inf for _, p in out[0].records)
+    assert all(p == np.inf for p in _decode(codec, img, out).values())
