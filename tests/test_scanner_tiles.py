@@ -311,3 +311,38 @@ def test_auto_keeps_a_scanners_jpeg2000_tile_as_it_is(tissue):
     assert [k for k, _ in out[0].records] == ["scanner-jpeg2000"] * 2
     assert all(p == np.inf for _, p in out[0].records)
     assert all(p == np.inf for p in _decode(codec, img, out).values())
+
+
+def test_an_interrupted_compress_resumes_to_the_same_carried_container(tissue, tmp_path, monkeypatch):
+    """A resumed run takes its stored rows, carried tiles among them, as their neighbours'
+    context, and writes the container an uninterrupted run writes."""
+    from wsicodec.container import open_container
+    from wsicodec.errors import CompressInterrupted
+    from wsicodec.learned import choice
+    path = tmp_path / "scan.tif"
+    _tiff(path, np.ascontiguousarray(tissue[:128, :160]))              # level 0: 5 x 4 tiles
+    codec = get_codec("auto", min_psnr=60.0)
+    ref = tmp_path / "ref.zarr.zip"
+    compress(path, ref, codec, tile_size=T)
+    with open_container(ref) as c:
+        rec = c.tile_records(0)
+        assert rec.kind_names.index("scanner-jpeg") in rec.kind[:2]    # carried in the stored rows
+    real_push, calls = choice.MixedLevelEncoder.push, []
+
+    def push(self, row, *a, **kw):
+        calls.append(row)
+        if len(calls) == 4:            # level 0's rows 0-1 out, rows 2-3 coded but not, Ctrl-C
+            raise KeyboardInterrupt
+        return real_push(self, row, *a, **kw)
+
+    monkeypatch.setattr(choice.MixedLevelEncoder, "push", push)
+    out = tmp_path / "run.zarr.zip"
+    with pytest.raises(CompressInterrupted):
+        compress(path, out, codec, tile_size=T)
+    monkeypatch.setattr(choice.MixedLevelEncoder, "push", real_push)
+    result = compress(path, out, codec, tile_size=T, resume=True)
+    assert result.resumed_tiles > 0
+    with open_container(ref) as a, open_container(out) as b:
+        for lv in range(a.level_count):
+            assert list(a.iter_encoded_tiles(lv)) == list(b.iter_encoded_tiles(lv))
+            np.testing.assert_array_equal(a.tile_records(lv).kind, b.tile_records(lv).kind)
