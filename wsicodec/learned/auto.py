@@ -1,4 +1,4 @@
-"""``AutoCodec``: each tile glass, the learned network, JPEG 2000 or JPEG-XL, never under a PSNR floor.
+"""``AutoCodec``: each tile glass, the learned network, JPEG 2000, JPEG-XL or the scanner's own, never under a PSNR floor.
 
 The default codec.  It codes a grid with :class:`~wsicodec.learned.choice.MixedLevelEncoder`
 (the choice and why it holds: :mod:`wsicodec.learned.choice`) and decodes it with the
@@ -64,7 +64,8 @@ def check_min_psnr(value: Any) -> float:
 
 
 class AutoCodec(TileCodec):
-    """Per-tile choice among glass, the learned network, JPEG 2000 and JPEG-XL.  Frozen.
+    """Per-tile choice among glass, the learned network, JPEG 2000, JPEG-XL and the scanner's
+    own tiles.  Frozen.
 
     Args:
         quality: the network's rate knob, 1..8, as :class:`~wsicodec.learned.LearnedCodec`'s
