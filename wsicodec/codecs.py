@@ -88,7 +88,7 @@ class LevelEncoder(abc.ABC):
     without gaps; finished rows come out later, in order, and :meth:`finish` gives the
     rest."""
 
-    #: whether :meth:`push` takes the source's own JPEG tiles (``scanned``)
+    #: whether :meth:`push` takes the source's own tiles (``scanned``)
     takes_scanned: bool = False
 
     @abc.abstractmethod
@@ -106,8 +106,8 @@ class LevelEncoder(abc.ABC):
         neighbours' context, and never returned (a band of rows coded apart from the
         rest of the level, :mod:`wsicodec.cluster`: the rows just outside it); the rows
         returned are then byte for byte those of one pass over the level.
-        ``scanned`` (an encoder that :attr:`takes_scanned`): each tile's JPEG as the
-        source stores it, where the tile is exactly one source tile
+        ``scanned`` (an encoder that :attr:`takes_scanned`): each tile's stream (JPEG,
+        JPEG 2000) as the source stores it, where the tile is exactly one source tile
         (:mod:`wsicodec.scannertiles`), else None.  Returns the rows now finished."""
 
     @abc.abstractmethod

@@ -407,8 +407,8 @@ def _write_streamed(writer: ContainerWriter, source: SlideSource, plan: PyramidP
 def _push_row(enc: Any, level: int, row: int, tiles: list[ContextTile], valid: list, stored: Any,
               gap: bool, last: bool, scanned: list | None = None) -> tuple[int, list]:
     out = enc.finish() if gap else []            # a resumed run skipped rows: start afresh
-    kw = {"scanned": scanned} if scanned is not None else {}
-    out += enc.push(row, [c.region for c in tiles], [c.box for c in tiles], valid=valid, stored=stored, **kw)
+    out += enc.push(row, [c.region for c in tiles], [c.box for c in tiles], valid=valid, stored=stored,
+                    scanned=scanned)
     if last:
         out += enc.finish()
     return level, out

@@ -54,27 +54,33 @@ _ADOBE_RGB = b"\xff\xee" + struct.pack(">H5sHHHB", 14, b"Adobe", 100, 0, 0, 0)
 _SOF = (0xC0, 0xC1, 0xC2)
 
 
+def _boxes(data: bytes):
+    """(type, payload start, end) of each box of a JPEG-XL container, in order; stops
+    quietly at a box header cut short or a size smaller than its header."""
+    i, n = 0, len(data)
+    while i + 8 <= n:
+        size, kind = struct.unpack_from(">I4s", data, i)
+        head = 8
+        if size == 1:                                   # a 64-bit size follows
+            if i + 16 > n:
+                return
+            size, head = struct.unpack_from(">Q", data, i + 8)[0], 16
+        if size == 0:                                   # to the end
+            yield kind, i + head, n
+            return
+        if size < head:
+            return
+        yield kind, i + head, i + size
+        i += size
+
+
 def is_carried(data: bytes) -> bool:
     """Whether ``data`` is a JPEG (:data:`~wsicodec.classical.JPEG_SIGNATURE`) or a
     JPEG-XL container that holds a JPEG's reconstruction data (a ``jbrd`` box): read from
     the first bytes and the box headers only."""
     if data.startswith(JPEG_SIGNATURE):
         return True
-    if not data.startswith(JXL_SIGNATURES[1]):
-        return False
-    i, n = 0, len(data)
-    while i + 8 <= n:
-        size, kind = struct.unpack_from(">I4s", data, i)
-        if kind == _JBRD:
-            return True
-        if size == 1:                                   # a 64-bit size follows
-            if i + 16 > n:
-                return False
-            size = struct.unpack_from(">Q", data, i + 8)[0]
-        if size == 0 or size < 8:                       # to the end, or malformed
-            return False
-        i += size
-    return False
+    return data.startswith(JXL_SIGNATURES[1]) and any(kind == _JBRD for kind, _, _ in _boxes(data))
 
 
 def _segments(jpeg: bytes):
@@ -119,24 +125,11 @@ def _names_colour_space(jpeg: bytes) -> bool:
 def _codestream_head(data: bytes, need: int = 16) -> bytes | None:
     """The first ``need`` bytes of the codestream in a JPEG-XL container (its ``jxlc`` box,
     or its first ``jxlp`` box after that box's 4-byte index), or None."""
-    i, n = 0, len(data)
-    while i + 8 <= n:
-        size, kind = struct.unpack_from(">I4s", data, i)
-        head = 8
-        if size == 1:
-            if i + 16 > n:
-                return None
-            size, head = struct.unpack_from(">Q", data, i + 8)[0], 16
-        end = n if size == 0 else i + size
-        if size != 0 and size < head:
-            return None
+    for kind, start, end in _boxes(data):
         if kind == b"jxlc":
-            return data[i + head:min(end, i + head + need)]
+            return data[start:min(end, start + need)]
         if kind == b"jxlp":
-            return data[i + head + 4:min(end, i + head + 4 + need)]
-        if size == 0:
-            return None
-        i = end
+            return data[start + 4:min(end, start + 4 + need)]
     return None
 
 
@@ -370,7 +363,7 @@ class ScannedRows:
         """Each tile's stream of ``level``'s row ``row`` (None where a tile has none), or
         None: ``enc`` takes none, or the level has none."""
         lv = self.plan.levels[level]
-        if not getattr(enc, "takes_scanned", False) or lv.source_level is None:
+        if not enc.takes_scanned or lv.source_level is None:
             return None
         if not self.opened:
             self.opened = True

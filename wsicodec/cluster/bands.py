@@ -222,11 +222,10 @@ def encode_band(codec: Any, source: SlideSource, plan: PyramidPlan, seg: Segment
     try:
         for strip, ext, top in band_context_strips(source, plan, seg.level, lo, hi, margin, memo):
             tiles = list(iter_context_tiles(ext, top, t, margin))
-            sc = scanned.row(enc, seg.level, strip.row)
             done = enc.push(strip.row, [c.region for c in tiles], [c.box for c in tiles],
                             valid=valid_sizes(info, t, strip.row, tiles),
                             context_only=not seg.lo <= strip.row < seg.hi,
-                            **({"scanned": sc} if sc is not None else {}))
+                            scanned=scanned.row(enc, seg.level, strip.row))
             out += [BandRow(seg.level, er.row, list(er.tiles), er.records) for er in done]
     finally:
         scanned.close()

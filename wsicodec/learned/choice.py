@@ -91,7 +91,7 @@ class _Tile:
     inner: bytes | None = None          #: the learned tile its neighbours see (None: a bare tile)
     latents: Any = None                 #: gained (y, z) of ``network``, kept for the seam search
     around: np.ndarray | None = None    #: the tile with the JPEG 2000 margin (None: no margin)
-    carried: TileFit | None = None      #: the scanner's JPEG carried, if it reaches the floor
+    carried: TileFit | None = None      #: the scanner's own tile as kept, if it reaches the floor
     sides: Sides = ALL_SIDES            #: which of its edges meet another tile
 
 
@@ -102,7 +102,7 @@ class TileChooser:
     JPEG 2000 is fitted too (``jpeg2000``), with how many px of margin
     (``jpeg2000_margin``, :func:`~wsicodec.learned.j2kfit.with_margin`), and the steps of
     the seam search (``seam_search``, 0: off; :mod:`~wsicodec.learned.seamsearch`), and
-    whether the source's JPEG tiles are offered (``scanner_tiles``,
+    whether the source's own tiles are offered (``scanner_tiles``,
     :mod:`wsicodec.scannertiles`)."""
 
     def __init__(self, net: Any, decoder: Any, encoder_at: Any, quality: float, min_psnr: float,
@@ -118,7 +118,7 @@ class TileChooser:
     def choose_row(self, regions: Sequence[np.ndarray], boxes: Sequence[tuple[int, int, int, int]],
                    valid: Sequence[tuple[int, int]] | None, pool: Executor,
                    scanned: Sequence[bytes | None] | None = None) -> tuple[list[_Tile], list[Future]]:
-        """Stage 1 for one row's tiles: glass, the scanner's JPEG (``scanned``, each
+        """Stage 1 for one row's tiles: glass, the scanner's own tile (``scanned``, each
         tile's or None) and the network here, the classical fits submitted to ``pool``;
         the row is decided once the futures returned are done.  A tile's choice depends
         on the tile alone, so a resumed run decides as an uninterrupted one."""
