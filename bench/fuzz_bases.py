@@ -2,8 +2,9 @@
 container of a crop of an he/test image (or a synthetic image without the shared data), a
 zipped copy and a container of another crop for splicing; optionally rewritten as format 4 with a
 fidelity map.  The ``auto`` base is a mixed grid: glass, network, JPEG 2000, JPEG-XL,
-fix-up tiles and scanner JPEG tiles carried in JPEG-XL (its settings, :data:`SETTINGS`,
-are chosen so that every kind is there; :func:`with_scanner_tiles`).
+fix-up tiles, scanner JPEG tiles carried in JPEG-XL and a JPEG recovered from its pixels
+(its settings, :data:`SETTINGS`, are chosen so that every kind is there;
+:func:`with_scanner_tiles`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ HE_TEST_PNG = REPO.parent / "shared" / "data" / "he" / "test" / "TCGA-2Z-A9J9-01
 TILE = 64
 #: level-0 size of each codec's base container (width, height): the learned and auto ones are
 #: smaller, each of their cases decodes the whole pyramid three times through torch
-SIZES = {"jpegxl": (300, 219), "learned": (192, 160), "auto": (192, 160)}
+SIZES = {"jpegxl": (300, 219), "learned": (192, 160), "auto": (256, 160)}
 CODECS = tuple(SIZES)
 #: each codec's settings for its base: auto at quality 8 with a 37 dB floor writes every tile
 #: kind on the he/test crop (glass, network, JPEG 2000 with its margin, JPEG-XL, fix-up
@@ -26,6 +27,11 @@ CODECS = tuple(SIZES)
 SETTINGS: dict[str, dict] = {"auto": {"quality": 8, "min_psnr": 37.0}}
 #: level-0 tiles (col, row) of the auto base whose pixels are a scanner's JPEG tiles
 SCANNED_TILES = ((2, 2),)
+#: level-0 tiles of the auto base whose pixels are a JPEG's decode, no scanner's tile: ``auto``
+#: recovers that JPEG from them (:mod:`wsicodec.jpegrecover`)
+RECOVERED_TILES = ((3, 0),)
+#: the JPEG quality of those tiles
+RECOVERED_QUALITY = 30
 
 
 def with_scanner_tiles(image: np.ndarray, tiff: Path) -> np.ndarray:
@@ -46,6 +52,11 @@ def with_scanner_tiles(image: np.ndarray, tiff: Path) -> np.ndarray:
     decoded = tifffile.imread(tiff)
     for ys, xs in tiles:
         out[ys, xs] = decoded[ys, xs]
+    import imagecodecs
+    for col, row in RECOVERED_TILES:     # noise coded as a JPEG (4:2:0), decoded
+        ys, xs = slice(row * TILE, (row + 1) * TILE), slice(col * TILE, (col + 1) * TILE)
+        noise = rng.integers(0, 256, out[ys, xs].shape, dtype=np.uint8)
+        out[ys, xs] = imagecodecs.jpeg8_decode(imagecodecs.jpeg8_encode(noise, level=RECOVERED_QUALITY))
     return out
 
 

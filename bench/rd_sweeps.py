@@ -69,6 +69,12 @@ SWEEPS: dict[str, Sweep] = {s.key: s for s in (
           (1, 2, 3, 4, 5, 6, 7) + (8,) * 10, {"jpeg2000": False},
           knob_range=(1, 8), tiled=True, default=False, against="auto",
           point_options=tuple({"min_psnr": f} for f in (20,) * 8 + (30, 32, 34, 36, 38, 40, 42, 44, 46))),
+    # the same without the scan's JPEG recovered from the pixels (`--option recovered_jpeg=false`,
+    # as before 2026-12-06): what those tiles bring, read against auto
+    Sweep("auto_unrecovered", "auto", "wsicodec auto, no JPEG recovered",
+          (1, 2, 3, 4, 5, 6, 7) + (8,) * 10, {"recovered_jpeg": False},
+          knob_range=(1, 8), tiled=True, default=False, against="auto",
+          point_options=tuple({"min_psnr": f} for f in (20,) * 8 + (30, 32, 34, 36, 38, 40, 42, 44, 46))),
     # JPEG-XL as a `--codec jpegxl` container stores it: 256² tiles, each its own codestream
     # (3-16 % more bytes than the whole image at equal PSNR on these sets): what `auto` is
     # also read against
@@ -86,6 +92,7 @@ PLOT_STYLE = {
     "webp": ("tab:green", "D"), "jpeg2000": ("tab:purple", "P"), "avif": ("tab:brown", "X"),
     "learned": ("black", "o"), "learned_refine": ("tab:gray", "*"), "auto": ("tab:olive", "h"),
     "jpegxl_tiled": ("tab:cyan", "s"), "auto_jpegxl": ("tab:pink", "h"),
+    "auto_unrecovered": ("tab:gray", "h"),
 }
 #: series with a model that runs on torch's intra-op threads
 TORCH_CODECS = ("learned", "auto")
@@ -113,7 +120,7 @@ class TiledLearned:
         c = self.codec
         if c.name == "auto":
             return encode(image, quality=c.quality, model=str(c.learned.loaded.path), codec="auto",
-                          min_psnr=c.min_psnr, jpeg2000=c.jpeg2000)
+                          min_psnr=c.min_psnr, jpeg2000=c.jpeg2000, recovered_jpeg=c.recovered_jpeg)
         return encode(image, quality=c.quality, model=str(c.loaded.path), refine=c.refine)
 
     def decode(self, data: bytes) -> np.ndarray:

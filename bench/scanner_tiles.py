@@ -1,5 +1,6 @@
 """The scanner's own tiles kept by the ``auto`` codec (a JPEG carried in JPEG-XL, a JPEG 2000
-codestream as it is): what it gains on slides scanned to tiles, against re-coding them.
+codestream as it is), and a JPEG scan's JPEG recovered from the pixels on any grid: what they
+gain on slides scanned to tiles, against re-coding them.
 
     python bench/scanner_tiles.py [--slides cmu_small_region.svs,tcga-cr-7395-01a-01-ts1.svs]
                                   [--floors 32,36,40] [--out bench/results/scanner_tiles.json]
@@ -11,8 +12,9 @@ One process, one run.  Per slide (under ``../shared/data/slides``):
   losslessly in JPEG-XL, or as it is where smaller; JPEG 2000 as it is), and how many
   decode to exactly the pixels compress reads from the slide (OpenSlide's);
 * the ``auto`` codec at each floor (its default quality): on the scanner's tile grid with
-  ``scanner_tiles`` on and off, and on the default 256-px grid where the scanner's is
-  another; per run: every tile's bytes, level 0's, each level's minimum recorded PSNR,
+  ``scanner_tiles`` and ``recovered_jpeg`` both on (the default), both off (the codec
+  before them) and only ``recovered_jpeg`` off, and on the default 256-px grid where the
+  scanner's is another, ``recovered_jpeg`` on and off; per run: every tile's bytes, level 0's, each level's minimum recorded PSNR,
   how many tiles decode exactly, the share of tiles and bytes per kind, and the compress
   wall time.
 
@@ -75,13 +77,14 @@ def scanner_tiles(path: Path) -> dict:
     return {"tile_size": size, "levels": levels}
 
 
-def auto_run(path: Path, floor: float, tile_size: int, scanner_tiles: bool, tmp: Path) -> dict:
+def auto_run(path: Path, floor: float, tile_size: int, scanner_tiles: bool, recovered_jpeg: bool,
+             tmp: Path) -> dict:
     from wsicodec import open_slide
     from wsicodec.codecs import get_codec
     from wsicodec.pipeline import compress
 
-    out = tmp / f"{path.stem}_{floor:g}_{tile_size}_{int(scanner_tiles)}.zarr.zip"
-    codec = get_codec("auto", min_psnr=floor, scanner_tiles=scanner_tiles)
+    out = tmp / f"{path.stem}_{floor:g}_{tile_size}_{int(scanner_tiles)}{int(recovered_jpeg)}.zarr.zip"
+    codec = get_codec("auto", min_psnr=floor, scanner_tiles=scanner_tiles, recovered_jpeg=recovered_jpeg)
     t0 = time.perf_counter()
     compress(path, out, codec, tile_size=tile_size)
     wall = time.perf_counter() - t0
@@ -102,7 +105,8 @@ def auto_run(path: Path, floor: float, tile_size: int, scanner_tiles: bool, tmp:
                        "exact_tiles": int(np.isinf(rec.psnr).sum())})
     slide.close()
     n = sum(v[0] for v in kinds.values())
-    return {"floor": floor, "tile_size": tile_size, "scanner_tiles": scanner_tiles, "compress_s": round(wall, 2),
+    return {"floor": floor, "tile_size": tile_size, "scanner_tiles": scanner_tiles,
+            "recovered_jpeg": recovered_jpeg, "compress_s": round(wall, 2),
             "tile_bytes": total, "level0_bytes": levels[0]["bytes"], "levels": levels,
             "kinds": {k: {"tile_share": round(v[0] / n, 4), "byte_share": round(v[1] / max(total, 1), 4)}
                       for k, v in kinds.items() if v[0]}}
@@ -125,13 +129,14 @@ def main(argv: list[str] | None = None) -> int:
             scanner = scanner_tiles(path)
             log(f"{name}: scanner tiles {scanner}")
             size = scanner["tile_size"]
-            ways = [(size, True), (size, False)] + ([(256, False)] if size != 256 else [])
+            ways = [(size, True, True), (size, False, False), (size, True, False)] \
+                + ([(256, True, True), (256, True, False)] if size != 256 else [])
             runs = []
             for floor in (float(f) for f in args.floors.split(",")):
-                for tile_size, on in ways:
-                    r = auto_run(path, floor, tile_size, on, Path(d))
-                    log(f"{name} floor {floor:g} tile {tile_size} scanner_tiles={on}: {r['tile_bytes']} B "
-                        f"(level 0 {r['level0_bytes']}), {r['compress_s']} s")
+                for tile_size, on, rec in ways:
+                    r = auto_run(path, floor, tile_size, on, rec, Path(d))
+                    log(f"{name} floor {floor:g} tile {tile_size} scanner_tiles={on} recovered_jpeg={rec}: "
+                        f"{r['tile_bytes']} B (level 0 {r['level0_bytes']}), {r['compress_s']} s")
                     runs.append(r)
             slides.append({"slide": name, "scanner": scanner, "auto": runs})
     write_json(args.out, {"environment": env, "slides": slides})

@@ -229,7 +229,7 @@ def _auto_tiles(bases, kind: str) -> list[tuple[int, int, int]]:
 
 def test_auto_base_holds_every_tile_kind(bases) -> None:
     """The auto base is the mixed grid the bare-tile forgeries need (fuzz_bases.SETTINGS)."""
-    for kind in ("glass", "learned", "jpeg2000", "jpegxl", "fixup", "scanner-jpeg"):
+    for kind in ("glass", "learned", "jpeg2000", "jpegxl", "fixup", "scanner-jpeg", "recovered-jpeg"):
         assert _auto_tiles(bases, kind), kind
 
 

@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from wsicodec.classical import BARE_SIGNATURES, CODESTREAM_SIGNATURES
+from wsicodec.jpegrecover import KIND as KIND_RECOVERED
 from wsicodec.scannertiles import CARRIED_SIGNATURES, KIND_JPEG, KIND_JPEG2000, is_carried
 from wsicodec.errors import CorruptDataError, InvalidSettingError
 from wsicodec.store import plain_array
@@ -44,7 +45,10 @@ RECORD_ARRAYS = (("kind", np.uint8, 1), ("psnr", np.float32, 4), ("nbytes", np.u
 MAX_PSNR = 1000.0
 #: the kinds whose tiles are bare classical codestreams, and the signatures those start with
 BARE_KIND_SIGNATURES = {**CODESTREAM_SIGNATURES, "jpegxl-lossless": CODESTREAM_SIGNATURES["jpegxl"],
-                        KIND_JPEG: CARRIED_SIGNATURES, KIND_JPEG2000: CODESTREAM_SIGNATURES["jpeg2000"]}
+                        KIND_JPEG: CARRIED_SIGNATURES, KIND_RECOVERED: CARRIED_SIGNATURES,
+                        KIND_JPEG2000: CODESTREAM_SIGNATURES["jpeg2000"]}
+#: the kinds whose tiles are carried JPEGs (:func:`wsicodec.scannertiles.is_carried`)
+CARRIED_KINDS = (KIND_JPEG, KIND_RECOVERED)
 
 
 @dataclass(frozen=True)
@@ -216,9 +220,9 @@ class TileRecords:
         signatures = BARE_KIND_SIGNATURES.get(kind)
         if signatures is not None and not data.startswith(signatures):
             return f"is not a {kind} codestream, as its fidelity record says"
-        if signatures is not None and is_carried(data) != (kind == KIND_JPEG):
-            return (f"carries a scanner's JPEG where its fidelity record says {kind}" if is_carried(data)
-                    else "carries no scanner's JPEG, as its fidelity record says")
+        if signatures is not None and is_carried(data) != (kind in CARRIED_KINDS):
+            return (f"carries a JPEG where its fidelity record says {kind}" if is_carried(data)
+                    else f"carries no JPEG, as its fidelity record ({kind}) says")
         if signatures is None and mixed and data.startswith(BARE_SIGNATURES):
             return f"is a bare codestream where its fidelity record says {kind}"
         return None

@@ -77,7 +77,7 @@ def encode(image: np.ndarray, quality: float | None = None, *, tile_size: int = 
            model: str | None = None, batch: int = 16, margin: int | None = None,
            refine: int = 0, precision: str = "float32", codec: str = "learned",
            min_psnr: float | None = None, seam_search: int = 0, jpeg2000: bool = True,
-           jpeg2000_margin: int | None = None) -> bytes:
+           jpeg2000_margin: int | None = None, recovered_jpeg: bool = True) -> bytes:
     """Code an (H, W, 3) uint8 array of any size with the learned codec at ``quality``
     (1..8; None: the codec's default, :data:`wsicodec.learned.ladder.DEFAULT_QUALITY`).
 
@@ -85,8 +85,9 @@ def encode(image: np.ndarray, quality: float | None = None, *, tile_size: int = 
     decoded PSNR at least ``min_psnr`` dB (:class:`~wsicodec.learned.AutoCodec`; its
     default floor without it; ``seam_search`` steps of its seam search, 0: off;
     ``jpeg2000=False``: JPEG-XL its only classical codec; ``jpeg2000_margin``: px of their
-    surroundings JPEG 2000 tiles are coded with, None: the codec's default); ``refine`` is
-    the network-only codec's.
+    surroundings JPEG 2000 tiles are coded with, None: the codec's default;
+    ``recovered_jpeg=False``: no tile coded as the JPEG the pixels were decoded from,
+    :mod:`wsicodec.jpegrecover`); ``refine`` is the network-only codec's.
 
     g_a sees each tile with ``margin`` pixels of its neighbours around it (default:
     the codec's, 16) and the stream holds the tile's latents only; :func:`decode`
@@ -125,14 +126,15 @@ def encode(image: np.ndarray, quality: float | None = None, *, tile_size: int = 
         if jpeg2000_margin is not None:
             kw["jpeg2000_margin"] = jpeg2000_margin
         coder: Any = AutoCodec(quality, min_psnr=min_psnr, seam_search=seam_search, jpeg2000=jpeg2000,
-                               model=model, precision=precision, **kw)
+                               recovered_jpeg=recovered_jpeg, model=model, precision=precision, **kw)
     else:
         if min_psnr is not None:
             raise InvalidSettingError("min_psnr is the auto codec's option (codec='auto')")
         if seam_search:
             raise InvalidSettingError("seam_search is the auto codec's option (codec='auto')")
-        if jpeg2000 is not True or jpeg2000_margin is not None:
-            raise InvalidSettingError("jpeg2000 and jpeg2000_margin are the auto codec's options (codec='auto')")
+        if jpeg2000 is not True or jpeg2000_margin is not None or recovered_jpeg is not True:
+            raise InvalidSettingError("jpeg2000, jpeg2000_margin and recovered_jpeg are the auto codec's "
+                                      "options (codec='auto')")
         coder = LearnedCodec(quality, model=model, refine=refine, precision=precision, **kw)
     h, w = a.shape[:2]
     cells = list(tile_cells(h, w, tile_size))

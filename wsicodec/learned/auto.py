@@ -9,7 +9,8 @@ this codec writes) meets its bare neighbours.  Its tiles are the learned codec's
 (formats 3, kinds network, glass and fix-up) and bare JPEG 2000 and JPEG-XL codestreams
 (containers written before 2026-12-05 hold no JPEG 2000), and the scanner's own tiles:
 JPEG carried in JPEG-XL, JPEG 2000 as it is (:mod:`wsicodec.scannertiles`; since
-2026-12-06).
+2026-12-06), and a JPEG scan's JPEG made again from its pixels, carried the same way
+(:mod:`wsicodec.jpegrecover`; since 2026-12-06, recorded as ``recovered_jpeg``).
 """
 
 from __future__ import annotations
@@ -45,11 +46,18 @@ DEFAULT_EFFORT = SEARCH_EFFORT
 #: options of the machine, never stored (as the learned codec's)
 LOCAL_OPTIONS = ("model", "device", "precision", "max_batch")
 #: what a container that does not record an option was written with (the option is newer)
-UNRECORDED = {"jpeg2000_margin": 0, "scanner_tiles": False}
+UNRECORDED = {"jpeg2000_margin": 0, "scanner_tiles": False, "recovered_jpeg": False}
 #: on the CPU, g_s windows per pass in the encoder's own decodes (stage 1's estimates,
 #: stage 2's measurements), whatever ``max_batch`` readers use: a whole slide's compress
 #: peaked ~240 MB higher at 16 and was no faster (the tcga slide, 2026-12-05)
 CPU_ENCODE_BATCH = 4
+
+
+def _flag(name: str, value: Any) -> bool:
+    """``value`` as an on/off setting (a bool, 1 or 0), or InvalidSettingError."""
+    if not (isinstance(value, int) and value in (0, 1)):                         # bool is an int
+        raise InvalidSettingError(f"auto codec {name} must be true or false (1 or 0), got {value!r:.40}")
+    return bool(value)
 
 
 def check_min_psnr(value: Any) -> float:
@@ -88,6 +96,13 @@ class AutoCodec(TileCodec):
             :mod:`wsicodec.scannertiles`): the source pixels exactly, kept where it is the
             fewest bytes (default True).  Recorded in
             :meth:`to_dict`; a container that does not record it was written without.
+        recovered_jpeg: where a tile's pixels are a JPEG decode on its own block grid (a
+            level read from a JPEG-scanned source: any tile size that is a multiple of
+            16), offer the scan's JPEG made again from them (its quality read from the
+            pixels, :mod:`wsicodec.jpegrecover`, carried in JPEG-XL as a scanner's tile
+            is): the source pixels or within a level or two of them, kept where it is
+            the fewest bytes that reach the tile's target (default True).  Recorded in
+            :meth:`to_dict`; a container that does not record it was written without.
         seam_search: steps of the seam search, 0 (off, the default) ..
             :data:`~wsicodec.learned.seamsearch.MAX_SEAM_SEARCH`: each network tile beside a
             bare tile has its latents searched for what readers show at that border
@@ -104,7 +119,7 @@ class AutoCodec(TileCodec):
 
     def __init__(self, quality: float | None = None, min_psnr: float | None = None,
                  effort: int = DEFAULT_EFFORT, seam_search: int = 0, jpeg2000: bool = True,
-                 jpeg2000_margin: int = J2K_MARGIN, scanner_tiles: bool = True,
+                 jpeg2000_margin: int = J2K_MARGIN, scanner_tiles: bool = True, recovered_jpeg: bool = True,
                  model: str | None = None, device: str = "cpu",
                  margin: int = DEFAULT_MARGIN, model_id: str | None = None, precision: str = "float32",
                  max_batch: int | None = DEFAULT_MAX_BATCH) -> None:
@@ -114,14 +129,9 @@ class AutoCodec(TileCodec):
                 and 0 <= seam_search <= MAX_SEAM_SEARCH):
             raise InvalidSettingError(f"auto codec seam_search must be an integer in 0..{MAX_SEAM_SEARCH} "
                                       f"(steps; 0: off), got {seam_search!r:.40}")
-        if not (isinstance(jpeg2000, int) and jpeg2000 in (0, 1)):                # bool is an int
-            raise InvalidSettingError(f"auto codec jpeg2000 must be true or false (1 or 0), "
-                                      f"got {jpeg2000!r:.40}")
-        jpeg2000 = bool(jpeg2000)
-        if not (isinstance(scanner_tiles, int) and scanner_tiles in (0, 1)):
-            raise InvalidSettingError(f"auto codec scanner_tiles must be true or false (1 or 0), "
-                                      f"got {scanner_tiles!r:.40}")
-        scanner_tiles = bool(scanner_tiles)
+        jpeg2000 = _flag("jpeg2000", jpeg2000)
+        scanner_tiles = _flag("scanner_tiles", scanner_tiles)
+        recovered_jpeg = _flag("recovered_jpeg", recovered_jpeg)
         jpeg2000_margin = _int_in("jpeg2000_margin", jpeg2000_margin, 0, J2K_MAX_MARGIN)
         learned = LearnedCodec(quality, model=model, device=device, margin=margin, model_id=model_id,
                                precision=precision, max_batch=max_batch)
@@ -141,11 +151,11 @@ class AutoCodec(TileCodec):
 
         chooser = TileChooser(learned.loaded.on(learned.device), stages, encoder_at, learned.quality,
                               floor, effort, learned.device, learned.precision, seam_search, jpeg2000,
-                              jpeg2000_margin, scanner_tiles)
+                              jpeg2000_margin, scanner_tiles, recovered_jpeg)
         for k, v in (("learned", learned), ("min_psnr", floor), ("effort", effort),
                      ("seam_search", seam_search), ("jpeg2000", jpeg2000),
                      ("jpeg2000_margin", jpeg2000_margin), ("scanner_tiles", scanner_tiles),
-                     ("decoder", decoder), ("chooser", chooser),
+                     ("recovered_jpeg", recovered_jpeg), ("decoder", decoder), ("chooser", chooser),
                      ("qualities", quality_steps(learned.quality))):
             object.__setattr__(self, k, v)
 
@@ -155,7 +165,8 @@ class AutoCodec(TileCodec):
     def __repr__(self) -> str:
         return (f"AutoCodec(quality={self.quality!r}, min_psnr={self.min_psnr!r}, effort={self.effort}, "
                 f"seam_search={self.seam_search}, jpeg2000={self.jpeg2000}, "
-                f"jpeg2000_margin={self.jpeg2000_margin}, scanner_tiles={self.scanner_tiles}, model_id={self.model_id[:16]!r}...)")
+                f"jpeg2000_margin={self.jpeg2000_margin}, scanner_tiles={self.scanner_tiles}, "
+                f"recovered_jpeg={self.recovered_jpeg}, model_id={self.model_id[:16]!r}...)")
 
     # the learned codec's settings, read through
     quality = property(lambda self: self.learned.quality)
@@ -174,7 +185,7 @@ class AutoCodec(TileCodec):
     def to_dict(self) -> dict:
         cfg = {"quality": self.quality, "min_psnr": self.min_psnr, "effort": self.effort,
                "jpeg2000": self.jpeg2000, "jpeg2000_margin": self.jpeg2000_margin,
-               "scanner_tiles": self.scanner_tiles,
+               "scanner_tiles": self.scanner_tiles, "recovered_jpeg": self.recovered_jpeg,
                "model_id": self.model_id, "margin": self.margin}
         if self.seam_search:
             cfg["seam_search"] = self.seam_search   # how the container was made; decoding ignores it

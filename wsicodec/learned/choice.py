@@ -49,6 +49,7 @@ import numpy as np
 from wsicodec.classical import J2K_SIGNATURE
 from wsicodec.codecs import EncodedRow, LevelEncoder
 from wsicodec.errors import CorruptDataError, InvalidSettingError
+from wsicodec.jpegrecover import KIND as RECOVERED_JPEG, recover
 from wsicodec.scannertiles import KIND_JPEG, KIND_JPEG2000, carry
 
 from .encoder import align_to_grid, check_box, check_region
@@ -64,7 +65,7 @@ from .tileformat import (KIND_FIXUP, KIND_NETWORK_MIXED, KIND_PLANE, KIND_PLANE_
 
 #: what the ``auto`` codec records for each tile (:attr:`wsicodec.codecs.TileCodec.tile_kinds`)
 KINDS = ("glass", "learned", "jpegxl", "jpegxl-lossless", "fixup", "jpeg2000", "scanner-jpeg",
-         "scanner-jpeg2000")
+         "scanner-jpeg2000", RECOVERED_JPEG)
 #: stage 1 keeps a network quality when the tile's estimated PSNR clears the floor by this
 #: much (the estimate stitches with g_a's unquantised neighbours; stage 2 measures exactly)
 ESTIMATE_MARGIN_DB = 0.3
@@ -91,7 +92,7 @@ class _Tile:
     inner: bytes | None = None          #: the learned tile its neighbours see (None: a bare tile)
     latents: Any = None                 #: gained (y, z) of ``network``, kept for the seam search
     around: np.ndarray | None = None    #: the tile with the JPEG 2000 margin (None: no margin)
-    carried: TileFit | None = None      #: the scanner's own tile as kept, if it reaches the floor
+    carried: TileFit | None = None      #: the scanner's own tile (or its JPEG recovered), if it reaches the floor
     sides: Sides = ALL_SIDES            #: which of its edges meet another tile
 
 
@@ -101,18 +102,20 @@ class TileChooser:
     quality (``encoder_at(q)``), the floor ``min_psnr``, JPEG-XL's ``effort``, whether
     JPEG 2000 is fitted too (``jpeg2000``), with how many px of margin
     (``jpeg2000_margin``, :func:`~wsicodec.learned.j2kfit.with_margin`), and the steps of
-    the seam search (``seam_search``, 0: off; :mod:`~wsicodec.learned.seamsearch`), and
+    the seam search (``seam_search``, 0: off; :mod:`~wsicodec.learned.seamsearch`),
     whether the source's own tiles are offered (``scanner_tiles``,
-    :mod:`wsicodec.scannertiles`)."""
+    :mod:`wsicodec.scannertiles`) and, where a tile is none of them, the scan's JPEG made
+    again from its pixels (``recovered_jpeg``, :mod:`wsicodec.jpegrecover`)."""
 
     def __init__(self, net: Any, decoder: Any, encoder_at: Any, quality: float, min_psnr: float,
                  effort: int, device: Any, precision: str, seam_search: int = 0,
-                 jpeg2000: bool = True, jpeg2000_margin: int = 0, scanner_tiles: bool = False) -> None:
+                 jpeg2000: bool = True, jpeg2000_margin: int = 0, scanner_tiles: bool = False,
+                 recovered_jpeg: bool = False) -> None:
         self.net, self.decoder, self.encoder_at = net, decoder, encoder_at
         self.steps = quality_steps(quality)
         self.floor, self.effort, self.device, self.precision = min_psnr, effort, device, precision
         self.seam_search, self.jpeg2000, self.j2k_margin = seam_search, jpeg2000, jpeg2000_margin
-        self.scanner_tiles = scanner_tiles
+        self.scanner_tiles, self.recovered_jpeg = scanner_tiles, recovered_jpeg
 
     # ------------------------------------------------------------------ stage 1
     def choose_row(self, regions: Sequence[np.ndarray], boxes: Sequence[tuple[int, int, int, int]],
@@ -170,6 +173,20 @@ class TileChooser:
         p = tile_psnr(px, t.source, t.valid)
         kind = KIND_JPEG2000 if data.startswith(J2K_SIGNATURE) else KIND_JPEG
         return TileFit(data, px, p, None, codec=kind) if p >= self.floor else None
+
+    def _recovered(self, t: _Tile) -> TileFit | None:
+        """The scan's JPEG made again from the tile's pixels
+        (:func:`~wsicodec.jpegrecover.recover`), carried and decoded as readers decode it:
+        of the codings tried, the most faithful (then the fewest bytes), where it reaches
+        the floor; None where it does not, or the pixels show no JPEG scan."""
+        best: TileFit | None = None
+        for jpeg in recover(t.source, t.valid):
+            data = carry(jpeg)
+            px = self.decoder.bare_pixels(data, t.source.shape, "tile")
+            p = tile_psnr(px, t.source, t.valid)
+            if best is None or (p, -len(data)) > (best.psnr, -len(best.data)):
+                best = TileFit(data, px, p, None, codec=RECOVERED_JPEG)
+        return best if best is not None and best.psnr >= self.floor else None
 
     def _network(self, tiles: list[_Tile], regions: list[np.ndarray], boxes: list) -> None:
         """g_a once per region; a search over the quality steps on estimated PSNRs (g_s
@@ -269,9 +286,12 @@ class TileChooser:
         ok = t.network is not None
         target = max(self.floor, t.estimate) if ok else self.floor
         fit = self.fit(t, target, len(t.network) if ok else None)
+        if t.carried is None and self.recovered_jpeg:
+            t.carried = self._recovered(t)
         # the scanner's tile against the coding kept, byte for byte (it is no budget of
         # the fits: their early stop is a prediction, which cost tcga 2 % at 32 dB as one)
-        if t.carried is not None and (fit is None or len(t.carried.data) <= len(fit.data)):
+        if t.carried is not None and t.carried.psnr >= target \
+                and (fit is None or len(t.carried.data) <= len(fit.data)):
             fit = t.carried                     # the source (exactly, as a rule) in no more bytes
         if fit is not None and fit.psnr >= self.floor:
             t.fit = fit
