@@ -121,6 +121,17 @@ def test_auto_keeps_the_recovered_jpeg_where_it_is_the_fewest_bytes(crop):
     assert sum(map(len, out[0].tiles)) < sum(map(len, off[0].tiles))
 
 
+def test_the_qualitys_price_of_error_decides_between_the_network_and_the_jpeg(crop):
+    """At quality 1 the network's few bytes win; at 8, where a unit of squared error is
+    worth 0.13 bpp to it, the recovered JPEG (≥ 50 dB) wins though the floor is low."""
+    from test_auto import T as AT
+    scan = _scan(crop, 30, rgb=True)[:AT, :2 * AT]
+    low, high = (_encode_grid(get_codec("auto", quality=q, min_psnr=20.0), scan) for q in (1, 8))
+    assert "recovered-jpeg" not in [k for k, _ in low[0].records]
+    assert [k for k, _ in high[0].records] == ["recovered-jpeg"] * 2
+    assert get_codec("auto", quality=8).chooser.price > 100 * get_codec("auto", quality=1).chooser.price
+
+
 def test_the_option_is_recorded_and_checked():
     codec = get_codec("auto", min_psnr=40.0)
     assert codec.to_dict()["configuration"]["recovered_jpeg"] is True

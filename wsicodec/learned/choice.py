@@ -116,6 +116,10 @@ class TileChooser:
         self.floor, self.effort, self.device, self.precision = min_psnr, effort, device, precision
         self.seam_search, self.jpeg2000, self.j2k_margin = seam_search, jpeg2000, jpeg2000_margin
         self.scanner_tiles, self.recovered_jpeg = scanner_tiles, recovered_jpeg
+        import torch
+        #: bits per pixel one unit of 8-bit MSE is worth at the codec's quality: the λ the
+        #: network was trained to at that quality (its loss: bpp + λ·255²·MSE on [0, 1])
+        self.price = float(net.lambda_at(torch.tensor([float(quality)]))[0])
 
     # ------------------------------------------------------------------ stage 1
     def choose_row(self, regions: Sequence[np.ndarray], boxes: Sequence[tuple[int, int, int, int]],
@@ -301,6 +305,21 @@ class TileChooser:
             t.data, t.psnr, t.context = fit.data, fit.psnr, None
         else:
             t.kind, t.data, t.inner = "learned", t.network, t.network
+        # the source's JPEG (as good as exact) where its bytes cost less than the error it
+        # saves, at the network's own price of error at this quality: where the network is
+        # at its ceiling (its next bytes buy next to no PSNR) it takes the JPEG
+        c = t.carried
+        if c is not None and t.kind not in (c.codec, "glass") \
+                and self._cost(c.data, c.psnr, t) < self._cost(t.data, t.estimate if t.kind == "learned"
+                                                               else t.psnr, t):
+            t.kind, t.data, t.psnr, t.context, t.inner = c.codec, c.data, c.psnr, None, None
+            t.fit = c
+
+    def _cost(self, data: bytes, psnr: float, t: _Tile) -> float:
+        """A coding's cost on the network's scale: its bits per pixel of the tile plus
+        :attr:`price` times its 8-bit mean squared error (from its PSNR)."""
+        mse = 0.0 if math.isinf(psnr) else 255.0 ** 2 / 10 ** (psnr / 10)
+        return 8 * len(data) / (t.valid[0] * t.valid[1]) + self.price * mse
 
     def stored_tile(self, col: int, data: bytes, size: tuple[int, int]) -> _Tile:
         """A tile an earlier run wrote (a resumed run's context): its latents as readers
