@@ -228,9 +228,12 @@ def test_a_carried_tile_forged_to_another_size_is_a_one_line_error(carried_conta
 def test_compress_says_which_tile_size_lets_auto_carry_the_scanners_tiles(jpeg_tiff, tmp_path, capsys):
     from test_cli import run
     path, _ = jpeg_tiff
-    code, out, err = run(capsys, "compress", path, tmp_path / "a.zarr", "--tile-size", "16", "--min-psnr", "60")
+    code, out, err = run(capsys, "compress", path, tmp_path / "a.zarr", "--tile-size", "16", "--min-psnr", "60",
+                         "--option", "recovered_jpeg=false")
     assert code == 0, err
     assert "scanner tiles of 32 px: with --tile-size 32 auto can keep each as the scanner stored it" in out
+    code, out, err = run(capsys, "compress", path, tmp_path / "r.zarr", "--tile-size", "16", "--min-psnr", "60")
+    assert code == 0 and "--tile-size 32" not in out                 # its JPEG blocks recovered on any grid
     code, out, err = run(capsys, "compress", path, tmp_path / "b.zarr", "--tile-size", "32", "--min-psnr", "60")
     assert code == 0, err
     assert "--tile-size 32 auto" not in out

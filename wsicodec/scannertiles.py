@@ -315,9 +315,10 @@ def _carriable(p: Any, tile_size: int) -> bool:
             and int(p.planarconfig) == 1)
 
 
-def scanner_tile_size(path: str | os.PathLike[str]) -> int | None:
-    """The tile size of the first page of the TIFF at ``path`` where it is tiled in JPEG or
-    JPEG 2000 squares a container's grid can take (a multiple of 16), else None."""
+def scanner_tiling(path: str | os.PathLike[str]) -> tuple[int, str] | None:
+    """(tile size, "jpeg" or "jpeg2000") of the first page of the TIFF at ``path`` where it
+    is tiled in JPEG or JPEG 2000 squares a container's grid can take (a multiple of 16),
+    else None."""
     import tifffile
 
     if not os.path.isfile(path):
@@ -325,10 +326,17 @@ def scanner_tile_size(path: str | os.PathLike[str]) -> int | None:
     try:
         with tifffile.TiffFile(path) as tif:
             p = tif.pages[0]
-            ok = _carriable(p, p.tilewidth) and p.tilewidth % 16 == 0
-            return int(p.tilewidth) if ok else None
+            if not (_carriable(p, p.tilewidth) and p.tilewidth % 16 == 0):
+                return None
+            return int(p.tilewidth), "jpeg" if int(p.compression) == _TIFF_JPEG else "jpeg2000"
     except Exception:  # not a TIFF tifffile reads
         return None
+
+
+def scanner_tile_size(path: str | os.PathLike[str]) -> int | None:
+    """The tile size of :func:`scanner_tiling`, or None."""
+    tiling = scanner_tiling(path)
+    return None if tiling is None else tiling[0]
 
 
 def open_scanned(path: str | os.PathLike[str] | None, level_dimensions: list[tuple[int, int]],
