@@ -20,9 +20,16 @@ the luminance table) or as YCbCr, whose DC steps show on the Y plane; the chroma
 subsampling is chosen by coding the tile both ways.  A scanner with tables of its own
 (not IJG-scaled) gets no match here, and no candidate.
 
-:func:`recover` returns the JPEG; what it decodes to is measured by the caller (the
-``auto`` codec keeps it where it reaches the tile's target in the fewest bytes, as the
-kind ``recovered-jpeg``).  No torch.
+Components coded as R, G, B on one table (Aperio's) are written from the coefficients
+themselves (:mod:`wsicodec.jpegwrite`): a block whose decode was clipped at 0 or 255 has
+its coefficients found again by letting the clipped samples go past the clip as those
+coefficients would take them (:func:`coefficients`), which libjpeg, taking 8-bit
+samples, cannot be given.  YCbCr scans are coded again by libjpeg at the quality found.
+
+:func:`recover` returns the JPEGs; what they decode to is measured by the caller (the
+``auto`` codec keeps the most faithful where it reaches the tile's target in the fewest
+bytes, or costs less at the quality's price of error, as the kind ``recovered-jpeg``).
+No torch.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from wsicodec.jpegwrite import write_rgb
 
 #: the fidelity record's kind of a tile coded here
 KIND = "recovered-jpeg"
@@ -50,6 +59,8 @@ MIN_COHERENCE = 0.9
 #: the spread of DCs (their interquartile range, in steps) a tile needs for them to tell a
 #: step: DCs bunched within a step (glass) sit near the multiples of any step
 MIN_SPREAD = 2
+#: the most rounds of finding a clipped block's coefficients again
+DECLIP_ROUNDS = 8
 #: the finest DC step read: finer, a decoder's rounding hides it
 MIN_DC_STEP = 2
 #: the standard deviation a decoder's rounding of its samples to integers adds to a
@@ -67,6 +78,8 @@ def ijg_table(quality: int) -> np.ndarray:
 
 
 _TABLES = {q: ijg_table(q) for q in range(1, 101)}
+#: the DC steps of those tables that :func:`detect` reads (:data:`MIN_DC_STEP` and up)
+_DC_STEPS = np.array(sorted({int(t[0, 0]) for t in _TABLES.values() if t[0, 0] >= MIN_DC_STEP}), np.float64)
 #: the orthonormal 8-point DCT-II matrix (JPEG's coefficients are this 2-D transform)
 _DCT = np.array([[np.sqrt((1 if k == 0 else 2) / 8) * np.cos((2 * n + 1) * k * np.pi / 16)
                   for n in range(8)] for k in range(8)])
@@ -106,16 +119,10 @@ def _coherence(values: np.ndarray, steps: np.ndarray) -> np.ndarray:
 
 
 def _score(coef: np.ndarray, table: np.ndarray) -> float | None:
-    """How well the blocks' coefficients ``coef`` (n, 8, 8) sit on ``table``'s multiples:
-    the coherence of the 63 AC coefficients' values off zero, each coefficient weighed by
-    how many it has (a value near zero sits on the multiples of every step: no evidence);
-    None where the DCs do not sit on theirs, or are too alike to tell (glass), or where
-    too few AC values lie off zero."""
-    dc = coef[:, 0, 0]
-    step = float(table[0, 0])
-    q1, q3 = np.percentile(dc, (25, 75))
-    if q3 - q1 < MIN_SPREAD * step or _coherence(dc, np.array([step]))[0] < MIN_COHERENCE:
-        return None
+    """How well the blocks' AC coefficients ``coef`` (n, 8, 8) sit on ``table``'s
+    multiples: the coherence of the 63 AC coefficients' values off zero, each coefficient
+    weighed by how many it has (a value near zero sits on the multiples of every step: no
+    evidence); None where too few values lie off zero."""
     steps = table.reshape(64)[1:].astype(np.float64)
     flat = coef.reshape(len(coef), 64).T[1:]                       # (63, n): the AC coefficients
     off = np.abs(flat) >= steps[:, None] / 2
@@ -126,6 +133,16 @@ def _score(coef: np.ndarray, table: np.ndarray) -> float | None:
     expected = np.exp(-2 * (np.pi * ROUNDING_NOISE / steps) ** 2)
     coherence = np.minimum(1.0, np.abs(phase.sum(axis=1)) / np.maximum(weight, 1) / expected)
     return float((coherence * weight).sum() / weight.sum())
+
+
+def _dc_steps(coef: np.ndarray) -> set[int]:
+    """The DC steps of the IJG tables the blocks' DCs sit on the multiples of, spread over
+    at least :data:`MIN_SPREAD` of them (DCs bunched within a step, glass, sit near the
+    multiples of any step)."""
+    dc = coef[:, 0, 0]
+    q1, q3 = np.percentile(dc, (25, 75))
+    fit = (q3 - q1 >= MIN_SPREAD * _DC_STEPS) & (_coherence(dc, _DC_STEPS) >= MIN_COHERENCE)
+    return {int(v) for v in _DC_STEPS[fit]}
 
 
 def detect(rgb: np.ndarray) -> JpegSetting | None:
@@ -144,11 +161,12 @@ def detect(rgb: np.ndarray) -> JpegSetting | None:
         if len(b) < MIN_BLOCKS:
             continue
         coef = _DCT @ b @ _DCT.T
+        dc_steps = _dc_steps(coef)
         for q in range(1, 101):                                  # coarsest first: ties keep it
-            if _TABLES[q][0, 0] < MIN_DC_STEP:
-                break
+            if int(_TABLES[q][0, 0]) not in dc_steps:
+                continue
             score = _score(coef, _TABLES[q])
-            if score is not None and score >= MIN_COHERENCE and (best is None or score > best[0] + 1e-3):
+            if score is not None and score >= MIN_COHERENCE and (best is None or score > best[0] + 1e-6):
                 best = (score, JpegSetting(q, is_rgb))
     return best[1] if best is not None else None
 
@@ -165,9 +183,44 @@ def encode(rgb: np.ndarray, setting: JpegSetting, subsampling: str = "444") -> b
                                           outcolorspace="YCBCR", subsampling=subsampling, optimize=True))
 
 
+def _blocks_of(plane: np.ndarray) -> np.ndarray:
+    """``plane`` (h, w; multiples of 8) as (rows, cols, 8, 8) float64 blocks."""
+    h, w = plane.shape
+    return plane.reshape(h // 8, 8, w // 8, 8).swapaxes(1, 2).astype(np.float64)
+
+
+def coefficients(rgb: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """The quantised coefficients ((3, rows, cols, 8, 8) int, natural order) whose JPEG of
+    R, G, B components on ``table`` decodes to ``rgb`` ((h, w, 3) uint8, multiples of 8):
+    each block's DCT over the table, rounded; where a block holds a sample at 0 or 255
+    (the decode clipped it, so its DCT is off), again from the block with those samples
+    replaced by what the coefficients found give beyond the clip, until that settles
+    (:data:`DECLIP_ROUNDS` at most)."""
+    q = table.astype(np.float64)
+    out = []
+    for k in range(3):
+        x = _blocks_of(rgb[..., k])
+        c = np.round((_DCT @ (x - 128.0) @ _DCT.T) / q)
+        hi, lo = x == 255, x == 0
+        clipped = (hi | lo).any(axis=(2, 3))
+        if clipped.any():
+            xs, his, los, cs = x[clipped], hi[clipped], lo[clipped], c[clipped]
+            for _ in range(DECLIP_ROUNDS):
+                r = _DCT.T @ (cs * q) @ _DCT + 128.0
+                x2 = np.where(his, np.maximum(r, 255.0), np.where(los, np.minimum(r, 0.0), xs))
+                c2 = np.round((_DCT @ (x2 - 128.0) @ _DCT.T) / q)
+                if np.array_equal(c2, cs):
+                    break
+                cs = c2
+            c[clipped] = cs
+        out.append(c)
+    return np.stack(out).astype(np.int64)
+
+
 def recover(rgb: np.ndarray, valid: tuple[int, int] | None = None) -> list[bytes]:
-    """The JPEGs of ``rgb`` that may make the scan's coding again (one for R, G, B
-    components; one per :data:`SUBSAMPLINGS` for YCbCr), or [] where :func:`detect` finds
+    """The JPEGs of ``rgb`` that may make the scan's coding again (for R, G, B components
+    its coefficients written, where the tile is whole blocks, and libjpeg's coding; for
+    YCbCr one per :data:`SUBSAMPLINGS`), or [] where :func:`detect` finds
     none in its part ``valid`` = (h, w) (an edge tile's part inside the level; default:
     all of it).  The caller decodes and measures them."""
     h, w = rgb.shape[:2] if valid is None else valid
@@ -175,5 +228,12 @@ def recover(rgb: np.ndarray, valid: tuple[int, int] | None = None) -> list[bytes
     if setting is None:
         return []
     if setting.rgb:
-        return [encode(rgb, setting)]
+        found = [encode(rgb, setting)]
+        if rgb.shape[0] % 8 == 0 and rgb.shape[1] % 8 == 0:
+            table = _TABLES[setting.quality]
+            try:          # the coefficients themselves, where clipping hid them from libjpeg
+                found.insert(0, write_rgb(coefficients(rgb, table), table, *rgb.shape[:2]))
+            except ValueError:
+                pass
+        return found
     return [encode(rgb, setting, s) for s in SUBSAMPLINGS]

@@ -180,17 +180,22 @@ class TileChooser:
 
     def _recovered(self, t: _Tile) -> TileFit | None:
         """The scan's JPEG made again from the tile's pixels
-        (:func:`~wsicodec.jpegrecover.recover`), carried and decoded as readers decode it:
-        of the codings tried, the most faithful (then the fewest bytes), where it reaches
-        the floor; None where it does not, or the pixels show no JPEG scan."""
-        best: TileFit | None = None
+        (:func:`~wsicodec.jpegrecover.recover`): of the codings tried, the most faithful
+        (then the fewest bytes), carried and decoded as readers decode it, where it
+        reaches the floor; None where it does not, or the pixels show no JPEG scan.  The
+        codings are compared as JPEGs, and only the one kept is carried: JPEG-XL's
+        recompression is lossless and the costliest step."""
+        best: tuple[float, int, bytes] | None = None
         for jpeg in recover(t.source, t.valid):
-            data = carry(jpeg)
-            px = self.decoder.bare_pixels(data, t.source.shape, "tile")
-            p = tile_psnr(px, t.source, t.valid)
-            if best is None or (p, -len(data)) > (best.psnr, -len(best.data)):
-                best = TileFit(data, px, p, None, codec=RECOVERED_JPEG)
-        return best if best is not None and best.psnr >= self.floor else None
+            p = tile_psnr(self.decoder.bare_pixels(jpeg, t.source.shape, "tile"), t.source, t.valid)
+            if best is None or (p, -len(jpeg)) > (best[0], -best[1]):
+                best = (p, len(jpeg), jpeg)
+        if best is None or best[0] < self.floor:
+            return None
+        data = carry(best[2])
+        px = self.decoder.bare_pixels(data, t.source.shape, "tile")
+        p = tile_psnr(px, t.source, t.valid)
+        return TileFit(data, px, p, None, codec=RECOVERED_JPEG) if p >= self.floor else None
 
     def _network(self, tiles: list[_Tile], regions: list[np.ndarray], boxes: list) -> None:
         """g_a once per region; a search over the quality steps on estimated PSNRs (g_s
