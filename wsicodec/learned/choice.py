@@ -1,4 +1,4 @@
-"""Per-tile codec choice for the ``auto`` codec: glass, the network, JPEG 2000 or JPEG-XL, over a floor.
+"""Per-tile codec choice for the ``auto`` codec: glass, the network, JPEG 2000, JPEG-XL or the source's own, over a floor.
 
 Each level is coded row by row (:class:`MixedLevelEncoder`)::
 
@@ -7,7 +7,10 @@ Each level is coded row by row (:class:`MixedLevelEncoder`)::
         │   network at the codec's quality, raised in quarter steps to where the tile's
         │   estimated PSNR clears the floor (+ ESTIMATE_MARGIN_DB); then JPEG-XL and
         │   JPEG 2000 fitted to the PSNR the network reaches (or the floor), on a pool of
-        │   threads, while the torch work goes on: the fewest bytes win
+        │   threads, while the torch work goes on: the fewest bytes win; the source's own
+        │   coding (a scanner's tile, or its JPEG recovered from the pixels:
+        │   :mod:`~wsicodec.learned.sourcefit`) wins too where it costs less at the
+        │   quality's price of error
         ▼
     stage 2 of each row whose neighbours are all decided (:meth:`TileChooser.settle_row`):
         row r − 2 once row r − 1's fits are in (row r − 1 too when row r has no fit to
@@ -46,17 +49,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from wsicodec.classical import J2K_SIGNATURE
 from wsicodec.codecs import EncodedRow, LevelEncoder
-from wsicodec.errors import CorruptDataError, InvalidSettingError
-from wsicodec.jpegrecover import KIND as RECOVERED_JPEG, recover
-from wsicodec.scannertiles import KIND_JPEG, KIND_JPEG2000, carry
+from wsicodec.errors import InvalidSettingError
+from wsicodec.jpegrecover import KIND as RECOVERED_JPEG
+from wsicodec.scannertiles import KIND_JPEG, KIND_JPEG2000
 
 from .encoder import align_to_grid, check_box, check_region
 from .glass import SIDES, bare_edges, blend_toward_glass, decode_glass, encode_glass, uniform_fit
 from .grid import glass_edges
 from .j2kfit import ALL_SIDES, Sides, fit_jpeg2000_tile, tile_sides, with_margin
 from .jxlfit import TileFit, fit_jpegxl, tile_psnr
+from .sourcefit import carried_fit, cost, price_of_error, recovered_fit
 from .stepsearch import StepSearch, quality_steps
 from .synthesis import STITCH_RING, stitch_window
 from .tileformat import (KIND_FIXUP, KIND_NETWORK_MIXED, KIND_PLANE, KIND_PLANE_MIXED,
@@ -64,8 +67,8 @@ from .tileformat import (KIND_FIXUP, KIND_NETWORK_MIXED, KIND_PLANE, KIND_PLANE_
                          parse_header, with_kind)
 
 #: what the ``auto`` codec records for each tile (:attr:`wsicodec.codecs.TileCodec.tile_kinds`)
-KINDS = ("glass", "learned", "jpegxl", "jpegxl-lossless", "fixup", "jpeg2000", "scanner-jpeg",
-         "scanner-jpeg2000", RECOVERED_JPEG)
+KINDS = ("glass", "learned", "jpegxl", "jpegxl-lossless", "fixup", "jpeg2000", KIND_JPEG,
+         KIND_JPEG2000, RECOVERED_JPEG)
 #: stage 1 keeps a network quality when the tile's estimated PSNR clears the floor by this
 #: much (the estimate stitches with g_a's unquantised neighbours; stage 2 measures exactly)
 ESTIMATE_MARGIN_DB = 0.3
@@ -116,10 +119,8 @@ class TileChooser:
         self.floor, self.effort, self.device, self.precision = min_psnr, effort, device, precision
         self.seam_search, self.jpeg2000, self.j2k_margin = seam_search, jpeg2000, jpeg2000_margin
         self.scanner_tiles, self.recovered_jpeg = scanner_tiles, recovered_jpeg
-        import torch
-        #: bits per pixel one unit of 8-bit MSE is worth at the codec's quality: the λ the
-        #: network was trained to at that quality (its loss: bpp + λ·255²·MSE on [0, 1])
-        self.price = float(net.lambda_at(torch.tensor([float(quality)]))[0])
+        #: bits per pixel one unit of 8-bit MSE is worth at the codec's quality
+        self.price = price_of_error(net, quality)
 
     # ------------------------------------------------------------------ stage 1
     def choose_row(self, regions: Sequence[np.ndarray], boxes: Sequence[tuple[int, int, int, int]],
@@ -142,7 +143,7 @@ class TileChooser:
             if not self._glass(t):
                 network.append(i)
                 if scanned is not None and self.scanner_tiles and scanned[i] is not None:
-                    t.carried = self._carried(t, scanned[i])
+                    t.carried = carried_fit(self.decoder, t.source, t.valid, scanned[i], self.floor)
             tiles.append(t)
         if not network:
             return tiles, []
@@ -162,40 +163,6 @@ class TileChooser:
         t.kind, t.data, t.inner, t.psnr = "glass", data, data, p
         t.context = self.decoder.latents(data, hd, "glass tile")
         return True
-
-    def _carried(self, t: _Tile, stream: bytes) -> TileFit | None:
-        """The source's own tile ``stream`` as it is stored (a JPEG carried in JPEG-XL, a
-        JPEG 2000 codestream: :func:`~wsicodec.scannertiles.carry`), decoded as readers
-        decode it, where that reaches the floor (it is the source pixels exactly unless the
-        source reader decodes it otherwise); None where it does not, or it is no stream
-        readers decode to the tile's size."""
-        try:
-            data = carry(stream)
-            px = self.decoder.bare_pixels(data, t.source.shape, "tile")
-        except CorruptDataError:
-            return None
-        p = tile_psnr(px, t.source, t.valid)
-        kind = KIND_JPEG2000 if data.startswith(J2K_SIGNATURE) else KIND_JPEG
-        return TileFit(data, px, p, None, codec=kind) if p >= self.floor else None
-
-    def _recovered(self, t: _Tile) -> TileFit | None:
-        """The scan's JPEG made again from the tile's pixels
-        (:func:`~wsicodec.jpegrecover.recover`): of the codings tried, the most faithful
-        (then the fewest bytes), carried and decoded as readers decode it, where it
-        reaches the floor; None where it does not, or the pixels show no JPEG scan.  The
-        codings are compared as JPEGs, and only the one kept is carried: JPEG-XL's
-        recompression is lossless and the costliest step."""
-        best: tuple[float, int, bytes] | None = None
-        for jpeg in recover(t.source, t.valid):
-            p = tile_psnr(self.decoder.bare_pixels(jpeg, t.source.shape, "tile"), t.source, t.valid)
-            if best is None or (p, -len(jpeg)) > (best[0], -best[1]):
-                best = (p, len(jpeg), jpeg)
-        if best is None or best[0] < self.floor:
-            return None
-        data = carry(best[2])
-        px = self.decoder.bare_pixels(data, t.source.shape, "tile")
-        p = tile_psnr(px, t.source, t.valid)
-        return TileFit(data, px, p, None, codec=RECOVERED_JPEG) if p >= self.floor else None
 
     def _network(self, tiles: list[_Tile], regions: list[np.ndarray], boxes: list) -> None:
         """g_a once per region; a search over the quality steps on estimated PSNRs (g_s
@@ -296,7 +263,7 @@ class TileChooser:
         target = max(self.floor, t.estimate) if ok else self.floor
         fit = self.fit(t, target, len(t.network) if ok else None)
         if t.carried is None and self.recovered_jpeg:
-            t.carried = self._recovered(t)
+            t.carried = recovered_fit(self.decoder, t.source, t.valid, self.floor)
         # the scanner's tile against the coding kept, byte for byte (it is no budget of
         # the fits: their early stop is a prediction, which cost tcga 2 % at 32 dB as one)
         if t.carried is not None and t.carried.psnr >= target \
@@ -315,16 +282,10 @@ class TileChooser:
         # at its ceiling (its next bytes buy next to no PSNR) it takes the JPEG
         c = t.carried
         if c is not None and t.kind not in (c.codec, "glass") \
-                and self._cost(c.data, c.psnr, t) < self._cost(t.data, t.estimate if t.kind == "learned"
-                                                               else t.psnr, t):
+                and cost(len(c.data), c.psnr, t.valid, self.price) \
+                < cost(len(t.data), t.estimate if t.kind == "learned" else t.psnr, t.valid, self.price):
             t.kind, t.data, t.psnr, t.context, t.inner = c.codec, c.data, c.psnr, None, None
             t.fit = c
-
-    def _cost(self, data: bytes, psnr: float, t: _Tile) -> float:
-        """A coding's cost on the network's scale: its bits per pixel of the tile plus
-        :attr:`price` times its 8-bit mean squared error (from its PSNR)."""
-        mse = 0.0 if math.isinf(psnr) else 255.0 ** 2 / 10 ** (psnr / 10)
-        return 8 * len(data) / (t.valid[0] * t.valid[1]) + self.price * mse
 
     def stored_tile(self, col: int, data: bytes, size: tuple[int, int]) -> _Tile:
         """A tile an earlier run wrote (a resumed run's context): its latents as readers

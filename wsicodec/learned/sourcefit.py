@@ -1,0 +1,76 @@
+"""The source's own codings as ``auto`` candidates: a scanner's tile as it was stored, a JPEG
+scan's JPEG recovered from the tile's pixels, and what a coding costs at the network's price
+of error.
+
+Both codings are (nearly) the source pixels, at bytes of their own.  The chooser
+(:mod:`wsicodec.learned.choice`) keeps one where it reaches the tile's target in no more
+bytes than the coding chosen otherwise, or where :func:`cost` says it is cheaper on the
+network's own scale.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from wsicodec.classical import J2K_SIGNATURE
+from wsicodec.errors import CorruptDataError
+from wsicodec.jpegrecover import KIND as RECOVERED_JPEG, recover
+from wsicodec.scannertiles import KIND_JPEG, KIND_JPEG2000, carry
+
+from .jxlfit import TileFit, tile_psnr
+
+
+def carried_fit(decoder: Any, source: np.ndarray, valid: tuple[int, int], stream: bytes,
+                floor: float) -> TileFit | None:
+    """The source's own tile ``stream`` as it is stored (a JPEG carried in JPEG-XL, a JPEG
+    2000 codestream: :func:`~wsicodec.scannertiles.carry`), decoded as readers decode it
+    (``decoder.bare_pixels``) and measured against ``source`` over ``valid``, where that
+    reaches ``floor`` (it is the source pixels exactly unless the source reader decodes it
+    otherwise); None where it does not, or it is no stream readers decode to the tile's
+    size."""
+    try:
+        data = carry(stream)
+        px = decoder.bare_pixels(data, source.shape, "tile")
+    except CorruptDataError:
+        return None
+    p = tile_psnr(px, source, valid)
+    kind = KIND_JPEG2000 if data.startswith(J2K_SIGNATURE) else KIND_JPEG
+    return TileFit(data, px, p, None, codec=kind) if p >= floor else None
+
+
+def recovered_fit(decoder: Any, source: np.ndarray, valid: tuple[int, int], floor: float) -> TileFit | None:
+    """The scan's JPEG made again from ``source``'s pixels
+    (:func:`~wsicodec.jpegrecover.recover`): of the codings tried, the most faithful (then
+    the fewest bytes), carried and decoded as readers decode it, where it reaches
+    ``floor``; None where it does not, or the pixels show no JPEG scan.  The codings are
+    compared as JPEGs, and only the one kept is carried: JPEG-XL's recompression is
+    lossless and the costliest step."""
+    best: tuple[float, int, bytes] | None = None
+    for jpeg in recover(source, valid):
+        p = tile_psnr(decoder.bare_pixels(jpeg, source.shape, "tile"), source, valid)
+        if best is None or (p, -len(jpeg)) > (best[0], -best[1]):
+            best = (p, len(jpeg), jpeg)
+    if best is None or best[0] < floor:
+        return None
+    data = carry(best[2])
+    px = decoder.bare_pixels(data, source.shape, "tile")
+    p = tile_psnr(px, source, valid)
+    return TileFit(data, px, p, None, codec=RECOVERED_JPEG) if p >= floor else None
+
+
+def price_of_error(net: Any, quality: float) -> float:
+    """Bits per pixel one unit of 8-bit MSE is worth at ``quality``: the λ the network was
+    trained to there (its loss: bpp + λ·255²·MSE on [0, 1])."""
+    import torch
+
+    return float(net.lambda_at(torch.tensor([float(quality)]))[0])
+
+
+def cost(nbytes: int, psnr: float, valid: tuple[int, int], price: float) -> float:
+    """A coding's cost on the network's scale: its bits per pixel of the tile's ``valid``
+    part plus ``price`` times its 8-bit mean squared error (from its PSNR; inf: exact)."""
+    mse = 0.0 if math.isinf(psnr) else 255.0 ** 2 / 10 ** (psnr / 10)
+    return 8 * nbytes / (valid[0] * valid[1]) + price * mse
