@@ -59,8 +59,8 @@ DEFAULT_MIN_PSNR = 32.0
 #: what ``wsicodec codecs`` says of each codec
 SUMMARIES = {
     "auto": "per tile: glass, the learned network, JPEG 2000, JPEG-XL, the scanner's own tile or its JPEG "
-            "recovered from the pixels, whichever "
-            "takes fewest bytes; "
+            "recovered from the pixels, whichever takes fewest bytes (the source's own also where its "
+            "fidelity is worth its bytes at the quality); "
             f"every tile's PSNR >= --min-psnr (default {DEFAULT_MIN_PSNR:g} dB); quality 1-8 as learned",
     "learned": "the learned network alone; quality 1 (smallest) .. 8 (best)",
     "jpeg": "JPEG (libjpeg-turbo); quality 1-100",
