@@ -14,10 +14,10 @@ grid, and no access to the source file: it works on pixels.
 
 Where the quantisation comes from: the pixels.  libjpeg's tables are the IJG tables scaled
 by a quality; a block's DC coefficient (its level-shifted sum / 8) lies on multiples of the
-table's DC step, which names a few qualities, and the lowest AC coefficients choose among
-them (:func:`detect`).  The colour: the components coded as R, G, B (Aperio's tiles, all on
-the luminance table) or as YCbCr, whose DC steps show on the Y plane; the chroma
-subsampling is chosen by coding the tile both ways.  A scanner with tables of its own
+table's DC step, which names a few qualities, and the AC coefficients choose among them
+(:func:`detect`).  The colour: the components coded as R, G, B (Aperio's tiles, all on the
+luminance table) or as YCbCr, whose DC steps show on the Y plane; the chroma subsampling
+is chosen by coding the tile each way (:data:`SUBSAMPLINGS`).  A scanner with tables of its own
 (not IJG-scaled) gets no match here, and no candidate.
 
 Components coded as R, G, B on one table (Aperio's) are written from the coefficients
@@ -48,8 +48,6 @@ _IJG_LUMA = np.array([
     14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62,
     18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
     49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99], np.int64).reshape(8, 8)
-#: the coefficients, besides DC, that choose among the qualities sharing a DC step
-_LOW_AC = ((0, 1), (1, 0), (1, 1), (0, 2), (2, 0), (0, 3), (3, 0))
 #: the fewest unclipped blocks a tile must hold for its steps to be read
 MIN_BLOCKS = 16
 #: how closely the blocks' coefficients must sit on a table's multiples for it to count
@@ -94,28 +92,38 @@ class JpegSetting:
     rgb: bool
 
 
+def _blocks_of(plane: np.ndarray) -> np.ndarray:
+    """``plane`` (h, w) cut to whole 8 × 8 blocks on its own grid: (rows, cols, 8, 8)."""
+    h, w = (plane.shape[0] // 8) * 8, (plane.shape[1] // 8) * 8
+    return plane[:h, :w].reshape(h // 8, 8, w // 8, 8).swapaxes(1, 2)
+
+
+def _forward(blocks: np.ndarray) -> np.ndarray:
+    """The 2-D DCT of each level-shifted 8 × 8 block (JPEG's coefficients, unquantised)."""
+    return _DCT @ blocks @ _DCT.T
+
+
 def _blocks(plane: np.ndarray, clipped: np.ndarray) -> np.ndarray:
     """(n, 8, 8) float64 blocks of ``plane`` on its own 8-px grid, level-shifted: those
     whole, with no pixel ``clipped`` (a sample at 0 or 255, where a decode may have been
     clipped) and not of one value (a flat block's DC sits on the multiples of every step
     its value divides)."""
-    h, w = (plane.shape[0] // 8) * 8, (plane.shape[1] // 8) * 8
-
-    def cut(a: np.ndarray) -> np.ndarray:
-        return a[:h, :w].reshape(h // 8, 8, w // 8, 8).swapaxes(1, 2).reshape(-1, 8, 8)
-
-    b = cut(plane)
-    keep = ~cut(clipped).any(axis=(1, 2)) & (b.min(axis=(1, 2)) < b.max(axis=(1, 2)))
+    b = _blocks_of(plane).reshape(-1, 8, 8)
+    keep = ~_blocks_of(clipped).reshape(-1, 8, 8).any(axis=(1, 2)) & (b.min(axis=(1, 2)) < b.max(axis=(1, 2)))
     return b[keep].astype(np.float64) - 128.0
+
+
+def _expected(steps: np.ndarray) -> np.ndarray:
+    """How closely a JPEG decode's coefficients sit on multiples of each step (mean phase
+    coherence, its samples rounded to integers: :data:`ROUNDING_NOISE`)."""
+    return np.exp(-2 * (np.pi * ROUNDING_NOISE / steps) ** 2)
 
 
 def _coherence(values: np.ndarray, steps: np.ndarray) -> np.ndarray:
     """How closely ``values`` sit on multiples of each step, against how closely a JPEG
-    decode's would (its samples rounded to integers, :data:`ROUNDING_NOISE`): ~1 on
-    them, ~0 not at all, capped at 1."""
+    decode's would (:func:`_expected`): ~1 on them, ~0 not at all, capped at 1."""
     phase = np.exp(2j * np.pi * values[None, :] / steps[:, None])
-    expected = np.exp(-2 * (np.pi * ROUNDING_NOISE / steps) ** 2)
-    return np.minimum(1.0, np.abs(phase.mean(axis=1)) / expected)
+    return np.minimum(1.0, np.abs(phase.mean(axis=1)) / _expected(steps))
 
 
 def _score(coef: np.ndarray, table: np.ndarray) -> float | None:
@@ -130,8 +138,7 @@ def _score(coef: np.ndarray, table: np.ndarray) -> float | None:
     if weight.sum() < MIN_BLOCKS:
         return None
     phase = np.where(off, np.exp(2j * np.pi * flat / steps[:, None]), 0)
-    expected = np.exp(-2 * (np.pi * ROUNDING_NOISE / steps) ** 2)
-    coherence = np.minimum(1.0, np.abs(phase.sum(axis=1)) / np.maximum(weight, 1) / expected)
+    coherence = np.minimum(1.0, np.abs(phase.sum(axis=1)) / np.maximum(weight, 1) / _expected(steps))
     return float((coherence * weight).sum() / weight.sum())
 
 
@@ -160,7 +167,7 @@ def detect(rgb: np.ndarray) -> JpegSetting | None:
         b = _blocks(plane, clip)
         if len(b) < MIN_BLOCKS:
             continue
-        coef = _DCT @ b @ _DCT.T
+        coef = _forward(b)
         dc_steps = _dc_steps(coef)
         for q in range(1, 101):                                  # coarsest first: ties keep it
             if int(_TABLES[q][0, 0]) not in dc_steps:
@@ -183,12 +190,6 @@ def encode(rgb: np.ndarray, setting: JpegSetting, subsampling: str = "444") -> b
                                           outcolorspace="YCBCR", subsampling=subsampling, optimize=True))
 
 
-def _blocks_of(plane: np.ndarray) -> np.ndarray:
-    """``plane`` (h, w; multiples of 8) as (rows, cols, 8, 8) float64 blocks."""
-    h, w = plane.shape
-    return plane.reshape(h // 8, 8, w // 8, 8).swapaxes(1, 2).astype(np.float64)
-
-
 def coefficients(rgb: np.ndarray, table: np.ndarray) -> np.ndarray:
     """The quantised coefficients ((3, rows, cols, 8, 8) int, natural order) whose JPEG of
     R, G, B components on ``table`` decodes to ``rgb`` ((h, w, 3) uint8, multiples of 8):
@@ -199,8 +200,8 @@ def coefficients(rgb: np.ndarray, table: np.ndarray) -> np.ndarray:
     q = table.astype(np.float64)
     out = []
     for k in range(3):
-        x = _blocks_of(rgb[..., k])
-        c = np.round((_DCT @ (x - 128.0) @ _DCT.T) / q)
+        x = _blocks_of(rgb[..., k]).astype(np.float64)
+        c = np.round(_forward(x - 128.0) / q)
         hi, lo = x == 255, x == 0
         clipped = (hi | lo).any(axis=(2, 3))
         if clipped.any():
@@ -208,7 +209,7 @@ def coefficients(rgb: np.ndarray, table: np.ndarray) -> np.ndarray:
             for _ in range(DECLIP_ROUNDS):
                 r = _DCT.T @ (cs * q) @ _DCT + 128.0
                 x2 = np.where(his, np.maximum(r, 255.0), np.where(los, np.minimum(r, 0.0), xs))
-                c2 = np.round((_DCT @ (x2 - 128.0) @ _DCT.T) / q)
+                c2 = np.round(_forward(x2 - 128.0) / q)
                 if np.array_equal(c2, cs):
                     break
                 cs = c2

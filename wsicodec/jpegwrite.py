@@ -31,6 +31,8 @@ _AC_VALS = bytes.fromhex(
     "292a3435363738393a434445464748494a535455565758595a636465666768696a737475767778797a838485868788"
     "898a92939495969798999aa2a3a4a5a6a7a8a9aab2b3b4b5b6b7b8b9bac2c3c4c5c6c7c8c9cad2d3d4d5d6d7d8d9da"
     "e1e2e3e4e5e6e7e8e9eaf1f2f3f4f5f6f7f8f9fa")
+#: APP14 "Adobe", transform 0: the three components are R, G, B (no colour transform)
+ADOBE_RGB = b"\xff\xee" + struct.pack(">H5sHHHB", 14, b"Adobe", 100, 0, 0, 0)
 #: the largest coefficient magnitude baseline JPEG codes (DC differences up to 2047 too)
 MAX_COEFFICIENT = 1023
 
@@ -143,6 +145,5 @@ def write_rgb(coefficients: np.ndarray, table: np.ndarray, height: int, width: i
     dht = (bytes([0x00]) + bytes(_DC_BITS) + bytes(_DC_VALS)
            + bytes([0x10]) + bytes(_AC_BITS) + _AC_VALS)
     sos = bytes([3]) + b"".join(bytes([i + 1, 0x00]) for i in range(3)) + bytes([0, 63, 0])
-    adobe = b"Adobe" + struct.pack(">HHHB", 100, 0, 0, 0)
-    return (b"\xff\xd8" + _segment(0xEE, adobe) + _segment(0xDB, dqt) + _segment(0xC0, sof)
+    return (b"\xff\xd8" + ADOBE_RGB + _segment(0xDB, dqt) + _segment(0xC0, sof)
             + _segment(0xC4, dht) + _segment(0xDA, sos) + _scan(blocks) + b"\xff\xd9")

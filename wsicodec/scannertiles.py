@@ -35,6 +35,7 @@ import numpy as np
 
 from wsicodec.classical import J2K_SIGNATURE, JPEG_SIGNATURE, JXL_SIGNATURES
 from wsicodec.errors import CorruptDataError
+from wsicodec.jpegwrite import ADOBE_RGB
 
 #: the first bytes of a carried stream: a JPEG-XL container, or the JPEG itself
 CARRIED_SIGNATURES = (JXL_SIGNATURES[1], JPEG_SIGNATURE)
@@ -48,8 +49,6 @@ _JBRD = b"jbrd"
 _TIFF_JPEG, _APERIO_J2K_RGB, _RGB, _YCBCR = 7, 33005, 2, 6
 #: the fidelity record's kind of a scanner tile, by the first bytes of what is stored
 KIND_JPEG, KIND_JPEG2000 = "scanner-jpeg", "scanner-jpeg2000"
-#: APP14 "Adobe", transform 0: the three components are R, G, B (no colour transform)
-_ADOBE_RGB = b"\xff\xee" + struct.pack(">H5sHHHB", 14, b"Adobe", 100, 0, 0, 0)
 #: the SOF markers of the JPEGs libjpeg-turbo decodes (baseline, extended, progressive)
 _SOF = (0xC0, 0xC1, 0xC2)
 
@@ -237,7 +236,7 @@ def complete_jpeg(tables: bytes | None, tile: bytes, photometric: int) -> bytes 
         body = tables[2:-2] + body
     jpeg = b"\xff\xd8" + body
     if photometric == _RGB and not _names_colour_space(jpeg):
-        jpeg = b"\xff\xd8" + _ADOBE_RGB + body
+        jpeg = b"\xff\xd8" + ADOBE_RGB + body
     return jpeg
 
 

@@ -23,20 +23,26 @@ from wsicodec.scannertiles import KIND_JPEG, KIND_JPEG2000, carry
 from .jxlfit import TileFit, tile_psnr
 
 
+def _measured(decoder: Any, data: bytes, source: np.ndarray, valid: tuple[int, int]
+              ) -> tuple[np.ndarray, float]:
+    """``data`` decoded as readers decode a bare tile (``decoder.bare_pixels``) and its
+    PSNR against ``source`` over ``valid``."""
+    px = decoder.bare_pixels(data, source.shape, "tile")
+    return px, tile_psnr(px, source, valid)
+
+
 def carried_fit(decoder: Any, source: np.ndarray, valid: tuple[int, int], stream: bytes,
                 floor: float) -> TileFit | None:
     """The source's own tile ``stream`` as it is stored (a JPEG carried in JPEG-XL, a JPEG
     2000 codestream: :func:`~wsicodec.scannertiles.carry`), decoded as readers decode it
-    (``decoder.bare_pixels``) and measured against ``source`` over ``valid``, where that
-    reaches ``floor`` (it is the source pixels exactly unless the source reader decodes it
-    otherwise); None where it does not, or it is no stream readers decode to the tile's
-    size."""
+    and measured against ``source`` over ``valid``, where that reaches ``floor`` (it is
+    the source pixels exactly unless the source reader decodes it otherwise); None where
+    it does not, or it is no stream readers decode to the tile's size."""
     try:
         data = carry(stream)
-        px = decoder.bare_pixels(data, source.shape, "tile")
+        px, p = _measured(decoder, data, source, valid)
     except CorruptDataError:
         return None
-    p = tile_psnr(px, source, valid)
     kind = KIND_JPEG2000 if data.startswith(J2K_SIGNATURE) else KIND_JPEG
     return TileFit(data, px, p, None, codec=kind) if p >= floor else None
 
@@ -48,16 +54,17 @@ def recovered_fit(decoder: Any, source: np.ndarray, valid: tuple[int, int], floo
     ``floor``; None where it does not, or the pixels show no JPEG scan.  The codings are
     compared as JPEGs, and only the one kept is carried: JPEG-XL's recompression is
     lossless and the costliest step."""
-    best: tuple[float, int, bytes] | None = None
+    best: tuple[float, int, bytes, np.ndarray] | None = None
     for jpeg in recover(source, valid):
-        p = tile_psnr(decoder.bare_pixels(jpeg, source.shape, "tile"), source, valid)
+        px, p = _measured(decoder, jpeg, source, valid)
         if best is None or (p, -len(jpeg)) > (best[0], -best[1]):
-            best = (p, len(jpeg), jpeg)
+            best = (p, len(jpeg), jpeg, px)
     if best is None or best[0] < floor:
         return None
-    data = carry(best[2])
-    px = decoder.bare_pixels(data, source.shape, "tile")
-    p = tile_psnr(px, source, valid)
+    p, _, jpeg, px = best
+    data = carry(jpeg)
+    if data != jpeg:                          # recompressed: measured as readers will see it
+        px, p = _measured(decoder, data, source, valid)
     return TileFit(data, px, p, None, codec=RECOVERED_JPEG) if p >= floor else None
 
 
