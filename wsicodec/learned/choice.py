@@ -59,7 +59,7 @@ from .glass import SIDES, bare_edges, blend_toward_glass, decode_glass, encode_g
 from .grid import glass_edges
 from .j2kfit import ALL_SIDES, Sides, fit_jpeg2000_tile, tile_sides, with_margin
 from .jxlfit import TileFit, fit_jpegxl, tile_psnr
-from .sourcefit import carried_fit, cost, price_of_error, recovered_fit
+from .sourcefit import carried_fit, cost, price_of_error, priced_fit, recovered_fit
 from .stepsearch import StepSearch, quality_steps
 from .synthesis import STITCH_RING, stitch_window
 from .tileformat import (KIND_FIXUP, KIND_NETWORK_MIXED, KIND_PLANE, KIND_PLANE_MIXED,
@@ -277,6 +277,7 @@ class TileChooser:
             t.data, t.psnr, t.context = fit.data, fit.psnr, None
         else:
             t.kind, t.data, t.inner = "learned", t.network, t.network
+        self._at_price(t, fit)
         # the source's JPEG (as good as exact) where its bytes cost less than the error it
         # saves, at the network's own price of error at this quality: where the network is
         # at its ceiling (its next bytes buy next to no PSNR) it takes the JPEG
@@ -286,6 +287,22 @@ class TileChooser:
                 < cost(len(t.data), t.estimate if t.kind == "learned" else t.psnr, t.valid, self.price):
             t.kind, t.data, t.psnr, t.context, t.inner = c.codec, c.data, c.psnr, None, None
             t.fit = c
+
+    def _at_price(self, t: _Tile, fit: TileFit | None) -> None:
+        """A classical coding of ``t`` above the one chosen where it costs less at the
+        quality's price of error (:func:`~wsicodec.learned.sourcefit.priced_fit`), fitted
+        from ``fit`` (the classical coding at the tile's target) or, where JPEG-XL could not
+        undercut the network at equal PSNR, from the network's tile."""
+        if fit is not None and fit.codec in ("jpegxl", "jpeg2000") and not fit.lossless:
+            start = (len(fit.data), fit.psnr, fit.rate_slope)
+        elif t.kind == "learned":
+            start = (len(t.data), t.estimate, math.nan)
+        else:
+            return
+        now = cost(len(t.data), t.estimate if t.kind == "learned" else t.psnr, t.valid, self.price)
+        found = priced_fit(lambda target: self.fit(t, target, None), start, now, t.valid, self.price)
+        if found is not None:
+            t.kind, t.data, t.psnr, t.context, t.inner, t.fit = found.codec, found.data, found.psnr, None, None, found
 
     def stored_tile(self, col: int, data: bytes, size: tuple[int, int]) -> _Tile:
         """A tile an earlier run wrote (a resumed run's context): its latents as readers

@@ -53,7 +53,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .jxlfit import TileFit, equal_bytes, tile_psnr
+from .jxlfit import TileFit, measured, tile_psnr
 
 #: the levels (dB) :class:`wsicodec.classical.Jpeg2000Codec` takes
 MIN_LEVEL, MAX_LEVEL = 10.0, 80.0
@@ -332,7 +332,7 @@ def _fit(hold: _Hold, target: float, budget: float | None) -> tuple[TileFit | No
         level = nxt
     if passing is None:
         return None, "out of reach"
-    kept = replace(passing, equal_bytes=equal_bytes(passing, passing, failing, target))
+    kept = measured(passing, passing, failing, target)
     if budget is not None and kept.equal_bytes >= budget:
         return None, OVER_BUDGET        # a raised coding only takes more
     if not hold.ring_met(kept.pixels):

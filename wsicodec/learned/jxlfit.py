@@ -78,6 +78,9 @@ class TileFit:
     #: slope was measured
     equal_bytes: float = math.nan
     codec: str = "jpegxl"
+    #: how this codec's bytes grow with PSNR on this tile: d ln(bytes) / d dB between the
+    #: search's nearest passing and failing codings (nan: not measured)
+    rate_slope: float = math.nan
 
     def __post_init__(self) -> None:
         if math.isnan(self.equal_bytes):
@@ -154,14 +157,29 @@ def _search(tile: np.ndarray, target: float, valid: tuple[int, int], effort: int
     return passing, failing, False
 
 
+def rate_slope(passing: TileFit, failing: TileFit | None) -> float:
+    """d ln(bytes) / d dB between two codings of a tile (:attr:`TileFit.rate_slope`): nan
+    where they cannot say (no failing coding, an exact one, no PSNR between them)."""
+    if failing is None or not (math.isfinite(passing.psnr) and math.isfinite(failing.psnr)) \
+            or passing.psnr <= failing.psnr or len(failing.data) <= 0:
+        return math.nan
+    return math.log(len(passing.data) / len(failing.data)) / (passing.psnr - failing.psnr)
+
+
 def equal_bytes(kept: TileFit, passing: TileFit, failing: TileFit | None, target: float) -> float:
     """:attr:`TileFit.equal_bytes` of ``kept``: its size at exactly ``target`` along the slope
     of log bytes against PSNR between the search's ``passing`` and ``failing`` codings."""
-    if failing is None or not (math.isfinite(passing.psnr) and math.isfinite(kept.psnr)) \
-            or passing.psnr <= failing.psnr or len(failing.data) <= 0:
+    k = rate_slope(passing, failing)
+    if math.isnan(k) or not math.isfinite(kept.psnr):
         return float(len(kept.data))
-    k = math.log(len(passing.data) / len(failing.data)) / (passing.psnr - failing.psnr)
     return len(kept.data) * math.exp(-max(k, 0.0) * max(kept.psnr - target, 0.0))
+
+
+def measured(kept: TileFit, passing: TileFit, failing: TileFit | None, target: float) -> TileFit:
+    """``kept`` with its :attr:`TileFit.equal_bytes` at ``target`` and its
+    :attr:`TileFit.rate_slope`, from the search's ``passing`` and ``failing`` codings."""
+    return replace(kept, equal_bytes=equal_bytes(kept, passing, failing, target),
+                   rate_slope=rate_slope(passing, failing))
 
 
 def fit_jpegxl(tile: np.ndarray, target: float, valid: tuple[int, int] | None = None, *,
@@ -193,7 +211,7 @@ def fit_jpegxl(tile: np.ndarray, target: float, valid: tuple[int, int] | None = 
             if budget is not None and len(kept.data) >= budget and kept.psnr < target:
                 return None
         if kept.psnr >= target:
-            kept = replace(kept, equal_bytes=equal_bytes(kept, passing, failing, target))
+            kept = measured(kept, passing, failing, target)
     if kept is None or kept.psnr < target:
         kept = encode_at(tile, None, valid, effort)
     return None if budget is not None and kept.equal_bytes >= budget else kept

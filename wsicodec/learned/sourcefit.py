@@ -1,6 +1,6 @@
 """The source's own codings as ``auto`` candidates: a scanner's tile as it was stored, a JPEG
 scan's JPEG recovered from the tile's pixels, and what a coding costs at the network's price
-of error.
+of error (and at which PSNR a classical codec's would cost least).
 
 Both codings are (nearly) the source pixels, at bytes of their own.  The chooser
 (:mod:`wsicodec.learned.choice`) keeps one where it reaches the tile's target in no more
@@ -11,7 +11,7 @@ network's own scale.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -81,3 +81,54 @@ def cost(nbytes: int, psnr: float, valid: tuple[int, int], price: float) -> floa
     part plus ``price`` times its 8-bit mean squared error (from its PSNR; inf: exact)."""
     mse = 0.0 if math.isinf(psnr) else 255.0 ** 2 / 10 ** (psnr / 10)
     return 8 * nbytes / (valid[0] * valid[1]) + price * mse
+
+
+#: d ln(bytes) / d dB a classical codec is taken to have on a tile before a fit measures it
+#: (JPEG-XL and JPEG 2000 on the shared slides' H&E between 30 and 42 dB: 0.10-0.19)
+PRIOR_RATE_SLOPE = 0.13
+#: a priced target closer than this above the coding it starts from is not tried
+PRICE_MIN_STEP_DB = 0.5
+#: nor one further than this above it (the next try goes on from the coding found)
+PRICE_MAX_STEP_DB = 8.0
+#: at most this many classical codings a tile is fitted to above its chosen one
+PRICE_TRIES = 2
+
+
+def priced_target(nbytes: int, psnr: float, valid: tuple[int, int], price: float,
+                  slope: float = math.nan) -> float | None:
+    """The PSNR at which a coding whose bytes grow from ``nbytes`` at ``psnr`` dB by
+    ``slope`` (d ln bytes / d dB; nan: :data:`PRIOR_RATE_SLOPE`) costs least at ``price``
+    (:func:`cost`): where its next dB's bits equal the error they buy off, bytes being
+    exponential and MSE a power of ten in dB.  None where that lies less than
+    :data:`PRICE_MIN_STEP_DB` above ``psnr`` (the coding is at or past its best price),
+    else at most :data:`PRICE_MAX_STEP_DB` above it."""
+    k = slope if math.isfinite(slope) and slope > 0 else PRIOR_RATE_SLOPE
+    if not math.isfinite(psnr) or nbytes <= 0 or price <= 0:
+        return None
+    c = math.log(10) / 10                       # d ln MSE / d dB, negated
+    bpp = 8 * nbytes / (valid[0] * valid[1])
+    mse = 255.0 ** 2 / 10 ** (psnr / 10)
+    step = math.log(price * c * mse / (k * bpp)) / (k + c)
+    return None if step < PRICE_MIN_STEP_DB else psnr + min(step, PRICE_MAX_STEP_DB)
+
+
+def priced_fit(fit_at: Callable[[float], TileFit], start: tuple[int, float, float], now: float,
+               valid: tuple[int, int], price: float) -> TileFit | None:
+    """A classical coding that costs less than ``now`` (:func:`cost` of the coding chosen)
+    at ``price``, or None: ``fit_at(target)`` (the codec's fewest bytes reaching ``target``
+    dB) at the :func:`priced_target` of ``start`` = (bytes, PSNR, rate slope) of a coding
+    near the chosen one, then again from each coding found that costs less (at most
+    :data:`PRICE_TRIES` fits).  Where the network is at its ceiling (its next bytes buy
+    next to no PSNR) such a coding costs less than its tile; where it codes the tissue
+    well, its price keeps the tile as it is, with no fit made."""
+    best = None
+    for _ in range(PRICE_TRIES):
+        target = priced_target(start[0], start[1], valid, price, start[2])
+        if target is None:
+            break
+        found = fit_at(target)
+        c = cost(len(found.data), found.psnr, valid, price)
+        if found.lossless or c >= now:
+            break
+        best, now, start = found, c, (len(found.data), found.psnr, found.rate_slope)
+    return best
