@@ -77,7 +77,9 @@ class AutoCodec(TileCodec):
 
     Args:
         quality: the network's rate knob, 1..8, as :class:`~wsicodec.learned.LearnedCodec`'s
-            (a tile goes to a classical codec where that reaches the same PSNR in fewer bytes).
+            (a tile goes to a classical codec where that reaches the same PSNR in fewer
+            bytes, or one higher up where it costs less at the price of error the network
+            was trained to at this quality: :mod:`~wsicodec.learned.sourcefit`).
         min_psnr: the floor: every tile's decoded PSNR against the source pixels is at
             least this many dB (the network's quality raised up to its top, then the
             classical codecs, JPEG-XL down to lossless).  Default :data:`DEFAULT_MIN_PSNR`.

@@ -7,10 +7,10 @@ Each level is coded row by row (:class:`MixedLevelEncoder`)::
         │   network at the codec's quality, raised in quarter steps to where the tile's
         │   estimated PSNR clears the floor (+ ESTIMATE_MARGIN_DB); then JPEG-XL and
         │   JPEG 2000 fitted to the PSNR the network reaches (or the floor), on a pool of
-        │   threads, while the torch work goes on: the fewest bytes win; the source's own
-        │   coding (a scanner's tile, or its JPEG recovered from the pixels:
-        │   :mod:`~wsicodec.learned.sourcefit`) wins too where it costs less at the
-        │   quality's price of error
+        │   threads, while the torch work goes on: the fewest bytes win; a classical
+        │   coding higher up, and the source's own coding (a scanner's tile, or its JPEG
+        │   recovered from the pixels), win too where they cost less at the quality's
+        │   price of error (:mod:`~wsicodec.learned.sourcefit`)
         ▼
     stage 2 of each row whose neighbours are all decided (:meth:`TileChooser.settle_row`):
         row r − 2 once row r − 1's fits are in (row r − 1 too when row r has no fit to
