@@ -240,6 +240,8 @@ def bare_wrong_size_forged(rng: random.Random, work: Path, ctx: dict) -> str:
     else:                   # 8-bit, 1 or 3 channels: what JPEG holds
         img8 = (img >> 8).astype(np.uint8) if deep else img
         img8 = (img8[..., :3] if img8.ndim == 3 and img8.shape[2] == 4 else img8).copy()   # plain strides
+        if (h, w) == (h0, w0) and img8.ndim == 3:       # the tile's size: grey, so another geometry
+            img8 = img8[..., 0].copy()                  # (an RGB JPEG of its size is a valid forgery)
         jpeg = bytes(imagecodecs.jpeg8_encode(img8, level=rng.choice((30, 90))))
         new = carry(jpeg) if what == "carried JPEG" else jpeg
         deep, channels = False, 1 if img8.ndim == 2 else 3
