@@ -162,7 +162,8 @@ def test_entropy_parameter_mismatch_is_a_clear_error(tissue, monkeypatch, versio
     if version == 1:
         weights = [p for p in model.h_s_float64().parameters()]
     else:
-        weights = [layer[1] for layer in model.h_s_exact().layers]
+        weights = [w for layer in model.h_s_exact().layers                # phases of a transposed layer
+                   for w in (layer[1] if isinstance(layer[1], tuple) else (layer[1],))]
     saved = [w.detach().clone() for w in weights]
     try:
         with torch.no_grad():

@@ -27,6 +27,45 @@ def _coded_cost(tile: np.ndarray, data: bytes, quality: float) -> float:
     return 8 * len(data) / (tile.shape[0] * tile.shape[1]) + lam * mse
 
 
+def _transposed_weight(wq):
+    """A transposed layer's (in, out, 5, 5) weight, from its sub-pixel phases
+    (:func:`wsicodec.learned.exact.sub_pixel_phases`) or as it is."""
+    from wsicodec.learned.exact import _PHASE_TAPS
+    if isinstance(wq, torch.Tensor):
+        return wq
+    w = torch.zeros(wq[0].shape[0], wq[0].shape[1], 5, 5, dtype=wq[0].dtype)
+    for k, phase in enumerate(wq):
+        ry, rx = divmod(k, 2)
+        for i, ky in enumerate(_PHASE_TAPS[ry]):
+            for j, kx in enumerate(_PHASE_TAPS[rx]):
+                w[:, :, ky, kx] = phase[:, :, i, j]
+    return w.transpose(0, 1).contiguous()
+
+
+def test_sub_pixel_phases_are_the_transposed_convolution_to_the_bit():
+    """h_s's stride-2 layers run as four ordinary convolutions: on integer activations as
+    large as the exact h_s allows, the same bits as conv_transpose2d; other geometries are
+    left to it."""
+    import torch.nn.functional as F
+    from wsicodec.learned.exact import EXACT_ACT_BITS, sub_pixel_phases, transposed
+    model = load_model().model
+    h = model.h_s_exact()
+    g = torch.Generator().manual_seed(11)
+    deconvs = [layer for layer in h.layers if layer[0]]
+    assert deconvs and all(isinstance(layer[1], tuple) for layer in deconvs)
+    for _, wq, bq, stride, pad, opad, _, _ in deconvs:
+        w = _transposed_weight(wq)
+        assert all(torch.equal(a, b) for a, b in zip(sub_pixel_phases(w, stride, pad, opad), wq))
+        for shape in ((3, w.shape[0], 4, 4), (1, w.shape[0], 5, 7), (2, w.shape[0], 1, 1)):
+            a = torch.randint(-2 ** EXACT_ACT_BITS + 1, 2 ** EXACT_ACT_BITS, shape, generator=g).double()
+            assert torch.equal(transposed(a, wq, bq, stride, pad, opad), F.conv_transpose2d(a, w, bq, stride, pad, opad))
+    w = torch.randn(4, 6, 5, 5, dtype=torch.float64)
+    assert sub_pixel_phases(w, (2, 2), (1, 1), (1, 1)) is None and sub_pixel_phases(w[..., :3, :3], 2, 2, 1) is None
+    a = torch.randn(1, 4, 3, 3, dtype=torch.float64)
+    assert torch.equal(transposed(a, w, torch.zeros(6, dtype=torch.float64), 2, 1, 1),
+                       F.conv_transpose2d(a, w, torch.zeros(6, dtype=torch.float64), 2, 1, 1))
+
+
 def _np_exact_h_s(h, z_hat: np.ndarray, quality: float) -> np.ndarray:
     """ExactHyperSynthesis written again in numpy: convolutions as window tensordots,
     which numpy sends to its own BLAS (OpenBLAS), not torch's."""
@@ -41,7 +80,7 @@ def _np_exact_h_s(h, z_hat: np.ndarray, quality: float) -> np.ndarray:
     lim = float(2 ** EXACT_ACT_BITS - 1)
     a = np.clip(np.round(z_hat / h.hgain(quality).numpy()[0] * 2.0 ** EXACT_FRAC), -lim, lim)
     for k, (deconv, wq, bq, stride, pad, opad, scale, slope) in enumerate(h.layers):
-        wq, bq, scale = wq.numpy(), bq.numpy()[:, None, None], scale.numpy()[0]
+        wq, bq, scale = (_transposed_weight(wq) if deconv else wq).numpy(), bq.numpy()[:, None, None], scale.numpy()[0]
         if deconv:     # stride-2 transposed convolution = zeros between pixels, flipped kernel
             kk = wq.shape[-1]
             up = np.zeros((a.shape[0], 2 * a.shape[1] - 1, 2 * a.shape[2] - 1))
@@ -80,7 +119,7 @@ def test_exact_entropy_parameters_do_not_depend_on_summation_order(tissue):
                 acc = bq.reshape(1, -1, 1, 1)
                 for sl in reversed(parts):
                     if deconv:
-                        acc = F.conv_transpose2d(a[:, sl], wq[sl], None, stride, pad, opad) + acc
+                        acc = F.conv_transpose2d(a[:, sl], _transposed_weight(wq)[sl], None, stride, pad, opad) + acc
                     else:
                         acc = F.conv2d(a[:, sl], wq[:, sl], None, stride, pad) + acc
                 assert torch.equal(acc, torch.round(acc)) and acc.abs().max() < 2.0 ** 53
