@@ -27,19 +27,12 @@ def _coded_cost(tile: np.ndarray, data: bytes, quality: float) -> float:
     return 8 * len(data) / (tile.shape[0] * tile.shape[1]) + lam * mse
 
 
-def _transposed_weight(wq):
-    """A transposed layer's (in, out, 5, 5) weight, from its sub-pixel phases
-    (:func:`wsicodec.learned.exact.sub_pixel_phases`) or as it is."""
-    from wsicodec.learned.exact import _PHASE_TAPS
-    if isinstance(wq, torch.Tensor):
-        return wq
-    w = torch.zeros(wq[0].shape[0], wq[0].shape[1], 5, 5, dtype=wq[0].dtype)
-    for k, phase in enumerate(wq):
-        ry, rx = divmod(k, 2)
-        for i, ky in enumerate(_PHASE_TAPS[ry]):
-            for j, kx in enumerate(_PHASE_TAPS[rx]):
-                w[:, :, ky, kx] = phase[:, :, i, j]
-    return w.transpose(0, 1).contiguous()
+def _transposed(model):
+    """The exact h_s with its transposed layers as conv_transpose2d takes them ((in, out,
+    5, 5) weights, :class:`~wsicodec.learned.exact.ExactHyperSynthesis` ``phases=False``):
+    the same integer weights as ``model.h_s_exact()``'s, not cut into phases."""
+    from wsicodec.learned.exact import ExactHyperSynthesis
+    return ExactHyperSynthesis(model.h_s, model.log_hgain, model.config.levels, phases=False)
 
 
 def test_sub_pixel_phases_are_the_transposed_convolution_to_the_bit():
@@ -53,8 +46,8 @@ def test_sub_pixel_phases_are_the_transposed_convolution_to_the_bit():
     g = torch.Generator().manual_seed(11)
     deconvs = [layer for layer in h.layers if layer[0]]
     assert deconvs and all(isinstance(layer[1], tuple) for layer in deconvs)
-    for _, wq, bq, stride, pad, opad, _, _ in deconvs:
-        w = _transposed_weight(wq)
+    whole = [layer[1] for layer in _transposed(model).layers if layer[0]]
+    for (_, wq, bq, stride, pad, opad, _, _), w in zip(deconvs, whole):
         assert all(torch.equal(a, b) for a, b in zip(sub_pixel_phases(w, stride, pad, opad), wq))
         for shape in ((3, w.shape[0], 4, 4), (1, w.shape[0], 5, 7), (2, w.shape[0], 1, 1)):
             a = torch.randint(-2 ** EXACT_ACT_BITS + 1, 2 ** EXACT_ACT_BITS, shape, generator=g).double()
@@ -80,7 +73,7 @@ def _np_exact_h_s(h, z_hat: np.ndarray, quality: float) -> np.ndarray:
     lim = float(2 ** EXACT_ACT_BITS - 1)
     a = np.clip(np.round(z_hat / h.hgain(quality).numpy()[0] * 2.0 ** EXACT_FRAC), -lim, lim)
     for k, (deconv, wq, bq, stride, pad, opad, scale, slope) in enumerate(h.layers):
-        wq, bq, scale = (_transposed_weight(wq) if deconv else wq).numpy(), bq.numpy()[:, None, None], scale.numpy()[0]
+        wq, bq, scale = wq.numpy(), bq.numpy()[:, None, None], scale.numpy()[0]
         if deconv:     # stride-2 transposed convolution = zeros between pixels, flipped kernel
             kk = wq.shape[-1]
             up = np.zeros((a.shape[0], 2 * a.shape[1] - 1, 2 * a.shape[2] - 1))
@@ -113,13 +106,13 @@ def test_exact_entropy_parameters_do_not_depend_on_summation_order(tissue):
             ref = h(z_hat, quality)
             lim = float(2 ** EXACT_ACT_BITS - 1)
             a = torch.round(z_hat / h.hgain(quality) * 2.0 ** EXACT_FRAC).clamp(-lim, lim)
-            for k, (deconv, wq, bq, stride, pad, opad, scale, slope) in enumerate(h.layers):
+            for k, (deconv, wq, bq, stride, pad, opad, scale, slope) in enumerate(_transposed(model).layers):
                 cin = a.shape[1]
                 parts = [slice(0, cin // 3), slice(cin // 3, 2 * cin // 3), slice(2 * cin // 3, cin)]
                 acc = bq.reshape(1, -1, 1, 1)
                 for sl in reversed(parts):
                     if deconv:
-                        acc = F.conv_transpose2d(a[:, sl], _transposed_weight(wq)[sl], None, stride, pad, opad) + acc
+                        acc = F.conv_transpose2d(a[:, sl], wq[sl], None, stride, pad, opad) + acc
                     else:
                         acc = F.conv2d(a[:, sl], wq[:, sl], None, stride, pad) + acc
                 assert torch.equal(acc, torch.round(acc)) and acc.abs().max() < 2.0 ** 53
@@ -370,7 +363,7 @@ def test_exact_entropy_parameters_are_the_same_bits_from_another_blas(tissue):
             _, z = model.analysis(x, torch.tensor([quality]))
             z_hat = (torch.round(z - med) + med).double()
             ref = h(z_hat, quality)
-        other = _np_exact_h_s(h, z_hat[0].numpy(), quality)
+        other = _np_exact_h_s(_transposed(model), z_hat[0].numpy(), quality)   # its weights whole
         assert other.shape == tuple(ref.shape[1:])
         assert np.array_equal(other, ref[0].numpy())
 

@@ -273,8 +273,7 @@ class TileChooser:
             t.fit = fit
         # at equal PSNR: the codec's bytes at exactly the target (its codings overshoot it)
         if fit is not None and (not ok or fit.equal_bytes < len(t.network)):
-            t.kind = "jpegxl-lossless" if fit.lossless else fit.codec     # a kind's name
-            t.data, t.psnr, t.context = fit.data, fit.psnr, None
+            self._take(t, fit)
         else:
             t.kind, t.data, t.inner = "learned", t.network, t.network
         self._at_price(t, fit)
@@ -283,10 +282,20 @@ class TileChooser:
         # at its ceiling (its next bytes buy next to no PSNR) it takes the JPEG
         c = t.carried
         if c is not None and t.kind not in (c.codec, "glass") \
-                and cost(len(c.data), c.psnr, t.valid, self.price) \
-                < cost(len(t.data), t.estimate if t.kind == "learned" else t.psnr, t.valid, self.price):
-            t.kind, t.data, t.psnr, t.context, t.inner = c.codec, c.data, c.psnr, None, None
-            t.fit = c
+                and cost(len(c.data), c.psnr, t.valid, self.price) < self._cost(t):
+            self._take(t, c)
+
+    @staticmethod
+    def _take(t: _Tile, fit: TileFit) -> None:
+        """``t`` coded as the bare tile ``fit`` (its kind's name from the codec; the
+        latents it gives its neighbours made lazily, from its pixels)."""
+        t.kind = "jpegxl-lossless" if fit.lossless else fit.codec
+        t.data, t.psnr, t.context, t.inner, t.fit = fit.data, fit.psnr, None, None, fit
+
+    def _cost(self, t: _Tile) -> float:
+        """The cost of ``t``'s coding as chosen so far at the quality's price of error (a
+        network tile at its stage-1 estimate)."""
+        return cost(len(t.data), t.estimate if t.kind == "learned" else t.psnr, t.valid, self.price)
 
     def _at_price(self, t: _Tile, fit: TileFit | None) -> None:
         """A classical coding of ``t`` above the one chosen where it costs less at the
@@ -299,10 +308,9 @@ class TileChooser:
             start = (len(t.data), t.estimate, math.nan)
         else:
             return
-        now = cost(len(t.data), t.estimate if t.kind == "learned" else t.psnr, t.valid, self.price)
-        found = priced_fit(lambda target: self.fit(t, target, None), start, now, t.valid, self.price)
+        found = priced_fit(lambda target: self.fit(t, target, None), start, self._cost(t), t.valid, self.price)
         if found is not None:
-            t.kind, t.data, t.psnr, t.context, t.inner, t.fit = found.codec, found.data, found.psnr, None, None, found
+            self._take(t, found)
 
     def stored_tile(self, col: int, data: bytes, size: tuple[int, int]) -> _Tile:
         """A tile an earlier run wrote (a resumed run's context): its latents as readers

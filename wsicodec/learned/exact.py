@@ -99,7 +99,8 @@ class ExactHyperSynthesis:
             stride, pad, opad = layer.stride, layer.padding, getattr(layer, "output_padding", (0, 0))
             if deconv:              # (in, out, k, k) as conv_transpose2d takes it, or its phases
                 wq = wq.transpose(0, 1).contiguous()
-                wq = (sub_pixel_phases(wq, stride, pad, opad) if phases else None) or wq
+                if phases:
+                    wq = sub_pixel_phases(wq, stride, pad, opad) or wq
             self.layers.append([deconv, wq, bq, stride, pad, opad, scale.reshape(1, -1, 1, 1), None])
         self._hgain: dict[float, torch.Tensor] = {}
 
@@ -119,6 +120,7 @@ class ExactHyperSynthesis:
         """The integer layers with their tensors on ``device`` (copied once per device)."""
         if device.type == "cpu":
             return self.layers
+
         def to(t):
             if isinstance(t, tuple):
                 return tuple(to(u) for u in t)

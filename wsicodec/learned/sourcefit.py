@@ -76,11 +76,17 @@ def price_of_error(net: Any, quality: float) -> float:
     return float(net.lambda_at(torch.tensor([float(quality)]))[0])
 
 
+def _bpp_mse(nbytes: int, psnr: float, valid: tuple[int, int]) -> tuple[float, float]:
+    """A coding's bits per pixel of the tile's ``valid`` part and its 8-bit mean squared
+    error (from its PSNR; inf: exact, 0)."""
+    return 8 * nbytes / (valid[0] * valid[1]), 0.0 if math.isinf(psnr) else 255.0 ** 2 / 10 ** (psnr / 10)
+
+
 def cost(nbytes: int, psnr: float, valid: tuple[int, int], price: float) -> float:
     """A coding's cost on the network's scale: its bits per pixel of the tile's ``valid``
     part plus ``price`` times its 8-bit mean squared error (from its PSNR; inf: exact)."""
-    mse = 0.0 if math.isinf(psnr) else 255.0 ** 2 / 10 ** (psnr / 10)
-    return 8 * nbytes / (valid[0] * valid[1]) + price * mse
+    bpp, mse = _bpp_mse(nbytes, psnr, valid)
+    return bpp + price * mse
 
 
 #: d ln(bytes) / d dB a classical codec is taken to have on a tile before a fit measures it
@@ -106,8 +112,7 @@ def priced_target(nbytes: int, psnr: float, valid: tuple[int, int], price: float
     if not math.isfinite(psnr) or nbytes <= 0 or price <= 0:
         return None
     c = math.log(10) / 10                       # d ln MSE / d dB, negated
-    bpp = 8 * nbytes / (valid[0] * valid[1])
-    mse = 255.0 ** 2 / 10 ** (psnr / 10)
+    bpp, mse = _bpp_mse(nbytes, psnr, valid)
     step = math.log(price * c * mse / (k * bpp)) / (k + c)
     return None if step < PRICE_MIN_STEP_DB else psnr + min(step, PRICE_MAX_STEP_DB)
 
