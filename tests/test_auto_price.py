@@ -10,20 +10,21 @@ import numpy as np
 import pytest
 
 from wsicodec.learned.jxlfit import TileFit
-from wsicodec.learned.sourcefit import (PRICE_MAX_STEP_DB, PRICE_MIN_STEP_DB, PRICE_TRIES, PRIOR_RATE_SLOPE,
-                                        cost, priced_fit, priced_target)
+from wsicodec.learned.sourcefit import (PRICE_MAX_STEP_DB, PRICE_MIN_STEP_DB, PRICE_PROBES_DB, PRICE_TRIES,
+                                        PRIOR_RATE_SLOPE, cost, priced_fit, priced_target)
 
 VALID = (256, 256)
 
 
-def _model(nbytes: float, psnr: float, slope: float):
+def _model(nbytes: float, psnr: float, slope: float, bump=lambda target: 1.0):
     """A codec whose bytes grow exactly by ``slope`` (d ln bytes / d dB) from ``nbytes`` at
-    ``psnr``: its coding at a target, as a fit would return it, and a count of fits."""
+    ``psnr`` (times ``bump(target)``): its coding at a target, as a fit would return it,
+    and the targets it was fitted to."""
     calls = []
 
     def fit_at(target: float) -> TileFit:
         calls.append(target)
-        n = int(round(nbytes * math.exp(slope * (target - psnr))))
+        n = int(round(nbytes * math.exp(slope * (target - psnr)) * bump(target)))
         return TileFit(b"x" * n, np.zeros((1, 1, 3), np.uint8), target, 1.0, rate_slope=slope)
     return fit_at, calls
 
@@ -51,17 +52,40 @@ def test_a_coding_at_or_past_its_best_price_is_left_as_it_is():
 
 def test_priced_fit_keeps_a_coding_only_where_it_costs_less():
     price, slope = 0.05, 0.13
+    most = PRICE_TRIES + 2 * len(PRICE_PROBES_DB)
     fit_at, calls = _model(20_000, 30.0, slope)
     now = cost(20_000, 30.0, VALID, price)
     found = priced_fit(fit_at, (20_000, 30.0, slope), now, VALID, price)
     assert found is not None and cost(len(found.data), found.psnr, VALID, price) < now
-    assert found.psnr == calls[0] and len(calls) <= PRICE_TRIES
-    # the chosen coding already costs less than anything the codec offers: none, one fit made
+    # a smooth codec: the step lands on its least cost, which no probe beats
+    assert found.psnr == calls[0] and len(calls) <= most
+    # the chosen coding already costs less than anything the codec offers: none, and the
+    # probes only look above it
     fit_at, calls = _model(20_000, 30.0, slope)
-    assert priced_fit(fit_at, (20_000, 30.0, slope), 0.5, VALID, price) is None and len(calls) == 1
+    assert priced_fit(fit_at, (20_000, 30.0, slope), 0.5, VALID, price) is None
+    assert 1 <= len(calls) <= most and min(calls) > 30.0
     # a low quality's price: no fit at all
     fit_at, calls = _model(20_000, 30.0, slope)
     assert priced_fit(fit_at, (20_000, 30.0, slope), now, VALID, 0.0001) is None and calls == []
+
+
+def test_the_probes_find_what_the_step_misses_and_stay_over_the_floor():
+    """A codec whose bytes are no smooth function of the target (JPEG 2000's rate control,
+    the holds of its fit): where the step's coding is dear, a target a probe away is kept;
+    no probe goes under the floor."""
+    price, slope = 0.05, 0.13
+    step = priced_target(20_000, 30.0, VALID, price, slope)
+    dear = lambda target: 1.4 if abs(target - step) < 0.25 else 1.0         # noqa: E731
+    now = cost(20_000, 30.0, VALID, price)
+    fit_at, calls = _model(20_000, 30.0, slope, dear)
+    found = priced_fit(fit_at, (20_000, 30.0, slope), now, VALID, price)
+    assert calls[0] == step and found is not None and abs(found.psnr - step) >= 0.25
+    assert cost(len(found.data), found.psnr, VALID, price) < cost(20_000 * 1.4 * math.exp(slope * (step - 30.0)),
+                                                                 step, VALID, price)
+    floor = step - 0.2
+    fit_at, calls = _model(20_000, 30.0, slope, dear)
+    found = priced_fit(fit_at, (20_000, 30.0, slope), now, VALID, price, floor)
+    assert found is not None and found.psnr > step and min(calls) >= floor
 
 
 def test_lossless_is_never_bought_by_the_price():

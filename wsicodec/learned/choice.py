@@ -308,7 +308,8 @@ class TileChooser:
             start = (len(t.data), t.estimate, math.nan)
         else:
             return
-        found = priced_fit(lambda target: self.fit(t, target, None), start, self._cost(t), t.valid, self.price)
+        found = priced_fit(lambda target: self.fit(t, target, None), start, self._cost(t), t.valid, self.price,
+                           self.floor)
         if found is not None:
             self._take(t, found)
 

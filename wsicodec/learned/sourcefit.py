@@ -98,10 +98,12 @@ PRICE_MIN_STEP_DB = 0.5
 PRICE_MAX_STEP_DB = 8.0
 #: at most this many classical codings a tile is fitted to above its chosen one
 PRICE_TRIES = 2
+#: then targets this far above and below the cheapest one found are tried, in turn
+PRICE_PROBES_DB = (1.0, 0.5)
 
 
 def priced_target(nbytes: int, psnr: float, valid: tuple[int, int], price: float,
-                  slope: float = math.nan) -> float | None:
+                  slope: float = math.nan, min_step: float = PRICE_MIN_STEP_DB) -> float | None:
     """The PSNR at which a coding whose bytes grow from ``nbytes`` at ``psnr`` dB by
     ``slope`` (d ln bytes / d dB; nan: :data:`PRIOR_RATE_SLOPE`) costs least at ``price``
     (:func:`cost`): where its next dB's bits equal the error they buy off, bytes being
@@ -114,26 +116,51 @@ def priced_target(nbytes: int, psnr: float, valid: tuple[int, int], price: float
     c = math.log(10) / 10                       # d ln MSE / d dB, negated
     bpp, mse = _bpp_mse(nbytes, psnr, valid)
     step = math.log(price * c * mse / (k * bpp)) / (k + c)
-    return None if step < PRICE_MIN_STEP_DB else psnr + min(step, PRICE_MAX_STEP_DB)
+    return None if step < min_step else psnr + min(step, PRICE_MAX_STEP_DB)
 
 
 def priced_fit(fit_at: Callable[[float], TileFit], start: tuple[int, float, float], now: float,
-               valid: tuple[int, int], price: float) -> TileFit | None:
+               valid: tuple[int, int], price: float, floor: float = -math.inf) -> TileFit | None:
     """A classical coding that costs less than ``now`` (:func:`cost` of the coding chosen)
     at ``price``, or None: ``fit_at(target)`` (the codec's fewest bytes reaching ``target``
     dB) at the :func:`priced_target` of ``start`` = (bytes, PSNR, rate slope) of a coding
     near the chosen one, then again from each coding found that costs less (at most
-    :data:`PRICE_TRIES` fits).  Where the network is at its ceiling (its next bytes buy
-    next to no PSNR) such a coding costs less than its tile; where it codes the tissue
-    well, its price keeps the tile as it is, with no fit made."""
-    best = None
+    :data:`PRICE_TRIES` fits); then targets :data:`PRICE_PROBES_DB` above and below the
+    cheapest one's target (or the step's, or, where the step was too short to try, the
+    least cost's), none under ``floor``, each kept where it costs less (a codec's bytes
+    are no smooth function of the target: JPEG 2000's rate control, its fit's holds).  Where the network is at its ceiling (its next bytes buy next to no
+    PSNR) such a coding costs less than its tile; where it codes the tissue well, its
+    price keeps the tile as it is, with no fit made."""
+    best, tried = None, set()
+
+    def take(target: float) -> bool:
+        nonlocal best, now
+        tried.add(round(target, 3))
+        found = fit_at(target)
+        c = cost(len(found.data), found.psnr, valid, price)
+        if found.lossless or c >= now or found.psnr < floor:
+            return False
+        best, now = found, c
+        return True
+
+    first, centre = start, None       # centre: the cheapest coding's target, else the step's
     for _ in range(PRICE_TRIES):
         target = priced_target(start[0], start[1], valid, price, start[2])
         if target is None:
             break
-        found = fit_at(target)
-        c = cost(len(found.data), found.psnr, valid, price)
-        if found.lossless or c >= now:
+        kept = take(target)
+        if kept or best is None:
+            centre = target
+        if not kept:
             break
-        best, now, start = found, c, (len(found.data), found.psnr, found.rate_slope)
+        start = (len(best.data), best.psnr, best.rate_slope)
+    if centre is None:          # no step tried: probe around its least cost unless that is below it
+        centre = priced_target(first[0], first[1], valid, price, first[2], min_step=0.0)
+        if centre is None:
+            return None
+    for step in PRICE_PROBES_DB:       # the codecs' bytes are no smooth function of the target
+        for target in (centre + step, centre - step):
+            if target >= floor and round(target, 3) not in tried and take(target):
+                centre = target
+                break
     return best
