@@ -126,9 +126,10 @@ def priced_fit(fit_at: Callable[[float], TileFit], start: tuple[int, float, floa
     dB) at the :func:`priced_target` of ``start`` = (bytes, PSNR, rate slope) of a coding
     near the chosen one, then again from each coding found that costs less (at most
     :data:`PRICE_TRIES` fits); then targets :data:`PRICE_PROBES_DB` above and below the
-    cheapest one's target (or the step's, or, where the step was too short to try, the
-    least cost's), none under ``floor``, each kept where it costs less (a codec's bytes
-    are no smooth function of the target: JPEG 2000's rate control, its fit's holds).  Where the network is at its ceiling (its next bytes buy next to no
+    cheapest one's target (or, where the step was too short to try, the least cost's),
+    none under ``floor``, each kept where it costs less (a codec's bytes are no smooth
+    function of the target: JPEG 2000's rate control, its fit's holds).  Where the
+    step's coding costs more than the chosen one, no probe is made: the price keeps it.  Where the network is at its ceiling (its next bytes buy next to no
     PSNR) such a coding costs less than its tile; where it codes the tissue well, its
     price keeps the tile as it is, with no fit made."""
     best, tried = None, set()
@@ -143,17 +144,16 @@ def priced_fit(fit_at: Callable[[float], TileFit], start: tuple[int, float, floa
         best, now = found, c
         return True
 
-    first, centre = start, None       # centre: the cheapest coding's target, else the step's
+    first, centre = start, None       # centre: the cheapest coding's target
     for _ in range(PRICE_TRIES):
         target = priced_target(start[0], start[1], valid, price, start[2])
         if target is None:
             break
-        kept = take(target)
-        if kept or best is None:
-            centre = target
-        if not kept:
+        if not take(target):
+            if best is None:        # the step's coding costs more: the price keeps the tile
+                return None
             break
-        start = (len(best.data), best.psnr, best.rate_slope)
+        centre, start = target, (len(best.data), best.psnr, best.rate_slope)
     if centre is None:          # no step tried: probe around its least cost unless that is below it
         centre = priced_target(first[0], first[1], valid, price, first[2], min_step=0.0)
         if centre is None:
