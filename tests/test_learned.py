@@ -148,6 +148,36 @@ def test_fast_transforms_match_g_a_and_g_s():
     assert z_fast.shape == (2, model.config.N, 1, 2)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_g_s_of_a_box_is_that_part_of_the_whole_map(bf16):
+    """g_s asked for a box of its output (a tile's pixels in its stitched window) computes
+    each layer only where the box depends on it: the same values as the whole map cut
+    to the box (float32 rounding apart, where oneDNN orders a sum otherwise for another
+    width), on a stitched 256² tile's window, a plane's edge, an odd edge tile, a box off
+    centre, the whole output; and no such plan for a layer it does not know."""
+    from wsicodec.learned.fast import crop_plan
+
+    model = load_model().model
+    fast = model.fast_transform("g_s", torch.device("cpu"), torch.float32, bf16_body=bf16)
+    g = torch.Generator().manual_seed(3)
+    cases = [((20, 20), (32, 32, 256, 256), 2), ((18, 20), (0, 32, 256, 256), 1),
+             ((19, 13), (32, 0, 240, 200), 1), ((12, 12), (16, 48, 100, 64), 1), ((6, 5), (0, 0, 96, 80), 1)]
+    with torch.inference_mode():
+        for (h, w), box, batch in cases:
+            y = torch.randn(batch, model.config.M, h, w, generator=g) * 2
+            whole = fast(y)[..., box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
+            part = fast(y, box)
+            assert part.shape == whole.shape == (batch, 3, box[2], box[3]) and part.is_contiguous()
+            scale = whole.abs().max()
+            assert (part - whole).abs().max() <= (2e-2 if bf16 else 1e-5) * scale, (h, w, box)
+            assert model.synthesize(y, "bfloat16" if bf16 else "float32", box).shape == part.shape
+    plan = crop_plan(fast.layers, (20, 20), (32, 32, 256, 256))
+    assert plan[0] == ((0, 20), (0, 20)) and plan[-1] == ((32, 288), (32, 288))
+    assert plan[-2][0][1] - plan[-2][0][0] < 160          # the last layers see less than the window
+    assert crop_plan([torch.nn.Conv2d(3, 3, 3, stride=2, padding=1)], (20, 20), (0, 0, 4, 4)) is None
+    assert crop_plan(fast.layers, (20, 20), (300, 0, 64, 64)) is None      # beyond the output
+
+
 @pytest.mark.parametrize("version", [1, 2])
 def test_entropy_parameter_mismatch_is_a_clear_error(tissue, monkeypatch, version):
     """A decoder whose entropy parameters differ from the encoder's (here: h_s's weights

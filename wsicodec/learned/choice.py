@@ -190,11 +190,12 @@ class TileChooser:
         todo = list(range(len(tiles)))
         while todo:
             where = [(k, searches[k].next, aligned[k][1]) for k in todo]
-            pixels = self.decoder.synthesize([self._rounded(y_u[k], box, self.steps[s]) for k, s, box in where])
-            for (k, s, (top, left, h, w)), px in zip(where, pixels):
+            pixels = self.decoder.synthesize([self._rounded(y_u[k], box, self.steps[s]) for k, s, box in where],
+                                             [box for _, _, box in where])
+            for (k, _, _), px in zip(where, pixels):
                 if isinstance(px, BaseException):
                     raise px
-                searches[k].record(tile_psnr(px[top:top + h, left:left + w], tiles[k].source, tiles[k].valid))
+                searches[k].record(tile_psnr(px, tiles[k].source, tiles[k].valid))
             todo = [k for k in todo if searches[k].next is not None]
         for k, t in enumerate(tiles):
             found = searches[k]
@@ -330,11 +331,11 @@ class TileChooser:
     def _synthesize(self, windows: list, tiles: list[_Tile]) -> list[np.ndarray]:
         """g_s over stitched windows ((window, top, left) each), cropped to each tile."""
         out = []
-        for (_, top, left), t, px in zip(windows, tiles, self.decoder.synthesize([w[0] for w in windows])):
+        boxes = [(top, left, *t.source.shape[:2]) for (_, top, left), t in zip(windows, tiles)]
+        for px in self.decoder.synthesize([w[0] for w in windows], boxes):
             if isinstance(px, BaseException):
                 raise px
-            h, w = t.source.shape[:2]
-            out.append(np.ascontiguousarray(px[top:top + h, left:left + w]))
+            out.append(np.ascontiguousarray(px))
         return out
 
     def pixels(self, t: _Tile) -> np.ndarray:

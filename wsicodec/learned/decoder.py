@@ -14,7 +14,8 @@
       ▼
     stitch_window: a tile's latents with STITCH_RING rows/columns of each neighbour's
       ▼
-    Synthesis: g_s passes on the codec's device, ≤ max_batch equal shapes at a time,
+    Synthesis: g_s passes on the codec's device, ≤ max_batch equal shapes at a time
+               (each computed only where the tile's own pixels depend on it),
                shared by every caller of one codec ─► pixels, cropped to each tile
 
 Seams: a format-3 tile codes exactly its own latents (16-px cells), computed by g_a with
@@ -59,7 +60,7 @@ from wsicodec.entropy import decode_many, decode_symbols, symbol_checksum
 from wsicodec.errors import CorruptDataError, ModelMismatchError
 
 from .glass import bare_edges, blend_toward_glass, decode_glass, uniform_colour, uniform_latent
-from .grid import KIND_BARE, GridJob, Shape, crop, glass_edges
+from .grid import KIND_BARE, GridJob, Shape, glass_edges
 from .j2kfit import crop_margin
 from .synthesis import STITCH_RING, LatentCache, Synthesis, stitch_window
 from .tileformat import (GLASS_KINDS, KIND_FIXUP, KIND_NETWORK_MIXED, LATENT_STRIDE, MAGIC, NETWORK_KINDS,
@@ -328,10 +329,12 @@ class TileDecoder:
                 around[side] = lat
         return stitch_window(centre, around, STITCH_RING)
 
-    def synthesize(self, windows: Sequence[Any]) -> list[Any]:
-        """Ungained latent windows → uint8 (16h, 16w, 3) pixels, uncropped, or the
-        exception of their g_s pass (:class:`~wsicodec.learned.synthesis.Synthesis`)."""
-        return self.synthesis.run(windows)
+    def synthesize(self, windows: Sequence[Any], boxes: Sequence[Any] | None = None) -> list[Any]:
+        """Ungained latent windows → uint8 (16h, 16w, 3) pixels, or with ``boxes`` (each
+        window's (top, left, h, w) or None) only those pixels, computed only where they
+        depend on; or the exception of their g_s pass
+        (:class:`~wsicodec.learned.synthesis.Synthesis`)."""
+        return self.synthesis.run(windows, boxes)
 
     def warm_up(self) -> None:
         """Build the exact (and float64) h_s and the fast g_s now, not on the first tile."""
@@ -383,11 +386,12 @@ class TileDecoder:
         for y in decoded:
             if isinstance(y, BaseException):
                 raise y
-        pixels = self.synthesize([self.ungain(y, hd.quality) for y, (_, _, hd) in zip(decoded, jobs)])
+        pixels = self.synthesize([self.ungain(y, hd.quality) for y, (_, _, hd) in zip(decoded, jobs)],
+                                 [(hd.top, hd.left, hd.height, hd.width) for _, _, hd in jobs])
         for (i, _, hd), x in zip(jobs, pixels):
             if isinstance(x, BaseException):
                 raise x
-            out[i] = crop(x, hd.top, hd.left, hd.height, hd.width)
+            out[i] = np.ascontiguousarray(x)
         return out
 
     def decode_tiles(self, keys: Sequence[tuple[int, int]], fetch: Callable[[int, int], bytes],
@@ -432,28 +436,25 @@ class TileDecoder:
             where.append((n, hd.top, hd.left, hd.height, hd.width, {}))
         if windows:
             try:
-                pixels = self.synthesize(windows)
+                pixels = self.synthesize(windows, [w[1:5] for w in where])
             except Exception as e:  # noqa: BLE001 - every tile of the pass fails with it
                 pixels = [e] * len(windows)
             again, places = [], []
             for (n, top, left, h, w, edges), x in zip(where, pixels):
                 if n in second and not isinstance(x, BaseException):     # beside a bare tile
                     key = keys[n]
-                    win = self.second_window(lat[key], job.around(key, lat), crop(x, top, left, h, w),
-                                             second[n])
+                    win = self.second_window(lat[key], job.around(key, lat), np.ascontiguousarray(x), second[n])
                     again.append(win[0])
                     places.append((n, win[1], win[2], h, w, edges))
                     continue
-                out[n] = x if isinstance(x, BaseException) else blend_toward_glass(
-                    crop(x, top, left, h, w), edges)
+                out[n] = x if isinstance(x, BaseException) else blend_toward_glass(np.ascontiguousarray(x), edges)
             if again:
                 try:
-                    pixels = self.synthesize(again)
+                    pixels = self.synthesize(again, [p[1:5] for p in places])
                 except Exception as e:  # noqa: BLE001
                     pixels = [e] * len(again)
                 for (n, top, left, h, w, edges), x in zip(places, pixels):
-                    out[n] = x if isinstance(x, BaseException) else blend_toward_glass(
-                        crop(x, top, left, h, w), edges)
+                    out[n] = x if isinstance(x, BaseException) else blend_toward_glass(np.ascontiguousarray(x), edges)
         return out
 
 

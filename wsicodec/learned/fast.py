@@ -30,6 +30,8 @@ with warnings.catch_warnings():
 #: as oneDNN's transposed convolution and 5.7 ms in that form (one thread, development CPU);
 #: the 96-channel ones are faster as they are (20.4 ms against 28.4 at 68² → 136²).
 SUBPIXEL_BELOW = 16
+#: (top, left, height, width) of an output
+Box = tuple[int, int, int, int]
 
 
 class FastTransform(nn.Module):
@@ -59,10 +61,82 @@ class FastTransform(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, box: Box | None = None) -> torch.Tensor:
+        """The map of ``y``; with ``box`` = (top, left, h, w), only that part of the output
+        (g_s: the tile's pixels of its stitched window), each layer computed only where
+        that part depends on it (:func:`crop_plan`), for less work.  Each output sums
+        the same products as in the whole map; oneDNN may order a sum differently for
+        another input width, which moves a pixel by one level now and then (a few in
+        10⁵ on he/test crops, none on most 256² tiles: ``tests/test_learned_internals.py``),
+        as another batch size can."""
         y = y.contiguous(memory_format=torch.channels_last)
-        x = bf16_body_forward(self.layers, y) if self.bf16_body else self.layers(y)
+        plan = None if box is None else crop_plan(self.layers, y.shape[-2:], box)
+        if plan is None:
+            x = bf16_body_forward(self.layers, y) if self.bf16_body else self.layers(y)
+            if box is not None:
+                x = x[..., box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
+            return x.contiguous()
+        (r0, r1), (c0, c1) = plan[0]
+        x, dtype, last = y[..., r0:r1, c0:c1], y.dtype, len(self.layers) - 1
+        for k, layer in enumerate(self.layers):
+            body = self.bf16_body and 2 <= k < last          # as bf16_body_forward splits them
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=body):
+                x = layer(x.contiguous(memory_format=torch.channels_last))
+            if body and k == last - 1:
+                x = x.to(dtype)
+            up = 2 if _reach(layer) == "up" else 1
+            (a0, a1), (b0, b1) = plan[k + 1]                  # x starts at (up·r0, up·c0)
+            x = x[..., a0 - up * r0:a1 - up * r0, b0 - up * c0:b1 - up * c0]
+            r0, c0 = a0, b0
         return x.contiguous()
+
+
+def _reach(layer: nn.Module) -> int | str | None:
+    """How far one output of ``layer`` reaches into its input: "up" for a 5×5 stride-2
+    "same" transposed convolution (output o reads inputs ⌈(o−2)/2⌉ .. ⌊(o+2)/2⌋), else
+    the radius of a size-keeping stride-1 layer (a convolution of odd size and "same"
+    padding, a GDN, a residual block of such convolutions), None for anything else."""
+    if isinstance(layer, SubPixelDeconv):
+        return "up"
+    if isinstance(layer, nn.ConvTranspose2d):
+        geometry = (layer.kernel_size, layer.stride, layer.padding, layer.output_padding, layer.dilation)
+        return "up" if geometry == ((5, 5), (2, 2), (2, 2), (1, 1), (1, 1)) else None
+    if isinstance(layer, (FrozenGDN, nn.LeakyReLU, nn.ReLU)):
+        return 0
+    if isinstance(layer, nn.Conv2d):
+        k, st, pad, dil = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+        ok = k[0] == k[1] and k[0] % 2 == 1 and st == (1, 1) and dil == (1, 1) and pad == (k[0] // 2, k[0] // 2)
+        return k[0] // 2 if ok else None
+    if type(layer).__name__ == "ResidualBlock":      # compressai's: conv, act, conv, act, + x
+        parts = [_reach(m) for m in layer.children()]
+        return sum(parts) if parts and all(isinstance(p, int) for p in parts) else None
+    return None
+
+
+def crop_plan(layers: Sequence[nn.Module], size: Sequence[int], box: Box
+              ) -> list[tuple[tuple[int, int], tuple[int, int]]] | None:
+    """For an input of ``size`` (h, w) and the output part ``box``: per layer, the
+    (rows, columns) of its input that part depends on, clipped to the input (beyond it
+    the layer pads with zeros either way), then the box itself; None where a layer's
+    reach is unknown (:func:`_reach`)."""
+    reach = [_reach(layer) for layer in layers]
+    if any(r is None for r in reach):
+        return None
+    axes = []
+    for n, lo, length in ((size[0], box[0], box[2]), (size[1], box[1], box[3])):
+        sizes = [n]
+        for r in reach:
+            sizes.append(sizes[-1] * (2 if r == "up" else 1))
+        if not (0 <= lo and lo + length <= sizes[-1] and length > 0):
+            return None
+        spans, (o0, o1) = [(lo, lo + length)], (lo, lo + length)
+        for k in range(len(layers) - 1, -1, -1):
+            r = reach[k]
+            i0, i1 = ((o0 - 1) // 2, (o1 + 1) // 2 + 1) if r == "up" else (o0 - r, o1 + r)
+            o0, o1 = max(0, i0), min(sizes[k], i1)
+            spans.append((o0, o1))
+        axes.append(spans[::-1])
+    return list(zip(*axes))
 
 
 def bf16_body_forward(layers: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:

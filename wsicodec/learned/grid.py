@@ -75,11 +75,6 @@ def sides_in_grid(key: tuple[int, int], grid: tuple[int, int]):
             yield (dr, dc), nb
 
 
-def crop(x: np.ndarray, top: int, left: int, h: int, w: int) -> np.ndarray:
-    """The ``h`` x ``w`` pixels of ``x`` from (``top``, ``left``), contiguous."""
-    return np.ascontiguousarray(x[top:top + h, left:left + w])
-
-
 class GridJob:
     """One :meth:`~wsicodec.learned.decoder.TileDecoder.decode_tiles` call: the bytes and
     headers it fetched (fetched in the calling thread: stores need not be thread-safe),

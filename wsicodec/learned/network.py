@@ -422,8 +422,11 @@ class WsiHyperprior(nn.Module):
         gain, _ = self.gains(quality.to(y_hat.device), y_hat.dtype)
         return self.synthesize(y_hat / gain)
 
-    def synthesize(self, y: torch.Tensor, precision: str = "float32") -> torch.Tensor:
-        """Ungained ŷ (ŷ_q / gain[q], the scale g_a's output has) → x̂.
+    def synthesize(self, y: torch.Tensor, precision: str = "float32",
+                   box: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+        """Ungained ŷ (ŷ_q / gain[q], the scale g_a's output has) → x̂; with ``box`` =
+        (top, left, h, w) only that part of it (outside training computed only where
+        it depends on: :meth:`FastTransform.forward <wsicodec.learned.fast.FastTransform.forward>`).
 
         Latents of tiles coded at different qualities share this scale, so a decoder
         can join them into one plane before g_s (stitched tiles, :mod:`wsicodec.learned.decoder`).
@@ -431,7 +434,11 @@ class WsiHyperprior(nn.Module):
         first convolution and GDN, its last layer and the output stay float32;
         :data:`wsicodec.codecs.PRECISIONS`).
         """
-        return self._transform("g_s", y, precision)(y)
+        g_s = self._transform("g_s", y, precision)
+        if isinstance(g_s, FastTransform):
+            return g_s(y, box)
+        x = g_s(y)
+        return x if box is None else x[..., box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
 
     def _transform(self, name: str, x: torch.Tensor, precision: str = "float32") -> nn.Module:
         """g_a or g_s itself when training or under autograd, else its fast copy (with

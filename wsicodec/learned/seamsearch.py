@@ -118,10 +118,10 @@ def search_tile(net: Any, decoder: Any, encoder: Any, y: Any, z: Any, centre: An
         raise RuntimeError("seam search moved latents its neighbours see")
 
     def shown_px(window):
-        px = decoder.synthesize([window[0]])[0]
+        px = decoder.synthesize([window[0]], [(window[1], window[2], h, w)])[0]
         if isinstance(px, BaseException):
             raise px
-        return np.ascontiguousarray(px[window[1]:window[1] + h, window[2]:window[2] + w])
+        return np.ascontiguousarray(px)
 
     again = shown_px(stitch_window(new, around, STITCH_RING))
     return data, new, shown_px(decoder.second_window(new, around, again, sides))

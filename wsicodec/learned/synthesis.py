@@ -22,6 +22,8 @@ from .tileformat import PIXEL_STRIDE
 
 #: latent rows/columns of each neighbour joined to a stitched tile before g_s (16 px each)
 STITCH_RING = 2
+#: (top, left, height, width) of the pixels wanted from a window
+Box = tuple[int, int, int, int]
 
 
 class LatentCache(ByteLRU):
@@ -79,12 +81,15 @@ class Synthesis:
         self._busy = False
         self.passes = 0
 
-    def run(self, windows: Sequence[Any]) -> list[Any]:
-        """Ungained latent windows (1, M, h, w) float32 → x̂ (16h, 16w, 3) uint8
-        (uncropped), or the exception of its pass."""
+    def run(self, windows: Sequence[Any], boxes: Sequence[Box | None] | None = None) -> list[Any]:
+        """Ungained latent windows (1, M, h, w) float32 → x̂ (16h, 16w, 3) uint8, or with
+        ``boxes`` (each window's (top, left, h, w), or None) that part of it (h, w, 3),
+        computed only where it depends on (:meth:`WsiHyperprior.synthesize
+        <wsicodec.learned.network.WsiHyperprior.synthesize>`); or the exception of its pass."""
         futures = [Future() for _ in windows]
+        boxes = [None] * len(windows) if boxes is None else [None if b is None else tuple(b) for b in boxes]
         with self._lock:
-            self._queue.extend((y, f) for y, f in zip(windows, futures))
+            self._queue.extend((y, b, f) for y, b, f in zip(windows, boxes, futures))
         pending = set(futures)
         while pending:
             self._lead(pending)
@@ -108,28 +113,42 @@ class Synthesis:
                     shape = tuple(self._queue[0][0].shape)
                     batch = [it for it in self._queue if tuple(it[0].shape) == shape]
                     batch = batch[:self.max_batch]
-                    taken = {id(it[1]) for it in batch}
-                    self._queue = [it for it in self._queue if id(it[1]) not in taken]
+                    taken = {id(it[2]) for it in batch}
+                    self._queue = [it for it in self._queue if id(it[2]) not in taken]
                 self._pass(batch)
         finally:
             with self._lock:
                 self._busy = False
 
-    def _pass(self, batch: list[tuple[Any, Future]]) -> None:
+    def _pass(self, batch: list[tuple[Any, Box | None, Future]]) -> None:
+        """One g_s pass over ``batch`` (equal shapes), computed over the smallest box
+        holding every window's (the whole output if one has none), each cut to its own."""
         import torch
 
+        boxes = [it[1] for it in batch]
+        whole = None if any(b is None for b in boxes) else union(boxes)
         try:
             with torch.inference_mode():
                 y = torch.cat([it[0] for it in batch]).to(self.device)
-                x_hat = self.model.synthesize(y, self.precision).clamp_(0, 1).mul_(255).round_()
+                x_hat = self.model.synthesize(y, self.precision, whole).clamp_(0, 1).mul_(255).round_()
                 x_hat = x_hat.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             self.passes += 1
         except Exception as e:  # noqa: BLE001 - every tile of the pass fails with it
             for it in batch:
-                it[1].set_exception(e)
+                it[2].set_exception(e)
             return
-        for k, it in enumerate(batch):
-            it[1].set_result(x_hat[k])
+        for k, (_, box, fut) in enumerate(batch):
+            if box is not None:
+                top, left = box[0] - whole[0], box[1] - whole[1]
+                fut.set_result(x_hat[k, top:top + box[2], left:left + box[3]])
+            else:
+                fut.set_result(x_hat[k])
+
+
+def union(boxes: Sequence[Box]) -> Box:
+    """The smallest box holding every one of ``boxes``."""
+    top, left = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    return (top, left, max(b[0] + b[2] for b in boxes) - top, max(b[1] + b[3] for b in boxes) - left)
 
 
 def stitch_window(centre, around: dict, ring: int = STITCH_RING):

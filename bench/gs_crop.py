@@ -1,0 +1,161 @@
+"""g_s computed only where a tile's pixels depend on it, against the whole window, in one run.
+
+A stitched 256² tile is decoded from a 20×20 latent window (its own 16×16 and a 2-latent
+ring of its neighbours') whose g_s output is 320² px, of which the tile keeps the middle
+256².  ``FastTransform.forward(y, box)`` (wsicodec/learned/fast.py) computes each layer
+only where that box depends on it.  This script times both ways, alternated round by
+round in one process (absolute times drift between runs on a shared machine; the ratios
+within a run are the result):
+
+- ``g_s``: one g_s pass over 20×20 windows at batch 1 and 16 (random latents at g_a's
+  scale), ms per tile, and how many of the output values the two ways differ in;
+- ``cold_tile``: ``read_region`` of a 256² tile with both caches off (its 8 neighbours
+  entropy-decoded too), p50 over the container's first network tiles;
+- ``level0``: every tile of level 0 decoded by ``BatchDecoder`` (caches off), MP/s.
+
+The whole-window way is the same code with :func:`wsicodec.learned.fast.crop_plan`
+answering None (what the decoder did before), so only the cropping differs.
+
+    PYTHONPATH=$PWD .venv/bin/python bench/gs_crop.py CONTAINER --out bench/results/gs_crop.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+
+@contextmanager
+def whole_window(on: bool) -> Iterator[None]:
+    """g_s over the whole window (``on``) or only the box (the decoder's way)."""
+    from wsicodec.learned import fast
+    plan = fast.crop_plan
+    if on:
+        fast.crop_plan = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        fast.crop_plan = plan
+
+
+def time_g_s(model: Any, batch: int, rounds: int) -> dict[str, Any]:
+    import torch
+    g_s = model.fast_transform("g_s", torch.device("cpu"), torch.float32)
+    y = torch.randn(batch, model.config.M, 20, 20, generator=torch.Generator().manual_seed(batch)) * 2
+    box = (32, 32, 256, 256)
+    times: dict[str, list[float]] = {"whole": [], "box": []}
+    with torch.inference_mode():
+        outs = {}
+        for r in range(rounds + 1):
+            for way in ("whole", "box"):
+                with whole_window(way == "whole"):
+                    t0 = time.perf_counter()
+                    outs[way] = g_s(y, box)
+                    if r:                                   # round 0 warms both up
+                        times[way].append((time.perf_counter() - t0) / batch * 1e3)
+        pixels = {k: v.clamp(0, 1).mul(255).round() for k, v in outs.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"batch": batch, "rounds": rounds, "ms_per_tile_whole": round(med["whole"], 2),
+            "ms_per_tile_box": round(med["box"], 2), "speedup": round(med["whole"] / med["box"], 3),
+            "values_differing": int((outs["whole"] != outs["box"]).sum()),
+            "pixel_levels_differing": int((pixels["whole"] != pixels["box"]).sum()),
+            "values": int(outs["box"].numel())}
+
+
+def time_cold(path: Path, tiles: int, rounds: int) -> dict[str, Any]:
+    from bench.serve import network_tiles
+    from wsicodec.batch import DecoderSettings
+    from wsicodec.container import open_container
+    from wsicodec.slide import WsiSlide
+
+    c = open_container(path)
+    keys = network_tiles(c)[:tiles]
+    t = c.tile_size
+    slide = WsiSlide(c, DecoderSettings(cache_bytes=0, latent_cache_bytes=0))
+    slide.read_region((keys[0][0] * t, keys[0][1] * t), 0, (t, t))    # load the model
+    times: dict[str, list[float]] = {"whole": [], "box": []}
+    same = True
+    for r in range(rounds):
+        for way in (("whole", "box") if r % 2 == 0 else ("box", "whole")):
+            with whole_window(way == "whole"):
+                px = []
+                for col, row in keys:
+                    t0 = time.perf_counter()
+                    px.append(np.asarray(slide.read_region((col * t, row * t), 0, (t, t))))
+                    times[way].append((time.perf_counter() - t0) * 1e3)
+            if way == "whole":
+                ref = px
+            else:
+                box_px = px
+        same = same and all(np.array_equal(a, b) for a, b in zip(ref, box_px))
+    slide.close()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"tiles": len(keys), "rounds": rounds, "p50_ms_whole": round(med["whole"], 1),
+            "p50_ms_box": round(med["box"], 1), "speedup": round(med["whole"] / med["box"], 3),
+            "pixels_identical": same}
+
+
+def time_level0(path: Path, rounds: int) -> dict[str, Any]:
+    from bench.serve import network_tiles
+    from wsicodec.batch import BatchDecoder, DecoderSettings
+    from wsicodec.container import open_container
+
+    c = open_container(path)
+    grid = c.grid(0)
+    keys = [(col, row) for row in range(grid.rows) for col in range(grid.cols)]
+    mp = grid.width * grid.height / 1e6
+    dec = BatchDecoder(c, DecoderSettings(cache_bytes=0, latent_cache_bytes=0))
+    dec.decode(0, keys[:1])
+    times: dict[str, list[float]] = {"whole": [], "box": []}
+    for r in range(rounds):
+        for way in (("whole", "box") if r % 2 == 0 else ("box", "whole")):
+            with whole_window(way == "whole"):
+                t0 = time.perf_counter()
+                dec.decode(0, keys)
+                times[way].append(time.perf_counter() - t0)
+    dec.close()
+    c.close()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"tiles": len(keys), "network_tiles": len(network_tiles(open_container(path))), "megapixels": round(mp, 3),
+            "rounds": rounds, "s_whole": round(med["whole"], 2), "s_box": round(med["box"], 2),
+            "mp_s_whole": round(mp / med["whole"], 3), "mp_s_box": round(mp / med["box"], 3),
+            "speedup": round(med["whole"] / med["box"], 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+    import platform
+
+    import torch
+    torch.set_flush_denormal(True)
+    from wsicodec.checkpoint import load_model
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("container", type=Path, help="a --codec learned container (e.g. of cmu_small_region.svs)")
+    ap.add_argument("--tiles", type=int, default=24)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/gs_crop.json"))
+    args = ap.parse_args(argv)
+    model = load_model().model
+    out = {"what": __doc__.split("\n")[0], "container": str(args.container),
+           "environment": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                           "platform": platform.platform(), "loadavg_start": os.getloadavg(),
+                           "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model_id": load_model().model_id},
+           "g_s": [time_g_s(model, b, args.rounds) for b in (1, 16)],
+           "cold_tile": time_cold(args.container, args.tiles, args.rounds),
+           "level0": time_level0(args.container, max(2, args.rounds // 2))}
+    out["environment"]["loadavg_end"] = os.getloadavg()
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps({k: out[k] for k in ("g_s", "cold_tile", "level0")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
