@@ -160,7 +160,8 @@ def _profile_learned(c: Any, keys: list[tuple[int, int]], device: str,
                      precision: str = "float32") -> dict[str, Any]:
     """Decode tiles one at a time through the codec decoder's public steps (rANS of z
     and y, the exact h_s; a cold stitched tile runs them for itself and each neighbour)
-    and g_s over the stitched window, and time each."""
+    and g_s over the stitched window (the tile's pixels, as readers compute them), and
+    time each."""
     import torch
 
     from wsicodec.learned import parse_header, stitch_window
@@ -192,11 +193,13 @@ def _profile_learned(c: Any, keys: list[tuple[int, int]], device: str,
                     parts["rans_z_and_y_per_tile"].append((t1 - t0) + (t3 - t2))
                     parts["h_s_and_index_per_tile"].append(t2 - t1)
                 around[(dr, dc)] = dec.latents(data, hd, "tile")
-        window, _, _ = stitch_window(around.pop((0, 0)), around)
+                if (dr, dc) == (0, 0):
+                    size = (hd.height, hd.width)
+        window, top, left = stitch_window(around.pop((0, 0)), around)
         if g_model is not None:
             t1 = time.perf_counter()
-            with torch.inference_mode():
-                m.synthesize(window, precision)
+            with torch.inference_mode():      # as readers run it: only the tile's pixels
+                m.synthesize(window, precision, (top, left, *size))
             parts["g_s_stitched"].append(time.perf_counter() - t1)
     out: dict[str, Any] = {k: _summary_ms(v) for k, v in parts.items() if v}
     out["window_shape"] = list(window.shape) if window is not None else None

@@ -157,6 +157,15 @@ def test_exact_h_s_computes_only_the_part_asked_for_with_the_same_bits():
     assert torch.equal(hx(zx, 1.0, (3, 3)), hx(zx, 1.0))
 
 
+def test_entropy_chunks_spread_a_grid_over_the_cores():
+    """A cold tile's 9 streams go in one chunk per core (one batched h_s pass each, on a
+    2-core CPU 5 + 4); a whole level's in chunks of at most ENTROPY_CHUNK."""
+    from wsicodec.learned.grid import ENTROPY_CHUNK, chunk_size
+    assert chunk_size(9, 2) == 5 and chunk_size(9, 16) == 1 and chunk_size(9, 1) == ENTROPY_CHUNK
+    assert chunk_size(256, 2) == chunk_size(256, 64) == ENTROPY_CHUNK
+    assert chunk_size(0, 2) == chunk_size(1, 2) == 1 and chunk_size(9) >= 1
+
+
 def test_exact_exp_is_exp():
     import math
     from wsicodec.learned.exact import exact_exp
