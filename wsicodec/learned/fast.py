@@ -77,18 +77,20 @@ class FastTransform(nn.Module):
                 x = x[..., box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
             return x.contiguous()
         (r0, r1), (c0, c1) = plan[0]
-        x, dtype, last = y[..., r0:r1, c0:c1], y.dtype, len(self.layers) - 1
+        x, dtype, last = y[..., r0:r1, c0:c1].contiguous(memory_format=torch.channels_last), y.dtype, len(self.layers) - 1
         for k, layer in enumerate(self.layers):
             body = self.bf16_body and 2 <= k < last          # as bf16_body_forward splits them
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=body):
-                x = layer(x.contiguous(memory_format=torch.channels_last))
+                x = layer(x)
             if body and k == last - 1:
                 x = x.to(dtype)
             up = 2 if _reach(layer) == "up" else 1
             (a0, a1), (b0, b1) = plan[k + 1]                  # x starts at (up·r0, up·c0)
-            x = x[..., a0 - up * r0:a1 - up * r0, b0 - up * c0:b1 - up * c0]
+            # copied out now, so the layer's whole output is freed before the next runs
+            x = x[..., a0 - up * r0:a1 - up * r0, b0 - up * c0:b1 - up * c0].contiguous(
+                memory_format=torch.contiguous_format if k == last else torch.channels_last)
             r0, c0 = a0, b0
-        return x.contiguous()
+        return x
 
 
 def _reach(layer: nn.Module) -> int | str | None:
