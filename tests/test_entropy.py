@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import HE_TEST_PNG, need, textured
+from conftest import HE_TEST_PNG, REPO, need, textured
 from wsicodec.checkpoint import DEFAULT_WEIGHTS
 from wsicodec.entropy import CdfTables, decode_many, decode_symbols, encode_many, encode_symbols
 from wsicodec.errors import CorruptDataError
@@ -239,3 +241,21 @@ def test_a_device_whose_h_s_differed_falls_back_to_the_cpu(codec, tiles, monkeyp
                         lambda self, *a, **k: skewed(self, *a, **{**k, "device": "x"}))
     assert all(isinstance(e, CorruptDataError) and "checksum" in str(e)
                for e in dec.entropy_decode_many(items))
+
+
+def test_loading_the_learned_codec_leaves_scipy_stats_unimported() -> None:
+    """compressai's entropy models import ``scipy.stats`` for ``GaussianConditional.update()``
+    only (~0.6 s of a fresh process); ``wsicodec._compressai.load`` makes it lazy: a codec
+    loads, encodes and decodes a tile without it, and ``update()``'s quantile is SciPy's."""
+    code = ("import sys, numpy as np\n"
+            "from wsicodec.learned import LearnedCodec\n"
+            "c = LearnedCodec(4)\n"
+            "tile = np.full((256, 256, 3), 180, np.uint8); tile[::7] = 90\n"
+            "assert c.decode(c.encode(tile)).shape == tile.shape\n"
+            "assert 'scipy.stats' not in sys.modules, 'scipy.stats imported'\n"
+            "import compressai.entropy_models as em\n"
+            "assert em.entropy_models.GaussianConditional is em.GaussianConditional\n"
+            "q = em.GaussianConditional._standardized_quantile(0.05)\n"
+            "import scipy.stats\n"
+            "assert q == scipy.stats.norm.ppf(0.05), q\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
