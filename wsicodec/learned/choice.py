@@ -330,13 +330,12 @@ class TileChooser:
     # ------------------------------------------------------------------ stage 2
     def _synthesize(self, windows: list, tiles: list[_Tile]) -> list[np.ndarray]:
         """g_s over stitched windows ((window, top, left) each), cropped to each tile."""
-        out = []
         boxes = [(top, left, *t.source.shape[:2]) for (_, top, left), t in zip(windows, tiles)]
-        for px in self.decoder.synthesize([w[0] for w in windows], boxes):
+        pixels = self.decoder.synthesize([w[0] for w in windows], boxes)
+        for px in pixels:
             if isinstance(px, BaseException):
                 raise px
-            out.append(np.ascontiguousarray(px))
-        return out
+        return pixels
 
     def pixels(self, t: _Tile) -> np.ndarray:
         """A bare tile's decoded pixels."""

@@ -330,9 +330,9 @@ class TileDecoder:
         return stitch_window(centre, around, STITCH_RING)
 
     def synthesize(self, windows: Sequence[Any], boxes: Sequence[Any] | None = None) -> list[Any]:
-        """Ungained latent windows → uint8 (16h, 16w, 3) pixels, or with ``boxes`` (each
-        window's (top, left, h, w) or None) only those pixels, computed only where they
-        depend on; or the exception of their g_s pass
+        """Ungained latent windows → uint8 (16h, 16w, 3) pixels, contiguous, or with
+        ``boxes`` (each window's (top, left, h, w) or None) only those pixels, computed
+        only where they depend on; or the exception of their g_s pass
         (:class:`~wsicodec.learned.synthesis.Synthesis`)."""
         return self.synthesis.run(windows, boxes)
 
@@ -391,7 +391,7 @@ class TileDecoder:
         for (i, _, hd), x in zip(jobs, pixels):
             if isinstance(x, BaseException):
                 raise x
-            out[i] = np.ascontiguousarray(x)
+            out[i] = x
         return out
 
     def decode_tiles(self, keys: Sequence[tuple[int, int]], fetch: Callable[[int, int], bytes],
@@ -443,18 +443,18 @@ class TileDecoder:
             for (n, top, left, h, w, edges), x in zip(where, pixels):
                 if n in second and not isinstance(x, BaseException):     # beside a bare tile
                     key = keys[n]
-                    win = self.second_window(lat[key], job.around(key, lat), np.ascontiguousarray(x), second[n])
+                    win = self.second_window(lat[key], job.around(key, lat), x, second[n])
                     again.append(win[0])
                     places.append((n, win[1], win[2], h, w, edges))
                     continue
-                out[n] = x if isinstance(x, BaseException) else blend_toward_glass(np.ascontiguousarray(x), edges)
+                out[n] = x if isinstance(x, BaseException) else blend_toward_glass(x, edges)
             if again:
                 try:
                     pixels = self.synthesize(again, [p[1:5] for p in places])
                 except Exception as e:  # noqa: BLE001
                     pixels = [e] * len(again)
                 for (n, top, left, h, w, edges), x in zip(places, pixels):
-                    out[n] = x if isinstance(x, BaseException) else blend_toward_glass(np.ascontiguousarray(x), edges)
+                    out[n] = x if isinstance(x, BaseException) else blend_toward_glass(x, edges)
         return out
 
 

@@ -25,13 +25,13 @@ with warnings.catch_warnings():
     _load_compressai()   # without its package __init__'s eager imports (torch_geometric, ...)
     from compressai.layers import GDN
 
+from .synthesis import Box
+
 #: FastTransform computes a transposed convolution with fewer output channels than this as
 #: :class:`SubPixelDeconv`: g_s's last layer (96 → 3 channels, 136² → 272²) took 13.1 ms
 #: as oneDNN's transposed convolution and 5.7 ms in that form (one thread, development CPU);
 #: the 96-channel ones are faster as they are (20.4 ms against 28.4 at 68² → 136²).
 SUBPIXEL_BELOW = 16
-#: (top, left, height, width) of an output
-Box = tuple[int, int, int, int]
 
 
 class FastTransform(nn.Module):

@@ -63,6 +63,7 @@ from wsicodec.entropy import CdfTables
 from .exact import ExactHyperSynthesis
 from .fast import FastTransform
 from .ladder import QualityLadder
+from .synthesis import Box
 
 #: The λ ladder (loss = rate + λ·255²·MSE): knots spread evenly over the public quality
 #: scale 1..8 (quality 1 = the first λ, 8 = the last; fractional qualities interpolate
@@ -422,8 +423,7 @@ class WsiHyperprior(nn.Module):
         gain, _ = self.gains(quality.to(y_hat.device), y_hat.dtype)
         return self.synthesize(y_hat / gain)
 
-    def synthesize(self, y: torch.Tensor, precision: str = "float32",
-                   box: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    def synthesize(self, y: torch.Tensor, precision: str = "float32", box: Box | None = None) -> torch.Tensor:
         """Ungained ŷ (ŷ_q / gain[q], the scale g_a's output has) → x̂; with ``box`` =
         (top, left, h, w) only that part of it (outside training computed only where
         it depends on: :meth:`FastTransform.forward <wsicodec.learned.fast.FastTransform.forward>`).

@@ -121,7 +121,7 @@ def search_tile(net: Any, decoder: Any, encoder: Any, y: Any, z: Any, centre: An
         px = decoder.synthesize([window[0]], [(window[1], window[2], h, w)])[0]
         if isinstance(px, BaseException):
             raise px
-        return np.ascontiguousarray(px)
+        return px
 
     again = shown_px(stitch_window(new, around, STITCH_RING))
     return data, new, shown_px(decoder.second_window(new, around, again, sides))

@@ -129,9 +129,10 @@ def priced_fit(fit_at: Callable[[float], TileFit], start: tuple[int, float, floa
     cheapest one's target (or, where the step was too short to try, the least cost's),
     none under ``floor``, each kept where it costs less (a codec's bytes are no smooth
     function of the target: JPEG 2000's rate control, its fit's holds).  Where the
-    step's coding costs more than the chosen one, no probe is made: the price keeps it.  Where the network is at its ceiling (its next bytes buy next to no
-    PSNR) such a coding costs less than its tile; where it codes the tissue well, its
-    price keeps the tile as it is, with no fit made."""
+    step's coding costs more than the chosen one, no probe is made: the price keeps it.
+    Where the network is at its ceiling (its next bytes buy next to no PSNR) such a
+    coding costs less than its tile; where it codes the tissue well, its price keeps the
+    tile as it is, with no fit made."""
     best, tried = None, set()
 
     def take(target: float) -> bool:

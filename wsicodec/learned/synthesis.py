@@ -16,6 +16,8 @@ import threading
 from concurrent.futures import Future, wait
 from typing import Any, Hashable, Sequence
 
+import numpy as np
+
 from wsicodec.lru import ByteLRU
 
 from .tileformat import PIXEL_STRIDE
@@ -82,9 +84,9 @@ class Synthesis:
         self.passes = 0
 
     def run(self, windows: Sequence[Any], boxes: Sequence[Box | None] | None = None) -> list[Any]:
-        """Ungained latent windows (1, M, h, w) float32 → x̂ (16h, 16w, 3) uint8, or with
-        ``boxes`` (each window's (top, left, h, w), or None) that part of it (h, w, 3),
-        computed only where it depends on (:meth:`WsiHyperprior.synthesize
+        """Ungained latent windows (1, M, h, w) float32 → x̂ (16h, 16w, 3) uint8,
+        contiguous, or with ``boxes`` (each window's (top, left, h, w), or None) that part
+        of it (h, w, 3), computed only where it depends on (:meth:`WsiHyperprior.synthesize
         <wsicodec.learned.network.WsiHyperprior.synthesize>`); or the exception of its pass."""
         futures = [Future() for _ in windows]
         boxes = [None] * len(windows) if boxes is None else [None if b is None else tuple(b) for b in boxes]
@@ -140,9 +142,9 @@ class Synthesis:
         for k, (_, box, fut) in enumerate(batch):
             if box is not None:
                 top, left = box[0] - whole[0], box[1] - whole[1]
-                fut.set_result(x_hat[k, top:top + box[2], left:left + box[3]])
+                fut.set_result(np.ascontiguousarray(x_hat[k, top:top + box[2], left:left + box[3]]))
             else:
-                fut.set_result(x_hat[k])
+                fut.set_result(np.ascontiguousarray(x_hat[k]))
 
 
 def union(boxes: Sequence[Box]) -> Box:
