@@ -22,14 +22,21 @@ answering None (what the decoder did before), so only the cropping differs.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.report import log, run_environment, write_json  # noqa: E402
+
+WAYS = ("whole", "box")
 
 
 @contextmanager
@@ -45,23 +52,33 @@ def whole_window(on: bool) -> Iterator[None]:
         fast.crop_plan = plan
 
 
+def alternated(rounds: int, once: Callable[[str], list[float]]) -> dict[str, float]:
+    """``once(way)`` (the times it measured) for both ways each round, the way that goes
+    first alternating; the median time of each way."""
+    times: dict[str, list[float]] = {way: [] for way in WAYS}
+    for r in range(rounds):
+        for way in (WAYS if r % 2 == 0 else WAYS[::-1]):
+            with whole_window(way == "whole"):
+                times[way] += once(way)
+    return {way: statistics.median(v) for way, v in times.items()}
+
+
 def time_g_s(model: Any, batch: int, rounds: int) -> dict[str, Any]:
     import torch
     g_s = model.fast_transform("g_s", torch.device("cpu"), torch.float32)
     y = torch.randn(batch, model.config.M, 20, 20, generator=torch.Generator().manual_seed(batch)) * 2
     box = (32, 32, 256, 256)
-    times: dict[str, list[float]] = {"whole": [], "box": []}
+    outs = {}
+
+    def once(way: str) -> list[float]:
+        t0 = time.perf_counter()
+        outs[way] = g_s(y, box)
+        return [(time.perf_counter() - t0) / batch * 1e3]
+
     with torch.inference_mode():
-        outs = {}
-        for r in range(rounds + 1):
-            for way in ("whole", "box"):
-                with whole_window(way == "whole"):
-                    t0 = time.perf_counter()
-                    outs[way] = g_s(y, box)
-                    if r:                                   # round 0 warms both up
-                        times[way].append((time.perf_counter() - t0) / batch * 1e3)
+        alternated(1, once)                                 # warm both up
+        med = alternated(rounds, once)
         pixels = {k: v.clamp(0, 1).mul(255).round() for k, v in outs.items()}
-    med = {k: statistics.median(v) for k, v in times.items()}
     return {"batch": batch, "rounds": rounds, "ms_per_tile_whole": round(med["whole"], 2),
             "ms_per_tile_box": round(med["box"], 2), "speedup": round(med["whole"] / med["box"], 3),
             "values_differing": int((outs["whole"] != outs["box"]).sum()),
@@ -80,26 +97,23 @@ def time_cold(path: Path, tiles: int, rounds: int) -> dict[str, Any]:
     t = c.tile_size
     slide = WsiSlide(c, DecoderSettings(cache_bytes=0, latent_cache_bytes=0))
     slide.read_region((keys[0][0] * t, keys[0][1] * t), 0, (t, t))    # load the model
-    times: dict[str, list[float]] = {"whole": [], "box": []}
-    same = True
-    for r in range(rounds):
-        for way in (("whole", "box") if r % 2 == 0 else ("box", "whole")):
-            with whole_window(way == "whole"):
-                px = []
-                for col, row in keys:
-                    t0 = time.perf_counter()
-                    px.append(np.asarray(slide.read_region((col * t, row * t), 0, (t, t))))
-                    times[way].append((time.perf_counter() - t0) * 1e3)
-            if way == "whole":
-                ref = px
-            else:
-                box_px = px
-        same = same and all(np.array_equal(a, b) for a, b in zip(ref, box_px))
+    first: dict[tuple[int, int], np.ndarray] = {}
+    same = [True]
+
+    def once(way: str) -> list[float]:
+        times = []
+        for col, row in keys:
+            t0 = time.perf_counter()
+            px = np.asarray(slide.read_region((col * t, row * t), 0, (t, t)))
+            times.append((time.perf_counter() - t0) * 1e3)
+            same[0] = same[0] and np.array_equal(first.setdefault((col, row), px), px)
+        return times
+
+    med = alternated(rounds, once)
     slide.close()
-    med = {k: statistics.median(v) for k, v in times.items()}
     return {"tiles": len(keys), "rounds": rounds, "p50_ms_whole": round(med["whole"], 1),
             "p50_ms_box": round(med["box"], 1), "speedup": round(med["whole"] / med["box"], 3),
-            "pixels_identical": same}
+            "pixels_identical": same[0]}
 
 
 def time_level0(path: Path, rounds: int) -> dict[str, Any]:
@@ -111,19 +125,19 @@ def time_level0(path: Path, rounds: int) -> dict[str, Any]:
     grid = c.grid(0)
     keys = [(col, row) for row in range(grid.rows) for col in range(grid.cols)]
     mp = grid.width * grid.height / 1e6
+    network = len(network_tiles(c))
     dec = BatchDecoder(c, DecoderSettings(cache_bytes=0, latent_cache_bytes=0))
     dec.decode(0, keys[:1])
-    times: dict[str, list[float]] = {"whole": [], "box": []}
-    for r in range(rounds):
-        for way in (("whole", "box") if r % 2 == 0 else ("box", "whole")):
-            with whole_window(way == "whole"):
-                t0 = time.perf_counter()
-                dec.decode(0, keys)
-                times[way].append(time.perf_counter() - t0)
+
+    def once(way: str) -> list[float]:
+        t0 = time.perf_counter()
+        dec.decode(0, keys)
+        return [time.perf_counter() - t0]
+
+    med = alternated(rounds, once)
     dec.close()
     c.close()
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {"tiles": len(keys), "network_tiles": len(network_tiles(open_container(path))), "megapixels": round(mp, 3),
+    return {"tiles": len(keys), "network_tiles": network, "megapixels": round(mp, 3),
             "rounds": rounds, "s_whole": round(med["whole"], 2), "s_box": round(med["box"], 2),
             "mp_s_whole": round(mp / med["whole"], 3), "mp_s_box": round(mp / med["box"], 3),
             "speedup": round(med["whole"] / med["box"], 3)}
@@ -131,7 +145,6 @@ def time_level0(path: Path, rounds: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     import os
-    import platform
 
     import torch
     torch.set_flush_denormal(True)
@@ -141,19 +154,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("container", type=Path, help="a --codec learned container (e.g. of cmu_small_region.svs)")
     ap.add_argument("--tiles", type=int, default=24)
     ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--out", type=Path, default=Path("bench/results/gs_crop.json"))
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gs_crop.json")
     args = ap.parse_args(argv)
-    model = load_model().model
-    out = {"what": __doc__.split("\n")[0], "container": str(args.container),
-           "environment": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                           "platform": platform.platform(), "loadavg_start": os.getloadavg(),
-                           "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model_id": load_model().model_id},
-           "g_s": [time_g_s(model, b, args.rounds) for b in (1, 16)],
+    loaded = load_model()
+    env = {**run_environment(REPO, ("torch", "numpy")), "torch_threads": torch.get_num_threads(),
+           "loadavg_start": os.getloadavg(), "model_id": loaded.model_id}
+    out = {"what": __doc__.split("\n")[0], "container": str(args.container), "environment": env,
+           "g_s": [time_g_s(loaded.model, b, args.rounds) for b in (1, 16)],
            "cold_tile": time_cold(args.container, args.tiles, args.rounds),
            "level0": time_level0(args.container, max(2, args.rounds // 2))}
-    out["environment"]["loadavg_end"] = os.getloadavg()
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps({k: out[k] for k in ("g_s", "cold_tile", "level0")}, indent=1))
+    env["loadavg_end"] = os.getloadavg()
+    write_json(args.out, out, indent=1)
+    for part in ("g_s", "cold_tile", "level0"):
+        log(f"{part}: {out[part]}")
     return 0
 
 
