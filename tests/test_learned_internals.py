@@ -392,6 +392,29 @@ def test_bin_centroid_offset_is_the_gaussian_bin_mean():
                                torch.tensor([0.11], dtype=torch.float64)).item() == 0   # tail
 
 
+def test_reconstruction_of_large_symbols_uses_the_formula_for_them_alone():
+    """Symbols beyond the centroid table (|s| ≥ 32) get the formula, the rest the table:
+    together what the formula gives every symbol, each in its own place."""
+    from wsicodec.learned.network import bin_centroid_offset
+
+    m = LearnedCodec(quality=2).loaded.model
+    gen = torch.Generator().manual_seed(7)
+    shape = (1, m.config.M, 8, 8)
+    s = torch.randint(-3, 4, shape, generator=gen).to(torch.int32)
+    far = torch.rand(shape, generator=gen) < 0.02
+    s[far] = torch.randint(32, 300, (int(far.sum()),), generator=gen).to(torch.int32) \
+        * torch.where(torch.rand(int(far.sum()), generator=gen) < 0.5, -1, 1).to(torch.int32)
+    tables = m.gaussian_conditional.scale_table.numel()
+    index = torch.randint(0, tables, shape, generator=gen).to(torch.int32)
+    mu = torch.randn(shape, generator=gen, dtype=torch.float64) * 5
+    kappa = 0.5
+    got = m.reconstruct(s, mu, index, 2.0, kappa=kappa)
+    sigma = m.gaussian_conditional.scale_table.to(torch.float64)[index.long()]
+    want = s.double() + mu + kappa * bin_centroid_offset(s.double(), sigma)
+    assert far.any() and (s.abs() >= 32).sum() == far.sum()
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+
+
 def test_reconstruction_moves_pixels_never_symbols(tissue, monkeypatch):
     """κ > 0 (ModelConfig.reconstruction) decodes the same stream (symbol checksum holds)
     to other pixels, closer to the source at a low quality; κ interpolates over 1..8."""

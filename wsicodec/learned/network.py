@@ -223,9 +223,10 @@ class WsiHyperprior(nn.Module):
         mag = s.abs().long()
         near = mag < table.shape[1]
         off = table[index.long(), mag.clamp(max=table.shape[1] - 1)] * torch.sign(s)
-        if not bool(near.all()):      # rare large symbols: the formula itself
-            sigma = self.gaussian_conditional.scale_table.to(torch.float64)[index.long()]
-            off = torch.where(near, off, bin_centroid_offset(s, sigma))
+        if not bool(near.all()):      # rare large symbols: the formula itself, for them alone
+            far = ~near
+            sigma = self.gaussian_conditional.scale_table.to(torch.float64)[index.long()[far]]
+            off = off.masked_scatter(far, bin_centroid_offset(s[far], sigma))
         return y + k * off
 
     def _centroid_table(self, largest: int = 32) -> torch.Tensor:
