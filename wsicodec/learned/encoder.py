@@ -142,7 +142,7 @@ class TileEncoder:
                 if self.refine:
                     y, z = self._refine(net, x[k:k + 1], y_all[k:k + 1], y, z, (ty, tx, h, w))
                 latents.append((y.cpu(), z.cpu(), h, w))
-        return [data for data, _ in self.code_many(latents, version)]
+        return [data for data, _ in self.code_many(latents, version, reconstruct=False)]
 
     def _refine(self, net, x, y_all, y, z, where: tuple[int, int, int, int]):
         """:func:`~wsicodec.learned.refine.refine_latents` of a tile whose latents start at
@@ -163,7 +163,7 @@ class TileEncoder:
     def code_latents(self, y, z, h: int, w: int, version: int = tileformat.VERSION) -> bytes:
         """A tile's gained latents ``y`` and hyper-latents ``z`` (on the CPU, from g_a and
         h_a at this encoder's quality) → its bytes: symbols, rANS, header."""
-        return self.code_many([(y, z, h, w)], version)[0][0]
+        return self.code_many([(y, z, h, w)], version, reconstruct=False)[0][0]
 
     def code_and_reconstruct(self, y, z, h: int, w: int, version: int = tileformat.VERSION):
         """:meth:`code_latents`, and the gained ŷ (1, M, h, w) float32 every decoder
@@ -172,10 +172,11 @@ class TileEncoder:
         return self.code_many([(y, z, h, w)], version)[0]
 
     def code_many(self, latents: Sequence[tuple[Any, Any, int, int]],
-                  version: int = tileformat.VERSION) -> list[tuple[bytes, Any]]:
+                  version: int = tileformat.VERSION, reconstruct: bool = True) -> list[tuple[bytes, Any]]:
         """:meth:`code_and_reconstruct` of many tiles ``(y, z, h, w)``: the exact h_s
         batched over the tiles of equal latent size, each stream set coded in one call
-        without the GIL; the same bytes as tile by tile."""
+        without the GIL; the same bytes as tile by tile.  ``reconstruct`` False: ŷ is not
+        computed (None in its place), for callers that want the bytes alone."""
         import torch
         out: list[Any] = [None] * len(latents)
         groups: dict[tuple[int, int], list[int]] = {}
@@ -194,7 +195,7 @@ class TileEncoder:
                 _, _, h, w = latents[k]
                 head = pack_network_header(version, h, w, self.quality, self.loaded.model_id,
                                            symbol_checksum(zs[j], ys[j]), len(zb[j]))
-                y_hat = self.model.reconstruct(torch.from_numpy(ys[j:j + 1]), mu[j:j + 1],
-                                               torch.from_numpy(index[j:j + 1]), q32).float()
+                y_hat = None if not reconstruct else self.model.reconstruct(
+                    torch.from_numpy(ys[j:j + 1]), mu[j:j + 1], torch.from_numpy(index[j:j + 1]), q32).float()
                 out[k] = (head + zb[j] + yb[j], y_hat)
         return out
