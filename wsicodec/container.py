@@ -38,6 +38,7 @@ from wsicodec.errors import (ClosedError, CorruptDataError, CorruptTileError, In
                              ModelMismatchError, UnsupportedFormatError, WsiCodecError,
                              as_tile_error)
 from wsicodec import fidelity
+from wsicodec.heap import release_freed_memory
 from wsicodec.integrity import DIGEST_BYTES, blob_digest, level_digest, tile_digest
 from wsicodec.metadata import (ATTRS_KEY, MAX_ASSOCIATED_BYTES, MAX_JSON_BYTES, ContainerMetadata,
                                check_image_header, max_tile_bytes, missing_guarantees)
@@ -274,7 +275,9 @@ class Container:
         (this container's :attr:`codec` or one built by :meth:`build_codec`) with
         ``cache`` (from its ``new_cache``): one entry per key, the (tile_size, tile_size,
         3) uint8 tile, checked, or the exception that tile raised (a CorruptTileError
-        naming it for damage).  The one place a container's tiles are decoded."""
+        naming it for damage).  The one place a container's tiles are decoded; afterwards
+        the heap's freed memory goes back to the system now and then
+        (:func:`~wsicodec.heap.release_freed_memory`)."""
         g = self.grid(level)
         out = codec.decode_tiles(list(keys), lambda c, r: self.read_encoded_tile(level, c, r),
                                  (g.cols, g.rows), tile_shape(self.tile_size),
@@ -288,6 +291,7 @@ class Container:
                 out[i] = check_decoded_tile(t, self.metadata.tile_size)
             except BaseException as e:  # noqa: BLE001 - kept per tile
                 out[i] = as_tile_error(e, level, col, row, self.path)
+        release_freed_memory()
         return out
 
     def iter_encoded_tiles(self, level: int) -> Iterator[tuple[int, int, bytes]]:

@@ -41,6 +41,7 @@ from wsicodec import fidelity
 from wsicodec.associated import (ASSOCIATED_FORMATS, ASSOCIATED_POLICIES, associated_format,
                                  encode_jxl, encode_png)
 from wsicodec.errors import InvalidSettingError, RegionOutOfBoundsError, WsiCodecError
+from wsicodec.heap import release_freed_memory
 from wsicodec.integrity import (DIGEST_BYTES, blob_digest, level_digest, new_container_id,
                                 tile_digest)
 from wsicodec.metadata import ASSOCIATED_NAME, ATTRS_KEY, ContainerMetadata
@@ -268,6 +269,7 @@ class ContainerWriter:
             self._kind[level][row, :], self._psnr[level][row, :] = kind, psnr
             line["records"] = fidelity.journal_entry(kind, psnr)
         self._journal_line(line)
+        release_freed_memory()      # a row's encoding freed much; hand it back now and then
 
     def write_associated(self, name: str, rgb: np.ndarray, fmt: str = "png") -> None:
         """Store an associated image as PNG (lossless) or JPEG-XL (``fmt`` "jxl", distance
