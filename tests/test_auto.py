@@ -21,7 +21,7 @@ torch.set_flush_denormal(True)
 from wsicodec.codecs import get_codec  # noqa: E402
 from wsicodec.errors import CorruptDataError, InvalidSettingError  # noqa: E402
 from wsicodec.image import context_region  # noqa: E402
-from wsicodec.learned import choice, stepsearch  # noqa: E402
+from wsicodec.learned import choice, levelencoder, stepsearch  # noqa: E402
 from wsicodec.learned.jxlfit import MAX_DISTANCE, TOLERANCE, fit_jpegxl, tile_psnr  # noqa: E402
 from wsicodec.learned.tileformat import (KIND_FIXUP, KIND_NETWORK, NETWORK_KINDS,  # noqa: E402
                                          fixup_parts, pack_fixup, parse_header)
@@ -373,7 +373,7 @@ def test_an_interrupted_auto_compress_resumes_to_the_same_container(he_img, tmp_
         with open_container(ref) as c:
             row0 = [c.read_encoded_tile(0, col, 0) for col in range(3)]
         assert (T + 16, T + 16) in [jpeg2000_declared_size(d) for d in row0 if d.startswith(J2K_SIGNATURE)]
-    real_push, calls = choice.MixedLevelEncoder.push, []
+    real_push, calls = levelencoder.MixedLevelEncoder.push, []
 
     def push(self, row, *a, **kw):
         calls.append(row)
@@ -381,11 +381,11 @@ def test_an_interrupted_auto_compress_resumes_to_the_same_container(he_img, tmp_
             raise KeyboardInterrupt
         return real_push(self, row, *a, **kw)
 
-    monkeypatch.setattr(choice.MixedLevelEncoder, "push", push)
+    monkeypatch.setattr(levelencoder.MixedLevelEncoder, "push", push)
     out = tmp_path / "run.zarr.zip"
     with pytest.raises(CompressInterrupted):
         compress_source(ArraySource(img), out, codec, tile_size=T)
-    monkeypatch.setattr(choice.MixedLevelEncoder, "push", real_push)
+    monkeypatch.setattr(levelencoder.MixedLevelEncoder, "push", real_push)
     stored = []
     real_stored = choice.TileChooser.stored_tile
     monkeypatch.setattr(choice.TileChooser, "stored_tile",
@@ -414,3 +414,25 @@ def test_plane_glass_beside_tissue_holds_the_floor_as_readers_blend_it(he_img):
               if t[:4] == b"WSLT" and parse_header(t).kind in PLANE_KINDS]
     assert "glass" in kinds and planes
     _check_floor_and_records(codec, img, out, floor, 0.05)
+
+
+def test_a_wide_row_goes_through_g_a_a_few_regions_at_a_time(tissue, monkeypatch):
+    """Stage 1's g_a takes at most the stages decoder's ``max_batch`` regions per pass,
+    whatever the row's width (it once took a whole row: 6.9 GB on a 49152-px-wide slide),
+    and the row codes to the same bytes as one pass over it."""
+    img = np.ascontiguousarray(np.concatenate([he_crop(tissue)[:T]] * 2, axis=1))     # 1 x 6 tiles
+    codec = get_codec("auto", min_psnr=28.0)
+    chooser = codec.chooser
+    one_pass = _encode(codec, img)
+    sizes = []
+    real = type(chooser.net).transform
+
+    def transform(self, x, *a, **kw):
+        sizes.append(x.shape[0])
+        return real(self, x, *a, **kw)
+
+    monkeypatch.setattr(type(chooser.net), "transform", transform)
+    monkeypatch.setattr(chooser.decoder, "max_batch", 2)
+    batched = _encode(codec, img)
+    assert sizes and max(sizes) <= 2 and sum(1 for s in sizes if s == 2) >= 2
+    assert [er.tiles for er in batched.values()] == [er.tiles for er in one_pass.values()]

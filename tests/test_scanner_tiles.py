@@ -321,7 +321,7 @@ def test_an_interrupted_compress_resumes_to_the_same_carried_container(tissue, t
     context, and writes the container an uninterrupted run writes."""
     from wsicodec.container import open_container
     from wsicodec.errors import CompressInterrupted
-    from wsicodec.learned import choice
+    from wsicodec.learned import levelencoder
     path = tmp_path / "scan.tif"
     _tiff(path, np.ascontiguousarray(tissue[:128, :160]))              # level 0: 5 x 4 tiles
     codec = get_codec("auto", min_psnr=60.0)
@@ -330,7 +330,7 @@ def test_an_interrupted_compress_resumes_to_the_same_carried_container(tissue, t
     with open_container(ref) as c:
         rec = c.tile_records(0)
         assert rec.kind_names.index("scanner-jpeg") in rec.kind[:2]    # carried in the stored rows
-    real_push, calls = choice.MixedLevelEncoder.push, []
+    real_push, calls = levelencoder.MixedLevelEncoder.push, []
 
     def push(self, row, *a, **kw):
         calls.append(row)
@@ -338,11 +338,11 @@ def test_an_interrupted_compress_resumes_to_the_same_carried_container(tissue, t
             raise KeyboardInterrupt
         return real_push(self, row, *a, **kw)
 
-    monkeypatch.setattr(choice.MixedLevelEncoder, "push", push)
+    monkeypatch.setattr(levelencoder.MixedLevelEncoder, "push", push)
     out = tmp_path / "run.zarr.zip"
     with pytest.raises(CompressInterrupted):
         compress(path, out, codec, tile_size=T)
-    monkeypatch.setattr(choice.MixedLevelEncoder, "push", real_push)
+    monkeypatch.setattr(levelencoder.MixedLevelEncoder, "push", real_push)
     result = compress(path, out, codec, tile_size=T, resume=True)
     assert result.resumed_tiles > 0
     with open_container(ref) as a, open_container(out) as b:

@@ -1,6 +1,6 @@
 """``AutoCodec``: each tile glass, the learned network, JPEG 2000, JPEG-XL or the scanner's own, never under a PSNR floor.
 
-The default codec.  It codes a grid with :class:`~wsicodec.learned.choice.MixedLevelEncoder`
+The default codec.  It codes a grid with :class:`~wsicodec.learned.levelencoder.MixedLevelEncoder`
 (the choice and why it holds: :mod:`wsicodec.learned.choice`) and decodes it with the
 learned decoder in mixed mode (:class:`~wsicodec.learned.decoder.TileDecoder`): a
 network tile is stitched with its neighbours' latents whatever they are, a bare
@@ -24,7 +24,8 @@ import numpy as np
 from wsicodec.codecs import DEFAULT_MIN_PSNR, LevelEncoder, Run, TileCodec, as_number
 from wsicodec.errors import CorruptDataError, InvalidSettingError
 
-from .choice import KINDS, MixedLevelEncoder, TileChooser
+from .choice import KINDS, TileChooser
+from .levelencoder import MixedLevelEncoder
 from .codec import DEFAULT_MARGIN, DEFAULT_MAX_BATCH, LearnedCodec, _int_in, check_stitched
 from .decoder import TileDecoder
 from .encoder import Box, TileEncoder

@@ -1,6 +1,6 @@
 """Per-tile codec choice for the ``auto`` codec: glass, the network, JPEG 2000, JPEG-XL or the source's own, over a floor.
 
-Each level is coded row by row (:class:`MixedLevelEncoder`)::
+Each level is coded row by row (:class:`~wsicodec.learned.levelencoder.MixedLevelEncoder`)::
 
     push(row r) ─► stage 1 of row r, each tile on its own (:meth:`TileChooser.choose_row`):
         │   glass, if its PSNR reaches the floor; else g_a once (the gains scale y), the
@@ -43,14 +43,12 @@ neighbours (stage 2).
 from __future__ import annotations
 
 import math
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
 
-from wsicodec.codecs import EncodedRow, LevelEncoder
-from wsicodec.errors import InvalidSettingError
 from wsicodec.jpegrecover import KIND as RECOVERED_JPEG
 from wsicodec.scannertiles import KIND_JPEG, KIND_JPEG2000
 
@@ -97,6 +95,19 @@ class _Tile:
     around: np.ndarray | None = None    #: the tile with the JPEG 2000 margin (None: no margin)
     carried: TileFit | None = None      #: the scanner's own tile (or its JPEG recovered), if it reaches the floor
     sides: Sides = ALL_SIDES            #: which of its edges meet another tile
+
+
+def _drop_stage_1_state(t: _Tile) -> None:
+    """What stage 1 alone needed of ``t``, dropped (a wide slide's rows hold hundreds of
+    tiles until stage 2): the JPEG 2000 margin and the source's coding once a classical
+    coding stands by, and that coding's pixels unless the tile shows them (a bare tile).
+    Stage 2's fix-up takes the standing-by coding's bytes and PSNR alone."""
+    if t.fit is not None or t.carried is not None:
+        t.around = None
+    if t.fit is not None and t.carried is not t.fit:
+        t.carried = None
+    if t.fit is not None and t.data != t.fit.data:
+        t.fit = replace(t.fit, pixels=None)
 
 
 class TileChooser:
@@ -165,10 +176,12 @@ class TileChooser:
         return True
 
     def _network(self, tiles: list[_Tile], regions: list[np.ndarray], boxes: list) -> None:
-        """g_a once per region; a search over the quality steps on estimated PSNRs (g_s
-        over the region's latents with the tile's rounded at that quality: neighbours as
-        g_a sees them, no entropy coding); then the tile coded once, at the step chosen,
-        unless even the top misses the floor (it goes to a classical codec)."""
+        """g_a once per region (at most the decoder's ``max_batch`` regions a pass, so a
+        wide slide's row costs no more memory than a narrow one's); a search over the quality
+        steps on estimated PSNRs (g_s over the region's latents with the tile's rounded at
+        that quality: neighbours as g_a sees them, no entropy coding); then the tile coded
+        once, at the step chosen, unless even the top misses the floor (it goes to a
+        classical codec)."""
         import torch
 
         aligned = [align_to_grid(r, b) for r, b in zip(regions, boxes)]
@@ -177,13 +190,15 @@ class TileChooser:
         for k, (r, _) in enumerate(aligned):
             groups.setdefault(r.shape[:2], []).append(k)
         from .network import pad_to_stride
+        step = self.decoder.max_batch
         with torch.inference_mode():
-            for idx in groups.values():
-                x = torch.from_numpy(np.stack([aligned[k][0] for k in idx])).permute(0, 3, 1, 2)
-                x = pad_to_stride(x.float().div_(255.0), PIXEL_STRIDE).to(self.device)
-                y = self.net.transform(x, self.precision)
-                for j, k in enumerate(idx):
-                    y_u[k] = y[j:j + 1].float().cpu()
+            for same in groups.values():
+                for idx in (same[i:i + step] for i in range(0, len(same), step)):
+                    x = torch.from_numpy(np.stack([aligned[k][0] for k in idx])).permute(0, 3, 1, 2)
+                    x = pad_to_stride(x.float().div_(255.0), PIXEL_STRIDE).to(self.device)
+                    y = self.net.transform(x, self.precision)
+                    for j, k in enumerate(idx):
+                        y_u[k] = y[j:j + 1].float().cpu()
         # per tile: the codec's own step first; then the steps its search asks for
         # (:class:`~wsicodec.learned.stepsearch.StepSearch`), all tiles' in one g_s batch
         searches = [StepSearch(len(self.steps), self.floor + ESTIMATE_MARGIN_DB) for _ in tiles]
@@ -285,6 +300,7 @@ class TileChooser:
         if c is not None and t.kind not in (c.codec, "glass") \
                 and cost(len(c.data), c.psnr, t.valid, self.price) < self._cost(t):
             self._take(t, c)
+        _drop_stage_1_state(t)
 
     @staticmethod
     def _take(t: _Tile, fit: TileFit) -> None:
@@ -445,76 +461,3 @@ class TileChooser:
             t.kind, t.data, t.psnr = "fixup", pack_fixup(t.inner, fit.data), fit.psnr
         for t in tiles:
             t.latents = None                    # settled: the search is done with them
-
-
-class MixedLevelEncoder(LevelEncoder):
-    """One level of an ``auto`` codec's grid (module docstring): each row's classical fits
-    run on a pool of :data:`FIT_THREADS` threads while this one does the next torch
-    work (stage 1 of the next row, stage 2 of the rows above), so a row comes out two
-    rows behind the push, or one where the row below has no fit to wait for (a stored
-    row, a row of glass)."""
-
-    def __init__(self, chooser: TileChooser) -> None:
-        self.chooser = chooser
-        self.rows: dict[int, list[_Tile]] = {}
-        self.fits: dict[int, list[Future]] = {}     #: a row's classical fits not yet waited for
-        self.emit: dict[int, bool] = {}
-        self.unsettled: list[int] = []              #: rows pushed, not yet settled, in order
-        self.last: int | None = None
-        self.pool: ThreadPoolExecutor | None = None
-
-    @property
-    def takes_scanned(self) -> bool:                        # type: ignore[override]
-        return self.chooser.scanner_tiles
-
-    def push(self, row, regions, boxes, *, valid=None, stored=None,
-             context_only=False, scanned=None) -> list[EncodedRow]:
-        if self.last is not None and row != self.last + 1:
-            raise InvalidSettingError(f"rows of a level go in order: row {row} after row {self.last}")
-        if stored is None:
-            if self.pool is None:
-                self.pool = ThreadPoolExecutor(FIT_THREADS, thread_name_prefix="wsicodec-fit")
-            self.rows[row], self.fits[row] = self.chooser.choose_row(regions, boxes, valid, self.pool, scanned)
-        else:
-            self.rows[row] = [self.chooser.stored_tile(c, data, (box[2], box[3]))
-                              for c, (data, box) in enumerate(zip(stored, boxes))]
-        self.emit[row] = stored is None and not context_only
-        self.unsettled.append(row)
-        self.last = row
-        self._wait(row - 1)
-        out = []
-        while self.unsettled and (self.unsettled[0] + 1 < row
-                                  or (self.unsettled[0] + 1 == row and not self.fits.get(row))):
-            out += self._settle(self.unsettled.pop(0))
-        return out
-
-    def finish(self) -> list[EncodedRow]:
-        out = []
-        try:
-            for r in list(self.fits):
-                self._wait(r)
-            while self.unsettled:
-                out += self._settle(self.unsettled.pop(0))
-        finally:
-            if self.pool is not None:
-                self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool, self.last = None, None
-            self.rows.clear()
-            self.fits.clear()
-            self.emit.clear()
-            self.unsettled.clear()
-        return out
-
-    def _wait(self, r: int) -> None:
-        """Row ``r``'s fits done (an error in one raised here)."""
-        for f in self.fits.pop(r, ()):
-            f.result()
-
-    def _settle(self, r: int) -> list[EncodedRow]:
-        tiles = self.rows[r]
-        if self.emit.get(r):
-            self.chooser.settle_row(tiles, self.rows.get(r - 1), self.rows.get(r + 1))
-        self.rows.pop(r - 1, None)              # nobody's neighbour any more
-        if not self.emit.pop(r, False):
-            return []
-        return [EncodedRow(r, [t.data for t in tiles], [(t.kind, t.psnr) for t in tiles])]

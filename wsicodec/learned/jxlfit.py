@@ -69,7 +69,8 @@ class TileFit:
     level in dB)."""
 
     data: bytes
-    pixels: np.ndarray
+    #: None once the auto encoder keeps the coding only for its bytes (a fix-up's stand-by)
+    pixels: np.ndarray | None
     psnr: float
     setting: float | None
     #: the bytes this codec would take at exactly the target PSNR: this coding's size scaled
