@@ -26,7 +26,7 @@ from wsicodec.errors import CorruptDataError, InvalidSettingError
 
 from .choice import KINDS, TileChooser
 from .levelencoder import MixedLevelEncoder
-from .codec import DEFAULT_MARGIN, DEFAULT_MAX_BATCH, LearnedCodec, _int_in, check_stitched
+from .codec import DEFAULT_MARGIN, LearnedCodec, _int_in, check_stitched
 from .decoder import TileDecoder
 from .encoder import Box, TileEncoder
 from .grid import KIND_BARE, Shape
@@ -125,7 +125,7 @@ class AutoCodec(TileCodec):
                  jpeg2000_margin: int = J2K_MARGIN, scanner_tiles: bool = True, recovered_jpeg: bool = True,
                  model: str | None = None, device: str = "cpu",
                  margin: int = DEFAULT_MARGIN, model_id: str | None = None, precision: str = "float32",
-                 max_batch: int | None = DEFAULT_MAX_BATCH) -> None:
+                 max_batch: int | None = None) -> None:
         floor = check_min_psnr(min_psnr)
         effort = _int_in("effort", effort, 1, 9)
         if not (isinstance(seam_search, int) and not isinstance(seam_search, bool)

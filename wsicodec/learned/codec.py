@@ -33,8 +33,9 @@ MAX_REFINE = 1000
 #: on he/test (bench/README.md, "Stitched tiles")
 DEFAULT_MARGIN = 16
 MAX_MARGIN = 64
-#: g_s windows per pass unless the codec is told otherwise
-DEFAULT_MAX_BATCH = 16
+#: g_s windows per pass unless the codec is told otherwise: on a GPU, and on the CPU, where
+#: larger passes ran slower per tile and held more memory (bench/README.md, "Memory")
+DEFAULT_MAX_BATCH, CPU_MAX_BATCH = 16, 4
 #: options of this machine, not of the data: :func:`~wsicodec.codecs.codec_from_dict`
 #: never takes them from a container (a stored ``model`` path is ignored); a reader
 #: passes its own ``device``, ``precision`` and ``max_batch``
@@ -106,7 +107,7 @@ class LearnedCodec(TileCodec):
     def __init__(self, quality: float | None = None, model: str | None = None,
                  device: str = "cpu", margin: int = DEFAULT_MARGIN, model_id: str | None = None,
                  refine: int = 0, precision: str = "float32",
-                 max_batch: int | None = DEFAULT_MAX_BATCH) -> None:
+                 max_batch: int | None = None) -> None:
         precision = check_precision(precision)
         refine = _int_in("refine", refine, 0, MAX_REFINE)
         margin = _int_in("margin", margin, 0, MAX_MARGIN)
@@ -122,7 +123,7 @@ class LearnedCodec(TileCodec):
             model_id = check_model_id(model_id)
         dev = resolve_device(device)
         if max_batch is None:
-            max_batch = 4 if dev.type == "cpu" else 16
+            max_batch = CPU_MAX_BATCH if dev.type == "cpu" else DEFAULT_MAX_BATCH
         loaded = load_model_for(model_id, model)          # the slow part: last
         for k, v in (("quality", q), ("precision", precision), ("refine", refine), ("margin", margin),
                      ("max_batch", max_batch), ("device", dev), ("loaded", loaded),
