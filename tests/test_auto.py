@@ -168,7 +168,9 @@ def test_min_psnr_out_of_range_is_refused(bad):
 
 def test_encoder_decodes_in_small_batches_on_the_cpu_while_readers_keep_theirs():
     from wsicodec.learned.auto import CPU_ENCODE_BATCH
-    codec = get_codec("auto", 4)                                   # readers: 16 windows a pass
+    from wsicodec.learned.codec import CPU_MAX_BATCH
+    assert get_codec("auto", 4).decoder.synthesis.max_batch == CPU_MAX_BATCH     # the CPU's default
+    codec = get_codec("auto", 4, max_batch=16)                     # readers: 16 windows a pass
     assert codec.decoder.synthesis.max_batch == 16
     assert codec.chooser.decoder.synthesis.max_batch == CPU_ENCODE_BATCH < 16
     small = get_codec("auto", 4, max_batch=2)                     # never more than asked
