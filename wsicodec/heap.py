@@ -7,7 +7,8 @@ the process holds on to, so its resident memory creeps up with the tiles worked 
 (``bench/memory_scaling.py`` measures it).  ``malloc_trim(0)`` returns the free pages of
 every arena, holes included; it takes milliseconds and holds the arenas' locks meanwhile,
 so :func:`release_freed_memory` does it at most once per ``min_interval`` seconds,
-process-wide, from whichever thread finishes a unit of work (a g_s pass, a tile row).
+process-wide, from whichever thread finishes a unit of work (a batch of tiles decoded, a
+tile row written).
 Elsewhere than glibc it does nothing.
 """
 
@@ -20,7 +21,7 @@ import time
 from typing import Callable
 
 #: the least time between two trims, in seconds
-MIN_INTERVAL = 0.5
+MIN_INTERVAL = 2.0
 
 _lock = threading.Lock()
 _last = -float("inf")

@@ -18,7 +18,6 @@ from typing import Any, Hashable, Sequence
 
 import numpy as np
 
-from wsicodec.heap import release_freed_memory
 from wsicodec.lru import ByteLRU
 
 from .tileformat import PIXEL_STRIDE
@@ -140,8 +139,6 @@ class Synthesis:
             for it in batch:
                 it[2].set_exception(e)
             return
-        del y
-        release_freed_memory()          # g_s freed its layers' outputs: hand them back now and then
         for k, (_, box, fut) in enumerate(batch):
             if box is not None:
                 top, left = box[0] - whole[0], box[1] - whole[1]
