@@ -434,7 +434,7 @@ def test_a_wide_row_goes_through_g_a_a_few_regions_at_a_time(tissue, monkeypatch
         return real(self, x, *a, **kw)
 
     monkeypatch.setattr(type(chooser.net), "transform", transform)
-    monkeypatch.setattr(chooser.decoder, "max_batch", 2)
+    monkeypatch.setattr(type(chooser.decoder), "max_batch", property(lambda self: 2))
     batched = _encode(codec, img)
     assert sizes and max(sizes) <= 2 and sum(1 for s in sizes if s == 2) >= 2
     assert [er.tiles for er in batched.values()] == [er.tiles for er in one_pass.values()]

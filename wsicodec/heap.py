@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import threading
 import time
 from typing import Callable
@@ -25,23 +26,17 @@ MIN_INTERVAL = 2.0
 
 _lock = threading.Lock()
 _last = -float("inf")
-_trim: Callable[[int], int] | None = None
-_looked = False
 
 
+@functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None where the C library has none."""
-    global _trim, _looked
-    if not _looked:
-        _looked = True
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            fn = libc.malloc_trim
-            fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-            _trim = fn
-        except (OSError, AttributeError):
-            _trim = None
-    return _trim
+    """glibc's ``malloc_trim``, or None where the C library has none (looked up once)."""
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return fn
 
 
 def release_freed_memory(min_interval: float = MIN_INTERVAL) -> bool:

@@ -115,13 +115,16 @@ class TileDecoder:
         self.entropy_device = device if getattr(device, "type", "cpu") == "cuda" else _cpu()
         self.synthesis = Synthesis(loaded.on(device), device, max_batch, precision)
         self.device, self.precision = device, precision
-        #: most windows per g_s pass (and, in the auto encoder, regions per g_a pass)
-        self.max_batch = max_batch
         #: whether a grid may also hold bare tiles (the ``auto`` codec's)
         self.mixed = mixed
         #: px beyond each edge of the tile a JPEG 2000 codestream of this grid may hold (cropped)
         self.jpeg2000_margin = jpeg2000_margin
         self._g_a_lock = threading.Lock()
+
+    @property
+    def max_batch(self) -> int:
+        """Most windows per g_s pass (and, in the auto encoder, regions per g_a pass)."""
+        return self.synthesis.max_batch
 
     # ------------------------------------------------------------- one tile's steps
     def check_model(self, hd: TileHeader, name: str) -> None:
