@@ -438,3 +438,37 @@ def test_a_wide_row_goes_through_g_a_a_few_regions_at_a_time(tissue, monkeypatch
     batched = _encode(codec, img)
     assert sizes and max(sizes) <= 2 and sum(1 for s in sizes if s == 2) >= 2
     assert [er.tiles for er in batched.values()] == [er.tiles for er in one_pass.values()]
+
+
+def test_settled_rows_keep_only_what_the_row_below_reads(tissue, monkeypatch):
+    """A settled row stays only as the row above of the next (a wide slide holds hundreds
+    of tiles a row): no source pixels, margin or standing-by codings, and only the
+    stitching ring of its latents; every tile still reaches the floor as readers show it.
+    Tiles waiting for stage 2 keep no decoded pixels of a coding they do not show."""
+    from wsicodec.learned.synthesis import STITCH_RING
+
+    img = np.ascontiguousarray(tissue[200:712, 200:584])            # 4 x 3 tiles
+    floor = 30.0
+    codec = get_codec("auto", 4, min_psnr=floor)
+    chooser = codec.chooser
+    seen = {"above": 0, "waiting": 0}
+    real = type(chooser).settle_row
+
+    def settle_row(self, tiles, above, below):
+        for t in above or ():
+            assert t.source is None and t.around is None and t.carried is None
+            assert t.inner is None or t.fit is None
+            if t.context is not None:
+                assert t.context.shape[-2] <= STITCH_RING
+            seen["above"] += 1
+        for t in [*tiles, *(below or ())]:
+            for fit in (t.fit, t.carried):
+                if fit is not None and t.data != fit.data:
+                    assert fit.pixels is None
+            seen["waiting"] += 1
+        return real(self, tiles, above, below)
+
+    monkeypatch.setattr(type(chooser), "settle_row", settle_row)
+    out = _encode(codec, img)
+    assert seen["above"] == 3 * 3 and seen["waiting"] > 0
+    _check_floor_and_records(codec, img, out, floor, 0.05)

@@ -44,22 +44,23 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
 
+from wsicodec.heap import release_freed_memory
 from wsicodec.jpegrecover import KIND as RECOVERED_JPEG
 from wsicodec.scannertiles import KIND_JPEG, KIND_JPEG2000
 
 from .encoder import align_to_grid, check_box, check_region
 from .glass import SIDES, bare_edges, blend_toward_glass, decode_glass, encode_glass, uniform_fit
 from .grid import glass_edges
-from .j2kfit import ALL_SIDES, Sides, fit_jpeg2000_tile, tile_sides, with_margin
+from .j2kfit import fit_jpeg2000_tile, tile_sides, with_margin
 from .jxlfit import TileFit, fit_jpegxl, tile_psnr
 from .sourcefit import carried_fit, cost, price_of_error, priced_fit, recovered_fit
 from .stepsearch import StepSearch, quality_steps
 from .synthesis import STITCH_RING, stitch_window
+from .tilestate import TileState, drop_stage_1_state
 from .tileformat import (KIND_FIXUP, KIND_NETWORK_MIXED, KIND_PLANE, KIND_PLANE_MIXED,
                          LATENT_STRIDE, MAGIC, PIXEL_STRIDE, PLANE_KINDS, VERSION, fixup_parts, pack_fixup,
                          parse_header, with_kind)
@@ -76,40 +77,6 @@ FIT_THREADS = 2
 #: stage 2 keeps a network tile when its measured PSNR clears the floor by this much: a
 #: reader's g_s batches windows differently, which can move a few pixels by one level
 READER_SLACK_DB = 0.02
-@dataclass
-class _Tile:
-    """One tile's state between stage 1 and stage 2."""
-
-    col: int
-    source: np.ndarray                  #: the tile's pixels as coded (edge tiles padded)
-    valid: tuple[int, int]              #: its part inside the level
-    kind: str = ""
-    data: bytes = b""
-    psnr: float = math.nan
-    network: bytes | None = None        #: its network coding (a learned or fix-up tile's)
-    estimate: float = -math.inf         #: stage 1's PSNR estimate of ``network``
-    fit: TileFit | None = None          #: a classical coding reaching the floor, if made
-    context: Any = None                 #: the latents it gives its neighbours (lazy for bare tiles)
-    inner: bytes | None = None          #: the learned tile its neighbours see (None: a bare tile)
-    latents: Any = None                 #: gained (y, z) of ``network``, kept for the seam search
-    around: np.ndarray | None = None    #: the tile with the JPEG 2000 margin (None: no margin)
-    carried: TileFit | None = None      #: the scanner's own tile (or its JPEG recovered), if it reaches the floor
-    sides: Sides = ALL_SIDES            #: which of its edges meet another tile
-
-
-def _drop_stage_1_state(t: _Tile) -> None:
-    """What stage 1 alone needed of ``t``, dropped (a wide slide's rows hold hundreds of
-    tiles until stage 2): the JPEG 2000 margin and the source's coding once a classical
-    coding stands by, and that coding's pixels unless the tile shows them (a bare tile).
-    Stage 2's fix-up takes the standing-by coding's bytes and PSNR alone."""
-    if t.fit is not None or t.carried is not None:
-        t.around = None
-    if t.fit is not None and t.carried is not t.fit:
-        t.carried = None
-    if t.fit is not None and t.data != t.fit.data:
-        t.fit = replace(t.fit, pixels=None)
-
-
 class TileChooser:
     """The two stages for one ``auto`` codec: its network (``net`` on ``device``, in
     ``precision``), a mixed decoder (the readers' functions), a network encoder per
@@ -136,7 +103,7 @@ class TileChooser:
     # ------------------------------------------------------------------ stage 1
     def choose_row(self, regions: Sequence[np.ndarray], boxes: Sequence[tuple[int, int, int, int]],
                    valid: Sequence[tuple[int, int]] | None, pool: Executor,
-                   scanned: Sequence[bytes | None] | None = None) -> tuple[list[_Tile], list[Future]]:
+                   scanned: Sequence[bytes | None] | None = None) -> tuple[list[TileState], list[Future]]:
         """Stage 1 for one row's tiles: glass, the scanner's own tile (``scanned``, each
         tile's or None) and the network here, the classical fits submitted to ``pool``;
         the row is decided once the futures returned are done.  A tile's choice depends
@@ -147,7 +114,7 @@ class TileChooser:
             check_box(region, box)
             top, left, h, w = box
             src = np.ascontiguousarray(region[top:top + h, left:left + w])
-            t = _Tile(i, src, tuple(valid[i]) if valid is not None else (h, w))
+            t = TileState(i, src, tuple(valid[i]) if valid is not None else (h, w))
             t.sides = tile_sides(region, box, t.valid)
             if self.jpeg2000 and self.j2k_margin:
                 t.around = with_margin(region, box, self.j2k_margin)
@@ -162,7 +129,7 @@ class TileChooser:
                       [boxes[i] for i in network])
         return tiles, [pool.submit(self._versus_classical, tiles[i]) for i in network]
 
-    def _glass(self, t: _Tile) -> bool:
+    def _glass(self, t: TileState) -> bool:
         fit = uniform_fit(t.source)
         if fit is None:
             return False
@@ -175,7 +142,7 @@ class TileChooser:
         t.context = self.decoder.latents(data, hd, "glass tile")
         return True
 
-    def _network(self, tiles: list[_Tile], regions: list[np.ndarray], boxes: list) -> None:
+    def _network(self, tiles: list[TileState], regions: list[np.ndarray], boxes: list) -> None:
         """g_a once per region (at most the decoder's ``max_batch`` regions a pass, so a
         wide slide's row costs no more memory than a narrow one's); a search over the quality
         steps on estimated PSNRs (g_s over the region's latents with the tile's rounded at
@@ -199,6 +166,8 @@ class TileChooser:
                     y = self.net.transform(x, self.precision)
                     for j, k in enumerate(idx):
                         y_u[k] = y[j:j + 1].float().cpu()
+                    del x, y
+                    release_freed_memory()      # g_a's activations: a wide row makes many
         # per tile: the codec's own step first; then the steps its search asks for
         # (:class:`~wsicodec.learned.stepsearch.StepSearch`), all tiles' in one g_s batch
         searches = [StepSearch(len(self.steps), self.floor + ESTIMATE_MARGIN_DB) for _ in tiles]
@@ -212,6 +181,8 @@ class TileChooser:
                     raise px
                 searches[k].record(tile_psnr(px, tiles[k].source, tiles[k].valid))
             todo = [k for k in todo if searches[k].next is not None]
+            del pixels
+            release_freed_memory()
         for k, t in enumerate(tiles):
             found = searches[k]
             if found.chosen is None:
@@ -255,7 +226,7 @@ class TileChooser:
         data, y_hat = self.encoder_at(quality).code_and_reconstruct(y, z, h, w, VERSION)
         return data, self.decoder.ungain(y_hat, quality), (y, z)
 
-    def fit(self, t: _Tile, target: float, budget: float | None) -> TileFit | None:
+    def fit(self, t: TileState, target: float, budget: float | None) -> TileFit | None:
         """The classical coding of ``t`` reaching ``target`` dB in the fewest bytes at that
         PSNR (:attr:`~wsicodec.learned.jxlfit.TileFit.equal_bytes`): JPEG-XL, then (when
         this codec fits it) JPEG 2000 under JPEG-XL's bytes, with the tile's margin or
@@ -270,7 +241,7 @@ class TileChooser:
                                 reference=None if jxl is None else jxl.pixels, around=t.around, sides=t.sides)
         return jxl if j2k is None else j2k
 
-    def _versus_classical(self, t: _Tile) -> None:
+    def _versus_classical(self, t: TileState) -> None:
         """A classical codec where the network misses the floor, or where one reaches the
         network's PSNR in fewer bytes (compared at that PSNR exactly:
         :attr:`~wsicodec.learned.jxlfit.TileFit.equal_bytes`; the coding kept reaches it or
@@ -300,21 +271,21 @@ class TileChooser:
         if c is not None and t.kind not in (c.codec, "glass") \
                 and cost(len(c.data), c.psnr, t.valid, self.price) < self._cost(t):
             self._take(t, c)
-        _drop_stage_1_state(t)
+        drop_stage_1_state(t)
 
     @staticmethod
-    def _take(t: _Tile, fit: TileFit) -> None:
+    def _take(t: TileState, fit: TileFit) -> None:
         """``t`` coded as the bare tile ``fit`` (its kind's name from the codec; the
         latents it gives its neighbours made lazily, from its pixels)."""
         t.kind = "jpegxl-lossless" if fit.lossless else fit.codec
         t.data, t.psnr, t.context, t.inner, t.fit = fit.data, fit.psnr, None, None, fit
 
-    def _cost(self, t: _Tile) -> float:
+    def _cost(self, t: TileState) -> float:
         """The cost of ``t``'s coding as chosen so far at the quality's price of error (a
         network tile at its stage-1 estimate)."""
         return cost(len(t.data), t.estimate if t.kind == "learned" else t.psnr, t.valid, self.price)
 
-    def _at_price(self, t: _Tile, fit: TileFit | None) -> None:
+    def _at_price(self, t: TileState, fit: TileFit | None) -> None:
         """A classical coding of ``t`` above the one chosen where it costs less at the
         quality's price of error (:func:`~wsicodec.learned.sourcefit.priced_fit`), fitted
         from ``fit`` (the classical coding at the tile's target) or, where JPEG-XL could not
@@ -330,11 +301,11 @@ class TileChooser:
         if found is not None:
             self._take(t, found)
 
-    def stored_tile(self, col: int, data: bytes, size: tuple[int, int]) -> _Tile:
+    def stored_tile(self, col: int, data: bytes, size: tuple[int, int]) -> TileState:
         """A tile an earlier run wrote (a resumed run's context): its latents as readers
         compute them from its bytes."""
         data = bytes(data)
-        t = _Tile(col, np.zeros((*size, 3), np.uint8), (0, 0), data=data)       # its size, no pixels
+        t = TileState(col, np.zeros((*size, 3), np.uint8), (0, 0), data=data)       # its size, no pixels
         if data[:4] != MAGIC:
             t.kind = "bare"
             return t
@@ -344,28 +315,29 @@ class TileChooser:
         return t
 
     # ------------------------------------------------------------------ stage 2
-    def _synthesize(self, windows: list, tiles: list[_Tile]) -> list[np.ndarray]:
+    def _synthesize(self, windows: list, tiles: list[TileState]) -> list[np.ndarray]:
         """g_s over stitched windows ((window, top, left) each), cropped to each tile."""
         boxes = [(top, left, *t.source.shape[:2]) for (_, top, left), t in zip(windows, tiles)]
         pixels = self.decoder.synthesize([w[0] for w in windows], boxes)
+        release_freed_memory()
         for px in pixels:
             if isinstance(px, BaseException):
                 raise px
         return pixels
 
-    def pixels(self, t: _Tile) -> np.ndarray:
+    def pixels(self, t: TileState) -> np.ndarray:
         """A bare tile's decoded pixels."""
         if t.fit is not None and t.data == t.fit.data:
             return t.fit.pixels
-        return self.decoder.bare_pixels(t.data, t.source.shape, "tile")
+        return self.decoder.bare_pixels(t.data, t.shape, "tile")
 
-    def context(self, t: _Tile) -> Any:
+    def context(self, t: TileState) -> Any:
         """The latents ``t`` gives its neighbours' stitching, as readers compute them."""
         if t.context is None:
             t.context = self.decoder.pixel_latents(self.pixels(t))
         return t.context
 
-    def _search_seams(self, t: _Tile, around: dict, first: list, k: int, sides: dict, seen_by: list,
+    def _search_seams(self, t: TileState, around: dict, first: list, k: int, sides: dict, seen_by: list,
                       edges: Any) -> None:
         """The seam search of a network tile beside bare tiles
         (:func:`~wsicodec.learned.seamsearch.search_tile`), kept when what readers show of
@@ -381,7 +353,7 @@ class TileChooser:
             t.data = t.network = t.inner = data
             t.context, first[k] = centre, px
 
-    def _meet(self, t: _Tile, px: np.ndarray, planes: dict, sides: dict | None) -> np.ndarray:
+    def _meet(self, t: TileState, px: np.ndarray, planes: dict, sides: dict | None) -> np.ndarray:
         """What readers show of network tile ``t`` decoded as ``px``: drawn toward its plane
         glass neighbours' edges ``planes`` and, as kind 5, toward its bare
         neighbours' (``sides``: side → pixels) where that leaves its PSNR no lower than
@@ -397,7 +369,7 @@ class TileChooser:
         t.data = t.network = t.inner = with_kind(t.data, KIND_NETWORK_MIXED)
         return drawn
 
-    def settle_row(self, tiles: list[_Tile], above: list[_Tile] | None, below: list[_Tile] | None) -> None:
+    def settle_row(self, tiles: list[TileState], above: list[TileState] | None, below: list[TileState] | None) -> None:
         """Stage 2: each network tile of ``tiles`` decoded stitched with its neighbours
         (``above``, ``below``: the rows around it, None at the level's edge), and each
         plane glass tile drawn toward its plane neighbours (kind 4: and its bare
@@ -405,11 +377,11 @@ class TileChooser:
         still under it becomes a fix-up tile around what its neighbours see."""
         rows = {-1: above, 0: tiles, 1: below}
 
-        def neighbour(t: _Tile, dr: int, dc: int) -> _Tile | None:
+        def neighbour(t: TileState, dr: int, dc: int) -> TileState | None:
             row, c = rows[dr], t.col + dc
             return row[c] if row is not None and 0 <= c < len(row) else None
 
-        def edges(t: _Tile) -> dict:
+        def edges(t: TileState) -> dict:
             hd = parse_header(t.inner)
             around = {}
             for dr, dc in SIDES:
@@ -418,7 +390,7 @@ class TileChooser:
                     around[(dr, dc)] = (nb.inner, parse_header(nb.inner))
             return glass_edges(hd, around, lambda d: "tile")
 
-        def bare_sides(t: _Tile) -> dict:
+        def bare_sides(t: TileState) -> dict:
             return {(dr, dc): self.pixels(nb) for dr, dc in SIDES
                     if (nb := neighbour(t, dr, dc)) is not None and nb.inner is None}
 

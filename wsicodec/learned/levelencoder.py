@@ -13,7 +13,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from wsicodec.codecs import EncodedRow, LevelEncoder
 from wsicodec.errors import InvalidSettingError
 
-from .choice import FIT_THREADS, TileChooser, _Tile
+from .choice import FIT_THREADS, TileChooser
+from .tilestate import TileState, retire_row
 
 
 class MixedLevelEncoder(LevelEncoder):
@@ -25,7 +26,7 @@ class MixedLevelEncoder(LevelEncoder):
 
     def __init__(self, chooser: TileChooser) -> None:
         self.chooser = chooser
-        self.rows: dict[int, list[_Tile]] = {}
+        self.rows: dict[int, list[TileState]] = {}
         self.fits: dict[int, list[Future]] = {}     #: a row's classical fits not yet waited for
         self.emit: dict[int, bool] = {}
         self.unsettled: list[int] = []              #: rows pushed, not yet settled, in order
@@ -84,6 +85,7 @@ class MixedLevelEncoder(LevelEncoder):
         if self.emit.get(r):
             self.chooser.settle_row(tiles, self.rows.get(r - 1), self.rows.get(r + 1))
         self.rows.pop(r - 1, None)              # nobody's neighbour any more
+        retire_row(tiles)                       # the row above of r + 1 alone now
         if not self.emit.pop(r, False):
             return []
         return [EncodedRow(r, [t.data for t in tiles], [(t.kind, t.psnr) for t in tiles])]
