@@ -395,7 +395,7 @@ def _write_streamed(writer: ContainerWriter, source: SlideSource, plan: PyramidP
             stored = None if todo[1] else writer.stored_row(lv, r)
             pending.append(pool.submit(_push_row, enc, lv, r, tiles, valid, stored, gap,
                                        r == grid.rows - 1, scanned.row(enc, lv, r)))
-            while len(pending) > 2:
+            while len(pending) > 1:         # one row coding while the next strip is read
                 write(*pending.popleft().result())
         while pending:
             write(*pending.popleft().result())
