@@ -26,7 +26,7 @@ class ContextTile:
     """A padded tile with up to ``margin`` pixels of its neighbours around it."""
 
     col: int
-    region: np.ndarray                   #: (h, w, 3) uint8
+    region: np.ndarray                   #: (h, w, 3) uint8, a read-only view of its strip
     box: tuple[int, int, int, int]       #: (top, left, height, width) of the tile in region
 
 
@@ -69,7 +69,8 @@ def iter_context_tiles(ext: np.ndarray, top: int, tile_size: int, margin: int
     """Cut a context-grown strip (see :func:`iter_context_strips`) into tiles with margins.
 
     Columns are edge-padded to whole tiles first, like
-    :func:`~wsicodec.tiling.pyramid.iter_tiles`.
+    :func:`~wsicodec.tiling.pyramid.iter_tiles`.  Regions are read-only views of the
+    strip, not copies: a row of a wide slide queued for coding holds its strip once.
     """
     t = tile_size
     w = ext.shape[1]
@@ -79,4 +80,6 @@ def iter_context_tiles(ext: np.ndarray, top: int, tile_size: int, margin: int
     for col in range(cols):
         x0 = col * t
         xa, xb = max(0, x0 - margin), min(cols * t, x0 + t + margin)
-        yield ContextTile(col, np.ascontiguousarray(ext[:, xa:xb]), (top, x0 - xa, t, t))
+        region = ext[:, xa:xb]
+        region.flags.writeable = False
+        yield ContextTile(col, region, (top, x0 - xa, t, t))
