@@ -305,7 +305,7 @@ class TileChooser:
         """A tile an earlier run wrote (a resumed run's context): its latents as readers
         compute them from its bytes."""
         data = bytes(data)
-        t = TileState(col, np.zeros((*size, 3), np.uint8), (0, 0), data=data)       # its size, no pixels
+        t = TileState(col, None, (0, 0), data=data, shape=(*size, 3))          # its size, no pixels
         if data[:4] != MAGIC:
             t.kind = "bare"
             return t
@@ -317,7 +317,7 @@ class TileChooser:
     # ------------------------------------------------------------------ stage 2
     def _synthesize(self, windows: list, tiles: list[TileState]) -> list[np.ndarray]:
         """g_s over stitched windows ((window, top, left) each), cropped to each tile."""
-        boxes = [(top, left, *t.source.shape[:2]) for (_, top, left), t in zip(windows, tiles)]
+        boxes = [(top, left, *t.shape[:2]) for (_, top, left), t in zip(windows, tiles)]
         pixels = self.decoder.synthesize([w[0] for w in windows], boxes)
         release_freed_memory()
         for px in pixels:

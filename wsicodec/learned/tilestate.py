@@ -60,11 +60,10 @@ def drop_stage_1_state(t: TileState) -> None:
     PSNR alone."""
     if t.fit is not None or t.carried is not None:
         t.around = None
-    if t.fit is not None and t.carried is not t.fit:
-        t.carried = None
-    same = t.carried is t.fit
+    if t.fit is not None:
+        t.carried = None                # stage 2 falls back on it only where no fit stands by
     t.fit = _without_pixels(t.fit, t)
-    t.carried = t.fit if same else _without_pixels(t.carried, t)
+    t.carried = _without_pixels(t.carried, t)
 
 
 def retire_row(tiles: list[TileState]) -> None:
