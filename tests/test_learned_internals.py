@@ -434,3 +434,17 @@ def test_reconstruction_moves_pixels_never_symbols(tissue, monkeypatch):
     assert codec.encode(tile) == data                       # the encoder does not use it
 
 
+
+
+def test_latents_kept_for_neighbours_hold_no_autograd_graph(tissue):
+    """A loaded model needs no gradients, so what is derived from it and kept (a reader's
+    latent cache, the auto encoder's rows of latents) is the tensor alone: a latent
+    divided by its gain once kept the gained latent alive beside it, twice the memory."""
+    from wsicodec.learned.tileformat import parse_header
+
+    codec = LearnedCodec(4)
+    data = codec.encode(np.ascontiguousarray(tissue[:256, :256]))
+    lat = codec.decoder.latents(data, parse_header(data), "tile")
+    assert lat.shape[1] == codec.decoder.model.config.M
+    assert not lat.requires_grad and lat.grad_fn is None
+    assert not any(p.requires_grad for p in load_model().model.parameters())

@@ -268,7 +268,9 @@ def load_model(path: str | os.PathLike | None = None) -> LoadedModel:
         except (RuntimeError, ValueError, TypeError, KeyError) as exc:   # tensors of other shapes
             raise InvalidSettingError(f"{p}: its tensors do not fit the network its config describes "
                                       f"({' '.join(str(exc).split())[:200]})") from None
-        model.eval()
+        # inference only: an output that needs no gradient holds no autograd graph (a
+        # latent divided by a gain kept the undivided latent alive beside it)
+        model.eval().requires_grad_(False)
         loaded = LoadedModel(model, hashlib.sha256(data).hexdigest(), p, dict(state.get("provenance") or {}))
         _cache[p] = loaded
         return loaded
