@@ -18,7 +18,8 @@ from wsicodec.tiling import ArraySource, iter_strips, plan_pyramid
 from wsicodec.tiling.pyramid import downsample2
 
 
-@pytest.mark.parametrize("shape,tile,margin", [((301, 219), 64, 8), ((130, 700), 32, 5), ((64, 64), 16, 16)])
+@pytest.mark.parametrize("shape,tile,margin", [((301, 219), 64, 8), ((130, 700), 32, 5), ((64, 64), 16, 16),
+                                              ((100, 70), 32, 0)])
 def test_context_regions_match_the_padded_level(shape, tile, margin):
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)

@@ -34,25 +34,35 @@ def iter_context_strips(strips: Iterator[Strip], plan: PyramidPlan, margin: int
                         ) -> Iterator[tuple[Strip, np.ndarray, int]]:
     """(strip, strip grown by ``margin`` rows of the strips above and below, rows added on top).
 
-    Holds one strip per level until the next one of that level arrives; the
-    strip's own rows are edge-padded to the tile size first.
+    Holds one strip per level until the next one of that level arrives, and ``margin``
+    rows of the one before it (a copy); the strip yielded is a view of its rows in the
+    grown one, so a consumer holding both holds the pixels once.  The strip's own rows
+    are edge-padded to the tile size first.
     """
     t = plan.tile_size
     held: dict[int, tuple[Strip, np.ndarray]] = {}   # level -> (strip, rows of the strip above)
     empty = np.zeros((0, 0, 3), np.uint8)
     for s in strips:
         last_row = plan.levels[s.level].grid.rows - 1
+        above = empty
         if s.level in held:
-            h, above = held.pop(s.level)
-            below = s.pixels[:margin]
-            yield h, _stack(above, _pad_rows(h.pixels, t), below), len(above)
-            above = h.pixels[-margin:]
-        else:
-            above = empty
+            h, prev = held.pop(s.level)
+            out = _grown(h, prev, s.pixels[:margin], t)
+            above = h.pixels[h.pixels.shape[0] - margin:].copy()    # not a view: the strip goes
+            del h, prev
+            yield out
+            del out
         if s.row == last_row:
-            yield s, _stack(above, _pad_rows(s.pixels, t), empty), len(above)
+            yield _grown(s, above, empty, t)
         else:
             held[s.level] = (s, above)
+
+
+def _grown(s: Strip, above: np.ndarray, below: np.ndarray, t: int) -> tuple[Strip, np.ndarray, int]:
+    """``s`` with ``above`` and ``below`` stacked on it, and ``s`` as a view of its rows there."""
+    ext = _stack(above, _pad_rows(s.pixels, t), below)
+    top = len(above)
+    return Strip(s.level, s.row, ext[top:top + s.pixels.shape[0]]), ext, top
 
 
 def _pad_rows(p: np.ndarray, t: int) -> np.ndarray:
