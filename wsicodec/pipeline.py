@@ -387,7 +387,9 @@ def _write_streamed(writer: ContainerWriter, source: SlideSource, plan: PyramidP
             todo = [(lv, k) not in done for k in (r - 1, r, r + 1)]
             if not any(todo):
                 continue                 # held, and no neighbour of a row to code
-            enc = encoders.setdefault(lv, codec.level_encoder(lv))
+            if lv not in encoders:
+                encoders[lv] = codec.level_encoder(lv)
+            enc = encoders[lv]
             gap = lv in last_pushed and last_pushed[lv] != r - 1
             last_pushed[lv] = r
             tiles = list(iter_context_tiles(ext, top, t, margin))

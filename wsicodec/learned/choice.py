@@ -113,11 +113,15 @@ class TileChooser:
             region = check_region(region)
             check_box(region, box)
             top, left, h, w = box
-            src = np.ascontiguousarray(region[top:top + h, left:left + w])
-            t = TileState(i, src, tuple(valid[i]) if valid is not None else (h, w))
-            t.sides = tile_sides(region, box, t.valid)
+            around = None
             if self.jpeg2000 and self.j2k_margin:
-                t.around = with_margin(region, box, self.j2k_margin)
+                m = self.j2k_margin
+                around = with_margin(region, box, m)
+                src = around[m:m + h, m:m + w]          # the tile held once: a view of its margin
+            else:
+                src = np.ascontiguousarray(region[top:top + h, left:left + w])
+            t = TileState(i, src, tuple(valid[i]) if valid is not None else (h, w), around=around)
+            t.sides = tile_sides(region, box, t.valid)
             if not self._glass(t):
                 network.append(i)
                 if scanned is not None and self.scanner_tiles and scanned[i] is not None:

@@ -24,7 +24,8 @@ class TileState:
     """One tile's state between stage 1 and stage 2 (:mod:`~wsicodec.learned.choice`)."""
 
     col: int
-    source: np.ndarray | None           #: the tile's pixels as coded (edge tiles padded; None once retired)
+    source: np.ndarray | None           #: the tile's pixels as coded (edge tiles padded; a view of ``around``
+                                        #: while that is held; None once a bare tile's or retired)
     valid: tuple[int, int]              #: its part inside the level
     kind: str = ""
     data: bytes = b""
@@ -52,14 +53,23 @@ def _without_pixels(fit: TileFit | None, t: TileState) -> TileFit | None:
     return replace(fit, pixels=None)
 
 
+def _drop_margin(t: TileState) -> None:
+    """``t`` without its JPEG 2000 margin, its source (a view of it) copied out."""
+    if t.around is not None and t.source is not None:
+        t.source = t.source.copy()
+    t.around = None
+
+
 def drop_stage_1_state(t: TileState) -> None:
     """What stage 1 alone needed of ``t``, dropped (a wide slide's rows hold hundreds of
-    tiles until stage 2): the JPEG 2000 margin and the source's coding once a classical
-    coding stands by, and the decoded pixels of the codings it keeps unless the tile
-    shows them (a bare tile).  Stage 2's fix-up takes the standing-by coding's bytes and
-    PSNR alone."""
-    if t.fit is not None or t.carried is not None:
-        t.around = None
+    tiles until stage 2): a bare tile's source (stage 2 measures network and glass tiles
+    alone), the JPEG 2000 margin and the source's coding once a classical coding stands
+    by, and the decoded pixels of the codings it keeps unless the tile shows them (a bare
+    tile).  Stage 2's fix-up takes the standing-by coding's bytes and PSNR alone."""
+    if t.inner is None:
+        t.source = t.around = None      # a bare tile: its neighbours read its coding's pixels
+    elif t.fit is not None or t.carried is not None:
+        _drop_margin(t)
     if t.fit is not None:
         t.carried = None                # stage 2 falls back on it only where no fit stands by
     t.fit = _without_pixels(t.fit, t)
