@@ -167,6 +167,10 @@ class OpenSlideSource:
 
     READ_CHUNK = 4096
     """Widest region asked of OpenSlide at once (wider reads are split into columns)."""
+    CACHE_BYTES = 4 << 20
+    """OpenSlide's cache of decoded tiles (its default: 32 MiB).  Sources are read a strip
+    at a time, so a scanner tile is decoded again only where its row straddles two strips,
+    a whole strip later: past what a cache holds of a wide slide, and cheap on a narrow one."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         """Raises UnsupportedFormatError / CorruptDataError if OpenSlide refuses the file."""
@@ -175,6 +179,7 @@ class OpenSlideSource:
         self.path = Path(path)
         try:
             self._slide = openslide.OpenSlide(str(path))
+            self._slide.set_cache(openslide.OpenSlideCache(self.CACHE_BYTES))
             props = dict(self._slide.properties)
             self.level_dimensions = tuple(tuple(int(v) for v in d)
                                           for d in self._slide.level_dimensions)
