@@ -48,10 +48,11 @@ DEFAULT_EFFORT = SEARCH_EFFORT
 LOCAL_OPTIONS = ("model", "device", "precision", "max_batch")
 #: what a container that does not record an option was written with (the option is newer)
 UNRECORDED = {"jpeg2000_margin": 0, "scanner_tiles": False, "recovered_jpeg": False}
-#: on the CPU, g_s windows per pass in the encoder's own decodes (stage 1's estimates,
-#: stage 2's measurements), whatever ``max_batch`` readers use: a whole slide's compress
-#: peaked ~240 MB higher at 16 and was no faster (the tcga slide, 2026-12-05)
-CPU_ENCODE_BATCH = 4
+#: on the CPU, g_s windows (and g_a regions) per pass in the encoder's own work (stage 1's
+#: g_a and estimates, stage 2's measurements), whatever ``max_batch`` readers use: a
+#: pass's activations are the largest transient of a compress, and on a 2-core CPU a
+#: window or region costs no more time in passes of 2 than of 4 or 16 (docs/auto-codec.md)
+CPU_ENCODE_BATCH = 2
 
 
 def _flag(name: str, value: Any) -> bool:
