@@ -179,7 +179,10 @@ class OpenSlideSource:
         self.path = Path(path)
         try:
             self._slide = openslide.OpenSlide(str(path))
-            self._slide.set_cache(openslide.OpenSlideCache(self.CACHE_BYTES))
+            try:
+                self._slide.set_cache(openslide.OpenSlideCache(self.CACHE_BYTES))
+            except openslide.OpenSlideVersionError:     # OpenSlide < 4 (a system library): its own
+                pass
             props = dict(self._slide.properties)
             self.level_dimensions = tuple(tuple(int(v) for v in d)
                                           for d in self._slide.level_dimensions)
