@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -137,8 +138,9 @@ def test_fast_transforms_match_g_a_and_g_s():
     assert fast.shape == ref.shape == (2, 3, 80, 112) and fast.is_contiguous()
     # same maps, other summation order: float32 rounding apart, relative to the output's scale
     assert (fast - ref).abs().max() <= 1e-5 * ref.abs().max()
+    trained = copy.deepcopy(model).requires_grad_(True)     # as training has it (load_model's needs none)
     with torch.enable_grad():       # training keeps the autograd-friendly g_s
-        assert model.synthesis(y, q).requires_grad
+        assert trained.synthesis(y, q).requires_grad
     x = torch.rand(2, 3, 64, 128, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         y_fast, z_fast = model.analysis(x, q)
