@@ -5,8 +5,8 @@
 
 ``--slides`` takes the shared slides' keys (``bench/slides.py``) and ``synthetic:WxH``:
 ``bench/memory_scaling.py``'s seeded mosaic slide of that size, built in the run's
-scratch folder (the shared slides are 6-16 MP, where the CLI's fixed start, importing
-torch, is a large part of the learned codec's time; real slides are 1-10 GP).
+scratch folder (the shared slides are 6-16 MP, real ones 1-10 GP: a wide slide shows
+whether the ratios hold where the CLI's fixed start is a small part of the time).
 
 Each step is the CLI in its own process (``wsicodec compress SLIDE OUT --codec C``, then
 ``wsicodec decompress OUT OUT.tiff``), default settings otherwise, so import and model
@@ -73,7 +73,7 @@ def _slide(key: str, tmp: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--slides", default="svs-jpeg,svs-jpeg2000", help="comma-separated slide keys")
+    ap.add_argument("--slides", default="svs-jpeg,svs-jpeg2000", help="comma-separated shared slide keys or synthetic:WxH")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "vs_jpegxl.json")
     args = ap.parse_args(argv)

@@ -434,8 +434,6 @@ def test_reconstruction_moves_pixels_never_symbols(tissue, monkeypatch):
     assert codec.encode(tile) == data                       # the encoder does not use it
 
 
-
-
 def test_latents_kept_for_neighbours_hold_no_autograd_graph(tissue):
     """A loaded model needs no gradients, so what is derived from it and kept (a reader's
     latent cache, the auto encoder's rows of latents) is the tensor alone: a latent
