@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from wsicodec.errors import CorruptDataError
-from wsicodec.learned.glass import (BLEND_FAR, BLEND_WIDTH, PLANE, UNIFORM_MAX_DEV, blend_toward_glass,
-                                    decode_glass, encode_glass, encode_uniform, plane_edge, plane_values,
-                                    uniform_colour, uniform_fit)
+from wsicodec.learned.glass import (BLEND_FAR, BLEND_WIDTH, PLANE, UNIFORM_MAX_DEV, UNIFORM_MAX_STD,
+                                    _uniform_fit_float, blend_toward_glass, decode_glass, encode_glass,
+                                    encode_uniform, plane_edge, plane_values, uniform_colour, uniform_fit)
 from wsicodec.learned.tileformat import KIND_PLANE, KIND_UNIFORM, PLANE_TILE_BYTES, VERSION, parse_header
 
 
@@ -279,3 +279,47 @@ def test_an_auto_container_an_older_release_wrote_reads_as_it_did(old_auto) -> N
         px = np.ascontiguousarray(np.asarray(s.read_region((0, 0), 0, s.dimensions))[..., :3])
     assert list(px.shape) == want["level0_shape"]
     assert hashlib.sha256(px.tobytes()).hexdigest() == want["level0_sha256"]
+
+
+def _same_fit(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    return np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_integer_glass_test_decides_every_tile_as_the_float_definition() -> None:
+    """uniform_fit's exact integer way gives _uniform_fit_float's verdict, colour and
+    outliers on tiles of every kind near its thresholds: noise around the std limit,
+    outliers around their limit, odd sizes, a view into a larger region."""
+    rng = np.random.default_rng(7)
+    verdicts = [0, 0]
+    for _ in range(400):
+        h, w = (int(v) for v in rng.integers(1, 160, 2))
+        sd = float(rng.choice([0.3, 1.0, 2.5, 3.0, 3.5, 5.0]))
+        tile = np.clip(rng.integers(0, 256, 3) + np.rint(rng.normal(0, sd, (h, w, 3))), 0, 255)
+        tile = tile.astype(np.uint8)
+        k = int(rng.choice([0, 0, rng.integers(1, 500)]))
+        if k:
+            tile.reshape(-1, 3)[rng.integers(0, h * w, k)] = rng.integers(0, 256, (k, 3))
+        want = _uniform_fit_float(tile)
+        verdicts[want is None] += 1
+        assert _same_fit(uniform_fit(tile), want), (h, w, sd, k)
+    assert min(verdicts) > 50          # both verdicts were tried, many times
+    region = _glass(300, 300, seed=3)
+    region[30:40, 40:50] = 0                        # 100 exact outliers in the view
+    view = region[20:276, 30:286]
+    assert view.base is not None and _same_fit(uniform_fit(view), _uniform_fit_float(view))
+    assert len(uniform_fit(view)[1]) == 100
+
+
+def test_glass_std_on_its_threshold_is_decided_by_float32_std() -> None:
+    """A channel whose exact std is the threshold goes the float32 std's way (here: not
+    over it, so glass), as it always did."""
+    tile = np.full((64, 64, 3), 200, np.uint8)
+    tile[:, ::2, 0] = 200 - int(UNIFORM_MAX_STD)
+    tile[:, 1::2, 0] = 200 + int(UNIFORM_MAX_STD)
+    want = _uniform_fit_float(tile)
+    assert want is not None and _same_fit(uniform_fit(tile), want)
+    tile[0, 0, 0] = 200 - int(UNIFORM_MAX_STD) - 1   # a little over: not glass either way
+    assert uniform_fit(tile) is None and _uniform_fit_float(tile) is None

@@ -63,8 +63,84 @@ BLEND_NEAR, BLEND_FAR = 10, 20
 _PLANE_ROWS = 256
 
 
+#: the most pixels whose channel sums float32 adds exactly (every partial sum of uint8
+#: values stays below 2**24): up to this size :func:`uniform_fit` works in integers
+_EXACT_MEAN_PIXELS = (1 << 24) // 255
+#: how near its threshold a channel's exact std must come before float32's own std,
+#: whose rounding error is orders of magnitude smaller, decides (relative)
+_STD_MARGIN = 1e-4
+_SQUARES = np.arange(256, dtype=np.int64) ** 2
+_LEVELS = np.arange(256, dtype=np.float32)
+
+
 def uniform_fit(tile: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """(mean RGB uint8, outlier coordinates (k, 2)) when ``tile`` is background, else None."""
+    """(mean RGB uint8, outlier coordinates (k, 2)) when ``tile`` is background, else None.
+
+    The test is :func:`_uniform_fit_float`'s, decided the same way for every tile. Up to
+    _EXACT_MEAN_PIXELS pixels it runs on exact integer sums instead of a float copy of the
+    tile: float32 adds those sums exactly, so the means are the same numbers; a pixel's
+    distance to a mean depends only on its value, so a 256-entry table per channel, made by
+    the same float32 subtraction, tests every pixel; and the std threshold is decided on
+    the exact std unless that lies within _STD_MARGIN of it, where the float32 std decides."""
+    h, w = tile.shape[:2]
+    n = h * w
+    if tile.dtype != np.uint8 or tile.shape[2:] != (3,) or not 0 < n <= _EXACT_MEAN_PIXELS:
+        return _uniform_fit_float(tile)
+    rows = tile.reshape(h, -1)
+    # down the columns first: numpy sums a (pixels, 3) array's short rows slowly
+    sums = rows.sum(0, dtype=np.uint32).reshape(-1, 3).sum(0, dtype=np.int64)
+    far = _far(tile, _mean32(sums, n))
+    n_far = int(np.count_nonzero(far))
+    if n_far > UNIFORM_MAX_OUTLIERS:
+        return None
+    squares = _SQUARES.take(rows).sum(0).reshape(-1, 3).sum(0)
+    if n_far:
+        if n_far == n:
+            return None
+        far = _far(tile, _mean32(sums - _far_sums(tile, far)[0], n - n_far))
+        n_far = int(np.count_nonzero(far))
+        if n_far > UNIFORM_MAX_OUTLIERS:
+            return None
+        if n_far == n:
+            return _uniform_fit_float(tile)     # nothing near: float's NaN verdict, as it was
+    far_sum, far_squares = _far_sums(tile, far)
+    k = n - n_far
+    s, q = sums - far_sum, squares - far_squares
+    top = float(np.sqrt((q * k - s * s).astype(np.float64)).max()) / k
+    if abs(top - UNIFORM_MAX_STD) <= _STD_MARGIN * UNIFORM_MAX_STD:
+        if tile[~far].astype(np.float32).std(0).max() > UNIFORM_MAX_STD:
+            return None
+    elif top > UNIFORM_MAX_STD:
+        return None
+    rgb = np.clip(np.rint(_mean32(s, k)), 0, 255).astype(np.uint8)
+    return rgb, np.argwhere(far)
+
+
+def _mean32(sums: np.ndarray, n: int) -> np.ndarray:
+    """The float32 mean numpy's ``mean`` gives for exact float32 ``sums`` of ``n`` values
+    (it divides once, correctly rounded)."""
+    return (sums / n).astype(np.float32)
+
+
+def _far(tile: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """(h, w) bool: pixels with a channel over UNIFORM_MAX_DEV from the float32 ``mean``,
+    as ``abs(tile.astype(float32) - mean) > UNIFORM_MAX_DEV`` finds them."""
+    table = np.abs(_LEVELS[None, :] - mean[:, None]) > UNIFORM_MAX_DEV
+    far = table[0].take(tile[..., 0])
+    far |= table[1].take(tile[..., 1])
+    far |= table[2].take(tile[..., 2])
+    return far
+
+
+def _far_sums(tile: np.ndarray, far: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact per-channel sums and sums of squares of the ``far`` pixels (int64)."""
+    px = tile[far].astype(np.int64)
+    return px.sum(0), (px * px).sum(0)
+
+
+def _uniform_fit_float(tile: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`uniform_fit` on a float32 copy of the tile: its definition, and its way for
+    tiles too large for exact float32 sums."""
     t = tile.astype(np.float32)
     mean = t.reshape(-1, 3).mean(0)
     far = (np.abs(t - mean) > UNIFORM_MAX_DEV).any(2)
