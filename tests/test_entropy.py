@@ -120,6 +120,26 @@ def test_threads_decode_streams_at_once() -> None:
     assert not bad
 
 
+def test_kernels_loaded_in_background_are_those_the_coding_calls_use() -> None:
+    """load_in_background compiles (or loads) the very specialisations encode_many and
+    decode_many then call: the calls after it compile nothing."""
+    from wsicodec.entropy import load_in_background, rans
+    load_in_background(encode=True, decode=True)
+    load_in_background(encode=True, decode=True)           # once per process
+    assert set(rans._loading) == {"encode", "decode"}
+    for th in list(rans._loading.values()):
+        th.join(60)
+    kernels = rans._kernels()
+    loaded = (list(kernels.encode_many.signatures), list(kernels.decode_many.signatures))
+    assert all(loaded)
+    rng = np.random.default_rng(5)
+    t = _random_tables(rng)
+    (s, i), (s2, i2) = _random_symbols(rng, 3000, t.rows), _random_symbols(rng, 10, t.rows)
+    out = decode_many(encode_many([s, s2], [i, i2], t), [i, i2], t)
+    assert np.array_equal(out[0], s) and np.array_equal(out[1], s2)
+    assert (list(kernels.encode_many.signatures), list(kernels.decode_many.signatures)) == loaded
+
+
 # ---------------------------------------------------------------- the learned codec's paths
 needs_weights = pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="shipped weights missing")
 

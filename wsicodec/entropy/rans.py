@@ -15,6 +15,7 @@ one call.
 
 from __future__ import annotations
 
+import threading
 import zlib
 from dataclasses import dataclass
 from typing import Sequence
@@ -32,6 +33,39 @@ def _kernels():
     """The compiled coder, imported on first use (numba loads in about a second)."""
     from . import kernels
     return kernels
+
+
+_loading: dict[str, threading.Thread] = {}
+_loading_lock = threading.Lock()
+
+
+def load_in_background(encode: bool = True, decode: bool = False) -> None:
+    """Import the coder and load (from numba's disk cache, or compile) its encoding and/or
+    decoding kernel on a daemon thread, once per process, so that the first streams a
+    codec codes do not wait for numba while the thread that will code them does other work
+    (g_a, reading the slide). Safe to call any number of times; a failure there is left
+    to the first real call to raise."""
+    with _loading_lock:
+        for name, wanted in (("encode", encode), ("decode", decode)):
+            if wanted and name not in _loading:
+                t = threading.Thread(target=_load, args=(name,), daemon=True,
+                                     name=f"wsicodec-rans-{name}")
+                _loading[name] = t
+                t.start()
+
+
+def _load(which: str) -> None:
+    """Code (``which`` "encode") or decode one symbol with a one-row table: the kernels'
+    argument types are the real calls', so those find them compiled."""
+    table = CdfTables(np.array([[0, 1 << 15, 1 << 16]], np.int32), np.array([3], np.int32),
+                      np.zeros(1, np.int32))
+    one = np.zeros(1, np.int32)
+    try:
+        data = encode_symbols(one, one, table)
+        if which == "decode":
+            decode_symbols(data, one, table)
+    except Exception:  # noqa: BLE001 - the caller's first real call raises it
+        pass
 
 
 @dataclass(frozen=True, eq=False)

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from wsicodec.entropy import encode_many, symbol_checksum
+from wsicodec.entropy import encode_many, load_in_background, symbol_checksum
 from wsicodec.errors import InvalidSettingError
 
 from . import tileformat
@@ -91,6 +91,7 @@ class TileEncoder:
         self.precision, self.refine = precision, refine
         self.model = loaded.model                     # the entropy parameters: on the CPU
         self.tables = self.model.coding_tables()
+        load_in_background(encode=True)               # numba's coder, while g_a runs
 
     def encode(self, regions: Sequence[np.ndarray], boxes: Sequence[Box] | None = None) -> list[bytes]:
         """Tiles → bytes; regions of equal size share one g_a pass.
