@@ -31,7 +31,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.report import log, run_environment, write_json  # noqa: E402
-from bench.slides import SLIDE_FILES, SLIDES  # noqa: E402
+from bench.slides import SLIDE_FILES, SLIDES, compile_package  # noqa: E402
 
 CODECS = {"learned": ["--codec", "learned", "--quality", "4"],
           "auto": ["--codec", "auto"],
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "auto_speed.json")
     args = ap.parse_args(argv)
+    compile_package()
     rows, infos = [], {}
     with tempfile.TemporaryDirectory(prefix="wsicodec-auto-speed-") as tmp:
         for rnd in range(args.rounds):

@@ -10,9 +10,10 @@ whether the ratios hold where the CLI's fixed start is a small part of the time)
 
 Each step is the CLI in its own process (``wsicodec compress SLIDE OUT --codec C``, then
 ``wsicodec decompress OUT OUT.tiff``), default settings otherwise, so import and model
-load are counted as a user sees them; wall time and peak RSS (``os.wait4`` on the child)
-per step, and the learned codec's time as a multiple of JPEG-XL's on the same slide in
-the same run (absolute times drift 10-30 % on a shared machine; the ratios less).  The
+load are counted as a user sees them (the package's bytecode written first, as an
+install writes it: :func:`bench.slides.compile_package`); wall time and peak RSS
+(``os.wait4`` on the child) per step, and the learned codec's time as a multiple of
+JPEG-XL's on the same slide in the same run (absolute times drift 10-30 % on a shared machine; the ratios less).  The
 JSON records the load averages before and after.  ``--repeat N``: the best of N runs of
 each step, taken alternately.  The learned container is also decompressed with
 ``--precision bfloat16`` right after the float32 run (``decompress_bf16``; the opt-in,
@@ -32,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.slides import REPO, SLIDE_FILES, SLIDES, environment  # noqa: E402
+from bench.slides import REPO, SLIDE_FILES, SLIDES, compile_package, environment  # noqa: E402
 
 CODECS = ("learned", "jpegxl")
 
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "vs_jpegxl.json")
     args = ap.parse_args(argv)
+    compile_package()
     cli = [sys.executable, "-m", "wsicodec"]
     result = {"environment": environment(), "load_before": os.getloadavg(), "slides": []}
     with tempfile.TemporaryDirectory() as tmp:
