@@ -166,6 +166,16 @@ def tiles(codec) -> list[bytes]:
 
 
 @needs_weights
+def test_decoder_warm_up_loads_the_rans_decoder(codec, monkeypatch) -> None:
+    """warm_up leaves no first-tile surcharge: it starts loading numba's decoder too."""
+    from wsicodec.entropy import rans
+    monkeypatch.setattr(rans, "_loading", {})
+    codec.warm_up()
+    assert set(rans._loading) == {"decode"}
+    rans._loading["decode"].join(60)
+
+
+@needs_weights
 def test_real_streams_are_compressai_streams(codec, tiles) -> None:
     """The codec's own z and y streams, decoded by CompressAI's coder with the codec's
     tables and indexes: the same symbols; CompressAI re-encodes them to the same bytes."""

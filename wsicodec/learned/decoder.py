@@ -56,7 +56,7 @@ import numpy as np
 
 from wsicodec.codecs import Run, run_serially
 from wsicodec.classical import J2K_SIGNATURE, JXL_SIGNATURES
-from wsicodec.entropy import decode_many, decode_symbols, symbol_checksum
+from wsicodec.entropy import decode_many, decode_symbols, load_in_background, symbol_checksum
 from wsicodec.errors import CorruptDataError, ModelMismatchError
 
 from .glass import bare_edges, blend_toward_glass, decode_glass, uniform_colour, uniform_latent
@@ -342,7 +342,9 @@ class TileDecoder:
         return self.synthesis.run(windows, boxes)
 
     def warm_up(self) -> None:
-        """Build the exact (and float64) h_s and the fast g_s now, not on the first tile."""
+        """Build the exact (and float64) h_s and the fast g_s now, not on the first tile,
+        and load numba's rANS decoder beside them."""
+        load_in_background(encode=False, decode=True)
         self.model.prepare_entropy_parameters()
         s = self.synthesis
         s.model.prepare_synthesis(s.device, precision=s.precision)
