@@ -381,3 +381,24 @@ def test_serve_deidentify_replaces_dicom_uids_once(tmp_path) -> None:
     assert len({new_study, new_series, study, series}) == 4
     assert first["dicom.ReferencedSeriesSequence[0].SeriesInstanceUID"] == new_series
     assert study not in json.dumps(first) and series not in json.dumps(first)
+
+
+def test_a_wheel_carries_the_viewers_openseadragon() -> None:
+    """pyproject's package data holds what the viewer page loads from /openseadragon/
+    (openseadragon.min.js, its button images) and OpenSeadragon's licence, so a wheel built
+    after ``npm ci --prefix wsicodec/static`` serves the viewer offline, as a checkout does."""
+    import fnmatch
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")            # Python 3.11+
+    import wsicodec
+    from wsicodec.server import OPENSEADRAGON_DIR
+    repo = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["wsicodec"]
+    package = Path(wsicodec.__file__).parent
+    osd = OPENSEADRAGON_DIR.relative_to(package)
+    page = (package / "static" / "index.html").read_text() + (package / "static" / "viewer.js").read_text()
+    assert "/openseadragon/openseadragon.min.js" in page and '"/openseadragon/images/"' in page
+    for needed in (osd / "openseadragon.min.js", osd / "images" / "zoomin_rest.png",
+                   osd.parents[1] / "LICENSE.txt"):
+        assert any(fnmatch.fnmatch(needed.as_posix(), g) for g in globs), needed
