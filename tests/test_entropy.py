@@ -140,6 +140,25 @@ def test_kernels_loaded_in_background_are_those_the_coding_calls_use() -> None:
     assert (list(kernels.encode_many.signatures), list(kernels.decode_many.signatures)) == loaded
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no os.fork here")
+def test_a_fork_waits_for_the_loading_threads(monkeypatch) -> None:
+    """A process forked while the coder loads in the background would inherit numba's or
+    an import's lock held by a thread it does not have: the fork waits for the loading."""
+    import os
+    import time
+
+    from wsicodec.entropy import load_in_background, rans
+    monkeypatch.setattr(rans, "_loading", {})
+    monkeypatch.setattr(rans, "_load", lambda which: time.sleep(0.5))
+    load_in_background(encode=True)
+    pid = os.fork()
+    if pid == 0:                                            # the child: leave at once
+        os._exit(0)
+    alive = [t.is_alive() for t in rans._loading.values()]
+    assert os.waitpid(pid, 0)[1] == 0
+    assert alive == [False]
+
+
 # ---------------------------------------------------------------- the learned codec's paths
 needs_weights = pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="shipped weights missing")
 

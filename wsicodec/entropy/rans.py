@@ -15,6 +15,7 @@ one call.
 
 from __future__ import annotations
 
+import os
 import threading
 import zlib
 from dataclasses import dataclass
@@ -52,6 +53,18 @@ def load_in_background(encode: bool = True, decode: bool = False) -> None:
                                      name=f"wsicodec-rans-{name}")
                 _loading[name] = t
                 t.start()
+
+
+def _finish_loading() -> None:
+    """Wait for the loading threads: a process forked while one holds numba's or an import's
+    lock would find that lock held for ever in the child."""
+    for t in list(_loading.values()):
+        if t.is_alive():
+            t.join()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_finish_loading)
 
 
 def _load(which: str) -> None:
