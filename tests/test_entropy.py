@@ -263,6 +263,28 @@ def test_tiles_encoded_together_are_tiles_encoded_alone(codec) -> None:
 
 
 @needs_weights
+def test_g_a_runs_in_passes_of_a_few_regions_on_the_cpu(codec, monkeypatch) -> None:
+    """On the CPU g_a takes at most CPU_G_A_BATCH regions a pass (larger passes map and
+    unmap their activations each time), and the bytes are those of one pass."""
+    from wsicodec.learned import encoder
+    regions = [textured(256, 256, s) for s in range(5)]
+    net = codec.loaded.on(codec.device)
+    passes = []
+    real = net.analysis_y
+
+    def counted(x, *a, **k):
+        passes.append(x.shape[0])
+        return real(x, *a, **k)
+    monkeypatch.setattr(net, "analysis_y", counted)
+    monkeypatch.setattr(encoder, "CPU_G_A_BATCH", 5)
+    whole = codec.encode_tiles(regions)
+    assert passes == [5]
+    passes.clear()
+    monkeypatch.setattr(encoder, "CPU_G_A_BATCH", 2)
+    assert codec.encode_tiles(regions) == whole and passes == [2, 2, 1]
+
+
+@needs_weights
 def test_a_device_whose_h_s_differed_falls_back_to_the_cpu(codec, tiles, monkeypatch) -> None:
     """Where the exact h_s runs on a GPU and a tile's symbols then fail their checksum (or
     its stream breaks off), that tile is decoded again with h_s on the CPU: a device that

@@ -34,6 +34,12 @@ from .tileformat import LATENT_STRIDE, MAX_SIDE, PIXEL_STRIDE, exact_entropy, pa
 Box = tuple[int, int, int, int]
 """(top, left, height, width) of a tile inside its region."""
 
+#: regions per g_a pass on the CPU. A pass of 4 or 8 288² regions allocates activations
+#: that glibc maps and unmaps every time (~5,800 page faults a region) and runs ~20 % slower
+#: a region than passes of 1 or 2, whose buffers its heap reuses (docs/learned-codec.md,
+#: "g_a passes on the CPU")
+CPU_G_A_BATCH = 2
+
 
 def check_region(t: Any) -> np.ndarray:
     """``t`` as an (h, w, 3) uint8 array with sides in 1..65535, else InvalidSettingError."""
@@ -94,7 +100,8 @@ class TileEncoder:
         load_in_background(encode=True)               # numba's coder, while g_a runs
 
     def encode(self, regions: Sequence[np.ndarray], boxes: Sequence[Box] | None = None) -> list[bytes]:
-        """Tiles → bytes; regions of equal size share one g_a pass.
+        """Tiles → bytes; regions of equal size share g_a passes (on the CPU of
+        at most :data:`CPU_G_A_BATCH` regions).
 
         Without ``boxes`` each array is a tile.  With ``boxes``, array ``i`` is a *region*
         (the tile plus context pixels of its neighbours on each side) and ``boxes[i]`` says
@@ -116,10 +123,13 @@ class TileEncoder:
                 continue
             regions[i], boxes[i] = align_to_grid(r, boxes[i])
             groups.setdefault(regions[i].shape[:2], []).append(i)
+        step = CPU_G_A_BATCH if getattr(self.device, "type", "cpu") == "cpu" else len(regions)
         for idx in groups.values():
-            for i, data in zip(idx, self._encode_group([regions[i] for i in idx],
-                                                       [boxes[i] for i in idx], version)):
-                out[i] = data
+            for k in range(0, len(idx), step):
+                part = idx[k:k + step]
+                for i, data in zip(part, self._encode_group([regions[i] for i in part],
+                                                            [boxes[i] for i in part], version)):
+                    out[i] = data
         return out  # type: ignore[return-value]
 
     def _encode_group(self, regions: list[np.ndarray], boxes: list[Box], version: int) -> list[bytes]:
