@@ -34,10 +34,10 @@ from .tileformat import LATENT_STRIDE, MAX_SIDE, PIXEL_STRIDE, exact_entropy, pa
 Box = tuple[int, int, int, int]
 """(top, left, height, width) of a tile inside its region."""
 
-#: regions per g_a pass on the CPU. A pass of 4 or 8 288² regions allocates activations
-#: that glibc maps and unmaps every time (~5,800 page faults a region) and runs ~20 % slower
-#: a region than passes of 1 or 2, whose buffers its heap reuses (docs/learned-codec.md,
-#: "g_a passes on the CPU")
+#: regions per g_a pass on the CPU: larger passes allocate activations that glibc maps and
+#: unmaps every time (page faults on every pass) and run slower a region than passes of 1
+#: or 2, whose buffers its heap reuses (measured: docs/learned-codec.md, "g_a passes on
+#: the CPU")
 CPU_G_A_BATCH = 2
 
 
