@@ -35,7 +35,7 @@ DEFAULT_MARGIN = 16
 MAX_MARGIN = 64
 #: g_s windows per pass unless the codec is told otherwise: on a GPU, and on the CPU, where
 #: larger passes ran slower per tile and held more memory (bench/README.md, "Memory")
-DEFAULT_MAX_BATCH, CPU_MAX_BATCH = 16, 4
+DEFAULT_MAX_BATCH, CPU_MAX_BATCH = 16, 2
 #: options of this machine, not of the data: :func:`~wsicodec.codecs.codec_from_dict`
 #: never takes them from a container (a stored ``model`` path is ignored); a reader
 #: passes its own ``device``, ``precision`` and ``max_batch``
