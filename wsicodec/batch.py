@@ -60,7 +60,7 @@ class DecoderSettings:
         device: where g_s runs: ``"auto"`` (CUDA when present, else CPU), ``"cpu"``,
             ``"cuda"`` or ``"cuda:N"``.  The rANS coding runs on the CPU's threads; the
             exact h_s runs on the GPU when g_s does (the same bits as on the CPU).
-        max_batch: most tiles per g_s pass (bounds memory); ``None``: 16 on a GPU, 4 on
+        max_batch: most tiles per g_s pass (bounds memory); ``None``: 16 on a GPU, 2 on
             the CPU (where larger batches stop paying).  Only one g_s pass runs at a
             time per decoder, so many concurrent callers cannot multiply its memory;
             tiles of callers that arrive meanwhile join the next pass.

@@ -90,7 +90,7 @@ class LearnedCodec(TileCodec):
             up among trusted places only (shipped, ``$WSICODEC_MODEL``,
             ``$WSICODEC_MODEL_DIR``); with it, they must match.  Otherwise
             :class:`ModelMismatchError` names both ids and says where to put the weights.
-        max_batch: most windows per g_s pass, 1..1024; None: 4 on the CPU (where larger
+        max_batch: most windows per g_s pass, 1..1024; None: 2 on the CPU (where larger
             batches stop paying), 16 on a GPU.  Local.
 
     Every setting is checked before the weights are loaded (seconds), so a bad one
