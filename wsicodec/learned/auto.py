@@ -28,7 +28,7 @@ from .choice import KINDS, TileChooser
 from .levelencoder import MixedLevelEncoder
 from .codec import DEFAULT_MARGIN, LearnedCodec, _int_in, check_stitched
 from .decoder import TileDecoder
-from .encoder import Box, TileEncoder
+from .encoder import CPU_G_A_BATCH, Box, TileEncoder
 from .grid import KIND_BARE, Shape
 from .j2kfit import MARGIN as J2K_MARGIN
 from .j2kfit import MAX_MARGIN as J2K_MAX_MARGIN
@@ -49,10 +49,10 @@ LOCAL_OPTIONS = ("model", "device", "precision", "max_batch")
 #: what a container that does not record an option was written with (the option is newer)
 UNRECORDED = {"jpeg2000_margin": 0, "scanner_tiles": False, "recovered_jpeg": False}
 #: on the CPU, g_s windows (and g_a regions) per pass in the encoder's own work (stage 1's
-#: g_a and estimates, stage 2's measurements), whatever ``max_batch`` readers use: a
-#: pass's activations are the largest transient of a compress, and on a 2-core CPU a
-#: window or region costs no more time in passes of 2 than of 4 or 16 (docs/auto-codec.md)
-CPU_ENCODE_BATCH = 2
+#: g_a and estimates, stage 2's measurements), whatever ``max_batch`` readers use: the
+#: learned encoder's g_a passes, for the same reason (a pass's activations are the largest
+#: transient of a compress, and larger passes run no faster: docs/auto-codec.md)
+CPU_ENCODE_BATCH = CPU_G_A_BATCH
 
 
 def _flag(name: str, value: Any) -> bool:
