@@ -13,11 +13,11 @@ Each step is the CLI in its own process (``wsicodec compress SLIDE OUT --codec C
 load are counted as a user sees them (the package's bytecode written first, as an
 install writes it: :func:`bench.slides.compile_package`); wall time and peak RSS
 (``os.wait4`` on the child) per step, and the learned codec's time as a multiple of
-JPEG-XL's on the same slide in the same run (absolute times drift 10-30 % on a shared machine; the ratios less).  The
-JSON records the load averages before and after.  ``--repeat N``: the best of N runs of
-each step, taken alternately.  The learned container is also decompressed with
-``--precision bfloat16`` right after the float32 run (``decompress_bf16``; the opt-in,
-not the default: ``bench/README.md``, "Precision").
+JPEG-XL's on the same slide in the same run (absolute times drift 10-30 % on a shared
+machine; the ratios less).  The JSON records the load averages before and after.
+``--repeat N``: the best of N runs of each step, taken alternately.  The learned container
+is also decompressed with ``--precision bfloat16`` right after the float32 run
+(``decompress_bf16``; the opt-in, not the default: ``bench/README.md``, "Precision").
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ def _slide(key: str, tmp: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--slides", default="svs-jpeg,svs-jpeg2000", help="comma-separated shared slide keys or synthetic:WxH")
+    ap.add_argument("--slides", default="svs-jpeg,svs-jpeg2000",
+                    help="comma-separated shared slide keys or synthetic:WxH")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "vs_jpegxl.json")
     args = ap.parse_args(argv)

@@ -394,7 +394,8 @@ def test_a_wheel_carries_the_viewers_openseadragon() -> None:
     import wsicodec
     from wsicodec.server import OPENSEADRAGON_DIR
     repo = Path(__file__).resolve().parents[1]
-    globs = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["wsicodec"]
+    setuptools = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]
+    globs = setuptools["package-data"]["wsicodec"]
     package = Path(wsicodec.__file__).parent
     osd = OPENSEADRAGON_DIR.relative_to(package)
     page = (package / "static" / "index.html").read_text() + (package / "static" / "viewer.js").read_text()
