@@ -240,6 +240,24 @@ def test_jpegxl_fit_reaches_its_target_or_gives_way_to_a_budget(he_img):
     assert fit_jpegxl(tile, 45.0, budget=100) is None       # 45 dB never fits in 100 bytes
 
 
+def test_the_jpegxl_search_starts_from_the_tiles_texture(he_img):
+    """A textured tile needs a smaller distance for a target than a smooth one: the start
+    follows the tile's texture (fitted on training crops) and lands nearer the distance the
+    tile reaches the target at than the start from the target alone does."""
+    from wsicodec.learned import jxlfit
+    tile = np.ascontiguousarray(he_img[:T, :T])
+    smooth = np.ascontiguousarray((tile.astype(np.float32) * 0.25 + 170).astype(np.uint8))
+    rough, flat = jxlfit.texture(tile, tile.shape[:2]), jxlfit.texture(smooth, smooth.shape[:2])
+    assert rough > 3 * flat >= 3 * jxlfit.MIN_TEXTURE
+    assert jxlfit.start_distance(36.0, rough) < jxlfit.start_distance(36.0, flat)
+    assert jxlfit.start_distance(36.0) == jxlfit.start_distance(36.0, None)      # target alone
+    fit = fit_jpegxl(tile, 36.0, effort=jxlfit.SEARCH_EFFORT)
+    def off(start: float) -> float:
+        return abs(math.log2(start) - math.log2(fit.setting))
+    assert off(jxlfit.start_distance(36.0, rough)) < off(jxlfit.start_distance(36.0))
+    assert jxlfit.texture(tile[:1, :1], (1, 1)) == jxlfit.MIN_TEXTURE             # a 1-px tile
+
+
 def test_at_the_search_effort_the_coding_kept_is_a_search_coding(he_img, monkeypatch):
     import inspect
 

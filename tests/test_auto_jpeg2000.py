@@ -184,6 +184,52 @@ def test_the_fit_keeps_glass_at_the_tile_edges(he_img, monkeypatch):
     assert j2kfit.edge_glass_mask(tissue, tissue.shape[:2]) is None      # no glass: nothing held
 
 
+def _counted(monkeypatch) -> list:
+    """The codings :mod:`~wsicodec.learned.j2kfit` makes from here on, by level."""
+    from wsicodec.learned import j2kfit
+    levels: list = []
+    real = j2kfit.encode_at
+    monkeypatch.setattr(j2kfit, "encode_at",
+                        lambda tile, level, *a, **k: levels.append(level) or real(tile, level, *a, **k))
+    return levels
+
+
+def test_a_passing_coding_that_cannot_undercut_the_budget_ends_the_fit(he_img, monkeypatch):
+    """A first coding above the target whose bytes, cut down to the target at the steepest
+    slope a tile's JPEG 2000 bytes fall (RATE_SLOPE_MAX per dB), still take the budget: the
+    fit gives way at once instead of refining a coding that cannot win."""
+    import math
+
+    from wsicodec.learned import j2kfit
+    tile = _tissue(he_img)
+    monkeypatch.setattr(j2kfit, "START_OFFSET", 2.0)            # a first coding well above 34 dB
+    first = j2kfit.encode_at(tile, 36.0, tile.shape[:2])
+    assert first.psnr >= 34.5
+    bound = len(first.data) * math.exp(-j2kfit.RATE_SLOPE_MAX * (first.psnr - 34.0))
+    levels = _counted(monkeypatch)
+    assert fit_jpeg2000(tile, 34.0, budget=bound) is None and levels == [36.0]
+    levels.clear()
+    kept = fit_jpeg2000(tile, 34.0, budget=1.05 * bound)          # under it: the search goes on
+    assert len(levels) > 1 and (kept is None or kept.equal_bytes < 1.05 * bound)
+
+
+def test_a_first_coding_that_misses_the_glass_is_raised_at_once(he_img, monkeypatch):
+    """Where the search's first coding reaches the target but leaves the glass at the
+    edges off, the level is raised from that coding in EDGE_STEP steps, with no search
+    below it first."""
+    from wsicodec.learned import j2kfit
+    tile = _glass_edged(he_img)
+    monkeypatch.setattr(j2kfit, "START_OFFSET", 1.0)    # a first coding the search would refine
+    first = j2kfit.encode_at(tile, 33.0, tile.shape[:2])
+    hold = j2kfit._hold(tile, tile.shape[:2], None)
+    assert first.psnr >= 32.0 + j2kfit.TOLERANCE and not hold.glass_met(first.pixels)
+    levels = _counted(monkeypatch)
+    held = fit_jpeg2000(tile, 32.0)
+    steps = [32.0 + j2kfit.START_OFFSET + k * j2kfit.EDGE_STEP for k in range(j2kfit.EDGE_TRIES + 1)]
+    assert levels == steps[:len(levels)]
+    assert held is None or (held.setting == levels[-1] and hold.glass_met(held.pixels))
+
+
 def test_a_margin_keeps_the_tile_edge_as_accurate_as_its_inside_and_the_hold_needs_it(he_img, monkeypatch):
     """Coded as a tile of its own, JPEG 2000's outermost pixels on he/test tissue lie about
     twice as far off as its inside (the wavelet's edge) and further than JPEG-XL's: held to

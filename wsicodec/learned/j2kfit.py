@@ -19,9 +19,10 @@ grid shows as steps of one or two grey levels in a viewer (``bench/grid_steps.py
 coding is therefore also held on the glass (:func:`flat_bright`) within :data:`EDGE_BAND`
 px of the tile's edges: its mean absolute grey error there must not exceed the JPEG-XL
 coding's of the same tile (the caller's ``reference``), nor :data:`EDGE_TOLERANCE` where
-that is lower or there is none; where the PSNR fit misses that, the level is raised in
-:data:`EDGE_STEP` dB steps, and a tile that still misses it after :data:`EDGE_TRIES` steps
-is left to JPEG-XL.  JPEG 2000 then never shows the grid more than JPEG-XL would.
+that is lower or there is none; where the PSNR fit misses that (or the search's first
+coding already does, which then ends the search: a lower level is, as a rule, no nearer the
+glass), the level is raised in :data:`EDGE_STEP` dB steps, and a tile that still misses it
+after :data:`EDGE_TRIES` steps is left to JPEG-XL.  JPEG 2000 then never shows the grid more than JPEG-XL would.
 
 **Its borders: a margin, and the ring hold.** The wavelet's symmetric extension at a
 codestream's edge leaves its outermost pixels further off than its interior, whose error is
@@ -49,6 +50,7 @@ alone: a tile codes the same in any run (resume and cluster runs rely on it).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -87,8 +89,13 @@ MAX_MARGIN = 16
 #: of cmu, tcga and he/test at 32 and 40 dB; JPEG 2000's without a margin 1.2-2.6, with one
 #: 1.03-1.14 where the source's tiles do not end at the tile's edge)
 RING_TOLERANCE = 1.25
-#: a first coding whose ring error exceeds the bound this many times over ends the fit
-RING_EARLY = 1.5
+#: a first coding whose ring error exceeds the bound this many times over ends the fit (the
+#: first codings of the fits that met the hold on both shared slides: at most 1.02 times)
+RING_EARLY = 1.15
+#: the most a tile's JPEG 2000 bytes fall per dB of PSNR, d ln(bytes) / dB (measured between
+#: a fit's codings: 0.06-0.3 on the shared slides); a passing coding whose bytes, cut at this
+#: rate down to the target, still take the caller's budget ends the fit
+RATE_SLOPE_MAX = 0.5
 #: the level is raised by this many dB a step, at most :data:`EDGE_TRIES` times
 EDGE_STEP = 1.5
 EDGE_TRIES = 4
@@ -278,7 +285,8 @@ def fit_jpeg2000(tile: np.ndarray, target: float, valid: tuple[int, int] | None 
 
     ``budget``: the caller has another coding of this many bytes; None is also returned
     where JPEG 2000 cannot undercut it: as soon as a coding that misses the target takes
-    ``budget`` bytes or more (higher levels only take more), or when the kept coding's
+    ``budget`` bytes or more (higher levels only take more), or one that passes it does
+    even cut down to the target at :data:`RATE_SLOPE_MAX`, or when the kept coding's
     :attr:`~wsicodec.learned.jxlfit.TileFit.equal_bytes` do.
     """
     if not target < MAX_LEVEL:
@@ -313,14 +321,19 @@ def _fit(hold: _Hold, target: float, budget: float | None) -> tuple[TileFit | No
         tried.append(f)
         if f.psnr < target and budget is not None and len(f.data) >= budget:
             return None, OVER_BUDGET
+        if f.psnr >= target and budget is not None \
+                and len(f.data) * math.exp(-RATE_SLOPE_MAX * (f.psnr - target)) >= budget:
+            return None, OVER_BUDGET    # even the steepest slope leaves it over at the target
         if len(tried) == 1:
             ring, bound = hold.ring_bound(f.pixels)
             if ring > RING_EARLY * bound:
-                return None, "ring"     # far over the ring hold: no level near the target meets it
+                return None, "ring"     # over the ring hold: no level near the target meets it
         ok = [g for g in tried if g.psnr >= target]
         passing = min(ok, key=lambda g: g.setting) if ok else None
         under = [g for g in tried if g.psnr < target and (passing is None or g.setting < passing.setting)]
         failing = max(under, key=lambda g: g.setting) if under else None
+        if len(tried) == 1 and passing is not None and not hold.glass_met(f.pixels):
+            break                       # the glass is raised for from this coding
         if passing is not None and (passing.psnr - target <= TOLERANCE
                                     or (failing is not None and passing.setting - failing.setting < MIN_STEP)):
             break

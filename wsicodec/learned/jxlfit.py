@@ -9,9 +9,10 @@ fewer bytes.  libjxl has no PSNR target, so :func:`fit_jpegxl` searches the dist
    H&E (one effort-7 coding costs about two effort-5 ones with their decodes), so the search
    runs where it is cheap.  In x = log2(distance) PSNR falls about linearly
    (:data:`DB_PER_DOUBLING` as the prior slope): the first coding is at the distance the
-   target predicts, then a secant step (the slope measured on the tile itself once two
-   codings exist), then interpolation inside the bracket of the nearest passing and failing
-   codings, until a passing one is within :data:`TOLERANCE` dB of the target.
+   target and the tile's texture predict (:func:`start_distance`), then a secant step (the
+   slope measured on the tile itself once two codings exist), then interpolation inside the
+   bracket of the nearest passing and failing codings, until a passing one is within
+   :data:`TOLERANCE` dB of the target.
 2. **The coding kept is made at the caller's effort** at the largest passing distance found,
    and measured: its PSNR is exact, never the search's.  Where effort changes the PSNR
    enough to miss the target, the distance is lowered in small steps; lossless JPEG-XL is the
@@ -30,6 +31,13 @@ import numpy as np
 
 #: libjxl's distance range (0.1: nearly lossless; 25: the coarsest)
 MIN_DISTANCE, MAX_DISTANCE = 0.1, 25.0
+#: the least :func:`texture` a tile is given (a flat tile's log stays finite)
+MIN_TEXTURE = 0.05
+#: :func:`start_distance` from a tile's texture: log2 distance = a + b ln(texture) + c target
+#: (``bench/results/jxl_start.json``: least squares on he/train crops at 1x, 2x and 4x with
+#: stain and scanner-coding augmentation; on the evaluation sets' tiles its error is 0.3-0.7
+#: in log2 distance, against 1.0-1.5 for the start from the target alone)
+START_FIT = (16.8983, -1.6853, -0.3280)
 #: the prior slope of PSNR against log2(distance) on H&E tiles, dB per doubling
 DB_PER_DOUBLING = 3.0
 #: the effort the search codes at (the kept coding uses the caller's effort)
@@ -44,12 +52,34 @@ BACKOFF = 0.125
 _X_MIN, _X_MAX = math.log2(MIN_DISTANCE), math.log2(MAX_DISTANCE)
 
 
-def start_distance(target: float) -> float:
-    """The distance a search for ``target`` dB starts at: where JPEG-XL typically lands on
-    H&E (distance 1.6 near 33 dB, :data:`DB_PER_DOUBLING` per doubling)."""
+def start_distance(target: float, texture_: float | None = None) -> float:
+    """The distance a search for ``target`` dB starts at.  With the tile's
+    :func:`texture`: log2 distance linear in the target and in ln(texture)
+    (:data:`START_FIT`, fitted on augmented ``he/train`` crops by ``bench/jxl_start.py``);
+    without: where JPEG-XL typically lands on H&E (distance 1.6 near 33 dB,
+    :data:`DB_PER_DOUBLING` per doubling)."""
     if not math.isfinite(target):
         return MIN_DISTANCE
-    return min(max(1.6 * 2.0 ** ((33.0 - target) / DB_PER_DOUBLING), MIN_DISTANCE), MAX_DISTANCE)
+    if texture_ is None:
+        x = math.log2(1.6) + (33.0 - target) / DB_PER_DOUBLING
+    else:
+        a, b, c = START_FIT
+        x = a + b * math.log(max(texture_, MIN_TEXTURE)) + c * target
+    return min(max(2.0 ** x, MIN_DISTANCE), MAX_DISTANCE)
+
+
+def texture(tile: np.ndarray, valid: tuple[int, int]) -> float:
+    """A tile's texture: the mean absolute difference of neighbouring grey levels (mean of
+    R, G, B) across and down its ``valid`` part, at least :data:`MIN_TEXTURE`.  JPEG-XL's
+    error at a distance grows with it (:func:`start_distance`)."""
+    h, w = valid
+    g = tile[:h, :w, :3].astype(np.float32).mean(axis=2)
+    t = 0.0
+    if w > 1:
+        t += float(np.abs(np.diff(g, axis=1)).mean())
+    if h > 1:
+        t += float(np.abs(np.diff(g, axis=0)).mean())
+    return max(t, MIN_TEXTURE)
 
 
 def tile_psnr(decoded: np.ndarray, source: np.ndarray, valid: tuple[int, int]) -> float:
@@ -189,7 +219,7 @@ def fit_jpegxl(tile: np.ndarray, target: float, valid: tuple[int, int] | None = 
     """A coding of ``tile`` ((h, w, 3) uint8) at ``effort`` whose PSNR over ``valid`` reaches
     ``target`` dB, at the largest distance the search found (module docstring), or lossless
     when no distance reaches it (so never None without a ``budget``).  ``start``: the
-    distance the search begins at (default :func:`start_distance`).
+    distance the search begins at (default :func:`start_distance` from the tile's texture).
 
     ``budget``: the caller has another coding of this many bytes; None is returned where
     JPEG-XL cannot undercut it: as soon as a coding that misses the target takes ``budget``
@@ -199,7 +229,8 @@ def fit_jpegxl(tile: np.ndarray, target: float, valid: tuple[int, int] | None = 
     valid = valid or tile.shape[:2]
     search = min(effort, SEARCH_EFFORT)
     passing, failing, over = _search(tile, target, valid, search,
-                                     start_distance(target) if start is None else start, budget)
+                                     start_distance(target, texture(tile, valid)) if start is None else start,
+                                     budget)
     if over:
         return None
     kept = None
