@@ -2,7 +2,7 @@
 the learned network alone (and JPEG-XL), whole shared slides, through the CLI, one run.
 
     python bench/auto_speed.py [--slides svs-jpeg,svs-jpeg2000] [--rounds 2]
-                               [--out bench/results/auto_speed.json]
+                               [--also KEY=VALUE[,KEY=VALUE...]]... [--out bench/results/auto_speed.json]
 
 Each round compresses every slide with ``learned`` (quality 4), ``auto`` (its defaults)
 and ``jpegxl`` (distance 1), then decompresses each container to a TIFF, every command a
@@ -11,7 +11,9 @@ drifting load on a shared machine falls on all of them.  Times on this machine d
 10-30 % between runs, so the JSON reports ratios between codecs measured in the same
 round (the targets of issue #28: auto's compress ≤ 2x the learned network's, its
 decompress the same within noise), their median over rounds, the load average at the end
-of each round, and the auto containers' tile kinds (``wsicodec info --json``).
+of each round, and the auto containers' tile kinds (``wsicodec info --json``).  Each
+``--also`` adds auto with those options (``--option KEY=VALUE`` each) to every round, named
+``auto[OPTIONS]``, with its time and container bytes against the default auto's.
 """
 
 from __future__ import annotations
@@ -60,8 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slides", default="svs-jpeg,svs-jpeg2000")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--also", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE...]",
+                    help="auto with these options too (repeatable)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "auto_speed.json")
     args = ap.parse_args(argv)
+    codecs = dict(CODECS)
+    for opts in args.also:
+        codecs[f"auto[{opts}]"] = ["--codec", "auto"] + [a for kv in opts.split(",") for a in ("--option", kv)]
     compile_package()
     rows, infos = [], {}
     with tempfile.TemporaryDirectory(prefix="wsicodec-auto-speed-") as tmp:
@@ -69,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             for key in args.slides.split(","):
                 slide = SLIDES / SLIDE_FILES[key]
                 row = {"round": rnd, "slide": key}
-                for name, opts in CODECS.items():
+                for name, opts in codecs.items():
                     c = Path(tmp) / f"{key}.{name}.zarr.zip"
                     row[f"{name}_compress_s"] = round(_run(["compress", str(slide), str(c), *opts,
                                                             "--quiet", "--overwrite"]), 3)
@@ -78,21 +85,31 @@ def main(argv: list[str] | None = None) -> int:
                     row[f"{name}_container_bytes"] = c.stat().st_size
                     if name == "auto" and key not in infos:
                         infos[key] = _info(c)
+                    if name.startswith("auto"):
+                        row[f"{name}_tile_bytes"] = sum(_info(c)["level_bytes"])
                 row["loadavg_1min"] = round(os.getloadavg()[0], 2)     # the machine is shared
                 for what in ("compress", "decompress"):
                     row[f"auto_vs_learned_{what}"] = round(row[f"auto_{what}_s"] / row[f"learned_{what}_s"], 3)
                     row[f"auto_vs_jpegxl_{what}"] = round(row[f"auto_{what}_s"] / row[f"jpegxl_{what}_s"], 3)
+                    for name in codecs:
+                        if name.startswith("auto["):
+                            row[f"{name}_vs_auto_{what}"] = round(row[f"{name}_{what}_s"] / row[f"auto_{what}_s"], 3)
+                            row[f"{name}_vs_learned_{what}"] = round(row[f"{name}_{what}_s"]
+                                                                     / row[f"learned_{what}_s"], 3)
+                for name in codecs:
+                    if name.startswith("auto["):
+                        row[f"{name}_vs_auto_tile_bytes"] = round(row[f"{name}_tile_bytes"] / row["auto_tile_bytes"], 4)
                 log(json.dumps(row))
                 rows.append(row)
     summary = {}
     for key in args.slides.split(","):
         mine = [r for r in rows if r["slide"] == key]
         summary[key] = {k: statistics.median(r[k] for r in mine)
-                        for k in mine[0] if k.startswith("auto_vs_")}
+                        for k in mine[0] if k.startswith("auto_vs_") or ("_vs_" in k and k.startswith("auto["))}
         summary[key]["auto_fidelity"] = infos[key].get("fidelity")
     doc = {"what": __doc__.split("\n\n")[0],
            "environment": run_environment(REPO, ("torch", "imagecodecs", "numpy")),
-           "codecs": CODECS, "rounds": rows, "median_ratios": summary}
+           "codecs": codecs, "rounds": rows, "median_ratios": summary}
     write_json(args.out, doc)
     return 0
 
