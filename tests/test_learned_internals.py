@@ -446,3 +446,31 @@ def test_latents_kept_for_neighbours_hold_no_autograd_graph(tissue):
     assert lat.shape[1] == codec.decoder.model.config.M
     assert not lat.requires_grad and lat.grad_fn is None
     assert not any(p.requires_grad for p in load_model().model.parameters())
+
+
+def test_a_bare_neighbours_second_pass_latents_read_only_its_pixels_near_the_seam(tissue, monkeypatch):
+    """side_latents codes a bare neighbour's SIDE_REACH px nearest the seam, not all of it:
+    the stitched window's rows of it come out bit for bit as from the whole neighbour, on
+    every side (a partial neighbour below, a full one above); a crop inside g_a's reach
+    (80 px) would change them, so the test sees a reach too short."""
+    from wsicodec.learned import decoder as dec
+    from wsicodec.learned.decoder import TileDecoder
+    from wsicodec.learned.synthesis import STITCH_RING
+    shipped = dec.SIDE_REACH
+    codec = LearnedCodec()
+    d = TileDecoder(codec.loaded, codec.device, codec.precision, 2, mixed=True)
+    first = np.ascontiguousarray(tissue[:256, :256])
+    near = {(1, 0): tissue[256:256 + 176, :256], (-1, 0): tissue[400:656, :256],
+            (0, 1): tissue[:256, 256:512], (0, -1): tissue[:256, 600:856]}
+
+    def ring(side, reach):
+        monkeypatch.setattr(dec, "SIDE_REACH", reach)
+        y = d.side_latents(first, side, np.ascontiguousarray(near[side]))
+        dr, dc = side
+        cut = slice(0, STITCH_RING) if dr + dc > 0 else slice(-STITCH_RING, None)
+        return y[..., cut, :] if dr else y[..., cut]
+
+    for side in near:
+        whole = ring(side, 10_000)
+        assert torch.equal(ring(side, shipped), whole), side
+    assert any(not torch.equal(ring(s, 80), ring(s, 10_000)) for s in ((-1, 0), (0, -1)))

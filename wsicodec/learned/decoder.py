@@ -69,6 +69,12 @@ from .tileformat import (GLASS_KINDS, KIND_FIXUP, KIND_NETWORK_MIXED, LATENT_STR
 #: pixels of a stitched tile's first pass that g_a sees beside a bare neighbour in its
 #: second pass (:meth:`TileDecoder.side_latents`)
 SIDE_CONTEXT = 64
+#: pixels of a bare neighbour, from the seam, that g_a reads for its second-pass latents: the
+#: stitched window takes :data:`~wsicodec.learned.synthesis.STITCH_RING` latent rows of it
+#: (32 px), and no g_a output there depends on pixels more than 64 px beyond them (a crop
+#: to 96 px gives the very same latents, bit for bit, on the CPU; 80 px does not:
+#: ``tests/test_learned_internals.py``), so the rest of the neighbour is not coded
+SIDE_REACH = 128
 #: the learned codec's latent caches: at least this many bytes ...
 MIN_CACHE_BYTES = 16 * 1024 * 1024
 #: ... and at most this many, unless asked for explicitly
@@ -302,7 +308,8 @@ class TileDecoder:
         """What a bare neighbour on ``side`` ((dr, dc), one of the four sides) gives a
         stitched tile's second pass: g_a over the neighbour's pixels ``jxl`` joined to the
         :data:`SIDE_CONTEXT` px of the tile's first-pass pixels ``first`` nearest it, the
-        neighbour's part only, or None when their sides do not match.  g_a of the
+        neighbour's part only (its :data:`SIDE_REACH` px nearest the seam, where they lie on
+        the latent grid), or None when their sides do not match.  g_a of the
         neighbour alone (:meth:`pixel_latents`) has no context at the very edge the tile
         joins, which shows as a seam (``bench/seams.py``, mixed rows); this gives it the
         tile's own first guess of it."""
@@ -313,11 +320,15 @@ class TileDecoder:
         s = min(SIDE_CONTEXT, first.shape[axis] // PIXEL_STRIDE * PIXEL_STRIDE)
         if s == 0:
             return None
-        n = -(-jxl.shape[axis] // PIXEL_STRIDE)
+        depth = jxl.shape[axis]
         if dr + dc > 0:                                     # below / right: tile first
             part = first[-s:] if axis == 0 else first[:, -s:]
-            y = self.pixel_latents(np.concatenate([part, jxl], axis))
+            near = jxl[:SIDE_REACH] if axis == 0 else jxl[:, :SIDE_REACH]
+            y = self.pixel_latents(np.concatenate([part, near], axis))
             return y[..., s // PIXEL_STRIDE:, :] if axis == 0 else y[..., s // PIXEL_STRIDE:]
+        if depth > SIDE_REACH and (depth - SIDE_REACH) % PIXEL_STRIDE == 0:   # on the latent grid
+            jxl = jxl[-SIDE_REACH:] if axis == 0 else jxl[:, -SIDE_REACH:]
+        n = -(-jxl.shape[axis] // PIXEL_STRIDE)
         part = first[:s] if axis == 0 else first[:, :s]
         y = self.pixel_latents(np.concatenate([jxl, part], axis))
         return y[..., :n, :] if axis == 0 else y[..., :n]
