@@ -83,22 +83,20 @@ def main(argv: list[str] | None = None) -> int:
                     row[f"{name}_decompress_s"] = round(_run(["decompress", str(c), str(c) + ".tiff",
                                                               "--overwrite"]), 3)
                     row[f"{name}_container_bytes"] = c.stat().st_size
-                    if name == "auto" and key not in infos:
-                        infos[key] = _info(c)
                     if name.startswith("auto"):
-                        row[f"{name}_tile_bytes"] = sum(_info(c)["level_bytes"])
+                        info = _info(c)
+                        row[f"{name}_tile_bytes"] = sum(info["level_bytes"])
+                        if name == "auto":
+                            infos.setdefault(key, info)
                 row["loadavg_1min"] = round(os.getloadavg()[0], 2)     # the machine is shared
                 for what in ("compress", "decompress"):
                     row[f"auto_vs_learned_{what}"] = round(row[f"auto_{what}_s"] / row[f"learned_{what}_s"], 3)
                     row[f"auto_vs_jpegxl_{what}"] = round(row[f"auto_{what}_s"] / row[f"jpegxl_{what}_s"], 3)
-                    for name in codecs:
-                        if name.startswith("auto["):
-                            row[f"{name}_vs_auto_{what}"] = round(row[f"{name}_{what}_s"] / row[f"auto_{what}_s"], 3)
-                            row[f"{name}_vs_learned_{what}"] = round(row[f"{name}_{what}_s"]
-                                                                     / row[f"learned_{what}_s"], 3)
-                for name in codecs:
-                    if name.startswith("auto["):
-                        row[f"{name}_vs_auto_tile_bytes"] = round(row[f"{name}_tile_bytes"] / row["auto_tile_bytes"], 4)
+                for name in (n for n in codecs if n.startswith("auto[")):
+                    for what in ("compress", "decompress"):
+                        row[f"{name}_vs_auto_{what}"] = round(row[f"{name}_{what}_s"] / row[f"auto_{what}_s"], 3)
+                        row[f"{name}_vs_learned_{what}"] = round(row[f"{name}_{what}_s"] / row[f"learned_{what}_s"], 3)
+                    row[f"{name}_vs_auto_tile_bytes"] = round(row[f"{name}_tile_bytes"] / row["auto_tile_bytes"], 4)
                 log(json.dumps(row))
                 rows.append(row)
     summary = {}

@@ -22,7 +22,8 @@ coding's of the same tile (the caller's ``reference``), nor :data:`EDGE_TOLERANC
 that is lower or there is none; where the PSNR fit misses that (or the search's first
 coding already does, which then ends the search: a lower level is, as a rule, no nearer the
 glass), the level is raised in :data:`EDGE_STEP` dB steps, and a tile that still misses it
-after :data:`EDGE_TRIES` steps is left to JPEG-XL.  JPEG 2000 then never shows the grid more than JPEG-XL would.
+after :data:`EDGE_TRIES` steps is left to JPEG-XL.  JPEG 2000 then never shows the grid
+more than JPEG-XL would.
 
 **Its borders: a margin, and the ring hold.** The wavelet's symmetric extension at a
 codestream's edge leaves its outermost pixels further off than its interior, whose error is
@@ -319,11 +320,10 @@ def _fit(hold: _Hold, target: float, budget: float | None) -> tuple[TileFit | No
     for _ in range(MAX_CODINGS):
         f = encode_at(tile, level, valid, around)
         tried.append(f)
-        if f.psnr < target and budget is not None and len(f.data) >= budget:
+        # a miss over the budget (higher levels only take more), or a pass over it even cut
+        # down to the target at the steepest slope
+        if budget is not None and len(f.data) * math.exp(-RATE_SLOPE_MAX * max(f.psnr - target, 0.0)) >= budget:
             return None, OVER_BUDGET
-        if f.psnr >= target and budget is not None \
-                and len(f.data) * math.exp(-RATE_SLOPE_MAX * (f.psnr - target)) >= budget:
-            return None, OVER_BUDGET    # even the steepest slope leaves it over at the target
         if len(tried) == 1:
             ring, bound = hold.ring_bound(f.pixels)
             if ring > RING_EARLY * bound:

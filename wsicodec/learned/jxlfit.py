@@ -52,7 +52,7 @@ BACKOFF = 0.125
 _X_MIN, _X_MAX = math.log2(MIN_DISTANCE), math.log2(MAX_DISTANCE)
 
 
-def start_distance(target: float, texture_: float | None = None) -> float:
+def start_distance(target: float, tile_texture: float | None = None) -> float:
     """The distance a search for ``target`` dB starts at.  With the tile's
     :func:`texture`: log2 distance linear in the target and in ln(texture)
     (:data:`START_FIT`, fitted on augmented ``he/train`` crops by ``bench/jxl_start.py``);
@@ -60,11 +60,11 @@ def start_distance(target: float, texture_: float | None = None) -> float:
     :data:`DB_PER_DOUBLING` per doubling)."""
     if not math.isfinite(target):
         return MIN_DISTANCE
-    if texture_ is None:
+    if tile_texture is None:
         x = math.log2(1.6) + (33.0 - target) / DB_PER_DOUBLING
     else:
         a, b, c = START_FIT
-        x = a + b * math.log(max(texture_, MIN_TEXTURE)) + c * target
+        x = a + b * math.log(max(tile_texture, MIN_TEXTURE)) + c * target
     return min(max(2.0 ** x, MIN_DISTANCE), MAX_DISTANCE)
 
 
