@@ -474,3 +474,92 @@ def test_a_bare_neighbours_second_pass_latents_read_only_its_pixels_near_the_sea
         whole = ring(side, 10_000)
         assert torch.equal(ring(side, shipped), whole), side
     assert any(not torch.equal(ring(s, 80), ring(s, 10_000)) for s in ((-1, 0), (0, -1)))
+
+
+def test_stitching_crop_is_the_part_of_a_tile_its_stitched_neighbours_read():
+    """Along each axis, the reach at the edge every reading neighbour faces, where they
+    all lie on one side and the crop starts on the latent grid; else the whole axis."""
+    from wsicodec.learned.grid import stitching_crop
+
+    def crop(shape, toward):
+        return stitching_crop(shape, toward, 128, 16)
+
+    assert crop((256, 256), None) == ((0, 256), (0, 256))
+    assert crop((256, 256), [(-1, 0)]) == ((0, 128), (0, 256))               # above: top rows
+    assert crop((256, 256), [(0, 1), (1, 1)]) == ((0, 256), (128, 256))      # right side and corner
+    assert crop((256, 256), [(1, 1)]) == ((128, 256), (128, 256))             # a corner alone
+    assert crop((256, 256), [(-1, 0), (1, 0)]) == ((0, 256), (0, 256))       # both sides
+    assert crop((256, 256), [(-1, -1), (1, 1)]) == ((0, 256), (0, 256))
+    assert crop((208, 256), [(1, 0)]) == ((80, 208), (0, 256))
+    assert crop((200, 256), [(1, 0)]) == ((0, 200), (0, 256))                # 72: off the grid
+    assert crop((200, 256), [(-1, 0)]) == ((0, 128), (0, 256))
+    assert crop((128, 256), [(-1, 0)]) == ((0, 128), (0, 256))               # no more than the tile
+    assert crop((256, 256), []) == ((0, 256), (0, 256))
+
+
+def test_a_bare_tiles_latents_are_coded_only_where_its_stitched_neighbours_read_them(tissue, monkeypatch):
+    """pixel_latents toward some neighbours codes the part of the tile they read: their
+    rows of it are bit for bit those of the whole tile (every side and corner, a full and a
+    partial tile), the rest is zeros; a reach inside g_a's (80 px) would change them, so
+    the test sees a reach too short."""
+    from wsicodec.learned import decoder as dec
+    from wsicodec.learned.decoder import TileDecoder
+    from wsicodec.learned.synthesis import STITCH_RING as S
+    shipped = dec.SIDE_REACH
+    codec = LearnedCodec()
+    d = TileDecoder(codec.loaded, codec.device, codec.precision, 2, mixed=True)
+    dirs = [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if dr or dc]
+
+    def read(y, toward):                       # what the neighbours toward there read of y
+        rows = {-1: slice(0, S), 0: slice(None), 1: slice(-S, None)}
+        return [y[..., rows[dr], rows[dc]] for dr, dc in toward]
+
+    def latents(tile, toward, reach):
+        monkeypatch.setattr(dec, "SIDE_REACH", reach)
+        return d.pixel_latents(tile, toward)
+
+    too_short = False
+    for tile in (np.ascontiguousarray(tissue[100:356, 300:556]), np.ascontiguousarray(tissue[:208, 600:840])):
+        whole = d.pixel_latents(tile)
+        for toward in [[t] for t in dirs] + [[(-1, 0), (-1, 1), (0, 1)], [(1, -1), (1, 0)], [(-1, 0), (1, 0)]]:
+            y = latents(tile, toward, shipped)
+            assert y.shape == whole.shape
+            assert all(torch.equal(a, b) for a, b in zip(read(y, toward), read(whole, toward))), toward
+            if toward in ([(-1, 0)], [(0, 1)], [(1, 1)]):
+                assert (y == 0).any(dim=1).any() and not torch.equal(y, whole)    # cut, not whole
+            short = latents(tile, toward, 80)
+            too_short |= not all(torch.equal(a, b) for a, b in zip(read(short, toward), read(whole, toward)))
+    assert too_short
+
+
+def test_a_reader_caches_a_bare_tiles_latents_cut_to_its_stitched_neighbours(tissue, monkeypatch):
+    """In a mixed grid a bare tile's latents are coded toward the stitched tiles beside it
+    only (network tiles to its left, glass to its right): the grid decodes to the same
+    pixels as with its whole latents, and the cache holds the cut ones."""
+    import imagecodecs
+
+    from wsicodec.codecs import get_codec
+    from wsicodec.image import context_region
+    from wsicodec.learned import decoder as dec
+    t = 256
+    img = np.ascontiguousarray(tissue[:2 * t, :3 * t])
+    learned = LearnedCodec(4)
+    regions, boxes = zip(*(context_region(img, slice(r * t, (r + 1) * t), slice(c * t, (c + 1) * t),
+                                          learned.context) for r in range(2) for c in range(2)))
+    net = learned.encode_tiles(list(regions), list(boxes))
+    glass = get_codec("auto", 4).encode_tiles([np.full((t, t, 3), 235, np.uint8)])[0]
+    bare = imagecodecs.jpegxl_encode(np.ascontiguousarray(img[:t, 2 * t:]), distance=1.0)
+    tiles = {(0, 0): net[0], (1, 0): net[1], (2, 0): bare, (0, 1): net[2], (1, 1): glass, (2, 1): glass}
+    auto = get_codec("auto", 4)
+    keys = sorted(tiles)
+
+    def decode(cache=None):
+        return auto.decode_tiles(keys, lambda c, r: tiles[(c, r)], (3, 2), cache=cache, cache_tag="l0")
+
+    cache = auto.new_cache(t, 8)
+    cut = decode(cache)
+    lat = cache.begin(("l0", 2, 0))
+    assert lat is not None and (lat[..., :, :8] != 0).any() and (lat[..., :, 8:] == 0).all()
+    monkeypatch.setattr(dec, "stitching_crop", lambda shape, toward, reach, stride: ((0, shape[0]), (0, shape[1])))
+    for a, b in zip(cut, decode()):
+        assert np.array_equal(a, b)

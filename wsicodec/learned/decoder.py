@@ -50,7 +50,7 @@ streams are decoded on the CPU, many tiles per call and without the GIL
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 
@@ -60,7 +60,7 @@ from wsicodec.entropy import decode_many, decode_symbols, load_in_background, sy
 from wsicodec.errors import CorruptDataError, ModelMismatchError
 
 from .glass import bare_edges, blend_toward_glass, decode_glass, uniform_colour, uniform_latent
-from .grid import KIND_BARE, GridJob, Shape, glass_edges
+from .grid import KIND_BARE, GridJob, Shape, glass_edges, stitching_crop
 from .j2kfit import crop_margin
 from .synthesis import STITCH_RING, LatentCache, Synthesis, stitch_window
 from .tileformat import (GLASS_KINDS, KIND_FIXUP, KIND_NETWORK_MIXED, LATENT_STRIDE, MAGIC, NETWORK_KINDS,
@@ -69,11 +69,13 @@ from .tileformat import (GLASS_KINDS, KIND_FIXUP, KIND_NETWORK_MIXED, LATENT_STR
 #: pixels of a stitched tile's first pass that g_a sees beside a bare neighbour in its
 #: second pass (:meth:`TileDecoder.side_latents`)
 SIDE_CONTEXT = 64
-#: pixels of a bare neighbour, from the seam, that g_a reads for its second-pass latents: the
-#: stitched window takes :data:`~wsicodec.learned.synthesis.STITCH_RING` latent rows of it
-#: (32 px), and no g_a output there depends on pixels more than 64 px beyond them (a crop
-#: to 96 px gives the very same latents, bit for bit, on the CPU; 80 px does not:
-#: ``tests/test_learned_internals.py``), so the rest of the neighbour is not coded
+#: pixels of a bare tile, from an edge, that g_a reads for the latents a stitched neighbour
+#: takes there (its second-pass latents, :meth:`TileDecoder.side_latents`; and the tile's
+#: own, :meth:`TileDecoder.pixel_latents`, where its stitched neighbours all lie on one side
+#: of it): the stitched window takes :data:`~wsicodec.learned.synthesis.STITCH_RING` latent
+#: rows of it (32 px), and no g_a output there depends on pixels more than 64 px beyond
+#: them (a crop to 96 px gives the very same latents, bit for bit, on the CPU; 80 px does
+#: not: ``tests/test_learned_internals.py``), so the rest of the tile is not coded
 SIDE_REACH = 128
 #: the learned codec's latent caches: at least this many bytes ...
 MIN_CACHE_BYTES = 16 * 1024 * 1024
@@ -288,21 +290,33 @@ class TileDecoder:
             raise CorruptDataError(f"{name}: {e}") from None
         return crop_margin(px, m)
 
-    def pixel_latents(self, pixels: np.ndarray):
+    def pixel_latents(self, pixels: np.ndarray, toward: Iterable[tuple[int, int]] | None = None):
         """What a tile known only by its pixels (a bare tile) gives its neighbours'
         stitching: g_a's ungained latents of those pixels alone, (1, M, h/16, w/16)
         float32 on the CPU, computed on the codec's device in its precision.  The encoder
         that decides between kinds calls this same function, so what it measures is what
-        a reader on the same device shows."""
+        a reader on the same device shows.
+
+        ``toward``: the directions (dr, dc) of the only neighbours whose stitching will
+        read them; g_a then runs over the part of the tile those read
+        (:func:`~wsicodec.learned.grid.stitching_crop`) and the rest of the latents is
+        zeros, never read.  What those neighbours read is the same either way."""
         import torch
 
         from .network import pad_to_stride
         net = self.synthesis.model
+        h, w = pixels.shape[:2]
+        (r0, r1), (c0, c1) = stitching_crop((h, w), toward, SIDE_REACH, PIXEL_STRIDE)
         with torch.inference_mode(), self._g_a_lock:
-            x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None]
+            x = torch.from_numpy(np.ascontiguousarray(pixels[r0:r1, c0:c1])).permute(2, 0, 1)[None]
             x = pad_to_stride(x.float().div_(255.0), PIXEL_STRIDE).to(self.device)
-            y = net.transform(x, self.precision)
-        return y.float().cpu().contiguous()
+            y = net.transform(x, self.precision).float().cpu()
+        if (r1 - r0, c1 - c0) == (h, w):
+            return y.contiguous()
+        out = y.new_zeros(1, y.shape[1], -(-h // PIXEL_STRIDE), -(-w // PIXEL_STRIDE))
+        top, left = r0 // PIXEL_STRIDE, c0 // PIXEL_STRIDE
+        out[..., top:top + y.shape[-2], left:left + y.shape[-1]] = y
+        return out
 
     def side_latents(self, first: np.ndarray, side: tuple[int, int], jxl: np.ndarray) -> Any:
         """What a bare neighbour on ``side`` ((dr, dc), one of the four sides) gives a
@@ -428,7 +442,7 @@ class TileDecoder:
         out: list[Any] = [None] * len(keys)
         stitched, alone = job.sort(keys, out, grid)
         lat, own = job.latents(job.neighbourhood(keys, stitched, grid), [keys[n] for n in alone],
-                               cache, cache_tag, run or run_serially)
+                               cache, cache_tag, run or run_serially, grid)
         windows, where, second = [], [], {}
         for n in stitched:
             win = job.window(keys[n], lat)

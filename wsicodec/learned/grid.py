@@ -1,11 +1,13 @@
-"""One stitched decode of many tiles of a grid: :class:`GridJob`, and :func:`glass_edges`.
+"""One stitched decode of many tiles of a grid: :class:`GridJob`, :func:`glass_edges` and
+:func:`stitching_crop`.
 
 A :class:`GridJob` is one call of
 :meth:`~wsicodec.learned.decoder.TileDecoder.decode_tiles`: it fetches each tile's bytes
 and header once (in the calling thread), decodes glass, bare (JPEG-XL, JPEG 2000) and fix-up tiles
 directly, and gathers the latents of the stitched tiles and their neighbours (from the
 :class:`~wsicodec.learned.synthesis.LatentCache`, from another caller, or decoded on the
-caller's threads) into the windows g_s runs over.
+caller's threads) into the windows g_s runs over.  A bare tile's latents (g_a of its
+pixels) are coded only over the part its stitched neighbours in the grid read.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import os
 
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 
@@ -71,6 +73,29 @@ def glass_edges(hd: TileHeader, around: dict, name: Callable[[tuple[int, int]], 
     return edges
 
 
+def stitching_crop(shape: tuple[int, int], toward: Iterable[tuple[int, int]] | None, reach: int,
+                   stride: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The (rows, columns) of a tile of ``shape`` (h, w) whose g_a latents its neighbours
+    in directions ``toward`` ((dr, dc) each; None: every direction) read for their
+    stitching: along each axis, the ``reach`` px at the edge facing all of them where
+    they lie on one side (and that crop starts on the latent grid of ``stride`` px),
+    else the whole axis.  A side neighbour reads :data:`STITCH_RING` latent rows along
+    the whole edge, a corner neighbour a corner of them; the caller's ``reach`` covers
+    what those depend on."""
+    if toward is None:
+        return (0, shape[0]), (0, shape[1])
+    toward = list(toward)
+    axes = []
+    for n, ds in ((shape[0], {dr for dr, _ in toward}), (shape[1], {dc for _, dc in toward})):
+        if n > reach and ds == {-1}:
+            axes.append((0, reach))
+        elif n > reach and ds == {1} and (n - reach) % stride == 0:
+            axes.append((n - reach, n))
+        else:
+            axes.append((0, n))
+    return axes[0], axes[1]
+
+
 def sides_in_grid(key: tuple[int, int], grid: tuple[int, int]):
     """((dr, dc), neighbour key) for each of :data:`SIDES` whose neighbour of ``key``
     (col, row) lies inside ``grid`` (cols, rows)."""
@@ -96,6 +121,9 @@ class GridJob:
         self.pixels: dict[tuple[int, int], np.ndarray] = {}
         #: the bare codestreams of the fix-up tiles (``got`` holds their inner tiles)
         self.fixups: dict[tuple[int, int], bytes] = {}
+        #: bytes fetched to see what a tile is (:meth:`reads_latents`), not loaded yet
+        self._peeked: dict[tuple[int, int], bytes] = {}
+        self._stitched: dict[tuple[int, int], bool] = {}
 
     def shape(self, key: tuple[int, int]) -> tuple[int, ...] | None:
         """The shape tile ``key`` must decode to (None: what its stream says)."""
@@ -103,7 +131,8 @@ class GridJob:
 
     def load(self, key: tuple[int, int]) -> tuple[bytes, TileHeader]:
         if key not in self.got:
-            data = bytes(self.fetch(*key))
+            data = self._peeked.pop(key, None)
+            data = bytes(self.fetch(*key)) if data is None else data
             if self.decoder.mixed and data[:4] != MAGIC:
                 if not data.startswith(BARE_SIGNATURES):
                     raise CorruptDataError(f"{self.names(*key)}: neither a learned, a JPEG-XL, a JPEG 2000 nor a "
@@ -185,11 +214,43 @@ class GridJob:
                         need[(col + dc, row + dr)] = None
         return list(need)
 
+    def reads_latents(self, key: tuple[int, int]) -> bool:
+        """Whether tile ``key`` is decoded stitched (a format-3 network tile), reading its
+        neighbours' latents; True where that cannot be told (it fails to fetch or parse).
+        Bare, glass, fix-up and format-1/2 tiles do not; their bytes are fetched (in the
+        calling thread) but not decoded."""
+        if key not in self._stitched:
+            if key in self.got:
+                hd = self.got[key][1]
+                v = key not in self.fixups and hd.kind in NETWORK_KINDS and hd.stitched
+            else:
+                try:
+                    data = self._peeked[key] = bytes(self.fetch(*key))
+                    if self.decoder.mixed and data[:4] != MAGIC:
+                        v = False
+                    else:
+                        hd = parse_named(data, self.names(*key), self.shape(key))
+                        v = hd.kind in NETWORK_KINDS and hd.stitched
+                except Exception:  # noqa: BLE001 - unknown: as if it did
+                    v = True
+            self._stitched[key] = v
+        return self._stitched[key]
+
+    def stitched_beside(self, key: tuple[int, int], grid: tuple[int, int]) -> list[tuple[int, int]]:
+        """The directions (dr, dc) of ``key``'s eight neighbours inside ``grid`` that read
+        its latents (:meth:`reads_latents`): a property of the grid, not of the call, so
+        latents cut to them serve every caller of a shared cache."""
+        col, row = key
+        return [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)
+                if (dr or dc) and 0 <= col + dc < grid[0] and 0 <= row + dr < grid[1]
+                and self.reads_latents((col + dc, row + dr))]
+
     def latents(self, need: list, alone: list, cache: LatentCache | None, tag: Hashable,
-                run: Run) -> tuple[dict, dict]:
+                run: Run, grid: tuple[int, int]) -> tuple[dict, dict]:
         """(latents of the tiles ``need`` by key: a tensor, None or the exception, from
         ``cache``, from another caller decoding them, or decoded here; the own latents of
-        the format-1/2 tiles ``alone``, by key)."""
+        the format-1/2 tiles ``alone``, by key).  A bare tile's are computed only where
+        the stitched tiles beside it in ``grid`` read them (:meth:`stitched_beside`)."""
         lat: dict[tuple[int, int], Any] = {}
         todo, waits = [], {}
         for key in need:          # cached, being decoded by another caller, or ours to decode
@@ -201,7 +262,7 @@ class GridJob:
             else:
                 lat[key] = t
         try:
-            own = self._decode(todo, lat, alone, run)
+            own = self._decode(todo, lat, alone, run, grid)
         finally:                  # whatever happened, callers waiting on our keys get an answer
             if cache is not None:
                 for key in todo:
@@ -211,7 +272,7 @@ class GridJob:
             lat[key] = fut.result()
         return lat, own
 
-    def _decode(self, todo: list, lat: dict, alone: list, run: Run) -> dict:
+    def _decode(self, todo: list, lat: dict, alone: list, run: Run, grid: tuple[int, int]) -> dict:
         """The entropy work: latents of ``todo`` into ``lat``; returns those of ``alone``."""
         for key in todo:          # bytes first, in this thread
             try:
@@ -226,6 +287,7 @@ class GridJob:
                                                       and self.got[j[1]][1].stitched)]
         picked = set(net)
         other = [j for j in jobs if j not in picked]
+        toward = {key: self.stitched_beside(key, grid) for _, key in other if self.got[key][1].kind == KIND_BARE}
         size = chunk_size(len(net))
         chunks = [net[i:i + size] for i in range(0, len(net), size)]
 
@@ -238,7 +300,7 @@ class GridJob:
             key = job[1]
             data, hd = self.got[key]
             if hd.kind == KIND_BARE:
-                return dec.pixel_latents(self.pixels[key])
+                return dec.pixel_latents(self.pixels[key], toward[key])
             return dec.latents(data, hd, self.names(*key))
 
         done: dict = {}
