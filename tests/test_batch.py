@@ -369,3 +369,45 @@ def test_bfloat16_encoding_keeps_rate_and_quality_and_any_reader_decodes_it() ->
 
     assert abs(psnr(d16) - psnr(d32)) < 0.05
     assert get_codec("learned", 4, precision="bfloat16").to_dict() == get_codec("learned", 4).to_dict()
+
+
+def test_a_prefetched_row_is_decoded_once_and_reads_the_same(tmp_path, monkeypatch) -> None:
+    """Container.prefetch_tiles decodes a row's latents into the reader's cache: reading
+    the rows then entropy-decodes none of its streams again, and every tile, read row by
+    row or through decompress's prefetching row decode, is the same as without it.  A
+    damaged tile in a prefetched row fails only where it is read, naming it."""
+    from wsicodec.learned.decoder import TileDecoder
+    from wsicodec.readback import _ordered_decode
+
+    img = _image(150, 200, 5)
+    out = tmp_path / "rows.zarr"
+    compress_source(ArraySource(img), out, get_codec("learned", 4), tile_size=64, workers=1)
+    rows = [[(c, r) for c in range(4)] for r in range(3)]
+    with open_container(out) as c:
+        ref = [t for keys in rows for t in c.read_tiles(0, keys)]
+    calls: list[str] = []
+    original = TileDecoder.entropy_decode_many
+
+    def counting(self, items):  # noqa: ANN001
+        calls.extend(name for _, _, name in items)
+        return original(self, items)
+
+    monkeypatch.setattr(TileDecoder, "entropy_decode_many", counting)
+    with open_container(out) as c, ThreadPoolExecutor(2) as pool:
+        c.prefetch_tiles(0, rows[2], run=lambda fn, items: list(pool.map(fn, items)))
+        assert sorted(calls) == sorted(f"tile level=0 col={col} row=2" for col in range(4))
+        got = [t for keys in rows for t in c.read_tiles(0, keys)]
+    assert len(calls) == len(set(calls)) == 12
+    assert all(np.array_equal(a, b) for a, b in zip(ref, got))
+    with open_container(out) as c:
+        assert all(np.array_equal(a, b) for a, b in zip(ref, _ordered_decode(c, 0, 2, None)))
+
+    victim = out / "levels" / "0" / "tiles" / "c" / "2" / "1"  # row 2, col 1
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    victim.write_bytes(bytes(data))
+    with open_container(out) as c:
+        c.prefetch_tiles(0, rows[2])
+        with pytest.raises(CorruptTileError, match="col=1 row=2"):
+            c.read_tiles(0, rows[2])
+        assert np.array_equal(c.read_tiles(0, rows[0])[1], ref[1])

@@ -227,6 +227,18 @@ class TileCodec(abc.ABC):
             out[n] = r
         return out
 
+    def prefetch_tiles(self, keys: Sequence[tuple[int, int]], fetch: Callable[[int, int], bytes],
+                       grid: tuple[int, int], shape: tuple[int, int, int] | None = None, *,
+                       names: Callable[[int, int], str] | None = None,
+                       cache: Any = None, cache_tag: Hashable = None,
+                       run: Run | None = None, as_written: bool = False) -> None:
+        """Do now, into ``cache``, the work a later :meth:`decode_tiles` of tiles beside
+        ``keys`` would share with other calls (arguments as there), so that it overlaps
+        whatever the caller does meanwhile (a reader decoding row by row prefetches the
+        row after the next).  Never raises: what fails here fails that later call.  The
+        pixels :meth:`decode_tiles` returns are the same either way.  Here: nothing (the
+        codec keeps nothing between calls)."""
+
     def level_encoder(self, level: int) -> LevelEncoder | None:
         """A :class:`LevelEncoder` for one level of a grid, when this codec decides a tile
         with its neighbours (the ``auto`` codec); None (here): tiles are coded batch by

@@ -257,17 +257,35 @@ class Container:
         g = self.grid(level)
         for col, row in keys:
             g.check_tile(col, row)
-        codec = self.codec
-        with self._cache_lock:      # concurrent first readers share one cache
-            if not self._cache_made:
-                widest = max(self.grid(lv).cols for lv in range(self.level_count))
-                self._cache = codec.new_cache(self.metadata.tile_size, 3 * widest + 8)
-                self._cache_made = True
-        out = self.decode_tiles(level, keys, codec, self._cache, run)
+        out = self.decode_tiles(level, keys, self.codec, self._shared_cache(), run)
         for t in out:
             if isinstance(t, BaseException):
                 raise t
         return out
+
+    def prefetch_tiles(self, level: int, keys: Sequence[tuple[int, int]], *, run: Run | None = None) -> None:
+        """Decode into the cache :meth:`read_tiles` uses what the codec shares between
+        calls for tiles ``keys`` (:meth:`~wsicodec.codecs.TileCodec.prefetch_tiles`: the
+        learned codec's latents), so that a later :meth:`read_tiles` beside them waits
+        less; called on another thread, it overlaps that call's own work.  Never raises
+        for a damaged tile (reading it does); the tiles read are the same either way."""
+        g = self.grid(level)
+        keys = [k for k in keys if 0 <= k[0] < g.cols and 0 <= k[1] < g.rows]
+        self.codec.prefetch_tiles(keys, lambda c, r: self.read_encoded_tile(level, c, r), (g.cols, g.rows),
+                                  tile_shape(self.tile_size), names=lambda c, r: f"tile level={level} col={c} row={r}",
+                                  cache=self._shared_cache(), cache_tag=level, run=run,
+                                  as_written=self.metadata.has_digests)
+
+    def _shared_cache(self) -> Any:
+        """The codec's cache shared by :meth:`read_tiles` callers, made on first use with room
+        for four rows of the widest level (a row-by-row reader's row, the rows around it,
+        and the row it prefetches)."""
+        with self._cache_lock:      # concurrent first readers share one cache
+            if not self._cache_made:
+                widest = max(self.grid(lv).cols for lv in range(self.level_count))
+                self._cache = self.codec.new_cache(self.metadata.tile_size, 4 * widest + 8)
+                self._cache_made = True
+        return self._cache
 
     def decode_tiles(self, level: int, keys: Sequence[tuple[int, int]], codec: TileCodec,
                      cache: Any = None, run: Run | None = None) -> list[Any]:

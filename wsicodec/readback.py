@@ -189,18 +189,39 @@ def _ordered_decode(container, level: int, workers: int,  # type: ignore[no-unty
                     progress: Progress | None) -> Iterator[np.ndarray]:
     """Decode a level's tiles row-major, one tile row per
     :meth:`~wsicodec.container.Container.read_tiles` call, its work on a pool of
-    ``workers`` threads (the learned codec stitches each tile with its neighbours)."""
+    ``workers`` threads (the learned codec stitches each tile with its neighbours).
+    While a row is decoded, the row after the next is prefetched
+    (:meth:`~wsicodec.container.Container.prefetch_tiles`: the learned codec's latents,
+    on the same pool), so that its entropy decoding overlaps this row's g_s."""
     grid = container.grid(level)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wsicodec-decode") as pool:
+    try:
+        container.check_level(level)     # read once here, not by two threads at once
+    except CorruptDataError:
+        pass                             # the row reads say which tiles it costs
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wsicodec-decode") as pool, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsicodec-prefetch") as ahead:
         def run(fn, items: list) -> list:  # noqa: ANN001
             return [_outcome(f) for f in [pool.submit(fn, it) for it in items]]
 
+        def prefetch(row: int) -> None:
+            try:
+                container.prefetch_tiles(level, [(col, row) for col in range(grid.cols)], run=run)
+            except Exception:  # noqa: BLE001 - advisory: reading the row says what is wrong
+                pass
+
         for row in range(grid.rows):
+            if row + PREFETCH_ROWS < grid.rows:
+                ahead.submit(prefetch, row + PREFETCH_ROWS)
             for tile in container.read_tiles(level, [(col, row) for col in range(grid.cols)],
                                              run=run):
                 if progress:
                     progress(1)
                 yield tile
+
+
+#: a row-by-row decode prefetches the row this many rows on (:func:`_ordered_decode`): a
+#: row's read decodes the row after it itself, since its tiles read that row's latents
+PREFETCH_ROWS = 2
 
 
 def _outcome(f: Future) -> Any:

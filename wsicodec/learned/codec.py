@@ -208,6 +208,17 @@ class LearnedCodec(TileCodec):
             raise CorruptDataError(f"{name}: coded at quality {hd.quality!r}, but the container's "
                                    f"tiles are all quality {self.quality!r} (header edited)")
 
+    def prefetch_tiles(self, keys: Sequence[tuple[int, int]], fetch: Callable[[int, int], bytes],
+                       grid: tuple[int, int], shape: Shape = None, *,
+                       names: Callable[[int, int], str] | None = None,
+                       cache: LatentCache | None = None, cache_tag: Hashable = None,
+                       run: Run | None = None, as_written: bool = False) -> None:
+        """The latents of ``keys`` decoded into ``cache`` (:meth:`TileDecoder.prefetch_tiles
+        <wsicodec.learned.decoder.TileDecoder.prefetch_tiles>`); the contract of
+        :meth:`wsicodec.codecs.TileCodec.prefetch_tiles`."""
+        self.decoder.prefetch_tiles(keys, fetch, grid, shape, names=names, cache=cache, cache_tag=cache_tag,
+                                    run=run, check=self.check_as_written if as_written else None)
+
     def new_cache(self, tile_size: int, tiles: int, *, max_bytes: int | None = None) -> LatentCache:
         """A latent cache for :meth:`decode_tiles`: room for ``tiles`` tiles (16-256 MiB),
         or ``max_bytes`` exactly."""

@@ -426,6 +426,19 @@ class TileDecoder:
             out[i] = x
         return out
 
+    def prefetch_tiles(self, keys: Sequence[tuple[int, int]], fetch: Callable[[int, int], bytes],
+                       grid: tuple[int, int], shape: Shape = None, *,
+                       names: Callable[[int, int], str] | None = None,
+                       cache: LatentCache | None = None, cache_tag: Hashable = None,
+                       run: Run | None = None,
+                       check: Callable[[TileHeader, str], None] | None = None) -> None:
+        """The latents of those of ``keys`` a stitched tile reads (:meth:`GridJob.prefetch
+        <wsicodec.learned.grid.GridJob.prefetch>`) decoded into ``cache`` now, as
+        :meth:`decode_tiles` (same arguments) would decode them; nothing without a cache."""
+        if cache is not None:
+            job = GridJob(self, fetch, names or (lambda c, r: f"tile col={c} row={r}"), shape, check)
+            job.prefetch(keys, cache, cache_tag, run or run_serially, grid)
+
     def decode_tiles(self, keys: Sequence[tuple[int, int]], fetch: Callable[[int, int], bytes],
                      grid: tuple[int, int], shape: Shape = None, *,
                      names: Callable[[int, int], str] | None = None,

@@ -272,6 +272,15 @@ class GridJob:
             lat[key] = fut.result()
         return lat, own
 
+    def prefetch(self, keys: Sequence[tuple[int, int]], cache: LatentCache, tag: Hashable, run: Run,
+                 grid: tuple[int, int]) -> None:
+        """The latents of those of ``keys`` that a stitched tile of ``grid`` reads (the tile's
+        own, or a neighbour's: :meth:`reads_latents`, :meth:`stitched_beside`) decoded into
+        ``cache`` as :meth:`latents` decodes them; failures are handed to callers waiting
+        for those tiles and not kept, so they fail in the call that decodes them."""
+        need = [k for k in keys if self.reads_latents(k) or self.stitched_beside(k, grid)]
+        self.latents(need, [], cache, tag, run, grid)
+
     def _decode(self, todo: list, lat: dict, alone: list, run: Run, grid: tuple[int, int]) -> dict:
         """The entropy work: latents of ``todo`` into ``lat``; returns those of ``alone``."""
         for key in todo:          # bytes first, in this thread
