@@ -250,6 +250,7 @@ def test_usage_and_setting_errors(tmp_path: Path, capsys) -> None:
         (["compress", src, tmp_path / "o.zarr", "--quality", "300"], "1..8"),   # learned, the default
         (["compress", src, tmp_path / "o.zarr", "--tile-size", "100"], "multiple of 16"),
         (["compress", src, tmp_path / "o.zarr", "--workers", "0"], "workers"),
+        (["verify", src, "--decode", "--workers", "0"], "workers"),
         (["decompress", src, tmp_path / "o.tiff", "--tiff-quality", "0"], "[1, 100]"),
     ]:
         code, _, err = run(capsys, *argv)

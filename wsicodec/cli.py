@@ -217,7 +217,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     show = not args.quiet and not args.json and sys.stderr.isatty()
     total = container_tile_count(args.input) if show else None
     with _progress_bar(total, not show, "verify") as bar:
-        result = verify(args.input, decode=args.decode, progress=bar.update)
+        result = verify(args.input, decode=args.decode, workers=args.workers, progress=bar.update)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     elif not args.quiet:

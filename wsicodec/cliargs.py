@@ -246,6 +246,7 @@ def _add_verify(sub: Any, common: argparse.ArgumentParser) -> None:
     v.add_argument("--decode", action="store_true",
                    help="decode every tile as well (slower; the learned codec also checks "
                         "each tile's symbol checksum)")
+    v.add_argument("--workers", type=int, default=None, help="decoder threads (with --decode)")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.add_argument("--quiet", action="store_true",
                    help="no progress bar and no report: only the exit status (and errors)")

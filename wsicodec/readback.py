@@ -122,12 +122,13 @@ class VerifyResult:
                 "seconds": round(self.seconds, 3)}
 
 
-def verify(path: str | os.PathLike[str], *, decode: bool = False,
+def verify(path: str | os.PathLike[str], *, decode: bool = False, workers: int | None = None,
            progress: Progress | None = None) -> VerifyResult:
     """Check every tile of a container against its CRC32 and, in format 3, its digest
     (which binds it to its level, column, row and container: a tile moved or spliced in
     fails); ``decode``: decode it too, checking its geometry and, for the learned codec,
-    its symbols' checksum.  In format 4, each level's fidelity map is checked against
+    its symbols' checksum (row by row on ``workers`` threads, as ``decompress``:
+    :func:`decoded_rows`).  In format 4, each level's fidelity map is checked against
     the level digest and for consistency (kinds, PSNR ranges, sizes summing to the
     level's bytes; a damaged map makes its level a damaged level), and each tile's size
     against its record.  Decode every associated image (checking its digest).  The
@@ -135,10 +136,12 @@ def verify(path: str | os.PathLike[str], *, decode: bool = False,
     Damage is reported in the result, never raised.
 
     Raises as :func:`wsicodec.container.open_container` (not a container, unsupported
-    version, damaged metadata), ModelMismatchError (``decode``, other weights) and
-    WsiCodecError (``decode``, the codec cannot be built here).
+    version, damaged metadata), ModelMismatchError (``decode``, other weights),
+    WsiCodecError (``decode``, the codec cannot be built here) and InvalidSettingError
+    (``workers``).
     """
     t0 = time.perf_counter()
+    workers = check_workers(workers)
     bad_tiles: list[tuple[int, int, int, str]] = []
     bad_assoc: list[tuple[str, str]] = []
     bad_levels: list[tuple[int, int, str]] = []
@@ -154,14 +157,10 @@ def verify(path: str | os.PathLike[str], *, decode: bool = False,
                 if progress:
                     progress(grid.tile_count)
                 continue
-            for row in range(grid.rows):
-                keys = [(col, row) for col in range(grid.cols)]
-                if decode:
-                    try:
-                        c.read_tiles(level, keys)
-                        keys = []
-                    except CorruptTileError:
-                        pass   # which tiles: one by one below
+            rows = decoded_rows(c, level, workers) if decode else ((r, None) for r in range(grid.rows))
+            for row, got in rows:
+                # a damaged row: which tiles, one by one
+                keys = [] if isinstance(got, list) else [(col, row) for col in range(grid.cols)]
                 for col, _ in keys:
                     try:
                         if decode:
@@ -187,9 +186,23 @@ def verify(path: str | os.PathLike[str], *, decode: bool = False,
 
 def _ordered_decode(container, level: int, workers: int,  # type: ignore[no-untyped-def]
                     progress: Progress | None) -> Iterator[np.ndarray]:
-    """Decode a level's tiles row-major, one tile row per
+    """Decode a level's tiles row-major (:func:`decoded_rows`); raises the first damaged
+    tile's CorruptTileError."""
+    for _, tiles in decoded_rows(container, level, workers):
+        if isinstance(tiles, BaseException):
+            raise tiles
+        for tile in tiles:
+            if progress:
+                progress(1)
+            yield tile
+
+
+def decoded_rows(container, level: int, workers: int  # type: ignore[no-untyped-def]
+                 ) -> Iterator[tuple[int, list[np.ndarray] | CorruptTileError]]:
+    """A level's tile rows in order, each decoded by one
     :meth:`~wsicodec.container.Container.read_tiles` call, its work on a pool of
-    ``workers`` threads (the learned codec stitches each tile with its neighbours).
+    ``workers`` threads (the learned codec stitches each tile with its neighbours):
+    (row, its tiles), or (row, the CorruptTileError its first damaged tile raised).
     While a row is decoded, the row after the next is prefetched
     (:meth:`~wsicodec.container.Container.prefetch_tiles`: the learned codec's latents,
     on the same pool), so that its entropy decoding overlaps this row's g_s."""
@@ -212,11 +225,12 @@ def _ordered_decode(container, level: int, workers: int,  # type: ignore[no-unty
         for row in range(grid.rows):
             if row + PREFETCH_ROWS < grid.rows:
                 ahead.submit(prefetch, row + PREFETCH_ROWS)
-            for tile in container.read_tiles(level, [(col, row) for col in range(grid.cols)],
-                                             run=run):
-                if progress:
-                    progress(1)
-                yield tile
+            try:
+                tiles: list[np.ndarray] | CorruptTileError = container.read_tiles(
+                    level, [(col, row) for col in range(grid.cols)], run=run)
+            except CorruptTileError as e:
+                tiles = e
+            yield row, tiles
 
 
 #: a row-by-row decode prefetches the row this many rows on (:func:`_ordered_decode`): a
