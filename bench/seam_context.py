@@ -5,8 +5,8 @@
                                  [--out bench/results/seam_context.json]
 
 Readers decode a network tile beside a bare JPEG-XL tile twice: the second pass joins, on that
-side, g_a's latents of the JPEG-XL pixels joined to :data:`~wsicodec.learned.decoder.SIDE_CONTEXT`
-px of the tile's own first pass (:meth:`~wsicodec.learned.decoder.TileDecoder.side_latents`).
+side, g_a's latents of the JPEG-XL pixels joined to :data:`~wsicodec.learned.secondpass.SIDE_CONTEXT`
+px of the tile's own first pass (:func:`~wsicodec.learned.secondpass.side_latents`).
 ``bench/seams.py --mixed`` measures what that costs the tile's border (``seam_cost_db``).  This
 script asks why: each spec ``SET:QUALITY:FLOOR[:IMAGES]`` (a set of ``bench/datasets.py``) is coded
 by the ``auto`` codec and by the network alone, and every network tile auto kept at the asked
@@ -57,7 +57,7 @@ from bench.metrics import psnr_from_sse  # noqa: E402
 from bench.report import log, run_environment, write_json  # noqa: E402
 from wsicodec.codecs import get_codec  # noqa: E402
 from wsicodec.image import read_stream  # noqa: E402
-from wsicodec.learned.decoder import SIDE_CONTEXT  # noqa: E402
+from wsicodec.learned.secondpass import SIDE_CONTEXT  # noqa: E402
 from wsicodec.learned.glass import SIDES  # noqa: E402
 from wsicodec.learned.refine import refine_latents  # noqa: E402
 from wsicodec.learned.seamsearch import held_mask, seam_weights  # noqa: E402

@@ -177,3 +177,43 @@ def test_every_reader_path_shows_the_same_met_tiles(he_img, tmp_path, monkeypatc
     stream = wsicodec.encode(img, quality, tile_size=T, codec="auto", min_psnr=floor, jpeg2000=j2k)
     assert read_stream(stream).tiles == [tiles[k] for k in keys]
     assert (wsicodec.decode(stream) == region).all()
+
+
+def test_a_side_strips_second_pass_is_the_whole_tiles_outside_its_strips(tissue):
+    """With ``side_strips`` the second pass runs g_s over a strip of STRIP px along each bare
+    side and keeps the first pass elsewhere: outside the strips the very pixels of the
+    second pass over the whole tile (no pixel there depends on a bare side's latents),
+    inside within a level of them; it changes the strips (the pass does something).  An
+    AutoCodec records it; a container that does not is decoded over whole tiles."""
+    from wsicodec.codecs import codec_from_dict
+    from wsicodec.errors import InvalidSettingError
+    from wsicodec.learned.decoder import TileDecoder
+    from wsicodec.learned.secondpass import STRIP, second_pass, strip_boxes
+    from wsicodec.learned.synthesis import stitch_window
+
+    codec = get_codec("auto", 4)
+    whole, strips = (TileDecoder(codec.learned.loaded, codec.device, codec.precision, 2, mixed=True,
+                                 side_strips=s) for s in (False, True))
+    t, o = 256, 300
+    lat = {(dr, dc): whole.pixel_latents(np.ascontiguousarray(tissue[o + dr * t:o + (dr + 1) * t,
+                                                                     o + dc * t:o + (dc + 1) * t]))
+           for dr in (-1, 0, 1) for dc in (-1, 0, 1)}
+    centre, around = lat[(0, 0)], {k: v for k, v in lat.items() if k != (0, 0)}
+    win, top, left = stitch_window(centre, around)
+    first = whole.synthesize([win], [(top, left, t, t)])[0]
+    for sides in ([(0, 1)], [(-1, 0), (0, -1)], [(1, 0), (0, 1), (-1, 0)]):
+        bare = {(dr, dc): np.ascontiguousarray(tissue[o + dr * t:o + (dr + 1) * t, o + dc * t:o + (dc + 1) * t])
+                for dr, dc in sides}
+        ref, got = (second_pass(d, [(centre, around, first, bare)])[0] for d in (whole, strips))
+        inside = np.zeros((t, t), bool)
+        for b in strip_boxes(sides, 0, 0, t, t):
+            inside[b[0]:b[0] + b[2], b[1]:b[1] + b[3]] = True
+        assert (got[~inside] == ref[~inside]).all() and (got[~inside] == first[~inside]).all(), sides
+        assert np.abs(got[inside].astype(int) - ref[inside]).max() <= 1, sides
+        assert (got[inside] != first[inside]).any(), sides
+    assert strip_boxes([(1, 0), (0, -1)], 32, 16, 100, 40) == [(32 + 100 - STRIP, 16, STRIP, 40), (32, 16, 100, 40)]
+    assert codec.to_dict()["configuration"]["side_strips"] is True
+    cfg = {k: v for k, v in codec.to_dict()["configuration"].items() if k != "side_strips"}
+    assert codec_from_dict({"name": "auto", "configuration": cfg}).decoder.side_strips is False
+    with pytest.raises(InvalidSettingError, match="side_strips"):
+        get_codec("auto", 4, side_strips=2)

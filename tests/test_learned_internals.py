@@ -453,7 +453,7 @@ def test_a_bare_neighbours_second_pass_latents_read_only_its_pixels_near_the_sea
     the stitched window's rows of it come out bit for bit as from the whole neighbour, on
     every side (a partial neighbour below, a full one above); a crop inside g_a's reach
     (80 px) would change them, so the test sees a reach too short."""
-    from wsicodec.learned import decoder as dec
+    from wsicodec.learned import secondpass as dec
     from wsicodec.learned.decoder import TileDecoder
     from wsicodec.learned.synthesis import STITCH_RING
     shipped = dec.SIDE_REACH
@@ -465,7 +465,7 @@ def test_a_bare_neighbours_second_pass_latents_read_only_its_pixels_near_the_sea
 
     def ring(side, reach):
         monkeypatch.setattr(dec, "SIDE_REACH", reach)
-        y = d.side_latents(first, side, np.ascontiguousarray(near[side]))
+        y = dec.side_latents(d, first, side, np.ascontiguousarray(near[side]))
         dr, dc = side
         cut = slice(0, STITCH_RING) if dr + dc > 0 else slice(-STITCH_RING, None)
         return y[..., cut, :] if dr else y[..., cut]

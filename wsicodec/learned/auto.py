@@ -47,7 +47,7 @@ DEFAULT_EFFORT = SEARCH_EFFORT
 #: options of the machine, never stored (as the learned codec's)
 LOCAL_OPTIONS = ("model", "device", "precision", "max_batch")
 #: what a container that does not record an option was written with (the option is newer)
-UNRECORDED = {"jpeg2000_margin": 0, "scanner_tiles": False, "recovered_jpeg": False}
+UNRECORDED = {"jpeg2000_margin": 0, "scanner_tiles": False, "recovered_jpeg": False, "side_strips": False}
 #: on the CPU, g_s windows (and g_a regions) per pass in the encoder's own work (stage 1's
 #: g_a and estimates, stage 2's measurements), whatever ``max_batch`` readers use: the
 #: learned encoder's g_a passes, for the same reason (a pass's activations are the largest
@@ -107,6 +107,11 @@ class AutoCodec(TileCodec):
             is): the source pixels or within a level or two of them, kept where it is
             the fewest bytes that reach the tile's target (default True).  Recorded in
             :meth:`to_dict`; a container that does not record it was written without.
+        side_strips: a network tile beside a bare tile is decoded the second time only over
+            the strips along its bare sides that the second pass can change
+            (:mod:`~wsicodec.learned.secondpass`), by readers and by the encoder's
+            measurement alike (default True).  Recorded in :meth:`to_dict`; a container
+            that does not record it is decoded over whole tiles, as it was written.
         seam_search: steps of the seam search, 0 (off, the default) ..
             :data:`~wsicodec.learned.seamsearch.MAX_SEAM_SEARCH`: each network tile beside a
             bare tile has its latents searched for what readers show at that border
@@ -124,7 +129,7 @@ class AutoCodec(TileCodec):
     def __init__(self, quality: float | None = None, min_psnr: float | None = None,
                  effort: int = DEFAULT_EFFORT, seam_search: int = 0, jpeg2000: bool = True,
                  jpeg2000_margin: int = J2K_MARGIN, scanner_tiles: bool = True, recovered_jpeg: bool = True,
-                 model: str | None = None, device: str = "cpu",
+                 side_strips: bool = True, model: str | None = None, device: str = "cpu",
                  margin: int = DEFAULT_MARGIN, model_id: str | None = None, precision: str = "float32",
                  max_batch: int | None = None) -> None:
         floor = check_min_psnr(min_psnr)
@@ -136,14 +141,15 @@ class AutoCodec(TileCodec):
         jpeg2000 = _flag("jpeg2000", jpeg2000)
         scanner_tiles = _flag("scanner_tiles", scanner_tiles)
         recovered_jpeg = _flag("recovered_jpeg", recovered_jpeg)
+        side_strips = _flag("side_strips", side_strips)
         jpeg2000_margin = _int_in("jpeg2000_margin", jpeg2000_margin, 0, J2K_MAX_MARGIN)
         learned = LearnedCodec(quality, model=model, device=device, margin=margin, model_id=model_id,
                                precision=precision, max_batch=max_batch)
         decoder = TileDecoder(learned.loaded, learned.device, learned.precision, learned.max_batch,
-                              mixed=True, jpeg2000_margin=jpeg2000_margin)
+                              mixed=True, jpeg2000_margin=jpeg2000_margin, side_strips=side_strips)
         stages = decoder if learned.device.type != "cpu" or learned.max_batch <= CPU_ENCODE_BATCH \
             else TileDecoder(learned.loaded, learned.device, learned.precision, CPU_ENCODE_BATCH, mixed=True,
-                             jpeg2000_margin=jpeg2000_margin)
+                             jpeg2000_margin=jpeg2000_margin, side_strips=side_strips)
         encoders: dict[float, TileEncoder] = {}
         lock = threading.Lock()
 
@@ -159,7 +165,8 @@ class AutoCodec(TileCodec):
         for k, v in (("learned", learned), ("min_psnr", floor), ("effort", effort),
                      ("seam_search", seam_search), ("jpeg2000", jpeg2000),
                      ("jpeg2000_margin", jpeg2000_margin), ("scanner_tiles", scanner_tiles),
-                     ("recovered_jpeg", recovered_jpeg), ("decoder", decoder), ("chooser", chooser),
+                     ("recovered_jpeg", recovered_jpeg), ("side_strips", side_strips),
+                     ("decoder", decoder), ("chooser", chooser),
                      ("qualities", quality_steps(learned.quality))):
             object.__setattr__(self, k, v)
 
@@ -170,7 +177,8 @@ class AutoCodec(TileCodec):
         return (f"AutoCodec(quality={self.quality!r}, min_psnr={self.min_psnr!r}, effort={self.effort}, "
                 f"seam_search={self.seam_search}, jpeg2000={self.jpeg2000}, "
                 f"jpeg2000_margin={self.jpeg2000_margin}, scanner_tiles={self.scanner_tiles}, "
-                f"recovered_jpeg={self.recovered_jpeg}, model_id={self.model_id[:16]!r}...)")
+                f"recovered_jpeg={self.recovered_jpeg}, side_strips={self.side_strips}, "
+                f"model_id={self.model_id[:16]!r}...)")
 
     # the learned codec's settings, read through
     quality = property(lambda self: self.learned.quality)
@@ -190,7 +198,7 @@ class AutoCodec(TileCodec):
         cfg = {"quality": self.quality, "min_psnr": self.min_psnr, "effort": self.effort,
                "jpeg2000": self.jpeg2000, "jpeg2000_margin": self.jpeg2000_margin,
                "scanner_tiles": self.scanner_tiles, "recovered_jpeg": self.recovered_jpeg,
-               "model_id": self.model_id, "margin": self.margin}
+               "side_strips": self.side_strips, "model_id": self.model_id, "margin": self.margin}
         if self.seam_search:
             cfg["seam_search"] = self.seam_search   # how the container was made; decoding ignores it
         return {"name": self.name, "configuration": cfg}

@@ -57,6 +57,7 @@ from .glass import SIDES, bare_edges, blend_toward_glass, decode_glass, encode_g
 from .grid import glass_edges
 from .j2kfit import fit_jpeg2000_tile, tile_sides, with_margin
 from .jxlfit import TileFit, fit_jpegxl, tile_psnr
+from .secondpass import second_pass
 from .sourcefit import carried_fit, cost, price_of_error, priced_fit, recovered_fit
 from .stepsearch import StepSearch, quality_steps
 from .synthesis import STITCH_RING, stitch_window
@@ -405,10 +406,12 @@ class TileChooser:
                                  todo)
         again = [(k, bare_sides(t)) for k, t in enumerate(todo)]      # beside bare tiles: pass 2
         again = [(k, sides) for k, sides in again if sides]
-        for (k, _), px in zip(again, self._synthesize(
-                [self.decoder.second_window(todo[k].context, arounds[k], first[k], sides)
-                 for k, sides in again], [todo[k] for k, _ in again])):
+        for (k, _), px in zip(again, second_pass(self.decoder, [(todo[k].context, arounds[k], first[k], sides)
+                                                                 for k, sides in again])):
+            if isinstance(px, BaseException):
+                raise px
             first[k] = px
+        release_freed_memory()
         if self.seam_search:
             for k, sides in again:
                 t = todo[k]

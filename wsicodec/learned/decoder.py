@@ -62,21 +62,11 @@ from wsicodec.errors import CorruptDataError, ModelMismatchError
 from .glass import bare_edges, blend_toward_glass, decode_glass, uniform_colour, uniform_latent
 from .grid import KIND_BARE, GridJob, Shape, glass_edges, stitching_crop
 from .j2kfit import crop_margin
-from .synthesis import STITCH_RING, LatentCache, Synthesis, stitch_window
+from .secondpass import SIDE_CONTEXT, SIDE_REACH, second_pass
+from .synthesis import STITCH_RING, LatentCache, Synthesis, stitch_window  # noqa: F401 - re-exported
 from .tileformat import (GLASS_KINDS, KIND_FIXUP, KIND_NETWORK_MIXED, LATENT_STRIDE, MAGIC, NETWORK_KINDS,
                          PIXEL_STRIDE, TileHeader, ceil_to, exact_entropy, fixup_parts, parse_named)
 
-#: pixels of a stitched tile's first pass that g_a sees beside a bare neighbour in its
-#: second pass (:meth:`TileDecoder.side_latents`)
-SIDE_CONTEXT = 64
-#: pixels of a bare tile, from an edge, that g_a reads for the latents a stitched neighbour
-#: takes there (its second-pass latents, :meth:`TileDecoder.side_latents`; and the tile's
-#: own, :meth:`TileDecoder.pixel_latents`, where its stitched neighbours all lie on one side
-#: of it): the stitched window takes :data:`~wsicodec.learned.synthesis.STITCH_RING` latent
-#: rows of it (32 px), and no g_a output there depends on pixels more than 64 px beyond
-#: them (a crop to 96 px gives the very same latents, bit for bit, on the CPU; 80 px does
-#: not: ``tests/test_learned_internals.py``), so the rest of the tile is not coded
-SIDE_REACH = 128
 #: the learned codec's latent caches: at least this many bytes ...
 MIN_CACHE_BYTES = 16 * 1024 * 1024
 #: ... and at most this many, unless asked for explicitly
@@ -115,7 +105,7 @@ class TileDecoder:
     """
 
     def __init__(self, loaded: Any, device: Any, precision: str, max_batch: int,
-                 mixed: bool = False, jpeg2000_margin: int = 0) -> None:
+                 mixed: bool = False, jpeg2000_margin: int = 0, side_strips: bool = False) -> None:
         self.loaded = loaded
         self.model = loaded.model                      # the CPU copy: h_s's weights, tables
         self.tables = self.model.coding_tables()
@@ -127,6 +117,9 @@ class TileDecoder:
         self.mixed = mixed
         #: px beyond each edge of the tile a JPEG 2000 codestream of this grid may hold (cropped)
         self.jpeg2000_margin = jpeg2000_margin
+        #: a network tile's second pass beside bare tiles runs over strips along them
+        #: (:func:`~wsicodec.learned.secondpass.second_pass`)
+        self.side_strips = side_strips
         self._g_a_lock = threading.Lock()
 
     @property
@@ -318,53 +311,13 @@ class TileDecoder:
         out[..., top:top + y.shape[-2], left:left + y.shape[-1]] = y
         return out
 
-    def side_latents(self, first: np.ndarray, side: tuple[int, int], jxl: np.ndarray) -> Any:
-        """What a bare neighbour on ``side`` ((dr, dc), one of the four sides) gives a
-        stitched tile's second pass: g_a over the neighbour's pixels ``jxl`` joined to the
-        :data:`SIDE_CONTEXT` px of the tile's first-pass pixels ``first`` nearest it, the
-        neighbour's part only (its :data:`SIDE_REACH` px nearest the seam, where they lie on
-        the latent grid), or None when their sides do not match.  g_a of the
-        neighbour alone (:meth:`pixel_latents`) has no context at the very edge the tile
-        joins, which shows as a seam (``bench/seams.py``, mixed rows); this gives it the
-        tile's own first guess of it."""
-        dr, dc = side
-        axis = 1 if dc else 0
-        if first.shape[1 - axis] != jxl.shape[1 - axis]:
-            return None
-        s = min(SIDE_CONTEXT, first.shape[axis] // PIXEL_STRIDE * PIXEL_STRIDE)
-        if s == 0:
-            return None
-        depth = jxl.shape[axis]
-        if dr + dc > 0:                                     # below / right: tile first
-            part = first[-s:] if axis == 0 else first[:, -s:]
-            near = jxl[:SIDE_REACH] if axis == 0 else jxl[:, :SIDE_REACH]
-            y = self.pixel_latents(np.concatenate([part, near], axis))
-            return y[..., s // PIXEL_STRIDE:, :] if axis == 0 else y[..., s // PIXEL_STRIDE:]
-        if depth > SIDE_REACH and (depth - SIDE_REACH) % PIXEL_STRIDE == 0:   # on the latent grid
-            jxl = jxl[-SIDE_REACH:] if axis == 0 else jxl[:, -SIDE_REACH:]
-        n = -(-jxl.shape[axis] // PIXEL_STRIDE)
-        part = first[:s] if axis == 0 else first[:, :s]
-        y = self.pixel_latents(np.concatenate([jxl, part], axis))
-        return y[..., :n, :] if axis == 0 else y[..., :n]
-
-    def second_window(self, centre: Any, around: dict, first: np.ndarray, jxl_sides: dict):
-        """A stitched tile's window for its second pass: ``around`` with each bare side
-        in ``jxl_sides`` ((dr, dc) → its pixels) given :meth:`side_latents` from the first
-        pass's pixels ``first``.  Returns (window, top, left) as
-        :func:`~wsicodec.learned.synthesis.stitch_window`."""
-        around = dict(around)
-        for side, px in jxl_sides.items():
-            lat = self.side_latents(first, side, px)
-            if lat is not None:
-                around[side] = lat
-        return stitch_window(centre, around, STITCH_RING)
-
-    def synthesize(self, windows: Sequence[Any], boxes: Sequence[Any] | None = None) -> list[Any]:
+    def synthesize(self, windows: Sequence[Any], boxes: Sequence[Any] | None = None,
+                   own_boxes: bool = False) -> list[Any]:
         """Ungained latent windows → uint8 (16h, 16w, 3) pixels, contiguous, or with
         ``boxes`` (each window's (top, left, h, w) or None) only those pixels, computed
         only where they depend on; or the exception of their g_s pass
-        (:class:`~wsicodec.learned.synthesis.Synthesis`)."""
-        return self.synthesis.run(windows, boxes)
+        (:meth:`Synthesis.run <wsicodec.learned.synthesis.Synthesis.run>`, ``own_boxes`` as there)."""
+        return self.synthesis.run(windows, boxes, own_boxes)
 
     def warm_up(self) -> None:
         """Build the exact (and float64) h_s and the fast g_s now, not on the first tile,
@@ -485,21 +438,14 @@ class TileDecoder:
             except Exception as e:  # noqa: BLE001 - every tile of the pass fails with it
                 pixels = [e] * len(windows)
             again, places = [], []
-            for (n, top, left, h, w, edges), x in zip(where, pixels):
+            for (n, *_, edges), x in zip(where, pixels):
                 if n in second and not isinstance(x, BaseException):     # beside a bare tile
-                    key = keys[n]
-                    win = self.second_window(lat[key], job.around(key, lat), x, second[n])
-                    again.append(win[0])
-                    places.append((n, win[1], win[2], h, w, edges))
+                    again.append((lat[keys[n]], job.around(keys[n], lat), x, second[n]))
+                    places.append((n, edges))
                     continue
                 out[n] = x if isinstance(x, BaseException) else blend_toward_glass(x, edges)
-            if again:
-                try:
-                    pixels = self.synthesize(again, [p[1:5] for p in places])
-                except Exception as e:  # noqa: BLE001
-                    pixels = [e] * len(again)
-                for (n, top, left, h, w, edges), x in zip(places, pixels):
-                    out[n] = x if isinstance(x, BaseException) else blend_toward_glass(x, edges)
+            for (n, edges), x in zip(places, second_pass(self, again)):
+                out[n] = x if isinstance(x, BaseException) else blend_toward_glass(x, edges)
         return out
 
 

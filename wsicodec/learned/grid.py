@@ -349,7 +349,7 @@ class GridJob:
 
     def bare_sides(self, key: tuple[int, int], grid: tuple[int, int]) -> dict:
         """The pixels of the bare tiles (JPEG-XL, JPEG 2000) beside ``key`` (side → pixels), for a
-        network tile's second pass (:meth:`~wsicodec.learned.decoder.TileDecoder.second_window`)
+        network tile's second pass (:func:`~wsicodec.learned.secondpass.second_window`)
         and a kind-5 one's meeting, or a kind-4 glass tile's
         (:func:`~wsicodec.learned.glass.decode_plane`); a
         neighbour that fails to load is left out (a network tile's side then keeps its

@@ -2,7 +2,7 @@
 
 Readers decode a network tile beside a bare tile twice: the second pass gives that
 side g_a's latents of the bare tile's pixels joined to the tile's own first pass
-(:meth:`~wsicodec.learned.decoder.TileDecoder.side_latents`).  g_a's latents of the tile,
+(:func:`~wsicodec.learned.secondpass.side_latents`).  g_a's latents of the tile,
 chosen for neighbours that g_s would see as g_a saw them, are not the best for that side
 context: the tile's pixels near those sides cost more than beside a network neighbour
 (``bench/seam_context.py``, docs/results.md "Why the JPEG-XL side costs").
@@ -29,6 +29,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .refine import refine_latents
+from .secondpass import second_pass, second_window
 from .synthesis import STITCH_RING, stitch_window
 from .tileformat import PIXEL_STRIDE, VERSION
 
@@ -103,7 +104,7 @@ def search_tile(net: Any, decoder: Any, encoder: Any, y: Any, z: Any, centre: An
     qt = torch.tensor([q], device=device)
     with torch.inference_mode():
         gain = net.gains(qt, torch.float32)[0]
-        win, top, left = decoder.second_window(torch.zeros_like(centre), around, first, sides)
+        win, top, left = second_window(decoder, torch.zeros_like(centre), around, first, sides)
         win = (win.to(device) * gain).clone()
     size = (win.shape[-2] * P, win.shape[-1] * P)
     x = torch.zeros(1, 3, *size)
@@ -124,4 +125,7 @@ def search_tile(net: Any, decoder: Any, encoder: Any, y: Any, z: Any, centre: An
         return px
 
     again = shown_px(stitch_window(new, around, STITCH_RING))
-    return data, new, shown_px(decoder.second_window(new, around, again, sides))
+    shown = second_pass(decoder, [(new, around, again, sides)])[0]
+    if isinstance(shown, BaseException):
+        raise shown
+    return data, new, shown

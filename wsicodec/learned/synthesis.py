@@ -83,15 +83,20 @@ class Synthesis:
         self._busy = False
         self.passes = 0
 
-    def run(self, windows: Sequence[Any], boxes: Sequence[Box | None] | None = None) -> list[Any]:
+    def run(self, windows: Sequence[Any], boxes: Sequence[Box | None] | None = None,
+            own_boxes: bool = False) -> list[Any]:
         """Ungained latent windows (1, M, h, w) float32 → x̂ (16h, 16w, 3) uint8,
         contiguous, or with ``boxes`` (each window's (top, left, h, w), or None) that part
         of it (h, w, 3), computed only where it depends on (:meth:`WsiHyperprior.synthesize
-        <wsicodec.learned.network.WsiHyperprior.synthesize>`); or the exception of its pass."""
+        <wsicodec.learned.network.WsiHyperprior.synthesize>`); or the exception of its pass.
+        A pass computes the smallest box holding its windows' boxes; ``own_boxes``: these
+        windows share a pass only with windows of the same shape and box, so each is
+        computed over its own box whatever else is queued."""
         futures = [Future() for _ in windows]
         boxes = [None] * len(windows) if boxes is None else [None if b is None else tuple(b) for b in boxes]
         with self._lock:
-            self._queue.extend((y, b, f) for y, b, f in zip(windows, boxes, futures))
+            self._queue.extend((y, b, f, (tuple(y.shape), b) if own_boxes else (tuple(y.shape),))
+                               for y, b, f in zip(windows, boxes, futures))
         pending = set(futures)
         while pending:
             self._lead(pending)
@@ -112,8 +117,8 @@ class Synthesis:
                 with self._lock:
                     if not self._queue or all(f.done() for f in mine):
                         return
-                    shape = tuple(self._queue[0][0].shape)
-                    batch = [it for it in self._queue if tuple(it[0].shape) == shape]
+                    group = self._queue[0][3]          # a shape, or a shape and a box
+                    batch = [it for it in self._queue if it[3] == group]
                     batch = batch[:self.max_batch]
                     taken = {id(it[2]) for it in batch}
                     self._queue = [it for it in self._queue if id(it[2]) not in taken]
@@ -122,7 +127,7 @@ class Synthesis:
             with self._lock:
                 self._busy = False
 
-    def _pass(self, batch: list[tuple[Any, Box | None, Future]]) -> None:
+    def _pass(self, batch: list[tuple[Any, Box | None, Future, tuple]]) -> None:
         """One g_s pass over ``batch`` (equal shapes), computed over the smallest box
         holding every window's (the whole output if one has none), each cut to its own."""
         import torch
@@ -139,7 +144,7 @@ class Synthesis:
             for it in batch:
                 it[2].set_exception(e)
             return
-        for k, (_, box, fut) in enumerate(batch):
+        for k, (_, box, fut, _) in enumerate(batch):
             if box is not None:
                 top, left = box[0] - whole[0], box[1] - whole[1]
                 fut.set_result(np.ascontiguousarray(x_hat[k, top:top + box[2], left:left + box[3]]))
