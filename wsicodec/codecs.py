@@ -26,7 +26,8 @@ context it asks for, :attr:`TileCodec.context`) and decodes the tiles of a grid 
 way to fetch any tile's bytes (:meth:`TileCodec.decode_tiles`).  Classical codecs take
 the plain behaviour of the base class (each tile on its own); the learned codec stitches
 each tile with its neighbours' latents inside ``decode_tiles``, with its own cache
-(:meth:`TileCodec.new_cache`).  Callers never probe a codec for what it can do.
+(:meth:`TileCodec.new_cache`), which a row-by-row reader fills ahead of its reads
+(:meth:`TileCodec.prefetch_tiles`).  Callers never probe a codec for what it can do.
 
 Classical codecs come from imagecodecs (``jpeg``, ``jpegxl``, ``webp``, ``jpeg2000``,
 ``avif``): :mod:`wsicodec.classical`, which lists their quality knobs and registers them
