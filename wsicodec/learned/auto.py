@@ -17,25 +17,24 @@ from __future__ import annotations
 
 import struct
 import threading
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from wsicodec.codecs import DEFAULT_MIN_PSNR, LevelEncoder, Run, TileCodec, as_number
+from wsicodec.codecs import DEFAULT_MIN_PSNR, LevelEncoder, as_number
 from wsicodec.errors import CorruptDataError, InvalidSettingError
 
 from .choice import KINDS, TileChooser
 from .levelencoder import MixedLevelEncoder
-from .codec import DEFAULT_MARGIN, LearnedCodec, _int_in, check_stitched
+from .codec import DEFAULT_MARGIN, LearnedCodec, StitchedDecoding, _int_in, check_stitched
 from .decoder import TileDecoder
 from .encoder import CPU_G_A_BATCH, Box, TileEncoder
-from .grid import KIND_BARE, Shape
+from .grid import KIND_BARE
 from .j2kfit import MARGIN as J2K_MARGIN
 from .j2kfit import MAX_MARGIN as J2K_MAX_MARGIN
 from .jxlfit import SEARCH_EFFORT
 from .seamsearch import MAX_SEAM_SEARCH
 from .stepsearch import quality_steps
-from .synthesis import LatentCache
 from .tileformat import NETWORK_KINDS, TileHeader
 
 #: the floors ``min_psnr`` accepts: above 0, at most 99 dB
@@ -73,7 +72,7 @@ def check_min_psnr(value: Any) -> float:
     return float(v)
 
 
-class AutoCodec(TileCodec):
+class AutoCodec(StitchedDecoding):
     """Per-tile choice among glass, the learned network, JPEG 2000, JPEG-XL and the scanner's
     own tiles.  Frozen.
 
@@ -228,18 +227,6 @@ class AutoCodec(TileCodec):
         """One tile on its own (a network tile's borders then weak: for checking streams)."""
         return self.decoder.decode_alone([data], shape=shape)[0]
 
-    def decode_tiles(self, keys: Sequence[tuple[int, int]], fetch: Callable[[int, int], bytes],
-                     grid: tuple[int, int], shape: Shape = None, *,
-                     names: Callable[[int, int], str] | None = None,
-                     cache: LatentCache | None = None, cache_tag: Hashable = None,
-                     run: Run | None = None, as_written: bool = False) -> list[Any]:
-        """Stitched decoding of a mixed grid; the contract of
-        :meth:`wsicodec.codecs.TileCodec.decode_tiles` (``as_written``: :meth:`check_as_written`;
-        ``shape`` may also be each tile's, ``shape(col, row)``, as an image stream's)."""
-        return self.decoder.decode_tiles(keys, fetch, grid, shape, names=names, cache=cache,
-                                         cache_tag=cache_tag, run=run,
-                                         check=self.check_as_written if as_written else None)
-
     def check_as_written(self, hd: TileHeader, name: str) -> None:
         """Refuse a learned tile this codec's writer cannot have made: a format before
         stitched tiles, or a network tile (a fix-up tile's inner one too: the decoder
@@ -253,23 +240,6 @@ class AutoCodec(TileCodec):
         if hd.kind in NETWORK_KINDS and all(q32 != struct.pack("<f", q) for q in self.qualities):
             raise CorruptDataError(f"{name}: coded at quality {hd.quality!r}, which this container's "
                                    f"writer never uses (header edited)")
-
-    def prefetch_tiles(self, keys: Sequence[tuple[int, int]], fetch: Callable[[int, int], bytes],
-                       grid: tuple[int, int], shape: Shape = None, *,
-                       names: Callable[[int, int], str] | None = None,
-                       cache: LatentCache | None = None, cache_tag: Hashable = None,
-                       run: Run | None = None, as_written: bool = False) -> None:
-        """The latents of ``keys`` decoded into ``cache`` (:meth:`TileDecoder.prefetch_tiles
-        <wsicodec.learned.decoder.TileDecoder.prefetch_tiles>`); the contract of
-        :meth:`wsicodec.codecs.TileCodec.prefetch_tiles`."""
-        self.decoder.prefetch_tiles(keys, fetch, grid, shape, names=names, cache=cache, cache_tag=cache_tag,
-                                    run=run, check=self.check_as_written if as_written else None)
-
-    def new_cache(self, tile_size: int, tiles: int, *, max_bytes: int | None = None) -> LatentCache:
-        return self.decoder.new_cache(tile_size, tiles, max_bytes)
-
-    def warm_up(self) -> None:
-        self.decoder.warm_up()
 
 
 def register() -> None:

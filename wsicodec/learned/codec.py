@@ -10,6 +10,7 @@ stitching in :mod:`~wsicodec.learned.decoder`, the stream in
 
 from __future__ import annotations
 
+import abc
 import os
 import struct
 from typing import Any, Callable, Hashable, Sequence
@@ -62,7 +63,53 @@ def _int_in(knob: str, value: Any, lo: int, hi: int) -> int:
     return value
 
 
-class LearnedCodec(TileCodec):
+class StitchedDecoding(TileCodec):
+    """The decoding half of the :class:`LearnedCodec` and the ``auto`` codec: each hands
+    a grid's tiles to its :class:`~wsicodec.learned.decoder.TileDecoder` (``self.decoder``),
+    which stitches them with their neighbours' latents, checking every tile's header with
+    the codec's own ``check_as_written`` where the container's tiles were all written by
+    it."""
+
+    decoder: TileDecoder
+
+    @abc.abstractmethod
+    def check_as_written(self, hd: TileHeader, name: str) -> None:
+        """Refuse a tile header this codec's writer cannot have made (CorruptDataError)."""
+
+    def decode_tiles(self, keys: Sequence[tuple[int, int]], fetch: Callable[[int, int], bytes],
+                     grid: tuple[int, int], shape: Shape = None, *,
+                     names: Callable[[int, int], str] | None = None,
+                     cache: LatentCache | None = None, cache_tag: Hashable = None,
+                     run: Run | None = None, as_written: bool = False) -> list[Any]:
+        """Stitched decoding (:mod:`wsicodec.learned.decoder`; a mixed grid's too), contract
+        as :meth:`wsicodec.codecs.TileCodec.decode_tiles` (``shape`` may also be each
+        tile's, ``shape(col, row)``, as an image stream's); ``as_written``: every tile's
+        header is checked by :meth:`check_as_written`."""
+        return self.decoder.decode_tiles(keys, fetch, grid, shape, names=names, cache=cache,
+                                         cache_tag=cache_tag, run=run,
+                                         check=self.check_as_written if as_written else None)
+
+    def prefetch_tiles(self, keys: Sequence[tuple[int, int]], fetch: Callable[[int, int], bytes],
+                       grid: tuple[int, int], shape: Shape = None, *,
+                       names: Callable[[int, int], str] | None = None,
+                       cache: LatentCache | None = None, cache_tag: Hashable = None,
+                       run: Run | None = None, as_written: bool = False) -> None:
+        """The latents of ``keys`` decoded into ``cache`` (:meth:`TileDecoder.prefetch_tiles
+        <wsicodec.learned.decoder.TileDecoder.prefetch_tiles>`); the contract of
+        :meth:`wsicodec.codecs.TileCodec.prefetch_tiles`."""
+        self.decoder.prefetch_tiles(keys, fetch, grid, shape, names=names, cache=cache, cache_tag=cache_tag,
+                                    run=run, check=self.check_as_written if as_written else None)
+
+    def new_cache(self, tile_size: int, tiles: int, *, max_bytes: int | None = None) -> LatentCache:
+        """A latent cache for :meth:`decode_tiles`: room for ``tiles`` tiles (16-256 MiB),
+        or ``max_bytes`` exactly."""
+        return self.decoder.new_cache(tile_size, tiles, max_bytes)
+
+    def warm_up(self) -> None:
+        self.decoder.warm_up()
+
+
+class LearnedCodec(StitchedDecoding):
     """Tile codec backed by the shipped (or a given) hyperprior checkpoint.  Frozen.
 
     Args:
@@ -179,19 +226,6 @@ class LearnedCodec(TileCodec):
         (:meth:`wsicodec.learned.decoder.TileDecoder.decode_alone`)."""
         return self.decoder.decode_alone(datas, names, shape)
 
-    def decode_tiles(self, keys: Sequence[tuple[int, int]], fetch: Callable[[int, int], bytes],
-                     grid: tuple[int, int], shape: Shape = None, *,
-                     names: Callable[[int, int], str] | None = None,
-                     cache: LatentCache | None = None, cache_tag: Hashable = None,
-                     run: Run | None = None, as_written: bool = False) -> list[Any]:
-        """Stitched decoding (:mod:`wsicodec.learned.decoder`), contract as
-        :meth:`wsicodec.codecs.TileCodec.decode_tiles` (``shape`` may also be each tile's,
-        ``shape(col, row)``); ``as_written``: every tile's
-        header is checked by :meth:`check_as_written`."""
-        return self.decoder.decode_tiles(keys, fetch, grid, shape, names=names, cache=cache,
-                                         cache_tag=cache_tag, run=run,
-                                         check=self.check_as_written if as_written else None)
-
     def check_as_written(self, hd: TileHeader, name: str) -> None:
         """Refuse a tile header that ``compress`` with this codec cannot have written: a
         tile format before :data:`~wsicodec.learned.tileformat.STITCH_VERSION` (a
@@ -207,25 +241,6 @@ class LearnedCodec(TileCodec):
         if hd.kind in NETWORK_KINDS and struct.pack("<f", hd.quality) != struct.pack("<f", self.quality):
             raise CorruptDataError(f"{name}: coded at quality {hd.quality!r}, but the container's "
                                    f"tiles are all quality {self.quality!r} (header edited)")
-
-    def prefetch_tiles(self, keys: Sequence[tuple[int, int]], fetch: Callable[[int, int], bytes],
-                       grid: tuple[int, int], shape: Shape = None, *,
-                       names: Callable[[int, int], str] | None = None,
-                       cache: LatentCache | None = None, cache_tag: Hashable = None,
-                       run: Run | None = None, as_written: bool = False) -> None:
-        """The latents of ``keys`` decoded into ``cache`` (:meth:`TileDecoder.prefetch_tiles
-        <wsicodec.learned.decoder.TileDecoder.prefetch_tiles>`); the contract of
-        :meth:`wsicodec.codecs.TileCodec.prefetch_tiles`."""
-        self.decoder.prefetch_tiles(keys, fetch, grid, shape, names=names, cache=cache, cache_tag=cache_tag,
-                                    run=run, check=self.check_as_written if as_written else None)
-
-    def new_cache(self, tile_size: int, tiles: int, *, max_bytes: int | None = None) -> LatentCache:
-        """A latent cache for :meth:`decode_tiles`: room for ``tiles`` tiles (16-256 MiB),
-        or ``max_bytes`` exactly."""
-        return self.decoder.new_cache(tile_size, tiles, max_bytes)
-
-    def warm_up(self) -> None:
-        self.decoder.warm_up()
 
 
 def check_stitched(hd: TileHeader, name: str) -> None:
