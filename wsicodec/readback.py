@@ -184,6 +184,11 @@ def verify(path: str | os.PathLike[str], *, decode: bool = False, workers: int |
                         tuple(bad_levels))
 
 
+#: a row-by-row decode prefetches the row this many rows on (:func:`decoded_rows`): a
+#: row's read decodes the row after it itself, since its tiles read that row's latents
+PREFETCH_ROWS = 2
+
+
 def _ordered_decode(container, level: int, workers: int,  # type: ignore[no-untyped-def]
                     progress: Progress | None) -> Iterator[np.ndarray]:
     """Decode a level's tiles row-major (:func:`decoded_rows`); raises the first damaged
@@ -231,11 +236,6 @@ def decoded_rows(container, level: int, workers: int  # type: ignore[no-untyped-
             except CorruptTileError as e:
                 tiles = e
             yield row, tiles
-
-
-#: a row-by-row decode prefetches the row this many rows on (:func:`_ordered_decode`): a
-#: row's read decodes the row after it itself, since its tiles read that row's latents
-PREFETCH_ROWS = 2
 
 
 def _outcome(f: Future) -> Any:

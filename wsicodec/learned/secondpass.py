@@ -100,8 +100,8 @@ def side_latents(decoder: TileDecoder, first: np.ndarray, side: tuple[int, int],
     neighbour's part only (its :data:`SIDE_REACH` px nearest the seam, where they lie on
     the latent grid), or None when their sides do not match.  g_a of the neighbour alone
     (:meth:`~wsicodec.learned.decoder.TileDecoder.pixel_latents`) has no context at the
-    very edge the tile joins, which shows as a seam (``bench/seams.py``, mixed rows); this gives it the
-    tile's own first guess of it."""
+    very edge the tile joins, which shows as a seam (``bench/seams.py``, mixed rows); this
+    gives it the tile's own first guess of it."""
     dr, dc = side
     axis = 1 if dc else 0
     if first.shape[1 - axis] != jxl.shape[1 - axis]:
@@ -121,6 +121,7 @@ def side_latents(decoder: TileDecoder, first: np.ndarray, side: tuple[int, int],
     part = first[:s] if axis == 0 else first[:, :s]
     y = decoder.pixel_latents(np.concatenate([jxl, part], axis))
     return y[..., :n, :] if axis == 0 else y[..., :n]
+
 
 def second_window(decoder: TileDecoder, centre: Any, around: dict, first: np.ndarray, jxl_sides: dict):
     """A stitched tile's window for its second pass: ``around`` with each bare side
