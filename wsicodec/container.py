@@ -271,10 +271,18 @@ class Container:
         for a damaged tile (reading it does); the tiles read are the same either way."""
         g = self.grid(level)
         keys = [k for k in keys if 0 <= k[0] < g.cols and 0 <= k[1] < g.rows]
-        self.codec.prefetch_tiles(keys, lambda c, r: self.read_encoded_tile(level, c, r), (g.cols, g.rows),
-                                  tile_shape(self.tile_size), names=lambda c, r: f"tile level={level} col={c} row={r}",
-                                  cache=self._shared_cache(), cache_tag=level, run=run,
-                                  as_written=self.metadata.has_digests)
+        args, kw = self._grid_call(level)
+        self.codec.prefetch_tiles(keys, *args, **kw, cache=self._shared_cache(), run=run)
+
+    def _grid_call(self, level: int) -> tuple[tuple, dict[str, Any]]:
+        """What :meth:`decode_tiles` and :meth:`prefetch_tiles` tell the codec of a level, as
+        the protocol's positional arguments after the keys (how to fetch its tiles' checked
+        bytes, its grid, the tile shape) and keywords (the tiles' names, the cache tag,
+        whether its tiles were all written by the container's codec)."""
+        g = self.grid(level)
+        return ((lambda c, r: self.read_encoded_tile(level, c, r), (g.cols, g.rows), tile_shape(self.tile_size)),
+                {"names": lambda c, r: f"tile level={level} col={c} row={r}", "cache_tag": level,
+                 "as_written": self.metadata.has_digests})
 
     def _shared_cache(self) -> Any:
         """The codec's cache shared by :meth:`read_tiles` callers, made on first use with room
@@ -296,12 +304,8 @@ class Container:
         naming it for damage).  The one place a container's tiles are decoded; afterwards
         the heap's freed memory goes back to the system now and then
         (:func:`~wsicodec.heap.release_freed_memory`)."""
-        g = self.grid(level)
-        out = codec.decode_tiles(list(keys), lambda c, r: self.read_encoded_tile(level, c, r),
-                                 (g.cols, g.rows), tile_shape(self.tile_size),
-                                 names=lambda c, r: f"tile level={level} col={c} row={r}",
-                                 cache=cache, cache_tag=level, run=run,
-                                 as_written=self.metadata.has_digests)
+        args, kw = self._grid_call(level)
+        out = codec.decode_tiles(list(keys), *args, **kw, cache=cache, run=run)
         for i, ((col, row), t) in enumerate(zip(keys, out)):
             try:
                 if isinstance(t, BaseException):
