@@ -92,6 +92,49 @@ def test_jpeg_and_jpeg2000_recoding_change_pixels_a_little():
     assert not np.array_equal(augment.recode_jpeg(c, 50, (0, 0)), augment.recode_jpeg(c, 50, (3, 7)))
 
 
+def test_pillow_recodes_as_imagecodecs_did():
+    """The re-codes run through Pillow, which a lent GPU machine has, and are the CPU runs'
+    (imagecodecs until 2026-12-07): JPEG pixels identical at every quality and phase, JPEG 2000
+    within a level at the same target."""
+    import imagecodecs
+    c = tissue(256, 256, 4)
+    for q in (30, 61, 95):
+        for phase in ((0, 0), (5, 11)):
+            dy, dx = phase
+            pb, pr = (-(256 + dy)) % 16, (-(256 + dx)) % 16
+            padded = np.pad(c, ((dy, pb), (dx, pr), (0, 0)), mode="symmetric")
+            old = imagecodecs.jpeg8_decode(imagecodecs.jpeg8_encode(padded, level=q, subsampling="420"))
+            assert np.array_equal(augment.recode_jpeg(c, q, phase), old[dy:dy + 256, dx:dx + 256]), (q, phase)
+    for db in (30.0, 40.0, 50.0):
+        old = imagecodecs.jpeg2k_decode(imagecodecs.jpeg2k_encode(c, level=db))
+        new = augment.recode_j2k(c, db)
+        assert new.shape == old.shape and np.abs(new.astype(int) - old).max() <= 1, db
+        assert abs(psnr(c, new) - psnr(c, old)) < 0.05
+
+
+def test_a_batch_is_the_same_on_worker_processes_and_resumes_from_the_generator():
+    images = [tissue(300, 280, 1), tissue(520, 540, 2)]
+    spec = augment.AugmentSpec(stain=0.5, jpeg=0.4, j2k=0.4)
+
+    def draw(workers: int):
+        s = augment.AugmentedSampler(images, 64, np.random.default_rng(5), spec, workers=workers)
+        try:
+            return s.batch_uint8(12), s.batch_uint8(12), s
+        finally:
+            s.close()
+
+    a1, a2, here = draw(0)
+    b1, b2, two = draw(2)
+    assert np.array_equal(a1, b1) and np.array_equal(a2, b2) and not np.array_equal(a1, a2)
+    assert here.counts == two.counts and here.counts["jpeg"] and here.counts["j2k"], here.counts
+    # the generator's state after a batch is where the next batch starts (what train.py checkpoints)
+    s = augment.AugmentedSampler(images, 64, np.random.default_rng(5), spec)
+    s.batch_uint8(12)
+    resumed = augment.AugmentedSampler(images, 64, np.random.default_rng(99), spec)
+    resumed.rng.bit_generator.state = s.rng.bit_generator.state
+    assert np.array_equal(resumed.batch_uint8(12), a2)
+
+
 def test_sampler_keeps_shapes_and_dtypes_and_is_deterministic_by_seed():
     images = [tissue(300, 280, 1), tissue(520, 540, 2), tissue(130, 140, 3)]
     spec = augment.AugmentSpec(stain=0.5, jpeg=0.3, j2k=0.3)
@@ -167,7 +210,12 @@ def test_training_data_reads_no_evaluation_file(monkeypatch):
     from PIL import Image
     opened = []
     real_open = Image.open
-    monkeypatch.setattr(Image, "open", lambda p, *a, **k: opened.append(Path(p)) or real_open(p, *a, **k))
+
+    def spy(p, *a, **k):  # noqa: ANN001, ANN202 - files only: re-coded crops are opened from memory
+        if isinstance(p, (str, Path)):
+            opened.append(Path(p))
+        return real_open(p, *a, **k)
+    monkeypatch.setattr(Image, "open", spy)
     tiles = DATA / "he" / "tiles"
     images = train_script.load_images([str(tiles)], 256)
     s = augment.AugmentedSampler(images, 256, np.random.default_rng(0))

@@ -23,9 +23,17 @@ reproducible and resumes exactly):
    conversion here (:func:`rgb_to_hed`, :func:`hed_to_rgb`) is skimage's without that clip, so a
    zero jitter gives back the crop exactly.
 4. **source artifacts** (:func:`source_artifacts`), with probability ``jpeg``: JPEG 4:2:0 at a quality
-   drawn in [30, 95] (`imagecodecs.jpeg8_encode`), on a block grid at a random phase against the crop
-   (a scanner's grid is not the codec's tile grid); else with probability ``j2k``: JPEG 2000 at a target
-   PSNR drawn in [30, 50] dB (`imagecodecs.jpeg2k_encode`'s level), as Aperio SVS files are coded.
+   drawn in [30, 95], on a block grid at a random phase against the crop (a scanner's grid is not the
+   codec's tile grid); else with probability ``j2k``: JPEG 2000 (9/7 wavelet, colour transform) at a
+   target PSNR drawn in [30, 50] dB, as Aperio SVS files are coded.  Both through Pillow's libjpeg and
+   OpenJPEG, which a lent GPU machine has (it has no imagecodecs): the same bytes as
+   `imagecodecs.jpeg8_encode` at that quality, and JPEG 2000 pixels within a level of
+   `imagecodecs.jpeg2k_encode`'s at that level (``tests/test_augment.py``).
+
+Each crop is drawn from its own generator, seeded by one draw from the run's: a batch's crops are a
+function of the run's generator alone, however many processes render them (``workers``; on a GPU one
+core cannot keep up with the training steps, and Pillow's JPEG 2000 encoder holds the GIL, so threads
+would not help).
 
 **The training target is the augmented crop itself** — artifacts, stain and all.  A codec of a scanned
 slide has to reproduce the decoded scan: every "original" it is measured against (`he/test`, `slides/`)
@@ -41,6 +49,9 @@ refuses such folders (and files resolving into them) with a clear error; `train.
 from __future__ import annotations
 
 import dataclasses
+import io
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -208,24 +219,34 @@ def hed_jitter(c: np.ndarray, rng: np.random.Generator, scale: float, shift: flo
 JPEG_MCU = 16
 
 
+def _pillow_roundtrip(c: np.ndarray, fmt: str, **options) -> np.ndarray:
+    """``c`` saved by Pillow as ``fmt`` with ``options`` and read back, RGB uint8."""
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(c)).save(buf, fmt, **options)
+    buf.seek(0)
+    with Image.open(buf) as im:
+        return np.asarray(im.convert("RGB"))
+
+
 def recode_jpeg(c: np.ndarray, quality: int, phase: tuple[int, int] = (0, 0)) -> np.ndarray:
-    """``c`` coded as JPEG 4:2:0 at ``quality`` and decoded (`imagecodecs`), its block grid starting
+    """``c`` coded as JPEG 4:2:0 at ``quality`` and decoded (Pillow's libjpeg), its block grid starting
     ``phase`` = (dy, dx) px above / left of the crop's corner: the crop is mirror-padded by the phase
     there (and to whole macroblocks at the bottom / right), coded, decoded and cut back out."""
-    import imagecodecs
     dy, dx = phase
     h, w = c.shape[:2]
     pb, pr = (-(h + dy)) % JPEG_MCU, (-(w + dx)) % JPEG_MCU
     padded = np.pad(c, ((dy, pb), (dx, pr), (0, 0)), mode="symmetric")
-    d = imagecodecs.jpeg8_decode(imagecodecs.jpeg8_encode(padded, level=int(quality), subsampling="420"))
+    d = _pillow_roundtrip(padded, "JPEG", quality=int(quality), subsampling=2)      # 2: 4:2:0
     return np.ascontiguousarray(d[dy:dy + h, dx:dx + w])
 
 
 def recode_j2k(c: np.ndarray, psnr_db: float) -> np.ndarray:
-    """``c`` coded as JPEG 2000 (one tile, one quality layer) at a target PSNR of ``psnr_db`` and
-    decoded (`imagecodecs`, OpenJPEG's distortion-ratio target)."""
-    import imagecodecs
-    return imagecodecs.jpeg2k_decode(imagecodecs.jpeg2k_encode(np.ascontiguousarray(c), level=float(psnr_db)))
+    """``c`` coded as JPEG 2000 (one tile, one quality layer, the irreversible 9/7 wavelet and colour
+    transform) at a target PSNR of ``psnr_db`` and decoded (Pillow's OpenJPEG, its distortion-ratio
+    target)."""
+    return _pillow_roundtrip(c, "JPEG2000", quality_mode="dB", quality_layers=[float(psnr_db)],
+                             irreversible=True, mct=1, no_jp2=True)
 
 
 def source_artifacts(c: np.ndarray, rng: np.random.Generator, spec: AugmentSpec) -> tuple[np.ndarray, str]:
@@ -251,8 +272,10 @@ class AugmentedSampler:
     the pipeline of this module's docstring: scale, flips / rotations, stain, source artifacts."""
 
     def __init__(self, images: list[np.ndarray], size: int, rng: np.random.Generator,
-                 spec: AugmentSpec | None = None) -> None:
-        self.size, self.rng, self.spec = size, rng, spec or AugmentSpec()
+                 spec: AugmentSpec | None = None, workers: int = 0) -> None:
+        self.size, self.rng, self.spec, self.workers = size, rng, spec or AugmentSpec(), workers
+        self._images = images
+        self._pool: ProcessPoolExecutor | None = None
         self.levels: dict[int, list[np.ndarray]] = {}
         for f, p in self.spec.scales.items():
             if p <= 0:
@@ -282,20 +305,60 @@ class AugmentedSampler:
                 f"{s.j2k_db[0]:g}-{s.j2k_db[1]:g} dB; target = the augmented crop")
 
     def sample(self) -> np.ndarray:
-        """One augmented uint8 crop (size, size, 3)."""
-        rng, spec = self.rng, self.spec
+        """One augmented uint8 crop (size, size, 3), from a generator seeded by one draw of the run's."""
+        return self.batch_uint8(1)[0]
+
+    def render(self, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
+        """One augmented crop drawn from ``rng`` alone, and what was done to it (the keys of
+        :attr:`counts`); it reads the images and changes nothing."""
+        spec = self.spec
         f = self.factors[int(rng.choice(len(self.factors), p=self.scale_p))]
         a = self.levels[f][int(rng.choice(len(self.levels[f]), p=self.area_p[f]))]
         c = flip_rotate(random_crop(a, self.size, rng), rng)
-        self.counts[f"{f}x"] += 1
+        done = [f"{f}x"]
         if rng.random() < spec.stain:
             c = hed_jitter(c, rng, spec.hed_scale, spec.hed_shift)
-            self.counts["stain"] += 1
-        c, done = source_artifacts(c, rng, spec)
-        if done:
-            self.counts[done] += 1
-        return c
+            done.append("stain")
+        c, artifact = source_artifacts(c, rng, spec)
+        return c, done + ([artifact] if artifact else [])
+
+    def batch_uint8(self, n: int) -> np.ndarray:
+        """``n`` crops (n, size, size, 3) uint8: ``n`` seeds drawn from the run's generator, each crop
+        rendered from its own, here or (``workers`` > 0) on that many processes: the same crops."""
+        seeds = [int(s) for s in self.rng.integers(0, 2 ** 63, size=n)]
+        if self.workers > 0:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(self.workers, multiprocessing.get_context("spawn"),
+                                                 initializer=_start_worker,
+                                                 initargs=(self._images, self.size, self.spec))
+            crops = list(self._pool.map(_render_seed, seeds, chunksize=max(1, n // (2 * self.workers))))
+        else:
+            crops = [self.render(np.random.default_rng(s)) for s in seeds]
+        for _, done in crops:
+            for k in done:
+                self.counts[k] += 1
+        return np.stack([c for c, _ in crops])
+
+    def close(self) -> None:
+        """Stop the worker processes, if any (they also end with this process)."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
 
     def batch(self, n: int) -> torch.Tensor:
-        out = np.stack([self.sample() for _ in range(n)])
-        return torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255.0)
+        """``n`` augmented crops as float (n, 3, size, size) in [0, 1] (:meth:`batch_uint8`)."""
+        return torch.from_numpy(self.batch_uint8(n)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+#: a worker process's sampler (:meth:`AugmentedSampler.batch_uint8` with ``workers``)
+_WORKER: AugmentedSampler | None = None
+
+
+def _start_worker(images: list[np.ndarray], size: int, spec: AugmentSpec) -> None:
+    global _WORKER
+    _WORKER = AugmentedSampler(images, size, np.random.default_rng(0), spec)
+
+
+def _render_seed(seed: int) -> tuple[np.ndarray, list[str]]:
+    assert _WORKER is not None
+    return _WORKER.render(np.random.default_rng(seed))

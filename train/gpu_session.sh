@@ -11,8 +11,10 @@
 # training state with optimiser (~43 MB) is over the tool's 16 MiB a file, so the next
 # session resumes from the exported weights (train.py accepts them; Adam restarts).
 # ALPHA (default 50) weights the VGG feature loss; RESUME picks other starting weights; TRAIN_ARGS
-# go to train.py as they are (e.g. TRAIN_ARGS="--grow-M 192": wider latents; TRAIN_ARGS="--augment on":
-# run 26's crops, train/README.md).
+# go to train.py as they are (e.g. TRAIN_ARGS="--grow-M 192": wider latents).  Unset, TRAIN_ARGS is
+# the augmentation the shipped weights were trained with (runs 27-33, train/README.md: scales 1x / 2x /
+# 4x at .7 / .2 / .1, stain jitter, scanner JPEG / JPEG 2000 re-codes); TRAIN_ARGS="" trains on plain
+# crops, as run 18 did.
 set -uo pipefail
 MIN=${1:-8}
 OUT=${OUT:-/tmp/wsicodec-gpu}
@@ -25,17 +27,18 @@ if [ -z "${SKIP_WHEELS:-}" ]; then
         && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
-# --augment (train/augment.py) re-codes crops with imagecodecs; its wheel (~45 MB) does not fit
-# the carry beside the data, so say at once when the machine lacks it instead of failing mid-run
-case " ${TRAIN_ARGS:-} " in
+TRAIN_ARGS=${TRAIN_ARGS-"--augment scale=1:.7/2:.2/4:.1"}
+# --augment (train/augment.py) re-codes crops with Pillow's JPEG and JPEG 2000 (this machine has no
+# imagecodecs): say at once when its Pillow lacks either instead of failing mid-run
+case " ${TRAIN_ARGS} " in
     *" --augment "*)
-        "$PY" -c "import imagecodecs" 2>/dev/null \
-            || { echo "TRAIN_ARGS asks for --augment, which needs imagecodecs, and this machine has none"; exit 1; } ;;
+        "$PY" -c "import sys; from PIL import features; sys.exit(not (features.check('jpg') and features.check('jpg_2000')))" 2>/dev/null \
+            || { echo "TRAIN_ARGS asks for --augment, which needs Pillow with JPEG and JPEG 2000, and this machine's has not both"; exit 1; } ;;
 esac
 "$PY" train/train.py --data .devdata/he_train --out "$OUT/run" --resume "${RESUME:-wsicodec/weights/wsicodec-hyperprior.pt}" \
     --device "${DEVICE:-cuda}" --minutes "$MIN" --batch "${BATCH:-16}" --crop "${CROP:-256}" \
     --lr "${LR:-1e-4}" --lr-final "${LR_FINAL:-1e-5}" --alpha "${ALPHA:-50}" \
-    --vgg .devdata/vgg16_relu2_2.pth --ckpt-every 60 --log-every 100 ${TRAIN_ARGS:-} || echo "training stopped with an error; exporting the last checkpoint"
+    --vgg .devdata/vgg16_relu2_2.pth --ckpt-every 60 --log-every 100 ${TRAIN_ARGS} || echo "training stopped with an error; exporting the last checkpoint"
 "$PY" train/export.py "$OUT/run/last.pt" --out "$OUT/wsicodec-hyperprior.pt" --note "GPU session, ${MIN} min"
 cp "$OUT/run/log.csv" "$OUT/log.csv"
 rm -rf "$OUT/run"
