@@ -212,8 +212,11 @@ def test_quality_search_lands_on_a_step_near_the_target_in_few_estimates(curve):
     q, tried, steps = _search(curve, target=target)
     reaching = [st for st in steps if curve(st) >= target]
     assert len(tried) <= stepsearch.MAX_TRIES + 1
-    if not reaching:
-        assert q is None and len(steps) - 1 in tried                   # the top was tried
+    if not reaching:                # the top was tried, or the line through the last two said no
+        assert q is None
+        if len(steps) - 1 not in tried:
+            (a, pa), (b, pb) = sorted(tried.items())[-2:]
+            assert pb < pa + (pb - pa) / (b - a) * (len(steps) - 1 - b) < target
         return
     assert curve(q) >= target
     below = steps[steps.index(q) - 1] if q > steps[0] else None
@@ -224,7 +227,14 @@ def test_quality_search_lands_on_a_step_near_the_target_in_few_estimates(curve):
 def test_quality_search_keeps_the_asked_quality_and_reports_the_unreachable():
     assert _search(lambda q: 40.0)[0] == 4.0 and len(_search(lambda q: 40.0)[1]) == 1
     q, tried, steps = _search(lambda q: 20.0 + q)                 # 28 dB at the top
+    assert q is None and len(steps) - 1 in tried                    # the first jump tried it
+    q, tried, steps = _search(lambda q: 28.0 + 0.3 * q)             # 30.4 at the top
+    assert q is None and len(tried) == 2 and len(steps) - 1 not in tried     # the line says so
+    # a close miss, or estimates that do not rise, still try the top
+    q, tried, steps = _search(lambda q: 31.2 + 0.1 * q)             # 31.6 at 4: 0.7 dB short
     assert q is None and len(steps) - 1 in tried
+    q, tried, steps = _search(lambda q: {4.0: 30.0}.get(q, 29.0 if q < 7.5 else 33.0))
+    assert q is not None and q >= 7.5                               # a dip, then the top reaches
 
 
 def test_jpegxl_fit_reaches_its_target_or_gives_way_to_a_budget(he_img):

@@ -27,6 +27,12 @@ SLOPE_DB = 2.0
 STEP_TOLERANCE_DB = 0.3
 #: at most this many estimates (g_s passes) per tile
 MAX_TRIES = 6
+#: with no step reaching yet, the search gives up without trying the top where the last
+#: estimate misses the target by more than this many dB and the line through the last two
+#: (rising) estimates stays under the target at the top: the estimates flatten toward
+#: the top, and a tile under its ceiling by more than this has never been seen to reach it
+#: (``bench/step_curves.py``)
+GIVE_UP_DB = 1.0
 
 
 def quality_steps(quality: float) -> tuple[float, ...]:
@@ -71,8 +77,9 @@ class StepSearch:
 
     def _next_step(self) -> int | None:
         """None when the search is over: the bracket closed, a reaching step's estimate
-        within :data:`STEP_TOLERANCE_DB` of the target, the top missing, or
-        :data:`MAX_TRIES` made (``hi`` is then kept; none reaching: the top is tried last).
+        within :data:`STEP_TOLERANCE_DB` of the target, the top missing or out of reach
+        (:data:`GIVE_UP_DB`), or :data:`MAX_TRIES` made (``hi`` is then kept; none
+        reaching: the top is tried last).
 
         Without a reaching step: a jump as far as the PSNR gained per step so far says
         (:data:`SLOPE_DB` per unit of quality before two tries).  Inside a bracket: where
@@ -89,6 +96,10 @@ class StepSearch:
             return min(max(lo + math.ceil(t * (hi - lo)), lo + 1), hi - 1)
         est = tried[lo]
         below = [s for s in tried if s < lo]
+        if below and target - est > GIVE_UP_DB:
+            rise = (est - tried[max(below)]) / (lo - max(below))
+            if rise > 0 and est + rise * (n - 1 - lo) < target:
+                return None                     # the top out of reach: the line says so
         per_step = SLOPE_DB * QUALITY_STEP
         slope = per_step if not below else max((est - tried[max(below)]) / (lo - max(below)), per_step / 4)
         jump = max(1, math.ceil((target - est) / slope))
