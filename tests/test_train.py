@@ -519,6 +519,32 @@ def test_accum_sums_micro_batches_into_one_optimiser_step(tmp_path, monkeypatch)
     assert len((out / "log.csv").read_text().splitlines()) == 3
 
 
+def test_augmented_crops_on_worker_processes_train_as_in_the_process(tmp_path, monkeypatch):
+    """--augment with --sampler-workers (what gpu_session.sh runs on a GPU): the worker
+    processes start from train.py, and the run trains on the crops the training process
+    itself would draw."""
+    import augment
+    import train as train_script
+
+    from PIL import Image
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in sorted(TRAIN.glob("*.png"))[:2]:
+        Image.open(p).crop((0, 0, 300, 280)).save(data / p.name)
+    drawn: dict[str, list] = {"0": [], "2": []}
+    batch = augment.AugmentedSampler.batch_uint8
+    for workers in drawn:
+        monkeypatch.setattr(augment.AugmentedSampler, "batch_uint8",
+                            lambda self, n, w=workers: drawn[w].append(batch(self, n)) or drawn[w][-1])
+        out = tmp_path / f"run{workers}"
+        assert train_script.main(["--data", str(data), "--out", str(out), "--N", "16", "--M", "24",
+                                  "--batch", "2", "--crop", "64", "--steps", "2", "--log-every", "1",
+                                  "--augment", "jpeg=.5,j2k=.5", "--sampler-workers", workers]) == 0
+        assert len((out / "log.csv").read_text().splitlines()) == 3
+    assert len(drawn["0"]) == len(drawn["2"]) == 2
+    assert all(np.array_equal(a, b) for a, b in zip(drawn["0"], drawn["2"]))
+
+
 @pytest.mark.parametrize("bad", [["--crop", "80"], ["--crop", "32"], ["--crop", "64", "--feat-crop", "96"],
                                  ["--accum", "0"], ["--sampler-workers", "-2"]])
 def test_crop_sizes_the_network_cannot_take_are_refused_before_loading(tmp_path, bad, capsys):

@@ -438,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
             t_ckpt = time.time()
     checkpoint(out / "last.pt")
     logf.close()
+    if isinstance(sampler, augment.AugmentedSampler):
+        sampler.close()                 # its worker processes, if any
     print(f"{'stopped by signal' if stop else 'done'}: {step} steps, checkpoint {out / 'last.pt'}")
     return 0
 
