@@ -96,11 +96,13 @@ class StepSearch:
             return min(max(lo + math.ceil(t * (hi - lo)), lo + 1), hi - 1)
         est = tried[lo]
         below = [s for s in tried if s < lo]
-        if below and target - est > GIVE_UP_DB:
-            rise = (est - tried[max(below)]) / (lo - max(below))
-            if rise > 0 and est + rise * (n - 1 - lo) < target:
-                return None                     # the top out of reach: the line says so
         per_step = SLOPE_DB * QUALITY_STEP
-        slope = per_step if not below else max((est - tried[max(below)]) / (lo - max(below)), per_step / 4)
+        if not below:
+            slope = per_step
+        else:
+            rise = (est - tried[max(below)]) / (lo - max(below))
+            if target - est > GIVE_UP_DB and rise > 0 and est + rise * (n - 1 - lo) < target:
+                return None                     # the top out of reach: the line says so
+            slope = max(rise, per_step / 4)
         jump = max(1, math.ceil((target - est) / slope))
         return min(lo + jump, n - 1)
