@@ -96,6 +96,12 @@ def stitching_crop(shape: tuple[int, int], toward: Iterable[tuple[int, int]] | N
     return axes[0], axes[1]
 
 
+def reads_neighbours(hd: TileHeader) -> bool:
+    """Whether a tile of header ``hd`` is decoded stitched: a network tile of a format with
+    stitched tiles, whose g_s reads its neighbours' latents."""
+    return hd.kind in NETWORK_KINDS and hd.stitched
+
+
 def sides_in_grid(key: tuple[int, int], grid: tuple[int, int]):
     """((dr, dc), neighbour key) for each of :data:`SIDES` whose neighbour of ``key``
     (col, row) lies inside ``grid`` (cols, rows)."""
@@ -222,15 +228,14 @@ class GridJob:
         if key not in self._stitched:
             if key in self.got:
                 hd = self.got[key][1]
-                v = key not in self.fixups and hd.kind in NETWORK_KINDS and hd.stitched
+                v = key not in self.fixups and reads_neighbours(hd)
             else:
                 try:
                     data = self._peeked[key] = bytes(self.fetch(*key))
                     if self.decoder.mixed and data[:4] != MAGIC:
                         v = False
                     else:
-                        hd = parse_named(data, self.names(*key), self.shape(key))
-                        v = hd.kind in NETWORK_KINDS and hd.stitched
+                        v = reads_neighbours(parse_named(data, self.names(*key), self.shape(key)))
                 except Exception:  # noqa: BLE001 - unknown: as if it did
                     v = True
             self._stitched[key] = v
@@ -292,8 +297,7 @@ class GridJob:
         jobs = [("latent", k) for k in todo if k not in lat] + [("alone", k) for k in alone]
         # network tiles: entropy-decoded in chunks, one chunk per call of ``run`` (its
         # threads run them in parallel: the coder and h_s's convolutions release the GIL)
-        net = [j for j in jobs if j[0] == "alone" or (self.got[j[1]][1].kind in NETWORK_KINDS
-                                                      and self.got[j[1]][1].stitched)]
+        net = [j for j in jobs if j[0] == "alone" or reads_neighbours(self.got[j[1]][1])]
         picked = set(net)
         other = [j for j in jobs if j not in picked]
         toward = {key: self.stitched_beside(key, grid) for _, key in other if self.got[key][1].kind == KIND_BARE}
