@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                          "loss's reference is the augmented crop itself. SPEC: 'on' for the defaults, or "
                          "key=value,... (augment.parse_spec), e.g. 'scale=1:.5/2:.3/4:.2,jpeg=.3,j2k=.1'. "
                          "Default off: the plain CropSampler")
-    ap.add_argument("--sampler-workers", type=int, default=-1, metavar="N",
+    ap.add_argument("--sampler-workers", type=int, default=None, metavar="N",
                     help="processes rendering --augment's crops beside the training (the same crops for "
                          "any N; 0: in the training process); default: 0 on the CPU, up to 8 on a GPU, "
                          "which one core cannot keep fed")
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.free_rate is not None and not 0 <= args.free_rate[1] <= args.free_rate[2]:
         ap.error(f"--free-rate: need 0 <= FREE_MIN <= RAMP_MIN, got {args.free_rate[1]:g} "
                  f"and {args.free_rate[2]:g}")
-    if args.sampler_workers < -1:
+    if args.sampler_workers is not None and args.sampler_workers < 0:
         ap.error(f"--sampler-workers must be 0 or more, got {args.sampler_workers}")
     if args.feat_crop > args.crop:
         ap.error(f"--feat-crop {args.feat_crop} is larger than --crop {args.crop}")
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
 
     images = load_images(args.data, args.crop)
     if aug_spec is not None:
-        workers = args.sampler_workers if args.sampler_workers >= 0 else (
+        workers = args.sampler_workers if args.sampler_workers is not None else (
             0 if dev.type == "cpu" else min(8, os.cpu_count() or 1))
         sampler = augment.AugmentedSampler(images, args.crop, rng, aug_spec, workers=workers)
         print(sampler.describe())
