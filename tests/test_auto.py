@@ -177,6 +177,52 @@ def test_encoder_decodes_in_small_batches_on_the_cpu_while_readers_keep_theirs()
     assert small.chooser.decoder is small.decoder and small.decoder.synthesis.max_batch == 2
 
 
+def test_stage_1_estimates_in_their_own_precision_and_every_measurement_in_the_codecs(he_img, monkeypatch):
+    """``estimate_precision`` steers stage 1's search only: its g_s passes run in it, every
+    other pass (stage 2's measurements, as readers decode) in the codec's precision, and
+    the floor and the records hold as readers decode in float32."""
+    from wsicodec.learned.synthesis import Synthesis
+    seen, where = [], ["other"]
+    pass_, network = Synthesis._pass, choice.TileChooser._network
+
+    def spy_pass(self, batch):
+        seen.append((where[0], batch[0][3][0]))
+        return pass_(self, batch)
+
+    def spy_network(self, *a, **k):
+        where[0] = "stage 1"
+        try:
+            return network(self, *a, **k)
+        finally:
+            where[0] = "other"
+
+    monkeypatch.setattr(Synthesis, "_pass", spy_pass)
+    monkeypatch.setattr(choice.TileChooser, "_network", spy_network)
+    floor = 33.0
+    codec = get_codec("auto", 2, min_psnr=floor, estimate_precision="bfloat16")
+    assert codec.precision == "float32" and codec.estimate_precision == "bfloat16"
+    out = _encode(codec, he_img)
+    assert {p for w, p in seen if w == "stage 1"} == {"bfloat16"}
+    assert {p for w, p in seen if w == "other"} == {"float32"}
+    _check_floor_and_records(codec, he_img, out, floor, 0.05)
+
+
+def test_estimate_precision_is_the_machines_and_never_stored(monkeypatch):
+    from wsicodec.codecs import codec_from_dict
+    from wsicodec.learned import auto
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(auto, "native_bfloat16", lambda device, n=native: n)
+        assert get_codec("auto", 4).estimate_precision == expected               # "auto", the default
+        assert get_codec("auto", 4, estimate_precision="float32").estimate_precision == "float32"
+    codec = get_codec("auto", 4, estimate_precision="bfloat16")
+    assert "estimate_precision" not in codec.to_dict()["configuration"]
+    stored = {"name": "auto", "configuration": {**codec.to_dict()["configuration"], "estimate_precision": "bfloat16"}}
+    monkeypatch.setattr(auto, "native_bfloat16", lambda device: False)
+    assert codec_from_dict(stored).estimate_precision == "float32"               # a container says nothing
+    with pytest.raises(InvalidSettingError, match="estimate_precision"):
+        get_codec("auto", 4, estimate_precision="float16")
+
+
 def test_as_written_refuses_a_quality_off_the_steps(he_img):
     codec = get_codec("auto", 4, min_psnr=20.0)
     out = _encode(codec, he_img[:T, :T])

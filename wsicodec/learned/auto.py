@@ -21,12 +21,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from wsicodec.codecs import DEFAULT_MIN_PSNR, LevelEncoder, as_number
+from wsicodec.codecs import DEFAULT_MIN_PSNR, PRECISIONS, LevelEncoder, as_number
 from wsicodec.errors import CorruptDataError, InvalidSettingError
 
 from .choice import KINDS, TileChooser
 from .levelencoder import MixedLevelEncoder
-from .codec import DEFAULT_MARGIN, LearnedCodec, StitchedDecoding, _int_in, check_stitched
+from .codec import DEFAULT_MARGIN, LearnedCodec, StitchedDecoding, _int_in, check_stitched, native_bfloat16
 from .decoder import TileDecoder
 from .encoder import CPU_G_A_BATCH, Box, TileEncoder
 from .grid import KIND_BARE
@@ -43,8 +43,8 @@ MIN_PSNR_RANGE = (0.0, 99.0)
 #: the search made (no second coding); at equal PSNR a higher effort saved nothing on H&E
 #: tiles (``bench/jxl_effort.py``, docs/auto-codec.md)
 DEFAULT_EFFORT = SEARCH_EFFORT
-#: options of the machine, never stored (as the learned codec's)
-LOCAL_OPTIONS = ("model", "device", "precision", "max_batch")
+#: options of the machine, never stored (the learned codec's, and how stage 1 estimates)
+LOCAL_OPTIONS = ("model", "device", "precision", "max_batch", "estimate_precision")
 #: what a container that does not record an option was written with (the option is newer)
 UNRECORDED = {"jpeg2000_margin": 0, "scanner_tiles": False, "recovered_jpeg": False, "side_strips": False}
 #: on the CPU, g_s windows (and g_a regions) per pass in the encoder's own work (stage 1's
@@ -116,6 +116,13 @@ class AutoCodec(StitchedDecoding):
             bare tile has its latents searched for what readers show at that border
             (:mod:`~wsicodec.learned.seamsearch`); each step costs about four g_s passes over
             the tile.  Recorded in :meth:`to_dict` when on; streams decode with any setting.
+        estimate_precision: the precision of stage 1's g_s estimates, which only steer its
+            search over the network's qualities (stage 2 measures every tile in
+            ``precision``, so the floor holds either way): "float32", "bfloat16" or
+            "auto" (the default: bfloat16 where the device has it natively,
+            :func:`~wsicodec.learned.codec.native_bfloat16`, else ``precision``).  A
+            setting of the machine, never stored: it moves which step a tile lands on
+            now and then, and each classical fit's target with it.
         model, device, margin, model_id, precision, max_batch: as the learned codec's.
 
     Raises:
@@ -130,7 +137,7 @@ class AutoCodec(StitchedDecoding):
                  jpeg2000_margin: int = J2K_MARGIN, scanner_tiles: bool = True, recovered_jpeg: bool = True,
                  side_strips: bool = True, model: str | None = None, device: str = "cpu",
                  margin: int = DEFAULT_MARGIN, model_id: str | None = None, precision: str = "float32",
-                 max_batch: int | None = None) -> None:
+                 max_batch: int | None = None, estimate_precision: str = "auto") -> None:
         floor = check_min_psnr(min_psnr)
         effort = _int_in("effort", effort, 1, 9)
         if not (isinstance(seam_search, int) and not isinstance(seam_search, bool)
@@ -142,8 +149,13 @@ class AutoCodec(StitchedDecoding):
         recovered_jpeg = _flag("recovered_jpeg", recovered_jpeg)
         side_strips = _flag("side_strips", side_strips)
         jpeg2000_margin = _int_in("jpeg2000_margin", jpeg2000_margin, 0, J2K_MAX_MARGIN)
+        if estimate_precision not in ("auto", *PRECISIONS):
+            raise InvalidSettingError(f"auto codec estimate_precision must be auto, {' or '.join(PRECISIONS)}, "
+                                      f"got {estimate_precision!r:.40}")
         learned = LearnedCodec(quality, model=model, device=device, margin=margin, model_id=model_id,
                                precision=precision, max_batch=max_batch)
+        if estimate_precision == "auto":
+            estimate_precision = "bfloat16" if native_bfloat16(learned.device) else learned.precision
         decoder = TileDecoder(learned.loaded, learned.device, learned.precision, learned.max_batch,
                               mixed=True, jpeg2000_margin=jpeg2000_margin, side_strips=side_strips)
         stages = decoder if learned.device.type != "cpu" or learned.max_batch <= CPU_ENCODE_BATCH \
@@ -160,12 +172,12 @@ class AutoCodec(StitchedDecoding):
 
         chooser = TileChooser(learned.loaded.on(learned.device), stages, encoder_at, learned.quality,
                               floor, effort, learned.device, learned.precision, seam_search, jpeg2000,
-                              jpeg2000_margin, scanner_tiles, recovered_jpeg)
+                              jpeg2000_margin, scanner_tiles, recovered_jpeg, estimate_precision)
         for k, v in (("learned", learned), ("min_psnr", floor), ("effort", effort),
                      ("seam_search", seam_search), ("jpeg2000", jpeg2000),
                      ("jpeg2000_margin", jpeg2000_margin), ("scanner_tiles", scanner_tiles),
                      ("recovered_jpeg", recovered_jpeg), ("side_strips", side_strips),
-                     ("decoder", decoder), ("chooser", chooser),
+                     ("estimate_precision", estimate_precision), ("decoder", decoder), ("chooser", chooser),
                      ("qualities", quality_steps(learned.quality))):
             object.__setattr__(self, k, v)
 

@@ -87,13 +87,16 @@ class TileChooser:
     the seam search (``seam_search``, 0: off; :mod:`~wsicodec.learned.seamsearch`),
     whether the source's own tiles are offered (``scanner_tiles``,
     :mod:`wsicodec.scannertiles`) and, where a tile is none of them, the scan's JPEG made
-    again from its pixels (``recovered_jpeg``, :mod:`wsicodec.jpegrecover`)."""
+    again from its pixels (``recovered_jpeg``, :mod:`wsicodec.jpegrecover`), and the
+    precision stage 1's estimates run g_s in (``estimate_precision``; default
+    ``precision``: they only steer the search, stage 2 measures in ``precision``)."""
 
     def __init__(self, net: Any, decoder: Any, encoder_at: Any, quality: float, min_psnr: float,
                  effort: int, device: Any, precision: str, seam_search: int = 0,
                  jpeg2000: bool = True, jpeg2000_margin: int = 0, scanner_tiles: bool = False,
-                 recovered_jpeg: bool = False) -> None:
+                 recovered_jpeg: bool = False, estimate_precision: str | None = None) -> None:
         self.net, self.decoder, self.encoder_at = net, decoder, encoder_at
+        self.estimate_precision = precision if estimate_precision is None else estimate_precision
         self.steps = quality_steps(quality)
         self.floor, self.effort, self.device, self.precision = min_psnr, effort, device, precision
         self.seam_search, self.jpeg2000, self.j2k_margin = seam_search, jpeg2000, jpeg2000_margin
@@ -150,10 +153,10 @@ class TileChooser:
     def _network(self, tiles: list[TileState], regions: list[np.ndarray], boxes: list) -> None:
         """g_a once per region (at most the decoder's ``max_batch`` regions a pass, so a
         wide slide's row costs no more memory than a narrow one's); a search over the quality
-        steps on estimated PSNRs (g_s over the region's latents with the tile's rounded at
-        that quality: neighbours as g_a sees them, no entropy coding); then the tile coded
-        once, at the step chosen, unless even the top misses the floor (it goes to a
-        classical codec)."""
+        steps on estimated PSNRs (g_s, in ``estimate_precision``, over the region's latents
+        with the tile's rounded at that quality: neighbours as g_a sees them, no entropy
+        coding); then the tile coded once, at the step chosen, unless even the top misses
+        the floor (it goes to a classical codec)."""
         import torch
 
         aligned = [align_to_grid(r, b) for r, b in zip(regions, boxes)]
@@ -180,7 +183,7 @@ class TileChooser:
         while todo:
             where = [(k, searches[k].next, aligned[k][1]) for k in todo]
             pixels = self.decoder.synthesize([self._rounded(y_u[k], box, self.steps[s]) for k, s, box in where],
-                                             [box for _, _, box in where])
+                                             [box for _, _, box in where], precision=self.estimate_precision)
             for (k, _, _), px in zip(where, pixels):
                 if isinstance(px, BaseException):
                     raise px

@@ -57,6 +57,21 @@ def resolve_device(device: str):
     return d
 
 
+def native_bfloat16(device: Any) -> bool:
+    """Whether ``device`` (a torch.device) has bfloat16 arithmetic of its own, where
+    ``precision="bfloat16"`` runs faster than float32 rather than emulated: a CUDA GPU of
+    compute capability 8.0 or later, a CPU with AVX512-BF16 or AMX."""
+    import torch
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_capability(device) >= (8, 0)
+        if device.type == "cpu":
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):     # private probes that a torch build may lack
+        pass
+    return False
+
+
 def _int_in(knob: str, value: Any, lo: int, hi: int) -> int:
     if not (isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi):
         raise InvalidSettingError(f"learned codec {knob} must be an integer in {lo}..{hi}, got {value!r}")

@@ -312,12 +312,13 @@ class TileDecoder:
         return out
 
     def synthesize(self, windows: Sequence[Any], boxes: Sequence[Any] | None = None,
-                   own_boxes: bool = False) -> list[Any]:
+                   own_boxes: bool = False, precision: str | None = None) -> list[Any]:
         """Ungained latent windows → uint8 (16h, 16w, 3) pixels, contiguous, or with
         ``boxes`` (each window's (top, left, h, w) or None) only those pixels, computed
         only where they depend on; or the exception of their g_s pass
-        (:meth:`Synthesis.run <wsicodec.learned.synthesis.Synthesis.run>`, ``own_boxes`` as there)."""
-        return self.synthesis.run(windows, boxes, own_boxes)
+        (:meth:`Synthesis.run <wsicodec.learned.synthesis.Synthesis.run>`, ``own_boxes``
+        and ``precision`` as there: by default this decoder's, the one readers match)."""
+        return self.synthesis.run(windows, boxes, own_boxes, precision)
 
     def warm_up(self) -> None:
         """Build the exact (and float64) h_s and the fast g_s now, not on the first tile,

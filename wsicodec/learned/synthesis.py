@@ -84,18 +84,21 @@ class Synthesis:
         self.passes = 0
 
     def run(self, windows: Sequence[Any], boxes: Sequence[Box | None] | None = None,
-            own_boxes: bool = False) -> list[Any]:
+            own_boxes: bool = False, precision: str | None = None) -> list[Any]:
         """Ungained latent windows (1, M, h, w) float32 → x̂ (16h, 16w, 3) uint8,
         contiguous, or with ``boxes`` (each window's (top, left, h, w), or None) that part
         of it (h, w, 3), computed only where it depends on (:meth:`WsiHyperprior.synthesize
         <wsicodec.learned.network.WsiHyperprior.synthesize>`); or the exception of its pass.
         A pass computes the smallest box holding its windows' boxes; ``own_boxes``: these
         windows share a pass only with windows of the same shape and box, so each is
-        computed over its own box whatever else is queued."""
+        computed over its own box whatever else is queued.  ``precision``: g_s's for
+        these windows (default this object's; windows share a pass only with windows of
+        the same precision)."""
         futures = [Future() for _ in windows]
         boxes = [None] * len(windows) if boxes is None else [None if b is None else tuple(b) for b in boxes]
+        precision = self.precision if precision is None else precision
         with self._lock:
-            self._queue.extend((y, b, f, (tuple(y.shape), b) if own_boxes else (tuple(y.shape),))
+            self._queue.extend((y, b, f, (precision, tuple(y.shape), b) if own_boxes else (precision, tuple(y.shape)))
                                for y, b, f in zip(windows, boxes, futures))
         pending = set(futures)
         while pending:
@@ -117,7 +120,7 @@ class Synthesis:
                 with self._lock:
                     if not self._queue or all(f.done() for f in mine):
                         return
-                    group = self._queue[0][3]          # a shape, or a shape and a box
+                    group = self._queue[0][3]          # (precision, shape) or (precision, shape, box)
                     batch = [it for it in self._queue if it[3] == group]
                     batch = batch[:self.max_batch]
                     taken = {id(it[2]) for it in batch}
@@ -128,16 +131,18 @@ class Synthesis:
                 self._busy = False
 
     def _pass(self, batch: list[tuple[Any, Box | None, Future, tuple]]) -> None:
-        """One g_s pass over ``batch`` (equal shapes), computed over the smallest box
-        holding every window's (the whole output if one has none), each cut to its own."""
+        """One g_s pass over ``batch`` (equal shapes and precisions), computed over the
+        smallest box holding every window's (the whole output if one has none), each cut
+        to its own."""
         import torch
 
         boxes = [it[1] for it in batch]
+        precision = batch[0][3][0]
         whole = None if any(b is None for b in boxes) else union(boxes)
         try:
             with torch.inference_mode():
                 y = torch.cat([it[0] for it in batch]).to(self.device)
-                x_hat = self.model.synthesize(y, self.precision, whole).clamp_(0, 1).mul_(255).round_()
+                x_hat = self.model.synthesize(y, precision, whole).clamp_(0, 1).mul_(255).round_()
                 x_hat = x_hat.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             self.passes += 1
         except Exception as e:  # noqa: BLE001 - every tile of the pass fails with it
