@@ -223,6 +223,27 @@ def test_estimate_precision_is_the_machines_and_never_stored(monkeypatch):
         get_codec("auto", 4, estimate_precision="float16")
 
 
+def test_the_fits_run_on_as_many_threads_as_torch_codes_with_and_code_the_same(he_img, monkeypatch):
+    old = torch.get_num_threads()
+    try:
+        for n, expected in ((1, levelencoder.MIN_FIT_THREADS), (3, 3), (64, levelencoder.MAX_FIT_THREADS)):
+            torch.set_num_threads(n)
+            assert levelencoder.fit_threads() == expected
+    finally:
+        torch.set_num_threads(old)
+    img = he_img[:T, :3 * T]
+    codec = get_codec("auto", 4, min_psnr=33.0)
+    coded = []
+    for n in (1, 4):
+        monkeypatch.setattr(levelencoder, "fit_threads", lambda n=n: n)
+        enc = codec.level_encoder(0)
+        _, regions, boxes, valid = next(_grid_rows(img, codec.context))
+        enc.push(0, regions, boxes, valid=valid)
+        assert enc.pool._max_workers == n
+        coded.append([t for row in enc.finish() for t in row.tiles])
+    assert coded[0] == coded[1] and len(coded[0]) == 3
+
+
 def test_as_written_refuses_a_quality_off_the_steps(he_img):
     codec = get_codec("auto", 4, min_psnr=20.0)
     out = _encode(codec, he_img[:T, :T])

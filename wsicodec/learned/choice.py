@@ -72,9 +72,6 @@ KINDS = ("glass", "learned", "jpegxl", "jpegxl-lossless", "fixup", "jpeg2000", K
 #: stage 1 keeps a network quality when the tile's estimated PSNR clears the floor by this
 #: much (the estimate stitches with g_a's unquantised neighbours; stage 2 measures exactly)
 ESTIMATE_MARGIN_DB = 0.3
-#: threads fitting the classical codecs to tiles (libjxl and OpenJPEG free the GIL),
-#: beside the torch work
-FIT_THREADS = 2
 #: stage 2 keeps a network tile when its measured PSNR clears the floor by this much: a
 #: reader's g_s batches windows differently, which can move a few pixels by one level
 READER_SLACK_DB = 0.02

@@ -3,7 +3,7 @@
 The two stages each tile goes through, and why one row of look-ahead is enough for the
 floor to hold, are :mod:`wsicodec.learned.choice`'s; this module runs them in row order
 for :meth:`wsicodec.codecs.TileCodec.level_encoder`, the classical fits of a row on a pool
-of threads while the torch work of the next row goes on.
+of threads (:func:`fit_threads`) while the torch work of the next row goes on.
 """
 
 from __future__ import annotations
@@ -13,13 +13,28 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from wsicodec.codecs import EncodedRow, LevelEncoder
 from wsicodec.errors import InvalidSettingError
 
-from .choice import FIT_THREADS, TileChooser
+from .choice import TileChooser
 from .tilestate import TileState, retire_row
+
+#: the fewest threads fitting the classical codecs (libjxl and OpenJPEG free the GIL): the
+#: fits overlap the torch work even where torch codes on one thread (a cluster worker)
+MIN_FIT_THREADS = 2
+#: the most (a row's fits are its tiles: a pool this wide keeps a wide row's in flight)
+MAX_FIT_THREADS = 16
+
+
+def fit_threads() -> int:
+    """How many threads fit a level's tiles to the classical codecs: torch's own threads
+    (the cores this process codes with: all of them by default, one per cluster worker),
+    between :data:`MIN_FIT_THREADS` and :data:`MAX_FIT_THREADS`.  A tile's fit depends on
+    the tile alone, so the count changes when a row is ready, never its bytes."""
+    import torch
+    return max(MIN_FIT_THREADS, min(MAX_FIT_THREADS, torch.get_num_threads()))
 
 
 class MixedLevelEncoder(LevelEncoder):
     """One level of an ``auto`` codec's grid (module docstring): each row's classical fits
-    run on a pool of :data:`FIT_THREADS` threads while this one does the next torch
+    run on a pool of :func:`fit_threads` threads while this one does the next torch
     work (stage 1 of the next row, stage 2 of the rows above), so a row comes out two
     rows behind the push, or one where the row below has no fit to wait for (a stored
     row, a row of glass)."""
@@ -43,7 +58,7 @@ class MixedLevelEncoder(LevelEncoder):
             raise InvalidSettingError(f"rows of a level go in order: row {row} after row {self.last}")
         if stored is None:
             if self.pool is None:
-                self.pool = ThreadPoolExecutor(FIT_THREADS, thread_name_prefix="wsicodec-fit")
+                self.pool = ThreadPoolExecutor(fit_threads(), thread_name_prefix="wsicodec-fit")
             self.rows[row], self.fits[row] = self.chooser.choose_row(regions, boxes, valid, self.pool, scanned)
         else:
             self.rows[row] = [self.chooser.stored_tile(c, data, (box[2], box[3]))
