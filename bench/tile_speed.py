@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 import wsicodec
 from wsicodec.image import context_region
 from wsicodec.learned import LearnedCodec
+from wsicodec.learned.codec import native_bfloat16
 
 
 def _tiles(folder: Path, n: int, margin: int):
@@ -93,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     wsicodec.decode(data, precision="bfloat16")
     res["decode_stitched_bf16_mp_s"] = img.shape[0] * img.shape[1] / 1e6 / _best(
         lambda: wsicodec.decode(data, precision="bfloat16"), args.repeats)
-    res["cpu_bf16_native"] = bool(torch.backends.mkldnn.is_available()
-                                  and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    res["cpu_bf16_native"] = native_bfloat16(torch.device("cpu"))
 
     m = codec.loaded.model
     x = torch.from_numpy(np.stack(regions)).permute(0, 3, 1, 2).float().div(255)
